@@ -1,0 +1,108 @@
+r"""The embedded default: a tiny MonoFormer on scikit-learn's 8x8 digits.
+
+Images are the digits themselves (pixel space, 1 channel, scaled to [-1, 1]),
+prompted with the reference's templates and the class names "zero".."nine";
+text-only rows come from a small generated corpus about numbers. Nothing is
+downloaded.
+
+  python -m monoformer_jax.train --config=configs/digits.py --workdir=/tmp/digits
+
+trains in a few minutes on 2 CPU cores and writes samples to
+/tmp/digits/samples/. Override any field on the command line, e.g.
+`--config.train.num_steps=200 --config.model.attention_impl=xla`.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=264,           # byte tokenizer (263) rounded up to a multiple of 8
+      hidden_size=128,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=32,
+      mlp_dim=352,
+      rms_norm_eps=1e-5,
+      rope_theta=10000.0,
+      image_size=8,             # latent side (here: pixels, there is no VAE)
+      in_channels=1,
+      patch_size=2,             # 8x8 -> 4x4 = 16 image tokens of 4 features
+      learn_sigma=True,
+      timestep_freq_dim=256,
+      conditioning="adaln_before_decoder",
+      attention_impl="xla",
+      dtype="float32",          # compute dtype; parameters are always float32
+      remat=False,
+  ))
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      num_timesteps=1000,
+      beta_schedule="linear",
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="digits",
+      seq_len=128,
+      batch_size=32,            # global rows per step
+      max_images_per_row=4,
+      text_fraction=0.25,       # share of examples that are text-only
+      cfg_drop_prob=0.1,        # prompt dropped (empty) for guidance
+  ))
+
+  c.loss = ml_collections.ConfigDict(dict(
+      w_diff=1.0,
+      w_lm=0.01,
+      # False: cross-entropy on text-only examples only (the reference).
+      # True: also on the prompts/captions of image examples (Transfusion).
+      text_on_image_examples=False,
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3,
+      warmup_steps=100,
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      grad_clip=2.0,
+      ema_decay=0.999,
+      grad_accum_steps=1,
+  ))
+
+  # Mesh ('data', 'fsdp', 'tensor'); -1 takes the devices left over.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Logical axis -> mesh axes. Activations' batch goes over data and fsdp.
+  c.sharding_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("vocab", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("mlp", "tensor"),
+      ("layers", None),
+      ("head_dim", None),
+      ("length", None),
+      ("patch", None),
+      ("freq", None),
+  )
+
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=1500,
+      log_every=50,
+      checkpoint_every=500,
+      keep_checkpoints=2,
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      num_per_class=20,
+      num_steps=50,             # respaced DDPM steps
+      cfg_scale=2.0,
+      text_prompts=("three plus four is", "the number after five", "two times"),
+      max_new_tokens=24,
+  ))
+  return c

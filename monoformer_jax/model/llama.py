@@ -1,0 +1,159 @@
+"""The Llama decoder MonoFormer shares between its two jobs (Flax NNX).
+
+RMSNorm computed in float32, RoPE in the `rotate_half` layout (first half /
+second half of the head dim), grouped-query attention, SwiGLU MLP, no biases.
+The layers are built stacked (a leading `layers` axis on every parameter) and
+applied with `nnx.scan`: one compiled layer body whatever the depth.
+
+Kernels are stored [in, out] with heads split out (wq [E, H, D], wo [H, D, E]);
+each parameter names its logical axes in its `out_sharding` metadata.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from monoformer_jax.ops.attention import attention
+from monoformer_jax.parallel.sharding import constrain
+
+INIT_STD = 0.02  # Llama's initializer_range
+
+
+def param(rngs: nnx.Rngs | None, shape, axes, init: str = "normal",
+          std: float = INIT_STD) -> nnx.Param:
+  """A float32 parameter with logical axis names; init 'normal', 'ones' or 'zeros'."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match shape {shape}")
+  if init == "normal":
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  elif init == "ones":
+    value = jnp.ones(shape, jnp.float32)
+  elif init == "zeros":
+    value = jnp.zeros(shape, jnp.float32)
+  else:
+    raise ValueError(f"unknown init {init!r}")
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * w, the statistics in float32 whatever the compute dtype."""
+
+  def __init__(self, dim: int, eps: float, *, rngs=None):
+    del rngs
+    self.scale = param(None, (dim,), ("embed",), init="ones")
+    self.eps = eps
+
+  def __call__(self, x_BxLxE):
+    x = x_BxLxE.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x_BxLxE.dtype) * x.astype(x_BxLxE.dtype)
+
+
+def rope_tables(positions_BxL, head_dim: int, theta: float):
+  """cos, sin [B, L, D] for `rotate_half` RoPE, computed in float32."""
+  inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  freqs_BxLxD2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs_BxLxD2, freqs_BxLxD2], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BxLxHxD, cos_BxLxD, sin_BxLxD):
+  half = x_BxLxHxD.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BxLxHxD[..., half:], x_BxLxHxD[..., :half]], axis=-1)
+  cos = cos_BxLxD[:, :, None].astype(x_BxLxHxD.dtype)
+  sin = sin_BxLxD[:, :, None].astype(x_BxLxHxD.dtype)
+  return x_BxLxHxD * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention under the mixed mask."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if h % k:
+      raise ValueError(f"config.model.num_heads={h} must be a multiple of "
+                       f"num_kv_heads={k}")
+    self.wq = param(rngs, (e, h, d), ("embed", "heads", "head_dim"))
+    self.wk = param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"))
+    self.wv = param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"))
+    self.wo = param(rngs, (h, d, e), ("heads", "head_dim", "embed"))
+    self.impl = cfg.attention_impl
+
+  def __call__(self, x_BxLxE, rope, segment_ids, image_ids):
+    dtype = x_BxLxE.dtype
+    q_BxLxHxD = jnp.einsum("ble,ehd->blhd", x_BxLxE, self.wq[...].astype(dtype))
+    k_BxLxKxD = jnp.einsum("ble,ekd->blkd", x_BxLxE, self.wk[...].astype(dtype))
+    v_BxLxKxD = jnp.einsum("ble,ekd->blkd", x_BxLxE, self.wv[...].astype(dtype))
+    q_BxLxHxD = apply_rope(q_BxLxHxD, *rope)
+    k_BxLxKxD = apply_rope(k_BxLxKxD, *rope)
+    q_BxLxHxD = constrain(q_BxLxHxD, ("batch", "length", "heads", "head_dim"))
+    out_BxLxHxD = attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids,
+                            impl=self.impl)
+    return jnp.einsum("blhd,hde->ble", out_BxLxHxD, self.wo[...].astype(dtype))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    e, f = cfg.hidden_size, cfg.mlp_dim
+    self.w_gate = param(rngs, (e, f), ("embed", "mlp"))
+    self.w_up = param(rngs, (e, f), ("embed", "mlp"))
+    self.w_down = param(rngs, (f, e), ("mlp", "embed"))
+
+  def __call__(self, x_BxLxE):
+    dtype = x_BxLxE.dtype
+    gate_BxLxF = x_BxLxE @ self.w_gate[...].astype(dtype)
+    up_BxLxF = x_BxLxE @ self.w_up[...].astype(dtype)
+    h_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
+    return h_BxLxF @ self.w_down[...].astype(dtype)
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BxLxE, rope, segment_ids, image_ids):
+    x_BxLxE = x_BxLxE + self.attn(self.input_norm(x_BxLxE), rope, segment_ids, image_ids)
+    x_BxLxE = x_BxLxE + self.mlp(self.post_attention_norm(x_BxLxE))
+    return constrain(x_BxLxE, ("batch", "length", None))
+
+
+class Decoder(nnx.Module):
+  """`num_layers` DecoderLayers stacked on a leading axis, then the final RMSNorm."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_layers(rngs):
+      return DecoderLayer(cfg, rngs=rngs)
+
+    self.layers = make_layers(rngs)
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    self.head_dim = cfg.head_dim
+    self.rope_theta = cfg.rope_theta
+    self.remat = cfg.remat
+
+  def __call__(self, x_BxLxE, positions, segment_ids, image_ids, *, return_layer_inputs=False):
+    """Final-normed hidden states [B, L, E] (and each layer's input [N, B, L, E])."""
+    rope = rope_tables(positions, self.head_dim, self.rope_theta)
+
+    def body(x, layer):
+      y = layer(x, rope, segment_ids, image_ids)
+      return y, (x if return_layer_inputs else None)
+
+    if self.remat:
+      body = nnx.remat(body)
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                    transform_metadata={nnx.PARTITION_NAME: "layers"})
+    x_BxLxE, layer_inputs = scan(x_BxLxE, self.layers)
+    out = self.norm(x_BxLxE)
+    return (out, layer_inputs) if return_layer_inputs else out

@@ -1,0 +1,123 @@
+"""Logical axis names -> mesh axes, and the mesh from the config.
+
+Parameters carry logical axis names (`embed`, `heads`, `mlp`, ...) in their
+`out_sharding` metadata; activations are constrained by logical names too. The
+config's `sharding_rules` map each name to a mesh axis (or a tuple of them, or
+None), so FSDP, tensor parallelism and pure data parallelism are config
+changes. A mesh axis is used at most once per array, and a dimension that a
+mesh axis does not divide is replicated instead (tiny test configs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Sequence[tuple[str, Any]]
+
+_state = threading.local()
+
+
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  """Mesh ('data', 'fsdp', 'tensor') from e.g. {data: -1, fsdp: 1, tensor: 1}."""
+  devices = jax.devices() if devices is None else devices
+  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  unknown = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  if len(unknown) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {unknown}")
+  known = math.prod(s for s in sizes if s != -1)
+  if unknown:
+    if len(devices) % known:
+      raise ValueError(
+          f"config.mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices "
+          f"are not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(
+        f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+        f"devices but {len(devices)} are available; set one axis to -1")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Rules,
+                    shape: Sequence[int] | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> P:
+  """PartitionSpec for logical `axes` under `rules`.
+
+  With `shape` and `mesh`, a mesh axis that does not divide its dimension is
+  dropped (that dimension is replicated over it) rather than failing.
+  """
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(axes):
+    if name is not None and name not in table:
+      raise ValueError(f"logical axis {name!r} has no entry in sharding_rules "
+                       f"{list(table)}; add ({name!r}, None) to replicate it")
+    target = table.get(name) if name is not None else None
+    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+    mesh_axes = tuple(a for a in mesh_axes if a not in used)
+    if shape is not None and mesh is not None:
+      kept = []
+      for a in mesh_axes:
+        if shape[i] % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
+          kept.append(a)
+      mesh_axes = tuple(kept)
+    used.update(mesh_axes)
+    spec.append(None if not mesh_axes else
+                mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  return P(*spec)
+
+
+def tree_shardings(abstract_state, mesh, rules):
+  """NamedShardings for an nnx.State of Variables carrying `out_sharding`."""
+  from flax import nnx
+
+  def one(var):
+    axes = var.get_metadata().get("out_sharding")
+    if axes is None:
+      axes = (None,) * len(var.shape)
+    return NamedSharding(mesh, logical_to_spec(axes, rules, var.shape, mesh))
+
+  return jax.tree.map(one, abstract_state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@contextlib.contextmanager
+def logical_rules(rules: Rules):
+  """Makes `rules` the ones `constrain` uses while tracing inside the block."""
+  previous = getattr(_state, "rules", None)
+  _state.rules = tuple(rules)
+  try:
+    yield
+  finally:
+    _state.rules = previous
+
+
+def constrain(x, axes: Sequence[str | None]):
+  """with_sharding_constraint by logical names; a no-op without mesh or rules."""
+  rules = getattr(_state, "rules", None)
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh is None or mesh.empty:
+    return x
+  spec = logical_to_spec(axes, rules, x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def batch_sharding(mesh, rules, ndim: int) -> NamedSharding:
+  """Sharding of a [B, ...] input array: batch over the 'batch' rule's axes."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
+  """Per-host numpy rows -> global jax arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(
+      batch_sharding(mesh, rules, v.ndim), v) for k, v in local_batch.items()}

@@ -1,0 +1,31 @@
+r"""Train a MonoFormer: `python -m monoformer_jax.train --config=configs/digits.py --workdir=DIR`.
+
+Run the same command on every host of a pod (JAX multi-controller); set
+`--jax_distributed` there to call `jax.distributed.initialize()` first.
+Config fields are overridden as `--config.train.num_steps=100`.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and samples.")
+_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
+                                 "Call jax.distributed.initialize() (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  logging.set_verbosity(logging.INFO)
+  from monoformer_jax.train.loop import train_and_evaluate
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

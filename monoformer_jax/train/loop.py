@@ -1,0 +1,138 @@
+"""The training run, top to bottom: mesh, data, model, step, loop, samples.
+
+`train_and_evaluate(config, workdir)` is everything `python -m
+monoformer_jax.train` does. It resumes from the latest checkpoint in
+`workdir/checkpoints` (same data position, same RNG stream), logs loss, lr and
+throughput every `train.log_every` steps, checkpoints every
+`train.checkpoint_every` steps, on SIGTERM and at the end, and finally writes
+samples from the EMA weights to `workdir/samples/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from monoformer_jax.data.digits import make_digits_batches
+from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.parallel import sharding
+from monoformer_jax.text.tokenizer import ByteTokenizer
+from monoformer_jax.train.checkpoint import Checkpointer
+from monoformer_jax.train.state import create_train_state, make_optimizer, param_count, state_shardings
+from monoformer_jax.train.step import make_train_step
+
+
+def _check_config(config, tokenizer):
+  if config.model.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than "
+                     f"the tokenizer's {tokenizer.vocab_size} ids; raise it")
+  if config.data.batch_size % jax.process_count():
+    raise ValueError(f"data.batch_size={config.data.batch_size} must be divisible by the "
+                     f"{jax.process_count()} processes")
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so the last state is saved."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker)
+      pass
+
+  def _handle(self, *_):
+    self.requested = True
+
+
+def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
+  """Trains `config` in `workdir`; returns the final train state and last metrics."""
+  # ---------------------------------------------------------------- set-up
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer = ByteTokenizer()
+  _check_config(config, tokenizer)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = config.sharding_rules
+  logging.info("mesh %s on %d %s devices", dict(mesh.shape), jax.device_count(),
+               jax.default_backend())
+
+  with jax.set_mesh(mesh), sharding.logical_rules(rules):
+    # --------------------------------------------------------------- model
+    tx, schedule = make_optimizer(config.optim)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                        keep=config.train.keep_checkpoints,
+                        save_every=config.train.checkpoint_every)
+    latest = ckpt.latest_step()
+    data_state = None
+    if latest is None:
+      graphdef, state, shardings = create_train_state(config, mesh, tx)
+      logging.info("initialised %s parameters", f"{param_count(state['params']):,}")
+    else:
+      graphdef, abstract, shardings = state_shardings(config, mesh, tx)
+      state, data_state = ckpt.restore(latest, abstract, shardings)
+      logging.info("resumed from %s/checkpoints step %d", workdir, latest)
+
+    # ---------------------------------------------------------------- data
+    if config.data.name != "digits":
+      raise ValueError(f"config.data.name={config.data.name!r}: only 'digits' is "
+                       "available so far")
+    batches = make_digits_batches(config, tokenizer, process_index=jax.process_index(),
+                           process_count=jax.process_count(), state=data_state)
+    batch_sh = sharding.batch_sharding(mesh, rules, 1)
+    diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps,
+                                         config.diffusion.beta_schedule)
+    train_step = make_train_step(graphdef, diffusion, config, tx, schedule, shardings,
+                                 batch_sh)
+
+    # ---------------------------------------------------------------- loop
+    preemption = _Preemption()
+    step = int(state["step"])
+    num_steps = config.train.num_steps
+    rows, length = config.data.batch_size, config.data.seq_len
+    metrics, history = None, []
+    t_last, step_last = time.perf_counter(), step
+    while step < num_steps:
+      local = next(batches)
+      batch = sharding.global_batch(local, mesh, rules)
+      state, metrics = train_step(state, batch)
+      step += 1
+      if step % config.train.log_every == 0 or step == num_steps:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        steps_per_s = (step - step_last) / (now - t_last)
+        t_last, step_last = now, step
+        history.append(dict(step=step, **{k: float(v) for k, v in metrics.items()}))
+        logging.info(
+            "step %d/%d  loss %.4f  diff %.4f (mse %.4f vb %.4f)  lm %.3f  |g| %.2f  "
+            "lr %.2e  %.2f steps/s  %s tokens/s",
+            step, num_steps, metrics["loss"], metrics["diff"], metrics["mse"],
+            metrics["vb"], metrics["lm"], metrics["grad_norm"], metrics["lr"],
+            steps_per_s, f"{steps_per_s * rows * length:,.0f}")
+        if not np.isfinite(metrics["loss"]):
+          raise FloatingPointError(f"loss is {metrics['loss']} at step {step}")
+      if ckpt.save(step, state, batches.get_state(), config, force=preemption.requested):
+        logging.info("checkpoint saved at step %d", step)
+      if preemption.requested:
+        logging.warning("SIGTERM: saved step %d and stopping", step)
+        break
+    ckpt.save(step, state, batches.get_state(), config, force=True)
+    ckpt.wait()
+    ckpt.close()
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      for row in history:
+        f.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------- samples
+    if sample_at_end and not preemption.requested and jax.process_index() == 0:
+      from monoformer_jax.train.samples import write_samples
+      ema_model = nnx.merge(graphdef, jax.device_get(state["ema"]))
+      write_samples(ema_model, config, tokenizer, os.path.join(workdir, "samples"))
+  return state, metrics

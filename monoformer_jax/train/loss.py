@@ -1,0 +1,70 @@
+"""MonoFormer's training loss on a packed batch.
+
+    loss = w_diff * mean over real images of (eps MSE + L_vb)
+         + w_lm   * sum(text_weights * CE) / sum(text_weights)
+
+Which tokens carry cross-entropy is decided by the data module
+(`text_weights`): by default only text-only examples (the reference), with
+`loss.text_on_image_examples` also the prompts/captions (Transfusion).
+A batch with no image (or no weighted text token) contributes 0 to that term.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def image_slots_present(image_ids, num_slots: int):
+  """bool [B, M]: slot m holds a real image iff some token has image_ids == m+1."""
+  slots = jnp.arange(1, num_slots + 1)
+  return (image_ids[:, :, None] == slots[None, None, :]).any(axis=1)
+
+
+def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
+  """Weighted mean token cross-entropy (float32) and the weight total."""
+  logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+  nll_BxL = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
+  total = weights_BxL.sum()
+  return (nll_BxL * weights_BxL).sum() / jnp.maximum(total, 1.0), total
+
+
+def loss_terms(model, batch, t_BxM, noise_BxMxhxwxC, diffusion):
+  """Per-term losses for given timesteps and noise: the deterministic core.
+
+  Returns a dict: lm (mean CE), diff (mean over real images), and per-image
+  mse/vb/loss [B, M] with `image_valid` [B, M], for tests and logging.
+  """
+  latents = batch["latents"]
+  b, m = latents.shape[:2]
+  flat = lambda x: x.reshape(b * m, *x.shape[2:])
+  x_t = diffusion.q_sample(flat(latents), t_BxM.reshape(-1), flat(noise_BxMxhxwxC))
+  x_t = x_t.reshape(latents.shape)
+  logits, out_BxMxhxwx2C = model(batch["tokens"], batch["segment_ids"], batch["image_ids"],
+                                  batch["positions"], x_t, t_BxM)
+  terms = diffusion.training_losses(flat(out_BxMxhxwx2C), flat(latents), flat(x_t),
+                                    t_BxM.reshape(-1), flat(noise_BxMxhxwxC))
+  terms = {k: v.reshape(b, m) for k, v in terms.items()}
+  valid_BxM = image_slots_present(batch["image_ids"], m)
+  n_images = valid_BxM.sum()
+  diff = jnp.where(valid_BxM, terms["loss"], 0.0).sum() / jnp.maximum(n_images, 1)
+  lm, n_text = cross_entropy(logits, batch["targets"], batch["text_weights"])
+  return dict(lm=lm, diff=diff, n_images=n_images, n_text_tokens=n_text,
+              image_valid=valid_BxM, **terms)
+
+
+def total_loss(model, batch, key, diffusion, loss_cfg):
+  """Scalar loss and metrics; timesteps uniform over 0..T-1, Gaussian noise."""
+  latents = batch["latents"]
+  key_t, key_n = jax.random.split(key)
+  t_BxM = jax.random.randint(key_t, latents.shape[:2], 0, diffusion.num_timesteps)
+  noise = jax.random.normal(key_n, latents.shape, jnp.float32)
+  terms = loss_terms(model, batch, t_BxM, noise, diffusion)
+  loss = loss_cfg.w_diff * terms["diff"] + loss_cfg.w_lm * terms["lm"]
+  valid = terms["image_valid"]
+  n = jnp.maximum(terms["n_images"], 1)
+  metrics = dict(loss=loss, lm=terms["lm"], diff=terms["diff"],
+                 mse=jnp.where(valid, terms["mse"], 0).sum() / n,
+                 vb=jnp.where(valid, terms["vb"], 0).sum() / n,
+                 images=terms["n_images"], text_tokens=terms["n_text_tokens"])
+  return loss, metrics

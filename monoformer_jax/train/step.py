@@ -1,0 +1,72 @@
+"""The jitted, sharded train step: loss, gradients, AdamW, EMA.
+
+`make_train_step` returns `step(state, batch) -> (state, metrics)` compiled with
+`jax.jit(in_shardings, out_shardings, donate_argnums=0)` (what pjit became).
+Randomness (timesteps, noise) is `fold_in(PRNGKey(seed), step)`, so a resumed
+run draws exactly what an uninterrupted one would. With
+`optim.grad_accum_steps = A` the batch is cut into A micro-batches scanned in
+sequence and their gradients averaged before one update.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from monoformer_jax.train.loss import total_loss
+
+
+def make_loss_fn(graphdef, diffusion, config):
+  def loss_fn(params, batch, key):
+    # Params stay float32 masters; the model casts them to config.model.dtype at use.
+    model = nnx.merge(graphdef, params)
+    return total_loss(model, batch, key, diffusion, config.loss)
+
+  return loss_fn
+
+
+def make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_sharding):
+  loss_fn = make_loss_fn(graphdef, diffusion, config)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  accum = config.optim.grad_accum_steps
+  ema_decay = config.optim.ema_decay
+  base_key = jax.random.PRNGKey(config.seed)
+
+  def grads_of(params, batch, key):
+    if accum == 1:
+      (_, metrics), grads = grad_fn(params, batch, key)
+      return grads, metrics
+    rows = batch["tokens"].shape[0]
+    if rows % accum:
+      raise ValueError(f"data.batch_size={rows} is not divisible by "
+                       f"optim.grad_accum_steps={accum}")
+    micro = jax.tree.map(lambda x: x.reshape(accum, rows // accum, *x.shape[1:]), batch)
+
+    def body(acc, inputs):
+      i, mb = inputs
+      (_, metrics), grads = grad_fn(params, mb, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    metrics_shape = jax.eval_shape(lambda: grad_fn(params, first, key)[0][1])
+    zeros = (jax.tree.map(jnp.zeros_like, params),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
+    (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+    return jax.tree.map(lambda g: g / accum, (grads, metrics))
+
+  def step(state, batch):
+    key = jax.random.fold_in(base_key, state["step"])
+    grads, metrics = grads_of(state["params"], batch, key)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                       state["ema"], params)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   lr=schedule(state["step"]))
+    new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state, ema=ema)
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, None), donate_argnums=(0,))

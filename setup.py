@@ -1,0 +1,33 @@
+"""monoformer_jax: MonoFormer in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="monoformer_jax",
+    version="0.1.0",
+    description="MonoFormer: one transformer for autoregressive text and "
+                "diffusion images, in JAX/Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["monoformer_jax", "monoformer_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # Lower bounds only: CI runs Python 3.11 (jax 0.10.2), GPU hosts 3.12 (jax 0.11+).
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",
+        "ml-collections>=1.1.0",
+        "chex>=0.1.92",
+        "einops>=0.8.2",
+        "absl-py>=2.3",
+        "numpy>=2.0",
+        "Pillow>=11.0",
+        "scikit-learn>=1.6",
+        "tqdm>=4.66",
+        "safetensors>=0.5",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.6", "nbclient>=0.10"]},
+)

@@ -1,0 +1,20 @@
+"""Test set-up: 8 simulated CPU devices, set before anything imports jax."""
+
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "official_tiny"
+
+
+@pytest.fixture(scope="session")
+def fixture_dir():
+  if not FIXTURES.exists():
+    pytest.skip(f"reference fixtures not found at {FIXTURES}")
+  return FIXTURES

@@ -1,0 +1,77 @@
+"""The model against the official implementation's numbers, and its structure."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from official_tiny import load_official_tiny
+
+TOL = dict(atol=1e-4, rtol=1e-4)  # float32 vs the reference's float32 (its README)
+
+
+@pytest.fixture(scope="module")
+def official(fixture_dir):
+  model, cfg = load_official_tiny(fixture_dir)
+  io = dict(np.load(fixture_dir / "io.npz"))
+  return model, cfg, io
+
+
+def _inputs(io):
+  nhwc = io["x_t"].transpose(0, 2, 3, 1)[:, None]  # [B, M=1, h, w, C]
+  return (jnp.asarray(io["tokens"]), jnp.asarray(io["segment_ids"]),
+          jnp.asarray(io["image_ids"]), jnp.asarray(io["positions"]),
+          jnp.asarray(nhwc), jnp.asarray(io["t"][:, None].astype(np.int32)))
+
+
+def test_matches_reference_hidden_states_logits_and_diffusion_output(official):
+  model, cfg, io = official
+  tokens, seg, img, pos, x_t, t = _inputs(io)
+  real = io["segment_ids"] != 0  # the reference's pad rows differ by design
+
+  x0, t_emb = model.embed(tokens, img, x_t, t)
+  np.testing.assert_allclose(np.asarray(x0)[real], io["layer_inputs"][0][real], **TOL)
+  final, layer_inputs = model.decoder(x0, pos, seg, img, return_layer_inputs=True)
+  for i in range(cfg.num_layers):
+    np.testing.assert_allclose(np.asarray(layer_inputs[i])[real],
+                               io["layer_inputs"][i][real], **TOL)
+  np.testing.assert_allclose(np.asarray(final)[real], io["final_hidden"][real], **TOL)
+
+  logits, out = model(tokens, seg, img, pos, x_t, t)
+  np.testing.assert_allclose(np.asarray(logits)[real], io["logits"][real], **TOL)
+  rows = io["x_indices"]
+  np.testing.assert_allclose(np.asarray(out)[rows, 0],
+                             io["x_out"].transpose(0, 2, 3, 1), **TOL)
+
+
+def test_shapes(official):
+  model, cfg, io = official
+  tokens, seg, img, pos, x_t, t = _inputs(io)
+  logits, out = model(tokens, seg, img, pos, x_t, t)
+  assert logits.shape == (2, 27, cfg.vocab_size) and logits.dtype == jnp.float32
+  assert out.shape == (2, 1, cfg.image_size, cfg.image_size, 2 * cfg.in_channels)
+
+
+def test_image_inputs_only_reach_the_image_and_what_follows_it(official):
+  model, _, io = official
+  tokens, seg, img, pos, x_t, t = _inputs(io)
+  logits_a, out_a = model(tokens, seg, img, pos, x_t, t)
+  logits_b, out_b = model(tokens, seg, img, pos, x_t + 1.0, (t + 311) % 1000)
+  logits_a, logits_b = np.asarray(logits_a), np.asarray(logits_b)
+  # Row 0: the prefix (bos, prompt, <|im_start|> = positions 0..7) never sees the image.
+  np.testing.assert_array_equal(logits_a[0, :8], logits_b[0, :8])
+  assert np.abs(logits_a[0, 8:] - logits_b[0, 8:]).max() > 1e-3
+  # Row 1 is text only: neither latents nor timesteps touch it.
+  np.testing.assert_array_equal(logits_a[1], logits_b[1])
+  assert np.abs(np.asarray(out_a)[0] - np.asarray(out_b)[0]).max() > 1e-3
+
+
+def test_text_logits_depend_only_on_earlier_tokens(official):
+  model, _, io = official
+  tokens, seg, img, pos, x_t, t = _inputs(io)
+  base = np.asarray(model(tokens, seg, img, pos, x_t, t)[0])
+  for j in (3, 10, 16):
+    changed = tokens.at[1, j].set((tokens[1, j] + 7) % 256)
+    logits = np.asarray(model(changed, seg, img, pos, x_t, t)[0])
+    np.testing.assert_array_equal(logits[1, :j], base[1, :j])
+    assert np.abs(logits[1, j:18] - base[1, j:18]).max() > 1e-4
