@@ -29,5 +29,5 @@ setup(
         "tqdm>=4.66",
         "safetensors>=0.5",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.6", "nbclient>=0.10"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.6"]},
 )

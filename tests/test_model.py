@@ -75,3 +75,22 @@ def test_text_logits_depend_only_on_earlier_tokens(official):
     logits = np.asarray(model(changed, seg, img, pos, x_t, t)[0])
     np.testing.assert_array_equal(logits[1, :j], base[1, :j])
     assert np.abs(logits[1, j:18] - base[1, j:18]).max() > 1e-4
+
+
+def test_losses_match_reference(official):
+  from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+  from monoformer_jax.train.loss import loss_terms
+  model, _, io = official
+  tokens, seg, img, pos, x_t, t = _inputs(io)
+  nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))[:, None]
+  batch = dict(tokens=tokens, segment_ids=seg, image_ids=img, positions=pos,
+               targets=jnp.asarray(io["targets"]),
+               text_weights=jnp.asarray(io["text_loss_weight"]),
+               latents=nhwc(io["x_start"]))
+  terms = loss_terms(model, batch, t, nhwc(io["noise"]), GaussianDiffusion.create())
+  rows = io["x_indices"]
+  np.testing.assert_allclose(np.asarray(terms["mse"])[rows, 0], io["diff_mse"], **TOL)
+  np.testing.assert_allclose(np.asarray(terms["vb"])[rows, 0], io["diff_vb"], **TOL)
+  np.testing.assert_allclose(terms["diff"], io["diff_loss"].mean(), **TOL)
+  np.testing.assert_allclose(terms["lm"], io["lm_loss"], **TOL)
+  np.testing.assert_array_equal(np.asarray(terms["image_valid"])[:, 0], io["has_image"] == 1)

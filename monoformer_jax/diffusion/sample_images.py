@@ -34,12 +34,13 @@ def sample_images(model, prompt_rows, diffusion, key, *, null_rows=None, cfg_sca
 
   @jax.jit
   def run(state, rows, key):
-    model = nnx.merge(graphdef, state)
     n = prompt_rows["tokens"].shape[0]
     key_init, key_loop = jax.random.split(key)
     x_T = jax.random.normal(key_init, (n,) + rows["latents"].shape[2:], jnp.float32)
 
     def denoise(x_t, t_model):
+      # Merged inside the loop body: NNX modules may not cross trace levels.
+      model = nnx.merge(graphdef, state)
       if guided:
         x_t, t_model = jnp.concatenate([x_t, x_t]), jnp.concatenate([t_model, t_model])
       x, t_emb = model.embed(rows["tokens"], rows["image_ids"], x_t[:, None], t_model[:, None])

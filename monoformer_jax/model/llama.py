@@ -3,10 +3,11 @@
 RMSNorm computed in float32, RoPE in the `rotate_half` layout (first half /
 second half of the head dim), grouped-query attention, SwiGLU MLP, no biases.
 The layers are built stacked (a leading `layers` axis on every parameter) and
-applied with `nnx.scan`: one compiled layer body whatever the depth.
+applied with `jax.lax.scan`: one compiled layer body whatever the depth.
 
 Kernels are stored [in, out] with heads split out (wq [E, H, D], wo [H, D, E]);
-each parameter names its logical axes in its `out_sharding` metadata.
+each parameter names its logical axes in its `logical_axes` metadata (the
+stacked layers' leading axis is `layers`, added by `logical_axes_of`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,19 @@ def param(rngs: nnx.Rngs | None, shape, axes, init: str = "normal",
     value = jnp.zeros(shape, jnp.float32)
   else:
     raise ValueError(f"unknown init {init!r}")
-  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+  # Our own metadata key: Flax acts on `out_sharding` by itself (eager sharding,
+  # eval_shape under a mesh); the mapping to mesh axes is ours (parallel/).
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def logical_axes_of(var: nnx.Variable) -> tuple:
+  """A parameter's logical axes; vmap-stacked layers gain a leading 'layers'."""
+  axes = tuple(var.get_metadata()["logical_axes"])
+  if len(axes) == len(var.shape) - 1:
+    axes = ("layers",) + axes
+  if len(axes) != len(var.shape):
+    raise ValueError(f"logical axes {axes} do not match shape {var.shape}")
+  return axes
 
 
 class RMSNorm(nnx.Module):
@@ -131,8 +144,7 @@ class Decoder(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers,
-              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers)
     def make_layers(rngs):
       return DecoderLayer(cfg, rngs=rngs)
 
@@ -146,14 +158,16 @@ class Decoder(nnx.Module):
     """Final-normed hidden states [B, L, E] (and each layer's input [N, B, L, E])."""
     rope = rope_tables(positions, self.head_dim, self.rope_theta)
 
-    def body(x, layer):
-      y = layer(x, rope, segment_ids, image_ids)
+    # A plain lax.scan over the stacked layer state, merged per step: it works
+    # under any outer transform (jit, the samplers' scans and loops).
+    layer_def, layer_state = nnx.split(self.layers)
+
+    def body(x, state):
+      y = nnx.merge(layer_def, state)(x, rope, segment_ids, image_ids)
       return y, (x if return_layer_inputs else None)
 
     if self.remat:
-      body = nnx.remat(body)
-    scan = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
-                    transform_metadata={nnx.PARTITION_NAME: "layers"})
-    x_BxLxE, layer_inputs = scan(x_BxLxE, self.layers)
+      body = jax.checkpoint(body)
+    x_BxLxE, layer_inputs = jax.lax.scan(body, x_BxLxE, layer_state)
     out = self.norm(x_BxLxE)
     return (out, layer_inputs) if return_layer_inputs else out

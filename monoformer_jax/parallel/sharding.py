@@ -1,7 +1,7 @@
 """Logical axis names -> mesh axes, and the mesh from the config.
 
 Parameters carry logical axis names (`embed`, `heads`, `mlp`, ...) in their
-`out_sharding` metadata; activations are constrained by logical names too. The
+`logical_axes` metadata; activations are constrained by logical names too. The
 config's `sharding_rules` map each name to a mesh axis (or a tuple of them, or
 None), so FSDP, tensor parallelism and pure data parallelism are config
 changes. A mesh axis is used at most once per array, and a dimension that a
@@ -75,20 +75,6 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules,
     spec.append(None if not mesh_axes else
                 mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
   return P(*spec)
-
-
-def tree_shardings(abstract_state, mesh, rules):
-  """NamedShardings for an nnx.State of Variables carrying `out_sharding`."""
-  from flax import nnx
-
-  def one(var):
-    axes = var.get_metadata().get("out_sharding")
-    if axes is None:
-      axes = (None,) * len(var.shape)
-    return NamedSharding(mesh, logical_to_spec(axes, rules, var.shape, mesh))
-
-  return jax.tree.map(one, abstract_state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 @contextlib.contextmanager

@@ -31,12 +31,12 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
 
   @jax.jit
   def run(state, tokens, lengths, key):
-    model = nnx.merge(graphdef, state)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
     image_ids = jnp.zeros((n, length), jnp.int32)
     t = jnp.zeros((n, 1), jnp.int32)
 
     def body(i, carry):
+      model = nnx.merge(graphdef, state)  # inside the loop: NNX won't cross traces
       tokens, cur, done = carry
       segment_ids = (positions < cur[:, None]).astype(jnp.int32)
       x, _ = model.embed(tokens, image_ids, latents, t)

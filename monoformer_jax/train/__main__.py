@@ -23,6 +23,9 @@ def main(argv):
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.set_verbosity(logging.INFO)
+  # Orbax narrates every save at INFO; keep its warnings, drop the chatter.
+  logging.get_absl_handler().python_handler.addFilter(
+      lambda r: "orbax" not in r.pathname or r.levelno >= logging.WARNING)
   from monoformer_jax.train.loop import train_and_evaluate
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -126,13 +126,15 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     ckpt.save(step, state, batches.get_state(), config, force=True)
     ckpt.wait()
     ckpt.close()
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-      for row in history:
-        f.write(json.dumps(row) + "\n")
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        for row in history:
+          f.write(json.dumps(row) + "\n")
 
     # ------------------------------------------------------------- samples
-    if sample_at_end and not preemption.requested and jax.process_index() == 0:
+    # Every process runs the (sharded) sampler; process 0 writes the files.
+    if sample_at_end and not preemption.requested:
       from monoformer_jax.train.samples import write_samples
-      ema_model = nnx.merge(graphdef, jax.device_get(state["ema"]))
-      write_samples(ema_model, config, tokenizer, os.path.join(workdir, "samples"))
+      write_samples(nnx.merge(graphdef, state["ema"]), config, tokenizer,
+                    os.path.join(workdir, "samples"))
   return state, metrics

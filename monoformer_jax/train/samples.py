@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -15,9 +16,10 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from PIL import Image
 
-from monoformer_jax.data.digits import class_prompt, image_prompt_example, to_unit_range
+from monoformer_jax.data.digits import class_prompt, image_prompt_example, row_spec, to_unit_range
 from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.diffusion.sample_images import sample_images
@@ -26,13 +28,13 @@ from monoformer_jax.text.generate import generate
 
 
 def prompt_rows(prompts, config, tokenizer):
-  """Packed rows, one example (prompt + one image slot) per row."""
-  m = config.model
-  shape = (m.image_size, m.image_size, m.in_channels)
-  examples = [image_prompt_example(p, tokenizer, shape) for p in prompts]
-  return pack_examples(examples, seq_len=config.data.seq_len, max_images=1,
-                       image_shape=shape, tokens_per_image=(m.image_size // m.patch_size) ** 2,
-                       tokenizer=tokenizer, one_per_row=True)
+  """Packed rows, one example (prompt + one image slot) per row, as short as
+  the longest prompt allows (the image cannot see what follows it anyway)."""
+  spec = row_spec(config, tokenizer)
+  examples = [image_prompt_example(p, tokenizer, spec.image_shape) for p in prompts]
+  longest = max(len(e.ids) for e in examples) + spec.tokens_per_image - 1
+  spec = dataclasses.replace(spec, max_images=1, seq_len=-(-longest // 8) * 8)
+  return pack_examples(examples, spec, one_per_row=True)
 
 
 def image_grid(images_NxHxW, rows: int, scale: int = 4, pad: int = 1) -> Image.Image:
@@ -49,24 +51,28 @@ def image_grid(images_NxHxW, rows: int, scale: int = 4, pad: int = 1) -> Image.I
 
 
 def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
-  os.makedirs(outdir, exist_ok=True)
+  """Samples with `model` on every process; process 0 writes `outdir`."""
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(outdir, exist_ok=True)
   sc = config.sample
   per = sc.num_per_class
   labels = np.repeat(np.arange(10), per)
   diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps,
                                        config.diffusion.beta_schedule,
                                        respacing=str(sc.num_steps))
-  cond = prompt_rows([class_prompt(int(d)) for d in labels], config, tokenizer)
-  null = prompt_rows([None] * len(labels), config, tokenizer)
+  both = prompt_rows([class_prompt(int(d)) for d in labels] + [None] * len(labels),
+                     config, tokenizer)
+  cond = {k: v[:len(labels)] for k, v in both.items()}
+  null = {k: v[len(labels):] for k, v in both.items()}
   t0 = time.perf_counter()
   logging.info("sampling %d digits: %d DDPM steps, guidance %.1f", len(labels),
                sc.num_steps, sc.cfg_scale)
   x0 = sample_images(model, cond, diffusion, jax.random.PRNGKey(seed), null_rows=null,
                      cfg_scale=sc.cfg_scale)
+  x0 = multihost_utils.process_allgather(x0, tiled=True)
   images = to_unit_range(np.asarray(x0))[..., 0].astype(np.float32)
   logging.info("sampled in %.1fs", time.perf_counter() - t0)
-  np.savez(os.path.join(outdir, "digits.npz"), images=images, labels=labels)
-  image_grid(images, rows=10).save(os.path.join(outdir, "digits.png"))
 
   accuracy, per_digit = prompted_accuracy(images, labels)
   logging.info("a real-digit classifier recognises %.1f%% of the samples (per digit: %s)",
@@ -77,6 +83,10 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
                          max_new_tokens=sc.max_new_tokens, eos_id=tokenizer.eos_id,
                          pad_id=tokenizer.pad_id, key=jax.random.PRNGKey(seed))
   lines = [f"{p!r} -> {tokenizer.decode(c)!r}" for p, c in zip(prompts, completions)]
+  if not writer:
+    return images, labels, accuracy
+  np.savez(os.path.join(outdir, "digits.npz"), images=images, labels=labels)
+  image_grid(images, rows=10).save(os.path.join(outdir, "digits.png"))
   with open(os.path.join(outdir, "text.txt"), "w") as f:
     f.write("\n".join(lines) + "\n")
   for line in lines:

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from monoformer_jax.model import MonoFormer
+from monoformer_jax.model.llama import logical_axes_of
 from monoformer_jax.parallel.sharding import logical_to_spec
 
 
@@ -41,8 +42,7 @@ def abstract_model(model_cfg):
   """(graphdef, abstract params pure dict, logical axes pure dict), no allocation."""
   model = nnx.eval_shape(lambda: MonoFormer(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
-  axes = jax.tree.map(lambda v: v.get_metadata().get("out_sharding"), state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  axes = jax.tree.map(logical_axes_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(axes)
 
 

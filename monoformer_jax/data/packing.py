@@ -1,0 +1,279 @@
+"""The packed row: the ONE place that knows how examples become model input.
+
+An `Example` is token ids in which each image is ONE `<image>` placeholder
+(exactly the reference's input_ids), its images ([h, w, C] float32, channels
+last, one per placeholder, in order) and whether its text may train
+cross-entropy. Packing expands each placeholder into P = tokens_per_image
+contiguous slots and lays examples greedily, in stream order, into rows of
+length L holding at most M images. A batch of R rows is a dict of numpy arrays:
+
+    tokens       int32 [R, L]   text ids; image slots hold <image>; padding <PAD>
+    segment_ids  int32 [R, L]   0 = padding, 1, 2, ... = the example within the row
+    image_ids    int32 [R, L]   0 = text, k >= 1 = the k-th image of the ROW
+                                (numbered across all the examples of the row)
+    positions    int32 [R, L]   RoPE position, restarting at 0 for each example
+    targets      int32 [R, L]   tokens[l + 1] when l + 1 is in the same example, else 0
+    text_weights float32 [R, L] 1.0 where cross-entropy trains (see below)
+    latents      float32 [R, M, h, w, C]  the k-th image of a row in slot k - 1
+
+`text_weights[l]` is 1 iff the example trains text, l + 1 is in the same
+example and tokens[l + 1] is a text token, never an image slot. An example
+trains text iff its `train_text` is set and it is text-only or
+`text_on_image_examples` is on: off reproduces the reference (CE on text-only
+examples only); on adds the Transfusion-style CE on prompts and captions.
+
+Nothing is dropped, reordered or cut silently. An example with images that
+cannot fit one row (too long, too many images, an image of the wrong shape)
+raises ValueError. A text-only example longer than L is split into
+consecutive pieces of at most L tokens, each packed as its own example
+(positions restart in each piece, and no target crosses a cut); since it
+holds no image, no cut falls inside one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Example:
+  """One training (or prompting) sequence before packing.
+
+  `ids`: 1-D token ids, each image as ONE `<image>` placeholder.
+  `images`: one [h, w, C] float32 array per placeholder, in order.
+  `train_text`: whether this example's text may train cross-entropy.
+  """
+  ids: Sequence[int]
+  images: Sequence[np.ndarray] = ()
+  train_text: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+  """Everything packing needs to know about rows and images."""
+  seq_len: int                      # L
+  max_images: int                   # M, images per row
+  image_shape: tuple[int, int, int]  # (h, w, C)
+  tokens_per_image: int             # P = (h // patch) * (w // patch)
+  image_id: int
+  pad_id: int
+  text_on_image_examples: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "image_shape", tuple(int(d) for d in self.image_shape))
+    if self.seq_len < 1 or self.max_images < 0 or self.tokens_per_image < 1:
+      raise ValueError(f"bad row spec: seq_len={self.seq_len} (>= 1), max_images="
+                       f"{self.max_images} (>= 0), tokens_per_image="
+                       f"{self.tokens_per_image} (>= 1)")
+    if len(self.image_shape) != 3:
+      raise ValueError(f"image_shape={self.image_shape} must be (h, w, C)")
+
+
+def row_spec(config, tokenizer) -> RowSpec:
+  """The RowSpec of a config (data.seq_len, data.max_images_per_row, model.*)."""
+  m = config.model
+  if m.image_size % m.patch_size:
+    raise ValueError(f"model.image_size={m.image_size} is not a multiple of "
+                     f"model.patch_size={m.patch_size}")
+  return RowSpec(seq_len=config.data.seq_len, max_images=config.data.max_images_per_row,
+                 image_shape=(m.image_size, m.image_size, m.in_channels),
+                 tokens_per_image=(m.image_size // m.patch_size) ** 2,
+                 image_id=tokenizer.image_id, pad_id=tokenizer.pad_id,
+                 text_on_image_examples=bool(config.loss.text_on_image_examples))
+
+
+def _expanded_length(example: Example, spec: RowSpec) -> int:
+  return len(example.ids) + len(example.images) * (spec.tokens_per_image - 1)
+
+
+def _validate_and_split(example: Example, spec: RowSpec, index: int) -> list[Example]:
+  """The pieces `example` is packed as (itself, or a long text cut into
+  pieces of <= L tokens); raises if it cannot be packed at all."""
+  ids = np.asarray(example.ids)
+  if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"example {index}: ids must be a non-empty 1-D sequence of ints, "
+                     f"got shape {ids.shape} dtype {ids.dtype}")
+  ids = ids.astype(np.int32)
+  n_placeholders = int((ids == spec.image_id).sum())
+  n_images = len(example.images)
+  if n_placeholders != n_images:
+    raise ValueError(f"example {index} has {n_placeholders} <image> placeholders "
+                     f"(id {spec.image_id}) but {n_images} images; give one image "
+                     "per placeholder")
+  if not n_images:
+    return [Example(ids[i:i + spec.seq_len], (), example.train_text)
+            for i in range(0, len(ids), spec.seq_len)]
+  images = [np.asarray(im, np.float32) for im in example.images]
+  for k, image in enumerate(images):
+    if image.shape != spec.image_shape:
+      raise ValueError(
+          f"example {index}: image {k} has shape {image.shape} but rows hold images of "
+          f"shape {spec.image_shape} (model.image_size, model.image_size, "
+          "model.in_channels); resize the images or change the config")
+  if n_images > spec.max_images:
+    raise ValueError(
+        f"example {index} has {n_images} images but a row holds at most "
+        f"data.max_images_per_row={spec.max_images}; raise "
+        f"--config.data.max_images_per_row to at least {n_images}")
+  need = _expanded_length(example, spec)
+  if need > spec.seq_len:
+    raise ValueError(
+        f"example {index} needs {need} tokens (text {len(ids) - n_images} + "
+        f"{n_images} image(s) of {spec.tokens_per_image}) but data.seq_len is "
+        f"{spec.seq_len}; raise --config.data.seq_len to at least {need}")
+  return [Example(ids, images, example.train_text)]
+
+
+class _Rows:
+  """R empty rows being filled, and how full each one is."""
+
+  def __init__(self, rows: int, spec: RowSpec):
+    l = spec.seq_len
+    self.spec = spec
+    self.tokens = np.full((rows, l), spec.pad_id, np.int32)
+    self.segment_ids = np.zeros((rows, l), np.int32)
+    self.image_ids = np.zeros((rows, l), np.int32)
+    self.positions = np.zeros((rows, l), np.int32)
+    self.targets = np.zeros((rows, l), np.int32)
+    self.text_weights = np.zeros((rows, l), np.float32)
+    self.latents = np.zeros((rows, spec.max_images) + spec.image_shape, np.float32)
+    self.used = np.zeros(rows, np.int64)
+    self.n_examples = np.zeros(rows, np.int64)
+    self.n_images = np.zeros(rows, np.int64)
+
+  def put(self, r: int, example: Example):
+    """Appends a validated piece to row r (the caller checked that it fits)."""
+    spec = self.spec
+    ids = np.asarray(example.ids, np.int32)
+    is_placeholder = ids == spec.image_id
+    counts = np.where(is_placeholder, spec.tokens_per_image, 1)
+    tokens_N = np.repeat(ids, counts)
+    is_image_N = np.repeat(is_placeholder, counts)
+    first = int(self.n_images[r])
+    image_ids_N = np.repeat(np.where(is_placeholder, first + np.cumsum(is_placeholder), 0),
+                            counts)
+    n = len(tokens_N)
+    start = int(self.used[r])
+    end = start + n
+    self.tokens[r, start:end] = tokens_N
+    self.segment_ids[r, start:end] = self.n_examples[r] + 1
+    self.image_ids[r, start:end] = image_ids_N
+    self.positions[r, start:end] = np.arange(n)
+    self.targets[r, start:end - 1] = tokens_N[1:]
+    trains = example.train_text and (not len(example.images) or spec.text_on_image_examples)
+    if trains:
+      self.text_weights[r, start:end - 1] = ~is_image_N[1:]
+    for k, image in enumerate(example.images):
+      self.latents[r, first + k] = image
+    self.used[r] = end
+    self.n_examples[r] += 1
+    self.n_images[r] = first + len(example.images)
+
+  def batch(self) -> dict[str, np.ndarray]:
+    return dict(tokens=self.tokens, segment_ids=self.segment_ids, image_ids=self.image_ids,
+                positions=self.positions, targets=self.targets,
+                text_weights=self.text_weights, latents=self.latents)
+
+
+def _plan(pieces: Sequence[Example], spec: RowSpec, row: int, used: int,
+          images: int) -> list[int]:
+  """Row index of each piece, filling greedily from row `row` which already
+  holds `used` tokens and `images` images."""
+  plan = []
+  for piece in pieces:
+    n, k = _expanded_length(piece, spec), len(piece.images)
+    if used + n > spec.seq_len or images + k > spec.max_images:
+      row, used, images = row + 1, 0, 0   # close the row; never reorder
+    plan.append(row)
+    used, images = used + n, images + k
+  return plan
+
+
+def pack_examples(examples: Sequence[Example], spec: RowSpec, *,
+                  one_per_row: bool = False) -> dict[str, np.ndarray]:
+  """Packs all `examples` greedily, in order, into as many rows as they need.
+
+  With `one_per_row`, each example (each piece of a split text) gets a row of
+  its own, e.g. for sampling prompts.
+  """
+  pieces = [p for i, e in enumerate(examples) for p in _validate_and_split(e, spec, i)]
+  plan = list(range(len(pieces))) if one_per_row else _plan(pieces, spec, 0, 0, 0)
+  rows = _Rows(plan[-1] + 1 if plan else 0, spec)
+  for piece, r in zip(pieces, plan):
+    rows.put(r, piece)
+  return rows.batch()
+
+
+class PackedBatches(Iterator[dict]):
+  """Batches of `rows` packed rows read from an indexable example stream.
+
+  The whole state is `next_example`, the index of the first example not yet
+  packed: a batch is a pure function of (example_at, next_example), so an
+  iterator restored with `set_state(get_state())` yields exactly what the
+  original would have yielded next. The example that did not fit the last row
+  of a batch is re-read from `example_at` to open the next one. The pieces of a
+  split long text always land in the same batch (a piece offset would be a
+  second integer of state), so one text may span at most `rows` rows.
+  """
+
+  def __init__(self, example_at: Callable[[int], Example], *, rows: int, seq_len: int,
+               max_images: int, image_shape: Sequence[int], tokens_per_image: int,
+               tokenizer, text_on_image_examples: bool, start_index: int = 0):
+    if rows < 1:
+      raise ValueError(f"rows={rows}: a batch needs at least one row")
+    self.example_at = example_at
+    self.rows = rows
+    self.spec = RowSpec(seq_len=seq_len, max_images=max_images,
+                        image_shape=tuple(image_shape), tokens_per_image=tokens_per_image,
+                        image_id=tokenizer.image_id, pad_id=tokenizer.pad_id,
+                        text_on_image_examples=text_on_image_examples)
+    self.next_example = int(start_index)
+    self._last = None   # (index, pieces): the leftover is not decoded twice
+
+  def _pieces(self, index: int) -> list[Example]:
+    if self._last is None or self._last[0] != index:
+      self._last = (index, _validate_and_split(self.example_at(index), self.spec, index))
+    return self._last[1]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    out = _Rows(self.rows, self.spec)
+    row = 0
+    while True:
+      index = self.next_example
+      pieces = self._pieces(index)
+      plan = _plan(pieces, self.spec, row, int(out.used[row]), int(out.n_images[row]))
+      if plan[-1] >= self.rows:
+        if not out.n_examples.any():
+          raise ValueError(
+              f"example {index} is a text of {sum(len(p.ids) for p in pieces)} tokens: "
+              f"{len(pieces)} pieces of data.seq_len={self.spec.seq_len} do not fit a "
+              f"batch of {self.rows} rows; raise data.seq_len or data.batch_size, or "
+              "shorten the text")
+        return out.batch()
+      for piece, row in zip(pieces, plan):
+        out.put(row, piece)
+      self.next_example += 1
+
+  def get_state(self) -> dict:
+    return {"next_example": int(self.next_example)}
+
+  def set_state(self, state: dict):
+    self.next_example = int(state["next_example"])
+
+
+def host_stream(example_at: Callable[[int], Example], process_index: int,
+                process_count: int) -> Callable[[int], Example]:
+  """Host `process_index`'s share of a global stream: its example i is global
+  example i * process_count + process_index, so hosts never share examples
+  and together cover the stream."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+  if process_count == 1:
+    return example_at
+  return lambda i: example_at(i * process_count + process_index)

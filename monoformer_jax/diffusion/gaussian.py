@@ -1,0 +1,261 @@
+"""Gaussian diffusion as in IDDPM/ADM (and DiT, and MonoFormer): the numbers.
+
+Conventions:
+- Channels LAST: latents are x_NxHxWxC (any [N, ..., C]); a model output is
+  [N, ..., 2C] with [..., :C] the epsilon prediction and [..., C:] the
+  learned-range variance values v in [-1, 1]. Every loss reduces over all
+  non-batch axes and returns one number per sample, [N].
+- `t` arguments are int [N] indices into THIS object's tables. After
+  respacing they are respaced indices; the network must see
+  `model_timesteps(t)`, the original 0..T-1 timesteps (`timestep_map`).
+- Tables are float64 numpy; a coefficient is gathered and cast to float32
+  before it touches a tensor, as the reference does, so float32 inputs
+  reproduce its numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def linear_betas(num_timesteps: int) -> np.ndarray:
+  """IDDPM's linear schedule: 1e-4 .. 0.02 at T=1000, scaled by 1000/T."""
+  scale = 1000 / num_timesteps  # keeps the schedule's shape for any T
+  return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+def space_timesteps(num_timesteps: int,
+                    section_counts: str | int | Sequence[int] | None) -> list[int]:
+  """Original timesteps kept by respacing, sorted ("" or None: all of them).
+
+  `section_counts` is an int, a string "20" or "10,15,20" / a list of ints
+  (that many steps, evenly strided, in each of as many equal sections), or
+  "ddimN" (a fixed integer stride giving exactly N steps).
+  """
+  if section_counts is None or section_counts == "":
+    return list(range(num_timesteps))
+  if isinstance(section_counts, str):
+    if section_counts.startswith("ddim"):
+      want = int(section_counts[len("ddim"):])
+      for stride in range(1, num_timesteps):
+        if len(range(0, num_timesteps, stride)) == want:
+          return list(range(0, num_timesteps, stride))
+      raise ValueError(f"respacing {section_counts!r}: no integer stride gives exactly "
+                       f"{want} steps of {num_timesteps}; use a plain count like '{want}'")
+    section_counts = [int(x) for x in section_counts.split(",")]
+  elif isinstance(section_counts, int):
+    section_counts = [section_counts]
+  per, extra = divmod(num_timesteps, len(section_counts))
+  kept, start = [], 0
+  for i, count in enumerate(section_counts):
+    size = per + (1 if i < extra else 0)
+    if size < count:
+      raise ValueError(f"respacing {section_counts!r}: cannot take {count} steps from a "
+                       f"section of {size} of the {num_timesteps} timesteps")
+    stride = 1 if count <= 1 else (size - 1) / (count - 1)
+    # Accumulated, not stride * j: the rounding must match the reference's
+    # float sums exactly or a kept step can move by one.
+    pos = 0.0
+    for _ in range(count):
+      kept.append(start + round(pos))
+      pos += stride
+    start += size
+  return sorted(set(kept))
+
+
+class GaussianDiffusion:
+  """Schedule tables (float64 numpy) and the math on them (jit-friendly jnp)."""
+
+  def __init__(self, betas: np.ndarray, timestep_map: np.ndarray):
+    self.betas = betas = np.asarray(betas, np.float64)
+    if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
+      raise ValueError(f"betas must be a 1-D array in (0, 1], got shape {betas.shape}")
+    self.timestep_map = np.asarray(timestep_map, np.int64)
+    if self.timestep_map.shape != betas.shape:
+      raise ValueError(f"timestep_map {self.timestep_map.shape} must match betas {betas.shape}")
+    self.num_timesteps = len(betas)
+    alphas = 1.0 - betas
+    self.alphas_cumprod = ac = np.cumprod(alphas)
+    self.alphas_cumprod_prev = ac_prev = np.append(1.0, ac[:-1])
+    self.alphas_cumprod_next = np.append(ac[1:], 0.0)
+    self.sqrt_alphas_cumprod = np.sqrt(ac)
+    self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - ac)
+    self.log_one_minus_alphas_cumprod = np.log(1.0 - ac)
+    self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
+    self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1)
+    self.posterior_variance = var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    # The posterior variance is 0 at t = 0: its log uses the t = 1 value there.
+    self.posterior_log_variance_clipped = np.log(np.append(var[1], var[1:]))
+    self.posterior_mean_coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
+    self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
+    self.log_betas = np.log(betas)
+
+  @classmethod
+  def create(cls, num_timesteps: int = 1000, beta_schedule: str = "linear",
+             respacing: str | int | Sequence[int] | None = None) -> "GaussianDiffusion":
+    """The T-step schedule, optionally respaced (e.g. "20": 20 sampling steps)."""
+    if beta_schedule != "linear":
+      raise ValueError(f"beta_schedule={beta_schedule!r}: only 'linear' (the "
+                       "reference's) is implemented")
+    ac = np.cumprod(1.0 - linear_betas(num_timesteps))
+    kept = space_timesteps(num_timesteps, respacing)
+    # Betas re-derived so alphas_cumprod is exact at the kept steps. Done even
+    # without respacing (it moves betas by ~1e-16), as the reference does.
+    last, new_betas = 1.0, []
+    for i in kept:
+      new_betas.append(1.0 - ac[i] / last)
+      last = ac[i]
+    return cls(np.array(new_betas), np.array(kept))
+
+  # ---------------------------------------------------------------- helpers
+  @staticmethod
+  def _at(table: np.ndarray, t, x):
+    """table[t] as float32, shaped [N, 1, ...] to broadcast against x [N, ...]."""
+    v = jnp.asarray(np.asarray(table, np.float32))[t]
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+  def model_timesteps(self, t):
+    """Original timesteps (what the network is conditioned on) of indices t."""
+    return jnp.asarray(self.timestep_map.astype(np.int32))[t]
+
+  @staticmethod
+  def _split(model_output, x_t):
+    c = x_t.shape[-1]
+    if model_output.shape[:-1] != x_t.shape[:-1] or model_output.shape[-1] != 2 * c:
+      raise ValueError(f"model_output {model_output.shape} must be x_t {x_t.shape} with "
+                       f"2*{c} channels (epsilon, then learned-range variance), channels last")
+    return model_output[..., :c], model_output[..., c:]
+
+  # ------------------------------------------------------------ forward q
+  def q_sample(self, x_start, t, noise):
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
+    return (self._at(self.sqrt_alphas_cumprod, t, x_start) * x_start
+            + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+
+  def q_posterior_mean_variance(self, x_start, x_t, t):
+    """(mean, variance, clipped log variance) of q(x_{t-1} | x_t, x_0)."""
+    mean = (self._at(self.posterior_mean_coef1, t, x_t) * x_start
+            + self._at(self.posterior_mean_coef2, t, x_t) * x_t)
+    shape = x_t.shape
+    return (mean,
+            jnp.broadcast_to(self._at(self.posterior_variance, t, x_t), shape),
+            jnp.broadcast_to(self._at(self.posterior_log_variance_clipped, t, x_t), shape))
+
+  # ------------------------------------------------------------ reverse p
+  def p_mean_variance(self, model_output, x_t, t, clip_denoised: bool = False):
+    """Mean, variance, log-variance and x_0 prediction of p(x_{t-1} | x_t)."""
+    eps, v = self._split(model_output, x_t)
+    min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
+    max_log = self._at(self.log_betas, t, x_t)
+    frac = (v + 1) / 2
+    log_variance = frac * max_log + (1 - frac) * min_log
+    pred_xstart = (self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                   - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+    if clip_denoised:
+      pred_xstart = jnp.clip(pred_xstart, -1, 1)
+    mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
+    return dict(mean=mean, variance=jnp.exp(log_variance), log_variance=log_variance,
+                pred_xstart=pred_xstart)
+
+  def p_sample(self, model_output, x_t, t, noise, clip_denoised: bool = False):
+    """One ancestral step: x_{t-1} = mean + (t != 0) * sigma * noise."""
+    out = self.p_mean_variance(model_output, x_t, t, clip_denoised)
+    nonzero = (t != 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
+    return dict(sample=out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise,
+                pred_xstart=out["pred_xstart"])
+
+  # ---------------------------------------------------------------- losses
+  def training_losses(self, model_output, x_start, x_t, t, noise):
+    """IDDPM's hybrid loss per sample [N]: mse, vb (bits/dim) and their sum.
+
+    L_vb trains only the variance: the eps channels enter it stop-gradiented,
+    so the mean is learnt from the MSE alone. At t == 0 L_vb is the
+    discretised decoder NLL of x_0 instead of a KL.
+    """
+    eps, v = self._split(model_output, x_t)
+    axes = tuple(range(1, x_t.ndim))
+    frozen = jnp.concatenate([jax.lax.stop_gradient(eps), v], axis=-1)
+    true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
+    out = self.p_mean_variance(frozen, x_t, t)
+    kl = normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])
+    kl = kl.mean(axis=axes) / math.log(2.0)
+    nll = -discretized_gaussian_log_likelihood(
+        x_start, out["mean"], 0.5 * out["log_variance"]).mean(axis=axes) / math.log(2.0)
+    vb = jnp.where(t == 0, nll, kl)
+    mse = ((noise - eps) ** 2).mean(axis=axes)
+    return dict(mse=mse, vb=vb, loss=mse + vb)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+  """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+                + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x):
+  # The tanh approximation IDDPM uses, not erf: kept for identical numbers.
+  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+  """Log-likelihood (nats, elementwise) of x in [-1, 1] under a Gaussian
+  discretised to 8-bit bins of width 2/255; the edge bins take the tails."""
+  centered = x - means
+  inv_stdv = jnp.exp(-log_scales)
+  cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+  cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+  log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+  log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+  log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+  return jnp.where(x < -0.999, log_cdf_plus,
+                   jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+def apply_cfg(out_cond, out_uncond, scale, guided_channels: int | None = None):
+  """Classifier-free guidance on model outputs [N, ..., 2C]; returns the guided
+  output of the conditional half.
+
+  The eps channels become uncond + scale * (cond - uncond); the variance
+  channels stay the conditional ones. `guided_channels=3` guides only eps
+  channels 0..2 (the reference, a DiT legacy) and leaves the rest of the
+  conditional output raw.
+  """
+  if out_cond.shape != out_uncond.shape or out_cond.shape[-1] % 2:
+    raise ValueError(f"out_cond {out_cond.shape} and out_uncond {out_uncond.shape} must be "
+                     "equal shapes [N, ..., 2C] (channels last)")
+  c = out_cond.shape[-1] // 2
+  g = c if guided_channels is None else guided_channels
+  if not 0 <= g <= c:
+    raise ValueError(f"guided_channels={guided_channels} must be in 0..{c} (the eps channels)")
+  guided = out_uncond[..., :g] + scale * (out_cond[..., :g] - out_uncond[..., :g])
+  return jnp.concatenate([guided, out_cond[..., g:]], axis=-1)
+
+
+def ddpm_sample(denoise_fn: Callable, x_T, key, diffusion: GaussianDiffusion, *,
+                progress: Callable | None = None):
+  """x_0 by DDPM ancestral sampling from x_T through all of `diffusion`'s steps.
+
+  `denoise_fn(x_t, t_model) -> model_output [N, ..., 2C]` gets the ORIGINAL
+  timesteps (timestep_map of the respaced index), int32 [N]. One compiled step,
+  scanned from the last index to 0; step i draws its noise from
+  fold_in(key, i). `progress`, if given, is called on the host with each
+  finished step's loop index (0 = the first, noisiest step).
+  """
+  n = x_T.shape[0]
+
+  def step(x_t, i):
+    t = jnp.full((n,), diffusion.num_timesteps - 1 - i, jnp.int32)
+    out = denoise_fn(x_t, diffusion.model_timesteps(t))
+    noise = jax.random.normal(jax.random.fold_in(key, i), x_t.shape, x_t.dtype)
+    x_prev = diffusion.p_sample(out, x_t, t, noise)["sample"]
+    if progress is not None:
+      jax.debug.callback(progress, i)
+    return x_prev, None
+
+  x_0, _ = jax.lax.scan(step, x_T, jnp.arange(diffusion.num_timesteps))
+  return x_0
