@@ -70,7 +70,7 @@ def get_config():
       b2=0.999,
       eps=1e-8,
       grad_clip=2.0,
-      ema_decay=0.999,
+      ema_decay=0.99,           # the reference: 0.9999 over 500k steps
       grad_accum_steps=1,
   ))
 
@@ -92,7 +92,7 @@ def get_config():
   )
 
   c.train = ml_collections.ConfigDict(dict(
-      num_steps=1500,
+      num_steps=800,
       log_every=50,
       checkpoint_every=500,
       keep_checkpoints=2,

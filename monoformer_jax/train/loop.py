@@ -39,6 +39,13 @@ def _check_config(config, tokenizer):
                      f"{jax.process_count()} processes")
 
 
+def _append_metrics(workdir: str, row: dict):
+  """One JSON line per logged step in workdir/metrics.jsonl (process 0)."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks, so the last state is saved."""
 
@@ -97,7 +104,7 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     step = int(state["step"])
     num_steps = config.train.num_steps
     rows, length = config.data.batch_size, config.data.seq_len
-    metrics, history = None, []
+    metrics = None
     t_last, step_last = time.perf_counter(), step
     while step < num_steps:
       local = next(batches)
@@ -109,7 +116,7 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
         now = time.perf_counter()
         steps_per_s = (step - step_last) / (now - t_last)
         t_last, step_last = now, step
-        history.append(dict(step=step, **{k: float(v) for k, v in metrics.items()}))
+        _append_metrics(workdir, dict(step=step, **{k: float(v) for k, v in metrics.items()}))
         logging.info(
             "step %d/%d  loss %.4f  diff %.4f (mse %.4f vb %.4f)  lm %.3f  |g| %.2f  "
             "lr %.2e  %.2f steps/s  %s tokens/s",
@@ -126,10 +133,6 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     ckpt.save(step, state, batches.get_state(), config, force=True)
     ckpt.wait()
     ckpt.close()
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        for row in history:
-          f.write(json.dumps(row) + "\n")
 
     # ------------------------------------------------------------- samples
     # Every process runs the (sharded) sampler; process 0 writes the files.

@@ -63,7 +63,7 @@ def make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_
     params = optax.apply_updates(state["params"], updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                        state["ema"], params)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    lr=schedule(state["step"]))
     new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state, ema=ema)
     return new_state, metrics

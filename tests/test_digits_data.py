@@ -1,0 +1,197 @@
+"""The embedded digits data: batches from the real config, the row of one
+digit, the mix, determinism, epochs and the truth of every sentence."""
+
+import collections
+import importlib.util
+import pathlib
+import re
+
+import numpy as np
+import pytest
+
+from monoformer_jax.data import digits
+from monoformer_jax.data.packing import pack_examples, row_spec
+from monoformer_jax.text.tokenizer import ByteTokenizer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOK = ByteTokenizer()
+N_DIGITS = 1797
+
+
+def digits_config():
+  spec = importlib.util.spec_from_file_location("digits_config", REPO / "configs" / "digits.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def is_text_only(example):
+  return not len(example.images)
+
+
+def prompt_of(example):
+  """The prompt text of an image example ("" for the guidance-null one)."""
+  ids = list(example.ids)
+  return TOK.decode(ids[1:ids.index(TOK.im_start_id)])
+
+
+def test_batch_from_the_real_config():
+  config = digits_config()
+  batch = next(digits.make_digits_batches(config, TOK))
+  r, l, m = config.data.batch_size, config.data.seq_len, config.data.max_images_per_row
+  p = (config.model.image_size // config.model.patch_size) ** 2
+  shapes = dict(tokens=(r, l), segment_ids=(r, l), image_ids=(r, l), positions=(r, l),
+                targets=(r, l), text_weights=(r, l), latents=(r, m, 8, 8, 1))
+  assert {k: v.shape for k, v in batch.items()} == shapes
+  for name in ("tokens", "segment_ids", "image_ids", "positions", "targets"):
+    assert batch[name].dtype == np.int32, name
+  assert batch["text_weights"].dtype == batch["latents"].dtype == np.float32
+  assert 0 <= batch["tokens"].min() and batch["tokens"].max() < TOK.vocab_size
+  assert TOK.vocab_size <= config.model.vocab_size
+  assert set(np.unique(batch["text_weights"])) <= {0.0, 1.0}
+  assert batch["latents"].min() >= -1 and batch["latents"].max() <= 1
+  assert (batch["segment_ids"] > 0).sum(axis=1).min() > l // 2, "rows are poorly packed"
+  for row in range(r):
+    ids = batch["image_ids"][row]
+    n = ids.max()
+    assert [int((ids == k).sum()) for k in range(1, n + 1)] == [p] * n
+    assert (batch["tokens"][row][ids > 0] == TOK.image_id).all()
+    # Real digits are never all zeros in [-1, 1]; unused slots are.
+    used = np.abs(batch["latents"][row]).reshape(m, -1).max(axis=1) > 0
+    np.testing.assert_array_equal(used, np.arange(m) < n)
+  # The reference's default: no image example trains text.
+  seg, image_ids = batch["segment_ids"], batch["image_ids"]
+  has_image = np.stack([np.isin(seg[b], seg[b][image_ids[b] > 0]) for b in range(r)])
+  assert not (batch["text_weights"] * has_image).any()
+  assert batch["text_weights"].sum() > 0
+
+
+def test_row_of_one_digit_token_by_token():
+  config = digits_config()
+  example = digits.image_prompt_example(digits.class_prompt(7), TOK, (8, 8, 1))
+  assert digits.class_prompt(7) == "Please generate an image of seven."
+  prompt = [3 + b for b in b"Please generate an image of seven."]
+  assert list(example.ids) == [1] + prompt + [261, 260, 262, 13, 2]
+  null = digits.image_prompt_example(None, TOK, (8, 8, 1))
+  assert list(null.ids) == list(digits.image_prompt_example("", TOK, (8, 8, 1)).ids)
+  assert list(null.ids) == [1, 261, 260, 262, 13, 2]
+  batch = pack_examples([example], row_spec(config, TOK))
+  n = 1 + len(prompt) + 1          # bos, prompt, <|im_start|>
+  expected_tokens = [1] + prompt + [261] + [260] * 16 + [262, 13, 2]
+  used = len(expected_tokens)
+  np.testing.assert_array_equal(batch["tokens"][0], expected_tokens + [259] * (128 - used))
+  np.testing.assert_array_equal(batch["segment_ids"][0], [1] * used + [0] * (128 - used))
+  np.testing.assert_array_equal(batch["image_ids"][0],
+                                [0] * n + [1] * 16 + [0] * (128 - n - 16))
+  np.testing.assert_array_equal(batch["positions"][0][:used], np.arange(used))
+  np.testing.assert_array_equal(batch["targets"][0][:used - 1], expected_tokens[1:])
+  assert not batch["text_weights"].any() and not batch["latents"].any()
+
+
+def test_images_scale_and_inverse():
+  from sklearn.datasets import load_digits
+  images, labels = digits.load_digit_images()
+  assert images.shape == (N_DIGITS, 8, 8, 1) and images.dtype == np.float32
+  assert images.min() == -1 and images.max() == 1
+  np.testing.assert_allclose(digits.to_unit_range(images)[..., 0] * 16, load_digits().images)
+  assert sorted(set(labels.tolist())) == list(range(10))
+
+
+def test_mix_and_guidance_drop_match_the_config():
+  config = digits_config()
+  stream = digits.digits_example_stream(config, TOK, seed=0)
+  examples = [stream(i) for i in range(4000)]
+  text = [e for e in examples if is_text_only(e)]
+  images = [e for e in examples if not is_text_only(e)]
+  assert abs(len(text) / len(examples) - config.data.text_fraction) < 0.01
+  dropped = sum(prompt_of(e) == "" for e in images) / len(images)
+  assert abs(dropped - config.data.cfg_drop_prob) < 0.025
+  assert all(e.train_text for e in examples)
+  # Every prompt is a template filled with the name of the digit it shows.
+  all_images, labels = digits.load_digit_images()
+  label_of = collections.defaultdict(set)
+  for image, label in zip(all_images, labels):
+    label_of[image.tobytes()].add(int(label))
+  templates = collections.Counter()
+  for e in images[:500]:
+    prompt = prompt_of(e)
+    if prompt:
+      names = {digits.TEMPLATES[t].format(digits.CLASS_NAMES[k]): t
+               for k in label_of[e.images[0].tobytes()] for t in range(4)}
+      assert prompt in names, prompt
+      templates[names[prompt]] += 1
+  assert set(templates) == {0, 1, 2, 3}
+
+
+def test_same_seed_same_stream_other_seed_other_stream():
+  config = digits_config()
+  a, b = (digits.digits_example_stream(config, TOK, seed=0) for _ in range(2))
+  c = digits.digits_example_stream(config, TOK, seed=1)
+  indices = [0, 1, 2, 127, 128, 5000, 10**9 + 7]
+  same = lambda x, y: (list(x.ids) == list(y.ids) and len(x.images) == len(y.images)
+                       and all((u == v).all() for u, v in zip(x.images, y.images)))
+  assert all(same(a(i), b(i)) for i in indices)
+  assert not all(same(a(i), c(i)) for i in range(20))
+
+
+def test_every_digit_once_per_epoch_in_a_new_order():
+  stream = digits.digits_example_stream(digits_config(), TOK, seed=0)
+  seen, i = [], 0
+  while len(seen) < 2 * N_DIGITS:
+    e = stream(i)
+    i += 1
+    if not is_text_only(e):
+      seen.append(e.images[0].tobytes())
+  all_images = [x.tobytes() for x in digits.load_digit_images()[0]]
+  first, second = seen[:N_DIGITS], seen[N_DIGITS:]
+  assert sorted(first) == sorted(all_images) == sorted(second)
+  assert first != second
+
+
+SENTENCE = re.compile(
+    r"^(?:(?P<a>\w+) (?P<op>plus|minus|times) (?P<b>\w+) is (?P<r>\w+)"
+    r"|the number (?P<rel>after|before) (?P<n>\w+) is (?P<m>\w+)"
+    r"|(?P<p>\w+) is an (?P<parity>even|odd) number)\.$")
+
+
+def check_true(sentence):
+  number = {w: k for k, w in enumerate(digits.NUMBER_WORDS)}
+  match = SENTENCE.match(sentence)
+  assert match, sentence
+  g = {k: v for k, v in match.groupdict().items() if v is not None}
+  if "op" in g:
+    a, b, r = number[g["a"]], number[g["b"]], number[g["r"]]
+    assert {"plus": a + b, "minus": a - b, "times": a * b}[g["op"]] == r, sentence
+  elif "rel" in g:
+    assert number[g["m"]] - number[g["n"]] == (1 if g["rel"] == "after" else -1), sentence
+  else:
+    assert (number[g["p"]] % 2 == 0) == (g["parity"] == "even"), sentence
+  return g.get("op") or g.get("rel") or g["parity"]
+
+
+def test_every_sentence_is_true():
+  rng = np.random.default_rng(0)
+  kinds = collections.Counter(check_true(digits.number_sentence(rng)) for _ in range(3000))
+  assert set(kinds) == {"plus", "minus", "times", "after", "before", "even", "odd"}
+  stream = digits.digits_example_stream(digits_config(), TOK, seed=3)
+  for e in (stream(i) for i in range(400)):
+    if is_text_only(e):
+      assert e.ids[0] == TOK.bos_id and e.ids[-1] == TOK.eos_id
+      check_true(TOK.decode(e.ids))
+
+
+def test_hosts_and_resume():
+  config = digits_config()
+  hosts = [digits.make_digits_batches(config, TOK, process_index=h, process_count=2)
+           for h in range(2)]
+  first = [next(h) for h in hosts]
+  assert first[0]["tokens"].shape == (config.data.batch_size // 2, config.data.seq_len)
+  assert not np.array_equal(first[0]["tokens"], first[1]["tokens"])
+  state = hosts[0].get_state()
+  want = next(hosts[0])
+  got = next(digits.make_digits_batches(config, TOK, process_index=0, process_count=2,
+                                        state=state))
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  with pytest.raises(ValueError, match="not divisible by 3"):
+    digits.make_digits_batches(config, TOK, process_count=3)

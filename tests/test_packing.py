@@ -1,0 +1,225 @@
+"""The packed row: layouts token by token, the fit boundary, errors, long texts,
+iterator state and per-host streams."""
+
+import numpy as np
+import pytest
+
+from monoformer_jax.data.packing import (Example, PackedBatches, RowSpec, host_stream,
+                                         pack_examples)
+from monoformer_jax.text.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+BOS, EOS, PAD = TOK.bos_id, TOK.eos_id, TOK.pad_id
+I, S, E = TOK.image_id, TOK.im_start_id, TOK.im_end_id
+SHAPE = (2, 2, 1)
+
+
+def spec(text_on_image_examples=False, seq_len=16, max_images=2):
+  return RowSpec(seq_len=seq_len, max_images=max_images, image_shape=SHAPE,
+                 tokens_per_image=3, image_id=I, pad_id=PAD,
+                 text_on_image_examples=text_on_image_examples)
+
+
+def img(value):
+  return np.full(SHAPE, value, np.float32)
+
+
+def text(n, start=10, train_text=True):
+  return Example([start + k for k in range(n)], (), train_text)
+
+
+# Rows of L = 16 with P = 3 slots per image and at most M = 2 images per row.
+# Row 0: A (text) + B (image); C does not fit there (12 + 7 > 16).
+# Row 1: C (image) + F (image, the row's 2nd) + D (text): 7 + 5 + 3 = 15.
+# Row 2: G (two images) opens a row: row 1 has no room left for images.
+EXAMPLES = [
+    Example([BOS, 10, 11, EOS]),                                  # A
+    Example([BOS, 12, S, I, E, EOS], [img(1.0)]),                 # B
+    Example([BOS, S, I, E, EOS], [img(2.0)]),                     # C
+    Example([S, I, E], [img(3.0)]),                               # F
+    Example([BOS, 13, EOS]),                                      # D
+    Example([S, I, I, E], [img(4.0), img(5.0)]),                  # G
+]
+EXPECTED = dict(
+    tokens=[[BOS, 10, 11, EOS, BOS, 12, S, I, I, I, E, EOS, PAD, PAD, PAD, PAD],
+            [BOS, S, I, I, I, E, EOS, S, I, I, I, E, BOS, 13, EOS, PAD],
+            [S, I, I, I, I, I, I, E, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD]],
+    segment_ids=[[1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0],
+                 [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 0],
+                 [1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]],
+    image_ids=[[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+               [0, 0, 1, 1, 1, 0, 0, 0, 2, 2, 2, 0, 0, 0, 0, 0],
+               [0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
+    positions=[[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0],
+               [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 0, 1, 2, 0],
+               [0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0]],
+    targets=[[10, 11, EOS, 0, 12, S, I, I, I, E, EOS, 0, 0, 0, 0, 0],
+             [S, I, I, I, E, EOS, 0, I, I, I, E, 0, 13, EOS, 0, 0],
+             [I, I, I, I, I, I, E, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
+)
+# The reference: CE on text-only examples only.
+WEIGHTS_REFERENCE = [[1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0],
+                     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+# Transfusion-style: also image examples' text, never a target on an image slot
+# (the last image slot predicting <|im_end|> trains).
+WEIGHTS_ON_IMAGES = [[1, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0],
+                     [1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 1, 1, 0, 0],
+                     [0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("on_images", [False, True])
+def test_rows_token_by_token(on_images):
+  batch = pack_examples(EXAMPLES, spec(on_images))
+  for name, expected in EXPECTED.items():
+    np.testing.assert_array_equal(batch[name], expected, err_msg=name)
+    assert batch[name].dtype == np.int32, name
+  weights = WEIGHTS_ON_IMAGES if on_images else WEIGHTS_REFERENCE
+  np.testing.assert_array_equal(batch["text_weights"], weights)
+  assert batch["text_weights"].dtype == np.float32
+  latents = batch["latents"]
+  assert latents.shape == (3, 2) + SHAPE and latents.dtype == np.float32
+  np.testing.assert_array_equal(latents[..., 0, 0, 0], [[1, 0], [2, 3], [4, 5]])
+
+
+def test_example_that_trains_no_text():
+  batch = pack_examples([text(4, train_text=False), text(3)], spec())
+  np.testing.assert_array_equal(batch["text_weights"][0, :7], [0, 0, 0, 0, 1, 1, 0])
+
+
+def test_matches_the_reference_fixture(fixture_dir):
+  """The reference's two rows (an image row, a text row), packed one per row."""
+  io = np.load(fixture_dir / "io.npz")
+  ids, attention = io["input_ids"], io["input_attention_mask"]
+  x0 = io["x_start"].transpose(0, 2, 3, 1)   # [B, C, h, w] -> channels last
+  fixture_spec = RowSpec(seq_len=27, max_images=1, image_shape=x0.shape[1:],
+                         tokens_per_image=16, image_id=257, pad_id=256)
+  examples = [Example(ids[0][attention[0]], [x0[0]], train_text=True),
+              Example(ids[1][attention[1]], (), train_text=True)]
+  batch = pack_examples(examples, fixture_spec, one_per_row=True)
+  for name in ("tokens", "segment_ids", "image_ids", "positions"):
+    np.testing.assert_array_equal(batch[name], io[name], err_msg=name)
+  np.testing.assert_array_equal(batch["text_weights"], io["text_loss_weight"])
+  # The fixture writes 0 for targets on image slots; ours hold <image> there.
+  next_is_image = np.zeros_like(batch["image_ids"], bool)
+  next_is_image[:, :-1] = batch["image_ids"][:, 1:] > 0
+  np.testing.assert_array_equal(np.where(next_is_image, 0, batch["targets"]), io["targets"])
+  np.testing.assert_array_equal(batch["latents"][:, 0], np.stack([x0[0], 0 * x0[1]]))
+
+
+def test_fit_boundary_is_exactly_seq_len():
+  assert pack_examples([text(10), text(6)], spec())["tokens"].shape == (1, 16)
+  assert pack_examples([text(10), text(7)], spec())["tokens"].shape == (2, 16)
+  full = pack_examples([text(16)], spec())
+  assert full["tokens"].shape == (1, 16) and (full["segment_ids"] == 1).all()
+  # 1 + 3 + 1 text tokens + 3 images of 3 slots = 16 exactly: fits with M = 3.
+  three = Example([BOS, S, I, I, I, EOS], [img(1), img(2), img(3)])
+  assert pack_examples([three], spec(max_images=3))["tokens"].shape == (1, 16)
+  # An image example fitting the space left but not the image budget opens a row.
+  batch = pack_examples([Example([S, I, E], [img(1)]), Example([S, I, I, E], [img(2), img(3)])],
+                        spec())
+  np.testing.assert_array_equal(batch["segment_ids"].max(axis=1), [1, 1])
+
+
+def test_image_example_one_token_too_long_raises():
+  ok = Example([BOS] + [20] * 10 + [S, I, E], [img(1)])     # 14 ids + 3 - 1 = 16
+  assert pack_examples([ok], spec())["tokens"].shape == (1, 16)
+  too_long = Example([BOS] + [20] * 11 + [S, I, E], [img(1)])
+  with pytest.raises(ValueError, match=r"example 1 needs 17 tokens \(text 14 \+ 1 image\(s\) "
+                     r"of 3\) but data.seq_len is 16; .*at least 17"):
+    pack_examples([ok, too_long], spec())
+
+
+def test_too_many_images_raises():
+  example = Example([S, I, I, I, E], [img(1), img(2), img(3)])
+  with pytest.raises(ValueError, match=r"example 0 has 3 images .*max_images_per_row=2.*"
+                     r"at least 3"):
+    pack_examples([example], spec())
+
+
+def test_wrong_image_shape_raises():
+  example = Example([S, I, E], [np.zeros((4, 4, 1), np.float32)])
+  with pytest.raises(ValueError, match=r"image 0 has shape \(4, 4, 1\) .* \(2, 2, 1\)"):
+    pack_examples([example], spec())
+
+
+@pytest.mark.parametrize("ids,images,counts", [
+    ([S, I, I, E], [img(1)], "2 <image> placeholders .* but 1 images"),
+    ([S, E], [img(1)], "0 <image> placeholders .* but 1 images"),
+])
+def test_placeholder_image_mismatch_raises(ids, images, counts):
+  with pytest.raises(ValueError, match=counts):
+    pack_examples([Example(ids, images)], spec())
+
+
+def test_long_text_is_split_and_nothing_is_lost():
+  long = text(40, start=30)
+  batch = pack_examples([text(3), long, text(5, start=100)], spec())
+  # Pieces of 16, 16 and 8 tokens: the 3-token text keeps row 0 to itself.
+  np.testing.assert_array_equal(batch["segment_ids"].max(axis=1), [1, 1, 1, 2])
+  kept = [batch["tokens"][r][batch["segment_ids"][r] > 0] for r in range(4)]
+  np.testing.assert_array_equal(np.concatenate(kept), list(range(10, 13)) + list(range(30, 70))
+                                + list(range(100, 105)))
+  # Each piece is its own example: positions restart and no target crosses a cut.
+  np.testing.assert_array_equal(batch["positions"][2, :8], np.arange(8))
+  assert batch["targets"][1, 15] == 0 and batch["text_weights"][1, 15] == 0
+
+
+def synthetic_stream(i):
+  """Deterministic examples of varied sizes; every 3rd carries 1 or 2 images."""
+  rng = np.random.default_rng(i)
+  if i % 3 == 0:
+    n = 1 + i % 2
+    return Example([BOS, 1000 + i, S] + [I] * n + [E, EOS], [img(i)] * n)
+  # Texts up to 2 * L tokens, so some are split.
+  return Example([BOS] + [1000 + i] * int(rng.integers(1, 30)) + [EOS])
+
+
+def batches(start_index=0, rows=3):
+  return PackedBatches(synthetic_stream, rows=rows, seq_len=16, max_images=2,
+                       image_shape=SHAPE, tokens_per_image=3, tokenizer=TOK,
+                       text_on_image_examples=False, start_index=start_index)
+
+
+def test_iterator_state_round_trip():
+  it = batches()
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  assert set(state) == {"next_example"}
+  expected = [next(it), next(it)]
+  restored = batches()
+  restored.set_state(state)
+  for want, got in zip(expected, [next(restored), next(restored)]):
+    for name in want:
+      np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  assert batches(start_index=state["next_example"]).get_state() == state
+
+
+def test_iterator_keeps_every_example_in_order():
+  """Segments read back in order give the stream, examples 0, 1, 2, ... each whole."""
+  it, seen = batches(), []
+  for batch in (next(it) for _ in range(6)):
+    for r in range(3):
+      seg, tok = batch["segment_ids"][r], batch["tokens"][r]
+      for s in range(1, seg.max() + 1):
+        seen.append([t for t in tok[seg == s] if t != I])
+  stream = [[t for t in synthetic_stream(i).ids if t != I] for i in range(it.next_example)]
+  assert [t for piece in seen for t in piece] == [t for ex in stream for t in ex]
+  assert all(piece[0] == BOS or piece[0] > 1000 for piece in seen)
+
+
+def test_iterator_rejects_a_text_longer_than_a_batch():
+  it = PackedBatches(lambda i: text(50), rows=2, seq_len=16, max_images=2, image_shape=SHAPE,
+                     tokens_per_image=3, tokenizer=TOK, text_on_image_examples=False)
+  with pytest.raises(ValueError, match=r"example 0 is a text of 50 tokens: 4 pieces"):
+    next(it)
+
+
+def test_host_streams_are_disjoint_and_cover():
+  count, n = 3, 20
+  taken = [[host_stream(lambda i: i, h, count)(i) for i in range(n)] for h in range(count)]
+  flat = sorted(x for host in taken for x in host)
+  assert flat == list(range(count * n))
+  with pytest.raises(ValueError, match="process_index=3"):
+    host_stream(lambda i: i, 3, 3)
