@@ -88,11 +88,8 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       logging.info("resumed from %s/checkpoints step %d", workdir, latest)
 
     # ---------------------------------------------------------------- data
-    if config.data.name != "digits":
-      raise ValueError(f"config.data.name={config.data.name!r}: only 'digits' is "
-                       "available so far")
     batches = make_digits_batches(config, tokenizer, process_index=jax.process_index(),
-                           process_count=jax.process_count(), state=data_state)
+                                  process_count=jax.process_count(), state=data_state)
     batch_sh = sharding.batch_sharding(mesh, rules, 1)
     diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps,
                                          config.diffusion.beta_schedule)

@@ -27,12 +27,10 @@ def make_loss_fn(graphdef, diffusion, config):
   return loss_fn
 
 
-def make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_sharding):
-  loss_fn = make_loss_fn(graphdef, diffusion, config)
+def accumulated_grads(loss_fn, accum: int):
+  """grads_of(params, batch, key) -> (grads, metrics), averaged over `accum`
+  micro-batches (micro-batch i draws its randomness from fold_in(key, i))."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  accum = config.optim.grad_accum_steps
-  ema_decay = config.optim.ema_decay
-  base_key = jax.random.PRNGKey(config.seed)
 
   def grads_of(params, batch, key):
     if accum == 1:
@@ -55,6 +53,15 @@ def make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_
              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
     (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     return jax.tree.map(lambda g: g / accum, (grads, metrics))
+
+  return grads_of
+
+
+def make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_sharding):
+  grads_of = accumulated_grads(make_loss_fn(graphdef, diffusion, config),
+                               config.optim.grad_accum_steps)
+  ema_decay = config.optim.ema_decay
+  base_key = jax.random.PRNGKey(config.seed)
 
   def step(state, batch):
     key = jax.random.fold_in(base_key, state["step"])
