@@ -54,9 +54,11 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
       np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-6, err_msg=f"{key}@{step}")
 
 
-def test_killed_run_resumes_with_the_same_losses(tmp_path):
-  """SIGKILL a training process after a checkpoint; the resumed run continues
-  the uninterrupted run's loss curve exactly (data position and RNG restored)."""
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_with_the_same_losses(tmp_path, sig):
+  """Kill a training process after a checkpoint; the resumed run continues the
+  uninterrupted run's loss curve exactly (data position and RNG restored).
+  SIGTERM (preemption) must also save the step it stopped at and exit cleanly."""
   import os
   import signal
   import subprocess
@@ -85,8 +87,13 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
       assert time.time() < deadline, "no step-10 checkpoint within 240 s"
       time.sleep(0.2)
   finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(getattr(signal, sig))
+    returncode = proc.wait(timeout=120)
+  if sig == "SIGTERM":
+    assert returncode == 0
+    logged = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    saved = max(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == logged[-1] >= 10, (saved, logged[-1])
 
   train_and_evaluate(config, str(killed), sample_at_end=False)
   # Every logged line, from the killed process and from the resumed one (which
