@@ -107,3 +107,13 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, sig):
     for key in ("loss", "diff", "lm", "grad_norm"):
       np.testing.assert_allclose(line[key], a[line["step"]][key], rtol=1e-6,
                                  err_msg=f"{key}@{line['step']}")
+
+
+def test_resuming_with_another_model_size_names_the_problem(tmp_path):
+  train_and_evaluate(digits_config(num_steps=2), str(tmp_path), sample_at_end=False)
+  other = digits_config(num_steps=4)
+  other.model.mlp_dim = 256
+  with pytest.raises(ValueError, match=r"(?s)does not match this config's model:\n.*"
+                     r"\['mlp'\]\['w_gate'\]: \(2, 128, 352\) in the checkpoint, "
+                     r"\(2, 128, 256\) for this config"):
+    train_and_evaluate(other, str(tmp_path), sample_at_end=False)

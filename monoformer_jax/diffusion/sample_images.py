@@ -17,11 +17,12 @@ from monoformer_jax.diffusion.gaussian import apply_cfg, ddpm_sample
 
 
 def sample_images(model, prompt_rows, diffusion, key, *, null_rows=None, cfg_scale=1.0,
-                  guided_channels=None):
+                  guided_channels=None, progress=None):
   """x_0 [N, h, w, C] for N prompt rows; guidance when `null_rows` are given.
 
   `diffusion` is the (respaced) GaussianDiffusion whose steps are run;
-  `prompt_rows`/`null_rows` are packed batches with one image per row.
+  `prompt_rows`/`null_rows` are packed batches with one image per row;
+  `progress(step)` is called on the host after each denoising step.
   """
   guided = null_rows is not None
   if guided and null_rows["tokens"].shape != prompt_rows["tokens"].shape:
@@ -50,6 +51,6 @@ def sample_images(model, prompt_rows, diffusion, key, *, null_rows=None, cfg_sca
         out = apply_cfg(out[:n], out[n:], cfg_scale, guided_channels)
       return out
 
-    return ddpm_sample(denoise, x_T, key_loop, diffusion)
+    return ddpm_sample(denoise, x_T, key_loop, diffusion, progress=progress)
 
   return run(state, rows, key)

@@ -28,7 +28,9 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=True),
-        item_names=("state", "data", "config"))
+        item_handlers=dict(state=ocp.StandardCheckpointHandler(),
+                           data=ocp.JsonCheckpointHandler(),
+                           config=ocp.JsonCheckpointHandler()))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -47,23 +49,38 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, shardings):
     """(state in `shardings`, this process's data state) of checkpoint `step`."""
+    self._check_shapes(step, abstract_state)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state, shardings)
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    except (ValueError, KeyError) as e:
-      raise ValueError(
-          f"checkpoint {self.directory}/{step} does not match this config's model "
-          f"({e}); point --workdir at a fresh directory or use the config it was "
-          "trained with") from e
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     data = restored["data"].get(f"process_{jax.process_index()}")
     if data is None:
       raise ValueError(f"checkpoint {self.directory}/{step} has no data state for "
                        f"process {jax.process_index()}; was it saved with another "
                        "number of hosts?")
     return restored["state"], data
+
+  def _check_shapes(self, step: int, abstract_state):
+    """Raises, naming every differing parameter, if the checkpoint is another
+    model (the optimizer state and EMA mirror the parameters)."""
+    shapes = lambda tree: {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
+                           jax.tree_util.tree_flatten_with_path(tree)[0]}
+    stored = shapes(self.manager.item_metadata(step)["state"]["params"])
+    wanted = shapes(abstract_state["params"])
+    problems = [f"{k}: {stored[k]} in the checkpoint, {wanted[k]} for this config"
+                for k in wanted if k in stored and stored[k] != wanted[k]]
+    problems += [f"{k}: missing from the checkpoint" for k in wanted if k not in stored]
+    problems += [f"{k}: in the checkpoint, not in this config's model"
+                 for k in stored if k not in wanted]
+    if problems:
+      shown = "\n  ".join(problems[:10])
+      more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+      raise ValueError(
+          f"checkpoint {self.directory}/{step} does not match this config's model:\n  "
+          f"{shown}{more}\nResume with the config it was trained with (its `config` "
+          "item holds it) or point --workdir at a fresh directory.")
 
   def wait(self):
     self.manager.wait_until_finished()

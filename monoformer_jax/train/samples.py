@@ -15,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
@@ -68,8 +69,9 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
   t0 = time.perf_counter()
   logging.info("sampling %d digits: %d DDPM steps, guidance %.1f", len(labels),
                sc.num_steps, sc.cfg_scale)
-  x0 = sample_images(model, cond, diffusion, jax.random.PRNGKey(seed), null_rows=null,
-                     cfg_scale=sc.cfg_scale)
+  with tqdm.tqdm(total=sc.num_steps, desc="DDPM steps", disable=not writer) as bar:
+    x0 = sample_images(model, cond, diffusion, jax.random.PRNGKey(seed), null_rows=null,
+                       cfg_scale=sc.cfg_scale, progress=lambda _: bar.update(1))
   x0 = multihost_utils.process_allgather(x0, tiled=True)
   images = to_unit_range(np.asarray(x0))[..., 0].astype(np.float32)
   logging.info("sampled in %.1fs", time.perf_counter() - t0)
