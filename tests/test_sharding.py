@@ -54,19 +54,20 @@ def setup():
   return config, grad_fn, params, batch, key, (loss, grads)
 
 
-@pytest.mark.parametrize("shape", MESHES)
-def test_loss_and_gradients_match_one_device(setup, shape):
-  config, grad_fn, params, batch, key, (loss_1, grads_1) = setup
-  mesh_cfg = dict(zip(sharding.MESH_AXES, shape))
-  mesh = sharding.make_mesh(mesh_cfg)
+def _sharded_loss_and_grads(config, grad_fn, params, batch, key, shape):
+  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
   tx, _ = make_optimizer(config.optim)
   with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
     _, _, sh = state_shardings(config, mesh, tx)
     batch_sh = sharding.batch_sharding(mesh, config.sharding_rules, 1)
     f = jax.jit(grad_fn, in_shardings=(sh["params"], batch_sh, None),
                 out_shardings=(None, sh["params"]))
-    (loss_n, _), grads_n = f(jax.device_put(params, sh["params"]),
-                             jax.device_put(batch, batch_sh), key)
+    (loss, _), grads = f(jax.device_put(params, sh["params"]),
+                         jax.device_put(batch, batch_sh), key)
+  return loss, grads
+
+
+def _assert_same(loss_n, grads_n, loss_1, grads_1):
   # Same math, different reduction order across devices: float32 round-off only.
   np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5)
   flat_1 = jax.tree_util.tree_leaves_with_path(grads_1)
@@ -75,6 +76,26 @@ def test_loss_and_gradients_match_one_device(setup, shape):
     scale = float(jnp.abs(g1).max()) + 1e-12
     np.testing.assert_allclose(np.asarray(gn) / scale, np.asarray(g1) / scale, atol=2e-5,
                                err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_loss_and_gradients_match_one_device(setup, shape):
+  config, grad_fn, params, batch, key, (loss_1, grads_1) = setup
+  _assert_same(*_sharded_loss_and_grads(config, grad_fn, params, batch, key, shape),
+               loss_1, grads_1)
+
+
+def test_pallas_attention_in_the_sharded_model_matches_xla_on_one_device(setup):
+  # The model with the Pallas kernel (interpreted), per shard in shard_map:
+  # batch over data x fsdp = 4, heads and kv heads over tensor = 2.
+  config, _, params, batch, key, (loss_1, grads_1) = setup
+  config = config.copy_and_resolve_references()
+  config.model.attention_impl = "pallas"
+  graphdef, _, _ = abstract_model(config.model)
+  loss_fn = make_loss_fn(graphdef, GaussianDiffusion.create(1000, "linear"), config)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  _assert_same(*_sharded_loss_and_grads(config, grad_fn, params, batch, key, (1, 4, 2)),
+               loss_1, grads_1)
 
 
 def test_sharded_init_places_each_shard_and_matches_unsharded(setup):

@@ -88,6 +88,19 @@ def logical_rules(rules: Rules):
     _state.rules = previous
 
 
+# Activations' rules when none are active: data parallel over data and fsdp,
+# heads over tensor (what every config in configs/ says too).
+DEFAULT_ACTIVATION_RULES: Rules = (
+    ("batch", ("data", "fsdp")), ("length", None), ("heads", "tensor"),
+    ("kv_heads", "tensor"), ("head_dim", None))
+
+
+def current_rules() -> Rules:
+  """The rules of the enclosing `logical_rules` block, else the defaults above."""
+  rules = getattr(_state, "rules", None)
+  return DEFAULT_ACTIVATION_RULES if rules is None else rules
+
+
 def constrain(x, axes: Sequence[str | None]):
   """with_sharding_constraint by logical names; a no-op without mesh or rules."""
   rules = getattr(_state, "rules", None)
