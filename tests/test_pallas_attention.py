@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from monoformer_jax.ops.attention import attention, block_map, mixed_mask, resolve_impl
 from monoformer_jax.ops.attention.block_map import EMPTY, FULL, PARTIAL
@@ -99,10 +100,11 @@ def _close(got, want, dtype):
     assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max(), np.abs(got - want).max()
 
 
-def _check(backend, seg, img, q, k, v, dtype, block_q, block_k, q_offset=None):
+def _check(backend, seg, img, q, k, v, dtype, block_q, block_k, q_offset=None,
+           interpret=True):
   kernel = functools.partial(pallas_attention, segment_ids=seg, image_ids=img,
                              q_offset=q_offset, backend=backend,
-                             block_q=block_q, block_k=block_k, interpret=True)
+                             block_q=block_q, block_k=block_k, interpret=interpret)
   reference = functools.partial(xla_attention, segment_ids=seg, image_ids=img,
                                 q_offset=q_offset)
   _close(jax.jit(kernel)(q, k, v), reference(q, k, v), dtype)
@@ -119,6 +121,15 @@ def test_outputs_and_gradients_match_xla(backend, layout, blocks):
   seg, img = _stack(LAYOUTS[layout])
   q, k, v = _qkv(2, 128, 128, 4, 2, 64, jnp.float32)
   _check(backend, seg, img, q, k, v, jnp.float32, *blocks)
+
+
+def test_tpu_kernels_under_the_strict_tpu_interpreter():
+  # Simulates TPU memory: reading scratch before it is written gives NaN,
+  # out-of-bounds block reads raise.
+  seg, img = _stack(LAYOUTS["packed"])
+  q, k, v = _qkv(2, 128, 128, 4, 2, 64, jnp.float32)
+  _check("tpu", seg, img, q, k, v, jnp.float32, 32, 32,
+         interpret=pltpu.InterpretParams(uninitialized_memory="nan"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

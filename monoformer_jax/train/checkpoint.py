@@ -65,22 +65,10 @@ class Checkpointer:
   def _check_shapes(self, step: int, abstract_state):
     """Raises, naming every differing parameter, if the checkpoint is another
     model (the optimizer state and EMA mirror the parameters)."""
-    shapes = lambda tree: {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
-                           jax.tree_util.tree_flatten_with_path(tree)[0]}
-    stored = shapes(self.manager.item_metadata(step)["state"]["params"])
-    wanted = shapes(abstract_state["params"])
-    problems = [f"{k}: {stored[k]} in the checkpoint, {wanted[k]} for this config"
-                for k in wanted if k in stored and stored[k] != wanted[k]]
-    problems += [f"{k}: missing from the checkpoint" for k in wanted if k not in stored]
-    problems += [f"{k}: in the checkpoint, not in this config's model"
-                 for k in stored if k not in wanted]
-    if problems:
-      shown = "\n  ".join(problems[:10])
-      more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-      raise ValueError(
-          f"checkpoint {self.directory}/{step} does not match this config's model:\n  "
-          f"{shown}{more}\nResume with the config it was trained with (its `config` "
-          "item holds it) or point --workdir at a fresh directory.")
+    check_params(self.manager.item_metadata(step)["state"]["params"],
+                 abstract_state["params"], f"{self.directory}/{step}",
+                 "Resume with the config it was trained with (its `config` item "
+                 "holds it) or point --workdir at a fresh directory.")
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -89,13 +77,135 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_config(directory: str, step: int | None = None):
-  """The ConfigDict saved with a run's checkpoint (latest step by default)."""
-  import ml_collections
-  manager = ocp.CheckpointManager(os.fspath(directory), item_names=("config",),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
+def check_params(stored, wanted, where: str, fix: str):
+  """Raises, naming every differing parameter, when the parameter trees
+  `stored` (checkpoint metadata) and `wanted` (this config's) disagree."""
+  shapes = lambda tree: {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
+                         jax.tree_util.tree_flatten_with_path(tree)[0]}
+  stored, wanted = shapes(stored), shapes(wanted)
+  problems = [f"{k}: {stored[k]} in the checkpoint, {wanted[k]} for this config"
+              for k in wanted if k in stored and stored[k] != wanted[k]]
+  problems += [f"{k}: missing from the checkpoint" for k in wanted if k not in stored]
+  problems += [f"{k}: in the checkpoint, not in this config's model"
+               for k in stored if k not in wanted]
+  if problems:
+    shown = "\n  ".join(problems[:10])
+    more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    raise ValueError(f"checkpoint {where} does not match this config's model:\n  "
+                     f"{shown}{more}\n{fix}")
+
+
+# ----------------------------------------------------------------------------
+# Model checkpoints: what sampling, evaluation and conversion read and write.
+#
+# Any of these paths names one: a training workdir (its latest checkpoint), its
+# `checkpoints/` folder, one step folder `.../checkpoints/800`, or a folder
+# written by `save_model` (e.g. by `python -m monoformer_jax.convert`). Their
+# `state` item holds at least `params` (raw weights) and usually `ema`.
+# ----------------------------------------------------------------------------
+
+WEIGHTS = ("ema", "raw")
+
+
+def resolve(path: str, step: int | None = None) -> tuple[str, int]:
+  """(checkpoint manager directory, step) that `path` names; latest by default."""
+  path = os.fspath(path).rstrip("/")
+  if not os.path.isdir(path) and "://" not in path:
+    raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    if step is not None and step != int(name):
+      raise ValueError(f"{path} is the folder of step {name}, not of step {step}")
+    return os.path.dirname(path), int(name)
+  steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+  if not steps:
+    raise FileNotFoundError(
+        f"no checkpoint in {path!r}: expected a training workdir, its checkpoints/ "
+        "folder, a step folder like checkpoints/800, or the output of "
+        "`python -m monoformer_jax.convert`")
   if step is None:
-    raise FileNotFoundError(f"no checkpoint found in {directory}")
-  cfg = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(cfg["config"]), step
+    return path, steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"no step {step} in {path}; it holds steps {steps}")
+  return path, step
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers=dict(state=ocp.PyTreeCheckpointHandler(),
+                         config=ocp.JsonCheckpointHandler()))
+
+
+def load_config(path: str, step: int | None = None):
+  """(ConfigDict saved with the checkpoint `path` names, its step)."""
+  import ml_collections
+  directory, step = resolve(path, step)
+  restored = _reader(directory).restore(
+      step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return ml_collections.ConfigDict(restored["config"]), step
+
+
+def load_params(path: str, *, weights: str = "ema", config=None, shardings=None,
+                step: int | None = None):
+  """(params pure dict, config, step) from the checkpoint `path` names.
+
+  `weights`: 'ema' (the default for sampling, as the reference) or 'raw'.
+  `config` defaults to the one saved with the checkpoint; `shardings` (a
+  pytree of NamedShardings like the params, e.g. from `param_shardings`)
+  restores each array straight into its shards, else onto the default device.
+  Only the chosen weights are read, never the optimizer state.
+  """
+  from monoformer_jax.train.state import abstract_model
+  if weights not in WEIGHTS:
+    raise ValueError(f"weights={weights!r}: choose one of {WEIGHTS}")
+  directory, step = resolve(path, step)
+  saved_config, _ = load_config(directory, step)
+  config = saved_config if config is None else config
+  reader = _reader(directory)
+  stored = reader.item_metadata(step)["state"]
+  key = "ema" if weights == "ema" else "params"
+  if key not in stored:
+    raise ValueError(f"checkpoint {directory}/{step} has no {key!r} weights (it holds "
+                     f"{sorted(stored)}); ask for weights='raw' (--weights=raw)")
+  _, abstract, _ = abstract_model(config.model)
+  check_params(stored[key], abstract, f"{directory}/{step}",
+               "Pass the config the checkpoint was made with (its `config` item "
+               "holds it), or convert it for this model size.")
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+  target = {key: jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)}
+  restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)))
+  return restored["state"][key], config, step
+
+
+def load_model(path: str, *, weights: str = "ema", config=None, shardings=None,
+               step: int | None = None):
+  """(MonoFormer with the checkpoint's weights, config): see `load_params`."""
+  from flax import nnx
+  from monoformer_jax.train.state import abstract_model
+  params, config, _ = load_params(path, weights=weights, config=config,
+                                  shardings=shardings, step=step)
+  graphdef, _, _ = abstract_model(config.model)
+  return nnx.merge(graphdef, params), config
+
+
+def save_model(directory: str, config, params, *, ema=None, step: int = 0):
+  """Writes a model checkpoint (`params`, optionally `ema`, and the config)
+  that `load_model`, sampling, evaluation and `train.init_from` read."""
+  state = dict(params=params) if ema is None else dict(params=params, ema=ema)
+  with ocp.CheckpointManager(
+      os.path.abspath(os.fspath(directory)),
+      options=ocp.CheckpointManagerOptions(create=True),
+      item_handlers=dict(state=ocp.StandardCheckpointHandler(),
+                         config=ocp.JsonCheckpointHandler())) as manager:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
+    manager.wait_until_finished()
