@@ -1,0 +1,190 @@
+"""Mixed-mask attention: Pallas kernels vs the dense XLA reference vs jax.nn.
+
+    python benchmarks/attention.py                      # every length, this machine
+    python benchmarks/attention.py --lengths=512 --impls=xla,jax_nn --batch=2
+
+Layouts (`--lengths`): 512 is the reference's row, one example of a 16-token
+prompt, 256 image tokens and the end marker, padded; 2048 and 8192 are packed
+rows of such image examples alternating with text-only examples of 40-400
+tokens. For each impl it times the forward and forward+backward (median of
+`--iters` after a compile and a warm-up), and reports the fraction of
+(query block, key block) pairs the kernel computes and TFLOP/s for the useful
+work: 4*D FLOPs per allowed (query, key) pair per head forward, 2.5 times that
+backward. The Pallas kernels only run compiled on TPU and GPU: on CPU they
+are left out (their interpret mode measures Python, not the kernel).
+Results go to stdout and, with --output, into a section of that markdown file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from monoformer_jax.ops.attention import block_map, live_fraction, mixed_mask
+from monoformer_jax.ops.attention.pallas import kernel_config, pallas_attention
+from monoformer_jax.ops.attention.xla import xla_attention
+
+_LENGTHS = flags.DEFINE_list("lengths", ["512", "2048", "8192"], "row lengths")
+_IMPLS = flags.DEFINE_list("impls", ["pallas", "xla", "jax_nn"], "what to time")
+_BATCH = flags.DEFINE_integer("batch", 0, "rows per call; 0: 16384 tokens per call")
+_HEADS = flags.DEFINE_integer("heads", 32, "query heads (TinyLlama: 32)")
+_KV_HEADS = flags.DEFINE_integer("kv_heads", 4, "kv heads (TinyLlama: 4)")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "head dim (TinyLlama: 64)")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "inputs")
+_ITERS = flags.DEFINE_integer("iters", 10, "timed calls per measurement")
+_BLOCK_Q = flags.DEFINE_integer("block_q", 0, "0: the backend's default")
+_BLOCK_K = flags.DEFINE_integer("block_k", 0, "0: the backend's default")
+_OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "markdown file ('' for none)")
+
+PROMPT, IMAGE = 16, 256
+
+
+def layout(length: int, rng) -> tuple[np.ndarray, np.ndarray]:
+  """(segment_ids, image_ids) [L] of one row (see the module docstring)."""
+  seg, img = np.zeros(length, np.int32), np.zeros(length, np.int32)
+  at, example, image = 0, 0, 0
+  while True:
+    is_image = example % 2 == 0
+    n = PROMPT + IMAGE + 1 if is_image else int(rng.integers(40, 401))
+    if at + n > length:
+      break
+    example += 1
+    seg[at:at + n] = example
+    if is_image:
+      image += 1
+      img[at + PROMPT:at + PROMPT + IMAGE] = image
+    at += n
+    if length <= 512:
+      break
+  return seg, img
+
+
+def _time(fn, *args) -> float:
+  jax.block_until_ready(fn(*args))  # compile
+  jax.block_until_ready(fn(*args))  # warm-up
+  times = []
+  for _ in range(_ITERS.value):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _impls(seg, img):
+  b, length = seg.shape
+  bq, bk = _BLOCK_Q.value or None, _BLOCK_K.value or None
+  mask_Bx1xLxL = None
+
+  def jax_nn(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL)
+
+  table = {
+      "pallas": lambda q, k, v: pallas_attention(q, k, v, seg, img, block_q=bq,
+                                                 block_k=bk, interpret=False),
+      "xla": lambda q, k, v: xla_attention(q, k, v, seg, img),
+      "jax_nn": jax_nn,
+  }
+  if "jax_nn" in _IMPLS.value:
+    mask_Bx1xLxL = mixed_mask(seg, img)[:, None]
+  return table
+
+
+def measure(length: int):
+  rng = np.random.default_rng(0)
+  b = _BATCH.value or max(1, 16384 // length)
+  rows = [layout(length, rng) for _ in range(b)]
+  seg = jnp.asarray(np.stack([r[0] for r in rows]))
+  img = jnp.asarray(np.stack([r[1] for r in rows]))
+  h, kv, d = _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value
+  dtype = jnp.dtype(_DTYPE.value)
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q = jax.random.normal(keys[0], (b, length, h, d), dtype)
+  k = jax.random.normal(keys[1], (b, length, kv, d), dtype)
+  v = jax.random.normal(keys[2], (b, length, kv, d), dtype)
+  dout = jax.random.normal(keys[3], (b, length, h, d), dtype)
+  allowed_pairs = int(mixed_mask(seg, img).sum())
+  fwd_flops = 4 * d * h * allowed_pairs
+  cfg = kernel_config(block_q=_BLOCK_Q.value or None, block_k=_BLOCK_K.value or None,
+                      interpret=False)
+  fraction = float(live_fraction(block_map(seg, img, q_len=length, q_offset=0,
+                                           block_q=cfg.block_q, block_k=cfg.block_k)))
+  results = []
+  for name, fn in _impls(seg, img).items():
+    if name not in _IMPLS.value:
+      continue
+    if name == "pallas" and jax.default_backend() == "cpu":
+      print(f"  {length}: pallas skipped on CPU (interpret mode is not a kernel timing)")
+      continue
+    fwd = jax.jit(fn)
+    fwd_bwd = jax.jit(lambda q, k, v, dout, fn=fn: jax.vjp(fn, q, k, v)[1](dout))
+    t_fwd = _time(fwd, q, k, v)
+    t_both = _time(fwd_bwd, q, k, v, dout)
+    results.append(dict(
+        length=length, batch=b, impl=name, fwd_ms=1e3 * t_fwd, fwd_bwd_ms=1e3 * t_both,
+        fwd_tflops=fwd_flops / t_fwd / 1e12,
+        fwd_bwd_tflops=3.5 * fwd_flops / t_both / 1e12,
+        blocks=fraction if name == "pallas" else 1.0,
+        allowed=allowed_pairs / (b * length * length)))
+    print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in results[-1].items()), flush=True)
+  return results, fraction, allowed_pairs / (b * length * length)
+
+
+def write_markdown(path: pathlib.Path, results, fractions, command):
+  device = jax.devices()[0]
+  kind = getattr(device, "device_kind", device.platform)
+  lines = [
+      f"## Attention ({kind}, {datetime.date.today().isoformat()})", "",
+      f"Command: `{command}`", "",
+      f"Hardware: {kind} ({jax.default_backend()}), host {platform.processor() or platform.machine()}, "
+      f"jax {jax.__version__}. Heads {_HEADS.value} (kv {_KV_HEADS.value}), head dim "
+      f"{_HEAD_DIM.value}, {_DTYPE.value}. Median of {_ITERS.value} calls.", "",
+      "| row | allowed pairs | blocks computed (pallas) |", "|---|---|---|"]
+  for length, (fraction, allowed) in fractions.items():
+    lines.append(f"| {length} | {allowed:.1%} | {fraction:.1%} |")
+  lines += ["", "| row x batch | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s |",
+            "|---|---|---|---|---|---|"]
+  for r in results:
+    lines.append(f"| {r['length']} x {r['batch']} | {r['impl']} | {r['fwd_ms']:.2f} | "
+                 f"{r['fwd_bwd_ms']:.2f} | {r['fwd_tflops']:.3g} | {r['fwd_bwd_tflops']:.3g} |")
+  if jax.default_backend() == "cpu":
+    lines += ["", "The Pallas kernels have no CPU timing (interpret mode runs them in "
+              "Python); run this command on a TPU or GPU to fill in their rows."]
+  section = "\n".join(lines) + "\n"
+  text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+  marker = f"## Attention ({kind},"
+  if marker in text:  # replace this hardware's previous section
+    start = text.index(marker)
+    end = text.find("\n## ", start + 1)
+    text = text[:start] + section + ("" if end == -1 else text[end + 1:])
+  else:
+    text = text.rstrip("\n") + "\n\n" + section
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  print(f"wrote {path}")
+
+
+def main(argv):
+  del argv
+  results, fractions = [], {}
+  for length in map(int, _LENGTHS.value):
+    print(f"row length {length}:", flush=True)
+    rows, fraction, allowed = measure(length)
+    results += rows
+    fractions[length] = (fraction, allowed)
+  if _OUTPUT.value:
+    command = "python " + " ".join(sys.argv)
+    write_markdown(pathlib.Path(_OUTPUT.value), results, fractions, command)
+
+
+if __name__ == "__main__":
+  app.run(main)
