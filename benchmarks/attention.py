@@ -17,12 +17,8 @@ Results go to stdout and, with --output, into a section of that markdown file.
 
 from __future__ import annotations
 
-import datetime
 import pathlib
-import platform
-import statistics
 import sys
-import time
 
 from absl import app, flags
 import jax
@@ -32,6 +28,8 @@ import numpy as np
 from monoformer_jax.ops.attention import block_map, live_fraction, mixed_mask
 from monoformer_jax.ops.attention.pallas import kernel_config, pallas_attention
 from monoformer_jax.ops.attention.xla import xla_attention
+
+import report
 
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "2048", "8192"], "row lengths")
 _IMPLS = flags.DEFINE_list("impls", ["pallas", "xla", "jax_nn"], "what to time")
@@ -66,17 +64,6 @@ def layout(length: int, rng) -> tuple[np.ndarray, np.ndarray]:
     if length <= 512:
       break
   return seg, img
-
-
-def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  jax.block_until_ready(fn(*args))  # warm-up
-  times = []
-  for _ in range(_ITERS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _impls(seg, img):
@@ -126,8 +113,8 @@ def measure(length: int):
       continue
     fwd = jax.jit(fn)
     fwd_bwd = jax.jit(lambda q, k, v, dout, fn=fn: jax.vjp(fn, q, k, v)[1](dout))
-    t_fwd = _time(fwd, q, k, v)
-    t_both = _time(fwd_bwd, q, k, v, dout)
+    t_fwd = report.median_seconds(fwd, q, k, v, iters=_ITERS.value)
+    t_both = report.median_seconds(fwd_bwd, q, k, v, dout, iters=_ITERS.value)
     results.append(dict(
         length=length, batch=b, impl=name, fwd_ms=1e3 * t_fwd, fwd_bwd_ms=1e3 * t_both,
         fwd_tflops=fwd_flops / t_fwd / 1e12,
@@ -140,14 +127,10 @@ def measure(length: int):
 
 
 def write_markdown(path: pathlib.Path, results, fractions, command):
-  device = jax.devices()[0]
-  kind = getattr(device, "device_kind", device.platform)
   lines = [
-      f"## Attention ({kind}, {datetime.date.today().isoformat()})", "",
       f"Command: `{command}`", "",
-      f"Hardware: {kind} ({jax.default_backend()}), host {platform.processor() or platform.machine()}, "
-      f"jax {jax.__version__}. Heads {_HEADS.value} (kv {_KV_HEADS.value}), head dim "
-      f"{_HEAD_DIM.value}, {_DTYPE.value}. Median of {_ITERS.value} calls.", "",
+      f"Hardware: {report.hardware()}. Heads {_HEADS.value} (kv {_KV_HEADS.value}), head "
+      f"dim {_HEAD_DIM.value}, {_DTYPE.value}. Median of {_ITERS.value} calls.", "",
       "| row | allowed pairs | blocks computed (pallas) |", "|---|---|---|"]
   for length, (fraction, allowed) in fractions.items():
     lines.append(f"| {length} | {allowed:.1%} | {fraction:.1%} |")
@@ -159,18 +142,7 @@ def write_markdown(path: pathlib.Path, results, fractions, command):
   if jax.default_backend() == "cpu":
     lines += ["", "The Pallas kernels have no CPU timing (interpret mode runs them in "
               "Python); run this command on a TPU or GPU to fill in their rows."]
-  section = "\n".join(lines) + "\n"
-  text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-  marker = f"## Attention ({kind},"
-  if marker in text:  # replace this hardware's previous section
-    start = text.index(marker)
-    end = text.find("\n## ", start + 1)
-    text = text[:start] + section + ("" if end == -1 else text[end + 1:])
-  else:
-    text = text.rstrip("\n") + "\n\n" + section
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(text)
-  print(f"wrote {path}")
+  report.write_section(path, "Attention", lines)
 
 
 def main(argv):

@@ -47,6 +47,7 @@ def get_config():
 
   c.data = ml_collections.ConfigDict(dict(
       name="digits",
+      tokenizer="bytes",        # text.tokenizer.load_tokenizer: bytes, or a tokenizer.model
       seq_len=128,
       batch_size=32,            # global rows per step
       max_images_per_row=4,

@@ -1,5 +1,5 @@
 """Diffusion math against the official IDDPM/DiT code's outputs, plus the
-stop-gradient, CFG and an analytic check of the DDPM sampler.
+stop-gradient, CFG and analytic checks of the DDPM and DDIM samplers.
 
 Fixture arrays are NCHW; ours are channels last, so tensors are moved to NHWC.
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from monoformer_jax.diffusion import GaussianDiffusion, apply_cfg, ddpm_sample, space_timesteps
+from monoformer_jax.diffusion import GaussianDiffusion, apply_cfg, sample_loop, space_timesteps
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_tiny"
 TABLES = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next",
@@ -216,7 +216,7 @@ def test_ddpm_sampler_reproduces_gaussian_data(v):
   d50 = GaussianDiffusion.create(1000, "linear", respacing="50")
   x_T = jax.random.normal(jax.random.PRNGKey(1), (4096, 2, 2, 1))
   calls = []
-  sample = jax.jit(lambda x, k: ddpm_sample(lambda x_t, tm: _optimal_denoiser(x_t, tm, v),
+  sample = jax.jit(lambda x, k: sample_loop(lambda x_t, tm: _optimal_denoiser(x_t, tm, v),
                                             x, k, d50, progress=calls.append))
   x_0 = np.asarray(sample(x_T, jax.random.PRNGKey(2))).ravel()
   jax.effects_barrier()
@@ -239,4 +239,66 @@ def test_ddpm_sampler_reproduces_gaussian_data(v):
 def test_sampler_rejects_wrong_output_shape():
   d = GaussianDiffusion.create(1000, respacing="5")
   with pytest.raises(ValueError, match="2\\*3 channels"):
-    ddpm_sample(lambda x, t: x, jnp.zeros((2, 4, 4, 3)), jax.random.PRNGKey(0), d)
+    sample_loop(lambda x, t: x, jnp.zeros((2, 4, 4, 3)), jax.random.PRNGKey(0), d)
+
+
+def test_sampler_name_is_checked():
+  d = GaussianDiffusion.create(1000, respacing="5")
+  with pytest.raises(ValueError, match="sampler='euler'"):
+    sample_loop(lambda x, t: x, jnp.zeros((2, 4, 4, 3)), jax.random.PRNGKey(0), d,
+                sampler="euler")
+
+
+def test_ddim_eta_one_step_is_the_ddpm_step_with_the_posterior_variance(d20):
+  # sigma_t(eta=1)^2 = (1 - abar_prev) / (1 - abar) * beta_t is the posterior
+  # variance, and DDIM's mean then equals the posterior mean: the two steps
+  # are one formula written twice.
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  x_t = jax.random.normal(keys[0], (20, 4, 4, 2))
+  eps = jax.random.normal(keys[1], (20, 4, 4, 2))
+  noise = jax.random.normal(keys[2], (20, 4, 4, 2))
+  out = jnp.concatenate([eps, -jnp.ones_like(eps)], axis=-1)  # v = -1
+  t = jnp.arange(20)
+  ddim = d20.ddim_sample(out, x_t, t, noise, eta=1.0)["sample"]
+  ddpm = d20.p_sample(out, x_t, t, noise)["sample"]
+  np.testing.assert_allclose(np.asarray(ddim), np.asarray(ddpm), rtol=1e-5, atol=1e-5)
+
+
+def _ddim_chain_moments(d, eta):
+  """Exact (mean, std) of x_0 from DDIM with the optimal denoiser (see
+  `_chain_moments`): x <- A x + B + sigma z with DDIM's coefficients."""
+  m, var = 0.0, 1.0
+  for t in reversed(range(d.num_timesteps)):
+    a, a_prev = d.alphas_cumprod[t], d.alphas_cumprod_prev[t]
+    k = np.sqrt(1 - a) / (a * S ** 2 + 1 - a)  # eps_hat = k (x - sqrt(a) MU)
+    r, rm1 = d.sqrt_recip_alphas_cumprod[t], d.sqrt_recipm1_alphas_cumprod[t]
+    sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+    direction = np.sqrt(1 - a_prev - sigma ** 2)
+    A = np.sqrt(a_prev) * (r - rm1 * k) + direction * k
+    B = (np.sqrt(a_prev) * rm1 - direction) * k * np.sqrt(a) * MU
+    m, var = A * m + B, A * A * var + sigma ** 2
+  return m, np.sqrt(var)
+
+
+@pytest.mark.parametrize("eta, respacing", [(1.0, ""), (0.0, "50")])
+def test_ddim_sampler_reproduces_gaussian_data(eta, respacing):
+  d = GaussianDiffusion.create(1000, "linear", respacing=respacing)
+  x_T = jax.random.normal(jax.random.PRNGKey(1), (4096, 2, 2, 1))
+  sample = jax.jit(lambda x, k: sample_loop(
+      lambda x_t, tm: _optimal_denoiser(x_t, tm, 0.0), x, k, d, sampler="ddim", eta=eta))
+  x_0 = np.asarray(sample(x_T, jax.random.PRNGKey(2))).ravel()
+  mean, std = _ddim_chain_moments(d, eta)
+  if eta == 1.0:
+    # eta = 1 over the full schedule is DDPM with the posterior variance: the
+    # same law as the DDPM chain at v = -1, and close to the data's.
+    ddpm_mean, ddpm_std = _chain_moments(d, -1.0)
+    assert abs(mean - ddpm_mean) < 1e-9 and abs(std - ddpm_std) < 1e-9
+    assert abs(mean - MU) < 1e-4 and abs(std - S) < 0.02
+  else:
+    # eta = 0 is the deterministic probability-flow map; at 50 steps its
+    # discretisation moves the law a little (here mean 0.4985, std 0.472 for
+    # the data's 0.5 and 0.5; DDPM at 50 steps: std 0.443 or 0.518).
+    assert abs(mean - MU) < 5e-3 and abs(std - S) < 0.04
+  n = x_0.size  # 4 standard errors, as for DDPM above
+  assert abs(x_0.mean() - mean) < 4 * std / np.sqrt(n)
+  assert abs(x_0.std() - std) < 4 * std / np.sqrt(2 * n)

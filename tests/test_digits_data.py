@@ -2,8 +2,6 @@
 digit, the mix, determinism, epochs and the truth of every sentence."""
 
 import collections
-import importlib.util
-import pathlib
 import re
 
 import numpy as np
@@ -12,17 +10,14 @@ import pytest
 from monoformer_jax.data import digits
 from monoformer_jax.data.packing import pack_examples, row_spec
 from monoformer_jax.text.tokenizer import ByteTokenizer
+from helpers import config_file
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TOK = ByteTokenizer()
 N_DIGITS = 1797
 
 
 def digits_config():
-  spec = importlib.util.spec_from_file_location("digits_config", REPO / "configs" / "digits.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_file("digits")
 
 
 def is_text_only(example):

@@ -4,8 +4,8 @@ from monoformer_jax.data.digits import (class_prompt, digits_example_stream,
                                         image_prompt_example, make_digits_batches,
                                         to_unit_range)
 from monoformer_jax.data.packing import (Example, PackedBatches, RowSpec, host_stream,
-                                         pack_examples, row_spec)
+                                         pack_examples, prompt_rows, row_spec)
 
 __all__ = ["Example", "PackedBatches", "RowSpec", "class_prompt", "digits_example_stream",
            "host_stream", "image_prompt_example", "make_digits_batches", "pack_examples",
-           "row_spec", "to_unit_range"]
+           "prompt_rows", "row_spec", "to_unit_range"]

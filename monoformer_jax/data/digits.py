@@ -43,9 +43,9 @@ TEMPLATES = ("Please generate an image of {}.", "{}", "an image of {}.", "an pho
 _MIX_BLOCK = 128
 
 __all__ = ["CLASS_NAMES", "NUMBER_WORDS", "TEMPLATES", "load_digit_images",
-           "to_unit_range", "class_prompt", "number_sentence", "image_example_ids",
-           "image_prompt_example", "digits_example_stream", "make_digits_batches",
-           "row_spec"]
+           "to_unit_range", "class_prompt", "number_sentence", "image_prefix_ids",
+           "image_example_ids", "image_prompt_example", "digits_example_stream",
+           "make_digits_batches", "row_spec"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -95,11 +95,16 @@ def number_sentence(rng: np.random.Generator) -> str:
   return f"{w[a]} is an {'even' if a % 2 == 0 else 'odd'} number."
 
 
+def image_prefix_ids(prompt: str | None, tokenizer) -> list[int]:
+  """<s> prompt <|im_start|>: what an image to generate sees; None/"": no prompt."""
+  return [tokenizer.bos_id] + tokenizer.encode(prompt or "") + [tokenizer.im_start_id]
+
+
 def image_example_ids(prompt: str | None, tokenizer) -> list[int]:
   """<s> prompt <|im_start|> <image> <|im_end|> \\n </s>; no prompt for None/""."""
   t = tokenizer
-  return ([t.bos_id] + t.encode(prompt or "") + [t.im_start_id, t.image_id, t.im_end_id]
-          + t.encode("\n") + [t.eos_id])
+  return (image_prefix_ids(prompt, t) + [t.image_id, t.im_end_id] + t.encode("\n")
+          + [t.eos_id])
 
 
 def image_prompt_example(prompt: str | None, tokenizer, image_shape) -> Example:

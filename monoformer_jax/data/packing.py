@@ -22,6 +22,12 @@ trains text iff its `train_text` is set and it is text-only or
 `text_on_image_examples` is on: off reproduces the reference (CE on text-only
 examples only); on adds the Transfusion-style CE on prompts and captions.
 
+Generation uses a second layout, `prompt_rows`: one prompt per row, LEFT-
+padded so every prompt ends at the same column, followed by the slots being
+generated (new text tokens, or the P tokens of one image). All rows then write
+and read the same columns at every step, which is what a KV cache with one
+offset per batch needs; positions still restart at 0 where each prompt starts.
+
 Nothing is dropped, reordered or cut silently. An example with images that
 cannot fit one row (too long, too many images, an image of the wrong shape)
 raises ValueError. A text-only example longer than L is split into
@@ -265,6 +271,40 @@ class PackedBatches(Iterator[dict]):
 
   def set_state(self, state: dict):
     self.next_example = int(state["next_example"])
+
+
+def prompt_rows(prompts: Sequence[Sequence[int]], *, pad_id: int, new_tokens: int = 0,
+                new_token_id: int | None = None, image_ids: bool = False,
+                multiple: int = 8) -> dict[str, np.ndarray]:
+  """Rows [R, S] of left-padded prompts and `new_tokens` slots after them.
+
+  The prompts end at column Lp - 1 (Lp = the longest prompt rounded up to
+  `multiple`); the slots fill columns Lp .. S - 1 with S = Lp + new_tokens and
+  hold `new_token_id` (default `pad_id`). Returns tokens, segment_ids (0 on
+  the left padding, 1 on the prompt and the slots), image_ids (1 on the slots
+  when `image_ids`: they are one image; else 0), positions (0 at each
+  prompt's first token, counting on through the slots), and `prompt_len`
+  (Lp, an int).
+  """
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token (e.g. bos)")
+  rows = len(prompts)
+  lp = -(-max(len(p) for p in prompts) // multiple) * multiple
+  length = lp + new_tokens
+  tokens = np.full((rows, length), pad_id, np.int32)
+  tokens[:, lp:] = pad_id if new_token_id is None else new_token_id
+  segment_ids = np.zeros((rows, length), np.int32)
+  positions = np.zeros((rows, length), np.int32)
+  for r, p in enumerate(prompts):
+    start = lp - len(p)
+    tokens[r, start:lp] = np.asarray(p, np.int32)
+    segment_ids[r, start:] = 1
+    positions[r, start:] = np.arange(length - start)
+  ids = np.zeros((rows, length), np.int32)
+  if image_ids:
+    ids[:, lp:] = 1
+  return dict(tokens=tokens, segment_ids=segment_ids, image_ids=ids, positions=positions,
+              prompt_len=lp)
 
 
 def host_stream(example_at: Callable[[int], Example], process_index: int,

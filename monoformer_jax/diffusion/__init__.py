@@ -1,6 +1,6 @@
-"""Diffusion: the IDDPM schedule, losses, respacing, DDPM sampling and CFG."""
+"""Diffusion: the IDDPM schedule, losses, respacing, DDPM/DDIM sampling and CFG."""
 
-from monoformer_jax.diffusion.gaussian import (GaussianDiffusion, apply_cfg, ddpm_sample,
-                                               space_timesteps)
+from monoformer_jax.diffusion.gaussian import (SAMPLERS, GaussianDiffusion, apply_cfg,
+                                               sample_loop, space_timesteps)
 
-__all__ = ["GaussianDiffusion", "apply_cfg", "ddpm_sample", "space_timesteps"]
+__all__ = ["SAMPLERS", "GaussianDiffusion", "apply_cfg", "sample_loop", "space_timesteps"]

@@ -95,6 +95,17 @@ class GaussianDiffusion:
     self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
     self.log_betas = np.log(betas)
 
+  # Equal schedules are equal objects, so a jitted sampler that takes one as a
+  # static argument compiles once per schedule, not once per object.
+  def _key(self):
+    return (self.betas.tobytes(), self.timestep_map.tobytes())
+
+  def __eq__(self, other):
+    return isinstance(other, GaussianDiffusion) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
+
   @classmethod
   def create(cls, num_timesteps: int = 1000, beta_schedule: str = "linear",
              respacing: str | int | Sequence[int] | None = None) -> "GaussianDiffusion":
@@ -169,6 +180,23 @@ class GaussianDiffusion:
     return dict(sample=out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise,
                 pred_xstart=out["pred_xstart"])
 
+  def ddim_sample(self, model_output, x_t, t, noise, eta: float = 0.0):
+    """One DDIM step (Song et al.): x_{t-1} from the x_0 prediction and the
+    epsilon it implies; the learned variance is unused. eta = 0 is
+    deterministic; eta = 1 draws the posterior variance, making the step equal
+    to DDPM's with variance values v = -1."""
+    out = self.p_mean_variance(model_output, x_t, t)
+    eps = ((self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - out["pred_xstart"])
+           / self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+    ac, ac_prev = self.alphas_cumprod, self.alphas_cumprod_prev
+    sigma = eta * np.sqrt((1 - ac_prev) / (1 - ac)) * np.sqrt(1 - ac / ac_prev)
+    direction = np.sqrt(np.maximum(1 - ac_prev - sigma ** 2, 0.0))
+    mean = (out["pred_xstart"] * self._at(np.sqrt(ac_prev), t, x_t)
+            + self._at(direction, t, x_t) * eps)
+    nonzero = (t != 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
+    return dict(sample=mean + nonzero * self._at(sigma, t, x_t) * noise,
+                pred_xstart=out["pred_xstart"])
+
   # ---------------------------------------------------------------- losses
   def training_losses(self, model_output, x_start, x_t, t, noise):
     """IDDPM's hybrid loss per sample [N]: mse, vb (bits/dim) and their sum.
@@ -236,23 +264,33 @@ def apply_cfg(out_cond, out_uncond, scale, guided_channels: int | None = None):
   return jnp.concatenate([guided, out_cond[..., g:]], axis=-1)
 
 
-def ddpm_sample(denoise_fn: Callable, x_T, key, diffusion: GaussianDiffusion, *,
-                progress: Callable | None = None):
-  """x_0 by DDPM ancestral sampling from x_T through all of `diffusion`'s steps.
+SAMPLERS = ("ddpm", "ddim")
 
-  `denoise_fn(x_t, t_model) -> model_output [N, ..., 2C]` gets the ORIGINAL
-  timesteps (timestep_map of the respaced index), int32 [N]. One compiled step,
-  scanned from the last index to 0; step i draws its noise from
-  fold_in(key, i). `progress`, if given, is called on the host with each
+
+def sample_loop(denoise_fn: Callable, x_T, key, diffusion: GaussianDiffusion, *,
+                sampler: str = "ddpm", eta: float = 0.0,
+                progress: Callable | None = None):
+  """x_0 from x_T through all of `diffusion`'s (respaced) steps.
+
+  `sampler`: 'ddpm' (ancestral, with the learned variance; the reference) or
+  'ddim' (with `eta`). `denoise_fn(x_t, t_model) -> model_output [N, ..., 2C]`
+  gets the ORIGINAL timesteps (timestep_map of the respaced index), int32 [N].
+  One compiled step, scanned from the last index to 0; step i draws its noise
+  from fold_in(key, i). `progress`, if given, is called on the host with each
   finished step's loop index (0 = the first, noisiest step).
   """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler={sampler!r}: choose one of {SAMPLERS}")
   n = x_T.shape[0]
 
   def step(x_t, i):
     t = jnp.full((n,), diffusion.num_timesteps - 1 - i, jnp.int32)
     out = denoise_fn(x_t, diffusion.model_timesteps(t))
     noise = jax.random.normal(jax.random.fold_in(key, i), x_t.shape, x_t.dtype)
-    x_prev = diffusion.p_sample(out, x_t, t, noise)["sample"]
+    if sampler == "ddpm":
+      x_prev = diffusion.p_sample(out, x_t, t, noise)["sample"]
+    else:
+      x_prev = diffusion.ddim_sample(out, x_t, t, noise, eta)["sample"]
     if progress is not None:
       jax.debug.callback(progress, i)
     return x_prev, None

@@ -8,9 +8,18 @@ applied with `jax.lax.scan`: one compiled layer body whatever the depth.
 Kernels are stored [in, out] with heads split out (wq [E, H, D], wo [H, D, E]);
 each parameter names its logical axes in its `logical_axes` metadata (the
 stacked layers' leading axis is `layers`, added by `logical_axes_of`).
+
+Decoding and cached sampling pass a `KVCache`: per layer, keys and values of a
+whole row of S tokens [N, B, S, K, D]. A call then embeds only the Lq new
+tokens at row positions offset .. offset + Lq - 1, writes their keys and
+values there and attends over the whole row, whose `segment_ids` and
+`image_ids` [B, S] the caller gives (the mask hides what is not written yet:
+it lies ahead of every query, or in another example).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +89,21 @@ def apply_rope(x_BxLxHxD, cos_BxLxD, sin_BxLxD):
   return x_BxLxHxD * cos + rotated * sin
 
 
+class KVCache(NamedTuple):
+  """Keys and values of every layer for a row of S tokens: [N, B, S, K, D] each."""
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg, batch: int, length: int, dtype) -> "KVCache":
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    zeros = constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+    return cls(zeros, zeros)
+
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
 class Attention(nnx.Module):
   """Grouped-query self-attention under the mixed mask."""
 
@@ -94,7 +118,9 @@ class Attention(nnx.Module):
     self.wo = param(rngs, (h, d, e), ("heads", "head_dim", "embed"))
     self.impl = cfg.attention_impl
 
-  def __call__(self, x_BxLxE, rope, segment_ids, image_ids):
+  def __call__(self, x_BxLxE, rope, segment_ids, image_ids, cache=None, offset=None):
+    """Output [B, L, E]; with `cache` ((k, v) [B, S, K, D] of one layer) also
+    the cache with this call's keys and values written at `offset`."""
     dtype = x_BxLxE.dtype
     q_BxLxHxD = jnp.einsum("ble,ehd->blhd", x_BxLxE, self.wq[...].astype(dtype))
     k_BxLxKxD = jnp.einsum("ble,ekd->blkd", x_BxLxE, self.wk[...].astype(dtype))
@@ -102,9 +128,15 @@ class Attention(nnx.Module):
     q_BxLxHxD = apply_rope(q_BxLxHxD, *rope)
     k_BxLxKxD = apply_rope(k_BxLxKxD, *rope)
     q_BxLxHxD = constrain(q_BxLxHxD, ("batch", "length", "heads", "head_dim"))
+    if cache is not None:
+      k_BxLxKxD, v_BxLxKxD = (
+          jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), offset, axis=1)
+          for c, new in zip(cache, (k_BxLxKxD, v_BxLxKxD)))
+      cache = (k_BxLxKxD, v_BxLxKxD)
     out_BxLxHxD = attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids,
-                            impl=self.impl)
-    return jnp.einsum("blhd,hde->ble", out_BxLxHxD, self.wo[...].astype(dtype))
+                            impl=self.impl, q_offset=offset)
+    out_BxLxE = jnp.einsum("blhd,hde->ble", out_BxLxHxD, self.wo[...].astype(dtype))
+    return out_BxLxE if cache is None else (out_BxLxE, cache)
 
 
 class MLP(nnx.Module):
@@ -133,10 +165,12 @@ class DecoderLayer(nnx.Module):
     self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxLxE, rope, segment_ids, image_ids):
-    x_BxLxE = x_BxLxE + self.attn(self.input_norm(x_BxLxE), rope, segment_ids, image_ids)
+  def __call__(self, x_BxLxE, rope, segment_ids, image_ids, cache=None, offset=None):
+    attn = self.attn(self.input_norm(x_BxLxE), rope, segment_ids, image_ids, cache, offset)
+    attn_BxLxE, cache = attn if cache is not None else (attn, None)
+    x_BxLxE = x_BxLxE + attn_BxLxE
     x_BxLxE = x_BxLxE + self.mlp(self.post_attention_norm(x_BxLxE))
-    return constrain(x_BxLxE, ("batch", "length", None))
+    return constrain(x_BxLxE, ("batch", "length", None)), cache
 
 
 class Decoder(nnx.Module):
@@ -154,20 +188,33 @@ class Decoder(nnx.Module):
     self.rope_theta = cfg.rope_theta
     self.remat = cfg.remat
 
-  def __call__(self, x_BxLxE, positions, segment_ids, image_ids, *, return_layer_inputs=False):
-    """Final-normed hidden states [B, L, E] (and each layer's input [N, B, L, E])."""
+  def __call__(self, x_BxLxE, positions, segment_ids, image_ids, *, cache=None,
+               offset=None, return_layer_inputs=False):
+    """Final-normed hidden states [B, L, E] of the tokens x at `positions` [B, L].
+
+    With `cache` (a KVCache of a row of S tokens) x holds the L new tokens at
+    row positions offset.., the ids are the whole row's [B, S], and the result
+    is (hidden states, the updated cache). `return_layer_inputs` also returns
+    each layer's input [N, B, L, E] (for comparisons with the reference).
+    """
     rope = rope_tables(positions, self.head_dim, self.rope_theta)
+    if cache is not None:
+      offset = jnp.asarray(offset, jnp.int32)
 
     # A plain lax.scan over the stacked layer state, merged per step: it works
     # under any outer transform (jit, the samplers' scans and loops).
     layer_def, layer_state = nnx.split(self.layers)
 
-    def body(x, state):
-      y = nnx.merge(layer_def, state)(x, rope, segment_ids, image_ids)
-      return y, (x if return_layer_inputs else None)
+    def body(x, layer):
+      state, kv = layer
+      y, kv = nnx.merge(layer_def, state)(x, rope, segment_ids, image_ids, kv, offset)
+      return y, (x if return_layer_inputs else None, kv)
 
     if self.remat:
       body = jax.checkpoint(body)
-    x_BxLxE, layer_inputs = jax.lax.scan(body, x_BxLxE, layer_state)
+    kv = None if cache is None else tuple(cache)
+    x_BxLxE, (layer_inputs, kv) = jax.lax.scan(body, x_BxLxE, (layer_state, kv))
     out = self.norm(x_BxLxE)
+    if cache is not None:
+      out = (out, KVCache(*(constrain(c, CACHE_AXES) for c in kv)))
     return (out, layer_inputs) if return_layer_inputs else out

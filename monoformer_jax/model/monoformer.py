@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from monoformer_jax.model.embeddings import patchify, sincos_2d, timestep_features, unpatchify
@@ -76,7 +77,7 @@ class MonoFormer(nnx.Module):
     if cfg.image_size % cfg.patch_size:
       raise ValueError(f"config.model.image_size={cfg.image_size} is not a "
                        f"multiple of patch_size={cfg.patch_size}")
-    self.cfg = cfg
+    self.cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: the graphdef is a jit key
     e, p, c = cfg.hidden_size, cfg.patch_size, cfg.in_channels
     self.out_channels = 2 * c if cfg.learn_sigma else c
     self.grid = cfg.image_size // p
@@ -94,33 +95,48 @@ class MonoFormer(nnx.Module):
   def tokens_per_image(self) -> int:
     return self.grid * self.grid
 
-  def embed(self, tokens, image_ids, latents_BxMxhxwxC, t_BxM):
-    """Layer-0 input x [B, L, E] and the timestep embeddings [B, M, E]."""
-    b, m = t_BxM.shape
-    n_img = m * self.tokens_per_image
-    text_BxLxE = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
+  def embed_text(self, tokens_BxL):
+    return jnp.take(self.embed_tokens[...], tokens_BxL, axis=0).astype(self.dtype)
 
+  def image_tokens(self, latents_BxMxhxwxC, t_BxM):
+    """Layer-0 inputs of every image's patch tokens [B, M, P, E] and the
+    timestep embeddings [B, M, E]: x_embedder(patch) + 2-D sin-cos, then the
+    `adaln_before_decoder` modulation x * (1 + scale) + shift."""
+    b, m = t_BxM.shape
     patches = patchify(latents_BxMxhxwxC.reshape(b * m, *latents_BxMxhxwxC.shape[2:]),
                        self.cfg.patch_size)
-    img_BxNxE = self.x_embedder(patches.astype(self.dtype)).reshape(b, n_img, -1)
-    img_BxNxE = img_BxNxE + jnp.tile(sincos_2d(self.cfg.hidden_size, self.grid), (m, 1)
-                                     ).astype(self.dtype)
-
+    img_BMxPxE = self.x_embedder(patches.astype(self.dtype))
+    img_BMxPxE = img_BMxPxE + sincos_2d(self.cfg.hidden_size, self.grid).astype(self.dtype)
     t_emb_BxMxE = self.t_embedder(t_BxM, self.dtype)
     shift_BxMxE, scale_BxMxE = jnp.split(
         self.adaln_module(jax.nn.silu(t_emb_BxMxE)), 2, axis=-1)
-    img_BxMxPxE = img_BxNxE.reshape(b, m, self.tokens_per_image, -1)
+    img_BxMxPxE = img_BMxPxE.reshape(b, m, self.tokens_per_image, -1)
     img_BxMxPxE = img_BxMxPxE * (1 + scale_BxMxE[:, :, None]) + shift_BxMxE[:, :, None]
+    return img_BxMxPxE, t_emb_BxMxE
 
+  def embed(self, tokens, image_ids, latents_BxMxhxwxC, t_BxM):
+    """Layer-0 input x [B, L, E] of a packed row and the timestep embeddings [B, M, E]."""
+    b, m = t_BxM.shape
+    n_img = m * self.tokens_per_image
+    img_BxMxPxE, t_emb_BxMxE = self.image_tokens(latents_BxMxhxwxC, t_BxM)
     is_img_BxL = image_ids > 0
     slot_BxL = jnp.clip(jnp.cumsum(is_img_BxL, axis=1) - 1, 0, n_img - 1)
     placed_BxLxE = jnp.take_along_axis(img_BxMxPxE.reshape(b, n_img, -1),
                                        slot_BxL[..., None], axis=1)
-    x_BxLxE = jnp.where(is_img_BxL[..., None], placed_BxLxE, text_BxLxE)
+    x_BxLxE = jnp.where(is_img_BxL[..., None], placed_BxLxE, self.embed_text(tokens))
     return constrain(x_BxLxE, ("batch", "length", None)), t_emb_BxMxE
 
+  def diffusion_head(self, h_BxMxPxE, t_emb_BxMxE):
+    """Diffusion output [B, M, h, w, 2C] float32 from each image's final hidden states."""
+    b, m = t_emb_BxMxE.shape[:2]
+    out = self.final_layer(h_BxMxPxE, t_emb_BxMxE)
+    size = self.cfg.image_size
+    out = unpatchify(out.reshape(b * m, self.tokens_per_image, -1),
+                     self.cfg.patch_size, size, size)
+    return out.reshape(b, m, size, size, self.out_channels).astype(jnp.float32)
+
   def image_head(self, h_BxLxE, image_ids, t_emb_BxMxE):
-    """Diffusion output [B, M, h, w, 2C] of every image slot, in float32."""
+    """Diffusion output [B, M, h, w, 2C] of every image slot of packed rows."""
     b, m, _ = t_emb_BxMxE.shape
     n_img = m * self.tokens_per_image
     is_img_BxL = image_ids > 0
@@ -128,12 +144,8 @@ class MonoFormer(nnx.Module):
     slot_BxL = jnp.where(is_img_BxL, jnp.cumsum(is_img_BxL, axis=1) - 1, n_img)
     gathered_BxNxE = jnp.zeros((b, n_img, h_BxLxE.shape[-1]), h_BxLxE.dtype).at[
         jnp.arange(b)[:, None], slot_BxL].set(h_BxLxE, mode="drop")
-    out = self.final_layer(gathered_BxNxE.reshape(b, m, self.tokens_per_image, -1),
-                           t_emb_BxMxE)
-    size = self.cfg.image_size
-    out = unpatchify(out.reshape(b * m, self.tokens_per_image, -1),
-                     self.cfg.patch_size, size, size)
-    return out.reshape(b, m, size, size, self.out_channels).astype(jnp.float32)
+    return self.diffusion_head(gathered_BxNxE.reshape(b, m, self.tokens_per_image, -1),
+                               t_emb_BxMxE)
 
   def logits(self, h_BxLxE):
     return jnp.einsum("ble,ev->blv", h_BxLxE, self.lm_head[...].astype(h_BxLxE.dtype),

@@ -5,7 +5,9 @@ monoformer_jax.train` does. It resumes from the latest checkpoint in
 `workdir/checkpoints` (same data position, same RNG stream), logs loss, lr and
 throughput every `train.log_every` steps, checkpoints every
 `train.checkpoint_every` steps, on SIGTERM and at the end, and finally writes
-samples from the EMA weights to `workdir/samples/`.
+samples from the EMA weights to `workdir/samples/`. A fresh workdir starts
+from `train.init_from` (a model checkpoint, e.g. from `python -m
+monoformer_jax.convert llama`) when it is set, else from a random init.
 """
 
 from __future__ import annotations
@@ -24,16 +26,18 @@ from flax import nnx
 from monoformer_jax.data.digits import make_digits_batches
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.parallel import sharding
-from monoformer_jax.text.tokenizer import ByteTokenizer
-from monoformer_jax.train.checkpoint import Checkpointer
+from monoformer_jax.text.tokenizer import tokenizer_of
+from monoformer_jax.train.checkpoint import Checkpointer, load_config, load_params
 from monoformer_jax.train.state import create_train_state, make_optimizer, param_count, state_shardings
 from monoformer_jax.train.step import make_train_step
 
+DATA_NAMES = ("digits",)  # the input pipelines train_and_evaluate can build
 
-def _check_config(config, tokenizer):
-  if config.model.vocab_size < tokenizer.vocab_size:
-    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than "
-                     f"the tokenizer's {tokenizer.vocab_size} ids; raise it")
+
+def _check_config(config):
+  if config.data.name not in DATA_NAMES:
+    raise ValueError(f"config.data.name={config.data.name!r} has no input pipeline yet; "
+                     f"training can use {DATA_NAMES}")
   if config.data.batch_size % jax.process_count():
     raise ValueError(f"data.batch_size={config.data.batch_size} must be divisible by the "
                      f"{jax.process_count()} processes")
@@ -60,12 +64,41 @@ class _Preemption:
     self.requested = True
 
 
+def _state_from_model(config, mesh, tx, path: str):
+  """(graphdef, state, shardings): step 0, the raw params of the model
+  checkpoint `path` (read straight into their shards), EMA = params, a fresh
+  optimizer state."""
+  graphdef, _, shardings = state_shardings(config, mesh, tx)
+  saved, step = load_config(path)
+  ignored = ("dtype", "attention_impl", "remat")  # how to compute, not what the weights mean
+  differ = [f"model.{k}={saved.model.get(k)!r} there, {v!r} here"
+            for k, v in config.model.items() if k not in ignored and saved.model.get(k) != v]
+  try:
+    params, _, _ = load_params(path, weights="raw", config=config, step=step,
+                               shardings=shardings["params"])
+  except ValueError as e:
+    if not differ:
+      raise
+    raise ValueError(f"train.init_from={path} is another model: {'; '.join(differ)}. Set "
+                     f"those config values to the checkpoint's.\n{e}") from None
+  if differ:
+    logging.warning("train.init_from=%s was made with other model settings (%s); "
+                    "training uses this config's", path, "; ".join(differ))
+
+  def init(params):
+    # A copy, so that params and ema are distinct buffers (the step donates both).
+    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                ema=jax.tree.map(jnp.copy, params))
+
+  return graphdef, jax.jit(init, out_shardings=shardings)(params), shardings
+
+
 def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
   """Trains `config` in `workdir`; returns the final train state and last metrics."""
   # ---------------------------------------------------------------- set-up
   os.makedirs(workdir, exist_ok=True)
-  tokenizer = ByteTokenizer()
-  _check_config(config, tokenizer)
+  _check_config(config)
+  tokenizer = tokenizer_of(config)   # checks it fits model.vocab_size
   mesh = sharding.make_mesh(config.mesh)
   rules = config.sharding_rules
   logging.info("mesh %s on %d %s devices", dict(mesh.shape), jax.device_count(),
@@ -79,7 +112,12 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
                         save_every=config.train.checkpoint_every)
     latest = ckpt.latest_step()
     data_state = None
-    if latest is None:
+    init_from = config.train.get("init_from")
+    if latest is None and init_from:
+      graphdef, state, shardings = _state_from_model(config, mesh, tx, init_from)
+      logging.info("started from %s: %s parameters", init_from,
+                   f"{param_count(state['params']):,}")
+    elif latest is None:
       graphdef, state, shardings = create_train_state(config, mesh, tx)
       logging.info("initialised %s parameters", f"{param_count(state['params']):,}")
     else:

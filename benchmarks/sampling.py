@@ -1,0 +1,140 @@
+"""Sampling speed: images/s with and without the prompt cache, tokens/s with and
+without the KV cache.
+
+    python benchmarks/sampling.py                         # CPU-sized defaults
+    python benchmarks/sampling.py --paper_model=full      # the 1.1B model (GPU/TPU)
+
+Layouts:
+- `digits`: the embedded default's model (configs/digits.py) drawing
+  `--digits_images` guided digits with its 50 DDPM steps, as the training run
+  does at its end;
+- `paper`: the reference's sampling row, a prompt of `--prompt_lengths` tokens
+  (16: a class prompt) then 256 image tokens (32x32x4 latents, patch 2), 20
+  DDPM steps with guidance (a doubled batch). `--paper_model=full` is
+  MonoFormer-1.1B (TinyLlama shape, bfloat16 compute); `small` keeps the
+  layout with a 4-layer, 256-wide model so that it runs on a CPU;
+- text: greedy decoding of `--new_tokens` tokens after a 32-token prompt, for
+  each model above.
+Weights are random (speed does not depend on them). Each figure is the median
+of `--iters` calls after a compile and a warm-up; results go to stdout and
+into a section of `--output`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+from absl import app, flags
+from flax import nnx
+import jax
+import ml_collections
+
+from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.diffusion.sample_images import sample_images
+from monoformer_jax.inference import image_rows
+from monoformer_jax.text.generate import generate
+from monoformer_jax.text.tokenizer import ByteTokenizer
+from monoformer_jax.train.state import abstract_model, init_params
+
+import report
+
+_LAYOUTS = flags.DEFINE_list("layouts", ["digits", "paper"], "digits and/or paper")
+_PAPER_MODEL = flags.DEFINE_enum("paper_model", "small", ["small", "full"],
+                                 "the paper layout's model: 4x256 (CPU) or the 1.1B")
+_PROMPT_LENGTHS = flags.DEFINE_list("prompt_lengths", ["16", "128"],
+                                    "prompt tokens before the image (paper layout)")
+_PAPER_IMAGES = flags.DEFINE_integer("paper_images", 4, "images per call (paper layout)")
+_DIGITS_IMAGES = flags.DEFINE_integer("digits_images", 200, "images per call (digits)")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "tokens generated per text row")
+_TEXT_ROWS = flags.DEFINE_integer("text_rows", 8, "text rows per call")
+_ITERS = flags.DEFINE_integer("iters", 3, "timed calls per figure")
+_OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "markdown file ('' for none)")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOK = ByteTokenizer()
+
+
+def _config_file(name: str):
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def paper_model_config():
+  if _PAPER_MODEL.value == "full":
+    return _config_file("imagenet256").model
+  m = ml_collections.ConfigDict(_config_file("digits").model.to_dict())
+  m.update(vocab_size=264, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+           head_dim=64, mlp_dim=704, image_size=32, in_channels=4, patch_size=2)
+  return m
+
+
+def random_model(model_cfg):
+  """A model with freshly initialised weights (its heads' zeros included)."""
+  graphdef, _, _ = abstract_model(model_cfg)
+  return nnx.merge(graphdef, jax.jit(lambda: init_params(model_cfg, seed=0))())
+
+
+def image_rate(model, prompt_len: int, images: int, steps: int, cfg_scale: float,
+               use_cache: bool) -> float:
+  rows = image_rows(["x" * (prompt_len - 2)] * images, TOK, model.tokens_per_image,
+                    guidance=True)   # <s>, the prompt, <|im_start|>: prompt_len tokens
+  diffusion = GaussianDiffusion.create(1000, respacing=str(steps))
+  key = jax.random.PRNGKey(0)
+  t = report.median_seconds(
+      lambda: sample_images(model, rows, diffusion, key, cfg_scale=cfg_scale,
+                            use_cache=use_cache), iters=_ITERS.value)
+  return images / t
+
+
+def token_rate(model, use_cache: bool) -> float:
+  prompts = [[TOK.bos_id] + TOK.encode("y" * 31)] * _TEXT_ROWS.value
+  run = lambda: generate(model, prompts, max_new_tokens=_NEW_TOKENS.value,
+                         pad_id=TOK.pad_id, stop_ids=[], use_cache=use_cache)
+  return _TEXT_ROWS.value * _NEW_TOKENS.value / report.median_seconds(run, iters=_ITERS.value)
+
+
+def main(argv):
+  del argv
+  results = []   # (model, what, batch, uncached rate, cached rate, unit)
+  models = {}
+  if "digits" in _LAYOUTS.value:
+    models["digits"] = random_model(_config_file("digits").model)
+  if "paper" in _LAYOUTS.value:
+    models[f"paper-layout, {_PAPER_MODEL.value}"] = random_model(paper_model_config())
+  for name, model in list(models.items()):
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    print(f"{name}: {n_params:,} parameters", flush=True)
+    if name.startswith("digits"):
+      cases = [(f"{_DIGITS_IMAGES.value} digits, 24-token prompts, 50 DDPM steps, CFG", 24,
+                _DIGITS_IMAGES.value, 50)]
+    else:
+      cases = [(f"{int(p)}-token prompt + 256 image tokens, 20 steps, CFG", int(p),
+                _PAPER_IMAGES.value, 20) for p in _PROMPT_LENGTHS.value]
+    label = f"{name} ({n_params / 1e6:.3g}M)"
+    for what, prompt_len, images, steps in cases:
+      rates = [image_rate(model, prompt_len, images, steps, 2.0, c) for c in (False, True)]
+      results.append((label, what, images, *rates, "images/s"))
+      print(f"  {what}: {rates[0]:.3g} -> {rates[1]:.3g} images/s", flush=True)
+    rates = [token_rate(model, c) for c in (False, True)]
+    what = f"greedy text, 32-token prompt + {_NEW_TOKENS.value} new"
+    results.append((label, what, _TEXT_ROWS.value, *rates, "tokens/s"))
+    print(f"  {what}: {rates[0]:.3g} -> {rates[1]:.3g} tokens/s", flush=True)
+
+  if _OUTPUT.value:
+    lines = [f"Command: `python {' '.join(sys.argv)}`", "",
+             f"Hardware: {report.hardware()}. Median of {_ITERS.value} calls, random "
+             "weights, float32 unless the model's config says otherwise.", "",
+             "| model | work | batch | no cache | cache | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for name, what, batch, slow, fast, unit in results:
+      lines.append(f"| {name} | {what} | {batch} | {slow:.3g} {unit} | {fast:.3g} {unit} | "
+                   f"{fast / slow:.2f}x |")
+    report.write_section(pathlib.Path(_OUTPUT.value), "Sampling", lines)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,121 @@
+r"""The paper's model: MonoFormer 1.1B (TinyLlama backbone) on ImageNet 256x256.
+
+Images are SD-VAE latents (256x256 pixels -> 32x32x4, `latent = sample *
+0.18215`), patch 2 -> 256 tokens, prompted with the class name in text;
+`adaln_before_decoder` time conditioning, as the released checkpoint
+MonoFormer_ImageNet_256. Training recipe of the reference: AdamW lr 1e-4, no
+weight decay, constant lr, grad-norm clip 2.0, global batch 256, EMA 0.9999,
+bf16 compute, up to 500k steps; sampling: 20 respaced DDPM steps, CFG 1.5.
+
+Start from TinyLlama (the reference's starting point) and train, or convert the
+released weights and sample:
+
+  python -m monoformer_jax.convert llama --input=TinyLlama-1.1B --output=/ckpt/tinyllama \
+      --config=configs/imagenet256.py --config.data.tokenizer=TinyLlama-1.1B/tokenizer.model
+  python -m monoformer_jax.train --config=configs/imagenet256.py --workdir=gs://... \
+      --config.train.init_from=/ckpt/tinyllama
+  python -m monoformer_jax.convert official --input=MonoFormer_ImageNet_256 --output=/ckpt/mf256
+  python -m monoformer_jax.sample --checkpoint=/ckpt/mf256 --class_name="golden retriever" \
+      --vae=sd-vae-ft-mse
+
+`data.name='imagenet'` has no input pipeline yet: training stops at once with
+an error saying so. Conversion uses this file as its base config (the model
+fields then come from the weights' config.json).
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=32004,         # Llama's 32000 + <PAD>, <image>, <|im_start|>, <|im_end|>
+      hidden_size=2048,
+      num_layers=22,
+      num_heads=32,
+      num_kv_heads=4,
+      head_dim=64,
+      mlp_dim=5632,
+      rms_norm_eps=1e-5,
+      rope_theta=10000.0,
+      image_size=32,            # latent side: 256 pixels / SD-VAE factor 8
+      in_channels=4,
+      patch_size=2,             # 32x32 -> 16x16 = 256 image tokens
+      learn_sigma=True,
+      timestep_freq_dim=256,
+      conditioning="adaln_before_decoder",
+      attention_impl="auto",    # Pallas kernels on TPU/GPU, dense XLA on CPU
+      dtype="bfloat16",         # compute dtype; parameters are always float32
+      remat=True,
+  ))
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      num_timesteps=1000,
+      beta_schedule="linear",
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="imagenet",
+      tokenizer="",             # TinyLlama's tokenizer.model (text/tokenizer.load_tokenizer)
+      seq_len=512,              # the reference truncates rows to 512 tokens
+      batch_size=256,           # global rows per step
+      max_images_per_row=1,
+      text_fraction=0.0,        # ImageNet only; the reference's text mix is JourneyDB+UltraChat 9:1
+      cfg_drop_prob=0.1,        # prompt dropped (empty) for guidance
+  ))
+
+  c.loss = ml_collections.ConfigDict(dict(
+      w_diff=1.0,
+      w_lm=0.01,
+      text_on_image_examples=False,  # the reference: CE on text-only rows only
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4,
+      warmup_steps=0,           # constant lr
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      grad_clip=2.0,
+      ema_decay=0.9999,
+      grad_accum_steps=1,
+  ))
+
+  # FSDP over every device by default; tensor parallelism is `--config.mesh.tensor=N`.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.sharding_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("vocab", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("mlp", "tensor"),
+      ("layers", None),
+      ("head_dim", None),
+      ("length", None),
+      ("patch", None),
+      ("freq", None),
+  )
+
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=500_000,
+      log_every=100,
+      checkpoint_every=5_000,
+      keep_checkpoints=3,
+      init_from="",             # a model checkpoint, e.g. from `convert llama`
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      num_per_class=4,
+      num_steps=20,             # respaced DDPM steps
+      cfg_scale=1.5,            # the reference also reports 2.0 and 4.0
+      text_prompts=("The capital of France is", "A recipe for pancakes:"),
+      max_new_tokens=256,
+  ))
+
+  # SD-VAE (sd-vae-ft-mse, a diffusers AutoencoderKL folder) that decodes samples.
+  c.vae = ml_collections.ConfigDict(dict(path=""))
+  return c

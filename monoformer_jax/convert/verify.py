@@ -1,0 +1,92 @@
+"""Checks a conversion against numbers the official PyTorch code produced.
+
+A fixture folder (the format of shared/fixtures/official_tiny/) holds
+`weights.safetensors` + `config.json` in the official layout and `io.npz`: the
+reference's inputs, in our packed layout too (tokens, segment_ids, image_ids,
+positions), and its outputs. The weights go through the converter, the model
+runs in float32 with XLA attention, and every stored output is compared where
+segment_ids != 0 (the reference's padding queries attend differently; their
+outputs are discarded anyway). Errors: max |ours - ref| and that over max |ref|.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from monoformer_jax.convert import official
+
+
+@dataclasses.dataclass
+class Comparison:
+  name: str
+  max_abs: float
+  max_rel: float   # max_abs / max |reference|
+  ok: bool         # |ours - ref| <= tol + tol * |ref| everywhere (allclose)
+
+
+def _compare(name, ours, ref, tol) -> Comparison:
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  if ours.shape != ref.shape:
+    raise ValueError(f"{name}: ours has shape {ours.shape}, the reference {ref.shape}")
+  diff = np.abs(ours - ref)
+  max_abs = float(diff.max()) if diff.size else 0.0
+  scale = float(np.abs(ref).max()) if ref.size else 0.0
+  ok = bool(np.all(diff <= tol + tol * np.abs(ref)))
+  return Comparison(name, max_abs, max_abs / scale if scale else max_abs, ok)
+
+
+def fixture_config(base_config=None):
+  """The base config for verification: float32 compute, XLA attention, no remat."""
+  config = official.default_config() if base_config is None else base_config
+  return official.with_model_fields(config, dict(dtype="float32", attention_impl="xla",
+                                                 remat=False))
+
+
+def _run_model(graphdef, params, tokens, seg, img, pos, latents, t):
+  """Every output the fixtures store, from one jitted pass (eager is slower on CPU)."""
+  from flax import nnx
+  model = nnx.merge(graphdef, params)
+  x0, t_emb = model.embed(tokens, img, latents, t)
+  final, layer_inputs = model.decoder(x0, pos, seg, img, return_layer_inputs=True)
+  logits, out = model(tokens, seg, img, pos, latents, t)
+  c_emb = model.adaln_module(jax.nn.silu(t_emb))  # the reference's adaLN_module(t_emb)
+  return dict(t_emb=t_emb, c_emb=c_emb, layer_inputs=layer_inputs, final=final,
+              logits=logits, out=out)
+
+
+def verify_official(fixture: str, tolerance: float = 1e-4, base_config=None) -> list[Comparison]:
+  """Our outputs vs the fixture's, through the converter: one Comparison each."""
+  from monoformer_jax.train.state import abstract_model
+  params, config = official.load_official(fixture, fixture_config(base_config))
+  graphdef, _, _ = abstract_model(config.model)
+  io = np.load(os.path.join(fixture, "io.npz"))
+  inputs = [jnp.asarray(io[k]) for k in ("tokens", "segment_ids", "image_ids", "positions")]
+  latents = jnp.asarray(io["x_t"].transpose(0, 2, 3, 1)[:, None])  # [B, M=1, h, w, C]
+  t = jnp.asarray(io["t"][:, None].astype(np.int32))
+  ours = jax.device_get(jax.jit(_run_model, static_argnums=0)(graphdef, params, *inputs,
+                                                               latents, t))
+  real = io["segment_ids"] != 0
+  results = [_compare("t_embeds", ours["t_emb"][:, 0], io["t_embeds"], tolerance),
+             _compare("c_embeds (adaLN)", ours["c_emb"][:, 0], io["c_embeds"], tolerance)]
+  for i in range(config.model.num_layers):
+    results.append(_compare(f"layer_inputs[{i}]", ours["layer_inputs"][i][real],
+                            io["layer_inputs"][i][real], tolerance))
+  results.append(_compare("final_hidden", ours["final"][real], io["final_hidden"][real],
+                          tolerance))
+  results.append(_compare("logits", ours["logits"][real], io["logits"][real], tolerance))
+  results.append(_compare("x_out (diffusion)", ours["out"][io["x_indices"], 0],
+                          io["x_out"].transpose(0, 2, 3, 1), tolerance))
+  return results
+
+
+def report(results: list[Comparison], tolerance: float) -> str:
+  lines = [f"{'output':<20} {'max abs err':>12} {'max rel err':>12}  (tolerance {tolerance:g})"]
+  for r in results:
+    lines.append(f"{r.name:<20} {r.max_abs:>12.3e} {r.max_rel:>12.3e}  "
+                 f"{'ok' if r.ok else 'ABOVE TOLERANCE'}")
+  return "\n".join(lines)

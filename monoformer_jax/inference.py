@@ -1,0 +1,126 @@
+"""Inference in a few calls: images from prompts or class names, text completions.
+
+What `python -m monoformer_jax.sample`, the notebooks and the training run's
+end-of-run samples call. Prompts are strings; the tokenizer turns them into
+the reference's rows (`<s> prompt <|im_start|>` then the image's P slots);
+samples come back in the model's space (latents, or [-1, 1] pixels for the
+digits default) and `to_pixels` makes [0, 1] images of them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from monoformer_jax.data.digits import CLASS_NAMES, TEMPLATES, image_prefix_ids
+from monoformer_jax.data.packing import prompt_rows
+from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.diffusion.sample_images import sample_images
+from monoformer_jax.text.generate import generate
+from monoformer_jax.text.tokenizer import tokenizer_of  # noqa: F401 (for notebooks)
+
+
+def class_name_prompt(name: str, config=None) -> str:
+  """The reference's first template for a class name ("Please generate an
+  image of {name}."); digits also take "7" for "seven"."""
+  if config is not None and config.data.name == "digits":
+    if name.isdigit() and int(name) < 10:
+      name = CLASS_NAMES[int(name)]
+    if name not in CLASS_NAMES:
+      raise ValueError(f"class name {name!r} is not a digit: use one of {CLASS_NAMES} "
+                       "or 0..9")
+  return TEMPLATES[0].format(name)
+
+
+def image_rows(prompts: Sequence[str | None], tokenizer, tokens_per_image: int, *,
+               guidance: bool):
+  """The rows that generate one image per prompt (None: unconditional).
+
+  With `guidance` the batch is doubled: the prompts, then as many null
+  (empty) prompts, as `sample_images` expects.
+  """
+  prefixes = [image_prefix_ids(p, tokenizer) for p in prompts]
+  if guidance:
+    prefixes += [image_prefix_ids(None, tokenizer)] * len(prompts)
+  return prompt_rows(prefixes, pad_id=tokenizer.pad_id, new_tokens=tokens_per_image,
+                     new_token_id=tokenizer.image_id, image_ids=True)
+
+
+def generate_images(model, tokenizer, prompts: Sequence[str | None], *, num_steps: int = 20,
+                    sampler: str = "ddpm", eta: float = 0.0, cfg_scale: float | None = 1.5,
+                    guided_channels: int | None = None, seed: int = 0,
+                    use_cache: bool = True, num_timesteps: int = 1000,
+                    progress: Callable | None = None):
+  """x_0 [N, h, w, C] in the model's space (latents, or [-1, 1] pixels) for N
+  prompts; guidance unless `cfg_scale` is None; `num_steps` respaced steps."""
+  diffusion = GaussianDiffusion.create(num_timesteps, "linear", respacing=str(num_steps))
+  rows = image_rows(prompts, tokenizer, model.tokens_per_image,
+                    guidance=cfg_scale is not None)
+  return sample_images(model, rows, diffusion, jax.random.PRNGKey(seed),
+                       cfg_scale=cfg_scale, guided_channels=guided_channels,
+                       sampler=sampler, eta=eta, use_cache=use_cache, progress=progress)
+
+
+def complete_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 256,
+                  temperature: float = 0.7, top_k: int = 50, top_p: float = 0.95,
+                  seed: int = 0, use_cache: bool = True) -> list[str]:
+  """Completions of `prompts` (bos is prepended; generation stops at eos)."""
+  ids = generate(model, [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts],
+                 max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id,
+                 stop_ids=[tokenizer.eos_id], key=jax.random.PRNGKey(seed),
+                 temperature=temperature, top_k=top_k, top_p=top_p, use_cache=use_cache)
+  return [tokenizer.decode(t) for t in ids]
+
+
+def generates_pixels(config) -> bool:
+  """Whether a config's model draws pixels (the digits default) rather than
+  latents that the SD-VAE must decode."""
+  return config.data.name == "digits"
+
+
+def load_vae_of(config, path: str | None = None):
+  """The SD-VAE that decodes a latent model's samples (`path`, else the
+  config's `vae.path`); None for a pixel model. Raises, naming the fix, for a
+  latent model without one."""
+  path = path or config.get("vae", {}).get("path")
+  if path:
+    from monoformer_jax.vae import load_vae
+    return load_vae(path)
+  if not generates_pixels(config):
+    raise ValueError(
+        f"this model draws {config.model.in_channels}-channel latents; decode them with "
+        "the SD-VAE: pass --vae=DIR (a diffusers AutoencoderKL folder such as "
+        "sd-vae-ft-mse) or set config.vae.path")
+  return None
+
+
+def to_pixels(x0, config, vae=None) -> np.ndarray:
+  """Samples as float32 [N, H, W, C] images in [0, 1]: latents decoded by
+  `vae` (see `load_vae_of`), or the pixels of a pixel model."""
+  x0 = np.asarray(x0, np.float32)
+  if vae is not None:
+    from monoformer_jax.vae import decode_latents
+    x0 = np.asarray(decode_latents(vae, x0), np.float32)
+  elif not generates_pixels(config):
+    load_vae_of(config)   # raises, saying what to pass
+  return np.clip((x0 + 1.0) / 2.0, 0.0, 1.0)
+
+
+def image_grid(images_NxHxWxC, rows: int, scale: int = 1, pad: int = 1):
+  """A PIL image of `rows` rows of samples on a white background."""
+  from PIL import Image
+  n, h, w, c = images_NxHxWxC.shape
+  cols = -(-n // rows)
+  images = np.kron(images_NxHxWxC, np.ones((1, scale, scale, 1), np.float32))
+  h, w = h * scale, w * scale
+  grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.float32)
+  for i in range(n):
+    r, col = divmod(i, cols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+         pad + col * (w + pad):pad + col * (w + pad) + w] = images[i]
+  pixels = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
+  return Image.fromarray(pixels[..., 0] if c == 1 else pixels)
+
+

@@ -1,0 +1,121 @@
+r"""Sample a trained MonoFormer from the command line: images and text.
+
+    python -m monoformer_jax.sample --checkpoint=/tmp/digits --class_name=seven
+    python -m monoformer_jax.sample --checkpoint=/tmp/digits \
+        --prompt="an image of three." --num_samples=8 --sampler=ddim --cfg_scale=2
+    python -m monoformer_jax.sample --checkpoint=/tmp/digits --text_prompt="two plus two is"
+
+`--checkpoint` is a training workdir, one of its step folders, or the output
+of `python -m monoformer_jax.convert`; the config saved with it describes the
+model, and its mesh (`config.mesh`) shards the weights over the devices. Images
+go to `--output_dir` as `images.png` (a row per prompt) and `images.npz`
+(`images` float32 [N, H, W, C] in [0, 1], `prompts` [N]); text completions
+are printed and written to `text.txt`. Latent models are decoded with the
+SD-VAE at `--vae` (or the config's `vae.path`); the digits model generates
+pixels directly.
+"""
+
+import os
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+import tqdm
+
+from monoformer_jax import inference
+from monoformer_jax.parallel import sharding
+from monoformer_jax.train.checkpoint import load_config, load_model
+from monoformer_jax.train.state import param_shardings
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "Training workdir, step folder or converted model.")
+_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"],
+                             "EMA weights (the reference samples with them) or raw.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "Image prompt, free text (repeatable).")
+_CLASS_NAME = flags.DEFINE_multi_string("class_name", [],
+                                        "Class to draw, e.g. 'seven' (repeatable).")
+_TEXT_PROMPT = flags.DEFINE_multi_string("text_prompt", [], "Text to complete (repeatable).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Images per prompt or class name.")
+_SAMPLER = flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"],
+                             "DDPM (learned variance, the reference) or DDIM.")
+_ETA = flags.DEFINE_float("eta", 0.0, "DDIM noise: 0 deterministic, 1 the posterior variance.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None,
+                                  "Denoising steps (default config.sample.num_steps, or 20).")
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale, 0 for none (default "
+                                "config.sample.cfg_scale, or 1.5).")
+_GUIDE_EPS_0_TO_2 = flags.DEFINE_bool("guide_eps_0_to_2", False,
+                                      "Guide only epsilon channels 0-2, as the reference.")
+_CACHE = flags.DEFINE_bool("cache", True,
+                           "Cache the prompt's keys/values (images) and the KV cache (text).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed, the same samples.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Longest text completion.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "Text temperature; 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 50, "Sample among the k likeliest tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "Sample within this probability mass (1: all).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer.json / "
+                                 "'bytes' (default config.data.tokenizer).")
+_VAE = flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder (default "
+                           "config.vae.path); latent models need one.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "samples",
+                                  "Where images.png, images.npz and text.txt go.")
+flags.mark_flag_as_required("checkpoint")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not (_PROMPT.value or _CLASS_NAME.value or _TEXT_PROMPT.value):
+    raise app.UsageError("nothing to sample: give --prompt, --class_name or --text_prompt")
+  logging.set_verbosity(logging.INFO)
+  config, step = load_config(_CHECKPOINT.value)
+  tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
+  prompts = list(_PROMPT.value) + [inference.class_name_prompt(c, config)
+                                   for c in _CLASS_NAME.value]
+  vae = inference.load_vae_of(config, _VAE.value) if prompts else None
+  out_dir = _OUTPUT_DIR.value
+  os.makedirs(out_dir, exist_ok=True)
+  sample_cfg = config.get("sample", {})
+
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
+    model, config = load_model(_CHECKPOINT.value, weights=_WEIGHTS.value, config=config,
+                               shardings=param_shardings(config, mesh), step=step)
+    logging.info("%s weights of %s (step %d), mesh %s", _WEIGHTS.value, _CHECKPOINT.value,
+                 step, dict(mesh.shape))
+
+    if prompts:
+      num_steps = _NUM_STEPS.value or sample_cfg.get("num_steps", 20)
+      cfg_scale = _CFG_SCALE.value
+      cfg_scale = sample_cfg.get("cfg_scale", 1.5) if cfg_scale is None else cfg_scale
+      per_sample = [p for p in prompts for _ in range(_NUM_SAMPLES.value)]
+      logging.info("%d images: %s, %d steps, guidance %s, prompt cache %s",
+                   len(per_sample), _SAMPLER.value, num_steps, cfg_scale or "off",
+                   "on" if _CACHE.value else "off")
+      with tqdm.tqdm(total=num_steps, desc=f"{_SAMPLER.value} steps") as bar:
+        x0 = inference.generate_images(
+            model, tokenizer, per_sample, num_steps=num_steps, sampler=_SAMPLER.value,
+            eta=_ETA.value, cfg_scale=cfg_scale or None,
+            guided_channels=3 if _GUIDE_EPS_0_TO_2.value else None, seed=_SEED.value,
+            use_cache=_CACHE.value, num_timesteps=config.diffusion.num_timesteps,
+            progress=lambda _: bar.update(1))
+        x0 = jax.device_get(x0)
+      images = inference.to_pixels(x0, config, vae)
+      np.savez(os.path.join(out_dir, "images.npz"), images=images,
+               prompts=np.array(per_sample))
+      inference.image_grid(images, rows=len(prompts), scale=max(1, 64 // images.shape[1])
+                           ).save(os.path.join(out_dir, "images.png"))
+      logging.info("wrote %d images to %s (images.png, images.npz)", len(images), out_dir)
+
+    if _TEXT_PROMPT.value:
+      completions = inference.complete_text(
+          model, tokenizer, _TEXT_PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+          temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+          seed=_SEED.value, use_cache=_CACHE.value)
+      lines = [f"{p!r} -> {c!r}" for p, c in zip(_TEXT_PROMPT.value, completions)]
+      with open(os.path.join(out_dir, "text.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+      print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)

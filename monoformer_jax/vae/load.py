@@ -1,0 +1,223 @@
+"""Loading diffusers AutoencoderKL checkpoints (safetensors) into our AutoencoderKL.
+
+Accepted layouts: a diffusers folder (`config.json` +
+`diffusion_pytorch_model.safetensors`, e.g. stabilityai/sd-vae-ft-mse), a
+pipeline folder holding one as `vae/`, or a single `.safetensors` file with its
+config beside it or passed in. Checkpoint keys are our parameter paths (see
+autoencoder_kl.py) with `weight` for `kernel`/`scale`; PyTorch conv weights
+OIHW become HWIO, and the attention projections, Linear [out, in] or 1x1 conv
+[out, in, 1, 1] in older files, become [in, out]. Older files' attention names
+(query/key/value/proj_attn) are renamed to to_q/to_k/to_v/to_out.0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from monoformer_jax.vae.autoencoder_kl import AutoencoderKL, VAEConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v",
+                          "proj_attn": "to_out.0"}
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+_MAX_LISTED = 8
+
+
+def resolve_vae_files(path, config=None) -> tuple[pathlib.Path, dict, str]:
+  """(safetensors file, config dict, where the config came from) for `path`.
+
+  `config` (a dict or a config.json path) overrides the one found beside the weights.
+  """
+  path = pathlib.Path(os.fspath(path))
+  if path.is_dir():
+    folder = path / "vae" if (not (path / CONFIG_NAME).exists()
+                              and (path / "vae" / WEIGHTS_NAME).exists()) else path
+    weights = folder / WEIGHTS_NAME
+    if not weights.exists():
+      found = sorted(p.name for p in folder.iterdir())
+      hint = (" PyTorch .bin files are not read: convert them to safetensors."
+              if any(n.endswith(".bin") for n in found) else "")
+      raise FileNotFoundError(f"VAE folder {folder} has no {WEIGHTS_NAME} (found "
+                              f"{found[:_MAX_LISTED]}); pass the .safetensors file itself "
+                              f"with config=... to load another name.{hint}")
+  elif path.is_file():
+    if path.suffix != ".safetensors":
+      raise ValueError(f"VAE weights {path} are not a .safetensors file; convert them "
+                       "(PyTorch: safetensors.torch.save_file(model.state_dict(), ...))")
+    weights, folder = path, path.parent
+  else:
+    raise FileNotFoundError(f"VAE path {path} does not exist; expected a diffusers folder "
+                            f"({CONFIG_NAME} + {WEIGHTS_NAME}) or a .safetensors file")
+
+  if isinstance(config, dict):
+    return weights, config, "the config passed in"
+  config_path = pathlib.Path(config) if config is not None else folder / CONFIG_NAME
+  if not config_path.exists():
+    raise FileNotFoundError(f"VAE config {config_path} not found for weights {weights}; "
+                            "pass config= (a diffusers config.json path or dict)")
+  with open(config_path) as f:
+    return weights, json.load(f), str(config_path)
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+  """All tensors of a .safetensors file as numpy arrays (bf16 via ml_dtypes)."""
+  from safetensors import safe_open
+  # jax has registered ml_dtypes' bfloat16 with numpy, which BF16 tensors need.
+  with safe_open(os.fspath(path), framework="np") as f:
+    return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def rename_legacy_keys(tensors: dict) -> dict:
+  """query/key/value/proj_attn attention names -> to_q/to_k/to_v/to_out.0."""
+  renamed = {}
+  for key, value in tensors.items():
+    new = key
+    match = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", key)
+    if match:
+      prefix, name, leaf = match.groups()
+      new = f"{prefix}.{LEGACY_ATTENTION_NAMES[name]}.{leaf}"
+      if new in tensors:
+        raise ValueError(f"VAE checkpoint has both {key!r} and {new!r}; keep one of them")
+    renamed[new] = value
+  return renamed
+
+
+def checkpoint_key(path: tuple) -> str:
+  """Our parameter path -> its diffusers key ('encoder', 'conv_in', 'kernel' -> ...weight)."""
+  return ".".join(str(p) for p in path[:-1]) + "." + _LEAF_NAMES[path[-1]]
+
+
+def _checkpoint_shape(shape: tuple) -> tuple:
+  """The PyTorch shape of one of our parameters."""
+  if len(shape) == 4:  # HWIO -> OIHW
+    return (shape[3], shape[2], shape[0], shape[1])
+  if len(shape) == 2:  # [in, out] -> [out, in]
+    return (shape[1], shape[0])
+  return tuple(shape)
+
+
+def _to_our_layout(value: np.ndarray, ndim: int) -> np.ndarray:
+  if ndim == 4:
+    return value.transpose(2, 3, 1, 0)
+  if ndim == 2:
+    return value.reshape(value.shape[:2]).T  # [out, in] or [out, in, 1, 1]
+  return value
+
+
+def _shape_fields(key: str, cfg: VAEConfig) -> str:
+  """The config values a parameter's shape follows."""
+  blocks = f"block_out_channels={list(cfg.block_out_channels)}"
+  if key.startswith("encoder.conv_in."):
+    return f"in_channels={cfg.in_channels} or {blocks}"
+  if key.startswith("decoder.conv_out."):
+    return f"out_channels={cfg.out_channels} or {blocks}"
+  if key.startswith(("quant_conv.", "post_quant_conv.")):
+    return f"latent_channels={cfg.latent_channels}"
+  if key.startswith(("encoder.conv_out.", "decoder.conv_in.")):
+    return f"latent_channels={cfg.latent_channels} or {blocks}"
+  return blocks
+
+
+def _structure_hints(keys, cfg: VAEConfig) -> list[str]:
+  """Which config values would add or remove these parameters ('x=1 (why)')."""
+  if any(re.match(r"(first_stage_model\.)?(en|de)coder\.(down|up|mid)\.", k) for k in keys):
+    # No config describes these names: the file needs converting.
+    return ["convert the file: its keys are the original LDM/CompVis names "
+            "(encoder.down.0.block.0...), not diffusers' (diffusers' AutoencoderKL."
+            "from_single_file(...).save_pretrained(folder) converts it)"]
+  hints = []
+  for key in keys:
+    if re.match(r"(encoder\.down|decoder\.up)_blocks\.\d+\.(down|up)samplers", key) or \
+        re.match(r"(encoder\.down|decoder\.up)_blocks\.\d+\.", key) and \
+        int(key.split(".")[2]) >= len(cfg.block_out_channels):
+      hint = (f"block_out_channels={list(cfg.block_out_channels)} (one block, and a "
+              "down/upsampler between blocks, per entry)")
+    elif ".attentions." in key:
+      hint = f"mid_block_add_attention={cfg.mid_block_add_attention}"
+    elif key.startswith("quant_conv."):
+      hint = f"use_quant_conv={cfg.use_quant_conv}"
+    elif key.startswith("post_quant_conv."):
+      hint = f"use_post_quant_conv={cfg.use_post_quant_conv}"
+    elif ".conv_shortcut." in key:
+      hint = (f"block_out_channels={list(cfg.block_out_channels)} (a resnet whose "
+              "channels change has a conv_shortcut)")
+    elif re.search(r"_blocks\.\d+\.resnets\.\d+\.", key):
+      hint = (f"layers_per_block={cfg.layers_per_block} (resnets per encoder block; "
+              "the decoder has one more)")
+    else:
+      continue
+    if hint not in hints:
+      hints.append(hint)
+  return hints
+
+
+def _listed(keys) -> str:
+  keys = sorted(keys)
+  more = f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+  return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def vae_from_tensors(tensors: dict, cfg: VAEConfig, *, dtype=jnp.float32,
+                     source: str = "VAE checkpoint",
+                     config_source: str = "the config") -> AutoencoderKL:
+  """An AutoencoderKL holding `tensors` (diffusers key -> PyTorch-layout array)."""
+  tensors = rename_legacy_keys(tensors)
+  abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract)
+  flat = list(nnx.to_flat_state(abstract_state))
+  expected = {checkpoint_key(path): var for path, var in flat}
+
+  missing = [k for k in expected if k not in tensors]
+  unexpected = [k for k in tensors if k not in expected]
+  if missing or unexpected:
+    parts = []
+    if missing:
+      parts.append(f"{len(missing)} key(s) the config needs are missing from it: "
+                   f"{_listed(missing)}")
+    if unexpected:
+      parts.append(f"{len(unexpected)} key(s) in it are not in the model: "
+                   f"{_listed(unexpected)}")
+    hints = _structure_hints(missing + unexpected, cfg)
+    if hints and hints[0].startswith("convert"):
+      fix = "To fix: " + hints[0]
+    elif hints:
+      fix = f"To fix, change in {config_source}: " + "; ".join(hints)
+    else:
+      fix = f"Load it with the config.json saved with it, not {config_source}"
+    raise ValueError(f"{source} does not match {config_source}: " + "; ".join(parts)
+                     + ". " + fix + ".")
+
+  leaves = []
+  for path, var in flat:
+    key = checkpoint_key(path)
+    value = np.asarray(tensors[key])
+    want = _checkpoint_shape(var.shape)
+    found = tuple(value.shape)
+    # A [out, in, 1, 1] conv is also accepted for a Linear (older attention weights).
+    if found != want and not (len(want) == 2 and found == want + (1, 1)):
+      raise ValueError(
+          f"{source}: {key!r} has shape {found} but {config_source} makes it {want} "
+          f"(PyTorch layout); the shape follows {_shape_fields(key, cfg)}: change that "
+          "to match the checkpoint, or use the config.json saved with it")
+    leaves.append((path, var.replace(jnp.asarray(_to_our_layout(value, len(want)), dtype))))
+  return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def load_vae(path, *, config=None, dtype=jnp.float32) -> AutoencoderKL:
+  """The AutoencoderKL saved at `path` (see the module docstring), params in `dtype`.
+
+  `config`: a diffusers config dict or config.json path, when it is not beside
+  the weights. The VAE computes in `dtype` (GroupNorm and softmax in float32).
+  """
+  weights, config_dict, config_source = resolve_vae_files(path, config)
+  cfg = VAEConfig.from_diffusers(config_dict)
+  return vae_from_tensors(read_safetensors(weights), cfg, dtype=dtype,
+                          source=f"VAE checkpoint {weights}", config_source=config_source)

@@ -1,0 +1,100 @@
+"""The sampling entry points end to end: the CLI in a subprocess and the
+notebook executed headless, both on a tiny checkpoint made here."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from monoformer_jax import inference
+from monoformer_jax.train.checkpoint import load_model, save_model
+from monoformer_jax.train.state import init_params
+from helpers import digits_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  """A digits-shaped model (2 layers) with random weights, raw and EMA."""
+  config = digits_config()
+  params = jax.jit(lambda: init_params(config.model, seed=3))()
+  # Give the zero-initialised heads weights, so the samples depend on the prompt.
+  ema = jax.tree.map(lambda p: p + 0.05, params)
+  path = tmp_path_factory.mktemp("ckpt")
+  save_model(path, config, params, ema=ema)
+  return path
+
+
+def _cli(*flags, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", "monoformer_jax.sample", *flags],
+                        cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_writes_what_the_library_samples(checkpoint, tmp_path):
+  out = tmp_path / "out"
+  run = _cli(f"--checkpoint={checkpoint}", "--class_name=seven", "--prompt=an image of two.",
+             "--text_prompt=two plus", "--num_samples=2", "--num_steps=3", "--cfg_scale=2",
+             "--max_new_tokens=5", "--temperature=0", f"--output_dir={out}")
+  assert run.returncode == 0, run.stderr[-3000:]
+  saved = np.load(out / "images.npz")
+  images, prompts = saved["images"], saved["prompts"].tolist()
+  assert images.shape == (4, 8, 8, 1) and images.dtype == np.float32
+  assert prompts == ["an image of two."] * 2 + ["Please generate an image of seven."] * 2
+  assert (out / "images.png").stat().st_size > 0
+  assert "steps" in run.stderr   # the progress bar over denoising steps
+
+  model, config = load_model(checkpoint)
+  tok = inference.tokenizer_of(config)
+  x0 = inference.generate_images(model, tok, prompts, num_steps=3, cfg_scale=2.0, seed=0)
+  np.testing.assert_allclose(images, inference.to_pixels(x0, config), atol=1e-4)
+  text = inference.complete_text(model, tok, ["two plus"], max_new_tokens=5, temperature=0)
+  assert f"'two plus' -> {text[0]!r}" in run.stdout
+  assert (out / "text.txt").read_text().strip() == f"'two plus' -> {text[0]!r}"
+
+
+def test_cli_errors_name_the_fix(checkpoint, tmp_path):
+  run = _cli(f"--checkpoint={checkpoint}", f"--output_dir={tmp_path}")
+  assert run.returncode != 0 and "give --prompt, --class_name or --text_prompt" in run.stderr
+  run = _cli(f"--checkpoint={checkpoint}", "--class_name=eleven", f"--output_dir={tmp_path}")
+  assert run.returncode != 0 and "'eleven' is not a digit" in run.stderr
+  run = _cli(f"--checkpoint={tmp_path / 'nowhere'}", "--class_name=1")
+  assert run.returncode != 0 and "does not exist" in run.stderr
+
+
+def test_cli_decodes_a_latent_model_with_the_vae(tmp_path):
+  """A 4-channel latent model: the tiny SD-VAE fixture (2x downsampling) turns
+  its 8x8x4 samples into 16x16 RGB; without a VAE the CLI says what to pass."""
+  config = digits_config()
+  config.data.name = "latents"
+  config.model.in_channels = 4
+  params = jax.jit(lambda: init_params(config.model, seed=3))()
+  save_model(tmp_path / "ckpt", config, params, ema=params)
+  flags = (f"--checkpoint={tmp_path / 'ckpt'}", "--prompt=a cat", "--num_samples=2",
+           "--num_steps=2", f"--output_dir={tmp_path / 'out'}")
+  run = _cli(*flags)
+  assert run.returncode != 0 and "pass --vae=DIR" in run.stderr
+  run = _cli(*flags, f"--vae={REPO / 'tests' / 'fixtures' / 'tiny_vae'}")
+  assert run.returncode == 0, run.stderr[-3000:]
+  images = np.load(tmp_path / "out" / "images.npz")["images"]
+  assert images.shape == (2, 16, 16, 3) and 0 <= images.min() <= images.max() <= 1
+
+
+def test_notebook_runs_headless(checkpoint, monkeypatch):
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  monkeypatch.setenv("MONOFORMER_CHECKPOINT", str(checkpoint))
+  monkeypatch.setenv("MONOFORMER_SAMPLE_STEPS", "3")
+  monkeypatch.setenv("MONOFORMER_SAMPLES_PER_CLASS", "2")
+  nb = nbformat.read(REPO / "notebooks" / "sampling.ipynb", as_version=4)
+  nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                          resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+  outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+  figures = [o for o in outputs if "image/png" in o.get("data", {})]
+  texts = "".join(o.get("text", "") for o in outputs)
+  assert len(figures) == 2                       # the class grid and text-to-image
+  assert "'three plus four is' -> " in texts     # the completion
