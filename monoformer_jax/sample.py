@@ -24,7 +24,7 @@ import tqdm
 
 from monoformer_jax import inference
 from monoformer_jax.parallel import sharding
-from monoformer_jax.train.checkpoint import load_config, load_model
+from monoformer_jax.train.checkpoint import load_config, load_model, quiet_orbax_logs
 from monoformer_jax.train.state import param_shardings
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
@@ -67,6 +67,7 @@ def main(argv):
   if not (_PROMPT.value or _CLASS_NAME.value or _TEXT_PROMPT.value):
     raise app.UsageError("nothing to sample: give --prompt, --class_name or --text_prompt")
   logging.set_verbosity(logging.INFO)
+  quiet_orbax_logs()
   config, step = load_config(_CHECKPOINT.value)
   tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
   prompts = list(_PROMPT.value) + [inference.class_name_prompt(c, config)

@@ -242,9 +242,9 @@ def test_train_init_from_a_converted_llama(tmp_path):
 
   config.train.init_from = str(tmp_path / "ckpt")
   config.model.num_layers = 3  # another model size
-  with pytest.raises(ValueError, match=r"(?s)is another model: model.num_layers=2 there, 3 "
-                     r"here.*\['layers'\]\['attn'\]\['wk'\]: \(2, 64, 2, 16\) in the checkpoint, "
-                     r"\(3, 64, 2, 16\) for this config"):
+  with pytest.raises(ValueError, match=r"(?s)\['layers'\]\['attn'\]\['wk'\]: \(2, 64, 2, 16\) "
+                     r"in the checkpoint, \(3, 64, 2, 16\) for this config.*Set "
+                     r"model.num_layers=2 there, 3 here to the checkpoint's values"):
     train_and_evaluate(config, str(tmp_path / "run2"), sample_at_end=False)
 
 

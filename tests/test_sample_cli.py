@@ -46,7 +46,7 @@ def test_cli_writes_what_the_library_samples(checkpoint, tmp_path):
   assert images.shape == (4, 8, 8, 1) and images.dtype == np.float32
   assert prompts == ["an image of two."] * 2 + ["Please generate an image of seven."] * 2
   assert (out / "images.png").stat().st_size > 0
-  assert "steps" in run.stderr   # the progress bar over denoising steps
+  assert "ddpm steps: 100%" in run.stderr and "3/3" in run.stderr   # the progress bar
 
   model, config = load_model(checkpoint)
   tok = inference.tokenizer_of(config)

@@ -14,7 +14,6 @@ fields come from the weights' config.json. `--mesh` builds every parameter
 straight into its shards on the mesh of `config.mesh` / `config.sharding_rules`.
 """
 
-import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -46,9 +45,8 @@ def main(argv):
                          f"--flags (got {argv[1:]})")
   command = argv[1]
   logging.set_verbosity(logging.INFO)
-  # Orbax narrates every save at INFO; keep its warnings, drop the chatter.
-  logging.get_absl_logger().addFilter(
-      lambda r: "orbax" not in r.pathname or r.levelno >= std_logging.WARNING)
+  from monoformer_jax.train.checkpoint import quiet_orbax_logs
+  quiet_orbax_logs()
   from monoformer_jax.convert import official
   base = _CONFIG.value
 

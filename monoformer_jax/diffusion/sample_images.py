@@ -93,22 +93,28 @@ class _Settings(NamedTuple):
   progress: bool
 
 
-# The host callback of the call in flight: compiled samplers call `_report`,
-# which forwards here, so a new progress bar needs no new compilation.
-_progress = threading.local()
+# The host callback of the call in flight: compiled samplers call `_report`
+# (on a runtime thread), which forwards here, so a new progress bar needs no
+# new compilation. One sampling call at a time reports progress.
+_progress_callback = [None]
+_progress_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def _progress_reporting(callback):
-  previous, _progress.callback = getattr(_progress, "callback", None), callback
-  try:
+  if callback is None:
     yield
-  finally:
-    _progress.callback = previous
+    return
+  with _progress_lock:
+    _progress_callback[0] = callback
+    try:
+      yield
+    finally:
+      _progress_callback[0] = None
 
 
 def _report(step):
-  callback = getattr(_progress, "callback", None)
+  callback = _progress_callback[0]
   if callback is not None:
     callback(step)
 

@@ -5,7 +5,6 @@ Run the same command on every host of a pod (JAX multi-controller); set
 Config fields are overridden as `--config.train.num_steps=100`.
 """
 
-import logging as std_logging
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,9 +24,8 @@ def main(argv):
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.set_verbosity(logging.INFO)
-  # Orbax narrates every save at INFO; keep its warnings, drop the chatter.
-  logging.get_absl_logger().addFilter(
-      lambda r: "orbax" not in r.pathname or r.levelno >= std_logging.WARNING)
+  from monoformer_jax.train.checkpoint import quiet_orbax_logs
+  quiet_orbax_logs()
   from monoformer_jax.train.loop import train_and_evaluate
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -19,6 +19,15 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def quiet_orbax_logs():
+  """Keeps Orbax's warnings in the absl log and drops its INFO narration of
+  every save and restore (the entry points call this once)."""
+  import logging as std_logging
+  from absl import logging
+  logging.get_absl_logger().addFilter(
+      lambda r: "orbax" not in r.pathname or r.levelno >= std_logging.WARNING)
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, save_every: int):
@@ -105,6 +114,15 @@ def check_params(stored, wanted, where: str, fix: str):
 # ----------------------------------------------------------------------------
 
 WEIGHTS = ("ema", "raw")
+# Model fields that say how to compute, not what the weights are.
+_COMPUTE_FIELDS = ("dtype", "attention_impl", "remat")
+
+
+def model_differences(saved, config) -> list[str]:
+  """`model.x=A there, B here` for each weight-shaping field that differs."""
+  return [f"model.{k}={saved.model.get(k)!r} there, {v!r} here"
+          for k, v in config.model.items()
+          if k not in _COMPUTE_FIELDS and saved.model.get(k) != v]
 
 
 def resolve(path: str, step: int | None = None) -> tuple[str, int]:
@@ -133,9 +151,12 @@ def resolve(path: str, step: int | None = None) -> tuple[str, int]:
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
+  # Every item a training checkpoint holds is named, so Orbax does not warn
+  # about the ones we skip (create=False: a reader never makes folders).
   return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      directory, options=ocp.CheckpointManagerOptions(create=False),
       item_handlers=dict(state=ocp.PyTreeCheckpointHandler(),
+                         data=ocp.JsonCheckpointHandler(),
                          config=ocp.JsonCheckpointHandler()))
 
 
@@ -171,9 +192,11 @@ def load_params(path: str, *, weights: str = "ema", config=None, shardings=None,
     raise ValueError(f"checkpoint {directory}/{step} has no {key!r} weights (it holds "
                      f"{sorted(stored)}); ask for weights='raw' (--weights=raw)")
   _, abstract, _ = abstract_model(config.model)
+  differ = model_differences(saved_config, config)
+  fix = ("Set " + "; ".join(differ) + " to the checkpoint's values" if differ else
+         "Pass the config the checkpoint was made with (its `config` item holds it)")
   check_params(stored[key], abstract, f"{directory}/{step}",
-               "Pass the config the checkpoint was made with (its `config` item "
-               "holds it), or convert it for this model size.")
+               fix + ", or convert the weights for this model size.")
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)

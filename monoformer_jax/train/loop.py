@@ -27,7 +27,8 @@ from monoformer_jax.data.digits import make_digits_batches
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.tokenizer import tokenizer_of
-from monoformer_jax.train.checkpoint import Checkpointer, load_config, load_params
+from monoformer_jax.train.checkpoint import (Checkpointer, load_config, load_params,
+                                             model_differences)
 from monoformer_jax.train.state import create_train_state, make_optimizer, param_count, state_shardings
 from monoformer_jax.train.step import make_train_step
 
@@ -70,18 +71,10 @@ def _state_from_model(config, mesh, tx, path: str):
   optimizer state."""
   graphdef, _, shardings = state_shardings(config, mesh, tx)
   saved, step = load_config(path)
-  ignored = ("dtype", "attention_impl", "remat")  # how to compute, not what the weights mean
-  differ = [f"model.{k}={saved.model.get(k)!r} there, {v!r} here"
-            for k, v in config.model.items() if k not in ignored and saved.model.get(k) != v]
-  try:
-    params, _, _ = load_params(path, weights="raw", config=config, step=step,
-                               shardings=shardings["params"])
-  except ValueError as e:
-    if not differ:
-      raise
-    raise ValueError(f"train.init_from={path} is another model: {'; '.join(differ)}. Set "
-                     f"those config values to the checkpoint's.\n{e}") from None
-  if differ:
+  params, _, _ = load_params(path, weights="raw", config=config, step=step,
+                             shardings=shardings["params"])
+  differ = model_differences(saved, config)
+  if differ:   # same shapes, other settings (e.g. rope_theta): worth a word
     logging.warning("train.init_from=%s was made with other model settings (%s); "
                     "training uses this config's", path, "; ".join(differ))
 
