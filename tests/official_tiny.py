@@ -1,4 +1,4 @@
-"""Loads ../shared/fixtures/official_tiny into our model through the converter.
+"""Loads tests/fixtures/official_tiny into our model through the converter.
 
 The key map lives in monoformer_jax/convert/official.py only; the tests get
 the fixture's model in float32 with XLA attention (verify.fixture_config).

@@ -21,7 +21,7 @@ import pytest
 
 from monoformer_jax.diffusion import GaussianDiffusion, apply_cfg, sample_loop, space_timesteps
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_tiny"
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "official_tiny"
 TABLES = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next",
           "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
           "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -33,8 +33,7 @@ TOL_VB = dict(rtol=1e-5, atol=1e-5)
 
 def _load(name):
   path = FIXTURES / name
-  if not path.exists():
-    pytest.skip(f"reference fixtures not found at {path}")
+  assert path.exists(), f"reference fixtures missing at {path}"
   return dict(np.load(path))
 
 

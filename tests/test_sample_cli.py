@@ -85,8 +85,8 @@ def test_cli_decodes_a_latent_model_with_the_vae(tmp_path):
 
 
 def test_notebook_runs_headless(checkpoint, monkeypatch):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
+  import nbclient
+  import nbformat
   monkeypatch.setenv("MONOFORMER_CHECKPOINT", str(checkpoint))
   monkeypatch.setenv("MONOFORMER_SAMPLE_STEPS", "3")
   monkeypatch.setenv("MONOFORMER_SAMPLES_PER_CLASS", "2")

@@ -84,7 +84,6 @@ def test_llama_tokenizer_encodes_like_sentencepiece_and_transformers():
 
 
 def test_hf_tokenizer_json_agrees_with_tokenizer_model():
-  pytest.importorskip("tokenizers")
   tok = load_tokenizer(str(TINY_LLAMA / "tokenizer.json"))
   assert isinstance(tok, HFJsonTokenizer)
   assert tok.special_ids == load_tokenizer(str(TINY_LLAMA)).special_ids

@@ -1,6 +1,6 @@
 """Checks a conversion against numbers the official PyTorch code produced.
 
-A fixture folder (the format of shared/fixtures/official_tiny/) holds
+A fixture folder (the format of tests/fixtures/official_tiny/) holds
 `weights.safetensors` + `config.json` in the official layout and `io.npz`: the
 reference's inputs, in our packed layout too (tokens, segment_ids, image_ids,
 positions), and its outputs. The weights go through the converter, the model
