@@ -27,14 +27,15 @@ setup(
         "Pillow>=11.0",
         "scikit-learn>=1.6",
         "tqdm>=4.66",
-        "safetensors>=0.5",
         "ml-dtypes>=0.5",          # bfloat16 safetensors (TinyLlama ships them)
         "sentencepiece>=0.2",      # Llama's tokenizer.model
         "tokenizers>=0.20",        # or an HF tokenizer.json
     ],
     extras_require={
         # The notebook's own needs (Colab has them) are in `test`, which runs it.
+        # safetensors: the tests write fixtures with it; the package reads and
+        # writes the format itself (monoformer_jax/convert/safetensors_io.py).
         "test": ["pytest>=8", "pytest-xdist>=3.6", "nbformat>=5.10", "nbclient>=0.10",
-                 "ipykernel>=6.29", "matplotlib>=3.8"],
+                 "ipykernel>=6.29", "matplotlib>=3.8", "safetensors>=0.5"],
     },
 )

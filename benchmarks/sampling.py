@@ -22,7 +22,6 @@ into a section of `--output`.
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import sys
 
@@ -31,6 +30,7 @@ from flax import nnx
 import jax
 import ml_collections
 
+from monoformer_jax.configs import config_file
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.diffusion.sample_images import sample_images
 from monoformer_jax.inference import image_rows
@@ -52,21 +52,13 @@ _TEXT_ROWS = flags.DEFINE_integer("text_rows", 8, "text rows per call")
 _ITERS = flags.DEFINE_integer("iters", 3, "timed calls per figure")
 _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "markdown file ('' for none)")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TOK = ByteTokenizer()
-
-
-def _config_file(name: str):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def paper_model_config():
   if _PAPER_MODEL.value == "full":
-    return _config_file("imagenet256").model
-  m = ml_collections.ConfigDict(_config_file("digits").model.to_dict())
+    return config_file("imagenet256").model
+  m = ml_collections.ConfigDict(config_file("digits").model.to_dict())
   m.update(vocab_size=264, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
            head_dim=64, mlp_dim=704, image_size=32, in_channels=4, patch_size=2)
   return m
@@ -102,7 +94,7 @@ def main(argv):
   results = []   # (model, what, batch, uncached rate, cached rate, unit)
   models = {}
   if "digits" in _LAYOUTS.value:
-    models["digits"] = random_model(_config_file("digits").model)
+    models["digits"] = random_model(config_file("digits").model)
   if "paper" in _LAYOUTS.value:
     models[f"paper-layout, {_PAPER_MODEL.value}"] = random_model(paper_model_config())
   for name, model in list(models.items()):

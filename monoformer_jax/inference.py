@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from monoformer_jax.data.digits import CLASS_NAMES, TEMPLATES, image_prefix_ids
+from monoformer_jax.data.digits import CLASS_NAMES, TEMPLATES, image_prefix_ids, to_unit_range
 from monoformer_jax.data.packing import prompt_rows
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.diffusion.sample_images import sample_images
@@ -80,6 +80,13 @@ def generates_pixels(config) -> bool:
   return config.data.name == "digits"
 
 
+def _needs_a_vae(config) -> ValueError:
+  return ValueError(
+      f"this model draws {config.model.in_channels}-channel latents; decode them with "
+      "the SD-VAE: pass --vae=DIR (a diffusers AutoencoderKL folder such as "
+      "sd-vae-ft-mse) or set config.vae.path")
+
+
 def load_vae_of(config, path: str | None = None):
   """The SD-VAE that decodes a latent model's samples (`path`, else the
   config's `vae.path`); None for a pixel model. Raises, naming the fix, for a
@@ -89,23 +96,19 @@ def load_vae_of(config, path: str | None = None):
     from monoformer_jax.vae import load_vae
     return load_vae(path)
   if not generates_pixels(config):
-    raise ValueError(
-        f"this model draws {config.model.in_channels}-channel latents; decode them with "
-        "the SD-VAE: pass --vae=DIR (a diffusers AutoencoderKL folder such as "
-        "sd-vae-ft-mse) or set config.vae.path")
+    raise _needs_a_vae(config)
   return None
 
 
 def to_pixels(x0, config, vae=None) -> np.ndarray:
   """Samples as float32 [N, H, W, C] images in [0, 1]: latents decoded by
   `vae` (see `load_vae_of`), or the pixels of a pixel model."""
-  x0 = np.asarray(x0, np.float32)
   if vae is not None:
     from monoformer_jax.vae import decode_latents
-    x0 = np.asarray(decode_latents(vae, x0), np.float32)
+    x0 = decode_latents(vae, np.asarray(x0, np.float32))
   elif not generates_pixels(config):
-    load_vae_of(config)   # raises, saying what to pass
-  return np.clip((x0 + 1.0) / 2.0, 0.0, 1.0)
+    raise _needs_a_vae(config)
+  return to_unit_range(x0)
 
 
 def image_grid(images_NxHxWxC, rows: int, scale: int = 1, pad: int = 1):

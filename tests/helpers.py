@@ -1,17 +1,6 @@
 """Configs the tests share: the repository's config files, and a tiny digits run."""
 
-import importlib.util
-import pathlib
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def config_file(name: str):
-  """`configs/{name}.py`'s get_config(), as `--config=configs/{name}.py` loads it."""
-  spec = importlib.util.spec_from_file_location(f"{name}_config", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from monoformer_jax.configs import config_file
 
 
 def digits_config(**train):

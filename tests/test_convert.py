@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from monoformer_jax.convert import llama, official, verify
 from monoformer_jax.parallel.sharding import make_mesh
-from monoformer_jax.train.checkpoint import load_model, load_params
+from monoformer_jax.train.checkpoint import load_model, load_params, stored_weights
 from monoformer_jax.train.state import abstract_model, param_shardings
 from helpers import config_file
 
@@ -102,7 +102,7 @@ def test_round_trip_sharded_with_ema(fixture_dir, base, tmp_path):
   shutil.copy(fixture_dir / "config.json", tmp_path / "in" / "ema" / "config.json")
 
   official.convert_official(str(tmp_path / "in"), str(tmp_path / "ckpt"), base)
-  assert official.stored_weights(str(tmp_path / "ckpt")) == ["ema", "params"]
+  assert stored_weights(str(tmp_path / "ckpt")) == ["ema", "params"]
   ema_params, _, _ = load_params(str(tmp_path / "ckpt"), weights="ema")
   np.testing.assert_array_equal(np.asarray(ema_params["embed_tokens"]),
                                 ema["model.embed_tokens.weight"])

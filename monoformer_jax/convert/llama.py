@@ -24,7 +24,6 @@ import zlib
 
 import numpy as np
 from absl import logging
-from flax import traverse_util
 
 from monoformer_jax.convert import official
 from monoformer_jax.convert.safetensors_io import SafetensorsSource
@@ -89,15 +88,11 @@ def load_llama(path: str, base_config=None, *, seed: int = 0, shardings_fn=None)
   std = float(hf.get("initializer_range", 0.02))
   shardings = shardings_fn(config) if shardings_fn else None
 
-  from monoformer_jax.train.state import abstract_model
-  _, abstract, _ = abstract_model(m)
-  shapes = {p: leaf.shape for p, leaf in traverse_util.flatten_dict(abstract).items()}
-
-  def initial(p, b):
+  def initial(p, shape, b):
     if _IMAGE_INIT[p] == "zeros":
-      full = np.zeros(shapes[p], np.float32)
+      full = np.zeros(shape, np.float32)
     else:
-      full = (_INIT_STD * _rng(seed, p).standard_normal(shapes[p])).astype(np.float32)
+      full = (_INIT_STD * _rng(seed, p).standard_normal(shape)).astype(np.float32)
     return full[tuple(slice(*x) for x in b)]
 
   def added_rows(p):
@@ -107,7 +102,7 @@ def load_llama(path: str, base_config=None, *, seed: int = 0, shardings_fn=None)
     backbone = [e for e in official.BACKBONE if not (tied and e.key == "lm_head.weight")]
     official.check_source(source, m, path, entries=backbone, vocab_size=old_vocab)
 
-    def make_reader(p):
+    def make_reader(p, shape):
       e = official.BY_PATH[p]
       if p == ("embed_tokens",):
         read_old = official.entry_reader(source, e, m.head_dim)
@@ -120,7 +115,7 @@ def load_llama(path: str, base_config=None, *, seed: int = 0, shardings_fn=None)
         return _grow_vocab(read_old, new.T, 1, old_vocab)
       if e in official.BACKBONE:
         return official.entry_reader(source, e, m.head_dim)
-      return lambda b: initial(p, b)
+      return lambda b: initial(p, shape, b)
 
     params = official.build_params(m, make_reader, shardings, desc="llama -> ours")
   return params, config

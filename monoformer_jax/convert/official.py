@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import json
 import os
-import pathlib
 import re
 from typing import Callable
 
@@ -34,6 +32,7 @@ import tqdm
 from absl import logging
 from flax import traverse_util
 
+from monoformer_jax.configs import config_file
 from monoformer_jax.convert.safetensors_io import SafetensorsSource, find_files, write_safetensors
 from monoformer_jax.model.monoformer import CONDITIONING_MODES
 
@@ -221,7 +220,7 @@ def entry_reader(source, e: Entry, head_dim: int) -> Callable[[list], np.ndarray
 
 
 def build_params(model_cfg, make_reader, shardings=None, desc: str = "converting"):
-  """Our params pure dict, each array made from `make_reader(path)(bounds)`
+  """Our params pure dict, each array made from `make_reader(path, shape)(bounds)`
   directly into its sharding (default: the first device)."""
   from monoformer_jax.train.state import abstract_model
   _, abstract, _ = abstract_model(model_cfg)
@@ -232,7 +231,7 @@ def build_params(model_cfg, make_reader, shardings=None, desc: str = "converting
   with tqdm.tqdm(total=len(flat), desc=desc, unit="param", leave=False) as bar:
     for path, leaf in flat.items():
       bar.set_postfix_str("/".join(path))
-      read = make_reader(path)
+      read = make_reader(path, leaf.shape)
       out[path] = jax.make_array_from_callback(
           leaf.shape, flat_sh[path],
           lambda index, read=read, shape=leaf.shape: read(_bounds(index, shape)),
@@ -245,7 +244,8 @@ def read_params(source, model_cfg, shardings=None, desc: str = "official -> ours
   """Our params from an official-layout `source` (checked first)."""
   check_source(source, model_cfg, source.path)
 
-  def make_reader(path):
+  def make_reader(path, shape):
+    del shape  # the entry knows its layout
     if path not in BY_PATH:
       raise ValueError(f"parameter {'/'.join(path)} has no official key: add it to "
                        "monoformer_jax/convert/official.py ENTRIES")
@@ -257,13 +257,7 @@ def read_params(source, model_cfg, shardings=None, desc: str = "official -> ours
 
 def default_config():
   """This repository's configs/imagenet256.py: the base config of conversions."""
-  path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "imagenet256.py"
-  if not path.exists():
-    raise FileNotFoundError(f"no {path}: pass --config=path/to/configs/imagenet256.py")
-  spec = importlib.util.spec_from_file_location("monoformer_config_imagenet256", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_file("imagenet256")
 
 
 def read_hf_config(path: str) -> dict:
@@ -476,19 +470,9 @@ def write_official(params, config, folder: str, *, max_shard_bytes: int,
   return names
 
 
-def stored_weights(path: str) -> list[str]:
-  """Which weights ('params', 'ema') the model checkpoint `path` holds."""
-  import orbax.checkpoint as ocp
-  from monoformer_jax.train.checkpoint import resolve
-  directory, step = resolve(path)
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                             item_handlers=dict(state=ocp.PyTreeCheckpointHandler())) as m:
-    return sorted(m.item_metadata(step)["state"])
-
-
 def convert_to_official(path: str, output: str, *, max_shard_bytes: int = 5 * 10**9):
   """A model checkpoint -> official layout at `output` (+ `output/ema/` if it has EMA)."""
-  from monoformer_jax.train.checkpoint import load_params
+  from monoformer_jax.train.checkpoint import load_params, stored_weights
   weights = stored_weights(path)
   params, config, _ = load_params(path, weights="raw")
   write_official(params, config, output, max_shard_bytes=max_shard_bytes)

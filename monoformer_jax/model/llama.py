@@ -119,8 +119,9 @@ class Attention(nnx.Module):
     self.impl = cfg.attention_impl
 
   def __call__(self, x_BxLxE, rope, segment_ids, image_ids, cache=None, offset=None):
-    """Output [B, L, E]; with `cache` ((k, v) [B, S, K, D] of one layer) also
-    the cache with this call's keys and values written at `offset`."""
+    """(output [B, L, E], cache): with `cache` ((k, v) [B, S, K, D] of one
+    layer) this call's keys and values are written into it at `offset`;
+    without, the cache returned is None."""
     dtype = x_BxLxE.dtype
     q_BxLxHxD = jnp.einsum("ble,ehd->blhd", x_BxLxE, self.wq[...].astype(dtype))
     k_BxLxKxD = jnp.einsum("ble,ekd->blkd", x_BxLxE, self.wk[...].astype(dtype))
@@ -136,7 +137,7 @@ class Attention(nnx.Module):
     out_BxLxHxD = attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids,
                             impl=self.impl, q_offset=offset)
     out_BxLxE = jnp.einsum("blhd,hde->ble", out_BxLxHxD, self.wo[...].astype(dtype))
-    return out_BxLxE if cache is None else (out_BxLxE, cache)
+    return out_BxLxE, cache
 
 
 class MLP(nnx.Module):
@@ -166,8 +167,8 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BxLxE, rope, segment_ids, image_ids, cache=None, offset=None):
-    attn = self.attn(self.input_norm(x_BxLxE), rope, segment_ids, image_ids, cache, offset)
-    attn_BxLxE, cache = attn if cache is not None else (attn, None)
+    attn_BxLxE, cache = self.attn(self.input_norm(x_BxLxE), rope, segment_ids, image_ids,
+                                  cache, offset)
     x_BxLxE = x_BxLxE + attn_BxLxE
     x_BxLxE = x_BxLxE + self.mlp(self.post_attention_norm(x_BxLxE))
     return constrain(x_BxLxE, ("batch", "length", None)), cache

@@ -108,18 +108,14 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class HFJsonTokenizer(Tokenizer):
-  """Llama's tokenizer from a Hugging Face `tokenizer.json` (needs `tokenizers`).
+  """Llama's tokenizer from a Hugging Face `tokenizer.json`.
 
   If the file already holds the four added tokens (saved after the reference's
   setup_tokenizer) they must be the last four ids; otherwise they are appended.
   """
 
   def __init__(self, json_file: str):
-    try:
-      from tokenizers import Tokenizer as HFTokenizer
-    except ImportError as e:
-      raise ImportError(f"reading {json_file} needs the `tokenizers` package "
-                        "(pip install tokenizers), or pass the tokenizer.model instead") from e
+    from tokenizers import Tokenizer as HFTokenizer
     self.path = os.fspath(json_file)
     self.tok = HFTokenizer.from_file(self.path)
     size = self.tok.get_vocab_size(with_added_tokens=True)

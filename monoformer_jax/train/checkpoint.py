@@ -169,6 +169,12 @@ def load_config(path: str, step: int | None = None):
   return ml_collections.ConfigDict(restored["config"]), step
 
 
+def stored_weights(path: str) -> list[str]:
+  """Which weights ('params', 'ema') the checkpoint `path` names holds."""
+  directory, step = resolve(path)
+  return sorted(_reader(directory).item_metadata(step)["state"])
+
+
 def load_params(path: str, *, weights: str = "ema", config=None, shardings=None,
                 step: int | None = None):
   """(params pure dict, config, step) from the checkpoint `path` names.
@@ -179,6 +185,12 @@ def load_params(path: str, *, weights: str = "ema", config=None, shardings=None,
   restores each array straight into its shards, else onto the default device.
   Only the chosen weights are read, never the optimizer state.
   """
+  _, params, config, step = _restore(path, weights, config, shardings, step)
+  return params, config, step
+
+
+def _restore(path, weights, config, shardings, step):
+  """load_params' work, also returning the model's graphdef."""
   from monoformer_jax.train.state import abstract_model
   if weights not in WEIGHTS:
     raise ValueError(f"weights={weights!r}: choose one of {WEIGHTS}")
@@ -191,7 +203,7 @@ def load_params(path: str, *, weights: str = "ema", config=None, shardings=None,
   if key not in stored:
     raise ValueError(f"checkpoint {directory}/{step} has no {key!r} weights (it holds "
                      f"{sorted(stored)}); ask for weights='raw' (--weights=raw)")
-  _, abstract, _ = abstract_model(config.model)
+  graphdef, abstract, _ = abstract_model(config.model)
   differ = model_differences(saved_config, config)
   fix = ("Set " + "; ".join(differ) + " to the checkpoint's values" if differ else
          "Pass the config the checkpoint was made with (its `config` item holds it)")
@@ -205,17 +217,14 @@ def load_params(path: str, *, weights: str = "ema", config=None, shardings=None,
   restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True)))
-  return restored["state"][key], config, step
+  return graphdef, restored["state"][key], config, step
 
 
 def load_model(path: str, *, weights: str = "ema", config=None, shardings=None,
                step: int | None = None):
   """(MonoFormer with the checkpoint's weights, config): see `load_params`."""
   from flax import nnx
-  from monoformer_jax.train.state import abstract_model
-  params, config, _ = load_params(path, weights=weights, config=config,
-                                  shardings=shardings, step=step)
-  graphdef, _, _ = abstract_model(config.model)
+  graphdef, params, config, _ = _restore(path, weights, config, shardings, step)
   return nnx.merge(graphdef, params), config
 
 

@@ -51,19 +51,23 @@ def init_params(model_cfg, seed: int):
   return nnx.to_pure_dict(nnx.state(MonoFormer(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
 
 
-def param_shardings(config, mesh):
-  """NamedShardings of the params (pure dict) under the config's rules."""
-  _, abs_params, axes = abstract_model(config.model)
+def _named_shardings(abs_params, axes, config, mesh):
   return jax.tree.map(
       lambda a, ax: NamedSharding(mesh, logical_to_spec(ax, config.sharding_rules,
                                                         a.shape, mesh)),
       abs_params, axes, is_leaf=lambda x: isinstance(x, tuple))
 
 
+def param_shardings(config, mesh):
+  """NamedShardings of the params (pure dict) under the config's rules."""
+  _, abs_params, axes = abstract_model(config.model)
+  return _named_shardings(abs_params, axes, config, mesh)
+
+
 def state_shardings(config, mesh, tx):
   """(graphdef, abstract state, NamedShardings of the state) for this mesh."""
-  graphdef, abs_params, _ = abstract_model(config.model)
-  param_sh = param_shardings(config, mesh)
+  graphdef, abs_params, axes = abstract_model(config.model)
+  param_sh = _named_shardings(abs_params, axes, config, mesh)
   abs_opt = jax.eval_shape(tx.init, abs_params)
   replicated = NamedSharding(mesh, P())
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from monoformer_jax.convert.safetensors_io import SafetensorsFile
 from monoformer_jax.vae.autoencoder_kl import AutoencoderKL, VAEConfig
 
 CONFIG_NAME = "config.json"
@@ -68,11 +69,10 @@ def resolve_vae_files(path, config=None) -> tuple[pathlib.Path, dict, str]:
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
-  """All tensors of a .safetensors file as numpy arrays (bf16 via ml_dtypes)."""
-  from safetensors import safe_open
-  # jax has registered ml_dtypes' bfloat16 with numpy, which BF16 tensors need.
-  with safe_open(os.fspath(path), framework="np") as f:
-    return {k: f.get_tensor(k) for k in f.keys()}
+  """Every tensor of a .safetensors file: read-only views of one memory map,
+  in their stored dtypes (bfloat16 via ml_dtypes)."""
+  file = SafetensorsFile(path)
+  return {key: file.view(key) for key in file.keys()}
 
 
 def rename_legacy_keys(tensors: dict) -> dict:

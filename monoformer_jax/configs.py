@@ -1,0 +1,25 @@
+"""The repository's config files, `configs/{name}.py`, as ConfigDicts.
+
+What `--config=configs/{name}.py` gives the entry points, for code that has no
+flag: conversions start from `imagenet256`, the tests, the benchmarks and the
+notebook from `digits`. The files ship with a source checkout (the project is
+installed with `pip install -e .`), not inside the package.
+"""
+
+import importlib.util
+import pathlib
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_file(name: str):
+  """`configs/{name}.py`'s get_config()."""
+  path = CONFIGS_DIR / f"{name}.py"
+  if not path.exists():
+    raise FileNotFoundError(
+        f"no {path}: the configs come with a clone of the repository (install it with "
+        f"`pip install -e .`), or pass --config=path/to/configs/{name}.py")
+  spec = importlib.util.spec_from_file_location(f"monoformer_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
