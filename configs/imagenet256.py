@@ -25,8 +25,13 @@ fields then come from the weights' config.json).
 
 import ml_collections
 
+from monoformer_jax.parallel import sharding
 
-def get_config():
+
+def get_config(variant=None):
+  if variant:
+    raise ValueError(f"configs/imagenet256.py has no variant {variant!r}; it has only the "
+                     "paper's model")
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -86,19 +91,7 @@ def get_config():
 
   # FSDP over every device by default; tensor parallelism is `--config.mesh.tensor=N`.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  c.sharding_rules = (
-      ("batch", ("data", "fsdp")),
-      ("embed", "fsdp"),
-      ("vocab", "tensor"),
-      ("heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("mlp", "tensor"),
-      ("layers", None),
-      ("head_dim", None),
-      ("length", None),
-      ("patch", None),
-      ("freq", None),
-  )
+  c.sharding_rules = sharding.RULES   # the project's rules (parallel/sharding.py)
 
   c.train = ml_collections.ConfigDict(dict(
       num_steps=500_000,
@@ -114,6 +107,7 @@ def get_config():
       cfg_scale=1.5,            # the reference also reports 2.0 and 4.0
       text_prompts=("The capital of France is", "A recipe for pancakes:"),
       max_new_tokens=256,
+      metrics=(),               # FID and friends: not yet (monoformer_jax/eval)
   ))
 
   # SD-VAE (sd-vae-ft-mse, a diffusers AutoencoderKL folder) that decodes samples.

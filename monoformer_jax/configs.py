@@ -1,9 +1,10 @@
 """The repository's config files, `configs/{name}.py`, as ConfigDicts.
 
-What `--config=configs/{name}.py` gives the entry points, for code that has no
-flag: conversions start from `imagenet256`, the tests, the benchmarks and the
-notebook from `digits`. The files ship with a source checkout (the project is
-installed with `pip install -e .`), not inside the package.
+What `--config=configs/{name}.py[:variant]` gives the entry points, for code
+that has no flag: conversions start from `imagenet256`, the tests from
+`digits:tiny`, the benchmarks and the notebook from `digits`. The files ship
+with a source checkout (the project is installed with `pip install -e .`), not
+inside the package.
 """
 
 import importlib.util
@@ -13,7 +14,9 @@ CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def config_file(name: str):
-  """`configs/{name}.py`'s get_config()."""
+  """`configs/{name}.py`'s get_config(); "name:variant" calls get_config(variant),
+  as `--config=configs/name.py:variant` does."""
+  name, _, variant = name.partition(":")
   path = CONFIGS_DIR / f"{name}.py"
   if not path.exists():
     raise FileNotFoundError(
@@ -22,4 +25,4 @@ def config_file(name: str):
   spec = importlib.util.spec_from_file_location(f"monoformer_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(variant) if variant else module.get_config()

@@ -1,10 +1,10 @@
 """Inference in a few calls: images from prompts or class names, text completions.
 
 What `python -m monoformer_jax.sample`, the notebooks and the training run's
-end-of-run samples call. Prompts are strings; the tokenizer turns them into
+end-of-run samples call. Prompts are strings; `data.prompts` turns them into
 the reference's rows (`<s> prompt <|im_start|>` then the image's P slots);
-samples come back in the model's space (latents, or [-1, 1] pixels for the
-digits default) and `to_pixels` makes [0, 1] images of them.
+samples come back in the model's space (SD-VAE latents, or [-1, 1] pixels for
+a pixel model) and `to_pixels` makes [0, 1] images of them.
 """
 
 from __future__ import annotations
@@ -13,39 +13,23 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from PIL import Image
 
-from monoformer_jax.data.digits import CLASS_NAMES, TEMPLATES, image_prefix_ids, to_unit_range
-from monoformer_jax.data.packing import prompt_rows
+from monoformer_jax.data import prompts as prompt_format
+from monoformer_jax.data.datasets import class_by_name, draws_pixels
+from monoformer_jax.data.images import to_unit_range
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.diffusion.sample_images import sample_images
 from monoformer_jax.text.generate import generate
 from monoformer_jax.text.tokenizer import tokenizer_of  # noqa: F401 (for notebooks)
+from monoformer_jax.vae import decode_latents, load_vae
 
 
 def class_name_prompt(name: str, config=None) -> str:
   """The reference's first template for a class name ("Please generate an
-  image of {name}."); digits also take "7" for "seven"."""
-  if config is not None and config.data.name == "digits":
-    if name.isdigit() and int(name) < 10:
-      name = CLASS_NAMES[int(name)]
-    if name not in CLASS_NAMES:
-      raise ValueError(f"class name {name!r} is not a digit: use one of {CLASS_NAMES} "
-                       "or 0..9")
-  return TEMPLATES[0].format(name)
-
-
-def image_rows(prompts: Sequence[str | None], tokenizer, tokens_per_image: int, *,
-               guidance: bool):
-  """The rows that generate one image per prompt (None: unconditional).
-
-  With `guidance` the batch is doubled: the prompts, then as many null
-  (empty) prompts, as `sample_images` expects.
-  """
-  prefixes = [image_prefix_ids(p, tokenizer) for p in prompts]
-  if guidance:
-    prefixes += [image_prefix_ids(None, tokenizer)] * len(prompts)
-  return prompt_rows(prefixes, pad_id=tokenizer.pad_id, new_tokens=tokens_per_image,
-                     new_token_id=tokenizer.image_id, image_ids=True)
+  image of {name}."); a class of the config's dataset may also be given by
+  its index ("7" for "seven")."""
+  return prompt_format.class_prompt(name if config is None else class_by_name(name, config))
 
 
 def generate_images(model, tokenizer, prompts: Sequence[str | None], *, num_steps: int = 20,
@@ -53,11 +37,11 @@ def generate_images(model, tokenizer, prompts: Sequence[str | None], *, num_step
                     guided_channels: int | None = None, seed: int = 0,
                     use_cache: bool = True, num_timesteps: int = 1000,
                     progress: Callable | None = None):
-  """x_0 [N, h, w, C] in the model's space (latents, or [-1, 1] pixels) for N
+  """x_0 [B, h, w, C] in the model's space (latents, or [-1, 1] pixels) for B
   prompts; guidance unless `cfg_scale` is None; `num_steps` respaced steps."""
   diffusion = GaussianDiffusion.create(num_timesteps, "linear", respacing=str(num_steps))
-  rows = image_rows(prompts, tokenizer, model.tokens_per_image,
-                    guidance=cfg_scale is not None)
+  rows = prompt_format.image_rows(prompts, tokenizer, model.tokens_per_image,
+                                  guidance=cfg_scale is not None)
   return sample_images(model, rows, diffusion, jax.random.PRNGKey(seed),
                        cfg_scale=cfg_scale, guided_channels=guided_channels,
                        sampler=sampler, eta=eta, use_cache=use_cache, progress=progress)
@@ -66,18 +50,16 @@ def generate_images(model, tokenizer, prompts: Sequence[str | None], *, num_step
 def complete_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 256,
                   temperature: float = 0.7, top_k: int = 50, top_p: float = 0.95,
                   seed: int = 0, use_cache: bool = True) -> list[str]:
-  """Completions of `prompts` (bos is prepended; generation stops at eos)."""
-  ids = generate(model, [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts],
+  """Completions of `prompts`, a list of strings (bos is prepended; generation
+  stops at eos)."""
+  if isinstance(prompts, str):
+    raise TypeError(f"prompts must be a list of strings, got the string {prompts!r}; "
+                    f"pass [{prompts!r}]")
+  ids = generate(model, [prompt_format.text_prompt_ids(p, tokenizer) for p in prompts],
                  max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id,
                  stop_ids=[tokenizer.eos_id], key=jax.random.PRNGKey(seed),
                  temperature=temperature, top_k=top_k, top_p=top_p, use_cache=use_cache)
   return [tokenizer.decode(t) for t in ids]
-
-
-def generates_pixels(config) -> bool:
-  """Whether a config's model draws pixels (the digits default) rather than
-  latents that the SD-VAE must decode."""
-  return config.data.name == "digits"
 
 
 def _needs_a_vae(config) -> ValueError:
@@ -93,30 +75,27 @@ def load_vae_of(config, path: str | None = None):
   latent model without one."""
   path = path or config.get("vae", {}).get("path")
   if path:
-    from monoformer_jax.vae import load_vae
     return load_vae(path)
-  if not generates_pixels(config):
+  if not draws_pixels(config):
     raise _needs_a_vae(config)
   return None
 
 
 def to_pixels(x0, config, vae=None) -> np.ndarray:
-  """Samples as float32 [N, H, W, C] images in [0, 1]: latents decoded by
+  """Samples as float32 [B, H, W, C] images in [0, 1]: latents decoded by
   `vae` (see `load_vae_of`), or the pixels of a pixel model."""
   if vae is not None:
-    from monoformer_jax.vae import decode_latents
     x0 = decode_latents(vae, np.asarray(x0, np.float32))
-  elif not generates_pixels(config):
+  elif not draws_pixels(config):
     raise _needs_a_vae(config)
   return to_unit_range(x0)
 
 
-def image_grid(images_NxHxWxC, rows: int, scale: int = 1, pad: int = 1):
+def image_grid(images_BxHxWxC, rows: int, scale: int = 1, pad: int = 1):
   """A PIL image of `rows` rows of samples on a white background."""
-  from PIL import Image
-  n, h, w, c = images_NxHxWxC.shape
+  n, h, w, c = images_BxHxWxC.shape
   cols = -(-n // rows)
-  images = np.kron(images_NxHxWxC, np.ones((1, scale, scale, 1), np.float32))
+  images = np.kron(images_BxHxWxC, np.ones((1, scale, scale, 1), np.float32))
   h, w = h * scale, w * scale
   grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.float32)
   for i in range(n):

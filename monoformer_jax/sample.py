@@ -23,9 +23,9 @@ import numpy as np
 import tqdm
 
 from monoformer_jax import inference
+from monoformer_jax.checkpoints import load_config, load_model, quiet_orbax_logs
+from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
-from monoformer_jax.train.checkpoint import load_config, load_model, quiet_orbax_logs
-from monoformer_jax.train.state import param_shardings
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Training workdir, step folder or converted model.")

@@ -8,16 +8,18 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
 from safetensors.numpy import load_file, save_file
 
+from monoformer_jax.checkpoints import load_model, load_params, stored_weights
+from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource
 from monoformer_jax.convert import llama, official, verify
+from monoformer_jax.data.packing import Example, Row, RowSpec, pack_examples
+from monoformer_jax.model.build import abstract_model, param_shardings
 from monoformer_jax.parallel.sharding import make_mesh
-from monoformer_jax.train.checkpoint import load_model, load_params, stored_weights
-from monoformer_jax.train.state import abstract_model, param_shardings
+from monoformer_jax.train.loop import train_and_evaluate
 from helpers import config_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -163,12 +165,14 @@ def _text_logits(model, ids):
   """Logits of text-only packed rows (one example per row, no image slot)."""
   b, l = ids.shape
   m = model.cfg
+  spec = RowSpec(seq_len=l, max_images=0, image_shape=(m.image_size, m.image_size,
+                                                       m.in_channels),
+                 tokens_per_image=model.tokens_per_image, image_id=m.vocab_size - 3,
+                 pad_id=m.vocab_size - 4)
+  row = Row.of(pack_examples([Example(x) for x in ids], spec, one_per_row=True))
   graphdef, state = nnx.split(model)
-  run = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args)[0])
-  return run(state, jnp.asarray(ids), jnp.ones((b, l), jnp.int32), jnp.zeros((b, l), jnp.int32),
-             jnp.broadcast_to(jnp.arange(l), (b, l)),
-             jnp.zeros((b, 1, m.image_size, m.image_size, m.in_channels)),
-             jnp.zeros((b, 1), jnp.int32))
+  run = jax.jit(lambda state, row: nnx.merge(graphdef, state)(row)[0])
+  return run(state, row)
 
 
 def test_llama_matches_transformers_logits(base, tmp_path):
@@ -221,7 +225,6 @@ def test_llama_built_into_shards_matches_single_device(base):
 
 
 def test_train_init_from_a_converted_llama(tmp_path):
-  from monoformer_jax.train.loop import train_and_evaluate
   config = official.with_model_fields(config_file("digits"), dict(attention_impl="xla"))
   config = llama.convert_llama(str(TINY_LLAMA), str(tmp_path / "ckpt"), config, seed=0)
   converted, _, _ = load_params(str(tmp_path / "ckpt"), weights="raw")
@@ -320,7 +323,6 @@ def test_llama_errors(fixture_dir, base, tmp_path):
 
 
 def test_imagenet256_config_is_the_paper_model_and_has_no_pipeline_yet(tmp_path):
-  from monoformer_jax.train.loop import train_and_evaluate
   config = official.default_config()
   _, abstract, _ = abstract_model(config.model)
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
@@ -333,7 +335,6 @@ def test_reader_takes_bfloat16_float16_and_reads_slices(tmp_path):
   # TinyLlama ships bfloat16, which safetensors' numpy backend cannot read.
   import ml_dtypes
   import struct
-  from monoformer_jax.convert.safetensors_io import SafetensorsSource
   rng = np.random.default_rng(0)
   arrays = {"a": rng.standard_normal((6, 5)).astype(ml_dtypes.bfloat16),
             "b": rng.standard_normal((3, 4)).astype(np.float16)}

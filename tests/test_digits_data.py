@@ -7,7 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from monoformer_jax.data import digits
+from monoformer_jax.data import digits, prompts
+from monoformer_jax.data.datasets import make_batches
+from monoformer_jax.data.images import to_unit_range
 from monoformer_jax.data.packing import pack_examples, row_spec
 from monoformer_jax.text.tokenizer import ByteTokenizer
 from helpers import config_file
@@ -32,11 +34,12 @@ def prompt_of(example):
 
 def test_batch_from_the_real_config():
   config = digits_config()
-  batch = next(digits.make_digits_batches(config, TOK))
+  batch = next(make_batches(config, TOK))
   r, l, m = config.data.batch_size, config.data.seq_len, config.data.max_images_per_row
-  p = (config.model.image_size // config.model.patch_size) ** 2
+  p = row_spec(config, TOK).tokens_per_image
   shapes = dict(tokens=(r, l), segment_ids=(r, l), image_ids=(r, l), positions=(r, l),
-                targets=(r, l), text_weights=(r, l), latents=(r, m, 8, 8, 1))
+                image_columns=(r, m, p), image_valid=(r, m), targets=(r, l),
+                text_weights=(r, l), latents=(r, m, 8, 8, 1))
   assert {k: v.shape for k, v in batch.items()} == shapes
   for name in ("tokens", "segment_ids", "image_ids", "positions", "targets"):
     assert batch[name].dtype == np.int32, name
@@ -54,6 +57,7 @@ def test_batch_from_the_real_config():
     # Real digits are never all zeros in [-1, 1]; unused slots are.
     used = np.abs(batch["latents"][row]).reshape(m, -1).max(axis=1) > 0
     np.testing.assert_array_equal(used, np.arange(m) < n)
+    np.testing.assert_array_equal(batch["image_valid"][row], used)
   # The reference's default: no image example trains text.
   seg, image_ids = batch["segment_ids"], batch["image_ids"]
   has_image = np.stack([np.isin(seg[b], seg[b][image_ids[b] > 0]) for b in range(r)])
@@ -63,12 +67,13 @@ def test_batch_from_the_real_config():
 
 def test_row_of_one_digit_token_by_token():
   config = digits_config()
-  example = digits.image_prompt_example(digits.class_prompt(7), TOK, (8, 8, 1))
-  assert digits.class_prompt(7) == "Please generate an image of seven."
+  seven = prompts.class_prompt(digits.CLASS_NAMES[7])
+  example = prompts.image_prompt_example(seven, TOK, (8, 8, 1))
+  assert seven == "Please generate an image of seven."
   prompt = [3 + b for b in b"Please generate an image of seven."]
   assert list(example.ids) == [1] + prompt + [261, 260, 262, 13, 2]
-  null = digits.image_prompt_example(None, TOK, (8, 8, 1))
-  assert list(null.ids) == list(digits.image_prompt_example("", TOK, (8, 8, 1)).ids)
+  null = prompts.image_prompt_example(None, TOK, (8, 8, 1))
+  assert list(null.ids) == list(prompts.image_prompt_example("", TOK, (8, 8, 1)).ids)
   assert list(null.ids) == [1, 261, 260, 262, 13, 2]
   batch = pack_examples([example], row_spec(config, TOK))
   n = 1 + len(prompt) + 1          # bos, prompt, <|im_start|>
@@ -88,7 +93,7 @@ def test_images_scale_and_inverse():
   images, labels = digits.load_digit_images()
   assert images.shape == (N_DIGITS, 8, 8, 1) and images.dtype == np.float32
   assert images.min() == -1 and images.max() == 1
-  np.testing.assert_allclose(digits.to_unit_range(images)[..., 0] * 16, load_digits().images)
+  np.testing.assert_allclose(to_unit_range(images)[..., 0] * 16, load_digits().images)
   assert sorted(set(labels.tolist())) == list(range(10))
 
 
@@ -111,7 +116,7 @@ def test_mix_and_guidance_drop_match_the_config():
   for e in images[:500]:
     prompt = prompt_of(e)
     if prompt:
-      names = {digits.TEMPLATES[t].format(digits.CLASS_NAMES[k]): t
+      names = {prompts.TEMPLATES[t].format(digits.CLASS_NAMES[k]): t
                for k in label_of[e.images[0].tobytes()] for t in range(4)}
       assert prompt in names, prompt
       templates[names[prompt]] += 1
@@ -177,16 +182,14 @@ def test_every_sentence_is_true():
 
 def test_hosts_and_resume():
   config = digits_config()
-  hosts = [digits.make_digits_batches(config, TOK, process_index=h, process_count=2)
-           for h in range(2)]
+  hosts = [make_batches(config, TOK, process_index=h, process_count=2) for h in range(2)]
   first = [next(h) for h in hosts]
   assert first[0]["tokens"].shape == (config.data.batch_size // 2, config.data.seq_len)
   assert not np.array_equal(first[0]["tokens"], first[1]["tokens"])
   state = hosts[0].get_state()
   want = next(hosts[0])
-  got = next(digits.make_digits_batches(config, TOK, process_index=0, process_count=2,
-                                        state=state))
+  got = next(make_batches(config, TOK, process_index=0, process_count=2, state=state))
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
   with pytest.raises(ValueError, match="not divisible by 3"):
-    digits.make_digits_batches(config, TOK, process_count=3)
+    make_batches(config, TOK, process_count=3)

@@ -4,11 +4,14 @@ The fixture's weights are loaded through the converter (monoformer_jax.convert),
 so these tests hold the one key map of the project too.
 """
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from monoformer_jax.convert.verify import report, verify_official
+from monoformer_jax.convert.verify import fixture_row, report, verify_official
+from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.train.loss import loss_terms
 from official_tiny import load_official_tiny
 
 TOL = dict(atol=1e-4, rtol=1e-4)  # float32 vs the reference's float32 (its README)
@@ -22,10 +25,10 @@ def official(fixture_dir):
 
 
 def _inputs(io):
-  nhwc = io["x_t"].transpose(0, 2, 3, 1)[:, None]  # [B, M=1, h, w, C]
-  return (jnp.asarray(io["tokens"]), jnp.asarray(io["segment_ids"]),
-          jnp.asarray(io["image_ids"]), jnp.asarray(io["positions"]),
-          jnp.asarray(nhwc), jnp.asarray(io["t"][:, None].astype(np.int32)))
+  """(Row, x_t [B, M=1, h, w, C], t [B, 1]) of the fixture: 16 tokens per image."""
+  nhwc = io["x_t"].transpose(0, 2, 3, 1)[:, None]
+  return (fixture_row(io, 16), jnp.asarray(nhwc),
+          jnp.asarray(io["t"][:, None].astype(np.int32)))
 
 
 def test_matches_reference_hidden_states_logits_and_diffusion_output(fixture_dir):
@@ -41,17 +44,18 @@ def test_matches_reference_hidden_states_logits_and_diffusion_output(fixture_dir
 
 def test_shapes(official):
   model, cfg, io = official
-  tokens, seg, img, pos, x_t, t = _inputs(io)
-  logits, out = model(tokens, seg, img, pos, x_t, t)
-  assert logits.shape == (2, 27, cfg.vocab_size) and logits.dtype == jnp.float32
-  assert out.shape == (2, 1, cfg.image_size, cfg.image_size, 2 * cfg.in_channels)
+  row, x_t, t = _inputs(io)
+  logits, out = model(row, x_t, t)
+  chex.assert_shape(logits, (2, 27, cfg.vocab_size))
+  chex.assert_type(logits, jnp.float32)
+  chex.assert_shape(out, (2, 1, cfg.image_size, cfg.image_size, 2 * cfg.in_channels))
 
 
 def test_image_inputs_only_reach_the_image_and_what_follows_it(official):
   model, _, io = official
-  tokens, seg, img, pos, x_t, t = _inputs(io)
-  logits_a, out_a = model(tokens, seg, img, pos, x_t, t)
-  logits_b, out_b = model(tokens, seg, img, pos, x_t + 1.0, (t + 311) % 1000)
+  row, x_t, t = _inputs(io)
+  logits_a, out_a = model(row, x_t, t)
+  logits_b, out_b = model(row, x_t + 1.0, (t + 311) % 1000)
   logits_a, logits_b = np.asarray(logits_a), np.asarray(logits_b)
   # Row 0: the prefix (bos, prompt, <|im_start|> = positions 0..7) never sees the image.
   np.testing.assert_array_equal(logits_a[0, :8], logits_b[0, :8])
@@ -63,23 +67,20 @@ def test_image_inputs_only_reach_the_image_and_what_follows_it(official):
 
 def test_text_logits_depend_only_on_earlier_tokens(official):
   model, _, io = official
-  tokens, seg, img, pos, x_t, t = _inputs(io)
-  base = np.asarray(model(tokens, seg, img, pos, x_t, t)[0])
+  row, x_t, t = _inputs(io)
+  base = np.asarray(model(row, x_t, t)[0])
   for j in (3, 10, 16):
-    changed = tokens.at[1, j].set((tokens[1, j] + 7) % 256)
-    logits = np.asarray(model(changed, seg, img, pos, x_t, t)[0])
+    changed = row.tokens.at[1, j].set((row.tokens[1, j] + 7) % 256)
+    logits = np.asarray(model(row._replace(tokens=changed), x_t, t)[0])
     np.testing.assert_array_equal(logits[1, :j], base[1, :j])
     assert np.abs(logits[1, j:18] - base[1, j:18]).max() > 1e-4
 
 
 def test_losses_match_reference(official):
-  from monoformer_jax.diffusion.gaussian import GaussianDiffusion
-  from monoformer_jax.train.loss import loss_terms
   model, _, io = official
-  tokens, seg, img, pos, x_t, t = _inputs(io)
+  row, x_t, t = _inputs(io)
   nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))[:, None]
-  batch = dict(tokens=tokens, segment_ids=seg, image_ids=img, positions=pos,
-               targets=jnp.asarray(io["targets"]),
+  batch = dict(row._asdict(), targets=jnp.asarray(io["targets"]),
                text_weights=jnp.asarray(io["text_loss_weight"]),
                latents=nhwc(io["x_start"]))
   terms = loss_terms(model, batch, t, nhwc(io["noise"]), GaussianDiffusion.create())

@@ -4,8 +4,8 @@ iterator state and per-host streams."""
 import numpy as np
 import pytest
 
-from monoformer_jax.data.packing import (Example, PackedBatches, RowSpec, host_stream,
-                                         pack_examples)
+from monoformer_jax.data.packing import (Example, PackedBatches, PromptLayout, Row, RowSpec,
+                                         host_stream, image_slots, pack_examples, prompt_rows)
 from monoformer_jax.text.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -56,7 +56,12 @@ EXPECTED = dict(
     targets=[[10, 11, EOS, 0, 12, S, I, I, I, E, EOS, 0, 0, 0, 0, 0],
              [S, I, I, I, E, EOS, 0, I, I, I, E, 0, 13, EOS, 0, 0],
              [I, I, I, I, I, I, E, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
+    # Per slot, the columns of its image's tokens; 16 (past the row) when empty.
+    image_columns=[[[7, 8, 9], [16, 16, 16]],
+                   [[2, 3, 4], [8, 9, 10]],
+                   [[1, 2, 3], [4, 5, 6]]],
 )
+IMAGE_VALID = [[True, False], [True, True], [True, True]]
 # The reference: CE on text-only examples only.
 WEIGHTS_REFERENCE = [[1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
                      [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0],
@@ -74,6 +79,8 @@ def test_rows_token_by_token(on_images):
   for name, expected in EXPECTED.items():
     np.testing.assert_array_equal(batch[name], expected, err_msg=name)
     assert batch[name].dtype == np.int32, name
+  np.testing.assert_array_equal(batch["image_valid"], IMAGE_VALID)
+  assert batch["image_valid"].dtype == bool
   weights = WEIGHTS_ON_IMAGES if on_images else WEIGHTS_REFERENCE
   np.testing.assert_array_equal(batch["text_weights"], weights)
   assert batch["text_weights"].dtype == np.float32
@@ -176,9 +183,7 @@ def synthetic_stream(i):
 
 
 def batches(start_index=0, rows=3):
-  return PackedBatches(synthetic_stream, rows=rows, seq_len=16, max_images=2,
-                       image_shape=SHAPE, tokens_per_image=3, tokenizer=TOK,
-                       text_on_image_examples=False, start_index=start_index)
+  return PackedBatches(synthetic_stream, rows=rows, spec=spec(), start_index=start_index)
 
 
 def test_iterator_state_round_trip():
@@ -210,8 +215,7 @@ def test_iterator_keeps_every_example_in_order():
 
 
 def test_iterator_rejects_a_text_longer_than_a_batch():
-  it = PackedBatches(lambda i: text(50), rows=2, seq_len=16, max_images=2, image_shape=SHAPE,
-                     tokens_per_image=3, tokenizer=TOK, text_on_image_examples=False)
+  it = PackedBatches(lambda i: text(50), rows=2, spec=spec())
   with pytest.raises(ValueError, match=r"example 0 is a text of 50 tokens: 4 pieces"):
     next(it)
 
@@ -223,3 +227,38 @@ def test_host_streams_are_disjoint_and_cover():
   assert flat == list(range(count * n))
   with pytest.raises(ValueError, match="process_index=3"):
     host_stream(lambda i: i, 3, 3)
+
+
+def test_image_slots_read_the_rows_and_reject_what_packing_never_makes():
+  ids = np.array([[0, 1, 1, 1, 0, 2, 2, 2], [0, 0, 0, 0, 0, 0, 0, 0]])
+  columns, valid = image_slots(ids, 3, 3)
+  np.testing.assert_array_equal(columns, [[[1, 2, 3], [5, 6, 7], [8, 8, 8]],
+                                          [[8, 8, 8], [8, 8, 8], [8, 8, 8]]])
+  np.testing.assert_array_equal(valid, [[True, True, False], [False, False, False]])
+  with pytest.raises(ValueError, match="row 0 holds 2 tokens of image 1"):
+    image_slots(np.array([[0, 1, 1, 0]]), 1, 3)
+  with pytest.raises(ValueError, match="row 1 holds 3 tokens of image 1, not one contiguous"):
+    image_slots(np.array([[1, 1, 1, 0], [1, 0, 1, 1]]), 1, 3)
+  with pytest.raises(ValueError, match="image 2 but a row holds at most 1"):
+    image_slots(np.array([[1, 1, 1, 2]]), 1, 3)
+
+
+def test_prompt_rows_token_by_token():
+  rows = prompt_rows([[BOS, 10, 11], [BOS]], pad_id=PAD, new_tokens=3, new_token_id=I,
+                     image=True, multiple=4)
+  assert rows.layout == PromptLayout(prompt_len=4, new_tokens=3)
+  assert rows.layout.new_column(2) == 6 and rows.layout.length == 7
+  row = rows.row
+  assert isinstance(row, Row)
+  np.testing.assert_array_equal(row.tokens, [[PAD, BOS, 10, 11, I, I, I],
+                                             [PAD, PAD, PAD, BOS, I, I, I]])
+  np.testing.assert_array_equal(row.segment_ids, [[0, 1, 1, 1, 1, 1, 1],
+                                                  [0, 0, 0, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(row.positions, [[0, 0, 1, 2, 3, 4, 5],
+                                                [0, 0, 0, 0, 1, 2, 3]])
+  np.testing.assert_array_equal(row.image_ids, [[0, 0, 0, 0, 1, 1, 1]] * 2)
+  np.testing.assert_array_equal(row.image_columns, [[[4, 5, 6]]] * 2)
+  np.testing.assert_array_equal(row.image_valid, [[True], [True]])
+  np.testing.assert_array_equal(rows.layout.new(row.tokens), [[I, I, I]] * 2)
+  text = prompt_rows([[BOS, 10]], pad_id=PAD, new_tokens=2, multiple=1).row
+  assert text.image_columns.shape[1] == 0 and not text.image_ids.any()

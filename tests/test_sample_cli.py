@@ -1,7 +1,6 @@
 """The sampling entry points end to end: the CLI in a subprocess and the
 notebook executed headless, both on a tiny checkpoint made here."""
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,8 +10,8 @@ import numpy as np
 import pytest
 
 from monoformer_jax import inference
-from monoformer_jax.train.checkpoint import load_model, save_model
-from monoformer_jax.train.state import init_params
+from monoformer_jax.checkpoints import load_model, save_model
+from monoformer_jax.model.build import init_params
 from helpers import digits_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from monoformer_jax.data.digits import image_example_ids
-from monoformer_jax.data.packing import Example, RowSpec, pack_examples
+from monoformer_jax.data.packing import Example, Row, RowSpec, pack_examples
+from monoformer_jax.data.prompts import image_prompt_example, image_rows
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.diffusion.sample_images import sample_images
-from monoformer_jax.inference import generate_images, image_rows
+from monoformer_jax.inference import generate_images
+from monoformer_jax.model.build import abstract_model, param_shardings
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.generate import generate, sample_token
 from monoformer_jax.text.tokenizer import ByteTokenizer
-from monoformer_jax.train.state import abstract_model, param_shardings
 from helpers import digits_config
 
 TOK = ByteTokenizer()
@@ -52,8 +52,8 @@ def _packed_rows(prompts, guidance):
   spec = RowSpec(seq_len=64, max_images=1, image_shape=(8, 8, 1), tokens_per_image=16,
                  image_id=TOK.image_id, pad_id=TOK.pad_id)
   prompts = list(prompts) + ([None] * len(prompts) if guidance else [])
-  return pack_examples([Example(image_example_ids(p, TOK), [np.zeros((8, 8, 1), np.float32)])
-                        for p in prompts], spec, one_per_row=True)
+  return Row.of(pack_examples([image_prompt_example(p, TOK, (8, 8, 1)) for p in prompts],
+                              spec, one_per_row=True))
 
 
 def _guided_ddpm(model, rows, use_cache=True):
@@ -118,16 +118,13 @@ def test_kv_cache_equals_recomputing_the_row(model):
 
 def test_greedy_generation_matches_step_by_step_argmax(model):
   # The oracle: each sequence alone in a right-padded row, a full forward, argmax.
-  forward = jax.jit(lambda tok, seg: model(tok, seg, jnp.zeros_like(seg),
-                                           jnp.broadcast_to(jnp.arange(32), seg.shape),
-                                           jnp.zeros((3, 1, 8, 8, 1)),
-                                           jnp.zeros((3, 1), jnp.int32))[0])
+  spec = RowSpec(seq_len=32, max_images=0, image_shape=(8, 8, 1), tokens_per_image=16,
+                 image_id=TOK.image_id, pad_id=TOK.pad_id)
+  forward = jax.jit(lambda row: model(row)[0])
   seqs = [list(p) for p in TEXT_PROMPTS]
   for _ in range(5):
-    tok, seg = np.full((3, 32), TOK.pad_id, np.int32), np.zeros((3, 32), np.int32)
-    for r, seq in enumerate(seqs):
-      tok[r, :len(seq)], seg[r, :len(seq)] = seq, 1
-    logits = np.asarray(forward(tok, seg))
+    rows = pack_examples([Example(seq) for seq in seqs], spec, one_per_row=True)
+    logits = np.asarray(forward(Row.of(rows)))
     for r, seq in enumerate(seqs):
       seq.append(int(logits[r, len(seq) - 1].argmax()))
   assert _greedy(model) == [seq[len(p):] for seq, p in zip(seqs, TEXT_PROMPTS)]

@@ -5,44 +5,42 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
+from monoformer_jax.data.packing import Example, pack_examples, row_spec
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.model.build import abstract_model, init_params
 from monoformer_jax.parallel import sharding
-from monoformer_jax.train.state import abstract_model, create_train_state, init_params, make_optimizer, state_shardings
-from monoformer_jax.train.step import make_loss_fn
+from monoformer_jax.text.tokenizer import ByteTokenizer
+from monoformer_jax.train.state import create_train_state, make_optimizer, state_shardings
+from monoformer_jax.train.step import accumulated_grads, make_loss_fn
 from helpers import digits_config
 
 MESHES = [(2, 4, 1), (1, 4, 2), (8, 1, 1)]
 
 
 def _batch(config):
-  """Eight rows of two packed examples each: an image example and a text one."""
+  """Eight rows of two packed examples each: an image example (a prompt of
+  5 + r random tokens, the image, 3 more) and a text example of 10 + r tokens."""
   rng = np.random.default_rng(0)
-  b, l, m = 8, 48, config.data.max_images_per_row
-  size, c = config.model.image_size, config.model.in_channels
-  p = (size // config.model.patch_size) ** 2
-  tokens = rng.integers(3, 259, (b, l)).astype(np.int32)
-  seg = np.zeros((b, l), np.int32)
-  img = np.zeros((b, l), np.int32)
-  pos = np.zeros((b, l), np.int32)
-  for r in range(b):
-    n1 = 5 + r + p + 3          # prompt, image, trailing text
-    n2 = 10 + r                 # a text-only example after it
-    seg[r, :n1], seg[r, n1:n1 + n2] = 1, 2
-    img[r, 5 + r:5 + r + p] = 1
-    pos[r, :n1], pos[r, n1:n1 + n2] = np.arange(n1), np.arange(n2)
-  targets = np.where(np.roll(seg, -1, 1) == seg, np.roll(tokens, -1, 1), 0)
-  weights = ((seg == 2) & (np.roll(seg, -1, 1) == 2)).astype(np.float32)
-  latents = rng.uniform(-1, 1, (b, m, size, size, c)).astype(np.float32)
-  return dict(tokens=tokens, segment_ids=seg, image_ids=img, positions=pos,
-              targets=targets.astype(np.int32), text_weights=weights, latents=latents)
+  tok = ByteTokenizer()
+  spec = row_spec(config, tok)
+  words = lambda n: rng.integers(3, 259, n).tolist()
+  examples = []
+  for r in range(8):
+    image = rng.uniform(-1, 1, spec.image_shape).astype(np.float32)
+    examples += [Example(words(5 + r) + [tok.image_id] + words(3), [image]),
+                 Example(words(10 + r))]
+  batch = pack_examples(examples, spec)
+  assert batch["tokens"].shape == (8, 48) and (batch["segment_ids"].max(1) == 2).all()
+  return batch
 
 
 @pytest.fixture(scope="module")
 def setup():
   config = digits_config()
   config.data.max_images_per_row = 2
+  config.data.seq_len = 48
   graphdef, _, _ = abstract_model(config.model)
   diffusion = GaussianDiffusion.create(1000, "linear")
   loss_fn = make_loss_fn(graphdef, diffusion, config)
@@ -123,7 +121,6 @@ def test_mesh_errors_name_the_fix():
 
 
 def test_gradient_accumulation_averages_the_micro_batch_gradients(setup):
-  from monoformer_jax.train.step import accumulated_grads
   config, grad_fn, params, batch, key, _ = setup
   graphdef, _, _ = abstract_model(config.model)
   loss_fn = make_loss_fn(graphdef, GaussianDiffusion.create(), config)

@@ -16,8 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import DIGITS_FLAGS, digits_config
-from monoformer_jax.configs import CONFIGS_DIR
+from helpers import TINY_CONFIG_FLAG, digits_config
 from monoformer_jax.train.loop import train_and_evaluate
 
 STEPS = 30
@@ -50,9 +49,8 @@ def _start(workdir, checkpoint_every):
   workdir.mkdir(exist_ok=True)
   with open(workdir.parent / f"log_{len(list(workdir.parent.glob('log_*')))}", "w") as log:
     return subprocess.Popen(
-        [sys.executable, "-m", "monoformer_jax.train",
-         f"--config={CONFIGS_DIR / 'digits.py'}", f"--workdir={workdir}", *DIGITS_FLAGS,
-         f"--config.train.num_steps={STEPS}",
+        [sys.executable, "-m", "monoformer_jax.train", TINY_CONFIG_FLAG,
+         f"--workdir={workdir}", f"--config.train.num_steps={STEPS}",
          f"--config.train.checkpoint_every={checkpoint_every}"],
         env=env, stdout=log, stderr=subprocess.STDOUT)
 

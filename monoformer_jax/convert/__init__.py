@@ -3,6 +3,5 @@
     official.py        the one key map official <-> ours, both directions, configs
     llama.py           a fresh MonoFormer from an HF Llama, initialised as the reference
     verify.py          a reference fixture through the converter, errors per output
-    safetensors_io.py  streamed, sliced safetensors reading and sharded writing
     __main__.py        `python -m monoformer_jax.convert official|to-official|llama|verify-official`
 """

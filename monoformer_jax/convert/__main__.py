@@ -19,6 +19,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from monoformer_jax.checkpoints import quiet_orbax_logs
+from monoformer_jax.checkpoints.safetensors_io import parse_size
+from monoformer_jax.convert import official
+from monoformer_jax.convert.llama import convert_llama
+from monoformer_jax.convert.verify import report, verify_official
+from monoformer_jax.parallel.sharding import make_mesh
+
 COMMANDS = ("official", "to-official", "llama", "verify-official")
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -45,15 +52,12 @@ def main(argv):
                          f"--flags (got {argv[1:]})")
   command = argv[1]
   logging.set_verbosity(logging.INFO)
-  from monoformer_jax.train.checkpoint import quiet_orbax_logs
   quiet_orbax_logs()
-  from monoformer_jax.convert import official
   base = _CONFIG.value
 
   def mesh():
     if not _MESH.value:
       return None
-    from monoformer_jax.parallel.sharding import make_mesh
     return make_mesh((base or official.default_config()).mesh)
 
   if command == "official":
@@ -61,16 +65,13 @@ def main(argv):
     official.convert_official(_INPUT.value, _OUTPUT.value, base, mesh=mesh())
   elif command == "to-official":
     _require(_INPUT, _OUTPUT)
-    from monoformer_jax.convert.safetensors_io import parse_size
     official.convert_to_official(_INPUT.value, _OUTPUT.value,
                                  max_shard_bytes=parse_size(_MAX_SHARD.value))
   elif command == "llama":
     _require(_INPUT, _OUTPUT)
-    from monoformer_jax.convert.llama import convert_llama
     convert_llama(_INPUT.value, _OUTPUT.value, base, seed=_SEED.value, mesh=mesh())
   else:
     _require(_FIXTURE)
-    from monoformer_jax.convert.verify import report, verify_official
     results = verify_official(_FIXTURE.value, _TOLERANCE.value, base)
     print(report(results, _TOLERANCE.value))
     if not all(r.ok for r in results):

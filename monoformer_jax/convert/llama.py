@@ -26,7 +26,9 @@ import numpy as np
 from absl import logging
 
 from monoformer_jax.convert import official
-from monoformer_jax.convert.safetensors_io import SafetensorsSource
+from monoformer_jax.checkpoints import save_model
+from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource
+from monoformer_jax.model.build import param_shardings
 
 ADDED_TOKENS = 4
 _INIT_STD = 0.02  # initialize_weights() hard-codes it, whatever initializer_range says
@@ -123,8 +125,6 @@ def load_llama(path: str, base_config=None, *, seed: int = 0, shardings_fn=None)
 
 def convert_llama(path: str, output: str, base_config=None, *, seed: int = 0, mesh=None):
   """HF Llama at `path` -> a fresh MonoFormer model checkpoint (raw params only)."""
-  from monoformer_jax.train.checkpoint import save_model
-  from monoformer_jax.train.state import param_shardings
   shardings_fn = (lambda c: param_shardings(c, mesh)) if mesh is not None else None
   params, config = load_llama(path, base_config, seed=seed, shardings_fn=shardings_fn)
   save_model(output, config, params)

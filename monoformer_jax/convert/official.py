@@ -30,10 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
-from flax import traverse_util
+from flax import nnx, traverse_util
 
+from monoformer_jax.checkpoints import load_params, save_model, stored_weights
+from monoformer_jax.checkpoints.safetensors_io import (SafetensorsSource, find_files,
+                                                       write_safetensors)
 from monoformer_jax.configs import config_file
-from monoformer_jax.convert.safetensors_io import SafetensorsSource, find_files, write_safetensors
+from monoformer_jax.model.build import abstract_model, param_shardings
 from monoformer_jax.model.monoformer import CONDITIONING_MODES
 
 LAYER = "model.layers.{i}."
@@ -222,7 +225,6 @@ def entry_reader(source, e: Entry, head_dim: int) -> Callable[[list], np.ndarray
 def build_params(model_cfg, make_reader, shardings=None, desc: str = "converting"):
   """Our params pure dict, each array made from `make_reader(path, shape)(bounds)`
   directly into its sharding (default: the first device)."""
-  from monoformer_jax.train.state import abstract_model
   _, abstract, _ = abstract_model(model_cfg)
   flat = traverse_util.flatten_dict(abstract)
   flat_sh = (traverse_util.flatten_dict(shardings) if shardings is not None else
@@ -400,8 +402,6 @@ def load_official(path: str, base_config=None, *, shardings_fn=None, ema: bool =
 
 def load_official_model(path: str, base_config=None):
   """(MonoFormer with official weights, config); see `load_official`."""
-  from flax import nnx
-  from monoformer_jax.train.state import abstract_model
   params, config = load_official(path, base_config)
   graphdef, _, _ = abstract_model(config.model)
   return nnx.merge(graphdef, params), config
@@ -413,8 +413,6 @@ def has_ema(path: str) -> bool:
 
 def convert_official(path: str, output: str, base_config=None, *, mesh=None):
   """Official weights (and `ema/` if present) -> a model checkpoint at `output`."""
-  from monoformer_jax.train.checkpoint import save_model
-  from monoformer_jax.train.state import param_shardings
   shardings_fn = (lambda c: param_shardings(c, mesh)) if mesh is not None else None
   find_files(path)  # fail on a bad path before any work
   params, config = load_official(path, base_config, shardings_fn=shardings_fn)
@@ -472,7 +470,6 @@ def write_official(params, config, folder: str, *, max_shard_bytes: int,
 
 def convert_to_official(path: str, output: str, *, max_shard_bytes: int = 5 * 10**9):
   """A model checkpoint -> official layout at `output` (+ `output/ema/` if it has EMA)."""
-  from monoformer_jax.train.checkpoint import load_params, stored_weights
   weights = stored_weights(path)
   params, config, _ = load_params(path, weights="raw")
   write_official(params, config, output, max_shard_bytes=max_shard_bytes)

@@ -17,8 +17,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from monoformer_jax.convert import official
+from monoformer_jax.data.packing import Row, image_slots, tokens_per_image
+from monoformer_jax.model.build import abstract_model
 
 
 @dataclasses.dataclass
@@ -47,13 +50,21 @@ def fixture_config(base_config=None):
                                                  remat=False))
 
 
-def _run_model(graphdef, params, tokens, seg, img, pos, latents, t):
+def fixture_row(io, tokens_per_image: int) -> Row:
+  """The fixture's rows (our packed layout, one image slot per row) as the model reads them."""
+  columns, valid = image_slots(io["image_ids"], 1, tokens_per_image)
+  return Row(*(jnp.asarray(io[k]) for k in ("tokens", "segment_ids", "image_ids",
+                                            "positions")),
+             jnp.asarray(columns), jnp.asarray(valid))
+
+
+def _run_model(graphdef, params, row, latents, t):
   """Every output the fixtures store, from one jitted pass (eager is slower on CPU)."""
-  from flax import nnx
   model = nnx.merge(graphdef, params)
-  x0, t_emb = model.embed(tokens, img, latents, t)
-  final, layer_inputs = model.decoder(x0, pos, seg, img, return_layer_inputs=True)
-  logits, out = model(tokens, seg, img, pos, latents, t)
+  x0, t_emb = model.embed(row, latents, t)
+  final, layer_inputs = model.decoder(x0, row.positions, row.segment_ids, row.image_ids,
+                                      return_layer_inputs=True)
+  logits, out = model(row, latents, t)
   c_emb = model.adaln_module(jax.nn.silu(t_emb))  # the reference's adaLN_module(t_emb)
   return dict(t_emb=t_emb, c_emb=c_emb, layer_inputs=layer_inputs, final=final,
               logits=logits, out=out)
@@ -61,14 +72,13 @@ def _run_model(graphdef, params, tokens, seg, img, pos, latents, t):
 
 def verify_official(fixture: str, tolerance: float = 1e-4, base_config=None) -> list[Comparison]:
   """Our outputs vs the fixture's, through the converter: one Comparison each."""
-  from monoformer_jax.train.state import abstract_model
   params, config = official.load_official(fixture, fixture_config(base_config))
   graphdef, _, _ = abstract_model(config.model)
   io = np.load(os.path.join(fixture, "io.npz"))
-  inputs = [jnp.asarray(io[k]) for k in ("tokens", "segment_ids", "image_ids", "positions")]
+  row = fixture_row(io, tokens_per_image(config.model))
   latents = jnp.asarray(io["x_t"].transpose(0, 2, 3, 1)[:, None])  # [B, M=1, h, w, C]
   t = jnp.asarray(io["t"][:, None].astype(np.int32))
-  ours = jax.device_get(jax.jit(_run_model, static_argnums=0)(graphdef, params, *inputs,
+  ours = jax.device_get(jax.jit(_run_model, static_argnums=0)(graphdef, params, row,
                                                                latents, t))
   real = io["segment_ids"] != 0
   results = [_compare("t_embeds", ours["t_emb"][:, 0], io["t_embeds"], tolerance),

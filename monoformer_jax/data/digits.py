@@ -2,16 +2,12 @@
 
 Nothing is downloaded: `sklearn.datasets.load_digits` ships its 1797 images.
 Images are pixel-space "latents" [8, 8, 1] float32, scaled from 0..16 to
-[-1, 1] (x / 8 - 1; `to_unit_range` maps back to [0, 1]). An image example is
-the reference's training row
-
-    <s> prompt <|im_start|> <image> <|im_end|> \\n </s>
-
-with a random one of the reference's prompt templates filled with the class
-name ("zero".."nine"), the prompt dropped (empty) with probability
-`data.cfg_drop_prob` for classifier-free guidance. Text-only examples,
-`<s> sentence </s>`, are true statements about the numbers zero..twenty
-("three plus four is seven."), a share `data.text_fraction` of the stream.
+[-1, 1] (images.py). The dataset supplies its class names ("zero".."nine"),
+the images and the sentences; the rows are the reference's (prompts.py): an
+image under a random template filled with its class name, the prompt dropped
+with probability `data.cfg_drop_prob`, and text-only examples that are true
+statements about the numbers zero..twenty ("three plus four is seven."), a
+share `data.text_fraction` of the stream.
 
 Example i of the stream is a pure function of (seed, i), read through Grain
 MapDatasets, so a batch iterator resumes from one integer. Every digit appears
@@ -27,25 +23,23 @@ from typing import Callable
 import grain
 import numpy as np
 
-from monoformer_jax.data.packing import Example, PackedBatches, host_stream, row_spec
+from monoformer_jax.data import prompts
+from monoformer_jax.data.images import from_unit_range
+from monoformer_jax.data.packing import Example
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                "nine")
 NUMBER_WORDS = CLASS_NAMES + ("ten", "eleven", "twelve", "thirteen", "fourteen",
                               "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
                               "twenty")
-# The reference's ImageNet prompt templates, its "an photo" included.
-TEMPLATES = ("Please generate an image of {}.", "{}", "an image of {}.", "an photo of {}.")
 
 # Text/image choices are drawn per block of this many examples, with exactly
 # the configured share of text in each block at random places: the mix is
 # random but the image stream index stays computable from i alone.
 _MIX_BLOCK = 128
 
-__all__ = ["CLASS_NAMES", "NUMBER_WORDS", "TEMPLATES", "load_digit_images",
-           "to_unit_range", "class_prompt", "number_sentence", "image_prefix_ids",
-           "image_example_ids", "image_prompt_example", "digits_example_stream",
-           "make_digits_batches", "row_spec"]
+__all__ = ["CLASS_NAMES", "NUMBER_WORDS", "load_digit_images", "number_sentence",
+           "digits_example_stream"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,21 +47,11 @@ def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
   """(images [1797, 8, 8, 1] float32 in [-1, 1], labels [1797] int64 in 0..9)."""
   from sklearn.datasets import load_digits
   digits = load_digits()
-  images = (digits.images.astype(np.float32) / 8.0 - 1.0)[..., None]
+  images = from_unit_range(digits.images.astype(np.float32) / 16.0)[..., None]
   images.setflags(write=False)   # shared by every example; nobody may edit it
   labels = digits.target.astype(np.int64)
   labels.setflags(write=False)
   return images, labels
-
-
-def to_unit_range(x) -> np.ndarray:
-  """Model-space pixels [-1, 1] -> [0, 1] (clipped), for writing samples."""
-  return np.clip((np.asarray(x, np.float32) + 1.0) / 2.0, 0.0, 1.0)
-
-
-def class_prompt(digit: int) -> str:
-  """The first template for a digit: "Please generate an image of seven."."""
-  return TEMPLATES[0].format(CLASS_NAMES[digit])
 
 
 def number_sentence(rng: np.random.Generator) -> str:
@@ -95,25 +79,6 @@ def number_sentence(rng: np.random.Generator) -> str:
   return f"{w[a]} is an {'even' if a % 2 == 0 else 'odd'} number."
 
 
-def image_prefix_ids(prompt: str | None, tokenizer) -> list[int]:
-  """<s> prompt <|im_start|>: what an image to generate sees; None/"": no prompt."""
-  return [tokenizer.bos_id] + tokenizer.encode(prompt or "") + [tokenizer.im_start_id]
-
-
-def image_example_ids(prompt: str | None, tokenizer) -> list[int]:
-  """<s> prompt <|im_start|> <image> <|im_end|> \\n </s>; no prompt for None/""."""
-  t = tokenizer
-  return (image_prefix_ids(prompt, t) + [t.image_id, t.im_end_id] + t.encode("\n")
-          + [t.eos_id])
-
-
-def image_prompt_example(prompt: str | None, tokenizer, image_shape) -> Example:
-  """The row of an image to generate, with a zero image in its slot (None or
-  "": the guidance-null prompt). Its text trains nothing."""
-  return Example(image_example_ids(prompt, tokenizer),
-                 [np.zeros(tuple(image_shape), np.float32)], train_text=False)
-
-
 def _check_probability(name: str, p: float):
   if not 0.0 <= p <= 1.0:
     raise ValueError(f"{name}={p} is not a probability in [0, 1]")
@@ -139,17 +104,11 @@ def digits_example_stream(config, tokenizer, seed: int) -> Callable[[int], Examp
       int(s) for s in np.random.SeedSequence(seed).generate_state(4))
 
   def image_example(k: int, rng: np.random.Generator) -> Example:
-    prompt = None
-    if rng.random() >= drop_prob:
-      template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
-      prompt = template.format(CLASS_NAMES[labels[k]])
-    # train_text=True: whether image prompts train CE is the packer's switch
-    # (loss.text_on_image_examples), not the dataset's.
-    return Example(image_example_ids(prompt, tokenizer), [images[k]], train_text=True)
+    prompt = prompts.training_prompt(CLASS_NAMES[labels[k]], rng, drop_prob)
+    return prompts.image_example(prompt, images[k], tokenizer)
 
   def text_example(_, rng: np.random.Generator) -> Example:
-    ids = [tokenizer.bos_id] + tokenizer.encode(number_sentence(rng)) + [tokenizer.eos_id]
-    return Example(ids, (), train_text=True)
+    return Example(prompts.text_ids(number_sentence(rng), tokenizer), (), train_text=True)
 
   # `shuffle` reseeds per epoch, so `repeat` gives a new order every epoch.
   image_ds = (grain.MapDataset.range(len(images)).shuffle(seed=shuffle_seed).repeat()
@@ -182,26 +141,3 @@ def digits_example_stream(config, tokenizer, seed: int) -> Callable[[int], Examp
     return examples[i]
 
   return example_at
-
-
-def make_digits_batches(config, tokenizer, *, process_index: int = 0,
-                        process_count: int = 1, state: dict | None = None) -> PackedBatches:
-  """This host's batches: `data.batch_size // process_count` rows each, packed
-  from its share of the stream seeded by `config.seed`; `state` resumes."""
-  if config.data.name != "digits":
-    raise ValueError(f"make_digits_batches got data.name={config.data.name!r}; "
-                     "it only serves 'digits'")
-  if config.data.batch_size % process_count:
-    raise ValueError(f"data.batch_size={config.data.batch_size} (global rows) is not "
-                     f"divisible by {process_count} processes")
-  spec = row_spec(config, tokenizer)
-  stream = host_stream(digits_example_stream(config, tokenizer, config.seed),
-                       process_index, process_count)
-  batches = PackedBatches(stream, rows=config.data.batch_size // process_count,
-                          seq_len=spec.seq_len, max_images=spec.max_images,
-                          image_shape=spec.image_shape,
-                          tokens_per_image=spec.tokens_per_image, tokenizer=tokenizer,
-                          text_on_image_examples=spec.text_on_image_examples)
-  if state is not None:
-    batches.set_state(state)
-  return batches

@@ -5,16 +5,23 @@ An `Example` is token ids in which each image is ONE `<image>` placeholder
 last, one per placeholder, in order) and whether its text may train
 cross-entropy. Packing expands each placeholder into P = tokens_per_image
 contiguous slots and lays examples greedily, in stream order, into rows of
-length L holding at most M images. A batch of R rows is a dict of numpy arrays:
+length L holding at most M images. A batch of B rows is a dict of numpy arrays:
 
-    tokens       int32 [R, L]   text ids; image slots hold <image>; padding <PAD>
-    segment_ids  int32 [R, L]   0 = padding, 1, 2, ... = the example within the row
-    image_ids    int32 [R, L]   0 = text, k >= 1 = the k-th image of the ROW
-                                (numbered across all the examples of the row)
-    positions    int32 [R, L]   RoPE position, restarting at 0 for each example
-    targets      int32 [R, L]   tokens[l + 1] when l + 1 is in the same example, else 0
-    text_weights float32 [R, L] 1.0 where cross-entropy trains (see below)
-    latents      float32 [R, M, h, w, C]  the k-th image of a row in slot k - 1
+    tokens        int32 [B, L]    text ids; image slots hold <image>; padding <PAD>
+    segment_ids   int32 [B, L]    0 = padding, 1, 2, ... = the example within the row
+    image_ids     int32 [B, L]    0 = text, k >= 1 = the k-th image of the ROW
+                                  (numbered across all the examples of the row)
+    positions     int32 [B, L]    RoPE position, restarting at 0 for each example
+    image_columns int32 [B, M, P] the column of each token of the image in slot m
+                                  (image m + 1), in order; L (past the row) for an empty slot
+    image_valid   bool  [B, M]    slot m holds an image
+    targets       int32 [B, L]    tokens[l + 1] when l + 1 is in the same example, else 0
+    text_weights  float32 [B, L]  1.0 where cross-entropy trains (see below)
+    latents       float32 [B, M, h, w, C]  the k-th image of a row in slot k - 1
+
+The first six are what the model reads (`Row`); the model places image tokens
+at `image_columns` and reads them back from there, and the loss counts the
+slots `image_valid` names, so no other module re-derives the layout.
 
 `text_weights[l]` is 1 iff the example trains text, l + 1 is in the same
 example and tokens[l + 1] is a text token, never an image slot. An example
@@ -27,6 +34,7 @@ padded so every prompt ends at the same column, followed by the slots being
 generated (new text tokens, or the P tokens of one image). All rows then write
 and read the same columns at every step, which is what a KV cache with one
 offset per batch needs; positions still restart at 0 where each prompt starts.
+`PromptLayout` says which columns are which.
 
 Nothing is dropped, reordered or cut silently. An example with images that
 cannot fit one row (too long, too many images, an image of the wrong shape)
@@ -39,9 +47,18 @@ holds no image, no cut falls inside one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
+
+
+def tokens_per_image(model_cfg) -> int:
+  """P: the patch tokens of one image, (image_size / patch_size)^2."""
+  size, patch = model_cfg.image_size, model_cfg.patch_size
+  if patch < 1 or size % patch:
+    raise ValueError(f"model.image_size={size} is not a multiple of "
+                     f"model.patch_size={patch}")
+  return (size // patch) ** 2
 
 
 @dataclasses.dataclass
@@ -63,7 +80,7 @@ class RowSpec:
   seq_len: int                      # L
   max_images: int                   # M, images per row
   image_shape: tuple[int, int, int]  # (h, w, C)
-  tokens_per_image: int             # P = (h // patch) * (w // patch)
+  tokens_per_image: int             # P
   image_id: int
   pad_id: int
   text_on_image_examples: bool = False
@@ -81,14 +98,67 @@ class RowSpec:
 def row_spec(config, tokenizer) -> RowSpec:
   """The RowSpec of a config (data.seq_len, data.max_images_per_row, model.*)."""
   m = config.model
-  if m.image_size % m.patch_size:
-    raise ValueError(f"model.image_size={m.image_size} is not a multiple of "
-                     f"model.patch_size={m.patch_size}")
   return RowSpec(seq_len=config.data.seq_len, max_images=config.data.max_images_per_row,
                  image_shape=(m.image_size, m.image_size, m.in_channels),
-                 tokens_per_image=(m.image_size // m.patch_size) ** 2,
+                 tokens_per_image=tokens_per_image(m),
                  image_id=tokenizer.image_id, pad_id=tokenizer.pad_id,
                  text_on_image_examples=bool(config.loss.text_on_image_examples))
+
+
+class Row(NamedTuple):
+  """Rows as the model reads them (numpy or jax arrays; a pytree): see the
+  module docstring for each field."""
+  tokens: Any          # int32 [B, L]
+  segment_ids: Any     # int32 [B, L]
+  image_ids: Any       # int32 [B, L]
+  positions: Any       # int32 [B, L]
+  image_columns: Any   # int32 [B, M, P]
+  image_valid: Any     # bool [B, M]
+
+  @classmethod
+  def of(cls, batch: Mapping[str, Any]) -> "Row":
+    """The Row fields of a packed batch (a dict from `pack_examples`)."""
+    return cls(*(batch[name] for name in cls._fields))
+
+
+def image_slots(image_ids_BxL, max_images: int, tokens_per_image: int):
+  """(image_columns int32 [B, M, P], image_valid bool [B, M]) of rows given
+  by their image ids: slot m holds image m + 1, whose P tokens must be
+  contiguous. Raises, naming the row, for ids that no packed row can hold."""
+  ids_BxL = np.asarray(image_ids_BxL)
+  b, length = ids_BxL.shape
+  m, p = max_images, tokens_per_image
+  if ids_BxL.size and ids_BxL.max() > m:
+    raise ValueError(f"rows hold image {int(ids_BxL.max())} but a row holds at most "
+                     f"{m} images (data.max_images_per_row)")
+  columns_BxMxP = np.full((b, m, p), length, np.int32)
+  valid_BxM = np.zeros((b, m), bool)
+  for slot in range(m):
+    is_image_BxL = ids_BxL == slot + 1
+    count_B = is_image_BxL.sum(axis=1)
+    first_B = is_image_BxL.argmax(axis=1)
+    cols_BxP = first_B[:, None] + np.arange(p)
+    inside_BxP = np.take_along_axis(is_image_BxL, np.minimum(cols_BxP, length - 1), axis=1)
+    whole_B = (count_B == p) & inside_BxP.all(axis=1) & (first_B + p <= length)
+    bad = np.flatnonzero((count_B != 0) & ~whole_B)
+    if bad.size:
+      r = int(bad[0])
+      raise ValueError(f"row {r} holds {int(count_B[r])} tokens of image {slot + 1}, not "
+                       f"one contiguous run of tokens_per_image={p} (model.image_size / "
+                       "model.patch_size, squared); build rows with data.packing")
+    columns_BxMxP[:, slot] = np.where(whole_B[:, None], cols_BxP, length)
+    valid_BxM[:, slot] = whole_B
+  return columns_BxMxP, valid_BxM
+
+
+def check_one_image_per_row(row: Row, tokens_per_image: int):
+  """Raises unless every row holds exactly one image of `tokens_per_image`
+  slots (what an image sampler generates into)."""
+  images_B = (np.asarray(row.image_ids) > 0).sum(axis=1)
+  m, p = np.asarray(row.image_columns).shape[1:]
+  if m != 1 or p != tokens_per_image or not np.asarray(row.image_valid).all():
+    raise ValueError(f"each row must hold exactly one image of {tokens_per_image} slots; "
+                     f"rows hold {sorted(set(images_B.tolist()))} image tokens")
 
 
 def _expanded_length(example: Example, spec: RowSpec) -> int:
@@ -156,22 +226,22 @@ class _Rows:
     ids = np.asarray(example.ids, np.int32)
     is_placeholder = ids == spec.image_id
     counts = np.where(is_placeholder, spec.tokens_per_image, 1)
-    tokens_N = np.repeat(ids, counts)
-    is_image_N = np.repeat(is_placeholder, counts)
+    tokens_L = np.repeat(ids, counts)
+    is_image_L = np.repeat(is_placeholder, counts)
     first = int(self.n_images[r])
-    image_ids_N = np.repeat(np.where(is_placeholder, first + np.cumsum(is_placeholder), 0),
+    image_ids_L = np.repeat(np.where(is_placeholder, first + np.cumsum(is_placeholder), 0),
                             counts)
-    n = len(tokens_N)
+    n = len(tokens_L)
     start = int(self.used[r])
     end = start + n
-    self.tokens[r, start:end] = tokens_N
+    self.tokens[r, start:end] = tokens_L
     self.segment_ids[r, start:end] = self.n_examples[r] + 1
-    self.image_ids[r, start:end] = image_ids_N
+    self.image_ids[r, start:end] = image_ids_L
     self.positions[r, start:end] = np.arange(n)
-    self.targets[r, start:end - 1] = tokens_N[1:]
+    self.targets[r, start:end - 1] = tokens_L[1:]
     trains = example.train_text and (not len(example.images) or spec.text_on_image_examples)
     if trains:
-      self.text_weights[r, start:end - 1] = ~is_image_N[1:]
+      self.text_weights[r, start:end - 1] = ~is_image_L[1:]
     for k, image in enumerate(example.images):
       self.latents[r, first + k] = image
     self.used[r] = end
@@ -179,9 +249,11 @@ class _Rows:
     self.n_images[r] = first + len(example.images)
 
   def batch(self) -> dict[str, np.ndarray]:
+    columns, valid = image_slots(self.image_ids, self.spec.max_images,
+                                 self.spec.tokens_per_image)
     return dict(tokens=self.tokens, segment_ids=self.segment_ids, image_ids=self.image_ids,
-                positions=self.positions, targets=self.targets,
-                text_weights=self.text_weights, latents=self.latents)
+                positions=self.positions, image_columns=columns, image_valid=valid,
+                targets=self.targets, text_weights=self.text_weights, latents=self.latents)
 
 
 def _plan(pieces: Sequence[Example], spec: RowSpec, row: int, used: int,
@@ -225,17 +297,13 @@ class PackedBatches(Iterator[dict]):
   second integer of state), so one text may span at most `rows` rows.
   """
 
-  def __init__(self, example_at: Callable[[int], Example], *, rows: int, seq_len: int,
-               max_images: int, image_shape: Sequence[int], tokens_per_image: int,
-               tokenizer, text_on_image_examples: bool, start_index: int = 0):
+  def __init__(self, example_at: Callable[[int], Example], *, rows: int, spec: RowSpec,
+               start_index: int = 0):
     if rows < 1:
       raise ValueError(f"rows={rows}: a batch needs at least one row")
     self.example_at = example_at
     self.rows = rows
-    self.spec = RowSpec(seq_len=seq_len, max_images=max_images,
-                        image_shape=tuple(image_shape), tokens_per_image=tokens_per_image,
-                        image_id=tokenizer.image_id, pad_id=tokenizer.pad_id,
-                        text_on_image_examples=text_on_image_examples)
+    self.spec = spec
     self.next_example = int(start_index)
     self._last = None   # (index, pieces): the leftover is not decoded twice
 
@@ -273,24 +341,56 @@ class PackedBatches(Iterator[dict]):
     self.next_example = int(state["next_example"])
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptLayout:
+  """Which columns of `prompt_rows` rows are which (hashable, so compiled
+  samplers can be specialised on it): prompts end at column prompt_len - 1 and
+  the `new_tokens` slots being generated follow."""
+  prompt_len: int   # Lp
+  new_tokens: int
+
+  @property
+  def length(self) -> int:
+    return self.prompt_len + self.new_tokens
+
+  def new_column(self, i):
+    """The column of new slot i (an int or a traced integer)."""
+    return self.prompt_len + i
+
+  def prompt(self, x_BxL):
+    """The prompt columns [B, Lp] of a per-token array."""
+    return x_BxL[:, :self.prompt_len]
+
+  def new(self, x_BxL):
+    """The new slots' columns [B, new_tokens] of a per-token array."""
+    return x_BxL[:, self.prompt_len:]
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRows:
+  """Rows from `prompt_rows`: the arrays (numpy) and their layout."""
+  row: Row
+  layout: PromptLayout
+
+
 def prompt_rows(prompts: Sequence[Sequence[int]], *, pad_id: int, new_tokens: int = 0,
-                new_token_id: int | None = None, image_ids: bool = False,
-                multiple: int = 8) -> dict[str, np.ndarray]:
-  """Rows [R, S] of left-padded prompts and `new_tokens` slots after them.
+                new_token_id: int | None = None, image: bool = False,
+                multiple: int = 8) -> PromptRows:
+  """Rows [B, L] of left-padded prompts and `new_tokens` slots after them.
 
   The prompts end at column Lp - 1 (Lp = the longest prompt rounded up to
-  `multiple`); the slots fill columns Lp .. S - 1 with S = Lp + new_tokens and
-  hold `new_token_id` (default `pad_id`). Returns tokens, segment_ids (0 on
-  the left padding, 1 on the prompt and the slots), image_ids (1 on the slots
-  when `image_ids`: they are one image; else 0), positions (0 at each
-  prompt's first token, counting on through the slots), and `prompt_len`
-  (Lp, an int).
+  `multiple`); the slots fill columns Lp .. L - 1 with L = Lp + new_tokens and
+  hold `new_token_id` (default `pad_id`). segment_ids are 0 on the left padding
+  and 1 on the prompt and the slots; positions are 0 at each prompt's first
+  token, counting on through the slots. With `image` the slots are one image
+  (image id 1, slot 0 of the row); otherwise the rows hold no image.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token (e.g. bos)")
   rows = len(prompts)
   lp = -(-max(len(p) for p in prompts) // multiple) * multiple
-  length = lp + new_tokens
+  layout = PromptLayout(lp, new_tokens)
+  length = layout.length
   tokens = np.full((rows, length), pad_id, np.int32)
   tokens[:, lp:] = pad_id if new_token_id is None else new_token_id
   segment_ids = np.zeros((rows, length), np.int32)
@@ -300,11 +400,11 @@ def prompt_rows(prompts: Sequence[Sequence[int]], *, pad_id: int, new_tokens: in
     tokens[r, start:lp] = np.asarray(p, np.int32)
     segment_ids[r, start:] = 1
     positions[r, start:] = np.arange(length - start)
-  ids = np.zeros((rows, length), np.int32)
-  if image_ids:
-    ids[:, lp:] = 1
-  return dict(tokens=tokens, segment_ids=segment_ids, image_ids=ids, positions=positions,
-              prompt_len=lp)
+  image_ids = np.zeros((rows, length), np.int32)
+  if image:
+    image_ids[:, lp:] = 1
+  columns, valid = image_slots(image_ids, 1 if image else 0, new_tokens if image else 0)
+  return PromptRows(Row(tokens, segment_ids, image_ids, positions, columns, valid), layout)
 
 
 def host_stream(example_at: Callable[[int], Example], process_index: int,

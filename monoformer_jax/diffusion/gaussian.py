@@ -1,11 +1,11 @@
 """Gaussian diffusion as in IDDPM/ADM (and DiT, and MonoFormer): the numbers.
 
 Conventions:
-- Channels LAST: latents are x_NxHxWxC (any [N, ..., C]); a model output is
-  [N, ..., 2C] with [..., :C] the epsilon prediction and [..., C:] the
+- Channels LAST: latents are x_BxhxwxC (any [B, ..., C]); a model output is
+  [B, ..., 2C] with [..., :C] the epsilon prediction and [..., C:] the
   learned-range variance values v in [-1, 1]. Every loss reduces over all
-  non-batch axes and returns one number per sample, [N].
-- `t` arguments are int [N] indices into THIS object's tables. After
+  non-batch axes and returns one number per sample, [B].
+- `t` arguments are int [B] indices into THIS object's tables. After
   respacing they are respaced indices; the network must see
   `model_timesteps(t)`, the original 0..T-1 timesteps (`timestep_map`).
 - Tables are float64 numpy; a coefficient is gathered and cast to float32
@@ -126,7 +126,7 @@ class GaussianDiffusion:
   # ---------------------------------------------------------------- helpers
   @staticmethod
   def _at(table: np.ndarray, t, x):
-    """table[t] as float32, shaped [N, 1, ...] to broadcast against x [N, ...]."""
+    """table[t] as float32, shaped [B, 1, ...] to broadcast against x [B, ...]."""
     v = jnp.asarray(np.asarray(table, np.float32))[t]
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
@@ -199,7 +199,7 @@ class GaussianDiffusion:
 
   # ---------------------------------------------------------------- losses
   def training_losses(self, model_output, x_start, x_t, t, noise):
-    """IDDPM's hybrid loss per sample [N]: mse, vb (bits/dim) and their sum.
+    """IDDPM's hybrid loss per sample [B]: mse, vb (bits/dim) and their sum.
 
     L_vb trains only the variance: the eps channels enter it stop-gradiented,
     so the mean is learnt from the MSE alone. At t == 0 L_vb is the
@@ -245,7 +245,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 def apply_cfg(out_cond, out_uncond, scale, guided_channels: int | None = None):
-  """Classifier-free guidance on model outputs [N, ..., 2C]; returns the guided
+  """Classifier-free guidance on model outputs [B, ..., 2C]; returns the guided
   output of the conditional half.
 
   The eps channels become uncond + scale * (cond - uncond); the variance
@@ -255,7 +255,7 @@ def apply_cfg(out_cond, out_uncond, scale, guided_channels: int | None = None):
   """
   if out_cond.shape != out_uncond.shape or out_cond.shape[-1] % 2:
     raise ValueError(f"out_cond {out_cond.shape} and out_uncond {out_uncond.shape} must be "
-                     "equal shapes [N, ..., 2C] (channels last)")
+                     "equal shapes [B, ..., 2C] (channels last)")
   c = out_cond.shape[-1] // 2
   g = c if guided_channels is None else guided_channels
   if not 0 <= g <= c:
@@ -267,30 +267,38 @@ def apply_cfg(out_cond, out_uncond, scale, guided_channels: int | None = None):
 SAMPLERS = ("ddpm", "ddim")
 
 
+def sample_step(denoise_fn: Callable, x_t, i, key, diffusion: GaussianDiffusion, *,
+                sampler: str = "ddpm", eta: float = 0.0):
+  """Step i of a sampling loop (0 = the first, noisiest): x_{t-1} from x_t at
+  index t = T' - 1 - i of `diffusion`'s (respaced) steps, with the noise of
+  fold_in(key, i). `denoise_fn(x_t, t_model) -> model_output [B, ..., 2C]`
+  gets the ORIGINAL timesteps (timestep_map of the index), int32 [B]; `i` may
+  be traced."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler={sampler!r}: choose one of {SAMPLERS}")
+  t = jnp.full((x_t.shape[0],), diffusion.num_timesteps - 1 - i, jnp.int32)
+  out = denoise_fn(x_t, diffusion.model_timesteps(t))
+  noise = jax.random.normal(jax.random.fold_in(key, i), x_t.shape, x_t.dtype)
+  if sampler == "ddpm":
+    return diffusion.p_sample(out, x_t, t, noise)["sample"]
+  return diffusion.ddim_sample(out, x_t, t, noise, eta)["sample"]
+
+
 def sample_loop(denoise_fn: Callable, x_T, key, diffusion: GaussianDiffusion, *,
                 sampler: str = "ddpm", eta: float = 0.0,
                 progress: Callable | None = None):
-  """x_0 from x_T through all of `diffusion`'s (respaced) steps.
+  """x_0 from x_T through all of `diffusion`'s (respaced) steps, in one program.
 
   `sampler`: 'ddpm' (ancestral, with the learned variance; the reference) or
-  'ddim' (with `eta`). `denoise_fn(x_t, t_model) -> model_output [N, ..., 2C]`
-  gets the ORIGINAL timesteps (timestep_map of the respaced index), int32 [N].
-  One compiled step, scanned from the last index to 0; step i draws its noise
-  from fold_in(key, i). `progress`, if given, is called on the host with each
-  finished step's loop index (0 = the first, noisiest step).
+  'ddim' (with `eta`); `denoise_fn` as in `sample_step`. One compiled step,
+  scanned from the last index to 0. `progress`, if given, is called on the host
+  with each finished step's loop index (0 = the first, noisiest step).
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler={sampler!r}: choose one of {SAMPLERS}")
-  n = x_T.shape[0]
 
   def step(x_t, i):
-    t = jnp.full((n,), diffusion.num_timesteps - 1 - i, jnp.int32)
-    out = denoise_fn(x_t, diffusion.model_timesteps(t))
-    noise = jax.random.normal(jax.random.fold_in(key, i), x_t.shape, x_t.dtype)
-    if sampler == "ddpm":
-      x_prev = diffusion.p_sample(out, x_t, t, noise)["sample"]
-    else:
-      x_prev = diffusion.ddim_sample(out, x_t, t, noise, eta)["sample"]
+    x_prev = sample_step(denoise_fn, x_t, i, key, diffusion, sampler=sampler, eta=eta)
     if progress is not None:
       jax.debug.callback(progress, i)
     return x_prev, None

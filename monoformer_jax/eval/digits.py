@@ -29,3 +29,10 @@ def prompted_accuracy(images_Nx8x8, labels_N) -> tuple[float, np.ndarray]:
   per_digit = np.array([(pred[labels_N == d] == d).mean() if (labels_N == d).any()
                         else np.nan for d in range(10)])
   return float((pred == labels_N).mean()), per_digit
+
+
+def sample_metrics(images_NxHxWxC, labels_N) -> dict:
+  """The `digits_classifier` sample metric: the share of samples recognised as
+  their prompted digit, overall and per digit."""
+  accuracy, per_digit = prompted_accuracy(images_NxHxWxC, labels_N)
+  return dict(classifier_accuracy=accuracy, per_digit=per_digit.tolist())

@@ -2,31 +2,28 @@
 
 Latents are channels-last [..., h, w, C]. The reference orders a patch token's
 INPUT features (c, ph, pw) (channel slowest) but reads its OUTPUT features as
-(ph, pw, c) (channel fastest); both orders are kept here so that official
-weights load unchanged.
+(ph, pw, c) (channel fastest); the einops patterns below state both, so that
+official weights load unchanged.
 """
 
 import math
 
+import einops
 import jax.numpy as jnp
 import numpy as np
 
 
-def patchify(x_NxHxWxC, p: int):
-  """[N, h, w, C] -> [N, (h/p)*(w/p), C*p*p], tokens row-major, features (c, ph, pw)."""
-  n, h, w, c = x_NxHxWxC.shape
-  x = x_NxHxWxC.reshape(n, h // p, p, w // p, p, c)
-  x = x.transpose(0, 1, 3, 5, 2, 4)  # n, gh, gw, c, ph, pw
-  return x.reshape(n, (h // p) * (w // p), c * p * p)
+def patchify(x_BxhxwxC, p: int):
+  """[B, h, w, C] -> [B, P, Z]: tokens row-major over the (h/p, w/p) grid,
+  features Z = C*p*p ordered (c, ph, pw)."""
+  return einops.rearrange(x_BxhxwxC, "b (gh ph) (gw pw) c -> b (gh gw) (c ph pw)",
+                          ph=p, pw=p)
 
 
-def unpatchify(x_NxTxF, p: int, h: int, w: int):
-  """[N, (h/p)*(w/p), p*p*C] with features (ph, pw, c) -> [N, h, w, C]."""
-  n, _, f = x_NxTxF.shape
-  c = f // (p * p)
-  x = x_NxTxF.reshape(n, h // p, w // p, p, p, c)
-  x = x.transpose(0, 1, 3, 2, 4, 5)  # n, gh, ph, gw, pw, c
-  return x.reshape(n, h, w, c)
+def unpatchify(x_BxPxZ, p: int, h: int, w: int):
+  """[B, P, Z] with features Z = p*p*C ordered (ph, pw, c) -> [B, h, w, C]."""
+  return einops.rearrange(x_BxPxZ, "b (gh gw) (ph pw c) -> b (gh ph) (gw pw) c",
+                          gh=h // p, gw=w // p, ph=p, pw=p)
 
 
 def _sincos_1d(width: int, pos):

@@ -10,10 +10,10 @@ each parameter names its logical axes in its `logical_axes` metadata (the
 stacked layers' leading axis is `layers`, added by `logical_axes_of`).
 
 Decoding and cached sampling pass a `KVCache`: per layer, keys and values of a
-whole row of S tokens [N, B, S, K, D]. A call then embeds only the Lq new
-tokens at row positions offset .. offset + Lq - 1, writes their keys and
+whole row of L tokens [N, B, L, K, D] (N layers). A call then embeds only the
+Lq new tokens at row columns offset .. offset + Lq - 1, writes their keys and
 values there and attends over the whole row, whose `segment_ids` and
-`image_ids` [B, S] the caller gives (the mask hides what is not written yet:
+`image_ids` [B, L] the caller gives (the mask hides what is not written yet:
 it lies ahead of every query, or in another example).
 """
 
@@ -90,7 +90,7 @@ def apply_rope(x_BxLxHxD, cos_BxLxD, sin_BxLxD):
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer for a row of S tokens: [N, B, S, K, D] each."""
+  """Keys and values of every layer for a row of L tokens: [N, B, L, K, D] each."""
   k: jax.Array
   v: jax.Array
 
@@ -119,9 +119,9 @@ class Attention(nnx.Module):
     self.impl = cfg.attention_impl
 
   def __call__(self, x_BxLxE, rope, segment_ids, image_ids, cache=None, offset=None):
-    """(output [B, L, E], cache): with `cache` ((k, v) [B, S, K, D] of one
+    """(output [B, Lq, E], cache): with `cache` ((k, v) [B, L, K, D] of one
     layer) this call's keys and values are written into it at `offset`;
-    without, the cache returned is None."""
+    without, the cache returned is None (and Lq = L)."""
     dtype = x_BxLxE.dtype
     q_BxLxHxD = jnp.einsum("ble,ehd->blhd", x_BxLxE, self.wq[...].astype(dtype))
     k_BxLxKxD = jnp.einsum("ble,ekd->blkd", x_BxLxE, self.wk[...].astype(dtype))
@@ -193,8 +193,8 @@ class Decoder(nnx.Module):
                offset=None, return_layer_inputs=False):
     """Final-normed hidden states [B, L, E] of the tokens x at `positions` [B, L].
 
-    With `cache` (a KVCache of a row of S tokens) x holds the L new tokens at
-    row positions offset.., the ids are the whole row's [B, S], and the result
+    With `cache` (a KVCache of a row of L tokens) x holds the Lq new tokens at
+    row columns offset.., the ids are the whole row's [B, L], and the result
     is (hidden states, the updated cache). `return_layer_inputs` also returns
     each layer's input [N, B, L, E] (for comparisons with the reference).
     """

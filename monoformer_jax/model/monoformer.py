@@ -1,16 +1,20 @@
 """MonoFormer: one Llama decoder for next-token text and diffusion images.
 
-The model reads the packed row of `monoformer_jax.data` (tokens, segment_ids,
-image_ids, positions [B, L]) plus the noised latents of each row's image slots
-`latents_BxMxhxwxC` and their timesteps `t_BxM` (original 0..T-1 indices). The
-k-th image of a row (image_ids == k) fills its P = (h/p)*(w/p) slots in order,
-so the n-th image token of a row is patch token n of the flattened [M*P] image
-tokens: a cumulative sum places and collects them.
+The model reads packed rows (`data.Row`: per token [B, L] tokens, segment_ids,
+image_ids, positions; per image slot the columns its P tokens occupy) plus
+the noised latents of each row's image slots `latents_BxMxhxwxC` and their
+timesteps `t_BxM` (original 0..T-1 indices). Image tokens are placed at, and
+read back from, the columns the row names; the model never derives them.
 
 Image tokens get, before layer 0: x_embedder(patch) + the 2-D sin-cos table,
 then `x * (1 + scale) + shift` from adaLN_module(t) (`adaln_before_decoder`,
 the released checkpoint's mode). Outputs: LM logits for every token and, per
 image slot, the diffusion head's [h, w, 2C] (epsilon, learned-range variance).
+
+The samplers call the same model in three more ways, all here so that a new
+conditioning mode is one edit in this file: `prefill` writes a prompt's keys
+and values into a KVCache, and `extend_text` / `extend_image` run new text
+tokens or one image's tokens against it.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from monoformer_jax.data.packing import tokens_per_image
 from monoformer_jax.model.embeddings import patchify, sincos_2d, timestep_features, unpatchify
-from monoformer_jax.model.llama import Decoder, param
+from monoformer_jax.model.llama import Decoder, KVCache, param
 from monoformer_jax.parallel.sharding import constrain
 
 CONDITIONING_MODES = ("adaln_before_decoder",)
@@ -68,17 +73,33 @@ class FinalLayer(nnx.Module):
     return self.linear(x)
 
 
+def _place(x_BxLxE, columns_BxMxP, tokens_BxMxPxE):
+  """x with each image token written at its column; columns past the row
+  (empty slots) write nothing."""
+  b = x_BxLxE.shape[0]
+  columns_BxN = columns_BxMxP.reshape(b, -1)
+  tokens_BxNxE = tokens_BxMxPxE.reshape(b, columns_BxN.shape[1], -1)
+  return jax.vmap(lambda x, c, t: x.at[c].set(t, mode="drop"))(x_BxLxE, columns_BxN,
+                                                              tokens_BxNxE)
+
+
+def _take(h_BxLxE, columns_BxMxP):
+  """The hidden states [B, M, P, E] at the image columns; zeros for empty slots."""
+  b, m, p = columns_BxMxP.shape
+  h_BxNxE = jax.vmap(lambda h, c: h.at[c].get(mode="fill", fill_value=0))(
+      h_BxLxE, columns_BxMxP.reshape(b, m * p))
+  return h_BxNxE.reshape(b, m, p, -1)
+
+
 class MonoFormer(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     if cfg.conditioning not in CONDITIONING_MODES:
       raise ValueError(f"config.model.conditioning={cfg.conditioning!r} is not "
                        f"supported; use one of {CONDITIONING_MODES}")
-    if cfg.image_size % cfg.patch_size:
-      raise ValueError(f"config.model.image_size={cfg.image_size} is not a "
-                       f"multiple of patch_size={cfg.patch_size}")
     self.cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: the graphdef is a jit key
     e, p, c = cfg.hidden_size, cfg.patch_size, cfg.in_channels
+    self.tokens_per_image = tokens_per_image(cfg)
     self.out_channels = 2 * c if cfg.learn_sigma else c
     self.grid = cfg.image_size // p
     self.dtype = jnp.dtype(cfg.dtype)
@@ -91,10 +112,7 @@ class MonoFormer(nnx.Module):
     self.lm_head = param(rngs, (e, cfg.vocab_size), ("embed", "vocab"))
     self.final_layer = FinalLayer(cfg, p * p * self.out_channels, rngs=rngs)
 
-  @property
-  def tokens_per_image(self) -> int:
-    return self.grid * self.grid
-
+  # ------------------------------------------------------------ the parts
   def embed_text(self, tokens_BxL):
     return jnp.take(self.embed_tokens[...], tokens_BxL, axis=0).astype(self.dtype)
 
@@ -103,9 +121,9 @@ class MonoFormer(nnx.Module):
     timestep embeddings [B, M, E]: x_embedder(patch) + 2-D sin-cos, then the
     `adaln_before_decoder` modulation x * (1 + scale) + shift."""
     b, m = t_BxM.shape
-    patches = patchify(latents_BxMxhxwxC.reshape(b * m, *latents_BxMxhxwxC.shape[2:]),
-                       self.cfg.patch_size)
-    img_BMxPxE = self.x_embedder(patches.astype(self.dtype))
+    patches_BMxPxZ = patchify(latents_BxMxhxwxC.reshape(b * m, *latents_BxMxhxwxC.shape[2:]),
+                              self.cfg.patch_size)
+    img_BMxPxE = self.x_embedder(patches_BMxPxZ.astype(self.dtype))
     img_BMxPxE = img_BMxPxE + sincos_2d(self.cfg.hidden_size, self.grid).astype(self.dtype)
     t_emb_BxMxE = self.t_embedder(t_BxM, self.dtype)
     shift_BxMxE, scale_BxMxE = jnp.split(
@@ -114,45 +132,70 @@ class MonoFormer(nnx.Module):
     img_BxMxPxE = img_BxMxPxE * (1 + scale_BxMxE[:, :, None]) + shift_BxMxE[:, :, None]
     return img_BxMxPxE, t_emb_BxMxE
 
-  def embed(self, tokens, image_ids, latents_BxMxhxwxC, t_BxM):
-    """Layer-0 input x [B, L, E] of a packed row and the timestep embeddings [B, M, E]."""
-    b, m = t_BxM.shape
-    n_img = m * self.tokens_per_image
+  def embed(self, row, latents_BxMxhxwxC, t_BxM):
+    """Layer-0 input x [B, L, E] of packed rows and the timestep embeddings [B, M, E]."""
     img_BxMxPxE, t_emb_BxMxE = self.image_tokens(latents_BxMxhxwxC, t_BxM)
-    is_img_BxL = image_ids > 0
-    slot_BxL = jnp.clip(jnp.cumsum(is_img_BxL, axis=1) - 1, 0, n_img - 1)
-    placed_BxLxE = jnp.take_along_axis(img_BxMxPxE.reshape(b, n_img, -1),
-                                       slot_BxL[..., None], axis=1)
-    x_BxLxE = jnp.where(is_img_BxL[..., None], placed_BxLxE, self.embed_text(tokens))
+    x_BxLxE = _place(self.embed_text(row.tokens), row.image_columns, img_BxMxPxE)
     return constrain(x_BxLxE, ("batch", "length", None)), t_emb_BxMxE
 
   def diffusion_head(self, h_BxMxPxE, t_emb_BxMxE):
     """Diffusion output [B, M, h, w, 2C] float32 from each image's final hidden states."""
     b, m = t_emb_BxMxE.shape[:2]
-    out = self.final_layer(h_BxMxPxE, t_emb_BxMxE)
+    out_BxMxPxZ = self.final_layer(h_BxMxPxE, t_emb_BxMxE)
     size = self.cfg.image_size
-    out = unpatchify(out.reshape(b * m, self.tokens_per_image, -1),
+    out = unpatchify(out_BxMxPxZ.reshape(b * m, self.tokens_per_image, -1),
                      self.cfg.patch_size, size, size)
     return out.reshape(b, m, size, size, self.out_channels).astype(jnp.float32)
-
-  def image_head(self, h_BxLxE, image_ids, t_emb_BxMxE):
-    """Diffusion output [B, M, h, w, 2C] of every image slot of packed rows."""
-    b, m, _ = t_emb_BxMxE.shape
-    n_img = m * self.tokens_per_image
-    is_img_BxL = image_ids > 0
-    # Non-image tokens scatter to index n_img, outside the array: dropped.
-    slot_BxL = jnp.where(is_img_BxL, jnp.cumsum(is_img_BxL, axis=1) - 1, n_img)
-    gathered_BxNxE = jnp.zeros((b, n_img, h_BxLxE.shape[-1]), h_BxLxE.dtype).at[
-        jnp.arange(b)[:, None], slot_BxL].set(h_BxLxE, mode="drop")
-    return self.diffusion_head(gathered_BxNxE.reshape(b, m, self.tokens_per_image, -1),
-                               t_emb_BxMxE)
 
   def logits(self, h_BxLxE):
     return jnp.einsum("ble,ev->blv", h_BxLxE, self.lm_head[...].astype(h_BxLxE.dtype),
                       preferred_element_type=jnp.float32)
 
-  def __call__(self, tokens, segment_ids, image_ids, positions, latents_BxMxhxwxC, t_BxM):
-    """(logits [B, L, V] float32, diffusion output [B, M, h, w, 2C] float32)."""
-    x_BxLxE, t_emb_BxMxE = self.embed(tokens, image_ids, latents_BxMxhxwxC, t_BxM)
-    h_BxLxE = self.decoder(x_BxLxE, positions, segment_ids, image_ids)
-    return self.logits(h_BxLxE), self.image_head(h_BxLxE, image_ids, t_emb_BxMxE)
+  # ------------------------------------------------------------ training
+  def __call__(self, row, latents_BxMxhxwxC=None, t_BxM=None):
+    """(logits [B, L, V] float32, diffusion output [B, M, h, w, 2C] float32) of
+    packed rows; rows without image slots (M = 0) may leave out the latents
+    and get None as the diffusion output."""
+    if latents_BxMxhxwxC is None:
+      if row.image_columns.shape[1]:
+        raise ValueError(f"rows with {row.image_columns.shape[1]} image slots need their "
+                         "latents and timesteps")
+      h_BxLxE = self.decoder(self.embed_text(row.tokens), row.positions, row.segment_ids,
+                             row.image_ids)
+      return self.logits(h_BxLxE), None
+    x_BxLxE, t_emb_BxMxE = self.embed(row, latents_BxMxhxwxC, t_BxM)
+    h_BxLxE = self.decoder(x_BxLxE, row.positions, row.segment_ids, row.image_ids)
+    out = self.diffusion_head(_take(h_BxLxE, row.image_columns), t_emb_BxMxE)
+    return self.logits(h_BxLxE), out
+
+  # ------------------------------------------------------------ sampling
+  # A row of L tokens is cached whole ([N, B, L, K, D] keys and values); the
+  # ids [B, L] always describe the whole row, and a call's tokens are the
+  # row's columns offset .. offset + Lq - 1 (see llama.Decoder).
+  def init_cache(self, batch: int, length: int) -> KVCache:
+    return KVCache.zeros(self.cfg, batch, length, self.dtype)
+
+  def prefill(self, tokens_BxLp, positions_BxLp, segment_ids_BxL, image_ids_BxL, cache):
+    """(logits [B, V] after the prompt's last token, the cache holding the
+    prompt's keys and values): the prompt is the row's first Lp columns."""
+    h_BxLpxE, cache = self.decoder(self.embed_text(tokens_BxLp), positions_BxLp,
+                                   segment_ids_BxL, image_ids_BxL, cache=cache, offset=0)
+    return self.logits(h_BxLpxE[:, -1:])[:, 0], cache
+
+  def extend_text(self, tokens_BxLq, positions_BxLq, segment_ids_BxL, image_ids_BxL, cache,
+                  offset):
+    """(logits [B, Lq, V], the cache with these tokens written) for text tokens
+    at columns offset .. offset + Lq - 1."""
+    h_BxLqxE, cache = self.decoder(self.embed_text(tokens_BxLq), positions_BxLq,
+                                   segment_ids_BxL, image_ids_BxL, cache=cache, offset=offset)
+    return self.logits(h_BxLqxE), cache
+
+  def extend_image(self, latents_BxhxwxC, t_B, positions_BxP, segment_ids_BxL, image_ids_BxL,
+                   cache, offset):
+    """(diffusion output [B, h, w, 2C] float32, the cache with the image
+    written) for one noised image per row whose P tokens are columns offset ..
+    offset + P - 1, against what the cache holds before them."""
+    img_Bx1xPxE, t_emb_Bx1xE = self.image_tokens(latents_BxhxwxC[:, None], t_B[:, None])
+    h_BxPxE, cache = self.decoder(img_Bx1xPxE[:, 0], positions_BxP, segment_ids_BxL,
+                                  image_ids_BxL, cache=cache, offset=offset)
+    return self.diffusion_head(h_BxPxE[:, None], t_emb_Bx1xE)[:, 0], cache

@@ -88,17 +88,30 @@ def logical_rules(rules: Rules):
     _state.rules = previous
 
 
-# Activations' rules when none are active: data parallel over data and fsdp,
-# heads over tensor (what every config in configs/ says too).
-DEFAULT_ACTIVATION_RULES: Rules = (
-    ("batch", ("data", "fsdp")), ("length", None), ("heads", "tensor"),
-    ("kv_heads", "tensor"), ("head_dim", None))
+# The project's logical axis rules: every config uses these (configs/*.py import
+# them) unless it says otherwise. Parameters: FSDP over `embed`, tensor
+# parallelism over heads, MLP and vocabulary. Activations: the batch over data
+# and fsdp, heads over tensor. The mesh's sizes (config.mesh) decide which of
+# these are real splits: an axis of size 1 splits nothing.
+RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("head_dim", None),
+    ("length", None),
+    ("patch", None),
+    ("freq", None),
+)
 
 
 def current_rules() -> Rules:
-  """The rules of the enclosing `logical_rules` block, else the defaults above."""
+  """The rules of the enclosing `logical_rules` block, else `RULES`."""
   rules = getattr(_state, "rules", None)
-  return DEFAULT_ACTIVATION_RULES if rules is None else rules
+  return RULES if rules is None else rules
 
 
 def constrain(x, axes: Sequence[str | None]):

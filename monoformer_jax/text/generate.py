@@ -1,14 +1,16 @@
 """Text completion with a MonoFormer: one jitted loop, a KV cache, and samplers.
 
 Prompts of different lengths share a batch through `data.prompt_rows`: they
-are left-padded so that all of them end at column Lp - 1, and new token i of
-every row is written at column Lp + i. One offset then serves the whole batch,
-which is what lets each step run ONE token per row against the cache: the
-prompt is prefilled once, and each step embeds the last token, writes its keys
-and values at its column and reads the next token's logits. `use_cache=False`
-recomputes the whole row at every step instead (the reference's way, and the
-test oracle). The loop is a `lax.while_loop` that stops when every row has met
-a stop token or `max_new_tokens` are written.
+are left-padded so that all of them end at the same column, and new token i of
+every row is written at the same column `layout.new_column(i)`. One offset
+then serves the whole batch, which is what lets each step run ONE token per
+row against the cache: the model prefills the prompt once
+(`MonoFormer.prefill`), and each step runs the last token against the cache
+(`MonoFormer.extend_text`), writing its keys and values at its column and
+reading the next token's logits. `use_cache=False` recomputes the whole row at
+every step instead (the reference's way, and the test oracle). The loop is a
+`lax.while_loop` that stops when every row has met a stop token or
+`max_new_tokens` are written.
 
 Sampling: temperature 0 is greedy; otherwise logits / temperature, restricted
 to the `top_k` most likely tokens and to the smallest set whose probability
@@ -17,16 +19,14 @@ reaches `top_p` (the reference's defaults for chat: 0.7, 50, 0.95).
 
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from monoformer_jax.data.packing import prompt_rows
-from monoformer_jax.model.llama import KVCache
+from monoformer_jax.data.packing import PromptLayout, Row, prompt_rows
+from monoformer_jax.model.build import compiled
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float):
@@ -62,7 +62,7 @@ def sample_token(logits_BxV, key, *, temperature: float = 0.0, top_k: int = 0,
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_id: int,
              stop_ids: Sequence[int], key=None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, use_cache: bool = True) -> list[list[int]]:
-  """New token ids for each prompt, up to and including its first stop token.
+  """New token ids for each prompt (token ids), up to and including its first stop token.
 
   Step i draws from fold_in(key, i), so a seed reproduces a batch whatever
   the cache setting. `stop_ids` are the ids that end a row (e.g. eos). Calls
@@ -74,23 +74,19 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pa
   key = jax.random.PRNGKey(0) if key is None else key
   rows = prompt_rows(prompts, pad_id=pad_id, new_tokens=max_new_tokens)
   stops = tuple(sorted(set(int(s) for s in stop_ids)))
-  graphdef, state = nnx.split(model)
-  settings = _Settings(graphdef, rows["prompt_len"], max_new_tokens, pad_id, stops,
-                       float(temperature), int(top_k), float(top_p), use_cache)
-  out = np.asarray(_run(settings, state, *(jnp.asarray(rows[k]) for k in
-                                          ("tokens", "segment_ids", "positions")), key))
+  settings = _Settings(rows.layout, pad_id, stops, float(temperature), int(top_k),
+                       float(top_p), use_cache)
+  out = np.asarray(_run(model, settings, Row(*(jnp.asarray(x) for x in rows.row)), key))
   results = []
-  for row in out[:, settings.prompt_len:].tolist():
-    cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-    results.append(row[:cut])
+  for new in rows.layout.new(out).tolist():
+    cut = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))
+    results.append(new[:cut])
   return results
 
 
 class _Settings(NamedTuple):
   """What the compiled loop is specialised on (hashable: a static argument)."""
-  graphdef: Any
-  prompt_len: int
-  max_new_tokens: int
+  layout: PromptLayout
   pad_id: int
   stops: tuple[int, ...]
   temperature: float
@@ -99,48 +95,46 @@ class _Settings(NamedTuple):
   use_cache: bool
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _run(settings: _Settings, state, tokens, seg, pos, key):
-  lp, graphdef = settings.prompt_len, settings.graphdef
-  img = jnp.zeros_like(seg)   # a text row holds no image
+@compiled
+def _run(model, settings: _Settings, row: Row, key):
+  """The rows' tokens [B, L] with every new token written."""
+  layout = settings.layout
   stops = jnp.asarray(settings.stops or (-1,), jnp.int32)
   pick = lambda logits, i: sample_token(
       logits, jax.random.fold_in(key, i), temperature=settings.temperature,
       top_k=settings.top_k, top_p=settings.top_p)
+  at = lambda x, col: jax.lax.dynamic_slice_in_dim(x, col, 1, axis=1)
 
-  def last_logits(model, tokens, cache, col):
+  def next_logits(tokens, cache, col):
     """Logits [B, V] after the token at column `col`, and the new cache."""
     if cache is None:
-      h = model.decoder(model.embed_text(tokens), pos, seg, img)
-      return model.logits(jax.lax.dynamic_slice_in_dim(h, col, 1, axis=1))[:, 0], None
-    x = model.embed_text(jax.lax.dynamic_slice_in_dim(tokens, col, 1, axis=1))
-    h, cache = model.decoder(x, jax.lax.dynamic_slice_in_dim(pos, col, 1, axis=1),
-                             seg, img, cache=cache, offset=col)
-    return model.logits(h)[:, 0], cache
+      logits, _ = model(row._replace(tokens=tokens))
+      return at(logits, col)[:, 0], None
+    logits, cache = model.extend_text(at(tokens, col), at(row.positions, col),
+                                      row.segment_ids, row.image_ids, cache, col)
+    return logits[:, 0], cache
 
-  # Prefill: the whole prompt once (its cache), the first new token from it.
-  model = nnx.merge(graphdef, state)
-  cache = None
+  # The first new token comes from the prompt: prefilled once with the cache.
+  tokens, cache = row.tokens, None
   if settings.use_cache:
-    cache = KVCache.zeros(model.cfg, *tokens.shape, model.dtype)
-    h, cache = model.decoder(model.embed_text(tokens[:, :lp]), pos[:, :lp], seg, img,
-                             cache=cache, offset=0)
-    logits = model.logits(h[:, -1:])[:, 0]
+    logits, cache = model.prefill(layout.prompt(tokens), layout.prompt(row.positions),
+                                  row.segment_ids, row.image_ids,
+                                  model.init_cache(*tokens.shape))
   else:
-    logits, _ = last_logits(model, tokens, None, lp - 1)
+    logits, _ = next_logits(tokens, None, layout.prompt_len - 1)
   first = pick(logits, 0)
-  tokens = tokens.at[:, lp].set(first)
+  tokens = tokens.at[:, layout.new_column(0)].set(first)
 
   def unfinished(carry):
     _, _, i, done = carry
-    return (i < settings.max_new_tokens) & ~done.all()
+    return (i < layout.new_tokens) & ~done.all()
 
   def step(carry):
     tokens, cache, i, done = carry
-    model = nnx.merge(graphdef, state)  # inside the loop: NNX won't cross traces
-    logits, cache = last_logits(model, tokens, cache, lp + i - 1)
+    logits, cache = next_logits(tokens, cache, layout.new_column(i - 1))
     nxt = jnp.where(done, settings.pad_id, pick(logits, i)).astype(jnp.int32)
-    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], lp + i, axis=1)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], layout.new_column(i),
+                                                 axis=1)
     return tokens, cache, i + 1, done | jnp.isin(nxt, stops)
 
   carry = (tokens, cache, jnp.int32(1), jnp.isin(first, stops))

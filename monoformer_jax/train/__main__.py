@@ -6,8 +6,12 @@ Config fields are overridden as `--config.train.num_steps=100`.
 """
 
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from monoformer_jax.checkpoints import quiet_orbax_logs
+from monoformer_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -20,13 +24,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.set_verbosity(logging.INFO)
-  from monoformer_jax.train.checkpoint import quiet_orbax_logs
   quiet_orbax_logs()
-  from monoformer_jax.train.loop import train_and_evaluate
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

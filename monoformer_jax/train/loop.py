@@ -18,27 +18,25 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
 
-from monoformer_jax.data.digits import make_digits_batches
+from monoformer_jax.checkpoints import (TrainCheckpointer, load_config, load_params,
+                                        model_differences)
+from monoformer_jax.data.datasets import dataset_of, make_batches
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.model.build import param_count
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.tokenizer import tokenizer_of
-from monoformer_jax.train.checkpoint import (Checkpointer, load_config, load_params,
-                                             model_differences)
-from monoformer_jax.train.state import create_train_state, make_optimizer, param_count, state_shardings
+from monoformer_jax.train.samples import write_samples
+from monoformer_jax.train.state import (create_train_state, make_optimizer, state_from_params,
+                                        state_shardings)
 from monoformer_jax.train.step import make_train_step
-
-DATA_NAMES = ("digits",)  # the input pipelines train_and_evaluate can build
 
 
 def _check_config(config):
-  if config.data.name not in DATA_NAMES:
-    raise ValueError(f"config.data.name={config.data.name!r} has no input pipeline yet; "
-                     f"training can use {DATA_NAMES}")
+  dataset_of(config)   # raises for a dataset without an input pipeline
   if config.data.batch_size % jax.process_count():
     raise ValueError(f"data.batch_size={config.data.batch_size} must be divisible by the "
                      f"{jax.process_count()} processes")
@@ -77,13 +75,7 @@ def _state_from_model(config, mesh, tx, path: str):
   if differ:   # same shapes, other settings (e.g. rope_theta): worth a word
     logging.warning("train.init_from=%s was made with other model settings (%s); "
                     "training uses this config's", path, "; ".join(differ))
-
-  def init(params):
-    # A copy, so that params and ema are distinct buffers (the step donates both).
-    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                ema=jax.tree.map(jnp.copy, params))
-
-  return graphdef, jax.jit(init, out_shardings=shardings)(params), shardings
+  return graphdef, state_from_params(params, tx, shardings), shardings
 
 
 def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
@@ -100,7 +92,7 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
   with jax.set_mesh(mesh), sharding.logical_rules(rules):
     # --------------------------------------------------------------- model
     tx, schedule = make_optimizer(config.optim)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
                         keep=config.train.keep_checkpoints,
                         save_every=config.train.checkpoint_every)
     latest = ckpt.latest_step()
@@ -119,8 +111,8 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       logging.info("resumed from %s/checkpoints step %d", workdir, latest)
 
     # ---------------------------------------------------------------- data
-    batches = make_digits_batches(config, tokenizer, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), state=data_state)
+    batches = make_batches(config, tokenizer, process_index=jax.process_index(),
+                           process_count=jax.process_count(), state=data_state)
     batch_sh = sharding.batch_sharding(mesh, rules, 1)
     diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps,
                                          config.diffusion.beta_schedule)
@@ -165,7 +157,6 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     # ------------------------------------------------------------- samples
     # Every process runs the (sharded) sampler; process 0 writes the files.
     if sample_at_end and not preemption.requested:
-      from monoformer_jax.train.samples import write_samples
       write_samples(nnx.merge(graphdef, state["ema"]), config, tokenizer,
                     os.path.join(workdir, "samples"))
   return state, metrics

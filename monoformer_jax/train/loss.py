@@ -3,28 +3,26 @@
     loss = w_diff * mean over real images of (eps MSE + L_vb)
          + w_lm   * sum(text_weights * CE) / sum(text_weights)
 
-Which tokens carry cross-entropy is decided by the data module
-(`text_weights`): by default only text-only examples (the reference), with
-`loss.text_on_image_examples` also the prompts/captions (Transfusion).
-A batch with no image (or no weighted text token) contributes 0 to that term.
+Which tokens carry cross-entropy (`text_weights`) and which image slots are
+real (`image_valid`) is decided by the data module: by default CE only on
+text-only examples (the reference), with `loss.text_on_image_examples` also
+on the prompts/captions (Transfusion). A batch with no image (or no weighted
+text token) contributes 0 to that term.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
-
-def image_slots_present(image_ids, num_slots: int):
-  """bool [B, M]: slot m holds a real image iff some token has image_ids == m+1."""
-  slots = jnp.arange(1, num_slots + 1)
-  return (image_ids[:, :, None] == slots[None, None, :]).any(axis=1)
+from monoformer_jax.data.packing import Row
 
 
 def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
   """Weighted mean token cross-entropy (float32) and the weight total."""
-  logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-  nll_BxL = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
+  nll_BxL = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxLxV.astype(jnp.float32), targets_BxL)
   total = weights_BxL.sum()
   return (nll_BxL * weights_BxL).sum() / jnp.maximum(total, 1.0), total
 
@@ -40,12 +38,11 @@ def loss_terms(model, batch, t_BxM, noise_BxMxhxwxC, diffusion):
   flat = lambda x: x.reshape(b * m, *x.shape[2:])
   x_t = diffusion.q_sample(flat(latents), t_BxM.reshape(-1), flat(noise_BxMxhxwxC))
   x_t = x_t.reshape(latents.shape)
-  logits, out_BxMxhxwx2C = model(batch["tokens"], batch["segment_ids"], batch["image_ids"],
-                                  batch["positions"], x_t, t_BxM)
+  logits, out_BxMxhxwx2C = model(Row.of(batch), x_t, t_BxM)
   terms = diffusion.training_losses(flat(out_BxMxhxwx2C), flat(latents), flat(x_t),
                                     t_BxM.reshape(-1), flat(noise_BxMxhxwxC))
   terms = {k: v.reshape(b, m) for k, v in terms.items()}
-  valid_BxM = image_slots_present(batch["image_ids"], m)
+  valid_BxM = batch["image_valid"]
   n_images = valid_BxM.sum()
   diff = jnp.where(valid_BxM, terms["loss"], 0.0).sum() / jnp.maximum(n_images, 1)
   lm, n_text = cross_entropy(logits, batch["targets"], batch["text_weights"])

@@ -1,9 +1,12 @@
-"""End-of-training samples for the digits default: a PNG grid, an .npz, text.
+"""End-of-training samples: a class-conditional grid, its arrays, text, scores.
 
-    samples/digits.png   a row per digit 0..9, guided by its class prompt
-    samples/digits.npz   images float32 [N, 8, 8] in [0, 1], labels int [N]
-    samples/text.txt     a few greedy text completions
-    samples/summary.json how many samples a real-digit classifier recognises
+    samples/{data.name}.png   a row per class, guided by its class prompt
+    samples/{data.name}.npz   `images` float32 [N, H, W, C] in [0, 1], `labels` int [N]
+    samples/text.txt          greedy completions of `sample.text_prompts`
+    samples/summary.json      what `sample.metrics` say of the images (monoformer_jax/eval)
+
+The classes are the dataset's (`data.class_names`), `sample.num_per_class`
+images each; latent models are decoded with the SD-VAE at `vae.path`.
 """
 
 from __future__ import annotations
@@ -18,48 +21,61 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from monoformer_jax.data.digits import class_prompt, to_unit_range
-from monoformer_jax.eval.digits import prompted_accuracy
-from monoformer_jax.inference import complete_text, generate_images, image_grid
+from monoformer_jax import inference
+from monoformer_jax.data import prompts
+from monoformer_jax.data.datasets import class_names
+from monoformer_jax.eval import sample_metric
 
 
 def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
-  """Samples with `model` on every process; process 0 writes `outdir`."""
+  """Samples with `model` on every process; process 0 writes `outdir`.
+  Returns (images, labels, metrics)."""
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(outdir, exist_ok=True)
   sc = config.sample
-  labels = np.repeat(np.arange(10), sc.num_per_class)
-  t0 = time.perf_counter()
-  logging.info("sampling %d digits: %d DDPM steps, guidance %.1f", len(labels),
-               sc.num_steps, sc.cfg_scale)
-  with tqdm.tqdm(total=sc.num_steps, desc="DDPM steps", disable=not writer) as bar:
-    x0 = generate_images(model, tokenizer, [class_prompt(int(d)) for d in labels],
-                         num_steps=sc.num_steps, cfg_scale=sc.cfg_scale, seed=seed,
-                         num_timesteps=config.diffusion.num_timesteps,
-                         progress=lambda _: bar.update(1))
-  x0 = multihost_utils.process_allgather(x0, tiled=True)
-  images = to_unit_range(np.asarray(x0))[..., 0].astype(np.float32)
-  logging.info("sampled in %.1fs", time.perf_counter() - t0)
+  classes = class_names(config)
+  images = labels = None
+  metrics = {}
+  if classes:
+    labels = np.repeat(np.arange(len(classes)), sc.num_per_class)
+    vae = inference.load_vae_of(config)
+    t0 = time.perf_counter()
+    logging.info("sampling %d images of %d classes: %d DDPM steps, guidance %.1f",
+                 len(labels), len(classes), sc.num_steps, sc.cfg_scale)
+    with tqdm.tqdm(total=sc.num_steps, desc="DDPM steps", disable=not writer) as bar:
+      x0 = inference.generate_images(
+          model, tokenizer, [prompts.class_prompt(classes[k]) for k in labels],
+          num_steps=sc.num_steps, cfg_scale=sc.cfg_scale, seed=seed,
+          num_timesteps=config.diffusion.num_timesteps, progress=lambda _: bar.update(1))
+    x0 = multihost_utils.process_allgather(x0, tiled=True)
+    images = inference.to_pixels(x0, config, vae)
+    logging.info("sampled in %.1fs", time.perf_counter() - t0)
+    for name in sc.get("metrics", ()):
+      metrics.update(sample_metric(name)(images, labels))
+    if metrics:
+      logging.info("sample metrics: %s", json.dumps(metrics))
+  else:
+    logging.info("data.name=%r has no class names: no class-conditional samples",
+                 config.data.name)
 
-  accuracy, per_digit = prompted_accuracy(images, labels)
-  logging.info("a real-digit classifier recognises %.1f%% of the samples (per digit: %s)",
-               100 * accuracy, " ".join(f"{d}:{a:.2f}" for d, a in enumerate(per_digit)))
-
-  prompts = list(sc.text_prompts)
-  completions = complete_text(model, tokenizer, prompts, max_new_tokens=sc.max_new_tokens,
-                              temperature=0.0, seed=seed)
-  lines = [f"{p!r} -> {c!r}" for p, c in zip(prompts, completions)]
+  text_prompts = list(sc.text_prompts)
+  completions = inference.complete_text(model, tokenizer, text_prompts,
+                                        max_new_tokens=sc.max_new_tokens, temperature=0.0,
+                                        seed=seed)
+  lines = [f"{p!r} -> {c!r}" for p, c in zip(text_prompts, completions)]
   if not writer:
-    return images, labels, accuracy
-  np.savez(os.path.join(outdir, "digits.npz"), images=images, labels=labels)
-  image_grid(images[..., None], rows=10, scale=4).save(os.path.join(outdir, "digits.png"))
+    return images, labels, metrics
+  if images is not None:
+    name = config.data.name
+    np.savez(os.path.join(outdir, f"{name}.npz"), images=images, labels=labels)
+    inference.image_grid(images, rows=len(classes), scale=max(1, 32 // images.shape[1])
+                         ).save(os.path.join(outdir, f"{name}.png"))
   with open(os.path.join(outdir, "text.txt"), "w") as f:
     f.write("\n".join(lines) + "\n")
   for line in lines:
     logging.info("text: %s", line)
   with open(os.path.join(outdir, "summary.json"), "w") as f:
-    json.dump(dict(classifier_accuracy=accuracy, per_digit=per_digit.tolist(),
-                   num_samples=len(labels), steps=sc.num_steps, cfg_scale=sc.cfg_scale,
-                   text=lines), f, indent=1)
-  return images, labels, accuracy
+    json.dump(dict(metrics, num_samples=0 if labels is None else len(labels),
+                   steps=sc.num_steps, cfg_scale=sc.cfg_scale, text=lines), f, indent=1)
+  return images, labels, metrics

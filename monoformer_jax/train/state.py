@@ -15,21 +15,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from monoformer_jax.model import MonoFormer
-from monoformer_jax.model.llama import logical_axes_of
-from monoformer_jax.parallel.sharding import logical_to_spec
+from monoformer_jax.model.build import abstract_model, init_params, shardings_of
 
 
 def make_optimizer(optim_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Grad-norm clipping then AdamW; constant lr after an optional linear warmup."""
   if optim_cfg.warmup_steps > 0:
-    schedule = optax.linear_schedule(0.0, optim_cfg.lr, optim_cfg.warmup_steps)
-    schedule = optax.join_schedules(
-        [schedule, optax.constant_schedule(optim_cfg.lr)], [optim_cfg.warmup_steps])
-  else:
+    schedule = optax.warmup_constant_schedule(0.0, optim_cfg.lr, optim_cfg.warmup_steps)
+  else:  # optax's warmup of 0 steps would stay at the initial value
     schedule = optax.constant_schedule(optim_cfg.lr)
   tx = optax.chain(
       optax.clip_by_global_norm(optim_cfg.grad_clip),
@@ -38,36 +33,10 @@ def make_optimizer(optim_cfg) -> tuple[optax.GradientTransformation, optax.Sched
   return tx, schedule
 
 
-def abstract_model(model_cfg):
-  """(graphdef, abstract params pure dict, logical axes pure dict), no allocation."""
-  model = nnx.eval_shape(lambda: MonoFormer(model_cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
-  axes = jax.tree.map(logical_axes_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(axes)
-
-
-def init_params(model_cfg, seed: int):
-  """Freshly initialised params (pure dict); call under jit for sharded init."""
-  return nnx.to_pure_dict(nnx.state(MonoFormer(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
-
-
-def _named_shardings(abs_params, axes, config, mesh):
-  return jax.tree.map(
-      lambda a, ax: NamedSharding(mesh, logical_to_spec(ax, config.sharding_rules,
-                                                        a.shape, mesh)),
-      abs_params, axes, is_leaf=lambda x: isinstance(x, tuple))
-
-
-def param_shardings(config, mesh):
-  """NamedShardings of the params (pure dict) under the config's rules."""
-  _, abs_params, axes = abstract_model(config.model)
-  return _named_shardings(abs_params, axes, config, mesh)
-
-
 def state_shardings(config, mesh, tx):
   """(graphdef, abstract state, NamedShardings of the state) for this mesh."""
   graphdef, abs_params, axes = abstract_model(config.model)
-  param_sh = _named_shardings(abs_params, axes, config, mesh)
+  param_sh = shardings_of(abs_params, axes, config.sharding_rules, mesh)
   abs_opt = jax.eval_shape(tx.init, abs_params)
   replicated = NamedSharding(mesh, P())
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
@@ -91,5 +60,11 @@ def create_train_state(config, mesh, tx):
   return graphdef, state, shardings
 
 
-def param_count(params) -> int:
-  return sum(x.size for x in jax.tree.leaves(params))
+def state_from_params(params, tx, shardings):
+  """Step 0 of a run started from `params`: EMA = params, a fresh optimizer state."""
+  def init(params):
+    # A copy, so that params and ema are distinct buffers (the step donates both).
+    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                ema=jax.tree.map(jnp.copy, params))
+
+  return jax.jit(init, out_shardings=shardings)(params)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from monoformer_jax.convert.safetensors_io import SafetensorsFile
+from monoformer_jax.checkpoints.safetensors_io import SafetensorsFile
 from monoformer_jax.vae.autoencoder_kl import AutoencoderKL, VAEConfig
 
 CONFIG_NAME = "config.json"
