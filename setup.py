@@ -17,15 +17,13 @@ setup(
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
-        "tensorflow-datasets>=4.9.10",
-        "grain>=0.2.18",
+        "grain>=0.2.18",           # the digits stream's MapDatasets
         "ml-collections>=1.1.0",
-        "chex>=0.1.92",
-        "einops>=0.8.2",
+        "einops>=0.8.2",           # patchify / unpatchify
         "absl-py>=2.3",
         "numpy>=2.0",
         "Pillow>=11.0",
-        "scikit-learn>=1.6",
+        "scikit-learn>=1.6",       # the digits default and its classifier
         "tqdm>=4.66",
         "ml-dtypes>=0.5",          # bfloat16 safetensors (TinyLlama ships them)
         "sentencepiece>=0.2",      # Llama's tokenizer.model
@@ -34,8 +32,9 @@ setup(
     extras_require={
         # The notebook's own needs (Colab has them) are in `test`, which runs it.
         # safetensors: the tests write fixtures with it; the package reads and
-        # writes the format itself (monoformer_jax/convert/safetensors_io.py).
+        # writes the format itself (monoformer_jax/checkpoints/safetensors_io.py).
+        # chex: the tests' tree and shape assertions.
         "test": ["pytest>=8", "pytest-xdist>=3.6", "nbformat>=5.10", "nbclient>=0.10",
-                 "ipykernel>=6.29", "matplotlib>=3.8", "safetensors>=0.5"],
+                 "ipykernel>=6.29", "matplotlib>=3.8", "safetensors>=0.5", "chex>=0.1.92"],
     },
 )

@@ -31,12 +31,12 @@ import jax
 import ml_collections
 
 from monoformer_jax.configs import config_file
+from monoformer_jax.data.prompts import image_rows, text_prompt_ids
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.diffusion.sample_images import sample_images
-from monoformer_jax.inference import image_rows
+from monoformer_jax.model.build import abstract_model, init_params
 from monoformer_jax.text.generate import generate
 from monoformer_jax.text.tokenizer import ByteTokenizer
-from monoformer_jax.train.state import abstract_model, init_params
 
 import report
 
@@ -83,7 +83,7 @@ def image_rate(model, prompt_len: int, images: int, steps: int, cfg_scale: float
 
 
 def token_rate(model, use_cache: bool) -> float:
-  prompts = [[TOK.bos_id] + TOK.encode("y" * 31)] * _TEXT_ROWS.value
+  prompts = [text_prompt_ids("y" * 31, TOK)] * _TEXT_ROWS.value
   run = lambda: generate(model, prompts, max_new_tokens=_NEW_TOKENS.value,
                          pad_id=TOK.pad_id, stop_ids=[], use_cache=use_cache)
   return _TEXT_ROWS.value * _NEW_TOKENS.value / report.median_seconds(run, iters=_ITERS.value)

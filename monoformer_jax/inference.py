@@ -82,7 +82,7 @@ def load_vae_of(config, path: str | None = None):
 
 
 def to_pixels(x0, config, vae=None) -> np.ndarray:
-  """Samples as float32 [B, H, W, C] images in [0, 1]: latents decoded by
+  """Samples as float32 [B, h, w, C] images in [0, 1]: latents decoded by
   `vae` (see `load_vae_of`), or the pixels of a pixel model."""
   if vae is not None:
     x0 = decode_latents(vae, np.asarray(x0, np.float32))
@@ -91,11 +91,11 @@ def to_pixels(x0, config, vae=None) -> np.ndarray:
   return to_unit_range(x0)
 
 
-def image_grid(images_BxHxWxC, rows: int, scale: int = 1, pad: int = 1):
+def image_grid(images_BxhxwxC, rows: int, scale: int = 1, pad: int = 1):
   """A PIL image of `rows` rows of samples on a white background."""
-  n, h, w, c = images_BxHxWxC.shape
+  n, h, w, c = images_BxhxwxC.shape
   cols = -(-n // rows)
-  images = np.kron(images_BxHxWxC, np.ones((1, scale, scale, 1), np.float32))
+  images = np.kron(images_BxhxwxC, np.ones((1, scale, scale, 1), np.float32))
   h, w = h * scale, w * scale
   grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.float32)
   for i in range(n):

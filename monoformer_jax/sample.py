@@ -9,7 +9,7 @@ r"""Sample a trained MonoFormer from the command line: images and text.
 of `python -m monoformer_jax.convert`; the config saved with it describes the
 model, and its mesh (`config.mesh`) shards the weights over the devices. Images
 go to `--output_dir` as `images.png` (a row per prompt) and `images.npz`
-(`images` float32 [N, H, W, C] in [0, 1], `prompts` [N]); text completions
+(`images` float32 [B, h, w, C] in [0, 1], `prompts` [B]); text completions
 are printed and written to `text.txt`. Latent models are decoded with the
 SD-VAE at `--vae` (or the config's `vae.path`); the digits model generates
 pixels directly.

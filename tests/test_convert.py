@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -149,14 +150,10 @@ def test_building_into_shards_on_a_mesh_gives_the_same_params(fixture_dir, base,
            v.addressable_shards[0].data.shape != v.shape]
   # embed over fsdp, heads/mlp/vocab over tensor: most of the model is split
   assert ("decoder", "layers", "attn", "wq") in split and ("lm_head",) in split
-  a, b = _flat(single), _flat(sharded)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
+  chex.assert_trees_all_equal(single, sharded)
   # the CLI's --mesh path: convert into shards, save, read back on one device
   official.convert_official(str(fixture_dir), str(tmp_path / "ckpt"), base, mesh=mesh)
-  c = _flat(load_params(str(tmp_path / "ckpt"), weights="raw")[0])
-  for k in a:
-    np.testing.assert_array_equal(a[k], c[k], err_msg=str(k))
+  chex.assert_trees_all_equal(single, load_params(str(tmp_path / "ckpt"), weights="raw")[0])
 
 
 # --------------------------------------------------------------------- llama
@@ -219,9 +216,7 @@ def test_llama_built_into_shards_matches_single_device(base):
   sharded, _ = llama.load_llama(str(TINY_LLAMA), base, seed=0,
                                 shardings_fn=lambda c: param_shardings(c, mesh))
   assert len(sharded["embed_tokens"].addressable_shards) == 8
-  a, b = _flat(single), _flat(sharded)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
+  chex.assert_trees_all_equal(single, sharded)
 
 
 def test_train_init_from_a_converted_llama(tmp_path):
@@ -232,10 +227,8 @@ def test_train_init_from_a_converted_llama(tmp_path):
   config.train.num_steps = 0  # the state training would start from
   state, _ = train_and_evaluate(config, str(tmp_path / "run"), sample_at_end=False)
   assert int(state["step"]) == 0
-  a, p, e = _flat(converted), _flat(state["params"]), _flat(state["ema"])
-  for k in a:
-    np.testing.assert_array_equal(p[k], a[k], err_msg=str(k))
-    np.testing.assert_array_equal(e[k], a[k], err_msg=str(k))
+  chex.assert_trees_all_equal(state["params"], converted)
+  chex.assert_trees_all_equal(state["ema"], converted)
   # EMA must not share buffers with params: the train step donates both.
   pointers = lambda tree: {x.addressable_shards[0].data.unsafe_buffer_pointer()
                            for x in jax.tree.leaves(tree)}

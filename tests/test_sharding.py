@@ -1,5 +1,6 @@
 """Sharded and single-device runs agree: init, loss and gradients, on any mesh."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,8 +110,7 @@ def test_sharded_init_places_each_shard_and_matches_unsharded(setup):
   assert {s.data.shape for s in wq.addressable_shards} == {(n, e // 4, h // 2, d)}
   mu = state["opt_state"][1][0].mu["decoder"]["layers"]["attn"]["wq"]
   assert mu.sharding.spec == wq.sharding.spec
-  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(state["params"], params)
 
 
 def test_mesh_errors_name_the_fix():
@@ -131,8 +131,7 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients(setup):
   np.testing.assert_allclose(metrics_acc["loss"],
                              (parts[0][0][0] + parts[1][0][0]) / 2, rtol=1e-6)
   expected = jax.tree.map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1])
-  for a, b in zip(jax.tree.leaves(grads_acc), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(grads_acc, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_bfloat16_compute_keeps_float32_masters_and_tracks_float32_loss(setup):
@@ -142,8 +141,8 @@ def test_bfloat16_compute_keeps_float32_masters_and_tracks_float32_loss(setup):
   graphdef, _, _ = abstract_model(config_bf16.model)
   loss_fn = make_loss_fn(graphdef, GaussianDiffusion.create(), config_bf16)
   (loss_16, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, key)
-  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
-  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  chex.assert_type(jax.tree.leaves(grads), jnp.float32)
+  chex.assert_tree_all_finite(grads)
   # bfloat16 has an 8-bit mantissa: a few percent on the loss, no more.
   np.testing.assert_allclose(loss_16, loss_32, rtol=0.05)
   # The update of the float32 masters from those gradients, as the train step
@@ -151,5 +150,5 @@ def test_bfloat16_compute_keeps_float32_masters_and_tracks_float32_loss(setup):
   tx, _ = make_optimizer(config_bf16.optim)
   updates, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new))
-  assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(new))
+  chex.assert_type(jax.tree.leaves(new), jnp.float32)
+  chex.assert_tree_all_finite(new)

@@ -3,7 +3,7 @@
     digits.py   digits_classifier: does a classifier fitted on the real 8x8
                 digits recognise each sample as the digit it was prompted with?
 
-A sample metric takes (images float32 [N, H, W, C] in [0, 1], labels int [N])
+A sample metric takes (images float32 [B, h, w, C] in [0, 1], labels int [B])
 and returns a dict of JSON-able numbers.
 """
 

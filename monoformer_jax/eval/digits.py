@@ -22,17 +22,17 @@ def digit_classifier():
   return clf
 
 
-def prompted_accuracy(images_Nx8x8, labels_N) -> tuple[float, np.ndarray]:
+def prompted_accuracy(images_Bx8x8, labels_B) -> tuple[float, np.ndarray]:
   """(accuracy, per-digit accuracy [10]) of images in [0, 1] against prompts."""
-  pred = digit_classifier().predict(np.asarray(images_Nx8x8).reshape(len(labels_N), -1))
-  labels_N = np.asarray(labels_N)
-  per_digit = np.array([(pred[labels_N == d] == d).mean() if (labels_N == d).any()
+  pred = digit_classifier().predict(np.asarray(images_Bx8x8).reshape(len(labels_B), -1))
+  labels_B = np.asarray(labels_B)
+  per_digit = np.array([(pred[labels_B == d] == d).mean() if (labels_B == d).any()
                         else np.nan for d in range(10)])
-  return float((pred == labels_N).mean()), per_digit
+  return float((pred == labels_B).mean()), per_digit
 
 
-def sample_metrics(images_NxHxWxC, labels_N) -> dict:
+def sample_metrics(images_BxhxwxC, labels_B) -> dict:
   """The `digits_classifier` sample metric: the share of samples recognised as
   their prompted digit, overall and per digit."""
-  accuracy, per_digit = prompted_accuracy(images_NxHxWxC, labels_N)
+  accuracy, per_digit = prompted_accuracy(images_BxhxwxC, labels_B)
   return dict(classifier_accuracy=accuracy, per_digit=per_digit.tolist())

@@ -77,18 +77,18 @@ def _place(x_BxLxE, columns_BxMxP, tokens_BxMxPxE):
   """x with each image token written at its column; columns past the row
   (empty slots) write nothing."""
   b = x_BxLxE.shape[0]
-  columns_BxN = columns_BxMxP.reshape(b, -1)
-  tokens_BxNxE = tokens_BxMxPxE.reshape(b, columns_BxN.shape[1], -1)
-  return jax.vmap(lambda x, c, t: x.at[c].set(t, mode="drop"))(x_BxLxE, columns_BxN,
-                                                              tokens_BxNxE)
+  columns_BxMP = columns_BxMxP.reshape(b, -1)
+  tokens_BxMPxE = tokens_BxMxPxE.reshape(b, columns_BxMP.shape[1], -1)
+  return jax.vmap(lambda x, c, t: x.at[c].set(t, mode="drop"))(x_BxLxE, columns_BxMP,
+                                                              tokens_BxMPxE)
 
 
 def _take(h_BxLxE, columns_BxMxP):
   """The hidden states [B, M, P, E] at the image columns; zeros for empty slots."""
   b, m, p = columns_BxMxP.shape
-  h_BxNxE = jax.vmap(lambda h, c: h.at[c].get(mode="fill", fill_value=0))(
+  h_BxMPxE = jax.vmap(lambda h, c: h.at[c].get(mode="fill", fill_value=0))(
       h_BxLxE, columns_BxMxP.reshape(b, m * p))
-  return h_BxNxE.reshape(b, m, p, -1)
+  return h_BxMPxE.reshape(b, m, p, -1)
 
 
 class MonoFormer(nnx.Module):

@@ -1,7 +1,7 @@
 """End-of-training samples: a class-conditional grid, its arrays, text, scores.
 
     samples/{data.name}.png   a row per class, guided by its class prompt
-    samples/{data.name}.npz   `images` float32 [N, H, W, C] in [0, 1], `labels` int [N]
+    samples/{data.name}.npz   `images` float32 [B, h, w, C] in [0, 1], `labels` int [B]
     samples/text.txt          greedy completions of `sample.text_prompts`
     samples/summary.json      what `sample.metrics` say of the images (monoformer_jax/eval)
 

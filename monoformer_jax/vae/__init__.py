@@ -1,7 +1,7 @@
 """The SD-VAE (diffusers' AutoencoderKL) in Flax NNX: pixels <-> diffusion latents.
 
     vae = load_vae("path/to/sd-vae-ft-mse")          # diffusers folder
-    latents = encode_images(vae, pixels_NxHxWx3)      # [-1, 1] -> scaled latents
+    latents = encode_images(vae, pixels_Bxhxwx3)      # [-1, 1] -> scaled latents
     pixels = decode_latents(vae, latents)             # scaled latents -> [-1, 1]
 
 Everything is NHWC. The VAE's parameters carry the logical axes 'conv_height',

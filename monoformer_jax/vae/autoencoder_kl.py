@@ -113,10 +113,10 @@ class Conv(nnx.Module):
     self.stride = stride
     self.padding = ((k // 2, k // 2),) * 2 if padding is None else padding
 
-  def __call__(self, x_NxHxWxC):
-    dtype = x_NxHxWxC.dtype
+  def __call__(self, x_BxhxwxC):
+    dtype = x_BxhxwxC.dtype
     y = jax.lax.conv_general_dilated(
-        x_NxHxWxC, self.kernel[...].astype(dtype), (self.stride, self.stride),
+        x_BxhxwxC, self.kernel[...].astype(dtype), (self.stride, self.stride),
         self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + self.bias[...].astype(dtype)
 
@@ -132,14 +132,14 @@ class GroupNorm(nnx.Module):
     self.bias = param(None, (channels,), ("conv_out",), init="zeros")
     self.groups = groups
 
-  def __call__(self, x_NxHxWxC):
-    n, h, w, c = x_NxHxWxC.shape
+  def __call__(self, x_BxhxwxC):
+    n, h, w, c = x_BxhxwxC.shape
     # Group g holds channels [g*C/G, (g+1)*C/G), as torch's NCHW view does.
-    x = x_NxHxWxC.astype(jnp.float32).reshape(n, h, w, self.groups, c // self.groups)
+    x = x_BxhxwxC.astype(jnp.float32).reshape(n, h, w, self.groups, c // self.groups)
     mean = x.mean(axis=(1, 2, 4), keepdims=True)
     var = jnp.square(x - mean).mean(axis=(1, 2, 4), keepdims=True)
     x = ((x - mean) * jax.lax.rsqrt(var + GROUP_NORM_EPS)).reshape(n, h, w, c)
-    return (x * self.scale[...] + self.bias[...]).astype(x_NxHxWxC.dtype)
+    return (x * self.scale[...] + self.bias[...]).astype(x_BxhxwxC.dtype)
 
 
 class ResnetBlock(nnx.Module):
@@ -152,15 +152,15 @@ class ResnetBlock(nnx.Module):
     self.conv2 = Conv(cout, cout, 3, rngs=rngs)
     self.conv_shortcut = Conv(cin, cout, 1, rngs=rngs) if cin != cout else None
 
-  def __call__(self, x_NxHxWxC):
-    h = self.conv1(jax.nn.silu(self.norm1(x_NxHxWxC)))
+  def __call__(self, x_BxhxwxC):
+    h = self.conv1(jax.nn.silu(self.norm1(x_BxhxwxC)))
     h = self.conv2(jax.nn.silu(self.norm2(h)))
-    skip = x_NxHxWxC if self.conv_shortcut is None else self.conv_shortcut(x_NxHxWxC)
+    skip = x_BxhxwxC if self.conv_shortcut is None else self.conv_shortcut(x_BxhxwxC)
     return skip + h
 
 
 class SpatialSelfAttention(nnx.Module):
-  """x + out(attention(norm(x))) over the H*W positions, one head of all C channels."""
+  """x + out(attention(norm(x))) over the h*w positions, one head of all C channels."""
 
   def __init__(self, channels: int, groups: int, *, rngs):
     self.group_norm = GroupNorm(channels, groups)
@@ -170,14 +170,14 @@ class SpatialSelfAttention(nnx.Module):
     self.to_v = Dense(channels, channels, axes, rngs=rngs)
     self.to_out = nnx.List([Dense(channels, channels, axes, rngs=rngs)])
 
-  def __call__(self, x_NxHxWxC):
-    n, h, w, c = x_NxHxWxC.shape
-    x_NxLxC = self.group_norm(x_NxHxWxC).reshape(n, h * w, c)
-    q, k, v = (proj(x_NxLxC)[:, :, None] for proj in (self.to_q, self.to_k, self.to_v))
-    # [N, L, 1 head, C]; the XLA path takes the softmax in float32, GPUs may
+  def __call__(self, x_BxhxwxC):
+    n, h, w, c = x_BxhxwxC.shape
+    x_BxLxC = self.group_norm(x_BxhxwxC).reshape(n, h * w, c)
+    q, k, v = (proj(x_BxLxC)[:, :, None] for proj in (self.to_q, self.to_k, self.to_v))
+    # [B, L, 1 head, C]; the XLA path takes the softmax in float32, GPUs may
     # pick a fused kernel for half precision (L = 4096 at 512 px).
-    out_NxLxC = jax.nn.dot_product_attention(q, k, v)[:, :, 0]
-    return x_NxHxWxC + self.to_out[0](out_NxLxC).reshape(n, h, w, c)
+    out_BxLxC = jax.nn.dot_product_attention(q, k, v)[:, :, 0]
+    return x_BxhxwxC + self.to_out[0](out_BxLxC).reshape(n, h, w, c)
 
 
 class MidBlock(nnx.Module):
@@ -189,8 +189,8 @@ class MidBlock(nnx.Module):
     self.attentions = nnx.List(
         [SpatialSelfAttention(channels, groups, rngs=rngs)] if add_attention else [])
 
-  def __call__(self, x_NxHxWxC):
-    x = self.resnets[0](x_NxHxWxC)
+  def __call__(self, x_BxhxwxC):
+    x = self.resnets[0](x_BxhxwxC)
     for attention in self.attentions:
       x = attention(x)
     return self.resnets[1](x)
@@ -202,8 +202,8 @@ class Downsample(nnx.Module):
   def __init__(self, channels: int, *, rngs):
     self.conv = Conv(channels, channels, 3, rngs=rngs, stride=2, padding=((0, 1), (0, 1)))
 
-  def __call__(self, x_NxHxWxC):
-    return self.conv(x_NxHxWxC)
+  def __call__(self, x_BxhxwxC):
+    return self.conv(x_BxhxwxC)
 
 
 class Upsample(nnx.Module):
@@ -212,8 +212,8 @@ class Upsample(nnx.Module):
   def __init__(self, channels: int, *, rngs):
     self.conv = Conv(channels, channels, 3, rngs=rngs)
 
-  def __call__(self, x_NxHxWxC):
-    x = jnp.repeat(jnp.repeat(x_NxHxWxC, 2, axis=1), 2, axis=2)
+  def __call__(self, x_BxhxwxC):
+    x = jnp.repeat(jnp.repeat(x_BxhxwxC, 2, axis=1), 2, axis=2)
     return self.conv(x)
 
 
@@ -226,10 +226,10 @@ class EncoderBlock(nnx.Module):
                              for i in range(num_layers)])
     self.downsamplers = nnx.List([Downsample(cout, rngs=rngs)] if downsample else [])
 
-  def __call__(self, x_NxHxWxC):
+  def __call__(self, x_BxhxwxC):
     for layer in (*self.resnets, *self.downsamplers):
-      x_NxHxWxC = layer(x_NxHxWxC)
-    return x_NxHxWxC
+      x_BxhxwxC = layer(x_BxhxwxC)
+    return x_BxhxwxC
 
 
 class DecoderBlock(nnx.Module):
@@ -241,14 +241,14 @@ class DecoderBlock(nnx.Module):
                              for i in range(num_layers)])
     self.upsamplers = nnx.List([Upsample(cout, rngs=rngs)] if upsample else [])
 
-  def __call__(self, x_NxHxWxC):
+  def __call__(self, x_BxhxwxC):
     for layer in (*self.resnets, *self.upsamplers):
-      x_NxHxWxC = layer(x_NxHxWxC)
-    return x_NxHxWxC
+      x_BxhxwxC = layer(x_BxhxwxC)
+    return x_BxhxwxC
 
 
 class Encoder(nnx.Module):
-  """Pixels [N, H, W, in] -> posterior moments [N, H/f, W/f, 2*latent] (mean, logvar)."""
+  """Pixels [B, h, w, in] -> posterior moments [B, h/f, w/f, 2*latent] (mean, logvar)."""
 
   def __init__(self, cfg: VAEConfig, *, rngs):
     chans, groups = cfg.block_out_channels, cfg.norm_num_groups
@@ -261,8 +261,8 @@ class Encoder(nnx.Module):
     self.conv_norm_out = GroupNorm(chans[-1], groups)
     self.conv_out = Conv(chans[-1], 2 * cfg.latent_channels, 3, rngs=rngs)
 
-  def __call__(self, x_NxHxWxC):
-    x = self.conv_in(x_NxHxWxC)
+  def __call__(self, x_BxhxwxC):
+    x = self.conv_in(x_BxhxwxC)
     for block in self.down_blocks:
       x = block(x)
     x = self.mid_block(x)
@@ -270,7 +270,7 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  """Latents [N, h, w, latent] -> pixels [N, h*f, w*f, out]; channels run in reverse."""
+  """Latents [B, h, w, latent] -> pixels [B, h*f, w*f, out]; channels run in reverse."""
 
   def __init__(self, cfg: VAEConfig, *, rngs):
     chans, groups = cfg.block_out_channels[::-1], cfg.norm_num_groups
@@ -284,8 +284,8 @@ class Decoder(nnx.Module):
     self.conv_norm_out = GroupNorm(chans[-1], groups)
     self.conv_out = Conv(chans[-1], cfg.out_channels, 3, rngs=rngs)
 
-  def __call__(self, z_NxhxwxC):
-    x = self.mid_block(self.conv_in(z_NxhxwxC))
+  def __call__(self, z_BxhxwxC):
+    x = self.mid_block(self.conv_in(z_BxhxwxC))
     for block in self.up_blocks:
       x = block(x)
     return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
@@ -294,13 +294,13 @@ class Decoder(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DiagonalGaussian:
-  """The encoder's posterior N(mean, exp(logvar)), [N, h, w, latent] each."""
+  """The encoder's posterior N(mean, exp(logvar)), [B, h, w, latent] each."""
   mean: jax.Array
   logvar: jax.Array  # clipped to [-30, 20] as diffusers does
 
   @classmethod
-  def from_moments(cls, moments_NxhxwxC2):
-    mean, logvar = jnp.split(moments_NxhxwxC2, 2, axis=-1)
+  def from_moments(cls, moments_Bxhxwx2C):
+    mean, logvar = jnp.split(moments_Bxhxwx2C, 2, axis=-1)
     return cls(mean, jnp.clip(logvar, -30.0, 20.0))
 
   @property
@@ -332,47 +332,47 @@ class AutoencoderKL(nnx.Module):
 
   def _check_channels(self, x, expected: int, what: str, field: str):
     if x.ndim != 4 or x.shape[-1] != expected:
-      raise ValueError(f"VAE {what} have shape {x.shape}; expected NHWC [N, H, W, "
+      raise ValueError(f"VAE {what} have shape {x.shape}; expected NHWC [B, h, w, "
                        f"{expected}] ({field}={expected} in the VAE config). Channels "
                        "go last: transpose NCHW arrays with x.transpose(0, 2, 3, 1)")
 
-  def encode(self, x_NxHxWxC) -> DiagonalGaussian:
-    self._check_channels(x_NxHxWxC, self.config.in_channels, "input images", "in_channels")
+  def encode(self, x_BxhxwxC) -> DiagonalGaussian:
+    self._check_channels(x_BxhxwxC, self.config.in_channels, "input images", "in_channels")
     f = self.config.downsample_factor
-    if x_NxHxWxC.shape[1] % f or x_NxHxWxC.shape[2] % f:
-      raise ValueError(f"VAE input images are {x_NxHxWxC.shape[1]}x{x_NxHxWxC.shape[2]}; "
+    if x_BxhxwxC.shape[1] % f or x_BxhxwxC.shape[2] % f:
+      raise ValueError(f"VAE input images are {x_BxhxwxC.shape[1]}x{x_BxhxwxC.shape[2]}; "
                        f"height and width must be multiples of {f} (2 ** (number of "
                        "block_out_channels - 1)); crop or pad them")
-    moments = self.encoder(x_NxHxWxC.astype(self.dtype))
+    moments = self.encoder(x_BxhxwxC.astype(self.dtype))
     if self.quant_conv is not None:
       moments = self.quant_conv(moments)
     return DiagonalGaussian.from_moments(moments)
 
-  def decode(self, z_NxhxwxC):
-    self._check_channels(z_NxhxwxC, self.config.latent_channels, "latents", "latent_channels")
-    z = z_NxhxwxC.astype(self.dtype)
+  def decode(self, z_BxhxwxC):
+    self._check_channels(z_BxhxwxC, self.config.latent_channels, "latents", "latent_channels")
+    z = z_BxhxwxC.astype(self.dtype)
     if self.post_quant_conv is not None:
       z = self.post_quant_conv(z)
     return self.decoder(z)
 
 
-def encode_images(vae: AutoencoderKL, pixels_NxHxWxC, key=None):
-  """Diffusion latents float32 [N, H/f, W/f, latent] of pixels in [-1, 1].
+def encode_images(vae: AutoencoderKL, pixels_BxhxwxC, key=None):
+  """Diffusion latents float32 [B, h/f, w/f, latent] of pixels in [-1, 1].
 
   The posterior's mode when `key` is None, else a sample; then
   `(z - shift_factor) * scaling_factor` (SD: `z * 0.18215`).
   """
-  posterior = vae.encode(pixels_NxHxWxC)
+  posterior = vae.encode(pixels_BxhxwxC)
   z = posterior.mode() if key is None else posterior.sample(key)
   cfg = vae.config
   return ((z.astype(jnp.float32) - cfg.shift_factor) * cfg.scaling_factor)
 
 
-def decode_latents(vae: AutoencoderKL, latents_NxhxwxC):
-  """Pixels float32 [N, h*f, w*f, out], nominally in [-1, 1] (not clipped).
+def decode_latents(vae: AutoencoderKL, latents_BxhxwxC):
+  """Pixels float32 [B, h*f, w*f, out], nominally in [-1, 1] (not clipped).
 
   Undoes `encode_images`' scaling first (SD: `latents / 0.18215`).
   """
   cfg = vae.config
-  z = latents_NxhxwxC.astype(jnp.float32) / cfg.scaling_factor + cfg.shift_factor
+  z = latents_BxhxwxC.astype(jnp.float32) / cfg.scaling_factor + cfg.shift_factor
   return vae.decode(z).astype(jnp.float32)
