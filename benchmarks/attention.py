@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from monoformer_jax.data.packing import Example, RowSpec, pack_examples
 from monoformer_jax.ops.attention import block_map, live_fraction, mixed_mask
-from monoformer_jax.ops.attention.pallas import kernel_config, pallas_attention
+from monoformer_jax.ops.attention.pallas import backend_for, kernel_config, pallas_attention
 from monoformer_jax.ops.attention.xla import xla_attention
 
 import report
@@ -44,26 +45,29 @@ _BLOCK_K = flags.DEFINE_integer("block_k", 0, "0: the backend's default")
 _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "markdown file ('' for none)")
 
 PROMPT, IMAGE = 16, 256
+TOKEN, IMAGE_ID = 1, 2   # token ids do not matter here, only the layout
 
 
 def layout(length: int, rng) -> tuple[np.ndarray, np.ndarray]:
-  """(segment_ids, image_ids) [L] of one row (see the module docstring)."""
-  seg, img = np.zeros(length, np.int32), np.zeros(length, np.int32)
-  at, example, image = 0, 0, 0
+  """(segment_ids, image_ids) [L] of one row (see the module docstring), packed
+  by data.packing from the reference's image example (a prompt of PROMPT
+  tokens, the image, the end marker) and text examples."""
+  examples, used = [], 0
   while True:
-    is_image = example % 2 == 0
+    is_image = len(examples) % 2 == 0
     n = PROMPT + IMAGE + 1 if is_image else int(rng.integers(40, 401))
-    if at + n > length:
+    if used + n > length:
       break
-    example += 1
-    seg[at:at + n] = example
-    if is_image:
-      image += 1
-      img[at + PROMPT:at + PROMPT + IMAGE] = image
-    at += n
+    examples.append(Example([TOKEN] * PROMPT + [IMAGE_ID, TOKEN], [np.zeros((1, 1, 1))])
+                    if is_image else Example([TOKEN] * n))
+    used += n
     if length <= 512:
       break
-  return seg, img
+  spec = RowSpec(seq_len=length, max_images=len(examples), image_shape=(1, 1, 1),
+                 tokens_per_image=IMAGE, image_id=IMAGE_ID, pad_id=0)
+  batch = pack_examples(examples, spec)
+  assert batch["tokens"].shape[0] == 1, "the examples were chosen to fill one row"
+  return batch["segment_ids"][0], batch["image_ids"][0]
 
 
 def _impls(seg, img):
@@ -74,9 +78,11 @@ def _impls(seg, img):
   def jax_nn(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL)
 
+  # The kernel of this machine, named: a benchmark runs where it measures.
+  backend = backend_for(jax.default_backend())
   table = {
-      "pallas": lambda q, k, v: pallas_attention(q, k, v, seg, img, block_q=bq,
-                                                 block_k=bk, interpret=False),
+      "pallas": lambda q, k, v: pallas_attention(q, k, v, seg, img, backend=backend,
+                                                 block_q=bq, block_k=bk, interpret=False),
       "xla": lambda q, k, v: xla_attention(q, k, v, seg, img),
       "jax_nn": jax_nn,
   }
@@ -100,8 +106,8 @@ def measure(length: int):
   dout = jax.random.normal(keys[3], (b, length, h, d), dtype)
   allowed_pairs = int(mixed_mask(seg, img).sum())
   fwd_flops = 4 * d * h * allowed_pairs
-  cfg = kernel_config(block_q=_BLOCK_Q.value or None, block_k=_BLOCK_K.value or None,
-                      interpret=False)
+  cfg = kernel_config(backend_for(jax.default_backend()), block_q=_BLOCK_Q.value or None,
+                      block_k=_BLOCK_K.value or None, interpret=False)
   fraction = float(live_fraction(block_map(seg, img, q_len=length, q_offset=0,
                                            block_q=cfg.block_q, block_k=cfg.block_k)))
   results = []

@@ -1,10 +1,13 @@
 """The Pallas kernels against the XLA reference, the block map against the dense mask.
 
 Both kernels (TPU Mosaic, GPU Triton) run in interpret mode on CPU; their real
-lowerings are checked with `jax.export` for 'tpu' and 'cuda'.
+lowerings are checked with `jax.export` for 'tpu' and 'cuda', as is the choice
+of kernel by the platform lowered for.
 """
 
+import contextlib
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from monoformer_jax.ops.attention import attention, block_map, mixed_mask, resolve_impl
-from monoformer_jax.ops.attention.block_map import EMPTY, FULL, PARTIAL
+from monoformer_jax.ops.attention.block_map import EMPTY, FULL, PARTIAL, key_intervals
 from monoformer_jax.ops.attention.pallas import pallas_attention
 from monoformer_jax.ops.attention.xla import xla_attention
 
@@ -152,9 +155,34 @@ def test_queries_at_the_end_of_a_cached_row(backend, q_len, q_offset):
   _check(backend, seg, img, q, k, v, jnp.float32, 16, 32, q_offset=q_offset)
 
 
-def _dense_blocks(mask_BxQxK, block_q, block_k):
-  b, lq, lk = mask_BxQxK.shape
-  blocks = mask_BxQxK.reshape(b, lq // block_q, block_q, lk // block_k, block_k)
+GAP_ROWS = [
+    row(96, [(8, [(2, 4)]), (20, [])], pad_gaps=(0, 16)),
+    # An image ending its example, then a gap; an image opening the next.
+    row(96, [(10, [(4, 6)]), (30, [(0, 12)]), (5, [])], pad_gaps=(3, 7, 9)),
+]
+
+
+@pytest.mark.parametrize("rows", ["random", "gaps"])
+def test_key_intervals_are_the_keys_the_rule_allows(rows):
+  # block_map reasons only about each query's [lo, hi]; this ties it to the
+  # rule. An allowed key outside [lo, hi] could sit in a block skipped as
+  # empty; a key inside it that is not allowed (padding in a gap included)
+  # could sit in a block computed as full, without its mask.
+  seg, img = _stack([random_row(np.random.default_rng(s), 128) for s in range(4)]
+                    if rows == "random" else GAP_ROWS)
+  lo, hi = (np.asarray(x) for x in key_intervals(seg, img))
+  keys = np.arange(seg.shape[1])
+  in_interval = (keys >= lo[..., None]) & (keys <= hi[..., None])
+  allowed = np.asarray(mixed_mask(seg, img))
+  real = np.asarray(seg) != 0
+  assert not (allowed & ~in_interval)[real].any()   # empty blocks stay safe
+  assert not (in_interval & ~allowed)[real].any()   # full blocks stay exact
+  assert not in_interval[~real].any() and not allowed[~real].any()
+
+
+def _dense_blocks(mask_BxLqxL, block_q, block_k):
+  b, lq, lk = mask_BxLqxL.shape
+  blocks = mask_BxLqxL.reshape(b, lq // block_q, block_q, lk // block_k, block_k)
   return blocks.any((2, 4)), blocks.all((2, 4))
 
 
@@ -230,6 +258,63 @@ def test_kernels_lower_for_the_real_hardware(backend, platform, head_dim):
     assert ("tpu_custom_call" if backend == "tpu" else "xla.gpu.triton") in text
 
 
+def _kernel_calls(module_text):
+  """Sorted (kind, kernel name) of the Mosaic and Triton calls in a StableHLO module."""
+  calls = []
+  for line in module_text.splitlines():
+    kind = ("mosaic" if "@tpu_custom_call(" in line else
+            "triton" if "xla.gpu.triton(" in line else None)
+    if kind:
+      name = re.search(r"mixed_flash_\w+", line)
+      calls.append((kind, name and name.group()))
+  return sorted(calls)
+
+
+def test_the_kernel_is_chosen_for_the_lowering_platform_not_the_host():
+  # From this CPU host, with no backend or interpret given: an export for TPU
+  # carries Mosaic and no Triton, one for cuda the reverse, forward and
+  # backward alike; for CPU the kernels are interpreted (plain XLA ops).
+  # impl='auto' is the kernel for TPU and cuda and dense XLA for CPU.
+  q = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+
+  def calls(impl, platform, grad):
+    fwd = lambda q, k, v, s, i: attention(q, k, v, s, i, impl=impl)
+    fn = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), (0, 1, 2)) if grad else fwd
+    text = jax.export.export(jax.jit(fn), platforms=[platform],
+                             disabled_checks=checks)(q, kv, kv, ids, ids).mlir_module()
+    other = {"tpu": "xla.gpu.triton", "cuda": "tpu_custom_call"}.get(platform)
+    assert other is None or other not in text, (impl, platform, grad)
+    return _kernel_calls(text)
+
+  fwd_only = ["mixed_flash_fwd"]
+  with_bwd = sorted(fwd_only + ["mixed_flash_dq", "mixed_flash_dkv"])
+  for impl in ("pallas", "auto"):
+    for platform, kind in (("tpu", "mosaic"), ("cuda", "triton")):
+      assert calls(impl, platform, False) == [(kind, n) for n in fwd_only]
+      assert calls(impl, platform, True) == [(kind, n) for n in with_bwd]
+    assert calls(impl, "cpu", True) == []
+  assert resolve_impl("auto", "tpu") == resolve_impl("auto", "gpu") == "pallas"
+  assert resolve_impl("auto", "cpu") == "xla"
+
+
+def test_blocks_only_interpret_mode_takes_need_interpret_true():
+  # Every platform's branch is traced, the compiled TPU one too, so blocks
+  # below 128 fail on this CPU host unless interpret=True says so.
+  seg, img = _stack(LAYOUTS["packed"])
+  q, k, v = _qkv(2, 128, 128, 4, 2, 64, jnp.float32)
+  for backend in (None, "tpu"):
+    with pytest.raises(ValueError, match=r"block_q=32.*pass interpret=True"):
+      pallas_attention(q, k, v, seg, img, backend=backend, block_q=32, block_k=32)
+  with pytest.raises(ValueError, match=r"block_q=32.*pass interpret=True"):
+    attention(q, k, v, seg, img, impl="auto", block_q=32)
+  got = pallas_attention(q, k, v, seg, img, backend="tpu", block_q=32, block_k=32,
+                         interpret=True)
+  _close(got, xla_attention(q, k, v, seg, img), jnp.float32)
+
+
 def test_sharded_call_matches_one_device():
   seg, img = _stack(LAYOUTS["packed"] + LAYOUTS["random"])
   q, k, v = _qkv(4, 128, 128, 4, 2, 64, jnp.float32, seed=3)
@@ -239,13 +324,38 @@ def test_sharded_call_matches_one_device():
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   fn = lambda q, k, v: attention(q, k, v, seg, img, impl="pallas", block_q=32,
-                                 block_k=32, backend="tpu")
+                                 block_k=32, backend="tpu", interpret=True)
   with jax.set_mesh(mesh):
     got = jax.jit(fn)(q, k, v)
     got_grads = jax.jit(jax.grad(_loss(fn), (0, 1, 2)))(q, k, v)
   _close(got, want, jnp.float32)
   for g, w in zip(got_grads, want_grads):
     _close(g, w, jnp.float32)
+
+
+def test_the_platform_choice_under_jit_grad_and_shard_map_matches_xla():
+  # No backend or interpret: without a mesh the kernel is chosen by
+  # platform_dependent inside the custom_vjp's forward and backward (on CPU:
+  # the TPU kernel interpreted, default blocks); under a mesh its devices'
+  # platform decides when tracing (per shard); 'auto' is XLA here.
+  seg, img = _stack(LAYOUTS["packed"] + LAYOUTS["random"])
+  q, k, v = _qkv(4, 128, 128, 4, 2, 64, jnp.float32, seed=4)
+  reference = lambda q, k, v: xla_attention(q, k, v, seg, img)
+  want, want_grads = reference(q, k, v), jax.grad(_loss(reference), (0, 1, 2))(q, k, v)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  for impl in ("pallas", "auto"):
+    fn = functools.partial(attention, segment_ids=seg, image_ids=img, impl=impl)
+    assert "platform_index" in str(jax.make_jaxpr(jax.grad(_loss(fn)))(q, k, v))
+    for on_mesh in (False, True):
+      with jax.set_mesh(mesh) if on_mesh else contextlib.nullcontext():
+        # one compile for the output and the gradients
+        got, got_grads = jax.jit(lambda *x: (fn(*x), jax.grad(_loss(fn), (0, 1, 2))(*x)))(q, k, v)
+        if on_mesh:
+          assert "platform_index" not in str(jax.make_jaxpr(jax.grad(_loss(fn)))(q, k, v))
+      _close(got, want, jnp.float32)
+      for g, w in zip(got_grads, want_grads):
+        _close(g, w, jnp.float32)
 
 
 def test_dispatch_and_errors():
@@ -260,5 +370,5 @@ def test_dispatch_and_errors():
     pallas_attention(q, k, v, seg, img, backend="gpu", block_q=48)
   with pytest.raises(ValueError, match="multiple of 3 kv heads"):
     pallas_attention(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2), seg, img)
-  with pytest.raises(ValueError, match=r"must be \[B, Lk\]"):
+  with pytest.raises(ValueError, match=r"must be \[B, L\]"):
     pallas_attention(q, k, v, seg[:, :64], img)

@@ -1,14 +1,16 @@
 """Block sparsity of the mixed mask, from the per-token ids alone.
 
-In a packed row, examples and images are contiguous runs of tokens. A query i
-of the example occupying [s0, s1), inside image [m0, m1) (or text: m1 = i + 1),
-may see exactly the keys
+The rule itself is `mask.allowed`; this module only uses what it implies for
+contiguous layouts. In a packed row, examples and images are contiguous runs
+of tokens. A query i of the example occupying [s0, s1), inside image [m0, m1)
+(or text: m1 = i + 1), may see exactly the keys
 
     [s0, max(i, m1 - 1)]        (padding queries: none)
 
-one interval, written [lo_i, hi_i] below. Cut the queries into blocks of
-`block_q` and the keys into blocks of `block_k`. With per-query-block
-statistics of those intervals, a block pair (query block, key block [ks, ke)) is
+one interval, written [lo_i, hi_i] below (`key_intervals`). Cut the queries
+into I blocks of `block_q` and the keys into J blocks of `block_k`. With
+per-query-block statistics of those intervals, a block pair (query block,
+key block [ks, ke)) is
 
     empty    if min lo > ke - 1 or max hi < ks     (no query sees the block)
     full     if max lo <= ks and min hi >= ke - 1  (every query sees all of it)
@@ -20,7 +22,7 @@ the contiguity that `data/packing.py` guarantees.
 
 The kernels walk, for each query block, the key blocks [start, stop) in three
 runs: partial [start, full_start), full [full_start, full_stop), partial
-[full_start, stop); and for each key block the query blocks the same way. The
+[full_stop, stop); and for each key block the query blocks the same way. The
 live blocks of a query block are contiguous by construction; for key blocks the
 map takes the hull of the live query blocks, and a full run only where every
 block in it is full.
@@ -39,7 +41,7 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
 class Runs(NamedTuple):
-  """Block ranges along one axis, int32 [B, n] each (n blocks of the other axis)."""
+  """Block ranges along one axis, int32 [B, I] or [B, J] (per block of the other axis)."""
   start: jax.Array
   full_start: jax.Array
   full_stop: jax.Array
@@ -50,7 +52,7 @@ class BlockMap(NamedTuple):
   """`kv`: per query block its key blocks; `q`: per key block its query blocks."""
   kv: Runs
   q: Runs
-  kinds: jax.Array  # int8 [B, nq, nk]: EMPTY, PARTIAL or FULL
+  kinds: jax.Array  # int8 [B, I, J]: EMPTY, PARTIAL or FULL
 
 
 def key_intervals(segment_ids, image_ids):
@@ -93,9 +95,9 @@ def _runs(live, full):
 
 def block_map(segment_ids, image_ids, *, q_len: int, q_offset, block_q: int,
               block_k: int) -> BlockMap:
-  """The block map of a row [B, Lk] whose q_len queries are tokens q_offset.. of it.
+  """The block map of a row [B, L] whose q_len queries are tokens q_offset.. of it.
 
-  Lk must be a multiple of block_k (pad the row with segment id 0); the
+  L must be a multiple of block_k (pad the row with segment id 0); the
   queries are padded to whole blocks here; q_offset may be traced.
   """
   b, kv_len = segment_ids.shape
@@ -108,15 +110,15 @@ def block_map(segment_ids, image_ids, *, q_len: int, q_offset, block_q: int,
   lo_q = jnp.pad(query_ids(lo, q_len, q_offset), pad, constant_values=kv_len)
   hi_q = jnp.pad(query_ids(hi, q_len, q_offset), pad, constant_values=-1)
   lo_q, hi_q = lo_q.reshape(b, nq, block_q), hi_q.reshape(b, nq, block_q)
-  key_start_K = jnp.arange(0, kv_len, block_k, dtype=jnp.int32)
-  key_last_K = key_start_K + block_k - 1
+  key_start_J = jnp.arange(0, kv_len, block_k, dtype=jnp.int32)
+  key_last_J = key_start_J + block_k - 1
   min_lo, max_lo = lo_q.min(-1)[..., None], lo_q.max(-1)[..., None]
   min_hi, max_hi = hi_q.min(-1)[..., None], hi_q.max(-1)[..., None]
-  live_BxQxK = (min_lo <= key_last_K) & (max_hi >= key_start_K)
-  full_BxQxK = (max_lo <= key_start_K) & (min_hi >= key_last_K)
-  kinds = jnp.where(full_BxQxK, FULL, jnp.where(live_BxQxK, PARTIAL, EMPTY))
-  return BlockMap(kv=_runs(live_BxQxK, full_BxQxK),
-                  q=_runs(jnp.swapaxes(live_BxQxK, 1, 2), jnp.swapaxes(full_BxQxK, 1, 2)),
+  live_BxIxJ = (min_lo <= key_last_J) & (max_hi >= key_start_J)
+  full_BxIxJ = (max_lo <= key_start_J) & (min_hi >= key_last_J)
+  kinds = jnp.where(full_BxIxJ, FULL, jnp.where(live_BxIxJ, PARTIAL, EMPTY))
+  return BlockMap(kv=_runs(live_BxIxJ, full_BxIxJ),
+                  q=_runs(jnp.swapaxes(live_BxIxJ, 1, 2), jnp.swapaxes(full_BxIxJ, 1, 2)),
                   kinds=kinds.astype(jnp.int8))
 
 

@@ -6,6 +6,7 @@ loops over exactly its live key blocks in three runs (block_map.py): partial,
 full (no mask arithmetic), partial. Empty blocks are never loaded. The dk/dv
 program of a kv head loops over its G query heads, so repeated K/V never exist
 in HBM. Accumulation in float32; float32 inputs multiply in full precision.
+The mask of a partial block is `mask.allowed` on the block's ids.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from monoformer_jax.ops.attention.block_map import BlockMap
-
-MASKED = -1e30  # logit of a masked pair; a row whose max stays here saw no key
+from monoformer_jax.ops.attention.mask import MASKED_SCORE, allowed
 
 
 def _dot(a, b, *, trans_a=False, trans_b=False):
@@ -27,12 +27,11 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
 
 
 def _mask(q_seg, q_img, k_seg, k_img, q_first, k_first):
-  """bool [bq, bk]: the mixed-mask rule for one block (ids [bq] and [bk])."""
+  """bool [bq, bk]: `allowed` for one block (ids [bq] and [bk])."""
   q_index = q_first + lax.broadcasted_iota(jnp.int32, (q_seg.shape[0], k_seg.shape[0]), 0)
   k_index = k_first + lax.broadcasted_iota(jnp.int32, (q_seg.shape[0], k_seg.shape[0]), 1)
-  same_example = (q_seg[:, None] == k_seg[None, :]) & (q_seg[:, None] != 0)
-  same_image = (q_img[:, None] == k_img[None, :]) & (q_img[:, None] != 0)
-  return same_example & ((k_index <= q_index) | same_image)
+  return allowed(q_seg[:, None], q_img[:, None], q_index,
+                 k_seg[None, :], k_img[None, :], k_index)
 
 
 def _walk(runs, body, carry):
@@ -57,7 +56,7 @@ def _params(num_warps, num_stages):
 
 def forward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap, *,
             block_q, block_k, interpret, num_warps=4, num_stages=2):
-  """(out [B, Lq, H, D], lse [B, H, Lq] float32) from q [B, Lq, H, D], k, v [B, Lk, K, D]."""
+  """(out [B, Lq, H, D], lse [B, H, Lq] float32) from q [B, Lq, H, D], k, v [B, L, K, D]."""
   b, lq, h, d = q.shape
   lk, kvh = k.shape[1], k.shape[2]
   group, nq = h // kvh, lq // block_q
@@ -77,19 +76,19 @@ def forward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap, *,
       if masked:
         mask = _mask(q_seg, q_img, kseg_ref[keys], kimg_ref[keys], q_first,
                      kblk * block_k)
-        s = jnp.where(mask, s, MASKED)
+        s = jnp.where(mask, s, MASKED_SCORE)
       m_next = jnp.maximum(m, s.max(axis=1))
       alpha = jnp.exp(m - m_next)
-      p = jnp.exp(s - m_next[:, None])  # all-MASKED rows: wiped or zeroed later
+      p = jnp.exp(s - m_next[:, None])  # all-masked rows: wiped or zeroed later
       v_ = v_ref[keys, :]
       acc = acc * alpha[:, None] + _dot(p.astype(v_.dtype), v_)
       return acc, m_next, alpha * l + p.sum(axis=1)
 
     acc, m, l = _walk(_read_runs((start, fstart, fstop, stop)), body,
                       (jnp.zeros((block_q, d), jnp.float32),
-                       jnp.full((block_q,), MASKED, jnp.float32),
+                       jnp.full((block_q,), MASKED_SCORE, jnp.float32),
                        jnp.zeros((block_q,), jnp.float32)))
-    dead = m == MASKED
+    dead = m == MASKED_SCORE
     l_safe = jnp.where(dead, 1.0, l)
     o_ref[...] = jnp.where(dead[:, None], 0.0, acc / l_safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(dead, 0.0, m + jnp.log(l_safe))
@@ -133,7 +132,7 @@ def backward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap,
   def dlogits(q_, k_, v_, do_, lse_, delta_, mask):
     s = _dot(q_, k_, trans_b=True) * scale
     if mask is not None:
-      s = jnp.where(mask, s, MASKED)
+      s = jnp.where(mask, s, MASKED_SCORE)
     p = jnp.exp(s - lse_[:, None])
     dp = _dot(do_, v_, trans_b=True)
     return p, p * (dp - delta_[:, None])

@@ -1,22 +1,21 @@
 """The mixed-mask flash attention kernels for TPU (Pallas Mosaic).
 
-Layout: [B, heads, L, D] inside (the wrappers transpose), token ids as in
-splash attention: query ids lane-broadcast [B, Lq, 128], key ids [B, 1, Lk].
+Layout: [B, heads, L, D] inside (pallas.py transposes), token ids as in
+splash attention: query ids lane-broadcast [B, Lq, 128], key ids [B, 1, L].
 Grids walk every (query block, step) pair; the scalar-prefetched block map
 (block_map.py) turns a step into a live key block, and steps past the live run
 re-use the previous block index, so Pallas issues no copy for them and
 `pl.when` skips their compute. Full blocks take the unmasked path.
 
-Forward: grid (B, H, nq, nk), online softmax in float32 VMEM scratch, outputs
+Forward: grid (B, H, I, J), online softmax in float32 VMEM scratch, outputs
 the attention and the log-sum-exp (the only residual). Backward: a dq kernel on
-the forward's grid and a dk/dv kernel on (B, K, nk, G, nq) that accumulates the
+the forward's grid and a dk/dv kernel on (B, K, J, G, I) that accumulates the
 G query heads of each kv head in scratch, so repeated K/V never exist in HBM.
 Block sizes must be multiples of 128 on TPU (smaller ones run in interpret mode).
+The mask of a partial block is `mask.allowed` on the block's ids.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,27 +24,25 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from monoformer_jax.ops.attention.block_map import BlockMap
+from monoformer_jax.ops.attention.mask import MASKED_SCORE, allowed
 
 LANES = 128
-MASKED = -1e30  # logit of a masked pair; a row whose max stays here saw no key
 
 
-def _fit(x_Nx128, width: int):
-  """A lane-replicated [N, 128] array as [N, width]."""
+def _fit(x_rowsx128, width: int):
+  """A lane-replicated [rows, 128] array as [rows, width]."""
   if width <= LANES:
-    return x_Nx128[:, :width]
-  return jnp.tile(x_Nx128, (1, width // LANES))
+    return x_rowsx128[:, :width]
+  return jnp.tile(x_rowsx128, (1, width // LANES))
 
 
 def _mask(qseg_ref, qimg_ref, kseg_ref, kimg_ref, q_first, k_first, bq, bk):
-  """bool [bq, bk]: the mixed-mask rule for the queries and keys of one block."""
+  """bool [bq, bk]: `allowed` for the queries and keys of one block."""
   q_seg, q_img = _fit(qseg_ref[...], bk), _fit(qimg_ref[...], bk)
   k_seg, k_img = kseg_ref[...], kimg_ref[...]  # [1, bk]
   q_index = q_first + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   k_index = k_first + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-  same_example = (q_seg == k_seg) & (q_seg != 0)
-  same_image = (q_img == k_img) & (q_img != 0)
-  return same_example & ((k_index <= q_index) | same_image)
+  return allowed(q_seg, q_img, q_index, k_seg, k_img, k_index)
 
 
 def _logits(q, k, scale):
@@ -86,7 +83,7 @@ def _specs(block_q, block_k, head_dim, group):
 
 
 def _ids(segment_ids, image_ids, q_ids):
-  """Query ids lane-broadcast [B, Lq, 128] and key ids [B, 1, Lk]."""
+  """Query ids lane-broadcast [B, Lq, 128] and key ids [B, 1, L]."""
   qseg, qimg = q_ids
   lanes = lambda x: jnp.broadcast_to(x[:, :, None], (*x.shape, LANES))
   return lanes(qseg), lanes(qimg), segment_ids[:, None, :], image_ids[:, None, :]
@@ -98,7 +95,7 @@ def _compiler_params(semantics):
 
 def forward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap, *,
             block_q, block_k, interpret):
-  """(out [B, H, Lq, D], lse [B, H, Lq] float32) from q [B, H, Lq, D], k, v [B, K, Lk, D]."""
+  """(out [B, H, Lq, D], lse [B, H, Lq] float32) from q [B, H, Lq, D], k, v [B, K, L, D]."""
   b, h, lq, d = q.shape
   kvh, lk = k.shape[1], k.shape[2]
   group, nq, nk = h // kvh, lq // block_q, lk // block_k
@@ -110,7 +107,7 @@ def forward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap, *,
 
     @pl.when(step == 0)
     def _init():
-      m_scr[...] = jnp.full(m_scr.shape, MASKED, jnp.float32)
+      m_scr[...] = jnp.full(m_scr.shape, MASKED_SCORE, jnp.float32)
       l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
       acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
@@ -120,12 +117,12 @@ def forward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap, *,
       if masked:
         mask = _mask(qseg_ref, qimg_ref, kseg_ref, kimg_ref,
                      offset[0] + i * block_q, kblk * block_k, block_q, block_k)
-        s = jnp.where(mask, s, MASKED)
+        s = jnp.where(mask, s, MASKED_SCORE)
       m_prev = m_scr[...]
       m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
       alpha = jnp.exp(m_prev - m_next)
-      # A row all MASKED so far sums exp(0) here; the first real key it meets
-      # sets alpha = exp(MASKED - m) = 0 and wipes that, a dead row is zeroed.
+      # A row all masked so far sums exp(0) here; the first real key it meets
+      # sets alpha = exp(MASKED_SCORE - m) = 0 and wipes that, a dead row is zeroed.
       p = jnp.exp(s - _fit(m_next, block_k))
       l_scr[...] = alpha * l_scr[...] + p.sum(axis=-1, keepdims=True)
       acc_scr[...] = _fit(alpha, d) * acc_scr[...] + lax.dot_general(
@@ -138,7 +135,7 @@ def forward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap, *,
     @pl.when(step == nk - 1)
     def _finish():
       m, l = m_scr[...], l_scr[...]
-      dead = m == MASKED
+      dead = m == MASKED_SCORE
       l_safe = jnp.where(dead, 1.0, l)
       o_ref[...] = jnp.where(_fit(dead, d), 0.0,
                              acc_scr[...] / _fit(l_safe, d)).astype(o_ref.dtype)
@@ -180,7 +177,7 @@ def backward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap,
   def probs_and_dlogits(q_, k_, v_, do_, lse_, delta_, mask):
     s = _logits(q_, k_, scale)
     if mask is not None:
-      s = jnp.where(mask, s, MASKED)
+      s = jnp.where(mask, s, MASKED_SCORE)
     p = jnp.exp(s - lse_)
     dp = lax.dot_general(do_, v_, (((1,), (1,)), ((), ())),
                          preferred_element_type=jnp.float32)

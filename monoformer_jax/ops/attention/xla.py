@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from monoformer_jax.ops.attention.mask import mixed_mask
+from monoformer_jax.ops.attention.mask import MASKED_SCORE, mixed_mask
 
 
 def xla_attention(q_BxLqxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids,
@@ -25,8 +25,7 @@ def xla_attention(q_BxLqxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids,
       preferred_element_type=jnp.float32) * (d ** -0.5)
   mask_Bx1x1xLqxL = mixed_mask(segment_ids, image_ids, q_len=lq,
                                q_offset=q_offset)[:, None, None]
-  logits_BxKxGxLqxL = jnp.where(mask_Bx1x1xLqxL, logits_BxKxGxLqxL,
-                                jnp.finfo(jnp.float32).min)
+  logits_BxKxGxLqxL = jnp.where(mask_Bx1x1xLqxL, logits_BxKxGxLqxL, MASKED_SCORE)
   probs = jax.nn.softmax(logits_BxKxGxLqxL, axis=-1)
   probs = jnp.where(mask_Bx1x1xLqxL, probs, 0.0).astype(v_BxLxKxD.dtype)
   out_BxLqxKxGxD = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BxLxKxD)
