@@ -73,8 +73,9 @@ def sample_images(model, rows: PromptRows | Row, diffusion, key, *, cfg_scale=No
   x_t = jax.random.normal(key_init, (n, cfg.image_size, cfg.image_size, cfg.in_channels),
                           jnp.float32)
   cache = _prefill(model, settings, row) if use_cache else None
+  step = _step.bind(model)   # the model split once, not at every step
   for i in range(diffusion.num_timesteps):
-    x_t = _step(model, settings, row, cache, x_t, jnp.int32(i), key_loop, scale)
+    x_t = step(settings, row, cache, x_t, jnp.int32(i), key_loop, scale)
     if progress is not None:
       jax.block_until_ready(x_t)
       progress(i)

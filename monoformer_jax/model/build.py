@@ -56,15 +56,20 @@ def compiled(fn: Callable) -> Callable:
   The model's structure (its graphdef) and `static` (hashable settings) are
   static arguments and its parameters and `arrays` are traced, so calls with
   the same model structure, settings and shapes reuse one program whatever the
-  weights. What the samplers run.
+  weights. What the samplers run. `call.bind(model)` splits the model once and
+  returns `(static, *arrays) -> result`, for a loop that calls it every step.
   """
   @functools.partial(jax.jit, static_argnums=(0, 1))
   def run(graphdef, static, state, *arrays):
     return fn(nnx.merge(graphdef, state), static, *arrays)
 
+  def bind(model):
+    graphdef, state = nnx.split(model)
+    return lambda static, *arrays: run(graphdef, static, state, *arrays)
+
   @functools.wraps(fn)
   def call(model, static, *arrays):
-    graphdef, state = nnx.split(model)
-    return run(graphdef, static, state, *arrays)
+    return bind(model)(static, *arrays)
 
+  call.bind = bind
   return call
