@@ -47,24 +47,21 @@ def state_shardings(config, mesh, tx):
   return graphdef, abstract, shardings
 
 
+def _first_state(params, tx):
+  """Step 0 from `params`: EMA = params, a fresh optimizer state."""
+  # A copy, so that params and ema are distinct buffers (the step donates both).
+  return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+              ema=jax.tree.map(jnp.copy, params))
+
+
 def create_train_state(config, mesh, tx):
   """(graphdef, state, shardings): the state initialised straight into its shards."""
-  graphdef, abstract, shardings = state_shardings(config, mesh, tx)
-
-  def init():
-    params = init_params(config.model, config.seed)
-    return dict(step=jnp.zeros((), jnp.int32), params=params,
-                opt_state=tx.init(params), ema=params)
-
-  state = jax.jit(init, out_shardings=shardings)()
+  graphdef, _, shardings = state_shardings(config, mesh, tx)
+  state = jax.jit(lambda: _first_state(init_params(config.model, config.seed), tx),
+                  out_shardings=shardings)()
   return graphdef, state, shardings
 
 
 def state_from_params(params, tx, shardings):
-  """Step 0 of a run started from `params`: EMA = params, a fresh optimizer state."""
-  def init(params):
-    # A copy, so that params and ema are distinct buffers (the step donates both).
-    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                ema=jax.tree.map(jnp.copy, params))
-
-  return jax.jit(init, out_shardings=shardings)(params)
+  """Step 0 of a run started from `params` (e.g. a converted model), in `shardings`."""
+  return jax.jit(lambda params: _first_state(params, tx), out_shardings=shardings)(params)
