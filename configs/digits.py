@@ -100,6 +100,10 @@ def get_config(variant=None):
       log_every=50,
       checkpoint_every=500,
       keep_checkpoints=2,
+      init_from="",             # a model checkpoint to start from (e.g. `convert llama`)
+      # Resuming or starting from a checkpoint made with other model settings
+      # (rope_theta, eps, ...) is an error unless this is True.
+      allow_model_changes=False,
   ))
 
   c.sample = ml_collections.ConfigDict(dict(

@@ -99,6 +99,7 @@ def get_config(variant=None):
       checkpoint_every=5_000,
       keep_checkpoints=3,
       init_from="",             # a model checkpoint, e.g. from `convert llama`
+      allow_model_changes=False,  # True: resume/start from a checkpoint with other model settings
   ))
 
   c.sample = ml_collections.ConfigDict(dict(

@@ -18,10 +18,12 @@ from PIL import Image
 from monoformer_jax.data import prompts as prompt_format
 from monoformer_jax.data.datasets import class_by_name, draws_pixels
 from monoformer_jax.data.images import to_unit_range
-from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.diffusion.gaussian import SAMPLERS, GaussianDiffusion
+from monoformer_jax.errors import ConfigError
 from monoformer_jax.diffusion.sample_images import sample_images
 from monoformer_jax.text.generate import generate
 from monoformer_jax.text.tokenizer import tokenizer_of  # noqa: F401 (for notebooks)
+from monoformer_jax.validate import check_image_sampling, check_prompts, check_text_sampling
 from monoformer_jax.vae import decode_latents, load_vae
 
 
@@ -38,7 +40,14 @@ def generate_images(model, tokenizer, prompts: Sequence[str | None], *, num_step
                     use_cache: bool = True, num_timesteps: int = 1000,
                     progress: Callable | None = None):
   """x_0 [B, h, w, C] in the model's space (latents, or [-1, 1] pixels) for B
-  prompts; guidance unless `cfg_scale` is None; `num_steps` respaced steps."""
+  prompts (a list: None is the empty prompt); guidance unless `cfg_scale` is
+  None or 0; `num_steps` respaced steps of the `num_timesteps` schedule."""
+  prompts = check_prompts(prompts)
+  check_image_sampling(num_steps=num_steps, cfg_scale=cfg_scale, eta=eta,
+                       num_timesteps=num_timesteps)
+  if sampler not in SAMPLERS:
+    raise ConfigError(f"sampler={sampler!r}: choose one of {SAMPLERS}")
+  cfg_scale = cfg_scale or None   # 0 is no guidance
   diffusion = GaussianDiffusion.create(num_timesteps, "linear", respacing=str(num_steps))
   rows = prompt_format.image_rows(prompts, tokenizer, model.tokens_per_image,
                                   guidance=cfg_scale is not None)
@@ -52,9 +61,11 @@ def complete_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
                   seed: int = 0, use_cache: bool = True) -> list[str]:
   """Completions of `prompts`, a list of strings (bos is prepended; generation
   stops at eos)."""
-  if isinstance(prompts, str):
-    raise TypeError(f"prompts must be a list of strings, got the string {prompts!r}; "
-                    f"pass [{prompts!r}]")
+  prompts = check_prompts(prompts)
+  if None in prompts:
+    raise ConfigError("text prompts must be strings; None (the empty prompt) is for images")
+  check_text_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p)
   ids = generate(model, [prompt_format.text_prompt_ids(p, tokenizer) for p in prompts],
                  max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id,
                  stop_ids=[tokenizer.eos_id], key=jax.random.PRNGKey(seed),
@@ -62,8 +73,8 @@ def complete_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
   return [tokenizer.decode(t) for t in ids]
 
 
-def _needs_a_vae(config) -> ValueError:
-  return ValueError(
+def _needs_a_vae(config) -> ConfigError:
+  return ConfigError(
       f"this model draws {config.model.in_channels}-channel latents; decode them with "
       "the SD-VAE: pass --vae=DIR (a diffusers AutoencoderKL folder such as "
       "sd-vae-ft-mse) or set config.vae.path")

@@ -10,7 +10,11 @@ of `python -m monoformer_jax.convert`; the config saved with it describes the
 model, and its mesh (`config.mesh`) shards the weights over the devices. Images
 go to `--output_dir` as `images.png` (a row per prompt) and `images.npz`
 (`images` float32 [B, h, w, C] in [0, 1], `prompts` [B]); text completions
-are printed and written to `text.txt`. Latent models are decoded with the
+are printed and written to `text.txt`. Without `--output_dir` they go to a new
+folder beside the checkpoint (`WORKDIR/samples_step800`, or
+`MODEL_samples_step0` for a converted model; `-2`, `-3`, ... when it exists);
+an `--output_dir` that already holds these files needs `--overwrite`. Every
+flag is checked before the model is loaded. Latent models are decoded with the
 SD-VAE at `--vae` (or the config's `vae.path`); the digits model generates
 pixels directly.
 """
@@ -22,10 +26,31 @@ import jax
 import numpy as np
 import tqdm
 
-from monoformer_jax import inference
-from monoformer_jax.checkpoints import load_config, load_model, quiet_orbax_logs
+from monoformer_jax import cli, inference
+from monoformer_jax.checkpoints import load_config, load_model, resolve
+from monoformer_jax.errors import PathError
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
+from monoformer_jax.validate import (check_image_sampling, check_text_sampling,
+                                     fresh_output_dir, new_folder_beside, writable_dir)
+
+OUTPUTS = ("images.png", "images.npz", "text.txt")
+
+
+def _output_dir(checkpoint: str, step: int) -> str:
+  """--output_dir, checked; else a new folder beside the checkpoint."""
+  if _OUTPUT_DIR.value:
+    return fresh_output_dir(_OUTPUT_DIR.value, OUTPUTS, "--output_dir", _OVERWRITE.value)
+  directory, _ = resolve(checkpoint, step)
+  if "://" in directory:
+    raise PathError(f"--checkpoint={checkpoint!r} is not on a local disk: pass --output_dir")
+  directory = os.path.abspath(directory)
+  if os.path.basename(directory) == "checkpoints":   # a training workdir's
+    base = os.path.join(os.path.dirname(directory), f"samples_step{step}")
+  else:
+    base = f"{directory}_samples_step{step}"
+  return writable_dir(new_folder_beside(base), "samples (or pass --output_dir)",
+                      "the default --output_dir")
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Training workdir, step folder or converted model.")
@@ -56,8 +81,11 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer
                                  "'bytes' (default config.data.tokenizer).")
 _VAE = flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder (default "
                            "config.vae.path); latent models need one.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "samples",
-                                  "Where images.png, images.npz and text.txt go.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
+                                  "Where images.png, images.npz and text.txt go (default: "
+                                  "a new folder beside the checkpoint).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Replace images.* and text.txt already in --output_dir.")
 flags.mark_flag_as_required("checkpoint")
 
 
@@ -66,28 +94,30 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not (_PROMPT.value or _CLASS_NAME.value or _TEXT_PROMPT.value):
     raise app.UsageError("nothing to sample: give --prompt, --class_name or --text_prompt")
-  logging.set_verbosity(logging.INFO)
-  quiet_orbax_logs()
+  if _TEXT_PROMPT.value:
+    check_text_sampling(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+                        top_k=_TOP_K.value, top_p=_TOP_P.value, prefix="--")
   config, step = load_config(_CHECKPOINT.value)
+  sample_cfg = config.get("sample", {})
+  num_steps = sample_cfg.get("num_steps", 20) if _NUM_STEPS.value is None else _NUM_STEPS.value
+  cfg_scale = sample_cfg.get("cfg_scale", 1.5) if _CFG_SCALE.value is None else _CFG_SCALE.value
+  check_image_sampling(num_steps=num_steps, cfg_scale=cfg_scale, eta=_ETA.value,
+                       num_samples=_NUM_SAMPLES.value,
+                       num_timesteps=config.diffusion.num_timesteps, prefix="--")
   tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
   prompts = list(_PROMPT.value) + [inference.class_name_prompt(c, config)
                                    for c in _CLASS_NAME.value]
   vae = inference.load_vae_of(config, _VAE.value) if prompts else None
-  out_dir = _OUTPUT_DIR.value
-  os.makedirs(out_dir, exist_ok=True)
-  sample_cfg = config.get("sample", {})
+  out_dir = _output_dir(_CHECKPOINT.value, step)
 
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
     model, config = load_model(_CHECKPOINT.value, weights=_WEIGHTS.value, config=config,
                                shardings=param_shardings(config, mesh), step=step)
-    logging.info("%s weights of %s (step %d), mesh %s", _WEIGHTS.value, _CHECKPOINT.value,
-                 step, dict(mesh.shape))
+    logging.info("%s weights of %s (step %d), mesh %s; writing to %s", _WEIGHTS.value,
+                 _CHECKPOINT.value, step, dict(mesh.shape), out_dir)
 
     if prompts:
-      num_steps = _NUM_STEPS.value or sample_cfg.get("num_steps", 20)
-      cfg_scale = _CFG_SCALE.value
-      cfg_scale = sample_cfg.get("cfg_scale", 1.5) if cfg_scale is None else cfg_scale
       per_sample = [p for p in prompts for _ in range(_NUM_SAMPLES.value)]
       logging.info("%d images: %s, %d steps, guidance %s, prompt cache %s",
                    len(per_sample), _SAMPLER.value, num_steps, cfg_scale or "off",
@@ -119,4 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

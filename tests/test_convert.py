@@ -19,8 +19,10 @@ from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource
 from monoformer_jax.convert import llama, official, verify
 from monoformer_jax.data.packing import Example, Row, RowSpec, pack_examples
 from monoformer_jax.model.build import abstract_model, param_shardings
+from monoformer_jax.parallel import sharding
 from monoformer_jax.parallel.sharding import make_mesh
-from monoformer_jax.train.loop import train_and_evaluate
+from monoformer_jax.train.loop import initial_state, train_and_evaluate
+from monoformer_jax.train.state import make_optimizer
 from helpers import config_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -224,8 +226,9 @@ def test_train_init_from_a_converted_llama(tmp_path):
   config = llama.convert_llama(str(TINY_LLAMA), str(tmp_path / "ckpt"), config, seed=0)
   converted, _, _ = load_params(str(tmp_path / "ckpt"), weights="raw")
   config.train.init_from = str(tmp_path / "ckpt")
-  config.train.num_steps = 0  # the state training would start from
-  state, _ = train_and_evaluate(config, str(tmp_path / "run"), sample_at_end=False)
+  mesh = make_mesh(config.mesh)
+  with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
+    _, state, _ = initial_state(config, mesh, make_optimizer(config.optim)[0])
   assert int(state["step"]) == 0
   chex.assert_trees_all_equal(state["params"], converted)
   chex.assert_trees_all_equal(state["ema"], converted)
@@ -236,7 +239,7 @@ def test_train_init_from_a_converted_llama(tmp_path):
   assert not any(np.asarray(x).any() for x in jax.tree.leaves(state["opt_state"])
                  if np.asarray(x).ndim)  # fresh AdamW moments
 
-  config.train.init_from = str(tmp_path / "ckpt")
+  config.train.update(init_from=str(tmp_path / "ckpt"), num_steps=1)
   config.model.num_layers = 3  # another model size
   with pytest.raises(ValueError, match=r"(?s)\['layers'\]\['attn'\]\['wk'\]: \(2, 64, 2, 16\) "
                      r"in the checkpoint, \(3, 64, 2, 16\) for this config.*Set "

@@ -9,8 +9,8 @@
 
 from monoformer_jax.checkpoints.orbax_io import (TrainCheckpointer, check_params, load_config,
                                                  load_model, load_params, model_differences,
-                                                 quiet_orbax_logs, resolve, save_model,
+                                                 nonfinite_params, resolve, save_model,
                                                  stored_weights)
 
 __all__ = ["TrainCheckpointer", "check_params", "load_config", "load_model", "load_params",
-           "model_differences", "quiet_orbax_logs", "resolve", "save_model", "stored_weights"]
+           "model_differences", "nonfinite_params", "resolve", "save_model", "stored_weights"]

@@ -14,32 +14,35 @@ Each step holds up to three items:
 `load_model` / `load_params` read the weights of either. Any of these paths
 names a checkpoint: a training workdir (its latest step), its `checkpoints/`
 folder, one step folder `.../checkpoints/800`, or a `save_model` folder.
+
+Nothing is lost quietly: a save is logged when Orbax has committed it, a
+save that cannot fit on the disk or fails stops the run naming the path and
+the bytes (earlier steps stay), a resumed run falls back from an unreadable
+step to the newest readable one (moving the broken one aside, not deleting
+it), and weights are loaded only into the model they were saved for, finite.
 """
 
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import os
+import shutil
+import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from monoformer_jax.errors import CheckpointError, MissingPathError, PathError
 from monoformer_jax.model.build import abstract_model
+from monoformer_jax.validate import new_folder_beside
 
 WEIGHTS = ("ema", "raw")
 # Model fields that say how to compute, not what the weights are.
 _COMPUTE_FIELDS = ("dtype", "attention_impl", "remat")
-
-
-def quiet_orbax_logs():
-  """Keeps Orbax's warnings in the absl log and drops its INFO narration of
-  every save and restore (the entry points call this once)."""
-  logging.get_absl_logger().addFilter(
-      lambda r: "orbax" not in r.pathname or r.levelno >= std_logging.WARNING)
 
 
 def _manager(directory: str, *, create: bool = False, keep: int | None = None,
@@ -78,8 +81,43 @@ def check_params(stored, wanted, where: str, fix: str):
   if problems:
     shown = "\n  ".join(problems[:10])
     more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-    raise ValueError(f"checkpoint {where} does not match this config's model:\n  "
-                     f"{shown}{more}\n{fix}")
+    raise CheckpointError(f"checkpoint {where} does not match this config's model:\n  "
+                          f"{shown}{more}\n{fix}")
+
+
+def check_model_fields(saved, config, where: str, *, allowed: bool, override: str):
+  """Raises when the model settings saved with a checkpoint and `config`'s
+  differ in anything but how to compute (rope_theta, eps, conditioning, ...:
+  the same shapes, other numbers), unless `allowed`; `override` says how."""
+  differ = model_differences(saved, config)
+  if not differ:
+    return
+  if allowed:
+    logging.warning("%s was made with other model settings (%s); using this config's, "
+                    "as asked", where, "; ".join(differ))
+    return
+  raise CheckpointError(
+      f"{where} was made with other model settings: {'; '.join(differ)}. They change "
+      "what the weights compute. Use the checkpoint's values (its `config` item holds "
+      f"them), or {override} to go on with this config's")
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _state_bytes(state) -> int:
+  return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+
+
+def _free_bytes(directory: str) -> int | None:
+  if "://" in directory:
+    return None
+  probe = directory
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe) or "."
+  return shutil.disk_usage(probe).free
 
 
 # ------------------------------------------------------------------ training
@@ -88,46 +126,137 @@ class TrainCheckpointer:
   """A training run's checkpoints: state, data position and config per step."""
 
   def __init__(self, directory: str, *, keep: int, save_every: int):
+    if keep < 1:
+      raise CheckpointError(f"keep={keep}: at least the newest checkpoint must be kept "
+                            "(--config.train.keep_checkpoints=1 or more)")
     self.directory = os.fspath(directory)
     self.save_every = save_every
     self.manager = _manager(self.directory, create=True, keep=keep, asynchronous=True)
+    self._pending: list[tuple[int, float, int]] = []   # (step, start time, bytes)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
   def save(self, step: int, state, data_state: dict, config, *, force: bool = False) -> bool:
-    """Saves at multiples of `save_every` (or when forced); returns whether it did."""
+    """Starts saving at multiples of `save_every` (or when forced); returns
+    whether it did. `poll()` and `wait()` log the step once it is committed."""
     if not force and step % self.save_every:
       return False
     if step in self.manager.all_steps():
       return False
+    needed = _state_bytes(state)
+    free = _free_bytes(self.directory)
+    if free is not None and free < needed:
+      raise self._failed(step, needed, f"{free:,} bytes are free there")
     data_key = f"process_{jax.process_index()}"
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state),
-        data=ocp.args.JsonSave({data_key: data_state}),
-        config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
+    try:
+      started = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state),
+          data=ocp.args.JsonSave({data_key: data_state}),
+          config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
+    except Exception as e:   # the previous async save's failure surfaces here too
+      raise self._failed(step, needed, _first_line(e)) from e
+    if started:
+      self._pending.append((step, time.perf_counter(), needed))
+    return started
 
-  def restore(self, step: int, abstract_state, shardings):
-    """(state in `shardings`, this process's data state) of checkpoint `step`."""
-    # Another model's checkpoint fails here, naming every differing parameter
-    # (the optimizer state and EMA mirror the parameters).
-    check_params(self.manager.item_metadata(step)["state"]["params"],
-                 abstract_state["params"], f"{self.directory}/{step}",
-                 "Resume with the config it was trained with (its `config` item "
-                 "holds it) or point --workdir at a fresh directory.")
+  def _failed(self, step: int, needed: int, why: str) -> PathError:
+    kept = [s for s in self.manager.all_steps() if s != step]
+    return PathError(
+        f"could not save step {step} to {self.directory}: {why}; a checkpoint needs about "
+        f"{needed:,} bytes. The steps already there {sorted(kept)} are intact. Free space "
+        "there (or lower train.keep_checkpoints), or resume with --workdir on a larger "
+        "disk after copying the checkpoints folder")
+
+  def poll(self, *, wait: bool = False) -> list[int]:
+    """Logs (and returns) the steps whose save has been committed since the
+    last call; with `wait`, first waits for the save in flight. Raises the
+    failure of an asynchronous save."""
+    if not self._pending:
+      return []
+    try:
+      if wait:
+        self.manager.wait_until_finished()
+      elif self.manager.is_saving_in_progress():
+        return []
+      self.manager.check_for_errors()
+    except Exception as e:
+      step, _, needed = self._pending[-1]
+      raise self._failed(step, needed, _first_line(e)) from e
+    done, self._pending = self._pending, []
+    for step, start, needed in done:
+      logging.info("checkpoint step %d saved to %s (%.1f MB, committed within %.1f s)",
+                   step, self.directory, needed / 1e6, time.perf_counter() - start)
+    return [step for step, _, _ in done]
+
+  def wait(self):
+    self.poll(wait=True)
+
+  def restore_latest(self, abstract_state, shardings, config):
+    """(step, state in `shardings`, this process's data state) of the newest
+    readable checkpoint, or None when there is none. An unreadable step is
+    reported, moved aside to `<directory>_unreadable/` (so a new save can take
+    its number) and the one before it tried; a checkpoint of another model is
+    an error, not a fallback."""
+    problems = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      where = f"{self.directory}/{step}"
+      try:
+        stored = self.manager.item_metadata(step)["state"]["params"]
+        saved_config = _config_at(self.manager, step)
+      except Exception as e:
+        problems.append(self._unreadable(step, e))
+        continue
+      # Another model's checkpoint fails here, naming every differing parameter
+      # (the optimizer state and EMA mirror the parameters).
+      check_params(stored, abstract_state["params"], where,
+                   "Resume with the config it was trained with (its `config` item "
+                   "holds it) or point --workdir at a fresh directory.")
+      check_model_fields(saved_config, config, f"checkpoint {where}",
+                         allowed=bool(config.train.get("allow_model_changes", False)),
+                         override="pass --config.train.allow_model_changes=True")
+      try:
+        state, data = self._restore(step, abstract_state, shardings)
+      except CheckpointError:
+        raise
+      except Exception as e:
+        problems.append(self._unreadable(step, e))
+        continue
+      if problems:
+        logging.warning("resumed from step %d, the newest readable one (see above)", step)
+      return step, state, data
+    if problems:
+      raise CheckpointError(
+          f"no readable checkpoint in {self.directory}: " + "; ".join(problems) +
+          f". They were moved to {self.directory}_unreadable/; start again with a fresh "
+          "--workdir (or restore the folder from a backup)")
+    return None
+
+  def _unreadable(self, step: int, error: BaseException) -> str:
+    why = f"step {step} ({_first_line(error)})"
+    aside = new_folder_beside(os.path.join(f"{self.directory}_unreadable", str(step)))
+    if jax.process_index() == 0 and "://" not in self.directory:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), aside)
+      self.manager.reload()
+    logging.warning("checkpoint %s/%d cannot be read: %s; moved it to %s and trying the "
+                    "step before it", self.directory, step, _first_line(error), aside)
+    return why
+
+  def _restore(self, step: int, abstract_state, shardings):
     target, restore_args = _target(abstract_state, shardings)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
         data=ocp.args.JsonRestore()))
     data = restored["data"].get(f"process_{jax.process_index()}")
     if data is None:
-      raise ValueError(f"checkpoint {self.directory}/{step} has no data state for "
-                       f"process {jax.process_index()}; was it saved with another "
-                       "number of hosts?")
+      raise CheckpointError(f"checkpoint {self.directory}/{step} has no data state for "
+                            f"process {jax.process_index()}; was it saved with another "
+                            "number of hosts?")
     return restored["state"], data
-
-  def wait(self):
-    self.manager.wait_until_finished()
 
   def close(self):
     self.manager.close()
@@ -146,24 +275,26 @@ def resolve(path: str, step: int | None = None) -> tuple[str, int]:
   """(checkpoint manager directory, step) that `path` names; latest by default."""
   path = os.fspath(path).rstrip("/")
   if not os.path.isdir(path) and "://" not in path:
-    raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
+    raise MissingPathError(f"checkpoint path {path!r} does not exist; pass a training "
+                           "workdir, a step folder like workdir/checkpoints/800, or the "
+                           "output of `python -m monoformer_jax.convert`")
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   name = os.path.basename(path)
   if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
     if step is not None and step != int(name):
-      raise ValueError(f"{path} is the folder of step {name}, not of step {step}")
+      raise CheckpointError(f"{path} is the folder of step {name}, not of step {step}")
     return os.path.dirname(path), int(name)
   steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
   if not steps:
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"no checkpoint in {path!r}: expected a training workdir, its checkpoints/ "
         "folder, a step folder like checkpoints/800, or the output of "
         "`python -m monoformer_jax.convert`")
   if step is None:
     return path, steps[-1]
   if step not in steps:
-    raise FileNotFoundError(f"no step {step} in {path}; it holds steps {steps}")
+    raise MissingPathError(f"no step {step} in {path}; it holds steps {steps}")
   return path, step
 
 
@@ -172,10 +303,27 @@ def _config_at(manager: ocp.CheckpointManager, step: int) -> ml_collections.Conf
   return ml_collections.ConfigDict(restored["config"])
 
 
+def _unreadable(directory: str, step: int, error: BaseException) -> CheckpointError:
+  others = [s for s in resolve_steps(directory) if s != step]
+  hint = (f"pass one of its other steps, e.g. {directory}/{others[-1]}" if others else
+          "restore it from a backup, or convert or train the model again")
+  return CheckpointError(f"checkpoint {directory}/{step} cannot be read ({_first_line(error)}); "
+                         f"{hint}")
+
+
+def resolve_steps(directory: str) -> list[int]:
+  if "://" in directory or not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
 def load_config(path: str, step: int | None = None):
   """(ConfigDict saved with the checkpoint `path` names, its step)."""
   directory, step = resolve(path, step)
-  return _config_at(_manager(directory), step), step
+  try:
+    return _config_at(_manager(directory), step), step
+  except Exception as e:
+    raise _unreadable(directory, step, e) from e
 
 
 def stored_weights(path: str) -> list[str]:
@@ -185,52 +333,80 @@ def stored_weights(path: str) -> list[str]:
 
 
 def load_params(path: str, *, weights: str = "ema", config=None, shardings=None,
-                step: int | None = None):
+                step: int | None = None, allow_model_changes: bool = False):
   """(params pure dict, config, step) from the checkpoint `path` names.
 
   `weights`: 'ema' (the default for sampling, as the reference) or 'raw'.
-  `config` defaults to the one saved with the checkpoint; `shardings` (a
-  pytree of NamedShardings like the params, e.g. from `param_shardings`)
-  restores each array straight into its shards, else onto the default device.
-  Only the chosen weights are read, never the optimizer state.
+  `config` defaults to the one saved with the checkpoint; one whose model
+  settings differ from it (rope_theta, eps, ...) is refused unless
+  `allow_model_changes`. `shardings` (a pytree of NamedShardings like the
+  params, e.g. from `param_shardings`) restores each array straight into its
+  shards, else onto the default device. Only the chosen weights are read,
+  never the optimizer state; weights that are not finite are refused.
   """
-  _, params, config, step = _restore(path, weights, config, shardings, step)
+  _, params, config, step = _restore(path, weights, config, shardings, step,
+                                     allow_model_changes)
   return params, config, step
 
 
 def load_model(path: str, *, weights: str = "ema", config=None, shardings=None,
-               step: int | None = None):
+               step: int | None = None, allow_model_changes: bool = False):
   """(MonoFormer with the checkpoint's weights, config): see `load_params`."""
-  graphdef, params, config, _ = _restore(path, weights, config, shardings, step)
+  graphdef, params, config, _ = _restore(path, weights, config, shardings, step,
+                                         allow_model_changes)
   return nnx.merge(graphdef, params), config
 
 
-def _restore(path, weights, config, shardings, step):
+def nonfinite_params(params) -> list[str]:
+  """The names of the arrays of `params` that hold a NaN or an infinity."""
+  finite = jax.device_get(jax.jit(lambda t: jax.tree.map(lambda x: jnp.isfinite(x).all(), t))(
+      params))
+  return [jax.tree_util.keystr(p) for p, ok in jax.tree_util.tree_flatten_with_path(finite)[0]
+          if not ok]
+
+
+def _restore(path, weights, config, shardings, step, allow_model_changes=False):
   """load_params' work, also returning the model's graphdef."""
   if weights not in WEIGHTS:
-    raise ValueError(f"weights={weights!r}: choose one of {WEIGHTS}")
+    raise CheckpointError(f"weights={weights!r}: choose one of {WEIGHTS}")
   directory, step = resolve(path, step)
+  where = f"{directory}/{step}"
   manager = _manager(directory)
-  saved_config = _config_at(manager, step)
+  try:
+    saved_config = _config_at(manager, step)
+    stored = manager.item_metadata(step)["state"]
+  except Exception as e:
+    raise _unreadable(directory, step, e) from e
   config = saved_config if config is None else config
-  stored = manager.item_metadata(step)["state"]
   key = "ema" if weights == "ema" else "params"
   if key not in stored:
-    raise ValueError(f"checkpoint {directory}/{step} has no {key!r} weights (it holds "
-                     f"{sorted(stored)}); ask for weights='raw' (--weights=raw)")
+    raise CheckpointError(f"checkpoint {where} has no {key!r} weights (it holds "
+                          f"{sorted(stored)}); ask for weights='raw' (--weights=raw)")
   graphdef, abstract, _ = abstract_model(config.model)
   differ = model_differences(saved_config, config)
   fix = ("Set " + "; ".join(differ) + " to the checkpoint's values" if differ else
          "Pass the config the checkpoint was made with (its `config` item holds it)")
-  check_params(stored[key], abstract, f"{directory}/{step}",
+  check_params(stored[key], abstract, where,
                fix + ", or convert the weights for this model size.")
+  check_model_fields(saved_config, config, f"checkpoint {where}", allowed=allow_model_changes,
+                     override="pass allow_model_changes=True "
+                              "(--config.train.allow_model_changes=True for train.init_from)")
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
   target, restore_args = _target({key: abstract}, {key: shardings})
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args, partial_restore=True)))
-  return graphdef, restored["state"][key], config, step
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)))
+  except Exception as e:
+    raise _unreadable(directory, step, e) from e
+  params = restored["state"][key]
+  bad = nonfinite_params(params)
+  if bad:
+    raise CheckpointError(f"checkpoint {where} holds non-finite {key!r} weights in "
+                          f"{len(bad)} arrays ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}); "
+                          "it was saved from a diverged run: use an earlier step")
+  return graphdef, params, config, step
 
 
 def save_model(directory: str, config, params, *, ema=None, step: int = 0):

@@ -16,14 +16,18 @@ straight into its shards on the mesh of `config.mesh` / `config.sharding_rules`.
 
 import sys
 
-from absl import app, flags, logging
+import os
+
+from absl import app, flags
 from ml_collections import config_flags
 
-from monoformer_jax.checkpoints import quiet_orbax_logs
+from monoformer_jax import cli
 from monoformer_jax.checkpoints.safetensors_io import parse_size
 from monoformer_jax.convert import official
 from monoformer_jax.convert.llama import convert_llama
 from monoformer_jax.convert.verify import report, verify_official
+from monoformer_jax.errors import MissingPathError, PathError
+from monoformer_jax.validate import real, writable_dir
 from monoformer_jax.parallel.sharding import make_mesh
 
 COMMANDS = ("official", "to-official", "llama", "verify-official")
@@ -46,13 +50,25 @@ def _require(*flag_holders):
     raise app.UsageError(f"{sys.argv[1] if len(sys.argv) > 1 else ''} needs {', '.join(missing)}")
 
 
+def _paths():
+  """--input (there) and --output (a new or empty folder), checked before any work."""
+  _require(_INPUT, _OUTPUT)
+  if "://" not in _INPUT.value and not os.path.exists(_INPUT.value):
+    raise MissingPathError(f"--input={_INPUT.value!r} does not exist")
+  output = _OUTPUT.value
+  if "://" not in output and os.path.exists(output) and (
+      not os.path.isdir(output) or os.listdir(output)):
+    raise PathError(f"--output={output!r} already exists and is not an empty folder; "
+                    "pass a new --output (conversions never overwrite)")
+  writable_dir(output, "converted weights", "--output")
+  return _INPUT.value, output
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m monoformer_jax.convert {{{'|'.join(COMMANDS)}}} "
                          f"--flags (got {argv[1:]})")
   command = argv[1]
-  logging.set_verbosity(logging.INFO)
-  quiet_orbax_logs()
   base = _CONFIG.value
 
   def mesh():
@@ -61,17 +77,15 @@ def main(argv):
     return make_mesh((base or official.default_config()).mesh)
 
   if command == "official":
-    _require(_INPUT, _OUTPUT)
-    official.convert_official(_INPUT.value, _OUTPUT.value, base, mesh=mesh())
+    official.convert_official(*_paths(), base, mesh=mesh())
   elif command == "to-official":
-    _require(_INPUT, _OUTPUT)
-    official.convert_to_official(_INPUT.value, _OUTPUT.value,
-                                 max_shard_bytes=parse_size(_MAX_SHARD.value))
+    max_shard_bytes = parse_size(_MAX_SHARD.value)
+    official.convert_to_official(*_paths(), max_shard_bytes=max_shard_bytes)
   elif command == "llama":
-    _require(_INPUT, _OUTPUT)
-    convert_llama(_INPUT.value, _OUTPUT.value, base, seed=_SEED.value, mesh=mesh())
+    convert_llama(*_paths(), base, seed=_SEED.value, mesh=mesh())
   else:
     _require(_FIXTURE)
+    real("--tolerance", _TOLERANCE.value, low=0, low_open=True)
     results = verify_official(_FIXTURE.value, _TOLERANCE.value, base)
     print(report(results, _TOLERANCE.value))
     if not all(r.ok for r in results):
@@ -79,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

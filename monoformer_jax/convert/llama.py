@@ -25,6 +25,7 @@ import zlib
 import numpy as np
 from absl import logging
 
+from monoformer_jax.errors import FileFormatError
 from monoformer_jax.convert import official
 from monoformer_jax.checkpoints import save_model
 from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource
@@ -74,12 +75,12 @@ def load_llama(path: str, base_config=None, *, seed: int = 0, shardings_fn=None)
   hf = official.read_hf_config(path)
   where = os.path.join(path, "config.json")
   if "decoder_t_embed" in hf:
-    raise ValueError(f"{where} is an official MonoFormer config (it has decoder_t_embed); "
-                     "convert it with `python -m monoformer_jax.convert official`")
+    raise FileFormatError(f"{where} is an official MonoFormer config (it has decoder_t_embed); "
+                          "convert it with `python -m monoformer_jax.convert official`")
   if os.path.isdir(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)) \
       and any(f.endswith(".bin") for f in os.listdir(path)):
-    raise ValueError(f"{path} holds PyTorch .bin weights only; save them as safetensors "
-                     "first (model.save_pretrained(dir, safe_serialization=True))")
+    raise FileFormatError(f"{path} holds PyTorch .bin weights only; save them as safetensors "
+                          "first (model.save_pretrained(dir, safe_serialization=True))")
   fields = official.llama_fields(hf, where)
   old_vocab = fields["vocab_size"]
   fields["vocab_size"] = old_vocab + ADDED_TOKENS

@@ -34,8 +34,9 @@ from flax import nnx, traverse_util
 
 from monoformer_jax.checkpoints import load_params, save_model, stored_weights
 from monoformer_jax.checkpoints.safetensors_io import (SafetensorsSource, find_files,
-                                                       write_safetensors)
+                                                       read_json_object, write_safetensors)
 from monoformer_jax.configs import config_file
+from monoformer_jax.errors import CheckpointError, ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.model.build import abstract_model, param_shardings
 from monoformer_jax.model.monoformer import CONDITIONING_MODES
 
@@ -167,7 +168,7 @@ def check_source(source, m, where: str, *, entries=ENTRIES, vocab_size: int | No
   if problems:
     shown = "\n  ".join(problems[:12])
     more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-    raise ValueError(
+    raise CheckpointError(
         f"{where} does not match the model config:\n  {shown}{more}\n"
         "Set the config values named above to the weights' sizes (e.g. "
         "--config.model.num_layers=22), or fix the config.json that came with the weights.")
@@ -267,15 +268,14 @@ def read_hf_config(path: str) -> dict:
   folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
   file = os.path.join(folder, "config.json")
   if not os.path.exists(file):
-    raise FileNotFoundError(f"no config.json in {folder}: the Hugging Face config.json "
-                            "of the weights is needed to know the model's sizes")
-  with open(file) as f:
-    return json.load(f)
+    raise MissingPathError(f"no config.json in {folder}: the Hugging Face config.json "
+                           "of the weights is needed to know the model's sizes")
+  return read_json_object(file, "the Hugging Face config.json of the weights")
 
 
 def _get(hf: dict, key: str, where: str):
   if key not in hf:
-    raise ValueError(f"{where} has no {key!r}; is it a Llama/MonoFormer config.json?")
+    raise FileFormatError(f"{where} has no {key!r}; is it a Llama/MonoFormer config.json?")
   return hf[key]
 
 
@@ -283,12 +283,12 @@ def llama_fields(hf: dict, where: str) -> dict:
   """Our model fields for the Llama backbone that an HF config.json describes."""
   for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
     if hf.get(key, want) != want:
-      raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (this Llama "
-                       f"implementation has {key}={want!r})")
+      raise FileFormatError(f"{where}: {key}={hf[key]!r} is not supported (this Llama "
+                            f"implementation has {key}={want!r})")
   # transformers < 5 writes rope_theta (+ rope_scaling); 5.x writes rope_parameters.
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   if rope.get("rope_type", rope.get("type", "default")) != "default":
-    raise ValueError(f"{where}: RoPE scaling {rope} is not supported (plain RoPE only)")
+    raise FileFormatError(f"{where}: RoPE scaling {rope} is not supported (plain RoPE only)")
   rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
   hidden, heads = int(_get(hf, "hidden_size", where)), int(_get(hf, "num_attention_heads", where))
   return dict(
@@ -314,18 +314,18 @@ def monoformer_fields(hf: dict, where: str) -> dict:
   """Our model fields for the image side of an official MonoFormer config.json."""
   mode = hf.get("decoder_t_embed")
   if mode not in CONDITIONING_MODES:
-    raise ValueError(
+    raise FileFormatError(
         f"{where}: decoder_t_embed={mode!r} is not supported: this model implements "
         f"{CONDITIONING_MODES} (the mode of the released MonoFormer_ImageNet_256 "
         "checkpoint). Convert a checkpoint trained in that mode.")
   for key, want in _FIXED_SWITCHES.items():
     if hf.get(key, want) != want:
-      raise ValueError(f"{where}: {key}={hf[key]!r} is not supported; this model "
-                       f"always behaves as {key}={want!r}")
+      raise FileFormatError(f"{where}: {key}={hf[key]!r} is not supported; this model "
+                            f"always behaves as {key}={want!r}")
   pixels = int(_get(hf, "image_size", where))
   if pixels % 8:
-    raise ValueError(f"{where}: image_size={pixels} (pixels) is not a multiple of the "
-                     "SD-VAE's factor 8")
+    raise FileFormatError(f"{where}: image_size={pixels} (pixels) is not a multiple of the "
+                          "SD-VAE's factor 8")
   fields = dict(image_size=pixels // 8, in_channels=int(_get(hf, "in_channels", where)),
                 patch_size=int(_get(hf, "patch_size", where)),
                 learn_sigma=bool(hf.get("learn_sigma", True)), conditioning=mode)
@@ -342,7 +342,7 @@ def with_model_fields(base, fields: dict):
   config = copy.deepcopy(base)
   unknown = [k for k in fields if k not in config.model]
   if unknown:
-    raise ValueError(f"base config's model has no fields {unknown}; is it a MonoFormer config?")
+    raise ConfigError(f"base config's model has no fields {unknown}; is it a MonoFormer config?")
   for key, value in fields.items():
     setattr(config.model, key, value)
   return config
@@ -357,8 +357,8 @@ def hf_config(config) -> dict:
   """An official config.json (HF LlamaConfig + MonoFormer fields) for `config`."""
   m = config.model
   if m.head_dim * m.num_heads != m.hidden_size:
-    raise ValueError(f"model.head_dim={m.head_dim} * num_heads={m.num_heads} != hidden_size="
-                     f"{m.hidden_size}: the official code (transformers 4.38) cannot express it")
+    raise ConfigError(f"model.head_dim={m.head_dim} * num_heads={m.num_heads} != hidden_size="
+                      f"{m.hidden_size}: the official code (transformers 4.38) cannot express it")
   return {
       "architectures": ["MonoFormerForCausalLM"], "model_type": "llama",
       "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,

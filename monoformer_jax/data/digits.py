@@ -23,6 +23,7 @@ from typing import Callable
 import grain
 import numpy as np
 
+from monoformer_jax.errors import ConfigError
 from monoformer_jax.data import prompts
 from monoformer_jax.data.images import from_unit_range
 from monoformer_jax.data.packing import Example
@@ -81,7 +82,7 @@ def number_sentence(rng: np.random.Generator) -> str:
 
 def _check_probability(name: str, p: float):
   if not 0.0 <= p <= 1.0:
-    raise ValueError(f"{name}={p} is not a probability in [0, 1]")
+    raise ConfigError(f"{name}={p} is not a probability in [0, 1]")
 
 
 def digits_example_stream(config, tokenizer, seed: int) -> Callable[[int], Example]:
@@ -93,9 +94,9 @@ def digits_example_stream(config, tokenizer, seed: int) -> Callable[[int], Examp
   images, labels = load_digit_images()
   m = config.model
   if (m.image_size, m.image_size, m.in_channels) != images.shape[1:]:
-    raise ValueError(f"digits are {images.shape[1:]} images but the config asks for "
-                     f"model.image_size={m.image_size}, model.in_channels="
-                     f"{m.in_channels}; use image_size=8, in_channels=1")
+    raise ConfigError(f"digits are {images.shape[1:]} images but the config asks for "
+                      f"model.image_size={m.image_size}, model.in_channels="
+                      f"{m.in_channels}; use image_size=8, in_channels=1")
   text_fraction = float(config.data.text_fraction)
   drop_prob = float(config.data.cfg_drop_prob)
   _check_probability("data.text_fraction", text_fraction)

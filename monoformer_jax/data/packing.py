@@ -51,13 +51,15 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from monoformer_jax.errors import ConfigError
+
 
 def tokens_per_image(model_cfg) -> int:
   """P: the patch tokens of one image, (image_size / patch_size)^2."""
   size, patch = model_cfg.image_size, model_cfg.patch_size
   if patch < 1 or size % patch:
-    raise ValueError(f"model.image_size={size} is not a multiple of "
-                     f"model.patch_size={patch}")
+    raise ConfigError(f"model.image_size={size} is not a multiple of "
+                      f"model.patch_size={patch}")
   return (size // patch) ** 2
 
 
@@ -185,18 +187,18 @@ def _validate_and_split(example: Example, spec: RowSpec, index: int) -> list[Exa
   images = [np.asarray(im, np.float32) for im in example.images]
   for k, image in enumerate(images):
     if image.shape != spec.image_shape:
-      raise ValueError(
+      raise ConfigError(
           f"example {index}: image {k} has shape {image.shape} but rows hold images of "
           f"shape {spec.image_shape} (model.image_size, model.image_size, "
           "model.in_channels); resize the images or change the config")
   if n_images > spec.max_images:
-    raise ValueError(
+    raise ConfigError(
         f"example {index} has {n_images} images but a row holds at most "
         f"data.max_images_per_row={spec.max_images}; raise "
         f"--config.data.max_images_per_row to at least {n_images}")
   need = _expanded_length(example, spec)
   if need > spec.seq_len:
-    raise ValueError(
+    raise ConfigError(
         f"example {index} needs {need} tokens (text {len(ids) - n_images} + "
         f"{n_images} image(s) of {spec.tokens_per_image}) but data.seq_len is "
         f"{spec.seq_len}; raise --config.data.seq_len to at least {need}")
@@ -324,7 +326,7 @@ class PackedBatches(Iterator[dict]):
       plan = _plan(pieces, self.spec, row, int(out.used[row]), int(out.n_images[row]))
       if plan[-1] >= self.rows:
         if not out.n_examples.any():
-          raise ValueError(
+          raise ConfigError(
               f"example {index} is a text of {sum(len(p.ids) for p in pieces)} tokens: "
               f"{len(pieces)} pieces of data.seq_len={self.spec.seq_len} do not fit a "
               f"batch of {self.rows} rows; raise data.seq_len or data.batch_size, or "

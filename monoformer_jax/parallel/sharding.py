@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from monoformer_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, Any]]
 
@@ -31,16 +33,16 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   sizes = [int(mesh_config[a]) for a in MESH_AXES]
   unknown = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
   if len(unknown) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {unknown}")
+    raise ConfigError(f"config.mesh: at most one axis may be -1, got {unknown}")
   known = math.prod(s for s in sizes if s != -1)
   if unknown:
     if len(devices) % known:
-      raise ValueError(
+      raise ConfigError(
           f"config.mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices "
           f"are not divisible by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(
+    raise ConfigError(
         f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
         f"devices but {len(devices)} are available; set one axis to -1")
   return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
@@ -60,7 +62,7 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules,
   spec = []
   for i, name in enumerate(axes):
     if name is not None and name not in table:
-      raise ValueError(f"logical axis {name!r} has no entry in sharding_rules "
+      raise ConfigError(f"logical axis {name!r} has no entry in sharding_rules "
                        f"{list(table)}; add ({name!r}, None) to replicate it")
     target = table.get(name) if name is not None else None
     mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())

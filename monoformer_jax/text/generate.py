@@ -25,17 +25,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from monoformer_jax.errors import ConfigError
 from monoformer_jax.data.packing import PromptLayout, Row, prompt_rows
 from monoformer_jax.model.build import compiled
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float):
   if temperature < 0:
-    raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy)")
   if top_k < 0:
-    raise ValueError(f"top_k={top_k} must be >= 0 (0 keeps every token)")
+    raise ConfigError(f"top_k={top_k} must be >= 0 (0 keeps every token)")
   if not 0 < top_p <= 1:
-    raise ValueError(f"top_p={top_p} must be in (0, 1] (1 keeps every token)")
+    raise ConfigError(f"top_p={top_p} must be in (0, 1] (1 keeps every token)")
 
 
 def sample_token(logits_BxV, key, *, temperature: float = 0.0, top_k: int = 0,
@@ -70,7 +71,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pa
   """
   _check_sampling(temperature, top_k, top_p)
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
   key = jax.random.PRNGKey(0) if key is None else key
   rows = prompt_rows(prompts, pad_id=pad_id, new_tokens=max_new_tokens)
   stops = tuple(sorted(set(int(s) for s in stop_ids)))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
+from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
+
 SPECIAL_TOKENS = ("<PAD>", "<image>", "<|im_start|>", "<|im_end|>")
 
 
@@ -97,8 +99,8 @@ class SentencePieceTokenizer(Tokenizer):
     for name, want in (("unk", self.unk_id), ("bos", self.bos_id), ("eos", self.eos_id)):
       got = getattr(self.sp, f"{name}_id")()
       if got != want:
-        raise ValueError(f"{self.path}: {name} id is {got}, but MonoFormer uses Llama's "
-                         f"layout with {name}={want}; use a Llama SentencePiece model")
+        raise FileFormatError(f"{self.path}: {name} id is {got}, but MonoFormer uses Llama's "
+                              f"layout with {name}={want}; use a Llama SentencePiece model")
 
   def encode(self, text: str) -> list[int]:
     return list(self.sp.encode(text))
@@ -125,13 +127,13 @@ class HFJsonTokenizer(Tokenizer):
     elif present == list(range(size - 4, size)):
       self.base_vocab = size - 4
     else:
-      raise ValueError(f"{self.path} has the added tokens {dict(zip(SPECIAL_TOKENS, present))}"
-                       f"; MonoFormer expects them absent or as the last 4 ids "
-                       f"{list(range(size - 4, size))}")
+      raise FileFormatError(f"{self.path} has the added tokens {dict(zip(SPECIAL_TOKENS, present))}"
+                            f"; MonoFormer expects them absent or as the last 4 ids "
+                            f"{list(range(size - 4, size))}")
     for name, token, want in (("bos", "<s>", self.bos_id), ("eos", "</s>", self.eos_id)):
       if self.tok.token_to_id(token) != want:
-        raise ValueError(f"{self.path}: {token} has id {self.tok.token_to_id(token)}, but "
-                         f"MonoFormer uses Llama's layout with {name}={want}")
+        raise FileFormatError(f"{self.path}: {token} has id {self.tok.token_to_id(token)}, but "
+                              f"MonoFormer uses Llama's layout with {name}={want}")
 
   def encode(self, text: str) -> list[int]:
     return list(self.tok.encode(text, add_special_tokens=False).ids)
@@ -150,10 +152,10 @@ def load_tokenizer(spec: str) -> Tokenizer:
     for name in ("tokenizer.model", "tokenizer.json"):
       if os.path.exists(os.path.join(spec, name)):
         return load_tokenizer(os.path.join(spec, name))
-    raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {spec}")
+    raise MissingPathError(f"no tokenizer.model or tokenizer.json in {spec}")
   if not os.path.exists(spec):
-    raise FileNotFoundError(f"tokenizer {spec!r} does not exist; pass 'bytes', a "
-                            "tokenizer.model, a tokenizer.json or a folder holding one")
+    raise MissingPathError(f"tokenizer {spec!r} does not exist; pass 'bytes', a "
+                           "tokenizer.model, a tokenizer.json or a folder holding one")
   if spec.endswith(".json"):
     return HFJsonTokenizer(spec)
   return SentencePieceTokenizer(spec)
@@ -164,11 +166,11 @@ def tokenizer_of(config, override: str | None = None) -> Tokenizer:
   ('bytes' when the config has no such field, as the digits default)."""
   spec = override or config.data.get("tokenizer", "bytes")
   if not spec:
-    raise ValueError("config.data.tokenizer is empty: set it (or pass --tokenizer) to the "
-                     "model's tokenizer.model / tokenizer.json, e.g. TinyLlama's")
+    raise ConfigError("config.data.tokenizer is empty: set it (or pass --tokenizer) to the "
+                      "model's tokenizer.model / tokenizer.json, e.g. TinyLlama's")
   tokenizer = load_tokenizer(spec)
   if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"tokenizer {spec!r} has {tokenizer.vocab_size} ids but "
-                     f"config.model.vocab_size={config.model.vocab_size}; use the model's "
-                     "own tokenizer")
+    raise ConfigError(f"tokenizer {spec!r} has {tokenizer.vocab_size} ids but "
+                      f"config.model.vocab_size={config.model.vocab_size}; use the model's "
+                      "own tokenizer")
   return tokenizer

@@ -2,15 +2,18 @@ r"""Train a MonoFormer: `python -m monoformer_jax.train --config=configs/digits.
 
 Run the same command on every host of a pod (JAX multi-controller); set
 `--jax_distributed` there to call `jax.distributed.initialize()` first.
-Config fields are overridden as `--config.train.num_steps=100`.
+Config fields are overridden as `--config.train.num_steps=100`. A bad field or
+path stops at once with one line naming it and the fix (`--verbose`: with the
+traceback); a run whose loss stops being finite stops with a diagnosis and
+keeps its last good checkpoint.
 """
 
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from monoformer_jax.checkpoints import quiet_orbax_logs
+from monoformer_jax import cli
 from monoformer_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -26,10 +29,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  logging.set_verbosity(logging.INFO)
-  quiet_orbax_logs()
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,41 +12,34 @@ monoformer_jax.convert llama`) when it is set, else from a random init.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 
 import jax
-import numpy as np
 from absl import logging
 from flax import nnx
 
-from monoformer_jax.checkpoints import (TrainCheckpointer, load_config, load_params,
-                                        model_differences)
+from monoformer_jax.checkpoints import TrainCheckpointer, load_params
 from monoformer_jax.data.datasets import dataset_of, make_batches
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.errors import TrainingDiverged
+from monoformer_jax.eval import finite_json
 from monoformer_jax.model.build import param_count
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.tokenizer import tokenizer_of
 from monoformer_jax.train.samples import write_samples
 from monoformer_jax.train.state import (create_train_state, make_optimizer, state_from_params,
                                         state_shardings)
-from monoformer_jax.train.step import make_train_step
-
-
-def _check_config(config):
-  dataset_of(config)   # raises for a dataset without an input pipeline
-  if config.data.batch_size % jax.process_count():
-    raise ValueError(f"data.batch_size={config.data.batch_size} must be divisible by the "
-                     f"{jax.process_count()} processes")
+from monoformer_jax.train.step import WATCHED, healthy, make_train_step
+from monoformer_jax.validate import check_batch_layout, check_train_config, writable_dir
 
 
 def _append_metrics(workdir: str, row: dict):
   """One JSON line per logged step in workdir/metrics.jsonl (process 0)."""
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps(row) + "\n")
+      f.write(finite_json(row) + "\n")
 
 
 class _Preemption:
@@ -63,28 +56,56 @@ class _Preemption:
     self.requested = True
 
 
-def _state_from_model(config, mesh, tx, path: str):
-  """(graphdef, state, shardings): step 0, the raw params of the model
-  checkpoint `path` (read straight into their shards), EMA = params, a fresh
-  optimizer state."""
+def initial_state(config, mesh, tx):
+  """(graphdef, state, shardings) of step 0, straight in their shards: the raw
+  params of the model checkpoint `train.init_from` (EMA = params, a fresh
+  optimizer state) when it is set, else a random init."""
+  init_from = config.train.get("init_from", "")
+  if not init_from:
+    graphdef, state, shardings = create_train_state(config, mesh, tx)
+    logging.info("initialised %s parameters", f"{param_count(state['params']):,}")
+    return graphdef, state, shardings
   graphdef, _, shardings = state_shardings(config, mesh, tx)
-  saved, step = load_config(path)
-  params, _, _ = load_params(path, weights="raw", config=config, step=step,
-                             shardings=shardings["params"])
-  differ = model_differences(saved, config)
-  if differ:   # same shapes, other settings (e.g. rope_theta): worth a word
-    logging.warning("train.init_from=%s was made with other model settings (%s); "
-                    "training uses this config's", path, "; ".join(differ))
-  return graphdef, state_from_params(params, tx, shardings), shardings
+  params, _, _ = load_params(init_from, weights="raw", config=config,
+                             shardings=shardings["params"],
+                             allow_model_changes=config.train.get("allow_model_changes", False))
+  state = state_from_params(params, tx, shardings)
+  logging.info("started from %s: %s parameters", init_from, f"{param_count(params):,}")
+  return graphdef, state, shardings
+
+
+def _warn_if_too_short(config):
+  need = dataset_of(config).steps_for_samples
+  if need and config.train.num_steps < need:
+    logging.warning(
+        "train.num_steps=%d is below the ~%d steps after which this dataset's samples become "
+        "recognisable at its default config: expect the end-of-run samples to look like noise",
+        config.train.num_steps, need)
+
+
+def _diverged(health, ckpt: TrainCheckpointer) -> TrainingDiverged:
+  """The diagnosis of a run whose step `health["bad_step"]` was not finite."""
+  bad = int(health["bad_step"])
+  terms = [f"{name}={float(v):g}" for name, ok, v in
+           zip(WATCHED, health["terms"], health["values"]) if not ok]
+  kept = ckpt.steps()
+  return TrainingDiverged(
+      f"step {bad} is not finite ({', '.join(terms)}); the state stopped at step {bad - 1} "
+      f"and no non-finite state was saved. Checkpoints kept in {ckpt.directory}: {kept}. "
+      "Lower --config.optim.lr (or raise optim.warmup_steps) "
+      f"and run again with the same --workdir to resume from step {kept[-1] if kept else 0}")
 
 
 def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
   """Trains `config` in `workdir`; returns the final train state and last metrics."""
   # ---------------------------------------------------------------- set-up
-  os.makedirs(workdir, exist_ok=True)
-  _check_config(config)
+  # Every field is checked before anything is compiled or written.
+  check_train_config(config)
+  workdir = writable_dir(workdir, "checkpoints, metrics and samples", "--workdir")
   tokenizer = tokenizer_of(config)   # checks it fits model.vocab_size
   mesh = sharding.make_mesh(config.mesh)
+  check_batch_layout(config, mesh, jax.process_count())
+  _warn_if_too_short(config)
   rules = config.sharding_rules
   logging.info("mesh %s on %d %s devices", dict(mesh.shape), jax.device_count(),
                jax.default_backend())
@@ -93,22 +114,16 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     # --------------------------------------------------------------- model
     tx, schedule = make_optimizer(config.optim)
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
-                        keep=config.train.keep_checkpoints,
-                        save_every=config.train.checkpoint_every)
-    latest = ckpt.latest_step()
+                             keep=config.train.keep_checkpoints,
+                             save_every=config.train.checkpoint_every)
+    graphdef, abstract, shardings = state_shardings(config, mesh, tx)
+    resumed = ckpt.restore_latest(abstract, shardings, config)
     data_state = None
-    init_from = config.train.get("init_from")
-    if latest is None and init_from:
-      graphdef, state, shardings = _state_from_model(config, mesh, tx, init_from)
-      logging.info("started from %s: %s parameters", init_from,
-                   f"{param_count(state['params']):,}")
-    elif latest is None:
-      graphdef, state, shardings = create_train_state(config, mesh, tx)
-      logging.info("initialised %s parameters", f"{param_count(state['params']):,}")
-    else:
-      graphdef, abstract, shardings = state_shardings(config, mesh, tx)
-      state, data_state = ckpt.restore(latest, abstract, shardings)
+    if resumed is not None:
+      latest, state, data_state = resumed
       logging.info("resumed from %s/checkpoints step %d", workdir, latest)
+    else:
+      graphdef, state, shardings = initial_state(config, mesh, tx)
 
     # ---------------------------------------------------------------- data
     batches = make_batches(config, tokenizer, process_index=jax.process_index(),
@@ -116,22 +131,48 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     batch_sh = sharding.batch_sharding(mesh, rules, 1)
     diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps,
                                          config.diffusion.beta_schedule)
-    train_step = make_train_step(graphdef, diffusion, config, tx, schedule, shardings,
-                                 batch_sh)
+    step = int(state["step"])
+    num_steps = config.train.num_steps
+    health = jax.device_put(healthy(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    batch = None
+    if step < num_steps:
+      batch = sharding.global_batch(next(batches), mesh, rules)
+      logging.info("compiling the train step ...")
+      t0 = time.perf_counter()
+      train_step = make_train_step(graphdef, diffusion, config, tx, schedule, shardings,
+                                   batch_sh).lower(state, batch, health).compile()
+      logging.info("compiled the train step in %.1f s", time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- loop
     preemption = _Preemption()
-    step = int(state["step"])
-    num_steps = config.train.num_steps
     rows, length = config.data.batch_size, config.data.seq_len
     metrics = None
+    # The data position after each step since the last check, so the last good
+    # state of a run that diverges is saved with the batches it had read.
+    data_after = {step: batches.get_state()}
     t_last, step_last = time.perf_counter(), step
     while step < num_steps:
-      local = next(batches)
-      batch = sharding.global_batch(local, mesh, rules)
-      state, metrics = train_step(state, batch)
+      if batch is None:
+        batch = sharding.global_batch(next(batches), mesh, rules)
+      state, metrics, health = train_step(state, batch, health)
+      batch = None
       step += 1
-      if step % config.train.log_every == 0 or step == num_steps:
+      data_after[step] = batches.get_state()
+      log = step % config.train.log_every == 0 or step == num_steps
+      save = step % config.train.checkpoint_every == 0 or preemption.requested
+      if not (log or save):
+        continue
+      # Both sync with the devices anyway: read the health record first.
+      health_now = jax.device_get(health)
+      if health_now["bad_step"] >= 0:
+        good = int(health_now["bad_step"]) - 1
+        if good > 0:   # the state on the devices is that step's: keep it
+          ckpt.save(good, state, data_after[good], config, force=True)
+        ckpt.wait()
+        ckpt.close()
+        raise _diverged(health_now, ckpt)
+      data_after = {step: data_after[step]}
+      if log:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
         steps_per_s = (step - step_last) / (now - t_last)
@@ -143,11 +184,11 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
             step, num_steps, metrics["loss"], metrics["diff"], metrics["mse"],
             metrics["vb"], metrics["lm"], metrics["grad_norm"], metrics["lr"],
             steps_per_s, f"{steps_per_s * rows * length:,.0f}")
-        if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(f"loss is {metrics['loss']} at step {step}")
-      if ckpt.save(step, state, batches.get_state(), config, force=preemption.requested):
-        logging.info("checkpoint saved at step %d", step)
+        ckpt.poll()
+      if save:
+        ckpt.save(step, state, data_after[step], config, force=preemption.requested)
       if preemption.requested:
+        ckpt.wait()
         logging.warning("SIGTERM: saved step %d and stopping", step)
         break
     ckpt.save(step, state, batches.get_state(), config, force=True)

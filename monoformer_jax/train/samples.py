@@ -11,7 +11,6 @@ images each; latent models are decoded with the SD-VAE at `vae.path`.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -24,7 +23,7 @@ from jax.experimental import multihost_utils
 from monoformer_jax import inference
 from monoformer_jax.data import prompts
 from monoformer_jax.data.datasets import class_names
-from monoformer_jax.eval import sample_metric
+from monoformer_jax.eval import finite_json, sample_metric
 
 
 def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
@@ -37,7 +36,7 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
   classes = class_names(config)
   images = labels = None
   metrics = {}
-  if classes:
+  if classes and sc.num_per_class:
     labels = np.repeat(np.arange(len(classes)), sc.num_per_class)
     vae = inference.load_vae_of(config)
     t0 = time.perf_counter()
@@ -54,7 +53,9 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
     for name in sc.get("metrics", ()):
       metrics.update(sample_metric(name)(images, labels))
     if metrics:
-      logging.info("sample metrics: %s", json.dumps(metrics))
+      logging.info("sample metrics: %s", finite_json(metrics))
+  elif classes:
+    logging.info("sample.num_per_class=0: no class-conditional samples")
   else:
     logging.info("data.name=%r has no class names: no class-conditional samples",
                  config.data.name)
@@ -76,6 +77,7 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
   for line in lines:
     logging.info("text: %s", line)
   with open(os.path.join(outdir, "summary.json"), "w") as f:
-    json.dump(dict(metrics, num_samples=0 if labels is None else len(labels),
-                   steps=sc.num_steps, cfg_scale=sc.cfg_scale, text=lines), f, indent=1)
+    f.write(finite_json(dict(metrics, num_samples=0 if labels is None else len(labels),
+                             steps=sc.num_steps, cfg_scale=sc.cfg_scale, text=lines),
+                        indent=1))
   return images, labels, metrics

@@ -1,11 +1,18 @@
 """The jitted, sharded train step: loss, gradients, AdamW, EMA.
 
-`make_train_step` returns `step(state, batch) -> (state, metrics)` compiled with
-`jax.jit(in_shardings, out_shardings, donate_argnums=0)` (what pjit became).
+`make_train_step` returns `step(state, batch, health) -> (state, metrics,
+health)` compiled with `jax.jit(in_shardings, out_shardings, donate_argnums=0)`
+(what pjit became).
 Randomness (timesteps, noise) is `fold_in(PRNGKey(seed), step)`, so a resumed
 run draws exactly what an uninterrupted one would. With
 `optim.grad_accum_steps = A` the batch is cut into A micro-batches scanned in
 sequence and their gradients averaged before one update.
+
+The step also watches its own numbers, without a host sync: `health` (see
+`healthy()`) records the first step whose loss terms or gradient norm are not
+finite, and from then on the step returns the state unchanged, so the state
+on the devices is always the last good one. The loop reads `health` only when
+it logs or saves (both sync anyway) and stops with the diagnosis.
 """
 
 from __future__ import annotations
@@ -57,13 +64,27 @@ def accumulated_grads(loss_fn, accum: int):
   return grads_of
 
 
+# What the step watches, in the order of `health["terms"]`.
+WATCHED = ("mse", "vb", "lm", "loss", "grad_norm")
+
+
+def healthy():
+  """The health record of a run with no bad step yet: `bad_step` -1, then the
+  first step whose WATCHED metrics are not all finite, their finiteness
+  (`terms`, bool) and values (`values`) at that step."""
+  return dict(bad_step=jnp.full((), -1, jnp.int32), terms=jnp.zeros(len(WATCHED), bool),
+              values=jnp.zeros(len(WATCHED), jnp.float32))
+
+
 def make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_sharding):
+  """`step(state, batch, health) -> (state, metrics, health)`, jitted and sharded;
+  `state` is donated."""
   grads_of = accumulated_grads(make_loss_fn(graphdef, diffusion, config),
                                config.optim.grad_accum_steps)
   ema_decay = config.optim.ema_decay
   base_key = jax.random.PRNGKey(config.seed)
 
-  def step(state, batch):
+  def step(state, batch, health):
     key = jax.random.fold_in(base_key, state["step"])
     grads, metrics = grads_of(state["params"], batch, key)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -73,7 +94,17 @@ def make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    lr=schedule(state["step"]))
     new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state, ema=ema)
-    return new_state, metrics
+    # A non-finite step (or any after one) leaves the state as it was.
+    values = jnp.stack([metrics[k].astype(jnp.float32) for k in WATCHED])
+    finite = jnp.isfinite(values)
+    first_bad = (health["bad_step"] < 0) & ~finite.all()
+    keep_new = (health["bad_step"] < 0) & finite.all()
+    new_state = jax.tree.map(lambda new, old: jnp.where(keep_new, new, old), new_state, state)
+    health = dict(bad_step=jnp.where(first_bad, state["step"] + 1, health["bad_step"]),
+                  terms=jnp.where(first_bad, finite, health["terms"]),
+                  values=jnp.where(first_bad, values, health["values"]))
+    return new_state, metrics, health
 
-  return jax.jit(step, in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, None), donate_argnums=(0,))
+  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, in_shardings=(shardings, batch_sharding, replicated),
+                 out_shardings=(shardings, None, replicated), donate_argnums=(0,))

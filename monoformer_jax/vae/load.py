@@ -12,7 +12,6 @@ OIHW become HWIO, and the attention projections, Linear [out, in] or 1x1 conv
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
@@ -21,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from monoformer_jax.checkpoints.safetensors_io import SafetensorsFile
+from monoformer_jax.checkpoints.safetensors_io import SafetensorsFile, read_json_object
+from monoformer_jax.errors import CheckpointError, FileFormatError, MissingPathError
 from monoformer_jax.vae.autoencoder_kl import AutoencoderKL, VAEConfig
 
 CONFIG_NAME = "config.json"
@@ -46,26 +46,26 @@ def resolve_vae_files(path, config=None) -> tuple[pathlib.Path, dict, str]:
       found = sorted(p.name for p in folder.iterdir())
       hint = (" PyTorch .bin files are not read: convert them to safetensors."
               if any(n.endswith(".bin") for n in found) else "")
-      raise FileNotFoundError(f"VAE folder {folder} has no {WEIGHTS_NAME} (found "
-                              f"{found[:_MAX_LISTED]}); pass the .safetensors file itself "
-                              f"with config=... to load another name.{hint}")
+      raise MissingPathError(f"VAE folder {folder} has no {WEIGHTS_NAME} (found "
+                             f"{found[:_MAX_LISTED]}); pass the .safetensors file itself "
+                             f"with config=... to load another name.{hint}")
   elif path.is_file():
     if path.suffix != ".safetensors":
-      raise ValueError(f"VAE weights {path} are not a .safetensors file; convert them "
-                       "(PyTorch: safetensors.torch.save_file(model.state_dict(), ...))")
+      raise FileFormatError(f"VAE weights {path} are not a .safetensors file; convert them "
+                            "(PyTorch: safetensors.torch.save_file(model.state_dict(), ...))")
     weights, folder = path, path.parent
   else:
-    raise FileNotFoundError(f"VAE path {path} does not exist; expected a diffusers folder "
-                            f"({CONFIG_NAME} + {WEIGHTS_NAME}) or a .safetensors file")
+    raise MissingPathError(f"VAE path {path} does not exist; expected a diffusers folder "
+                           f"({CONFIG_NAME} + {WEIGHTS_NAME}) or a .safetensors file")
 
   if isinstance(config, dict):
     return weights, config, "the config passed in"
   config_path = pathlib.Path(config) if config is not None else folder / CONFIG_NAME
   if not config_path.exists():
-    raise FileNotFoundError(f"VAE config {config_path} not found for weights {weights}; "
-                            "pass config= (a diffusers config.json path or dict)")
-  with open(config_path) as f:
-    return weights, json.load(f), str(config_path)
+    raise MissingPathError(f"VAE config {config_path} not found for weights {weights}; "
+                           "pass config= (a diffusers config.json path or dict)")
+  return (weights, read_json_object(config_path, "a diffusers AutoencoderKL config.json"),
+          str(config_path))
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
@@ -85,7 +85,7 @@ def rename_legacy_keys(tensors: dict) -> dict:
       prefix, name, leaf = match.groups()
       new = f"{prefix}.{LEGACY_ATTENTION_NAMES[name]}.{leaf}"
       if new in tensors:
-        raise ValueError(f"VAE checkpoint has both {key!r} and {new!r}; keep one of them")
+        raise FileFormatError(f"VAE checkpoint has both {key!r} and {new!r}; keep one of them")
     renamed[new] = value
   return renamed
 
@@ -192,8 +192,8 @@ def vae_from_tensors(tensors: dict, cfg: VAEConfig, *, dtype=jnp.float32,
       fix = f"To fix, change in {config_source}: " + "; ".join(hints)
     else:
       fix = f"Load it with the config.json saved with it, not {config_source}"
-    raise ValueError(f"{source} does not match {config_source}: " + "; ".join(parts)
-                     + ". " + fix + ".")
+    raise CheckpointError(f"{source} does not match {config_source}: " + "; ".join(parts)
+                          + ". " + fix + ".")
 
   leaves = []
   for path, var in flat:
@@ -203,7 +203,7 @@ def vae_from_tensors(tensors: dict, cfg: VAEConfig, *, dtype=jnp.float32,
     found = tuple(value.shape)
     # A [out, in, 1, 1] conv is also accepted for a Linear (older attention weights).
     if found != want and not (len(want) == 2 and found == want + (1, 1)):
-      raise ValueError(
+      raise CheckpointError(
           f"{source}: {key!r} has shape {found} but {config_source} makes it {want} "
           f"(PyTorch layout); the shape follows {_shape_fields(key, cfg)}: change that "
           "to match the checkpoint, or use the config.json saved with it")

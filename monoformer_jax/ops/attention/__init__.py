@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from monoformer_jax.errors import ConfigError
 from monoformer_jax.ops.attention.block_map import block_map, live_fraction
 from monoformer_jax.ops.attention.mask import allowed, mixed_mask, query_offset
 from monoformer_jax.ops.attention.pallas import (backend_for, kernel_plan, lowering_platform,
@@ -21,8 +22,8 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
   'auto' is 'pallas' on TPU and GPU and 'xla' on CPU.
   """
   if impl not in IMPLS:
-    raise ValueError(f"unknown attention impl {impl!r}; set "
-                     f"config.model.attention_impl to one of {IMPLS}")
+    raise ConfigError(f"unknown attention impl {impl!r}; set "
+                      f"config.model.attention_impl to one of {IMPLS}")
   if impl != "auto":
     return impl
   platform = jax.default_backend() if platform is None else platform

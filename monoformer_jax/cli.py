@@ -1,0 +1,68 @@
+"""What every entry point (train, sample, convert) shares: logging and readable failures.
+
+`run(main)` is `absl.app.run(main)` with the project's logging (INFO, Orbax's
+narration and JAX's backend probing dropped) and one rule for errors: a
+`UserError` (a bad flag, config field, path, file or checkpoint) prints as
+one line, `error: ...`, followed by its causes, and exits with status 2;
+`--verbose` shows its traceback instead. Any other exception is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+
+from monoformer_jax.errors import UserError
+
+_VERBOSE = flags.DEFINE_bool("verbose", False,
+                             "Show the traceback of input errors, not just their message.")
+
+# Loggers whose INFO lines are noise for our users: JAX's probing of backends
+# that are not there ("Unable to initialize backend 'tpu'" on every CPU run).
+_QUIET_LOGGERS = ("jax._src.xla_bridge",)
+
+
+def quiet_logs():
+  """INFO logging, without Orbax's narration of every save and restore and
+  without JAX's backend probing; warnings and errors of both still show."""
+  logging.set_verbosity(logging.INFO)
+  orbax_package = f"{os.sep}orbax{os.sep}"   # the library, not our checkpoints/orbax_io.py
+  logging.get_absl_logger().addFilter(
+      lambda r: orbax_package not in r.pathname or r.levelno >= std_logging.WARNING)
+  for name in _QUIET_LOGGERS:
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
+
+
+def describe(error: BaseException) -> str:
+  """`error: message` and one `  because: ...` line per cause in its chain."""
+  lines = [f"error: {error}"]
+  seen = {id(error)}
+  cause = error.__cause__ or error.__context__
+  while cause is not None and id(cause) not in seen:
+    seen.add(id(cause))
+    first = str(cause).strip().splitlines()
+    lines.append(f"  because: {type(cause).__name__}: {first[0] if first else ''}")
+    cause = cause.__cause__ or cause.__context__
+  return "\n".join(lines)
+
+
+def run(main: Callable[[list[str]], None]):
+  """absl.app.run(main) with the project's logging and error printing."""
+
+  def guarded(argv):
+    quiet_logs()
+    try:
+      return main(argv)
+    except UserError as error:
+      if _VERBOSE.value:
+        raise
+      logging.flush()
+      print(describe(error) + "\n(--verbose shows the traceback)", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(guarded)
