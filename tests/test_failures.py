@@ -189,6 +189,43 @@ def test_a_full_disk_stops_the_save_naming_bytes_and_keeps_earlier_steps(tmp_pat
   assert step == 1 and float(state["params"]["w"][0, 0]) == 1.0
 
 
+_RESTORE_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import jax
+from helpers import digits_config
+from monoformer_jax.checkpoints import TrainCheckpointer
+from monoformer_jax.cli import quiet_logs
+from monoformer_jax.parallel import sharding
+from monoformer_jax.train.state import make_optimizer, state_shardings
+quiet_logs()   # what every entry point logs with
+config = digits_config()
+mesh = sharding.make_mesh(config.mesh)
+with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
+  _, abstract, shardings = state_shardings(config, mesh, make_optimizer(config.optim)[0])
+  step, state, _ = TrainCheckpointer(sys.argv[1], keep=3, save_every=1).restore_latest(
+      abstract, shardings, config)
+print("restored", step, int(state["step"]))
+"""
+
+
+def test_a_failed_restore_is_one_warning_not_pages_of_tracebacks(run, tmp_path):
+  """Orbax's failed reads go on failing in background threads after the
+  restore has raised, each printing a traceback (thousands of lines for the
+  tiny model): in a real process only our warning shows."""
+  workdir = tmp_path / "copy"
+  shutil.copytree(run, workdir)
+  data = max((workdir / "checkpoints" / "4" / "state").rglob("d/*"),
+             key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[:1000])
+  result = _python("-c", _RESTORE_SCRIPT, str(workdir / "checkpoints"), str(REPO / "tests"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip() == "restored 2 2"
+  assert "checkpoints/4 cannot be read: " in result.stderr
+  assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+  assert len(result.stderr.splitlines()) < 10, result.stderr[-3000:]
+
+
 def test_no_readable_checkpoint_names_every_step_and_the_fix(tmp_path):
   config = digits_config()
   ckpt = TrainCheckpointer(tmp_path / "c", keep=3, save_every=1)

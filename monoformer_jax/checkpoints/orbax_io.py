@@ -25,8 +25,10 @@ it), and weights are loaded only into the model they were saved for, finite.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import shutil
+import sys
 import time
 
 import jax
@@ -103,8 +105,31 @@ def check_model_fields(saved, config, where: str, *, allowed: bool, override: st
 
 
 def _first_line(error: BaseException) -> str:
+  """The gist of an error: its type and first line (TensorStore's spec dump cut off)."""
   lines = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+  first = (lines[0] if lines else "").split(" See full TensorStore details")[0]
+  return f"{type(error).__name__}: {first}"[:300]
+
+
+# What a failed Orbax restore leaves behind: its TensorStore reads keep failing
+# in background threads after the restore has raised, each printing a
+# traceback (~3000 lines for a tiny model). Once we have reported the failure
+# in one line, these are noise, silenced (only these) from the first restore on.
+_RESTORE_NOISE = ("Event loop is closed", "Encountered error while reading array index")
+_silenced = False
+
+
+def _silence_failed_restore_noise():
+  global _silenced
+  if _silenced:
+    return
+  _silenced = True
+  noise = lambda e: e is not None and any(n in str(e) for n in _RESTORE_NOISE)
+  except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook
+  sys.excepthook = lambda t, e, tb: None if noise(e) else except_hook(t, e, tb)
+  sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisable_hook(u)
+  std_logging.getLogger("asyncio").addFilter(
+      lambda r: not (r.exc_info and noise(r.exc_info[1])))
 
 
 def _state_bytes(state) -> int:
@@ -201,6 +226,7 @@ class TrainCheckpointer:
     reported, moved aside to `<directory>_unreadable/` (so a new save can take
     its number) and the one before it tried; a checkpoint of another model is
     an error, not a fallback."""
+    _silence_failed_restore_noise()
     problems = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       where = f"{self.directory}/{step}"
@@ -371,6 +397,7 @@ def _restore(path, weights, config, shardings, step, allow_model_changes=False):
     raise CheckpointError(f"weights={weights!r}: choose one of {WEIGHTS}")
   directory, step = resolve(path, step)
   where = f"{directory}/{step}"
+  _silence_failed_restore_noise()
   manager = _manager(directory)
   try:
     saved_config = _config_at(manager, step)

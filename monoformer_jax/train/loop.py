@@ -8,6 +8,14 @@ throughput every `train.log_every` steps, checkpoints every
 samples from the EMA weights to `workdir/samples/`. A fresh workdir starts
 from `train.init_from` (a model checkpoint, e.g. from `python -m
 monoformer_jax.convert llama`) when it is set, else from a random init.
+
+Before anything is compiled or written, every config field, the workdir and
+the batch layout are checked (monoformer_jax/validate.py). A step whose loss
+or gradient is not finite freezes the state on the devices (train/step.py);
+the loop finds out at its next log or save, saves the last good step if it
+is not on disk yet, and stops with `TrainingDiverged` naming the step, the
+terms and the checkpoints kept. An unreadable latest checkpoint is moved
+aside and the one before it resumed (checkpoints/orbax_io.py).
 """
 
 from __future__ import annotations
