@@ -10,6 +10,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["monoformer_jax", "monoformer_jax.*"]),
+    package_data={"monoformer_jax": ["data/*.tsv"]},
+    include_package_data=True,
     python_requires=">=3.11",
     install_requires=[
         # Lower bounds only: CI runs Python 3.11 (jax 0.10.2), GPU hosts 3.12 (jax 0.11+).
@@ -17,7 +19,10 @@ setup(
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
-        "grain>=0.2.18",           # the digits stream's MapDatasets
+        "grain>=0.2.18",           # the input pipeline's MapDatasets
+        "tensorflow-datasets>=4.9.7",  # dataset builders, read without TensorFlow
+        "array-record>=0.7",       # TFDS's file format here
+        "importlib-resources>=6",  # TFDS needs it for builders outside its own tree
         "ml-collections>=1.1.0",
         "einops>=0.8.2",           # patchify / unpatchify
         "absl-py>=2.3",

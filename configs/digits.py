@@ -62,6 +62,9 @@ def get_config(variant=None):
 
   c.data = ml_collections.ConfigDict(dict(
       name="digits",
+      dir="",                   # where its TFDS copy is prepared on first use
+                                # ("": $MONOFORMER_DATA_DIR or ~/.cache/monoformer_jax)
+      prefetch=2,               # batches packed ahead in a thread
       tokenizer="bytes",        # text.tokenizer.load_tokenizer: bytes, or a tokenizer.model
       seq_len=128,
       batch_size=32,            # global rows per step
@@ -108,6 +111,7 @@ def get_config(variant=None):
 
   c.sample = ml_collections.ConfigDict(dict(
       num_per_class=20,
+      num_classes=0,            # 0: every class
       num_steps=50,             # respaced DDPM steps
       cfg_scale=2.0,
       text_prompts=("three plus four is", "the number after five", "two times"),

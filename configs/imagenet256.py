@@ -18,9 +18,22 @@ released weights and sample:
   python -m monoformer_jax.sample --checkpoint=/ckpt/mf256 --class_name="golden retriever" \
       --vae=sd-vae-ft-mse
 
-`data.name='imagenet'` has no input pipeline yet: training stops at once with
-an error saying so. Conversion uses this file as its base config (the model
-fields then come from the weights' config.json).
+Training reads ImageNet prepared once into array_record (SD-VAE posteriors,
+nothing decoded at training time):
+
+  python -m monoformer_jax.data.prepare imagenet --input_dir=/data/imagenet \
+      --output_dir=/data/prepared --vae=sd-vae-ft-mse --image_size=256 --flip
+  python -m monoformer_jax.train --config=configs/imagenet256.py --workdir=... \
+      --config.data.dir=/data/prepared/monoformer_imagenet/1.0.0
+
+Conversion uses this file as its base config (the model fields then come from
+the weights' config.json).
+
+Variants (`--config=configs/imagenet256.py:VARIANT`):
+  tiny   the same pipeline (prepared ImageNet layout, class prompts, posterior
+         sampling, flips) with a test-size model on 8x8x4 latents (16-pixel
+         images through the tiny VAE of tests/fixtures) and the byte tokenizer:
+         what the tests train on CPU
 """
 
 import ml_collections
@@ -28,10 +41,14 @@ import ml_collections
 from monoformer_jax.parallel import sharding
 
 
+VARIANTS = ("", "tiny")
+
+
 def get_config(variant=None):
-  if variant:
-    raise ValueError(f"configs/imagenet256.py has no variant {variant!r}; it has only the "
-                     "paper's model")
+  variant = variant or ""
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/imagenet256.py has no variant {variant!r}; use one of "
+                     f"{VARIANTS}")
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -63,6 +80,11 @@ def get_config(variant=None):
 
   c.data = ml_collections.ConfigDict(dict(
       name="imagenet",
+      dir="",                   # from `python -m monoformer_jax.data.prepare imagenet`
+      split="train",
+      latent_sample=True,       # a fresh draw from each stored posterior; False: its mean
+      random_flip=True,         # mirror half the images (when prepared with --flip)
+      prefetch=2,               # batches packed ahead in a thread
       tokenizer="",             # TinyLlama's tokenizer.model (text/tokenizer.load_tokenizer)
       seq_len=512,              # the reference truncates rows to 512 tokens
       batch_size=256,           # global rows per step
@@ -104,6 +126,7 @@ def get_config(variant=None):
 
   c.sample = ml_collections.ConfigDict(dict(
       num_per_class=4,
+      num_classes=16,           # the first 16 classes at the end of a run (0: all 1000)
       num_steps=20,             # respaced DDPM steps
       cfg_scale=1.5,            # the reference also reports 2.0 and 4.0
       text_prompts=("The capital of France is", "A recipe for pancakes:"),
@@ -113,4 +136,14 @@ def get_config(variant=None):
 
   # SD-VAE (sd-vae-ft-mse, a diffusers AutoencoderKL folder) that decodes samples.
   c.vae = ml_collections.ConfigDict(dict(path=""))
+
+  if variant == "tiny":
+    c.model.update(vocab_size=264, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=16, mlp_dim=128, image_size=8, in_channels=4, dtype="float32",
+                   remat=False)
+    c.data.update(tokenizer="bytes", seq_len=96, batch_size=8)   # long class names in bytes
+    c.optim.update(lr=1e-3)
+    c.train.update(num_steps=4, log_every=1, checkpoint_every=2)
+    c.sample.update(num_per_class=1, num_classes=2, num_steps=2, max_new_tokens=4,
+                    text_prompts=("a",))
   return c

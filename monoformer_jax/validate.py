@@ -126,7 +126,7 @@ def check_model(config):
 
 def check_train_config(config):
   """Every field training reads, before the mesh, the data or the model exist."""
-  from monoformer_jax.data.datasets import dataset_of
+  from monoformer_jax.data.datasets import check_data
   from monoformer_jax.eval import SAMPLE_METRICS
 
   check_model(config)
@@ -136,7 +136,8 @@ def check_train_config(config):
   one_of("diffusion.beta_schedule", d.beta_schedule, ("linear",))
 
   data = _section(config, "data")
-  dataset_of(config)   # a dataset with an input pipeline
+  check_data(config)   # a dataset with an input pipeline, its prepared folders
+  integer("data.prefetch", data.get("prefetch", 2), low=0)
   integer("data.seq_len", data.seq_len, low=2)
   integer("data.batch_size", data.batch_size, low=1)
   integer("data.max_images_per_row", data.max_images_per_row, low=1)

@@ -318,12 +318,13 @@ def test_llama_errors(fixture_dir, base, tmp_path):
     llama.load_llama(str(tmp_path), base)
 
 
-def test_imagenet256_config_is_the_paper_model_and_has_no_pipeline_yet(tmp_path):
+def test_imagenet256_config_is_the_paper_model_and_asks_for_its_data(tmp_path):
   config = official.default_config()
   _, abstract, _ = abstract_model(config.model)
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
   assert 1.10e9 < count < 1.13e9, count  # TinyLlama's 1.1B + the image side
-  with pytest.raises(ValueError, match="data.name='imagenet' has no input pipeline yet"):
+  with pytest.raises(ValueError, match=r"data.dir is empty: point it at the imagenet dataset "
+                     r"prepared by `python -m monoformer_jax.data.prepare imagenet`"):
     train_and_evaluate(config, str(tmp_path))
 
 

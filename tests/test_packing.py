@@ -262,3 +262,47 @@ def test_prompt_rows_token_by_token():
   np.testing.assert_array_equal(rows.layout.new(row.tokens), [[I, I, I]] * 2)
   text = prompt_rows([[BOS, 10]], pad_id=PAD, new_tokens=2, multiple=1).row
   assert text.image_columns.shape[1] == 0 and not text.image_ids.any()
+
+
+F, T = False, True
+
+
+def test_text_mask_picks_the_targets():
+  # Target l + 1 trains iff its mask entry is True: 10 and 11 here, not 12 or eos.
+  masked = Example([BOS, 10, 11, 12, EOS], text_mask=[F, T, T, F, F])
+  # On an image example (CE on its text switched on) a placeholder's entry is
+  # False and its P = 3 slots are never targets: 12, <|im_end|> and eos train.
+  image = Example([BOS, 12, S, I, E, EOS], [img(1)], text_mask=[F, T, F, F, T, T])
+  batch = pack_examples([masked, image], spec(text_on_image_examples=True))
+  np.testing.assert_array_equal(batch["text_weights"],
+                                [[1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0]])
+  off = pack_examples([masked, image], spec())   # the reference: no CE on image examples
+  np.testing.assert_array_equal(off["text_weights"],
+                                [[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+  # The iterator packs masks the same way.
+  it = PackedBatches(lambda i: [masked, image][i % 2], rows=1, spec=spec(True))
+  np.testing.assert_array_equal(next(it)["text_weights"], batch["text_weights"])
+  # An all-True mask is no mask.
+  whole = pack_examples([Example([BOS, 10, 11, EOS], text_mask=[T] * 4)], spec())
+  plain = pack_examples([Example([BOS, 10, 11, EOS])], spec())
+  np.testing.assert_array_equal(whole["text_weights"], plain["text_weights"])
+
+
+def test_split_long_text_keeps_its_mask():
+  mask = [14 <= k <= 20 for k in range(40)]   # targets: ids 14 .. 20 of 40
+  batch = pack_examples([Example(list(range(30, 70)), text_mask=mask)], spec())
+  # Pieces: ids 0-15, 16-31, 32-39. Ids 14 and 15 train from columns 13 and 14;
+  # id 16 opens piece 1 and is nobody's target; ids 17-20 from columns 0-3.
+  np.testing.assert_array_equal(batch["text_weights"],
+                                [[0] * 13 + [1, 1, 0], [1, 1, 1, 1] + [0] * 12, [0] * 16])
+
+
+def test_bad_text_mask_raises():
+  with pytest.raises(ValueError, match=r"example 1: text_mask has shape \(3,\) but the "
+                     r"example has 4 ids"):
+    pack_examples([text(2), Example([BOS, 10, 11, EOS], text_mask=[T, T, T])], spec())
+  with pytest.raises(ValueError, match=r"example 0: text_mask is True at id 2, an <image> "
+                     "placeholder"):
+    pack_examples([Example([BOS, S, I, E], [img(1)], text_mask=[F, T, T, T])], spec(True))
+  with pytest.raises(ValueError, match=r"example 0: text_mask must hold bools"):
+    pack_examples([Example([BOS, EOS], text_mask=[0.5, 1.0])], spec())

@@ -6,22 +6,38 @@ are (pixels in [-1, 1], or SD-VAE latents) and its example stream: a function
 seeded stream. Everything else (the prompt format, packing, per-host shares,
 resuming) is shared, so the rest of the package asks this module and never
 names a dataset.
+
+    digits          the embedded default (prepared on first use into data.dir,
+                    or ~/.cache/monoformer_jax; nothing is downloaded)
+    imagenet        class-conditional latents, `data.dir` from
+                    `python -m monoformer_jax.data.prepare imagenet`
+    text_to_image   prompted latents (JourneyDB-style), likewise
+    chat, text      conversations (loss on the answers) and plain text
+    mix             several of those by weight: `data.mix` {name: weight},
+                    `data.dirs` {name: folder}
+
+All but the digits' sentences are read from TFDS array_record through the
+same Grain pipeline (data/pipeline.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from typing import Callable
 
-from monoformer_jax.data import digits
-from monoformer_jax.errors import ConfigError
+import numpy as np
+
+from monoformer_jax.data import builders, digits, pipeline
 from monoformer_jax.data.packing import Example, PackedBatches, host_stream, row_spec
+from monoformer_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   name: str
-  class_names: tuple[str, ...]   # what class-conditional prompts fill the templates with
+  classes: Callable[[], tuple[str, ...]]  # the names class-conditional prompts fill in
   class_noun: str                # "digit": what one class is, for messages
   pixels: bool                   # images are pixels in [-1, 1]; else SD-VAE latents
   example_stream: Callable[..., Callable[[int], Example]]
@@ -29,15 +45,125 @@ class Dataset:
   # recognisable (measured; 0: not known). Shorter runs are warned about.
   steps_for_samples: int = 0
 
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.classes()
+
 
 # configs/digits.py, the classifier on its 200 end-of-run samples: 10% (chance)
 # after 200 steps, 86.5% after 400, 100% after 800 (the default; README).
 STEPS_FOR_DIGITS = 400
 
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_names() -> tuple[str, ...]:
+  from monoformer_jax.data.encode import imagenet_classes
+  return tuple(name for _, name in imagenet_classes())
+
+
+def _records(config, kind: str, directory: str | None = None):
+  """The records of data.split of the prepared `kind` at `directory` (data.dir)."""
+  directory = directory or config.data.get("dir", "")
+  if not directory:
+    raise ConfigError(f"data.dir is empty: point it at the {kind} dataset prepared by "
+                      f"`python -m monoformer_jax.data.prepare {kind}`")
+  return builders.data_source(directory, config.data.get("split", "train"), kind=kind)
+
+
+def _check_latents(records, config, kind: str):
+  m = config.model
+  want = (m.image_size, m.image_size, m.in_channels)
+  got = tuple(np.asarray(records[0]["mean"]).shape)
+  if got != want:
+    raise ConfigError(f"the prepared {kind} latents are {got} but the model reads "
+                      f"(model.image_size, model.image_size, model.in_channels)={want}; "
+                      "prepare with the matching --image_size, or change the model")
+
+
+def _latent_stream(kind: str):
+  def stream(config, tokenizer, seed, directory=None):
+    records = _records(config, kind, directory)
+    _check_latents(records, config, kind)
+    d = config.data
+    options = dict(drop_prob=float(d.cfg_drop_prob), sample=bool(d.get("latent_sample", True)),
+                   flip=bool(d.get("random_flip", True)))
+    if kind == "imagenet":
+      to_example = pipeline.imagenet_example(_imagenet_names(), tokenizer, **options)
+    else:
+      to_example = pipeline.text_to_image_example(tokenizer, **options)
+    return pipeline.record_stream(records, to_example, seed)
+  return stream
+
+
+def _chat_stream(config, tokenizer, seed, directory=None):
+  to_example = pipeline.chat_example_of(
+      tokenizer, template=config.data.get("chat_template", "human_assistant"),
+      train_on_source=bool(config.data.get("train_on_source", False)))
+  return pipeline.record_stream(_records(config, "chat", directory), to_example, seed)
+
+
+def _text_stream(config, tokenizer, seed, directory=None):
+  return pipeline.record_stream(_records(config, "text", directory),
+                                pipeline.text_example_of(tokenizer), seed)
+
+
+def _mix_stream(config, tokenizer, seed, directory=None):
+  check_data(config)
+  weights = dict(config.data.mix)
+  dirs = dict(config.data.get("dirs", {}))
+  seeds = np.random.SeedSequence(seed).generate_state(len(weights) + 1)
+  streams = [DATASETS[name].example_stream(config, tokenizer, int(s), dirs.get(name) or None)
+             for name, s in zip(weights, seeds)]
+  return pipeline.mix(streams, list(weights.values()), int(seeds[-1]))
+
+
 DATASETS = {d.name: d for d in (
-    Dataset("digits", digits.CLASS_NAMES, "digit", pixels=True,
+    Dataset("digits", lambda: digits.CLASS_NAMES, "digit", pixels=True,
             example_stream=digits.digits_example_stream, steps_for_samples=STEPS_FOR_DIGITS),
+    Dataset("imagenet", _imagenet_names, "ImageNet class", pixels=False,
+            example_stream=_latent_stream("imagenet")),
+    Dataset("text_to_image", tuple, "", pixels=False,
+            example_stream=_latent_stream("text_to_image")),
+    Dataset("chat", tuple, "", pixels=False, example_stream=_chat_stream),
+    Dataset("text", tuple, "", pixels=False, example_stream=_text_stream),
+    Dataset("mix", tuple, "", pixels=False, example_stream=_mix_stream),
 )}
+
+
+def _prepared(field: str, directory: str, kind: str):
+  if not directory:
+    raise ConfigError(f"{field} is empty: point it at the {kind} dataset prepared by "
+                      f"`python -m monoformer_jax.data.prepare {kind}`")
+  if "://" not in directory and not os.path.exists(os.path.join(directory,
+                                                                "dataset_info.json")):
+    raise ConfigError(f"{field}={directory!r} is not a prepared dataset (no "
+                      f"dataset_info.json): prepare it with `python -m "
+                      f"monoformer_jax.data.prepare {kind} --output_dir=OUT` and pass "
+                      f"OUT/monoformer_{kind}/{builders.VERSION}")
+
+
+def check_data(config):
+  """The data fields that name files, before anything is read: the prepared
+  folder of each dataset and the mixing weights."""
+  d = config.data
+  dataset = dataset_of(config)
+  if dataset.name == "digits":
+    return
+  if dataset.name != "mix":
+    _prepared("data.dir", d.get("dir", ""), dataset.name)
+    return
+  weights = dict(d.get("mix", {}))
+  if not weights:
+    raise ConfigError("data.name='mix' needs data.mix, e.g. {'text_to_image': 9, 'chat': 1}")
+  for name, weight in weights.items():
+    if name not in DATASETS or name in ("mix", "digits"):
+      raise ConfigError(f"data.mix names {name!r}; mix any of "
+                        f"{[n for n in DATASETS if n not in ('mix', 'digits')]}")
+    if not isinstance(weight, (int, float)) or not weight >= 0 or weight == float("inf"):
+      raise ConfigError(f"data.mix.{name}={weight!r}: must be a finite weight >= 0")
+    _prepared(f"data.dirs.{name}", dict(d.get("dirs", {})).get(name, ""), name)
+  if not sum(weights.values()) > 0:
+    raise ConfigError(f"data.mix={weights}: at least one weight must be > 0")
 
 
 def dataset_of(config) -> Dataset:
@@ -80,10 +206,11 @@ def class_by_name(name: str, config) -> str:
 
 
 def make_batches(config, tokenizer, *, process_index: int = 0, process_count: int = 1,
-                 state: dict | None = None) -> PackedBatches:
+                 state: dict | None = None):
   """This host's batches: `data.batch_size // process_count` rows each, packed
-  from its share of the config's dataset stream seeded by `config.seed`;
-  `state` (from `get_state()`) resumes."""
+  from its share of the config's dataset stream seeded by `config.seed`, the
+  next `data.prefetch` batches packed ahead in a thread; `state` (from
+  `get_state()`) resumes."""
   dataset = dataset_of(config)
   if config.data.batch_size % process_count:
     raise ConfigError(f"data.batch_size={config.data.batch_size} (global rows) is not "
@@ -94,4 +221,5 @@ def make_batches(config, tokenizer, *, process_index: int = 0, process_count: in
                           spec=row_spec(config, tokenizer))
   if state is not None:
     batches.set_state(state)
-  return batches
+  depth = int(config.data.get("prefetch", 2))
+  return pipeline.Prefetched(batches, depth) if depth > 0 else batches

@@ -9,22 +9,23 @@ with probability `data.cfg_drop_prob`, and text-only examples that are true
 statements about the numbers zero..twenty ("three plus four is seven."), a
 share `data.text_fraction` of the stream.
 
-Example i of the stream is a pure function of (seed, i), read through Grain
-MapDatasets, so a batch iterator resumes from one integer. Every digit appears
+The images are prepared once into array_record by their TFDS builder
+(data/builders.py `digits_dir`) and read back through the same Grain pipeline
+as ImageNet (data/pipeline.py): example i of the stream is a pure function of
+(seed, i), so a batch iterator resumes from one integer. Every digit appears
 once per image epoch, in a fresh order each epoch.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
+import os
 from typing import Callable
 
-import grain
 import numpy as np
 
 from monoformer_jax.errors import ConfigError
-from monoformer_jax.data import prompts
+from monoformer_jax.data import builders, pipeline, prompts
 from monoformer_jax.data.images import from_unit_range
 from monoformer_jax.data.packing import Example
 
@@ -33,11 +34,6 @@ CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 NUMBER_WORDS = CLASS_NAMES + ("ten", "eleven", "twelve", "thirteen", "fourteen",
                               "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
                               "twenty")
-
-# Text/image choices are drawn per block of this many examples, with exactly
-# the configured share of text in each block at random places: the mix is
-# random but the image stream index stays computable from i alone.
-_MIX_BLOCK = 128
 
 __all__ = ["CLASS_NAMES", "NUMBER_WORDS", "load_digit_images", "number_sentence",
            "digits_example_stream"]
@@ -85,60 +81,44 @@ def _check_probability(name: str, p: float):
     raise ConfigError(f"{name}={p} is not a probability in [0, 1]")
 
 
-def digits_example_stream(config, tokenizer, seed: int) -> Callable[[int], Example]:
+def cache_dir(config, directory: str | None = None) -> str:
+  """Where the digits' TFDS copy lives: `directory`, data.dir, else
+  $MONOFORMER_DATA_DIR, else ~/.cache/monoformer_jax."""
+  return (directory or config.data.get("dir", "") or os.environ.get("MONOFORMER_DATA_DIR")
+          or os.path.join(os.path.expanduser("~"), ".cache", "monoformer_jax"))
+
+
+def digits_example_stream(config, tokenizer, seed: int,
+                          directory: str | None = None) -> Callable[[int], Example]:
   """example_at(i): the infinite mixed stream of digit and sentence examples.
 
-  Uses data.text_fraction, data.cfg_drop_prob and model.image_size /
-  model.in_channels (which must describe 8x8x1 digits).
+  The digits are read from their TFDS copy (prepared into `cache_dir` on
+  first use: `image` [8, 8, 1] in [-1, 1], `label`). Uses data.text_fraction,
+  data.cfg_drop_prob and model.image_size / model.in_channels (which must
+  describe 8x8x1 digits).
   """
-  images, labels = load_digit_images()
+  records = builders.data_source(builders.digits_dir(cache_dir(config, directory)), "train",
+                                 kind="digits")
   m = config.model
-  if (m.image_size, m.image_size, m.in_channels) != images.shape[1:]:
-    raise ConfigError(f"digits are {images.shape[1:]} images but the config asks for "
+  shape = tuple(np.asarray(records[0]["image"]).shape)
+  if (m.image_size, m.image_size, m.in_channels) != shape:
+    raise ConfigError(f"digits are {shape} images but the config asks for "
                       f"model.image_size={m.image_size}, model.in_channels="
                       f"{m.in_channels}; use image_size=8, in_channels=1")
   text_fraction = float(config.data.text_fraction)
   drop_prob = float(config.data.cfg_drop_prob)
   _check_probability("data.text_fraction", text_fraction)
   _check_probability("data.cfg_drop_prob", drop_prob)
-  shuffle_seed, image_seed, text_seed, mix_seed = (
-      int(s) for s in np.random.SeedSequence(seed).generate_state(4))
+  image_seed, text_seed, mix_seed = (
+      int(s) for s in np.random.SeedSequence(seed).generate_state(3))
 
-  def image_example(k: int, rng: np.random.Generator) -> Example:
-    prompt = prompts.training_prompt(CLASS_NAMES[labels[k]], rng, drop_prob)
-    return prompts.image_example(prompt, images[k], tokenizer)
+  def image_example(record, rng: np.random.Generator) -> Example:
+    prompt = prompts.training_prompt(CLASS_NAMES[int(record["label"])], rng, drop_prob)
+    return prompts.image_example(prompt, np.asarray(record["image"], np.float32), tokenizer)
 
-  def text_example(_, rng: np.random.Generator) -> Example:
+  def text_example(rng: np.random.Generator) -> Example:
     return Example(prompts.text_ids(number_sentence(rng), tokenizer), (), train_text=True)
 
-  # `shuffle` reseeds per epoch, so `repeat` gives a new order every epoch.
-  image_ds = (grain.MapDataset.range(len(images)).shuffle(seed=shuffle_seed).repeat()
-              .random_map(image_example, seed=image_seed))
-  text_ds = grain.MapDataset.range(sys.maxsize).random_map(text_example, seed=text_seed)
-
-  def texts_before(block: int) -> int:
-    return int(block * _MIX_BLOCK * text_fraction)
-
-  @functools.lru_cache(maxsize=4)
-  def block_layout(block: int) -> tuple[np.ndarray, np.ndarray]:
-    """(is_text [B], index into the text or image stream [B]) of one block."""
-    n_text = texts_before(block + 1) - texts_before(block)
-    is_text = np.zeros(_MIX_BLOCK, bool)
-    is_text[np.random.default_rng([mix_seed, block]).permutation(_MIX_BLOCK)[:n_text]] = True
-    rank = np.where(is_text, np.cumsum(is_text), np.cumsum(~is_text)) - 1
-    base = np.where(is_text, texts_before(block), block * _MIX_BLOCK - texts_before(block))
-    return is_text, base + rank
-
-  def select(i: int) -> Example:
-    block, j = divmod(int(i), _MIX_BLOCK)
-    is_text, index = block_layout(block)
-    return text_ds[int(index[j])] if is_text[j] else image_ds[int(index[j])]
-
-  examples = grain.MapDataset.range(sys.maxsize).map(select)
-
-  def example_at(i: int) -> Example:
-    if i < 0:
-      raise IndexError(f"example index {i} < 0")
-    return examples[i]
-
-  return example_at
+  images = pipeline.record_stream(records, image_example, image_seed)
+  texts = pipeline.generated_stream(text_example, text_seed)
+  return pipeline.mix([texts, images], [text_fraction, 1.0 - text_fraction], mix_seed)

@@ -24,10 +24,13 @@ at `image_columns` and reads them back from there, and the loss counts the
 slots `image_valid` names, so no other module re-derives the layout.
 
 `text_weights[l]` is 1 iff the example trains text, l + 1 is in the same
-example and tokens[l + 1] is a text token, never an image slot. An example
-trains text iff its `train_text` is set and it is text-only or
-`text_on_image_examples` is on: off reproduces the reference (CE on text-only
-examples only); on adds the Transfusion-style CE on prompts and captions.
+example, tokens[l + 1] is a text token (never an image slot) and the
+example's `text_mask` (one bool per id, None: all True) is True at that target
+token. An example trains text iff its `train_text` is set and it is text-only
+or `text_on_image_examples` is on: off reproduces the reference (CE on
+text-only examples only); on adds the Transfusion-style CE on prompts and
+captions. The mask picks targets within an example, e.g. only the assistant's
+answers of a chat (data/chat.py); a placeholder's entry is False.
 
 Generation uses a second layout, `prompt_rows`: one prompt per row, LEFT-
 padded so every prompt ends at the same column, followed by the slots being
@@ -41,7 +44,7 @@ cannot fit one row (too long, too many images, an image of the wrong shape)
 raises ValueError. A text-only example longer than L is split into
 consecutive pieces of at most L tokens, each packed as its own example
 (positions restart in each piece, and no target crosses a cut); since it
-holds no image, no cut falls inside one.
+holds no image, no cut falls inside one; its `text_mask` is cut with it.
 """
 
 from __future__ import annotations
@@ -70,10 +73,13 @@ class Example:
   `ids`: 1-D token ids, each image as ONE `<image>` placeholder.
   `images`: one [h, w, C] float32 array per placeholder, in order.
   `train_text`: whether this example's text may train cross-entropy.
+  `text_mask`: None, or one bool per id of `ids`: True where that token may be
+  a cross-entropy target (False on placeholders); None: every text token.
   """
   ids: Sequence[int]
   images: Sequence[np.ndarray] = ()
   train_text: bool = True
+  text_mask: Sequence[bool] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +187,10 @@ def _validate_and_split(example: Example, spec: RowSpec, index: int) -> list[Exa
     raise ValueError(f"example {index} has {n_placeholders} <image> placeholders "
                      f"(id {spec.image_id}) but {n_images} images; give one image "
                      "per placeholder")
+  mask = _checked_mask(example.text_mask, ids == spec.image_id, index)
   if not n_images:
-    return [Example(ids[i:i + spec.seq_len], (), example.train_text)
+    return [Example(ids[i:i + spec.seq_len], (), example.train_text,
+                    None if mask is None else mask[i:i + spec.seq_len])
             for i in range(0, len(ids), spec.seq_len)]
   images = [np.asarray(im, np.float32) for im in example.images]
   for k, image in enumerate(images):
@@ -202,7 +210,28 @@ def _validate_and_split(example: Example, spec: RowSpec, index: int) -> list[Exa
         f"example {index} needs {need} tokens (text {len(ids) - n_images} + "
         f"{n_images} image(s) of {spec.tokens_per_image}) but data.seq_len is "
         f"{spec.seq_len}; raise --config.data.seq_len to at least {need}")
-  return [Example(ids, images, example.train_text)]
+  return [Example(ids, images, example.train_text, mask)]
+
+
+def _checked_mask(text_mask, is_placeholder_N, index: int) -> np.ndarray | None:
+  """`text_mask` as bool [N] (None stays None); raises, naming example
+  `index`, unless it is one 0/1 entry per id, False on every placeholder."""
+  if text_mask is None:
+    return None
+  mask_N = np.asarray(text_mask)
+  n = len(is_placeholder_N)
+  if mask_N.shape != (n,):
+    raise ValueError(f"example {index}: text_mask has shape {mask_N.shape} but the example "
+                     f"has {n} ids; give one bool per id (placeholders included) or None")
+  if mask_N.size and (mask_N.dtype.kind not in "biu" or not np.isin(mask_N, (0, 1)).all()):
+    raise ValueError(f"example {index}: text_mask must hold bools (or 0/1), got dtype "
+                     f"{mask_N.dtype}")
+  mask_N = mask_N.astype(bool)
+  if (mask_N & is_placeholder_N).any():
+    at = int(np.flatnonzero(mask_N & is_placeholder_N)[0])
+    raise ValueError(f"example {index}: text_mask is True at id {at}, an <image> "
+                     "placeholder; an image is never a text target, set it False")
+  return mask_N
 
 
 class _Rows:
@@ -243,7 +272,10 @@ class _Rows:
     self.targets[r, start:end - 1] = tokens_L[1:]
     trains = example.train_text and (not len(example.images) or spec.text_on_image_examples)
     if trains:
-      self.text_weights[r, start:end - 1] = ~is_image_L[1:]
+      target_L = ~is_image_L
+      if example.text_mask is not None:
+        target_L &= np.repeat(np.asarray(example.text_mask, bool), counts)
+      self.text_weights[r, start:end - 1] = target_L[1:]
     for k, image in enumerate(example.images):
       self.latents[r, first + k] = image
     self.used[r] = end

@@ -34,6 +34,8 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
     os.makedirs(outdir, exist_ok=True)
   sc = config.sample
   classes = class_names(config)
+  if sc.get("num_classes", 0):
+    classes = classes[:sc.num_classes]
   images = labels = None
   metrics = {}
   if classes and sc.num_per_class:

@@ -1,0 +1,660 @@
+"""The image side of dataset preparation: files -> cropped pixels -> SD-VAE latents.
+
+    items = imagenet_items("/data/imagenet", "train")       # or journeydb_items(...)
+    report = encode_items(items, load_vae(vae_dir), "/data/latents/train", image_size=256,
+                          flip=True)
+    print(report.summary())
+    for example in read_chunks("/data/latents/train"):     # the TFDS builder's loop
+      ...
+
+`encode_items` writes `chunk_{k:06d}.npz` files of `chunk_size` items each
+(chunk k holds items[k*chunk_size:(k+1)*chunk_size] minus the unreadable ones)
+and `encode_manifest.json`; rerun with the same arguments and it encodes only
+the chunks that are not there yet. Each chunk holds the posterior of the
+*scaled* latent, `mean` and `std` (float32 [n, h/f, w/f, C]), so a training
+latent is `mean + std * eps`. On several hosts each one calls `encode_items`
+with the same items and encodes the chunks k with k % process_count ==
+process_index; `read_chunks` and `chunk_report` then see every host's chunks
+(the folder must be shared).
+
+Images are read by `load_rgb` (by content, every PIL mode to RGB, fully
+decoded) and cropped by `adm_center_crop`, the ADM/DiT rule the reference uses.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import glob
+import hashlib
+import itertools
+import json
+import os
+import uuid
+from typing import Any, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+from tqdm import tqdm
+
+from monoformer_jax.errors import (ConfigError, FileFormatError, MissingPathError,
+                                   PathError)
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # matched case-insensitively
+CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.tsv")
+NUM_IMAGENET_CLASSES = 1000
+MANIFEST = "encode_manifest.json"
+MANIFEST_FORMAT = 1
+# Chunk arrays that are not per-item fields; ImageItem.fields may not use these names.
+RESERVED = ("keys", "mean", "std", "mean_flip", "std_flip", "skipped", "skip_reasons")
+# Manifest entries that must match for a rerun to reuse the chunks already written.
+RESUME_FIELDS = ("format", "num_items", "chunk_size", "keys_sha256", "field_names",
+                 "image_size", "flip", "latent_shape", "scaling_factor", "shift_factor")
+MAX_NAMES = 20  # skipped files a summary names
+
+
+class UnreadableImage(FileFormatError):
+  """An image file that cannot be opened or fully decoded."""
+
+  def __init__(self, path, reason: str):
+    self.path = str(path)
+    self.reason = reason
+    super().__init__(f"cannot read image {self.path}: {reason}; re-download or remove "
+                     "the file")
+
+
+# --- Images -----------------------------------------------------------------------------
+
+
+def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
+  """The ADM/DiT center crop: halve with BOX while the short side is >= 2*size,
+  BICUBIC-resize the short side to `size`, crop the centre size x size; RGB."""
+  if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
+    raise ConfigError(f"crop size={size!r} must be a positive integer (e.g. 256)")
+  if image.mode != "RGB":
+    image = image.convert("RGB")
+  while min(image.size) >= 2 * size:
+    w, h = image.size
+    image = image.resize((w // 2, h // 2), resample=Image.BOX)
+  w, h = image.size
+  scale = size / min(w, h)
+  image = image.resize((round(w * scale), round(h * scale)), resample=Image.BICUBIC)
+  w, h = image.size
+  left, top = (w - size) // 2, (h - size) // 2
+  return image.crop((left, top, left + size, top + size))
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+  """16/32-bit integer or float grayscale -> 8-bit L (PIL's own conversion clips at 255)."""
+  x = np.asarray(image, dtype=np.float64)
+  if image.mode.startswith("I;16"):
+    x = x / 257.0                                 # 0..65535 -> 0..255
+  elif image.mode == "I":
+    x = x / 257.0 if x.max(initial=0) > 255 else x  # 16-bit data opened as I, or 8-bit
+  elif image.mode == "F":
+    x = x * 255.0 if x.max(initial=0) <= 1.0 else x  # [0, 1] floats, or [0, 255]
+  return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+  """Any PIL mode -> RGB; transparent images are composited on white."""
+  mode = image.mode
+  if mode == "RGB":
+    return image
+  if mode == "P" and "transparency" in image.info:
+    image, mode = image.convert("RGBA"), "RGBA"
+  if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+  if mode.startswith("I") or mode == "F":
+    return _high_depth_to_l(image).convert("RGB")
+  return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def load_rgb(path) -> Image.Image:
+  """The image at `path`, fully decoded, in RGB.
+
+  The format comes from the content, not the name (ImageNet has a PNG and CMYK
+  JPEGs named .JPEG). CMYK, grayscale, palette and 16-bit images are converted;
+  transparent ones (RGBA, LA, P with transparency) are composited on white
+  (the reference's `convert("RGB")` drops the alpha instead; the two agree on
+  opaque images). EXIF orientation is not applied, as in the reference. Raises
+  UnreadableImage for a file that is missing, not an image, truncated or broken.
+  """
+  path = os.fspath(path)
+  try:
+    with Image.open(path) as image:
+      image.load()  # a truncated file fails here, not later in a worker
+      rgb = _to_rgb(image)
+      return rgb.copy() if rgb is image else rgb  # closing the file empties `image`
+  except Exception as e:  # PIL's plugins raise many kinds for broken files
+    reason = str(e) or type(e).__name__
+    if isinstance(e, FileNotFoundError):
+      reason = "no such file"
+    raise UnreadableImage(path, reason) from e
+
+
+# --- Items ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageItem:
+  """One example to encode: its unique key, its image file and its other fields."""
+  key: str
+  path: str
+  fields: dict = dataclasses.field(default_factory=dict)  # e.g. {"label": 3, "wnid": ...}
+
+
+@functools.lru_cache(maxsize=None)
+def _classes() -> tuple[tuple[str, str], ...]:
+  try:
+    with open(CLASSES_FILE, encoding="utf-8") as f:
+      rows = [tuple(line.rstrip("\n").split("\t")) for line in f if line.strip()]
+  except FileNotFoundError as e:
+    raise MissingPathError(f"{CLASSES_FILE} is missing: the package was installed without "
+                           "its data files; reinstall it (pip install -e .)") from e
+  if (len(rows) != NUM_IMAGENET_CLASSES or any(len(r) != 2 for r in rows)
+      or [r[0] for r in rows] != sorted({r[0] for r in rows})):
+    raise FileFormatError(f"{CLASSES_FILE} must hold {NUM_IMAGENET_CLASSES} lines "
+                          "'wnid<TAB>name' with unique wnids in sorted order; restore it "
+                          "from the repository")
+  return tuple(rows)
+
+
+def imagenet_classes() -> list[tuple[str, str]]:
+  """The 1000 ILSVRC2012 classes (wnid, name) in label order (sorted wnids);
+  the names are the reference MonoFormer's prompts (data/imagenet_labels.json)."""
+  return list(_classes())
+
+
+@functools.lru_cache(maxsize=None)
+def _label_of() -> dict[str, int]:
+  return {wnid: i for i, (wnid, _) in enumerate(_classes())}
+
+
+def _is_image_name(name: str) -> bool:
+  return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def imagenet_items(input_dir, split: str) -> list[ImageItem]:
+  """The images of `input_dir/<split>/<wnid>/*.JPEG` (.jpeg/.jpg/.png too), sorted.
+
+  Keys are `<wnid>/<file name>`; fields `label` (the wnid's index among the
+  1000 sorted ILSVRC2012 wnids) and `wnid`. A subset of the classes is fine.
+  """
+  root = os.path.join(os.fspath(input_dir), split)
+  extensions = "/".join(IMAGE_EXTENSIONS)
+  if not os.path.exists(root):
+    raise MissingPathError(
+        f"ImageNet split folder {root} is not there: expected the extracted layout "
+        f"{os.path.join(os.fspath(input_dir), split, '<wnid>', '*.JPEG')}; check the input "
+        f"folder and the split name {split!r} (e.g. 'train' or 'val')")
+  if not os.path.isdir(root):
+    raise PathError(f"ImageNet split path {root} is a file, not a folder of <wnid> folders")
+  names = sorted(os.listdir(root))
+  folders = [n for n in names if os.path.isdir(os.path.join(root, n))]
+  loose = [n for n in names if _is_image_name(n) and n not in folders]
+  if loose:
+    raise PathError(
+        f"ImageNet split folder {root} holds {len(loose)} images directly (e.g. {loose[0]}); "
+        "they must be sorted into one folder per class, <wnid>/ (for the validation set, "
+        "move each image into the folder of its ground-truth wnid)")
+  if not folders:
+    raise PathError(f"ImageNet split folder {root} is empty: expected one folder per class "
+                    "(n01440764/, ...); extract the images into it")
+  label_of = _label_of()
+  items = []
+  for wnid in folders:
+    if wnid not in label_of:
+      raise PathError(
+          f"folder {os.path.join(root, wnid)} is not an ILSVRC2012 class: {wnid!r} is not "
+          f"one of the {len(label_of)} known wnids ({CLASSES_FILE}); move it out of {root}")
+    folder = os.path.join(root, wnid)
+    files = sorted(n for n in os.listdir(folder) if _is_image_name(n)
+                   and os.path.isfile(os.path.join(folder, n)))
+    if not files:
+      raise PathError(f"class folder {folder} has no images ({extensions}, any case); an "
+                      "interrupted extraction? Extract it again or remove the folder")
+    items.extend(ImageItem(key=f"{wnid}/{name}", path=os.path.join(folder, name),
+                           fields={"label": label_of[wnid], "wnid": wnid})
+                 for name in files)
+  return items
+
+
+def journeydb_items(annotations_jsonl, image_root) -> tuple[list[ImageItem], list[str]]:
+  """(items, missing image paths) of a JourneyDB-style JSONL, in file order.
+
+  Each line: `img_path` (relative to `image_root`), `prompt`, optional
+  `caption` (else JourneyDB's `Task2.Caption`, else ""). Keys are the
+  normalized img_path; fields `prompt` and `caption`. Lines whose image is not
+  there are left out and their paths returned for the caller to report.
+  """
+  annotations_jsonl, image_root = os.fspath(annotations_jsonl), os.fspath(image_root)
+  if not os.path.isfile(annotations_jsonl):
+    raise MissingPathError(f"annotations file {annotations_jsonl} is not there; give the "
+                           "JSONL with one {\"img_path\", \"prompt\"} object per line")
+  if not os.path.isdir(image_root):
+    raise MissingPathError(f"image root {image_root} is not a folder; give the folder the "
+                           f"img_path entries of {annotations_jsonl} are relative to")
+  items, missing, line_of = [], [], {}
+  with open(annotations_jsonl, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{annotations_jsonl} line {lineno}"
+      try:
+        entry = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise FileFormatError(f"{where} is not JSON ({e.msg} at column {e.colno}); fix or "
+                              "delete that line") from e
+      if not isinstance(entry, dict):
+        raise FileFormatError(f"{where} is a JSON {type(entry).__name__}, not an object "
+                              "with img_path and prompt; fix or delete that line")
+      for name in ("img_path", "prompt"):
+        if not isinstance(entry.get(name), str) or (name == "img_path" and not entry[name]):
+          got = "missing" if name not in entry else f"{entry[name]!r}"
+          raise FileFormatError(f"{where}: {name!r} is {got}; each line needs a string "
+                                "img_path and prompt")
+      caption = entry.get("caption")
+      if caption is None and isinstance(entry.get("Task2"), dict):
+        caption = entry["Task2"].get("Caption")
+      key = os.path.normpath(entry["img_path"]).replace(os.sep, "/")
+      if key in line_of:
+        raise FileFormatError(f"{where}: img_path {entry['img_path']!r} is already on line "
+                              f"{line_of[key]}; keys must be unique, delete one of them")
+      line_of[key] = lineno
+      path = os.path.join(image_root, entry["img_path"])
+      if not os.path.isfile(path):
+        missing.append(path)
+        continue
+      items.append(ImageItem(key=key, path=path, fields={
+          "prompt": entry["prompt"], "caption": "" if caption is None else str(caption)}))
+  return items, missing
+
+
+# --- Reports ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EncodeReport:
+  """What an encoding run (or the chunk files) hold; `summary()` for the log."""
+  encoded: int = 0                                   # images in the chunks
+  skipped: list = dataclasses.field(default_factory=list)  # (path, reason): unreadable
+  missing: list = dataclasses.field(default_factory=list)  # paths not there (the caller's)
+  chunks_written: int = 0
+  chunks_reused: int = 0                             # there from an earlier run
+  missing_chunks: list = dataclasses.field(default_factory=list)  # chunk_report: not written
+
+  def summary(self) -> str:
+    chunks = self.chunks_written + self.chunks_reused
+    text = (f"encoded {self.encoded} images in {chunks} chunks ({self.chunks_reused} reused); "
+            f"skipped {len(self.skipped)}")
+    text += _names(f"{path} ({reason})" for path, reason in self.skipped)
+    if self.missing:
+      text += f"; missing {len(self.missing)}" + _names(self.missing)
+    if self.missing_chunks:
+      text += (f"; {len(self.missing_chunks)} chunks not written yet: "
+               + ", ".join(map(str, self.missing_chunks[:MAX_NAMES]))
+               + (f" and {len(self.missing_chunks) - MAX_NAMES} more"
+                  if len(self.missing_chunks) > MAX_NAMES else ""))
+    return text
+
+
+def _names(names: Iterable[str]) -> str:
+  names = list(names)
+  if not names:
+    return ""
+  text = ": " + ", ".join(names[:MAX_NAMES])
+  return text + (f", and {len(names) - MAX_NAMES} more" if len(names) > MAX_NAMES else "")
+
+
+# --- Chunk files ------------------------------------------------------------------------
+
+
+def chunk_path(output_dir, k: int) -> str:
+  return os.path.join(os.fspath(output_dir), f"chunk_{k:06d}.npz")
+
+
+def _atomic_write(path: str, write) -> None:
+  """write(file) to a temporary name in path's folder, then os.replace onto path."""
+  folder, name = os.path.split(path)
+  tmp = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+  try:
+    with open(tmp, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    raise PathError(f"cannot write {path}: {e}; check the folder is writable and has "
+                    "space") from e
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _read_manifest(output_dir: str) -> dict | None:
+  path = os.path.join(output_dir, MANIFEST)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      manifest = json.load(f)
+    [manifest[name] for name in RESUME_FIELDS]
+  except (ValueError, KeyError, TypeError) as e:
+    raise FileFormatError(f"{path} is not an encode manifest ({e}); delete {output_dir} "
+                          "and encode again") from e
+  return manifest
+
+
+def _require_manifest(output_dir) -> dict:
+  output_dir = os.fspath(output_dir)
+  manifest = _read_manifest(output_dir)
+  if manifest is None:
+    raise MissingPathError(f"{os.path.join(output_dir, MANIFEST)} is not there: "
+                           f"{output_dir} is not an encode_items output folder (or encoding "
+                           "has not started); run encode_items into it first")
+  return manifest
+
+
+def _num_chunks(manifest: dict) -> int:
+  return -(-manifest["num_items"] // manifest["chunk_size"])
+
+
+def _load_chunk(path: str, arrays: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+  """The chunk's arrays (all, or the named ones); FileFormatError if it is broken."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {name: f[name] for name in (f.files if arrays is None else arrays)}
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # not a zip (zipfile.BadZipFile), a member missing, cut short
+    raise FileFormatError(f"chunk file {path} is broken ({type(e).__name__}: {e}); delete "
+                          "it and rerun encode_items, which encodes only the missing "
+                          "chunks") from e
+
+
+def _count_into(report: EncodeReport, path: str) -> None:
+  chunk = _load_chunk(path, ("keys", "skipped", "skip_reasons"))
+  report.encoded += len(chunk["keys"])
+  report.skipped.extend(zip(chunk["skipped"].tolist(), chunk["skip_reasons"].tolist()))
+
+
+def read_chunks(output_dir) -> Iterator[dict[str, Any]]:
+  """Every encoded example of `output_dir`, in item order: dicts of `key`,
+  `mean`, `std` (and `mean_flip`, `std_flip`) and the items' fields.
+
+  Raises MissingPathError naming a chunk that is not written (an interrupted
+  run, or a host of a multi-host build that has not finished).
+  """
+  output_dir = os.fspath(output_dir)
+  manifest = _require_manifest(output_dir)
+  n = _num_chunks(manifest)
+  for k in range(n):
+    path = chunk_path(output_dir, k)
+    if not os.path.exists(path):
+      hosts = manifest.get("process_count", 1)
+      first = k * manifest["chunk_size"]
+      last = min(first + manifest["chunk_size"], manifest["num_items"]) - 1
+      raise MissingPathError(
+          f"chunk {k} of {n} ({path}, items {first}..{last}) is not written: encoding was "
+          f"interrupted, or process {k % hosts} of the {hosts}-host build has not finished; "
+          "rerun encode_items with the same arguments (it encodes only missing chunks) or "
+          "wait for that host")
+    chunk = _load_chunk(path)
+    per_item = [name for name in chunk if name not in ("skipped", "skip_reasons")]
+    for i in range(len(chunk["keys"])):
+      example = {}
+      for name in per_item:
+        value = chunk[name][i]
+        example["key" if name == "keys" else name] = value.item() if value.ndim == 0 else value
+      yield example
+
+
+def chunk_report(output_dir) -> EncodeReport:
+  """The report of every chunk file of `output_dir` (all hosts, all runs so far);
+  chunks not written yet are listed in `missing_chunks`."""
+  output_dir = os.fspath(output_dir)
+  manifest = _require_manifest(output_dir)
+  report = EncodeReport()
+  for k in range(_num_chunks(manifest)):
+    path = chunk_path(output_dir, k)
+    if os.path.exists(path):
+      _count_into(report, path)
+      report.chunks_written += 1
+    else:
+      report.missing_chunks.append(k)
+  return report
+
+
+# --- Encoding ---------------------------------------------------------------------------
+
+
+def _check_positive(name: str, value) -> int:
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+    raise ConfigError(f"encode_items {name}={value!r} must be a positive integer")
+  return int(value)
+
+
+def _check_items(items: Sequence[ImageItem]) -> tuple[str, ...]:
+  """The items' common field names; raises for duplicate keys or mixed fields."""
+  field_names = tuple(sorted(items[0].fields)) if items else ()
+  clash = sorted(set(field_names) & set(RESERVED))
+  if clash:
+    raise ConfigError(f"ImageItem fields {clash} clash with the chunk arrays {list(RESERVED)}; "
+                      "rename those fields")
+  for name in field_names:
+    if np.asarray(items[0].fields[name]).dtype.kind == "O":
+      raise ConfigError(f"ImageItem field {name!r} of item {items[0].key!r} is "
+                        f"{items[0].fields[name]!r}, which numpy cannot store without "
+                        "pickle; use numbers, strings or arrays")
+  seen = set()
+  for item in items:
+    if item.key in seen:
+      raise ConfigError(f"two items have the key {item.key!r}; keys must be unique (they "
+                        "become the dataset's example keys)")
+    seen.add(item.key)
+    if tuple(sorted(item.fields)) != field_names:
+      raise ConfigError(f"item {item.key!r} has fields {sorted(item.fields)} but the first "
+                        f"item has {list(field_names)}; every item needs the same fields")
+  return field_names
+
+
+def _manifest_for(items, field_names, vae, image_size, flip, chunk_size) -> dict:
+  cfg = vae.config
+  f = cfg.downsample_factor
+  keys_sha256 = hashlib.sha256("\n".join(item.key for item in items).encode()).hexdigest()
+  return dict(format=MANIFEST_FORMAT, num_items=len(items), chunk_size=chunk_size,
+              keys_sha256=keys_sha256, field_names=list(field_names), image_size=image_size,
+              flip=bool(flip),
+              latent_shape=[image_size // f, image_size // f, cfg.latent_channels],
+              scaling_factor=float(cfg.scaling_factor), shift_factor=float(cfg.shift_factor),
+              process_count=jax.process_count())
+
+
+def _make_encoder(vae, flip: bool):
+  """(encode(pixels_uint8_BxHxWx3) -> dict of device arrays, device count): jitted,
+  the batch split over a 1-D mesh of the local devices, the VAE replicated."""
+  devices = jax.local_devices()
+  mesh = Mesh(np.asarray(devices), ("batch",))
+  batch, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+  graphdef, state = nnx.split(vae)
+  state = jax.device_put(state, replicated)
+  cfg = vae.config
+
+  def scaled_posterior(model, x_BxHxWx3):
+    posterior = model.encode(x_BxHxWx3)
+    mean_Bxhxwxc = (posterior.mean.astype(jnp.float32) - cfg.shift_factor) * cfg.scaling_factor
+    std_Bxhxwxc = posterior.std.astype(jnp.float32) * cfg.scaling_factor
+    return mean_Bxhxwxc, std_Bxhxwxc
+
+  @functools.partial(jax.jit, in_shardings=(replicated, batch), out_shardings=batch)
+  def run(state, pixels_BxHxWx3):
+    model = nnx.merge(graphdef, state)
+    x_BxHxWx3 = pixels_BxHxWx3.astype(jnp.float32) / 127.5 - 1.0
+    out = dict(zip(("mean", "std"), scaled_posterior(model, x_BxHxWx3)))
+    if flip:
+      out["mean_flip"], out["std_flip"] = scaled_posterior(model, x_BxHxWx3[:, :, ::-1])
+    return out
+
+  def encode(pixels_BxHxWx3: np.ndarray):
+    return run(state, jax.device_put(pixels_BxHxWx3, batch))
+
+  return encode, len(devices)
+
+
+def _prefetch(work: Iterable, fn, workers: int, depth: int) -> Iterator:
+  """fn(x) for x in work, in order, computed by `workers` threads, `depth` ahead."""
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque()
+    try:
+      for x in work:
+        pending.append(pool.submit(fn, x))
+        if len(pending) >= depth:
+          yield pending.popleft().result()
+      while pending:
+        yield pending.popleft().result()
+    finally:
+      for future in pending:
+        future.cancel()
+
+
+def encode_items(items: Sequence[ImageItem], vae, output_dir, *, image_size: int,
+                 flip: bool = False, batch_size: int = 32, chunk_size: int = 1024,
+                 progress: bool = True) -> EncodeReport:
+  """Encode `items` into `output_dir/chunk_{k:06d}.npz`, skipping chunks already there.
+
+  Pixels are `adm_center_crop(load_rgb(path), image_size)` as uint8 / 127.5 - 1;
+  each chunk stores `keys`, `mean` and `std` of the scaled latent (float32
+  [n, h/f, w/f, C]), with `flip` also `mean_flip` and `std_flip` of the mirrored
+  image, every field as an array, and `skipped` / `skip_reasons` for its
+  unreadable files (skipped, never fatal). Every batch is padded to one shape,
+  `batch_size` rounded up to a multiple of the local device count, so the
+  encoder compiles once. This process encodes the chunks k with
+  k % process_count == process_index; the report covers those chunks.
+  """
+  items = list(items)
+  image_size = _check_positive("image_size", image_size)
+  batch_size = _check_positive("batch_size", batch_size)
+  chunk_size = _check_positive("chunk_size", chunk_size)
+  f = vae.config.downsample_factor
+  if image_size % f:
+    raise ConfigError(f"encode_items image_size={image_size} must be a multiple of the "
+                      f"VAE's downsampling factor {f} (e.g. {max(f, image_size // f * f)})")
+  field_names = _check_items(items)
+  output_dir = os.fspath(output_dir)
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise PathError(f"encode_items output_dir {output_dir} is a file; give a folder")
+  os.makedirs(output_dir, exist_ok=True)
+
+  manifest = _manifest_for(items, field_names, vae, image_size, flip, chunk_size)
+  found = _read_manifest(output_dir)
+  if found is not None:
+    changed = [name for name in RESUME_FIELDS if found[name] != manifest[name]]
+    if changed:
+      details = ", ".join(f"{name}: {found[name]!r} there, {manifest[name]!r} now"
+                          for name in changed if name != "keys_sha256")
+      if "keys_sha256" in changed:
+        details += (", " if details else "") + "the items (keys or order) differ"
+      raise ConfigError(f"{output_dir} holds chunks of another encoding ({details}); encode "
+                        f"into a new folder, or delete {output_dir} to start over")
+  if found is None or found.get("process_count") != manifest["process_count"]:
+    _atomic_write(os.path.join(output_dir, MANIFEST),
+                  lambda file: file.write(json.dumps(manifest, indent=1).encode()))
+
+  num_chunks = _num_chunks(manifest)
+  index, count = jax.process_index(), jax.process_count()
+  mine = [k for k in range(num_chunks) if k % count == index]
+  for k in mine:  # temporaries of this process's chunks left by a killed run
+    for tmp in glob.glob(os.path.join(output_dir, f".chunk_{k:06d}.npz.*.tmp")):
+      os.remove(tmp)
+  report = EncodeReport()
+  todo = []
+  for k in mine:
+    path = chunk_path(output_dir, k)
+    if os.path.exists(path):
+      _count_into(report, path)
+      report.chunks_reused += 1
+    else:
+      todo.append(k)
+  if not todo:
+    return report
+
+  encode, n_devices = _make_encoder(vae, flip)
+  batch = -(-batch_size // n_devices) * n_devices
+  latent_shape = tuple(manifest["latent_shape"])
+  out_names = ("mean", "std", "mean_flip", "std_flip") if flip else ("mean", "std")
+
+  def load(item):
+    try:
+      return item, np.asarray(adm_center_crop(load_rgb(item.path), image_size)), None
+    except UnreadableImage as e:
+      return item, None, e.reason
+
+  jobs = (item for k in todo for item in items[k * chunk_size:(k + 1) * chunk_size])
+  bar = tqdm(total=sum(len(items[k * chunk_size:(k + 1) * chunk_size]) for k in todo),
+             unit="img", desc="encoding", disable=not progress)
+  workers = min(16, os.cpu_count() or 1)
+  loaded = _prefetch(jobs, load, workers, depth=2 * batch + workers)
+  try:
+    for k in todo:  # a chunk is written as soon as its last item is encoded
+      good, skipped, pixels, outputs = [], [], [], []
+      size = len(items[k * chunk_size:(k + 1) * chunk_size])
+      for item, pixels_HxWx3, reason in itertools.islice(loaded, size):
+        if reason is not None:
+          skipped.append((item.path, reason))
+          bar.update(1)
+          continue
+        good.append(item)
+        pixels.append(pixels_HxWx3)
+        if len(pixels) == batch:
+          outputs.append(_dispatch(encode, pixels, batch))
+          bar.update(len(pixels))
+          pixels = []
+      if pixels:
+        outputs.append(_dispatch(encode, pixels, batch))
+        bar.update(len(pixels))
+      arrays = {name: np.zeros((0, *latent_shape), np.float32) for name in out_names}
+      if outputs:
+        fetched = jax.device_get([out for _, out in outputs])
+        arrays = {name: np.concatenate([out[name][:n] for (n, _), out in
+                                        zip(outputs, fetched)]) for name in out_names}
+      _write_chunk(chunk_path(output_dir, k), good, skipped, arrays, field_names)
+      report.encoded += len(good)
+      report.skipped.extend(skipped)
+      report.chunks_written += 1
+  finally:
+    loaded.close()
+    bar.close()
+  return report
+
+
+def _dispatch(encode, pixels: list[np.ndarray], batch: int):
+  """(n, encode(the n images zero-padded to `batch`)); the result is not waited for."""
+  n = len(pixels)
+  pixels_BxHxWx3 = np.zeros((batch, *pixels[0].shape), np.uint8)
+  pixels_BxHxWx3[:n] = np.stack(pixels)
+  return n, encode(pixels_BxHxWx3)
+
+
+def _write_chunk(path: str, good: list[ImageItem], skipped: list[tuple[str, str]],
+                 arrays: dict[str, np.ndarray], field_names: Sequence[str]) -> None:
+  arrays = dict(arrays)
+  arrays["keys"] = np.asarray([item.key for item in good], dtype=str)
+  for name in field_names:
+    values = np.asarray([item.fields[name] for item in good])
+    if values.dtype.kind == "O":
+      raise ConfigError(f"ImageItem field {name!r} mixes types or shapes across the items "
+                        f"of {path}, which numpy cannot store without pickle; give every "
+                        "item the same kind of value")
+    arrays[name] = values
+  arrays["skipped"] = np.asarray([p for p, _ in skipped], dtype=str)
+  arrays["skip_reasons"] = np.asarray([r for _, r in skipped], dtype=str)
+  _atomic_write(path, lambda file: np.savez(file, **arrays))

@@ -1,0 +1,229 @@
+"""From prepared records to examples: Grain MapDatasets, mixing, prefetch.
+
+Every dataset becomes the same thing, an indexable infinite stream
+`example_at(i) -> Example` that is a pure function of (seed, i):
+
+    records   grain.MapDataset.source(tfds data source of data.dir/split)
+    order     .shuffle(seed) per epoch (a fresh order each epoch), .repeat()
+    example   .random_map(to_example, seed): the prompt template and the
+              guidance drop (data/prompts.py), the latent drawn from its
+              stored posterior (or its mean, data.latent_sample=False), a
+              random mirror when the records hold one (data.random_flip), a
+              chat rendered with data.chat_template (data/chat.py)
+    mix       several streams interleaved by weight (`mix`): exact shares in
+              every block of MIX_BLOCK examples, at random places, so each
+              stream's index is still computable from i alone
+
+A host reads only its share (`packing.host_stream`), `packing.PackedBatches`
+packs the rows, and `Prefetched` packs the next batches in a thread while the
+devices train. Because a batch is a pure function of one integer (the next
+example), a checkpoint's data state is that integer and a resumed run reads
+exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import queue
+import sys
+import threading
+import weakref
+from typing import Callable, Sequence
+
+import grain
+import numpy as np
+
+from monoformer_jax.data import prompts
+from monoformer_jax.data.packing import Example
+from monoformer_jax.errors import ConfigError
+
+# Stream choices are drawn per block of this many examples.
+MIX_BLOCK = 128
+
+
+def mix(streams: Sequence[Callable[[int], Example]], weights: Sequence[float], seed: int,
+        block: int = MIX_BLOCK) -> Callable[[int], Example]:
+  """example_at(i) of `streams` interleaved in the proportions of `weights`.
+
+  Block b of `block` examples holds exactly round-down shares of the
+  cumulative counts (so every prefix of the stream is within one example of
+  the weights per stream), at places drawn from (seed, b); stream k's j-th
+  example is its own example j, so no stream is skipped or repeated.
+  """
+  weights = np.asarray(weights, np.float64)
+  if len(streams) != len(weights) or not len(streams):
+    raise ConfigError(f"{len(streams)} streams but {len(weights)} weights")
+  if (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
+    raise ConfigError(f"mixing weights {weights.tolist()} must be finite, >= 0 and not all 0")
+  cumulative = np.concatenate([[0.0], np.cumsum(weights) / weights.sum()])
+  cumulative[-1] = 1.0
+
+  def before(b: int) -> np.ndarray:
+    """Examples of each stream in blocks 0 .. b - 1, [K]."""
+    edges = np.floor(b * block * cumulative).astype(np.int64)
+    return np.diff(edges)
+
+  @functools.lru_cache(maxsize=8)
+  def layout(b: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stream [block], index within that stream [block]) of block b."""
+    counts = before(b + 1) - before(b)
+    stream = np.repeat(np.arange(len(streams)), counts)
+    places = np.random.default_rng([seed, b]).permutation(block)
+    which = np.empty(block, np.int64)
+    which[places] = stream
+    index = np.empty(block, np.int64)
+    start = before(b)
+    for k in range(len(streams)):
+      at = which == k
+      index[at] = start[k] + np.arange(at.sum())
+    return which, index
+
+  def example_at(i: int) -> Example:
+    if i < 0:
+      raise IndexError(f"example index {i} < 0")
+    b, j = divmod(int(i), block)
+    which, index = layout(b)
+    return streams[int(which[j])](int(index[j]))
+
+  return example_at
+
+
+def record_stream(records, to_example: Callable, seed: int) -> Callable[[int], Example]:
+  """example_at(i) over `records` (random access) repeated forever, a fresh
+  shuffle each epoch, `to_example(record, rng)` with a per-example rng."""
+  if len(records) == 0:
+    raise ConfigError("the prepared dataset has no records")
+  shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+  ds = (grain.MapDataset.source(records).shuffle(seed=shuffle_seed).repeat()
+        .random_map(to_example, seed=map_seed))
+  return lambda i: ds[i]
+
+
+def generated_stream(make: Callable[[np.random.Generator], Example], seed: int):
+  """example_at(i) of examples made from a per-index rng alone (e.g. sentences)."""
+  ds = grain.MapDataset.range(sys.maxsize).random_map(lambda _, rng: make(rng), seed=seed)
+  return lambda i: ds[i]
+
+
+# ------------------------------------------------------------ record kinds
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def latent_of(record, rng: np.random.Generator, *, sample: bool, flip: bool) -> np.ndarray:
+  """The training latent of a latent-image record: mean + std * eps (or the
+  mean), mirrored with probability 1/2 when `flip` and the record has a mirror."""
+  suffix = "_flip" if flip and "mean_flip" in record and rng.random() < 0.5 else ""
+  mean = np.asarray(record["mean" + suffix], np.float32)
+  if not sample:
+    return mean
+  std = np.asarray(record["std" + suffix], np.float32)
+  return mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+
+
+def imagenet_example(class_names: Sequence[str], tokenizer, *, drop_prob: float,
+                     sample: bool, flip: bool):
+  def to_example(record, rng) -> Example:
+    prompt = prompts.training_prompt(class_names[int(record["label"])], rng, drop_prob)
+    return prompts.image_example(prompt, latent_of(record, rng, sample=sample, flip=flip),
+                                 tokenizer)
+  return to_example
+
+
+def text_to_image_example(tokenizer, *, drop_prob: float, sample: bool, flip: bool):
+  def to_example(record, rng) -> Example:
+    prompt = None if rng.random() < drop_prob else _text(record["prompt"])
+    return prompts.image_example(prompt, latent_of(record, rng, sample=sample, flip=flip),
+                                 tokenizer)
+  return to_example
+
+
+def chat_example_of(tokenizer, *, template: str, train_on_source: bool):
+  from monoformer_jax.data import chat
+
+  def to_example(record, rng) -> Example:
+    return chat.chat_example(json.loads(_text(record["turns"])), tokenizer, template,
+                             train_on_source)
+  return to_example
+
+
+def text_example_of(tokenizer):
+  from monoformer_jax.data import chat
+
+  def to_example(record, rng) -> Example:
+    return chat.text_example(_text(record["text"]), tokenizer)
+  return to_example
+
+
+# ---------------------------------------------------------------- prefetch
+
+_LIVE: "weakref.WeakSet[Prefetched]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all():
+  """Stops packing threads before the interpreter goes (a thread inside the
+  array_record reader at shutdown aborts the process)."""
+  for p in list(_LIVE):
+    p.close()
+
+
+class Prefetched:
+  """An iterator over `batches` (with get_state/set_state) that packs the next
+  `depth` batches in a background thread. `get_state()` is the state after
+  the last batch handed out, so checkpoints stay exact."""
+
+  def __init__(self, batches, depth: int = 2):
+    self.batches = batches
+    self.depth = depth
+    self._state = batches.get_state()
+    self._start()
+    _LIVE.add(self)
+
+  def _start(self):
+    self._queue: queue.Queue = queue.Queue(self.depth)
+    self._stop = threading.Event()
+
+    def work():
+      while not self._stop.is_set():
+        try:
+          item = (next(self.batches), self.batches.get_state(), None)
+        except BaseException as e:   # re-raised in the consumer
+          item = (None, None, e)
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if item[2] is not None:
+          return
+
+    self._thread = threading.Thread(target=work, daemon=True, name="packing")
+    self._thread.start()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch, state, error = self._queue.get()
+    if error is not None:
+      raise error
+    self._state = state
+    return batch
+
+  def get_state(self) -> dict:
+    return dict(self._state)
+
+  def set_state(self, state: dict):
+    self.close()
+    self.batches.set_state(state)
+    self._state = self.batches.get_state()
+    self._start()
+
+  def close(self):
+    self._stop.set()
+    self._thread.join()

@@ -1,0 +1,367 @@
+"""Dataset preparation, image side (monoformer_jax/data/encode.py): crops, readers,
+item lists and the resumable, sharded VAE encoding into chunk files."""
+
+import json
+import os
+import pathlib
+import threading
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from monoformer_jax.data import encode
+from monoformer_jax.data.encode import (EncodeReport, ImageItem, UnreadableImage,
+                                        adm_center_crop, chunk_report, encode_items,
+                                        imagenet_classes, imagenet_items, journeydb_items,
+                                        load_rgb, read_chunks)
+from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
+from monoformer_jax.vae import load_vae
+
+FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "tiny_vae"
+IMAGE_SIZE = 16  # the tiny VAE halves it: latents 8x8x4
+# Three real classes with labels far apart: 0, 151 and 999 of the sorted 1000.
+WNIDS = {"n01440764": 0, "n02085620": 151, "n15075141": 999}
+
+
+def noise(w, h, channels=3, seed=0):
+  """A smooth-ish random uint8 image [h, w, channels] (JPEG keeps it recognisable)."""
+  rng = np.random.default_rng(seed + 1000 * w + h)
+  small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), channels), dtype=np.uint8)
+  big = Image.fromarray(small.squeeze(-1) if channels == 1 else small).resize((w, h))
+  return np.asarray(big)
+
+
+def reference_crop(image: Image.Image, size: int) -> np.ndarray:
+  """The ADM crop, written independently: index arithmetic on the array for the crop."""
+  img = image.convert("RGB")
+  while min(*img.size) >= 2 * size:
+    img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+  scale = size / min(*img.size)
+  img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+  arr = np.array(img)
+  top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+  return arr[top:top + size, left:left + size]
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+  """input_dir with train/<wnid>/ holding 12 files: varied sizes, CMYK, grayscale,
+  a PNG named .JPEG, a truncated JPEG, and a text file that is not an item."""
+  root = tmp_path_factory.mktemp("imagenet")
+  a, b, c = (root / "train" / w for w in WNIDS)
+  for folder in (a, b, c):
+    folder.mkdir(parents=True)
+  Image.fromarray(noise(600, 400)).save(a / "n01440764_1.JPEG", quality=95)
+  Image.fromarray(noise(100, 300)).save(a / "n01440764_2.jpeg")
+  Image.fromarray(noise(40, 33)).save(a / "n01440764_3.JPG")
+  Image.fromarray(noise(50, 70)).convert("CMYK").save(a / "n01440764_cmyk.JPEG")
+  Image.fromarray(noise(64, 48, 1)).save(b / "n02085620_gray.JPEG")
+  Image.fromarray(noise(30, 20)).save(b / "n02085620_png.JPEG", format="PNG")
+  Image.fromarray(noise(16, 16)).save(b / "n02085620_small.png")
+  Image.fromarray(noise(17, 90)).save(b / "n02085620_tall.jpg")
+  (b / "README.txt").write_text("not an image")
+  Image.fromarray(noise(200, 150)).save(c / "n15075141_1.JPEG")
+  whole = c / "whole.bin"
+  Image.fromarray(noise(200, 200, seed=5)).save(whole, format="JPEG")
+  data = whole.read_bytes()
+  (c / "n15075141_cut.JPEG").write_bytes(data[:len(data) // 2])
+  whole.unlink()
+  Image.fromarray(noise(333, 61)).save(c / "n15075141_wide.JPEG")
+  Image.fromarray(noise(23, 23)).save(c / "n15075141_x.jpg")
+  return root
+
+
+@pytest.fixture(scope="module")
+def items(imagenet):
+  return imagenet_items(imagenet, "train")
+
+
+@pytest.fixture(scope="module")
+def vae():
+  return load_vae(FIXTURE)
+
+
+def truncated(items):
+  return [item for item in items if item.key.endswith("_cut.JPEG")]
+
+
+def readable(items):
+  return [item for item in items if not item.key.endswith("_cut.JPEG")]
+
+
+# --- Crops and readers --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w,h,size", [(600, 400, 64), (100, 300, 64), (64, 64, 64),
+                                      (1000, 130, 64), (257, 129, 64), (513, 1031, 32),
+                                      (20, 30, 64)])
+def test_adm_center_crop_matches_independent_implementation(w, h, size):
+  image = Image.fromarray(noise(w, h, seed=w))
+  out = adm_center_crop(image, size)
+  assert out.mode == "RGB" and out.size == (size, size)
+  np.testing.assert_array_equal(np.asarray(out), reference_crop(image, size))
+
+
+def test_adm_center_crop_converts_to_rgb_and_checks_size():
+  gray = Image.fromarray(noise(80, 50, 1))
+  out = adm_center_crop(gray, 32)
+  assert out.mode == "RGB"
+  np.testing.assert_array_equal(np.asarray(out), reference_crop(gray, 32))
+  with pytest.raises(ConfigError, match="size=0"):
+    adm_center_crop(gray, 0)
+
+
+def test_load_rgb_converts_by_content(imagenet):
+  folder = imagenet / "train"
+  for name in ("n01440764/n01440764_cmyk.JPEG", "n02085620/n02085620_gray.JPEG",
+               "n02085620/n02085620_png.JPEG"):
+    image = load_rgb(folder / name)
+    assert image.mode == "RGB", name
+    np.testing.assert_array_equal(np.asarray(image),
+                                  np.asarray(Image.open(folder / name).convert("RGB")))
+  assert Image.open(folder / "n01440764/n01440764_cmyk.JPEG").mode == "CMYK"
+  assert Image.open(folder / "n02085620/n02085620_png.JPEG").format == "PNG"
+
+
+def test_load_rgb_alpha_on_white_and_16_bit(tmp_path):
+  rgba = np.zeros((4, 4, 4), np.uint8)
+  rgba[..., 0] = 200
+  rgba[:2, :, 3] = 255  # top half opaque red-ish, bottom half transparent
+  Image.fromarray(rgba).save(tmp_path / "a.png")
+  out = np.asarray(load_rgb(tmp_path / "a.png"))
+  np.testing.assert_array_equal(out[:2], np.broadcast_to([200, 0, 0], (2, 4, 3)))
+  np.testing.assert_array_equal(out[2:], np.full((2, 4, 3), 255))
+  deep = np.array([[0, 257 * 100, 65535]], np.uint16)
+  Image.fromarray(deep).save(tmp_path / "d.png")
+  out = np.asarray(load_rgb(tmp_path / "d.png"))
+  np.testing.assert_array_equal(out[0, :, 0], [0, 100, 255])
+  assert out.shape == (1, 3, 3)
+
+
+def test_load_rgb_raises_unreadable_for_broken_files(imagenet, tmp_path):
+  cut = imagenet / "train" / "n15075141" / "n15075141_cut.JPEG"
+  Image.open(cut)  # the header is fine: only a full decode finds it
+  with pytest.raises(UnreadableImage, match="truncated") as error:
+    load_rgb(cut)
+  assert error.value.path == str(cut) and isinstance(error.value, FileFormatError)
+  (tmp_path / "junk.JPEG").write_bytes(b"not an image at all")
+  with pytest.raises(UnreadableImage, match="junk.JPEG.*cannot identify"):
+    load_rgb(tmp_path / "junk.JPEG")
+  with pytest.raises(UnreadableImage, match="no such file"):
+    load_rgb(tmp_path / "absent.JPEG")
+
+
+# --- Item lists -------------------------------------------------------------------------
+
+
+def test_imagenet_classes():
+  classes = imagenet_classes()
+  wnids = [w for w, _ in classes]
+  assert len(classes) == 1000 and len(set(wnids)) == 1000 and wnids == sorted(wnids)
+  names = dict(classes)
+  assert names["n01440764"] == "tench"
+  assert names["n01443537"] == "goldfish"
+  assert names["n01484850"] == "great white shark"
+  assert names["n02085620"] == "Chihuahua" and names["n15075141"] == "toilet tissue"
+  assert all(name and name == name.strip() for name in names.values())
+
+
+def test_imagenet_items_labels_and_order(items, imagenet):
+  assert len(items) == 12  # README.txt is not an image
+  assert [item.key for item in items] == sorted(item.key for item in items)
+  for item in items:
+    wnid = item.key.split("/")[0]
+    assert item.fields == {"label": WNIDS[wnid], "wnid": wnid}
+    assert item.path == str(imagenet / "train" / item.key)
+  assert {item.key for item in items} >= {"n01440764/n01440764_3.JPG",
+                                          "n02085620/n02085620_small.png"}
+
+
+def test_imagenet_items_errors_name_the_problem(imagenet, tmp_path):
+  with pytest.raises(MissingPathError, match=r"val.*'val'"):
+    imagenet_items(imagenet, "val")
+  (tmp_path / "train").mkdir()
+  with pytest.raises(PathError, match="train is empty"):
+    imagenet_items(tmp_path, "train")
+  (tmp_path / "train" / "n01440764").mkdir()
+  (tmp_path / "train" / "n01440764" / "x.JPEG").write_bytes(b"")
+  (tmp_path / "train" / "n99999999").mkdir()
+  with pytest.raises(PathError, match=r"'n99999999' is not one of the 1000 known wnids"):
+    imagenet_items(tmp_path, "train")
+  (tmp_path / "train" / "n99999999").rmdir()
+  (tmp_path / "train" / "n01443537").mkdir()
+  with pytest.raises(PathError, match="n01443537 has no images"):
+    imagenet_items(tmp_path, "train")
+  (tmp_path / "train" / "n01443537").rmdir()
+  (tmp_path / "train" / "loose.JPEG").write_bytes(b"")
+  with pytest.raises(PathError, match="one folder per class"):
+    imagenet_items(tmp_path, "train")
+
+
+def test_journeydb_items(tmp_path):
+  images = tmp_path / "imgs"
+  (images / "000").mkdir(parents=True)
+  Image.fromarray(noise(32, 32)).save(images / "000" / "a.jpg")
+  Image.fromarray(noise(32, 48)).save(images / "000" / "b.jpg")
+  lines = [{"img_path": "./000/a.jpg", "prompt": "a cat", "caption": "A cat."},
+           {"img_path": "./000/gone.jpg", "prompt": "lost"},
+           {"img_path": "000/b.jpg", "prompt": "a dog", "Task2": {"Caption": "A dog."}}]
+  jsonl = tmp_path / "anno.jsonl"
+  jsonl.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+  items, missing = journeydb_items(jsonl, images)
+  assert [item.key for item in items] == ["000/a.jpg", "000/b.jpg"]
+  assert items[0].fields == {"prompt": "a cat", "caption": "A cat."}
+  assert items[1].fields == {"prompt": "a dog", "caption": "A dog."}
+  assert missing == [os.path.join(images, "./000/gone.jpg")]
+
+  jsonl.write_text(json.dumps(lines[0]) + "\n{oops\n")
+  with pytest.raises(FileFormatError, match=r"anno.jsonl line 2 is not JSON"):
+    journeydb_items(jsonl, images)
+  jsonl.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps({"img_path": "000/b.jpg"}))
+  with pytest.raises(FileFormatError, match=r"line 3: 'prompt' is missing"):
+    journeydb_items(jsonl, images)
+  with pytest.raises(MissingPathError, match="nowhere"):
+    journeydb_items(jsonl, tmp_path / "nowhere")
+
+
+# --- Encoding ---------------------------------------------------------------------------
+
+
+def direct_encoding(vae, pixels_BxHxWx3):
+  """The scaled posterior of uint8 pixels, one device, no sharding: (mean, std)."""
+  graphdef, state = nnx.split(vae)
+  cpu = jax.local_devices()[0]
+
+  @jax.jit
+  def run(state, x):
+    posterior = nnx.merge(graphdef, state).encode(x)
+    return posterior.mean, posterior.std
+
+  x = jax.device_put(np.asarray(pixels_BxHxWx3, np.float32) / 127.5 - 1.0, cpu)
+  mean, std = jax.device_get(run(jax.device_put(state, cpu), x))
+  cfg = vae.config
+  return (mean - cfg.shift_factor) * cfg.scaling_factor, std * cfg.scaling_factor
+
+
+@pytest.fixture(scope="module")
+def encoded(items, vae, tmp_path_factory):
+  out = tmp_path_factory.mktemp("encoded")
+  report = encode_items(items, vae, out, image_size=IMAGE_SIZE, flip=True, batch_size=8,
+                        chunk_size=16, progress=False)
+  return out, report
+
+
+def test_encode_items_counts_and_skips(encoded, items):
+  out, report = encoded
+  assert jax.local_device_count() == 8  # the batch is split over 8 devices
+  assert report.encoded == 11 and report.chunks_written == 1 and report.chunks_reused == 0
+  [cut] = truncated(items)
+  [(path, reason)] = report.skipped
+  assert path == cut.path and "truncated" in reason
+  summary = report.summary()
+  assert summary.startswith("encoded 11 images in 1 chunks (0 reused); skipped 1: ")
+  assert "n15075141_cut.JPEG (" in summary
+  assert sorted(os.listdir(out)) == ["chunk_000000.npz", "encode_manifest.json"]
+  with np.load(out / "chunk_000000.npz") as chunk:
+    assert chunk["skipped"].tolist() == [cut.path]
+    assert chunk["mean"].shape == (11, 8, 8, 4) and chunk["mean"].dtype == np.float32
+    assert chunk["label"].tolist() == [i.fields["label"] for i in readable(items)]
+
+
+def test_encoded_latents_equal_direct_encoding(encoded, items, vae):
+  out, _ = encoded
+  good = readable(items)
+  pixels = np.stack([reference_crop(Image.open(i.path), IMAGE_SIZE) for i in good])
+  mean, std = direct_encoding(vae, pixels)
+  mean_flip, std_flip = direct_encoding(vae, pixels[:, :, ::-1])
+  examples = list(read_chunks(out))
+  assert [e["key"] for e in examples] == [i.key for i in good]
+  assert [(e["label"], e["wnid"]) for e in examples] == [
+      (i.fields["label"], i.fields["wnid"]) for i in good]
+  got = {name: np.stack([e[name] for e in examples])
+         for name in ("mean", "std", "mean_flip", "std_flip")}
+  for name, want in (("mean", mean), ("std", std), ("mean_flip", mean_flip),
+                     ("std_flip", std_flip)):
+    np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-5, err_msg=name)
+  assert np.abs(got["mean"] - got["mean_flip"]).max() > 1e-3  # flipping changed something
+
+
+def test_interrupted_build_resumes_only_missing_chunks(items, vae, encoded, tmp_path,
+                                                       monkeypatch):
+  out = tmp_path / "resume"
+  real_load, lock, loaded = encode.load_rgb, threading.Lock(), []
+  stop_at = items[4].path  # the first item of chunk 2 (chunk_size=2)
+
+  def spy(path, fail=True):
+    with lock:
+      loaded.append(str(path))
+    if fail and str(path) == stop_at:
+      raise RuntimeError("interrupted")
+    return real_load(path)
+
+  run = lambda: encode_items(items, vae, out, image_size=IMAGE_SIZE, batch_size=3,
+                             chunk_size=2, progress=False)
+  monkeypatch.setattr(encode, "load_rgb", spy)
+  with pytest.raises(RuntimeError, match="interrupted"):
+    run()
+  assert sorted(os.listdir(out)) == ["chunk_000000.npz", "chunk_000001.npz",
+                                     "encode_manifest.json"]  # no temporaries left
+  partial = chunk_report(out)
+  assert partial.missing_chunks == [2, 3, 4, 5] and partial.encoded == 4
+  with pytest.raises(MissingPathError, match=r"chunk 2 of 6 .*chunk_000002.npz"):
+    list(read_chunks(out))
+
+  monkeypatch.setattr(encode, "load_rgb", lambda path: spy(path, fail=False))
+  loaded.clear()
+  report = run()
+  assert sorted(loaded) == sorted(i.path for i in items[4:])
+  assert (report.chunks_reused, report.chunks_written, report.encoded) == (2, 4, 11)
+
+  os.remove(out / "chunk_000003.npz")
+  loaded.clear()
+  report = run()
+  assert sorted(loaded) == sorted(i.path for i in items[6:8])
+  assert (report.chunks_reused, report.chunks_written) == (5, 1)
+
+  full = chunk_report(out)
+  assert (full.encoded, full.chunks_written, full.missing_chunks) == (11, 6, [])
+  assert [path for path, _ in full.skipped] == [truncated(items)[0].path]
+  examples = list(read_chunks(out))
+  assert [e["key"] for e in examples] == [i.key for i in readable(items)]
+  reference = list(read_chunks(encoded[0]))  # the one-chunk, batch-8 build
+  np.testing.assert_allclose(np.stack([e["mean"] for e in examples]),
+                             np.stack([e["mean"] for e in reference]), rtol=1e-5, atol=1e-6)
+  assert "mean_flip" not in examples[0]
+
+
+def test_encode_items_refuses_a_folder_of_another_encoding(items, vae, encoded):
+  out, _ = encoded
+  with pytest.raises(ConfigError, match=r"image_size: 16 there, 32 now"):
+    encode_items(items, vae, out, image_size=32, flip=True, batch_size=8, chunk_size=16)
+  with pytest.raises(ConfigError, match=r"items \(keys or order\) differ"):
+    encode_items(items[::-1], vae, out, image_size=IMAGE_SIZE, flip=True, batch_size=8,
+                 chunk_size=16)
+
+
+def test_encode_items_checks_arguments(items, vae, tmp_path):
+  with pytest.raises(ConfigError, match="image_size=15 must be a multiple of"):
+    encode_items(items, vae, tmp_path, image_size=15)
+  dup = [ImageItem("k", "a.JPEG"), ImageItem("k", "b.JPEG")]
+  with pytest.raises(ConfigError, match="key 'k'"):
+    encode_items(dup, vae, tmp_path, image_size=IMAGE_SIZE)
+  clash = [ImageItem("k", "a.JPEG", {"mean": 1})]
+  with pytest.raises(ConfigError, match=r"\['mean'\] clash"):
+    encode_items(clash, vae, tmp_path, image_size=IMAGE_SIZE)
+  with pytest.raises(MissingPathError, match="encode_manifest.json is not there"):
+    chunk_report(tmp_path / "nothing")
+
+
+def test_summary_names_at_most_twenty():
+  report = EncodeReport(encoded=5, skipped=[(f"f{i}.JPEG", "broken") for i in range(25)],
+                        chunks_written=2, chunks_reused=1)
+  text = report.summary()
+  assert text.startswith("encoded 5 images in 3 chunks (1 reused); skipped 25: f0.JPEG (broken)")
+  assert "f19.JPEG (broken), and 5 more" in text and "f20.JPEG" not in text

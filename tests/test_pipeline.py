@@ -1,0 +1,213 @@
+"""The input pipeline: prepared TFDS records through Grain, mixed, shared
+between hosts, prefetched and resumed; ImageNet prepared from a folder and
+trained; chat and text prepared and packed with loss on the answers."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import digits_config
+from monoformer_jax.configs import config_file
+from monoformer_jax.data import builders, pipeline
+from monoformer_jax.data.datasets import check_data, make_batches
+from monoformer_jax.data.encode import imagenet_classes
+from monoformer_jax.data.packing import Example, host_stream
+from monoformer_jax.errors import ConfigError
+from monoformer_jax.text.tokenizer import load_tokenizer, tokenizer_of
+from monoformer_jax.train.loop import train_and_evaluate
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_VAE = REPO / "tests" / "fixtures" / "tiny_vae"
+
+
+def _tagged(tag: int):
+  """A stream whose example j is recognisable: ids (tag, j)."""
+  return lambda j: Example([tag, j], (), train_text=True)
+
+
+def test_mixing_weights_hold_and_no_stream_skips_or_repeats():
+  weights = [9.0, 1.0, 2.5]
+  example_at = pipeline.mix([_tagged(k) for k in range(3)], weights, seed=3)
+  n = 50 * pipeline.MIX_BLOCK
+  drawn = [list(example_at(i).ids) for i in range(n)]
+  for k, w in enumerate(weights):
+    mine = [j for tag, j in drawn if tag == k]
+    assert abs(len(mine) - n * w / sum(weights)) <= 1, (k, len(mine))
+    assert mine == list(range(len(mine)))   # each stream read in order, once
+  # Random places: the same seed the same order, another seed another.
+  assert [list(example_at(i).ids) for i in range(200)] == drawn[:200]
+  other = pipeline.mix([_tagged(k) for k in range(3)], weights, seed=4)
+  assert [list(other(i).ids) for i in range(200)] != drawn[:200]
+  with pytest.raises(ConfigError, match="must be finite, >= 0 and not all 0"):
+    pipeline.mix([_tagged(0)], [0.0], seed=0)
+
+
+def test_record_stream_visits_every_record_once_per_epoch_in_fresh_orders():
+  records = [{"k": i} for i in range(10)]
+  stream = pipeline.record_stream(records, lambda r, rng: Example([r["k"]], ()), seed=0)
+  epochs = [[stream(e * 10 + i).ids[0] for i in range(10)] for e in range(3)]
+  assert all(sorted(e) == list(range(10)) for e in epochs)
+  assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_two_hosts_read_disjoint_shares_that_cover_the_stream():
+  stream = pipeline.mix([_tagged(0), _tagged(1)], [3.0, 1.0], seed=0)
+  hosts = [host_stream(stream, p, 2) for p in range(2)]
+  seen = [[tuple(hosts[p](i).ids) for i in range(500)] for p in range(2)]
+  assert not set(seen[0]) & set(seen[1])
+  assert set(seen[0]) | set(seen[1]) == {tuple(stream(i).ids) for i in range(1000)}
+
+
+def test_digits_go_through_tfds_and_prefetched_batches_resume_exactly(tmp_path):
+  config = digits_config()
+  config.data.dir = str(tmp_path / "cache")
+  tok = tokenizer_of(config)
+  batches = make_batches(config, tok)
+  assert isinstance(batches, pipeline.Prefetched)
+  assert os.path.exists(os.path.join(builders.prepared_dir(config.data.dir, "digits"),
+                                     "dataset_info.json"))
+  first = [next(batches) for _ in range(3)]
+  state = batches.get_state()
+  later = [next(batches) for _ in range(3)]
+  resumed = make_batches(config, tok, state=state)
+  config.data.prefetch = 0
+  plain = make_batches(config, tok)
+  for a, b in zip(later, [next(resumed) for _ in range(3)]):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  for a, b in zip(first + later, [next(plain) for _ in range(6)]):
+    np.testing.assert_array_equal(a["latents"], b["latents"])
+  # The images are the digits themselves, every one once per image epoch.
+  records = builders.data_source(builders.prepared_dir(config.data.dir, "digits"))
+  assert len(records) == 1797
+
+
+# ------------------------------------------------------------------ imagenet
+
+WNIDS = ("n01440764", "n01443537", "n01484850")
+
+
+def _imagenet_folder(root: pathlib.Path) -> pathlib.Path:
+  """3 classes, JPEGs of varied sizes, a CMYK, a grayscale, a PNG named
+  .JPEG and a truncated JPEG."""
+  rng = np.random.default_rng(0)
+  for c, wnid in enumerate(WNIDS):
+    folder = root / "train" / wnid
+    folder.mkdir(parents=True)
+    for k, (w, h) in enumerate([(40, 30), (24, 50), (64, 64)]):
+      pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(folder / f"{wnid}_{k}.JPEG")
+  odd = root / "train" / WNIDS[0]
+  Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).convert("CMYK").save(
+      odd / "cmyk.JPEG")
+  Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(odd / "gray.JPEG")
+  Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(
+      odd / "png.JPEG", format="PNG")
+  Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(odd / "cut.JPEG")
+  data = (odd / "cut.JPEG").read_bytes()
+  (odd / "cut.JPEG").write_bytes(data[:len(data) // 2])
+  return root
+
+
+def _prepare(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "monoformer_jax.data.prepare", *args],
+                        capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def prepared_imagenet(tmp_path_factory):
+  root = _imagenet_folder(tmp_path_factory.mktemp("imagenet"))
+  out = tmp_path_factory.mktemp("prepared")
+  run = _prepare("imagenet", f"--input_dir={root}", f"--output_dir={out}",
+                 f"--vae={TINY_VAE}", "--image_size=16", "--flip", "--chunk_size=4")
+  assert run.returncode == 0, run.stderr[-4000:]
+  return out, run.stderr
+
+
+def test_imagenet_is_prepared_with_odd_files_converted_and_the_broken_one_named(
+    prepared_imagenet):
+  out, log = prepared_imagenet
+  folder = builders.prepared_dir(str(out), "imagenet")
+  records = builders.data_source(folder, "train", kind="imagenet")
+  assert len(records) == 3 * 3 + 3            # cmyk, gray and png converted
+  assert "skipped 1" in log and "cut.JPEG" in log
+  labels = sorted(int(records[i]["label"]) for i in range(len(records)))
+  index = {w: i for i, (w, _) in enumerate(imagenet_classes())}
+  assert labels == sorted([index[WNIDS[0]]] * 6 + [index[WNIDS[1]]] * 3 + [index[WNIDS[2]]] * 3)
+  r = records[0]
+  assert np.asarray(r["mean"]).shape == (8, 8, 4) and np.asarray(r["std"]).min() > 0
+  assert "mean_flip" in r
+  # Preparing again into the same folder refuses to overwrite.
+  again = _prepare("imagenet", f"--input_dir={out}", f"--output_dir={out}",
+                   f"--vae={TINY_VAE}", "--image_size=16")
+  assert again.returncode == 2
+
+
+def test_imagenet_trains_from_the_prepared_records(prepared_imagenet, tmp_path):
+  out, _ = prepared_imagenet
+  config = config_file("imagenet256:tiny")
+  config.data.dir = builders.prepared_dir(str(out), "imagenet")
+  config.mesh.update(data=1, fsdp=-1)
+  batch = next(make_batches(config, tokenizer_of(config)))
+  assert batch["latents"].shape == (8, 1, 8, 8, 4) and batch["image_valid"].all()
+  tok = tokenizer_of(config)
+  texts = [tok.decode(row[ids == 0]) for row, ids in zip(batch["tokens"], batch["image_ids"])]
+  names = ("tench", "goldfish", "great white shark")
+  # Each row: the reference's prompt with its class name, or the dropped (empty) prompt.
+  assert all(any(n in t for n in names) or "of" not in t for t in texts), texts
+  assert sum(any(n in t for n in names) for t in texts) >= 4, texts
+  state, metrics = train_and_evaluate(config, str(tmp_path), sample_at_end=False)
+  assert int(state["step"]) == 4 and np.isfinite(metrics["loss"])
+
+
+def test_preparation_errors_name_the_fix(tmp_path):
+  run = _prepare("imagenet", f"--input_dir={tmp_path / 'nowhere'}", f"--output_dir={tmp_path}",
+                 f"--vae={TINY_VAE}")
+  assert run.returncode == 2 and "does not exist" in run.stderr
+  (tmp_path / "in" / "train").mkdir(parents=True)
+  run = _prepare("imagenet", f"--input_dir={tmp_path / 'in'}", f"--output_dir={tmp_path}")
+  assert run.returncode == 2 and "pass --vae=DIR" in run.stderr
+  config = config_file("imagenet256:tiny")
+  config.data.dir = str(tmp_path)
+  with pytest.raises(ConfigError, match=r"data.dir='.*' is not a prepared dataset .*"
+                     r"python -m monoformer_jax.data.prepare imagenet"):
+    check_data(config)
+
+
+# -------------------------------------------------------------- chat + text
+
+def test_chat_and_text_prepared_mixed_and_packed_with_loss_on_answers(tmp_path):
+  chats = tmp_path / "chat.jsonl"
+  chats.write_text("\n".join(json.dumps({"data": [f"question {i}?", f"answer {i}."]})
+                             for i in range(20)) + "\n")
+  texts = tmp_path / "text.jsonl"
+  texts.write_text("\n".join(json.dumps({"text": f"plain text {i}."}) for i in range(20)))
+  for kind, path in (("chat", chats), ("text", texts)):
+    run = _prepare(kind, f"--input_dir={path}", f"--output_dir={tmp_path / 'out'}")
+    assert run.returncode == 0, run.stderr[-3000:]
+  config = config_file("t2i_chat")
+  config.data.mix = dict(chat=1.0, text=1.0)
+  config.data.dirs = dict(chat=builders.prepared_dir(str(tmp_path / "out"), "chat"),
+                          text=builders.prepared_dir(str(tmp_path / "out"), "text"))
+  config.data.update(tokenizer="bytes", seq_len=64, batch_size=4)
+  config.model.vocab_size = 264
+  check_data(config)
+  tok = load_tokenizer("bytes")
+  batch = next(make_batches(config, tok))
+  decoded = [tok.decode(row) for row in batch["tokens"]]
+  assert any("### Human: question" in d for d in decoded)
+  assert any("plain text" in d for d in decoded)
+  # Cross-entropy targets in chat rows are exactly the answers (and their eos).
+  for row, weights in zip(batch["tokens"], batch["text_weights"]):
+    text = tok.decode(row)
+    if "### Human:" not in text:
+      continue
+    trained = tok.decode(row[1:][weights[:-1] > 0])
+    assert trained.startswith("answer ") and "question" not in trained and "###" not in trained
