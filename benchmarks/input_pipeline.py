@@ -9,7 +9,8 @@ array_record by the imagenet TFDS builder (data/builders.py), then read by
 the training pipeline exactly as `python -m monoformer_jax.train` reads them
 (configs/imagenet256.py: Grain shuffle, class prompt with guidance drop,
 posterior draw, random mirror, packing into 512-token rows, the next batches
-packed in a thread). Rows/s is measured over `--batches` batches of
+packed in a thread, the examples made by `data.workers` processes). Rows/s
+is measured over `--batches` batches of
 `--rows` rows after a warm-up.
 
 What the step needs: the FLOPs of one 512-token row through MonoFormer-1.1B's
@@ -40,7 +41,8 @@ import report
 _RECORDS = flags.DEFINE_integer("records", 4096, "synthetic ImageNet records to write")
 _ROWS = flags.DEFINE_integer("rows", 32, "rows per host batch")
 _BATCHES = flags.DEFINE_integer("batches", 30, "timed batches")
-_PREFETCH = flags.DEFINE_list("prefetch", ["0", "2"], "data.prefetch settings to time")
+_SETTINGS = flags.DEFINE_list("settings", ["0/0", "0/2", "2/2"],
+                              "data.workers/data.prefetch pairs to time")
 _CHIPS = flags.DEFINE_integer("chips_per_host", 4, "accelerators per host (TPU v5p: 4)")
 _PEAK = flags.DEFINE_float("peak_tflops", 459.0, "bf16 peak per chip, TFLOP/s (v5p: 459)")
 _MFU = flags.DEFINE_float("mfu", 0.5, "assumed model FLOPs utilisation of the step")
@@ -89,25 +91,26 @@ def main(argv):
     t0 = time.perf_counter()
     config.data.dir = _write_records(tmp, _RECORDS.value)
     print(f"wrote {_RECORDS.value} records in {time.perf_counter() - t0:.1f} s", flush=True)
-    for depth in _PREFETCH.value:
-      config.data.prefetch = int(depth)
+    for setting in _SETTINGS.value:
+      workers, depth = (int(x) for x in setting.split("/"))
+      config.data.update(workers=workers, prefetch=depth)
       batches = make_batches(config, tok)
-      for _ in range(3):
+      for _ in range(5):   # warm-up (and the workers' start)
         next(batches)
       t0 = time.perf_counter()
       for _ in range(_BATCHES.value):
         batch = next(batches)
       rate = _BATCHES.value * _ROWS.value / (time.perf_counter() - t0)
       assert batch["tokens"].shape == (_ROWS.value, 512)
-      results.append((int(depth), rate))
-      print(f"prefetch {depth}: {rate:,.0f} rows/s", flush=True)
+      results.append((workers, depth, rate))
+      print(f"workers {workers}, prefetch {depth}: {rate:,.0f} rows/s", flush=True)
       if hasattr(batches, "close"):
         batches.close()
 
   flops = step_flops_per_row()
   need_chip = _PEAK.value * 1e12 * _MFU.value / flops
   need_host = need_chip * _CHIPS.value
-  best = max(rate for _, rate in results)
+  best = max(rate for *_, rate in results)
   print(f"train step: {flops / 1e12:.2f} TFLOP per row; at {_MFU.value:.0%} of "
         f"{_PEAK.value:g} TFLOP/s a chip takes {need_chip:,.1f} rows/s, a host of "
         f"{_CHIPS.value} {need_host:,.0f}; pipeline/need = {best / need_host:.1f}x", flush=True)
@@ -118,8 +121,8 @@ def main(argv):
              f"{_RECORDS.value} of them; the imagenet256 pipeline with the byte tokenizer "
              f"(512-token rows, one 256-token image each); {_BATCHES.value} batches of "
              f"{_ROWS.value} rows after a warm-up.", "",
-             "| data.prefetch | rows/s per host |", "|---|---|"]
-    lines += [f"| {depth} | {rate:,.0f} |" for depth, rate in results]
+             "| data.workers | data.prefetch | rows/s per host |", "|---|---|---|"]
+    lines += [f"| {w} | {d} | {rate:,.0f} |" for w, d, rate in results]
     lines += ["", f"The 1.1B train step costs {flops / 1e12:.2f} TFLOP per 512-token row "
               f"(6 per weight per token and the attention's 12 L^2 H D per layer, forward "
               f"+ backward, as MFU is counted). At "

@@ -65,6 +65,7 @@ def get_config(variant=None):
       dir="",                   # where its TFDS copy is prepared on first use
                                 # ("": $MONOFORMER_DATA_DIR or ~/.cache/monoformer_jax)
       prefetch=2,               # batches packed ahead in a thread
+      workers=0,                # processes that make the examples (the digits are cheap)
       tokenizer="bytes",        # text.tokenizer.load_tokenizer: bytes, or a tokenizer.model
       seq_len=128,
       batch_size=32,            # global rows per step

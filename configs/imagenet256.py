@@ -85,6 +85,7 @@ def get_config(variant=None):
       latent_sample=True,       # a fresh draw from each stored posterior; False: its mean
       random_flip=True,         # mirror half the images (when prepared with --flip)
       prefetch=2,               # batches packed ahead in a thread
+      workers=8,                # processes that read and make the examples (0: in-process)
       tokenizer="",             # TinyLlama's tokenizer.model (text/tokenizer.load_tokenizer)
       seq_len=512,              # the reference truncates rows to 512 tokens
       batch_size=256,           # global rows per step
@@ -141,7 +142,8 @@ def get_config(variant=None):
     c.model.update(vocab_size=264, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, mlp_dim=128, image_size=8, in_channels=4, dtype="float32",
                    remat=False)
-    c.data.update(tokenizer="bytes", seq_len=96, batch_size=8)   # long class names in bytes
+    c.data.update(tokenizer="bytes", seq_len=96, batch_size=8,   # long class names in bytes
+                  workers=0)
     c.optim.update(lr=1e-3)
     c.train.update(num_steps=4, log_every=1, checkpoint_every=2)
     c.sample.update(num_per_class=1, num_classes=2, num_steps=2, max_new_tokens=4,

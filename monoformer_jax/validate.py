@@ -138,6 +138,7 @@ def check_train_config(config):
   data = _section(config, "data")
   check_data(config)   # a dataset with an input pipeline, its prepared folders
   integer("data.prefetch", data.get("prefetch", 2), low=0)
+  integer("data.workers", data.get("workers", 0), low=0)
   integer("data.seq_len", data.seq_len, low=2)
   integer("data.batch_size", data.batch_size, low=1)
   integer("data.max_images_per_row", data.max_images_per_row, low=1)

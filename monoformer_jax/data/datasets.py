@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Callable
 
@@ -205,18 +206,33 @@ def class_by_name(name: str, config) -> str:
   return name
 
 
+def host_example_stream(config_json: str, process_index: int, process_count: int):
+  """This host's example_at of a config given as JSON (what worker processes build)."""
+  import ml_collections
+  from monoformer_jax.text.tokenizer import tokenizer_of
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  return host_stream(dataset_of(config).example_stream(config, tokenizer_of(config),
+                                                       config.seed),
+                     process_index, process_count)
+
+
 def make_batches(config, tokenizer, *, process_index: int = 0, process_count: int = 1,
                  state: dict | None = None):
   """This host's batches: `data.batch_size // process_count` rows each, packed
-  from its share of the config's dataset stream seeded by `config.seed`, the
-  next `data.prefetch` batches packed ahead in a thread; `state` (from
+  from its share of the config's dataset stream seeded by `config.seed`, its
+  examples made by `data.workers` processes (0: here), the next
+  `data.prefetch` batches packed ahead in a thread; `state` (from
   `get_state()`) resumes."""
   dataset = dataset_of(config)
   if config.data.batch_size % process_count:
     raise ConfigError(f"data.batch_size={config.data.batch_size} (global rows) is not "
                       f"divisible by {process_count} processes")
   stream = host_stream(dataset.example_stream(config, tokenizer, config.seed),
-                       process_index, process_count)
+                       process_index, process_count)   # built here too: errors surface here
+  workers = int(config.data.get("workers", 0))
+  if workers:
+    stream = pipeline.WorkerExamples(functools.partial(
+        host_example_stream, config.to_json(), process_index, process_count), workers)
   batches = PackedBatches(stream, rows=config.data.batch_size // process_count,
                           spec=row_spec(config, tokenizer))
   if state is not None:

@@ -14,9 +14,11 @@ Every dataset becomes the same thing, an indexable infinite stream
               every block of MIX_BLOCK examples, at random places, so each
               stream's index is still computable from i alone
 
-A host reads only its share (`packing.host_stream`), `packing.PackedBatches`
-packs the rows, and `Prefetched` packs the next batches in a thread while the
-devices train. Because a batch is a pure function of one integer (the next
+A host reads only its share (`packing.host_stream`); with `data.workers` > 0
+its examples are read and made ahead by that many worker processes
+(`WorkerExamples`: decoding records is most of the cost and holds the GIL);
+`packing.PackedBatches` packs the rows, and `Prefetched` packs the next
+batches in a thread while the devices train. Because a batch is a pure function of one integer (the next
 example), a checkpoint's data state is that integer and a resumed run reads
 exactly the batches an uninterrupted one would have.
 """
@@ -24,8 +26,10 @@ exactly the batches an uninterrupted one would have.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import functools
 import json
+import multiprocessing
 import queue
 import sys
 import threading
@@ -156,6 +160,55 @@ def text_example_of(tokenizer):
   def to_example(record, rng) -> Example:
     return chat.text_example(_text(record["text"]), tokenizer)
   return to_example
+
+
+# ----------------------------------------------------------------- workers
+
+_WORKER_STREAM = None
+
+
+def _worker_init(make_stream):
+  global _WORKER_STREAM
+  _WORKER_STREAM = make_stream()
+
+
+def _worker_examples(start: int, stop: int) -> list[Example]:
+  return [_WORKER_STREAM(i) for i in range(start, stop)]
+
+
+class WorkerExamples:
+  """example_at(i) made ahead by `workers` processes, for a reader that asks
+  for increasing indices (PackedBatches; it re-reads at most the index before).
+
+  `make_stream()` (picklable: a module-level function and its arguments)
+  builds the same example_at in each worker; chunks of `chunk` consecutive
+  examples are computed up to `ahead` chunks past the one being read. The
+  examples are the ones `make_stream()(i)` gives, whatever the workers' timing.
+  """
+
+  def __init__(self, make_stream: Callable[[], Callable[[int], Example]], workers: int, *,
+               chunk: int = 32, ahead: int = 8):
+    self.chunk, self.ahead = chunk, ahead
+    # spawn, not fork: the parent runs JAX's threads.
+    self.pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init, initargs=(make_stream,))
+    self.futures: dict[int, concurrent.futures.Future] = {}
+
+  def __call__(self, i: int) -> Example:
+    if i < 0:
+      raise IndexError(f"example index {i} < 0")
+    c = i // self.chunk
+    for k in range(c, c + self.ahead):
+      if k not in self.futures:
+        self.futures[k] = self.pool.submit(_worker_examples, k * self.chunk,
+                                           (k + 1) * self.chunk)
+    for k in [k for k in self.futures if k < c - 1]:
+      del self.futures[k]
+    return self.futures[c].result()[i - c * self.chunk]
+
+  def close(self):
+    self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- prefetch
