@@ -34,6 +34,7 @@ import numpy as np
 from monoformer_jax.configs import config_file
 from monoformer_jax.data import builders
 from monoformer_jax.data.datasets import make_batches
+from monoformer_jax.data.packing import PackedBatches, row_spec
 from monoformer_jax.text.tokenizer import ByteTokenizer
 
 import report
@@ -107,6 +108,20 @@ def main(argv):
       if hasattr(batches, "close"):
         batches.close()
 
+    # The main process's own share (packing, with the examples already made):
+    # the ceiling when there are enough cores for the workers.
+    config.data.update(workers=0, prefetch=0)
+    made = make_batches(config, tok).example_at
+    n = (_BATCHES.value + 2) * _ROWS.value + 16
+    examples = [made(i) for i in range(n)]
+    packed = PackedBatches(lambda i: examples[i], rows=_ROWS.value, spec=row_spec(config, tok))
+    next(packed)
+    t0 = time.perf_counter()
+    for _ in range(_BATCHES.value):
+      next(packed)
+    ceiling = _BATCHES.value * _ROWS.value / (time.perf_counter() - t0)
+    print(f"packing alone: {ceiling:,.0f} rows/s", flush=True)
+
   flops = step_flops_per_row()
   need_chip = _PEAK.value * 1e12 * _MFU.value / flops
   need_host = need_chip * _CHIPS.value
@@ -123,13 +138,22 @@ def main(argv):
              f"{_ROWS.value} rows after a warm-up.", "",
              "| data.workers | data.prefetch | rows/s per host |", "|---|---|---|"]
     lines += [f"| {w} | {d} | {rate:,.0f} |" for w, d, rate in results]
+    lines += [f"| (packing alone, examples made beforehand) | | {ceiling:,.0f} |"]
     lines += ["", f"The 1.1B train step costs {flops / 1e12:.2f} TFLOP per 512-token row "
               f"(6 per weight per token and the attention's 12 L^2 H D per layer, forward "
               f"+ backward, as MFU is counted). At "
               f"{_MFU.value:.0%} MFU of {_PEAK.value:g} TFLOP/s (a TPU v5p chip, bf16) a "
               f"chip consumes {need_chip:,.1f} rows/s and a host of {_CHIPS.value} chips "
               f"{need_host:,.0f}: the pipeline delivers {best / need_host:.1f}x what the "
-              f"step needs (goal: >= 10x)."]
+              f"step needs (goal: >= 10x); the main process's own share (packing) "
+              f"caps it at {ceiling:,.0f} rows/s ({ceiling / need_host:.0f}x) on a host with "
+              "cores to spare for the workers. Here the workers and the main process share "
+              f"{os.cpu_count()} cores, so the worker row is CPU-bound: making an example "
+              "(reading and parsing its record, drawing the latent, the prompt) costs about "
+              f"{1e3 / max(r for w, _, r in results if w == 0):.2f} ms of one core, most of it "
+              "TFDS's record decoding; a host with k cores free for k workers should reach "
+              "about k times the in-process rate, up to that ceiling (an expectation from "
+              "these figures, not a measurement)."]
     report.write_section(pathlib.Path(_OUTPUT.value), "Input pipeline", lines)
 
 

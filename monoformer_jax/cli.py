@@ -28,12 +28,15 @@ _QUIET_LOGGERS = ("jax._src.xla_bridge",)
 
 
 def quiet_logs():
-  """INFO logging, without Orbax's narration of every save and restore and
-  without JAX's backend probing; warnings and errors of both still show."""
+  """INFO logging, without Orbax's and TFDS's narration of every save,
+  restore and dataset read, and without JAX's backend probing; their warnings
+  and errors still show."""
   logging.set_verbosity(logging.INFO)
-  orbax_package = f"{os.sep}orbax{os.sep}"   # the library, not our checkpoints/orbax_io.py
+  # The libraries' own INFO narration (every save, restore and dataset-info
+  # read); matched by package folder, not our checkpoints/orbax_io.py.
+  chatty = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "tensorflow_datasets"))
   logging.get_absl_logger().addFilter(
-      lambda r: orbax_package not in r.pathname or r.levelno >= std_logging.WARNING)
+      lambda r: r.levelno >= std_logging.WARNING or not any(c in r.pathname for c in chatty))
   for name in _QUIET_LOGGERS:
     std_logging.getLogger(name).setLevel(std_logging.WARNING)
 

@@ -365,3 +365,56 @@ def test_summary_names_at_most_twenty():
   text = report.summary()
   assert text.startswith("encoded 5 images in 3 chunks (1 reused); skipped 25: f0.JPEG (broken)")
   assert "f19.JPEG (broken), and 5 more" in text and "f20.JPEG" not in text
+
+
+def test_tfds_manual_tars_are_extracted_into_the_folder_layout_and_resume(tmp_path):
+  """TFDS's imagenet2012 manual_dir: a training tar of per-class tars and a
+  flat validation tar, sorted into classes by the labels TFDS ships (the
+  first three validation images are n01751748, n09193705, n02105855)."""
+  import io
+  import tarfile
+  from monoformer_jax.data import encode
+
+  def jpeg(seed):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 30, 3), np.uint8)).save(
+        buf, format="JPEG")
+    return buf.getvalue()
+
+  def tar_bytes(files):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+      for name, data in files.items():
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  (manual / encode.TRAIN_ARCHIVE).write_bytes(tar_bytes({
+      "n01440764.tar": tar_bytes({"n01440764_1.JPEG": jpeg(1), "n01440764_2.JPEG": jpeg(2)}),
+      "n01443537.tar": tar_bytes({"n01443537_1.JPEG": jpeg(3)})}))
+  (manual / encode.VAL_ARCHIVE).write_bytes(tar_bytes(
+      {f"ILSVRC2012_val_0000000{i}.JPEG": jpeg(10 + i) for i in (3, 1, 2)}))
+  assert encode.has_imagenet_archives(manual)
+  out = encode.extract_imagenet_archives(manual, tmp_path / "layout")
+  train = encode.imagenet_items(out, "train")
+  assert [i.key for i in train] == ["n01440764/n01440764_1.JPEG", "n01440764/n01440764_2.JPEG",
+                                    "n01443537/n01443537_1.JPEG"]
+  val = {i.key for i in encode.imagenet_items(out, "val")}
+  assert val == {"n01751748/ILSVRC2012_val_00000001.JPEG",
+                 "n09193705/ILSVRC2012_val_00000002.JPEG",
+                 "n02105855/ILSVRC2012_val_00000003.JPEG"}
+  assert np.array_equal(np.asarray(encode.load_rgb(train[0].path)),
+                        np.asarray(Image.open(io.BytesIO(jpeg(1))).convert("RGB")))
+  # A rerun finds every class marked done and rewrites nothing.
+  stamp = os.path.getmtime(train[0].path)
+  os.utime(train[0].path, (stamp - 100, stamp - 100))
+  encode.extract_imagenet_archives(manual, tmp_path / "layout")
+  assert os.path.getmtime(train[0].path) == stamp - 100   # not written again
+  # An interrupted class (no done mark) is extracted again.
+  os.remove(os.path.join(out, "train", "n01443537", ".extracted"))
+  os.remove(os.path.join(out, "train", "n01443537", "n01443537_1.JPEG"))
+  encode.extract_imagenet_archives(manual, tmp_path / "layout")
+  assert os.path.exists(os.path.join(out, "train", "n01443537", "n01443537_1.JPEG"))

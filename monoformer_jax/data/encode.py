@@ -228,6 +228,78 @@ def imagenet_items(input_dir, split: str) -> list[ImageItem]:
   return items
 
 
+TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
+VAL_ARCHIVE = "ILSVRC2012_img_val.tar"
+_DONE = ".extracted"
+
+
+def has_imagenet_archives(folder) -> bool:
+  """Whether `folder` holds the ILSVRC2012 tars (TFDS's imagenet2012 manual_dir)."""
+  return any(os.path.isfile(os.path.join(os.fspath(folder), name))
+             for name in (TRAIN_ARCHIVE, VAL_ARCHIVE))
+
+
+def _validation_wnids() -> list[str]:
+  """The ground-truth wnid of each validation image, in sorted file-name order
+  (the list TFDS ships for its imagenet2012 builder)."""
+  import tensorflow_datasets
+  path = os.path.join(os.path.dirname(tensorflow_datasets.__file__), "datasets",
+                      "imagenet2012", "validation_labels.txt")
+  with open(path) as f:
+    return f.read().strip().splitlines()
+
+
+def _extract_members(tar, members, folder: str):
+  """Writes the regular files `members` of the open `tar` into `folder`
+  (flat: base names only, so no member can write outside it)."""
+  os.makedirs(folder, exist_ok=True)
+  for member in members:
+    data = tar.extractfile(member)
+    if data is None:
+      continue
+    with open(os.path.join(folder, os.path.basename(member.name)), "wb") as out:
+      out.write(data.read())
+
+
+def extract_imagenet_archives(manual_dir, output_dir) -> str:
+  """The ILSVRC2012 tars of `manual_dir` unpacked into the folder layout that
+  `imagenet_items` reads (`output_dir/train/<wnid>/`, `output_dir/val/<wnid>/`);
+  returns `output_dir`. The training tar holds one tar per class; the
+  validation tar holds flat images, sorted into their classes by the labels
+  TFDS ships. Each class (and the validation set) is marked when complete,
+  so an interrupted extraction resumes with the next class."""
+  import tarfile
+  manual_dir, output_dir = os.fspath(manual_dir), os.fspath(output_dir)
+  train = os.path.join(manual_dir, TRAIN_ARCHIVE)
+  if os.path.isfile(train):
+    with tarfile.open(train, mode="r:") as outer:
+      members = [m for m in outer.getmembers() if m.isfile() and m.name.endswith(".tar")]
+      for member in tqdm(members, desc="extracting train classes", unit="class"):
+        wnid = os.path.basename(member.name)[:-len(".tar")]
+        folder = os.path.join(output_dir, "train", wnid)
+        if os.path.exists(os.path.join(folder, _DONE)):
+          continue
+        with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
+          _extract_members(inner, [m for m in inner.getmembers() if m.isfile()], folder)
+        open(os.path.join(folder, _DONE), "w").close()
+  val = os.path.join(manual_dir, VAL_ARCHIVE)
+  done = os.path.join(output_dir, "val", _DONE)
+  if os.path.isfile(val) and not os.path.exists(done):
+    labels = _validation_wnids()
+    with tarfile.open(val, mode="r:") as tar:
+      members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
+      if len(members) > len(labels):
+        raise FileFormatError(f"{val} holds {len(members)} images but the validation "
+                              f"labels list {len(labels)}; is it ILSVRC2012_img_val.tar?")
+      for member, wnid in tqdm(list(zip(members, labels)), desc="extracting val",
+                               unit="image"):
+        _extract_members(tar, [member], os.path.join(output_dir, "val", wnid))
+    open(done, "w").close()
+  if not (os.path.isfile(train) or os.path.isfile(val)):
+    raise MissingPathError(f"{manual_dir} holds neither {TRAIN_ARCHIVE} nor {VAL_ARCHIVE}")
+  return output_dir
+
+
 def journeydb_items(annotations_jsonl, image_root) -> tuple[list[ImageItem], list[str]]:
   """(items, missing image paths) of a JourneyDB-style JSONL, in file order.
 

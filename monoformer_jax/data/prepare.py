@@ -1,7 +1,9 @@
 r"""Prepare a dataset for training: `python -m monoformer_jax.data.prepare NAME --flags`.
 
-    imagenet       --input_dir=DIR (train/<wnid>/*.JPEG, val/<wnid>/...) --vae=SD_VAE
-                   [--image_size=256] [--flip] [--splits=train,val]
+    imagenet       --input_dir=DIR (train/<wnid>/*.JPEG, val/<wnid>/..., or TFDS's
+                   imagenet2012 manual tars ILSVRC2012_img_train.tar / _val.tar, which
+                   are extracted first, resumably) --vae=SD_VAE [--image_size=256]
+                   [--flip] [--splits=train,val]
     text_to_image  --input_dir=IMAGE_ROOT --annotations=FILE.jsonl (img_path, prompt,
                    optional caption: JourneyDB's) --vae=SD_VAE [--image_size=256] [--flip]
     chat           --input_dir=FILE.jsonl or a folder of them (UltraChat `data`, or
@@ -63,11 +65,16 @@ def _latent_splits(name: str, output_dir: str) -> tuple[dict, tuple, list[str]]:
     raise ConfigError(f"--image_size={size}: must be a multiple of the VAE's downsampling "
                       f"factor {factor}")
   if name == "imagenet":
-    present = [s for s in _SPLITS.value if os.path.isdir(os.path.join(_INPUT.value, s))]
+    source = _INPUT.value
+    if encode.has_imagenet_archives(source):   # TFDS's imagenet2012 manual_dir
+      source = encode.extract_imagenet_archives(
+          source, os.path.join(output_dir, "_extracted", "imagenet"))
+    present = [s for s in _SPLITS.value if os.path.isdir(os.path.join(source, s))]
     if not present:
       raise MissingPathError(f"--input_dir={_INPUT.value!r} has none of the split folders "
-                             f"{_SPLITS.value}; expected {_INPUT.value}/train/<wnid>/*.JPEG")
-    items = {s: encode.imagenet_items(_INPUT.value, s) for s in present}
+                             f"{_SPLITS.value}; expected {_INPUT.value}/train/<wnid>/*.JPEG "
+                             f"or the tars {encode.TRAIN_ARCHIVE} / {encode.VAL_ARCHIVE}")
+    items = {s: encode.imagenet_items(source, s) for s in present}
     missing = {}
   else:
     if not _ANNOTATIONS.value:
