@@ -311,7 +311,7 @@ def resolve(path: str, step: int | None = None) -> tuple[str, int]:
     if step is not None and step != int(name):
       raise CheckpointError(f"{path} is the folder of step {name}, not of step {step}")
     return os.path.dirname(path), int(name)
-  steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+  steps = resolve_steps(path)
   if not steps:
     raise MissingPathError(
         f"no checkpoint in {path!r}: expected a training workdir, its checkpoints/ "
@@ -329,7 +329,7 @@ def _config_at(manager: ocp.CheckpointManager, step: int) -> ml_collections.Conf
   return ml_collections.ConfigDict(restored["config"])
 
 
-def _unreadable(directory: str, step: int, error: BaseException) -> CheckpointError:
+def _unreadable_error(directory: str, step: int, error: BaseException) -> CheckpointError:
   others = [s for s in resolve_steps(directory) if s != step]
   hint = (f"pass one of its other steps, e.g. {directory}/{others[-1]}" if others else
           "restore it from a backup, or convert or train the model again")
@@ -349,7 +349,7 @@ def load_config(path: str, step: int | None = None):
   try:
     return _config_at(_manager(directory), step), step
   except Exception as e:
-    raise _unreadable(directory, step, e) from e
+    raise _unreadable_error(directory, step, e) from e
 
 
 def stored_weights(path: str) -> list[str]:
@@ -403,7 +403,7 @@ def _restore(path, weights, config, shardings, step, allow_model_changes=False):
     saved_config = _config_at(manager, step)
     stored = manager.item_metadata(step)["state"]
   except Exception as e:
-    raise _unreadable(directory, step, e) from e
+    raise _unreadable_error(directory, step, e) from e
   config = saved_config if config is None else config
   key = "ema" if weights == "ema" else "params"
   if key not in stored:
@@ -426,7 +426,7 @@ def _restore(path, weights, config, shardings, step, allow_model_changes=False):
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True)))
   except Exception as e:
-    raise _unreadable(directory, step, e) from e
+    raise _unreadable_error(directory, step, e) from e
   params = restored["state"][key]
   bad = nonfinite_params(params)
   if bad:

@@ -65,9 +65,7 @@ def _imagenet_names() -> tuple[str, ...]:
 def _records(config, kind: str, directory: str | None = None):
   """The records of data.split of the prepared `kind` at `directory` (data.dir)."""
   directory = directory or config.data.get("dir", "")
-  if not directory:
-    raise ConfigError(f"data.dir is empty: point it at the {kind} dataset prepared by "
-                      f"`python -m monoformer_jax.data.prepare {kind}`")
+  _prepared("data.dir", directory, kind)
   return builders.data_source(directory, config.data.get("split", "train"), kind=kind)
 
 

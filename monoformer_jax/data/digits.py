@@ -28,6 +28,7 @@ from monoformer_jax.errors import ConfigError
 from monoformer_jax.data import builders, pipeline, prompts
 from monoformer_jax.data.images import from_unit_range
 from monoformer_jax.data.packing import Example
+from monoformer_jax.validate import real
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                "nine")
@@ -76,11 +77,6 @@ def number_sentence(rng: np.random.Generator) -> str:
   return f"{w[a]} is an {'even' if a % 2 == 0 else 'odd'} number."
 
 
-def _check_probability(name: str, p: float):
-  if not 0.0 <= p <= 1.0:
-    raise ConfigError(f"{name}={p} is not a probability in [0, 1]")
-
-
 def cache_dir(config, directory: str | None = None) -> str:
   """Where the digits' TFDS copy lives: `directory`, data.dir, else
   $MONOFORMER_DATA_DIR, else ~/.cache/monoformer_jax."""
@@ -105,10 +101,8 @@ def digits_example_stream(config, tokenizer, seed: int,
     raise ConfigError(f"digits are {shape} images but the config asks for "
                       f"model.image_size={m.image_size}, model.in_channels="
                       f"{m.in_channels}; use image_size=8, in_channels=1")
-  text_fraction = float(config.data.text_fraction)
-  drop_prob = float(config.data.cfg_drop_prob)
-  _check_probability("data.text_fraction", text_fraction)
-  _check_probability("data.cfg_drop_prob", drop_prob)
+  text_fraction = real("data.text_fraction", config.data.text_fraction, low=0, high=1)
+  drop_prob = real("data.cfg_drop_prob", config.data.cfg_drop_prob, low=0, high=1)
   image_seed, text_seed, mix_seed = (
       int(s) for s in np.random.SeedSequence(seed).generate_state(3))
 

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from monoformer_jax.errors import (ConfigError, FileFormatError, MissingPathError,
                                    PathError)
+from monoformer_jax.validate import integer
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # matched case-insensitively
 CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.tsv")
@@ -509,12 +510,6 @@ def chunk_report(output_dir) -> EncodeReport:
 # --- Encoding ---------------------------------------------------------------------------
 
 
-def _check_positive(name: str, value) -> int:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-    raise ConfigError(f"encode_items {name}={value!r} must be a positive integer")
-  return int(value)
-
-
 def _check_items(items: Sequence[ImageItem]) -> tuple[str, ...]:
   """The items' common field names; raises for duplicate keys or mixed fields."""
   field_names = tuple(sorted(items[0].fields)) if items else ()
@@ -613,9 +608,10 @@ def encode_items(items: Sequence[ImageItem], vae, output_dir, *, image_size: int
   k % process_count == process_index; the report covers those chunks.
   """
   items = list(items)
-  image_size = _check_positive("image_size", image_size)
-  batch_size = _check_positive("batch_size", batch_size)
-  chunk_size = _check_positive("chunk_size", chunk_size)
+  image_size, batch_size, chunk_size = (
+      integer(name, value, low=1, fix="encode_items takes positive sizes")
+      for name, value in (("image_size", image_size), ("batch_size", batch_size),
+                          ("chunk_size", chunk_size)))
   f = vae.config.downsample_factor
   if image_size % f:
     raise ConfigError(f"encode_items image_size={image_size} must be a multiple of the "

@@ -150,9 +150,8 @@ def main(argv):
   if jax.process_index() == 0:
     folder = builders.prepare(name, output_dir, splits, latent_shape=shape, flip=_FLIP.value,
                               description=f"prepared by monoformer_jax from {_INPUT.value}")
-    sizes = {s: v["shardLengths"] for s, v in
-             {x["name"]: x for x in builders.dataset_info(folder)["splits"]}.items()}
-    counts = {s: sum(int(n) for n in v) for s, v in sizes.items()}
+    counts = {split["name"]: sum(int(n) for n in split["shardLengths"])
+              for split in builders.dataset_info(folder)["splits"]}
     for line in lines:
       logging.info("%s", line)
     logging.info("wrote %s: %s records; train with --config.data.dir=%s", folder, counts,

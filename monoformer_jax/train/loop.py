@@ -142,6 +142,9 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     step = int(state["step"])
     num_steps = config.train.num_steps
     health = jax.device_put(healthy(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    # The data position after each step since the last check, so the last good
+    # state of a run that diverges is saved with the batches it had read.
+    data_after = {step: batches.get_state()}
     batch = None
     if step < num_steps:
       batch = sharding.global_batch(next(batches), mesh, rules)
@@ -155,9 +158,6 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     preemption = _Preemption()
     rows, length = config.data.batch_size, config.data.seq_len
     metrics = None
-    # The data position after each step since the last check, so the last good
-    # state of a run that diverges is saved with the batches it had read.
-    data_after = {step: batches.get_state()}
     t_last, step_last = time.perf_counter(), step
     while step < num_steps:
       if batch is None:
