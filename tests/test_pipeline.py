@@ -95,6 +95,60 @@ def test_digits_go_through_tfds_and_prefetched_batches_resume_exactly(tmp_path):
   assert len(records) == 1797
 
 
+def _records_both_ways(folder):
+  import tensorflow_datasets as tfds
+  ours = builders.data_source(folder)
+  theirs = tfds.builder_from_directory(folder).as_data_source(split="train")
+  return ours, theirs
+
+
+@pytest.mark.parametrize("layout", ["ours", "float_lists", "ragged"])
+def test_records_read_what_tfds_itself_decodes(tmp_path, layout):
+  """builders.Records parses the features we write straight from the proto;
+  what it returns must equal TFDS's own decoding, for today's layout
+  (tensors as bytes), for one written with TFDS's default (float lists), and
+  for features it leaves to TFDS (a tensor of varying length)."""
+  import tensorflow_datasets as tfds
+  f = tfds.features
+  rng = np.random.default_rng(0)
+  rows = [dict(key=f"{i:03d}", mean=rng.standard_normal((2, 3, 4), dtype=np.float32),
+               std=rng.random((2, 3, 4), dtype=np.float32), label=int(rng.integers(1000)),
+               wnid="n01440764", tags=np.arange(i % 4, dtype=np.int64))
+          for i in range(12)]
+  if layout == "ours":
+    builders.prepare("imagenet", str(tmp_path), {"train": lambda: iter(rows)},
+                     latent_shape=(2, 3, 4))
+    folder = builders.prepared_dir(str(tmp_path), "imagenet")
+    from array_record.python import array_record_module as ar
+    shards = [n for n in os.listdir(folder) if ".array_record-" in n]
+    assert shards and all("uncompressed" in ar.ArrayRecordReader(
+        os.path.join(folder, n)).writer_options_string() for n in shards)
+  else:
+    spec = dict(key=f.Text(), mean=f.Tensor(shape=(2, 3, 4), dtype=np.float32),
+                std=f.Tensor(shape=(2, 3, 4), dtype=np.float32),
+                label=f.Scalar(dtype=np.int64), wnid=f.Text())
+    if layout == "ragged":
+      spec["tags"] = f.Tensor(shape=(None,), dtype=np.int64)
+    builders._builder("imagenet", str(tmp_path), {"train": lambda: iter(rows)},
+                      f.FeaturesDict(spec), "test").download_and_prepare()
+    folder = builders.prepared_dir(str(tmp_path), "imagenet")
+  ours, theirs = _records_both_ways(folder)
+  assert (ours._fields is None) == (layout == "ragged")
+  assert len(ours) == len(theirs) == len(rows)
+  by_key = {r["key"]: r for r in rows}
+  batch = ours.__getitems__([3, 1, 7])
+  for i in range(len(rows)):
+    a, b = ours[i], theirs[i]
+    assert sorted(a) == sorted(b)
+    for name in b:
+      assert type(a[name]) is type(b[name]), name
+      np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    np.testing.assert_array_equal(a["mean"], by_key[a["key"].decode()]["mean"])
+    assert a["label"] == by_key[a["key"].decode()]["label"]
+  for i, a in zip([3, 1, 7], batch):
+    np.testing.assert_array_equal(a["std"], ours[i]["std"])
+
+
 # ------------------------------------------------------------------ imagenet
 
 WNIDS = ("n01440764", "n01443537", "n01484850")

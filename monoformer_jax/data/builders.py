@@ -41,7 +41,9 @@ def _features(kind: str, latent_shape=None, flip: bool = False):
   import tensorflow_datasets as tfds
   f = tfds.features
   if kind in LATENT_KINDS:
-    tensor = lambda: f.Tensor(shape=tuple(latent_shape), dtype=np.float32)
+    # Stored as raw bytes: read back with one np.frombuffer (Records).
+    tensor = lambda: f.Tensor(shape=tuple(latent_shape), dtype=np.float32,
+                              encoding=f.Encoding.BYTES)
     spec = dict(mean=tensor(), std=tensor(), key=f.Text())
     if flip:
       spec.update(mean_flip=tensor(), std_flip=tensor())
@@ -54,7 +56,7 @@ def _features(kind: str, latent_shape=None, flip: bool = False):
   elif kind == "text":
     spec = dict(text=f.Text())
   elif kind == "digits":
-    spec = dict(image=f.Tensor(shape=(8, 8, 1), dtype=np.float32),
+    spec = dict(image=f.Tensor(shape=(8, 8, 1), dtype=np.float32, encoding=f.Encoding.BYTES),
                 label=f.Scalar(dtype=np.int64))
   else:
     raise ConfigError(f"dataset kind {kind!r}: use one of {KINDS}")
@@ -104,10 +106,37 @@ def prepare(kind: str, output_dir: str, splits: Splits, *, latent_shape=None,
                     "--output_dir or remove it to prepare again")
   features = _features(kind, latent_shape, flip)
   _builder(kind, output_dir, splits, features, description or kind).download_and_prepare()
+  if kind in LATENT_KINDS:
+    for name in sorted(os.listdir(folder)):
+      if ".array_record-" in name:
+        _store_uncompressed(os.path.join(folder, name))
   return folder
 
 
-def data_source(directory: str, split: str = "train", *, kind: str | None = None):
+# Shards of latents are rewritten uncompressed: TFDS writes zstd, which saves
+# under a tenth of a latent's bytes (float32 mantissas do not compress) and
+# triples the cost of reading a record (0.10 against 0.037 ms per 64 KB
+# record on a 2-core host; docs/benchmarks.md). Readers take either.
+UNCOMPRESSED = "group_size:1,uncompressed"
+
+
+def _store_uncompressed(path: str, chunk: int = 256):
+  from array_record.python import array_record_module as ar
+  reader = ar.ArrayRecordReader(path)
+  if "uncompressed" in reader.writer_options_string():
+    reader.close()
+    return
+  n = reader.num_records()
+  writer = ar.ArrayRecordWriter(path + ".uncompressed", UNCOMPRESSED)
+  for start in range(0, n, chunk):
+    for record in reader.read(start, min(n, start + chunk)):
+      writer.write(record)
+  writer.close()
+  reader.close()
+  os.replace(path + ".uncompressed", path)
+
+
+def data_source(directory: str, split: str = "train", *, kind: str | None = None) -> "Records":
   """The random-access records of `split` of a prepared dataset (no TensorFlow)."""
   import tensorflow_datasets as tfds
   directory = os.fspath(directory)
@@ -122,7 +151,74 @@ def data_source(directory: str, split: str = "train", *, kind: str | None = None
   if split not in builder.info.splits:
     raise ConfigError(f"data.split={split!r}: {directory} has the splits "
                       f"{sorted(builder.info.splits)}")
-  return builder.as_data_source(split=split)
+  raw = builder.as_data_source(split=split,
+                               deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  return Records(raw, builder.info.features)
+
+
+class Records:
+  """A prepared split as a random-access sequence of dicts of numpy values.
+
+  TFDS's own decoding (`deserialize_example_np`) costs about 0.3 ms of Python
+  per latent record, more than everything else an example needs; the
+  features this project writes (fixed-shape tensors, scalars, text) are parsed
+  here straight from the tf.train.Example proto instead (a tensor stored as
+  bytes is one np.frombuffer). Features of any other kind, or a record that
+  does not parse this way, go through TFDS's decoding, so any prepared
+  dataset reads the same either way (tested).
+  """
+
+  def __init__(self, raw, features):
+    from tensorflow_datasets.core import example_parser
+    self.raw, self.features = raw, features
+    self._proto = example_parser.tf_example_pb2.Example
+    self._fields = self._fast_fields(features)
+
+  @staticmethod
+  def _fast_fields(features) -> dict | None:
+    """name -> (kind, dtype, shape) when every feature is one Records parses."""
+    import tensorflow_datasets as tfds
+    f = tfds.features
+    fields = {}
+    for name, feature in features.items():
+      if isinstance(feature, f.Text):
+        fields[name] = ("text", None, ())
+      elif type(feature) in (f.Tensor, f.Scalar) and None not in feature.shape:
+        encoding = getattr(feature, "_encoding", f.Encoding.NONE)
+        if encoding not in (f.Encoding.NONE, f.Encoding.BYTES):
+          return None
+        kind = "bytes" if encoding == f.Encoding.BYTES else "list"
+        fields[name] = (kind, np.dtype(feature.np_dtype), tuple(feature.shape))
+      else:
+        return None
+    return fields
+
+  def __len__(self) -> int:
+    return len(self.raw)
+
+  def _decode(self, serialized: bytes) -> dict:
+    if self._fields is None:
+      return self.features.deserialize_example_np(serialized)
+    feature = self._proto.FromString(serialized).features.feature
+    out = {}
+    for name, (kind, dtype, shape) in self._fields.items():
+      value = feature[name]
+      if kind == "text":
+        out[name] = value.bytes_list.value[0]
+      elif kind == "bytes":
+        out[name] = np.frombuffer(value.bytes_list.value[0], dtype).reshape(shape)
+      else:
+        values = (value.int64_list.value if value.HasField("int64_list")
+                  else value.float_list.value)
+        array = np.array(values, dtype).reshape(shape)
+        out[name] = array if shape else array.item()
+    return out
+
+  def __getitem__(self, index) -> dict:
+    return self._decode(self.raw[index])
+
+  def __getitems__(self, indices) -> list[dict]:
+    return [self._decode(r) for r in self.raw.__getitems__(list(indices))]
 
 
 def dataset_info(directory: str) -> dict:

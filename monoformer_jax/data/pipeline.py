@@ -16,7 +16,7 @@ Every dataset becomes the same thing, an indexable infinite stream
 
 A host reads only its share (`packing.host_stream`); with `data.workers` > 0
 its examples are read and made ahead by that many worker processes
-(`WorkerExamples`: decoding records is most of the cost and holds the GIL);
+(`WorkerExamples`: reading and making examples holds the GIL);
 `packing.PackedBatches` packs the rows, and `Prefetched` packs the next
 batches in a thread while the devices train. Because a batch is a pure function of one integer (the next
 example), a checkpoint's data state is that integer and a resumed run reads
