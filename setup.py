@@ -33,13 +33,18 @@ setup(
         "ml-dtypes>=0.5",          # bfloat16 safetensors (TinyLlama ships them)
         "sentencepiece>=0.2",      # Llama's tokenizer.model
         "tokenizers>=0.20",        # or an HF tokenizer.json
+        "tensorboardX>=2.6",       # TensorBoard events without TensorFlow (clu's writers import it)
     ],
     extras_require={
         # The notebook's own needs (Colab has them) are in `test`, which runs it.
         # safetensors: the tests write fixtures with it; the package reads and
         # writes the format itself (monoformer_jax/checkpoints/safetensors_io.py).
-        # chex: the tests' tree and shape assertions.
+        # chex: the tests' tree and shape assertions. jax[tpu] (libtpu of the
+        # installed jax, ~700 MB): tests/test_compile.py compiles for TPU slices.
         "test": ["pytest>=8", "pytest-xdist>=3.6", "nbformat>=5.10", "nbclient>=0.10",
-                 "ipykernel>=6.29", "matplotlib>=3.8", "safetensors>=0.5", "chex>=0.1.92"],
+                 "ipykernel>=6.29", "matplotlib>=3.8", "safetensors>=0.5", "chex>=0.1.92",
+                 "jax[tpu]>=0.10.2"],
+        # TPU hosts, and `python -m monoformer_jax.compile` (plans for TPU slices from any host).
+        "tpu": ["jax[tpu]>=0.10.2"],
     },
 )

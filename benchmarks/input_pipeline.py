@@ -14,7 +14,7 @@ is the median of `--repeats` timings of `--batches` batches of `--rows` rows
 each, after a warm-up (the host's other load moves single timings by 30%).
 
 What the step needs: the FLOPs of one 512-token row through MonoFormer-1.1B's
-train step (forward + backward, counted as MFU is: `step_flops_per_row`), and
+train step (forward + backward, counted as MFU is: `perf.train_flops_per_row`), and
 a chip's bf16 peak at an assumed MFU; per host = per chip x
 `--chips_per_host`. Goal: the pipeline >= 10x that.
 """
@@ -28,9 +28,9 @@ import tempfile
 import time
 
 from absl import app, flags
-import jax
 import numpy as np
 
+from monoformer_jax import perf
 from monoformer_jax.configs import config_file
 from monoformer_jax.data import builders
 from monoformer_jax.data.datasets import make_batches
@@ -66,22 +66,6 @@ def _write_records(folder: str, n: int) -> str:
                           flip=True)
 
 
-def step_flops_per_row() -> float:
-  """FLOPs of one 512-token row through MonoFormer-1.1B's train step, counted
-  the way MFU is usually counted (MaxText, PaLM's appendix): 6 per weight per
-  token for the matmuls (forward 2, backward 4; the embedding lookup is no
-  matmul), plus 12 * layers * L^2 * heads * head_dim for attention scores and
-  values over the whole row. (XLA's cost analysis of the lowered step counts a
-  scanned layer once, not 22 times, so it is not used.)"""
-  from monoformer_jax.model.build import abstract_model
-  config = config_file("imagenet256")
-  _, abstract, _ = abstract_model(config.model)
-  m, length = config.model, config.data.seq_len
-  weights = sum(x.size for x in jax.tree.leaves(abstract)) - abstract["embed_tokens"].size
-  return (6 * weights * length
-          + 12 * m.num_layers * length ** 2 * m.num_heads * m.head_dim)
-
-
 def main(argv):
   del argv
   config = config_file("imagenet256")
@@ -115,7 +99,7 @@ def main(argv):
     # The main process's own share (packing, with the examples already made):
     # the ceiling when there are enough cores for the workers.
     config.data.update(workers=0, prefetch=0)
-    made = make_batches(config, tok).example_at
+    made = make_batches(config, tok).parts[0].example_at
     n = (_BATCHES.value + 2) * _ROWS.value + 16
     examples = [made(i) for i in range(n)]
     packed = PackedBatches(lambda i: examples[i], rows=_ROWS.value, spec=row_spec(config, tok))
@@ -126,7 +110,8 @@ def main(argv):
     ceiling = _BATCHES.value * _ROWS.value / (time.perf_counter() - t0)
     print(f"packing alone: {ceiling:,.0f} rows/s", flush=True)
 
-  flops = step_flops_per_row()
+  paper = config_file("imagenet256")   # its real vocabulary, not the byte tokenizer's
+  flops = perf.train_flops_per_row(paper.model, paper.data.seq_len)
   need_chip = _PEAK.value * 1e12 * _MFU.value / flops
   need_host = need_chip * _CHIPS.value
   best = max(rate for *_, rate in results)

@@ -66,6 +66,7 @@ def get_config(variant=None):
                                 # ("": $MONOFORMER_DATA_DIR or ~/.cache/monoformer_jax)
       prefetch=2,               # batches packed ahead in a thread
       workers=0,                # processes that make the examples (the digits are cheap)
+      shards=0,                 # the stream and batch cut in this many (0: one per process)
       tokenizer="bytes",        # text.tokenizer.load_tokenizer: bytes, or a tokenizer.model
       seq_len=128,
       batch_size=32,            # global rows per step
@@ -94,8 +95,9 @@ def get_config(variant=None):
       grad_accum_steps=1,
   ))
 
-  # Mesh ('data', 'fsdp', 'tensor'); -1 takes the devices left over.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Mesh ('data', 'fsdp', 'tensor'); -1 takes the devices left over. dcn_data:
+  # TPU slices the data axis spans over DCN (multi-slice; the sizes split one slice).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
   # Logical axis -> mesh axes: the project's rules (parallel/sharding.py).
   c.sharding_rules = sharding.RULES
 
@@ -108,6 +110,9 @@ def get_config(variant=None):
       # Resuming or starting from a checkpoint made with other model settings
       # (rope_theta, eps, ...) is an error unless this is True.
       allow_model_changes=False,
+      tensorboard=True,         # metrics also as TensorBoard events in workdir/tensorboard
+      profile_steps=0,          # > 0: a jax.profiler trace of that many steps in workdir/profile
+      debug_nan_step=0,         # > 0: that step's loss and gradients made NaN (tests the stop)
   ))
 
   c.sample = ml_collections.ConfigDict(dict(

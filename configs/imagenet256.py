@@ -34,6 +34,10 @@ Variants (`--config=configs/imagenet256.py:VARIANT`):
          sampling, flips) with a test-size model on 8x8x4 latents (16-pixel
          images through the tiny VAE of tests/fixtures) and the byte tokenizer:
          what the tests train on CPU
+  7b     the Llama-2-7B shape (hidden 4096, 32 layers, 32 heads and 32 kv heads of
+         128, MLP 11008, vocabulary 32004) on the same data layout; what it needs
+         per chip: `python -m monoformer_jax.compile --config=configs/imagenet256.py:7b
+         --topology=v5p-64` (docs/scaling.md)
 """
 
 import ml_collections
@@ -41,7 +45,7 @@ import ml_collections
 from monoformer_jax.parallel import sharding
 
 
-VARIANTS = ("", "tiny")
+VARIANTS = ("", "tiny", "7b")
 
 
 def get_config(variant=None):
@@ -86,6 +90,7 @@ def get_config(variant=None):
       random_flip=True,         # mirror half the images (when prepared with --flip)
       prefetch=2,               # batches packed ahead in a thread
       workers=8,                # processes that read and make the examples (0: in-process)
+      shards=0,                 # the stream and batch cut in this many (0: one per process)
       tokenizer="",             # TinyLlama's tokenizer.model (text/tokenizer.load_tokenizer)
       seq_len=512,              # the reference truncates rows to 512 tokens
       batch_size=256,           # global rows per step
@@ -113,7 +118,9 @@ def get_config(variant=None):
   ))
 
   # FSDP over every device by default; tensor parallelism is `--config.mesh.tensor=N`.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  # dcn_data: TPU slices the data axis spans over DCN (multi-slice; the sizes above
+  # split one slice).
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
   c.sharding_rules = sharding.RULES   # the project's rules (parallel/sharding.py)
 
   c.train = ml_collections.ConfigDict(dict(
@@ -123,6 +130,9 @@ def get_config(variant=None):
       keep_checkpoints=3,
       init_from="",             # a model checkpoint, e.g. from `convert llama`
       allow_model_changes=False,  # True: resume/start from a checkpoint with other model settings
+      tensorboard=True,         # metrics also as TensorBoard events in workdir/tensorboard
+      profile_steps=0,          # > 0: a jax.profiler trace of that many steps in workdir/profile
+      debug_nan_step=0,         # > 0: that step's loss and gradients made NaN (tests the stop)
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
@@ -138,6 +148,9 @@ def get_config(variant=None):
   # SD-VAE (sd-vae-ft-mse, a diffusers AutoencoderKL folder) that decodes samples.
   c.vae = ml_collections.ConfigDict(dict(path=""))
 
+  if variant == "7b":   # Llama-2-7B's decoder; the same data, recipe and mesh
+    c.model.update(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                   head_dim=128, mlp_dim=11008)
   if variant == "tiny":
     c.model.update(vocab_size=264, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, mlp_dim=128, image_size=8, in_channels=4, dtype="float32",

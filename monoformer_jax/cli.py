@@ -1,11 +1,14 @@
-"""What every entry point (train, sample, convert) shares: logging and readable failures.
+"""What every entry point (train, sample, convert, ...) shares: logging, readable
+failures, and joining the other processes of a multi-host run.
 
 `run(main)` is `absl.app.run(main)` with the project's logging (INFO, Orbax's
 narration and JAX's backend probing dropped) and one rule for errors: a
 `UserError` (a bad flag, config field, path, file or checkpoint) prints as
 one line, `error: ...`, followed by its causes, and exits with status 2;
 `--verbose` shows its traceback instead. Any other exception is a bug and
-keeps its traceback.
+keeps its traceback. Before `main`, a process of a multi-host run (launch/,
+or `--jax_distributed`) joins the others (parallel/distributed.py), and JAX's
+persistent compilation cache is turned on (`use_compilation_cache`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from monoformer_jax.errors import UserError
 
 _VERBOSE = flags.DEFINE_bool("verbose", False,
                              "Show the traceback of input errors, not just their message.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "jax_distributed", False, "Call jax.distributed.initialize() first: one process of a "
+    "multi-host run (also done when the environment says so: parallel/distributed.py).")
 
 # Loggers whose INFO lines are noise for our users: JAX's probing of backends
 # that are not there ("Unable to initialize backend 'tpu'" on every CPU run).
@@ -41,6 +47,21 @@ def quiet_logs():
     std_logging.getLogger(name).setLevel(std_logging.WARNING)
 
 
+def use_compilation_cache():
+  """JAX's persistent compilation cache, so a second run (the tests, the
+  notebook, a resumed job) loads its compiled steps instead of compiling them
+  again: in $MONOFORMER_COMPILATION_CACHE, else ~/.cache/monoformer_jax/
+  compilation_cache; 'off' turns it off, and a folder set through JAX's own
+  JAX_COMPILATION_CACHE_DIR is left as it is."""
+  import jax
+  folder = os.environ.get("MONOFORMER_COMPILATION_CACHE", "")
+  if folder == "off" or jax.config.jax_compilation_cache_dir:
+    return
+  folder = folder or os.path.join(os.path.expanduser("~"), ".cache", "monoformer_jax",
+                                  "compilation_cache")
+  jax.config.update("jax_compilation_cache_dir", folder)
+
+
 def describe(error: BaseException) -> str:
   """`error: message` and one `  because: ...` line per cause in its chain."""
   lines = [f"error: {error}"]
@@ -59,7 +80,10 @@ def run(main: Callable[[list[str]], None]):
 
   def guarded(argv):
     quiet_logs()
+    use_compilation_cache()
     try:
+      from monoformer_jax.parallel import distributed
+      distributed.initialize(_DISTRIBUTED.value)
       return main(argv)
     except UserError as error:
       if _VERBOSE.value:

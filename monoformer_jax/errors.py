@@ -37,3 +37,11 @@ class CheckpointError(UserError, ValueError):
 
 class TrainingDiverged(UserError, FloatingPointError):
   """A non-finite loss or gradient; the last good state is kept."""
+
+
+class DoesNotFitError(UserError, MemoryError):
+  """A step that needs more accelerator memory than the chips have."""
+
+
+class NotInstalledError(UserError, ImportError):
+  """An optional dependency that the request needs is not installed."""

@@ -23,6 +23,7 @@ import os
 
 from absl import app, flags, logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
@@ -108,7 +109,9 @@ def main(argv):
   prompts = list(_PROMPT.value) + [inference.class_name_prompt(c, config)
                                    for c in _CLASS_NAME.value]
   vae = inference.load_vae_of(config, _VAE.value) if prompts else None
-  out_dir = _output_dir(_CHECKPOINT.value, step)
+  # Every process of a multi-host run samples (sharded); process 0 writes.
+  writer = jax.process_index() == 0
+  out_dir = _output_dir(_CHECKPOINT.value, step) if writer else None
 
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
@@ -129,8 +132,10 @@ def main(argv):
             guided_channels=3 if _GUIDE_EPS_0_TO_2.value else None, seed=_SEED.value,
             use_cache=_CACHE.value, num_timesteps=config.diffusion.num_timesteps,
             progress=lambda _: bar.update(1))
-        x0 = jax.device_get(x0)
+        x0 = (jax.device_get(x0) if jax.process_count() == 1 else   # all hosts' shards
+              multihost_utils.process_allgather(x0, tiled=True))
       images = inference.to_pixels(x0, config, vae)
+    if prompts and writer:
       np.savez(os.path.join(out_dir, "images.npz"), images=images,
                prompts=np.array(per_sample))
       inference.image_grid(images, rows=len(prompts), scale=max(1, 64 // images.shape[1])
@@ -143,6 +148,7 @@ def main(argv):
           temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
           seed=_SEED.value, use_cache=_CACHE.value)
       lines = [f"{p!r} -> {c!r}" for p, c in zip(_TEXT_PROMPT.value, completions)]
+    if _TEXT_PROMPT.value and writer:
       with open(os.path.join(out_dir, "text.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
       print("\n".join(lines))

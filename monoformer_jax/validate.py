@@ -124,8 +124,10 @@ def check_model(config):
           f"{m.patch_size}")
 
 
-def check_train_config(config):
-  """Every field training reads, before the mesh, the data or the model exist."""
+def check_train_config(config, *, reads_data: bool = True):
+  """Every field training reads, before the mesh, the data or the model exist;
+  `reads_data=False` leaves out the dataset and its prepared folders (an
+  ahead-of-time compile reads no data)."""
   from monoformer_jax.data.datasets import check_data
   from monoformer_jax.eval import SAMPLE_METRICS
 
@@ -136,9 +138,11 @@ def check_train_config(config):
   one_of("diffusion.beta_schedule", d.beta_schedule, ("linear",))
 
   data = _section(config, "data")
-  check_data(config)   # a dataset with an input pipeline, its prepared folders
+  if reads_data:
+    check_data(config)   # a dataset with an input pipeline, its prepared folders
   integer("data.prefetch", data.get("prefetch", 2), low=0)
   integer("data.workers", data.get("workers", 0), low=0)
+  integer("data.shards", data.get("shards", 0), low=0, fix="0 gives one shard per process")
   integer("data.seq_len", data.seq_len, low=2)
   integer("data.batch_size", data.batch_size, low=1)
   integer("data.max_images_per_row", data.max_images_per_row, low=1)
@@ -175,6 +179,8 @@ def check_train_config(config):
       _fail(f"mesh.{axis}", size, "must be >= 1, or -1 for the devices left over")
   if [mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
     _fail("mesh", dict(mesh), "may have at most one axis of -1")
+  integer("mesh.dcn_data", mesh.get("dcn_data", 1), low=1,
+          fix="the number of slices (TPU multi-slice) the data axis spans; 1 for one slice")
 
   t = _section(config, "train")
   integer("train.num_steps", t.num_steps, low=1)
@@ -188,6 +194,9 @@ def check_train_config(config):
           "(e.g. the output of `python -m monoformer_jax.convert llama`), or '' for a "
           "random init")
   boolean("train.allow_model_changes", t.get("allow_model_changes", False))
+  boolean("train.tensorboard", t.get("tensorboard", True))
+  integer("train.profile_steps", t.get("profile_steps", 0), low=0)
+  integer("train.debug_nan_step", t.get("debug_nan_step", 0), low=0)
 
   s = _section(config, "sample")
   integer("sample.num_per_class", s.num_per_class, low=0)
@@ -208,6 +217,11 @@ def check_batch_layout(config, mesh, process_count: int = 1):
   if rows % process_count:
     _fail("data.batch_size", rows, f"must be divisible by the {process_count} processes "
           "(each host reads batch_size / processes rows)")
+  shards = int(config.data.get("shards", 0))
+  if shards and (shards % process_count or rows % shards):
+    _fail("data.shards", shards, f"must be a multiple of the {process_count} processes and "
+          f"divide data.batch_size={rows} (each shard packs batch_size / shards rows)",
+          "0 gives one shard per process")
   spec = sharding.logical_to_spec(("batch",), config.sharding_rules)[0]
   axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
   shards = math.prod(mesh.shape[a] for a in axes)

@@ -9,10 +9,17 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     " --xla_cpu_multi_thread_eigen=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Compiled steps are shared by the tests (and their subprocesses) through
+# JAX's persistent cache: most tests compile the same tiny train step.
+os.environ.setdefault("MONOFORMER_COMPILATION_CACHE",
+                      str(REPO / ".pytest_cache" / "jax_compilation_cache"))
 
 import pytest  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from monoformer_jax import cli  # noqa: E402
+
+cli.use_compilation_cache()
 # The official implementation's outputs on a tiny model (a copy of the
 # project's shared/fixtures/official_tiny; its README says how they were made).
 FIXTURES = REPO / "tests" / "fixtures" / "official_tiny"

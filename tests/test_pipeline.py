@@ -89,7 +89,7 @@ def test_digits_go_through_tfds_and_prefetched_batches_resume_exactly(tmp_path):
   for a, b in zip(first + later, [next(parallel) for _ in range(6)]):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  parallel.batches.example_at.close()
+  parallel.batches.parts[0].example_at.close()
   # The images are the digits themselves, every one once per image epoch.
   records = builders.data_source(builders.prepared_dir(config.data.dir, "digits"))
   assert len(records) == 1797

@@ -176,11 +176,10 @@ class TrainCheckpointer:
     free = _free_bytes(self.directory)
     if free is not None and free < needed:
       raise self._failed(step, needed, f"{free:,} bytes are free there")
-    data_key = f"process_{jax.process_index()}"
     try:
       started = self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeSave(state),
-          data=ocp.args.JsonSave({data_key: data_state}),
+          data=ocp.args.JsonSave(data_state),
           config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
     except Exception as e:   # the previous async save's failure surfaces here too
       raise self._failed(step, needed, _first_line(e)) from e
@@ -221,7 +220,7 @@ class TrainCheckpointer:
     self.poll(wait=True)
 
   def restore_latest(self, abstract_state, shardings, config):
-    """(step, state in `shardings`, this process's data state) of the newest
+    """(step, state in `shardings`, the data state of every process) of the newest
     readable checkpoint, or None when there is none. An unreadable step is
     reported, moved aside to `<directory>_unreadable/` (so a new save can take
     its number) and the one before it tried; a checkpoint of another model is
@@ -277,11 +276,11 @@ class TrainCheckpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
         data=ocp.args.JsonRestore()))
-    data = restored["data"].get(f"process_{jax.process_index()}")
-    if data is None:
-      raise CheckpointError(f"checkpoint {self.directory}/{step} has no data state for "
-                            f"process {jax.process_index()}; was it saved with another "
-                            "number of hosts?")
+    data = restored["data"]
+    legacy = sorted(k for k in data if k.startswith("process_"))
+    if legacy:   # saved before data shards: process p's position is shard p's of P
+      data = {"shards": len(legacy), "next_example": {
+          k.removeprefix("process_"): int(data[k]["next_example"]) for k in legacy}}
     return restored["state"], data
 
   def close(self):

@@ -29,9 +29,11 @@ import os
 from typing import Callable
 
 import numpy as np
+from absl import logging
 
 from monoformer_jax.data import builders, digits, pipeline
-from monoformer_jax.data.packing import Example, PackedBatches, host_stream, row_spec
+from monoformer_jax.data.packing import (Example, PackedBatches, ShardedBatches,
+                                       data_state_shards, host_stream, row_spec)
 from monoformer_jax.errors import ConfigError
 
 
@@ -214,26 +216,55 @@ def host_example_stream(config_json: str, process_index: int, process_count: int
                      process_index, process_count)
 
 
+def data_shards(config, process_count: int, state: dict | None = None) -> int:
+  """How many shards the stream and the global batch are cut into:
+  data.shards, or when it is 0 the resumed state's count (so a run resumes
+  exactly on another number of processes), else one per process."""
+  shards = int(config.data.get("shards", 0))
+  saved = data_state_shards(state)["shards"] if state is not None else None
+  if shards == 0:
+    shards = saved if saved and saved % process_count == 0 else process_count
+    if saved and saved != shards:
+      logging.warning("the data state was read in %d shards, which %d processes cannot "
+                      "share; the data order restarts in %d shards", saved, process_count,
+                      shards)
+  if shards % process_count:
+    raise ConfigError(f"data.shards={shards} is not divisible by the {process_count} "
+                      "processes (each owns whole shards); use a multiple of "
+                      f"{process_count}, or 0 for one shard per process")
+  if config.data.batch_size % shards:
+    raise ConfigError(f"data.batch_size={config.data.batch_size} (global rows) is not "
+                      f"divisible by {shards} data shards (data.shards, or one per "
+                      "process); change either")
+  return shards
+
+
 def make_batches(config, tokenizer, *, process_index: int = 0, process_count: int = 1,
                  state: dict | None = None):
-  """This host's batches: `data.batch_size // process_count` rows each, packed
-  from its share of the config's dataset stream seeded by `config.seed`, its
-  examples made by `data.workers` processes (0: here), the next
-  `data.prefetch` batches packed ahead in a thread; `state` (from
-  `get_state()`) resumes."""
+  """This host's batches: its data shards' blocks of rows (packing.ShardedBatches;
+  `data.batch_size // shards` rows each) packed from the config's dataset
+  stream seeded by `config.seed`, the examples made by `data.workers`
+  processes (0: here), the next `data.prefetch` batches packed ahead in a
+  thread; `state` (from `get_state()`, merged over processes) resumes."""
   dataset = dataset_of(config)
-  if config.data.batch_size % process_count:
-    raise ConfigError(f"data.batch_size={config.data.batch_size} (global rows) is not "
-                      f"divisible by {process_count} processes")
-  stream = host_stream(dataset.example_stream(config, tokenizer, config.seed),
-                       process_index, process_count)   # built here too: errors surface here
+  shards = data_shards(config, process_count, state)
+  stream = dataset.example_stream(config, tokenizer, config.seed)  # errors surface here
+  own = range(process_index * shards // process_count,
+              (process_index + 1) * shards // process_count)
   workers = int(config.data.get("workers", 0))
-  if workers:
-    stream = pipeline.WorkerExamples(functools.partial(
-        host_example_stream, config.to_json(), process_index, process_count), workers)
-  batches = PackedBatches(stream, rows=config.data.batch_size // process_count,
-                          spec=row_spec(config, tokenizer))
+  parts = {}
+  for shard in own:
+    shard_stream = host_stream(stream, shard, shards)
+    if workers:
+      shard_stream = pipeline.WorkerExamples(functools.partial(
+          host_example_stream, config.to_json(), shard, shards),
+          max(1, workers // len(own)))
+    parts[shard] = PackedBatches(shard_stream, rows=config.data.batch_size // shards,
+                                 spec=row_spec(config, tokenizer))
+  batches = ShardedBatches(parts, shards)
   if state is not None:
-    batches.set_state(state)
+    state = data_state_shards(state)
+    if state["shards"] == shards:
+      batches.set_state(state)
   depth = int(config.data.get("prefetch", 2))
   return pipeline.Prefetched(batches, depth) if depth > 0 else batches

@@ -50,6 +50,7 @@ holds no image, no cut falls inside one; its `text_mask` is cut with it.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -111,6 +112,17 @@ def row_spec(config, tokenizer) -> RowSpec:
                  tokens_per_image=tokens_per_image(m),
                  image_id=tokenizer.image_id, pad_id=tokenizer.pad_id,
                  text_on_image_examples=bool(config.loss.text_on_image_examples))
+
+
+def batch_shapes(config, rows: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """(shape, dtype) of each array of a batch of `rows` (default data.batch_size)
+  packed rows of `config`, with no tokenizer and no data: what an ahead-of-time
+  compile traces the train step with. Read off the packer's own empty batch,
+  so it is what `pack_examples` makes."""
+  rows = config.data.batch_size if rows is None else rows
+  ids = types.SimpleNamespace(image_id=0, pad_id=0)   # token ids change no shape
+  empty = _Rows(0, row_spec(config, ids)).batch()
+  return {name: ((rows,) + x.shape[1:], x.dtype) for name, x in empty.items()}
 
 
 class Row(NamedTuple):
@@ -451,3 +463,63 @@ def host_stream(example_at: Callable[[int], Example], process_index: int,
   if process_count == 1:
     return example_at
   return lambda i: example_at(i * process_count + process_index)
+
+
+class ShardedBatches(Iterator[dict]):
+  """This process's rows of the global batch: one PackedBatches per data shard
+  it owns, their rows side by side.
+
+  The stream is cut into `shards` shards (shard s: `host_stream(stream, s,
+  shards)`) and the global batch into as many blocks of rows, block s packed
+  from shard s alone. A process owns a run of whole shards, so the global
+  batch of a step is the same however many processes read it (2 processes
+  of 1 shard each, or 1 process of 2 shards), and a checkpoint's data state
+  (every shard's next example) resumes exactly on any process count that
+  divides `shards`.
+  """
+
+  def __init__(self, parts: dict[int, PackedBatches], shards: int):
+    self.parts, self.shards = parts, shards
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    blocks = [next(part) for part in self.parts.values()]
+    if len(blocks) == 1:
+      return blocks[0]
+    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
+  def get_state(self) -> dict:
+    """{"shards": S, "next_example": {shard: index}} for the shards owned here;
+    the loop merges every process's into one (`merge_data_states`)."""
+    return {"shards": self.shards,
+            "next_example": {str(s): p.next_example for s, p in self.parts.items()}}
+
+  def set_state(self, state: dict):
+    state = data_state_shards(state)
+    if state["shards"] != self.shards:
+      raise ConfigError(f"the data state was read in {state['shards']} shards, these "
+                        f"batches in {self.shards}; set data.shards={state['shards']}")
+    missing = [s for s in self.parts if str(s) not in state["next_example"]]
+    if missing:
+      raise ConfigError(f"the data state has no position for shards {missing}")
+    for s, part in self.parts.items():
+      part.set_state({"next_example": state["next_example"][str(s)]})
+
+
+def data_state_shards(state: dict) -> dict:
+  """A data state in ShardedBatches's form; a state of one PackedBatches
+  (before data shards) is shard 0 of 1."""
+  if "shards" in state:
+    return state
+  return {"shards": 1, "next_example": {"0": int(state["next_example"])}}
+
+
+def merge_data_states(states: Sequence[dict]) -> dict:
+  """One data state from every process's (each holds its own shards)."""
+  states = [data_state_shards(s) for s in states]
+  merged = {}
+  for s in states:
+    merged.update(s["next_example"])
+  return {"shards": states[0]["shards"], "next_example": merged}

@@ -46,8 +46,6 @@ _SPLITS = flags.DEFINE_list("splits", ["train", "val"], "imagenet: the splits to
 _ANNOTATIONS = flags.DEFINE_string("annotations", None, "text_to_image: the annotation jsonl.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per VAE batch (all local devices).")
 _CHUNK = flags.DEFINE_integer("chunk_size", 1024, "Images per resumable chunk.")
-_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
-                                 "Call jax.distributed.initialize() (several hosts).")
 
 
 def _latent_splits(name: str, output_dir: str) -> tuple[dict, tuple, list[str]]:
@@ -130,8 +128,6 @@ def main(argv):
     raise app.UsageError(f"usage: python -m monoformer_jax.data.prepare "
                          f"{{{'|'.join(builders.KINDS)}}} --input_dir=... --output_dir=...")
   name = argv[1]
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
   if not _OUTPUT.value:
     raise app.UsageError("--output_dir is required")
   output_dir = writable_dir(_OUTPUT.value, "prepared dataset", "--output_dir")

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from monoformer_jax.errors import ConfigError
@@ -28,25 +29,46 @@ _state = threading.local()
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
-  """Mesh ('data', 'fsdp', 'tensor') from e.g. {data: -1, fsdp: 1, tensor: 1}."""
-  devices = jax.devices() if devices is None else devices
+  """Mesh ('data', 'fsdp', 'tensor') from e.g. {data: -1, fsdp: 1, tensor: 1}.
+
+  The sizes split one slice's devices (-1: the rest of them); with
+  `dcn_data: S` > 1 (default 1) the devices are S slices (TPU multi-slice) and
+  the data axis is S times `data` long: its outer factor spans the slices over
+  the data-centre network (DCN), the rest stays on each slice's ICI, as
+  MaxText's dcn_data_parallelism.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  dcn = int(mesh_config.get("dcn_data", 1))
+  slices = len({getattr(d, "slice_index", None) or 0 for d in devices})
+  if dcn < 1:
+    raise ConfigError(f"config.mesh.dcn_data={dcn}: must be >= 1 (the slices the data "
+                      "axis spans over DCN; 1 for a single slice)")
+  if dcn != slices:
+    raise ConfigError(
+        f"config.mesh.dcn_data={dcn} but the {len(devices)} devices form {slices} "
+        f"slice(s): set --config.mesh.dcn_data={slices}")
+  per_slice = len(devices) // slices
   sizes = [int(mesh_config[a]) for a in MESH_AXES]
   unknown = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  where = f"{per_slice} devices" + (f" per slice ({slices} slices)" if slices > 1 else "")
   if len(unknown) > 1:
     raise ConfigError(f"config.mesh: at most one axis may be -1, got {unknown}")
   known = math.prod(s for s in sizes if s != -1)
   if unknown:
-    if len(devices) % known:
+    if per_slice % known:
       raise ConfigError(
-          f"config.mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices "
+          f"config.mesh {dict(zip(MESH_AXES, sizes))}: {where} "
           f"are not divisible by {known}")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
+    sizes[sizes.index(-1)] = per_slice // known
+  if math.prod(sizes) != per_slice:
     raise ConfigError(
         f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-        f"devices but {len(devices)} are available; set one axis to -1")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+        f"devices but {where} are available; set one axis to -1")
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if slices == 1:
+    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=axis_types)
+  grid = mesh_utils.create_hybrid_device_mesh(sizes, (slices, 1, 1), devices)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(axes: Sequence[str | None], rules: Rules,

@@ -21,20 +21,21 @@ aside and the one before it resumed (checkpoints/orbax_io.py).
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 import jax
 from absl import logging
 from flax import nnx
 
+from monoformer_jax import perf
 from monoformer_jax.checkpoints import TrainCheckpointer, load_params
 from monoformer_jax.data.datasets import dataset_of, make_batches
+from monoformer_jax.data.packing import merge_data_states
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.errors import TrainingDiverged
 from monoformer_jax.eval import finite_json
 from monoformer_jax.model.build import param_count
-from monoformer_jax.parallel import sharding
+from monoformer_jax.parallel import distributed, sharding
 from monoformer_jax.text.tokenizer import tokenizer_of
 from monoformer_jax.train.samples import write_samples
 from monoformer_jax.train.state import (create_train_state, make_optimizer, state_from_params,
@@ -43,25 +44,55 @@ from monoformer_jax.train.step import WATCHED, healthy, make_train_step
 from monoformer_jax.validate import check_batch_layout, check_train_config, writable_dir
 
 
-def _append_metrics(workdir: str, row: dict):
-  """One JSON line per logged step in workdir/metrics.jsonl (process 0)."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-      f.write(finite_json(row) + "\n")
+class _Metrics:
+  """Logged steps as JSON lines in workdir/metrics.jsonl and, with
+  train.tensorboard, as TensorBoard scalars in workdir/tensorboard (tensorboardX:
+  clu's writers need TensorFlow). Process 0 writes; the others do nothing."""
+
+  def __init__(self, workdir: str, tensorboard: bool):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.writer = None
+    self.active = jax.process_index() == 0
+    if self.active and tensorboard:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, row: dict):
+    if not self.active:
+      return
+    with open(self.path, "a") as f:
+      f.write(finite_json(dict(step=step, **row)) + "\n")
+    if self.writer is not None:
+      for name, value in row.items():
+        self.writer.add_scalar(name, value, step)
+      self.writer.flush()
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so the last state is saved."""
+class _Profile:
+  """A jax.profiler trace of train.profile_steps steps into workdir/profile,
+  from the third step this run takes (after the compile and a warm step)."""
 
-  def __init__(self):
-    self.requested = False
-    try:
-      signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. a notebook worker)
-      pass
+  def __init__(self, workdir: str, first_step: int, steps: int):
+    self.dir = os.path.join(workdir, "profile")
+    self.start, self.stop = first_step + 2, first_step + 2 + steps
+    self.on = False
+    self.enabled = steps > 0
 
-  def _handle(self, *_):
-    self.requested = True
+  def before(self, step: int):
+    if self.enabled and step == self.start:
+      jax.profiler.start_trace(self.dir)
+      self.on = True
+
+  def after(self, step: int, state):
+    if self.on and step >= self.stop:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.on = False
+      logging.info("profiled steps %d..%d into %s", self.start + 1, step, self.dir)
 
 
 def initial_state(config, mesh, tx):
@@ -145,67 +176,124 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     # The data position after each step since the last check, so the last good
     # state of a run that diverges is saved with the batches it had read.
     data_after = {step: batches.get_state()}
+    real_tokens = 0   # non-padding tokens of this host's rows since the last log
+    clock = dict(data=0.0, checkpoint=0.0)   # seconds since the last log
+
+    def next_batch():
+      nonlocal real_tokens
+      t0 = time.perf_counter()
+      local = next(batches)
+      real_tokens += int((local["segment_ids"] > 0).sum())
+      out = sharding.global_batch(local, mesh, rules)
+      clock["data"] += time.perf_counter() - t0
+      return out
+
+    def save(at: int, **kw):
+      """Saves step `at` with every process's data position (a collective)."""
+      t0 = time.perf_counter()
+      data = merge_data_states(distributed.all_gather_json(data_after[at]))
+      ckpt.save(at, state, data, config, **kw)
+      clock["checkpoint"] += time.perf_counter() - t0
+
     batch = None
+    compile_s = 0.0
     if step < num_steps:
-      batch = sharding.global_batch(next(batches), mesh, rules)
+      batch = next_batch()
       logging.info("compiling the train step ...")
       t0 = time.perf_counter()
       train_step = make_train_step(graphdef, diffusion, config, tx, schedule, shardings,
                                    batch_sh).lower(state, batch, health).compile()
-      logging.info("compiled the train step in %.1f s", time.perf_counter() - t0)
+      compile_s = time.perf_counter() - t0
+      logging.info("compiled the train step in %.1f s", compile_s)
 
     # ---------------------------------------------------------------- loop
-    preemption = _Preemption()
+    preemption = distributed.Preemption()
+    metrics_out = _Metrics(workdir, config.train.get("tensorboard", True))
+    profile = _Profile(workdir, step, config.train.get("profile_steps", 0))
     rows, length = config.data.batch_size, config.data.seq_len
+    # Model FLOPs of a step (perf.py: XLA's count sees a scanned layer once)
+    # and the chip's peak, for MFU; None on a CPU or an unlisted chip.
+    step_flops = perf.train_flops_per_row(config.model, length) * rows
+    chip = perf.chip_of(jax.devices()[0])
     metrics = None
+    stopped = False
     t_last, step_last = time.perf_counter(), step
+    t_first, step_first = t_last, step
+    clock["data"] = 0.0   # the first batch belongs to the compile
     while step < num_steps:
       if batch is None:
-        batch = sharding.global_batch(next(batches), mesh, rules)
+        batch = next_batch()
+      profile.before(step)
       state, metrics, health = train_step(state, batch, health)
       batch = None
       step += 1
+      profile.after(step, state)
       data_after[step] = batches.get_state()
+      stopped = preemption.reached(step)
       log = step % config.train.log_every == 0 or step == num_steps
-      save = step % config.train.checkpoint_every == 0 or preemption.requested
-      if not (log or save):
+      saving = step % config.train.checkpoint_every == 0 or stopped
+      if not (log or saving):
         continue
       # Both sync with the devices anyway: read the health record first.
       health_now = jax.device_get(health)
       if health_now["bad_step"] >= 0:
         good = int(health_now["bad_step"]) - 1
         if good > 0:   # the state on the devices is that step's: keep it
-          ckpt.save(good, state, data_after[good], config, force=True)
+          save(good, force=True)
         ckpt.wait()
         ckpt.close()
+        metrics_out.close()
         raise _diverged(health_now, ckpt)
       data_after = {step: data_after[step]}
       if log:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
-        steps_per_s = (step - step_last) / (now - t_last)
-        t_last, step_last = now, step
-        _append_metrics(workdir, dict(step=step, **{k: float(v) for k, v in metrics.items()}))
+        step_time = (now - t_last) / (step - step_last)
+        tokens_per_device = real_tokens / (now - t_last) / jax.local_device_count()
+        achieved = step_flops / step_time / jax.device_count()   # FLOP/s per device
+        row = {k: float(v) for k, v in metrics.items()}
+        row.update(step_time_s=step_time, tokens_per_s_per_device=tokens_per_device,
+                   tflops_per_device=achieved / 1e12, data_wait_s=clock["data"],
+                   checkpoint_s=clock["checkpoint"])
+        if chip is not None:
+          row["mfu"] = achieved / (chip.bf16_tflops * 1e12)
+        metrics_out.write(step, row)
         logging.info(
             "step %d/%d  loss %.4f  diff %.4f (mse %.4f vb %.4f)  lm %.3f  |g| %.2f  "
-            "lr %.2e  %.2f steps/s  %s tokens/s",
+            "lr %.2e  %.3f s/step  %s tokens/s/device  %s  data %.2f s  ckpt %.2f s",
             step, num_steps, metrics["loss"], metrics["diff"], metrics["mse"],
-            metrics["vb"], metrics["lm"], metrics["grad_norm"], metrics["lr"],
-            steps_per_s, f"{steps_per_s * rows * length:,.0f}")
+            metrics["vb"], metrics["lm"], metrics["grad_norm"], metrics["lr"], step_time,
+            f"{tokens_per_device:,.0f}",
+            f"MFU {row['mfu']:.1%}" if chip else f"{achieved / 1e9:,.1f} GFLOP/s/device",
+            clock["data"], clock["checkpoint"])
+        t_last, step_last, real_tokens = now, step, 0
+        clock.update(data=0.0, checkpoint=0.0)
         ckpt.poll()
-      if save:
-        ckpt.save(step, state, data_after[step], config, force=preemption.requested)
-      if preemption.requested:
+      if saving:
+        save(step, force=stopped)
+      if stopped:
         ckpt.wait()
-        logging.warning("SIGTERM: saved step %d and stopping", step)
+        logging.warning("preempted (SIGTERM): saved step %d on every host and stopping", step)
         break
-    ckpt.save(step, state, batches.get_state(), config, force=True)
+    if not stopped:
+      data_after = {step: batches.get_state()}
+      save(step, force=True)
     ckpt.wait()
     ckpt.close()
+    metrics_out.close()
+    trained_s = time.perf_counter() - t_first
 
     # ------------------------------------------------------------- samples
     # Every process runs the (sharded) sampler; process 0 writes the files.
-    if sample_at_end and not preemption.requested:
+    sample_s = None
+    if sample_at_end and not stopped:
+      t0 = time.perf_counter()
       write_samples(nnx.merge(graphdef, state["ema"]), config, tokenizer,
                     os.path.join(workdir, "samples"))
+      sample_s = time.perf_counter() - t0
+  if step > step_first:
+    logging.info("done: compile %.1f s, %d steps in %.1f s (%.3f s/step with the logging and "
+                 "checkpoints)%s", compile_s, step - step_first, trained_s,
+                 trained_s / (step - step_first),
+                 f", samples {sample_s:.1f} s" if sample_s is not None else "")
   return state, metrics

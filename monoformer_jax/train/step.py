@@ -82,11 +82,16 @@ def make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_
   grads_of = accumulated_grads(make_loss_fn(graphdef, diffusion, config),
                                config.optim.grad_accum_steps)
   ema_decay = config.optim.ema_decay
+  nan_step = int(config.train.get("debug_nan_step", 0))
   base_key = jax.random.PRNGKey(config.seed)
 
   def step(state, batch, health):
     key = jax.random.fold_in(base_key, state["step"])
     grads, metrics = grads_of(state["params"], batch, key)
+    if nan_step:   # tests of the divergence stop: this step's loss and gradients are NaN
+      poison = jnp.where(state["step"] + 1 == nan_step, jnp.nan, 0.0)
+      grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
+      metrics = dict(metrics, loss=metrics["loss"] + poison)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
