@@ -224,10 +224,10 @@ def data_shards(config, process_count: int, state: dict | None = None) -> int:
   saved = data_state_shards(state)["shards"] if state is not None else None
   if shards == 0:
     shards = saved if saved and saved % process_count == 0 else process_count
-    if saved and saved != shards:
-      logging.warning("the data state was read in %d shards, which %d processes cannot "
-                      "share; the data order restarts in %d shards", saved, process_count,
-                      shards)
+  if saved and saved != shards:
+    logging.warning("the data state was read in %d shards, these %d processes read %d "
+                    "(data.shards=%d); the data order restarts", saved, process_count,
+                    shards, int(config.data.get("shards", 0)))
   if shards % process_count:
     raise ConfigError(f"data.shards={shards} is not divisible by the {process_count} "
                       "processes (each owns whole shards); use a multiple of "

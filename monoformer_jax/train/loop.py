@@ -276,7 +276,6 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
         logging.warning("preempted (SIGTERM): saved step %d on every host and stopping", step)
         break
     if not stopped:
-      data_after = {step: batches.get_state()}
       save(step, force=True)
     ckpt.wait()
     ckpt.close()
