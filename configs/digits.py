@@ -122,8 +122,22 @@ def get_config(variant=None):
       cfg_scale=2.0,
       text_prompts=("three plus four is", "the number after five", "two times"),
       max_new_tokens=24,
-      # What the end-of-run samples are scored with (monoformer_jax/eval).
-      metrics=("digits_classifier",),
+      # What the end-of-run samples are scored with (monoformer_jax/eval/score.py).
+      metrics=("digits",),
+  ))
+
+  # Evaluators inside training (monoformer_jax/eval/score.py): every `every`
+  # steps, sample metrics of num_samples class-balanced samples from the EMA
+  # weights, logged as eval/... beside the training metrics. The shapes are the
+  # end-of-run samples', so both share one compiled sampler.
+  c.evals = ml_collections.ConfigDict(dict(
+      every=400,                # 0: off
+      metrics=("digits",),      # accuracy and Fréchet distance in the classifier's features
+      num_samples=200,
+      num_steps=50,
+      cfg_scale=2.0,
+      inception="",             # fid/sfid/is/precision_recall: pytorch-fid's weights file
+      reference="",             # and a reference batch npz
   ))
 
   if variant == "tiny":
@@ -133,4 +147,5 @@ def get_config(variant=None):
     c.mesh.update(data=1, fsdp=-1)
     c.train.update(num_steps=50, log_every=1, checkpoint_every=10, keep_checkpoints=3)
     c.sample.update(num_per_class=2, num_steps=10)
+    c.evals.update(every=0, num_samples=20, num_steps=10)
   return c

@@ -142,7 +142,21 @@ def get_config(variant=None):
       cfg_scale=1.5,            # the reference also reports 2.0 and 4.0
       text_prompts=("The capital of France is", "A recipe for pancakes:"),
       max_new_tokens=256,
-      metrics=(),               # FID and friends: not yet (monoformer_jax/eval)
+      metrics=(),               # FID-50K: python -m monoformer_jax.evaluate (README)
+  ))
+
+  # Evaluators inside training (monoformer_jax/eval/score.py), off by default
+  # since they need files: a small FID every 10k steps is
+  #   --config.evals.metrics=fid --config.evals.inception=pt_inception-2015-12-05-6726825d.pth
+  #   --config.evals.reference=VIRTUAL_imagenet256_labeled.npz
+  c.evals = ml_collections.ConfigDict(dict(
+      every=10_000,
+      metrics=(),
+      num_samples=1_000,        # FID-1K: biased upwards against FID-50K, for trends only
+      num_steps=20,
+      cfg_scale=1.5,
+      inception="",
+      reference="",
   ))
 
   # SD-VAE (sd-vae-ft-mse, a diffusers AutoencoderKL folder) that decodes samples.

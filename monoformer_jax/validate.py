@@ -129,7 +129,7 @@ def check_train_config(config, *, reads_data: bool = True):
   `reads_data=False` leaves out the dataset and its prepared folders (an
   ahead-of-time compile reads no data)."""
   from monoformer_jax.data.datasets import check_data
-  from monoformer_jax.eval import SAMPLE_METRICS
+  from monoformer_jax.eval.score import IMAGE_METRICS, SAMPLE_METRICS
 
   check_model(config)
   integer("seed", config.seed, low=0)
@@ -207,6 +207,44 @@ def check_train_config(config, *, reads_data: bool = True):
     _fail("sample.text_prompts", s.text_prompts, "must be a list of strings")
   for name in s.get("metrics", ()):
     one_of("sample.metrics", name, SAMPLE_METRICS)
+  if "evals" in config:
+    check_evals(config)
+  if any(m in IMAGE_METRICS for m in s.get("metrics", ())):
+    check_metric_files(config, "sample.metrics")
+
+
+def check_evals(config):
+  """The evaluators inside training (`config.evals`, eval/score.py)."""
+  from monoformer_jax.data.datasets import class_names
+  from monoformer_jax.eval.score import IMAGE_METRICS, check_metrics
+
+  ev = config.evals
+  every = integer("evals.every", ev.every, low=0, fix="0 turns the evaluators off")
+  if not every or not ev.metrics:
+    return
+  metrics = check_metrics(ev.metrics, "evals.metrics")
+  if "commonsense" in metrics:
+    _fail("evals.metrics", tuple(metrics), "may not name commonsense inside training",
+          "run `python -m monoformer_jax.evaluate --metrics=commonsense` on a checkpoint")
+  if not class_names(config):
+    _fail("evals.metrics", tuple(metrics), f"needs class-conditional samples, but "
+          f"data.name={config.data.name!r} has no classes", "set evals.every=0")
+  integer("evals.num_samples", ev.num_samples, low=2)
+  check_image_sampling(num_steps=ev.num_steps, cfg_scale=ev.cfg_scale,
+                       num_timesteps=config.diffusion.num_timesteps, prefix="evals.")
+  if any(m in IMAGE_METRICS for m in metrics):
+    check_metric_files(config, "evals.metrics")
+
+
+def check_metric_files(config, field: str):
+  """The files the Inception metrics named in `field` read."""
+  ev = config.get("evals", {})
+  for name in ("inception", "reference"):
+    path = ev.get(name, "")
+    if not path or not os.path.isfile(path):
+      _fail(f"evals.{name}", path, f"is not a file (the Inception metrics in {field} read it)",
+            "give pytorch-fid's Inception weights (evals.inception) and a reference batch npz "
+            "(evals.reference)")
 
 
 def check_batch_layout(config, mesh, process_count: int = 1):

@@ -12,3 +12,21 @@ def digits_config(**train):
   c = config_file("digits:tiny")
   c.train.update(train)
   return c
+
+
+def random_digits_checkpoint(path):
+  """A digits-shaped model (2 layers) saved at `path` with random weights, raw
+  and EMA; the EMA weights give the zero-initialised heads small random values,
+  so samples depend on the prompt (a shift of every weight instead made every
+  sample NaN)."""
+  import jax
+  from monoformer_jax.checkpoints import save_model
+  from monoformer_jax.model.build import init_params
+  config = digits_config()
+  params = jax.jit(lambda: init_params(config.model, seed=3))()
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+  ema = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape)
+                                  for p, k in zip(leaves, keys)])
+  save_model(path, config, params, ema=ema)
+  return path

@@ -218,7 +218,7 @@ def test_journeydb_items(tmp_path):
   assert missing == [os.path.join(images, "./000/gone.jpg")]
 
   jsonl.write_text(json.dumps(lines[0]) + "\n{oops\n")
-  with pytest.raises(FileFormatError, match=r"anno.jsonl line 2 is not JSON"):
+  with pytest.raises(FileFormatError, match=r"anno.jsonl, line 2: not JSON"):
     journeydb_items(jsonl, images)
   jsonl.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps({"img_path": "000/b.jpg"}))
   with pytest.raises(FileFormatError, match=r"line 3: 'prompt' is missing"):

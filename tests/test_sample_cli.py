@@ -12,21 +12,14 @@ import pytest
 from monoformer_jax import inference
 from monoformer_jax.checkpoints import load_model, save_model
 from monoformer_jax.model.build import init_params
-from helpers import digits_config
+from helpers import digits_config, random_digits_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  """A digits-shaped model (2 layers) with random weights, raw and EMA."""
-  config = digits_config()
-  params = jax.jit(lambda: init_params(config.model, seed=3))()
-  # Give the zero-initialised heads weights, so the samples depend on the prompt.
-  ema = jax.tree.map(lambda p: p + 0.05, params)
-  path = tmp_path_factory.mktemp("ckpt")
-  save_model(path, config, params, ema=ema)
-  return path
+  return random_digits_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _cli(*flags, cwd=REPO):

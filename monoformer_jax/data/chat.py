@@ -54,11 +54,11 @@ rendering happens at training time from the stored turns.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
 from monoformer_jax.data import prompts
+from monoformer_jax.data.jsonl import json_objects, numbered_lines
 from monoformer_jax.data.packing import Example
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
 
@@ -167,34 +167,6 @@ def _checked_file(path) -> str:
   return path
 
 
-def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
-  """(line number from 1, text without its line end) of a UTF-8 file."""
-  with open(path, "rb") as f:
-    for number, raw in enumerate(f, 1):
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise FileFormatError(f"{path}, line {number}: not UTF-8 ({e.reason} at byte "
-                              f"{e.start}); save the file as UTF-8") from e
-      yield number, line.rstrip("\n").rstrip("\r")
-
-
-def _json_lines(path: str) -> Iterator[tuple[int, Any]]:
-  """(line number, object) of each non-blank line of a JSONL file."""
-  for number, line in _numbered_lines(path):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise FileFormatError(f"{path}, line {number}: not JSON ({e.msg} at column "
-                            f"{e.colno}); each line must be one JSON object") from e
-    if not isinstance(record, dict):
-      raise FileFormatError(f"{path}, line {number}: a JSON {type(record).__name__}, not an "
-                            "object; each line must be one JSON object")
-    yield number, record
-
-
 _CHAT_KEYS = ("data", "messages", "conversations")
 
 
@@ -244,7 +216,7 @@ def read_conversations(path) -> Iterator[list[dict[str, str]]]:
 
   def conversations():
     count = 0
-    for number, record in _json_lines(path):
+    for number, record in json_objects(path):
       try:
         turns = _turns_of(record)
       except ValueError as e:
@@ -270,7 +242,7 @@ def read_texts(path) -> Iterator[str]:
                           f"{suffix or 'no suffix'!r}")
 
   def jsonl():
-    for number, record in _json_lines(path):
+    for number, record in json_objects(path):
       text = record.get("text")
       if not isinstance(text, str):
         raise FileFormatError(f"{path}, line {number}: 'text' is {text!r:.80}; each line "
@@ -279,7 +251,7 @@ def read_texts(path) -> Iterator[str]:
 
   def txt():
     lines: list[str] = []
-    for _, line in _numbered_lines(path):
+    for _, line in numbered_lines(path):
       if line.strip():
         lines.append(line)
       elif lines:

@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 from tqdm import tqdm
 
+from monoformer_jax.data.jsonl import json_objects
 from monoformer_jax.errors import (ConfigError, FileFormatError, MissingPathError,
                                    PathError)
 from monoformer_jax.validate import integer
@@ -317,38 +318,27 @@ def journeydb_items(annotations_jsonl, image_root) -> tuple[list[ImageItem], lis
     raise MissingPathError(f"image root {image_root} is not a folder; give the folder the "
                            f"img_path entries of {annotations_jsonl} are relative to")
   items, missing, line_of = [], [], {}
-  with open(annotations_jsonl, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{annotations_jsonl} line {lineno}"
-      try:
-        entry = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise FileFormatError(f"{where} is not JSON ({e.msg} at column {e.colno}); fix or "
-                              "delete that line") from e
-      if not isinstance(entry, dict):
-        raise FileFormatError(f"{where} is a JSON {type(entry).__name__}, not an object "
-                              "with img_path and prompt; fix or delete that line")
-      for name in ("img_path", "prompt"):
-        if not isinstance(entry.get(name), str) or (name == "img_path" and not entry[name]):
-          got = "missing" if name not in entry else f"{entry[name]!r}"
-          raise FileFormatError(f"{where}: {name!r} is {got}; each line needs a string "
-                                "img_path and prompt")
-      caption = entry.get("caption")
-      if caption is None and isinstance(entry.get("Task2"), dict):
-        caption = entry["Task2"].get("Caption")
-      key = os.path.normpath(entry["img_path"]).replace(os.sep, "/")
-      if key in line_of:
-        raise FileFormatError(f"{where}: img_path {entry['img_path']!r} is already on line "
-                              f"{line_of[key]}; keys must be unique, delete one of them")
-      line_of[key] = lineno
-      path = os.path.join(image_root, entry["img_path"])
-      if not os.path.isfile(path):
-        missing.append(path)
-        continue
-      items.append(ImageItem(key=key, path=path, fields={
-          "prompt": entry["prompt"], "caption": "" if caption is None else str(caption)}))
+  for lineno, entry in json_objects(annotations_jsonl):
+    where = f"{annotations_jsonl}, line {lineno}"
+    for name in ("img_path", "prompt"):
+      if not isinstance(entry.get(name), str) or (name == "img_path" and not entry[name]):
+        got = "missing" if name not in entry else f"{entry[name]!r}"
+        raise FileFormatError(f"{where}: {name!r} is {got}; each line needs a string "
+                              "img_path and prompt")
+    caption = entry.get("caption")
+    if caption is None and isinstance(entry.get("Task2"), dict):
+      caption = entry["Task2"].get("Caption")
+    key = os.path.normpath(entry["img_path"]).replace(os.sep, "/")
+    if key in line_of:
+      raise FileFormatError(f"{where}: img_path {entry['img_path']!r} is already on line "
+                            f"{line_of[key]}; keys must be unique, delete one of them")
+    line_of[key] = lineno
+    path = os.path.join(image_root, entry["img_path"])
+    if not os.path.isfile(path):
+      missing.append(path)
+      continue
+    items.append(ImageItem(key=key, path=path, fields={
+        "prompt": entry["prompt"], "caption": "" if caption is None else str(caption)}))
   return items, missing
 
 

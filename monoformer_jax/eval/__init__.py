@@ -1,31 +1,21 @@
-"""Evaluation: metrics of generated samples, named in configs (`sample.metrics`).
+"""Evaluation: `python -m monoformer_jax.evaluate`, the evaluators inside
+training (`config.evals`) and the end-of-run sample scores (`sample.metrics`).
 
-    digits.py   digits_classifier: does a classifier fitted on the real 8x8
-                digits recognise each sample as the digit it was prompted with?
-
-A sample metric takes (images float32 [B, h, w, C] in [0, 1], labels int [B])
-and returns a dict of JSON-able numbers.
+    score.py        the metrics by name (fid, sfid, is, precision_recall, digits,
+                    commonsense) and the evaluators inside training
+    sampling.py     50,000 class-conditional samples in resumable chunks, ADM's npz
+    inception.py    the FID Inception-v3 in Flax NNX, from pytorch-fid's weights file
+    pth.py          PyTorch state-dict files read without torch
+    fid.py          FID, sFID, IS, precision/recall as ADM's evaluator; reference batches
+    digits.py       the embedded default: classifier accuracy and Fréchet distance
+    commonsense.py  zero-shot multiple choice by log-likelihood (HellaSwag, PIQA, ...)
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable
-
-from monoformer_jax.errors import ConfigError
-from monoformer_jax.eval import digits
-
-SAMPLE_METRICS: dict[str, Callable] = {
-    "digits_classifier": digits.sample_metrics,
-}
-
-
-def sample_metric(name: str) -> Callable:
-  if name not in SAMPLE_METRICS:
-    raise ConfigError(f"sample metric {name!r} is not known; config.sample.metrics may name "
-                      f"{tuple(SAMPLE_METRICS)}")
-  return SAMPLE_METRICS[name]
+from typing import Any
 
 
 def finite_json(record: Any, **dumps_kwargs) -> str:

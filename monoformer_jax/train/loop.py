@@ -34,6 +34,7 @@ from monoformer_jax.data.packing import merge_data_states
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.errors import TrainingDiverged
 from monoformer_jax.eval import finite_json
+from monoformer_jax.eval.score import TrainingEvals
 from monoformer_jax.model.build import param_count
 from monoformer_jax.parallel import distributed, sharding
 from monoformer_jax.text.tokenizer import tokenizer_of
@@ -209,6 +210,7 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     # ---------------------------------------------------------------- loop
     preemption = distributed.Preemption()
     metrics_out = _Metrics(workdir, config.train.get("tensorboard", True))
+    evals = TrainingEvals(config)
     profile = _Profile(workdir, step, config.train.get("profile_steps", 0))
     rows, length = config.data.batch_size, config.data.seq_len
     # Model FLOPs of a step (perf.py: XLA's count sees a scanned layer once)
@@ -232,7 +234,8 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       stopped = preemption.reached(step)
       log = step % config.train.log_every == 0 or step == num_steps
       saving = step % config.train.checkpoint_every == 0 or stopped
-      if not (log or saving):
+      evaluating = evals.due(step) and not stopped
+      if not (log or saving or evaluating):
         continue
       # Both sync with the devices anyway: read the health record first.
       health_now = jax.device_get(health)
@@ -269,6 +272,12 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
         t_last, step_last, real_tokens = now, step, 0
         clock.update(data=0.0, checkpoint=0.0)
         ckpt.poll()
+      if evaluating:
+        results = evals(nnx.merge(graphdef, state["ema"]), tokenizer)
+        metrics_out.write(step, results)
+        logging.info("step %d evals (EMA weights): %s", step, "  ".join(
+            f"{k[5:]} {v:.4g}" for k, v in results.items()))
+        t_last += results["eval/seconds"]   # the evals' time is not the steps'
       if saving:
         save(step, force=stopped)
       if stopped:

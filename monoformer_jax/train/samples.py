@@ -3,7 +3,8 @@
     samples/{data.name}.png   a row per class, guided by its class prompt
     samples/{data.name}.npz   `images` float32 [B, h, w, C] in [0, 1], `labels` int [B]
     samples/text.txt          greedy completions of `sample.text_prompts`
-    samples/summary.json      what `sample.metrics` say of the images (monoformer_jax/eval)
+    samples/summary.json      what `sample.metrics` say of the images (eval/score.py), as
+                              uint8 images like ADM's sample files
 
 The classes are the dataset's (`data.class_names`), `sample.num_per_class`
 images each; latent models are decoded with the SD-VAE at `vae.path`.
@@ -23,7 +24,9 @@ from jax.experimental import multihost_utils
 from monoformer_jax import inference
 from monoformer_jax.data import prompts
 from monoformer_jax.data.datasets import class_names
-from monoformer_jax.eval import finite_json, sample_metric
+from monoformer_jax.eval import finite_json
+from monoformer_jax.eval.sampling import quantize
+from monoformer_jax.eval.score import metric_files, score_images
 
 
 def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
@@ -52,8 +55,10 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
     x0 = multihost_utils.process_allgather(x0, tiled=True)
     images = inference.to_pixels(x0, config, vae)
     logging.info("sampled in %.1fs", time.perf_counter() - t0)
-    for name in sc.get("metrics", ()):
-      metrics.update(sample_metric(name)(images, labels))
+    if sc.get("metrics", ()):
+      inception, reference = metric_files(config, sc.metrics)
+      metrics = score_images(quantize(images), labels, sc.metrics, inception=inception,
+                             reference=reference)
     if metrics:
       logging.info("sample metrics: %s", finite_json(metrics))
   elif classes:

@@ -1,0 +1,249 @@
+"""Samples at evaluation scale: 50,000 class-conditional images in resumable chunks.
+
+The reference's protocol (its sample_ddp.py, after DiT's): every image gets a
+class drawn uniformly at random, the prompt "Please generate an image of
+{name}.", guidance against the empty prompt, DDPM with the learned variance
+(250 steps there; any respacing here), EMA weights; the images end as ADM's
+sample npz (`arr_0` uint8 [N, H, W, C], `arr_1` the labels). `balanced=True`
+gives every class the same count instead (N a multiple of the class count
+gets exactly N / classes each), shuffled, so a chunk is not one class.
+
+The run is cut into chunks of `chunk_size` images. Chunk i's labels are the
+run's labels [i*c, (i+1)*c) (drawn once from `seed`) and its noise comes from
+a seed of its own, (seed, i), so a chunk's images do not depend on which
+chunks ran before it or in this process: a run killed at any point and run
+again with the same folder samples only the chunks that are missing and ends
+with the same npz, byte for byte, as an uninterrupted run. Each chunk is
+written whole (a temporary file, then renamed) by process 0; `run.json`
+holds the settings, and a folder made with other settings is refused rather
+than mixed. Every chunk is sampled by every process together (the batch is
+sharded over all devices of the mesh); the last one is padded to the chunk
+size (one compiled program) and the padding dropped.
+
+Latent samples are decoded by the SD-VAE on the devices in batches of
+`decode_batch`; pixels are quantised as the reference does
+(clip(127.5 x + 128) truncated to uint8, i.e. x in [-1, 1] rounded to 0..255).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zipfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from monoformer_jax import inference
+from monoformer_jax.data import prompts as prompt_format
+from monoformer_jax.data.datasets import class_names
+from monoformer_jax.errors import ConfigError, FileFormatError
+from monoformer_jax.parallel import distributed
+from monoformer_jax.validate import check_image_sampling, integer
+
+SAMPLES_FILE = "samples.npz"
+CHUNKS_DIR = "chunks"
+
+
+def class_labels(num_samples: int, num_classes: int, *, seed: int,
+                 balanced: bool = False) -> np.ndarray:
+  """int32 [N] labels: uniform draws (the reference), or each class the same
+  number of times (the first N % classes classes one more), shuffled."""
+  rng = np.random.default_rng([seed, 0x1abe1])
+  if balanced:
+    labels = np.arange(num_samples) % num_classes
+    return rng.permutation(labels).astype(np.int32)
+  return rng.integers(0, num_classes, num_samples).astype(np.int32)
+
+
+def chunk_seed(seed: int, index: int) -> int:
+  """The sampler's seed for chunk `index` of a run seeded `seed`."""
+  return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def quantize(images_unit_BxHxWxC) -> np.ndarray:
+  """[0, 1] float images as uint8, rounded as the reference's
+  clamp(127.5 x + 128, 0, 255).to(uint8) rounds x = 2 u - 1."""
+  u = np.asarray(images_unit_BxHxWxC, np.float32)
+  return np.clip(np.floor(255.0 * u + 0.5), 0, 255).astype(np.uint8)
+
+
+@jax.jit
+def _decode(graphdef, state, latents_BxhxwxC):
+  from monoformer_jax.vae import decode_latents
+  pixels = decode_latents(nnx.merge(graphdef, state), latents_BxhxwxC)
+  return jnp.clip((pixels + 1.0) / 2.0, 0.0, 1.0)
+
+
+def decode_to_unit(x0_BxhxwxC, config, vae=None, decode_batch: int = 64) -> np.ndarray:
+  """Samples in [0, 1] (float32 [B, H, W, C]): latents through the VAE,
+  `decode_batch` at a time split over this host's devices (the VAE
+  replicated on each; the last batch padded, so one program)."""
+  if vae is None:
+    return inference.to_pixels(x0_BxhxwxC, config, None)
+  devices = jax.local_devices()
+  mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+  batch = -(-decode_batch // len(devices)) * len(devices)
+  graphdef, state = nnx.split(vae)
+  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+  x0 = np.asarray(x0_BxhxwxC, np.float32)
+  out = []
+  for start in range(0, len(x0), batch):
+    part = x0[start:start + batch]
+    padded = np.concatenate([part, np.zeros((batch - len(part),) + part.shape[1:],
+                                            part.dtype)]) if len(part) < batch else part
+    pixels = _decode(graphdef, state, jax.device_put(padded, split))
+    out.append(np.asarray(jax.device_get(pixels))[:len(part)])
+  return np.concatenate(out)
+
+
+def _settings(config, step, *, num_samples, chunk_size, num_steps, cfg_scale, sampler,
+              seed, balanced, weights) -> dict:
+  return dict(num_samples=int(num_samples), chunk_size=int(chunk_size),
+              num_steps=int(num_steps), cfg_scale=float(cfg_scale or 0.0), sampler=sampler,
+              seed=int(seed), balanced=bool(balanced), weights=weights, step=int(step),
+              data=config.data.name, image_size=int(config.model.image_size))
+
+
+def _start(out_dir: str, settings: dict):
+  """Makes `out_dir` (process 0), refusing one holding another run's chunks."""
+  path = os.path.join(out_dir, "run.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)
+    if before != settings:
+      changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+      raise ConfigError(
+          f"{out_dir} holds samples of another run (settings then -> now: {changed}); "
+          "pass the same settings to resume it, or another --sample_dir")
+    return
+  os.makedirs(os.path.join(out_dir, CHUNKS_DIR), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(settings, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def _chunk_path(out_dir: str, index: int) -> str:
+  return os.path.join(out_dir, CHUNKS_DIR, f"chunk_{index:05d}.npz")
+
+
+def _done_chunks(out_dir: str, count: int) -> list[int]:
+  """The chunks already written (process 0's view, agreed by every process)."""
+  done = [i for i in range(count) if os.path.exists(_chunk_path(out_dir, i))]
+  return distributed.all_gather_json(done)[0]
+
+
+def _write_npz(path: str, arrays: dict[str, Any]):
+  """An npz like np.savez's, written array by array from chunk files so that
+  50,000 images never sit in memory at once. `arrays` maps a name to a list
+  of arrays concatenated along axis 0."""
+  tmp = path + ".tmp"
+  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    for name, parts in arrays.items():
+      shape = (sum(len(p) for p in parts),) + parts[0].shape[1:]
+      with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_2_0(
+            f, dict(descr=np.lib.format.dtype_to_descr(parts[0].dtype), fortran_order=False,
+                    shape=shape))
+        for p in parts:
+          f.write(np.ascontiguousarray(p).tobytes())
+  os.replace(tmp, path)
+
+
+def sample_run(model, config, tokenizer, out_dir: str, *, step: int = 0,
+               num_samples: int = 50_000, chunk_size: int = 500, num_steps: int = 250,
+               cfg_scale: float | None = 1.5, sampler: str = "ddpm", seed: int = 0,
+               balanced: bool = False, weights: str = "ema", vae=None,
+               decode_batch: int = 64, stop_after: int | None = None) -> str:
+  """Samples `num_samples` images of the config's classes into `out_dir`
+  (resuming what is there) and returns the path of its `samples.npz`.
+
+  Every process calls it; process 0 writes. `stop_after` ends the call after
+  that many new chunks (what a killed run leaves behind; for tests)."""
+  classes = class_names(config)
+  if not classes:
+    raise ConfigError(f"data.name={config.data.name!r} has no class names to prompt with; "
+                      "class-conditional sampling needs a dataset with classes (imagenet, "
+                      "digits)")
+  integer("--num_samples", num_samples, low=1)
+  integer("--chunk_size", chunk_size, low=1)
+  check_image_sampling(num_steps=num_steps, cfg_scale=cfg_scale,
+                       num_timesteps=config.diffusion.num_timesteps, prefix="--")
+  if chunk_size % jax.device_count():
+    raise ConfigError(f"--chunk_size={chunk_size} does not split over the "
+                      f"{jax.device_count()} devices: use a multiple of {jax.device_count()}")
+  writer = jax.process_index() == 0
+  settings = _settings(config, step, num_samples=num_samples, chunk_size=chunk_size,
+                       num_steps=num_steps, cfg_scale=cfg_scale, sampler=sampler, seed=seed,
+                       balanced=balanced, weights=weights)
+  if writer:
+    _start(out_dir, settings)
+  labels = class_labels(num_samples, len(classes), seed=seed, balanced=balanced)
+  count = -(-num_samples // chunk_size)
+  done = set(_done_chunks(out_dir, count))
+  todo = [i for i in range(count) if i not in done]
+  if done:
+    logging.info("%s: %d of %d chunks already sampled, %d to go", out_dir, len(done), count,
+                 len(todo))
+  logging.info("sampling %d images of %d classes in %d chunks of %d: %s, %d steps, "
+               "guidance %s, %s weights", num_samples, len(classes), count, chunk_size,
+               sampler, num_steps, cfg_scale or "off", weights)
+  t_start = time.perf_counter()
+  new = 0
+  stopped = False
+  with tqdm.tqdm(total=num_samples, initial=min(len(done) * chunk_size, num_samples),
+                 unit="img", desc="sampling", disable=not writer) as bar:
+    for i in todo:
+      if stop_after is not None and new >= stop_after:
+        stopped = True
+        break
+      chunk_labels = labels[i * chunk_size:(i + 1) * chunk_size]
+      padded = np.concatenate([chunk_labels, np.zeros(chunk_size - len(chunk_labels),
+                                                      np.int32)])
+      x0 = inference.generate_images(
+          model, tokenizer, [prompt_format.class_prompt(classes[k]) for k in padded],
+          num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale or None,
+          seed=chunk_seed(seed, i), num_timesteps=config.diffusion.num_timesteps)
+      x0 = (jax.device_get(x0) if jax.process_count() == 1 else
+            multihost_utils.process_allgather(x0, tiled=True))
+      x0 = np.asarray(x0)[:len(chunk_labels)]
+      bad = ~np.isfinite(x0).reshape(len(x0), -1).all(axis=1)
+      if bad.any():
+        logging.warning("chunk %d: %d of %d samples are not finite (a diverged model?); "
+                        "each is replaced by a blank image", i, bad.sum(), len(x0))
+        x0 = np.where(bad[:, None, None, None], -1.0 if vae is None else 0.0, x0)
+      images = quantize(decode_to_unit(x0, config, vae, decode_batch))
+      if writer:
+        path = _chunk_path(out_dir, i)
+        with open(path + ".tmp", "wb") as f:
+          np.savez(f, images=images, labels=chunk_labels)
+        os.replace(path + ".tmp", path)
+      new += 1
+      bar.update(len(chunk_labels))
+      rate = new * chunk_size / (time.perf_counter() - t_start)
+      bar.set_postfix_str(f"chunk {i + 1}/{count}")
+      logging.info("chunk %d/%d written (%.2f images/s)", i + 1, count, rate)
+  if stopped:
+    return ""
+  out = os.path.join(out_dir, SAMPLES_FILE)
+  if writer:
+    images, got = [], []
+    for i in range(count):
+      with np.load(_chunk_path(out_dir, i)) as chunk:
+        images.append(chunk["images"])
+        got.append(chunk["labels"])
+    if not np.array_equal(np.concatenate(got), labels):
+      raise FileFormatError(f"the chunks in {out_dir}/{CHUNKS_DIR} do not hold this run's "
+                            "labels (written by other code?): remove the folder and sample again")
+    _write_npz(out, dict(arr_0=images, arr_1=got))
+    logging.info("wrote %s: arr_0 uint8 %s, arr_1 labels", out,
+                 (num_samples,) + images[0].shape[1:])
+  return out

@@ -1,0 +1,230 @@
+r"""Evaluate a MonoFormer, or a file of its samples, from the command line.
+
+    # the embedded default (the README main job's workdir): digits accuracy and distance
+    python -m monoformer_jax.evaluate --checkpoint=/tmp/digits --metrics=digits
+
+    # the paper's FID-50K on ImageNet 256 (ADM's reference batch, pytorch-fid's weights file)
+    python -m monoformer_jax.evaluate --checkpoint=/ckpt/mf256 --vae=sd-vae-ft-mse \
+        --metrics=fid,sfid,is,precision_recall --num_samples=50000 --num_steps=250 \
+        --cfg_scale=1.5 --inception=pt_inception-2015-12-05-6726825d.pth \
+        --reference=VIRTUAL_imagenet256_labeled.npz --output=results.json
+
+    # the same metrics of an existing ADM sample npz, without a model
+    python -m monoformer_jax.evaluate --samples=samples.npz \
+        --reference=VIRTUAL_imagenet256_labeled.npz --inception=pt_inception-...pth \
+        --metrics=fid,sfid,is,precision_recall
+
+    # zero-shot commonsense reasoning from local task files
+    python -m monoformer_jax.evaluate --checkpoint=/ckpt/mf256 --metrics=commonsense \
+        --tasks_dir=/data/commonsense --tasks=hellaswag,piqa,arc_easy
+
+With a checkpoint, the sample metrics sample first (eval/sampling.py: the
+reference's protocol, in chunks under `--sample_dir` that a restarted run
+skips, sharded over every device of every host), then score the finished
+`samples.npz`. `--config` replaces the config saved with the checkpoint (for
+another mesh, say); the model fields must still match the weights. Every flag
+is checked before a model is loaded. Results go to `--output` (JSON; default
+SAMPLE_DIR/results.json) and are printed.
+"""
+
+import os
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from monoformer_jax import cli, inference
+from monoformer_jax.checkpoints import load_config, load_model, resolve
+from monoformer_jax.errors import ConfigError, PathError
+from monoformer_jax.eval import finite_json
+from monoformer_jax.eval.score import IMAGE_METRICS, METRICS, SAMPLE_METRICS, check_metrics, \
+    score_images
+from monoformer_jax.model.build import param_shardings
+from monoformer_jax.parallel import sharding
+from monoformer_jax.validate import integer, writable_dir
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config replacing the one saved with --checkpoint (optional).",
+    lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "Training workdir, step folder or converted model.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_METRICS = flags.DEFINE_list("metrics", None, f"Metrics among {METRICS}.")
+_OUTPUT = flags.DEFINE_string("output", None, "Results JSON (default SAMPLE_DIR/results.json, "
+                              "or beside --samples).")
+# samples
+_SAMPLES = flags.DEFINE_string("samples", None, "An ADM sample npz (arr_0 uint8 [N, H, W, 3], "
+                               "arr_1 labels) to score instead of sampling.")
+_SAMPLE_DIR = flags.DEFINE_string("sample_dir", None, "Where the chunks and samples.npz go "
+                                  "(default: eval_step{N} beside the checkpoint).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Images to sample (default 50000; "
+                                    "1000 when only digits is asked for).")
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 500, "Images per chunk (a multiple of the "
+                                   "device count); a restarted run skips finished chunks.")
+_BALANCED = flags.DEFINE_bool("balanced", False, "The same number of samples of every class "
+                              "(the reference draws each class uniformly at random).")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 250, "Respaced DDPM steps (the reference's "
+                                  "FID runs use 250).")
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", 1.5, "Guidance scale, 0 for none.")
+_SAMPLER = flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], "DDPM (the reference) or DDIM.")
+_SEED = flags.DEFINE_integer("seed", 0, "The run's seed (labels and noise).")
+_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA weights (the reference) "
+                             "or raw.")
+_VAE = flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder for latent models "
+                           "(default config.vae.path).")
+_DECODE_BATCH = flags.DEFINE_integer("decode_batch", 64, "Latents decoded per VAE call.")
+# image metrics
+_INCEPTION = flags.DEFINE_string("inception", None, "pytorch-fid's Inception weights, "
+                                 "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded).")
+_REFERENCE = flags.DEFINE_string("reference", None, "ADM reference batch npz (mu, sigma, mu_s, "
+                                 "sigma_s, arr_0), or any npz of images (arr_0).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 200, "Images per Inception call.")
+_TEXT_BATCH = flags.DEFINE_integer("text_batch", 16, "Rows per commonsense forward pass.")
+# commonsense
+_TASKS_DIR = flags.DEFINE_string("tasks_dir", None, "Folder of the commonsense task files.")
+_TASKS = flags.DEFINE_list("tasks", None, "Commonsense tasks (default: all seven).")
+_LIMIT = flags.DEFINE_integer("limit", None, "At most this many examples per task.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 2048, "Longest scored row (TinyLlama's 2048); "
+                                "longer contexts are cut from the left, and counted.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer.json / "
+                                 "'bytes' (default config.data.tokenizer).")
+
+
+def _check_flags(metrics):
+  """Every flag, before anything is loaded."""
+  if not _CHECKPOINT.value and not _SAMPLES.value:
+    raise app.UsageError("give --checkpoint (a model to sample and score) or --samples (an "
+                         "npz of samples to score)")
+  if _CHECKPOINT.value and _SAMPLES.value:
+    raise app.UsageError("give --checkpoint or --samples, not both")
+  if "commonsense" in metrics:
+    if not _CHECKPOINT.value:
+      raise ConfigError("--metrics=commonsense scores a model: give --checkpoint")
+    if not _TASKS_DIR.value:
+      raise ConfigError("--metrics=commonsense needs --tasks_dir, the folder of the task files "
+                        "(eval/commonsense.py gives the layout)")
+    if not os.path.isdir(_TASKS_DIR.value):
+      raise PathError(f"--tasks_dir={_TASKS_DIR.value!r} is not a folder")
+    from monoformer_jax.eval import commonsense
+    for name in _tasks():   # every task's name and file
+      commonsense.task_files(name, _TASKS_DIR.value)
+  image = [m for m in metrics if m in IMAGE_METRICS]
+  if image:
+    for flag, value in (("--inception", _INCEPTION.value), ("--reference", _REFERENCE.value)):
+      if not value:
+        raise ConfigError(f"{image} need {flag} (see --helpfull)")
+      if not os.path.isfile(value):
+        raise PathError(f"{flag}={value!r} is not a file")
+  if _SAMPLES.value and not os.path.isfile(_SAMPLES.value):
+    raise PathError(f"--samples={_SAMPLES.value!r} is not a file")
+  if _SAMPLES.value and "commonsense" in metrics:
+    raise ConfigError("--samples scores images; commonsense needs --checkpoint")
+  integer("--batch_size", _BATCH_SIZE.value, low=1)
+  integer("--text_batch", _TEXT_BATCH.value, low=1)
+  integer("--max_len", _MAX_LEN.value, low=2)
+  integer("--decode_batch", _DECODE_BATCH.value, low=1)
+  if _LIMIT.value is not None:
+    integer("--limit", _LIMIT.value, low=1)
+
+
+def _tasks() -> list[str]:
+  from monoformer_jax.eval import commonsense
+  return list(_TASKS.value or commonsense.TASKS)
+
+
+def _sample_dir(step: int) -> str:
+  if _SAMPLE_DIR.value:
+    return writable_dir(_SAMPLE_DIR.value, "samples", "--sample_dir")
+  directory, _ = resolve(_CHECKPOINT.value, step)
+  if "://" in directory:
+    raise PathError(f"--checkpoint={_CHECKPOINT.value!r} is not on a local disk: pass "
+                    "--sample_dir")
+  directory = os.path.abspath(directory)
+  if os.path.basename(directory) == "checkpoints":   # a training workdir's
+    base = os.path.join(os.path.dirname(directory), f"eval_step{step}")
+  else:
+    base = f"{directory}_eval_step{step}"
+  return writable_dir(base, "samples (or pass --sample_dir)", "the default --sample_dir")
+
+
+def _load_samples(path: str, reference):
+  from monoformer_jax.eval.fid import load_images_npz
+  images = load_images_npz(path, expect_resolution=None if reference is None
+                           else reference.resolution, channels=None)
+  with np.load(path) as z:
+    labels = z["arr_1"] if "arr_1" in z.files else z["labels"] if "labels" in z.files else None
+  return images, labels
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not _METRICS.value:
+    raise app.UsageError(f"give --metrics, among {METRICS}")
+  metrics = check_metrics(_METRICS.value)
+  _check_flags(metrics)
+  inception = reference = None
+  if any(m in IMAGE_METRICS for m in metrics):   # the files are read before any sampling
+    from monoformer_jax.eval.fid import ReferenceBatch
+    from monoformer_jax.eval.inception import load_inception
+    inception = load_inception(_INCEPTION.value)
+    reference = ReferenceBatch(_REFERENCE.value)
+  results = {}
+  sample_metrics = [m for m in metrics if m in SAMPLE_METRICS]
+  writer = jax.process_index() == 0
+
+  if _SAMPLES.value:
+    images, labels = _load_samples(_SAMPLES.value, reference)
+    results.update(score_images(images, labels, sample_metrics, inception=inception,
+                                reference=reference, batch_size=_BATCH_SIZE.value))
+    output = _OUTPUT.value or os.path.splitext(_SAMPLES.value)[0] + "_results.json"
+  else:
+    config, step = load_config(_CHECKPOINT.value, _STEP.value)
+    if _CONFIG.value is not None:
+      config = _CONFIG.value
+    num_samples = _NUM_SAMPLES.value
+    if num_samples is None:
+      num_samples = 1000 if set(sample_metrics) <= {"digits"} else 50_000
+    tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
+    vae = inference.load_vae_of(config, _VAE.value) if sample_metrics else None
+    sample_dir = _sample_dir(step) if writer and (sample_metrics or not _OUTPUT.value) else None
+    output = _OUTPUT.value or (sample_dir and os.path.join(sample_dir, "results.json"))
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
+      model, config = load_model(_CHECKPOINT.value, weights=_WEIGHTS.value, config=config,
+                                 shardings=param_shardings(config, mesh), step=step)
+      logging.info("%s weights of %s (step %d), mesh %s", _WEIGHTS.value, _CHECKPOINT.value,
+                   step, dict(mesh.shape))
+      if sample_metrics:
+        from monoformer_jax.eval.sampling import sample_run
+        path = sample_run(model, config, tokenizer, sample_dir or "", step=step,
+                          num_samples=num_samples, chunk_size=_CHUNK_SIZE.value,
+                          num_steps=_NUM_STEPS.value, cfg_scale=_CFG_SCALE.value,
+                          sampler=_SAMPLER.value, seed=_SEED.value, balanced=_BALANCED.value,
+                          weights=_WEIGHTS.value, vae=vae, decode_batch=_DECODE_BATCH.value)
+        if writer:
+          images, labels = _load_samples(path, reference)
+          results.update(score_images(images, labels, sample_metrics, inception=inception,
+                                      reference=reference, batch_size=_BATCH_SIZE.value))
+          results["samples"] = dict(path=path, num_samples=num_samples,
+                                    num_steps=_NUM_STEPS.value, cfg_scale=_CFG_SCALE.value,
+                                    sampler=_SAMPLER.value, seed=_SEED.value,
+                                    balanced=_BALANCED.value, weights=_WEIGHTS.value)
+      if "commonsense" in metrics:
+        from monoformer_jax.eval import commonsense
+        results["commonsense"] = commonsense.evaluate_tasks(
+            model, tokenizer, _tasks(), _TASKS_DIR.value, limit=_LIMIT.value,
+            batch_size=_TEXT_BATCH.value, max_len=_MAX_LEN.value)
+    results["checkpoint"] = dict(path=_CHECKPOINT.value, step=step, weights=_WEIGHTS.value)
+  if writer:
+    text = finite_json(results, indent=1)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+      f.write(text + "\n")
+    print(text)
+    logging.info("wrote %s", output)
+
+
+if __name__ == "__main__":
+  cli.run(main)
