@@ -28,13 +28,11 @@ import sys
 from absl import app, flags
 from flax import nnx
 import jax
-import ml_collections
 
 from monoformer_jax.configs import config_file
 from monoformer_jax.data.prompts import image_rows, text_prompt_ids
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.diffusion.sample_images import sample_images
-from monoformer_jax.model.build import abstract_model, init_params
 from monoformer_jax.text.generate import generate
 from monoformer_jax.text.tokenizer import ByteTokenizer
 
@@ -58,16 +56,7 @@ TOK = ByteTokenizer()
 def paper_model_config():
   if _PAPER_MODEL.value == "full":
     return config_file("imagenet256").model
-  m = ml_collections.ConfigDict(config_file("digits").model.to_dict())
-  m.update(vocab_size=264, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
-           head_dim=64, mlp_dim=704, image_size=32, in_channels=4, patch_size=2)
-  return m
-
-
-def random_model(model_cfg):
-  """A model with freshly initialised weights (its heads' zeros included)."""
-  graphdef, _, _ = abstract_model(model_cfg)
-  return nnx.merge(graphdef, jax.jit(lambda: init_params(model_cfg, seed=0))())
+  return report.paper_layout_cpu_model()
 
 
 def image_rate(model, prompt_len: int, images: int, steps: int, cfg_scale: float,
@@ -94,9 +83,9 @@ def main(argv):
   results = []   # (model, what, batch, uncached rate, cached rate, unit)
   models = {}
   if "digits" in _LAYOUTS.value:
-    models["digits"] = random_model(config_file("digits").model)
+    models["digits"] = report.random_model(config_file("digits").model)
   if "paper" in _LAYOUTS.value:
-    models[f"paper-layout, {_PAPER_MODEL.value}"] = random_model(paper_model_config())
+    models[f"paper-layout, {_PAPER_MODEL.value}"] = report.random_model(paper_model_config())
   for name, model in list(models.items()):
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     print(f"{name}: {n_params:,} parameters", flush=True)

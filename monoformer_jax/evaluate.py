@@ -64,9 +64,11 @@ _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 500, "Images per chunk (a multi
                                    "device count); a restarted run skips finished chunks.")
 _BALANCED = flags.DEFINE_bool("balanced", False, "The same number of samples of every class "
                               "(the reference draws each class uniformly at random).")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 250, "Respaced DDPM steps (the reference's "
-                                  "FID runs use 250).")
-_CFG_SCALE = flags.DEFINE_float("cfg_scale", 1.5, "Guidance scale, 0 for none.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Respaced DDPM steps (default: 250, the "
+                                  "reference's FID runs, for the Inception metrics; else "
+                                  "config.sample.num_steps).")
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale, 0 for none (default "
+                                "config.sample.cfg_scale).")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], "DDPM (the reference) or DDIM.")
 _SEED = flags.DEFINE_integer("seed", 0, "The run's seed (labels and noise).")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA weights (the reference) "
@@ -183,9 +185,14 @@ def main(argv):
     config, step = load_config(_CHECKPOINT.value, _STEP.value)
     if _CONFIG.value is not None:
       config = _CONFIG.value
+    inception_metrics = any(m in IMAGE_METRICS for m in metrics)
     num_samples = _NUM_SAMPLES.value
     if num_samples is None:
-      num_samples = 1000 if set(sample_metrics) <= {"digits"} else 50_000
+      num_samples = 50_000 if inception_metrics else 1000
+    num_steps = _NUM_STEPS.value
+    if num_steps is None:
+      num_steps = 250 if inception_metrics else config.sample.num_steps
+    cfg_scale = config.sample.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value
     tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
     vae = inference.load_vae_of(config, _VAE.value) if sample_metrics else None
     sample_dir = _sample_dir(step) if writer and (sample_metrics or not _OUTPUT.value) else None
@@ -200,7 +207,7 @@ def main(argv):
         from monoformer_jax.eval.sampling import sample_run
         path = sample_run(model, config, tokenizer, sample_dir or "", step=step,
                           num_samples=num_samples, chunk_size=_CHUNK_SIZE.value,
-                          num_steps=_NUM_STEPS.value, cfg_scale=_CFG_SCALE.value,
+                          num_steps=num_steps, cfg_scale=cfg_scale,
                           sampler=_SAMPLER.value, seed=_SEED.value, balanced=_BALANCED.value,
                           weights=_WEIGHTS.value, vae=vae, decode_batch=_DECODE_BATCH.value)
         if writer:
@@ -208,7 +215,7 @@ def main(argv):
           results.update(score_images(images, labels, sample_metrics, inception=inception,
                                       reference=reference, batch_size=_BATCH_SIZE.value))
           results["samples"] = dict(path=path, num_samples=num_samples,
-                                    num_steps=_NUM_STEPS.value, cfg_scale=_CFG_SCALE.value,
+                                    num_steps=num_steps, cfg_scale=cfg_scale,
                                     sampler=_SAMPLER.value, seed=_SEED.value,
                                     balanced=_BALANCED.value, weights=_WEIGHTS.value)
       if "commonsense" in metrics:

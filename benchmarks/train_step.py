@@ -1,0 +1,144 @@
+"""Train-step speed at the shapes of ../shared/bench/README.md, against this
+machine's own dense matmul rate.
+
+    python benchmarks/train_step.py                 # S1 and S2
+    python benchmarks/train_step.py --shapes=S2 --iters=10
+
+For each shape: the forward pass with the loss, the gradient (forward and
+backward), and the whole train step (gradient, clip, AdamW, EMA, the health
+check: train/step.py), float32, XLA attention, one image per row with a
+12-token prompt, no padding, random weights; model FLOPs from perf.py (6 per
+weight per token plus attention; the forward a third of it) and the rate they
+give, next to the rate XLA reaches here on a plain [B*L, E] x [E, mlp] matmul.
+The reference's step at the same shapes: ../shared/bench/official_bench.py
+(its README gives the commands), timed right after this on the same machine.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from monoformer_jax import perf
+from monoformer_jax.configs import config_file
+from monoformer_jax.data.packing import Example, pack_examples, row_spec
+from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.model.build import abstract_model
+from monoformer_jax.parallel import sharding
+from monoformer_jax.text.tokenizer import ByteTokenizer
+from monoformer_jax.train.state import create_train_state, make_optimizer
+from monoformer_jax.train.step import healthy, make_loss_fn, make_train_step
+
+import report
+
+# hidden, layers, heads, kv heads, mlp, latent side, batch (../shared/bench/README.md)
+SHAPES = {"S1": (256, 4, 8, 4, 688, 8, 32), "S2": (512, 8, 8, 4, 1376, 16, 8)}
+PROMPT_LEN = 12
+
+_SHAPES = flags.DEFINE_list("shapes", ["S1", "S2"], "shapes to time (S1, S2)")
+_ITERS = flags.DEFINE_integer("iters", 5, "timed calls per figure (median)")
+_OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "markdown file ('' for none)")
+
+
+def shape_config(name: str):
+  hidden, layers, heads, kv, mlp, latent, batch = SHAPES[name]
+  c = config_file("digits")
+  c.model.update(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+                 head_dim=hidden // heads, mlp_dim=mlp, image_size=latent, in_channels=4,
+                 patch_size=2, attention_impl="xla", dtype="float32", remat=False)
+  tokens = (latent // 2) ** 2
+  c.data.update(seq_len=PROMPT_LEN + tokens + 5, batch_size=batch, max_images_per_row=1)
+  c.optim.update(lr=1e-4, warmup_steps=0, grad_clip=2.0, ema_decay=0.9999)
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  return c
+
+
+def shape_batch(config):
+  """One image example per row: <s>, 12 prompt tokens, <|im_start|>, the image,
+  <|im_end|>, "\\n", </s>: exactly seq_len tokens."""
+  tok = ByteTokenizer()
+  spec = row_spec(config, tok)
+  rng = np.random.default_rng(0)
+  examples = []
+  for _ in range(config.data.batch_size):
+    ids = ([tok.bos_id] + rng.integers(3, 259, PROMPT_LEN).tolist()
+           + [tok.im_start_id, tok.image_id, tok.im_end_id] + tok.encode("\n") + [tok.eos_id])
+    examples.append(Example(ids, [rng.normal(size=spec.image_shape).astype(np.float32)],
+                            train_text=True))
+  batch = pack_examples(examples, spec, one_per_row=True)
+  assert (batch["segment_ids"] > 0).all(), "rows must be exactly full"
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def matmul_rate(m: int, k: int, n: int, iters: int) -> float:
+  """FLOP/s of one jitted [m, k] x [k, n] float32 matmul (median of `iters`
+  timings of 10 calls each)."""
+  a = jnp.asarray(np.random.default_rng(1).normal(size=(m, k)), jnp.float32)
+  b = jnp.asarray(np.random.default_rng(2).normal(size=(k, n)), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  ten = lambda a, b: [f(a, b) for _ in range(10)][-1]
+  return 2 * m * k * n * 10 / report.median_seconds(ten, a, b, iters=iters)
+
+
+def time_shape(name: str, iters: int) -> dict:
+  config = shape_config(name)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
+    tx, schedule = make_optimizer(config.optim)
+    graphdef, state, shardings = create_train_state(config, mesh, tx)
+    batch = shape_batch(config)
+    diffusion = GaussianDiffusion.create(1000, "linear")
+    loss_fn = make_loss_fn(graphdef, diffusion, config)
+    key = jax.random.PRNGKey(0)
+    params = state["params"]
+    forward = jax.jit(lambda p, b: loss_fn(p, b, key)[0])
+    grad = jax.jit(lambda p, b: jax.grad(lambda p: loss_fn(p, b, key)[0])(p))
+    t_forward = report.median_seconds(forward, params, batch, iters=iters)
+    t_grad = report.median_seconds(grad, params, batch, iters=iters)
+    batch_sh = sharding.batch_sharding(mesh, config.sharding_rules, 1)
+    step = make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_sh)
+    health = healthy()
+    holder = dict(state=state)
+
+    def one_step():
+      holder["state"], metrics, _ = step(holder["state"], batch, health)
+      return metrics["loss"]
+
+    t_step = report.median_seconds(one_step, iters=iters)
+  rows, length = config.data.batch_size, config.data.seq_len
+  flops = perf.train_flops_per_row(config.model, length) * rows
+  m = config.model
+  rate = matmul_rate(rows * length, m.hidden_size, m.mlp_dim, iters)
+  params_n = sum(x.size for x in jax.tree.leaves(abstract_model(m)[1]))
+  return dict(name=name, rows=rows, length=length, params=params_n, forward=t_forward,
+              grad=t_grad, step=t_step, flops=flops, matmul=rate)
+
+
+def main(argv):
+  del argv
+  results = [time_shape(name, _ITERS.value) for name in _SHAPES.value]
+  lines = [f"Command: `python {' '.join(sys.argv)}`", "",
+           f"Hardware: {report.hardware()}. Median of {_ITERS.value} calls after a compile "
+           "and a warm-up; float32, XLA attention, random weights.", "",
+           "| shape | rows x tokens | params | forward + loss | gradient | train step | "
+           "gradient / forward | step GFLOP | step GFLOP/s | matmul GFLOP/s | share of matmul |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    achieved = r["flops"] / r["step"]
+    lines.append(
+        f"| {r['name']} | {r['rows']} x {r['length']} | {r['params'] / 1e6:.2f}M | "
+        f"{r['forward'] * 1e3:.0f} ms | {r['grad'] * 1e3:.0f} ms | {r['step'] * 1e3:.0f} ms | "
+        f"{r['grad'] / r['forward']:.2f} | {r['flops'] / 1e9:.1f} | {achieved / 1e9:.0f} | "
+        f"{r['matmul'] / 1e9:.0f} | {achieved / r['matmul']:.0%} |")
+  print("\n".join(lines))
+  if _OUTPUT.value:
+    report.write_section(pathlib.Path(_OUTPUT.value), "Train step", lines)
+
+
+if __name__ == "__main__":
+  app.run(main)
