@@ -135,6 +135,10 @@ def test_metric_names_and_missing_inputs_name_the_fix():
     score_images(images, None, ["digits"])
   with pytest.raises(FileFormatError, match="uint8"):
     score_images(images.astype(np.float32), np.zeros(4), ["digits"])
+  with pytest.raises(FileFormatError, match=r"8x8 grayscale.*\[16, 16, 3\]"):
+    score_images(np.zeros((4, 16, 16, 3), np.uint8), np.zeros(4), ["digits"])
+  with pytest.raises(FileFormatError, match="4 samples but 3 labels"):
+    score_images(images, np.zeros(3), ["digits"])
 
 
 def _cli(*flags):

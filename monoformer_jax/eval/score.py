@@ -74,6 +74,13 @@ def score_images(images_NxHxWxC: np.ndarray, labels_N: np.ndarray | None,
     if labels_N is None:
       raise FileFormatError("the digits metric needs each sample's prompted digit: the "
                             "samples npz has no labels (arr_1, or `labels`)")
+    if images.shape[1:] != (8, 8, 1):
+      raise FileFormatError(f"the digits metric scores 8x8 grayscale digits [N, 8, 8, 1]; "
+                            f"these samples are {list(images.shape[1:])}: sample the digits "
+                            "model (configs/digits.py), or ask for the Inception metrics")
+    if len(labels_N) != len(images):
+      raise FileFormatError(f"{len(images)} samples but {len(labels_N)} labels: the npz's "
+                            "arr_1 must hold one prompted digit per image")
     results["digits"] = digits.sample_metrics(images.astype(np.float32) / 255.0, labels_N)
   wanted = [m for m in metrics if m in IMAGE_METRICS]
   if wanted:
