@@ -35,7 +35,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from monoformer_jax import cli, inference
-from monoformer_jax.checkpoints import load_config, load_model, resolve
+from monoformer_jax.checkpoints import beside, load_config, load_model
 from monoformer_jax.errors import ConfigError, PathError
 from monoformer_jax.eval import finite_json
 from monoformer_jax.eval.score import IMAGE_METRICS, METRICS, SAMPLE_METRICS, check_metrics, \
@@ -138,15 +138,7 @@ def _tasks() -> list[str]:
 def _sample_dir(step: int) -> str:
   if _SAMPLE_DIR.value:
     return writable_dir(_SAMPLE_DIR.value, "samples", "--sample_dir")
-  directory, _ = resolve(_CHECKPOINT.value, step)
-  if "://" in directory:
-    raise PathError(f"--checkpoint={_CHECKPOINT.value!r} is not on a local disk: pass "
-                    "--sample_dir")
-  directory = os.path.abspath(directory)
-  if os.path.basename(directory) == "checkpoints":   # a training workdir's
-    base = os.path.join(os.path.dirname(directory), f"eval_step{step}")
-  else:
-    base = f"{directory}_eval_step{step}"
+  base = beside(_CHECKPOINT.value, step, "eval", "--sample_dir")
   return writable_dir(base, "samples (or pass --sample_dir)", "the default --sample_dir")
 
 
@@ -167,7 +159,8 @@ def main(argv):
   metrics = check_metrics(_METRICS.value)
   _check_flags(metrics)
   inception = reference = None
-  if any(m in IMAGE_METRICS for m in metrics):   # the files are read before any sampling
+  inception_metrics = any(m in IMAGE_METRICS for m in metrics)
+  if inception_metrics:   # the files are read before any sampling
     from monoformer_jax.eval.fid import ReferenceBatch
     from monoformer_jax.eval.inception import load_inception
     inception = load_inception(_INCEPTION.value)
@@ -185,7 +178,6 @@ def main(argv):
     config, step = load_config(_CHECKPOINT.value, _STEP.value)
     if _CONFIG.value is not None:
       config = _CONFIG.value
-    inception_metrics = any(m in IMAGE_METRICS for m in metrics)
     num_samples = _NUM_SAMPLES.value
     if num_samples is None:
       num_samples = 50_000 if inception_metrics else 1000

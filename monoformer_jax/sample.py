@@ -28,8 +28,7 @@ import numpy as np
 import tqdm
 
 from monoformer_jax import cli, inference
-from monoformer_jax.checkpoints import load_config, load_model, resolve
-from monoformer_jax.errors import PathError
+from monoformer_jax.checkpoints import beside, load_config, load_model
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
 from monoformer_jax.validate import (check_image_sampling, check_text_sampling,
@@ -42,14 +41,7 @@ def _output_dir(checkpoint: str, step: int) -> str:
   """--output_dir, checked; else a new folder beside the checkpoint."""
   if _OUTPUT_DIR.value:
     return fresh_output_dir(_OUTPUT_DIR.value, OUTPUTS, "--output_dir", _OVERWRITE.value)
-  directory, _ = resolve(checkpoint, step)
-  if "://" in directory:
-    raise PathError(f"--checkpoint={checkpoint!r} is not on a local disk: pass --output_dir")
-  directory = os.path.abspath(directory)
-  if os.path.basename(directory) == "checkpoints":   # a training workdir's
-    base = os.path.join(os.path.dirname(directory), f"samples_step{step}")
-  else:
-    base = f"{directory}_samples_step{step}"
+  base = beside(checkpoint, step, "samples", "--output_dir")
   return writable_dir(new_folder_beside(base), "samples (or pass --output_dir)",
                       "the default --output_dir")
 

@@ -57,7 +57,8 @@ def test_streamed_npz_equals_numpy(tmp_path):
   rng = np.random.default_rng(0)
   parts = [rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8) for n in (3, 5, 2)]
   labels = [rng.integers(0, 10, n).astype(np.int32) for n in (3, 5, 2)]
-  _write_npz(str(tmp_path / "s.npz"), dict(arr_0=parts, arr_1=labels))
+  _write_npz(str(tmp_path / "s.npz"), dict(arr_0=((10, 4, 4, 3), np.uint8, iter(parts)),
+                                          arr_1=((10,), np.int32, labels)))
   with np.load(tmp_path / "s.npz") as z:
     np.testing.assert_array_equal(z["arr_0"], np.concatenate(parts))
     np.testing.assert_array_equal(z["arr_1"], np.concatenate(labels))

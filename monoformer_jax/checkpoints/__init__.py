@@ -7,10 +7,11 @@
                        diffusers VAE): streamed, sliced reading and sharded writing
 """
 
-from monoformer_jax.checkpoints.orbax_io import (TrainCheckpointer, check_params, load_config,
+from monoformer_jax.checkpoints.orbax_io import (TrainCheckpointer, beside, check_params,
+                                                 load_config,
                                                  load_model, load_params, model_differences,
                                                  nonfinite_params, resolve, save_model,
                                                  stored_weights)
 
-__all__ = ["TrainCheckpointer", "check_params", "load_config", "load_model", "load_params",
+__all__ = ["TrainCheckpointer", "beside", "check_params", "load_config", "load_model", "load_params",
            "model_differences", "nonfinite_params", "resolve", "save_model", "stored_weights"]

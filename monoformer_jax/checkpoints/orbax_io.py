@@ -336,6 +336,19 @@ def _unreadable_error(directory: str, step: int, error: BaseException) -> Checkp
                          f"{hint}")
 
 
+def beside(checkpoint: str, step: int, name: str, flag: str) -> str:
+  """The path of output `name` of `checkpoint`'s step beside it: WORKDIR/{name}_step{N}
+  for a training workdir, MODEL_{name}_step{N} beside a converted model.
+  `flag` is the option that names another folder (a remote checkpoint needs it)."""
+  directory, _ = resolve(checkpoint, step)
+  if "://" in directory:
+    raise PathError(f"--checkpoint={checkpoint!r} is not on a local disk: pass {flag}")
+  directory = os.path.abspath(directory)
+  if os.path.basename(directory) == "checkpoints":   # a training workdir's
+    return os.path.join(os.path.dirname(directory), f"{name}_step{step}")
+  return f"{directory}_{name}_step{step}"
+
+
 def resolve_steps(directory: str) -> list[int]:
   if "://" in directory or not os.path.isdir(directory):
     return []

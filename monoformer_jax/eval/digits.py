@@ -21,12 +21,18 @@ import numpy as np
 
 
 @functools.lru_cache(maxsize=1)
-def digit_classifier():
+def _real_digits():
+  """scikit-learn's 1,797 digits: pixels [N, 64] in [0, 1], labels [N]."""
   from sklearn.datasets import load_digits
-  from sklearn.linear_model import LogisticRegression
   digits = load_digits()
+  return digits.images.reshape(len(digits.images), -1) / 16.0, digits.target
+
+
+@functools.lru_cache(maxsize=1)
+def digit_classifier():
+  from sklearn.linear_model import LogisticRegression
   clf = LogisticRegression(max_iter=2000, C=0.5)
-  clf.fit(digits.images.reshape(len(digits.images), -1) / 16.0, digits.target)
+  clf.fit(*_real_digits())
   return clf
 
 
@@ -37,12 +43,6 @@ def prompted_accuracy(images_Bx8x8, labels_B) -> tuple[float, np.ndarray]:
   per_digit = np.array([(pred[labels_B == d] == d).mean() if (labels_B == d).any()
                         else np.nan for d in range(10)])
   return float((pred == labels_B).mean()), per_digit
-
-
-def _real_digits():
-  from sklearn.datasets import load_digits
-  digits = load_digits()
-  return digits.images.reshape(len(digits.images), -1) / 16.0, digits.target
 
 
 def classifier_features(images_Bx8x8) -> np.ndarray:

@@ -31,7 +31,7 @@ import json
 import os
 import time
 import zipfile
-from typing import Any
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -141,21 +141,46 @@ def _done_chunks(out_dir: str, count: int) -> list[int]:
   return distributed.all_gather_json(done)[0]
 
 
-def _write_npz(path: str, arrays: dict[str, Any]):
-  """An npz like np.savez's, written array by array from chunk files so that
-  50,000 images never sit in memory at once. `arrays` maps a name to a list
-  of arrays concatenated along axis 0."""
+def _write_npz(path: str, arrays: dict[str, tuple[tuple, np.dtype, Iterable[np.ndarray]]]):
+  """An npz like np.savez's, each array written part by part as its parts
+  are produced, so that 50,000 images never sit in memory at once. `arrays`
+  maps a name to (the whole array's shape, dtype, an iterable of the parts
+  that concatenate to it along axis 0)."""
   tmp = path + ".tmp"
   with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-    for name, parts in arrays.items():
-      shape = (sum(len(p) for p in parts),) + parts[0].shape[1:]
+    for name, (shape, dtype, parts) in arrays.items():
       with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
         np.lib.format.write_array_header_2_0(
-            f, dict(descr=np.lib.format.dtype_to_descr(parts[0].dtype), fortran_order=False,
-                    shape=shape))
-        for p in parts:
-          f.write(np.ascontiguousarray(p).tobytes())
+            f, dict(descr=np.lib.format.dtype_to_descr(np.dtype(dtype)), fortran_order=False,
+                    shape=tuple(shape)))
+        for part in parts:
+          f.write(np.ascontiguousarray(part, dtype).tobytes())
   os.replace(tmp, path)
+
+
+def sample_classes(model, config, tokenizer, labels_N, *, num_steps: int,
+                   cfg_scale: float | None, seed: int, sampler: str = "ddpm",
+                   batch: int | None = None, vae=None, decode_batch: int = 64) -> np.ndarray:
+  """uint8 [N, H, W, C] samples of the class prompts of `labels_N` (guided
+  against the empty prompt unless `cfg_scale` is 0 or None), on every
+  process, the batch padded to `batch` rows (so that calls share one
+  program) and the padding dropped. A sample that is not finite (a diverged
+  model) is replaced by a blank image and counted in a warning."""
+  classes = class_names(config)
+  labels_N = np.asarray(labels_N)
+  n = len(labels_N)
+  padded = np.concatenate([labels_N, np.zeros((batch or n) - n, labels_N.dtype)])
+  x0 = inference.generate_images(
+      model, tokenizer, [prompt_format.class_prompt(classes[k]) for k in padded],
+      num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale or None, seed=seed,
+      num_timesteps=config.diffusion.num_timesteps)
+  x0 = np.asarray(multihost_utils.process_allgather(x0, tiled=True))[:n]
+  bad = ~np.isfinite(x0).reshape(n, -1).all(axis=1)
+  if bad.any():
+    logging.warning("%d of %d samples are not finite (a diverged model?); each is replaced "
+                    "by a blank image", bad.sum(), n)
+    x0 = np.where(bad[:, None, None, None], -1.0 if vae is None else 0.0, x0)
+  return quantize(decode_to_unit(x0, config, vae, decode_batch))
 
 
 def sample_run(model, config, tokenizer, out_dir: str, *, step: int = 0,
@@ -206,21 +231,9 @@ def sample_run(model, config, tokenizer, out_dir: str, *, step: int = 0,
         stopped = True
         break
       chunk_labels = labels[i * chunk_size:(i + 1) * chunk_size]
-      padded = np.concatenate([chunk_labels, np.zeros(chunk_size - len(chunk_labels),
-                                                      np.int32)])
-      x0 = inference.generate_images(
-          model, tokenizer, [prompt_format.class_prompt(classes[k]) for k in padded],
-          num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale or None,
-          seed=chunk_seed(seed, i), num_timesteps=config.diffusion.num_timesteps)
-      x0 = (jax.device_get(x0) if jax.process_count() == 1 else
-            multihost_utils.process_allgather(x0, tiled=True))
-      x0 = np.asarray(x0)[:len(chunk_labels)]
-      bad = ~np.isfinite(x0).reshape(len(x0), -1).all(axis=1)
-      if bad.any():
-        logging.warning("chunk %d: %d of %d samples are not finite (a diverged model?); "
-                        "each is replaced by a blank image", i, bad.sum(), len(x0))
-        x0 = np.where(bad[:, None, None, None], -1.0 if vae is None else 0.0, x0)
-      images = quantize(decode_to_unit(x0, config, vae, decode_batch))
+      images = sample_classes(model, config, tokenizer, chunk_labels, num_steps=num_steps,
+                              cfg_scale=cfg_scale, seed=chunk_seed(seed, i), sampler=sampler,
+                              batch=chunk_size, vae=vae, decode_batch=decode_batch)
       if writer:
         path = _chunk_path(out_dir, i)
         with open(path + ".tmp", "wb") as f:
@@ -235,15 +248,23 @@ def sample_run(model, config, tokenizer, out_dir: str, *, step: int = 0,
     return ""
   out = os.path.join(out_dir, SAMPLES_FILE)
   if writer:
-    images, got = [], []
+    got = []
     for i in range(count):
       with np.load(_chunk_path(out_dir, i)) as chunk:
-        images.append(chunk["images"])
         got.append(chunk["labels"])
+        if i == 0:
+          image_shape, image_dtype = chunk["images"].shape[1:], chunk["images"].dtype
     if not np.array_equal(np.concatenate(got), labels):
       raise FileFormatError(f"the chunks in {out_dir}/{CHUNKS_DIR} do not hold this run's "
                             "labels (written by other code?): remove the folder and sample again")
-    _write_npz(out, dict(arr_0=images, arr_1=got))
+
+    def chunk_images():   # one chunk in memory at a time
+      for i in range(count):
+        with np.load(_chunk_path(out_dir, i)) as chunk:
+          yield chunk["images"]
+
+    _write_npz(out, dict(arr_0=((num_samples,) + image_shape, image_dtype, chunk_images()),
+                         arr_1=((num_samples,), labels.dtype, got)))
     logging.info("wrote %s: arr_0 uint8 %s, arr_1 labels", out,
-                 (num_samples,) + images[0].shape[1:])
+                 (num_samples,) + image_shape)
   return out

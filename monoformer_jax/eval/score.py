@@ -23,8 +23,7 @@ import numpy as np
 from absl import logging
 
 from monoformer_jax.errors import ConfigError, FileFormatError
-
-IMAGE_METRICS = ("fid", "sfid", "is", "precision_recall")
+from monoformer_jax.eval.fid import METRICS as IMAGE_METRICS
 SAMPLE_METRICS = IMAGE_METRICS + ("digits",)    # computed from samples
 METRICS = SAMPLE_METRICS + ("commonsense",)
 
@@ -121,16 +120,17 @@ class TrainingEvals:
 
   def __init__(self, config):
     from monoformer_jax import inference
+    from monoformer_jax.data.datasets import class_names
+    from monoformer_jax.eval.sampling import class_labels
     self.config = config
     ev = config.get("evals", None)
     self.every = int(ev.every) if ev is not None and ev.metrics else 0
-    self.inception = self.reference = self.vae = None
     if not self.every:
       return
-    self.metrics = check_metrics(ev.metrics, "evals.metrics")
-    if "commonsense" in self.metrics:
-      raise ConfigError("evals.metrics: commonsense is not run inside training; run "
-                        "`python -m monoformer_jax.evaluate --metrics=commonsense` on a checkpoint")
+    # The fields are checked with the training config (validate.check_evals).
+    self.metrics = tuple(ev.metrics)
+    self.labels = class_labels(ev.num_samples, len(class_names(config)), seed=config.seed,
+                               balanced=True)
     self.inception, self.reference = metric_files(config, self.metrics)
     self.vae = inference.load_vae_of(config)
 
@@ -139,22 +139,12 @@ class TrainingEvals:
 
   def __call__(self, model, tokenizer) -> dict[str, float]:
     """The metrics of `model` (the EMA weights) as flat `eval/...` numbers."""
-    from jax.experimental import multihost_utils
-    from monoformer_jax import inference
-    from monoformer_jax.data.datasets import class_names
-    from monoformer_jax.data.prompts import class_prompt
-    from monoformer_jax.eval.sampling import class_labels, decode_to_unit, quantize
+    from monoformer_jax.eval.sampling import sample_classes
     ev, config = self.config.evals, self.config
-    classes = class_names(config)
-    labels = class_labels(ev.num_samples, len(classes), seed=config.seed, balanced=True)
     t0 = time.perf_counter()
-    x0 = inference.generate_images(
-        model, tokenizer, [class_prompt(classes[k]) for k in labels], num_steps=ev.num_steps,
-        cfg_scale=ev.cfg_scale or None, seed=config.seed,
-        num_timesteps=config.diffusion.num_timesteps)
-    x0 = multihost_utils.process_allgather(x0, tiled=True)
-    images = quantize(decode_to_unit(x0, config, self.vae))
-    results = score_images(images, labels, self.metrics, inception=self.inception,
+    images = sample_classes(model, config, tokenizer, self.labels, num_steps=ev.num_steps,
+                            cfg_scale=ev.cfg_scale, seed=config.seed, vae=self.vae)
+    results = score_images(images, self.labels, self.metrics, inception=self.inception,
                            reference=self.reference)
     flat = {f"eval/{k}": v for k, v in flat_numbers(results).items()}
     flat["eval/seconds"] = time.perf_counter() - t0
