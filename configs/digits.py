@@ -50,6 +50,10 @@ def get_config(variant=None):
       learn_sigma=True,
       timestep_freq_dim=256,
       conditioning="adaln_before_decoder",
+      vision_encoder="vae",     # it reads digits too: their pixel patches -> im_embedder
+                                # ("": generates images only; clip: a CLIP tower)
+      vision=None,              # clip: the tower's sizes (vision.clip.clip_config_from_hf)
+      read_bidirectional=False,  # read images: causal like text (the reference) or one block
       attention_impl="auto",    # Pallas kernels on TPU/GPU, dense XLA on CPU
       dtype="float32",          # compute dtype; parameters are always float32
       remat=False,
@@ -71,7 +75,9 @@ def get_config(variant=None):
       seq_len=128,
       batch_size=32,            # global rows per step
       max_images_per_row=4,
+      max_read_images_per_row=4,
       text_fraction=0.25,       # share of examples that are text-only
+      read_fraction=0.2,        # share that read a digit and name it (held-out: every tenth)
       cfg_drop_prob=0.1,        # prompt dropped (empty) for guidance
   ))
 
@@ -132,7 +138,9 @@ def get_config(variant=None):
   # end-of-run samples', so both share one compiled sampler.
   c.evals = ml_collections.ConfigDict(dict(
       every=400,                # 0: off
-      metrics=("digits",),      # accuracy and Fréchet distance in the classifier's features
+      # digits: accuracy and Fréchet distance in the classifier's features;
+      # reading: the share of held-out real digits the model names (eval/digits.py)
+      metrics=("digits", "reading"),
       num_samples=200,
       num_steps=50,
       cfg_scale=2.0,
@@ -141,11 +149,12 @@ def get_config(variant=None):
   ))
 
   if variant == "tiny":
-    c.model.num_layers = 2
-    c.data.update(batch_size=8, seq_len=64, max_images_per_row=1)
+    c.model.update(num_layers=2, vision_encoder="")
+    c.data.update(batch_size=8, seq_len=64, max_images_per_row=1, max_read_images_per_row=0,
+                  read_fraction=0.0)
     c.optim.warmup_steps = 0
     c.mesh.update(data=1, fsdp=-1)
     c.train.update(num_steps=50, log_every=1, checkpoint_every=10, keep_checkpoints=3)
     c.sample.update(num_per_class=2, num_steps=10)
-    c.evals.update(every=0, num_samples=20, num_steps=10)
+    c.evals.update(every=0, metrics=("digits",), num_samples=20, num_steps=10)
   return c

@@ -3,10 +3,8 @@ r"""Text-to-image with chat, the reference's JourneyDB + UltraChat 9:1 mix.
 The reference's configs/train_journeydb_ultrachat_9_1.py: TinyLlama-Chat as the
 backbone, SD-VAE latents of 256-pixel JourneyDB images under their prompts,
 mixed 9:1 with UltraChat conversations; rows of 512 tokens; loss weights 1.0
-(diffusion) and 0.01 (LM). The reference trains it with
-`add_before_image_tokens` time conditioning; that mode has not landed here
-yet, so this config uses `adaln_before_decoder` (the released ImageNet
-checkpoint's) and the same everything else.
+(diffusion) and 0.01 (LM), and `add_before_image_tokens` time conditioning
+(one timestep token before each image, as every official training config).
 
   python -m monoformer_jax.data.prepare text_to_image --input_dir=JourneyDB/train/images \
       --annotations=JourneyDB/train/train_anno.jsonl --output_dir=/data/prepared \
@@ -21,24 +19,15 @@ checkpoint's) and the same everything else.
       --config.data.dirs.chat=/data/prepared/monoformer_chat/1.0.0
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _imagenet256():
-  path = pathlib.Path(__file__).with_name("imagenet256.py")
-  spec = importlib.util.spec_from_file_location("monoformer_config_imagenet256", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from monoformer_jax.configs import config_file
 
 
 def get_config(variant=None):
   if variant:
     raise ValueError(f"configs/t2i_chat.py has no variant {variant!r}")
-  c = _imagenet256()   # the same model, recipe and mesh; other data
+  c = config_file("imagenet256")   # the same model, recipe and mesh; other data
   c.data.update(
       name="mix",
       dir="",
@@ -50,6 +39,7 @@ def get_config(variant=None):
   c.data.chat_template = "human_assistant"   # data/chat.py: the reference's template
   c.data.train_on_source = False             # loss on the assistant's answers only
   c.data.max_images_per_row = 1
+  c.model.conditioning = "add_before_image_tokens"
   c.sample.update(num_per_class=0, num_classes=0,
                   text_prompts=("### Human: What is the capital of France?### Assistant: ",))
   return c

@@ -14,6 +14,9 @@ r"""Evaluate a MonoFormer, or a file of its samples, from the command line.
         --reference=VIRTUAL_imagenet256_labeled.npz --inception=pt_inception-...pth \
         --metrics=fid,sfid,is,precision_recall
 
+    # the digits model reading held-out real digits (greedy "it is seven.")
+    python -m monoformer_jax.evaluate --checkpoint=/tmp/digits --metrics=reading
+
     # zero-shot commonsense reasoning from local task files
     python -m monoformer_jax.evaluate --checkpoint=/ckpt/mf256 --metrics=commonsense \
         --tasks_dir=/data/commonsense --tasks=hellaswag,piqa,arc_easy
@@ -122,6 +125,8 @@ def _check_flags(metrics):
     raise PathError(f"--samples={_SAMPLES.value!r} is not a file")
   if _SAMPLES.value and "commonsense" in metrics:
     raise ConfigError("--samples scores images; commonsense needs --checkpoint")
+  if "reading" in metrics and not _CHECKPOINT.value:
+    raise ConfigError("--metrics=reading scores a model reading digits: give --checkpoint")
   integer("--batch_size", _BATCH_SIZE.value, low=1)
   integer("--text_batch", _TEXT_BATCH.value, low=1)
   integer("--max_len", _MAX_LEN.value, low=2)
@@ -178,6 +183,11 @@ def main(argv):
     config, step = load_config(_CHECKPOINT.value, _STEP.value)
     if _CONFIG.value is not None:
       config = _CONFIG.value
+    if "reading" in metrics and (not config.model.get("vision_encoder", "")
+                                 or config.data.name != "digits"):
+      raise ConfigError("--metrics=reading is the digits model reading digits; "
+                        f"{_CHECKPOINT.value} is a {config.data.name!r} model with "
+                        f"model.vision_encoder={config.model.get('vision_encoder', '')!r}")
     num_samples = _NUM_SAMPLES.value
     if num_samples is None:
       num_samples = 50_000 if inception_metrics else 1000
@@ -215,6 +225,9 @@ def main(argv):
         results["commonsense"] = commonsense.evaluate_tasks(
             model, tokenizer, _tasks(), _TASKS_DIR.value, limit=_LIMIT.value,
             batch_size=_TEXT_BATCH.value, max_len=_MAX_LEN.value)
+      if "reading" in metrics:
+        from monoformer_jax.eval.digits import reading_accuracy
+        results["reading"] = reading_accuracy(model, tokenizer, config)
     results["checkpoint"] = dict(path=_CHECKPOINT.value, step=step, weights=_WEIGHTS.value)
   if writer:
     text = finite_json(results, indent=1)

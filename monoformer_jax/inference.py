@@ -9,6 +9,7 @@ a pixel model) and `to_pixels` makes [0, 1] images of them.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import jax
@@ -18,6 +19,7 @@ from PIL import Image
 from monoformer_jax.data import prompts as prompt_format
 from monoformer_jax.data.datasets import class_by_name, draws_pixels
 from monoformer_jax.data.images import to_unit_range
+from monoformer_jax.data.packing import row_spec
 from monoformer_jax.diffusion.gaussian import SAMPLERS, GaussianDiffusion
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.diffusion.sample_images import sample_images
@@ -25,6 +27,7 @@ from monoformer_jax.text.generate import generate
 from monoformer_jax.text.tokenizer import tokenizer_of  # noqa: F401 (for notebooks)
 from monoformer_jax.validate import check_image_sampling, check_prompts, check_text_sampling
 from monoformer_jax.vae import decode_latents, load_vae
+from monoformer_jax.vision.inputs import read_inputs
 
 
 def class_name_prompt(name: str, config=None) -> str:
@@ -50,7 +53,7 @@ def generate_images(model, tokenizer, prompts: Sequence[str | None], *, num_step
   cfg_scale = cfg_scale or None   # 0 is no guidance
   diffusion = GaussianDiffusion.create(num_timesteps, "linear", respacing=str(num_steps))
   rows = prompt_format.image_rows(prompts, tokenizer, model.tokens_per_image,
-                                  guidance=cfg_scale is not None)
+                                  guidance=cfg_scale is not None, cond_token=model.cond_token)
   return sample_images(model, rows, diffusion, jax.random.PRNGKey(seed),
                        cfg_scale=cfg_scale, guided_channels=guided_channels,
                        sampler=sampler, eta=eta, use_cache=use_cache, progress=progress)
@@ -70,6 +73,33 @@ def complete_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
                  max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id,
                  stop_ids=[tokenizer.eos_id], key=jax.random.PRNGKey(seed),
                  temperature=temperature, top_k=top_k, top_p=top_p, use_cache=use_cache)
+  return [tokenizer.decode(t) for t in ids]
+
+
+def describe_images(model, tokenizer, images, prompt: str | Sequence[str] = "Describe the image.",
+                    *, config, vae=None, max_new_tokens: int = 128, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                    use_cache: bool = True) -> list[str]:
+  """The model's answers about `images` (a list: paths, PIL images or arrays),
+  one per image, to `prompt` (one string, or one per image). The image is
+  read by the model's vision encoder (a latent model's `vae` encodes it) and
+  cached with the prompt; greedy by default, stopping at eos."""
+  if isinstance(images, (str, os.PathLike)) or not len(images):
+    raise ConfigError("images must be a non-empty list (paths, PIL images or arrays)")
+  questions = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+  if len(questions) != len(images):
+    raise ConfigError(f"{len(questions)} prompts for {len(images)} images; give one prompt, "
+                      "or one per image")
+  check_text_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p)
+  inputs = read_inputs(images, config, vae)
+  spec = row_spec(config, tokenizer)
+  examples = [prompt_format.read_prompt_example(q, x, tokenizer)
+              for q, x in zip(questions, inputs)]
+  ids = generate(model, examples, max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id,
+                 stop_ids=[tokenizer.eos_id], key=jax.random.PRNGKey(seed),
+                 temperature=temperature, top_k=top_k, top_p=top_p, spec=spec,
+                 use_cache=use_cache)
   return [tokenizer.decode(t) for t in ids]
 
 

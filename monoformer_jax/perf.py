@@ -28,9 +28,12 @@ import dataclasses
 import jax
 
 
-# Not matmuls per token: the embedding is a lookup, and the timestep MLP and
-# the adaLN projections run once per image (0.3% of the 1.1B step), not per token.
-PER_ROW = ("embed_tokens", "t_embedder", "adaln_module", "final_layer/adaln")
+# Not matmuls per token: the embedding is a lookup, the timestep MLP, the adaLN
+# projections and t_projector run once per image (0.3% of the 1.1B step), and
+# the reading side (im_embedder, the frozen CLIP tower) only on read images' tokens;
+# none of them is counted (MFU is the decoder's and its heads').
+PER_ROW = ("embed_tokens", "t_embedder", "adaln_module", "final_layer/adaln", "t_projector",
+           "im_embedder", "vision_tower")
 
 
 def train_flops_per_row(model_config, seq_len: int) -> float:

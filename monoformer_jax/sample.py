@@ -4,6 +4,13 @@ r"""Sample a trained MonoFormer from the command line: images and text.
     python -m monoformer_jax.sample --checkpoint=/tmp/digits \
         --prompt="an image of three." --num_samples=8 --sampler=ddim --cfg_scale=2
     python -m monoformer_jax.sample --checkpoint=/tmp/digits --text_prompt="two plus two is"
+    python -m monoformer_jax.sample --checkpoint=/tmp/digits --image=seven.png \
+        --text_prompt="which digit is this?" --temperature=0
+
+With `--image` (repeatable) the model READS each image (its vision encoder,
+then the KV cache over it) and answers `--text_prompt` about it (one prompt
+for every image, or one per image); the answers are printed and written to
+`text.txt`. Models trained without a vision encoder refuse `--image`.
 
 `--checkpoint` is a training workdir, one of its step folders, or the output
 of `python -m monoformer_jax.convert`; the config saved with it describes the
@@ -31,6 +38,7 @@ from monoformer_jax import cli, inference
 from monoformer_jax.checkpoints import beside, load_config, load_model
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
+from monoformer_jax.vision.inputs import load_image
 from monoformer_jax.validate import (check_image_sampling, check_text_sampling,
                                      fresh_output_dir, new_folder_beside, writable_dir)
 
@@ -52,7 +60,10 @@ _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"],
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Image prompt, free text (repeatable).")
 _CLASS_NAME = flags.DEFINE_multi_string("class_name", [],
                                         "Class to draw, e.g. 'seven' (repeatable).")
-_TEXT_PROMPT = flags.DEFINE_multi_string("text_prompt", [], "Text to complete (repeatable).")
+_TEXT_PROMPT = flags.DEFINE_multi_string("text_prompt", [], "Text to complete (repeatable); "
+                                         "with --image, the question about the image(s).")
+_IMAGE = flags.DEFINE_multi_string("image", [], "An image for the model to read and answer "
+                                   "--text_prompt about (repeatable; PNG or JPEG).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Images per prompt or class name.")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"],
                              "DDPM (learned variance, the reference) or DDIM.")
@@ -87,10 +98,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not (_PROMPT.value or _CLASS_NAME.value or _TEXT_PROMPT.value):
     raise app.UsageError("nothing to sample: give --prompt, --class_name or --text_prompt")
+  if _IMAGE.value and len(_TEXT_PROMPT.value) not in (1, len(_IMAGE.value)):
+    raise app.UsageError(f"{len(_IMAGE.value)} --image but {len(_TEXT_PROMPT.value)} "
+                         "--text_prompt: give one question for all the images, or one each")
+  images_read = [load_image(p) for p in _IMAGE.value]   # a bad file fails here, named
   if _TEXT_PROMPT.value:
     check_text_sampling(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                         top_k=_TOP_K.value, top_p=_TOP_P.value, prefix="--")
   config, step = load_config(_CHECKPOINT.value)
+  if _IMAGE.value and not config.model.get("vision_encoder", ""):
+    raise app.UsageError(f"{_CHECKPOINT.value} was trained without a vision encoder "
+                         "(model.vision_encoder is ''), so it cannot read --image; use a "
+                         "model trained with model.vision_encoder=vae or clip (the digits "
+                         "default reads digits)")
   sample_cfg = config.get("sample", {})
   num_steps = sample_cfg.get("num_steps", 20) if _NUM_STEPS.value is None else _NUM_STEPS.value
   cfg_scale = sample_cfg.get("cfg_scale", 1.5) if _CFG_SCALE.value is None else _CFG_SCALE.value
@@ -100,7 +120,7 @@ def main(argv):
   tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
   prompts = list(_PROMPT.value) + [inference.class_name_prompt(c, config)
                                    for c in _CLASS_NAME.value]
-  vae = inference.load_vae_of(config, _VAE.value) if prompts else None
+  vae = inference.load_vae_of(config, _VAE.value) if (prompts or _IMAGE.value) else None
   # Every process of a multi-host run samples (sharded); process 0 writes.
   writer = jax.process_index() == 0
   out_dir = _output_dir(_CHECKPOINT.value, step) if writer else None
@@ -134,7 +154,14 @@ def main(argv):
                            ).save(os.path.join(out_dir, "images.png"))
       logging.info("wrote %d images to %s (images.png, images.npz)", len(images), out_dir)
 
-    if _TEXT_PROMPT.value:
+    if _IMAGE.value:
+      questions = list(_TEXT_PROMPT.value) * (len(_IMAGE.value) // len(_TEXT_PROMPT.value))
+      completions = inference.describe_images(
+          model, tokenizer, images_read, questions, config=config, vae=vae,
+          max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+          top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value, use_cache=_CACHE.value)
+      lines = [f"{i} {q!r} -> {c!r}" for i, q, c in zip(_IMAGE.value, questions, completions)]
+    elif _TEXT_PROMPT.value:
       completions = inference.complete_text(
           model, tokenizer, _TEXT_PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
           temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,

@@ -107,6 +107,15 @@ def check_model(config):
   boolean("model.learn_sigma", m.learn_sigma)
   boolean("model.remat", m.remat)
   one_of("model.conditioning", m.conditioning, CONDITIONING_MODES)
+  from monoformer_jax.data.packing import VISION_ENCODERS
+  one_of("model.vision_encoder", m.get("vision_encoder", ""), VISION_ENCODERS)
+  boolean("model.read_bidirectional", m.get("read_bidirectional", False))
+  if m.get("vision_encoder", "") == "clip":
+    if not m.get("vision"):
+      _fail("model.vision", None, "is needed by model.vision_encoder='clip'",
+            "set it from the CLIP folder: vision.clip.read_clip_config(DIR)")
+    from monoformer_jax.vision.clip import check_config
+    check_config(m.vision)
   one_of("model.attention_impl", m.attention_impl, IMPLS)
   one_of("model.dtype", m.dtype, DTYPES)
   if m.num_heads % m.num_kv_heads:
@@ -146,6 +155,8 @@ def check_train_config(config, *, reads_data: bool = True):
   integer("data.seq_len", data.seq_len, low=2)
   integer("data.batch_size", data.batch_size, low=1)
   integer("data.max_images_per_row", data.max_images_per_row, low=1)
+  integer("data.max_read_images_per_row", data.get("max_read_images_per_row", 0), low=0)
+  real("data.read_fraction", data.get("read_fraction", 0.0), low=0, high=1)
   real("data.text_fraction", data.text_fraction, low=0, high=1)
   real("data.cfg_drop_prob", data.cfg_drop_prob, low=0, high=1)
 
@@ -226,6 +237,11 @@ def check_evals(config):
   if "commonsense" in metrics:
     _fail("evals.metrics", tuple(metrics), "may not name commonsense inside training",
           "run `python -m monoformer_jax.evaluate --metrics=commonsense` on a checkpoint")
+  if "reading" in metrics and (not config.model.get("vision_encoder", "")
+                               or config.data.name != "digits"):
+    _fail("evals.metrics", tuple(metrics), "names reading, the digits model reading digits, "
+          f"but data.name={config.data.name!r} and model.vision_encoder="
+          f"{config.model.get('vision_encoder', '')!r}", "leave reading out")
   if not class_names(config):
     _fail("evals.metrics", tuple(metrics), f"needs class-conditional samples, but "
           f"data.name={config.data.name!r} has no classes", "set evals.every=0")

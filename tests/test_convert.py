@@ -299,12 +299,6 @@ def test_another_model_size_names_the_config_values(fixture_dir, base, tmp_path)
     official.load_official(str(path), base)
 
 
-def test_unsupported_conditioning_mode_is_refused(fixture_dir, base):
-  with pytest.raises(ValueError,
-                     match="decoder_t_embed='add_before_image_tokens' is not supported"):
-    official.load_official(str(fixture_dir / "add_before_image_tokens"), base)
-
-
 def test_llama_errors(fixture_dir, base, tmp_path):
   with pytest.raises(ValueError, match="is an official MonoFormer config.*convert official"):
     llama.load_llama(str(fixture_dir), base)

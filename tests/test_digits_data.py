@@ -26,6 +26,10 @@ def is_text_only(example):
   return not len(example.images)
 
 
+def is_reading(example):
+  return any(example.read_flags())
+
+
 def prompt_of(example):
   """The prompt text of an image example ("" for the guidance-null one)."""
   ids = list(example.ids)
@@ -37,10 +41,21 @@ def test_batch_from_the_real_config():
   batch = next(make_batches(config, TOK))
   r, l, m = config.data.batch_size, config.data.seq_len, config.data.max_images_per_row
   p = row_spec(config, TOK).tokens_per_image
+  n_read = config.data.max_read_images_per_row
   shapes = dict(tokens=(r, l), segment_ids=(r, l), image_ids=(r, l), positions=(r, l),
-                image_columns=(r, m, p), image_valid=(r, m), targets=(r, l),
-                text_weights=(r, l), latents=(r, m, 8, 8, 1))
+                image_columns=(r, m, p), image_valid=(r, m), cond_columns=(r, m),
+                read_columns=(r, n_read, p), read_valid=(r, n_read),
+                read_cond_columns=(r, n_read), targets=(r, l),
+                text_weights=(r, l), latents=(r, m, 8, 8, 1),
+                read_images=(r, n_read, 8, 8, 1))
   assert {k: v.shape for k, v in batch.items()} == shapes
+  # The default reads digits too (data.read_fraction): real digits, causal tokens.
+  assert batch["read_valid"].any() and n_read > 0
+  read_images = batch["read_images"][batch["read_valid"]]
+  assert (np.abs(read_images).reshape(len(read_images), -1).max(axis=1) > 0).all()
+  cols = batch["read_columns"][batch["read_valid"]]
+  rows_of = np.nonzero(batch["read_valid"])[0]
+  assert (batch["image_ids"][rows_of[:, None], cols] == 0).all()
   for name in ("tokens", "segment_ids", "image_ids", "positions", "targets"):
     assert batch[name].dtype == np.int32, name
   assert batch["text_weights"].dtype == batch["latents"].dtype == np.float32
@@ -63,6 +78,9 @@ def test_batch_from_the_real_config():
   has_image = np.stack([np.isin(seg[b], seg[b][image_ids[b] > 0]) for b in range(r)])
   assert not (batch["text_weights"] * has_image).any()
   assert batch["text_weights"].sum() > 0
+  # A reading example trains its answer: text weight inside its segment.
+  b0, c0 = rows_of[0], cols[0, 0]
+  assert (batch["text_weights"][b0] * (seg[b0] == seg[b0, c0])).sum() > 0
 
 
 def test_row_of_one_digit_token_by_token():
@@ -102,16 +120,27 @@ def test_mix_and_guidance_drop_match_the_config():
   stream = digits.digits_example_stream(config, TOK, seed=0)
   examples = [stream(i) for i in range(4000)]
   text = [e for e in examples if is_text_only(e)]
-  images = [e for e in examples if not is_text_only(e)]
+  reads = [e for e in examples if is_reading(e)]
+  images = [e for e in examples if not is_text_only(e) and not is_reading(e)]
   assert abs(len(text) / len(examples) - config.data.text_fraction) < 0.01
-  dropped = sum(prompt_of(e) == "" for e in images) / len(images)
-  assert abs(dropped - config.data.cfg_drop_prob) < 0.025
-  assert all(e.train_text for e in examples)
-  # Every prompt is a template filled with the name of the digit it shows.
+  assert abs(len(reads) / len(examples) - config.data.read_fraction) < 0.01
+  # A reading example reads one real digit, held out never, and answers its name.
   all_images, labels = digits.load_digit_images()
   label_of = collections.defaultdict(set)
   for image, label in zip(all_images, labels):
     label_of[image.tobytes()].add(int(label))
+  held = digits.reading_split(digits.digit_records(config))[1]
+  held = {np.asarray(held[i]["image"], np.float32).tobytes() for i in range(len(held))}
+  for e in reads[:300]:
+    (image,) = e.images
+    assert image.tobytes() not in held
+    answer = TOK.decode([t for t, m in zip(e.ids, e.text_mask) if m][:-1])
+    assert digits.answer_label(answer) in label_of[image.tobytes()], answer
+    assert TOK.decode(list(e.ids)[4:]).startswith("\n" + digits.READ_PROMPT)
+  dropped = sum(prompt_of(e) == "" for e in images) / len(images)
+  assert abs(dropped - config.data.cfg_drop_prob) < 0.025
+  assert all(e.train_text for e in examples)
+  # Every prompt is a template filled with the name of the digit it shows.
   templates = collections.Counter()
   for e in images[:500]:
     prompt = prompt_of(e)
@@ -140,7 +169,7 @@ def test_every_digit_once_per_epoch_in_a_new_order():
   while len(seen) < 2 * N_DIGITS:
     e = stream(i)
     i += 1
-    if not is_text_only(e):
+    if not is_text_only(e) and not is_reading(e):
       seen.append(e.images[0].tobytes())
   all_images = [x.tobytes() for x in digits.load_digit_images()[0]]
   first, second = seen[:N_DIGITS], seen[N_DIGITS:]

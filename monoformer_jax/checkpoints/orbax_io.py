@@ -291,9 +291,11 @@ class TrainCheckpointer:
 
 def model_differences(saved, config) -> list[str]:
   """`model.x=A there, B here` for each weight-shaping field that differs."""
-  return [f"model.{k}={saved.model.get(k)!r} there, {v!r} here"
+  from monoformer_jax.model.monoformer import MODEL_DEFAULTS
+  was = lambda k: saved.model.get(k, MODEL_DEFAULTS.get(k))   # fields added since
+  return [f"model.{k}={was(k)!r} there, {v!r} here"
           for k, v in config.model.items()
-          if k not in _COMPUTE_FIELDS and saved.model.get(k) != v]
+          if k not in _COMPUTE_FIELDS and was(k) != v]
 
 
 def resolve(path: str, step: int | None = None) -> tuple[str, int]:

@@ -2,16 +2,28 @@ r"""Weights in and out: `python -m monoformer_jax.convert COMMAND --flags`.
 
   official         official MonoFormer safetensors (+ ema/) -> a model checkpoint
                    --input=DIR_OR_SAFETENSORS --output=CKPT_DIR [--config=...] [--mesh]
+                   [--clip=CLIP_DIR]
   to-official      a model checkpoint -> official safetensors + config.json (+ ema/)
-                   --input=CKPT_DIR --output=DIR [--max_shard_size=5GB]
+                   --input=CKPT_DIR --output=DIR [--max_shard_size=5GB] [--clip=CLIP_DIR]
   llama            an HF Llama (TinyLlama-1.1B) -> a fresh MonoFormer checkpoint
                    --input=HF_DIR --output=CKPT_DIR [--config=...] [--seed=0] [--mesh]
+                   [--clip=CLIP_DIR]
   verify-official  a reference fixture through the converter: errors of every output
                    --fixture=DIR [--tolerance=1e-4]; exits 1 above the tolerance
 
 `--config` (default configs/imagenet256.py) is the base config; the model
 fields come from the weights' config.json. `--mesh` builds every parameter
 straight into its shards on the mesh of `config.mesh` / `config.sharding_rules`.
+
+`--clip` (a model that reads images through CLIP, vision_encoder='clip') is
+the Hugging Face CLIP folder of its frozen tower (config.json +
+model.safetensors, e.g. openai/clip-vit-large-patch14): `official` takes the
+tower's sizes from it (or from the base config's model.vision), `to-official`
+copies the tower's last layer and post_layernorm from it (ours stops before
+them) and writes it as vision_encoder_path, `llama` copies the whole tower:
+
+  python -m monoformer_jax.convert llama --input=TinyLlama-1.1B --output=/ckpt/start \
+      --config=configs/t2i_llava.py --clip=clip-vit-large-patch14
 """
 
 import sys
@@ -40,6 +52,10 @@ _MESH = flags.DEFINE_bool("mesh", False, "Build the params sharded over config.m
 _SEED = flags.DEFINE_integer("seed", 0, "llama: seed of the new parameters.")
 _MAX_SHARD = flags.DEFINE_string("max_shard_size", "5GB",
                                  "to-official: largest safetensors file, e.g. 5GB, 500MB.")
+_CLIP = flags.DEFINE_string(
+    "clip", None, "official / to-official / llama, a model with vision_encoder='clip': the "
+    "HF CLIP folder of its tower (e.g. openai/clip-vit-large-patch14); to-official writes "
+    "it into config.json as vision_encoder_path.")
 _FIXTURE = flags.DEFINE_string("fixture", None, "verify-official: the fixture folder.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 1e-4, "verify-official: atol = rtol.")
 
@@ -77,12 +93,12 @@ def main(argv):
     return make_mesh((base or official.default_config()).mesh)
 
   if command == "official":
-    official.convert_official(*_paths(), base, mesh=mesh())
+    official.convert_official(*_paths(), base, mesh=mesh(), clip=_CLIP.value)
   elif command == "to-official":
     max_shard_bytes = parse_size(_MAX_SHARD.value)
-    official.convert_to_official(*_paths(), max_shard_bytes=max_shard_bytes)
+    official.convert_to_official(*_paths(), max_shard_bytes=max_shard_bytes, clip=_CLIP.value)
   elif command == "llama":
-    convert_llama(*_paths(), base, seed=_SEED.value, mesh=mesh())
+    convert_llama(*_paths(), base, seed=_SEED.value, mesh=mesh(), clip=_CLIP.value)
   else:
     _require(_FIXTURE)
     real("--tolerance", _TOLERANCE.value, low=0, low_open=True)

@@ -12,9 +12,24 @@ does, seeded:
 - its `initialize_weights()`: x_embedder and adaLN_module weights and biases
   zero (image tokens start as the 2-D position table alone, unmodulated);
   t_embedder's two Linears and the final layer's two Linears
-  (adaLN_modulation.1 and linear) N(0, 0.02^2) with zero biases.
-The image-side fields (image_size, patch_size, in_channels, ...) come from the
-base config (configs/imagenet256.py by default).
+  (adaLN_modulation.1 and linear) N(0, 0.02^2) with zero biases;
+- add_before_image_tokens' t_projector (Linear, GELU, Linear): fc1 N(0, 0.02^2)
+  and fc2 zero, biases zero. The reference zeroes BOTH Linears, which leaves
+  it a constant for good: fc2's kernel sees GELU(0) = 0 inputs and fc1 gets
+  its gradient through fc2's zero kernel, so only fc2's bias ever trains.
+  Zeroing only fc2 keeps the start (the timestep token is 0) and lets it learn.
+A model that reads images (model.vision_encoder vae or clip) also gets:
+- im_embedder (Linear, GELU, Linear): N(0, 0.02^2) kernels and zero biases,
+  the rule of the other new Linears here. The reference keeps PyTorch's
+  default Linear init there (weights and biases U(+-1/sqrt(fan_in))), because
+  its train.py builds the module (`initialize_vision_modules`) after
+  `initialize_weights` has run;
+- clip: the frozen CLIP tower (`vision_tower`) from an HF CLIP folder
+  (`clip=`, `--clip=DIR`, e.g. openai/clip-vit-large-patch14); model.vision
+  (the tower's sizes) from its config.json, or checked against the base
+  config's when that sets it.
+The image-side fields (image_size, patch_size, in_channels, vision_encoder,
+...) come from the base config (configs/imagenet256.py by default).
 """
 
 from __future__ import annotations
@@ -24,12 +39,14 @@ import zlib
 
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
-from monoformer_jax.errors import FileFormatError
+from monoformer_jax.errors import ConfigError, FileFormatError
 from monoformer_jax.convert import official
 from monoformer_jax.checkpoints import save_model
 from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource
 from monoformer_jax.model.build import param_shardings
+from monoformer_jax.vision.clip import load_clip_params
 
 ADDED_TOKENS = 4
 _INIT_STD = 0.02  # initialize_weights() hard-codes it, whatever initializer_range says
@@ -42,6 +59,12 @@ _IMAGE_INIT = {
     ("t_embedder", "fc2", "kernel"): "normal", ("t_embedder", "fc2", "bias"): "zeros",
     ("final_layer", "adaln", "kernel"): "normal", ("final_layer", "adaln", "bias"): "zeros",
     ("final_layer", "linear", "kernel"): "normal", ("final_layer", "linear", "bias"): "zeros",
+    # add_before_image_tokens (the reference zeroes fc1's kernel too; see above)
+    ("t_projector", "fc1", "kernel"): "normal", ("t_projector", "fc1", "bias"): "zeros",
+    ("t_projector", "fc2", "kernel"): "zeros", ("t_projector", "fc2", "bias"): "zeros",
+    # a model that reads images (the reference: PyTorch's default Linear init; see above)
+    ("im_embedder", "fc1", "kernel"): "normal", ("im_embedder", "fc1", "bias"): "zeros",
+    ("im_embedder", "fc2", "kernel"): "normal", ("im_embedder", "fc2", "bias"): "zeros",
 }
 
 
@@ -69,8 +92,28 @@ def _grow_vocab(read_old, new_rows, axis: int, old_vocab: int):
   return read
 
 
-def load_llama(path: str, base_config=None, *, seed: int = 0, shardings_fn=None):
-  """(params, config) of a MonoFormer started from the HF Llama at `path`."""
+def _clip_tower(m, clip: str | None) -> dict:
+  """{path under vision_tower: host array} for model config `m` (whose
+  model.vision it sets from the CLIP folder when unset); {} without CLIP."""
+  encoder = m.get("vision_encoder", "")
+  official.no_clip_needed(encoder, clip, "the base config (model.vision_encoder)")
+  if encoder != "clip":
+    return {}
+  if not clip:
+    raise ConfigError(
+        "the base config has model.vision_encoder='clip': the new model's frozen CLIP tower "
+        "is copied from a Hugging Face CLIP folder: pass --clip=DIR (clip=DIR), e.g. a "
+        "download of openai/clip-vit-large-patch14")
+  params, vcfg = load_clip_params(clip, m.get("vision") or None)
+  m.vision = vcfg
+  return traverse_util.flatten_dict(params)
+
+
+def load_llama(path: str, base_config=None, *, seed: int = 0, shardings_fn=None,
+               clip: str | None = None):
+  """(params, config) of a MonoFormer started from the HF Llama at `path`; a
+  base config with model.vision_encoder='clip' needs `clip`, the HF CLIP
+  folder of its tower."""
   path = os.fspath(path)
   hf = official.read_hf_config(path)
   where = os.path.join(path, "config.json")
@@ -87,6 +130,7 @@ def load_llama(path: str, base_config=None, *, seed: int = 0, shardings_fn=None)
   base = official.default_config() if base_config is None else base_config
   config = official.with_model_fields(base, fields)
   m = config.model
+  tower = _clip_tower(m, clip)
   tied = bool(hf.get("tie_word_embeddings", False))
   std = float(hf.get("initializer_range", 0.02))
   shardings = shardings_fn(config) if shardings_fn else None
@@ -106,6 +150,9 @@ def load_llama(path: str, base_config=None, *, seed: int = 0, shardings_fn=None)
     official.check_source(source, m, path, entries=backbone, vocab_size=old_vocab)
 
     def make_reader(p, shape):
+      if p[0] == "vision_tower":
+        x = tower[p[1:]]
+        return lambda b: x[tuple(slice(*lo_hi) for lo_hi in b)]
       e = official.BY_PATH[p]
       if p == ("embed_tokens",):
         read_old = official.entry_reader(source, e, m.head_dim)
@@ -124,10 +171,13 @@ def load_llama(path: str, base_config=None, *, seed: int = 0, shardings_fn=None)
   return params, config
 
 
-def convert_llama(path: str, output: str, base_config=None, *, seed: int = 0, mesh=None):
-  """HF Llama at `path` -> a fresh MonoFormer model checkpoint (raw params only)."""
+def convert_llama(path: str, output: str, base_config=None, *, seed: int = 0, mesh=None,
+                  clip: str | None = None):
+  """HF Llama at `path` -> a fresh MonoFormer model checkpoint (raw params
+  only); `clip` as in `load_llama`."""
   shardings_fn = (lambda c: param_shardings(c, mesh)) if mesh is not None else None
-  params, config = load_llama(path, base_config, seed=seed, shardings_fn=shardings_fn)
+  params, config = load_llama(path, base_config, seed=seed, shardings_fn=shardings_fn,
+                              clip=clip)
   save_model(output, config, params)
   logging.info("wrote %s: %d-layer MonoFormer, vocabulary %d (+%d added tokens)", output,
                config.model.num_layers, config.model.vocab_size, ADDED_TOKENS)

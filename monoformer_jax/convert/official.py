@@ -14,13 +14,24 @@ position table (recomputed; the reference adds it to `[start, min(end, L-1))`
 of an image span, so an image ending on the row's last position loses it on
 its last token; we add it to every image token and do not copy that bug), the
 causal mask and RoPE's inv_freq.
+
+A model that reads images (config.json's `vision_encoder`): `vae` keeps the
+reference's SD-VAE under `vision_encoder.vision_tower.*`, which is skipped
+(ours comes from config.vae.path); `clip` keeps a whole HF CLIPVisionModel
+under `vision_encoder.vision_tower.vision_model.*`, of which our tower holds
+everything but the last encoder layer and `post_layernorm` (MonoFormer reads
+the second-to-last layer). Its sizes are not in the MonoFormer config.json, so
+both directions take the HF CLIP folder (`clip=`, the CLI's `--clip=DIR`);
+writing copies the two missing parts from it, so the file loads strictly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 from typing import Callable
@@ -32,13 +43,14 @@ import tqdm
 from absl import logging
 from flax import nnx, traverse_util
 
-from monoformer_jax.checkpoints import load_params, save_model, stored_weights
+from monoformer_jax.checkpoints import load_config, load_params, save_model, stored_weights
 from monoformer_jax.checkpoints.safetensors_io import (SafetensorsSource, find_files,
                                                        read_json_object, write_safetensors)
 from monoformer_jax.configs import config_file
 from monoformer_jax.errors import CheckpointError, ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.model.build import abstract_model, param_shardings
 from monoformer_jax.model.monoformer import CONDITIONING_MODES
+from monoformer_jax.vision.clip import clip_params_from_tensors, read_clip_config, vision_prefix
 
 LAYER = "model.layers.{i}."
 
@@ -81,8 +93,14 @@ ENTRIES = (
     Entry(("t_embedder", "fc2", "bias"), "t_embedder.mlp.2.bias", "same", ("hidden",)),
     Entry(("x_embedder", "kernel"), "x_embedder.weight", "T", ("hidden", "patch_in")),
     Entry(("x_embedder", "bias"), "x_embedder.bias", "same", ("hidden",)),
+    # conditioning adaln_before_decoder
     Entry(("adaln_module", "kernel"), "adaLN_module.1.weight", "T", ("2hidden", "hidden")),
     Entry(("adaln_module", "bias"), "adaLN_module.1.bias", "same", ("2hidden",)),
+    # conditioning add_before_image_tokens: Linear, GELU, Linear
+    Entry(("t_projector", "fc1", "kernel"), "t_projector.0.weight", "T", ("hidden", "hidden")),
+    Entry(("t_projector", "fc1", "bias"), "t_projector.0.bias", "same", ("hidden",)),
+    Entry(("t_projector", "fc2", "kernel"), "t_projector.2.weight", "T", ("hidden", "hidden")),
+    Entry(("t_projector", "fc2", "bias"), "t_projector.2.bias", "same", ("hidden",)),
     Entry(("final_layer", "linear", "kernel"), "final_layer.linear.weight", "T",
           ("patch_out", "hidden")),
     Entry(("final_layer", "linear", "bias"), "final_layer.linear.bias", "same", ("patch_out",)),
@@ -90,8 +108,32 @@ ENTRIES = (
           ("2hidden", "hidden")),
     Entry(("final_layer", "adaln", "bias"), "final_layer.adaLN_modulation.1.bias", "same",
           ("2hidden",)),
+    # a model that reads images: the vision features -> hidden (Linear, GELU, Linear)
+    Entry(("im_embedder", "fc1", "kernel"), "im_embedder.0.weight", "T",
+          ("hidden", "vision_features")),
+    Entry(("im_embedder", "fc1", "bias"), "im_embedder.0.bias", "same", ("hidden",)),
+    Entry(("im_embedder", "fc2", "kernel"), "im_embedder.2.weight", "T", ("hidden", "hidden")),
+    Entry(("im_embedder", "fc2", "bias"), "im_embedder.2.bias", "same", ("hidden",)),
 )
 BY_PATH = {e.path: e for e in ENTRIES}
+_MODE_MODULES = {"adaln_before_decoder": "adaln_module", "add_before_image_tokens": "t_projector"}
+# The reference's frozen vision tower lives under this prefix of its state dict.
+VISION_TOWER_PREFIX = "vision_encoder.vision_tower."
+# ... and a CLIP tower is an HF CLIPVisionModel, whose keys start with this.
+CLIP_TOWER_PREFIX = VISION_TOWER_PREFIX + "vision_model."
+VISION_ENCODERS = ("clip", "vae")
+# The reference's VAEVisionEncoder defaults (its `vision_encoder_args`).
+_VAE_ARGS = {"patch_size": 2, "resolution": 256}
+
+
+def entries_of(m) -> tuple[Entry, ...]:
+  """The entries of a model config: its conditioning mode's module, and
+  im_embedder when it reads images."""
+  mine = _MODE_MODULES[m.conditioning]
+  reads = bool(m.get("vision_encoder", ""))
+  return tuple(e for e in ENTRIES
+               if (e.path[0] not in _MODE_MODULES.values() or e.path[0] == mine)
+               and (e.path[0] != "im_embedder" or reads))
 BACKBONE = tuple(e for e in ENTRIES if e.key.startswith("model.") or e.key == "lm_head.weight")
 
 # Buffers some PyTorch checkpoints carry; all are recomputed here.
@@ -115,11 +157,16 @@ def _dims(m, vocab_size: int | None = None) -> dict[str, tuple[int, str]]:
       "patch_in": (m.in_channels * m.patch_size ** 2, "model.in_channels * model.patch_size**2"),
       "patch_out": (m.patch_size ** 2 * out_channels,
                     "model.patch_size**2 * model.in_channels * (2 if model.learn_sigma else 1)"),
+      "vision_features": ((m.vision.hidden_size, "model.vision.hidden_size")
+                          if m.get("vision_encoder", "") == "clip" else
+                          (m.in_channels * m.patch_size ** 2,
+                           "model.in_channels * model.patch_size**2 (the vae vision encoder)")),
   }
 
 
-def expected_keys(m, entries=ENTRIES, vocab_size: int | None = None):
+def expected_keys(m, entries=None, vocab_size: int | None = None):
   """{official key: (entry, layer or None, shape)} for model config `m`."""
+  entries = entries_of(m) if entries is None else entries
   dims = _dims(m, vocab_size)
   out = {}
   for e in entries:
@@ -129,7 +176,7 @@ def expected_keys(m, entries=ENTRIES, vocab_size: int | None = None):
   return out
 
 
-def check_source(source, m, where: str, *, entries=ENTRIES, vocab_size: int | None = None):
+def check_source(source, m, where: str, *, entries=None, vocab_size: int | None = None):
   """Raises one error naming every missing, unexpected or misshapen tensor of
   `source` against model config `m`, with the config value to change."""
   wanted = expected_keys(m, entries, vocab_size)
@@ -158,12 +205,19 @@ def check_source(source, m, where: str, *, entries=ENTRIES, vocab_size: int | No
   for key in sorted(present - set(wanted)):
     beyond_depth = (re.match(r"model\.layers\.\d+\.", key) is not None
                     and int(key.split(".")[2]) >= m.num_layers)
-    if _IGNORED.match(key) or beyond_depth:
+    if _IGNORED.match(key) or beyond_depth or key.startswith(VISION_TOWER_PREFIX):
       continue
     hint = ""
-    if key.startswith("t_projector."):
-      hint = (" (t_projector.* belongs to another decoder_t_embed mode; this model implements "
-              f"{CONDITIONING_MODES})")
+    owner = next((mode for mode, module in _MODE_MODULES.items()
+                  if key.startswith(BY_PATH[(module, "kernel") if module == "adaln_module"
+                                            else (module, "fc1", "kernel")].key.split(".")[0])),
+                 None)
+    if owner and owner != m.conditioning:
+      hint = (f" ({key.split('.')[0]}.* belongs to decoder_t_embed={owner!r}; this config has "
+              f"model.conditioning={m.conditioning!r}: set it to {owner!r})")
+    elif key.startswith("im_embedder."):
+      hint = (" (the checkpoint reads images: set model.vision_encoder to its vision "
+              "encoder, vae or clip)")
     problems.append(f"{key}: in the weights, not a parameter of this model{hint}")
   if problems:
     shown = "\n  ".join(problems[:12])
@@ -172,6 +226,100 @@ def check_source(source, m, where: str, *, entries=ENTRIES, vocab_size: int | No
         f"{where} does not match the model config:\n  {shown}{more}\n"
         "Set the config values named above to the weights' sizes (e.g. "
         "--config.model.num_layers=22), or fix the config.json that came with the weights.")
+
+
+# ------------------------------------------------------------- the CLIP tower
+
+# HF CLIPVisionModel's parameters in its state_dict order (keys after
+# CLIP_TOWER_PREFIX), each with our path under `vision_tower` and layout
+# ('same'; 'T': Linear [out, in] <-> [in, out]; 'conv': OIHW <-> HWIO).
+# `vision/clip.py` reads the same names; a round trip through both is tested.
+_CLIP_EMBEDDINGS = (
+    ("embeddings.class_embedding", ("class_embedding",), "same"),
+    ("embeddings.patch_embedding.weight", ("patch_embedding",), "conv"),
+    ("embeddings.position_embedding.weight", ("position_embedding",), "same"),
+    ("pre_layrnorm.weight", ("pre_layrnorm", "scale"), "same"),
+    ("pre_layrnorm.bias", ("pre_layrnorm", "bias"), "same"),
+)
+_CLIP_LAYER = (  # each encoder layer's, after "encoder.layers.{i}."
+    ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), "T"),
+    ("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), "same"),
+    ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), "T"),
+    ("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), "same"),
+    ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), "T"),
+    ("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), "same"),
+    ("self_attn.out_proj.weight", ("self_attn", "out_proj", "kernel"), "T"),
+    ("self_attn.out_proj.bias", ("self_attn", "out_proj", "bias"), "same"),
+    ("layer_norm1.weight", ("layer_norm1", "scale"), "same"),
+    ("layer_norm1.bias", ("layer_norm1", "bias"), "same"),
+    ("mlp.fc1.weight", ("mlp", "fc1", "kernel"), "T"),
+    ("mlp.fc1.bias", ("mlp", "fc1", "bias"), "same"),
+    ("mlp.fc2.weight", ("mlp", "fc2", "kernel"), "T"),
+    ("mlp.fc2.bias", ("mlp", "fc2", "bias"), "same"),
+    ("layer_norm2.weight", ("layer_norm2", "scale"), "same"),
+    ("layer_norm2.bias", ("layer_norm2", "bias"), "same"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerKey:
+  """One tensor of the official CLIP tower: its key after CLIP_TOWER_PREFIX,
+  the path of such a tensor under our `vision_tower`, the encoder layer (None:
+  not a layer's), its layout, and whether our tower holds it (not the last
+  layer nor post_layernorm: those are copied from the CLIP folder)."""
+  key: str
+  path: tuple[str, ...]
+  layer: int | None
+  layout: str
+  held: bool
+
+
+def tower_keys(vcfg) -> list[TowerKey]:
+  """Every tensor of the official CLIP tower with sizes `vcfg`, in state_dict order."""
+  out = [TowerKey(k, p, None, layout, True) for k, p, layout in _CLIP_EMBEDDINGS]
+  held = vcfg.num_layers - 1  # our tower stops before the last layer
+  for i in range(vcfg.num_layers):
+    out += [TowerKey(f"encoder.layers.{i}.{k}", ("layers", *p), i, layout, i < held)
+            for k, p, layout in _CLIP_LAYER]
+  return out + [TowerKey(f"post_layernorm.{k}", ("post_layernorm", p), None, "same", False)
+                for k, p in (("weight", "scale"), ("bias", "bias"))]
+
+
+def _tower_to_official(x: np.ndarray, layout: str) -> np.ndarray:
+  """One (unstacked) tower parameter of ours in PyTorch's layout."""
+  if layout == "T":
+    return x.T
+  if layout == "conv":  # HWIO -> OIHW
+    return x.transpose(3, 2, 0, 1)
+  return x
+
+
+def _official_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+  """`_tower_to_official`'s output shape for an input of `shape`."""
+  if layout == "T":
+    return tuple(reversed(shape))
+  if layout == "conv":
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape)
+
+
+class PrefixedSource:
+  """The tensors of `source` whose keys start with `prefix`, with it removed:
+  the CLIP tower inside an official checkpoint, as the CLIP loader reads it."""
+
+  def __init__(self, source, prefix: str):
+    self.source, self.prefix = source, prefix
+    self.path = f"{source.path} ({prefix}*)"
+
+  def keys(self) -> list[str]:
+    n = len(self.prefix)
+    return [k[n:] for k in self.source.keys() if k.startswith(self.prefix)]
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self.source.shape(self.prefix + key)
+
+  def read(self, key: str, index: tuple = ()) -> np.ndarray:
+    return self.source.read(self.prefix + key, index)
 
 
 # --------------------------------------------------------------------------- read
@@ -243,12 +391,40 @@ def build_params(model_cfg, make_reader, shardings=None, desc: str = "converting
   return traverse_util.unflatten_dict(out)
 
 
-def read_params(source, model_cfg, shardings=None, desc: str = "official -> ours"):
-  """Our params from an official-layout `source` (checked first)."""
+def _read_tower(source, m, vision_from: str) -> dict:
+  """{path under vision_tower: host float32 array} of a CLIP model (sizes
+  m.vision, named `vision_from` in errors), read and checked from `source`'s
+  CLIP_TOWER_PREFIX keys; {} for any other model, whose tower keys (the
+  reference's SD-VAE, for `vae`) are skipped with a log line."""
+  encoder = m.get("vision_encoder", "")
+  if encoder != "clip":
+    skipped = sum(k.startswith(VISION_TOWER_PREFIX) for k in source.keys())
+    if skipped:
+      why = ("the SD-VAE the reference encodes read images with; this model's VAE is "
+             "config.vae.path's" if encoder == "vae" else "config.json names no vision_encoder")
+      logging.info("%s: skipping the %d tensors under %s* (%s)", source.path, skipped,
+                   VISION_TOWER_PREFIX, why)
+    return {}
+  params = clip_params_from_tensors(
+      PrefixedSource(source, VISION_TOWER_PREFIX), m.vision,
+      where=f"the CLIP tower of {source.path} (keys {VISION_TOWER_PREFIX}*)",
+      config_source=vision_from)
+  return traverse_util.flatten_dict(params)
+
+
+def read_params(source, model_cfg, shardings=None, desc: str = "official -> ours", *,
+                vision_from: str = "config.model.vision"):
+  """Our params from an official-layout `source` (checked first). A CLIP
+  model's tower comes from the CLIP_TOWER_PREFIX keys, with the sizes of
+  model_cfg.vision (`vision_from` says where they came from, for errors)."""
+  tower = _read_tower(source, model_cfg, vision_from)
   check_source(source, model_cfg, source.path)
 
   def make_reader(path, shape):
     del shape  # the entry knows its layout
+    if path[0] == "vision_tower":
+      x = tower[path[1:]]
+      return lambda b: x[tuple(slice(*lo_hi) for lo_hi in b)]
     if path not in BY_PATH:
       raise ValueError(f"parameter {'/'.join(path)} has no official key: add it to "
                        "monoformer_jax/convert/official.py ENTRIES")
@@ -316,8 +492,8 @@ def monoformer_fields(hf: dict, where: str) -> dict:
   if mode not in CONDITIONING_MODES:
     raise FileFormatError(
         f"{where}: decoder_t_embed={mode!r} is not supported: this model implements "
-        f"{CONDITIONING_MODES} (the mode of the released MonoFormer_ImageNet_256 "
-        "checkpoint). Convert a checkpoint trained in that mode.")
+        f"{CONDITIONING_MODES} (the released ImageNet checkpoint's and every official "
+        "training config's). Convert a checkpoint trained in one of those modes.")
   for key, want in _FIXED_SWITCHES.items():
     if hf.get(key, want) != want:
       raise FileFormatError(f"{where}: {key}={hf[key]!r} is not supported; this model "
@@ -334,7 +510,33 @@ def monoformer_fields(hf: dict, where: str) -> dict:
     logging.warning("%s: image_token_index=%s, but our tokenizers put <image> at "
                     "vocab_size - 3 = %s (the 4 added tokens last)", where, image_token,
                     vocab - 3)
+  fields["vision_encoder"] = _vision_encoder(hf, fields, pixels, where)
   return fields
+
+
+def _vision_encoder(hf: dict, fields: dict, pixels: int, where: str) -> str:
+  """Our model.vision_encoder from config.json's `vision_encoder` ("" when the
+  model reads no image), with its `vision_encoder_args` checked."""
+  encoder = hf.get("vision_encoder") or ""
+  if encoder and encoder not in VISION_ENCODERS:
+    raise FileFormatError(f"{where}: vision_encoder={encoder!r} is not supported; this model "
+                          f"reads images through one of {VISION_ENCODERS}")
+  args = hf.get("vision_encoder_args") or {}
+  if encoder == "vae":
+    if not isinstance(args, dict):
+      raise FileFormatError(f"{where}: vision_encoder_args={args!r} must be an object "
+                            "({\"patch_size\": ..., \"resolution\": ...})")
+    args = {**_VAE_ARGS, **args}
+    if args["patch_size"] != fields["patch_size"]:
+      raise FileFormatError(
+          f"{where}: vision_encoder_args.patch_size={args['patch_size']} but patch_size="
+          f"{fields['patch_size']}: this model patchifies read latents with the generation "
+          "patch size (model.patch_size), so both must agree; convert a checkpoint where they do")
+    if args["resolution"] != pixels:
+      logging.warning("%s: the reference resizes read images to vision_encoder_args."
+                      "resolution=%s pixels; this model reads them at image_size=%s",
+                      where, args["resolution"], pixels)
+  return encoder
 
 
 def with_model_fields(base, fields: dict):
@@ -348,13 +550,93 @@ def with_model_fields(base, fields: dict):
   return config
 
 
-def official_config(hf: dict, base, where: str = "config.json"):
-  """The base config with its model fields from an official config.json."""
-  return with_model_fields(base, {**llama_fields(hf, where), **monoformer_fields(hf, where)})
+def _same_vision(ours, theirs, ours_name: str, theirs_name: str,
+                 fix: str = "pass the CLIP folder of the model the config describes, or drop "
+                            "model.vision from the base config to take the folder's sizes"):
+  """ConfigError naming the first field where two tower configs differ."""
+  for field in theirs:
+    a, b = ours.get(field), theirs[field]
+    if a != b and not (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b)):
+      raise ConfigError(f"{ours_name}.{field}={a!r} but {theirs_name} gives {field}={b!r}: "
+                        f"{fix}")
 
 
-def hf_config(config) -> dict:
-  """An official config.json (HF LlamaConfig + MonoFormer fields) for `config`."""
+def no_clip_needed(encoder: str, clip: str | None, what: str):
+  """ConfigError when a CLIP folder is given for a model (`what`) with no CLIP tower."""
+  if clip and encoder != "clip":
+    raise ConfigError(f"--clip={clip} was given, but {what} has vision_encoder={encoder!r}, "
+                      "no CLIP tower: drop --clip, or use the CLIP model you meant")
+
+
+def clip_vision_config(clip: str | None, base_vision, needed_by: str, hint: str = ""):
+  """config.model.vision of a CLIP model: from the HF CLIP folder `clip` (its
+  config.json; checked against `base_vision` when that is set too), or
+  `base_vision`; a ConfigError naming --clip when neither is given.
+  `needed_by` names what needs it, `hint` adds where the CLIP may be found."""
+  if clip:
+    found = read_clip_config(clip)
+    if base_vision:
+      _same_vision(base_vision, found, "the base config's model.vision",
+                   f"--clip={clip} ({os.path.join(clip, 'config.json')})")
+    return found
+  if base_vision:
+    return copy.deepcopy(base_vision)
+  raise ConfigError(
+      f"{needed_by} describes a model that reads images through CLIP (vision_encoder="
+      "'clip'), and the CLIP tower's sizes are not in it: pass --clip=DIR (clip=DIR), the "
+      "Hugging Face CLIP folder the tower came from, e.g. a download of "
+      f"openai/clip-vit-large-patch14{hint}, or a base config whose model.vision is set "
+      "(configs/t2i_llava.py)")
+
+
+def official_config(hf: dict, base, where: str = "config.json", *, clip: str | None = None):
+  """The base config with its model fields from an official config.json; a
+  CLIP model's tower sizes (model.vision) from the CLIP folder `clip` or the
+  base config (see `clip_vision_config`)."""
+  fields = {**llama_fields(hf, where), **monoformer_fields(hf, where)}
+  no_clip_needed(fields["vision_encoder"], clip, where)
+  if fields["vision_encoder"] == "clip":
+    path = hf.get("vision_encoder_path")
+    fields["vision"] = clip_vision_config(
+        clip, base.model.get("vision"), where,
+        f" (the config.json names vision_encoder_path={path!r})" if path else "")
+  elif "vision" in base.model:
+    fields["vision"] = None  # only a CLIP model has tower sizes
+  if not fields["vision_encoder"] and "vision_encoder" not in base.model:
+    del fields["vision_encoder"]  # a base config from before models read images
+  return with_model_fields(base, fields)
+
+
+def _vision_fields(config, vision_encoder_path: str | None) -> dict:
+  """config.json's vision_encoder fields, which the reference's __init__ builds
+  the encoder from (`initialize_vision_modules(vision_encoder,
+  vision_encoder_path, **vision_encoder_args)`); {} for a model that reads no image."""
+  m = config.model
+  encoder = m.get("vision_encoder", "")
+  if not encoder:
+    return {}
+  out = {"vision_encoder": encoder}
+  if encoder == "vae":
+    out["vision_encoder_args"] = {"patch_size": m.patch_size, "resolution": m.image_size * 8}
+    vision_encoder_path = vision_encoder_path or config.get("vae", {}).get("path") or None
+  else:
+    out["vision_encoder_args"] = {}  # CLIPVisionEncoder takes none
+  if vision_encoder_path:
+    out["vision_encoder_path"] = vision_encoder_path
+  else:
+    logging.warning("the model reads images through %s but that model's folder is not known "
+                    "(%s), so config.json gets no vision_encoder_path, which the reference "
+                    "needs to build the model: add it there (e.g. %s)", encoder,
+                    "config.vae.path is empty" if encoder == "vae" else "no CLIP folder given",
+                    "stabilityai/sd-vae-ft-mse" if encoder == "vae"
+                    else "openai/clip-vit-large-patch14")
+  return out
+
+
+def hf_config(config, *, vision_encoder_path: str | None = None) -> dict:
+  """An official config.json (HF LlamaConfig + MonoFormer fields) for `config`;
+  a model that reads images also gets vision_encoder (+ _args, and _path:
+  `vision_encoder_path`, for vae by default config.vae.path)."""
   m = config.model
   if m.head_dim * m.num_heads != m.hidden_size:
     raise ConfigError(f"model.head_dim={m.head_dim} * num_heads={m.num_heads} != hidden_size="
@@ -377,32 +659,40 @@ def hf_config(config) -> dict:
       "use_adaln_final_layer": True, "use_bi_attn_img_tokens": True,
       "add_pos_embed_each_layer": False, "use_hybrid_attn_mask": None,
       "image_token_index": m.vocab_size - 3,
+      **_vision_fields(config, vision_encoder_path),
   }
 
 
 # --------------------------------------------------------------- public API
 
-def load_official(path: str, base_config=None, *, shardings_fn=None, ema: bool = False):
+def load_official(path: str, base_config=None, *, shardings_fn=None, ema: bool = False,
+                  clip: str | None = None):
   """(params, config) from official weights at `path` (a folder or a .safetensors
   with config.json beside it); with `ema`, the `ema/` subfolder's weights.
 
   `shardings_fn(config)`, if given, returns the params' shardings (e.g.
   `lambda c: param_shardings(c, mesh)`) and the arrays are built in them.
+  `clip`: the HF CLIP folder whose config.json gives a CLIP model's tower sizes
+  (else the base config's model.vision; the weights come from the checkpoint).
   """
   folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-  config = official_config(read_hf_config(path), default_config() if base_config is None
-                           else base_config, where=os.path.join(folder, "config.json"))
+  base = default_config() if base_config is None else base_config
+  config = official_config(read_hf_config(path), base,
+                           where=os.path.join(folder, "config.json"), clip=clip)
   weights = os.path.join(folder, "ema") if ema else path
   shardings = shardings_fn(config) if shardings_fn else None
+  vision_from = (f"the CLIP config {os.path.join(clip, 'config.json')} (--clip)" if clip
+                 else "the base config's model.vision")
   with SafetensorsSource(weights) as source:
     params = read_params(source, config.model, shardings,
-                         desc="official ema -> ours" if ema else "official -> ours")
+                         desc="official ema -> ours" if ema else "official -> ours",
+                         vision_from=vision_from)
   return params, config
 
 
-def load_official_model(path: str, base_config=None):
+def load_official_model(path: str, base_config=None, *, clip: str | None = None):
   """(MonoFormer with official weights, config); see `load_official`."""
-  params, config = load_official(path, base_config)
+  params, config = load_official(path, base_config, clip=clip)
   graphdef, _, _ = abstract_model(config.model)
   return nnx.merge(graphdef, params), config
 
@@ -411,14 +701,16 @@ def has_ema(path: str) -> bool:
   return os.path.isdir(path) and os.path.isdir(os.path.join(path, "ema"))
 
 
-def convert_official(path: str, output: str, base_config=None, *, mesh=None):
-  """Official weights (and `ema/` if present) -> a model checkpoint at `output`."""
+def convert_official(path: str, output: str, base_config=None, *, mesh=None,
+                     clip: str | None = None):
+  """Official weights (and `ema/` if present) -> a model checkpoint at `output`;
+  `clip` as in `load_official`."""
   shardings_fn = (lambda c: param_shardings(c, mesh)) if mesh is not None else None
   find_files(path)  # fail on a bad path before any work
-  params, config = load_official(path, base_config, shardings_fn=shardings_fn)
+  params, config = load_official(path, base_config, shardings_fn=shardings_fn, clip=clip)
   ema = None
   if has_ema(path):
-    ema, _ = load_official(path, base_config, shardings_fn=shardings_fn, ema=True)
+    ema, _ = load_official(path, base_config, shardings_fn=shardings_fn, ema=True, clip=clip)
   save_model(output, config, params, ema=ema)
   logging.info("wrote %s (%s)", output, "params and ema" if ema is not None else "params")
   return config
@@ -426,12 +718,88 @@ def convert_official(path: str, output: str, base_config=None, *, mesh=None):
 
 # ------------------------------------------------------------------ write
 
-def official_tensors(params, m):
-  """([(official key, shape)] in state_dict order, produce(key) -> float32 array)."""
+
+
+@contextlib.contextmanager
+def clip_tensors(m, clip: str | None):
+  """The tensors of the HF CLIP folder `clip`, to write model config `m`'s
+  whole tower from (its config.json checked against m.vision); None for a
+  model without a CLIP tower."""
+  no_clip_needed(m.get("vision_encoder", ""), clip, "the model")
+  if m.get("vision_encoder", "") != "clip":
+    yield None
+    return
+  if not clip:
+    raise ConfigError(
+        "the model reads images through CLIP: the official file holds the whole HF CLIP "
+        "tower, whose last encoder layer and post_layernorm this model does not keep (it "
+        "reads the second-to-last layer), so they are copied from the CLIP folder: pass "
+        "--clip=DIR (clip=DIR), the folder the model's tower came from, e.g. a download of "
+        "openai/clip-vit-large-patch14")
+  _same_vision(m.vision, read_clip_config(clip), "config.model.vision",
+               f"--clip={clip} ({os.path.join(clip, 'config.json')})",
+               fix="pass the CLIP folder the model's tower came from")
+  with SafetensorsSource(clip) as source:
+    yield source
+
+
+def _tower_tensors(flat, vcfg, clip_source) -> dict:
+  """{official key: (shape, produce)} of a CLIP model's whole tower: ours, and
+  the last layer and post_layernorm from `clip_source` (checked here)."""
+  prefix = vision_prefix(clip_source.keys())
+  out, problems = {}, []
+  for t in tower_keys(vcfg):
+    if t.path[0] == "post_layernorm":
+      leaf, shape = None, (vcfg.hidden_size,)
+    else:  # the last layer's shapes are those of the layers before it
+      leaf = flat[("vision_tower", *t.path)]
+      shape = _official_shape(leaf.shape[1:] if t.layer is not None else leaf.shape, t.layout)
+    if t.held:
+      def produce(leaf=leaf, t=t):
+        x = leaf[t.layer] if t.layer is not None else leaf
+        return _tower_to_official(np.asarray(x, np.float32), t.layout)
+    else:
+      key = prefix + t.key
+      if key not in clip_source:
+        problems.append(f"{key}: missing")
+      elif clip_source.shape(key) != shape:
+        problems.append(f"{key}: shape {clip_source.shape(key)}, the model's tower needs {shape}")
+      produce = lambda key=key: clip_source.read(key)
+    out[CLIP_TOWER_PREFIX + t.key] = (shape, produce)
+  if problems:
+    raise CheckpointError(
+        f"CLIP folder {clip_source.path} does not hold the last encoder layer and "
+        f"post_layernorm of the model's tower (num_layers={vcfg.num_layers}, hidden_size="
+        f"{vcfg.hidden_size}, intermediate_size={vcfg.mlp_dim}):\n  " + "\n  ".join(problems)
+        + "\npass --clip=DIR, the HF CLIP folder the model's tower came from")
+  for t in tower_keys(vcfg)[:3]:  # the embeddings: a cheap test of "the same CLIP"
+    if not np.array_equal(out[CLIP_TOWER_PREFIX + t.key][1](), clip_source.read(prefix + t.key)):
+      logging.warning("the model's CLIP tower differs from --clip=%s (%s): the last layer and "
+                      "post_layernorm written come from another CLIP than the rest",
+                      clip_source.path, t.key)
+      break
+  return out
+
+
+def official_tensors(params, m, clip_source=None):
+  """([(official key, shape)] in state_dict order, produce(key) -> float32 array).
+
+  A CLIP model's tower is written whole, HF CLIPVisionModel keys under
+  CLIP_TOWER_PREFIX (where the reference's state_dict has it: after
+  final_layer, before im_embedder), the parts we do not hold from
+  `clip_source` (see `clip_tensors`)."""
   flat = traverse_util.flatten_dict(params)
   table = expected_keys(m)
+  tower = {}
+  if m.get("vision_encoder", "") == "clip":
+    if clip_source is None:
+      raise ConfigError("a CLIP model's official tensors need the CLIP folder's: pass "
+                        "clip_source (official.clip_tensors(m, clip))")
+    tower = _tower_tensors(flat, m.vision, clip_source)
 
   def produce(key):
+    if key in tower:
+      return tower[key][1]()
     e, layer, _ = table[key]
     leaf = flat[e.path]
     x = np.asarray(leaf[layer] if layer is not None else leaf, np.float32)
@@ -446,37 +814,49 @@ def official_tensors(params, m):
     raise ValueError(f"unknown layout {e.layout!r}")
 
   # Layer keys layer by layer, as PyTorch's state_dict lists them.
-  layered = [e for e in ENTRIES if e.layered]
+  entries = entries_of(m)
+  layered = [e for e in entries if e.layered]
+  first_im = next((e for e in entries if e.path[0] == "im_embedder"), None)
   order = []
-  for e in ENTRIES:
+  for e in entries:
+    if e is first_im:
+      order += list(tower)
     if not e.layered:
       order.append(e.key)
     elif e is layered[0]:
       order += [x.key.format(i=i) for i in range(m.num_layers) for x in layered]
-  return [(k, table[k][2]) for k in order], produce
+  shape = lambda k: tower[k][0] if k in tower else table[k][2]
+  return [(k, shape(k)) for k in order], produce
 
 
 def write_official(params, config, folder: str, *, max_shard_bytes: int,
-                   desc: str = "ours -> official"):
-  """Writes `params` as official safetensors + config.json into `folder`."""
-  shapes, produce = official_tensors(params, config.model)
-  with tqdm.tqdm(total=len(shapes), desc=desc, unit="tensor", leave=False) as bar:
-    names = write_safetensors(folder, shapes, produce, max_shard_bytes=max_shard_bytes,
-                              on_tensor=lambda key: bar.update())
+                   desc: str = "ours -> official", clip: str | None = None):
+  """Writes `params` as official safetensors + config.json into `folder`; a
+  CLIP model needs `clip`, the HF CLIP folder its tower came from."""
+  with clip_tensors(config.model, clip) as clip_source:
+    shapes, produce = official_tensors(params, config.model, clip_source)
+    with tqdm.tqdm(total=len(shapes), desc=desc, unit="tensor", leave=False) as bar:
+      names = write_safetensors(folder, shapes, produce, max_shard_bytes=max_shard_bytes,
+                                on_tensor=lambda key: bar.update())
   with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(hf_config(config), f, indent=2)
+    json.dump(hf_config(config, vision_encoder_path=clip), f, indent=2)
   return names
 
 
-def convert_to_official(path: str, output: str, *, max_shard_bytes: int = 5 * 10**9):
-  """A model checkpoint -> official layout at `output` (+ `output/ema/` if it has EMA)."""
+def convert_to_official(path: str, output: str, *, max_shard_bytes: int = 5 * 10**9,
+                        clip: str | None = None):
+  """A model checkpoint -> official layout at `output` (+ `output/ema/` if it has
+  EMA); a CLIP model needs `clip` (see `write_official`)."""
+  config, _ = load_config(path)
+  with clip_tensors(config.model, clip):
+    pass  # a missing or mismatched CLIP folder fails before the model is read
   weights = stored_weights(path)
   params, config, _ = load_params(path, weights="raw")
-  write_official(params, config, output, max_shard_bytes=max_shard_bytes)
+  write_official(params, config, output, max_shard_bytes=max_shard_bytes, clip=clip)
   del params
   if "ema" in weights:
     ema, _, _ = load_params(path, weights="ema", config=config)
     write_official(ema, config, os.path.join(output, "ema"), max_shard_bytes=max_shard_bytes,
-                   desc="ours ema -> official")
+                   desc="ours ema -> official", clip=clip)
   logging.info("wrote %s (%s)", output, " and ".join(weights))
   return config

@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from monoformer_jax.convert import official
-from monoformer_jax.data.packing import Row, image_slots, tokens_per_image
+from monoformer_jax.data.packing import (CONDITIONING_TOKEN_MODE, Row, image_slots,
+                                         tokens_per_image)
 from monoformer_jax.model.build import abstract_model
 
 
@@ -50,12 +51,18 @@ def fixture_config(base_config=None):
                                                  remat=False))
 
 
-def fixture_row(io, tokens_per_image: int) -> Row:
-  """The fixture's rows (our packed layout, one image slot per row) as the model reads them."""
+def fixture_row(io, tokens_per_image: int, cond_token: bool = False) -> Row:
+  """The fixture's rows (our packed layout, one image slot per row) as the
+  model reads them; with `cond_token` (add_before_image_tokens) each image's
+  timestep token is the column before it (where the fixture's tokens hold -1)."""
   columns, valid = image_slots(io["image_ids"], 1, tokens_per_image)
-  return Row(*(jnp.asarray(io[k]) for k in ("tokens", "segment_ids", "image_ids",
-                                            "positions")),
-             jnp.asarray(columns), jnp.asarray(valid))
+  length = io["tokens"].shape[1]
+  cond = np.where(valid, columns[:, :, 0] - 1, length) if cond_token else \
+      np.full(valid.shape, length)
+  tokens = np.where(io["tokens"] < 0, 0, io["tokens"])   # replaced by the model anyway
+  return Row(jnp.asarray(tokens), *(jnp.asarray(io[k]) for k in ("segment_ids", "image_ids",
+                                                                  "positions")),
+             jnp.asarray(columns), jnp.asarray(valid), jnp.asarray(cond.astype(np.int32)))
 
 
 def _run_model(graphdef, params, row, latents, t):
@@ -65,7 +72,9 @@ def _run_model(graphdef, params, row, latents, t):
   final, layer_inputs = model.decoder(x0, row.positions, row.segment_ids, row.image_ids,
                                       return_layer_inputs=True)
   logits, out = model(row, latents, t)
-  c_emb = model.adaln_module(jax.nn.silu(t_emb))  # the reference's adaLN_module(t_emb)
+  # The reference's c_embeds: adaLN_module(t_emb), or the timestep token t_projector(t_emb).
+  c_emb = (model.timestep_tokens(t_emb) if model.cond_token else
+           model.adaln_module(jax.nn.silu(t_emb)))
   return dict(t_emb=t_emb, c_emb=c_emb, layer_inputs=layer_inputs, final=final,
               logits=logits, out=out)
 
@@ -75,14 +84,17 @@ def verify_official(fixture: str, tolerance: float = 1e-4, base_config=None) -> 
   params, config = official.load_official(fixture, fixture_config(base_config))
   graphdef, _, _ = abstract_model(config.model)
   io = np.load(os.path.join(fixture, "io.npz"))
-  row = fixture_row(io, tokens_per_image(config.model))
+  row = fixture_row(io, tokens_per_image(config.model),
+                    config.model.conditioning == CONDITIONING_TOKEN_MODE)
   latents = jnp.asarray(io["x_t"].transpose(0, 2, 3, 1)[:, None])  # [B, M=1, h, w, C]
   t = jnp.asarray(io["t"][:, None].astype(np.int32))
   ours = jax.device_get(jax.jit(_run_model, static_argnums=0)(graphdef, params, row,
                                                                latents, t))
   real = io["segment_ids"] != 0
+  c_name = ("c_embeds (t_projector)" if config.model.conditioning == CONDITIONING_TOKEN_MODE
+            else "c_embeds (adaLN)")
   results = [_compare("t_embeds", ours["t_emb"][:, 0], io["t_embeds"], tolerance),
-             _compare("c_embeds (adaLN)", ours["c_emb"][:, 0], io["c_embeds"], tolerance)]
+             _compare(c_name, ours["c_emb"][:, 0], io["c_embeds"], tolerance)]
   for i in range(config.model.num_layers):
     results.append(_compare(f"layer_inputs[{i}]", ours["layer_inputs"][i][real],
                             io["layer_inputs"][i][real], tolerance))
@@ -95,8 +107,8 @@ def verify_official(fixture: str, tolerance: float = 1e-4, base_config=None) -> 
 
 
 def report(results: list[Comparison], tolerance: float) -> str:
-  lines = [f"{'output':<20} {'max abs err':>12} {'max rel err':>12}  (tolerance {tolerance:g})"]
+  lines = [f"{'output':<24} {'max abs err':>12} {'max rel err':>12}  (tolerance {tolerance:g})"]
   for r in results:
-    lines.append(f"{r.name:<20} {r.max_abs:>12.3e} {r.max_rel:>12.3e}  "
+    lines.append(f"{r.name:<24} {r.max_abs:>12.3e} {r.max_rel:>12.3e}  "
                  f"{'ok' if r.ok else 'ABOVE TOLERANCE'}")
   return "\n".join(lines)

@@ -13,6 +13,10 @@ Grain reads). What each record holds:
     chat            `turns`: the conversation as JSON [{role, content}, ...],
                     rendered with the config's chat template at training time
     text            `text`
+    llava           `conversation`: the turns as JSON [{role, content}, ...]
+                    with the image's "<image>" marker, `image`: the image
+                    file's bytes as they are (JPEG for mix665k; b"": a
+                    text-only record; data/llava.py says why), `key`
     digits          `image` float32 [8, 8, 1] pixels in [-1, 1], `label`
 
 `prepare(kind, output_dir, {split: records}, ...)` writes the splits. The image kinds
@@ -34,7 +38,7 @@ from monoformer_jax.errors import ConfigError, MissingPathError, PathError
 
 VERSION = "1.0.0"
 LATENT_KINDS = ("imagenet", "text_to_image")
-KINDS = LATENT_KINDS + ("chat", "text", "digits")
+KINDS = LATENT_KINDS + ("chat", "text", "llava", "digits")
 
 
 def _features(kind: str, latent_shape=None, flip: bool = False):
@@ -55,6 +59,11 @@ def _features(kind: str, latent_shape=None, flip: bool = False):
     spec = dict(turns=f.Text())
   elif kind == "text":
     spec = dict(text=f.Text())
+  elif kind == "llava":
+    # Text features hold any bytes, so the image file's bytes are stored (and
+    # read back by Records) as they are, with no image codec in TFDS's way.
+    spec = dict(conversation=f.Text(), image=f.Text(doc="the image file's bytes"),
+                key=f.Text())
   elif kind == "digits":
     spec = dict(image=f.Tensor(shape=(8, 8, 1), dtype=np.float32, encoding=f.Encoding.BYTES),
                 label=f.Scalar(dtype=np.int64))
@@ -106,7 +115,7 @@ def prepare(kind: str, output_dir: str, splits: Splits, *, latent_shape=None,
                     "--output_dir or remove it to prepare again")
   features = _features(kind, latent_shape, flip)
   _builder(kind, output_dir, splits, features, description or kind).download_and_prepare()
-  if kind in LATENT_KINDS:
+  if kind in UNCOMPRESSED_KINDS:
     for name in sorted(os.listdir(folder)):
       if ".array_record-" in name:
         _store_uncompressed(os.path.join(folder, name))
@@ -116,8 +125,10 @@ def prepare(kind: str, output_dir: str, splits: Splits, *, latent_shape=None,
 # Shards of latents are rewritten uncompressed: TFDS writes zstd, which saves
 # under a tenth of a latent's bytes (float32 mantissas do not compress) and
 # triples the cost of reading a record (0.10 against 0.037 ms per 64 KB
-# record on a 2-core host; docs/benchmarks.md). Readers take either.
+# record on a 2-core host; docs/benchmarks.md). LLaVA's JPEG bytes are
+# entropy-coded already, so the same holds for them. Readers take either.
 UNCOMPRESSED = "group_size:1,uncompressed"
+UNCOMPRESSED_KINDS = LATENT_KINDS + ("llava",)
 
 
 def _store_uncompressed(path: str, chunk: int = 256):

@@ -13,6 +13,8 @@ names a dataset.
                     `python -m monoformer_jax.data.prepare imagenet`
     text_to_image   prompted latents (JourneyDB-style), likewise
     chat, text      conversations (loss on the answers) and plain text
+    llava           conversations about READ images (LLaVA's instruction data,
+                    data/llava.py), the images decoded at read time
     mix             several of those by weight: `data.mix` {name: weight},
                     `data.dirs` {name: folder}
 
@@ -31,7 +33,7 @@ from typing import Callable
 import numpy as np
 from absl import logging
 
-from monoformer_jax.data import builders, digits, pipeline
+from monoformer_jax.data import builders, digits, llava, pipeline
 from monoformer_jax.data.packing import (Example, PackedBatches, ShardedBatches,
                                        data_state_shards, host_stream, row_spec)
 from monoformer_jax.errors import ConfigError
@@ -103,6 +105,13 @@ def _chat_stream(config, tokenizer, seed, directory=None):
   return pipeline.record_stream(_records(config, "chat", directory), to_example, seed)
 
 
+def _llava_stream(config, tokenizer, seed, directory=None):
+  to_example = llava.LlavaExamples(config, tokenizer)   # the config's errors first
+  directory = directory or config.data.get("dir", "")
+  return llava.LlavaStream(_records(config, "llava", directory), to_example, seed,
+                           where=f"the prepared llava dataset {directory}")
+
+
 def _text_stream(config, tokenizer, seed, directory=None):
   return pipeline.record_stream(_records(config, "text", directory),
                                 pipeline.text_example_of(tokenizer), seed)
@@ -127,6 +136,7 @@ DATASETS = {d.name: d for d in (
             example_stream=_latent_stream("text_to_image")),
     Dataset("chat", tuple, "", pixels=False, example_stream=_chat_stream),
     Dataset("text", tuple, "", pixels=False, example_stream=_text_stream),
+    Dataset("llava", tuple, "", pixels=False, example_stream=_llava_stream),
     Dataset("mix", tuple, "", pixels=False, example_stream=_mix_stream),
 )}
 

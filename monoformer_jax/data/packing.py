@@ -4,8 +4,10 @@ An `Example` is token ids in which each image is ONE `<image>` placeholder
 (exactly the reference's input_ids), its images ([h, w, C] float32, channels
 last, one per placeholder, in order) and whether its text may train
 cross-entropy. Packing expands each placeholder into P = tokens_per_image
-contiguous slots and lays examples greedily, in stream order, into rows of
-length L holding at most M images. A batch of B rows is a dict of numpy arrays:
+contiguous slots (Q = the vision encoder's tokens for a read image; one more,
+before them, for the timestep token of `add_before_image_tokens`) and lays
+examples greedily, in stream order, into rows of length L holding at most M
+generated and R read images. A batch of B rows is a dict of numpy arrays:
 
     tokens        int32 [B, L]    text ids; image slots hold <image>; padding <PAD>
     segment_ids   int32 [B, L]    0 = padding, 1, 2, ... = the example within the row
@@ -15,21 +17,38 @@ length L holding at most M images. A batch of B rows is a dict of numpy arrays:
     image_columns int32 [B, M, P] the column of each token of the image in slot m
                                   (image m + 1), in order; L (past the row) for an empty slot
     image_valid   bool  [B, M]    slot m holds an image
+    cond_columns  int32 [B, M]    the column of slot m's timestep token (the
+                                  `add_before_image_tokens` mode); L when none
+    read_columns  int32 [B, R, Q] the columns of the Q tokens of READ image r
+    read_valid    bool  [B, R]    read slot r holds an image
+    read_cond_columns int32 [B, R] the timestep token before read image r; L when none
     targets       int32 [B, L]    tokens[l + 1] when l + 1 is in the same example, else 0
     text_weights  float32 [B, L]  1.0 where cross-entropy trains (see below)
-    latents       float32 [B, M, h, w, C]  the k-th image of a row in slot k - 1
+    latents       float32 [B, M, h, w, C]  the k-th GENERATED image of a row in slot k - 1
+    read_images   float32 [B, R, ...]      the r-th READ image (the vision encoder's input)
 
-The first six are what the model reads (`Row`); the model places image tokens
-at `image_columns` and reads them back from there, and the loss counts the
-slots `image_valid` names, so no other module re-derives the layout.
+Each image of an example is either GENERATED (noised, trained by the
+diffusion loss, bidirectional inside itself: `image_ids` k >= 1) or READ
+(`Example.read`: clean, through the vision encoder and `im_embedder`, no
+diffusion loss). A read image's tokens are causal, like text (`image_ids` 0,
+the reference), or with `RowSpec.read_bidirectional` one block of their own
+(`image_ids` -r - 1, what Transfusion does). With the `add_before_image_tokens`
+conditioning (`RowSpec.cond_token`) every image, of either kind, is preceded
+by one timestep token, outside the image's block (`image_ids` 0), which the
+model fills with t_projector(t_embedder(t)) (t = 0 for a read image).
+
+All but the last four are what the model reads (`Row`); the model places
+image tokens at the columns named here and reads them back from there, and
+the loss counts the slots `image_valid` names, so no other module re-derives
+the layout.
 
 `text_weights[l]` is 1 iff the example trains text, l + 1 is in the same
-example, tokens[l + 1] is a text token (never an image slot) and the
-example's `text_mask` (one bool per id, None: all True) is True at that target
-token. An example trains text iff its `train_text` is set and it is text-only
-or `text_on_image_examples` is on: off reproduces the reference (CE on
-text-only examples only); on adds the Transfusion-style CE on prompts and
-captions. The mask picks targets within an example, e.g. only the assistant's
+example, tokens[l + 1] is a text token (never an image slot or a timestep
+token) and the example's `text_mask` (one bool per id, None: all True) is True
+at that target token. An example trains text iff its `train_text` is set and
+it generates no image or `text_on_image_examples` is on: off reproduces the
+reference (CE on examples without a generated image, so on the answers about
+read images too); on adds the Transfusion-style CE on prompts and captions. The mask picks targets within an example, e.g. only the assistant's
 answers of a chat (data/chat.py); a placeholder's entry is False.
 
 Generation uses a second layout, `prompt_rows`: one prompt per row, LEFT-
@@ -67,6 +86,27 @@ def tokens_per_image(model_cfg) -> int:
   return (size // patch) ** 2
 
 
+CONDITIONING_TOKEN_MODE = "add_before_image_tokens"   # one timestep token per image
+VISION_ENCODERS = ("", "vae", "clip")                  # "": the model reads no image
+
+
+def read_image_spec(model_cfg) -> tuple[tuple[int, int, int], int] | None:
+  """(shape of a read image as the vision encoder takes it, Q its tokens), or
+  None for a model without a vision encoder. `vae`: the image in the model's
+  latent space (the SD-VAE latent, or the pixels of a pixel model), patchified
+  as generated images are; `clip`: CLIP-preprocessed pixels [S, S, 3]."""
+  encoder = model_cfg.get("vision_encoder", "")
+  if encoder == "vae":
+    return ((model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels),
+            tokens_per_image(model_cfg))
+  if encoder == "clip":
+    v = model_cfg.vision
+    return (v.image_size, v.image_size, 3), (v.image_size // v.patch_size) ** 2
+  if encoder:
+    raise ConfigError(f"model.vision_encoder={encoder!r}: choose one of {VISION_ENCODERS}")
+  return None
+
+
 @dataclasses.dataclass
 class Example:
   """One training (or prompting) sequence before packing.
@@ -76,11 +116,17 @@ class Example:
   `train_text`: whether this example's text may train cross-entropy.
   `text_mask`: None, or one bool per id of `ids`: True where that token may be
   a cross-entropy target (False on placeholders); None: every text token.
+  `read`: None (every image generated), or one bool per image: True where the
+  image is READ (clean, the vision encoder's input shape, no diffusion loss).
   """
   ids: Sequence[int]
   images: Sequence[np.ndarray] = ()
   train_text: bool = True
   text_mask: Sequence[bool] | None = None
+  read: Sequence[bool] | None = None
+
+  def read_flags(self) -> list[bool]:
+    return [False] * len(self.images) if self.read is None else [bool(r) for r in self.read]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +139,15 @@ class RowSpec:
   image_id: int
   pad_id: int
   text_on_image_examples: bool = False
+  cond_token: bool = False           # a timestep token before every image
+  max_read_images: int = 0           # R, read images per row
+  read_shape: tuple[int, ...] = ()   # a read image as the vision encoder takes it
+  read_tokens: int = 0               # Q
+  read_bidirectional: bool = False   # read images attend inside themselves both ways
 
   def __post_init__(self):
     object.__setattr__(self, "image_shape", tuple(int(d) for d in self.image_shape))
+    object.__setattr__(self, "read_shape", tuple(int(d) for d in self.read_shape))
     if self.seq_len < 1 or self.max_images < 0 or self.tokens_per_image < 1:
       raise ValueError(f"bad row spec: seq_len={self.seq_len} (>= 1), max_images="
                        f"{self.max_images} (>= 0), tokens_per_image="
@@ -105,13 +157,21 @@ class RowSpec:
 
 
 def row_spec(config, tokenizer) -> RowSpec:
-  """The RowSpec of a config (data.seq_len, data.max_images_per_row, model.*)."""
+  """The RowSpec of a config (data.seq_len, data.max_images_per_row,
+  data.max_read_images_per_row, model.*)."""
   m = config.model
+  read = read_image_spec(m)
+  read_shape, read_tokens = read if read else ((), 0)
   return RowSpec(seq_len=config.data.seq_len, max_images=config.data.max_images_per_row,
                  image_shape=(m.image_size, m.image_size, m.in_channels),
                  tokens_per_image=tokens_per_image(m),
                  image_id=tokenizer.image_id, pad_id=tokenizer.pad_id,
-                 text_on_image_examples=bool(config.loss.text_on_image_examples))
+                 text_on_image_examples=bool(config.loss.text_on_image_examples),
+                 cond_token=m.conditioning == CONDITIONING_TOKEN_MODE,
+                 max_read_images=int(config.data.get("max_read_images_per_row", 0)) if read
+                 else 0,
+                 read_shape=read_shape, read_tokens=read_tokens,
+                 read_bidirectional=bool(m.get("read_bidirectional", False)))
 
 
 def batch_shapes(config, rows: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -134,11 +194,15 @@ class Row(NamedTuple):
   positions: Any       # int32 [B, L]
   image_columns: Any   # int32 [B, M, P]
   image_valid: Any     # bool [B, M]
+  cond_columns: Any = None        # int32 [B, M]; None: no timestep tokens
+  read_columns: Any = None        # int32 [B, R, Q]; None: no read images
+  read_valid: Any = None          # bool [B, R]
+  read_cond_columns: Any = None   # int32 [B, R]
 
   @classmethod
   def of(cls, batch: Mapping[str, Any]) -> "Row":
     """The Row fields of a packed batch (a dict from `pack_examples`)."""
-    return cls(*(batch[name] for name in cls._fields))
+    return cls(*(batch.get(name) for name in cls._fields))
 
 
 def image_slots(image_ids_BxL, max_images: int, tokens_per_image: int):
@@ -181,8 +245,13 @@ def check_one_image_per_row(row: Row, tokens_per_image: int):
                      f"rows hold {sorted(set(images_B.tolist()))} image tokens")
 
 
+def _image_tokens(read: bool, spec: RowSpec) -> int:
+  """Columns one placeholder expands to: the image's tokens (and its timestep token)."""
+  return (spec.read_tokens if read else spec.tokens_per_image) + int(spec.cond_token)
+
+
 def _expanded_length(example: Example, spec: RowSpec) -> int:
-  return len(example.ids) + len(example.images) * (spec.tokens_per_image - 1)
+  return len(example.ids) + sum(_image_tokens(r, spec) - 1 for r in example.read_flags())
 
 
 def _validate_and_split(example: Example, spec: RowSpec, index: int) -> list[Example]:
@@ -204,25 +273,48 @@ def _validate_and_split(example: Example, spec: RowSpec, index: int) -> list[Exa
     return [Example(ids[i:i + spec.seq_len], (), example.train_text,
                     None if mask is None else mask[i:i + spec.seq_len])
             for i in range(0, len(ids), spec.seq_len)]
+  read = _checked_read(example, index)
   images = [np.asarray(im, np.float32) for im in example.images]
-  for k, image in enumerate(images):
-    if image.shape != spec.image_shape:
-      raise ConfigError(
-          f"example {index}: image {k} has shape {image.shape} but rows hold images of "
-          f"shape {spec.image_shape} (model.image_size, model.image_size, "
-          "model.in_channels); resize the images or change the config")
-  if n_images > spec.max_images:
+  n_read = sum(read)
+  if n_read and not spec.read_tokens:
     raise ConfigError(
-        f"example {index} has {n_images} images but a row holds at most "
+        f"example {index} reads {n_read} image(s) but the model has no vision encoder "
+        "(model.vision_encoder is ''); set --config.model.vision_encoder=vae (or clip, "
+        "with model.vision from the CLIP folder) to train image understanding")
+  for k, (image, is_read) in enumerate(zip(images, read)):
+    want = spec.read_shape if is_read else spec.image_shape
+    if image.shape != want:
+      what = ("read images of shape {} (the vision encoder's input: model.vision_encoder)"
+              if is_read else "generated images of shape {} (model.image_size, "
+              "model.image_size, model.in_channels)").format(want)
+      raise ConfigError(f"example {index}: image {k} has shape {image.shape} but rows hold "
+                        f"{what}; resize the images or change the config")
+  if n_images - n_read > spec.max_images:
+    raise ConfigError(
+        f"example {index} has {n_images - n_read} images but a row holds at most "
         f"data.max_images_per_row={spec.max_images}; raise "
-        f"--config.data.max_images_per_row to at least {n_images}")
+        f"--config.data.max_images_per_row to at least {n_images - n_read}")
+  if n_read > spec.max_read_images:
+    raise ConfigError(
+        f"example {index} reads {n_read} images but a row holds at most "
+        f"data.max_read_images_per_row={spec.max_read_images}; raise "
+        f"--config.data.max_read_images_per_row to at least {n_read}")
   need = _expanded_length(example, spec)
   if need > spec.seq_len:
     raise ConfigError(
         f"example {index} needs {need} tokens (text {len(ids) - n_images} + "
-        f"{n_images} image(s) of {spec.tokens_per_image}) but data.seq_len is "
-        f"{spec.seq_len}; raise --config.data.seq_len to at least {need}")
-  return [Example(ids, images, example.train_text, mask)]
+        f"{n_images - n_read} image(s) of {_image_tokens(False, spec)}"
+        + (f" + {n_read} read image(s) of {_image_tokens(True, spec)}" if n_read else "")
+        + f") but data.seq_len is {spec.seq_len}; raise --config.data.seq_len to at "
+        f"least {need}")
+  return [Example(ids, images, example.train_text, mask, read)]
+
+
+def _checked_read(example: Example, index: int) -> list[bool]:
+  if example.read is not None and len(example.read) != len(example.images):
+    raise ValueError(f"example {index}: read has {len(example.read)} flags for "
+                     f"{len(example.images)} images; give one bool per image (True: read)")
+  return example.read_flags()
 
 
 def _checked_mask(text_mask, is_placeholder_N, index: int) -> np.ndarray | None:
@@ -259,61 +351,108 @@ class _Rows:
     self.targets = np.zeros((rows, l), np.int32)
     self.text_weights = np.zeros((rows, l), np.float32)
     self.latents = np.zeros((rows, spec.max_images) + spec.image_shape, np.float32)
+    r, q = spec.max_read_images, spec.read_tokens
+    self.read_columns = np.full((rows, r, q), l, np.int32)
+    self.read_valid = np.zeros((rows, r), bool)
+    self.read_cond_columns = np.full((rows, r), l, np.int32)
+    self.read_images = np.zeros((rows, r) + spec.read_shape, np.float32)
     self.used = np.zeros(rows, np.int64)
     self.n_examples = np.zeros(rows, np.int64)
     self.n_images = np.zeros(rows, np.int64)
+    self.n_read = np.zeros(rows, np.int64)
 
   def put(self, r: int, example: Example):
     """Appends a validated piece to row r (the caller checked that it fits)."""
     spec = self.spec
     ids = np.asarray(example.ids, np.int32)
     is_placeholder = ids == spec.image_id
-    counts = np.where(is_placeholder, spec.tokens_per_image, 1)
+    read = np.zeros(len(ids), bool)
+    read[is_placeholder] = example.read_flags()
+    generated = is_placeholder & ~read
+    counts = np.where(is_placeholder, np.where(read, spec.read_tokens, spec.tokens_per_image)
+                      + int(spec.cond_token), 1)
     tokens_L = np.repeat(ids, counts)
-    is_image_L = np.repeat(is_placeholder, counts)
-    first = int(self.n_images[r])
-    image_ids_L = np.repeat(np.where(is_placeholder, first + np.cumsum(is_placeholder), 0),
-                            counts)
+    is_image_L = np.repeat(is_placeholder, counts)   # image and timestep-token columns
+    first, first_read = int(self.n_images[r]), int(self.n_read[r])
+    # Per id: the image id its columns carry (a timestep token's is fixed below).
+    block_N = np.where(generated, first + np.cumsum(generated), 0)
+    if spec.read_bidirectional:
+      block_N = np.where(read, -(first_read + np.cumsum(read)), block_N)
+    image_ids_L = np.repeat(block_N, counts)
     n = len(tokens_L)
     start = int(self.used[r])
     end = start + n
+    starts_N = start + np.concatenate([[0], np.cumsum(counts)[:-1]])   # column of each id
+    if spec.cond_token:
+      image_ids_L[starts_N[is_placeholder] - start] = 0   # the timestep token: causal
+    for j, col in enumerate(starts_N[read]):
+      slot = first_read + j
+      first_col = col + int(spec.cond_token)
+      self.read_columns[r, slot] = first_col + np.arange(spec.read_tokens)
+      self.read_valid[r, slot] = True
+      if spec.cond_token:
+        self.read_cond_columns[r, slot] = col
     self.tokens[r, start:end] = tokens_L
     self.segment_ids[r, start:end] = self.n_examples[r] + 1
     self.image_ids[r, start:end] = image_ids_L
     self.positions[r, start:end] = np.arange(n)
     self.targets[r, start:end - 1] = tokens_L[1:]
-    trains = example.train_text and (not len(example.images) or spec.text_on_image_examples)
+    trains = example.train_text and (not generated.any() or spec.text_on_image_examples)
     if trains:
       target_L = ~is_image_L
       if example.text_mask is not None:
         target_L &= np.repeat(np.asarray(example.text_mask, bool), counts)
       self.text_weights[r, start:end - 1] = target_L[1:]
-    for k, image in enumerate(example.images):
-      self.latents[r, first + k] = image
+    n_gen = 0
+    for image, is_read in zip(example.images, example.read_flags()):
+      if is_read:
+        self.read_images[r, first_read] = image
+        first_read += 1
+      else:
+        self.latents[r, first + n_gen] = image
+        n_gen += 1
     self.used[r] = end
     self.n_examples[r] += 1
-    self.n_images[r] = first + len(example.images)
+    self.n_images[r] = first + n_gen
+    self.n_read[r] = first_read
 
   def batch(self) -> dict[str, np.ndarray]:
-    columns, valid = image_slots(self.image_ids, self.spec.max_images,
-                                 self.spec.tokens_per_image)
+    spec = self.spec
+    columns, valid = image_slots(self.image_ids, spec.max_images, spec.tokens_per_image)
+    length = self.tokens.shape[1]
+    cond = np.where(valid, columns[:, :, 0] - 1, length) if spec.cond_token else \
+        np.full(valid.shape, length, np.int32)
     return dict(tokens=self.tokens, segment_ids=self.segment_ids, image_ids=self.image_ids,
                 positions=self.positions, image_columns=columns, image_valid=valid,
-                targets=self.targets, text_weights=self.text_weights, latents=self.latents)
+                cond_columns=cond.astype(np.int32), read_columns=self.read_columns,
+                read_valid=self.read_valid, read_cond_columns=self.read_cond_columns,
+                targets=self.targets, text_weights=self.text_weights, latents=self.latents,
+                read_images=self.read_images)
 
 
 def _plan(pieces: Sequence[Example], spec: RowSpec, row: int, used: int,
-          images: int) -> list[int]:
+          images: tuple[int, int]) -> list[int]:
   """Row index of each piece, filling greedily from row `row` which already
-  holds `used` tokens and `images` images."""
+  holds `used` tokens and `images` (generated, read) images."""
   plan = []
   for piece in pieces:
-    n, k = _expanded_length(piece, spec), len(piece.images)
-    if used + n > spec.seq_len or images + k > spec.max_images:
-      row, used, images = row + 1, 0, 0   # close the row; never reorder
+    n = _expanded_length(piece, spec)
+    if used + n > spec.seq_len or not _images_fit(images, piece, spec):
+      row, used, images = row + 1, 0, (0, 0)   # close the row; never reorder
     plan.append(row)
-    used, images = used + n, images + k
+    used, images = used + n, _images_after(images, piece)
   return plan
+
+
+def _images_after(images: tuple[int, int], piece: Example) -> tuple[int, int]:
+  """(generated, read) images of a row after `piece` joins it."""
+  n_read = sum(piece.read_flags())
+  return images[0] + len(piece.images) - n_read, images[1] + n_read
+
+
+def _images_fit(images: tuple[int, int], piece: Example, spec: RowSpec) -> bool:
+  gen, read = _images_after(images, piece)
+  return gen <= spec.max_images and read <= spec.max_read_images
 
 
 def pack_examples(examples: Sequence[Example], spec: RowSpec, *,
@@ -324,7 +463,7 @@ def pack_examples(examples: Sequence[Example], spec: RowSpec, *,
   its own, e.g. for sampling prompts.
   """
   pieces = [p for i, e in enumerate(examples) for p in _validate_and_split(e, spec, i)]
-  plan = list(range(len(pieces))) if one_per_row else _plan(pieces, spec, 0, 0, 0)
+  plan = list(range(len(pieces))) if one_per_row else _plan(pieces, spec, 0, 0, (0, 0))
   rows = _Rows(plan[-1] + 1 if plan else 0, spec)
   for piece, r in zip(pieces, plan):
     rows.put(r, piece)
@@ -367,7 +506,8 @@ class PackedBatches(Iterator[dict]):
     while True:
       index = self.next_example
       pieces = self._pieces(index)
-      plan = _plan(pieces, self.spec, row, int(out.used[row]), int(out.n_images[row]))
+      plan = _plan(pieces, self.spec, row, int(out.used[row]),
+                   (int(out.n_images[row]), int(out.n_read[row])))
       if plan[-1] >= self.rows:
         if not out.n_examples.any():
           raise ConfigError(
@@ -414,43 +554,87 @@ class PromptLayout:
 
 @dataclasses.dataclass(frozen=True)
 class PromptRows:
-  """Rows from `prompt_rows`: the arrays (numpy) and their layout."""
+  """Rows from `prompt_rows`: the arrays (numpy) and their layout; `read_images`
+  [B, R, ...] the images the prompts read (None when they read none)."""
   row: Row
   layout: PromptLayout
+  read_images: Any = None
 
 
-def prompt_rows(prompts: Sequence[Sequence[int]], *, pad_id: int, new_tokens: int = 0,
-                new_token_id: int | None = None, image: bool = False,
+def prompt_rows(prompts: Sequence[Sequence[int] | Example], *, pad_id: int,
+                new_tokens: int = 0, new_token_id: int | None = None, image: bool = False,
+                cond_token: bool = False, spec: RowSpec | None = None,
                 multiple: int = 8) -> PromptRows:
-  """Rows [B, L] of left-padded prompts and `new_tokens` slots after them.
+  """Rows [B, L] of left-padded prompts and the slots being generated after them.
 
-  The prompts end at column Lp - 1 (Lp = the longest prompt rounded up to
-  `multiple`); the slots fill columns Lp .. L - 1 with L = Lp + new_tokens and
-  hold `new_token_id` (default `pad_id`). segment_ids are 0 on the left padding
-  and 1 on the prompt and the slots; positions are 0 at each prompt's first
-  token, counting on through the slots. With `image` the slots are one image
-  (image id 1, slot 0 of the row); otherwise the rows hold no image.
+  A prompt is token ids, or an `Example` whose images are all READ (its
+  placeholders expand as packing expands them, so `spec` is needed). The
+  prompts end at column Lp - 1 (Lp = the longest expanded prompt rounded up to
+  `multiple`). segment_ids are 0 on the left padding and 1 on the prompt and
+  the slots; positions are 0 at each prompt's first token, counting on through
+  the slots. Without `image` the slots are `new_tokens` text slots holding
+  `new_token_id` (default `pad_id`). With `image` they are one generated image
+  of `new_tokens` tokens (image id 1, slot 0 of the row), preceded by its
+  timestep token when `cond_token` (then the layout has new_tokens + 1 slots).
   """
-  if not prompts or any(len(p) == 0 for p in prompts):
+  if not prompts or any(len(p.ids if isinstance(p, Example) else p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token (e.g. bos)")
+  if spec is None:
+    if any(isinstance(p, Example) and len(p.images) for p in prompts):
+      raise ValueError("prompts that read images need the RowSpec (spec=) to lay them out")
+    spec = RowSpec(seq_len=1, max_images=0, image_shape=(1, 1, 1), tokens_per_image=1,
+                   image_id=-1, pad_id=pad_id)
+  expanded = [_prompt_columns(p, spec, i) for i, p in enumerate(prompts)]
   rows = len(prompts)
-  lp = -(-max(len(p) for p in prompts) // multiple) * multiple
-  layout = PromptLayout(lp, new_tokens)
+  lp = -(-max(e.used[0] for e in expanded) // multiple) * multiple
+  slots = new_tokens + int(image and cond_token)
+  layout = PromptLayout(lp, slots)
   length = layout.length
   tokens = np.full((rows, length), pad_id, np.int32)
   tokens[:, lp:] = pad_id if new_token_id is None else new_token_id
   segment_ids = np.zeros((rows, length), np.int32)
   positions = np.zeros((rows, length), np.int32)
-  for r, p in enumerate(prompts):
-    start = lp - len(p)
-    tokens[r, start:lp] = np.asarray(p, np.int32)
+  image_ids = np.zeros((rows, length), np.int32)
+  r_max = max(e.read_valid.shape[1] for e in expanded)
+  read_columns = np.full((rows, r_max, spec.read_tokens), length, np.int32)
+  read_valid = np.zeros((rows, r_max), bool)
+  read_cond = np.full((rows, r_max), length, np.int32)
+  read_images = np.zeros((rows, r_max) + spec.read_shape, np.float32)
+  for r, e in enumerate(expanded):
+    n = int(e.used[0])
+    start = lp - n
+    tokens[r, start:lp] = e.tokens[0, :n]
+    image_ids[r, start:lp] = e.image_ids[0, :n]
     segment_ids[r, start:] = 1
     positions[r, start:] = np.arange(length - start)
-  image_ids = np.zeros((rows, length), np.int32)
+    k = e.read_valid.shape[1]
+    read_valid[r, :k] = e.read_valid[0]
+    read_columns[r, :k] = np.where(e.read_valid[0, :, None], e.read_columns[0] + start, length)
+    read_cond[r, :k] = np.where(e.read_valid[0] & (e.read_cond_columns[0] < n),
+                                e.read_cond_columns[0] + start, length)
+    read_images[r, :k] = e.read_images[0]
   if image:
-    image_ids[:, lp:] = 1
+    image_ids[:, lp + int(cond_token):] = 1
   columns, valid = image_slots(image_ids, 1 if image else 0, new_tokens if image else 0)
-  return PromptRows(Row(tokens, segment_ids, image_ids, positions, columns, valid), layout)
+  cond = np.full((rows, int(image)), lp if cond_token else length, np.int32)
+  row = Row(tokens, segment_ids, image_ids, positions, columns, valid, cond,
+            read_columns, read_valid, read_cond)
+  return PromptRows(row, layout, read_images if r_max else None)
+
+
+def _prompt_columns(prompt, spec: RowSpec, index: int) -> "_Rows":
+  """One prompt laid out alone in a row of exactly its expanded length."""
+  example = prompt if isinstance(prompt, Example) else Example(prompt, train_text=False)
+  if not all(example.read_flags()):
+    raise ValueError(f"prompt {index} holds an image to generate; a prompt may only read "
+                     "images (Example.read all True), the generated image follows it")
+  length = _expanded_length(example, spec)
+  row_spec = dataclasses.replace(spec, seq_len=length, max_images=0,
+                                 max_read_images=len(example.images))
+  piece, = _validate_and_split(example, row_spec, index)
+  out = _Rows(1, row_spec)
+  out.put(0, piece)
+  return out
 
 
 def host_stream(example_at: Callable[[int], Example], process_index: int,

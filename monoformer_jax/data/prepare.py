@@ -9,6 +9,9 @@ r"""Prepare a dataset for training: `python -m monoformer_jax.data.prepare NAME 
     chat           --input_dir=FILE.jsonl or a folder of them (UltraChat `data`, or
                    `messages` / ShareGPT `conversations`)
     text           --input_dir=FILE.jsonl ({"text": ...}) / .txt, or a folder of them
+    llava          --input_dir=IMAGE_ROOT --annotations=llava_v1_5_mix665k.json (LLaVA's
+                   list, or a JSONL of its records; "image" paths relative to IMAGE_ROOT):
+                   the conversations and the image files' bytes, nothing encoded
     digits         the embedded default (no input; training prepares it on first use)
 
 and `--output_dir=OUT` for all. Images are center-cropped as ADM/DiT do, then
@@ -43,7 +46,8 @@ _FLIP = flags.DEFINE_bool("flip", False, "Also store each image's mirror's laten
                           "(data.random_flip then picks one at random).")
 _SPLITS = flags.DEFINE_list("splits", ["train", "val"], "imagenet: the splits to prepare "
                             "(those that exist under --input_dir).")
-_ANNOTATIONS = flags.DEFINE_string("annotations", None, "text_to_image: the annotation jsonl.")
+_ANNOTATIONS = flags.DEFINE_string("annotations", None, "text_to_image: the annotation jsonl; "
+                                   "llava: llava_v1_5_mix665k.json (or a JSONL of records).")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per VAE batch (all local devices).")
 _CHUNK = flags.DEFINE_integer("chunk_size", 1024, "Images per resumable chunk.")
 
@@ -123,6 +127,28 @@ def _text_splits(name: str) -> dict:
   return {"train": records}
 
 
+def _llava_splits() -> tuple:
+  """({"train": records}, the llava.LlavaAnnotations they come from, whose
+  `report` counts what was kept and skipped as the records are written)."""
+  import tqdm
+  from monoformer_jax.data import llava
+  if not _ANNOTATIONS.value:
+    raise ConfigError("llava needs --annotations=llava_v1_5_mix665k.json (LLaVA's annotation "
+                      "list) beside --input_dir=IMAGE_ROOT")
+  annotations = llava.read_llava(_ANNOTATIONS.value, _INPUT.value)
+
+  def records():
+    with tqdm.tqdm(desc="llava records", unit="record") as bar:
+      for record in llava.prepared_records(annotations):
+        if bar.total is None and annotations.total is not None:
+          bar.total = annotations.total
+        bar.update(annotations.report.records - bar.n)
+        yield record
+      bar.update(annotations.report.records - bar.n)
+
+  return {"train": records}, annotations
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in builders.KINDS:
     raise app.UsageError(f"usage: python -m monoformer_jax.data.prepare "
@@ -138,9 +164,11 @@ def main(argv):
     raise app.UsageError(f"{name} needs --input_dir")
   if not os.path.exists(_INPUT.value):
     raise MissingPathError(f"--input_dir={_INPUT.value!r} does not exist")
-  lines, shape = [], None
+  lines, shape, annotations = [], None, None
   if name in builders.LATENT_KINDS:
     splits, shape, lines = _latent_splits(name, output_dir)
+  elif name == "llava":
+    splits, annotations = _llava_splits()
   else:
     splits = _text_splits(name)
   if jax.process_index() == 0:
@@ -148,6 +176,8 @@ def main(argv):
                               description=f"prepared by monoformer_jax from {_INPUT.value}")
     counts = {split["name"]: sum(int(n) for n in split["shardLengths"])
               for split in builders.dataset_info(folder)["splits"]}
+    if annotations is not None:   # counted while the records were written
+      lines.append(f"llava/train: {annotations.report.summary()}")
     for line in lines:
       logging.info("%s", line)
     logging.info("wrote %s: %s records; train with --config.data.dir=%s", folder, counts,

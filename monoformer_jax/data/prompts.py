@@ -6,9 +6,13 @@ Every dataset with images and every sampler uses this one format:
     image to generate          <s> prompt <|im_start|>   then the image's P slots
     text example               <s> text </s>
     text to complete           <s> text                  then the new tokens
+    image to read              <s> <|im_start|> <image> <|im_end|> \n prompt   then the answer
+    reading example (training) <s> <|im_start|> <image> <|im_end|> \n prompt answer </s>
 
 `<image>` is ONE placeholder that packing (packing.py) expands into the
-image's P slots. A class-conditional prompt is one of the reference's ImageNet
+image's P slots (a read image's Q slots). Reading follows the reference's
+infer_mllm.py: the image first, then the question, then the answer, with
+cross-entropy on the answer only. A class-conditional prompt is one of the reference's ImageNet
 templates filled with the class name; for classifier-free guidance the prompt
 is dropped (empty, `<s> <|im_start|> ...`) with probability `data.cfg_drop_prob`
 in training, and the empty prompt is the null prompt when sampling. A dataset
@@ -76,8 +80,9 @@ def text_prompt_ids(text: str, tokenizer) -> list[int]:
 
 
 def image_rows(prompts: Sequence[str | None], tokenizer, tokens_per_image: int, *,
-               guidance: bool) -> PromptRows:
-  """The rows that generate one image per prompt (None: unconditional).
+               guidance: bool, cond_token: bool = False) -> PromptRows:
+  """The rows that generate one image per prompt (None: unconditional); with
+  `cond_token` (add_before_image_tokens) the image's timestep token first.
 
   With `guidance` the batch is doubled as in the reference: the prompts, then
   as many null (empty) prompts.
@@ -86,4 +91,25 @@ def image_rows(prompts: Sequence[str | None], tokenizer, tokens_per_image: int, 
   if guidance:
     prefixes += [image_prefix_ids(None, tokenizer)] * len(prompts)
   return prompt_rows(prefixes, pad_id=tokenizer.pad_id, new_tokens=tokens_per_image,
-                     new_token_id=tokenizer.image_id, image=True)
+                     new_token_id=tokenizer.image_id, image=True, cond_token=cond_token)
+
+
+def read_prefix_ids(tokenizer) -> list[int]:
+  """<s> <|im_start|> <image> <|im_end|>: a read image at the start of a prompt."""
+  t = tokenizer
+  return [t.bos_id, t.im_start_id, t.image_id, t.im_end_id]
+
+
+def read_prompt_example(prompt: str, image: np.ndarray, tokenizer) -> Example:
+  """A prompt that reads `image` (the vision encoder's input) and asks
+  `prompt` about it; the answer is what the model generates next."""
+  ids = read_prefix_ids(tokenizer) + tokenizer.encode("\n" + prompt)
+  return Example(ids, [image], train_text=False, read=[True])
+
+
+def reading_example(prompt: str, answer: str, image: np.ndarray, tokenizer) -> Example:
+  """A training example about a read image: cross-entropy on `answer` and </s> only."""
+  question = read_prefix_ids(tokenizer) + tokenizer.encode("\n" + prompt)
+  reply = tokenizer.encode(answer) + [tokenizer.eos_id]
+  return Example(question + reply, [image], train_text=True,
+                 text_mask=[False] * len(question) + [True] * len(reply), read=[True])

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from monoformer_jax.data.packing import PromptLayout, PromptRows, Row, check_one_image_per_row
 from monoformer_jax.diffusion.gaussian import apply_cfg, sample_step
@@ -59,23 +60,32 @@ def sample_images(model, rows: PromptRows | Row, diffusion, key, *, cfg_scale=No
                      "them); pass use_cache=False for other packed rows")
   row = rows.row if isinstance(rows, PromptRows) else rows
   check_one_image_per_row(row, model.tokens_per_image)
+  length = row.tokens.shape[1]
+  has_token = row.cond_columns is not None and bool((np.asarray(row.cond_columns) < length).all())
+  if has_token != model.cond_token:
+    raise ValueError(f"the model's conditioning is {model.cfg.conditioning!r} but the rows "
+                     f"{'have' if has_token else 'lack'} a timestep token before the image; "
+                     f"build them with cond_token={model.cond_token} "
+                     "(data.prompts.image_rows(..., cond_token=model.cond_token))")
   n_rows = row.tokens.shape[0]
   if guided and n_rows % 2:
     raise ValueError(f"guidance needs a doubled batch (B conditional rows, then B null "
                      f"rows) but got {n_rows} rows")
   settings = _Settings(diffusion, rows.layout if use_cache else None, guided,
                        guided_channels, sampler, float(eta))
-  row = Row(*(jnp.asarray(x) for x in row))
+  read = getattr(rows, "read_images", None)   # the images the prompts read, if any
+  read = None if read is None else jnp.asarray(read)
+  row = Row(*(None if x is None else jnp.asarray(x) for x in row))
   scale = jnp.float32(1.0 if cfg_scale is None else cfg_scale)
   cfg = model.cfg
   n = n_rows // (2 if guided else 1)
   key_init, key_loop = jax.random.split(key)
   x_t = jax.random.normal(key_init, (n, cfg.image_size, cfg.image_size, cfg.in_channels),
                           jnp.float32)
-  cache = _prefill(model, settings, row) if use_cache else None
+  cache = _prefill(model, settings, row, read) if use_cache else None
   step = _step.bind(model)   # the model split once, not at every step
   for i in range(diffusion.num_timesteps):
-    x_t = step(settings, row, cache, x_t, jnp.int32(i), key_loop, scale)
+    x_t = step(settings, row, cache, x_t, jnp.int32(i), key_loop, scale, read)
     if progress is not None:
       jax.block_until_ready(x_t)
       progress(i)
@@ -83,17 +93,19 @@ def sample_images(model, rows: PromptRows | Row, diffusion, key, *, cfg_scale=No
 
 
 @compiled
-def _prefill(model, settings: _Settings, row: Row):
-  """The cache of every layer holding the prompt columns' keys and values."""
+def _prefill(model, settings: _Settings, row: Row, read_images=None):
+  """The cache of every layer holding the prompt columns' keys and values
+  (the images the prompt reads included)."""
   layout = settings.layout
   _, cache = model.prefill(layout.prompt(row.tokens), layout.prompt(row.positions),
                            row.segment_ids, row.image_ids,
-                           model.init_cache(*row.tokens.shape))
+                           model.init_cache(*row.tokens.shape), row, read_images)
   return cache
 
 
 @compiled
-def _step(model, settings: _Settings, row: Row, cache, x_t, i, key, cfg_scale):
+def _step(model, settings: _Settings, row: Row, cache, x_t, i, key, cfg_scale,
+          read_images=None):
   """x_{t-1} of step i: the model's output at x_t (guided), then the sampler's update."""
   layout, guided = settings.layout, settings.guided
 
@@ -104,7 +116,7 @@ def _step(model, settings: _Settings, row: Row, cache, x_t, i, key, cfg_scale):
       out, _ = model.extend_image(x_t, t_model, layout.new(row.positions), row.segment_ids,
                                   row.image_ids, cache, layout.new_column(0))
     else:
-      out = model(row, x_t[:, None], t_model[:, None])[1][:, 0]
+      out = model(row, x_t[:, None], t_model[:, None], read_images)[1][:, 0]
     if guided:
       half = out.shape[0] // 2
       out = apply_cfg(out[:half], out[half:], cfg_scale, settings.guided_channels)

@@ -84,3 +84,30 @@ def sample_metrics(images_BxhxwxC, labels_B) -> dict:
   return dict(classifier_accuracy=accuracy, per_digit=per_digit.tolist(),
               frechet_distance=frechet_distance(images_BxhxwxC),
               real_frechet_distance=real_frechet_distance(labels_B))
+
+
+def reading_accuracy(model, tokenizer, config, *, max_new_tokens: int = 16) -> dict:
+  """The share of held-out real digits (data/digits.reading_split) that the
+  model names right by greedy text generation after reading the digit: the
+  prompt "<s> <|im_start|> <image> <|im_end|> \\n which digit is this?", the
+  answer parsed as "it is {name}."; chance is 10%. Also the per-digit shares
+  and the share of answers that name no digit at all."""
+  from monoformer_jax.data import digits as digits_data
+  from monoformer_jax.data import prompts
+  from monoformer_jax.data.packing import row_spec
+  from monoformer_jax.text.generate import generate
+
+  _, held = digits_data.reading_split(digits_data.digit_records(config))
+  records = [held[i] for i in range(len(held))]
+  labels_B = np.array([int(r["label"]) for r in records])
+  examples = [prompts.read_prompt_example(digits_data.READ_PROMPT,
+                                          np.asarray(r["image"], np.float32), tokenizer)
+              for r in records]
+  ids = generate(model, examples, max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id,
+                 stop_ids=[tokenizer.eos_id], spec=row_spec(config, tokenizer))
+  said_B = np.array([digits_data.answer_label(tokenizer.decode(t)) for t in ids])
+  right_B = said_B == labels_B
+  per_digit = [float(right_B[labels_B == k].mean()) if (labels_B == k).any() else float("nan")
+               for k in range(10)]
+  return dict(reading_accuracy=float(right_B.mean()), reading_per_digit=per_digit,
+              reading_unparsed=float((said_B < 0).mean()), reading_count=int(len(labels_B)))

@@ -11,6 +11,9 @@ both call.
                                       (eval/digits.py)
     commonsense                       zero-shot multiple choice by log-likelihood
                                       (eval/commonsense.py); needs the model, not samples
+    reading                           the digits model READING held-out real digits: the
+                                      share it names right by greedy text
+                                      (eval/digits.reading_accuracy); needs the model
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from absl import logging
 from monoformer_jax.errors import ConfigError, FileFormatError
 from monoformer_jax.eval.fid import METRICS as IMAGE_METRICS
 SAMPLE_METRICS = IMAGE_METRICS + ("digits",)    # computed from samples
-METRICS = SAMPLE_METRICS + ("commonsense",)
+MODEL_METRICS = ("commonsense", "reading")       # computed from the model itself
+METRICS = SAMPLE_METRICS + MODEL_METRICS
 
 
 def check_metrics(names: Sequence[str], flag: str = "--metrics") -> tuple[str, ...]:
@@ -142,10 +146,18 @@ class TrainingEvals:
     from monoformer_jax.eval.sampling import sample_classes
     ev, config = self.config.evals, self.config
     t0 = time.perf_counter()
-    images = sample_classes(model, config, tokenizer, self.labels, num_steps=ev.num_steps,
-                            cfg_scale=ev.cfg_scale, seed=config.seed, vae=self.vae)
-    results = score_images(images, self.labels, self.metrics, inception=self.inception,
-                           reference=self.reference)
+    results = {}
+    sample_metrics = [m for m in self.metrics if m in SAMPLE_METRICS]
+    if sample_metrics:
+      images = sample_classes(model, config, tokenizer, self.labels, num_steps=ev.num_steps,
+                              cfg_scale=ev.cfg_scale, seed=config.seed, vae=self.vae)
+      results = score_images(images, self.labels, sample_metrics, inception=self.inception,
+                             reference=self.reference)
+    if "reading" in self.metrics:
+      from monoformer_jax.eval.digits import reading_accuracy
+      results["reading"] = {k.removeprefix("reading_"): v
+                            for k, v in reading_accuracy(model, tokenizer, config).items()
+                            if k != "reading_per_digit"}   # logged as eval/reading_accuracy
     flat = {f"eval/{k}": v for k, v in flat_numbers(results).items()}
     flat["eval/seconds"] = time.perf_counter() - t0
     return flat

@@ -129,6 +129,14 @@ RULES: Rules = (
     ("length", None),
     ("patch", None),
     ("freq", None),
+    # The frozen CLIP vision tower (vision/clip.py) is replicated: no optimizer
+    # state, 0.3B parameters for ViT-L/14. Map these names to shard it.
+    ("clip_embed", None),
+    ("clip_heads", None),
+    ("clip_mlp", None),
+    ("clip_patch", None),
+    ("clip_channels", None),
+    ("clip_positions", None),
 )
 
 

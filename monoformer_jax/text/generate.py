@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from monoformer_jax.errors import ConfigError
-from monoformer_jax.data.packing import PromptLayout, Row, prompt_rows
+from monoformer_jax.data.packing import Example, PromptLayout, Row, RowSpec, prompt_rows
 from monoformer_jax.model.build import compiled
 
 
@@ -60,24 +60,30 @@ def sample_token(logits_BxV, key, *, temperature: float = 0.0, top_k: int = 0,
   return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_id: int,
-             stop_ids: Sequence[int], key=None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, use_cache: bool = True) -> list[list[int]]:
-  """New token ids for each prompt (token ids), up to and including its first stop token.
+def generate(model, prompts: Sequence[Sequence[int] | Example], *, max_new_tokens: int,
+             pad_id: int, stop_ids: Sequence[int], key=None, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, use_cache: bool = True,
+             spec: RowSpec | None = None) -> list[list[int]]:
+  """New token ids for each prompt, up to and including its first stop token.
 
-  Step i draws from fold_in(key, i), so a seed reproduces a batch whatever
-  the cache setting. `stop_ids` are the ids that end a row (e.g. eos). Calls
-  with the same shapes and settings reuse one compiled program.
+  A prompt is token ids, or an `Example` that reads images (`spec`, the
+  model's RowSpec, lays them out); the images are encoded once, with the
+  prompt, into the cache. Step i draws from fold_in(key, i), so a seed
+  reproduces a batch whatever the cache setting. `stop_ids` are the ids that
+  end a row (e.g. eos). Calls with the same shapes and settings reuse one
+  compiled program.
   """
   _check_sampling(temperature, top_k, top_p)
   if max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
   key = jax.random.PRNGKey(0) if key is None else key
-  rows = prompt_rows(prompts, pad_id=pad_id, new_tokens=max_new_tokens)
+  rows = prompt_rows(prompts, pad_id=pad_id, new_tokens=max_new_tokens, spec=spec)
   stops = tuple(sorted(set(int(s) for s in stop_ids)))
   settings = _Settings(rows.layout, pad_id, stops, float(temperature), int(top_k),
                        float(top_p), use_cache)
-  out = np.asarray(_run(model, settings, Row(*(jnp.asarray(x) for x in rows.row)), key))
+  row = Row(*(None if x is None else jnp.asarray(x) for x in rows.row))
+  read = None if rows.read_images is None else jnp.asarray(rows.read_images)
+  out = np.asarray(_run(model, settings, row, key, read))
   results = []
   for new in rows.layout.new(out).tolist():
     cut = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))
@@ -97,7 +103,7 @@ class _Settings(NamedTuple):
 
 
 @compiled
-def _run(model, settings: _Settings, row: Row, key):
+def _run(model, settings: _Settings, row: Row, key, read_images):
   """The rows' tokens [B, L] with every new token written."""
   layout = settings.layout
   stops = jnp.asarray(settings.stops or (-1,), jnp.int32)
@@ -109,7 +115,7 @@ def _run(model, settings: _Settings, row: Row, key):
   def next_logits(tokens, cache, col):
     """Logits [B, V] after the token at column `col`, and the new cache."""
     if cache is None:
-      logits, _ = model(row._replace(tokens=tokens))
+      logits, _ = model(row._replace(tokens=tokens), read_images=read_images)
       return at(logits, col)[:, 0], None
     logits, cache = model.extend_text(at(tokens, col), at(row.positions, col),
                                       row.segment_ids, row.image_ids, cache, col)
@@ -120,7 +126,7 @@ def _run(model, settings: _Settings, row: Row, key):
   if settings.use_cache:
     logits, cache = model.prefill(layout.prompt(tokens), layout.prompt(row.positions),
                                   row.segment_ids, row.image_ids,
-                                  model.init_cache(*tokens.shape))
+                                  model.init_cache(*tokens.shape), row, read_images)
   else:
     logits, _ = next_logits(tokens, None, layout.prompt_len - 1)
   first = pick(logits, 0)

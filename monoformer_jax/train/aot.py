@@ -159,7 +159,7 @@ def lower_train_step(config, devices):
   # Outside the mesh context: the optimizer's placeholder state and the step's
   # base key are small arrays made eagerly, which must land on this host and
   # not on the target's devices (which hold no arrays).
-  tx, schedule = make_optimizer(config.optim)
+  tx, schedule = make_optimizer(config.optim, config.model)
   graphdef, abstract, shardings = state_shardings(config, mesh, tx)
   diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps,
                                        config.diffusion.beta_schedule)

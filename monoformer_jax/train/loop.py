@@ -152,7 +152,7 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
 
   with jax.set_mesh(mesh), sharding.logical_rules(rules):
     # --------------------------------------------------------------- model
-    tx, schedule = make_optimizer(config.optim)
+    tx, schedule = make_optimizer(config.optim, config.model)
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
                              keep=config.train.keep_checkpoints,
                              save_every=config.train.checkpoint_every)

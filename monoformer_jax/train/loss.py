@@ -4,7 +4,8 @@
          + w_lm   * sum(text_weights * CE) / sum(text_weights)
 
 Which tokens carry cross-entropy (`text_weights`) and which image slots are
-real (`image_valid`) is decided by the data module: by default CE only on
+real (`image_valid`; read images sit in slots of their own and get no
+diffusion loss) is decided by the data module: by default CE only on
 text-only examples (the reference), with `loss.text_on_image_examples` also
 on the prompts/captions (Transfusion). A batch with no image (or no weighted
 text token) contributes 0 to that term.
@@ -38,7 +39,7 @@ def loss_terms(model, batch, t_BxM, noise_BxMxhxwxC, diffusion):
   flat = lambda x: x.reshape(b * m, *x.shape[2:])
   x_t = diffusion.q_sample(flat(latents), t_BxM.reshape(-1), flat(noise_BxMxhxwxC))
   x_t = x_t.reshape(latents.shape)
-  logits, out_BxMxhxwx2C = model(Row.of(batch), x_t, t_BxM)
+  logits, out_BxMxhxwx2C = model(Row.of(batch), x_t, t_BxM, batch.get("read_images"))
   terms = diffusion.training_losses(flat(out_BxMxhxwx2C), flat(latents), flat(x_t),
                                     t_BxM.reshape(-1), flat(noise_BxMxhxwxC))
   terms = {k: v.reshape(b, m) for k, v in terms.items()}

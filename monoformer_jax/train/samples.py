@@ -4,7 +4,9 @@
     samples/{data.name}.npz   `images` float32 [B, h, w, C] in [0, 1], `labels` int [B]
     samples/text.txt          greedy completions of `sample.text_prompts`
     samples/summary.json      what `sample.metrics` say of the images (eval/score.py), as
-                              uint8 images like ADM's sample files
+                              uint8 images like ADM's sample files; for the digits
+                              with a vision encoder, the reading accuracy on held-out
+                              digits (eval/digits.reading_accuracy)
 
 The classes are the dataset's (`data.class_names`), `sample.num_per_class`
 images each; latent models are decoded with the SD-VAE at `vae.path`.
@@ -25,6 +27,7 @@ from monoformer_jax import inference
 from monoformer_jax.data import prompts
 from monoformer_jax.data.datasets import class_names
 from monoformer_jax.eval import finite_json
+from monoformer_jax.eval.digits import reading_accuracy
 from monoformer_jax.eval.sampling import quantize
 from monoformer_jax.eval.score import metric_files, score_images
 
@@ -67,10 +70,18 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
     logging.info("data.name=%r has no class names: no class-conditional samples",
                  config.data.name)
 
+  if config.model.get("vision_encoder", "") and config.data.name == "digits":
+    t0 = time.perf_counter()
+    reading = reading_accuracy(model, tokenizer, config)
+    logging.info("reading: %.1f%% of %d held-out digits named right (%.1fs)",
+                 100 * reading["reading_accuracy"], reading["reading_count"],
+                 time.perf_counter() - t0)
+    metrics = dict(metrics, **reading)
+
   text_prompts = list(sc.text_prompts)
   completions = inference.complete_text(model, tokenizer, text_prompts,
                                         max_new_tokens=sc.max_new_tokens, temperature=0.0,
-                                        seed=seed)
+                                        seed=seed) if text_prompts else []
   lines = [f"{p!r} -> {c!r}" for p, c in zip(text_prompts, completions)]
   if not writer:
     return images, labels, metrics

@@ -20,16 +20,25 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from monoformer_jax.model.build import abstract_model, init_params, shardings_of
 
 
-def make_optimizer(optim_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Grad-norm clipping then AdamW; constant lr after an optional linear warmup."""
+# Top-level modules that are never trained: the frozen CLIP tower (the reference's).
+FROZEN = ("vision_tower",)
+
+
+def make_optimizer(optim_cfg, model_cfg=None) -> tuple[optax.GradientTransformation,
+                                                       optax.Schedule]:
+  """Grad-norm clipping then AdamW; constant lr after an optional linear warmup.
+  A model with a frozen module (FROZEN) gets no update there and keeps no
+  AdamW moments for it."""
   if optim_cfg.warmup_steps > 0:
     schedule = optax.warmup_constant_schedule(0.0, optim_cfg.lr, optim_cfg.warmup_steps)
   else:  # optax's warmup of 0 steps would stay at the initial value
     schedule = optax.constant_schedule(optim_cfg.lr)
-  tx = optax.chain(
-      optax.clip_by_global_norm(optim_cfg.grad_clip),
-      optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                  weight_decay=optim_cfg.weight_decay))
+  adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                      weight_decay=optim_cfg.weight_decay)
+  if model_cfg is not None and model_cfg.get("vision_encoder", "") == "clip":
+    labels = lambda params: {k: "frozen" if k in FROZEN else "trained" for k in params}
+    adamw = optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, labels)
+  tx = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw)
   return tx, schedule
 
 
