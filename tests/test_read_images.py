@@ -157,6 +157,8 @@ def test_read_images_get_no_diffusion_loss_and_never_reach_earlier_tokens(condit
   np.testing.assert_array_equal(new[0, :first], base[0, :first])
   assert np.abs(new[0, first:] - base[0, first:]).max() > 1e-4
   np.testing.assert_array_equal(new[1], base[1])         # the other row
+  with pytest.raises(ValueError, match="read-image slots need the images they read"):
+    model(Row.of(b), b["latents"], t)
   # The gradient reaches im_embedder from the answer's cross-entropy.
   grads = nnx.jit(nnx.grad(lambda m: loss_terms(m, b, t, noise, d)["lm"]))(model)
   assert float(jnp.abs(grads.im_embedder.fc1.kernel[...]).max()) > 0

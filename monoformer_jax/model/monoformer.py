@@ -194,8 +194,12 @@ class MonoFormer(nnx.Module):
 
   def _place_read(self, x_BxLxE, row, read_images):
     """x with the read images' tokens (and their t = 0 timestep tokens) placed."""
-    if read_images is None or row.read_columns is None or not row.read_columns.shape[1]:
+    if row.read_columns is None or not row.read_columns.shape[1]:
       return x_BxLxE
+    if read_images is None:
+      raise ValueError(f"rows with {row.read_columns.shape[1]} read-image slots need the "
+                       "images they read (read_images [B, R, ...], the batch's "
+                       "`read_images`)")
     x_BxLxE = _place(x_BxLxE, row.read_columns, self.read_tokens(read_images))
     if self.cond_token:
       b, r = row.read_cond_columns.shape
