@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 
 from monoformer_jax.convert import official
-from monoformer_jax.data.packing import (CONDITIONING_TOKEN_MODE, Row, image_slots,
-                                         tokens_per_image)
+from monoformer_jax.data.packing import (CONDITIONING_TOKEN_MODE, Row, cond_columns_of,
+                                         image_slots, tokens_per_image)
 from monoformer_jax.model.build import abstract_model
 
 
@@ -56,13 +56,11 @@ def fixture_row(io, tokens_per_image: int, cond_token: bool = False) -> Row:
   model reads them; with `cond_token` (add_before_image_tokens) each image's
   timestep token is the column before it (where the fixture's tokens hold -1)."""
   columns, valid = image_slots(io["image_ids"], 1, tokens_per_image)
-  length = io["tokens"].shape[1]
-  cond = np.where(valid, columns[:, :, 0] - 1, length) if cond_token else \
-      np.full(valid.shape, length)
+  cond = cond_columns_of(columns, valid, cond_token, io["tokens"].shape[1])
   tokens = np.where(io["tokens"] < 0, 0, io["tokens"])   # replaced by the model anyway
   return Row(jnp.asarray(tokens), *(jnp.asarray(io[k]) for k in ("segment_ids", "image_ids",
                                                                   "positions")),
-             jnp.asarray(columns), jnp.asarray(valid), jnp.asarray(cond.astype(np.int32)))
+             jnp.asarray(columns), jnp.asarray(valid), jnp.asarray(cond))
 
 
 def _run_model(graphdef, params, row, latents, t):

@@ -235,6 +235,15 @@ def image_slots(image_ids_BxL, max_images: int, tokens_per_image: int):
   return columns_BxMxP, valid_BxM
 
 
+def cond_columns_of(columns_BxMxP, valid_BxM, cond_token: bool, length: int):
+  """int32 [B, M]: the column of each image slot's timestep token, the one
+  before the image's first token (`add_before_image_tokens`); `length` (past
+  the row) for an empty slot or without the token."""
+  if not cond_token:
+    return np.full(np.shape(valid_BxM), length, np.int32)
+  return np.where(valid_BxM, np.asarray(columns_BxMxP)[:, :, 0] - 1, length).astype(np.int32)
+
+
 def check_one_image_per_row(row: Row, tokens_per_image: int):
   """Raises unless every row holds exactly one image of `tokens_per_image`
   slots (what an image sampler generates into)."""
@@ -419,12 +428,10 @@ class _Rows:
   def batch(self) -> dict[str, np.ndarray]:
     spec = self.spec
     columns, valid = image_slots(self.image_ids, spec.max_images, spec.tokens_per_image)
-    length = self.tokens.shape[1]
-    cond = np.where(valid, columns[:, :, 0] - 1, length) if spec.cond_token else \
-        np.full(valid.shape, length, np.int32)
+    cond = cond_columns_of(columns, valid, spec.cond_token, self.tokens.shape[1])
     return dict(tokens=self.tokens, segment_ids=self.segment_ids, image_ids=self.image_ids,
                 positions=self.positions, image_columns=columns, image_valid=valid,
-                cond_columns=cond.astype(np.int32), read_columns=self.read_columns,
+                cond_columns=cond, read_columns=self.read_columns,
                 read_valid=self.read_valid, read_cond_columns=self.read_cond_columns,
                 targets=self.targets, text_weights=self.text_weights, latents=self.latents,
                 read_images=self.read_images)
