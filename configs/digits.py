@@ -59,6 +59,7 @@ def get_config(variant=None):
       attention_impl="auto",    # Pallas kernels on TPU/GPU, dense XLA on CPU
       dtype="float32",          # compute dtype; parameters are always float32
       remat=False,
+      scan_unroll=4,            # all 4 layers unrolled: ~10% faster steps here than scanned
   ))
 
   c.diffusion = ml_collections.ConfigDict(dict(
@@ -80,6 +81,8 @@ def get_config(variant=None):
       max_read_images_per_row=4,
       text_fraction=0.25,       # share of examples that are text-only
       read_fraction=0.2,        # share that read a digit and name it (held-out: every tenth)
+      interleaved_fraction=0.1,  # share of text naming digits with drawings inline
+      edit_fraction=0.1,        # share that read a digit and draw the next one
       cfg_drop_prob=0.1,        # prompt dropped (empty) for guidance
   ))
 
@@ -153,7 +156,7 @@ def get_config(variant=None):
   if variant == "tiny":
     c.model.update(num_layers=2, vision_encoder="")
     c.data.update(batch_size=8, seq_len=64, max_images_per_row=1, max_read_images_per_row=0,
-                  read_fraction=0.0)
+                  read_fraction=0.0, interleaved_fraction=0.0, edit_fraction=0.0)
     c.optim.warmup_steps = 0
     c.mesh.update(data=1, fsdp=-1)
     c.train.update(num_steps=50, log_every=1, checkpoint_every=10, keep_checkpoints=3)

@@ -14,8 +14,10 @@ r"""Evaluate a MonoFormer, or a file of its samples, from the command line.
         --reference=VIRTUAL_imagenet256_labeled.npz --inception=pt_inception-...pth \
         --metrics=fid,sfid,is,precision_recall
 
-    # the digits model reading held-out real digits (greedy "it is seven.")
-    python -m monoformer_jax.evaluate --checkpoint=/tmp/digits --metrics=reading
+    # the digits model reading held-out real digits (greedy "it is seven."), writing
+    # text with drawings inline, and redrawing held-out digits as the next digit
+    python -m monoformer_jax.evaluate --checkpoint=/tmp/digits \
+        --metrics=reading,interleaved,editing
 
     # zero-shot commonsense reasoning from local task files
     python -m monoformer_jax.evaluate --checkpoint=/ckpt/mf256 --metrics=commonsense \
@@ -41,6 +43,7 @@ from monoformer_jax import cli, inference
 from monoformer_jax.checkpoints import beside, load_config, load_model
 from monoformer_jax.errors import ConfigError, PathError
 from monoformer_jax.eval import finite_json
+from monoformer_jax.eval.digits import DIGITS_MODEL_METRICS, model_metric_problem, model_metrics
 from monoformer_jax.eval.score import IMAGE_METRICS, METRICS, SAMPLE_METRICS, check_metrics, \
     score_images
 from monoformer_jax.model.build import param_shardings
@@ -125,8 +128,9 @@ def _check_flags(metrics):
     raise PathError(f"--samples={_SAMPLES.value!r} is not a file")
   if _SAMPLES.value and "commonsense" in metrics:
     raise ConfigError("--samples scores images; commonsense needs --checkpoint")
-  if "reading" in metrics and not _CHECKPOINT.value:
-    raise ConfigError("--metrics=reading scores a model reading digits: give --checkpoint")
+  for name in set(metrics) & set(DIGITS_MODEL_METRICS):
+    if not _CHECKPOINT.value:
+      raise ConfigError(f"--metrics={name} scores the digits model itself: give --checkpoint")
   integer("--batch_size", _BATCH_SIZE.value, low=1)
   integer("--text_batch", _TEXT_BATCH.value, low=1)
   integer("--max_len", _MAX_LEN.value, low=2)
@@ -183,11 +187,10 @@ def main(argv):
     config, step = load_config(_CHECKPOINT.value, _STEP.value)
     if _CONFIG.value is not None:
       config = _CONFIG.value
-    if "reading" in metrics and (not config.model.get("vision_encoder", "")
-                                 or config.data.name != "digits"):
-      raise ConfigError("--metrics=reading is the digits model reading digits; "
-                        f"{_CHECKPOINT.value} is a {config.data.name!r} model with "
-                        f"model.vision_encoder={config.model.get('vision_encoder', '')!r}")
+    for name in metrics:
+      problem = name in DIGITS_MODEL_METRICS and model_metric_problem(name, config)
+      if problem:
+        raise ConfigError(f"--metrics={name}: {problem} in {_CHECKPOINT.value}")
     num_samples = _NUM_SAMPLES.value
     if num_samples is None:
       num_samples = 50_000 if inception_metrics else 1000
@@ -225,9 +228,8 @@ def main(argv):
         results["commonsense"] = commonsense.evaluate_tasks(
             model, tokenizer, _tasks(), _TASKS_DIR.value, limit=_LIMIT.value,
             batch_size=_TEXT_BATCH.value, max_len=_MAX_LEN.value)
-      if "reading" in metrics:
-        from monoformer_jax.eval.digits import reading_accuracy
-        results["reading"] = reading_accuracy(model, tokenizer, config)
+      results.update(model_metrics(model, tokenizer, config, metrics, num_steps=num_steps,
+                                   cfg_scale=cfg_scale))
     results["checkpoint"] = dict(path=_CHECKPOINT.value, step=step, weights=_WEIGHTS.value)
   if writer:
     text = finite_json(results, indent=1)

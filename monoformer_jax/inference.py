@@ -10,7 +10,7 @@ a pixel model) and `to_pixels` makes [0, 1] images of them.
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -24,6 +24,8 @@ from monoformer_jax.diffusion.gaussian import SAMPLERS, GaussianDiffusion
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.diffusion.sample_images import sample_images
 from monoformer_jax.text.generate import generate
+from monoformer_jax.text.interleaved import TokenIds
+from monoformer_jax.text.interleaved import generate_interleaved as interleave
 from monoformer_jax.text.tokenizer import tokenizer_of  # noqa: F401 (for notebooks)
 from monoformer_jax.validate import check_image_sampling, check_prompts, check_text_sampling
 from monoformer_jax.vae import decode_latents, load_vae
@@ -101,6 +103,173 @@ def describe_images(model, tokenizer, images, prompt: str | Sequence[str] = "Des
                  temperature=temperature, top_k=top_k, top_p=top_p, spec=spec,
                  use_cache=use_cache)
   return [tokenizer.decode(t) for t in ids]
+
+
+class Answer(NamedTuple):
+  """An interleaved answer: `pieces` in order, each ("text", str) or ("image",
+  float32 [h, w, C] in [0, 1]); `stop` "stop" (eos) or "budget" (the row was full)."""
+  pieces: list
+  stop: str
+
+
+def generate_interleaved(model, tokenizer, prompts: Sequence[str], *, config,
+                         images: Sequence | None = None, vae=None, max_new_tokens: int = 256,
+                         num_steps: int = 20, sampler: str = "ddpm", eta: float = 0.0,
+                         cfg_scale: float | None = 1.5, guided_channels: int | None = None,
+                         temperature: float = 0.7, top_k: int = 50, top_p: float = 0.95,
+                         seed: int = 0, progress: Callable | None = None) -> list[Answer]:
+  """Text with images inline for each prompt: the model writes text and,
+  where it writes <|im_start|>, draws an image (text/interleaved.py).
+
+  `images`: None, or one image per prompt (a path, PIL image or array; None
+  for none) that the prompt reads first. `max_new_tokens` counts the columns
+  after the prompt, images included (an image takes P + 2 of them, one more
+  with add_before_image_tokens). Images come back as pixels in [0, 1].
+  """
+  prompts = check_prompts(prompts)
+  if None in prompts:
+    raise ConfigError("interleaved prompts must be strings (\"\" for none)")
+  check_text_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p)
+  check_image_sampling(num_steps=num_steps, cfg_scale=cfg_scale, eta=eta,
+                       num_timesteps=config.diffusion.num_timesteps)
+  if sampler not in SAMPLERS:
+    raise ConfigError(f"sampler={sampler!r}: choose one of {SAMPLERS}")
+  spec = row_spec(config, tokenizer)
+  rows = [prompt_format.text_prompt_ids(p, tokenizer) for p in prompts]
+  if images is not None:
+    if len(images) != len(prompts):
+      raise ConfigError(f"{len(images)} images for {len(prompts)} prompts; give one per "
+                        "prompt (None for a prompt that reads none)")
+    given = [i for i, x in enumerate(images) if x is not None]
+    read = read_inputs([images[i] for i in given], config, vae) if given else []
+    for i, x in zip(given, read):
+      rows[i] = prompt_format.read_prompt_example(prompts[i], x, tokenizer)
+  diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps, "linear",
+                                       respacing=str(num_steps))
+  outs = interleave(model, rows, ids=TokenIds.of(tokenizer), max_new_tokens=max_new_tokens,
+                    diffusion=diffusion, key=jax.random.PRNGKey(seed),
+                    temperature=temperature, top_k=top_k, top_p=top_p,
+                    cfg_scale=cfg_scale or None, guided_channels=guided_channels,
+                    sampler=sampler, eta=eta, spec=spec, max_positions=config.data.seq_len,
+                    progress=progress)
+  answers = []
+  for out in outs:
+    pixels = iter(to_pixels(np.stack(out.images), config, vae) if out.images else ())
+    answers.append(Answer(_pieces(out.ids, pixels, tokenizer), out.stop))
+  return answers
+
+
+def _pieces(ids: Sequence[int], images, tokenizer) -> list:
+  """("text", str) and ("image", array) pieces of new ids in the reference's
+  format (<|im_start|> <image> <|im_end|> per image; a stop token last)."""
+  t = tokenizer
+  ids = list(ids)
+  if ids and ids[-1] == t.eos_id:
+    ids = ids[:-1]
+  pieces, text = [], []
+  i = 0
+  while i < len(ids):
+    if ids[i:i + 3] == [t.im_start_id, t.image_id, t.im_end_id]:
+      if text:
+        pieces.append(("text", t.decode(text)))
+      pieces.append(("image", next(images)))
+      text, i = [], i + 3
+    else:
+      text.append(ids[i])
+      i += 1
+  if text:
+    pieces.append(("text", t.decode(text)))
+  return pieces
+
+
+def write_interleaved_page(answers: Sequence[Answer], prompts: Sequence[str], out_dir: str,
+                           *, name: str = "interleaved", scale: int = 8,
+                           labels: Sequence[Sequence[int]] | None = None) -> str:
+  """out_dir/{name}.html (each prompt, then its answer with the images inline),
+  the images as out_dir/{name}/{row}_{k}.png and out_dir/{name}.json (the
+  pieces in order: {"text": ...} or {"image": path}); `labels`, per answer
+  one per image, are shown under each image (e.g. a classifier's reading).
+  Returns the page's path."""
+  import html
+  import json
+  folder = os.path.join(out_dir, name)
+  os.makedirs(folder, exist_ok=True)
+  rows, body = [], []
+  for r, (answer, prompt) in enumerate(zip(answers, prompts)):
+    pieces, cells, k = [], [], 0
+    for kind, value in answer.pieces:
+      if kind == "text":
+        pieces.append({"text": value})
+        cells.append(f"<span>{html.escape(value)}</span>")
+        continue
+      path = f"{name}/{r}_{k}.png"
+      image_grid(value[None], rows=1, scale=scale, pad=0).save(os.path.join(out_dir, path))
+      label = "" if labels is None else f"<figcaption>{labels[r][k]}</figcaption>"
+      pieces.append({"image": path})
+      cells.append(f'<figure><img src="{path}" alt="image {k} of answer {r}">{label}</figure>')
+      k += 1
+    rows.append({"prompt": prompt, "stop": answer.stop, "pieces": pieces})
+    body.append(f"<div class=answer><b>{html.escape(prompt)}</b>{''.join(cells)}"
+                + ("" if answer.stop == "stop" else " <i>(out of tokens)</i>") + "</div>")
+  page = os.path.join(out_dir, f"{name}.html")
+  with open(page, "w") as f:
+    f.write("<!doctype html><meta charset=utf-8><title>interleaved samples</title><style>"
+            "body{font-family:sans-serif} .answer{margin:8px 0;display:flex;"
+            "align-items:center;gap:4px;flex-wrap:wrap} figure{margin:0;text-align:center}"
+            "img{image-rendering:pixelated;border:1px solid #ccc} figcaption{font-size:70%}"
+            "</style>\n" + "\n".join(body) + "\n")
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  return page
+
+
+def edit_images(model, tokenizer, images, instructions: str | Sequence[str], *, config,
+                vae=None, guidance: str | None = "both", cfg_scale=1.5, num_steps: int = 20,
+                sampler: str = "ddpm", eta: float = 0.0, guided_channels: int | None = None,
+                seed: int = 0, progress: Callable | None = None):
+  """x_0 [B, h, w, C] in the model's space: each image (path, PIL image or
+  array) READ and redrawn by its instruction (one string, or one per image).
+
+  `guidance` drops, for the guided rows, "both" (the null prompt), "text"
+  (the instruction: guides toward following it), "image" (the source), or
+  "two_scale": InstructPix2Pix's guidance, `cfg_scale` = (text scale, image
+  scale); None or a cfg_scale of 0 turns guidance off.
+  """
+  if isinstance(images, (str, os.PathLike)) or not len(images):
+    raise ConfigError("images must be a non-empty list (paths, PIL images or arrays)")
+  instructions = ([instructions] * len(images) if isinstance(instructions, str)
+                  else list(instructions))
+  if len(instructions) != len(images):
+    raise ConfigError(f"{len(instructions)} instructions for {len(images)} images; give one, "
+                      "or one per image")
+  if guidance == "two_scale":
+    if not isinstance(cfg_scale, (tuple, list)) or len(cfg_scale) != 2:
+      raise ConfigError(f"guidance='two_scale' takes cfg_scale=(text scale, image scale), "
+                        f"got {cfg_scale!r}")
+    for s in cfg_scale:
+      check_image_sampling(num_steps=num_steps, cfg_scale=s, eta=eta,
+                           num_timesteps=config.diffusion.num_timesteps)
+  else:
+    check_image_sampling(num_steps=num_steps, cfg_scale=cfg_scale, eta=eta,
+                         num_timesteps=config.diffusion.num_timesteps)
+    if not cfg_scale:
+      guidance = cfg_scale = None
+  if guidance is None:
+    cfg_scale = None
+  if sampler not in SAMPLERS:
+    raise ConfigError(f"sampler={sampler!r}: choose one of {SAMPLERS}")
+  if guidance not in (None,) + prompt_format.EDIT_GUIDANCE:
+    raise ConfigError(f"guidance={guidance!r}: choose None or one of "
+                      f"{prompt_format.EDIT_GUIDANCE}")
+  spec = row_spec(config, tokenizer)
+  rows = prompt_format.edit_rows(read_inputs(images, config, vae), instructions, tokenizer,
+                                 spec, guidance=guidance)
+  diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps, "linear",
+                                       respacing=str(num_steps))
+  return sample_images(model, rows, diffusion, jax.random.PRNGKey(seed), cfg_scale=cfg_scale,
+                       guided_channels=guided_channels, sampler=sampler, eta=eta,
+                       progress=progress)
 
 
 def _needs_a_vae(config) -> ConfigError:

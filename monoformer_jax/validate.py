@@ -106,6 +106,8 @@ def check_model(config):
   real("model.rope_theta", m.rope_theta, low=0, low_open=True)
   boolean("model.learn_sigma", m.learn_sigma)
   boolean("model.remat", m.remat)
+  integer("model.scan_unroll", m.get("scan_unroll", 1), low=1,
+          fix="1 scans the layers one at a time; model.num_layers unrolls them all")
   one_of("model.conditioning", m.conditioning, CONDITIONING_MODES)
   from monoformer_jax.data.packing import VISION_ENCODERS
   one_of("model.vision_encoder", m.get("vision_encoder", ""), VISION_ENCODERS)
@@ -227,7 +229,7 @@ def check_train_config(config, *, reads_data: bool = True):
 def check_evals(config):
   """The evaluators inside training (`config.evals`, eval/score.py)."""
   from monoformer_jax.data.datasets import class_names
-  from monoformer_jax.eval.score import IMAGE_METRICS, check_metrics
+  from monoformer_jax.eval.score import IMAGE_METRICS, MODEL_METRICS, check_metrics
 
   ev = config.evals
   every = integer("evals.every", ev.every, low=0, fix="0 turns the evaluators off")
@@ -237,11 +239,11 @@ def check_evals(config):
   if "commonsense" in metrics:
     _fail("evals.metrics", tuple(metrics), "may not name commonsense inside training",
           "run `python -m monoformer_jax.evaluate --metrics=commonsense` on a checkpoint")
-  if "reading" in metrics and (not config.model.get("vision_encoder", "")
-                               or config.data.name != "digits"):
-    _fail("evals.metrics", tuple(metrics), "names reading, the digits model reading digits, "
-          f"but data.name={config.data.name!r} and model.vision_encoder="
-          f"{config.model.get('vision_encoder', '')!r}", "leave reading out")
+  from monoformer_jax.eval.digits import model_metric_problem
+  for name in metrics:
+    problem = name != "commonsense" and name in MODEL_METRICS and model_metric_problem(name, config)
+    if problem:
+      _fail("evals.metrics", tuple(metrics), f"names {problem}", f"leave {name} out")
   if not class_names(config):
     _fail("evals.metrics", tuple(metrics), f"needs class-conditional samples, but "
           f"data.name={config.data.name!r} has no classes", "set evals.every=0")

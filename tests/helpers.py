@@ -30,3 +30,18 @@ def random_digits_checkpoint(path):
                                   for p, k in zip(leaves, keys)])
   save_model(path, config, params, ema=ema)
   return path
+
+
+def random_model(config, seed=0):
+  """A MonoFormer of `config` whose zero-initialised layers are made non-zero
+  (every parameter moved by N(0, 0.05)), so every input reaches the outputs."""
+  import jax
+  from flax import nnx
+  from monoformer_jax.model.monoformer import MonoFormer
+  model = MonoFormer(config.model, rngs=nnx.Rngs(seed))
+  state = nnx.state(model, nnx.Param)
+  leaves, tree = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  nnx.update(model, jax.tree.unflatten(
+      tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+  return model

@@ -20,7 +20,7 @@ from monoformer_jax.model.monoformer import MonoFormer
 from monoformer_jax.text.generate import generate
 from monoformer_jax.text.tokenizer import tokenizer_of
 from monoformer_jax.train.loss import loss_terms
-from helpers import digits_config
+from helpers import digits_config, random_model
 
 S, E, IM, I, PAD, BOS = 5, 6, 7, 9, 0, 1   # toy ids: <|im_start|>, <|im_end|>, ..., <image>
 P = 3
@@ -108,18 +108,6 @@ def _config(conditioning="adaln_before_decoder", bidirectional=False):
   return c
 
 
-def _model(config, seed=0):
-  """A random model whose zero-initialised layers are made non-zero, so every
-  input reaches the outputs."""
-  model = MonoFormer(config.model, rngs=nnx.Rngs(seed))
-  state = nnx.state(model, nnx.Param)
-  leaves, tree = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-  nnx.update(model, jax.tree.unflatten(
-      tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
-  return model
-
-
 def _batch(config, tok):
   digit = lambda v: np.full((8, 8, 1), v, np.float32)
   t = tok
@@ -140,7 +128,7 @@ def _logits(model, batch, t, read_images):
 def test_read_images_get_no_diffusion_loss_and_never_reach_earlier_tokens(conditioning):
   config = _config(conditioning)
   tok = tokenizer_of(config)
-  model = _model(config)
+  model = random_model(config)
   b = jax.tree.map(jnp.asarray, _batch(config, tok))
   t = jnp.full(b["latents"].shape[:2], 500, jnp.int32)
   noise = jax.random.normal(jax.random.PRNGKey(0), b["latents"].shape)
@@ -168,7 +156,7 @@ def test_read_images_get_no_diffusion_loss_and_never_reach_earlier_tokens(condit
 def test_read_image_mask_is_causal_or_one_block(bidirectional):
   config = _config(bidirectional=bidirectional)
   tok = tokenizer_of(config)
-  model = _model(config)
+  model = random_model(config)
   b = jax.tree.map(jnp.asarray, _batch(config, tok))
   t = jnp.zeros(b["latents"].shape[:2], jnp.int32)
   first = int(b["read_columns"][1, 0, 0])
@@ -185,7 +173,7 @@ def test_read_image_mask_is_causal_or_one_block(bidirectional):
 def test_text_about_read_images_cached_equals_recomputed(conditioning):
   config = _config(conditioning, bidirectional=conditioning != "adaln_before_decoder")
   tok = tokenizer_of(config)
-  model = _model(config, seed=2)
+  model = random_model(config, seed=2)
   digit = lambda v: np.full((8, 8, 1), v, np.float32)
   spec_ = row_spec(config, tok)
   two = Example(prompts.read_prefix_ids(tok) + [tok.im_start_id, tok.image_id, tok.im_end_id]
@@ -207,7 +195,7 @@ def test_an_image_after_two_read_images_samples_the_same_cached_or_not(condition
   from monoformer_jax.diffusion.sample_images import sample_images
   config = _config(conditioning)
   tok = tokenizer_of(config)
-  model = _model(config, seed=4)
+  model = random_model(config, seed=4)
   digit = lambda v: np.full((8, 8, 1), v, np.float32)
   read_two = (prompts.read_prefix_ids(tok) + [tok.im_start_id, tok.image_id, tok.im_end_id]
               + tok.encode("\nthe next one:") + [tok.im_start_id])
@@ -277,7 +265,7 @@ def test_describe_images_bad_inputs_name_the_fix(tmp_path):
   from monoformer_jax import inference
   config = _config()
   tok = tokenizer_of(config)
-  model = _model(config)
+  model = random_model(config)
   bad = tmp_path / "not_an_image.png"
   bad.write_text("hello")
   with pytest.raises(FileFormatError, match="not_an_image.png.*not a readable image"):

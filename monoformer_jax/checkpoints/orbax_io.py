@@ -44,7 +44,7 @@ from monoformer_jax.validate import new_folder_beside
 
 WEIGHTS = ("ema", "raw")
 # Model fields that say how to compute, not what the weights are.
-_COMPUTE_FIELDS = ("dtype", "attention_impl", "remat")
+_COMPUTE_FIELDS = ("dtype", "attention_impl", "remat", "scan_unroll")
 
 
 def _manager(directory: str, *, create: bool = False, keep: int | None = None,

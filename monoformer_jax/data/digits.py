@@ -13,6 +13,17 @@ a real digit as a read image, the question "which digit is this?" and the
 answer "it is seven." (cross-entropy on the answer). Every tenth prepared
 digit is held out of them, for `eval/digits.reading_accuracy`.
 
+Two more kinds teach what the reference cannot do (a share each,
+`data.interleaved_fraction` and `data.edit_fraction`):
+  * interleaved: text that names one to three digits, each followed by a
+    drawing of it, "here is a seven: <image>. and a two: <image>." (cross-
+    entropy on the text, so the model learns to write `<|im_start|>` after a
+    name; the diffusion loss on the drawings);
+  * editing (with a vision encoder): a real digit READ, the instruction
+    "the next digit:", and a drawing of the next digit (3 -> 4, 9 -> 0). For
+    guidance the instruction and the read digit are each dropped with
+    probability `data.cfg_drop_prob`. The held-out digits are never sources.
+
 The images are prepared once into array_record by their TFDS builder
 (data/builders.py `digits_dir`) and read back through the same Grain pipeline
 as ImageNet (data/pipeline.py): example i of the stream is a pure function of
@@ -41,10 +52,13 @@ NUMBER_WORDS = CLASS_NAMES + ("ten", "eleven", "twelve", "thirteen", "fourteen",
                               "twenty")
 
 READ_PROMPT = "which digit is this?"
+EDIT_PROMPT = "the next digit:"
+INTERLEAVED_PROMPT = "here is a"   # what the interleaved examples start with
 HELD_OUT_EVERY = 10   # prepared digit i is held out of the reading examples iff i % 10 == 0
 
-__all__ = ["CLASS_NAMES", "NUMBER_WORDS", "READ_PROMPT", "load_digit_images", "number_sentence",
-           "digits_example_stream", "reading_answer", "answer_label", "reading_split"]
+__all__ = ["CLASS_NAMES", "NUMBER_WORDS", "READ_PROMPT", "EDIT_PROMPT", "INTERLEAVED_PROMPT",
+           "load_digit_images", "number_sentence", "digits_example_stream", "reading_answer",
+           "answer_label", "reading_split", "interleaved_texts", "named_digits", "next_digit"]
 
 
 def reading_answer(label: int) -> str:
@@ -57,6 +71,29 @@ def answer_label(text: str) -> int:
   words = text.strip().rstrip(".").split()
   return CLASS_NAMES.index(words[2]) if (len(words) == 3 and words[:2] == ["it", "is"]
                                          and words[2] in CLASS_NAMES) else -1
+
+
+def next_digit(label: int) -> int:
+  """What an edit draws from a digit of class `label`: the next one, 9 -> 0."""
+  return (int(label) + 1) % 10
+
+
+def interleaved_texts(labels) -> list[str]:
+  """The texts around drawings of `labels`: "here is a seven: ", ". and a two: ", "."."""
+  names = [CLASS_NAMES[int(k)] for k in labels]
+  return ([f"{INTERLEAVED_PROMPT} {names[0]}: "] + [f". and a {n}: " for n in names[1:]]
+          + ["."])
+
+
+def named_digits(texts: list[str]) -> list[int]:
+  """The digit each image is said to be: the last digit name in the text
+  before it (texts[k] precedes image k), -1 where the text names none."""
+  out = []
+  for text in texts:
+    words = [w.strip(".,:;!?") for w in text.split()]
+    named = [CLASS_NAMES.index(w) for w in words if w in CLASS_NAMES]
+    out.append(named[-1] if named else -1)
+  return out
 
 
 class _Subset:
@@ -148,10 +185,19 @@ def digits_example_stream(config, tokenizer, seed: int,
   text_fraction = real("data.text_fraction", config.data.text_fraction, low=0, high=1)
   drop_prob = real("data.cfg_drop_prob", config.data.cfg_drop_prob, low=0, high=1)
   reads = bool(m.get("vision_encoder", ""))
-  read_fraction = real("data.read_fraction", config.data.get("read_fraction", 0.0), low=0,
-                       high=1 - text_fraction) if reads else 0.0
-  image_seed, text_seed, mix_seed, read_seed = (
-      int(s) for s in np.random.SeedSequence(seed).generate_state(4))
+  read_fraction, edit_fraction = (
+      real(f"data.{name}", config.data.get(name, 0.0), low=0, high=1) if reads else 0.0
+      for name in ("read_fraction", "edit_fraction"))
+  interleaved_fraction = real("data.interleaved_fraction",
+                              config.data.get("interleaved_fraction", 0.0), low=0, high=1)
+  image_fraction = 1.0 - text_fraction - read_fraction - edit_fraction - interleaved_fraction
+  if image_fraction < 0:
+    raise ConfigError(
+        f"data.text_fraction={text_fraction} + read_fraction={read_fraction} + "
+        f"edit_fraction={edit_fraction} + interleaved_fraction={interleaved_fraction} "
+        "exceed 1; lower them (what is left is the share of image examples)")
+  image_seed, text_seed, mix_seed, read_seed, interleaved_seed, edit_seed = (
+      int(s) for s in np.random.SeedSequence(seed).generate_state(6))
 
   def image_example(record, rng: np.random.Generator) -> Example:
     prompt = prompts.training_prompt(CLASS_NAMES[int(record["label"])], rng, drop_prob)
@@ -167,9 +213,39 @@ def digits_example_stream(config, tokenizer, seed: int,
 
   images = pipeline.record_stream(records, image_example, image_seed)
   texts = pipeline.generated_stream(text_example, text_seed)
-  if not read_fraction:
-    return pipeline.mix([texts, images], [text_fraction, 1.0 - text_fraction], mix_seed)
-  readings = pipeline.record_stream(reading_split(records)[0], reading_example, read_seed)
-  return pipeline.mix([texts, images, readings],
-                      [text_fraction, 1.0 - text_fraction - read_fraction, read_fraction],
-                      mix_seed)
+  streams = [(texts, text_fraction), (images, image_fraction)]
+  if read_fraction:
+    readings = pipeline.record_stream(reading_split(records)[0], reading_example, read_seed)
+    streams.append((readings, read_fraction))
+  if interleaved_fraction or edit_fraction:
+    by_class = _records_by_class(reading_split(records)[0])
+  if interleaved_fraction:
+    def interleaved_example(rng: np.random.Generator) -> Example:
+      labels = rng.integers(0, 10, size=int(rng.integers(1, 4)))
+      drawings = [_a_digit(by_class, k, rng) for k in labels]
+      return prompts.interleaved_example(interleaved_texts(labels), drawings, tokenizer)
+    streams.append((pipeline.generated_stream(interleaved_example, interleaved_seed),
+                    interleaved_fraction))
+  if edit_fraction:
+    def edit_example(record, rng: np.random.Generator) -> Example:
+      target = _a_digit(by_class, next_digit(int(record["label"])), rng)
+      keep_text, keep_image = rng.random(2) >= drop_prob
+      return prompts.edit_example(EDIT_PROMPT if keep_text else None,
+                                  np.asarray(record["image"], np.float32) if keep_image
+                                  else None, target, tokenizer)
+    streams.append((pipeline.record_stream(reading_split(records)[0], edit_example, edit_seed),
+                    edit_fraction))
+  return pipeline.mix([x for x, _ in streams], [w for _, w in streams], mix_seed)
+
+
+def _records_by_class(records) -> list[list]:
+  """The images [8, 8, 1] of `records`, per class."""
+  out = [[] for _ in CLASS_NAMES]
+  for i in range(len(records)):
+    out[int(records[i]["label"])].append(np.asarray(records[i]["image"], np.float32))
+  return out
+
+
+def _a_digit(by_class, label: int, rng: np.random.Generator) -> np.ndarray:
+  images = by_class[int(label)]
+  return images[int(rng.integers(len(images)))]

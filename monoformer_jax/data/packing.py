@@ -46,7 +46,7 @@ the layout.
 example, tokens[l + 1] is a text token (never an image slot or a timestep
 token) and the example's `text_mask` (one bool per id, None: all True) is True
 at that target token. An example trains text iff its `train_text` is set and
-it generates no image or `text_on_image_examples` is on: off reproduces the
+it generates no image, is `interleaved`, or `text_on_image_examples` is on: off reproduces the
 reference (CE on examples without a generated image, so on the answers about
 read images too); on adds the Transfusion-style CE on prompts and captions. The mask picks targets within an example, e.g. only the assistant's
 answers of a chat (data/chat.py); a placeholder's entry is False.
@@ -118,12 +118,16 @@ class Example:
   a cross-entropy target (False on placeholders); None: every text token.
   `read`: None (every image generated), or one bool per image: True where the
   image is READ (clean, the vision encoder's input shape, no diffusion loss).
+  `interleaved`: its text trains cross-entropy although it generates images
+  (text and images written together: the model learns where to draw),
+  whatever `text_on_image_examples` says.
   """
   ids: Sequence[int]
   images: Sequence[np.ndarray] = ()
   train_text: bool = True
   text_mask: Sequence[bool] | None = None
   read: Sequence[bool] | None = None
+  interleaved: bool = False
 
   def read_flags(self) -> list[bool]:
     return [False] * len(self.images) if self.read is None else [bool(r) for r in self.read]
@@ -316,7 +320,7 @@ def _validate_and_split(example: Example, spec: RowSpec, index: int) -> list[Exa
         + (f" + {n_read} read image(s) of {_image_tokens(True, spec)}" if n_read else "")
         + f") but data.seq_len is {spec.seq_len}; raise --config.data.seq_len to at "
         f"least {need}")
-  return [Example(ids, images, example.train_text, mask, read)]
+  return [Example(ids, images, example.train_text, mask, read, example.interleaved)]
 
 
 def _checked_read(example: Example, index: int) -> list[bool]:
@@ -406,7 +410,8 @@ class _Rows:
     self.image_ids[r, start:end] = image_ids_L
     self.positions[r, start:end] = np.arange(n)
     self.targets[r, start:end - 1] = tokens_L[1:]
-    trains = example.train_text and (not generated.any() or spec.text_on_image_examples)
+    trains = example.train_text and (not generated.any() or spec.text_on_image_examples
+                                      or example.interleaved)
     if trains:
       target_L = ~is_image_L
       if example.text_mask is not None:

@@ -8,6 +8,18 @@ Every dataset with images and every sampler uses this one format:
     text to complete           <s> text                  then the new tokens
     image to read              <s> <|im_start|> <image> <|im_end|> \n prompt   then the answer
     reading example (training) <s> <|im_start|> <image> <|im_end|> \n prompt answer </s>
+    interleaved (training)     <s> text <|im_start|> <image> <|im_end|> text ... </s>
+    edit (training)            <s> <|im_start|> <image:read> <|im_end|> \n instruction
+                                   <|im_start|> <image> <|im_end|> \n </s>
+    edit to generate           <s> <|im_start|> <image:read> <|im_end|> \n instruction
+                                   <|im_start|>   then the image's P slots
+
+An interleaved example trains cross-entropy on its text (`Example.interleaved`),
+so the model learns to write `<|im_start|>` where an image belongs; the
+sampler (text/interleaved.py) then draws it and writes `<|im_end|>` itself, so
+`<|im_end|>` is never a target. An edit reads its source image and draws the
+result; for guidance the instruction, the source image or both are dropped
+(InstructPix2Pix), the last being the null prompt of every image.
 
 `<image>` is ONE placeholder that packing (packing.py) expands into the
 image's P slots (a read image's Q slots). Reading follows the reference's
@@ -113,3 +125,66 @@ def reading_example(prompt: str, answer: str, image: np.ndarray, tokenizer) -> E
   reply = tokenizer.encode(answer) + [tokenizer.eos_id]
   return Example(question + reply, [image], train_text=True,
                  text_mask=[False] * len(question) + [True] * len(reply), read=[True])
+
+
+def interleaved_example(texts: Sequence[str], images: Sequence[np.ndarray], tokenizer) -> Example:
+  """<s> texts[0] <|im_start|> <image> <|im_end|> texts[1] ... texts[-1] </s>, one
+  more text than images; cross-entropy on the text and on each <|im_start|>."""
+  t = tokenizer
+  if len(texts) != len(images) + 1:
+    raise ValueError(f"{len(texts)} texts around {len(images)} images; give one text "
+                     "before each image and one after the last")
+  ids = [t.bos_id] + t.encode(texts[0])
+  for text in texts[1:]:
+    ids += [t.im_start_id, t.image_id, t.im_end_id] + t.encode(text)
+  ids.append(t.eos_id)
+  mask = [i not in (t.image_id, t.im_end_id) for i in ids]
+  return Example(ids, list(images), train_text=True, text_mask=mask, interleaved=True)
+
+
+EDIT_GUIDANCE = ("both", "text", "image", "two_scale")
+
+
+def edit_prefix(instruction: str | None, source: np.ndarray | None, tokenizer) -> Example:
+  """What an edited image sees: the source image read, the instruction, then
+  <|im_start|>; None drops either (both None: the null prompt)."""
+  t = tokenizer
+  if source is None:
+    return Example(image_prefix_ids(instruction, t), (), train_text=False)
+  ids = read_prefix_ids(t) + t.encode("\n" + (instruction or "")) + [t.im_start_id]
+  return Example(ids, [source], train_text=False, read=[True])
+
+
+def edit_example(instruction: str | None, source: np.ndarray | None, target: np.ndarray,
+                 tokenizer) -> Example:
+  """A training edit: `target` drawn after `edit_prefix` (either part may be
+  dropped, None, for guidance)."""
+  t = tokenizer
+  prefix = edit_prefix(instruction, source, t)
+  ids = list(prefix.ids) + [t.image_id, t.im_end_id] + t.encode("\n") + [t.eos_id]
+  read = [True] * len(prefix.images) + [False]
+  return Example(ids, list(prefix.images) + [target], train_text=True, read=read)
+
+
+def edit_rows(sources: Sequence[np.ndarray], instructions: Sequence[str], tokenizer, spec, *,
+              guidance: str | None = "both") -> PromptRows:
+  """Rows that draw one edit of each source image by its instruction.
+
+  `guidance` says which condition the guided rows drop, group after group:
+  None: no guidance (B rows); "both": [full; null]; "text": [full; image
+  only]; "image": [full; instruction only]; "two_scale": [full; image only;
+  null], InstructPix2Pix's (text scale, image scale) guidance.
+  """
+  if guidance is not None and guidance not in EDIT_GUIDANCE:
+    raise ValueError(f"guidance={guidance!r}: choose None or one of {EDIT_GUIDANCE}")
+  if len(sources) != len(instructions):
+    raise ValueError(f"{len(sources)} source images for {len(instructions)} instructions")
+  drops = {None: [], "both": [(None, None)], "text": [(None, "src")],
+           "image": [("text", None)], "two_scale": [(None, "src"), (None, None)]}[guidance]
+  prompts = [edit_prefix(i, x, tokenizer) for x, i in zip(sources, instructions)]
+  for text, image in drops:
+    prompts += [edit_prefix(i if text else None, x if image else None, tokenizer)
+                for x, i in zip(sources, instructions)]
+  return prompt_rows([p if p.images else list(p.ids) for p in prompts], pad_id=tokenizer.pad_id,
+                     new_tokens=spec.tokens_per_image, new_token_id=tokenizer.image_id,
+                     image=True, cond_token=spec.cond_token, spec=spec)

@@ -253,32 +253,58 @@ def apply_cfg(out_cond, out_uncond, scale, guided_channels: int | None = None):
   channels 0..2 (the reference, a DiT legacy) and leaves the rest of the
   conditional output raw.
   """
-  if out_cond.shape != out_uncond.shape or out_cond.shape[-1] % 2:
-    raise ValueError(f"out_cond {out_cond.shape} and out_uncond {out_uncond.shape} must be "
-                     "equal shapes [B, ..., 2C] (channels last)")
-  c = out_cond.shape[-1] // 2
+  return apply_guidance([out_cond, out_uncond], [scale], guided_channels)
+
+
+def apply_guidance(outs, scales, guided_channels: int | None = None):
+  """Guidance over a chain of conditions, each dropping more than the one before.
+
+  `outs` [G] model outputs [B, ..., 2C]: outs[0] fully conditioned, outs[G-1]
+  the least (e.g. [text and image, image only, nothing]); `scales` [G - 1].
+  The eps channels become
+      outs[G-1] + sum_g scales[g] * (outs[g] - outs[g + 1]),
+  the variance channels stay outs[0]'s. G = 2 is classifier-free guidance;
+  G = 3 with (text scale, image scale) is InstructPix2Pix's two-scale
+  guidance. All scales 1 give outs[0]. `guided_channels` as in `apply_cfg`.
+  """
+  if len(outs) < 2 or len(scales) != len(outs) - 1:
+    raise ValueError(f"guidance needs G >= 2 outputs and G - 1 scales, got {len(outs)} "
+                     f"outputs and {len(scales)} scales")
+  shape = outs[0].shape
+  if any(o.shape != shape for o in outs) or shape[-1] % 2:
+    raise ValueError(f"guided outputs {[o.shape for o in outs]} must be equal shapes "
+                     "[B, ..., 2C] (channels last)")
+  c = shape[-1] // 2
   g = c if guided_channels is None else guided_channels
   if not 0 <= g <= c:
     raise ValueError(f"guided_channels={guided_channels} must be in 0..{c} (the eps channels)")
-  guided = out_uncond[..., :g] + scale * (out_cond[..., :g] - out_uncond[..., :g])
-  return jnp.concatenate([guided, out_cond[..., g:]], axis=-1)
+  eps = [o[..., :g] for o in outs]
+  guided = eps[-1]
+  for k, scale in enumerate(scales):
+    guided = guided + scale * (eps[k] - eps[k + 1])
+  return jnp.concatenate([guided, outs[0][..., g:]], axis=-1)
 
 
 SAMPLERS = ("ddpm", "ddim")
 
 
 def sample_step(denoise_fn: Callable, x_t, i, key, diffusion: GaussianDiffusion, *,
-                sampler: str = "ddpm", eta: float = 0.0):
+                sampler: str = "ddpm", eta: float = 0.0, row_keys: bool = False):
   """Step i of a sampling loop (0 = the first, noisiest): x_{t-1} from x_t at
   index t = T' - 1 - i of `diffusion`'s (respaced) steps, with the noise of
-  fold_in(key, i). `denoise_fn(x_t, t_model) -> model_output [B, ..., 2C]`
-  gets the ORIGINAL timesteps (timestep_map of the index), int32 [B]; `i` may
-  be traced."""
+  fold_in(key, i) (with `row_keys`, `key` holds one key per row [B] and row b's
+  noise is fold_in(key[b], i)'s, whatever else shares the batch).
+  `denoise_fn(x_t, t_model) -> model_output [B, ..., 2C]` gets the ORIGINAL
+  timesteps (timestep_map of the index), int32 [B]; `i` may be traced."""
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler={sampler!r}: choose one of {SAMPLERS}")
   t = jnp.full((x_t.shape[0],), diffusion.num_timesteps - 1 - i, jnp.int32)
   out = denoise_fn(x_t, diffusion.model_timesteps(t))
-  noise = jax.random.normal(jax.random.fold_in(key, i), x_t.shape, x_t.dtype)
+  if row_keys:
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x_t.shape[1:],
+                                                 x_t.dtype))(key)
+  else:
+    noise = jax.random.normal(jax.random.fold_in(key, i), x_t.shape, x_t.dtype)
   if sampler == "ddpm":
     return diffusion.p_sample(out, x_t, t, noise)["sample"]
   return diffusion.ddim_sample(out, x_t, t, noise, eta)["sample"]

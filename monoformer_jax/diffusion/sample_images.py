@@ -3,7 +3,10 @@
 Rows hold one example each with one image slot to generate. With guidance
 (`cfg_scale` set) the batch is doubled as in the reference: rows [0, B) are the
 conditional prompts and rows [B, 2B) the null prompts, both halves run on the
-same noise and `apply_cfg` combines their outputs into B images.
+same noise and `apply_cfg` combines their outputs into B images. A tuple of
+scales guides over G = len + 1 groups of B rows, each dropping more of the
+prompt than the one before (`apply_guidance`; e.g. editing's [instruction and
+image, image only, nothing] with (text scale, image scale), InstructPix2Pix).
 
 The prompt cache: prompt tokens never attend to image tokens, so their keys
 and values are the same at every denoising step. With `use_cache` the model
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from monoformer_jax.data.packing import PromptLayout, PromptRows, Row, check_one_image_per_row
-from monoformer_jax.diffusion.gaussian import apply_cfg, sample_step
+from monoformer_jax.diffusion.gaussian import apply_guidance, sample_step
 from monoformer_jax.model.build import compiled
 
 
@@ -34,10 +37,21 @@ class _Settings(NamedTuple):
   """What the compiled steps are specialised on (hashable: a static argument)."""
   diffusion: Any
   layout: PromptLayout | None   # None: no cache, recompute the whole row
-  guided: bool
+  groups: int                   # G: 1 unguided, 2 classifier-free guidance, ...
   guided_channels: int | None
   sampler: str
   eta: float
+
+
+def guidance_scales(cfg_scale) -> tuple[float, ...]:
+  """The scales of `cfg_scale` (None: none; a number: one; a sequence: a chain)."""
+  if cfg_scale is None:
+    return ()
+  scales = tuple(float(s) for s in (cfg_scale if isinstance(cfg_scale, (tuple, list))
+                                    else (cfg_scale,)))
+  if not scales:
+    raise ValueError("cfg_scale=() guides nothing; pass None for no guidance")
+  return scales
 
 
 def sample_images(model, rows: PromptRows | Row, diffusion, key, *, cfg_scale=None,
@@ -47,13 +61,14 @@ def sample_images(model, rows: PromptRows | Row, diffusion, key, *, cfg_scale=No
 
   `diffusion` is the (respaced) GaussianDiffusion whose steps are run;
   `sampler` 'ddpm' (learned variance, the reference) or 'ddim' with `eta`;
-  `cfg_scale` turns on guidance over the doubled batch (see the module
-  docstring), `guided_channels=3` guides only epsilon channels 0-2 as the
-  reference does. The same `key` gives the same images; `progress(step)` is
+  `cfg_scale` turns on guidance over the doubled batch, a tuple of G - 1
+  scales over G groups of rows (see the module docstring); `guided_channels=3`
+  guides only epsilon channels 0-2 as the reference does. The same `key` gives the same images; `progress(step)` is
   called after each denoising step has finished. Calls with the same shapes
   and settings reuse the compiled programs.
   """
-  guided = cfg_scale is not None
+  scales = guidance_scales(cfg_scale)
+  groups = len(scales) + 1
   if use_cache and not isinstance(rows, PromptRows):
     raise ValueError("the prompt cache needs rows from data.prompt_rows (prompts "
                      "left-padded, then the image slots; data.prompts.image_rows builds "
@@ -68,17 +83,19 @@ def sample_images(model, rows: PromptRows | Row, diffusion, key, *, cfg_scale=No
                      f"build them with cond_token={model.cond_token} "
                      "(data.prompts.image_rows(..., cond_token=model.cond_token))")
   n_rows = row.tokens.shape[0]
-  if guided and n_rows % 2:
-    raise ValueError(f"guidance needs a doubled batch (B conditional rows, then B null "
-                     f"rows) but got {n_rows} rows")
-  settings = _Settings(diffusion, rows.layout if use_cache else None, guided,
+  if n_rows % groups:
+    raise ValueError(f"guidance with {len(scales)} scale(s) needs {groups} groups of B rows"
+                     + (" (a doubled batch: B conditional rows, then B null rows)"
+                        if groups == 2 else " (the conditional rows, then each weaker "
+                        "condition's)") + f" but got {n_rows} rows")
+  settings = _Settings(diffusion, rows.layout if use_cache else None, groups,
                        guided_channels, sampler, float(eta))
   read = getattr(rows, "read_images", None)   # the images the prompts read, if any
   read = None if read is None else jnp.asarray(read)
   row = Row(*(None if x is None else jnp.asarray(x) for x in row))
-  scale = jnp.float32(1.0 if cfg_scale is None else cfg_scale)
+  scale = jnp.asarray(scales, jnp.float32)
   cfg = model.cfg
-  n = n_rows // (2 if guided else 1)
+  n = n_rows // groups
   key_init, key_loop = jax.random.split(key)
   x_t = jax.random.normal(key_init, (n, cfg.image_size, cfg.image_size, cfg.in_channels),
                           jnp.float32)
@@ -104,23 +121,30 @@ def _prefill(model, settings: _Settings, row: Row, read_images=None):
 
 
 @compiled
-def _step(model, settings: _Settings, row: Row, cache, x_t, i, key, cfg_scale,
+def _step(model, settings: _Settings, row: Row, cache, x_t, i, key, scales,
           read_images=None):
   """x_{t-1} of step i: the model's output at x_t (guided), then the sampler's update."""
-  layout, guided = settings.layout, settings.guided
+  layout = settings.layout
+  if layout is not None:
+    run = lambda x, t: model.extend_image(x, t, layout.new(row.positions), row.segment_ids,
+                                          row.image_ids, cache, layout.new_column(0))[0]
+  else:
+    run = lambda x, t: model(row, x[:, None], t[:, None], read_images)[1][:, 0]
+  return guided_step(run, settings, x_t, i, key, scales)
+
+
+def guided_step(run, settings, x_t, i, key, scales, row_keys: bool = False):
+  """x_{t-1} of step i for B images x_t from `run(x [G*B], t [G*B]) -> outputs`
+  over the G groups of rows (`settings.groups`), combined by `apply_guidance`."""
+  groups = settings.groups
 
   def denoise(x_t, t_model):
-    if guided:
-      x_t, t_model = jnp.concatenate([x_t, x_t]), jnp.concatenate([t_model, t_model])
-    if layout is not None:
-      out, _ = model.extend_image(x_t, t_model, layout.new(row.positions), row.segment_ids,
-                                  row.image_ids, cache, layout.new_column(0))
-    else:
-      out = model(row, x_t[:, None], t_model[:, None], read_images)[1][:, 0]
-    if guided:
-      half = out.shape[0] // 2
-      out = apply_cfg(out[:half], out[half:], cfg_scale, settings.guided_channels)
-    return out
+    out = run(jnp.concatenate([x_t] * groups), jnp.concatenate([t_model] * groups))
+    if groups == 1:
+      return out
+    outs = jnp.split(out, groups)
+    return apply_guidance(outs, [scales[g] for g in range(groups - 1)],
+                          settings.guided_channels)
 
   return sample_step(denoise, x_t, i, key, settings.diffusion, sampler=settings.sampler,
-                     eta=settings.eta)
+                     eta=settings.eta, row_keys=row_keys)

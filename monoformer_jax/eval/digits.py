@@ -111,3 +111,112 @@ def reading_accuracy(model, tokenizer, config, *, max_new_tokens: int = 16) -> d
                for k in range(10)]
   return dict(reading_accuracy=float(right_B.mean()), reading_per_digit=per_digit,
               reading_unparsed=float((said_B < 0).mean()), reading_count=int(len(labels_B)))
+
+
+def interleaved_accuracy(model, tokenizer, config, *, num_prompts: int = 40,
+                         num_steps: int = 50, cfg_scale: float | None = 2.0,
+                         max_new_tokens: int = 320, temperature: float = 1.0,
+                         seed: int = 0) -> tuple[dict, list, list]:
+  """Interleaved answers to the prompt "here is a" (data/digits.py), sampled
+  at `temperature` so the rows name different digits: the share of their
+  images that the classifier labels with the digit named in the text just
+  before each one. Returns (metrics, the answers, the classifier's labels of
+  each answer's images)."""
+  from monoformer_jax.data import digits as digits_data
+  from monoformer_jax.inference import generate_interleaved
+
+  answers = generate_interleaved(
+      model, tokenizer, [digits_data.INTERLEAVED_PROMPT] * num_prompts, config=config,
+      max_new_tokens=max_new_tokens, num_steps=num_steps, cfg_scale=cfg_scale,
+      temperature=temperature, top_k=0, top_p=1.0, seed=seed)
+  named, drawn, labels = [], [], []
+  for answer in answers:
+    texts, images, text = [], [], digits_data.INTERLEAVED_PROMPT
+    for kind, value in answer.pieces:
+      if kind == "text":
+        text += value
+      else:
+        texts.append(text)
+        images.append(value)
+        text = ""
+    said = digits_data.named_digits(texts)
+    got = (digit_classifier().predict(np.stack(images).reshape(len(images), -1)).tolist()
+           if images else [])
+    named += said
+    drawn += got
+    labels.append(got)
+  named, drawn = np.asarray(named, int), np.asarray(drawn, int)
+  counted = named >= 0
+  metrics = dict(
+      interleaved_accuracy=float((named[counted] == drawn[counted]).mean()) if counted.any()
+      else float("nan"),
+      interleaved_images=int(len(named)),
+      interleaved_unnamed=int((~counted).sum()),
+      interleaved_answers_without_image=int(sum(not x for x in labels)),
+      interleaved_out_of_tokens=int(sum(a.stop != "stop" for a in answers)))
+  return metrics, answers, labels
+
+
+def editing_accuracy(model, tokenizer, config, *, num_steps: int = 50,
+                     cfg_scale: float | None = 2.0, guidance: str | None = "both",
+                     seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+  """Each held-out real digit (data/digits.reading_split) READ and redrawn
+  by "the next digit:": the share of the drawings the classifier labels with
+  the next digit (3 -> 4, 9 -> 0). Returns (metrics, the sources [N, 8, 8, 1]
+  and the drawings, both in [0, 1], the sources' labels [N])."""
+  from monoformer_jax.data import digits as digits_data
+  from monoformer_jax.data import prompts
+  from monoformer_jax.data.images import to_unit_range
+  from monoformer_jax.data.packing import row_spec
+  from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+  from monoformer_jax.diffusion.sample_images import sample_images
+  import jax
+
+  _, held = digits_data.reading_split(digits_data.digit_records(config))
+  records = [held[i] for i in range(len(held))]
+  sources = np.stack([np.asarray(r["image"], np.float32) for r in records])
+  labels_B = np.array([int(r["label"]) for r in records])
+  want_B = np.array([digits_data.next_digit(k) for k in labels_B])
+  if not cfg_scale:
+    guidance = cfg_scale = None
+  rows = prompts.edit_rows(list(sources), [digits_data.EDIT_PROMPT] * len(records), tokenizer,
+                           row_spec(config, tokenizer), guidance=guidance)
+  diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps, "linear",
+                                       respacing=str(num_steps))
+  x0 = sample_images(model, rows, diffusion, jax.random.PRNGKey(seed), cfg_scale=cfg_scale)
+  drawn = to_unit_range(np.asarray(x0))
+  accuracy, per_digit = prompted_accuracy(drawn, want_B)
+  metrics = dict(editing_accuracy=accuracy, editing_per_digit=per_digit.tolist(),
+                 editing_count=int(len(want_B)), editing_guidance=str(guidance))
+  return metrics, to_unit_range(sources), drawn, labels_B
+
+
+DIGITS_MODEL_METRICS = ("reading", "interleaved", "editing")   # of the digits model itself
+
+
+def model_metric_problem(name: str, config) -> str | None:
+  """Why the digits model metric `name` cannot score a model of `config`
+  (None: it can)."""
+  encoder = config.model.get("vision_encoder", "")
+  if config.data.name != "digits":
+    return f"{name} scores the digits model, but data.name={config.data.name!r}"
+  if name in ("reading", "editing") and not encoder:
+    return (f"{name} needs a model that reads images, but model.vision_encoder="
+            f"{encoder!r}")
+  return None
+
+
+def model_metrics(model, tokenizer, config, names, *, num_steps: int = 50,
+                  cfg_scale: float | None = 2.0) -> dict:
+  """{name: metrics} of the digits model metrics among `names` (without the
+  answers and images they draw)."""
+  out = {}
+  if "reading" in names:
+    out["reading"] = reading_accuracy(model, tokenizer, config)
+  if "interleaved" in names:
+    out["interleaved"] = interleaved_accuracy(model, tokenizer, config, num_steps=num_steps,
+                                              cfg_scale=cfg_scale, seed=config.seed)[0]
+  if "editing" in names:
+    out["editing"] = editing_accuracy(model, tokenizer, config, num_steps=num_steps,
+                                      cfg_scale=cfg_scale, seed=config.seed)[0]
+  return out

@@ -14,6 +14,11 @@ both call.
     reading                           the digits model READING held-out real digits: the
                                       share it names right by greedy text
                                       (eval/digits.reading_accuracy); needs the model
+    interleaved                       the digits model writing text with images inline: the
+                                      share of its drawings labelled with the digit its text
+                                      names just before (eval/digits.interleaved_accuracy)
+    editing                           the digits model redrawing held-out real digits as
+                                      "the next digit:" (eval/digits.editing_accuracy)
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import numpy as np
 from absl import logging
 
 from monoformer_jax.errors import ConfigError, FileFormatError
+from monoformer_jax.eval.digits import DIGITS_MODEL_METRICS
 from monoformer_jax.eval.fid import METRICS as IMAGE_METRICS
 SAMPLE_METRICS = IMAGE_METRICS + ("digits",)    # computed from samples
-MODEL_METRICS = ("commonsense", "reading")       # computed from the model itself
+MODEL_METRICS = ("commonsense",) + DIGITS_MODEL_METRICS   # computed from the model itself
 METRICS = SAMPLE_METRICS + MODEL_METRICS
 
 
@@ -153,11 +159,11 @@ class TrainingEvals:
                               cfg_scale=ev.cfg_scale, seed=config.seed, vae=self.vae)
       results = score_images(images, self.labels, sample_metrics, inception=self.inception,
                              reference=self.reference)
-    if "reading" in self.metrics:
-      from monoformer_jax.eval.digits import reading_accuracy
-      results["reading"] = {k.removeprefix("reading_"): v
-                            for k, v in reading_accuracy(model, tokenizer, config).items()
-                            if k != "reading_per_digit"}   # logged as eval/reading_accuracy
+    from monoformer_jax.eval.digits import model_metrics
+    for name, values in model_metrics(model, tokenizer, config, self.metrics,
+                                      num_steps=ev.num_steps, cfg_scale=ev.cfg_scale).items():
+      results[name] = {k.removeprefix(f"{name}_"): v for k, v in values.items()
+                       if not k.endswith("per_digit")}   # logged as eval/reading_accuracy, ...
     flat = {f"eval/{k}": v for k, v in flat_numbers(results).items()}
     flat["eval/seconds"] = time.perf_counter() - t0
     return flat

@@ -36,7 +36,7 @@ from flax import nnx
 
 from monoformer_jax.data.packing import CONDITIONING_TOKEN_MODE, read_image_spec, tokens_per_image
 from monoformer_jax.model.embeddings import patchify, sincos_2d, timestep_features, unpatchify
-from monoformer_jax.model.llama import Decoder, KVCache, param
+from monoformer_jax.model.llama import Decoder, KVCache, dense, param
 from monoformer_jax.parallel.sharding import constrain
 
 CONDITIONING_MODES = ("adaln_before_decoder", CONDITIONING_TOKEN_MODE)
@@ -53,7 +53,7 @@ class Dense(nnx.Module):
     self.bias = param(rngs, (dout,), axes[1:], init="zeros")
 
   def __call__(self, x):
-    return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+    return dense(x, self.kernel[...]) + self.bias[...].astype(x.dtype)
 
 
 class Projector(nnx.Module):
@@ -228,8 +228,7 @@ class MonoFormer(nnx.Module):
     return out.reshape(b, m, size, size, self.out_channels).astype(jnp.float32)
 
   def logits(self, h_BxLxE):
-    return jnp.einsum("ble,ev->blv", h_BxLxE, self.lm_head[...].astype(h_BxLxE.dtype),
-                      preferred_element_type=jnp.float32)
+    return dense(h_BxLxE, self.lm_head[...], out_dtype=jnp.float32)
 
   # ------------------------------------------------------------ training
   def __call__(self, row, latents_BxMxhxwxC=None, t_BxM=None, read_images=None):

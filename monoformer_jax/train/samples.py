@@ -6,7 +6,14 @@
     samples/summary.json      what `sample.metrics` say of the images (eval/score.py), as
                               uint8 images like ADM's sample files; for the digits
                               with a vision encoder, the reading accuracy on held-out
-                              digits (eval/digits.reading_accuracy)
+                              digits (eval/digits.reading_accuracy); with interleaved
+                              and editing examples in training, their shares too
+    samples/interleaved.html  the digits trained with interleaved examples: answers to
+                              "here is a" with their drawings inline, the classifier's
+                              label under each (PNGs in interleaved/, pieces in
+                              interleaved.json)
+    samples/editing.png       the digits trained with edits: held-out real digits (top)
+                              redrawn as "the next digit:" (below)
 
 The classes are the dataset's (`data.class_names`), `sample.num_per_class`
 images each; latent models are decoded with the SD-VAE at `vae.path`.
@@ -27,7 +34,8 @@ from monoformer_jax import inference
 from monoformer_jax.data import prompts
 from monoformer_jax.data.datasets import class_names
 from monoformer_jax.eval import finite_json
-from monoformer_jax.eval.digits import reading_accuracy
+from monoformer_jax.data.digits import INTERLEAVED_PROMPT
+from monoformer_jax.eval.digits import editing_accuracy, interleaved_accuracy, reading_accuracy
 from monoformer_jax.eval.sampling import quantize
 from monoformer_jax.eval.score import metric_files, score_images
 
@@ -77,6 +85,26 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
                  100 * reading["reading_accuracy"], reading["reading_count"],
                  time.perf_counter() - t0)
     metrics = dict(metrics, **reading)
+  answers = edits = None
+  if config.data.name == "digits" and config.data.get("interleaved_fraction", 0):
+    t0 = time.perf_counter()
+    interleaved, answers, drawn = interleaved_accuracy(
+        model, tokenizer, config, num_steps=sc.num_steps, cfg_scale=sc.cfg_scale, seed=seed)
+    logging.info("interleaved: %.1f%% of %d drawings show the digit named before them "
+                 "(%.1fs)", 100 * interleaved["interleaved_accuracy"],
+                 interleaved["interleaved_images"], time.perf_counter() - t0)
+    metrics = dict(metrics, **interleaved)
+  if (config.data.name == "digits" and config.data.get("edit_fraction", 0)
+      and config.model.get("vision_encoder", "")):
+    t0 = time.perf_counter()
+    editing, sources, edited, source_labels = editing_accuracy(model, tokenizer, config,
+                                                num_steps=sc.num_steps,
+                                                cfg_scale=sc.cfg_scale, seed=seed)
+    logging.info("editing: %.1f%% of %d held-out digits redrawn as the next digit (%.1fs)",
+                 100 * editing["editing_accuracy"], editing["editing_count"],
+                 time.perf_counter() - t0)
+    metrics = dict(metrics, **editing)
+    edits = sources, edited, source_labels
 
   text_prompts = list(sc.text_prompts)
   completions = inference.complete_text(model, tokenizer, text_prompts,
@@ -90,6 +118,14 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
     np.savez(os.path.join(outdir, f"{name}.npz"), images=images, labels=labels)
     inference.image_grid(images, rows=len(classes), scale=max(1, 32 // images.shape[1])
                          ).save(os.path.join(outdir, f"{name}.png"))
+  if answers is not None:
+    page = inference.write_interleaved_page(
+        answers, [INTERLEAVED_PROMPT] * len(answers), outdir,
+        labels=[[f"drawn: {d}" for d in row] for row in drawn])
+    logging.info("wrote %s", page)
+  if edits is not None:
+    grid = _edit_grid(*edits)
+    grid.save(os.path.join(outdir, "editing.png"))
   with open(os.path.join(outdir, "text.txt"), "w") as f:
     f.write("\n".join(lines) + "\n")
   for line in lines:
@@ -99,3 +135,10 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
                              steps=sc.num_steps, cfg_scale=sc.cfg_scale, text=lines),
                         indent=1))
   return images, labels, metrics
+
+
+def _edit_grid(sources, edited, labels, per_class: int = 2):
+  """Two rows: `per_class` held-out digits of each class, and their edits below."""
+  picked = np.concatenate([np.flatnonzero(labels == d)[:per_class] for d in range(10)])
+  return inference.image_grid(np.concatenate([sources[picked], edited[picked]]), rows=2,
+                              scale=4)
