@@ -3,6 +3,7 @@ machine's own dense matmul rate.
 
     python benchmarks/train_step.py                 # S1 and S2
     python benchmarks/train_step.py --shapes=S2 --iters=10
+    python benchmarks/train_step.py --shapes=digits  # the README main job's step
 
 For each shape: the forward pass with the loss, the gradient (forward and
 backward), and the whole train step (gradient, clip, AdamW, EMA, the health
@@ -12,6 +13,8 @@ weight per token plus attention; the forward a third of it) and the rate they
 give, next to the rate XLA reaches here on a plain [B*L, E] x [E, mlp] matmul.
 The reference's step at the same shapes: ../shared/bench/official_bench.py
 (its README gives the commands), timed right after this on the same machine.
+`digits` is configs/digits.py itself on a batch of its own stream (packed
+rows of digits, sentences, readings, interleaved examples and edits).
 """
 
 from __future__ import annotations
@@ -40,12 +43,16 @@ import report
 SHAPES = {"S1": (256, 4, 8, 4, 688, 8, 32), "S2": (512, 8, 8, 4, 1376, 16, 8)}
 PROMPT_LEN = 12
 
-_SHAPES = flags.DEFINE_list("shapes", ["S1", "S2"], "shapes to time (S1, S2)")
+_SHAPES = flags.DEFINE_list("shapes", ["S1", "S2"], "shapes to time (S1, S2, digits)")
 _ITERS = flags.DEFINE_integer("iters", 5, "timed calls per figure (median)")
 _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "markdown file ('' for none)")
 
 
 def shape_config(name: str):
+  if name == "digits":
+    c = config_file("digits")
+    c.mesh.update(data=1, fsdp=1, tensor=1)
+    return c
   hidden, layers, heads, kv, mlp, latent, batch = SHAPES[name]
   c = config_file("digits")
   c.model.update(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
@@ -60,8 +67,15 @@ def shape_config(name: str):
 
 def shape_batch(config):
   """One image example per row: <s>, 12 prompt tokens, <|im_start|>, the image,
-  <|im_end|>, "\\n", </s>: exactly seq_len tokens."""
+  <|im_end|>, "\\n", </s>: exactly seq_len tokens (the digits: a batch of
+  their stream)."""
   tok = ByteTokenizer()
+  if config.data.name == "digits":
+    from monoformer_jax.data.digits import digits_example_stream
+    from monoformer_jax.data.packing import PackedBatches
+    batches = PackedBatches(digits_example_stream(config, tok, config.seed),
+                            rows=config.data.batch_size, spec=row_spec(config, tok))
+    return {k: jnp.asarray(v) for k, v in next(batches).items()}
   spec = row_spec(config, tok)
   rng = np.random.default_rng(0)
   examples = []

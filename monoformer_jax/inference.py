@@ -183,18 +183,23 @@ def _pieces(ids: Sequence[int], images, tokenizer) -> list:
   return pieces
 
 
-def write_interleaved_page(answers: Sequence[Answer], prompts: Sequence[str], out_dir: str,
-                           *, name: str = "interleaved", scale: int = 8,
-                           labels: Sequence[Sequence[int]] | None = None) -> str:
-  """out_dir/{name}.html (each prompt, then its answer with the images inline),
-  the images as out_dir/{name}/{row}_{k}.png and out_dir/{name}.json (the
-  pieces in order: {"text": ...} or {"image": path}); `labels`, per answer
-  one per image, are shown under each image (e.g. a classifier's reading).
-  Returns the page's path."""
+def interleaved_html(answers: Sequence[Answer], prompts: Sequence[str], *, scale: int = 8,
+                     labels: Sequence[Sequence[str]] | None = None,
+                     image_src: Callable | None = None) -> tuple[str, list[dict]]:
+  """(an HTML page of each prompt, then its answer with the images inline; the
+  pieces in order as JSON-ready dicts, {"text": ...} or {"image": src}).
+  `image_src(row, k, PIL image)` names each image (default: a data: URI, for
+  notebooks); `labels`, per answer one per image, go under the images."""
+  import base64
   import html
-  import json
-  folder = os.path.join(out_dir, name)
-  os.makedirs(folder, exist_ok=True)
+  import io
+
+  def inline(r, k, picture):
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+  image_src = image_src or inline
   rows, body = [], []
   for r, (answer, prompt) in enumerate(zip(answers, prompts)):
     pieces, cells, k = [], [], 0
@@ -203,25 +208,43 @@ def write_interleaved_page(answers: Sequence[Answer], prompts: Sequence[str], ou
         pieces.append({"text": value})
         cells.append(f"<span>{html.escape(value)}</span>")
         continue
-      path = f"{name}/{r}_{k}.png"
-      image_grid(value[None], rows=1, scale=scale, pad=0).save(os.path.join(out_dir, path))
-      label = "" if labels is None else f"<figcaption>{labels[r][k]}</figcaption>"
-      pieces.append({"image": path})
-      cells.append(f'<figure><img src="{path}" alt="image {k} of answer {r}">{label}</figure>')
+      src = image_src(r, k, image_grid(value[None], rows=1, scale=scale, pad=0))
+      label = "" if labels is None else f"<figcaption>{html.escape(labels[r][k])}</figcaption>"
+      pieces.append({"image": src})
+      cells.append(f'<figure><img src="{src}" alt="image {k} of answer {r}">{label}</figure>')
       k += 1
     rows.append({"prompt": prompt, "stop": answer.stop, "pieces": pieces})
     body.append(f"<div class=answer><b>{html.escape(prompt)}</b>{''.join(cells)}"
                 + ("" if answer.stop == "stop" else " <i>(out of tokens)</i>") + "</div>")
-  page = os.path.join(out_dir, f"{name}.html")
-  with open(page, "w") as f:
-    f.write("<!doctype html><meta charset=utf-8><title>interleaved samples</title><style>"
-            "body{font-family:sans-serif} .answer{margin:8px 0;display:flex;"
-            "align-items:center;gap:4px;flex-wrap:wrap} figure{margin:0;text-align:center}"
-            "img{image-rendering:pixelated;border:1px solid #ccc} figcaption{font-size:70%}"
-            "</style>\n" + "\n".join(body) + "\n")
+  page = ("<!doctype html><meta charset=utf-8><title>interleaved samples</title><style>"
+          "body{font-family:sans-serif} .answer{margin:8px 0;display:flex;"
+          "align-items:center;gap:4px;flex-wrap:wrap} figure{margin:0;text-align:center}"
+          "img{image-rendering:pixelated;border:1px solid #ccc} figcaption{font-size:70%}"
+          "</style>\n" + "\n".join(body) + "\n")
+  return page, rows
+
+
+def write_interleaved_page(answers: Sequence[Answer], prompts: Sequence[str], out_dir: str,
+                           *, name: str = "interleaved", scale: int = 8,
+                           labels: Sequence[Sequence[str]] | None = None) -> str:
+  """out_dir/{name}.html (`interleaved_html`), its images as
+  out_dir/{name}/{row}_{k}.png and out_dir/{name}.json (the pieces in order:
+  {"text": ...} or {"image": path}). Returns the page's path."""
+  import json
+  os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+
+  def save(r, k, picture):
+    path = f"{name}/{r}_{k}.png"
+    picture.save(os.path.join(out_dir, path))
+    return path
+
+  page, rows = interleaved_html(answers, prompts, scale=scale, labels=labels, image_src=save)
+  path = os.path.join(out_dir, f"{name}.html")
+  with open(path, "w") as f:
+    f.write(page)
   with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
     json.dump(rows, f, indent=1)
-  return page
+  return path
 
 
 def edit_images(model, tokenizer, images, instructions: str | Sequence[str], *, config,

@@ -18,7 +18,7 @@ import pytest
 from monoformer_jax.convert import official, verify
 from monoformer_jax.data.packing import Example, RowSpec, pack_examples, prompt_rows
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion, apply_cfg
-from monoformer_jax.diffusion.sample_images import _prefill, _Settings
+from monoformer_jax.diffusion.sample_images import SamplerSettings, _prefill
 from monoformer_jax.train.loss import loss_terms
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -123,7 +123,7 @@ def test_guided_step_matches_reference(model, cfg_step, use_cache):
   z = nhwc(cfg_step["z"])
   t_model = jnp.asarray(cfg_step["t_model"], jnp.int32)
   if use_cache:
-    settings = _Settings(None, rows.layout, False, None, "ddpm", 0.0)
+    settings = SamplerSettings(None, rows.layout, 1, None, "ddpm", 0.0)
     cache = _prefill(model, settings, row)
     out, _ = model.extend_image(z, t_model, rows.layout.new(row.positions), row.segment_ids,
                                 row.image_ids, cache, rows.layout.new_column(0))

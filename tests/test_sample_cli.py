@@ -90,3 +90,6 @@ def test_notebook_runs_headless(checkpoint, monkeypatch):
   texts = "".join(o.get("text", "") for o in outputs)
   assert len(figures) == 2                       # the class grid and text-to-image
   assert "'three plus four is' -> " in texts     # the completion
+  pages = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+  assert len(pages) == 1 and pages[0].count('class=answer') == 4   # interleaved answers
+  assert "no editing" in texts                   # the tiny model reads no images

@@ -33,8 +33,9 @@ from monoformer_jax.diffusion.gaussian import apply_guidance, sample_step
 from monoformer_jax.model.build import compiled
 
 
-class _Settings(NamedTuple):
-  """What the compiled steps are specialised on (hashable: a static argument)."""
+class SamplerSettings(NamedTuple):
+  """What the compiled steps are specialised on (hashable: a static argument;
+  the interleaved sampler builds one too)."""
   diffusion: Any
   layout: PromptLayout | None   # None: no cache, recompute the whole row
   groups: int                   # G: 1 unguided, 2 classifier-free guidance, ...
@@ -88,7 +89,7 @@ def sample_images(model, rows: PromptRows | Row, diffusion, key, *, cfg_scale=No
                      + (" (a doubled batch: B conditional rows, then B null rows)"
                         if groups == 2 else " (the conditional rows, then each weaker "
                         "condition's)") + f" but got {n_rows} rows")
-  settings = _Settings(diffusion, rows.layout if use_cache else None, groups,
+  settings = SamplerSettings(diffusion, rows.layout if use_cache else None, groups,
                        guided_channels, sampler, float(eta))
   read = getattr(rows, "read_images", None)   # the images the prompts read, if any
   read = None if read is None else jnp.asarray(read)
@@ -110,7 +111,7 @@ def sample_images(model, rows: PromptRows | Row, diffusion, key, *, cfg_scale=No
 
 
 @compiled
-def _prefill(model, settings: _Settings, row: Row, read_images=None):
+def _prefill(model, settings: SamplerSettings, row: Row, read_images=None):
   """The cache of every layer holding the prompt columns' keys and values
   (the images the prompt reads included)."""
   layout = settings.layout
@@ -121,7 +122,7 @@ def _prefill(model, settings: _Settings, row: Row, read_images=None):
 
 
 @compiled
-def _step(model, settings: _Settings, row: Row, cache, x_t, i, key, scales,
+def _step(model, settings: SamplerSettings, row: Row, cache, x_t, i, key, scales,
           read_images=None):
   """x_{t-1} of step i: the model's output at x_t (guided), then the sampler's update."""
   layout = settings.layout

@@ -113,9 +113,9 @@ def reading_accuracy(model, tokenizer, config, *, max_new_tokens: int = 16) -> d
               reading_unparsed=float((said_B < 0).mean()), reading_count=int(len(labels_B)))
 
 
-def interleaved_accuracy(model, tokenizer, config, *, num_prompts: int = 40,
+def interleaved_accuracy(model, tokenizer, config, *, num_prompts: int = 20,
                          num_steps: int = 50, cfg_scale: float | None = 2.0,
-                         max_new_tokens: int = 320, temperature: float = 1.0,
+                         max_new_tokens: int = 256, temperature: float = 1.0,
                          seed: int = 0) -> tuple[dict, list, list]:
   """Interleaved answers to the prompt "here is a" (data/digits.py), sampled
   at `temperature` so the rows name different digits: the share of their

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from monoformer_jax.data.packing import Example, PromptLayout, Row, RowSpec, prompt_rows
-from monoformer_jax.diffusion.sample_images import _Settings as _ImageSettings
+from monoformer_jax.diffusion.sample_images import SamplerSettings
 from monoformer_jax.diffusion.sample_images import guidance_scales, guided_step
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.model.build import compiled
@@ -147,7 +147,7 @@ def generate_interleaved(model, prompts: Sequence[Sequence[int] | Example], *,
   text_keys, image_keys = row_keys(text_key), row_keys(image_key)
   text = _TextSettings(ids, float(temperature), int(top_k), float(top_p),
                        int(max_positions or 0))
-  image = _ImageSettings(diffusion, None, len(scales) + 1, guided_channels, sampler, float(eta))
+  image = SamplerSettings(diffusion, None, len(scales) + 1, guided_channels, sampler, float(eta))
   scale = jnp.asarray(scales, jnp.float32)
 
   # The new columns start empty: padding, segment 0, until a row writes them.
@@ -346,7 +346,7 @@ def _guided_context(model, settings: tuple[TokenIds, int], state: _State, cache,
           KVCache(*(jnp.concatenate([c, z], axis=1) for c, z in zip(cache, null_cache))))
 
 
-def _draw(model, image: _ImageSettings, state: _State, cache, col, keys, scale,
+def _draw(model, image: SamplerSettings, state: _State, cache, col, keys, scale,
           ids: TokenIds, progress):
   """x_0 [B, h, w, C] of every row's image after column `col` (rows not
   drawing get one too, never used)."""
@@ -362,7 +362,7 @@ def _draw(model, image: _ImageSettings, state: _State, cache, col, keys, scale,
 
 
 @compiled
-def _denoise(model, image: _ImageSettings, context, x_t, i, keys, scales, col):
+def _denoise(model, image: SamplerSettings, context, x_t, i, keys, scales, col):
   """x_{t-1} of step i of the images after `col`, guided over the context's groups."""
   positions, segment_ids, image_ids, cache = context
   first, _ = _image_span(model, col)
