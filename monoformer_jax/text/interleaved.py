@@ -172,8 +172,9 @@ def generate_interleaved(model, prompts: Sequence[Sequence[int] | Example], *,
     drawing = ~state.done & (state.tokens[:, col] == ids.im_start)
     if not drawing.any():
       break
-    no_room = drawing & ((col + need > length - 1) | (
-        max_positions and state.positions[:, col] + need > max_positions - 1))
+    no_room = drawing & (col + need > length - 1)
+    if max_positions:   # nor under the positions the model was trained on
+      no_room |= drawing & (state.positions[:, col] + need > max_positions - 1)
     if no_room.any():   # no room for the image: those rows end here
       state.done[no_room] = True
       state.tokens[no_room, col] = ids.pad
