@@ -43,7 +43,7 @@ def write_section(path: pathlib.Path, title: str, lines: list[str]):
   if heading in text:
     start = text.index(heading)
     end = text.find("\n## ", start + 1)
-    text = text[:start] + section + ("" if end == -1 else text[end + 1:])
+    text = text[:start] + section + ("" if end == -1 else "\n" + text[end + 1:])
   else:
     text = text.rstrip("\n") + "\n\n" + section
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,14 @@ check: train/step.py), float32, XLA attention, one image per row with a
 12-token prompt, no padding, random weights; model FLOPs from perf.py (6 per
 weight per token plus attention; the forward a third of it) and the rate they
 give, next to the rate XLA reaches here on a plain [B*L, E] x [E, mlp] matmul.
-The reference's step at the same shapes: ../shared/bench/official_bench.py
-(its README gives the commands), timed right after this on the same machine.
+With `--official_src` (the reference's source tree) and `--official_python` (a
+Python with torch 2.13 and transformers 4.38, ../shared/bench/README.md) the
+reference's step at S1 and S2 is timed too, right after ours on the same
+machine, by ../shared/bench/official_bench.py (its model compute: --max_pos
+128, --ema, 2 threads), and the table gets its column and the ratio:
+
+    python benchmarks/train_step.py --official_src=/tmp/official_src \
+        --official_python=/tmp/torch-venv/bin/python
 `digits` is configs/digits.py itself on a batch of its own stream (packed
 rows of digits, sentences, readings, interleaved examples and edits).
 """
@@ -20,6 +26,8 @@ rows of digits, sentences, readings, interleaved examples and edits).
 from __future__ import annotations
 
 import pathlib
+import re
+import subprocess
 import sys
 
 from absl import app, flags
@@ -46,6 +54,12 @@ PROMPT_LEN = 12
 _SHAPES = flags.DEFINE_list("shapes", ["S1", "S2"], "shapes to time (S1, S2, digits)")
 _ITERS = flags.DEFINE_integer("iters", 5, "timed calls per figure (median)")
 _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "markdown file ('' for none)")
+_OFFICIAL_SRC = flags.DEFINE_string("official_src", "", "the reference's source tree ('': not timed)")
+_OFFICIAL_PYTHON = flags.DEFINE_string("official_python", "python3",
+                                       "a Python with torch and transformers for the reference")
+_OFFICIAL_BENCH = flags.DEFINE_string(
+    "official_bench", str(pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "bench"
+                          / "official_bench.py"), "../shared/bench/official_bench.py")
 
 
 def shape_config(name: str):
@@ -57,7 +71,8 @@ def shape_config(name: str):
   c = config_file("digits")
   c.model.update(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
                  head_dim=hidden // heads, mlp_dim=mlp, image_size=latent, in_channels=4,
-                 patch_size=2, attention_impl="xla", dtype="float32", remat=False)
+                 patch_size=2, attention_impl="xla", dtype="float32", remat=False,
+                 scan_unroll=layers)   # every layer unrolled, as configs/digits.py does
   tokens = (latent // 2) ** 2
   c.data.update(seq_len=PROMPT_LEN + tokens + 5, batch_size=batch, max_images_per_row=1)
   c.optim.update(lr=1e-4, warmup_steps=0, grad_clip=2.0, ema_decay=0.9999)
@@ -65,12 +80,12 @@ def shape_config(name: str):
   return c
 
 
-def shape_batch(config):
+def shape_batch(config, name: str):
   """One image example per row: <s>, 12 prompt tokens, <|im_start|>, the image,
   <|im_end|>, "\\n", </s>: exactly seq_len tokens (the digits: a batch of
   their stream)."""
   tok = ByteTokenizer()
-  if config.data.name == "digits":
+  if name == "digits":
     from monoformer_jax.data.digits import digits_example_stream
     from monoformer_jax.data.packing import PackedBatches
     batches = PackedBatches(digits_example_stream(config, tok, config.seed),
@@ -105,7 +120,7 @@ def time_shape(name: str, iters: int) -> dict:
   with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
     tx, schedule = make_optimizer(config.optim)
     graphdef, state, shardings = create_train_state(config, mesh, tx)
-    batch = shape_batch(config)
+    batch = shape_batch(config, name)
     diffusion = GaussianDiffusion.create(1000, "linear")
     loss_fn = make_loss_fn(graphdef, diffusion, config)
     key = jax.random.PRNGKey(0)
@@ -133,22 +148,53 @@ def time_shape(name: str, iters: int) -> dict:
               grad=t_grad, step=t_step, flops=flops, matmul=rate)
 
 
+def official_step(name: str) -> float | None:
+  """The reference's median train step (seconds) at shape `name`, or None
+  when not asked for (or not an S shape)."""
+  if not _OFFICIAL_SRC.value or name not in SHAPES:
+    return None
+  hidden, layers, heads, kv, mlp, latent, batch = SHAPES[name]
+  args = dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv, mlp=mlp, latent=latent,
+              prompt_len=PROMPT_LEN, batch=batch, vocab=264, threads=2, max_pos=128)
+  command = [_OFFICIAL_PYTHON.value, _OFFICIAL_BENCH.value, "--src", _OFFICIAL_SRC.value,
+             "--mode", "train", "--ema"] + [f"--{k}={v}" for k, v in args.items()]
+  print("reference:", " ".join(command), flush=True)
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  found = re.search(r"train: median ([\d.]+) ms/step", done.stdout)
+  if done.returncode or not found:
+    raise RuntimeError(f"the reference's benchmark failed (exit {done.returncode}): "
+                       f"{(done.stderr or done.stdout)[-2000:]}")
+  return float(found.group(1)) / 1e3
+
+
 def main(argv):
   del argv
-  results = [time_shape(name, _ITERS.value) for name in _SHAPES.value]
+  results = []
+  for name in _SHAPES.value:
+    results.append(time_shape(name, _ITERS.value))
+    results[-1]["official"] = official_step(name)
+  with_official = any(r["official"] for r in results)
   lines = [f"Command: `python {' '.join(sys.argv)}`", "",
            f"Hardware: {report.hardware()}. Median of {_ITERS.value} calls after a compile "
-           "and a warm-up; float32, XLA attention, random weights.", "",
+           "and a warm-up; float32, XLA attention, random weights."
+           + (" The reference's step: official_bench.py (torch, 2 threads, its median of 10 "
+              "steps after 2 warm-ups), run right after ours at each shape."
+              if with_official else ""), "",
            "| shape | rows x tokens | params | forward + loss | gradient | train step | "
-           "gradient / forward | step GFLOP | step GFLOP/s | matmul GFLOP/s | share of matmul |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "gradient / forward | step GFLOP | step GFLOP/s | matmul GFLOP/s | share of matmul |"
+           + (" reference's step | our speed / reference's |" if with_official else ""),
+           "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_official else "")]
   for r in results:
     achieved = r["flops"] / r["step"]
+    official = ""
+    if with_official:
+      official = (f" {r['official'] * 1e3:.0f} ms | {r['official'] / r['step']:.2f}x |"
+                  if r["official"] else " | |")
     lines.append(
         f"| {r['name']} | {r['rows']} x {r['length']} | {r['params'] / 1e6:.2f}M | "
         f"{r['forward'] * 1e3:.0f} ms | {r['grad'] * 1e3:.0f} ms | {r['step'] * 1e3:.0f} ms | "
         f"{r['grad'] / r['forward']:.2f} | {r['flops'] / 1e9:.1f} | {achieved / 1e9:.0f} | "
-        f"{r['matmul'] / 1e9:.0f} | {achieved / r['matmul']:.0%} |")
+        f"{r['matmul'] / 1e9:.0f} | {achieved / r['matmul']:.0%} |" + official)
   print("\n".join(lines))
   if _OUTPUT.value:
     report.write_section(pathlib.Path(_OUTPUT.value), "Train step", lines)

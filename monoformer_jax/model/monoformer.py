@@ -18,8 +18,10 @@ READ images (for understanding; `vision_encoder` vae or clip) are clean: the
 encoder's features (the patchified latent, or CLIP's second-to-last layer)
 through im_embedder (Linear -> exact GELU -> Linear), with no position table
 and no modulation; their timestep token, where the mode has one, is that of
-t = 0. Outputs: LM logits for every token and, per generated image slot, the
-diffusion head's [h, w, 2C] (epsilon, learned-range variance).
+t = 0. Outputs: LM logits for every token (or the hidden states, to which the
+training loss applies the head only where it has cross-entropy) and, per
+generated image slot, the diffusion head's [h, w, 2C] (epsilon,
+learned-range variance).
 
 The samplers call the same model in three more ways, all here so that a new
 conditioning mode is one edit in this file: `prefill` writes a prompt's keys
@@ -231,21 +233,27 @@ class MonoFormer(nnx.Module):
     return dense(h_BxLxE, self.lm_head[...], out_dtype=jnp.float32)
 
   # ------------------------------------------------------------ training
-  def __call__(self, row, latents_BxMxhxwxC=None, t_BxM=None, read_images=None):
-    """(logits [B, L, V] float32, diffusion output [B, M, h, w, 2C] float32) of
-    packed rows and the images they read (`read_images` [B, R, ...], for rows
-    with read slots); rows without generated image slots (M = 0) may leave
-    out the latents and get None as the diffusion output."""
+  def hidden(self, row, latents_BxMxhxwxC=None, t_BxM=None, read_images=None):
+    """(final hidden states [B, L, E], diffusion output [B, M, h, w, 2C]
+    float32) of packed rows and the images they read (`read_images` [B, R,
+    ...], for rows with read slots): the training loss applies the LM head
+    itself, to the tokens that carry cross-entropy only. Rows without
+    generated image slots (M = 0) may leave out the latents and get None as
+    the diffusion output."""
     if latents_BxMxhxwxC is None:
       if row.image_columns.shape[1]:
         raise ValueError(f"rows with {row.image_columns.shape[1]} image slots need their "
                          "latents and timesteps")
       x_BxLxE = self._place_read(self.embed_text(row.tokens), row, read_images)
-      h_BxLxE = self.decoder(x_BxLxE, row.positions, row.segment_ids, row.image_ids)
-      return self.logits(h_BxLxE), None
+      return self.decoder(x_BxLxE, row.positions, row.segment_ids, row.image_ids), None
     x_BxLxE, t_emb_BxMxE = self.embed(row, latents_BxMxhxwxC, t_BxM, read_images)
     h_BxLxE = self.decoder(x_BxLxE, row.positions, row.segment_ids, row.image_ids)
-    out = self.diffusion_head(_take(h_BxLxE, row.image_columns), t_emb_BxMxE)
+    return h_BxLxE, self.diffusion_head(_take(h_BxLxE, row.image_columns), t_emb_BxMxE)
+
+  def __call__(self, row, latents_BxMxhxwxC=None, t_BxM=None, read_images=None):
+    """(logits [B, L, V] float32 of every token, diffusion output): `hidden`
+    with the LM head applied everywhere."""
+    h_BxLxE, out = self.hidden(row, latents_BxMxhxwxC, t_BxM, read_images)
     return self.logits(h_BxLxE), out
 
   # ------------------------------------------------------------ sampling

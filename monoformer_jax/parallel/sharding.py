@@ -156,6 +156,18 @@ def constrain(x, axes: Sequence[str | None]):
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def batch_shards(rows: int) -> int:
+  """How many pieces `constrain` cuts a [rows, ...] batch into while tracing
+  (the 'batch' rule's mesh axes that divide it); 1 without a mesh or rules."""
+  rules = getattr(_state, "rules", None)
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh is None or mesh.empty:
+    return 1
+  spec = logical_to_spec(("batch",), rules, (rows,), mesh)[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def batch_sharding(mesh, rules, ndim: int) -> NamedSharding:
   """Sharding of a [B, ...] input array: batch over the 'batch' rule's axes."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))

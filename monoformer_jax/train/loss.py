@@ -13,11 +13,15 @@ text token) contributes 0 to that term.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from monoformer_jax.data.packing import Row
+from monoformer_jax.model.llama import dense
+from monoformer_jax.parallel import sharding
 
 
 def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
@@ -26,6 +30,52 @@ def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
       logits_BxLxV.astype(jnp.float32), targets_BxL)
   total = weights_BxL.sum()
   return (nll_BxL * weights_BxL).sum() / jnp.maximum(total, 1.0), total
+
+
+# The token budgets of `head_cross_entropy`, as fractions of a shard's tokens.
+HEAD_CAPACITIES = (0.0, 0.125, 0.25, 0.5, 1.0)
+
+
+def head_cross_entropy(h_BxLxE, head_ExV, targets_BxL, weights_BxL):
+  """`cross_entropy` of the logits h @ head, with the head applied only to the
+  tokens that carry cross-entropy (weight != 0): the same loss and gradients
+  as computing every token's logits, without the head's work on the rest (at
+  the paper's layout no token of an image row carries any).
+
+  The tokens of each batch shard are ordered CE tokens first (a stable
+  argsort, local to the shard), and the head runs on the first C of them,
+  where C is the smallest of HEAD_CAPACITIES (times the shard's tokens) that
+  holds every shard's count: a `lax.switch`, so only that branch runs, in the
+  backward too. A batch without CE tokens computes no logits at all.
+  """
+  b, l, e = h_BxLxE.shape
+  shards = sharding.batch_shards(b)
+  t = b // shards * l   # tokens per shard
+  h_SxTxE = h_BxLxE.reshape(shards, t, e)
+  targets_SxT = targets_BxL.reshape(shards, t)
+  weights_SxT = weights_BxL.reshape(shards, t).astype(jnp.float32)
+  carries_SxT = weights_SxT != 0
+  order_SxT = jnp.argsort(~carries_SxT, axis=1, stable=True)
+  capacities = sorted({math.ceil(f * t) for f in HEAD_CAPACITIES} | {t})
+
+  def branch(capacity):
+    def weighted_nll(operands):
+      h, targets, weights, order = operands
+      if capacity == 0:
+        return jnp.zeros((), jnp.float32)
+      take = lambda x: jnp.take_along_axis(x, order[:, :capacity], axis=1)
+      h_SxCxE = jnp.take_along_axis(h, order[:, :capacity, None], axis=1)
+      logits_SxCxV = dense(h_SxCxE, head_ExV, out_dtype=jnp.float32)
+      nll_SxC = optax.softmax_cross_entropy_with_integer_labels(logits_SxCxV, take(targets))
+      return (nll_SxC * take(weights)).sum()
+    return weighted_nll
+
+  needed = carries_SxT.sum(axis=1).max()
+  index = sum((needed > c).astype(jnp.int32) for c in capacities[:-1])
+  nll = jax.lax.switch(index, [branch(c) for c in capacities],
+                       (h_SxTxE, targets_SxT, weights_SxT, order_SxT))
+  total = weights_SxT.sum()
+  return nll / jnp.maximum(total, 1.0), total
 
 
 def loss_terms(model, batch, t_BxM, noise_BxMxhxwxC, diffusion):
@@ -39,14 +89,15 @@ def loss_terms(model, batch, t_BxM, noise_BxMxhxwxC, diffusion):
   flat = lambda x: x.reshape(b * m, *x.shape[2:])
   x_t = diffusion.q_sample(flat(latents), t_BxM.reshape(-1), flat(noise_BxMxhxwxC))
   x_t = x_t.reshape(latents.shape)
-  logits, out_BxMxhxwx2C = model(Row.of(batch), x_t, t_BxM, batch.get("read_images"))
+  h_BxLxE, out_BxMxhxwx2C = model.hidden(Row.of(batch), x_t, t_BxM, batch.get("read_images"))
   terms = diffusion.training_losses(flat(out_BxMxhxwx2C), flat(latents), flat(x_t),
                                     t_BxM.reshape(-1), flat(noise_BxMxhxwxC))
   terms = {k: v.reshape(b, m) for k, v in terms.items()}
   valid_BxM = batch["image_valid"]
   n_images = valid_BxM.sum()
   diff = jnp.where(valid_BxM, terms["loss"], 0.0).sum() / jnp.maximum(n_images, 1)
-  lm, n_text = cross_entropy(logits, batch["targets"], batch["text_weights"])
+  lm, n_text = head_cross_entropy(h_BxLxE, model.lm_head[...], batch["targets"],
+                                  batch["text_weights"])
   return dict(lm=lm, diff=diff, n_images=n_images, n_text_tokens=n_text,
               image_valid=valid_BxM, **terms)
 
