@@ -60,7 +60,7 @@ def get_config(variant=None):
       attention_impl="auto",    # Pallas kernels on TPU/GPU, dense XLA on CPU
       dtype="float32",          # compute dtype; parameters are always float32
       remat=False,
-      scan_unroll=4,            # all 4 layers unrolled: ~10% faster steps here than scanned
+      scan_unroll=4,            # all 4 layers unrolled (a plain loop): faster steps here than a scan
   ))
 
   c.diffusion = ml_collections.ConfigDict(dict(

@@ -235,18 +235,19 @@ class Decoder(nnx.Module):
       body = jax.checkpoint(body)
     kv = None if cache is None else tuple(cache)
     n = jax.tree.leaves(layer_state)[0].shape[0]
-    if self.unroll >= n:
-      # Fully unrolled: a Python loop over the layers' slices. Unlike a scan
-      # (even an unrolled one) it stacks no residuals for the backward.
+    if self.unroll >= n and cache is None:
+      # Training, fully unrolled: a Python loop over the layers' slices. Unlike
+      # a scan (even an unrolled one) it stacks no residuals for the backward.
       # Split, not indexed: the gradient of a split is one concatenation, that
-      # of n slices n zero-padded copies summed.
-      per_layer = jax.tree.map(lambda a: [s[0] for s in jnp.split(a, n)], (layer_state, kv))
+      # of n slices n zero-padded copies summed. (With a cache the scan stays:
+      # it updates the cache's layers in place, a split would copy it whole.)
+      per_layer = jax.tree.map(lambda a: [s[0] for s in jnp.split(a, n)], layer_state)
       ys = []
       for i in range(n):
-        x_BxLxE, y = body(x_BxLxE, jax.tree.map(lambda a: a[i], per_layer,
-                                                  is_leaf=lambda a: isinstance(a, list)))
-        ys.append(y)
-      layer_inputs, kv = jax.tree.map(lambda *a: jnp.stack(a), *ys) if n else (None, None)
+        x_BxLxE, y = body(x_BxLxE, (jax.tree.map(lambda a: a[i], per_layer,
+                                                   is_leaf=lambda a: isinstance(a, list)), None))
+        ys.append(y[0])
+      layer_inputs = jnp.stack(ys) if return_layer_inputs else None
     else:
       x_BxLxE, (layer_inputs, kv) = jax.lax.scan(body, x_BxLxE, (layer_state, kv),
                                                  unroll=self.unroll)
