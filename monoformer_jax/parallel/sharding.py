@@ -146,12 +146,22 @@ def current_rules() -> Rules:
   return RULES if rules is None else rules
 
 
-def constrain(x, axes: Sequence[str | None]):
-  """with_sharding_constraint by logical names; a no-op without mesh or rules."""
+def _tracing_rules():
+  """(rules, abstract mesh) while tracing inside `logical_rules` under a
+  mesh; None otherwise."""
   rules = getattr(_state, "rules", None)
   mesh = jax.sharding.get_abstract_mesh()
   if rules is None or mesh is None or mesh.empty:
+    return None
+  return rules, mesh
+
+
+def constrain(x, axes: Sequence[str | None]):
+  """with_sharding_constraint by logical names; a no-op without mesh or rules."""
+  active = _tracing_rules()
+  if active is None:
     return x
+  rules, mesh = active
   spec = logical_to_spec(axes, rules, x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, spec)
 
@@ -159,10 +169,10 @@ def constrain(x, axes: Sequence[str | None]):
 def batch_shards(rows: int) -> int:
   """How many pieces `constrain` cuts a [rows, ...] batch into while tracing
   (the 'batch' rule's mesh axes that divide it); 1 without a mesh or rules."""
-  rules = getattr(_state, "rules", None)
-  mesh = jax.sharding.get_abstract_mesh()
-  if rules is None or mesh is None or mesh.empty:
+  active = _tracing_rules()
+  if active is None:
     return 1
+  rules, mesh = active
   spec = logical_to_spec(("batch",), rules, (rows,), mesh)[0]
   axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
   return math.prod(mesh.shape[a] for a in axes)

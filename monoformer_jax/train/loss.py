@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import optax
 
 from monoformer_jax.data.packing import Row
-from monoformer_jax.model.llama import dense
 from monoformer_jax.parallel import sharding
 
 
@@ -36,11 +35,12 @@ def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
 HEAD_CAPACITIES = (0.0, 0.125, 0.25, 0.5, 1.0)
 
 
-def head_cross_entropy(h_BxLxE, head_ExV, targets_BxL, weights_BxL):
-  """`cross_entropy` of the logits h @ head, with the head applied only to the
-  tokens that carry cross-entropy (weight != 0): the same loss and gradients
-  as computing every token's logits, without the head's work on the rest (at
-  the paper's layout no token of an image row carries any).
+def head_cross_entropy(h_BxLxE, logits_of, targets_BxL, weights_BxL):
+  """`cross_entropy` of the logits `logits_of(h)` (the model's LM head), with
+  the head applied only to the tokens that carry cross-entropy (weight != 0):
+  the same loss and gradients as computing every token's logits, without the
+  head's work on the rest (at the paper's layout no token of an image row
+  carries any).
 
   The tokens of each batch shard are ordered CE tokens first (a stable
   argsort, local to the shard), and the head runs on the first C of them,
@@ -59,23 +59,22 @@ def head_cross_entropy(h_BxLxE, head_ExV, targets_BxL, weights_BxL):
   capacities = sorted({math.ceil(f * t) for f in HEAD_CAPACITIES} | {t})
 
   def branch(capacity):
-    def weighted_nll(operands):
+    def mean_nll(operands):
+      # Every CE token is among the first `capacity`: their mean is the batch's.
       h, targets, weights, order = operands
       if capacity == 0:
         return jnp.zeros((), jnp.float32)
-      take = lambda x: jnp.take_along_axis(x, order[:, :capacity], axis=1)
-      h_SxCxE = jnp.take_along_axis(h, order[:, :capacity, None], axis=1)
-      logits_SxCxV = dense(h_SxCxE, head_ExV, out_dtype=jnp.float32)
-      nll_SxC = optax.softmax_cross_entropy_with_integer_labels(logits_SxCxV, take(targets))
-      return (nll_SxC * take(weights)).sum()
-    return weighted_nll
+      first = order[:, :capacity]
+      h_SxCxE = jnp.take_along_axis(h, first[..., None], axis=1)
+      take = lambda x: jnp.take_along_axis(x, first, axis=1)
+      return cross_entropy(logits_of(h_SxCxE), take(targets), take(weights))[0]
+    return mean_nll
 
   needed = carries_SxT.sum(axis=1).max()
   index = sum((needed > c).astype(jnp.int32) for c in capacities[:-1])
-  nll = jax.lax.switch(index, [branch(c) for c in capacities],
-                       (h_SxTxE, targets_SxT, weights_SxT, order_SxT))
-  total = weights_SxT.sum()
-  return nll / jnp.maximum(total, 1.0), total
+  lm = jax.lax.switch(index, [branch(c) for c in capacities],
+                      (h_SxTxE, targets_SxT, weights_SxT, order_SxT))
+  return lm, weights_SxT.sum()
 
 
 def loss_terms(model, batch, t_BxM, noise_BxMxhxwxC, diffusion):
@@ -96,7 +95,7 @@ def loss_terms(model, batch, t_BxM, noise_BxMxhxwxC, diffusion):
   valid_BxM = batch["image_valid"]
   n_images = valid_BxM.sum()
   diff = jnp.where(valid_BxM, terms["loss"], 0.0).sum() / jnp.maximum(n_images, 1)
-  lm, n_text = head_cross_entropy(h_BxLxE, model.lm_head[...], batch["targets"],
+  lm, n_text = head_cross_entropy(h_BxLxE, model.logits, batch["targets"],
                                   batch["text_weights"])
   return dict(lm=lm, diff=diff, n_images=n_images, n_text_tokens=n_text,
               image_valid=valid_BxM, **terms)
