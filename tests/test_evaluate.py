@@ -201,6 +201,38 @@ def test_evals_inside_training_are_logged(tmp_path):
     assert evals[-1][key] == pytest.approx(again[key], rel=1e-5, abs=1e-6)
 
 
+def test_last_evals_come_from_the_end_of_run_samples(tmp_path, monkeypatch):
+  """With the evaluator's settings equal to the end-of-run samples' (the
+  digits configs), the evaluator runs at step 5 only; step 10's eval/ row is
+  the samples' scores (summary.json). Other settings: it runs at 10 too."""
+  from monoformer_jax.eval import score
+  from monoformer_jax.train.loop import train_and_evaluate
+  calls = []
+  original = score.TrainingEvals.__call__
+  monkeypatch.setattr(score.TrainingEvals, "__call__",
+                      lambda self, *a: calls.append(1) or original(self, *a))
+  config = digits_config(num_steps=10, checkpoint_every=10, log_every=5)
+  config.evals.update(every=5)
+  assert score.end_samples_score_evals(config)
+  train_and_evaluate(config, str(tmp_path / "same"))
+  rows = [json.loads(line) for line in
+          (tmp_path / "same" / "metrics.jsonl").read_text().splitlines()]
+  evals = [r for r in rows if "eval/digits_classifier_accuracy" in r]
+  assert [r["step"] for r in evals] == [5, 10] and len(calls) == 1
+  summary = json.loads((tmp_path / "same" / "samples" / "summary.json").read_text())
+  assert evals[-1]["eval/digits_classifier_accuracy"] == summary["digits"]["classifier_accuracy"]
+  assert evals[-1]["eval/digits_frechet_distance"] == summary["digits"]["frechet_distance"]
+  assert set(evals[-1]) == set(evals[0]) - {"eval/seconds"}
+
+  calls.clear()
+  config.evals.num_steps = 3     # the samples take 10: no longer the evaluator's
+  assert not score.end_samples_score_evals(config)
+  train_and_evaluate(config, str(tmp_path / "other"))
+  rows = [json.loads(line) for line in
+          (tmp_path / "other" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "eval/seconds" in r] == [5, 10] and len(calls) == 2
+
+
 def test_cli_commonsense_equals_the_library(tmp_path):
   """The tiny HF Llama, converted and saved as a model checkpoint, scored by
   the CLI on two of the fixture's task files: the library's numbers."""

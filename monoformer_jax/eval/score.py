@@ -169,6 +169,46 @@ class TrainingEvals:
     return flat
 
 
+def end_samples_score_evals(config) -> bool:
+  """Whether the end-of-run samples (train/samples.py) compute every metric of
+  `config.evals` with the evaluator's settings: as many samples of every
+  class (the evaluator's are class-balanced), its DDPM steps and guidance.
+  The evaluator at the last step would then repeat their work (14-28 s of the
+  digits main job), so the training loop logs their numbers as that step's
+  eval/ row instead (`eval_row_of_samples`). The two differ only in their
+  random draws (seeds, the order of the labels)."""
+  from monoformer_jax.data.datasets import class_names
+  from monoformer_jax.eval.digits import model_metric_problem
+  ev, sc = config.get("evals", None), config.sample
+  if ev is None or not ev.every or not ev.metrics:
+    return False
+  classes = len(class_names(config))
+  if (sc.get("num_classes", 0) not in (0, classes) or not classes
+      or ev.num_samples != sc.num_per_class * classes
+      or ev.num_steps != sc.num_steps or ev.cfg_scale != sc.cfg_scale):
+    return False
+  # What write_samples scores: sample.metrics, then the digits model metrics
+  # that apply (interleaved and editing when training had such examples).
+  ended = set(sc.get("metrics", ())) | {"reading"}
+  ended |= {"interleaved"} if config.data.get("interleaved_fraction", 0) else set()
+  ended |= {"editing"} if config.data.get("edit_fraction", 0) else set()
+  return all(m in ended and not (m in MODEL_METRICS and model_metric_problem(m, config))
+             for m in ev.metrics)
+
+
+def eval_row_of_samples(config, metrics: dict) -> dict[str, float]:
+  """The end-of-run samples' `metrics` (train/samples.py) as the eval/ row the
+  evaluator would log for `config.evals.metrics` (TrainingEvals' keys)."""
+  row = {}
+  for name in config.evals.metrics:
+    if name in SAMPLE_METRICS:
+      row.update(flat_numbers({name: metrics[name]}))
+    else:
+      row.update({k: float(v) for k, v in metrics.items()
+                  if k.startswith(f"{name}_") and isinstance(v, (int, float))})
+  return {f"eval/{k}": v for k, v in row.items()}
+
+
 def flat_numbers(results: dict) -> dict[str, float]:
   """`score_images`' numbers as one level (digits' per-digit list left out):
   {'digits_classifier_accuracy': ..., 'fid': ...}."""

@@ -34,7 +34,8 @@ from monoformer_jax.data.packing import merge_data_states
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.errors import TrainingDiverged
 from monoformer_jax.eval import finite_json
-from monoformer_jax.eval.score import TrainingEvals
+from monoformer_jax.eval.score import (TrainingEvals, end_samples_score_evals,
+                                      eval_row_of_samples)
 from monoformer_jax.model.build import param_count
 from monoformer_jax.parallel import distributed, sharding
 from monoformer_jax.text.tokenizer import tokenizer_of
@@ -211,6 +212,8 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     preemption = distributed.Preemption()
     metrics_out = _Metrics(workdir, config.train.get("tensorboard", True))
     evals = TrainingEvals(config)
+    # The evaluator's last run would repeat the end-of-run samples' work.
+    evals_from_samples = sample_at_end and end_samples_score_evals(config)
     profile = _Profile(workdir, step, config.train.get("profile_steps", 0))
     rows, length = config.data.batch_size, config.data.seq_len
     # Model FLOPs of a step (perf.py: XLA's count sees a scanned layer once)
@@ -234,7 +237,8 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       stopped = preemption.reached(step)
       log = step % config.train.log_every == 0 or step == num_steps
       saving = step % config.train.checkpoint_every == 0 or stopped
-      evaluating = evals.due(step) and not stopped
+      evaluating = (evals.due(step) and not stopped
+                    and not (evals_from_samples and step == num_steps))
       if not (log or saving or evaluating):
         continue
       # Both sync with the devices anyway: read the health record first.
@@ -288,7 +292,6 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       save(step, force=True)
     ckpt.wait()
     ckpt.close()
-    metrics_out.close()
     trained_s = time.perf_counter() - t_first
 
     # ------------------------------------------------------------- samples
@@ -296,9 +299,15 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     sample_s = None
     if sample_at_end and not stopped:
       t0 = time.perf_counter()
-      write_samples(nnx.merge(graphdef, state["ema"]), config, tokenizer,
-                    os.path.join(workdir, "samples"))
+      sample_metrics = write_samples(nnx.merge(graphdef, state["ema"]), config, tokenizer,
+                                     os.path.join(workdir, "samples"))[2]
       sample_s = time.perf_counter() - t0
+      if evals_from_samples and evals.due(step) and step > step_first:
+        results = eval_row_of_samples(config, sample_metrics)
+        metrics_out.write(step, results)
+        logging.info("step %d evals (EMA weights, the end-of-run samples'): %s", step,
+                     "  ".join(f"{k[5:]} {v:.4g}" for k, v in results.items()))
+    metrics_out.close()
   if step > step_first:
     logging.info("done: compile %.1f s, %d steps in %.1f s (%.3f s/step with the logging and "
                  "checkpoints)%s", compile_s, step - step_first, trained_s,
