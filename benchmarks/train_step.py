@@ -10,7 +10,10 @@ backward), and the whole train step (gradient, clip, AdamW, EMA, the health
 check: train/step.py), float32, XLA attention, one image per row with a
 12-token prompt, no padding, random weights; model FLOPs from perf.py (6 per
 weight per token plus attention; the forward a third of it) and the rate they
-give, next to the rate XLA reaches here on a plain [B*L, E] x [E, mlp] matmul.
+give, next to the rate XLA reaches here on a plain [B*L, E] x [E, mlp] matmul,
+and the step's matmul floor: every dot_general of the gradient timed alone at
+its own shapes and summed (`matmul_floor`; the batched attention matmuls and
+the transposed operands of the backward run slower here than the plain one).
 With `--official_src` (the reference's source tree) and `--official_python` (a
 Python with torch 2.13 and transformers 4.38, ../shared/bench/README.md) the
 reference's step at S1 and S2 is timed too, right after ours on the same
@@ -25,6 +28,8 @@ rows of digits, sentences, readings, interleaved examples and edits).
 
 from __future__ import annotations
 
+import collections
+import math
 import pathlib
 import re
 import subprocess
@@ -32,6 +37,7 @@ import sys
 
 from absl import app, flags
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
@@ -114,6 +120,59 @@ def matmul_rate(m: int, k: int, n: int, iters: int) -> float:
   return 2 * m * k * n * 10 / report.median_seconds(ten, a, b, iters=iters)
 
 
+def program_dots(jaxpr, times: int = 1, found=None) -> collections.Counter:
+  """The dot_generals a program runs: (lhs shape, rhs shape, dtype, dimension
+  numbers) -> how many times. Nested calls are entered, a scan's body counts
+  `length` times, and of a cond's branches the one with the fewest FLOPs is
+  counted (the LM head's capacities), so the floor below stays a floor."""
+  found = collections.Counter() if found is None else found
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      lhs, rhs = (v.aval for v in eqn.invars)
+      (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+      dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+      found[(lhs.shape, rhs.shape, str(lhs.dtype), dims)] += times
+    elif name == "cond":
+      branches = [program_dots(b.jaxpr) for b in eqn.params["branches"]]
+      for dot, n in min(branches, key=dot_flops).items():
+        found[dot] += n * times
+    elif name == "while":
+      raise ValueError("program_dots: a while loop's trip count is not static")
+    else:
+      length = eqn.params["length"] if name == "scan" else 1
+      for sub in jex.core.jaxprs_in_params(eqn.params):
+        program_dots(sub, times * length, found)
+  return found
+
+
+def dot_flops(dots: collections.Counter) -> float:
+  """2 x batch x free(lhs) x free(rhs) x contracted, summed over `dots`."""
+  total = 0.0
+  for (lhs, rhs, _, ((lc, rc), (lb, rb))), n in dots.items():
+    free = lambda shape, *used: math.prod(d for i, d in enumerate(shape)
+                                          if i not in sum(used, ()))
+    total += (2.0 * n * math.prod(lhs[i] for i in lb) * math.prod(lhs[i] for i in lc)
+              * free(lhs, lc, lb) * free(rhs, rc, rb))
+  return total
+
+
+def matmul_floor(fn, *args, iters: int) -> tuple[float, float]:
+  """(seconds, FLOPs) of the matmuls `fn(*args)` runs, each dot_general timed
+  alone at its own shapes (jitted, random operands, median of `iters`) and
+  summed: what the program would take if everything but its matmuls were
+  free and each ran at this machine's speed for its shape."""
+  dots = program_dots(jax.make_jaxpr(fn)(*args).jaxpr)
+  rng = np.random.default_rng(0)
+  seconds = 0.0
+  for (lhs, rhs, dtype, dims), n in dots.items():
+    a = jnp.asarray(rng.normal(size=lhs), dtype)
+    b = jnp.asarray(rng.normal(size=rhs), dtype)
+    one = jax.jit(lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims))
+    seconds += n * report.median_seconds(one, a, b, iters=iters)
+  return seconds, dot_flops(dots)
+
+
 def time_shape(name: str, iters: int) -> dict:
   config = shape_config(name)
   mesh = sharding.make_mesh(config.mesh)
@@ -143,9 +202,12 @@ def time_shape(name: str, iters: int) -> dict:
   flops = perf.train_flops_per_row(config.model, length) * rows
   m = config.model
   rate = matmul_rate(rows * length, m.hidden_size, m.mlp_dim, iters)
+  with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
+    floor, dot_flops_ = matmul_floor(grad, params, batch, iters=iters)
   params_n = sum(x.size for x in jax.tree.leaves(abstract_model(m)[1]))
   return dict(name=name, rows=rows, length=length, params=params_n, forward=t_forward,
-              grad=t_grad, step=t_step, flops=flops, matmul=rate)
+              grad=t_grad, step=t_step, flops=flops, matmul=rate, floor=floor,
+              dot_flops=dot_flops_)
 
 
 def official_step(name: str) -> float | None:
@@ -181,9 +243,11 @@ def main(argv):
               "steps after 2 warm-ups), run right after ours at each shape."
               if with_official else ""), "",
            "| shape | rows x tokens | params | forward + loss | gradient | train step | "
-           "gradient / forward | step GFLOP | step GFLOP/s | matmul GFLOP/s | share of matmul |"
+           "gradient / forward | step GFLOP | step GFLOP/s | matmul GFLOP/s | share of matmul | "
+           "its matmuls alone (floor) | floor / step |"
            + (" reference's step | our speed / reference's |" if with_official else ""),
-           "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_official else "")]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+           + ("---|---|" if with_official else "")]
   for r in results:
     achieved = r["flops"] / r["step"]
     official = ""
@@ -194,7 +258,9 @@ def main(argv):
         f"| {r['name']} | {r['rows']} x {r['length']} | {r['params'] / 1e6:.2f}M | "
         f"{r['forward'] * 1e3:.0f} ms | {r['grad'] * 1e3:.0f} ms | {r['step'] * 1e3:.0f} ms | "
         f"{r['grad'] / r['forward']:.2f} | {r['flops'] / 1e9:.1f} | {achieved / 1e9:.0f} | "
-        f"{r['matmul'] / 1e9:.0f} | {achieved / r['matmul']:.0%} |" + official)
+        f"{r['matmul'] / 1e9:.0f} | {achieved / r['matmul']:.0%} | "
+        f"{r['floor'] * 1e3:.0f} ms ({r['dot_flops'] / 1e9:.1f} GFLOP) | "
+        f"{r['floor'] / r['step']:.0%} |" + official)
   print("\n".join(lines))
   if _OUTPUT.value:
     report.write_section(pathlib.Path(_OUTPUT.value), "Train step", lines)
