@@ -206,6 +206,16 @@ def model_metric_problem(name: str, config) -> str | None:
   return None
 
 
+def end_of_run_model_metrics(config) -> tuple[str, ...]:
+  """The digits model metrics the end-of-run samples (train/samples.py) score
+  for `config`: each that can score its model, interleaved and editing only
+  when training had such examples."""
+  trained = dict(reading=True, interleaved=bool(config.data.get("interleaved_fraction", 0)),
+                 editing=bool(config.data.get("edit_fraction", 0)))
+  return tuple(m for m in DIGITS_MODEL_METRICS
+               if trained[m] and not model_metric_problem(m, config))
+
+
 def model_metrics(model, tokenizer, config, names, *, num_steps: int = 50,
                   cfg_scale: float | None = 2.0) -> dict:
   """{name: metrics} of the digits model metrics among `names` (without the

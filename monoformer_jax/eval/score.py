@@ -178,7 +178,7 @@ def end_samples_score_evals(config) -> bool:
   eval/ row instead (`eval_row_of_samples`). The two differ only in their
   random draws (seeds, the order of the labels)."""
   from monoformer_jax.data.datasets import class_names
-  from monoformer_jax.eval.digits import model_metric_problem
+  from monoformer_jax.eval.digits import end_of_run_model_metrics
   ev, sc = config.get("evals", None), config.sample
   if ev is None or not ev.every or not ev.metrics:
     return False
@@ -187,13 +187,8 @@ def end_samples_score_evals(config) -> bool:
       or ev.num_samples != sc.num_per_class * classes
       or ev.num_steps != sc.num_steps or ev.cfg_scale != sc.cfg_scale):
     return False
-  # What write_samples scores: sample.metrics, then the digits model metrics
-  # that apply (interleaved and editing when training had such examples).
-  ended = set(sc.get("metrics", ())) | {"reading"}
-  ended |= {"interleaved"} if config.data.get("interleaved_fraction", 0) else set()
-  ended |= {"editing"} if config.data.get("edit_fraction", 0) else set()
-  return all(m in ended and not (m in MODEL_METRICS and model_metric_problem(m, config))
-             for m in ev.metrics)
+  scored = set(sc.get("metrics", ())) | set(end_of_run_model_metrics(config))
+  return all(m in scored for m in ev.metrics)
 
 
 def eval_row_of_samples(config, metrics: dict) -> dict[str, float]:

@@ -35,8 +35,8 @@ from monoformer_jax.data import prompts
 from monoformer_jax.data.datasets import class_names
 from monoformer_jax.eval import finite_json
 from monoformer_jax.data.digits import INTERLEAVED_PROMPT
-from monoformer_jax.eval.digits import (editing_accuracy, interleaved_accuracy,
-                                        model_metric_problem, reading_accuracy)
+from monoformer_jax.eval.digits import (editing_accuracy, end_of_run_model_metrics,
+                                        interleaved_accuracy, reading_accuracy)
 from monoformer_jax.eval.sampling import quantize
 from monoformer_jax.eval.score import metric_files, score_images
 
@@ -79,7 +79,8 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
     logging.info("data.name=%r has no class names: no class-conditional samples",
                  config.data.name)
 
-  if not model_metric_problem("reading", config):
+  scored = end_of_run_model_metrics(config)
+  if "reading" in scored:
     t0 = time.perf_counter()
     reading = reading_accuracy(model, tokenizer, config)
     logging.info("reading: %.1f%% of %d held-out digits named right (%.1fs)",
@@ -87,8 +88,7 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
                  time.perf_counter() - t0)
     metrics = dict(metrics, **reading)
   answers = edits = None
-  if not model_metric_problem("interleaved", config) and config.data.get(
-      "interleaved_fraction", 0):
+  if "interleaved" in scored:
     t0 = time.perf_counter()
     interleaved, answers, drawn = interleaved_accuracy(
         model, tokenizer, config, num_steps=sc.num_steps, cfg_scale=sc.cfg_scale, seed=seed)
@@ -96,7 +96,7 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
                  "(%.1fs)", 100 * interleaved["interleaved_accuracy"],
                  interleaved["interleaved_images"], time.perf_counter() - t0)
     metrics = dict(metrics, **interleaved)
-  if not model_metric_problem("editing", config) and config.data.get("edit_fraction", 0):
+  if "editing" in scored:
     t0 = time.perf_counter()
     editing, sources, edited, source_labels = editing_accuracy(model, tokenizer, config,
                                                 num_steps=sc.num_steps,
