@@ -160,13 +160,21 @@ class TrainingEvals:
       results = score_images(images, self.labels, sample_metrics, inception=self.inception,
                              reference=self.reference)
     from monoformer_jax.eval.digits import model_metrics
-    for name, values in model_metrics(model, tokenizer, config, self.metrics,
-                                      num_steps=ev.num_steps, cfg_scale=ev.cfg_scale).items():
-      results[name] = {k.removeprefix(f"{name}_"): v for k, v in values.items()
-                       if not k.endswith("per_digit")}   # logged as eval/reading_accuracy, ...
-    flat = {f"eval/{k}": v for k, v in flat_numbers(results).items()}
+    flat = eval_row(results, model_metrics(model, tokenizer, config, self.metrics,
+                                           num_steps=ev.num_steps, cfg_scale=ev.cfg_scale))
     flat["eval/seconds"] = time.perf_counter() - t0
     return flat
+
+
+def eval_row(image_scores: dict, model_scores: dict) -> dict[str, float]:
+  """The evaluators' eval/ numbers of `score_images`' results and of the
+  digits model metrics' ({'reading': {'reading_accuracy': ...}}):
+  eval/digits_classifier_accuracy, eval/reading_accuracy, ... (lists and
+  strings, e.g. the per-digit shares, left out)."""
+  results = dict(image_scores)
+  for name, values in model_scores.items():
+    results[name] = {k.removeprefix(f"{name}_"): v for k, v in values.items()}
+  return {f"eval/{k}": v for k, v in flat_numbers(results).items()}
 
 
 def end_samples_score_evals(config) -> bool:
@@ -193,15 +201,12 @@ def end_samples_score_evals(config) -> bool:
 
 def eval_row_of_samples(config, metrics: dict) -> dict[str, float]:
   """The end-of-run samples' `metrics` (train/samples.py) as the eval/ row the
-  evaluator would log for `config.evals.metrics` (TrainingEvals' keys)."""
-  row = {}
-  for name in config.evals.metrics:
-    if name in SAMPLE_METRICS:
-      row.update(flat_numbers({name: metrics[name]}))
-    else:
-      row.update({k: float(v) for k, v in metrics.items()
-                  if k.startswith(f"{name}_") and isinstance(v, (int, float))})
-  return {f"eval/{k}": v for k, v in row.items()}
+  evaluator would log for `config.evals.metrics` (TrainingEvals' keys): the
+  model metrics' keys are prefixed with their name in both."""
+  names = config.evals.metrics
+  return eval_row({n: metrics[n] for n in names if n in SAMPLE_METRICS},
+                  {n: {k: v for k, v in metrics.items() if k.startswith(f"{n}_")}
+                   for n in names if n not in SAMPLE_METRICS})
 
 
 def flat_numbers(results: dict) -> dict[str, float]:
