@@ -10,8 +10,11 @@ tokens. For each impl it times the forward and forward+backward (median of
 `--iters` after a compile and a warm-up), and reports the fraction of
 (query block, key block) pairs the kernel computes and TFLOP/s for the useful
 work: 4*D FLOPs per allowed (query, key) pair per head forward, 2.5 times that
-backward. The Pallas kernels only run compiled on TPU and GPU: on CPU they
-are left out (their interpret mode measures Python, not the kernel).
+backward. Impls: `pallas` (the kernels, compiled: on CPU it is left out, as
+interpret mode measures Python, not the kernel), `xla` (xla_attention, dense
+under the mixed mask), `jax_nn` (jax.nn.dot_product_attention with the dense
+mask, XLA's choice of implementation) and `cudnn` (the same asking for cuDNN's
+fused kernel; NVIDIA GPUs only, and a call cuDNN refuses is a row saying why).
 Results go to stdout and, with --output, into a section of that markdown file.
 """
 
@@ -33,7 +36,8 @@ from monoformer_jax.ops.attention.xla import xla_attention
 import report
 
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "2048", "8192"], "row lengths")
-_IMPLS = flags.DEFINE_list("impls", ["pallas", "xla", "jax_nn"], "what to time")
+_IMPLS = flags.DEFINE_list("impls", ["pallas", "xla", "jax_nn", "cudnn"],
+                          "what to time (cudnn: jax.nn's on NVIDIA GPUs only)")
 _BATCH = flags.DEFINE_integer("batch", 0, "rows per call; 0: 16384 tokens per call")
 _HEADS = flags.DEFINE_integer("heads", 32, "query heads (TinyLlama: 32)")
 _KV_HEADS = flags.DEFINE_integer("kv_heads", 4, "kv heads (TinyLlama: 4)")
@@ -75,8 +79,9 @@ def _impls(seg, img):
   bq, bk = _BLOCK_Q.value or None, _BLOCK_K.value or None
   mask_Bx1xLxL = None
 
-  def jax_nn(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL)
+  def jax_nn(q, k, v, implementation=None):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL,
+                                        implementation=implementation)
 
   # The kernel of this machine, named: a benchmark runs where it measures.
   backend = backend_for(jax.default_backend())
@@ -85,8 +90,9 @@ def _impls(seg, img):
                                                  block_q=bq, block_k=bk, interpret=False),
       "xla": lambda q, k, v: xla_attention(q, k, v, seg, img),
       "jax_nn": jax_nn,
+      "cudnn": lambda q, k, v: jax_nn(q, k, v, implementation="cudnn"),
   }
-  if "jax_nn" in _IMPLS.value:
+  if {"jax_nn", "cudnn"} & set(_IMPLS.value):
     mask_Bx1xLxL = mixed_mask(seg, img)[:, None]
   return table
 
@@ -117,10 +123,19 @@ def measure(length: int):
     if name == "pallas" and jax.default_backend() == "cpu":
       print(f"  {length}: pallas skipped on CPU (interpret mode is not a kernel timing)")
       continue
+    if name == "cudnn" and jax.default_backend() != "gpu":
+      print(f"  {length}: cudnn skipped on {jax.default_backend()} (NVIDIA GPUs only)")
+      continue
     fwd = jax.jit(fn)
     fwd_bwd = jax.jit(lambda q, k, v, dout, fn=fn: jax.vjp(fn, q, k, v)[1](dout))
-    t_fwd = report.median_seconds(fwd, q, k, v, iters=_ITERS.value)
-    t_both = report.median_seconds(fwd_bwd, q, k, v, dout, iters=_ITERS.value)
+    try:
+      t_fwd = report.median_seconds(fwd, q, k, v, iters=_ITERS.value)
+      t_both = report.median_seconds(fwd_bwd, q, k, v, dout, iters=_ITERS.value)
+    except Exception as error:   # e.g. cuDNN refusing a mask or a head count: a row, not a stop
+      failure = " ".join(str(error).split())[:160]
+      print(f"  {length}: {name} failed: {failure}", flush=True)
+      results.append(dict(length=length, batch=b, impl=name, failed=failure))
+      continue
     results.append(dict(
         length=length, batch=b, impl=name, fwd_ms=1e3 * t_fwd, fwd_bwd_ms=1e3 * t_both,
         fwd_tflops=fwd_flops / t_fwd / 1e12,
@@ -143,6 +158,9 @@ def write_markdown(path: pathlib.Path, results, fractions, command):
   lines += ["", "| row x batch | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s |",
             "|---|---|---|---|---|---|"]
   for r in results:
+    if "failed" in r:
+      lines.append(f"| {r['length']} x {r['batch']} | {r['impl']} | failed: {r['failed']} | | | |")
+      continue
     lines.append(f"| {r['length']} x {r['batch']} | {r['impl']} | {r['fwd_ms']:.2f} | "
                  f"{r['fwd_bwd_ms']:.2f} | {r['fwd_tflops']:.3g} | {r['fwd_bwd_tflops']:.3g} |")
   if jax.default_backend() == "cpu":
