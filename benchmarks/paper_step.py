@@ -41,11 +41,11 @@ import numpy as np
 
 from monoformer_jax import perf
 from monoformer_jax.configs import config_file
-from monoformer_jax.data.packing import Example, pack_examples, row_spec
+from monoformer_jax.data.packing import Example, batch_shapes, pack_examples, row_spec
 from monoformer_jax.ops.attention import resolve_impl
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.tokenizer import ByteTokenizer, Tokenizer
-from monoformer_jax.train.aot import lower_train_step
+from monoformer_jax.train.aot import lower_train_step, memory_plan
 from monoformer_jax.train.state import create_train_state, make_optimizer
 from monoformer_jax.train.step import healthy
 
@@ -100,18 +100,10 @@ def class_rows(config, seed: int = 0) -> dict[str, np.ndarray]:
   return pack_examples(examples, spec, one_per_row=True)
 
 
-def memory_plan(compiled) -> dict[str, int]:
-  m = compiled.memory_analysis()
-  plan = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
-              aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes,
-              code=m.generated_code_size_in_bytes)
-  plan["total"] = (plan["arguments"] + plan["outputs"] - plan["aliased"] + plan["temporaries"]
-                   + plan["code"])
-  return plan
-
-
 def batch_bytes(config) -> int:
-  return sum(np.asarray(x).nbytes for x in class_rows(config).values())
+  """Bytes of a batch of data.batch_size rows (packing.batch_shapes)."""
+  return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+             for shape, dtype in batch_shapes(config).values())
 
 
 def rows_that_fit(probe: dict[str, int], probe_rows: int, per_batch_bytes: int,

@@ -85,8 +85,8 @@ class StepPlan:
 
   @property
   def total_bytes(self) -> int:
-    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-            + self.code_bytes)
+    return planned_total(self.argument_bytes, self.output_bytes, self.alias_bytes,
+                         self.temp_bytes, self.code_bytes)
 
   @property
   def fits(self) -> bool:
@@ -134,6 +134,23 @@ class StepPlan:
         f"Pallas ({KERNEL_CALLS[self.platform][0]}) kernel calls in the lowered step: "
         f"{self.kernel_calls}",
     ])
+
+
+def planned_total(arguments: int, outputs: int, aliased: int, temporaries: int,
+                  code: int) -> int:
+  """Bytes per device a compiled program needs: outputs donated into arguments
+  (aliased) are counted once."""
+  return arguments + outputs - aliased + temporaries + code
+
+
+def memory_plan(compiled) -> dict[str, int]:
+  """The compiler's memory plan per device (`memory_analysis()`), in bytes, with
+  its total (`planned_total`)."""
+  m = compiled.memory_analysis()
+  plan = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+              aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes,
+              code=m.generated_code_size_in_bytes)
+  return dict(plan, total=planned_total(**plan))
 
 
 def abstract_inputs(config, mesh, abstract, shardings):
@@ -251,7 +268,7 @@ def plan(config, topology: Topology) -> tuple[StepPlan, str]:
         f"optim.grad_accum_steps={config.optim.grad_accum_steps}. The compiler says: "
         f"{failure} To fit it: {_fixes(config, failure)}")
   seconds = time.perf_counter() - t0
-  memory = compiled.memory_analysis()
+  memory = memory_plan(compiled)
   cost = _cost(compiled)
   model_flops = perf.train_flops_per_row(config.model, config.data.seq_len) * \
       config.data.batch_size
@@ -265,9 +282,9 @@ def plan(config, topology: Topology) -> tuple[StepPlan, str]:
       slices=topology.num_slices, mesh=dict(mesh.shape), remat=bool(config.model.remat),
       batch_size=config.data.batch_size, seq_len=config.data.seq_len,
       grad_accum_steps=config.optim.grad_accum_steps,
-      argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-      alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-      code_bytes=memory.generated_code_size_in_bytes, hbm_bytes=int(chip.hbm_gib * GIB),
+      argument_bytes=memory["arguments"], output_bytes=memory["outputs"],
+      alias_bytes=memory["aliased"], temp_bytes=memory["temporaries"],
+      code_bytes=memory["code"], hbm_bytes=int(chip.hbm_gib * GIB),
       model_flops=model_flops, xla_flops=cost.get("flops"), xla_seconds=xla_seconds,
       step_seconds=step_seconds, estimate=estimate, peak_tflops=chip.bf16_tflops,
       platform=topology.platform, kernel_calls=text.count(KERNEL_CALLS[topology.platform][1]),
