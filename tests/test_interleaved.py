@@ -27,7 +27,14 @@ from helpers import digits_config
 TOK = ByteTokenizer()
 IDS = TokenIds.of(TOK)
 PROMPTS = [[TOK.bos_id] + TOK.encode("here is a"), [TOK.bos_id] + TOK.encode("two")]
-TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def assert_image_close(got, want):
+  """Equal up to float32 sums in another order: the random model's images
+  reach several hundred, and the lockstep layout's padding columns change the
+  attention's summation order (errors up to ~6e-7 of the image's scale; a
+  wrong mask or a wrong fed image moves it by 1e-5 of it or more)."""
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6 * np.abs(want).max())
 
 
 class _Drawing(MonoFormer):
@@ -128,15 +135,18 @@ D5 = GaussianDiffusion.create(1000, respacing="5")
 @pytest.mark.parametrize("conditioning", ["adaln_before_decoder", "add_before_image_tokens"])
 def test_interleaved_equals_recomputing_the_row(conditioning):
   """Greedy text and guided DDPM images, two prompts that switch at different
-  steps, two images or more in an answer: equal to the recomputed rows."""
+  steps, two images or more in an answer: equal to the recomputed rows. The
+  row that asks first waits for the other, and both draw in one pass."""
   model = _drawing_model(conditioning)
   key = jax.random.PRNGKey(3)
+  events = []
   outs = generate_interleaved(model, PROMPTS, ids=IDS, max_new_tokens=100, diffusion=D5,
-                              key=key, cfg_scale=2.0)
+                              key=key, cfg_scale=2.0, progress=events.append)
   starts = [[i for i, t in enumerate(o.ids) if t == TOK.im_start_id] for o in outs]
   counts = [len(o.images) for o in outs]
   assert min(counts) >= 1 and max(counts) >= 2, counts
   assert starts[0][0] != starts[1][0], starts   # the rows switch at different steps
+  assert any(e.startswith("drawing 2 image(s)") for e in events), events
   for r, out in enumerate(outs):
     # The format: every image is <|im_start|> <image> <|im_end|>.
     for s in starts[r][:len(out.images)]:
@@ -146,7 +156,7 @@ def test_interleaved_equals_recomputing_the_row(conditioning):
     assert out.ids == want_ids
     assert len(want_images) == len(out.images)
     for got, want in zip(out.images, want_images):
-      np.testing.assert_allclose(got, want, **TOL)
+      assert_image_close(got, want)
   # The fed-back image is clean: recomputing with it at t = 999 moves the
   # second image (which attends to the first) by far more than the tolerance.
   r = int(np.argmax(counts))
@@ -171,7 +181,7 @@ def test_interleaved_sampled_text_and_ddim_are_per_row():
                                     sampler="ddim", temperature=1.0, top_k=8)
   assert both[1].ids == want_ids
   for got, want in zip(both[1].images, want_images):
-    np.testing.assert_allclose(got, want, **TOL)
+    assert_image_close(got, want)
 
 
 def test_interleaved_stops_at_eos_and_budget():

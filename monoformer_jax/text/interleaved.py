@@ -18,10 +18,16 @@ batch (see generate.py). When some rows draw, every row spends the image's
 columns (timestep token, P image tokens, `<|im_end|>`): a row that is not
 drawing holds padding there (segment 0, which no token attends to), its
 pending token moves past them and its positions do not advance, so its text
-is exactly what it would be alone. The cost is budget: `max_new_tokens` counts
-the columns after the prompt, and an image drawn by one row takes its columns
-from every row's budget. A row that asks for an image with too few columns
-left stops there (`stop="budget"`).
+is exactly what it would be alone. A row that asks for an image waits the
+same way (its `<|im_start|>` moves along, padding behind it) while the others
+write, for up to the columns an image takes, so that rows asking a few columns
+apart draw in one pass of the denoising steps (each pass runs every row of
+the batch, drawing or not: one pass for all is the cost of one image; the
+digits' 20 interleaved answers draw their 40 images in 3 passes, not 11).
+The cost is budget: `max_new_tokens` counts the columns after the prompt; an
+image drawn by one row takes its columns from every row's budget, a wait from
+the waiting row's. A row that asks for an image with too few columns left
+stops there (`stop="budget"`).
 
 Randomness is per row: row b draws its j-th text token from
 fold_in(fold_in(key, b), j) and the noise of its k-th image from
@@ -29,7 +35,7 @@ fold_in(fold_in(image key, b), k), so a row's output depends on the seed and
 its index, not on when the other rows of its batch draw.
 
 The text loop is one compiled `lax.while_loop` that returns to the host only
-when a row asks for an image, or all rows are done; each image is one compiled
+when rows are ready to draw, or all rows are done; each image is one compiled
 program per denoising step plus two that write the context and the clean image
 into the cache. The compiled programs depend on shapes and settings only.
 """
@@ -166,8 +172,8 @@ def generate_interleaved(model, prompts: Sequence[Sequence[int] | Example], *,
   images: list[list[np.ndarray]] = [[] for _ in range(b)]
   opened: list[list[int]] = [[] for _ in range(b)]   # each image's <|im_start|> column
   while True:
-    state, cache, col = _write_text(model, text, _to_device(state), cache, jnp.int32(col),
-                                    text_keys)
+    state, cache, col = _write_text(model, (text, need), _to_device(state), cache,
+                                    jnp.int32(col), text_keys)
     state, col = _to_host(state), int(col)
     drawing = ~state.done & (state.tokens[:, col] == ids.im_start)
     if not drawing.any():
@@ -224,23 +230,39 @@ def _pick(text: _TextSettings, logits_BxV, keys, n_text_B):
   return jax.vmap(one)(logits_BxV, keys, n_text_B)
 
 
-def _write_token(text: _TextSettings, state: _State, logits_BxV, keys, col):
-  """The state with each live row's next token drawn and written at `col`."""
+def _write_token(text: _TextSettings, state: _State, logits_BxV, keys, col, hold=None):
+  """The state with each live row's next token drawn and written at `col`;
+  the rows in `hold` [B] (waiting to draw: their pending token, at `col - 1`,
+  is `<|im_start|>`) move that token to `col` instead and pad its old column,
+  so their positions and their text do not advance."""
   live = ~state.done
-  tok = jnp.where(live, _pick(text, logits_BxV, keys, state.n_text), text.ids.pad)
-  prev_pos = jax.lax.dynamic_slice_in_dim(state.positions, col - 1, 1, axis=1)[:, 0]
+  writes = live if hold is None else live & ~hold
+  tok = jnp.where(writes, _pick(text, logits_BxV, keys, state.n_text), text.ids.pad)
+  at = lambda x: jax.lax.dynamic_slice_in_dim(x, col - 1, 1, axis=1)[:, 0]
+  prev_pos = at(state.positions)
+  position = jnp.where(writes, prev_pos + 1, 0)
+  segment = writes
+  tokens, segment_ids, positions = state.tokens, state.segment_ids, state.positions
+  if hold is not None:
+    tok = jnp.where(hold, at(tokens), tok)
+    position = jnp.where(hold, prev_pos, position)
+    segment = writes | hold
+    put_prev = lambda x, v: jax.lax.dynamic_update_slice_in_dim(
+        x, jnp.where(hold, v, at(x)).astype(x.dtype)[:, None], col - 1, axis=1)
+    tokens = put_prev(tokens, jnp.full_like(tok, text.ids.pad))
+    segment_ids, positions = put_prev(segment_ids, 0 * tok), put_prev(positions, 0 * tok)
   put = lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v[:, None].astype(x.dtype), col,
                                                          axis=1)
   stops = jnp.asarray(text.ids.stops or (-1,), jnp.int32)
-  done = state.done | (live & jnp.isin(tok, stops))
+  done = state.done | (writes & jnp.isin(tok, stops))
   if text.max_positions:   # the last position the model was trained on
-    done = done | (prev_pos + 2 >= text.max_positions)
-  return _State(tokens=put(state.tokens, tok),
-                segment_ids=put(state.segment_ids, live.astype(jnp.int32)),
+    done = done | (writes & (prev_pos + 2 >= text.max_positions))
+  return _State(tokens=put(tokens, tok),
+                segment_ids=put(segment_ids, segment.astype(jnp.int32)),
                 image_ids=state.image_ids,
-                positions=put(state.positions, jnp.where(live, prev_pos + 1, 0)),
+                positions=put(positions, position),
                 done=done,
-                n_text=state.n_text + live.astype(jnp.int32))
+                n_text=state.n_text + writes.astype(jnp.int32))
 
 
 @compiled
@@ -255,27 +277,39 @@ def _start(model, settings: tuple[_TextSettings, PromptLayout], row: Row, state:
 
 
 @compiled
-def _write_text(model, text: _TextSettings, state: _State, cache, col, keys):
-  """Text until every row is done, a live row's last token is `<|im_start|>`
-  (it wants an image; the token is not fed yet) or the row is full; returns
-  (state, cache, the column of the last token written, not yet fed)."""
+def _write_text(model, settings: tuple[_TextSettings, int], state: _State, cache, col, keys):
+  """Text until the rows are ready to draw, every row is done or the row is
+  full; returns (state, cache, the column of the last token written, not yet fed).
+
+  A row whose last token is `<|im_start|>` waits (`_write_token`'s `hold`)
+  while the others write, so that rows asking for images a few columns apart
+  draw them together: the loop stops when no live row writes, when the first
+  of the waiting rows has waited `patience` columns, or before waiting longer
+  would leave no room for the image."""
+  text, patience = settings
   length = state.tokens.shape[1]
+  need = image_columns_needed(model)
   at = lambda x, c: jax.lax.dynamic_slice_in_dim(x, c, 1, axis=1)
 
-  def wants_image(state, col):
-    return (~state.done & (at(state.tokens, col)[:, 0] == text.ids.im_start)).any()
+  def waiting(state, col):
+    return ~state.done & (at(state.tokens, col)[:, 0] == text.ids.im_start)
 
   def going(carry):
-    state, _, col = carry
-    return (col < length - 1) & ~state.done.all() & ~wants_image(state, col)
+    state, _, col, waited = carry
+    wait = waiting(state, col)
+    draw_now = wait.any() & ((waited >= patience) | (col + 1 + need > length - 1))
+    return (col < length - 1) & (~state.done & ~wait).any() & ~draw_now
 
   def step(carry):
-    state, cache, col = carry
+    state, cache, col, waited = carry
+    wait = waiting(state, col)
     logits, cache = model.extend_text(at(state.tokens, col), at(state.positions, col),
                                       state.segment_ids, state.image_ids, cache, col)
-    return _write_token(text, state, logits[:, 0], keys, col + 1), cache, col + 1
+    state = _write_token(text, state, logits[:, 0], keys, col + 1, hold=wait)
+    return state, cache, col + 1, jnp.where(wait.any(), waited + 1, 0)
 
-  return jax.lax.while_loop(going, step, (state, cache, col))
+  state, cache, col, _ = jax.lax.while_loop(going, step, (state, cache, col, jnp.int32(0)))
+  return state, cache, col
 
 
 def _open_image(state: _State, drawing, col: int, need: int, model, ids: TokenIds,
