@@ -117,9 +117,12 @@ def generate_interleaved(model, tokenizer, prompts: Sequence[str], *, config,
                          num_steps: int = 20, sampler: str = "ddpm", eta: float = 0.0,
                          cfg_scale: float | None = 1.5, guided_channels: int | None = None,
                          temperature: float = 0.7, top_k: int = 50, top_p: float = 0.95,
-                         seed: int = 0, progress: Callable | None = None) -> list[Answer]:
+                         seed: int = 0, max_wait: int | None = None,
+                         progress: Callable | None = None) -> list[Answer]:
   """Text with images inline for each prompt: the model writes text and,
-  where it writes <|im_start|>, draws an image (text/interleaved.py).
+  where it writes <|im_start|>, draws an image (text/interleaved.py; `max_wait`:
+  the columns a row waits for other rows to ask for an image too, so that
+  they draw in one pass; None: the columns an image takes, 0: none).
 
   `images`: None, or one image per prompt (a path, PIL image or array; None
   for none) that the prompt reads first. `max_new_tokens` counts the columns
@@ -152,7 +155,7 @@ def generate_interleaved(model, tokenizer, prompts: Sequence[str], *, config,
                     temperature=temperature, top_k=top_k, top_p=top_p,
                     cfg_scale=cfg_scale or None, guided_channels=guided_channels,
                     sampler=sampler, eta=eta, spec=spec, max_positions=config.data.seq_len,
-                    progress=progress)
+                    max_wait=max_wait, progress=progress)
   answers = []
   for out in outs:
     pixels = iter(to_pixels(np.stack(out.images), config, vae) if out.images else ())

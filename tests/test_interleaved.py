@@ -165,6 +165,25 @@ def test_interleaved_equals_recomputing_the_row(conditioning):
   assert np.abs(noisy_fed[1] - outs[r].images[1]).max() > 1e-2
 
 
+def test_interleaved_without_waiting_draws_each_row_alone():
+  """max_wait=0: a row draws as soon as it asks, one pass per image here, and
+  the rows still equal the recomputed ones."""
+  model = _drawing_model("adaln_before_decoder")
+  key = jax.random.PRNGKey(3)
+  events = []
+  outs = generate_interleaved(model, PROMPTS, ids=IDS, max_new_tokens=100, diffusion=D5,
+                              key=key, cfg_scale=2.0, max_wait=0, progress=events.append)
+  passes = [e for e in events if e.startswith("drawing")]
+  assert len(passes) == sum(len(o.images) for o in outs) >= 3, passes
+  assert all(e.startswith("drawing 1 image(s)") for e in passes), passes
+  for r, out in enumerate(outs):
+    want_ids, want_images = reference(model, PROMPTS[r], len(out.ids), key, r, D5,
+                                      cfg_scale=2.0)
+    assert out.ids == want_ids
+    for got, want in zip(out.images, want_images, strict=True):
+      assert_image_close(got, want)
+
+
 def test_interleaved_sampled_text_and_ddim_are_per_row():
   """Temperature sampling and DDIM: each row equals the reference, and a row's
   output does not depend on the other rows of its batch."""
@@ -204,6 +223,23 @@ def test_interleaved_bad_inputs_name_the_fix():
   with pytest.raises(ConfigError, match="at most 109 tokens"):   # 128 - 19
     generate_interleaved(model, [[TOK.bos_id] * 110], ids=IDS, max_new_tokens=40,
                          diffusion=D5, max_positions=128)
+  with pytest.raises(ConfigError, match="max_wait=-1"):
+    generate_interleaved(model, PROMPTS, ids=IDS, max_new_tokens=40, diffusion=D5, max_wait=-1)
   with pytest.raises(ConfigError, match="one scale"):
     generate_interleaved(model, PROMPTS, ids=IDS, max_new_tokens=40, diffusion=D5,
                          cfg_scale=(1.5, 2.0))
+
+
+def test_the_interleaved_benchmark_counts_passes_and_compares_texts():
+  """benchmarks/interleaved.py's run() on the drawing model: without waiting
+  a pass for each column some row draws at; waiting, fewer passes, the same
+  images counted and the same text."""
+  from test_benchmarks import _script
+  bench = _script("interleaved")
+  config = digits_config()
+  model = _drawing_model(config.model.conditioning)
+  eager = bench.run(model, TOK, config, 0, prompts=3, num_steps=2)
+  waiting = bench.run(model, TOK, config, None, prompts=3, num_steps=2)
+  assert eager[2] == waiting[2] >= 2 and eager[1] <= eager[2], (eager[:3], waiting[:3])
+  assert waiting[1] < eager[1], (eager[:3], waiting[:3])
+  assert eager[3] == waiting[3]

@@ -20,14 +20,14 @@ drawing holds padding there (segment 0, which no token attends to), its
 pending token moves past them and its positions do not advance, so its text
 is exactly what it would be alone. A row that asks for an image waits the
 same way (its `<|im_start|>` moves along, padding behind it) while the others
-write, for up to the columns an image takes, so that rows asking a few columns
-apart draw in one pass of the denoising steps (each pass runs every row of
-the batch, drawing or not: one pass for all is the cost of one image; the
-digits' 20 interleaved answers draw their 40 images in 3 passes, not 11).
-The cost is budget: `max_new_tokens` counts the columns after the prompt; an
-image drawn by one row takes its columns from every row's budget, a wait from
-the waiting row's. A row that asks for an image with too few columns left
-stops there (`stop="budget"`).
+write, for up to the columns an image takes (`max_wait`), so that rows asking
+a few columns apart draw in one pass of the denoising steps (each pass runs
+every row of the batch, drawing or not: one pass for all is the cost of one
+image; the digits' 20 interleaved answers draw their 40 images in 3 passes,
+not 11). The cost is budget: `max_new_tokens` counts the columns after the
+prompt; an image drawn by one row takes its columns from every row's budget,
+a wait from the waiting row's. A row that asks for an image with too few
+columns left stops there (`stop="budget"`).
 
 Randomness is per row: row b draws its j-th text token from
 fold_in(fold_in(key, b), j) and the noise of its k-th image from
@@ -116,6 +116,7 @@ def generate_interleaved(model, prompts: Sequence[Sequence[int] | Example], *,
                          cfg_scale: float | None = None, guided_channels: int | None = None,
                          sampler: str = "ddpm", eta: float = 0.0,
                          spec: RowSpec | None = None, max_positions: int | None = None,
+                         max_wait: int | None = None,
                          progress: Callable[[str], Any] | None = None) -> list[Interleaved]:
   """Text and images for each prompt (token ids, or an `Example` that reads
   images, laid out by `spec`), in order; see the module docstring.
@@ -124,11 +125,16 @@ def generate_interleaved(model, prompts: Sequence[Sequence[int] | Example], *,
   `diffusion`: the respaced GaussianDiffusion each image runs; `cfg_scale`:
   guidance against the null context (None: none); `max_positions`: the
   longest row the model was trained on (data.seq_len): a row stops
-  (`stop="budget"`) before its positions pass it. `progress(message)` is called when an image
-  starts and ends.
+  (`stop="budget"`) before its positions pass it. `max_wait`: the columns a
+  row that asks for an image waits for others to ask too (None: the columns
+  an image takes; 0: every row draws as soon as it asks). `progress(message)`
+  is called when a pass of images starts and ends.
   """
   _check_sampling(temperature, top_k, top_p)
   need = image_columns_needed(model)
+  max_wait = need if max_wait is None else int(max_wait)
+  if max_wait < 0:
+    raise ConfigError(f"max_wait={max_wait}: give the columns a row may wait (>= 0), or None")
   if max_new_tokens < need + 1:
     raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for one image: an "
                       f"image takes <|im_start|> and {need} columns (timestep token, "
@@ -172,7 +178,7 @@ def generate_interleaved(model, prompts: Sequence[Sequence[int] | Example], *,
   images: list[list[np.ndarray]] = [[] for _ in range(b)]
   opened: list[list[int]] = [[] for _ in range(b)]   # each image's <|im_start|> column
   while True:
-    state, cache, col = _write_text(model, (text, need), _to_device(state), cache,
+    state, cache, col = _write_text(model, (text, max_wait), _to_device(state), cache,
                                     jnp.int32(col), text_keys)
     state, col = _to_host(state), int(col)
     drawing = ~state.done & (state.tokens[:, col] == ids.im_start)
@@ -284,9 +290,9 @@ def _write_text(model, settings: tuple[_TextSettings, int], state: _State, cache
   A row whose last token is `<|im_start|>` waits (`_write_token`'s `hold`)
   while the others write, so that rows asking for images a few columns apart
   draw them together: the loop stops when no live row writes, when the first
-  of the waiting rows has waited `patience` columns, or before waiting longer
+  of the waiting rows has waited `max_wait` columns, or before waiting longer
   would leave no room for the image."""
-  text, patience = settings
+  text, max_wait = settings
   length = state.tokens.shape[1]
   need = image_columns_needed(model)
   at = lambda x, c: jax.lax.dynamic_slice_in_dim(x, c, 1, axis=1)
@@ -297,7 +303,7 @@ def _write_text(model, settings: tuple[_TextSettings, int], state: _State, cache
   def going(carry):
     state, _, col, waited = carry
     wait = waiting(state, col)
-    draw_now = wait.any() & ((waited >= patience) | (col + 1 + need > length - 1))
+    draw_now = wait.any() & ((waited >= max_wait) | (col + 1 + need > length - 1))
     return (col < length - 1) & (~state.done & ~wait).any() & ~draw_now
 
   def step(carry):
