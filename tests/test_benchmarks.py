@@ -20,13 +20,20 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def _script(name):
-  """A benchmark module with its absl flags taken off again: the scripts share
-  flag names (--output, --json), and these tests call their functions."""
-  before = set(flags.FLAGS)
-  module = importlib.import_module(name)
-  for flag in set(flags.FLAGS) - before:
-    delattr(flags.FLAGS, flag)
-  return module
+  """A benchmark module imported with none of its absl flags left behind: the
+  scripts share flag names with each other and with the package's CLIs
+  (--output, --json), and these tests call their functions. The flags defined
+  so far are set aside while it imports, and put back after."""
+  saved = {n: f for n, f in flags.FLAGS._flags().items() if n == f.name}
+  for n in list(flags.FLAGS):
+    delattr(flags.FLAGS, n)
+  try:
+    return importlib.import_module(name)
+  finally:
+    for n in list(flags.FLAGS):
+      delattr(flags.FLAGS, n)
+    for n, f in saved.items():
+      flags.FLAGS[n] = f
 
 
 kernel_check = _script("kernel_check")
