@@ -24,10 +24,9 @@ import time
 
 from absl import app, flags
 
-from monoformer_jax import inference
 from monoformer_jax.checkpoints import load_model
-from monoformer_jax.data.digits import INTERLEAVED_PROMPT
 from monoformer_jax.errors import ConfigError
+from monoformer_jax.eval.digits import interleaved_accuracy
 from monoformer_jax.text.tokenizer import tokenizer_of
 
 import report
@@ -39,18 +38,15 @@ _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "markdown file (''
 
 
 def run(model, tokenizer, config, max_wait, prompts: int = 20, num_steps: int = 50):
-  """(seconds, passes, images, texts) of one batch of the evaluator's answers."""
+  """(seconds, passes, images, texts) of the evaluator's answers at `max_wait`."""
   passes = []
   t0 = time.perf_counter()
-  answers = inference.generate_interleaved(
-      model, tokenizer, [INTERLEAVED_PROMPT] * prompts, config=config, max_new_tokens=256,
-      num_steps=num_steps, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0,
-      seed=0, max_wait=max_wait,
-      progress=lambda m: passes.append(m) if m.startswith("drawing") else None)
+  metrics, answers, _ = interleaved_accuracy(
+      model, tokenizer, config, num_prompts=prompts, num_steps=num_steps, seed=0,
+      max_wait=max_wait, progress=lambda m: passes.append(m) if m.startswith("drawing") else None)
   seconds = time.perf_counter() - t0
-  images = sum(kind == "image" for a in answers for kind, _ in a.pieces)
   texts = ["".join(v for kind, v in a.pieces if kind == "text") for a in answers]
-  return seconds, len(passes), images, texts
+  return seconds, len(passes), metrics["interleaved_images"], texts
 
 
 def main(argv):

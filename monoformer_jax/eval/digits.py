@@ -116,19 +116,21 @@ def reading_accuracy(model, tokenizer, config, *, max_new_tokens: int = 16) -> d
 def interleaved_accuracy(model, tokenizer, config, *, num_prompts: int = 20,
                          num_steps: int = 50, cfg_scale: float | None = 2.0,
                          max_new_tokens: int = 256, temperature: float = 1.0,
-                         seed: int = 0) -> tuple[dict, list, list]:
+                         seed: int = 0, max_wait: int | None = None,
+                         progress=None) -> tuple[dict, list, list]:
   """Interleaved answers to the prompt "here is a" (data/digits.py), sampled
   at `temperature` so the rows name different digits: the share of their
   images that the classifier labels with the digit named in the text just
   before each one. Returns (metrics, the answers, the classifier's labels of
-  each answer's images)."""
+  each answer's images). `max_wait` and `progress`: generate_interleaved's."""
   from monoformer_jax.data import digits as digits_data
   from monoformer_jax.inference import generate_interleaved
 
   answers = generate_interleaved(
       model, tokenizer, [digits_data.INTERLEAVED_PROMPT] * num_prompts, config=config,
       max_new_tokens=max_new_tokens, num_steps=num_steps, cfg_scale=cfg_scale,
-      temperature=temperature, top_k=0, top_p=1.0, seed=seed)
+      temperature=temperature, top_k=0, top_p=1.0, seed=seed, max_wait=max_wait,
+      progress=progress)
   named, drawn, labels = [], [], []
   for answer in answers:
     texts, images, text = [], [], digits_data.INTERLEAVED_PROMPT

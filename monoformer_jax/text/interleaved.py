@@ -256,7 +256,8 @@ def _write_token(text: _TextSettings, state: _State, logits_BxV, keys, col, hold
     put_prev = lambda x, v: jax.lax.dynamic_update_slice_in_dim(
         x, jnp.where(hold, v, at(x)).astype(x.dtype)[:, None], col - 1, axis=1)
     tokens = put_prev(tokens, jnp.full_like(tok, text.ids.pad))
-    segment_ids, positions = put_prev(segment_ids, 0 * tok), put_prev(positions, 0 * tok)
+    zeros = jnp.zeros_like(tok)
+    segment_ids, positions = put_prev(segment_ids, zeros), put_prev(positions, zeros)
   put = lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v[:, None].astype(x.dtype), col,
                                                          axis=1)
   stops = jnp.asarray(text.ids.stops or (-1,), jnp.int32)
