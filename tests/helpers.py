@@ -45,3 +45,28 @@ def random_model(config, seed=0):
   nnx.update(model, jax.tree.unflatten(
       tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
   return model
+
+
+def benchmark_module(name):
+  """benchmarks/{name}.py imported with none of its own absl flags left
+  behind: the scripts share flag names with each other and with the
+  package's CLIs (--output, --json), and the tests call their functions. The
+  flags defined so far are set aside while it imports and put back after;
+  those its imports define (grain's) stay."""
+  import importlib
+  import sys
+  from absl import flags
+  folder = str(CONFIGS_DIR.parent / "benchmarks")
+  if folder not in sys.path:
+    sys.path.insert(0, folder)
+  saved = {n: flags.FLAGS[n] for n in list(flags.FLAGS) if flags.FLAGS[n].name == n}
+  for n in list(flags.FLAGS):
+    delattr(flags.FLAGS, n)
+  try:
+    return importlib.import_module(name)
+  finally:
+    for n in list(flags.FLAGS):
+      if flags.FLAGS.find_module_defining_flag(n) == name:
+        delattr(flags.FLAGS, n)
+    for n, f in saved.items():
+      flags.FLAGS[n] = f

@@ -1,43 +1,22 @@
 """The device check's own parts (benchmarks/kernel_check.py, paper_step.py, gpu.py)."""
 
 import functools
-import importlib
 import subprocess
 import sys
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import REPO
+from helpers import benchmark_module
 from monoformer_jax.ops.attention import mixed_mask
 from monoformer_jax.ops.attention.pallas import pallas_attention
 from monoformer_jax.ops.attention.xla import xla_attention
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-
-def _script(name):
-  """A benchmark module imported with none of its absl flags left behind: the
-  scripts share flag names with each other and with the package's CLIs
-  (--output, --json), and these tests call their functions. The flags defined
-  so far are set aside while it imports, and put back after."""
-  saved = {n: f for n, f in flags.FLAGS._flags().items() if n == f.name}
-  for n in list(flags.FLAGS):
-    delattr(flags.FLAGS, n)
-  try:
-    return importlib.import_module(name)
-  finally:
-    for n in list(flags.FLAGS):
-      delattr(flags.FLAGS, n)
-    for n, f in saved.items():
-      flags.FLAGS[n] = f
-
-
-kernel_check = _script("kernel_check")
-paper_step = _script("paper_step")
+kernel_check = benchmark_module("kernel_check")
+paper_step = benchmark_module("paper_step")
 
 
 @pytest.mark.parametrize("seed", range(20))

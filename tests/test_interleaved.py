@@ -22,7 +22,7 @@ from monoformer_jax.model.monoformer import MonoFormer
 from monoformer_jax.text.generate import sample_token
 from monoformer_jax.text.interleaved import TokenIds, generate_interleaved
 from monoformer_jax.text.tokenizer import ByteTokenizer
-from helpers import digits_config
+from helpers import benchmark_module, digits_config
 
 TOK = ByteTokenizer()
 IDS = TokenIds.of(TOK)
@@ -234,8 +234,7 @@ def test_the_interleaved_benchmark_counts_passes_and_compares_texts():
   """benchmarks/interleaved.py's run() on the drawing model: without waiting
   a pass for each column some row draws at; waiting, fewer passes, the same
   images counted and the same text."""
-  from test_benchmarks import _script
-  bench = _script("interleaved")
+  bench = benchmark_module("interleaved")
   config = digits_config()
   model = _drawing_model(config.model.conditioning)
   eager = bench.run(model, TOK, config, 0, prompts=3, num_steps=2)
