@@ -20,7 +20,7 @@ import pathlib
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from flax import nnx
 import jax
 import numpy as np
@@ -102,4 +102,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  report.run(main)

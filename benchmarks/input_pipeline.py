@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
 from monoformer_jax import perf
@@ -151,4 +151,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  report.run(main)

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 from monoformer_jax.checkpoints import load_model
 from monoformer_jax.errors import ConfigError
@@ -83,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  report.run(main)

@@ -34,7 +34,7 @@ import pathlib
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,4 +237,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  report.run(main)

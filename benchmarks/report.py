@@ -9,7 +9,18 @@ import platform
 import statistics
 import time
 
+from absl import app
 import jax
+
+from monoformer_jax import cli
+
+
+def run(main):
+  """`absl.app.run(main)` for a benchmark, with the host memory kept between
+  steps as `python -m monoformer_jax.train` keeps it (cli.keep_host_memory):
+  the figures are the ones a user's run gets."""
+  cli.keep_host_memory()
+  app.run(main)
 
 
 def median_seconds(fn, *args, iters: int) -> float:

@@ -35,7 +35,7 @@ import re
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
@@ -267,4 +267,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  report.run(main)

@@ -7,8 +7,9 @@ narration and JAX's backend probing dropped) and one rule for errors: a
 one line, `error: ...`, followed by its causes, and exits with status 2;
 `--verbose` shows its traceback instead. Any other exception is a bug and
 keeps its traceback. Before `main`, a process of a multi-host run (launch/,
-or `--jax_distributed`) joins the others (parallel/distributed.py), and JAX's
-persistent compilation cache is turned on (`use_compilation_cache`).
+or `--jax_distributed`) joins the others (parallel/distributed.py), JAX's
+persistent compilation cache is turned on (`use_compilation_cache`), and
+malloc keeps the host memory XLA:CPU frees between steps (`keep_host_memory`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,36 @@ def use_compilation_cache():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def keep_host_memory() -> bool:
+  """Make glibc's malloc keep freed memory for the next step instead of
+  returning it to the kernel; True when it did.
+
+  XLA:CPU allocates each run's temporaries afresh (one block: 344 MB for the
+  digits train step) from the thread that runs the program. glibc serves a
+  block that large from mmap and unmaps it when it is freed, so every step
+  page-faults its whole working set in again: ~83,000 faults and 105-130 ms of
+  kernel time per digits step on 2 cores (docs/benchmarks.md). With one arena,
+  no mmap and no trimming below 2 GiB, the freed block stays in the heap and
+  the next step reuses it; the process keeps its peak memory.
+
+  Call it before JAX starts its CPU client (its threads pick their malloc
+  arena on first use): `run` does, and tests/conftest.py. Left alone off glibc
+  and where the user tunes malloc: GLIBC_TUNABLES or any MALLOC_* variable in
+  the environment (MALLOC_ARENA_MAX=8 keeps glibc's defaults)."""
+  if "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
+    return False
+  import ctypes
+  try:
+    libc = ctypes.CDLL(None)
+  except OSError:
+    return False
+  if not hasattr(libc, "gnu_get_libc_version"):   # not glibc (macOS, musl): nothing to tune
+    return False
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8   # <malloc.h>
+  return all(libc.mallopt(p, v) == 1 for p, v in (
+      (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
+
+
 def describe(error: BaseException) -> str:
   """`error: message` and one `  because: ...` line per cause in its chain."""
   lines = [f"error: {error}"]
@@ -85,6 +116,7 @@ def run(main: Callable[[list[str]], None]):
 
   def guarded(argv):
     quiet_logs()
+    keep_host_memory()
     use_compilation_cache()
     try:
       from monoformer_jax.parallel import distributed

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 from monoformer_jax import cli  # noqa: E402
 
 cli.use_compilation_cache()
+cli.keep_host_memory()   # as every entry point does (cli.run)
 # The official implementation's outputs on a tiny model (a copy of the
 # project's shared/fixtures/official_tiny; its README says how they were made).
 FIXTURES = REPO / "tests" / "fixtures" / "official_tiny"

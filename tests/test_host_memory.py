@@ -1,0 +1,58 @@
+"""cli.keep_host_memory: XLA:CPU's per-run temporaries stop page-faulting in
+again on every call, counted by the kernel (getrusage's minor faults)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO
+
+# A program whose temporaries are one 64 MiB block ([8192, 2048] float32, the
+# product between the two dots), run 8 times after 24 warm-up calls (the heap
+# grows to its steady size in the first dozen); it prints keep_host_memory's
+# answer and the minor page faults per call.
+_PROGRAM = textwrap.dedent("""
+    import resource, sys
+    from monoformer_jax import cli
+    kept = cli.keep_host_memory()
+    import jax, jax.numpy as jnp
+    a = jnp.ones((8192, 64), jnp.float32)
+    b = jnp.ones((64, 2048), jnp.float32)
+    c = jnp.ones((2048, 8), jnp.float32)
+    f = jax.jit(lambda a, b, c: jnp.sin(a @ b) @ c)
+    for _ in range(24):
+      f(a, b, c).block_until_ready()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(8):
+      f(a, b, c).block_until_ready()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    print(kept, (after - before) / 8)
+""")
+_PAGES = 8192 * 2048 * 4 // 4096   # the block's 4 KiB pages
+
+
+def _faults_per_call(**env) -> tuple[bool, float]:
+  environ = {k: v for k, v in os.environ.items()
+             if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+  run = subprocess.run([sys.executable, "-c", _PROGRAM], cwd=REPO, env={**environ, **env},
+                       capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  kept, faults = run.stdout.split()[-2:]
+  return kept == "True", float(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_kept_memory_is_not_faulted_in_again_and_a_users_malloc_settings_win():
+  # glibc's defaults (the user set MALLOC_ARENA_MAX): every call maps the
+  # block afresh and touches each page.
+  kept, faults = _faults_per_call(MALLOC_ARENA_MAX="8")
+  assert not kept
+  if faults < 0.5 * _PAGES:
+    pytest.skip(f"this jaxlib reuses its temporaries itself ({faults:.0f} faults per call "
+                f"of {_PAGES} pages): keep_host_memory has nothing to keep")
+  kept, faults = _faults_per_call()
+  assert kept
+  assert faults < 0.05 * _PAGES, f"{faults:.0f} minor faults per call of {_PAGES} pages"
