@@ -14,6 +14,7 @@ malloc keeps the host memory XLA:CPU frees between steps (`keep_host_memory`).
 
 from __future__ import annotations
 
+import glob
 import logging as std_logging
 import os
 import sys
@@ -68,6 +69,11 @@ def use_compilation_cache():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+# Device files of the chips JAX would compute on instead of the CPU: TPU VMs
+# (/dev/accel*, /dev/vfio/N on v5p and later) and NVIDIA GPUs.
+_ACCELERATOR_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
+
+
 def keep_host_memory() -> bool:
   """Make glibc's malloc keep freed memory for the next step instead of
   returning it to the kernel; True when it did.
@@ -81,10 +87,18 @@ def keep_host_memory() -> bool:
   the next step reuses it; the process keeps its peak memory.
 
   Call it before JAX starts its CPU client (its threads pick their malloc
-  arena on first use): `run` does, and tests/conftest.py. Left alone off glibc
-  and where the user tunes malloc: GLIBC_TUNABLES or any MALLOC_* variable in
-  the environment (MALLOC_ARENA_MAX=8 keeps glibc's defaults)."""
+  arena on first use): `run` does, and tests/conftest.py. It does this only
+  where JAX computes on the CPU: JAX_PLATFORMS starts with cpu, or it is unset
+  and the host shows no TPU or GPU device files (there the temporaries live on
+  the chip, and the host keeps glibc's defaults). Left alone off glibc and
+  where the user tunes malloc: GLIBC_TUNABLES or any MALLOC_* variable in the
+  environment (MALLOC_ARENA_MAX=8 keeps glibc's defaults)."""
   if "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
+    return False
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and not platforms.startswith("cpu"):
+    return False
+  if not platforms and any(glob.glob(p) for p in _ACCELERATOR_FILES):
     return False
   import ctypes
   try:

@@ -33,18 +33,25 @@ _PROGRAM = textwrap.dedent("""
 """)
 _PAGES = 8192 * 2048 * 4 // 4096   # the block's 4 KiB pages
 
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 
-def _faults_per_call(**env) -> tuple[bool, float]:
+
+def _python(program: str, **env) -> list[str]:
+  """`program`'s output words, run in a fresh Python with `env` on top of
+  this environment less any malloc settings of its own."""
   environ = {k: v for k, v in os.environ.items()
              if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
-  run = subprocess.run([sys.executable, "-c", _PROGRAM], cwd=REPO, env={**environ, **env},
+  run = subprocess.run([sys.executable, "-c", program], cwd=REPO, env={**environ, **env},
                        capture_output=True, text=True, timeout=300, check=False)
   assert run.returncode == 0, run.stderr[-2000:]
-  kept, faults = run.stdout.split()[-2:]
+  return run.stdout.split()
+
+
+def _faults_per_call(**env) -> tuple[bool, float]:
+  kept, faults = _python(_PROGRAM, **env)[-2:]
   return kept == "True", float(faults)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_kept_memory_is_not_faulted_in_again_and_a_users_malloc_settings_win():
   # glibc's defaults (the user set MALLOC_ARENA_MAX): every call maps the
   # block afresh and touches each page.
@@ -56,3 +63,10 @@ def test_kept_memory_is_not_faulted_in_again_and_a_users_malloc_settings_win():
   kept, faults = _faults_per_call()
   assert kept
   assert faults < 0.05 * _PAGES, f"{faults:.0f} minor faults per call of {_PAGES} pages"
+
+
+@pytest.mark.parametrize("platforms, expected", [("tpu", "False"), ("cuda,cpu", "False"),
+                                                 ("cpu", "True")])
+def test_only_a_process_that_computes_on_the_cpu_is_tuned(platforms, expected):
+  program = "from monoformer_jax import cli; print(cli.keep_host_memory())"
+  assert _python(program, JAX_PLATFORMS=platforms)[-1] == expected
