@@ -87,7 +87,8 @@ def keep_host_memory() -> bool:
   the next step reuses it; the process keeps its peak memory.
 
   Call it before JAX starts its CPU client (its threads pick their malloc
-  arena on first use): `run` does, and tests/conftest.py. It does this only
+  arena on first use): `run` does, as do benchmarks/report.run,
+  tests/conftest.py and the notebook. It does this only
   where JAX computes on the CPU: JAX_PLATFORMS starts with cpu, or it is unset
   and the host shows no TPU or GPU device files (there the temporaries live on
   the chip, and the host keeps glibc's defaults). Left alone off glibc and
