@@ -71,9 +71,10 @@ def test_batch_from_the_real_config():
   assert TOK.vocab_size <= config.model.vocab_size
   assert set(np.unique(batch["text_weights"])) <= {0.0, 1.0}
   assert batch["latents"].min() >= -1 and batch["latents"].max() <= 1
-  # Greedy in-order packing: the interleaved examples (up to ~100 tokens)
-  # close some rows early, but most of every batch is real tokens.
-  assert (batch["segment_ids"] > 0).mean() > 0.75, "rows are poorly packed"
+  # First-fit packing: short examples fill the gaps the interleaved ones (up
+  # to ~100 tokens) leave, 91-94% of a batch real tokens (in-order next-fit
+  # packing: 80%).
+  assert (batch["segment_ids"] > 0).mean() > 0.88, "rows are poorly packed"
   for row in range(r):
     ids = batch["image_ids"][row]
     n = ids.max()

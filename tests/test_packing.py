@@ -201,17 +201,52 @@ def test_iterator_state_round_trip():
   assert batches(start_index=state["next_example"]).get_state() == state
 
 
-def test_iterator_keeps_every_example_in_order():
-  """Segments read back in order give the stream, examples 0, 1, 2, ... each whole."""
-  it, seen = batches(), []
-  for batch in (next(it) for _ in range(6)):
+def _pieces(i, length=16):
+  """Example i of synthetic_stream as (tokens without <image>, expanded
+  length, images) per piece: a text cut every `length` tokens."""
+  ids = synthetic_stream(i).ids
+  if I in ids:
+    return [([t for t in ids if t != I], len(ids) + 2 * ids.count(I), ids.count(I))]
+  return [(ids[k:k + length], len(ids[k:k + length]), 0) for k in range(0, len(ids), length)]
+
+
+def test_iterator_packs_first_fit_and_keeps_every_example():
+  """Replayed on token and image counts alone: each batch holds the next run
+  of the stream, every example whole and once, each piece in the first row
+  that had room for it (16 tokens, 2 images) when it came; the example that
+  opens the next batch fit no row of this one."""
+  it, first, gaps_filled = batches(), 0, 0
+  for _ in range(16):
+    batch = next(it)
+    free, images, rows = [16] * 3, [0] * 3, [[], [], []]
+
+    def place(i):
+      """Rows of example i's pieces, or None where one fits no row."""
+      trial_free, trial_images, where = list(free), list(images), []
+      for piece, n, k in _pieces(i):
+        r = next((r for r in range(3) if trial_free[r] >= n and trial_images[r] + k <= 2), None)
+        if r is None:
+          return None
+        trial_free[r] -= n
+        trial_images[r] += k
+        where.append(r)
+      free[:], images[:] = trial_free, trial_images
+      return where
+
+    for i in range(first, it.next_example):
+      where = place(i)
+      assert where is not None, f"example {i} was packed where the rule finds no room"
+      for (piece, _, _), r in zip(_pieces(i), where):
+        gaps_filled += any(rows[later] for later in range(r + 1, 3))
+        rows[r].append(piece)
+    assert place(it.next_example) is None, "the batch ended while the next example fit"
     for r in range(3):
       seg, tok = batch["segment_ids"][r], batch["tokens"][r]
-      for s in range(1, seg.max() + 1):
-        seen.append([t for t in tok[seg == s] if t != I])
-  stream = [[t for t in synthetic_stream(i).ids if t != I] for i in range(it.next_example)]
-  assert [t for piece in seen for t in piece] == [t for ex in stream for t in ex]
-  assert all(piece[0] == BOS or piece[0] > 1000 for piece in seen)
+      got = [[t for t in tok[seg == s] if t != I] for s in range(1, seg.max() + 1)]
+      assert got == rows[r], (first, r)
+    first = it.next_example
+  # Pieces went back to rows before the last one opened (next-fit never does).
+  assert gaps_filled >= 3, gaps_filled
 
 
 def test_iterator_rejects_a_text_longer_than_a_batch():

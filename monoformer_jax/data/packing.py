@@ -6,8 +6,12 @@ last, one per placeholder, in order) and whether its text may train
 cross-entropy. Packing expands each placeholder into P = tokens_per_image
 contiguous slots (Q = the vision encoder's tokens for a read image; one more,
 before them, for the timestep token of `add_before_image_tokens`) and lays
-examples greedily, in stream order, into rows of length L holding at most M
-generated and R read images. A batch of B rows is a dict of numpy arrays:
+examples into rows of length L holding at most M generated and R read images:
+`pack_examples` in stream order, each row filled until the next example does
+not fit (next-fit); the training stream, `PackedBatches`, each example in the
+first row of its batch with room for it (first-fit), which leaves 8% of the
+digits' columns padding where next-fit leaves 20%. A batch of B rows is a dict
+of numpy arrays:
 
     tokens        int32 [B, L]    text ids; image slots hold <image>; padding <PAD>
     segment_ids   int32 [B, L]    0 = padding, 1, 2, ... = the example within the row
@@ -442,17 +446,34 @@ class _Rows:
                 read_images=self.read_images)
 
 
-def _plan(pieces: Sequence[Example], spec: RowSpec, row: int, used: int,
-          images: tuple[int, int]) -> list[int]:
-  """Row index of each piece, filling greedily from row `row` which already
-  holds `used` tokens and `images` (generated, read) images."""
-  plan = []
+def _next_fit(pieces: Sequence[Example], spec: RowSpec) -> list[int]:
+  """Row index of each piece, from row 0: a row is closed when the next piece
+  does not fit it (its tokens or its images), and pieces are never reordered."""
+  plan, row, used, images = [], 0, 0, (0, 0)
   for piece in pieces:
     n = _expanded_length(piece, spec)
     if used + n > spec.seq_len or not _images_fit(images, piece, spec):
-      row, used, images = row + 1, 0, (0, 0)   # close the row; never reorder
+      row, used, images = row + 1, 0, (0, 0)
     plan.append(row)
     used, images = used + n, _images_after(images, piece)
+  return plan
+
+
+def _first_fit(pieces: Sequence[Example], spec: RowSpec, rows: _Rows) -> list[int] | None:
+  """Row index of each piece: the first of `rows` with room for its tokens
+  and images once the pieces before it are in; None when a piece fits none."""
+  used, gen, read = rows.used.copy(), rows.n_images.copy(), rows.n_read.copy()
+  plan = []
+  for piece in pieces:
+    n = _expanded_length(piece, spec)
+    n_gen, n_read = _images_after((0, 0), piece)
+    fits_R = ((used + n <= spec.seq_len) & (gen + n_gen <= spec.max_images)
+              & (read + n_read <= spec.max_read_images))
+    if not fits_R.any():
+      return None
+    r = int(np.argmax(fits_R))
+    plan.append(r)
+    used[r], gen[r], read[r] = used[r] + n, gen[r] + n_gen, read[r] + n_read
   return plan
 
 
@@ -469,13 +490,15 @@ def _images_fit(images: tuple[int, int], piece: Example, spec: RowSpec) -> bool:
 
 def pack_examples(examples: Sequence[Example], spec: RowSpec, *,
                   one_per_row: bool = False) -> dict[str, np.ndarray]:
-  """Packs all `examples` greedily, in order, into as many rows as they need.
+  """Packs all `examples` in order into as many rows as they need, each row
+  filled until the next example does not fit (next-fit: the k-th segment in
+  row-major order is the k-th example).
 
   With `one_per_row`, each example (each piece of a split text) gets a row of
   its own, e.g. for sampling prompts.
   """
   pieces = [p for i, e in enumerate(examples) for p in _validate_and_split(e, spec, i)]
-  plan = list(range(len(pieces))) if one_per_row else _plan(pieces, spec, 0, 0, (0, 0))
+  plan = list(range(len(pieces))) if one_per_row else _next_fit(pieces, spec)
   rows = _Rows(plan[-1] + 1 if plan else 0, spec)
   for piece, r in zip(pieces, plan):
     rows.put(r, piece)
@@ -485,13 +508,15 @@ def pack_examples(examples: Sequence[Example], spec: RowSpec, *,
 class PackedBatches(Iterator[dict]):
   """Batches of `rows` packed rows read from an indexable example stream.
 
-  The whole state is `next_example`, the index of the first example not yet
-  packed: a batch is a pure function of (example_at, next_example), so an
-  iterator restored with `set_state(get_state())` yields exactly what the
-  original would have yielded next. The example that did not fit the last row
-  of a batch is re-read from `example_at` to open the next one. The pieces of a
-  split long text always land in the same batch (a piece offset would be a
-  second integer of state), so one text may span at most `rows` rows.
+  Examples are taken in stream order, each into the first row with room for
+  its tokens and images (first-fit: a short example fills the gap an earlier
+  long one left), until one fits no row; that one opens the next batch, re-read
+  from `example_at`. So the whole state is `next_example`, the index of the
+  first example not yet packed: a batch is a pure function of (example_at,
+  next_example), and an iterator restored with `set_state(get_state())` yields
+  exactly what the original would have yielded next. The pieces of a split
+  long text always land in the same batch (a piece offset would be a second
+  integer of state), so one text may span at most `rows` rows.
   """
 
   def __init__(self, example_at: Callable[[int], Example], *, rows: int, spec: RowSpec,
@@ -514,13 +539,11 @@ class PackedBatches(Iterator[dict]):
 
   def __next__(self) -> dict[str, np.ndarray]:
     out = _Rows(self.rows, self.spec)
-    row = 0
     while True:
       index = self.next_example
       pieces = self._pieces(index)
-      plan = _plan(pieces, self.spec, row, int(out.used[row]),
-                   (int(out.n_images[row]), int(out.n_read[row])))
-      if plan[-1] >= self.rows:
+      plan = _first_fit(pieces, self.spec, out)
+      if plan is None:
         if not out.n_examples.any():
           raise ConfigError(
               f"example {index} is a text of {sum(len(p.ids) for p in pieces)} tokens: "
