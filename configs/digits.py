@@ -79,7 +79,9 @@ def get_config(variant=None):
       seq_len=128,
       batch_size=28,            # global rows per step: ~75 examples, first-fit packed (92%
                                 # full; 32 rows had as many at next-fit's 80%). On 8 devices
-                                # use a multiple of 8, e.g. --config.data.batch_size=32
+                                # use a multiple of 8: --config.data.batch_size=32
+                                # --config.train.num_steps=700 sees as many examples in the
+                                # same time (docs/benchmarks.md, "First-fit packing")
       max_images_per_row=4,
       max_read_images_per_row=4,
       text_fraction=0.15,       # share of examples that are text-only
