@@ -4,6 +4,7 @@ machine's own dense matmul rate.
     python benchmarks/train_step.py                 # S1 and S2
     python benchmarks/train_step.py --shapes=S2 --iters=10
     python benchmarks/train_step.py --shapes=digits  # the README main job's step
+    python benchmarks/train_step.py --dots=12        # and each shape's 12 slowest matmuls
 
 For each shape: the forward pass with the loss, the gradient (forward and
 backward), and the whole train step (gradient, clip, AdamW, EMA, the health
@@ -59,6 +60,7 @@ PROMPT_LEN = 12
 
 _SHAPES = flags.DEFINE_list("shapes", ["S1", "S2"], "shapes to time (S1, S2, digits)")
 _ITERS = flags.DEFINE_integer("iters", 5, "timed calls per figure (median)")
+_DOTS = flags.DEFINE_integer("dots", 0, "also list each shape's N slowest matmuls (the floor's parts)")
 _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "markdown file ('' for none)")
 _OFFICIAL_SRC = flags.DEFINE_string("official_src", "", "the reference's source tree ('': not timed)")
 _OFFICIAL_PYTHON = flags.DEFINE_string("official_python", "python3",
@@ -157,20 +159,39 @@ def dot_flops(dots: collections.Counter) -> float:
   return total
 
 
-def matmul_floor(fn, *args, iters: int) -> tuple[float, float]:
-  """(seconds, FLOPs) of the matmuls `fn(*args)` runs, each dot_general timed
-  alone at its own shapes (jitted, random operands, median of `iters`) and
-  summed: what the program would take if everything but its matmuls were
-  free and each ran at this machine's speed for its shape."""
+def matmul_floor(fn, *args, iters: int) -> tuple[float, float, list[dict]]:
+  """(seconds, FLOPs, each dot) of the matmuls `fn(*args)` runs, each
+  dot_general timed alone at its own shapes (jitted, random operands, median
+  of `iters`) and summed: what the program would take if everything but its
+  matmuls were free and each ran at this machine's speed for its shape. Each
+  dot: its `dot` key (program_dots), `count` and `seconds` for all its calls."""
   dots = program_dots(jax.make_jaxpr(fn)(*args).jaxpr)
   rng = np.random.default_rng(0)
-  seconds = 0.0
-  for (lhs, rhs, dtype, dims), n in dots.items():
+  each = []
+  for dot, n in dots.items():
+    lhs, rhs, dtype, dims = dot
     a = jnp.asarray(rng.normal(size=lhs), dtype)
     b = jnp.asarray(rng.normal(size=rhs), dtype)
     one = jax.jit(lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims))
-    seconds += n * report.median_seconds(one, a, b, iters=iters)
-  return seconds, dot_flops(dots)
+    each.append(dict(dot=dot, count=n, seconds=n * report.median_seconds(one, a, b, iters=iters),
+                     flops=dot_flops({dot: n})))
+  return sum(d["seconds"] for d in each), dot_flops(dots), each
+
+
+def dot_table(name: str, each: list[dict], plain_rate: float, top: int) -> list[str]:
+  """Markdown rows of the `top` dots of `each` (matmul_floor) that take the
+  longest, with their rate against the plain matmul's."""
+  lines = [f"{name}: the {top} slowest of its {len(each)} matmul shapes, "
+           f"{sum(d['seconds'] for d in each) * 1e3:.0f} ms in all", "",
+           "| lhs | rhs | contracting, batch dims | calls | ms, all calls | GFLOP/s | "
+           "of the plain matmul's |", "|---|---|---|---|---|---|---|"]
+  for d in sorted(each, key=lambda d: -d["seconds"])[:top]:
+    lhs, rhs, _, ((lc, rc), (lb, rb)) = d["dot"]
+    rate = d["flops"] / d["seconds"]
+    lines.append(f"| {list(lhs)} | {list(rhs)} | {list(lc)}x{list(rc)}, {list(lb)}x{list(rb)} | "
+                 f"{d['count']} | {d['seconds'] * 1e3:.1f} | {rate / 1e9:.0f} | "
+                 f"{rate / plain_rate:.0%} |")
+  return lines + [""]
 
 
 def time_shape(name: str, iters: int) -> dict:
@@ -203,11 +224,11 @@ def time_shape(name: str, iters: int) -> dict:
   m = config.model
   rate = matmul_rate(rows * length, m.hidden_size, m.mlp_dim, iters)
   with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
-    floor, dot_flops_ = matmul_floor(grad, params, batch, iters=iters)
+    floor, dot_flops_, dots = matmul_floor(grad, params, batch, iters=iters)
   params_n = sum(x.size for x in jax.tree.leaves(abstract_model(m)[1]))
   return dict(name=name, rows=rows, length=length, params=params_n, forward=t_forward,
               grad=t_grad, step=t_step, flops=flops, matmul=rate, floor=floor,
-              dot_flops=dot_flops_)
+              dot_flops=dot_flops_, dots=dots)
 
 
 def official_step(name: str) -> float | None:
@@ -261,6 +282,10 @@ def main(argv):
         f"{r['matmul'] / 1e9:.0f} | {achieved / r['matmul']:.0%} | "
         f"{r['floor'] * 1e3:.0f} ms ({r['dot_flops'] / 1e9:.1f} GFLOP) | "
         f"{r['floor'] / r['step']:.0%} |" + official)
+  if _DOTS.value:
+    lines.append("")
+    for r in results:
+      lines += dot_table(r["name"], r["dots"], r["matmul"], _DOTS.value)
   print("\n".join(lines))
   if _OUTPUT.value:
     report.write_section(pathlib.Path(_OUTPUT.value), "Train step", lines)

@@ -9,7 +9,7 @@ rows show a real digit as a read image and name it ("which digit is this?" ->
 
   python -m monoformer_jax.train --config=configs/digits.py --workdir=/tmp/digits
 
-trains in 4.5 to 12 minutes on 2 CPU cores (800 steps, then 200 guided
+trains in 2 to 8 minutes on 2 CPU cores (800 steps, then 200 guided
 samples, the reading and the edits of 180 held-out digits, 20 interleaved
 answers) and writes them to /tmp/digits/samples/. Override any field on the
 command line, e.g. `--config.train.num_steps=200 --config.model.attention_impl=pallas`.

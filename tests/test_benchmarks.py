@@ -143,3 +143,32 @@ def test_the_device_script_runs_a_part_and_reports_it(tmp_path):
       [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--smoke", "--only=nothing",
        f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "no part ['nothing']" in bad.stderr
+
+
+def test_the_matmul_floor_counts_each_dot_a_program_runs():
+  """benchmarks/train_step.py's floor: a scan's body counts its length, of a
+  cond's branches the cheaper one, batch dimensions multiply; the FLOPs are
+  2 x m x k x n per call, counted here by hand."""
+  train_step = benchmark_module("train_step")
+  lax = jax.lax
+
+  def program(x_4x8, w_8x8, big_8x64, a_2x3x4, b_2x4x5):
+    def layer(x, _):
+      return x @ w_8x8, None
+    x_4x8, _ = lax.scan(layer, x_4x8, None, length=3)
+    head = lax.cond(x_4x8.sum() > 0, lambda x: (x @ big_8x64).sum(), lambda x: x.sum(), x_4x8)
+    batched = lax.dot_general(a_2x3x4, b_2x4x5, (((2,), (1,)), ((0,), (0,))))
+    return head + batched.sum()
+
+  args = [jnp.ones(s, jnp.float32) for s in [(4, 8), (8, 8), (8, 64), (2, 3, 4), (2, 4, 5)]]
+  dots = train_step.program_dots(jax.make_jaxpr(program)(*args).jaxpr)
+  assert dots == {((4, 8), (8, 8), "float32", (((1,), (0,)), ((), ()))): 3,
+                  ((2, 3, 4), (2, 4, 5), "float32", (((2,), (1,)), ((0,), (0,)))): 1}
+  flops = 3 * 2 * 4 * 8 * 8 + 2 * 2 * 3 * 4 * 5
+  assert train_step.dot_flops(dots) == flops
+  seconds, floor_flops, each = train_step.matmul_floor(program, *args, iters=1)
+  assert floor_flops == flops and seconds == pytest.approx(sum(d["seconds"] for d in each))
+  assert sorted(d["count"] for d in each) == [1, 3] and all(d["seconds"] > 0 for d in each)
+  table = train_step.dot_table("toy", each, plain_rate=1e9, top=1)
+  assert table[0] == f"toy: the 1 slowest of its 2 matmul shapes, {seconds * 1e3:.0f} ms in all"
+  assert len(table) == 6 and table[4].count("|") == 8
