@@ -164,7 +164,8 @@ def matmul_floor(fn, *args, iters: int) -> tuple[float, float, list[dict]]:
   dot_general timed alone at its own shapes (jitted, random operands, median
   of `iters`) and summed: what the program would take if everything but its
   matmuls were free and each ran at this machine's speed for its shape. Each
-  dot: its `dot` key (program_dots), `count` and `seconds` for all its calls."""
+  dot: its `dot` key (program_dots), `count`, and `seconds` and `flops` for
+  all its calls."""
   dots = program_dots(jax.make_jaxpr(fn)(*args).jaxpr)
   rng = np.random.default_rng(0)
   each = []
@@ -181,6 +182,7 @@ def matmul_floor(fn, *args, iters: int) -> tuple[float, float, list[dict]]:
 def dot_table(name: str, each: list[dict], plain_rate: float, top: int) -> list[str]:
   """Markdown rows of the `top` dots of `each` (matmul_floor) that take the
   longest, with their rate against the plain matmul's."""
+  top = min(top, len(each))
   lines = [f"{name}: the {top} slowest of its {len(each)} matmul shapes, "
            f"{sum(d['seconds'] for d in each) * 1e3:.0f} ms in all", "",
            "| lhs | rhs | contracting, batch dims | calls | ms, all calls | GFLOP/s | "

@@ -172,3 +172,4 @@ def test_the_matmul_floor_counts_each_dot_a_program_runs():
   table = train_step.dot_table("toy", each, plain_rate=1e9, top=1)
   assert table[0] == f"toy: the 1 slowest of its 2 matmul shapes, {seconds * 1e3:.0f} ms in all"
   assert len(table) == 6 and table[4].count("|") == 8
+  assert train_step.dot_table("toy", each, 1e9, top=5)[0].startswith("toy: the 2 slowest of its 2")
