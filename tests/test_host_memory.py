@@ -16,8 +16,8 @@ from conftest import REPO
 # keep_host_memory's answer and the minor page faults per call of the quietest
 # round: with another process busy beside it, as under `pytest -n 2`, a kept
 # heap now and then faults 2,000-4,300 pages per call for one round and 0 in
-# the others (2 runs of 8 on 2026-12-07; CI failed once on such a round),
-# where glibc's defaults fault in the whole block every round.
+# the others (2 of 8 runs beside a pytest on 2026-12-07; CI failed once on
+# such a round), where glibc's defaults fault in the whole block every round.
 _PROGRAM = textwrap.dedent("""
     import resource, sys
     from monoformer_jax import cli
