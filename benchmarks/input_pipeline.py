@@ -31,7 +31,7 @@ from absl import flags
 import numpy as np
 
 from monoformer_jax import perf
-from monoformer_jax.configs import config_file
+from monoformer_jax.config import config_file
 from monoformer_jax.data import builders
 from monoformer_jax.data.datasets import make_batches
 from monoformer_jax.data.packing import PackedBatches, row_spec

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from monoformer_jax import perf
-from monoformer_jax.configs import config_file
+from monoformer_jax.config import config_file
 from monoformer_jax.data.packing import Example, batch_shapes, pack_examples, row_spec
 from monoformer_jax.ops.attention import resolve_impl
 from monoformer_jax.parallel import sharding

@@ -66,7 +66,7 @@ def paper_layout_cpu_model():
   """The paper's sampling layout (32x32x4 latents, patch 2: 256 image tokens)
   with a 4-layer, 256-wide model that runs on a CPU."""
   import ml_collections
-  from monoformer_jax.configs import config_file
+  from monoformer_jax.config import config_file
   m = ml_collections.ConfigDict(config_file("digits").model.to_dict())
   m.update(vocab_size=264, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
            head_dim=64, mlp_dim=704, image_size=32, in_channels=4, patch_size=2)

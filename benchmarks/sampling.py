@@ -29,7 +29,7 @@ from absl import flags
 from flax import nnx
 import jax
 
-from monoformer_jax.configs import config_file
+from monoformer_jax.config import config_file
 from monoformer_jax.data.prompts import image_rows, text_prompt_ids
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.diffusion.sample_images import sample_images

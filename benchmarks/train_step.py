@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from monoformer_jax import perf
-from monoformer_jax.configs import config_file
+from monoformer_jax.config import config_file
 from monoformer_jax.data.packing import Example, pack_examples, row_spec
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.model.build import abstract_model

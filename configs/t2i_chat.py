@@ -19,26 +19,18 @@ mixed 9:1 with UltraChat conversations; rows of 512 tokens; loss weights 1.0
       --config.data.dirs.chat=/data/prepared/monoformer_chat/1.0.0
 """
 
-import ml_collections
-
-from monoformer_jax.configs import config_file
+from monoformer_jax.config import base
 
 
 def get_config(variant=None):
   if variant:
     raise ValueError(f"configs/t2i_chat.py has no variant {variant!r}")
-  c = config_file("imagenet256")   # the same model, recipe and mesh; other data
-  c.data.update(
-      name="mix",
-      dir="",
-      split="train",
-      text_fraction=0.0,
-  )
-  c.data.mix = ml_collections.ConfigDict(dict(text_to_image=9.0, chat=1.0))
-  c.data.dirs = ml_collections.ConfigDict(dict(text_to_image="", chat=""))
-  c.data.chat_template = "human_assistant"   # data/chat.py: the reference's template
-  c.data.train_on_source = False             # loss on the assistant's answers only
-  c.data.max_images_per_row = 1
+  c = base()   # the paper's model, recipe and mesh (configs/imagenet256.py); other data
+  c.data.name = "mix"
+  # The loss on the assistant's answers only, in the reference's template
+  # (data.train_on_source=False, data.chat_template="human_assistant": the defaults).
+  c.data.mix = dict(text_to_image=9.0, chat=1.0)
+  c.data.dirs = dict(text_to_image="", chat="")
   c.model.conditioning = "add_before_image_tokens"
   c.sample.update(num_per_class=0, num_classes=0,
                   text_prompts=("### Human: What is the capital of France?### Assistant: ",))

@@ -35,9 +35,7 @@ by `convert llama --clip=DIR` (an HF CLIPVisionModel or CLIPModel folder, in
 safetensors), its sizes are `model.vision` below.
 """
 
-import ml_collections
-
-from monoformer_jax.configs import config_file
+from monoformer_jax.config import base
 from monoformer_jax.vision.clip import clip_config_from_hf
 
 # openai/clip-vit-large-patch14's vision config (its config.json's vision part).
@@ -49,26 +47,18 @@ CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=
 def get_config(variant=None):
   if variant:
     raise ValueError(f"configs/t2i_llava.py has no variant {variant!r}")
-  c = config_file("imagenet256")   # the same backbone, recipe and mesh; other data, and a reader
+  c = base()   # the paper's backbone, recipe and mesh (configs/imagenet256.py); other
+               # data, and a reader. Read images are causal like text (the reference:
+               # model.read_bidirectional=False); the loss is on the assistant's
+               # answers, in the reference's template (the data section's defaults).
   c.model.update(
       conditioning="add_before_image_tokens",
       vision_encoder="clip",
       vision=clip_config_from_hf(CLIP_VIT_L14, "openai/clip-vit-large-patch14"),
-      read_bidirectional=False,   # read images causal, like text (the reference)
   )
-  c.data.update(
-      name="mix",
-      dir="",
-      split="train",
-      seq_len=512,               # the reference's tokenizer_max_length
-      text_fraction=0.0,
-      max_images_per_row=1,
-      max_read_images_per_row=1,  # one LLaVA image per record
-  )
-  c.data.mix = ml_collections.ConfigDict(dict(text_to_image=1.0, llava=1.0))
-  c.data.dirs = ml_collections.ConfigDict(dict(text_to_image="", llava=""))
-  c.data.chat_template = "human_assistant"   # data/chat.py: the reference's template
-  c.data.train_on_source = False             # loss on the assistant's answers only
+  c.data.update(name="mix", max_read_images_per_row=1)   # one LLaVA image per record
+  c.data.mix = dict(text_to_image=1.0, llava=1.0)
+  c.data.dirs = dict(text_to_image="", llava="")
   c.sample.update(num_per_class=0, num_classes=0,
                   text_prompts=("### Human: What is the capital of France?### Assistant: ",))
   return c

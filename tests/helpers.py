@@ -1,6 +1,6 @@
 """Configs the tests share: the repository's config files and their test-size variant."""
 
-from monoformer_jax.configs import CONFIGS_DIR, config_file
+from monoformer_jax.config import CONFIGS_DIR, config_file
 
 # `python -m monoformer_jax.train` on the test-size model, for runs in a subprocess.
 TINY_CONFIG_FLAG = f"--config={CONFIGS_DIR / 'digits.py'}:tiny"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from monoformer_jax import perf
-from monoformer_jax.configs import CONFIGS_DIR, config_file
+from monoformer_jax.config import CONFIGS_DIR, config_file
 from monoformer_jax.errors import ConfigError, DoesNotFitError, NotInstalledError
 from monoformer_jax.eval import finite_json
 from monoformer_jax.parallel import sharding

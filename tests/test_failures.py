@@ -324,7 +324,7 @@ def test_metrics_records_are_strict_json():
 
 
 def test_configs_declare_every_train_field_the_docs_name():
-  from monoformer_jax.configs import config_file
+  from monoformer_jax.config import config_file
   for name in ("digits", "digits:tiny", "imagenet256"):
     t = config_file(name).train
     assert t.init_from == "" and t.allow_model_changes is False, name

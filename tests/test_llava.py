@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from monoformer_jax.configs import CONFIGS_DIR, config_file
+from monoformer_jax.config import CONFIGS_DIR, config_file
 from monoformer_jax.data import builders, llava, prompts
 from monoformer_jax.data.datasets import DATASETS, check_data, make_batches
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from monoformer_jax import perf
-from monoformer_jax.configs import config_file
+from monoformer_jax.config import config_file
 from monoformer_jax.data.datasets import make_batches
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.model.build import abstract_model, init_params

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from helpers import digits_config
-from monoformer_jax.configs import config_file
+from monoformer_jax.config import config_file
 from monoformer_jax.data import builders, pipeline
 from monoformer_jax.data.datasets import check_data, make_batches
 from monoformer_jax.data.encode import imagenet_classes

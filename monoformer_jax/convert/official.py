@@ -46,7 +46,7 @@ from flax import nnx, traverse_util
 from monoformer_jax.checkpoints import load_config, load_params, save_model, stored_weights
 from monoformer_jax.checkpoints.safetensors_io import (SafetensorsSource, find_files,
                                                        read_json_object, write_safetensors)
-from monoformer_jax.configs import config_file
+from monoformer_jax.config import config_file
 from monoformer_jax.errors import CheckpointError, ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.model.build import abstract_model, param_shardings
 from monoformer_jax.model.monoformer import CONDITIONING_MODES

@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from monoformer_jax.config.schema import SHARDING_RULES
 from monoformer_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -112,32 +113,12 @@ def logical_rules(rules: Rules):
     _state.rules = previous
 
 
-# The project's logical axis rules: every config uses these (configs/*.py import
-# them) unless it says otherwise. Parameters: FSDP over `embed`, tensor
-# parallelism over heads, MLP and vocabulary. Activations: the batch over data
-# and fsdp, heads over tensor. The mesh's sizes (config.mesh) decide which of
-# these are real splits: an axis of size 1 splits nothing.
-RULES: Rules = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("layers", None),
-    ("head_dim", None),
-    ("length", None),
-    ("patch", None),
-    ("freq", None),
-    # The frozen CLIP vision tower (vision/clip.py) is replicated: no optimizer
-    # state, 0.3B parameters for ViT-L/14. Map these names to shard it.
-    ("clip_embed", None),
-    ("clip_heads", None),
-    ("clip_mlp", None),
-    ("clip_patch", None),
-    ("clip_channels", None),
-    ("clip_positions", None),
-)
+# The project's logical axis rules, the default of `config.sharding_rules`
+# (config/schema.py). Parameters: FSDP over `embed`, tensor parallelism over
+# heads, MLP and vocabulary. Activations: the batch over data and fsdp, heads
+# over tensor. The mesh's sizes (config.mesh) decide which of these are real
+# splits: an axis of size 1 splits nothing.
+RULES: Rules = SHARDING_RULES
 
 
 def current_rules() -> Rules:

@@ -10,12 +10,14 @@ inside the package.
 import importlib.util
 import pathlib
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+from monoformer_jax.config.schema import complete
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 
 def config_file(name: str):
-  """`configs/{name}.py`'s get_config(); "name:variant" calls get_config(variant),
-  as `--config=configs/name.py:variant` does."""
+  """`configs/{name}.py`'s get_config(), completed and checked; "name:variant"
+  calls get_config(variant), as `--config=configs/name.py:variant` does."""
   name, _, variant = name.partition(":")
   path = CONFIGS_DIR / f"{name}.py"
   if not path.exists():
@@ -25,4 +27,5 @@ def config_file(name: str):
   spec = importlib.util.spec_from_file_location(f"monoformer_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
+  config = module.get_config(variant) if variant else module.get_config()
+  return complete(config, f"configs/{name}.py")
