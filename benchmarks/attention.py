@@ -75,7 +75,6 @@ def layout(length: int, rng) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _impls(seg, img):
-  b, length = seg.shape
   bq, bk = _BLOCK_Q.value or None, _BLOCK_K.value or None
   mask_Bx1xLxL = None
 

@@ -134,7 +134,8 @@ def run(lengths, dtypes, rows, heads, kv_heads, head_dim, backend, interpret, se
       for queries in ("row", "last quarter"):
         lq = length if queries == "row" else length // 4
         keys = jax.random.split(jax.random.PRNGKey(int(rng.integers(2 ** 31))), 4)
-        make = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+        make = lambda key, shape, dtype=dtype: (
+            jax.random.normal(key, shape, jnp.float32).astype(dtype))
         q = make(keys[0], (rows, lq, heads, head_dim))
         k = make(keys[1], (rows, length, kv_heads, head_dim))
         v = make(keys[2], (rows, length, kv_heads, head_dim))

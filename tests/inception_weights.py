@@ -18,8 +18,8 @@ def random_state_dict(keys_and_shapes: dict, seed: int = 0) -> dict[str, np.ndar
   float32, but int64 counters for `*.num_batches_tracked`."""
   rng = np.random.default_rng(seed)
   out = {}
-  for key, shape in keys_and_shapes.items():
-    shape = tuple(shape)
+  for key, dims in keys_and_shapes.items():
+    shape = tuple(dims)
     leaf = key.rsplit(".", 1)[-1]
     if leaf == "num_batches_tracked":
       out[key] = np.array(rng.integers(0, 1000), np.int64)

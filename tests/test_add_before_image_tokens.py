@@ -83,8 +83,8 @@ def test_packer_lays_out_the_reference_rows(io):
   spec = RowSpec(seq_len=28, max_images=1, image_shape=(8, 8, 4), tokens_per_image=P,
                  image_id=IMAGE, pad_id=PAD, cond_token=True)
   examples = []
-  for ids, mask in zip(io["input_ids"], io["input_attention_mask"]):
-    ids = ids[mask]
+  for row_ids, mask in zip(io["input_ids"], io["input_attention_mask"]):
+    ids = row_ids[mask]
     n = int((ids == IMAGE).sum())
     examples.append(Example(ids, [np.zeros((8, 8, 4), np.float32)] * n))
   batch = pack_examples(examples, spec, one_per_row=True)

@@ -82,7 +82,7 @@ def test_gpu_plans_without_the_cuda_plugin_say_what_to_install():
 
 @pytest.mark.skipif(not _has_cuda_plugin(), reason="needs JAX's CUDA plugin (not in .[test])")
 def test_the_real_step_compiles_for_h100s_with_the_triton_kernels():
-  result, text = plan(_tiny(), topology_of("h100-8"))
+  result, _text = plan(_tiny(), topology_of("h100-8"))
   assert result.devices == 8 and result.platform == "gpu" and result.kernel_calls >= 3
   assert result.fits and result.argument_bytes > 0 and result.estimate == "peak"
 
@@ -119,7 +119,7 @@ def tiny_plan():
 
 
 def test_the_real_step_compiles_for_tpu_with_the_mosaic_kernels(tiny_plan):
-  config, result, text = tiny_plan
+  _config, result, text = tiny_plan
   assert result.devices == 4 and result.mesh == dict(data=1, fsdp=4, tensor=1)
   # 'auto' attention chose the Pallas TPU kernels for the TPU lowering: forward
   # and the two backward kernels of every attention call.

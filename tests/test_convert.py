@@ -144,7 +144,7 @@ def test_cli_official_and_back(fixture_dir, tmp_path):
 
 def test_building_into_shards_on_a_mesh_gives_the_same_params(fixture_dir, base, tmp_path):
   mesh = make_mesh(dict(data=2, fsdp=2, tensor=2))
-  single, config = official.load_official(str(fixture_dir), base)
+  single, _config = official.load_official(str(fixture_dir), base)
   sharded, _ = official.load_official(str(fixture_dir), base,
                                       shardings_fn=lambda c: param_shardings(c, mesh))
   flat = traverse_util.flatten_dict(sharded)
@@ -162,10 +162,10 @@ def test_building_into_shards_on_a_mesh_gives_the_same_params(fixture_dir, base,
 
 def _text_logits(model, ids):
   """Logits of text-only packed rows (one example per row, no image slot)."""
-  b, l = ids.shape
+  _b, length = ids.shape
   m = model.cfg
-  spec = RowSpec(seq_len=l, max_images=0, image_shape=(m.image_size, m.image_size,
-                                                       m.in_channels),
+  spec = RowSpec(seq_len=length, max_images=0, image_shape=(m.image_size, m.image_size,
+                                                            m.in_channels),
                  tokens_per_image=model.tokens_per_image, image_id=m.vocab_size - 3,
                  pad_id=m.vocab_size - 4)
   row = Row.of(pack_examples([Example(x) for x in ids], spec, one_per_row=True))
@@ -190,7 +190,7 @@ def test_llama_matches_transformers_logits(base, tmp_path):
 
 
 def test_llama_new_parameters_follow_the_reference_init(base):
-  params, config = llama.load_llama(str(TINY_LLAMA), base, seed=0)
+  params, _config = llama.load_llama(str(TINY_LLAMA), base, seed=0)
   again, _ = llama.load_llama(str(TINY_LLAMA), base, seed=0)
   other, _ = llama.load_llama(str(TINY_LLAMA), base, seed=1)
   p, p2, q = _flat(params), _flat(again), _flat(other)

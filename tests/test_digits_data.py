@@ -47,14 +47,14 @@ def prompt_of(example):
 def test_batch_from_the_real_config():
   config = digits_config()
   batch = next(make_batches(config, TOK))
-  r, l, m = config.data.batch_size, config.data.seq_len, config.data.max_images_per_row
+  r, length, m = config.data.batch_size, config.data.seq_len, config.data.max_images_per_row
   p = row_spec(config, TOK).tokens_per_image
   n_read = config.data.max_read_images_per_row
-  shapes = dict(tokens=(r, l), segment_ids=(r, l), image_ids=(r, l), positions=(r, l),
-                image_columns=(r, m, p), image_valid=(r, m), cond_columns=(r, m),
-                read_columns=(r, n_read, p), read_valid=(r, n_read),
-                read_cond_columns=(r, n_read), targets=(r, l),
-                text_weights=(r, l), latents=(r, m, 8, 8, 1),
+  shapes = dict(tokens=(r, length), segment_ids=(r, length), image_ids=(r, length),
+                positions=(r, length), image_columns=(r, m, p), image_valid=(r, m),
+                cond_columns=(r, m), read_columns=(r, n_read, p), read_valid=(r, n_read),
+                read_cond_columns=(r, n_read), targets=(r, length),
+                text_weights=(r, length), latents=(r, m, 8, 8, 1),
                 read_images=(r, n_read, 8, 8, 1))
   assert {k: v.shape for k, v in batch.items()} == shapes
   # The default reads digits too (data.read_fraction): real digits, causal tokens.

@@ -96,8 +96,8 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_state(tmp_path, absl_reco
   assert any("below the ~400 steps" in r for r in absl_records)   # the short-run warning
   # metrics.jsonl is JSON (no bare NaN), one line per logged finite step.
   assert (tmp_path / "metrics.jsonl").exists() is False or all(
-      json.loads(l, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
-      for l in (tmp_path / "metrics.jsonl").read_text().splitlines())
+      json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+      for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
 
 
 def test_resume_falls_back_from_an_unreadable_latest_step(run, tmp_path, absl_records):
@@ -116,8 +116,8 @@ def test_resume_falls_back_from_an_unreadable_latest_step(run, tmp_path, absl_re
   # The broken step was moved aside, not deleted; steps 4 and 5 are new.
   assert (workdir / "checkpoints_unreadable" / "4" / "state").is_dir()
   assert _steps(workdir / "checkpoints") == [2, 4, 5]
-  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [l["step"] for l in lines] == [3, 4, 3, 5]   # the first run's, then the resumed
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines] == [3, 4, 3, 5]   # the first run's, then the resumed
   # The resumed step 3 retraces the original one exactly (same data, same RNG).
   np.testing.assert_allclose(lines[2]["loss"], lines[0]["loss"], rtol=1e-6)
 

@@ -85,8 +85,8 @@ def test_only_the_smallest_budget_that_holds_the_tokens_runs(monkeypatch):
   capacities = sorted({int(np.ceil(f * B * L)) for f in HEAD_CAPACITIES})
   assert capacities == [0, 24, 48, 96, 192]
   # Fresh functions: jit's cache would reuse the other tests' traces.
-  loss_of = jax.jit(lambda *a: _compact(*a))
-  grad_of = jax.jit(jax.grad(lambda *a: _compact(*a)))
+  loss_of = jax.jit(lambda *a: _compact(*a))  # noqa: PLW0108 (a new function, see above)
+  grad_of = jax.jit(jax.grad(lambda *a: _compact(*a)))  # noqa: PLW0108 (the same)
   for n_text, want in [(0, []), (1, [24]), (24, [24]), (25, [48]), (49, [96]), (97, [192])]:
     h, head, targets, weights = _inputs(n_text, seed=n_text)
     ran.clear()

@@ -153,8 +153,8 @@ def test_pth_reader_equals_torch_load(tmp_path, fmt):
   expected = torch.load(path, weights_only=True)
   got = pth.read_state_dict(path)
   assert list(got) == list(expected)
-  for key, t in expected.items():
-    t = t.detach()
+  for key, tensor in expected.items():
+    t = tensor.detach()
     assert got[key].shape == tuple(t.shape), key
     assert got[key].dtype.itemsize == t.element_size(), key
     want = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()

@@ -104,7 +104,7 @@ def reference(model, prompt, n_new, key, index, diffusion, *, cfg_scale=None,
       x_t = jax.random.normal(init, (1, 8, 8, 1))
       row_ids = ids + [TOK.image_id]
 
-      def denoise(x, t_model):
+      def denoise(x, t_model, row_ids=row_ids, k=k):
         out = _run_row(model, row_ids, images + [np.asarray(x[0])], [fed_t] * k + [t_model[0]])[1]
         cond = out[None, k]
         if cfg_scale is None:

@@ -61,16 +61,16 @@ def test_adjacent_images_of_one_example_do_not_see_each_other_ahead():
 
 def test_xla_attention_equals_a_numpy_loop():
   rng = np.random.default_rng(0)
-  b, l, h, k, d = 2, 10, 4, 2, 8
-  q = rng.normal(size=(b, l, h, d)).astype(np.float32)
-  kk = rng.normal(size=(b, l, k, d)).astype(np.float32)
-  v = rng.normal(size=(b, l, k, d)).astype(np.float32)
+  b, length, h, k, d = 2, 10, 4, 2, 8
+  q = rng.normal(size=(b, length, h, d)).astype(np.float32)
+  kk = rng.normal(size=(b, length, k, d)).astype(np.float32)
+  v = rng.normal(size=(b, length, k, d)).astype(np.float32)
   seg = np.array([[1] * 4 + [2] * 5 + [0], [1] * 10])
   img = np.array([[0, 1, 1, 0, 0, 2, 2, 0, 0, 0], [0] * 10])
   out = np.asarray(attention(q, kk, v, jnp.asarray(seg), jnp.asarray(img), impl="xla"))
   mask = np.asarray(mixed_mask(jnp.asarray(seg), jnp.asarray(img)))
   for bi in range(b):
-    for i in range(l):
+    for i in range(length):
       for hi in range(h):
         keys = np.flatnonzero(mask[bi, i])
         if len(keys) == 0:

@@ -78,7 +78,7 @@ def test_text_logits_depend_only_on_earlier_tokens(official):
 
 def test_losses_match_reference(official):
   model, _, io = official
-  row, x_t, t = _inputs(io)
+  row, _x_t, t = _inputs(io)
   nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))[:, None]
   batch = dict(row._asdict(), targets=jnp.asarray(io["targets"]),
                text_weights=jnp.asarray(io["text_loss_weight"]),

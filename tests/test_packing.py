@@ -10,13 +10,13 @@ from monoformer_jax.text.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 BOS, EOS, PAD = TOK.bos_id, TOK.eos_id, TOK.pad_id
-I, S, E = TOK.image_id, TOK.im_start_id, TOK.im_end_id
+IMG, S, E = TOK.image_id, TOK.im_start_id, TOK.im_end_id
 SHAPE = (2, 2, 1)
 
 
 def spec(text_on_image_examples=False, seq_len=16, max_images=2):
   return RowSpec(seq_len=seq_len, max_images=max_images, image_shape=SHAPE,
-                 tokens_per_image=3, image_id=I, pad_id=PAD,
+                 tokens_per_image=3, image_id=IMG, pad_id=PAD,
                  text_on_image_examples=text_on_image_examples)
 
 
@@ -34,16 +34,16 @@ def text(n, start=10, train_text=True):
 # Row 2: G (two images) opens a row: row 1 has no room left for images.
 EXAMPLES = [
     Example([BOS, 10, 11, EOS]),                                  # A
-    Example([BOS, 12, S, I, E, EOS], [img(1.0)]),                 # B
-    Example([BOS, S, I, E, EOS], [img(2.0)]),                     # C
-    Example([S, I, E], [img(3.0)]),                               # F
+    Example([BOS, 12, S, IMG, E, EOS], [img(1.0)]),               # B
+    Example([BOS, S, IMG, E, EOS], [img(2.0)]),                   # C
+    Example([S, IMG, E], [img(3.0)]),                             # F
     Example([BOS, 13, EOS]),                                      # D
-    Example([S, I, I, E], [img(4.0), img(5.0)]),                  # G
+    Example([S, IMG, IMG, E], [img(4.0), img(5.0)]),              # G
 ]
 EXPECTED = dict(
-    tokens=[[BOS, 10, 11, EOS, BOS, 12, S, I, I, I, E, EOS, PAD, PAD, PAD, PAD],
-            [BOS, S, I, I, I, E, EOS, S, I, I, I, E, BOS, 13, EOS, PAD],
-            [S, I, I, I, I, I, I, E, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD]],
+    tokens=[[BOS, 10, 11, EOS, BOS, 12, S, IMG, IMG, IMG, E, EOS, PAD, PAD, PAD, PAD],
+            [BOS, S, IMG, IMG, IMG, E, EOS, S, IMG, IMG, IMG, E, BOS, 13, EOS, PAD],
+            [S, IMG, IMG, IMG, IMG, IMG, IMG, E, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD]],
     segment_ids=[[1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0],
                  [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 0],
                  [1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]],
@@ -53,9 +53,9 @@ EXPECTED = dict(
     positions=[[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0],
                [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 0, 1, 2, 0],
                [0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0]],
-    targets=[[10, 11, EOS, 0, 12, S, I, I, I, E, EOS, 0, 0, 0, 0, 0],
-             [S, I, I, I, E, EOS, 0, I, I, I, E, 0, 13, EOS, 0, 0],
-             [I, I, I, I, I, I, E, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
+    targets=[[10, 11, EOS, 0, 12, S, IMG, IMG, IMG, E, EOS, 0, 0, 0, 0, 0],
+             [S, IMG, IMG, IMG, E, EOS, 0, IMG, IMG, IMG, E, 0, 13, EOS, 0, 0],
+             [IMG, IMG, IMG, IMG, IMG, IMG, E, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
     # Per slot, the columns of its image's tokens; 16 (past the row) when empty.
     image_columns=[[[7, 8, 9], [16, 16, 16]],
                    [[2, 3, 4], [8, 9, 10]],
@@ -120,38 +120,38 @@ def test_fit_boundary_is_exactly_seq_len():
   full = pack_examples([text(16)], spec())
   assert full["tokens"].shape == (1, 16) and (full["segment_ids"] == 1).all()
   # 1 + 3 + 1 text tokens + 3 images of 3 slots = 16 exactly: fits with M = 3.
-  three = Example([BOS, S, I, I, I, EOS], [img(1), img(2), img(3)])
+  three = Example([BOS, S, IMG, IMG, IMG, EOS], [img(1), img(2), img(3)])
   assert pack_examples([three], spec(max_images=3))["tokens"].shape == (1, 16)
   # An image example fitting the space left but not the image budget opens a row.
-  batch = pack_examples([Example([S, I, E], [img(1)]), Example([S, I, I, E], [img(2), img(3)])],
-                        spec())
+  batch = pack_examples([Example([S, IMG, E], [img(1)]),
+                         Example([S, IMG, IMG, E], [img(2), img(3)])], spec())
   np.testing.assert_array_equal(batch["segment_ids"].max(axis=1), [1, 1])
 
 
 def test_image_example_one_token_too_long_raises():
-  ok = Example([BOS] + [20] * 10 + [S, I, E], [img(1)])     # 14 ids + 3 - 1 = 16
+  ok = Example([BOS] + [20] * 10 + [S, IMG, E], [img(1)])     # 14 ids + 3 - 1 = 16
   assert pack_examples([ok], spec())["tokens"].shape == (1, 16)
-  too_long = Example([BOS] + [20] * 11 + [S, I, E], [img(1)])
+  too_long = Example([BOS] + [20] * 11 + [S, IMG, E], [img(1)])
   with pytest.raises(ValueError, match=r"example 1 needs 17 tokens \(text 14 \+ 1 image\(s\) "
                      r"of 3\) but data.seq_len is 16; .*at least 17"):
     pack_examples([ok, too_long], spec())
 
 
 def test_too_many_images_raises():
-  example = Example([S, I, I, I, E], [img(1), img(2), img(3)])
+  example = Example([S, IMG, IMG, IMG, E], [img(1), img(2), img(3)])
   with pytest.raises(ValueError, match=r"example 0 has 3 images .*max_images_per_row=2.*"
                      r"at least 3"):
     pack_examples([example], spec())
 
 
 def test_wrong_image_shape_raises():
-  example = Example([S, I, E], [np.zeros((4, 4, 1), np.float32)])
+  example = Example([S, IMG, E], [np.zeros((4, 4, 1), np.float32)])
   with pytest.raises(ValueError, match=r"image 0 has shape \(4, 4, 1\) .* \(2, 2, 1\)"):
     pack_examples([example], spec())
 
 
 @pytest.mark.parametrize("ids,images,counts", [
-    ([S, I, I, E], [img(1)], "2 <image> placeholders .* but 1 images"),
+    ([S, IMG, IMG, E], [img(1)], "2 <image> placeholders .* but 1 images"),
     ([S, E], [img(1)], "0 <image> placeholders .* but 1 images"),
 ])
 def test_placeholder_image_mismatch_raises(ids, images, counts):
@@ -177,7 +177,7 @@ def synthetic_stream(i):
   rng = np.random.default_rng(i)
   if i % 3 == 0:
     n = 1 + i % 2
-    return Example([BOS, 1000 + i, S] + [I] * n + [E, EOS], [img(i)] * n)
+    return Example([BOS, 1000 + i, S] + [IMG] * n + [E, EOS], [img(i)] * n)
   # Texts up to 2 * L tokens, so some are split.
   return Example([BOS] + [1000 + i] * int(rng.integers(1, 30)) + [EOS])
 
@@ -205,8 +205,8 @@ def _pieces(i, length=16):
   """Example i of synthetic_stream as (tokens without <image>, expanded
   length, images) per piece: a text cut every `length` tokens."""
   ids = synthetic_stream(i).ids
-  if I in ids:
-    return [([t for t in ids if t != I], len(ids) + 2 * ids.count(I), ids.count(I))]
+  if IMG in ids:
+    return [([t for t in ids if t != IMG], len(ids) + 2 * ids.count(IMG), ids.count(IMG))]
   return [(ids[k:k + length], len(ids[k:k + length]), 0) for k in range(0, len(ids), length)]
 
 
@@ -220,10 +220,10 @@ def test_iterator_packs_first_fit_and_keeps_every_example():
     batch = next(it)
     free, images, rows = [16] * 3, [0] * 3, [[], [], []]
 
-    def place(i):
+    def place(i, free=free, images=images):
       """Rows of example i's pieces, or None where one fits no row."""
       trial_free, trial_images, where = list(free), list(images), []
-      for piece, n, k in _pieces(i):
+      for _piece, n, k in _pieces(i):
         r = next((r for r in range(3) if trial_free[r] >= n and trial_images[r] + k <= 2), None)
         if r is None:
           return None
@@ -242,7 +242,7 @@ def test_iterator_packs_first_fit_and_keeps_every_example():
     assert place(it.next_example) is None, "the batch ended while the next example fit"
     for r in range(3):
       seg, tok = batch["segment_ids"][r], batch["tokens"][r]
-      got = [[t for t in tok[seg == s] if t != I] for s in range(1, seg.max() + 1)]
+      got = [[t for t in tok[seg == s] if t != IMG] for s in range(1, seg.max() + 1)]
       assert got == rows[r], (first, r)
     first = it.next_example
   # Pieces went back to rows before the last one opened (next-fit never does).
@@ -279,14 +279,14 @@ def test_image_slots_read_the_rows_and_reject_what_packing_never_makes():
 
 
 def test_prompt_rows_token_by_token():
-  rows = prompt_rows([[BOS, 10, 11], [BOS]], pad_id=PAD, new_tokens=3, new_token_id=I,
+  rows = prompt_rows([[BOS, 10, 11], [BOS]], pad_id=PAD, new_tokens=3, new_token_id=IMG,
                      image=True, multiple=4)
   assert rows.layout == PromptLayout(prompt_len=4, new_tokens=3)
   assert rows.layout.new_column(2) == 6 and rows.layout.length == 7
   row = rows.row
   assert isinstance(row, Row)
-  np.testing.assert_array_equal(row.tokens, [[PAD, BOS, 10, 11, I, I, I],
-                                             [PAD, PAD, PAD, BOS, I, I, I]])
+  np.testing.assert_array_equal(row.tokens, [[PAD, BOS, 10, 11, IMG, IMG, IMG],
+                                             [PAD, PAD, PAD, BOS, IMG, IMG, IMG]])
   np.testing.assert_array_equal(row.segment_ids, [[0, 1, 1, 1, 1, 1, 1],
                                                   [0, 0, 0, 1, 1, 1, 1]])
   np.testing.assert_array_equal(row.positions, [[0, 0, 1, 2, 3, 4, 5],
@@ -294,7 +294,7 @@ def test_prompt_rows_token_by_token():
   np.testing.assert_array_equal(row.image_ids, [[0, 0, 0, 0, 1, 1, 1]] * 2)
   np.testing.assert_array_equal(row.image_columns, [[[4, 5, 6]]] * 2)
   np.testing.assert_array_equal(row.image_valid, [[True], [True]])
-  np.testing.assert_array_equal(rows.layout.new(row.tokens), [[I, I, I]] * 2)
+  np.testing.assert_array_equal(rows.layout.new(row.tokens), [[IMG, IMG, IMG]] * 2)
   text = prompt_rows([[BOS, 10]], pad_id=PAD, new_tokens=2, multiple=1).row
   assert text.image_columns.shape[1] == 0 and not text.image_ids.any()
 
@@ -307,7 +307,7 @@ def test_text_mask_picks_the_targets():
   masked = Example([BOS, 10, 11, 12, EOS], text_mask=[F, T, T, F, F])
   # On an image example (CE on its text switched on) a placeholder's entry is
   # False and its P = 3 slots are never targets: 12, <|im_end|> and eos train.
-  image = Example([BOS, 12, S, I, E, EOS], [img(1)], text_mask=[F, T, F, F, T, T])
+  image = Example([BOS, 12, S, IMG, E, EOS], [img(1)], text_mask=[F, T, F, F, T, T])
   batch = pack_examples([masked, image], spec(text_on_image_examples=True))
   np.testing.assert_array_equal(batch["text_weights"],
                                 [[1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0]])
@@ -338,6 +338,6 @@ def test_bad_text_mask_raises():
     pack_examples([text(2), Example([BOS, 10, 11, EOS], text_mask=[T, T, T])], spec())
   with pytest.raises(ValueError, match=r"example 0: text_mask is True at id 2, an <image> "
                      "placeholder"):
-    pack_examples([Example([BOS, S, I, E], [img(1)], text_mask=[F, T, T, T])], spec(True))
+    pack_examples([Example([BOS, S, IMG, E], [img(1)], text_mask=[F, T, T, T])], spec(True))
   with pytest.raises(ValueError, match=r"example 0: text_mask must hold bools"):
     pack_examples([Example([BOS, EOS], text_mask=[0.5, 1.0])], spec())

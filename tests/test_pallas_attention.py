@@ -350,7 +350,8 @@ def test_the_platform_choice_under_jit_grad_and_shard_map_matches_xla():
     for on_mesh in (False, True):
       with jax.set_mesh(mesh) if on_mesh else contextlib.nullcontext():
         # one compile for the output and the gradients
-        got, got_grads = jax.jit(lambda *x: (fn(*x), jax.grad(_loss(fn), (0, 1, 2))(*x)))(q, k, v)
+        both = lambda *x, fn=fn: (fn(*x), jax.grad(_loss(fn), (0, 1, 2))(*x))
+        got, got_grads = jax.jit(both)(q, k, v)
         if on_mesh:
           assert "platform_index" not in str(jax.make_jaxpr(jax.grad(_loss(fn)))(q, k, v))
       _close(got, want, jnp.float32)

@@ -158,7 +158,7 @@ def _imagenet_folder(root: pathlib.Path) -> pathlib.Path:
   """3 classes, JPEGs of varied sizes, a CMYK, a grayscale, a PNG named
   .JPEG and a truncated JPEG."""
   rng = np.random.default_rng(0)
-  for c, wnid in enumerate(WNIDS):
+  for wnid in WNIDS:
     folder = root / "train" / wnid
     folder.mkdir(parents=True)
     for k, (w, h) in enumerate([(40, 30), (24, 50), (64, 64)]):

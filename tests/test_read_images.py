@@ -22,7 +22,7 @@ from monoformer_jax.text.tokenizer import tokenizer_of
 from monoformer_jax.train.loss import loss_terms
 from helpers import digits_config, random_model
 
-S, E, IM, I, PAD, BOS = 5, 6, 7, 9, 0, 1   # toy ids: <|im_start|>, <|im_end|>, ..., <image>
+S, E, IM, IMG, PAD, BOS = 5, 6, 7, 9, 0, 1   # toy ids: <|im_start|>, <|im_end|>, ..., <image>
 P = 3
 
 
@@ -32,7 +32,7 @@ def img(v, shape=(2, 2, 1)):
 
 def spec(**kw):
   base = dict(seq_len=40, max_images=2, image_shape=(2, 2, 1), tokens_per_image=P,
-              image_id=I, pad_id=PAD, max_read_images=2, read_shape=(2, 2, 1), read_tokens=4)
+              image_id=IMG, pad_id=PAD, max_read_images=2, read_shape=(2, 2, 1), read_tokens=4)
   return RowSpec(**{**base, **kw})
 
 
@@ -40,7 +40,7 @@ def spec(**kw):
 
 def _two_read_one_generated():
   # <s> <im> R <im/> 11 <im> R <im/> 12 <im> G <im/> </s>
-  ids = [BOS, S, I, E, 11, S, I, E, 12, S, I, E, 2]
+  ids = [BOS, S, IMG, E, 11, S, IMG, E, 12, S, IMG, E, 2]
   return Example(ids, [img(1), img(2), img(3)], read=[True, True, False])
 
 
@@ -72,7 +72,7 @@ def test_two_read_and_one_generated_image_pack(cond_token):
 
 
 def test_read_only_examples_train_their_answer_and_bidirectional_reads_are_blocks():
-  ex = Example([BOS, S, I, E, 11, 12, 2], [img(1)], text_mask=[0, 0, 0, 0, 0, 1, 1],
+  ex = Example([BOS, S, IMG, E, 11, 12, 2], [img(1)], text_mask=[0, 0, 0, 0, 0, 1, 1],
                read=[True])
   b = pack_examples([ex, ex], spec(read_bidirectional=True, max_read_images=2))
   # Two examples in one row: their reads are blocks -1 and -2.
@@ -86,16 +86,16 @@ def test_read_only_examples_train_their_answer_and_bidirectional_reads_are_block
 
 
 def test_bad_read_images_raise_naming_the_fix():
-  ex = Example([BOS, S, I, E], [img(1)], read=[True])
+  ex = Example([BOS, S, IMG, E], [img(1)], read=[True])
   with pytest.raises(ConfigError, match="no vision encoder.*model.vision_encoder=vae"):
     pack_examples([ex], spec(read_tokens=0, max_read_images=0, read_shape=()))
   with pytest.raises(ConfigError, match="max_read_images_per_row=1.*at least 2"):
-    pack_examples([Example([S, I, I, E], [img(1), img(2)], read=[True, True])],
+    pack_examples([Example([S, IMG, IMG, E], [img(1), img(2)], read=[True, True])],
                   spec(max_read_images=1))
   with pytest.raises(ConfigError, match=r"read images of shape \(2, 2, 1\)"):
-    pack_examples([Example([S, I, E], [img(1, (3, 3, 1))], read=[True])], spec())
+    pack_examples([Example([S, IMG, E], [img(1, (3, 3, 1))], read=[True])], spec())
   with pytest.raises(ValueError, match="2 flags for 1 images"):
-    pack_examples([Example([S, I, E], [img(1)], read=[True, False])], spec())
+    pack_examples([Example([S, IMG, E], [img(1)], read=[True, False])], spec())
 
 
 # ------------------------------------------------------------------ the model
@@ -237,7 +237,7 @@ def test_a_row_with_two_read_and_one_generated_image_trains():
     return optax.apply_updates(params, updates), opt, loss, metrics
   losses = []
   for i in range(30):
-    params, opt, loss, metrics = step(params, opt, jax.random.PRNGKey(i % 2))
+    params, opt, _loss, metrics = step(params, opt, jax.random.PRNGKey(i % 2))
     losses.append(float(metrics["lm"]))
   assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
 

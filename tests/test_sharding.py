@@ -103,7 +103,7 @@ def test_sharded_init_places_each_shard_and_matches_unsharded(setup):
   mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
   tx, _ = make_optimizer(config.optim)
   with jax.set_mesh(mesh):
-    _, state, sh = create_train_state(config, mesh, tx)
+    _, state, _ = create_train_state(config, mesh, tx)
   wq = state["params"]["decoder"]["layers"]["attn"]["wq"]   # [layers, E, H, D]
   assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
   n, e, h, d = wq.shape
@@ -125,7 +125,7 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients(setup):
   graphdef, _, _ = abstract_model(config.model)
   loss_fn = make_loss_fn(graphdef, GaussianDiffusion.create(), config)
   grads_acc, metrics_acc = jax.jit(accumulated_grads(loss_fn, 2))(params, batch, key)
-  halves = [jax.tree.map(lambda x: x[i * 4:(i + 1) * 4], batch) for i in range(2)]
+  halves = [jax.tree.map(lambda x, i=i: x[i * 4:(i + 1) * 4], batch) for i in range(2)]
   parts = [jax.jit(grad_fn)(params, h, jax.random.fold_in(key, i))
            for i, h in enumerate(halves)]
   np.testing.assert_allclose(metrics_acc["loss"],
@@ -135,7 +135,7 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients(setup):
 
 
 def test_bfloat16_compute_keeps_float32_masters_and_tracks_float32_loss(setup):
-  config, grad_fn, params, batch, key, (loss_32, _) = setup
+  config, _, params, batch, key, (loss_32, _) = setup
   config_bf16 = config.copy_and_resolve_references()
   config_bf16.model.dtype = "bfloat16"
   graphdef, _, _ = abstract_model(config_bf16.model)

@@ -24,7 +24,7 @@ METRICS = ("loss", "diff", "lm", "grad_norm")
 
 
 def history(workdir):
-  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_preempted_and_killed_runs_resume_with_the_same_losses(straight, tmp_pat
   uninterrupted run's: the data position and the RNG come back exactly."""
   workdir = tmp_path / "interrupted"
   assert _signal_after_checkpoint(_start(workdir, 4), workdir, 4, signal.SIGTERM) == 0
-  stopped = [l["step"] for l in history(workdir)][-1]
+  stopped = [line["step"] for line in history(workdir)][-1]
   assert _saved_steps(workdir)[-1] == stopped >= 4
 
   resumed_at = stopped - stopped % 6 + 6   # its first own checkpoint
@@ -89,7 +89,7 @@ def test_preempted_and_killed_runs_resume_with_the_same_losses(straight, tmp_pat
 
   _, reference = straight
   lines = history(workdir)
-  steps = [l["step"] for l in lines]
+  steps = [line["step"] for line in lines]
   # Resumed, not restarted: step 1 ran once, and every step is covered.
   assert steps.count(1) == 1 and set(steps) == set(range(1, STEPS + 1))
   assert steps[-1] == STEPS

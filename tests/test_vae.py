@@ -111,7 +111,8 @@ def test_posterior_clips_logvar_to_diffusers_range():
 def test_legacy_attention_names_as_1x1_convs_from_one_file(tmp_path, vae):
   from safetensors.numpy import save_file
   legacy = {}
-  for key, value in read_safetensors(WEIGHTS).items():
+  for name, tensor in read_safetensors(WEIGHTS).items():
+    key, value = name, tensor
     for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"),
                      ("to_out.0", "proj_attn")):
       if f".attentions.0.{new}." in key:

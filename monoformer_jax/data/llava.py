@@ -129,8 +129,9 @@ class LlavaAnnotations:
 
   def __iter__(self) -> Iterator[dict]:
     self.report = report = ReadReport()
-    for index, where, record in self._entries():
+    for index, place, record in self._entries():
       report.records += 1
+      where = place
       if isinstance(record, dict) and isinstance(record.get("id"), (str, int)):
         where += f" (id {record['id']!r})"
       try:

@@ -359,19 +359,19 @@ class _Rows:
   """R empty rows being filled, and how full each one is."""
 
   def __init__(self, rows: int, spec: RowSpec):
-    l = spec.seq_len
+    length = spec.seq_len
     self.spec = spec
-    self.tokens = np.full((rows, l), spec.pad_id, np.int32)
-    self.segment_ids = np.zeros((rows, l), np.int32)
-    self.image_ids = np.zeros((rows, l), np.int32)
-    self.positions = np.zeros((rows, l), np.int32)
-    self.targets = np.zeros((rows, l), np.int32)
-    self.text_weights = np.zeros((rows, l), np.float32)
+    self.tokens = np.full((rows, length), spec.pad_id, np.int32)
+    self.segment_ids = np.zeros((rows, length), np.int32)
+    self.image_ids = np.zeros((rows, length), np.int32)
+    self.positions = np.zeros((rows, length), np.int32)
+    self.targets = np.zeros((rows, length), np.int32)
+    self.text_weights = np.zeros((rows, length), np.float32)
     self.latents = np.zeros((rows, spec.max_images) + spec.image_shape, np.float32)
     r, q = spec.max_read_images, spec.read_tokens
-    self.read_columns = np.full((rows, r, q), l, np.int32)
+    self.read_columns = np.full((rows, r, q), length, np.int32)
     self.read_valid = np.zeros((rows, r), bool)
-    self.read_cond_columns = np.full((rows, r), l, np.int32)
+    self.read_cond_columns = np.full((rows, r), length, np.int32)
     self.read_images = np.zeros((rows, r) + spec.read_shape, np.float32)
     self.used = np.zeros(rows, np.int64)
     self.n_examples = np.zeros(rows, np.int64)

@@ -244,8 +244,9 @@ class Decoder(nnx.Module):
       per_layer = jax.tree.map(lambda a: [s[0] for s in jnp.split(a, n)], layer_state)
       ys = []
       for i in range(n):
-        x_BxLxE, y = body(x_BxLxE, (jax.tree.map(lambda a: a[i], per_layer,
-                                                   is_leaf=lambda a: isinstance(a, list)), None))
+        state_i = jax.tree.map(lambda a, i=i: a[i], per_layer,
+                               is_leaf=lambda a: isinstance(a, list))
+        x_BxLxE, y = body(x_BxLxE, (state_i, None))
         ys.append(y[0])
       layer_inputs = jnp.stack(ys) if return_layer_inputs else None
     else:

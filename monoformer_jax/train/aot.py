@@ -215,7 +215,7 @@ def _fixes(config, message: str) -> str:
 
 
 def _compiler_message(error: Exception, lines: int = 4) -> str:
-  text = [l.strip() for l in str(error).strip().splitlines() if l.strip()]
+  text = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
   return " ".join(text[:lines])
 
 

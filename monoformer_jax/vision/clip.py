@@ -178,16 +178,16 @@ class SelfAttention(nnx.Module):
     self.num_heads = vcfg.num_heads
 
   def __call__(self, x_BxLxE):
-    b, l, e = x_BxLxE.shape
+    b, length, e = x_BxLxE.shape
     h = self.num_heads
     d = e // h
     q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (
-        proj(x_BxLxE).reshape(b, l, h, d) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        proj(x_BxLxE).reshape(b, length, h, d) for proj in (self.q_proj, self.k_proj, self.v_proj))
     logits_BxHxLxL = jnp.einsum("bqhd,bkhd->bhqk", q_BxLxHxD, k_BxLxHxD,
                                 preferred_element_type=jnp.float32) * d ** -0.5
     probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(x_BxLxE.dtype)
     out_BxLxHxD = jnp.einsum("bhqk,bkhd->bqhd", probs_BxHxLxL, v_BxLxHxD)
-    return self.out_proj(out_BxLxHxD.reshape(b, l, e))
+    return self.out_proj(out_BxLxHxD.reshape(b, length, e))
 
 
 class MLP(nnx.Module):
@@ -402,7 +402,7 @@ def clip_params_from_tensors(source, vcfg, *, where: str = "CLIP checkpoint",
           "config.json saved with these weights, or another folder")
 
   values = {}
-  for key, (path, i, _) in wanted.items():
+  for key, (path, _, _) in wanted.items():
     values.setdefault(path, []).append(_to_ours(path, source.read(key)))
   leaves = []
   for path, var in flat:

@@ -92,11 +92,11 @@ def kernel_plan(backend=None, block_q=None, block_k=None, interpret=None, platfo
   lowered for, because `platform_dependent` traces every branch.
   """
   platforms_of: dict[KernelConfig, list[str]] = {}
-  for platform in PLATFORMS if platform is None else (platform,):
-    chosen = backend or backend_for(platform)
-    interpreted = platform not in COMPILED_ON.get(chosen, ()) if interpret is None else interpret
+  for name in PLATFORMS if platform is None else (platform,):
+    chosen = backend or backend_for(name)
+    interpreted = name not in COMPILED_ON.get(chosen, ()) if interpret is None else interpret
     cfg = kernel_config(chosen, block_q, block_k, interpreted)
-    platforms_of.setdefault(cfg, []).append(platform)
+    platforms_of.setdefault(cfg, []).append(name)
   return tuple((tuple(platforms), cfg) for cfg, platforms in platforms_of.items())
 
 
@@ -213,7 +213,7 @@ def pallas_attention(q_BxLqxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids, *
   the backend's; blocks the compiled TPU kernel cannot take (below 128) need
   interpret=True.
   """
-  b, lq, h, d = q_BxLqxHxD.shape
+  b, lq, h, _d = q_BxLqxHxD.shape
   lk, kvh = k_BxLxKxD.shape[1], k_BxLxKxD.shape[2]
   if h % kvh:
     raise ValueError(f"{h} query heads are not a multiple of {kvh} kv heads")

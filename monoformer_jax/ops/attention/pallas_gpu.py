@@ -70,7 +70,7 @@ def forward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap, *,
     q_seg, q_img = qseg_ref[...], qimg_ref[...]
 
     def body(kblk, carry, masked):
-      acc, m, l = carry
+      acc, m, l_sum = carry
       keys = pl.ds(pl.multiple_of(kblk * block_k, block_k), block_k)
       s = _dot(q_, k_ref[keys, :], trans_b=True) * scale
       if masked:
@@ -82,14 +82,14 @@ def forward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap, *,
       p = jnp.exp(s - m_next[:, None])  # all-masked rows: wiped or zeroed later
       v_ = v_ref[keys, :]
       acc = acc * alpha[:, None] + _dot(p.astype(v_.dtype), v_)
-      return acc, m_next, alpha * l + p.sum(axis=1)
+      return acc, m_next, alpha * l_sum + p.sum(axis=1)
 
-    acc, m, l = _walk(_read_runs((start, fstart, fstop, stop)), body,
-                      (jnp.zeros((block_q, d), jnp.float32),
-                       jnp.full((block_q,), MASKED_SCORE, jnp.float32),
-                       jnp.zeros((block_q,), jnp.float32)))
+    acc, m, l_sum = _walk(_read_runs((start, fstart, fstop, stop)), body,
+                          (jnp.zeros((block_q, d), jnp.float32),
+                           jnp.full((block_q,), MASKED_SCORE, jnp.float32),
+                           jnp.zeros((block_q,), jnp.float32)))
     dead = m == MASKED_SCORE
-    l_safe = jnp.where(dead, 1.0, l)
+    l_safe = jnp.where(dead, 1.0, l_sum)
     o_ref[...] = jnp.where(dead[:, None], 0.0, acc / l_safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(dead, 0.0, m + jnp.log(l_safe))
 

@@ -134,9 +134,9 @@ def forward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap, *,
 
     @pl.when(step == nk - 1)
     def _finish():
-      m, l = m_scr[...], l_scr[...]
+      m, l_sum = m_scr[...], l_scr[...]
       dead = m == MASKED_SCORE
-      l_safe = jnp.where(dead, 1.0, l)
+      l_safe = jnp.where(dead, 1.0, l_sum)
       o_ref[...] = jnp.where(_fit(dead, d), 0.0,
                              acc_scr[...] / _fit(l_safe, d)).astype(o_ref.dtype)
       lse_ref[...] = jnp.where(dead, 0.0, m + jnp.log(l_safe))

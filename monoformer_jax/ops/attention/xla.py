@@ -15,7 +15,7 @@ def xla_attention(q_BxLqxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids,
   fewer queries than keys the queries are the row's tokens from `q_offset`
   (default: the last Lq), see mask.py.
   """
-  b, lq, h, d = q_BxLqxHxD.shape
+  _b, lq, h, d = q_BxLqxHxD.shape
   kv = k_BxLxKxD.shape[2]
   if h % kv:
     raise ValueError(f"{h} query heads are not a multiple of {kv} kv heads")
