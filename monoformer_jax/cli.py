@@ -18,7 +18,7 @@ import glob
 import logging as std_logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags, logging
 

@@ -26,14 +26,14 @@ import os
 # training job on this VM is using): the CPU backend, unless told otherwise.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from monoformer_jax import cli  # noqa: E402
-from monoformer_jax.eval import finite_json  # noqa: E402
-from monoformer_jax.parallel.topology import topology_of  # noqa: E402
-from monoformer_jax.train.aot import plan  # noqa: E402
-from monoformer_jax.validate import writable_dir  # noqa: E402
+from monoformer_jax import cli
+from monoformer_jax.eval import finite_json
+from monoformer_jax.parallel.topology import topology_of
+from monoformer_jax.train.aot import plan
+from monoformer_jax.paths import writable_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)

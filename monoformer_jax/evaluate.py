@@ -48,7 +48,8 @@ from monoformer_jax.eval.score import IMAGE_METRICS, METRICS, SAMPLE_METRICS, ch
     score_images
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
-from monoformer_jax.validate import integer, writable_dir
+from monoformer_jax.config.fields import integer
+from monoformer_jax.paths import writable_dir
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config replacing the one saved with --checkpoint (optional).",

@@ -10,7 +10,8 @@ a pixel model) and `to_pixels` makes [0, 1] images of them.
 from __future__ import annotations
 
 import os
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -27,7 +28,7 @@ from monoformer_jax.text.generate import generate
 from monoformer_jax.text.interleaved import TokenIds
 from monoformer_jax.text.interleaved import generate_interleaved as interleave
 from monoformer_jax.text.tokenizer import tokenizer_of  # noqa: F401 (for notebooks)
-from monoformer_jax.validate import check_image_sampling, check_prompts, check_text_sampling
+from monoformer_jax.config.fields import check_image_sampling, check_prompts, check_text_sampling
 from monoformer_jax.vae import decode_latents, load_vae
 from monoformer_jax.vision.inputs import read_inputs
 

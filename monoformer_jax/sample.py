@@ -56,8 +56,8 @@ from monoformer_jax.checkpoints import beside, load_config, load_model
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
 from monoformer_jax.vision.inputs import load_image
-from monoformer_jax.validate import (check_image_sampling, check_text_sampling,
-                                     fresh_output_dir, new_folder_beside, writable_dir)
+from monoformer_jax.config.fields import check_image_sampling, check_text_sampling
+from monoformer_jax.paths import fresh_output_dir, new_folder_beside, writable_dir
 
 OUTPUTS = ("images.png", "images.npz", "text.txt", "edits.png", "edits.npz", "interleaved.html",
            "interleaved.json")
@@ -146,14 +146,14 @@ def main(argv):
     check_text_sampling(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                         top_k=_TOP_K.value, top_p=_TOP_P.value, prefix="--")
   config, step = load_config(_CHECKPOINT.value)
-  if _IMAGE.value and not config.model.get("vision_encoder", ""):
+  if _IMAGE.value and not config.model.vision_encoder:
     raise app.UsageError(f"{_CHECKPOINT.value} was trained without a vision encoder "
                          "(model.vision_encoder is ''), so it cannot read --image; use a "
                          "model trained with model.vision_encoder=vae or clip (the digits "
                          "default reads digits)")
-  sample_cfg = config.get("sample", {})
-  num_steps = sample_cfg.get("num_steps", 20) if _NUM_STEPS.value is None else _NUM_STEPS.value
-  cfg_scale = sample_cfg.get("cfg_scale", 1.5) if _CFG_SCALE.value is None else _CFG_SCALE.value
+  sample_cfg = config.sample
+  num_steps = sample_cfg.num_steps if _NUM_STEPS.value is None else _NUM_STEPS.value
+  cfg_scale = sample_cfg.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value
   check_image_sampling(num_steps=num_steps, cfg_scale=cfg_scale, eta=_ETA.value,
                        num_samples=_NUM_SAMPLES.value,
                        num_timesteps=config.diffusion.num_timesteps, prefix="--")

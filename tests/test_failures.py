@@ -28,7 +28,7 @@ from monoformer_jax.errors import CheckpointError, ConfigError, PathError, Train
 from monoformer_jax.eval import finite_json
 from monoformer_jax.model.build import init_params
 from monoformer_jax.train.loop import train_and_evaluate
-from monoformer_jax.validate import check_train_config
+from monoformer_jax.checks import check_train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -267,7 +267,12 @@ def test_a_checkpoint_with_non_finite_weights_is_not_loaded(tmp_path):
     ("model.patch_size", 3, r"model.image_size=8: must be a multiple of model.patch_size=3"),
     ("model.attention_impl", "flash", r"model.attention_impl='flash': must be one of "
                                       r"\('xla', 'pallas', 'auto'\)"),
-    ("sample.num_steps", 0, r"sample.num_steps=0: must be in \[1, 1000\]"),
+    ("sample.num_steps", 0, r"sample.num_steps=0: must be >= 1"),
+    ("sample.num_steps", 1001, r"sample.num_steps=1001: must be in \[1, 1000\]; the schedule "
+                               r"has diffusion.num_timesteps=1000 steps"),
+    ("model.hidden_size", 130, r"model.hidden_size=130: must be a multiple of 4"),
+    ("diffusion.beta_schedule", "cosine", r"diffusion.beta_schedule='cosine': must be one of "
+                                          r"\('linear',\)"),
     ("sample.cfg_scale", math.inf, r"sample.cfg_scale=inf: must be a finite number"),
     ("train.init_from", "/nowhere", r"train.init_from='/nowhere': is not a folder"),
 ])

@@ -38,9 +38,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from monoformer_jax.errors import CheckpointError, MissingPathError, PathError
+from monoformer_jax.config import complete
+from monoformer_jax.errors import CheckpointError, MissingPathError, PathError, UserError
 from monoformer_jax.model.build import abstract_model
-from monoformer_jax.validate import new_folder_beside
+from monoformer_jax.paths import new_folder_beside
 
 WEIGHTS = ("ema", "raw")
 # Model fields that say how to compute, not what the weights are.
@@ -232,6 +233,8 @@ class TrainCheckpointer:
       try:
         stored = self.manager.item_metadata(step)["state"]["params"]
         saved_config = _config_at(self.manager, step)
+      except UserError:
+        raise   # a config this version cannot read is no damaged checkpoint
       except Exception as e:
         problems.append(self._unreadable(step, e))
         continue
@@ -241,7 +244,7 @@ class TrainCheckpointer:
                    "Resume with the config it was trained with (its `config` item "
                    "holds it) or point --workdir at a fresh directory.")
       check_model_fields(saved_config, config, f"checkpoint {where}",
-                         allowed=bool(config.train.get("allow_model_changes", False)),
+                         allowed=config.train.allow_model_changes,
                          override="pass --config.train.allow_model_changes=True")
       try:
         state, data = self._restore(step, abstract_state, shardings)
@@ -290,12 +293,11 @@ class TrainCheckpointer:
 # -------------------------------------------------------------------- models
 
 def model_differences(saved, config) -> list[str]:
-  """`model.x=A there, B here` for each weight-shaping field that differs."""
-  from monoformer_jax.model.monoformer import MODEL_DEFAULTS
-  was = lambda k: saved.model.get(k, MODEL_DEFAULTS.get(k))   # fields added since
-  return [f"model.{k}={was(k)!r} there, {v!r} here"
+  """`model.x=A there, B here` for each weight-shaping field that differs
+  (`saved` is complete: a field added since it was saved holds its default)."""
+  return [f"model.{k}={saved.model[k]!r} there, {v!r} here"
           for k, v in config.model.items()
-          if k not in _COMPUTE_FIELDS and was(k) != v]
+          if k not in _COMPUTE_FIELDS and saved.model[k] != v]
 
 
 def resolve(path: str, step: int | None = None) -> tuple[str, int]:
@@ -326,8 +328,10 @@ def resolve(path: str, step: int | None = None) -> tuple[str, int]:
 
 
 def _config_at(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+  """The config saved with `step`, completed by the schema: a field added since
+  it was saved takes its default, so old checkpoints load through the same path."""
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(restored["config"])
+  return complete(restored["config"], f"the config saved with {manager.directory}/{step}")
 
 
 def _unreadable_error(directory: str, step: int, error: BaseException) -> CheckpointError:
@@ -362,6 +366,8 @@ def load_config(path: str, step: int | None = None):
   directory, step = resolve(path, step)
   try:
     return _config_at(_manager(directory), step), step
+  except UserError:
+    raise
   except Exception as e:
     raise _unreadable_error(directory, step, e) from e
 
@@ -416,6 +422,8 @@ def _restore(path, weights, config, shardings, step, allow_model_changes=False):
   try:
     saved_config = _config_at(manager, step)
     stored = manager.item_metadata(step)["state"]
+  except UserError:
+    raise
   except Exception as e:
     raise _unreadable_error(directory, step, e) from e
   config = saved_config if config is None else config

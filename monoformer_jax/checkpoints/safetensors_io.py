@@ -22,7 +22,7 @@ import json
 import math
 import os
 import struct
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import ml_dtypes
 import numpy as np

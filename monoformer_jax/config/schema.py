@@ -11,6 +11,8 @@ bounds and help are in `spec(...)`. The command line stays ml_collections':
                     config saved by an older version), an unknown one raises
                     naming the nearest known field, and each section's own
                     checks run (types, ranges, choices, the section's own rules)
+    section(n, v)   one section completed and checked, for library functions
+                    that take only their section (e.g. the mesh's)
 
 Checks that span sections or read files (the batch against the mesh, metric
 names, prepared data) are the entry points', in `monoformer_jax/checks.py`.
@@ -21,7 +23,8 @@ import collections.abc
 import dataclasses
 import difflib
 import typing
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
+from collections.abc import Mapping
 
 import ml_collections
 
@@ -294,21 +297,35 @@ def complete(config, where: str = "the config") -> ml_collections.ConfigDict:
   out = {name: raw.get(name, value) for name, value in TOP_LEVEL.items()}
   fields.integer("seed", out["seed"], low=0)
   out["sharding_rules"] = _rules(out["sharding_rules"])
-  for name, section in SECTIONS.items():
-    given = raw.get(name) or {}
-    if not isinstance(given, Mapping):
-      fields.fail(name, given, "must be a section of fields (a ConfigDict)")
-    _unknown(given, [f.name for f in dataclasses.fields(section)], f"{name}.", where)
-    values = dict(defaults(section), **given)
-    for f in dataclasses.fields(section):
-      values[f.name] = _checked(f"{name}.{f.name}", values[f.name], f)
-    checked = section(**values)
-    if hasattr(checked, "check"):
-      checked.check()
-    out[name] = values
+  for name in SECTIONS:
+    out[name] = _section_values(name, raw.get(name) or {}, where)
   c = ml_collections.ConfigDict(out)
   c.lock()
   return c
+
+
+def section(name: str, values, where: str = "the config") -> ml_collections.ConfigDict:
+  """One section (e.g. "mesh") completed and checked, for a library function
+  that takes only its section and may be given a partial mapping."""
+  if isinstance(values, ml_collections.ConfigDict):
+    values = values.to_dict()
+  c = ml_collections.ConfigDict(_section_values(name, values, where))
+  c.lock()
+  return c
+
+
+def _section_values(name: str, given, where: str) -> dict[str, Any]:
+  section = SECTIONS[name]
+  if not isinstance(given, Mapping):
+    fields.fail(name, given, "must be a section of fields (a ConfigDict)")
+  _unknown(given, [f.name for f in dataclasses.fields(section)], f"{name}.", where)
+  values = dict(defaults(section), **given)
+  for f in dataclasses.fields(section):
+    values[f.name] = _checked(f"{name}.{f.name}", values[f.name], f)
+  checked = section(**values)
+  if hasattr(checked, "check"):
+    checked.check()
+  return values
 
 
 def _unknown(given: Mapping, known: list[str], prefix: str, where: str):

@@ -39,7 +39,8 @@ from monoformer_jax.convert import official
 from monoformer_jax.convert.llama import convert_llama
 from monoformer_jax.convert.verify import report, verify_official
 from monoformer_jax.errors import MissingPathError, PathError
-from monoformer_jax.validate import real, writable_dir
+from monoformer_jax.config.fields import real
+from monoformer_jax.paths import writable_dir
 from monoformer_jax.parallel.sharding import make_mesh
 
 COMMANDS = ("official", "to-official", "llama", "verify-official")

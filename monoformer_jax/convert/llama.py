@@ -95,7 +95,7 @@ def _grow_vocab(read_old, new_rows, axis: int, old_vocab: int):
 def _clip_tower(m, clip: str | None) -> dict:
   """{path under vision_tower: host array} for model config `m` (whose
   model.vision it sets from the CLIP folder when unset); {} without CLIP."""
-  encoder = m.get("vision_encoder", "")
+  encoder = m.vision_encoder
   official.no_clip_needed(encoder, clip, "the base config (model.vision_encoder)")
   if encoder != "clip":
     return {}
@@ -104,7 +104,7 @@ def _clip_tower(m, clip: str | None) -> dict:
         "the base config has model.vision_encoder='clip': the new model's frozen CLIP tower "
         "is copied from a Hugging Face CLIP folder: pass --clip=DIR (clip=DIR), e.g. a "
         "download of openai/clip-vit-large-patch14")
-  params, vcfg = load_clip_params(clip, m.get("vision") or None)
+  params, vcfg = load_clip_params(clip, m.vision or None)
   m.vision = vcfg
   return traverse_util.flatten_dict(params)
 

@@ -34,7 +34,7 @@ import json
 import math
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +130,7 @@ def entries_of(m) -> tuple[Entry, ...]:
   """The entries of a model config: its conditioning mode's module, and
   im_embedder when it reads images."""
   mine = _MODE_MODULES[m.conditioning]
-  reads = bool(m.get("vision_encoder", ""))
+  reads = bool(m.vision_encoder)
   return tuple(e for e in ENTRIES
                if (e.path[0] not in _MODE_MODULES.values() or e.path[0] == mine)
                and (e.path[0] != "im_embedder" or reads))
@@ -158,7 +158,7 @@ def _dims(m, vocab_size: int | None = None) -> dict[str, tuple[int, str]]:
       "patch_out": (m.patch_size ** 2 * out_channels,
                     "model.patch_size**2 * model.in_channels * (2 if model.learn_sigma else 1)"),
       "vision_features": ((m.vision.hidden_size, "model.vision.hidden_size")
-                          if m.get("vision_encoder", "") == "clip" else
+                          if m.vision_encoder == "clip" else
                           (m.in_channels * m.patch_size ** 2,
                            "model.in_channels * model.patch_size**2 (the vae vision encoder)")),
   }
@@ -396,7 +396,7 @@ def _read_tower(source, m, vision_from: str) -> dict:
   m.vision, named `vision_from` in errors), read and checked from `source`'s
   CLIP_TOWER_PREFIX keys; {} for any other model, whose tower keys (the
   reference's SD-VAE, for `vae`) are skipped with a log line."""
-  encoder = m.get("vision_encoder", "")
+  encoder = m.vision_encoder
   if encoder != "clip":
     skipped = sum(k.startswith(VISION_TOWER_PREFIX) for k in source.keys())
     if skipped:
@@ -598,7 +598,7 @@ def official_config(hf: dict, base, where: str = "config.json", *, clip: str | N
   if fields["vision_encoder"] == "clip":
     path = hf.get("vision_encoder_path")
     fields["vision"] = clip_vision_config(
-        clip, base.model.get("vision"), where,
+        clip, base.model.vision, where,
         f" (the config.json names vision_encoder_path={path!r})" if path else "")
   elif "vision" in base.model:
     fields["vision"] = None  # only a CLIP model has tower sizes
@@ -612,13 +612,13 @@ def _vision_fields(config, vision_encoder_path: str | None) -> dict:
   the encoder from (`initialize_vision_modules(vision_encoder,
   vision_encoder_path, **vision_encoder_args)`); {} for a model that reads no image."""
   m = config.model
-  encoder = m.get("vision_encoder", "")
+  encoder = m.vision_encoder
   if not encoder:
     return {}
   out = {"vision_encoder": encoder}
   if encoder == "vae":
     out["vision_encoder_args"] = {"patch_size": m.patch_size, "resolution": m.image_size * 8}
-    vision_encoder_path = vision_encoder_path or config.get("vae", {}).get("path") or None
+    vision_encoder_path = vision_encoder_path or config.vae.path or None
   else:
     out["vision_encoder_args"] = {}  # CLIPVisionEncoder takes none
   if vision_encoder_path:
@@ -653,7 +653,7 @@ def hf_config(config, *, vision_encoder_path: str | None = None) -> dict:
       "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
       "torch_dtype": "float32", "transformers_version": "4.38.0",
       "patch_size": m.patch_size, "in_channels": m.in_channels, "learn_sigma": m.learn_sigma,
-      "tokenizer_max_length": int(config.get("data", {}).get("seq_len", 512)),
+      "tokenizer_max_length": config.data.seq_len,
       "tokenizer_padding_side": "right", "use_flash_attn": False,
       "image_size": m.image_size * 8, "use_pos_embed": True, "decoder_t_embed": m.conditioning,
       "use_adaln_final_layer": True, "use_bi_attn_img_tokens": True,
@@ -725,8 +725,8 @@ def clip_tensors(m, clip: str | None):
   """The tensors of the HF CLIP folder `clip`, to write model config `m`'s
   whole tower from (its config.json checked against m.vision); None for a
   model without a CLIP tower."""
-  no_clip_needed(m.get("vision_encoder", ""), clip, "the model")
-  if m.get("vision_encoder", "") != "clip":
+  no_clip_needed(m.vision_encoder, clip, "the model")
+  if m.vision_encoder != "clip":
     yield None
     return
   if not clip:
@@ -791,7 +791,7 @@ def official_tensors(params, m, clip_source=None):
   flat = traverse_util.flatten_dict(params)
   table = expected_keys(m)
   tower = {}
-  if m.get("vision_encoder", "") == "clip":
+  if m.vision_encoder == "clip":
     if clip_source is None:
       raise ConfigError("a CLIP model's official tensors need the CLIP folder's: pass "
                         "clip_source (official.clip_tensors(m, clip))")

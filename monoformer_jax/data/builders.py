@@ -147,7 +147,7 @@ def _store_uncompressed(path: str, chunk: int = 256):
   os.replace(path + ".uncompressed", path)
 
 
-def data_source(directory: str, split: str = "train", *, kind: str | None = None) -> "Records":
+def data_source(directory: str, split: str = "train", *, kind: str | None = None) -> Records:
   """The random-access records of `split` of a prepared dataset (no TensorFlow)."""
   import tensorflow_datasets as tfds
   directory = os.fspath(directory)

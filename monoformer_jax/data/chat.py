@@ -55,7 +55,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 from monoformer_jax.data import prompts
 from monoformer_jax.data.jsonl import json_objects, numbered_lines

@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from absl import logging

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -43,7 +43,7 @@ from monoformer_jax.errors import ConfigError
 from monoformer_jax.data import builders, pipeline, prompts
 from monoformer_jax.data.images import from_unit_range
 from monoformer_jax.data.packing import Example
-from monoformer_jax.validate import real
+from monoformer_jax.config.fields import real
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                "nine")

@@ -33,7 +33,8 @@ import itertools
 import json
 import os
 import uuid
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ from tqdm import tqdm
 from monoformer_jax.data.jsonl import json_objects
 from monoformer_jax.errors import (ConfigError, FileFormatError, MissingPathError,
                                    PathError)
-from monoformer_jax.validate import integer
+from monoformer_jax.config.fields import integer
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # matched case-insensitively
 CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.tsv")
@@ -154,7 +155,7 @@ class ImageItem:
   fields: dict = dataclasses.field(default_factory=dict)  # e.g. {"label": 3, "wnid": ...}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _classes() -> tuple[tuple[str, str], ...]:
   try:
     with open(CLASSES_FILE, encoding="utf-8") as f:
@@ -176,7 +177,7 @@ def imagenet_classes() -> list[tuple[str, str]]:
   return list(_classes())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _label_of() -> dict[str, int]:
   return {wnid: i for i, (wnid, _) in enumerate(_classes())}
 

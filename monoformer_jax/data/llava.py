@@ -63,7 +63,8 @@ import dataclasses
 import io
 import json
 import os
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from absl import logging

@@ -74,7 +74,8 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -208,7 +209,7 @@ class Row(NamedTuple):
   read_cond_columns: Any = None   # int32 [B, R]
 
   @classmethod
-  def of(cls, batch: Mapping[str, Any]) -> "Row":
+  def of(cls, batch: Mapping[str, Any]) -> Row:
     """The Row fields of a packed batch (a dict from `pack_examples`)."""
     return cls(*(batch.get(name) for name in cls._fields))
 
@@ -657,7 +658,7 @@ def prompt_rows(prompts: Sequence[Sequence[int] | Example], *, pad_id: int,
   return PromptRows(row, layout, read_images if r_max else None)
 
 
-def _prompt_columns(prompt, spec: RowSpec, index: int) -> "_Rows":
+def _prompt_columns(prompt, spec: RowSpec, index: int) -> _Rows:
   """One prompt laid out alone in a row of exactly its expanded length."""
   example = prompt if isinstance(prompt, Example) else Example(prompt, train_text=False)
   if not all(example.read_flags()):

@@ -34,7 +34,7 @@ import queue
 import sys
 import threading
 import weakref
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
@@ -213,7 +213,7 @@ class WorkerExamples:
 
 # ---------------------------------------------------------------- prefetch
 
-_LIVE: "weakref.WeakSet[Prefetched]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Prefetched] = weakref.WeakSet()
 
 
 @atexit.register

@@ -35,7 +35,8 @@ from absl import app, flags, logging
 from monoformer_jax import cli
 from monoformer_jax.data import builders
 from monoformer_jax.errors import ConfigError, MissingPathError
-from monoformer_jax.validate import integer, writable_dir
+from monoformer_jax.config.fields import integer
+from monoformer_jax.paths import writable_dir
 
 _INPUT = flags.DEFINE_string("input_dir", None, "What to prepare (see the module docstring).")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the prepared dataset goes.")

@@ -16,7 +16,7 @@ Conventions:
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +108,7 @@ class GaussianDiffusion:
 
   @classmethod
   def create(cls, num_timesteps: int = 1000, beta_schedule: str = "linear",
-             respacing: str | int | Sequence[int] | None = None) -> "GaussianDiffusion":
+             respacing: str | int | Sequence[int] | None = None) -> GaussianDiffusion:
     """The T-step schedule, optionally respaced (e.g. "20": 20 sampling steps)."""
     if beta_schedule != "linear":
       raise ValueError(f"beta_schedule={beta_schedule!r}: only 'linear' (the "

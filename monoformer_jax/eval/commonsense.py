@@ -44,7 +44,8 @@ import glob
 import math
 import os
 import re
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,7 @@ class Doc(NamedTuple):
   lengths: list[int]
 
   @classmethod
-  def choices(cls, context: str, choices: Sequence[str], gold: int) -> "Doc":
+  def choices(cls, context: str, choices: Sequence[str], gold: int) -> Doc:
     """The usual multiple choice: one context, each choice joined by " "."""
     if not 0 <= gold < len(choices):
       raise ValueError(f"the answer is choice {gold} but there are {len(choices)} choices")

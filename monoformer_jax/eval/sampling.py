@@ -31,7 +31,7 @@ import json
 import os
 import time
 import zipfile
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ from monoformer_jax.data import prompts as prompt_format
 from monoformer_jax.data.datasets import class_names
 from monoformer_jax.errors import ConfigError, FileFormatError
 from monoformer_jax.parallel import distributed
-from monoformer_jax.validate import check_image_sampling, integer
+from monoformer_jax.config.fields import check_image_sampling, integer
 
 SAMPLES_FILE = "samples.npz"
 CHUNKS_DIR = "chunks"

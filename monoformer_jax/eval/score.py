@@ -24,7 +24,7 @@ both call.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -137,7 +137,7 @@ class TrainingEvals:
     self.every = int(ev.every) if ev is not None and ev.metrics else 0
     if not self.every:
       return
-    # The fields are checked with the training config (validate.check_evals).
+    # The fields are checked with the training config (checks.py).
     self.metrics = tuple(ev.metrics)
     self.labels = class_labels(ev.num_samples, len(class_names(config)), seed=config.seed,
                                balanced=True)

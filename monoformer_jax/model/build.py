@@ -9,7 +9,7 @@ recovered from the model config without allocating anything.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from flax import nnx

@@ -116,7 +116,7 @@ class KVCache(NamedTuple):
   v: jax.Array
 
   @classmethod
-  def zeros(cls, cfg, batch: int, length: int, dtype) -> "KVCache":
+  def zeros(cls, cfg, batch: int, length: int, dtype) -> KVCache:
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
     zeros = constrain(jnp.zeros(shape, dtype), CACHE_AXES)
     return cls(zeros, zeros)

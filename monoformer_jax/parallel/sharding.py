@@ -13,14 +13,15 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from monoformer_jax.config.schema import SHARDING_RULES
+from monoformer_jax.config import schema
 from monoformer_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -39,21 +40,17 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   MaxText's dcn_data_parallelism.
   """
   devices = jax.devices() if devices is None else list(devices)
-  dcn = int(mesh_config.get("dcn_data", 1))
+  mesh_config = schema.section("mesh", mesh_config)   # its sizes checked there
+  dcn = mesh_config.dcn_data
   slices = len({getattr(d, "slice_index", None) or 0 for d in devices})
-  if dcn < 1:
-    raise ConfigError(f"config.mesh.dcn_data={dcn}: must be >= 1 (the slices the data "
-                      "axis spans over DCN; 1 for a single slice)")
   if dcn != slices:
     raise ConfigError(
         f"config.mesh.dcn_data={dcn} but the {len(devices)} devices form {slices} "
         f"slice(s): set --config.mesh.dcn_data={slices}")
   per_slice = len(devices) // slices
-  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  sizes = [mesh_config[a] for a in MESH_AXES]
   unknown = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
   where = f"{per_slice} devices" + (f" per slice ({slices} slices)" if slices > 1 else "")
-  if len(unknown) > 1:
-    raise ConfigError(f"config.mesh: at most one axis may be -1, got {unknown}")
   known = math.prod(s for s in sizes if s != -1)
   if unknown:
     if per_slice % known:
@@ -118,7 +115,7 @@ def logical_rules(rules: Rules):
 # heads, MLP and vocabulary. Activations: the batch over data and fsdp, heads
 # over tensor. The mesh's sizes (config.mesh) decide which of these are real
 # splits: an axis of size 1 splits nothing.
-RULES: Rules = SHARDING_RULES
+RULES: Rules = schema.SHARDING_RULES
 
 
 def current_rules() -> Rules:

@@ -14,7 +14,7 @@ those token strings: the data code places special ids itself.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
 

@@ -48,7 +48,7 @@ from monoformer_jax.parallel import sharding
 from monoformer_jax.parallel.topology import Topology, devices_of
 from monoformer_jax.train.state import make_optimizer, state_shardings
 from monoformer_jax.train.step import healthy, make_train_step
-from monoformer_jax.validate import check_batch_layout, check_train_config
+from monoformer_jax.checks import check_batch_layout, check_train_config
 
 GIB = 2 ** 30
 # A Pallas kernel in the lowered module: Mosaic on TPU, Triton on GPU.
@@ -239,7 +239,7 @@ def plan(config, topology: Topology) -> tuple[StepPlan, str]:
   """(StepPlan, lowered module text) of the train step of `config` compiled for
   `topology`'s compile-only devices. Raises DoesNotFitError with the
   compiler's message when the step cannot fit."""
-  check_train_config(config, reads_data=False)
+  config = check_train_config(config, reads_data=False)
   devices = devices_of(topology)
   t0 = time.perf_counter()
   lowered, mesh = lower_train_step(config, devices)

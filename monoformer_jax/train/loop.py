@@ -10,7 +10,7 @@ from `train.init_from` (a model checkpoint, e.g. from `python -m
 monoformer_jax.convert llama`) when it is set, else from a random init.
 
 Before anything is compiled or written, every config field, the workdir and
-the batch layout are checked (monoformer_jax/validate.py). A step whose loss
+the batch layout are checked (config/schema.py, checks.py). A step whose loss
 or gradient is not finite freezes the state on the devices (train/step.py);
 the loop finds out at its next log or save, saves the last good step if it
 is not on disk yet, and stops with `TrainingDiverged` naming the step, the
@@ -43,7 +43,8 @@ from monoformer_jax.train.samples import write_samples
 from monoformer_jax.train.state import (create_train_state, make_optimizer, state_from_params,
                                         state_shardings)
 from monoformer_jax.train.step import WATCHED, healthy, make_train_step
-from monoformer_jax.validate import check_batch_layout, check_train_config, writable_dir
+from monoformer_jax.checks import check_batch_layout, check_train_config
+from monoformer_jax.paths import writable_dir
 
 
 class _Metrics:
@@ -101,7 +102,7 @@ def initial_state(config, mesh, tx):
   """(graphdef, state, shardings) of step 0, straight in their shards: the raw
   params of the model checkpoint `train.init_from` (EMA = params, a fresh
   optimizer state) when it is set, else a random init."""
-  init_from = config.train.get("init_from", "")
+  init_from = config.train.init_from
   if not init_from:
     graphdef, state, shardings = create_train_state(config, mesh, tx)
     logging.info("initialised %s parameters", f"{param_count(state['params']):,}")
@@ -109,7 +110,7 @@ def initial_state(config, mesh, tx):
   graphdef, _, shardings = state_shardings(config, mesh, tx)
   params, _, _ = load_params(init_from, weights="raw", config=config,
                              shardings=shardings["params"],
-                             allow_model_changes=config.train.get("allow_model_changes", False))
+                             allow_model_changes=config.train.allow_model_changes)
   state = state_from_params(params, tx, shardings)
   logging.info("started from %s: %s parameters", init_from, f"{param_count(params):,}")
   return graphdef, state, shardings
@@ -141,7 +142,7 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
   """Trains `config` in `workdir`; returns the final train state and last metrics."""
   # ---------------------------------------------------------------- set-up
   # Every field is checked before anything is compiled or written.
-  check_train_config(config)
+  config = check_train_config(config)
   workdir = writable_dir(workdir, "checkpoints, metrics and samples", "--workdir")
   tokenizer = tokenizer_of(config)   # checks it fits model.vocab_size
   mesh = sharding.make_mesh(config.mesh)
@@ -210,11 +211,11 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
 
     # ---------------------------------------------------------------- loop
     preemption = distributed.Preemption()
-    metrics_out = _Metrics(workdir, config.train.get("tensorboard", True))
+    metrics_out = _Metrics(workdir, config.train.tensorboard)
     evals = TrainingEvals(config)
     # The evaluator's last run would repeat the end-of-run samples' work.
     evals_from_samples = sample_at_end and end_samples_score_evals(config)
-    profile = _Profile(workdir, step, config.train.get("profile_steps", 0))
+    profile = _Profile(workdir, step, config.train.profile_steps)
     rows, length = config.data.batch_size, config.data.seq_len
     # Model FLOPs of a step (perf.py: XLA's count sees a scanned layer once)
     # and the chip's peak, for MFU; None on a CPU or an unlisted chip.

@@ -35,7 +35,7 @@ def make_optimizer(optim_cfg, model_cfg=None) -> tuple[optax.GradientTransformat
     schedule = optax.constant_schedule(optim_cfg.lr)
   adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                       weight_decay=optim_cfg.weight_decay)
-  if model_cfg is not None and model_cfg.get("vision_encoder", "") == "clip":
+  if model_cfg is not None and model_cfg.vision_encoder == "clip":
     labels = lambda params: {k: "frozen" if k in FROZEN else "trained" for k in params}
     adamw = optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, labels)
   tx = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw)

@@ -82,7 +82,7 @@ def make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_
   grads_of = accumulated_grads(make_loss_fn(graphdef, diffusion, config),
                                config.optim.grad_accum_steps)
   ema_decay = config.optim.ema_decay
-  nan_step = int(config.train.get("debug_nan_step", 0))
+  nan_step = config.train.debug_nan_step
   base_key = jax.random.PRNGKey(config.seed)
 
   def step(state, batch, health):

@@ -74,7 +74,7 @@ class VAEConfig:
     return 2 ** (len(self.block_out_channels) - 1)
 
   @classmethod
-  def from_diffusers(cls, config: dict) -> "VAEConfig":
+  def from_diffusers(cls, config: dict) -> VAEConfig:
     """From a diffusers AutoencoderKL config dict; checks what we cannot build."""
     name = config.get("_class_name", "AutoencoderKL")
     if name != "AutoencoderKL":
