@@ -6,7 +6,8 @@ the line number, what is wrong with it."""
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from monoformer_jax.errors import FileFormatError
 

@@ -33,7 +33,7 @@ supplies only its class names and its images or texts.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -31,7 +31,8 @@ import os
 import struct
 import warnings
 import zipfile
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Iterable
 
 import numpy as np
 from scipy import linalg

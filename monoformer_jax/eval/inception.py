@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

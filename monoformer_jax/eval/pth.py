@@ -287,7 +287,7 @@ def _read_legacy(path: pathlib.Path, source: str):
       magic = load()
     except FileFormatError:
       raise
-    except Exception as e:  # noqa: BLE001 - whatever a non-pickle makes pickle raise
+    except Exception as e:
       raise FileFormatError(f"{source} is not a PyTorch .pth file (neither a zip archive "
                             f"nor a legacy torch.save pickle: {type(e).__name__}); pass "
                             "a file written by torch.save") from e
@@ -342,7 +342,7 @@ def read_state_dict(path, *, hint: str = "") -> dict[str, np.ndarray]:
     if not hint:
       raise
     raise FileFormatError(f"{e}; {hint}") from e
-  except Exception as e:  # noqa: BLE001 - a damaged pickle can raise anything
+  except Exception as e:
     raise FileFormatError(f"{source} cannot be read as a torch.save file "
                           f"({type(e).__name__}: {e}); the file is damaged or not a "
                           "state dict" + (f"; {hint}" if hint else "")) from e
