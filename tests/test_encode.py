@@ -17,7 +17,7 @@ from monoformer_jax.data import encode
 from monoformer_jax.data.encode import (EncodeReport, ImageItem, UnreadableImage,
                                         adm_center_crop, chunk_report, encode_items,
                                         load_rgb, read_chunks)
-from monoformer_jax.data.sources import imagenet
+from monoformer_jax.data.sources import imagenet as imagenet_source
 from monoformer_jax.data.sources.imagenet import imagenet_classes, imagenet_items
 from monoformer_jax.data.sources.text_to_image import journeydb_items
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
@@ -394,17 +394,17 @@ def test_tfds_manual_tars_are_extracted_into_the_folder_layout_and_resume(tmp_pa
 
   manual = tmp_path / "manual"
   manual.mkdir()
-  (manual / imagenet.TRAIN_ARCHIVE).write_bytes(tar_bytes({
+  (manual / imagenet_source.TRAIN_ARCHIVE).write_bytes(tar_bytes({
       "n01440764.tar": tar_bytes({"n01440764_1.JPEG": jpeg(1), "n01440764_2.JPEG": jpeg(2)}),
       "n01443537.tar": tar_bytes({"n01443537_1.JPEG": jpeg(3)})}))
-  (manual / imagenet.VAL_ARCHIVE).write_bytes(tar_bytes(
+  (manual / imagenet_source.VAL_ARCHIVE).write_bytes(tar_bytes(
       {f"ILSVRC2012_val_0000000{i}.JPEG": jpeg(10 + i) for i in (3, 1, 2)}))
-  assert imagenet.has_imagenet_archives(manual)
-  out = imagenet.extract_imagenet_archives(manual, tmp_path / "layout")
-  train = imagenet.imagenet_items(out, "train")
+  assert imagenet_source.has_imagenet_archives(manual)
+  out = imagenet_source.extract_imagenet_archives(manual, tmp_path / "layout")
+  train = imagenet_source.imagenet_items(out, "train")
   assert [i.key for i in train] == ["n01440764/n01440764_1.JPEG", "n01440764/n01440764_2.JPEG",
                                     "n01443537/n01443537_1.JPEG"]
-  val = {i.key for i in imagenet.imagenet_items(out, "val")}
+  val = {i.key for i in imagenet_source.imagenet_items(out, "val")}
   assert val == {"n01751748/ILSVRC2012_val_00000001.JPEG",
                  "n09193705/ILSVRC2012_val_00000002.JPEG",
                  "n02105855/ILSVRC2012_val_00000003.JPEG"}
@@ -413,10 +413,10 @@ def test_tfds_manual_tars_are_extracted_into_the_folder_layout_and_resume(tmp_pa
   # A rerun finds every class marked done and rewrites nothing.
   stamp = os.path.getmtime(train[0].path)
   os.utime(train[0].path, (stamp - 100, stamp - 100))
-  imagenet.extract_imagenet_archives(manual, tmp_path / "layout")
+  imagenet_source.extract_imagenet_archives(manual, tmp_path / "layout")
   assert os.path.getmtime(train[0].path) == stamp - 100   # not written again
   # An interrupted class (no done mark) is extracted again.
   os.remove(os.path.join(out, "train", "n01443537", ".extracted"))
   os.remove(os.path.join(out, "train", "n01443537", "n01443537_1.JPEG"))
-  imagenet.extract_imagenet_archives(manual, tmp_path / "layout")
+  imagenet_source.extract_imagenet_archives(manual, tmp_path / "layout")
   assert os.path.exists(os.path.join(out, "train", "n01443537", "n01443537_1.JPEG"))

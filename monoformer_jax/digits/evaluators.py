@@ -106,7 +106,7 @@ def sample_metrics(images_BxhxwxC, labels_B) -> dict:
 
 
 def reading_accuracy(model, tokenizer, config, *, max_new_tokens: int = 16) -> dict:
-  """The share of held-out real digits (data/digits.reading_split) that the
+  """The share of held-out real digits (source.reading_split) that the
   model names right by greedy text generation after reading the digit: the
   prompt "<s> <|im_start|> <image> <|im_end|> \\n which digit is this?", the
   answer parsed as "it is {name}."; chance is 10%. Also the per-digit shares
@@ -136,7 +136,7 @@ def interleaved_accuracy(model, tokenizer, config, *, num_prompts: int = 20,
                          max_new_tokens: int = 256, temperature: float = 1.0,
                          seed: int = 0, max_wait: int | None = None,
                          progress=None) -> tuple[dict, list, list]:
-  """Interleaved answers to the prompt "here is a" (data/digits.py), sampled
+  """Interleaved answers to the prompt "here is a" (digits/source.py), sampled
   at `temperature` so the rows name different digits: the share of their
   images that the classifier labels with the digit named in the text just
   before each one. Returns (metrics, the answers, the classifier's labels of
@@ -179,7 +179,7 @@ def interleaved_accuracy(model, tokenizer, config, *, num_prompts: int = 20,
 def editing_accuracy(model, tokenizer, config, *, num_steps: int = 50,
                      cfg_scale: float | None = 2.0, guidance: str | None = "both",
                      seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-  """Each held-out real digit (data/digits.reading_split) READ and redrawn
+  """Each held-out real digit (source.reading_split) READ and redrawn
   by "the next digit:": the share of the drawings the classifier labels with
   the next digit (3 -> 4, 9 -> 0). Returns (metrics, the sources [N, 8, 8, 1]
   and the drawings, both in [0, 1], the sources' labels [N])."""

@@ -11,7 +11,7 @@ share `data.text_fraction` of the stream. A model that reads images
 (model.vision_encoder) also gets reading examples, a share `data.read_fraction`:
 a real digit as a read image, the question "which digit is this?" and the
 answer "it is seven." (cross-entropy on the answer). Every tenth prepared
-digit is held out of them, for `eval/digits.reading_accuracy`.
+digit is held out of them, for `digits/evaluators.reading_accuracy`.
 
 Two more kinds teach what the reference cannot do (a share each,
 `data.interleaved_fraction` and `data.edit_fraction`):
