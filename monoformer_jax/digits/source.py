@@ -2,8 +2,8 @@
 
 Nothing is downloaded: `sklearn.datasets.load_digits` ships its 1797 images.
 Images are pixel-space "latents" [8, 8, 1] float32, scaled from 0..16 to
-[-1, 1] (images.py). The dataset supplies its class names ("zero".."nine"),
-the images and the sentences; the rows are the reference's (prompts.py): an
+[-1, 1] (data/images.py). The dataset supplies its class names ("zero".."nine"),
+the images and the sentences; the rows are the reference's (data/prompts.py): an
 image under a random template filled with its class name, the prompt dropped
 with probability `data.cfg_drop_prob`, and text-only examples that are true
 statements about the numbers zero..twenty ("three plus four is seven."), a
