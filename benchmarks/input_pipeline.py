@@ -5,7 +5,7 @@ next to the rows/s the paper's train step consumes per host.
 
 The records are synthetic but shaped as the paper's: 32x32x4 SD-VAE
 posteriors (mean and std, and their mirrors) of 256-pixel images, written as
-array_record by the imagenet TFDS builder (data/builders.py), then read by
+array_record as the imagenet source writes them (data/builders.py), then read by
 the training pipeline exactly as `python -m monoformer_jax.train` reads them
 (configs/imagenet256.py: Grain shuffle, class prompt with guidance drop,
 posterior draw, random mirror, packing into 512-token rows, the next batches
@@ -32,8 +32,7 @@ import numpy as np
 
 from monoformer_jax import perf
 from monoformer_jax.config import config_file
-from monoformer_jax.data import builders
-from monoformer_jax.data.datasets import make_batches
+from monoformer_jax.data.datasets import make_batches, source
 from monoformer_jax.data.packing import PackedBatches, row_spec
 from monoformer_jax.text.tokenizer import ByteTokenizer
 
@@ -62,8 +61,8 @@ def _write_records(folder: str, n: int) -> str:
                  std_flip=std[:, ::-1].copy(), label=int(rng.integers(1000)),
                  wnid="n00000000")
 
-  return builders.prepare("imagenet", folder, {"train": records}, latent_shape=(32, 32, 4),
-                          flip=True)
+  return source("imagenet").write(folder, {"train": records}, latent_shape=(32, 32, 4),
+                                  flip=True)
 
 
 def main(argv):

@@ -4,7 +4,7 @@ that draw as soon as they ask.
     python -m monoformer_jax.train --config=configs/digits.py --workdir=/tmp/digits
     python benchmarks/interleaved.py --checkpoint=/tmp/digits/checkpoints
 
-The work is the digits evaluator's (eval/digits.interleaved_accuracy): 20
+The work is the digits evaluator's (digits/evaluators.interleaved_accuracy): 20
 answers to "here is a" sampled at temperature 1, each image by 50 guided DDPM
 steps, from a trained checkpoint's EMA weights (random weights never ask for
 an image). For `max_wait` 0 (every row draws as soon as it asks: the sampler
@@ -26,7 +26,7 @@ from absl import flags
 
 from monoformer_jax.checkpoints import load_model
 from monoformer_jax.errors import ConfigError
-from monoformer_jax.eval.digits import interleaved_accuracy
+from monoformer_jax.digits.evaluators import interleaved_accuracy
 from monoformer_jax.text.tokenizer import tokenizer_of
 
 import report

@@ -94,7 +94,7 @@ def shape_batch(config, name: str):
   their stream)."""
   tok = ByteTokenizer()
   if name == "digits":
-    from monoformer_jax.data.digits import digits_example_stream
+    from monoformer_jax.digits.source import digits_example_stream
     from monoformer_jax.data.packing import PackedBatches
     batches = PackedBatches(digits_example_stream(config, tok, config.seed),
                             rows=config.data.batch_size, spec=row_spec(config, tok))

@@ -10,7 +10,7 @@ time conditioning (one timestep token before every image, t = 0 for a read
 one); rows of 512 tokens; loss weights 1.0 (diffusion) and 0.01 (LM). What
 we do differently with LLaVA's records (the image inside <|im_start|>
 <|im_end|>, the loss on the answers only, the 1:1 weights applied) is in
-monoformer_jax/data/llava.py. The recipe is configs/imagenet256.py's (global
+monoformer_jax/data/sources/llava.py. The recipe is configs/imagenet256.py's (global
 batch 256; the reference's script trains this mix with 16: 4 rows per GPU, 2
 GPUs, 2 accumulation steps).
 

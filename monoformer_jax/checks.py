@@ -26,7 +26,7 @@ def check_train_config(config, *, reads_data: bool = True):
   `reads_data=False` the dataset's prepared folders are not looked at (an
   ahead-of-time compile reads no data)."""
   from monoformer_jax.data.datasets import check_data
-  from monoformer_jax.eval.score import IMAGE_METRICS, SAMPLE_METRICS
+  from monoformer_jax.eval import registry
 
   config = complete(config)
   if reads_data:
@@ -40,53 +40,29 @@ def check_train_config(config, *, reads_data: bool = True):
   if init_from and "://" not in init_from and not os.path.isdir(init_from):
     fail("train.init_from", init_from, "is not a folder", "pass a model checkpoint (e.g. "
          "the output of `python -m monoformer_jax.convert llama`), or '' for a random init")
-
-  s = config.sample
-  check_image_sampling(num_steps=s.num_steps, cfg_scale=s.cfg_scale,
+  check_image_sampling(num_steps=config.sample.num_steps, cfg_scale=config.sample.cfg_scale,
                        num_timesteps=config.diffusion.num_timesteps, prefix="sample.")
-  for name in s.metrics:
-    if name not in SAMPLE_METRICS:
-      fail("sample.metrics", name, f"must be one of {SAMPLE_METRICS}")
+  # Known, allowed inside training, able to score this model, their files there.
+  registry.check_training_metrics(config, "sample.metrics")
   _check_evals(config)
-  if any(m in IMAGE_METRICS for m in s.metrics):
-    _check_metric_files(config, "sample.metrics")
   return config
 
 
 def _check_evals(config):
-  """The evaluators inside training (`config.evals`)."""
+  """The evaluators inside training (`config.evals`): every `every` steps, on
+  class-conditional samples of the EMA weights."""
   from monoformer_jax.data.datasets import class_names
-  from monoformer_jax.eval.digits import model_metric_problem
-  from monoformer_jax.eval.score import IMAGE_METRICS, MODEL_METRICS, check_metrics
+  from monoformer_jax.eval import registry
 
   ev = config.evals
   if not ev.every or not ev.metrics:
     return
-  metrics = check_metrics(ev.metrics, "evals.metrics")
-  if "commonsense" in metrics:
-    fail("evals.metrics", tuple(metrics), "may not name commonsense inside training",
-         "run `python -m monoformer_jax.evaluate --metrics=commonsense` on a checkpoint")
-  for name in metrics:
-    problem = name in MODEL_METRICS and model_metric_problem(name, config)
-    if problem:
-      fail("evals.metrics", tuple(metrics), f"names {problem}", f"leave {name} out")
-  if not class_names(config):
-    fail("evals.metrics", tuple(metrics), f"needs class-conditional samples, but "
+  registry.check_training_metrics(config, "evals.metrics")
+  if registry.sample_metrics(ev.metrics) and not class_names(config):
+    fail("evals.metrics", tuple(ev.metrics), f"needs class-conditional samples, but "
          f"data.name={config.data.name!r} has no classes", "set evals.every=0")
   check_image_sampling(num_steps=ev.num_steps, cfg_scale=ev.cfg_scale,
                        num_timesteps=config.diffusion.num_timesteps, prefix="evals.")
-  if any(m in IMAGE_METRICS for m in metrics):
-    _check_metric_files(config, "evals.metrics")
-
-
-def _check_metric_files(config, field: str):
-  """The files the Inception metrics named in `field` read."""
-  for name in ("inception", "reference"):
-    path = config.evals[name]
-    if not path or not os.path.isfile(path):
-      fail(f"evals.{name}", path, f"is not a file (the Inception metrics in {field} read it)",
-           "give pytorch-fid's Inception weights (evals.inception) and a reference batch npz "
-           "(evals.reference)")
 
 
 def check_batch_layout(config, mesh, process_count: int = 1):

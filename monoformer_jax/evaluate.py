@@ -42,13 +42,11 @@ from ml_collections import config_flags
 from monoformer_jax import cli, inference
 from monoformer_jax.checkpoints import beside, load_config, load_model
 from monoformer_jax.errors import ConfigError, PathError
-from monoformer_jax.eval import finite_json
-from monoformer_jax.eval.digits import DIGITS_MODEL_METRICS, model_metric_problem, model_metrics
-from monoformer_jax.eval.score import IMAGE_METRICS, METRICS, SAMPLE_METRICS, check_metrics, \
-    score_images
+from monoformer_jax.config.fields import integer
+from monoformer_jax.eval import finite_json, registry
+from monoformer_jax.eval.score import score_images, score_model
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
-from monoformer_jax.config.fields import integer
 from monoformer_jax.paths import writable_dir
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -57,7 +55,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Training workdir, step folder or converted model.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_METRICS = flags.DEFINE_list("metrics", None, f"Metrics among {METRICS}.")
+_METRICS = flags.DEFINE_list("metrics", None, f"Metrics among {registry.METRICS}.")
 _OUTPUT = flags.DEFINE_string("output", None, "Results JSON (default SAMPLE_DIR/results.json, "
                               "or beside --samples).")
 # samples
@@ -65,15 +63,16 @@ _SAMPLES = flags.DEFINE_string("samples", None, "An ADM sample npz (arr_0 uint8 
                                "arr_1 labels) to score instead of sampling.")
 _SAMPLE_DIR = flags.DEFINE_string("sample_dir", None, "Where the chunks and samples.npz go "
                                   "(default: eval_step{N} beside the checkpoint).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Images to sample (default 50000; "
-                                    "1000 when only digits is asked for).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Images to sample (default: the "
+                                    "largest the metrics ask for: 50000 for the Inception "
+                                    "metrics, else 1000).")
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 500, "Images per chunk (a multiple of the "
                                    "device count); a restarted run skips finished chunks.")
 _BALANCED = flags.DEFINE_bool("balanced", False, "The same number of samples of every class "
                               "(the reference draws each class uniformly at random).")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Respaced DDPM steps (default: 250, the "
-                                  "reference's FID runs, for the Inception metrics; else "
-                                  "config.sample.num_steps).")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Respaced DDPM steps (default: what the "
+                                  "metrics ask for, 250 for the Inception metrics as the "
+                                  "reference's FID runs; else config.sample.num_steps).")
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale, 0 for none (default "
                                 "config.sample.cfg_scale).")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], "DDPM (the reference) or DDIM.")
@@ -100,6 +99,13 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer
                                  "'bytes' (default config.data.tokenizer).")
 
 
+def _settings() -> dict:
+  """What the evaluators may read of the flags (registry.Evaluator: files, options)."""
+  return dict(inception=_INCEPTION.value, reference=_REFERENCE.value,
+              batch_size=_BATCH_SIZE.value, tasks_dir=_TASKS_DIR.value, tasks=_TASKS.value,
+              limit=_LIMIT.value, text_batch=_TEXT_BATCH.value, max_len=_MAX_LEN.value)
+
+
 def _check_flags(metrics):
   """Every flag, before anything is loaded."""
   if not _CHECKPOINT.value and not _SAMPLES.value:
@@ -107,42 +113,19 @@ def _check_flags(metrics):
                          "npz of samples to score)")
   if _CHECKPOINT.value and _SAMPLES.value:
     raise app.UsageError("give --checkpoint or --samples, not both")
-  if "commonsense" in metrics:
-    if not _CHECKPOINT.value:
-      raise ConfigError("--metrics=commonsense scores a model: give --checkpoint")
-    if not _TASKS_DIR.value:
-      raise ConfigError("--metrics=commonsense needs --tasks_dir, the folder of the task files "
-                        "(eval/commonsense.py gives the layout)")
-    if not os.path.isdir(_TASKS_DIR.value):
-      raise PathError(f"--tasks_dir={_TASKS_DIR.value!r} is not a folder")
-    from monoformer_jax.eval import commonsense
-    for name in _tasks():   # every task's name and file
-      commonsense.task_files(name, _TASKS_DIR.value)
-  image = [m for m in metrics if m in IMAGE_METRICS]
-  if image:
-    for flag, value in (("--inception", _INCEPTION.value), ("--reference", _REFERENCE.value)):
-      if not value:
-        raise ConfigError(f"{image} need {flag} (see --helpfull)")
-      if not os.path.isfile(value):
-        raise PathError(f"{flag}={value!r} is not a file")
+  for cls, names in registry.families(metrics).items():
+    if cls.scores == "model" and not _CHECKPOINT.value:
+      raise ConfigError(f"--metrics={','.join(names)} scores a model itself: give "
+                        "--checkpoint (--samples holds images only)")
+    cls.check(names, _settings(), lambda name: f"--{name}")
   if _SAMPLES.value and not os.path.isfile(_SAMPLES.value):
     raise PathError(f"--samples={_SAMPLES.value!r} is not a file")
-  if _SAMPLES.value and "commonsense" in metrics:
-    raise ConfigError("--samples scores images; commonsense needs --checkpoint")
-  for name in set(metrics) & set(DIGITS_MODEL_METRICS):
-    if not _CHECKPOINT.value:
-      raise ConfigError(f"--metrics={name} scores the digits model itself: give --checkpoint")
   integer("--batch_size", _BATCH_SIZE.value, low=1)
   integer("--text_batch", _TEXT_BATCH.value, low=1)
   integer("--max_len", _MAX_LEN.value, low=2)
   integer("--decode_batch", _DECODE_BATCH.value, low=1)
   if _LIMIT.value is not None:
     integer("--limit", _LIMIT.value, low=1)
-
-
-def _tasks() -> list[str]:
-  from monoformer_jax.eval import commonsense
-  return list(_TASKS.value or commonsense.TASKS)
 
 
 def _sample_dir(step: int) -> str:
@@ -152,10 +135,11 @@ def _sample_dir(step: int) -> str:
   return writable_dir(base, "samples (or pass --sample_dir)", "the default --sample_dir")
 
 
-def _load_samples(path: str, reference):
+def _load_samples(path: str):
+  """(uint8 images [N, H, W, C], their labels or None) of a sample npz (the
+  evaluators check the resolution and channels they need)."""
   from monoformer_jax.eval.fid import load_images_npz
-  images = load_images_npz(path, expect_resolution=None if reference is None
-                           else reference.resolution, channels=None)
+  images = load_images_npz(path, channels=None)
   with np.load(path) as z:
     labels = z["arr_1"] if "arr_1" in z.files else z["labels"] if "labels" in z.files else None
   return images, labels
@@ -165,39 +149,35 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not _METRICS.value:
-    raise app.UsageError(f"give --metrics, among {METRICS}")
-  metrics = check_metrics(_METRICS.value)
+    raise app.UsageError(f"give --metrics, among {registry.METRICS}")
+  metrics = registry.check_metrics(_METRICS.value)
   _check_flags(metrics)
-  inception = reference = None
-  inception_metrics = any(m in IMAGE_METRICS for m in metrics)
-  if inception_metrics:   # the files are read before any sampling
-    from monoformer_jax.eval.fid import ReferenceBatch
-    from monoformer_jax.eval.inception import load_inception
-    inception = load_inception(_INCEPTION.value)
-    reference = ReferenceBatch(_REFERENCE.value)
+  evaluators = registry.make(metrics, _settings())   # their files are read before any sampling
+  classes = [type(e) for e in evaluators]
   results = {}
-  sample_metrics = [m for m in metrics if m in SAMPLE_METRICS]
+  sample_metrics = registry.sample_metrics(metrics)
   writer = jax.process_index() == 0
 
   if _SAMPLES.value:
-    images, labels = _load_samples(_SAMPLES.value, reference)
-    results.update(score_images(images, labels, sample_metrics, inception=inception,
-                                reference=reference, batch_size=_BATCH_SIZE.value))
+    images, labels = _load_samples(_SAMPLES.value)
+    results.update(score_images(images, labels, evaluators))
     output = _OUTPUT.value or os.path.splitext(_SAMPLES.value)[0] + "_results.json"
   else:
     config, step = load_config(_CHECKPOINT.value, _STEP.value)
     if _CONFIG.value is not None:
       config = _CONFIG.value
     for name in metrics:
-      problem = name in DIGITS_MODEL_METRICS and model_metric_problem(name, config)
+      problem = registry.evaluator_class(name).problem(name, config)
       if problem:
         raise ConfigError(f"--metrics={name}: {problem} in {_CHECKPOINT.value}")
     num_samples = _NUM_SAMPLES.value
     if num_samples is None:
-      num_samples = 50_000 if inception_metrics else 1000
+      num_samples = max(cls.num_samples for cls in classes if cls.scores == "samples") \
+          if sample_metrics else 1000
     num_steps = _NUM_STEPS.value
     if num_steps is None:
-      num_steps = 250 if inception_metrics else config.sample.num_steps
+      num_steps = max((cls.num_steps for cls in classes if cls.num_steps), default=None) \
+          or config.sample.num_steps
     cfg_scale = config.sample.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value
     tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
     vae = inference.load_vae_of(config, _VAE.value) if sample_metrics else None
@@ -217,20 +197,14 @@ def main(argv):
                           sampler=_SAMPLER.value, seed=_SEED.value, balanced=_BALANCED.value,
                           weights=_WEIGHTS.value, vae=vae, decode_batch=_DECODE_BATCH.value)
         if writer:
-          images, labels = _load_samples(path, reference)
-          results.update(score_images(images, labels, sample_metrics, inception=inception,
-                                      reference=reference, batch_size=_BATCH_SIZE.value))
+          images, labels = _load_samples(path)
+          results.update(score_images(images, labels, evaluators))
           results["samples"] = dict(path=path, num_samples=num_samples,
                                     num_steps=num_steps, cfg_scale=cfg_scale,
                                     sampler=_SAMPLER.value, seed=_SEED.value,
                                     balanced=_BALANCED.value, weights=_WEIGHTS.value)
-      if "commonsense" in metrics:
-        from monoformer_jax.eval import commonsense
-        results["commonsense"] = commonsense.evaluate_tasks(
-            model, tokenizer, _tasks(), _TASKS_DIR.value, limit=_LIMIT.value,
-            batch_size=_TEXT_BATCH.value, max_len=_MAX_LEN.value)
-      results.update(model_metrics(model, tokenizer, config, metrics, num_steps=num_steps,
-                                   cfg_scale=cfg_scale))
+      results.update(score_model(evaluators, model, tokenizer, config, num_steps=num_steps,
+                                 cfg_scale=cfg_scale, seed=config.seed))
     results["checkpoint"] = dict(path=_CHECKPOINT.value, step=step, weights=_WEIGHTS.value)
   if writer:
     text = finite_json(results, indent=1)

@@ -1,5 +1,6 @@
 """Dataset preparation, image side (monoformer_jax/data/encode.py): crops, readers,
-item lists and the resumable, sharded VAE encoding into chunk files."""
+item lists (the imagenet and text_to_image sources') and the resumable, sharded
+VAE encoding into chunk files."""
 
 import json
 import os
@@ -15,8 +16,10 @@ from PIL import Image
 from monoformer_jax.data import encode
 from monoformer_jax.data.encode import (EncodeReport, ImageItem, UnreadableImage,
                                         adm_center_crop, chunk_report, encode_items,
-                                        imagenet_classes, imagenet_items, journeydb_items,
                                         load_rgb, read_chunks)
+from monoformer_jax.data.sources import imagenet as imagenet_source
+from monoformer_jax.data.sources.imagenet import imagenet_classes, imagenet_items
+from monoformer_jax.data.sources.text_to_image import journeydb_items
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
 from monoformer_jax.vae import load_vae
 
@@ -373,7 +376,6 @@ def test_tfds_manual_tars_are_extracted_into_the_folder_layout_and_resume(tmp_pa
   first three validation images are n01751748, n09193705, n02105855)."""
   import io
   import tarfile
-  from monoformer_jax.data import encode
 
   def jpeg(seed):
     buf = io.BytesIO()
@@ -392,17 +394,17 @@ def test_tfds_manual_tars_are_extracted_into_the_folder_layout_and_resume(tmp_pa
 
   manual = tmp_path / "manual"
   manual.mkdir()
-  (manual / encode.TRAIN_ARCHIVE).write_bytes(tar_bytes({
+  (manual / imagenet_source.TRAIN_ARCHIVE).write_bytes(tar_bytes({
       "n01440764.tar": tar_bytes({"n01440764_1.JPEG": jpeg(1), "n01440764_2.JPEG": jpeg(2)}),
       "n01443537.tar": tar_bytes({"n01443537_1.JPEG": jpeg(3)})}))
-  (manual / encode.VAL_ARCHIVE).write_bytes(tar_bytes(
+  (manual / imagenet_source.VAL_ARCHIVE).write_bytes(tar_bytes(
       {f"ILSVRC2012_val_0000000{i}.JPEG": jpeg(10 + i) for i in (3, 1, 2)}))
-  assert encode.has_imagenet_archives(manual)
-  out = encode.extract_imagenet_archives(manual, tmp_path / "layout")
-  train = encode.imagenet_items(out, "train")
+  assert imagenet_source.has_imagenet_archives(manual)
+  out = imagenet_source.extract_imagenet_archives(manual, tmp_path / "layout")
+  train = imagenet_source.imagenet_items(out, "train")
   assert [i.key for i in train] == ["n01440764/n01440764_1.JPEG", "n01440764/n01440764_2.JPEG",
                                     "n01443537/n01443537_1.JPEG"]
-  val = {i.key for i in encode.imagenet_items(out, "val")}
+  val = {i.key for i in imagenet_source.imagenet_items(out, "val")}
   assert val == {"n01751748/ILSVRC2012_val_00000001.JPEG",
                  "n09193705/ILSVRC2012_val_00000002.JPEG",
                  "n02105855/ILSVRC2012_val_00000003.JPEG"}
@@ -411,10 +413,10 @@ def test_tfds_manual_tars_are_extracted_into_the_folder_layout_and_resume(tmp_pa
   # A rerun finds every class marked done and rewrites nothing.
   stamp = os.path.getmtime(train[0].path)
   os.utime(train[0].path, (stamp - 100, stamp - 100))
-  encode.extract_imagenet_archives(manual, tmp_path / "layout")
+  imagenet_source.extract_imagenet_archives(manual, tmp_path / "layout")
   assert os.path.getmtime(train[0].path) == stamp - 100   # not written again
   # An interrupted class (no done mark) is extracted again.
   os.remove(os.path.join(out, "train", "n01443537", ".extracted"))
   os.remove(os.path.join(out, "train", "n01443537", "n01443537_1.JPEG"))
-  encode.extract_imagenet_archives(manual, tmp_path / "layout")
+  imagenet_source.extract_imagenet_archives(manual, tmp_path / "layout")
   assert os.path.exists(os.path.join(out, "train", "n01443537", "n01443537_1.JPEG"))

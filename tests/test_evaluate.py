@@ -12,10 +12,11 @@ import pytest
 from monoformer_jax import inference
 from monoformer_jax.checkpoints import load_model, save_model
 from monoformer_jax.errors import ConfigError, FileFormatError
-from monoformer_jax.eval import digits
+from monoformer_jax.digits import evaluators as digits
 from monoformer_jax.eval.sampling import (class_labels, chunk_seed, quantize, sample_run,
                                           _write_npz)
-from monoformer_jax.eval.score import check_metrics, score_images
+from monoformer_jax.eval.registry import check_metrics, make
+from monoformer_jax.eval.score import score_images
 from helpers import digits_config, random_digits_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -131,15 +132,15 @@ def test_metric_names_and_missing_inputs_name_the_fix():
     check_metrics(["fid", "fid"])
   images = np.zeros((4, 8, 8, 1), np.uint8)
   with pytest.raises(ConfigError, match="--inception="):
-    score_images(images, None, ["fid"])
+    score_images(images, None, make(["fid"]))
   with pytest.raises(FileFormatError, match="no labels"):
-    score_images(images, None, ["digits"])
+    score_images(images, None, make(["digits"]))
   with pytest.raises(FileFormatError, match="uint8"):
-    score_images(images.astype(np.float32), np.zeros(4), ["digits"])
+    score_images(images.astype(np.float32), np.zeros(4), make(["digits"]))
   with pytest.raises(FileFormatError, match=r"8x8 grayscale.*\[16, 16, 3\]"):
-    score_images(np.zeros((4, 16, 16, 3), np.uint8), np.zeros(4), ["digits"])
+    score_images(np.zeros((4, 16, 16, 3), np.uint8), np.zeros(4), make(["digits"]))
   with pytest.raises(FileFormatError, match="4 samples but 3 labels"):
-    score_images(images, np.zeros(3), ["digits"])
+    score_images(images, np.zeros(3), make(["digits"]))
 
 
 def _cli(*flags):

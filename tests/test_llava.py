@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from monoformer_jax.config import CONFIGS_DIR, config_file
-from monoformer_jax.data import builders, llava, prompts
-from monoformer_jax.data.datasets import DATASETS, check_data, make_batches
+from monoformer_jax.data import builders, datasets, prompts
+from monoformer_jax.data.datasets import check_data, make_batches
+from monoformer_jax.data.sources import llava
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.text.tokenizer import load_tokenizer
 from monoformer_jax.vision.clip import read_clip_config
@@ -223,11 +224,11 @@ def test_the_llava_stream_skips_the_broken_image_and_packs_reading_rows(prepared
   folder, _ = prepared
   config = _config(folder)
   check_data(config)
-  stream = DATASETS["llava"].example_stream(config, TOK, 0)
+  stream = datasets.source("llava").examples(config, TOK, 0)
   examples = [stream(i) for i in range(12)]   # two epochs of 6 records
   assert stream.skipped["unreadable image"] >= 2 and set(stream.skipped) == {"unreadable image"}
   assert all(ex.read == [True] or not ex.images for ex in examples)
-  again = DATASETS["llava"].example_stream(config, TOK, 0)
+  again = datasets.source("llava").examples(config, TOK, 0)
   assert [list(again(i).ids) for i in range(12)] == [list(ex.ids) for ex in examples]
   batch = next(make_batches(config, TOK))
   assert batch["read_images"].shape == (4, 1, 32, 32, 3) and batch["read_valid"].sum() >= 2
@@ -250,8 +251,8 @@ def test_llava_mixes_with_text_to_image(prepared, tmp_path):
   latents = [dict(key=f"{i:03d}", prompt=f"a red square {i}", caption="",
                   mean=rng.standard_normal((8, 8, 1)).astype(np.float32),
                   std=np.full((8, 8, 1), 0.1, np.float32)) for i in range(6)]
-  t2i = builders.prepare("text_to_image", str(tmp_path), {"train": lambda: iter(latents)},
-                         latent_shape=(8, 8, 1))
+  t2i = datasets.source("text_to_image").write(str(tmp_path), {"train": lambda: iter(latents)},
+                                               latent_shape=(8, 8, 1))
   config = _config("", name="mix", batch_size=8)
   config.data.mix = {"text_to_image": 1, "llava": 1}
   config.data.dirs = {"text_to_image": t2i, "llava": folder}

@@ -15,8 +15,8 @@ from PIL import Image
 from helpers import digits_config
 from monoformer_jax.config import config_file
 from monoformer_jax.data import builders, pipeline
-from monoformer_jax.data.datasets import check_data, make_batches
-from monoformer_jax.data.encode import imagenet_classes
+from monoformer_jax.data.datasets import check_data, make_batches, source
+from monoformer_jax.data.sources.imagenet import imagenet_classes
 from monoformer_jax.data.packing import Example, host_stream
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.text.tokenizer import load_tokenizer, tokenizer_of
@@ -116,8 +116,8 @@ def test_records_read_what_tfds_itself_decodes(tmp_path, layout):
                wnid="n01440764", tags=np.arange(i % 4, dtype=np.int64))
           for i in range(12)]
   if layout == "ours":
-    builders.prepare("imagenet", str(tmp_path), {"train": lambda: iter(rows)},
-                     latent_shape=(2, 3, 4))
+    source("imagenet").write(str(tmp_path), {"train": lambda: iter(rows)},
+                             latent_shape=(2, 3, 4))
     folder = builders.prepared_dir(str(tmp_path), "imagenet")
     from array_record.python import array_record_module as ar
     shards = [n for n in os.listdir(folder) if ".array_record-" in n]

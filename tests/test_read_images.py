@@ -246,7 +246,7 @@ def test_the_digits_reading_is_learned_well_above_chance(tmp_path):
   """A short run, mostly reading examples (the tiny model), then the held-out
   digits read back: chance is 10%, and 400 steps reach about 50%."""
   from monoformer_jax.checkpoints import load_model
-  from monoformer_jax.eval.digits import reading_accuracy
+  from monoformer_jax.digits.evaluators import reading_accuracy
   from monoformer_jax.train.loop import train_and_evaluate
   config = digits_config(num_steps=400, log_every=400, checkpoint_every=400)
   config.model.update(vision_encoder="vae")

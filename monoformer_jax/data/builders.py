@@ -1,35 +1,21 @@
-"""TFDS builders: every dataset the project trains on, written as `array_record`.
+"""TFDS builders: every prepared dataset, written as `array_record` and read back.
 
-One builder class per kind of record, all read back without TensorFlow
+One builder, whatever the dataset: its records are dicts of the features the
+dataset's source declares (data/sources/: `DataSource.features`, what each
+record holds), all read back without TensorFlow
 (`tfds.builder_from_directory(dir).as_data_source(split)`, random access, what
-Grain reads). What each record holds:
+Grain reads) as `Records`.
 
-    latent images   imagenet, text_to_image: `mean`, `std` float32 [h, w, C]
-                    (the SD-VAE posterior of the scaled latent, so a training
-                    latent is mean + std * eps), optionally `mean_flip`,
-                    `std_flip` (of the mirrored image), and `key` (the file);
-                    imagenet adds `label` int64 and `wnid`, text_to_image
-                    `prompt` and `caption`
-    chat            `turns`: the conversation as JSON [{role, content}, ...],
-                    rendered with the config's chat template at training time
-    text            `text`
-    llava           `conversation`: the turns as JSON [{role, content}, ...]
-                    with the image's "<image>" marker, `image`: the image
-                    file's bytes as they are (JPEG for mix665k; b"": a
-                    text-only record; data/llava.py says why), `key`
-    digits          `image` float32 [8, 8, 1] pixels in [-1, 1], `label`
-
-`prepare(kind, output_dir, {split: records}, ...)` writes the splits. The image kinds
-are encoded first by data/encode.py into resumable chunks; the builder only
-copies finished chunks into array_record, so an interrupted preparation
+`write(name, output_dir, {split: records}, features)` writes the splits into
+`output_dir/monoformer_{name}/1.0.0` (`prepared_dir`, what data.dir names). The
+image sources encode first (data/encode.py, resumable chunks); the builder
+only copies finished records into array_record, so an interrupted preparation
 resumes where it stopped. The records are written in an order TFDS chooses
 (by a hash of each key); readers shuffle anyway.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import numpy as np
@@ -37,39 +23,6 @@ import numpy as np
 from monoformer_jax.errors import ConfigError, MissingPathError, PathError
 
 VERSION = "1.0.0"
-LATENT_KINDS = ("imagenet", "text_to_image")
-KINDS = LATENT_KINDS + ("chat", "text", "llava", "digits")
-
-
-def _features(kind: str, latent_shape=None, flip: bool = False):
-  import tensorflow_datasets as tfds
-  f = tfds.features
-  if kind in LATENT_KINDS:
-    # Stored as raw bytes: read back with one np.frombuffer (Records).
-    tensor = lambda: f.Tensor(shape=tuple(latent_shape), dtype=np.float32,
-                              encoding=f.Encoding.BYTES)
-    spec = dict(mean=tensor(), std=tensor(), key=f.Text())
-    if flip:
-      spec.update(mean_flip=tensor(), std_flip=tensor())
-    if kind == "imagenet":
-      spec.update(label=f.Scalar(dtype=np.int64), wnid=f.Text())
-    else:
-      spec.update(prompt=f.Text(), caption=f.Text())
-  elif kind == "chat":
-    spec = dict(turns=f.Text())
-  elif kind == "text":
-    spec = dict(text=f.Text())
-  elif kind == "llava":
-    # Text features hold any bytes, so the image file's bytes are stored (and
-    # read back by Records) as they are, with no image codec in TFDS's way.
-    spec = dict(conversation=f.Text(), image=f.Text(doc="the image file's bytes"),
-                key=f.Text())
-  elif kind == "digits":
-    spec = dict(image=f.Tensor(shape=(8, 8, 1), dtype=np.float32, encoding=f.Encoding.BYTES),
-                label=f.Scalar(dtype=np.int64))
-  else:
-    raise ConfigError(f"dataset kind {kind!r}: use one of {KINDS}")
-  return f.FeaturesDict(spec)
 
 
 Splits = dict   # split name -> a function returning that split's records (dicts)
@@ -98,37 +51,38 @@ def _builder(kind: str, output_dir: str, splits: Splits, features, description: 
   return MonoformerData(data_dir=output_dir, file_format="array_record")
 
 
-def prepared_dir(output_dir: str, kind: str) -> str:
-  """Where `prepare` writes `kind` under `output_dir` (what data.dir names)."""
-  return os.path.join(output_dir, f"monoformer_{kind}", VERSION)
+def prepared_dir(output_dir: str, name: str) -> str:
+  """Where `write` puts the dataset `name` under `output_dir` (what data.dir names)."""
+  return os.path.join(output_dir, f"monoformer_{name}", VERSION)
 
 
-def prepare(kind: str, output_dir: str, splits: Splits, *, latent_shape=None,
-            flip: bool = False, description: str = "") -> str:
-  """Writes each split (`{name: records}`, records() yielding dicts of the
-  kind's features) as array_record in `output_dir`; returns the dataset's
-  folder (what data.dir names). A dataset already there is an error, never
-  overwritten."""
-  folder = prepared_dir(output_dir, kind)
+def write(name: str, output_dir: str, splits: Splits, features: dict, *,
+          uncompressed: bool = False, description: str = "") -> str:
+  """Writes each split (`{split: records}`, records() yielding dicts of
+  `features`, {name: tfds feature}) as array_record in `output_dir`; returns
+  the dataset's folder (what data.dir names). `uncompressed` rewrites the
+  shards without compression (UNCOMPRESSED). A dataset already there is an
+  error, never overwritten."""
+  import tensorflow_datasets as tfds
+  folder = prepared_dir(output_dir, name)
   if os.path.exists(os.path.join(folder, "dataset_info.json")):
-    raise PathError(f"{folder} already holds a prepared {kind} dataset; pass another "
+    raise PathError(f"{folder} already holds a prepared {name} dataset; pass another "
                     "--output_dir or remove it to prepare again")
-  features = _features(kind, latent_shape, flip)
-  _builder(kind, output_dir, splits, features, description or kind).download_and_prepare()
-  if kind in UNCOMPRESSED_KINDS:
-    for name in sorted(os.listdir(folder)):
-      if ".array_record-" in name:
-        _store_uncompressed(os.path.join(folder, name))
+  _builder(name, output_dir, splits, tfds.features.FeaturesDict(features),
+           description or name).download_and_prepare()
+  if uncompressed:
+    for shard in sorted(os.listdir(folder)):
+      if ".array_record-" in shard:
+        _store_uncompressed(os.path.join(folder, shard))
   return folder
 
 
-# Shards of latents are rewritten uncompressed: TFDS writes zstd, which saves
-# under a tenth of a latent's bytes (float32 mantissas do not compress) and
-# triples the cost of reading a record (0.10 against 0.037 ms per 64 KB
-# record on a 2-core host; docs/benchmarks.md). LLaVA's JPEG bytes are
-# entropy-coded already, so the same holds for them. Readers take either.
+# Sources whose records are latents or JPEG bytes store their shards
+# uncompressed: TFDS writes zstd, which saves under a tenth of a latent's bytes
+# (float32 mantissas do not compress) and triples the cost of reading a record
+# (0.10 against 0.037 ms per 64 KB record on a 2-core host; docs/benchmarks.md);
+# JPEG bytes are entropy-coded already. Readers take either.
 UNCOMPRESSED = "group_size:1,uncompressed"
-UNCOMPRESSED_KINDS = LATENT_KINDS + ("llava",)
 
 
 def _store_uncompressed(path: str, chunk: int = 256):
@@ -165,6 +119,21 @@ def data_source(directory: str, split: str = "train", *, kind: str | None = None
   raw = builder.as_data_source(split=split,
                                deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
   return Records(raw, builder.info.features)
+
+
+def check_prepared(field: str, directory: str, name: str):
+  """`directory` (the config field `field`) names a dataset `name` prepared by
+  `python -m monoformer_jax.data.prepare name`, before anything is read
+  (`gs://` folders are left to their reader)."""
+  if not directory:
+    raise ConfigError(f"{field} is empty: point it at the {name} dataset prepared by "
+                      f"`python -m monoformer_jax.data.prepare {name}`")
+  if "://" not in directory and not os.path.exists(os.path.join(directory,
+                                                                "dataset_info.json")):
+    raise ConfigError(f"{field}={directory!r} is not a prepared dataset (no "
+                      f"dataset_info.json): prepare it with `python -m "
+                      f"monoformer_jax.data.prepare {name} --output_dir=OUT` and pass "
+                      f"OUT/monoformer_{name}/{VERSION}")
 
 
 class Records:
@@ -235,33 +204,3 @@ class Records:
 def dataset_info(directory: str) -> dict:
   with open(os.path.join(directory, "dataset_info.json")) as f:
     return json.load(f)
-
-
-@contextlib.contextmanager
-def _locked(path: str):
-  """An exclusive lock on `path` (a file beside the data), across processes."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def digits_dir(cache_dir: str) -> str:
-  """The digits prepared into `cache_dir` on first use (from scikit-learn's
-  copy; nothing is downloaded); later calls reuse it. Safe when several
-  processes ask at once."""
-  from monoformer_jax.data.digits import load_digit_images
-  folder = prepared_dir(cache_dir, "digits")
-  if os.path.exists(os.path.join(folder, "dataset_info.json")):
-    return folder
-  with _locked(os.path.join(cache_dir, ".digits.lock")):
-    if not os.path.exists(os.path.join(folder, "dataset_info.json")):
-      images, labels = load_digit_images()
-      prepare("digits", cache_dir, {"train": lambda: (
-          dict(key=f"{i:04d}", image=images[i], label=int(labels[i]))
-          for i in range(len(images)))},
-          description="scikit-learn's 8x8 digits, pixels in [-1, 1]")
-  return folder

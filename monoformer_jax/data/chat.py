@@ -47,13 +47,15 @@ its own so the mask's edges are token edges. A byte tokenizer gives the same
 ids as the whole string; SentencePiece puts its "▁" in front of each piece, as
 the reference's separate source/target tokenization does at its one cut.
 
-The readers (`read_conversations`, `read_texts`) only parse and check files;
-rendering happens at training time from the stored turns.
+The readers (`input_files`, `read_conversations`, `read_texts`) only parse and
+check files, for the chat and text sources (data/sources/); rendering happens at
+training time from the stored turns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 from typing import Any
 from collections.abc import Iterator, Mapping, Sequence
@@ -166,6 +168,21 @@ def _checked_file(path) -> str:
   if os.path.isdir(path):
     raise PathError(f"{path} is a folder; give the path of one data file in it")
   return path
+
+
+def input_files(path) -> list[str]:
+  """The .jsonl and .txt files of the folder `path` (--input_dir), sorted, or
+  the one file it names."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    found = sorted(glob.glob(os.path.join(path, "*.jsonl"))
+                   + glob.glob(os.path.join(path, "*.txt")))
+    if not found:
+      raise MissingPathError(f"--input_dir={path!r} holds no .jsonl or .txt files")
+    return found
+  if not os.path.exists(path):
+    raise MissingPathError(f"--input_dir={path!r} does not exist")
+  return [path]
 
 
 _CHAT_KEYS = ("data", "messages", "conversations")

@@ -1,6 +1,6 @@
 """The image side of dataset preparation: files -> cropped pixels -> SD-VAE latents.
 
-    items = imagenet_items("/data/imagenet", "train")       # or journeydb_items(...)
+    items = imagenet_items("/data/imagenet", "train")   # a source's reader (data/sources/)
     report = encode_items(items, load_vae(vae_dir), "/data/latents/train", image_size=256,
                           flip=True)
     print(report.summary())
@@ -19,6 +19,9 @@ process_index; `read_chunks` and `chunk_report` then see every host's chunks
 
 Images are read by `load_rgb` (by content, every PIL mode to RGB, fully
 decoded) and cropped by `adm_center_crop`, the ADM/DiT rule the reference uses.
+Which images, with which fields, is the sources' business (ImageNet's folders
+and JourneyDB's annotations are read in data/sources/imagenet.py and
+text_to_image.py).
 """
 
 from __future__ import annotations
@@ -44,14 +47,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 from tqdm import tqdm
 
-from monoformer_jax.data.jsonl import json_objects
-from monoformer_jax.errors import (ConfigError, FileFormatError, MissingPathError,
-                                   PathError)
 from monoformer_jax.config.fields import integer
+from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # matched case-insensitively
-CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.tsv")
-NUM_IMAGENET_CLASSES = 1000
 MANIFEST = "encode_manifest.json"
 MANIFEST_FORMAT = 1
 # Chunk arrays that are not per-item fields; ImageItem.fields may not use these names.
@@ -153,194 +151,6 @@ class ImageItem:
   key: str
   path: str
   fields: dict = dataclasses.field(default_factory=dict)  # e.g. {"label": 3, "wnid": ...}
-
-
-@functools.cache
-def _classes() -> tuple[tuple[str, str], ...]:
-  try:
-    with open(CLASSES_FILE, encoding="utf-8") as f:
-      rows = [tuple(line.rstrip("\n").split("\t")) for line in f if line.strip()]
-  except FileNotFoundError as e:
-    raise MissingPathError(f"{CLASSES_FILE} is missing: the package was installed without "
-                           "its data files; reinstall it (pip install -e .)") from e
-  if (len(rows) != NUM_IMAGENET_CLASSES or any(len(r) != 2 for r in rows)
-      or [r[0] for r in rows] != sorted({r[0] for r in rows})):
-    raise FileFormatError(f"{CLASSES_FILE} must hold {NUM_IMAGENET_CLASSES} lines "
-                          "'wnid<TAB>name' with unique wnids in sorted order; restore it "
-                          "from the repository")
-  return tuple(rows)
-
-
-def imagenet_classes() -> list[tuple[str, str]]:
-  """The 1000 ILSVRC2012 classes (wnid, name) in label order (sorted wnids);
-  the names are the reference MonoFormer's prompts (data/imagenet_labels.json)."""
-  return list(_classes())
-
-
-@functools.cache
-def _label_of() -> dict[str, int]:
-  return {wnid: i for i, (wnid, _) in enumerate(_classes())}
-
-
-def _is_image_name(name: str) -> bool:
-  return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def imagenet_items(input_dir, split: str) -> list[ImageItem]:
-  """The images of `input_dir/<split>/<wnid>/*.JPEG` (.jpeg/.jpg/.png too), sorted.
-
-  Keys are `<wnid>/<file name>`; fields `label` (the wnid's index among the
-  1000 sorted ILSVRC2012 wnids) and `wnid`. A subset of the classes is fine.
-  """
-  root = os.path.join(os.fspath(input_dir), split)
-  extensions = "/".join(IMAGE_EXTENSIONS)
-  if not os.path.exists(root):
-    raise MissingPathError(
-        f"ImageNet split folder {root} is not there: expected the extracted layout "
-        f"{os.path.join(os.fspath(input_dir), split, '<wnid>', '*.JPEG')}; check the input "
-        f"folder and the split name {split!r} (e.g. 'train' or 'val')")
-  if not os.path.isdir(root):
-    raise PathError(f"ImageNet split path {root} is a file, not a folder of <wnid> folders")
-  names = sorted(os.listdir(root))
-  folders = [n for n in names if os.path.isdir(os.path.join(root, n))]
-  loose = [n for n in names if _is_image_name(n) and n not in folders]
-  if loose:
-    raise PathError(
-        f"ImageNet split folder {root} holds {len(loose)} images directly (e.g. {loose[0]}); "
-        "they must be sorted into one folder per class, <wnid>/ (for the validation set, "
-        "move each image into the folder of its ground-truth wnid)")
-  if not folders:
-    raise PathError(f"ImageNet split folder {root} is empty: expected one folder per class "
-                    "(n01440764/, ...); extract the images into it")
-  label_of = _label_of()
-  items = []
-  for wnid in folders:
-    if wnid not in label_of:
-      raise PathError(
-          f"folder {os.path.join(root, wnid)} is not an ILSVRC2012 class: {wnid!r} is not "
-          f"one of the {len(label_of)} known wnids ({CLASSES_FILE}); move it out of {root}")
-    folder = os.path.join(root, wnid)
-    files = sorted(n for n in os.listdir(folder) if _is_image_name(n)
-                   and os.path.isfile(os.path.join(folder, n)))
-    if not files:
-      raise PathError(f"class folder {folder} has no images ({extensions}, any case); an "
-                      "interrupted extraction? Extract it again or remove the folder")
-    items.extend(ImageItem(key=f"{wnid}/{name}", path=os.path.join(folder, name),
-                           fields={"label": label_of[wnid], "wnid": wnid})
-                 for name in files)
-  return items
-
-
-TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
-VAL_ARCHIVE = "ILSVRC2012_img_val.tar"
-_DONE = ".extracted"
-
-
-def has_imagenet_archives(folder) -> bool:
-  """Whether `folder` holds the ILSVRC2012 tars (TFDS's imagenet2012 manual_dir)."""
-  return any(os.path.isfile(os.path.join(os.fspath(folder), name))
-             for name in (TRAIN_ARCHIVE, VAL_ARCHIVE))
-
-
-def _validation_wnids() -> list[str]:
-  """The ground-truth wnid of each validation image, in sorted file-name order
-  (the list TFDS ships for its imagenet2012 builder)."""
-  import tensorflow_datasets
-  path = os.path.join(os.path.dirname(tensorflow_datasets.__file__), "datasets",
-                      "imagenet2012", "validation_labels.txt")
-  with open(path) as f:
-    return f.read().strip().splitlines()
-
-
-def _extract_members(tar, members, folder: str):
-  """Writes the regular files `members` of the open `tar` into `folder`
-  (flat: base names only, so no member can write outside it)."""
-  os.makedirs(folder, exist_ok=True)
-  for member in members:
-    data = tar.extractfile(member)
-    if data is None:
-      continue
-    with open(os.path.join(folder, os.path.basename(member.name)), "wb") as out:
-      out.write(data.read())
-
-
-def extract_imagenet_archives(manual_dir, output_dir) -> str:
-  """The ILSVRC2012 tars of `manual_dir` unpacked into the folder layout that
-  `imagenet_items` reads (`output_dir/train/<wnid>/`, `output_dir/val/<wnid>/`);
-  returns `output_dir`. The training tar holds one tar per class; the
-  validation tar holds flat images, sorted into their classes by the labels
-  TFDS ships. Each class (and the validation set) is marked when complete,
-  so an interrupted extraction resumes with the next class."""
-  import tarfile
-  manual_dir, output_dir = os.fspath(manual_dir), os.fspath(output_dir)
-  train = os.path.join(manual_dir, TRAIN_ARCHIVE)
-  if os.path.isfile(train):
-    with tarfile.open(train, mode="r:") as outer:
-      members = [m for m in outer.getmembers() if m.isfile() and m.name.endswith(".tar")]
-      for member in tqdm(members, desc="extracting train classes", unit="class"):
-        wnid = os.path.basename(member.name)[:-len(".tar")]
-        folder = os.path.join(output_dir, "train", wnid)
-        if os.path.exists(os.path.join(folder, _DONE)):
-          continue
-        with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
-          _extract_members(inner, [m for m in inner.getmembers() if m.isfile()], folder)
-        open(os.path.join(folder, _DONE), "w").close()
-  val = os.path.join(manual_dir, VAL_ARCHIVE)
-  done = os.path.join(output_dir, "val", _DONE)
-  if os.path.isfile(val) and not os.path.exists(done):
-    labels = _validation_wnids()
-    with tarfile.open(val, mode="r:") as tar:
-      members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
-      if len(members) > len(labels):
-        raise FileFormatError(f"{val} holds {len(members)} images but the validation "
-                              f"labels list {len(labels)}; is it ILSVRC2012_img_val.tar?")
-      for member, wnid in tqdm(list(zip(members, labels)), desc="extracting val",
-                               unit="image"):
-        _extract_members(tar, [member], os.path.join(output_dir, "val", wnid))
-    open(done, "w").close()
-  if not (os.path.isfile(train) or os.path.isfile(val)):
-    raise MissingPathError(f"{manual_dir} holds neither {TRAIN_ARCHIVE} nor {VAL_ARCHIVE}")
-  return output_dir
-
-
-def journeydb_items(annotations_jsonl, image_root) -> tuple[list[ImageItem], list[str]]:
-  """(items, missing image paths) of a JourneyDB-style JSONL, in file order.
-
-  Each line: `img_path` (relative to `image_root`), `prompt`, optional
-  `caption` (else JourneyDB's `Task2.Caption`, else ""). Keys are the
-  normalized img_path; fields `prompt` and `caption`. Lines whose image is not
-  there are left out and their paths returned for the caller to report.
-  """
-  annotations_jsonl, image_root = os.fspath(annotations_jsonl), os.fspath(image_root)
-  if not os.path.isfile(annotations_jsonl):
-    raise MissingPathError(f"annotations file {annotations_jsonl} is not there; give the "
-                           "JSONL with one {\"img_path\", \"prompt\"} object per line")
-  if not os.path.isdir(image_root):
-    raise MissingPathError(f"image root {image_root} is not a folder; give the folder the "
-                           f"img_path entries of {annotations_jsonl} are relative to")
-  items, missing, line_of = [], [], {}
-  for lineno, entry in json_objects(annotations_jsonl):
-    where = f"{annotations_jsonl}, line {lineno}"
-    for name in ("img_path", "prompt"):
-      if not isinstance(entry.get(name), str) or (name == "img_path" and not entry[name]):
-        got = "missing" if name not in entry else f"{entry[name]!r}"
-        raise FileFormatError(f"{where}: {name!r} is {got}; each line needs a string "
-                              "img_path and prompt")
-    caption = entry.get("caption")
-    if caption is None and isinstance(entry.get("Task2"), dict):
-      caption = entry["Task2"].get("Caption")
-    key = os.path.normpath(entry["img_path"]).replace(os.sep, "/")
-    if key in line_of:
-      raise FileFormatError(f"{where}: img_path {entry['img_path']!r} is already on line "
-                            f"{line_of[key]}; keys must be unique, delete one of them")
-    line_of[key] = lineno
-    path = os.path.join(image_root, entry["img_path"])
-    if not os.path.isfile(path):
-      missing.append(path)
-      continue
-    items.append(ImageItem(key=key, path=path, fields={
-        "prompt": entry["prompt"], "caption": "" if caption is None else str(caption)}))
-  return items, missing
 
 
 # --- Reports ----------------------------------------------------------------------------

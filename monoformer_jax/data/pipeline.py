@@ -5,11 +5,10 @@ Every dataset becomes the same thing, an indexable infinite stream
 
     records   grain.MapDataset.source(tfds data source of data.dir/split)
     order     .shuffle(seed) per epoch (a fresh order each epoch), .repeat()
-    example   .random_map(to_example, seed): the prompt template and the
-              guidance drop (data/prompts.py), the latent drawn from its
-              stored posterior (or its mean, data.latent_sample=False), a
-              random mirror when the records hold one (data.random_flip), a
-              chat rendered with data.chat_template (data/chat.py)
+    example   .random_map(to_example, seed): the source's record -> Example
+              (data/sources/: the prompt template and the guidance drop, the
+              latent drawn from its stored posterior, a chat rendered with
+              data.chat_template, ...)
     mix       several streams interleaved by weight (`mix`): exact shares in
               every block of MIX_BLOCK examples, at random places, so each
               stream's index is still computable from i alone
@@ -28,7 +27,6 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import functools
-import json
 import multiprocessing
 import queue
 import sys
@@ -39,7 +37,6 @@ from collections.abc import Callable, Sequence
 import grain
 import numpy as np
 
-from monoformer_jax.data import prompts
 from monoformer_jax.data.packing import Example
 from monoformer_jax.errors import ConfigError
 
@@ -109,57 +106,6 @@ def generated_stream(make: Callable[[np.random.Generator], Example], seed: int):
   """example_at(i) of examples made from a per-index rng alone (e.g. sentences)."""
   ds = grain.MapDataset.range(sys.maxsize).random_map(lambda _, rng: make(rng), seed=seed)
   return lambda i: ds[i]
-
-
-# ------------------------------------------------------------ record kinds
-
-def _text(value) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def latent_of(record, rng: np.random.Generator, *, sample: bool, flip: bool) -> np.ndarray:
-  """The training latent of a latent-image record: mean + std * eps (or the
-  mean), mirrored with probability 1/2 when `flip` and the record has a mirror."""
-  suffix = "_flip" if flip and "mean_flip" in record and rng.random() < 0.5 else ""
-  mean = np.asarray(record["mean" + suffix], np.float32)
-  if not sample:
-    return mean
-  std = np.asarray(record["std" + suffix], np.float32)
-  return mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-
-
-def imagenet_example(class_names: Sequence[str], tokenizer, *, drop_prob: float,
-                     sample: bool, flip: bool):
-  def to_example(record, rng) -> Example:
-    prompt = prompts.training_prompt(class_names[int(record["label"])], rng, drop_prob)
-    return prompts.image_example(prompt, latent_of(record, rng, sample=sample, flip=flip),
-                                 tokenizer)
-  return to_example
-
-
-def text_to_image_example(tokenizer, *, drop_prob: float, sample: bool, flip: bool):
-  def to_example(record, rng) -> Example:
-    prompt = None if rng.random() < drop_prob else _text(record["prompt"])
-    return prompts.image_example(prompt, latent_of(record, rng, sample=sample, flip=flip),
-                                 tokenizer)
-  return to_example
-
-
-def chat_example_of(tokenizer, *, template: str, train_on_source: bool):
-  from monoformer_jax.data import chat
-
-  def to_example(record, rng) -> Example:
-    return chat.chat_example(json.loads(_text(record["turns"])), tokenizer, template,
-                             train_on_source)
-  return to_example
-
-
-def text_example_of(tokenizer):
-  from monoformer_jax.data import chat
-
-  def to_example(record, rng) -> Example:
-    return chat.text_example(_text(record["text"]), tokenizer)
-  return to_example
 
 
 # ----------------------------------------------------------------- workers

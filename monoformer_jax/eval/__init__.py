@@ -1,14 +1,17 @@
 """Evaluation: `python -m monoformer_jax.evaluate`, the evaluators inside
 training (`config.evals`) and the end-of-run sample scores (`sample.metrics`).
 
-    score.py        the metrics by name (fid, sfid, is, precision_recall, digits,
-                    commonsense) and the evaluators inside training
-    sampling.py     50,000 class-conditional samples in resumable chunks, ADM's npz
-    inception.py    the FID Inception-v3 in Flax NNX, from pytorch-fid's weights file
-    pth.py          PyTorch state-dict files read without torch
-    fid.py          FID, sFID, IS, precision/recall as ADM's evaluator; reference batches
-    digits.py       the embedded default: classifier accuracy and Fréchet distance
-    commonsense.py  zero-shot multiple choice by log-likelihood (HellaSwag, PIQA, ...)
+    registry.py        the evaluators by metric name: one line per family module,
+                       what each scores, reads, and whether it runs inside training
+    score.py           scoring samples and models with them; the evaluators inside
+                       training; their eval/ row
+    image_metrics.py   the fid family (fid, sfid, is, precision_recall)
+    commonsense.py     zero-shot multiple choice by log-likelihood (HellaSwag, PIQA, ...)
+    sampling.py        50,000 class-conditional samples in resumable chunks, ADM's npz
+    inception.py       the FID Inception-v3 in Flax NNX, from pytorch-fid's weights file
+    pth.py             PyTorch state-dict files read without torch
+    fid.py             FID, sFID, IS, precision/recall as ADM's evaluator; reference batches
+The embedded default's evaluators are its own (monoformer_jax/digits/evaluators.py).
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ TinyLlama's report and of `lm_eval --tasks hellaswag,...` (zero-shot).
     commonsense.evaluate_tasks(model, tokenizer, ["hellaswag", "piqa"], "/data/commonsense")
     # {"hellaswag": {"acc": ..., "acc_norm": ..., "n": 10042, "truncated": 0}, "piqa": ...}
 
+or `python -m monoformer_jax.evaluate --metrics=commonsense --tasks_dir=...`
+(the `Commonsense` evaluator below; not inside training).
+
 Tasks are read from local files, exports of their Hugging Face datasets: one
 folder per task under TASKS_DIR holding the split the harness evaluates, as
 JSON lines or parquet (`datasets`' `to_json` / `to_parquet`, or the hub's
@@ -56,7 +59,9 @@ from jax.sharding import PartitionSpec as P
 
 from monoformer_jax.data.jsonl import json_objects
 from monoformer_jax.data.packing import Example, Row, RowSpec, pack_examples
-from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, NotInstalledError
+from monoformer_jax.errors import (ConfigError, FileFormatError, MissingPathError,
+                                   NotInstalledError, PathError)
+from monoformer_jax.eval.registry import Evaluator
 from monoformer_jax.model.build import compiled
 from monoformer_jax.parallel import sharding
 
@@ -573,3 +578,39 @@ def evaluate_tasks(model, tokenizer, names: Iterable[str], tasks_dir: str, **kwa
   for name in names:
     task_files(name, tasks_dir)
   return {name: evaluate_task(model, tokenizer, name, tasks_dir, **kwargs) for name in names}
+
+
+# ------------------------------------------------------------------ the evaluator
+
+class Commonsense(Evaluator):
+  """`commonsense`: the tasks `tasks` (default all) of the folder `tasks_dir`,
+  at most `limit` examples each, `text_batch` rows per pass, rows of at most
+  `max_len` tokens (evaluate's flags)."""
+  scores = "model"
+  in_training = False   # minutes per task on a large model: a checkpoint's job
+
+  @classmethod
+  def check(cls, names, settings, flag):
+    tasks_dir = settings.get("tasks_dir")
+    if not tasks_dir:
+      raise ConfigError(f"--metrics=commonsense needs {flag('tasks_dir')}, the folder of the "
+                        "task files (eval/commonsense.py gives the layout)")
+    if not os.path.isdir(tasks_dir):
+      raise PathError(f"{flag('tasks_dir')}={tasks_dir!r} is not a folder")
+    for name in settings.get("tasks") or TASKS:   # every task's name and file
+      task_files(name, tasks_dir)
+
+  def __init__(self, names, settings):
+    super().__init__(names, settings)
+    self.tasks_dir = settings["tasks_dir"]
+    self.tasks = list(settings.get("tasks") or TASKS)
+    self.options = dict(limit=settings.get("limit"), batch_size=settings.get("text_batch", 16),
+                        max_len=settings.get("max_len", DEFAULT_MAX_LEN))
+
+  def score_model(self, model, tokenizer, config, *, num_steps, cfg_scale, seed,
+                  outdir=None) -> dict:
+    return {"commonsense": evaluate_tasks(model, tokenizer, self.tasks, self.tasks_dir,
+                                          **self.options)}
+
+
+EVALUATORS = {"commonsense": Commonsense}

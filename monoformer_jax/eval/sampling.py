@@ -42,11 +42,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from monoformer_jax import inference
+from monoformer_jax.config.fields import check_image_sampling, integer
 from monoformer_jax.data import prompts as prompt_format
 from monoformer_jax.data.datasets import class_names
 from monoformer_jax.errors import ConfigError, FileFormatError
 from monoformer_jax.parallel import distributed
-from monoformer_jax.config.fields import check_image_sampling, integer
 
 SAMPLES_FILE = "samples.npz"
 CHUNKS_DIR = "chunks"
@@ -196,8 +196,8 @@ def sample_run(model, config, tokenizer, out_dir: str, *, step: int = 0,
   classes = class_names(config)
   if not classes:
     raise ConfigError(f"data.name={config.data.name!r} has no class names to prompt with; "
-                      "class-conditional sampling needs a dataset with classes (imagenet, "
-                      "digits)")
+                      "class-conditional sampling needs a dataset with classes (e.g. "
+                      "imagenet)")
   integer("--num_samples", num_samples, low=1)
   integer("--chunk_size", chunk_size, low=1)
   check_image_sampling(num_steps=num_steps, cfg_scale=cfg_scale,

@@ -29,13 +29,13 @@ from flax import nnx
 
 from monoformer_jax import perf
 from monoformer_jax.checkpoints import TrainCheckpointer, load_params
-from monoformer_jax.data.datasets import dataset_of, make_batches
+from monoformer_jax.data.datasets import make_batches, source_of
 from monoformer_jax.data.packing import merge_data_states
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.errors import TrainingDiverged
 from monoformer_jax.eval import finite_json
 from monoformer_jax.eval.score import (TrainingEvals, end_samples_score_evals,
-                                      eval_row_of_samples)
+                                       eval_row_of_samples)
 from monoformer_jax.model.build import param_count
 from monoformer_jax.parallel import distributed, sharding
 from monoformer_jax.text.tokenizer import tokenizer_of
@@ -117,7 +117,7 @@ def initial_state(config, mesh, tx):
 
 
 def _warn_if_too_short(config):
-  need = dataset_of(config).steps_for_samples
+  need = source_of(config).steps_for_samples
   if need and config.train.num_steps < need:
     logging.warning(
         "train.num_steps=%d is below the ~%d steps after which this dataset's samples become "
@@ -300,11 +300,11 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     sample_s = None
     if sample_at_end and not stopped:
       t0 = time.perf_counter()
-      sample_metrics = write_samples(nnx.merge(graphdef, state["ema"]), config, tokenizer,
-                                     os.path.join(workdir, "samples"))[2]
+      _, _, image_scores, model_scores = write_samples(
+          nnx.merge(graphdef, state["ema"]), config, tokenizer, os.path.join(workdir, "samples"))
       sample_s = time.perf_counter() - t0
       if evals_from_samples and evals.due(step) and step > step_first:
-        results = eval_row_of_samples(config, sample_metrics)
+        results = eval_row_of_samples(config, image_scores, model_scores)
         metrics_out.write(step, results)
         logging.info("step %d evals (EMA weights, the end-of-run samples'): %s", step,
                      "  ".join(f"{k[5:]} {v:.4g}" for k, v in results.items()))

@@ -8,8 +8,15 @@ The annotations are a JSON list (or JSONL) of records
 whose first human value holds the literal "<image>" (usually "<image>\\n"
 first) when there is an image; mix665k has one image per record, and
 text-only records (ShareGPT) without one. `read_llava` parses and checks them;
-`prepared_records` adds each image file's bytes for the `llava` TFDS kind
-(builders.py); at training time `LlavaExamples` turns a prepared record into
+`prepared_records` adds each image file's bytes for the prepared records
+(`conversation`, the turns as JSON with the image's "<image>" marker;
+`image`, the file's bytes as they are, JPEG for mix665k, b"" for a text-only
+record; `key`), what
+
+    python -m monoformer_jax.data.prepare llava --input_dir=IMAGE_ROOT \
+        --annotations=llava_v1_5_mix665k.json --output_dir=OUT
+
+writes (nothing encoded); at training time `LlavaExamples` turns a prepared record into
 an `Example` with `read=[True]`: the conversation rendered by the chat
 machinery (chat.py) with the image as ONE `<image>` placeholder inside
 `<|im_start|> <image> <|im_end|>`, and the image as the vision encoder takes
@@ -70,8 +77,11 @@ import numpy as np
 from absl import logging
 
 from monoformer_jax.data import chat, pipeline
+from monoformer_jax.data.datasets import draws_pixels
 from monoformer_jax.data.packing import Example, read_image_spec, row_spec
+from monoformer_jax.data.sources import DataSource, Prepared, PrepareArgs
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
+from monoformer_jax.vision.inputs import read_inputs
 
 IMAGE_MARKER = "<image>"       # where a record's text places its image
 SPEAKERS = ("human", "gpt")    # the turns alternate, human first
@@ -79,6 +89,48 @@ SHOWN_REASONS = 5              # skipped records named in the log, then only cou
 # Records in a row whose images do not decode before the stream gives up: more
 # means the prepared data, not one file, is broken.
 MAX_CONSECUTIVE_SKIPS = 64
+
+
+class Llava(DataSource):
+  name = "llava"
+  uncompressed = True   # JPEG bytes are entropy-coded already
+
+  def features(self, *, latent_shape=None, flip: bool = False) -> dict:
+    import tensorflow_datasets as tfds
+    f = tfds.features
+    # Text features hold any bytes, so the image file's bytes are stored (and
+    # read back by Records) as they are, with no image codec in TFDS's way.
+    return dict(conversation=f.Text(), image=f.Text(doc="the image file's bytes"),
+                key=f.Text())
+
+  def prepare(self, args: PrepareArgs, output_dir: str) -> Prepared:
+    import tqdm
+    if not args.annotations:
+      raise ConfigError("llava needs --annotations=llava_v1_5_mix665k.json (LLaVA's "
+                        "annotation list) beside --input_dir=IMAGE_ROOT")
+    annotations = read_llava(args.annotations, args.input_dir)
+
+    def records():
+      with tqdm.tqdm(desc="llava records", unit="record") as bar:
+        for record in prepared_records(annotations):
+          if bar.total is None and annotations.total is not None:
+            bar.total = annotations.total
+          bar.update(annotations.report.records - bar.n)
+          yield record
+        bar.update(annotations.report.records - bar.n)
+
+    # The report counts what was kept and skipped as the records are written.
+    return Prepared({"train": records},
+                    report=lambda: [f"llava/train: {annotations.report.summary()}"])
+
+  def examples(self, config, tokenizer, seed: int, directory: str | None = None):
+    to_example = LlavaExamples(config, tokenizer)   # the config's errors first
+    directory = directory or config.data.dir
+    return LlavaStream(self.records(config, directory), to_example, seed,
+                       where=f"the prepared llava dataset {directory}")
+
+
+SOURCE = Llava()
 
 
 # ----------------------------------------------------------------------------- reader
@@ -365,9 +417,8 @@ class LlavaExamples:
   config that cannot read LLaVA's images."""
 
   def __init__(self, config, tokenizer):
-    from monoformer_jax.data.datasets import draws_pixels
     m, d = config.model, config.data
-    encoder = m.get("vision_encoder", "")
+    encoder = m.vision_encoder
     if not encoder:
       raise ConfigError("data llava reads images, but model.vision_encoder is '' (the model "
                         "reads none); set --config.model.vision_encoder=clip with "
@@ -390,12 +441,10 @@ class LlavaExamples:
       raise ConfigError(f"data.seq_len={spec.seq_len} leaves {self.max_ids} tokens beside one "
                         f"read image of {spec.read_tokens} tokens; raise --config.data.seq_len")
     self.config, self.tokenizer = config, tokenizer
-    self.template = d.get("chat_template", "human_assistant")
-    self.train_on_source = bool(d.get("train_on_source", False))
+    self.template = d.chat_template
+    self.train_on_source = bool(d.train_on_source)
     chat.chat_template(self.template)   # raises for an unknown template
     self.cut = 0
-    from monoformer_jax.vision.inputs import read_inputs   # it imports datasets, which imports us
-    self._read_inputs = read_inputs
 
   def __call__(self, record) -> Example:
     key = _text(record["key"])
@@ -403,7 +452,7 @@ class LlavaExamples:
     data = record["image"]
     image = None
     if data:
-      image = self._read_inputs([decode_image(bytes(data), key)], self.config, vae=None)[0]
+      image = read_inputs([decode_image(bytes(data), key)], self.config, vae=None)[0]
     example = llava_example(turns, image, self.tokenizer, template=self.template,
                             train_on_source=self.train_on_source)
     if image is None or len(example.ids) <= self.max_ids:

@@ -1,5 +1,17 @@
-"""Are generated digits recognisable, and do they look like the real ones?
-A classifier fitted on the real digits says.
+"""The embedded default's evaluators: are its digits recognisable, does it read,
+interleave and edit? A classifier fitted on the real digits says.
+
+    digits       samples: the share the classifier labels with the prompted
+                 digit, and a Fréchet distance in its feature space
+    reading      the model READING held-out real digits: the share it names
+                 right by greedy text (`reading_accuracy`)
+    interleaved  the model writing text with images inline: the share of its
+                 drawings labelled with the digit its text names just before
+                 (`interleaved_accuracy`; at the end of a run, interleaved.html)
+    editing      the model redrawing held-out real digits as "the next digit:"
+                 (`editing_accuracy`; at the end of a run, editing.png)
+The model metrics score the digits model only; a run that trained with
+reading, interleaved or edit examples scores them at its end unasked.
 
 The classifier (logistic regression on scikit-learn's 8x8 digits, pixels in
 [0, 1]) labels held-out real digits right ~93% of the time (5-fold);
@@ -16,8 +28,15 @@ label counts, drawn without replacement, against all of them.
 from __future__ import annotations
 
 import functools
+import os
+import time
 
 import numpy as np
+from absl import logging
+
+from monoformer_jax.digits import source as digits_data
+from monoformer_jax.errors import FileFormatError
+from monoformer_jax.eval.registry import Evaluator
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,12 +106,11 @@ def sample_metrics(images_BxhxwxC, labels_B) -> dict:
 
 
 def reading_accuracy(model, tokenizer, config, *, max_new_tokens: int = 16) -> dict:
-  """The share of held-out real digits (data/digits.reading_split) that the
+  """The share of held-out real digits (source.reading_split) that the
   model names right by greedy text generation after reading the digit: the
   prompt "<s> <|im_start|> <image> <|im_end|> \\n which digit is this?", the
   answer parsed as "it is {name}."; chance is 10%. Also the per-digit shares
   and the share of answers that name no digit at all."""
-  from monoformer_jax.data import digits as digits_data
   from monoformer_jax.data import prompts
   from monoformer_jax.data.packing import row_spec
   from monoformer_jax.text.generate import generate
@@ -118,12 +136,11 @@ def interleaved_accuracy(model, tokenizer, config, *, num_prompts: int = 20,
                          max_new_tokens: int = 256, temperature: float = 1.0,
                          seed: int = 0, max_wait: int | None = None,
                          progress=None) -> tuple[dict, list, list]:
-  """Interleaved answers to the prompt "here is a" (data/digits.py), sampled
+  """Interleaved answers to the prompt "here is a" (digits/source.py), sampled
   at `temperature` so the rows name different digits: the share of their
   images that the classifier labels with the digit named in the text just
   before each one. Returns (metrics, the answers, the classifier's labels of
   each answer's images). `max_wait` and `progress`: generate_interleaved's."""
-  from monoformer_jax.data import digits as digits_data
   from monoformer_jax.inference import generate_interleaved
 
   answers = generate_interleaved(
@@ -162,11 +179,10 @@ def interleaved_accuracy(model, tokenizer, config, *, num_prompts: int = 20,
 def editing_accuracy(model, tokenizer, config, *, num_steps: int = 50,
                      cfg_scale: float | None = 2.0, guidance: str | None = "both",
                      seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-  """Each held-out real digit (data/digits.reading_split) READ and redrawn
+  """Each held-out real digit (source.reading_split) READ and redrawn
   by "the next digit:": the share of the drawings the classifier labels with
   the next digit (3 -> 4, 9 -> 0). Returns (metrics, the sources [N, 8, 8, 1]
   and the drawings, both in [0, 1], the sources' labels [N])."""
-  from monoformer_jax.data import digits as digits_data
   from monoformer_jax.data import prompts
   from monoformer_jax.data.images import to_unit_range
   from monoformer_jax.data.packing import row_spec
@@ -193,42 +209,114 @@ def editing_accuracy(model, tokenizer, config, *, num_steps: int = 50,
   return metrics, to_unit_range(sources), drawn, labels_B
 
 
-DIGITS_MODEL_METRICS = ("reading", "interleaved", "editing")   # of the digits model itself
+# ------------------------------------------------------------------- evaluators
+
+class Classifier(Evaluator):
+  """`digits`: `sample_metrics` of 8x8 grayscale samples and their prompted digits."""
+
+  def score_samples(self, images_NxHxWxC, labels_N) -> dict:
+    images = images_NxHxWxC
+    if labels_N is None:
+      raise FileFormatError("the digits metric needs each sample's prompted digit: the "
+                            "samples npz has no labels (arr_1, or `labels`)")
+    if images.shape[1:] != (8, 8, 1):
+      raise FileFormatError(f"the digits metric scores 8x8 grayscale digits [N, 8, 8, 1]; "
+                            f"these samples are {list(images.shape[1:])}: sample the digits "
+                            "model (configs/digits.py), or ask for the Inception metrics")
+    if len(labels_N) != len(images):
+      raise FileFormatError(f"{len(images)} samples but {len(labels_N)} labels: the npz's "
+                            "arr_1 must hold one prompted digit per image")
+    return {"digits": sample_metrics(images.astype(np.float32) / 255.0, labels_N)}
 
 
-def model_metric_problem(name: str, config) -> str | None:
-  """Why the digits model metric `name` cannot score a model of `config`
-  (None: it can)."""
-  encoder = config.model.get("vision_encoder", "")
-  if config.data.name != "digits":
-    return f"{name} scores the digits model, but data.name={config.data.name!r}"
-  if name in ("reading", "editing") and not encoder:
-    return (f"{name} needs a model that reads images, but model.vision_encoder="
-            f"{encoder!r}")
-  return None
+class _ModelMetric(Evaluator):
+  """A metric of the digits model itself."""
+  scores = "model"
+  needs_reader = False    # it reads digits: the model needs a vision encoder
+  trained_by = ""         # the data field whose examples teach it ("": always trained)
+
+  @classmethod
+  def problem(cls, name, config) -> str | None:
+    if config.data.name != digits_data.SOURCE.name:
+      return f"{name} scores the digits model, but data.name={config.data.name!r}"
+    if cls.needs_reader and not config.model.vision_encoder:
+      return (f"{name} needs a model that reads images, but model.vision_encoder="
+              f"{config.model.vision_encoder!r}")
+    return None
+
+  @classmethod
+  def at_end_of_run(cls, name, config) -> bool:
+    """Each that can score the run's model, interleaved and editing only when
+    training had such examples."""
+    trained = not cls.trained_by or bool(config.data[cls.trained_by])
+    return trained and not cls.problem(name, config)
 
 
-def end_of_run_model_metrics(config) -> tuple[str, ...]:
-  """The digits model metrics the end-of-run samples (train/samples.py) score
-  for `config`: each that can score its model, interleaved and editing only
-  when training had such examples."""
-  trained = dict(reading=True, interleaved=bool(config.data.get("interleaved_fraction", 0)),
-                 editing=bool(config.data.get("edit_fraction", 0)))
-  return tuple(m for m in DIGITS_MODEL_METRICS
-               if trained[m] and not model_metric_problem(m, config))
+class Reading(_ModelMetric):
+  needs_reader = True
+
+  def score_model(self, model, tokenizer, config, *, num_steps, cfg_scale, seed,
+                  outdir=None) -> dict:
+    t0 = time.perf_counter()
+    reading = reading_accuracy(model, tokenizer, config)
+    logging.info("reading: %.1f%% of %d held-out digits named right (%.1fs)",
+                 100 * reading["reading_accuracy"], reading["reading_count"],
+                 time.perf_counter() - t0)
+    return {"reading": reading}
 
 
-def model_metrics(model, tokenizer, config, names, *, num_steps: int = 50,
-                  cfg_scale: float | None = 2.0) -> dict:
-  """{name: metrics} of the digits model metrics among `names` (without the
-  answers and images they draw)."""
-  out = {}
-  if "reading" in names:
-    out["reading"] = reading_accuracy(model, tokenizer, config)
-  if "interleaved" in names:
-    out["interleaved"] = interleaved_accuracy(model, tokenizer, config, num_steps=num_steps,
-                                              cfg_scale=cfg_scale, seed=config.seed)[0]
-  if "editing" in names:
-    out["editing"] = editing_accuracy(model, tokenizer, config, num_steps=num_steps,
-                                      cfg_scale=cfg_scale, seed=config.seed)[0]
-  return out
+class Interleaved(_ModelMetric):
+  trained_by = "interleaved_fraction"
+
+  def score_model(self, model, tokenizer, config, *, num_steps, cfg_scale, seed,
+                  outdir=None) -> dict:
+    """With `outdir`, outdir/interleaved.html: the answers with their drawings
+    inline and the classifier's label under each (PNGs in interleaved/, the
+    pieces in interleaved.json)."""
+    from monoformer_jax import inference
+    t0 = time.perf_counter()
+    metrics, answers, drawn = interleaved_accuracy(model, tokenizer, config,
+                                                   num_steps=num_steps, cfg_scale=cfg_scale,
+                                                   seed=seed)
+    logging.info("interleaved: %.1f%% of %d drawings show the digit named before them "
+                 "(%.1fs)", 100 * metrics["interleaved_accuracy"],
+                 metrics["interleaved_images"], time.perf_counter() - t0)
+    if outdir:
+      page = inference.write_interleaved_page(
+          answers, [digits_data.INTERLEAVED_PROMPT] * len(answers), outdir,
+          labels=[[f"drawn: {d}" for d in row] for row in drawn])
+      logging.info("wrote %s", page)
+    return {"interleaved": metrics}
+
+
+class Editing(_ModelMetric):
+  needs_reader = True
+  trained_by = "edit_fraction"
+
+  def score_model(self, model, tokenizer, config, *, num_steps, cfg_scale, seed,
+                  outdir=None) -> dict:
+    """With `outdir`, outdir/editing.png: held-out real digits (top) redrawn as
+    "the next digit:" (below)."""
+    t0 = time.perf_counter()
+    metrics, sources, edited, labels = editing_accuracy(model, tokenizer, config,
+                                                        num_steps=num_steps,
+                                                        cfg_scale=cfg_scale, seed=seed)
+    logging.info("editing: %.1f%% of %d held-out digits redrawn as the next digit (%.1fs)",
+                 100 * metrics["editing_accuracy"], metrics["editing_count"],
+                 time.perf_counter() - t0)
+    if outdir:
+      edit_grid(sources, edited, labels).save(os.path.join(outdir, "editing.png"))
+    return {"editing": metrics}
+
+
+def edit_grid(sources, edited, labels, per_class: int = 2):
+  """Two rows: `per_class` held-out digits of each class, and their edits below."""
+  from monoformer_jax import inference
+  picked = np.concatenate([np.flatnonzero(labels == d)[:per_class]
+                           for d in range(len(digits_data.CLASS_NAMES))])
+  return inference.image_grid(np.concatenate([sources[picked], edited[picked]]), rows=2,
+                              scale=4)
+
+
+EVALUATORS = dict(digits=Classifier, reading=Reading, interleaved=Interleaved,
+                  editing=Editing)
