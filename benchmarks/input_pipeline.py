@@ -34,7 +34,8 @@ from monoformer_jax import perf
 from monoformer_jax.config import config_file
 from monoformer_jax.data import builders
 from monoformer_jax.data.datasets import make_batches
-from monoformer_jax.data.packing import PackedBatches, row_spec
+from monoformer_jax.data.packing import PackedBatches
+from monoformer_jax.layout import row_spec
 from monoformer_jax.text.tokenizer import ByteTokenizer
 
 import report

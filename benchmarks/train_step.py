@@ -44,8 +44,9 @@ import numpy as np
 
 from monoformer_jax import perf
 from monoformer_jax.config import config_file
-from monoformer_jax.data.packing import Example, pack_examples, row_spec
+from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.layout import Example, row_spec
 from monoformer_jax.model.build import abstract_model
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.tokenizer import ByteTokenizer

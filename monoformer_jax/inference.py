@@ -19,10 +19,10 @@ from PIL import Image
 from monoformer_jax.data import prompts as prompt_format
 from monoformer_jax.data.datasets import class_by_name, draws_pixels
 from monoformer_jax.data.images import to_unit_range
-from monoformer_jax.data.packing import row_spec
 from monoformer_jax.diffusion.gaussian import SAMPLERS, GaussianDiffusion
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.diffusion.sample_images import sample_images
+from monoformer_jax.layout import row_spec
 from monoformer_jax.text.generate import generate
 from monoformer_jax.text.interleaved import TokenIds
 from monoformer_jax.text.interleaved import generate_interleaved as interleave

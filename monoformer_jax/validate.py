@@ -94,7 +94,7 @@ def _section(config, name: str):
 
 def check_model(config):
   """The model fields: types, ranges and the divisibilities the model needs."""
-  from monoformer_jax.model.monoformer import CONDITIONING_MODES
+  from monoformer_jax.config.schema import CONDITIONING_MODES
   from monoformer_jax.ops.attention import IMPLS
 
   m = _section(config, "model")
@@ -109,7 +109,7 @@ def check_model(config):
   integer("model.scan_unroll", m.get("scan_unroll", 1), low=1,
           fix="1 scans the layers one at a time; model.num_layers unrolls them all")
   one_of("model.conditioning", m.conditioning, CONDITIONING_MODES)
-  from monoformer_jax.data.packing import VISION_ENCODERS
+  from monoformer_jax.config.schema import VISION_ENCODERS
   one_of("model.vision_encoder", m.get("vision_encoder", ""), VISION_ENCODERS)
   boolean("model.read_bidirectional", m.get("read_bidirectional", False))
   if m.get("vision_encoder", "") == "clip":

@@ -10,7 +10,8 @@ import pytest
 from monoformer_jax.data import digits, prompts
 from monoformer_jax.data.datasets import make_batches
 from monoformer_jax.data.images import to_unit_range
-from monoformer_jax.data.packing import pack_examples, row_spec
+from monoformer_jax.data.packing import pack_examples
+from monoformer_jax.layout import row_spec
 from monoformer_jax.text.tokenizer import ByteTokenizer
 from helpers import config_file
 

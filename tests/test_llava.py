@@ -265,7 +265,7 @@ def test_llava_mixes_with_text_to_image(prepared, tmp_path):
 
 
 def test_t2i_llava_config():
-  from monoformer_jax.data.packing import read_image_spec
+  from monoformer_jax.layout import read_image_spec
   from monoformer_jax.validate import check_train_config
   c = config_file("t2i_llava")
   check_train_config(c, reads_data=False)

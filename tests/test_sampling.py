@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from monoformer_jax.data.packing import Example, Row, RowSpec, pack_examples
+from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.data.prompts import image_prompt_example, image_rows
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.diffusion.sample_images import sample_images
 from monoformer_jax.inference import generate_images
+from monoformer_jax.layout import Example, Row, RowSpec
 from monoformer_jax.model.build import abstract_model, param_shardings
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.generate import generate, sample_token
@@ -91,7 +92,7 @@ def test_guidance_scale_one_is_the_conditional_model_and_seeds_reproduce(model):
 def test_image_rows_must_fit_the_sampler(model):
   d5 = GaussianDiffusion.create(1000, respacing="5")
   rows = _packed_rows(PROMPTS[:2], guidance=False)
-  with pytest.raises(ValueError, match="data.prompt_rows"):
+  with pytest.raises(ValueError, match="layout.prompt_rows"):
     sample_images(model, rows, d5, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="doubled batch"):
     sample_images(model, image_rows(PROMPTS, TOK, 16, guidance=False), d5,

@@ -8,8 +8,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from monoformer_jax.data.packing import Example, pack_examples, row_spec
+from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.layout import Example, row_spec
 from monoformer_jax.model.build import abstract_model, init_params
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.tokenizer import ByteTokenizer

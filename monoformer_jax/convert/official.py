@@ -47,9 +47,9 @@ from monoformer_jax.checkpoints import load_config, load_params, save_model, sto
 from monoformer_jax.checkpoints.safetensors_io import (SafetensorsSource, find_files,
                                                        read_json_object, write_safetensors)
 from monoformer_jax.config import config_file
+from monoformer_jax.config.schema import CONDITIONING_MODES
 from monoformer_jax.errors import CheckpointError, ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.model.build import abstract_model, param_shardings
-from monoformer_jax.model.monoformer import CONDITIONING_MODES
 from monoformer_jax.vision.clip import clip_params_from_tensors, read_clip_config, vision_prefix
 
 LAYER = "model.layers.{i}."

@@ -34,9 +34,10 @@ import numpy as np
 from absl import logging
 
 from monoformer_jax.data import builders, digits, llava, pipeline
-from monoformer_jax.data.packing import (Example, PackedBatches, ShardedBatches,
-                                       data_state_shards, host_stream, row_spec)
+from monoformer_jax.data.packing import PackedBatches
+from monoformer_jax.data.sharded import ShardedBatches, data_state_shards, host_stream
 from monoformer_jax.errors import ConfigError
+from monoformer_jax.layout import Example, row_spec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,7 +42,7 @@ import numpy as np
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.data import builders, pipeline, prompts
 from monoformer_jax.data.images import from_unit_range
-from monoformer_jax.data.packing import Example
+from monoformer_jax.layout import Example
 from monoformer_jax.validate import real
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",

@@ -69,8 +69,8 @@ import numpy as np
 from absl import logging
 
 from monoformer_jax.data import chat, pipeline
-from monoformer_jax.data.packing import Example, read_image_spec, row_spec
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
+from monoformer_jax.layout import Example, read_image_spec, row_spec
 
 IMAGE_MARKER = "<image>"       # where a record's text places its image
 SPEAKERS = ("human", "gpt")    # the turns alternate, human first

@@ -94,7 +94,7 @@ def reading_accuracy(model, tokenizer, config, *, max_new_tokens: int = 16) -> d
   and the share of answers that name no digit at all."""
   from monoformer_jax.data import digits as digits_data
   from monoformer_jax.data import prompts
-  from monoformer_jax.data.packing import row_spec
+  from monoformer_jax.layout import row_spec
   from monoformer_jax.text.generate import generate
 
   _, held = digits_data.reading_split(digits_data.digit_records(config))
@@ -169,7 +169,7 @@ def editing_accuracy(model, tokenizer, config, *, num_steps: int = 50,
   from monoformer_jax.data import digits as digits_data
   from monoformer_jax.data import prompts
   from monoformer_jax.data.images import to_unit_range
-  from monoformer_jax.data.packing import row_spec
+  from monoformer_jax.layout import row_spec
   from monoformer_jax.diffusion.gaussian import GaussianDiffusion
   from monoformer_jax.diffusion.sample_images import sample_images
   import jax

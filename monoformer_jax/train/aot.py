@@ -1,7 +1,7 @@
 """The train step compiled ahead of time for a slice we do not have: its memory and speed.
 
 `plan(config, topology)` builds the REAL train step (train/step.py, the
-state's shardings from train/state.py, the batch layout from data/packing.py)
+state's shardings from train/state.py, the batch layout from layout.py)
 for the topology's compile-only devices (parallel/topology.py), lowers it from
 abstract inputs only (`jax.ShapeDtypeStruct`s with their shardings: no array
 is ever made on those devices), compiles it with the target's own compiler,
@@ -41,9 +41,9 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from monoformer_jax import perf
-from monoformer_jax.data.packing import batch_shapes
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.errors import DoesNotFitError
+from monoformer_jax.layout import batch_shapes
 from monoformer_jax.parallel import sharding
 from monoformer_jax.parallel.topology import Topology, devices_of
 from monoformer_jax.train.state import make_optimizer, state_shardings

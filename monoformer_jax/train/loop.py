@@ -30,7 +30,7 @@ from flax import nnx
 from monoformer_jax import perf
 from monoformer_jax.checkpoints import TrainCheckpointer, load_params
 from monoformer_jax.data.datasets import dataset_of, make_batches
-from monoformer_jax.data.packing import merge_data_states
+from monoformer_jax.data.sharded import merge_data_states
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.errors import TrainingDiverged
 from monoformer_jax.eval import finite_json

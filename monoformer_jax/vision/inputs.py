@@ -1,4 +1,4 @@
-"""An image to READ, as the model's vision encoder takes it (data.packing.read_image_spec).
+"""An image to READ, as the model's vision encoder takes it (layout.read_image_spec).
 
     vae, pixel model (the digits)  the image resized to model.image_size,
                                    in_channels (1: grayscale), pixels in [-1, 1]
@@ -21,8 +21,8 @@ from PIL import Image, UnidentifiedImageError
 
 from monoformer_jax.data.datasets import draws_pixels
 from monoformer_jax.data.images import from_unit_range
-from monoformer_jax.data.packing import read_image_spec
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
+from monoformer_jax.layout import read_image_spec
 
 
 def load_image(path: str) -> Image.Image:
