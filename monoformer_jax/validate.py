@@ -115,8 +115,8 @@ def check_model(config):
   if m.get("vision_encoder", "") == "clip":
     if not m.get("vision"):
       _fail("model.vision", None, "is needed by model.vision_encoder='clip'",
-            "set it from the CLIP folder: vision.clip.read_clip_config(DIR)")
-    from monoformer_jax.vision.clip import check_config
+            "set it from the CLIP folder: model.clip.read_clip_config(DIR)")
+    from monoformer_jax.model.clip import check_config
     check_config(m.vision)
   one_of("model.attention_impl", m.attention_impl, IMPLS)
   one_of("model.dtype", m.dtype, DTYPES)

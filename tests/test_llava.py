@@ -15,8 +15,8 @@ from monoformer_jax.config import CONFIGS_DIR, config_file
 from monoformer_jax.data import builders, llava, prompts
 from monoformer_jax.data.datasets import DATASETS, check_data, make_batches
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
+from monoformer_jax.model.clip import read_clip_config
 from monoformer_jax.text.tokenizer import load_tokenizer
-from monoformer_jax.vision.clip import read_clip_config
 
 REPO = CONFIGS_DIR.parent
 TINY_CLIP = REPO / "tests" / "fixtures" / "tiny_clip"

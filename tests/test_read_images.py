@@ -289,7 +289,7 @@ def test_a_clip_model_reads_through_the_frozen_tower():
   import optax
   from monoformer_jax.model.build import abstract_model, init_params
   from monoformer_jax.train.state import make_optimizer
-  from monoformer_jax.vision.clip import load_clip_params, read_clip_config, tokens_of
+  from monoformer_jax.model.clip import load_clip_params, read_clip_config, tokens_of
   from conftest import REPO
   folder = REPO / "tests" / "fixtures" / "tiny_clip"
   config = _config()

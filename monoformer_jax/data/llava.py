@@ -369,7 +369,7 @@ class LlavaExamples:
     if not encoder:
       raise ConfigError("data llava reads images, but model.vision_encoder is '' (the model "
                         "reads none); set --config.model.vision_encoder=clip with "
-                        "model.vision from the CLIP folder (vision.clip.read_clip_config), "
+                        "model.vision from the CLIP folder (model.clip.read_clip_config), "
                         "as configs/t2i_llava.py does")
     if encoder == "vae" and not draws_pixels(config):
       raise ConfigError("model.vision_encoder='vae' on a latent model reads SD-VAE latents of "

@@ -38,24 +38,15 @@ from flax import nnx
 
 from monoformer_jax.config.schema import CONDITIONING_MODES, CONDITIONING_TOKEN_MODE
 from monoformer_jax.layout import read_image_spec, tokens_per_image
+from monoformer_jax.model.clip import CLIPVisionTower, feature_dim
 from monoformer_jax.model.embeddings import patchify, sincos_2d, timestep_features, unpatchify
-from monoformer_jax.model.llama import Decoder, KVCache, dense, param
+from monoformer_jax.model.layers import Dense, dense, param
+from monoformer_jax.model.llama import Decoder, KVCache
 from monoformer_jax.parallel.sharding import constrain
 
 # Model fields added after checkpoints were first saved, and the value that
 # those checkpoints (which lack the field) mean.
 MODEL_DEFAULTS = dict(vision_encoder="", vision=None, read_bidirectional=False)
-
-
-class Dense(nnx.Module):
-  """y = x @ W + b, kernel [in, out]; the image-side modules all have biases."""
-
-  def __init__(self, din, dout, axes, *, rngs, init="normal", std=0.02):
-    self.kernel = param(rngs, (din, dout), axes, init=init, std=std)
-    self.bias = param(rngs, (dout,), axes[1:], init="zeros")
-
-  def __call__(self, x):
-    return dense(x, self.kernel[...]) + self.bias[...].astype(x.dtype)
 
 
 class Projector(nnx.Module):
@@ -144,7 +135,6 @@ class MonoFormer(nnx.Module):
     read = read_image_spec(cfg)
     if read:
       if self.vision_encoder == "clip":
-        from monoformer_jax.vision.clip import CLIPVisionTower, feature_dim
         self.vision_tower = CLIPVisionTower(cfg.vision, rngs=rngs)
         features = feature_dim(cfg.vision)
       else:

@@ -6,7 +6,7 @@
                                    the image resized and centre-padded to
                                    image_size * 8 pixels (the reference's
                                    VAEVisionEncoder: resize_and_pad, [-1, 1])
-    clip                           CLIP's preprocessing (vision/clip.py)
+    clip                           CLIP's preprocessing (vision/clip_pixels.py)
 
 Images come as a path, a PIL image, or an array (uint8 0..255, or float in
 [0, 1]), HxW or HxWxC. A file that is not an image raises, naming it.
@@ -80,7 +80,7 @@ def read_inputs(images, config, vae=None) -> np.ndarray:
   shape, _ = spec
   pils = [as_pil(im) for im in images]
   if m.vision_encoder == "clip":
-    from monoformer_jax.vision.clip import preprocess
+    from monoformer_jax.vision.clip_pixels import preprocess
     return preprocess(pils, m.vision)
   if draws_pixels(config):
     mode = "L" if m.in_channels == 1 else "RGB"
