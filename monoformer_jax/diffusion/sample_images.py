@@ -22,7 +22,8 @@ for every step), so `progress` is a plain callback and runs as each step ends.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -170,7 +170,7 @@ def editing_accuracy(model, tokenizer, config, *, num_steps: int = 50,
   from monoformer_jax.data import prompts
   from monoformer_jax.data.images import to_unit_range
   from monoformer_jax.layout import row_spec
-  from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+  from monoformer_jax.diffusion.gaussian import from_config
   from monoformer_jax.diffusion.sample_images import sample_images
   import jax
 
@@ -183,8 +183,7 @@ def editing_accuracy(model, tokenizer, config, *, num_steps: int = 50,
     guidance = cfg_scale = None
   rows = prompts.edit_rows(list(sources), [digits_data.EDIT_PROMPT] * len(records), tokenizer,
                            row_spec(config, tokenizer), guidance=guidance)
-  diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps, "linear",
-                                       respacing=str(num_steps))
+  diffusion = from_config(config.diffusion, respacing=str(num_steps))
   x0 = sample_images(model, rows, diffusion, jax.random.PRNGKey(seed), cfg_scale=cfg_scale)
   drawn = to_unit_range(np.asarray(x0))
   accuracy, per_digit = prompted_accuracy(drawn, want_B)

@@ -19,7 +19,8 @@ reaches `top_p` (the reference's defaults for chat: 0.7, 50, 0.95).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -43,7 +43,8 @@ into the cache. The compiled programs depend on shapes and settings only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,7 @@ class TokenIds(NamedTuple):
   stops: tuple[int, ...]
 
   @classmethod
-  def of(cls, tokenizer, stop_ids: Sequence[int] | None = None) -> "TokenIds":
+  def of(cls, tokenizer, stop_ids: Sequence[int] | None = None) -> TokenIds:
     stops = (tokenizer.eos_id,) if stop_ids is None else tuple(int(s) for s in stop_ids)
     return cls(tokenizer.bos_id, tokenizer.pad_id, tokenizer.image_id, tokenizer.im_start_id,
                tokenizer.im_end_id, tuple(sorted(set(stops))))

@@ -41,7 +41,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from monoformer_jax import perf
-from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.diffusion.gaussian import from_config
 from monoformer_jax.errors import DoesNotFitError
 from monoformer_jax.layout import batch_shapes
 from monoformer_jax.parallel import sharding
@@ -178,8 +178,7 @@ def lower_train_step(config, devices):
   # not on the target's devices (which hold no arrays).
   tx, schedule = make_optimizer(config.optim, config.model)
   graphdef, abstract, shardings = state_shardings(config, mesh, tx)
-  diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps,
-                                       config.diffusion.beta_schedule)
+  diffusion = from_config(config.diffusion)
   step = make_train_step(graphdef, diffusion, config, tx, schedule, shardings,
                          sharding.batch_sharding(mesh, rules, 1))
   state, batch, health = abstract_inputs(config, mesh, abstract, shardings)

@@ -48,9 +48,9 @@ def head_cross_entropy(h_BxLxE, logits_of, targets_BxL, weights_BxL):
   holds every shard's count: a `lax.switch`, so only that branch runs, in the
   backward too. A batch without CE tokens computes no logits at all.
   """
-  b, l, e = h_BxLxE.shape
+  b, length, e = h_BxLxE.shape
   shards = sharding.batch_shards(b)
-  t = b // shards * l   # tokens per shard
+  t = b // shards * length   # tokens per shard
   h_SxTxE = h_BxLxE.reshape(shards, t, e)
   targets_SxT = targets_BxL.reshape(shards, t)
   weights_SxT = weights_BxL.reshape(shards, t).astype(jnp.float32)
