@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monoformer_jax.data.packing import Example, RowSpec, pack_examples
+from monoformer_jax.data.packing import pack_examples
+from monoformer_jax.layout import Example, RowSpec
 from monoformer_jax.ops.attention import block_map, live_fraction, mixed_mask
 from monoformer_jax.ops.attention.pallas import backend_for, kernel_config, pallas_attention
 from monoformer_jax.ops.attention.xla import xla_attention

@@ -33,7 +33,8 @@ import numpy as np
 from monoformer_jax import perf
 from monoformer_jax.config import config_file
 from monoformer_jax.data.datasets import make_batches, source
-from monoformer_jax.data.packing import PackedBatches, row_spec
+from monoformer_jax.data.packing import PackedBatches
+from monoformer_jax.layout import row_spec
 from monoformer_jax.text.tokenizer import ByteTokenizer
 
 import report

@@ -41,7 +41,8 @@ import numpy as np
 
 from monoformer_jax import perf
 from monoformer_jax.config import config_file
-from monoformer_jax.data.packing import Example, batch_shapes, pack_examples, row_spec
+from monoformer_jax.data.packing import pack_examples
+from monoformer_jax.layout import Example, batch_shapes, row_spec
 from monoformer_jax.ops.attention import resolve_impl
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.tokenizer import ByteTokenizer, Tokenizer

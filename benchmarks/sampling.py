@@ -29,9 +29,9 @@ from absl import flags
 from flax import nnx
 import jax
 
-from monoformer_jax.config import config_file
+from monoformer_jax.config import base, config_file
 from monoformer_jax.data.prompts import image_rows, text_prompt_ids
-from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.diffusion.gaussian import from_config
 from monoformer_jax.diffusion.sample_images import sample_images
 from monoformer_jax.text.generate import generate
 from monoformer_jax.text.tokenizer import ByteTokenizer
@@ -63,7 +63,8 @@ def image_rate(model, prompt_len: int, images: int, steps: int, cfg_scale: float
                use_cache: bool) -> float:
   rows = image_rows(["x" * (prompt_len - 2)] * images, TOK, model.tokens_per_image,
                     guidance=True)   # <s>, the prompt, <|im_start|>: prompt_len tokens
-  diffusion = GaussianDiffusion.create(1000, respacing=str(steps))
+  # Both layouts' configs (digits, imagenet256) keep the schema's process.
+  diffusion = from_config(base().diffusion, respacing=str(steps))
   key = jax.random.PRNGKey(0)
   t = report.median_seconds(
       lambda: sample_images(model, rows, diffusion, key, cfg_scale=cfg_scale,

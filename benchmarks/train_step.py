@@ -44,8 +44,9 @@ import numpy as np
 
 from monoformer_jax import perf
 from monoformer_jax.config import config_file
-from monoformer_jax.data.packing import Example, pack_examples, row_spec
-from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.data.packing import pack_examples
+from monoformer_jax.diffusion.gaussian import from_config
+from monoformer_jax.layout import Example, row_spec
 from monoformer_jax.model.build import abstract_model
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.tokenizer import ByteTokenizer
@@ -203,7 +204,7 @@ def time_shape(name: str, iters: int) -> dict:
     tx, schedule = make_optimizer(config.optim)
     graphdef, state, shardings = create_train_state(config, mesh, tx)
     batch = shape_batch(config, name)
-    diffusion = GaussianDiffusion.create(1000, "linear")
+    diffusion = from_config(config.diffusion)
     loss_fn = make_loss_fn(graphdef, diffusion, config)
     key = jax.random.PRNGKey(0)
     params = state["params"]

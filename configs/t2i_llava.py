@@ -36,7 +36,7 @@ safetensors), its sizes are `model.vision` below.
 """
 
 from monoformer_jax.config import base
-from monoformer_jax.vision.clip import clip_config_from_hf
+from monoformer_jax.model.clip import clip_config_from_hf
 
 # openai/clip-vit-large-patch14's vision config (its config.json's vision part).
 CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,

@@ -10,25 +10,25 @@ a pixel model) and `to_pixels` makes [0, 1] images of them.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
 from PIL import Image
 
+from monoformer_jax.config.fields import check_image_sampling, check_prompts, check_text_sampling
 from monoformer_jax.data import prompts as prompt_format
 from monoformer_jax.data.datasets import class_by_name, draws_pixels
 from monoformer_jax.data.images import to_unit_range
-from monoformer_jax.data.packing import row_spec
-from monoformer_jax.diffusion.gaussian import SAMPLERS, GaussianDiffusion
-from monoformer_jax.errors import ConfigError
+from monoformer_jax.diffusion.gaussian import SAMPLERS, from_config
 from monoformer_jax.diffusion.sample_images import sample_images
+from monoformer_jax.errors import ConfigError
+from monoformer_jax.layout import row_spec
 from monoformer_jax.text.generate import generate
 from monoformer_jax.text.interleaved import TokenIds
 from monoformer_jax.text.interleaved import generate_interleaved as interleave
 from monoformer_jax.text.tokenizer import tokenizer_of  # noqa: F401 (for notebooks)
-from monoformer_jax.config.fields import check_image_sampling, check_prompts, check_text_sampling
 from monoformer_jax.vae import decode_latents, load_vae
 from monoformer_jax.vision.inputs import read_inputs
 
@@ -40,24 +40,24 @@ def class_name_prompt(name: str, config=None) -> str:
   return prompt_format.class_prompt(name if config is None else class_by_name(name, config))
 
 
-def generate_images(model, tokenizer, prompts: Sequence[str | None], *, num_steps: int = 20,
-                    sampler: str = "ddpm", eta: float = 0.0, cfg_scale: float | None = 1.5,
-                    guided_channels: int | None = None, seed: int = 0,
-                    use_cache: bool = True, num_timesteps: int = 1000,
-                    progress: Callable | None = None):
+def generate_images(model, tokenizer, prompts: Sequence[str | None], *, diffusion,
+                    num_steps: int = 20, sampler: str = "ddpm", eta: float = 0.0,
+                    cfg_scale: float | None = 1.5, guided_channels: int | None = None,
+                    seed: int = 0, use_cache: bool = True, progress: Callable | None = None):
   """x_0 [B, h, w, C] in the model's space (latents, or [-1, 1] pixels) for B
   prompts (a list: None is the empty prompt); guidance unless `cfg_scale` is
-  None or 0; `num_steps` respaced steps of the `num_timesteps` schedule."""
+  None or 0; `num_steps` respaced steps of the schedule of `diffusion`, the
+  model's config section (`config.diffusion`)."""
   prompts = check_prompts(prompts)
   check_image_sampling(num_steps=num_steps, cfg_scale=cfg_scale, eta=eta,
-                       num_timesteps=num_timesteps)
+                       num_timesteps=diffusion.num_timesteps)
   if sampler not in SAMPLERS:
     raise ConfigError(f"sampler={sampler!r}: choose one of {SAMPLERS}")
   cfg_scale = cfg_scale or None   # 0 is no guidance
-  diffusion = GaussianDiffusion.create(num_timesteps, "linear", respacing=str(num_steps))
+  process = from_config(diffusion, respacing=str(num_steps))
   rows = prompt_format.image_rows(prompts, tokenizer, model.tokens_per_image,
                                   guidance=cfg_scale is not None, cond_token=model.cond_token)
-  return sample_images(model, rows, diffusion, jax.random.PRNGKey(seed),
+  return sample_images(model, rows, process, jax.random.PRNGKey(seed),
                        cfg_scale=cfg_scale, guided_channels=guided_channels,
                        sampler=sampler, eta=eta, use_cache=use_cache, progress=progress)
 
@@ -149,10 +149,9 @@ def generate_interleaved(model, tokenizer, prompts: Sequence[str], *, config,
     read = read_inputs([images[i] for i in given], config, vae) if given else []
     for i, x in zip(given, read):
       rows[i] = prompt_format.read_prompt_example(prompts[i], x, tokenizer)
-  diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps, "linear",
-                                       respacing=str(num_steps))
+  process = from_config(config.diffusion, respacing=str(num_steps))
   outs = interleave(model, rows, ids=TokenIds.of(tokenizer), max_new_tokens=max_new_tokens,
-                    diffusion=diffusion, key=jax.random.PRNGKey(seed),
+                    diffusion=process, key=jax.random.PRNGKey(seed),
                     temperature=temperature, top_k=top_k, top_p=top_p,
                     cfg_scale=cfg_scale or None, guided_channels=guided_channels,
                     sampler=sampler, eta=eta, spec=spec, max_positions=config.data.seq_len,
@@ -292,9 +291,8 @@ def edit_images(model, tokenizer, images, instructions: str | Sequence[str], *, 
   spec = row_spec(config, tokenizer)
   rows = prompt_format.edit_rows(read_inputs(images, config, vae), instructions, tokenizer,
                                  spec, guidance=guidance)
-  diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps, "linear",
-                                       respacing=str(num_steps))
-  return sample_images(model, rows, diffusion, jax.random.PRNGKey(seed), cfg_scale=cfg_scale,
+  process = from_config(config.diffusion, respacing=str(num_steps))
+  return sample_images(model, rows, process, jax.random.PRNGKey(seed), cfg_scale=cfg_scale,
                        guided_channels=guided_channels, sampler=sampler, eta=eta,
                        progress=progress)
 
@@ -310,7 +308,7 @@ def load_vae_of(config, path: str | None = None):
   """The SD-VAE that decodes a latent model's samples (`path`, else the
   config's `vae.path`); None for a pixel model. Raises, naming the fix, for a
   latent model without one."""
-  path = path or config.get("vae", {}).get("path")
+  path = path or config.vae.path
   if path:
     return load_vae(path)
   if not draws_pixels(config):

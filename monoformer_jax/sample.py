@@ -182,7 +182,7 @@ def main(argv):
             model, tokenizer, per_sample, num_steps=num_steps, sampler=_SAMPLER.value,
             eta=_ETA.value, cfg_scale=cfg_scale or None,
             guided_channels=3 if _GUIDE_EPS_0_TO_2.value else None, seed=_SEED.value,
-            use_cache=_CACHE.value, num_timesteps=config.diffusion.num_timesteps,
+            use_cache=_CACHE.value, diffusion=config.diffusion,
             progress=lambda _: bar.update(1))
         x0 = (jax.device_get(x0) if jax.process_count() == 1 else   # all hosts' shards
               multihost_utils.process_allgather(x0, tiled=True))

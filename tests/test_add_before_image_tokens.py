@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from monoformer_jax.convert import official, verify
-from monoformer_jax.data.packing import Example, RowSpec, pack_examples, prompt_rows
+from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion, apply_cfg
 from monoformer_jax.diffusion.sample_images import SamplerSettings, _prefill
+from monoformer_jax.layout import Example, RowSpec, prompt_rows
 from monoformer_jax.train.loss import loss_terms
 
 TOL = dict(atol=1e-4, rtol=1e-4)

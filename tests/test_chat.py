@@ -9,8 +9,9 @@ import pytest
 
 from monoformer_jax.data.chat import (CHAT_TEMPLATES, chat_example, read_conversations,
                                       read_texts, render_chat, text_example)
-from monoformer_jax.data.packing import RowSpec, pack_examples
+from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
+from monoformer_jax.layout import RowSpec
 from monoformer_jax.text.tokenizer import load_tokenizer
 
 TOK = load_tokenizer("bytes")

@@ -19,12 +19,12 @@ from PIL import Image
 
 from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource, write_safetensors
 from monoformer_jax.errors import CheckpointError, FileFormatError, MissingPathError
-from monoformer_jax.model.llama import logical_axes_of
+from monoformer_jax.model.clip import (abstract_tower, clip_config_from_hf,
+                                       clip_params_from_tensors, feature_dim, load_clip_params,
+                                       tokens_of, tower_from_params)
+from monoformer_jax.model.layers import logical_axes_of
 from monoformer_jax.parallel.sharding import RULES, logical_to_spec
-from monoformer_jax.vision import (clip_config_from_hf, clip_params_from_tensors, feature_dim,
-                                   load_clip_params, load_preprocessing, preprocess,
-                                   preprocess_file, tokens_of, tower_from_params)
-from monoformer_jax.vision.clip import abstract_tower
+from monoformer_jax.vision.clip_pixels import load_preprocessing, preprocess, preprocess_file
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "tiny_clip"
 

@@ -17,7 +17,8 @@ from safetensors.numpy import load_file, save_file
 from monoformer_jax.checkpoints import load_model, load_params, stored_weights
 from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource
 from monoformer_jax.convert import llama, official, verify
-from monoformer_jax.data.packing import Example, Row, RowSpec, pack_examples
+from monoformer_jax.data.packing import pack_examples
+from monoformer_jax.layout import Example, Row, RowSpec
 from monoformer_jax.model.build import abstract_model, param_shardings
 from monoformer_jax.parallel import sharding
 from monoformer_jax.parallel.sharding import make_mesh

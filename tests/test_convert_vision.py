@@ -18,7 +18,7 @@ from monoformer_jax.checkpoints import load_params, save_model
 from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource
 from monoformer_jax.convert import llama, official, verify
 from monoformer_jax.model.build import abstract_model, init_params
-from monoformer_jax.vision.clip import load_clip_params, read_clip_config
+from monoformer_jax.model.clip import load_clip_params, read_clip_config
 from helpers import config_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -19,7 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from monoformer_jax.diffusion import GaussianDiffusion, apply_cfg, sample_loop, space_timesteps
+from monoformer_jax.config import base
+from monoformer_jax.config.schema import BETA_SCHEDULES
+from monoformer_jax.diffusion import (BETAS, GaussianDiffusion, apply_cfg, from_config,
+                                      sample_loop, space_timesteps)
+from monoformer_jax.errors import ConfigError
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "official_tiny"
 TABLES = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next",
@@ -71,6 +75,33 @@ def test_tables(ref, prefix, respacing):
 def test_raw_linear_betas(ref):
   from monoformer_jax.diffusion.gaussian import linear_betas
   np.testing.assert_allclose(linear_betas(1000), ref["betas_linear_raw"], rtol=1e-15, atol=0)
+
+
+def test_the_schedule_table_has_betas_for_exactly_the_schemas_choices():
+  assert sorted(BETAS) == sorted(BETA_SCHEDULES)
+  with pytest.raises(ConfigError, match=r"diffusion.beta_schedule='cosine' has no betas; "
+                     r"choose one of \['linear'\]"):
+    GaussianDiffusion.create(1000, "cosine")
+
+
+def test_from_config_builds_the_sections_steps_of_its_schedule(monkeypatch):
+  """Every field of the diffusion section reaches the process: a second
+  schedule in the table, named by the section, gives its own alphas_cumprod
+  (computed here with numpy), over the section's num_timesteps."""
+  steeper = lambda t: np.linspace(2e-4, 0.03, t)
+  monkeypatch.setitem(BETAS, "steeper", steeper)
+  section = base().diffusion
+  section.update(num_timesteps=400, beta_schedule="steeper")
+  alphas_cumprod = np.cumprod(1.0 - steeper(400))
+  full = from_config(section)
+  np.testing.assert_allclose(full.alphas_cumprod, alphas_cumprod, rtol=1e-12, atol=0)
+  np.testing.assert_array_equal(full.timestep_map, np.arange(400))
+  d20 = from_config(section, respacing="20")
+  assert d20.num_timesteps == 20 and d20.timestep_map[-1] == 399
+  np.testing.assert_allclose(d20.alphas_cumprod, alphas_cumprod[d20.timestep_map], rtol=1e-12,
+                             atol=0)
+  linear = GaussianDiffusion.create(400, "linear", respacing="20")
+  assert np.abs(linear.alphas_cumprod - d20.alphas_cumprod).max() > 0.1   # it tells them apart
 
 
 def test_space_timesteps():

@@ -11,7 +11,8 @@ from monoformer_jax.data import prompts
 from monoformer_jax.data.datasets import make_batches
 from monoformer_jax.digits import source as digits
 from monoformer_jax.data.images import to_unit_range
-from monoformer_jax.data.packing import pack_examples, row_spec
+from monoformer_jax.data.packing import pack_examples
+from monoformer_jax.layout import row_spec
 from monoformer_jax.text.tokenizer import ByteTokenizer
 from helpers import config_file
 

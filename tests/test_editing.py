@@ -16,8 +16,9 @@ from flax import nnx
 
 from monoformer_jax import inference
 from monoformer_jax.data import prompts
-from monoformer_jax.data.packing import pack_examples, row_spec
+from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.digits import source as digits
+from monoformer_jax.layout import row_spec
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion, apply_cfg, apply_guidance
 from monoformer_jax.diffusion.sample_images import sample_images
 from monoformer_jax.errors import ConfigError

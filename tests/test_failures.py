@@ -311,14 +311,16 @@ def test_workdir_problems_are_found_before_training(tmp_path, monkeypatch):
 
 
 def test_python_api_refuses_nonsense_before_touching_the_model():
-  tok = inference.tokenizer_of(digits_config())
+  config = digits_config()
+  tok = inference.tokenizer_of(config)
   with pytest.raises(ConfigError, match=r"prompts must be a list of strings, got the string "
                      r"'two plus'; pass \['two plus'\]"):
     inference.complete_text(None, tok, "two plus")
   with pytest.raises(ConfigError, match=r"num_steps=0: must be in \[1, 1000\]"):
-    inference.generate_images(None, tok, ["a seven"], num_steps=0)
+    inference.generate_images(None, tok, ["a seven"], diffusion=config.diffusion, num_steps=0)
   with pytest.raises(ConfigError, match=r"cfg_scale=nan: must be a finite number"):
-    inference.generate_images(None, tok, ["a seven"], cfg_scale=math.nan)
+    inference.generate_images(None, tok, ["a seven"], diffusion=config.diffusion,
+                              cfg_scale=math.nan)
   with pytest.raises(ConfigError, match=r"top_p=0.0: must be in \(0, 1\]"):
     inference.complete_text(None, tok, ["two"], top_p=0.0)
 

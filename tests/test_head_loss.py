@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from monoformer_jax.model.llama import dense
+from monoformer_jax.model.layers import dense
 from monoformer_jax.parallel import sharding
 from monoformer_jax.train.loss import HEAD_CAPACITIES, cross_entropy, head_cross_entropy
 

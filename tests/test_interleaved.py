@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from monoformer_jax.data.packing import Example, Row, RowSpec, pack_examples
+from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion, apply_cfg, sample_step
 from monoformer_jax.errors import ConfigError
+from monoformer_jax.layout import Example, Row, RowSpec
 from monoformer_jax.model.build import abstract_model, compiled
 from monoformer_jax.model.monoformer import MonoFormer
 from monoformer_jax.text.generate import sample_token

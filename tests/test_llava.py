@@ -16,8 +16,8 @@ from monoformer_jax.data import builders, datasets, prompts
 from monoformer_jax.data.datasets import check_data, make_batches
 from monoformer_jax.data.sources import llava
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
+from monoformer_jax.model.clip import read_clip_config
 from monoformer_jax.text.tokenizer import load_tokenizer
-from monoformer_jax.vision.clip import read_clip_config
 
 REPO = CONFIGS_DIR.parent
 TINY_CLIP = REPO / "tests" / "fixtures" / "tiny_clip"
@@ -266,8 +266,8 @@ def test_llava_mixes_with_text_to_image(prepared, tmp_path):
 
 
 def test_t2i_llava_config():
-  from monoformer_jax.data.packing import read_image_spec
   from monoformer_jax.checks import check_train_config
+  from monoformer_jax.layout import read_image_spec
   c = config_file("t2i_llava")
   check_train_config(c, reads_data=False)
   assert read_image_spec(c.model) == ((224, 224, 3), 256)

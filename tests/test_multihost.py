@@ -20,7 +20,7 @@ import pytest
 
 from helpers import TINY_CONFIG_FLAG, digits_config
 from monoformer_jax.checkpoints import load_params
-from monoformer_jax.data.packing import merge_data_states
+from monoformer_jax.data.sharded import merge_data_states
 from monoformer_jax.errors import TrainingDiverged
 from monoformer_jax.train.loop import train_and_evaluate
 

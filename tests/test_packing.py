@@ -4,8 +4,9 @@ iterator state and per-host streams."""
 import numpy as np
 import pytest
 
-from monoformer_jax.data.packing import (Example, PackedBatches, PromptLayout, Row, RowSpec,
-                                         host_stream, image_slots, pack_examples, prompt_rows)
+from monoformer_jax.data.packing import PackedBatches, pack_examples
+from monoformer_jax.data.sharded import host_stream
+from monoformer_jax.layout import Example, PromptLayout, Row, RowSpec, image_slots, prompt_rows
 from monoformer_jax.text.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()

@@ -8,7 +8,7 @@ import pytest
 from monoformer_jax import perf
 from monoformer_jax.config import config_file
 from monoformer_jax.data.datasets import make_batches
-from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.diffusion.gaussian import from_config
 from monoformer_jax.model.build import abstract_model, init_params
 from monoformer_jax.text.tokenizer import tokenizer_of
 from monoformer_jax.train.step import make_loss_fn
@@ -16,8 +16,7 @@ from monoformer_jax.train.step import make_loss_fn
 
 def _xla_flops_of_the_gradient(config) -> float:
   graphdef, _, _ = abstract_model(config.model)
-  diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps,
-                                       config.diffusion.beta_schedule)
+  diffusion = from_config(config.diffusion)
   loss = make_loss_fn(graphdef, diffusion, config)
   batch = next(make_batches(config, tokenizer_of(config)))
   grad = jax.jit(jax.grad(lambda p, b, k: loss(p, b, k)[0]))

@@ -16,8 +16,9 @@ from helpers import digits_config
 from monoformer_jax.config import config_file
 from monoformer_jax.data import builders, pipeline
 from monoformer_jax.data.datasets import check_data, make_batches, source
+from monoformer_jax.data.sharded import host_stream
 from monoformer_jax.data.sources.imagenet import imagenet_classes
-from monoformer_jax.data.packing import Example, host_stream
+from monoformer_jax.layout import Example
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.text.tokenizer import load_tokenizer, tokenizer_of
 from monoformer_jax.train.loop import train_and_evaluate

@@ -13,9 +13,10 @@ import pytest
 from flax import nnx
 
 from monoformer_jax.data import prompts
-from monoformer_jax.data.packing import Example, Row, RowSpec, pack_examples, row_spec
+from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.errors import ConfigError, FileFormatError
+from monoformer_jax.layout import Example, Row, RowSpec, row_spec
 from monoformer_jax.model.monoformer import MonoFormer
 from monoformer_jax.text.generate import generate
 from monoformer_jax.text.tokenizer import tokenizer_of
@@ -191,7 +192,7 @@ def test_text_about_read_images_cached_equals_recomputed(conditioning):
 
 @pytest.mark.parametrize("conditioning", ["adaln_before_decoder", "add_before_image_tokens"])
 def test_an_image_after_two_read_images_samples_the_same_cached_or_not(conditioning):
-  from monoformer_jax.data.packing import prompt_rows
+  from monoformer_jax.layout import prompt_rows
   from monoformer_jax.diffusion.sample_images import sample_images
   config = _config(conditioning)
   tok = tokenizer_of(config)
@@ -288,7 +289,7 @@ def test_a_clip_model_reads_through_the_frozen_tower():
   import optax
   from monoformer_jax.model.build import abstract_model, init_params
   from monoformer_jax.train.state import make_optimizer
-  from monoformer_jax.vision.clip import load_clip_params, read_clip_config, tokens_of
+  from monoformer_jax.model.clip import load_clip_params, read_clip_config, tokens_of
   from conftest import REPO
   folder = REPO / "tests" / "fixtures" / "tiny_clip"
   config = _config()

@@ -42,7 +42,8 @@ def test_cli_writes_what_the_library_samples(checkpoint, tmp_path):
 
   model, config = load_model(checkpoint)
   tok = inference.tokenizer_of(config)
-  x0 = inference.generate_images(model, tok, prompts, num_steps=3, cfg_scale=2.0, seed=0)
+  x0 = inference.generate_images(model, tok, prompts, diffusion=config.diffusion, num_steps=3,
+                                 cfg_scale=2.0, seed=0)
   np.testing.assert_allclose(images, inference.to_pixels(x0, config), atol=1e-4)
   text = inference.complete_text(model, tok, ["two plus"], max_new_tokens=5, temperature=0)
   assert f"'two plus' -> {text[0]!r}" in run.stdout

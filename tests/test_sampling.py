@@ -1,5 +1,6 @@
 """The samplers: prompt cache and KV cache against recomputation, guidance,
-seeds, token sampling, and sharded inference against one device.
+seeds, token sampling, sharded inference against one device, and the
+config's diffusion process in every sampler.
 
 The model is the digits architecture (2 layers) with every parameter drawn at
 random, so no output is trivially zero (the fresh model's diffusion head is).
@@ -8,17 +9,22 @@ grouping: their images agree to ~1e-6 after 5 steps; 1e-4 still catches a
 wrong position, a stale cache or a mask leak (each moves them by > 1e-2).
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from monoformer_jax.data.packing import Example, Row, RowSpec, pack_examples
+from monoformer_jax import inference
+from monoformer_jax.config import config_file
+from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.data.prompts import image_prompt_example, image_rows
-from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.diffusion.gaussian import BETAS, GaussianDiffusion
 from monoformer_jax.diffusion.sample_images import sample_images
 from monoformer_jax.inference import generate_images
+from monoformer_jax.layout import Example, Row, RowSpec
 from monoformer_jax.model.build import abstract_model, param_shardings
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.generate import generate, sample_token
@@ -74,10 +80,43 @@ def test_prompt_cache_equals_recomputing_the_row(model):
   assert np.abs(cached[0] - cached[1]).max() > 1e-2   # the prompt matters
 
 
-def test_guidance_scale_one_is_the_conditional_model_and_seeds_reproduce(model):
+def test_every_image_sampler_runs_the_configs_process(monkeypatch):
+  """generate_images, generate_interleaved and edit_images sample with the
+  process of the config's diffusion section: its num_timesteps steps of its
+  schedule (here a second one put in the table), respaced to num_steps."""
+  steeper = lambda t: np.linspace(2e-4, 0.03, t)
+  monkeypatch.setitem(BETAS, "steeper", steeper)
+  config = config_file("digits")   # reads images, so it can edit
+  config.diffusion.update(num_timesteps=400, beta_schedule="steeper")
+  ran = []
+
+  def sample_images(model, rows, diffusion, key, **kwargs):
+    ran.append(diffusion)
+    return np.zeros((len(rows.row.tokens), 8, 8, 1), np.float32)
+
+  def interleave(model, rows, *, diffusion, **kwargs):
+    ran.append(diffusion)
+    return []
+
+  monkeypatch.setattr(inference, "sample_images", sample_images)
+  monkeypatch.setattr(inference, "interleave", interleave)
+  model = types.SimpleNamespace(tokens_per_image=16, cond_token=False)   # never run
+  inference.generate_images(model, TOK, ["two"], diffusion=config.diffusion, num_steps=5)
+  inference.generate_interleaved(model, TOK, ["here is a"], config=config, num_steps=5)
+  inference.edit_images(model, TOK, [np.zeros((8, 8))], "the next digit:", config=config,
+                        num_steps=5)
+  assert len(ran) == 3
+  alphas_cumprod = np.cumprod(1.0 - steeper(400))
+  for process in ran:
+    assert process.num_timesteps == 5 and process.timestep_map[-1] == 399
+    np.testing.assert_allclose(process.alphas_cumprod, alphas_cumprod[process.timestep_map],
+                               rtol=1e-12, atol=0)
+
+
+def test_guidance_scale_one_is_the_conditional_model_and_seeds_reproduce(config, model):
   images = lambda scale, seed=0, channels=None: np.asarray(generate_images(
-      model, TOK, PROMPTS[:2], num_steps=5, cfg_scale=scale, seed=seed,
-      guided_channels=channels))
+      model, TOK, PROMPTS[:2], diffusion=config.diffusion, num_steps=5, cfg_scale=scale,
+      seed=seed, guided_channels=channels))
   plain = images(None)
   np.testing.assert_allclose(images(1.0), plain, **TOL)
   guided = images(4.0)
@@ -91,7 +130,7 @@ def test_guidance_scale_one_is_the_conditional_model_and_seeds_reproduce(model):
 def test_image_rows_must_fit_the_sampler(model):
   d5 = GaussianDiffusion.create(1000, respacing="5")
   rows = _packed_rows(PROMPTS[:2], guidance=False)
-  with pytest.raises(ValueError, match="data.prompt_rows"):
+  with pytest.raises(ValueError, match="layout.prompt_rows"):
     sample_images(model, rows, d5, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="doubled batch"):
     sample_images(model, image_rows(PROMPTS, TOK, 16, guidance=False), d5,

@@ -8,8 +8,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from monoformer_jax.data.packing import Example, pack_examples, row_spec
-from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.data.packing import pack_examples
+from monoformer_jax.diffusion.gaussian import from_config
+from monoformer_jax.layout import Example, row_spec
 from monoformer_jax.model.build import abstract_model, init_params
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.tokenizer import ByteTokenizer
@@ -43,7 +44,7 @@ def setup():
   config.data.max_images_per_row = 2
   config.data.seq_len = 48
   graphdef, _, _ = abstract_model(config.model)
-  diffusion = GaussianDiffusion.create(1000, "linear")
+  diffusion = from_config(config.diffusion)
   loss_fn = make_loss_fn(graphdef, diffusion, config)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   params = jax.jit(lambda: init_params(config.model, config.seed))()
@@ -92,7 +93,7 @@ def test_pallas_attention_in_the_sharded_model_matches_xla_on_one_device(setup):
   config = config.copy_and_resolve_references()
   config.model.attention_impl = "pallas"
   graphdef, _, _ = abstract_model(config.model)
-  loss_fn = make_loss_fn(graphdef, GaussianDiffusion.create(1000, "linear"), config)
+  loss_fn = make_loss_fn(graphdef, from_config(config.diffusion), config)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   _assert_same(*_sharded_loss_and_grads(config, grad_fn, params, batch, key, (1, 4, 2)),
                loss_1, grads_1)
@@ -123,7 +124,7 @@ def test_mesh_errors_name_the_fix():
 def test_gradient_accumulation_averages_the_micro_batch_gradients(setup):
   config, grad_fn, params, batch, key, _ = setup
   graphdef, _, _ = abstract_model(config.model)
-  loss_fn = make_loss_fn(graphdef, GaussianDiffusion.create(), config)
+  loss_fn = make_loss_fn(graphdef, from_config(config.diffusion), config)
   grads_acc, metrics_acc = jax.jit(accumulated_grads(loss_fn, 2))(params, batch, key)
   halves = [jax.tree.map(lambda x, i=i: x[i * 4:(i + 1) * 4], batch) for i in range(2)]
   parts = [jax.jit(grad_fn)(params, h, jax.random.fold_in(key, i))
@@ -139,7 +140,7 @@ def test_bfloat16_compute_keeps_float32_masters_and_tracks_float32_loss(setup):
   config_bf16 = config.copy_and_resolve_references()
   config_bf16.model.dtype = "bfloat16"
   graphdef, _, _ = abstract_model(config_bf16.model)
-  loss_fn = make_loss_fn(graphdef, GaussianDiffusion.create(), config_bf16)
+  loss_fn = make_loss_fn(graphdef, from_config(config_bf16.diffusion), config_bf16)
   (loss_16, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, key)
   chex.assert_type(jax.tree.leaves(grads), jnp.float32)
   chex.assert_tree_all_finite(grads)

@@ -46,7 +46,7 @@ from monoformer_jax.convert import official
 from monoformer_jax.checkpoints import save_model
 from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource
 from monoformer_jax.model.build import param_shardings
-from monoformer_jax.vision.clip import load_clip_params
+from monoformer_jax.model.clip import load_clip_params
 
 ADDED_TOKENS = 4
 _INIT_STD = 0.02  # initialize_weights() hard-codes it, whatever initializer_range says

@@ -47,10 +47,10 @@ from monoformer_jax.checkpoints import load_config, load_params, save_model, sto
 from monoformer_jax.checkpoints.safetensors_io import (SafetensorsSource, find_files,
                                                        read_json_object, write_safetensors)
 from monoformer_jax.config import config_file
+from monoformer_jax.config.schema import CONDITIONING_MODES
 from monoformer_jax.errors import CheckpointError, ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.model.build import abstract_model, param_shardings
-from monoformer_jax.model.monoformer import CONDITIONING_MODES
-from monoformer_jax.vision.clip import clip_params_from_tensors, read_clip_config, vision_prefix
+from monoformer_jax.model.clip import clip_params_from_tensors, read_clip_config, vision_prefix
 
 LAYER = "model.layers.{i}."
 
@@ -233,7 +233,7 @@ def check_source(source, m, where: str, *, entries=None, vocab_size: int | None 
 # HF CLIPVisionModel's parameters in its state_dict order (keys after
 # CLIP_TOWER_PREFIX), each with our path under `vision_tower` and layout
 # ('same'; 'T': Linear [out, in] <-> [in, out]; 'conv': OIHW <-> HWIO).
-# `vision/clip.py` reads the same names; a round trip through both is tested.
+# `model/clip.py` reads the same names; a round trip through both is tested.
 _CLIP_EMBEDDINGS = (
     ("embeddings.class_embedding", ("class_embedding",), "same"),
     ("embeddings.patch_embedding.weight", ("patch_embedding",), "conv"),

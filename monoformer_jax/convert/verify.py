@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from monoformer_jax.config.schema import CONDITIONING_TOKEN_MODE
 from monoformer_jax.convert import official
-from monoformer_jax.data.packing import (CONDITIONING_TOKEN_MODE, Row, cond_columns_of,
-                                         image_slots, tokens_per_image)
+from monoformer_jax.layout import Row, cond_columns_of, image_slots, tokens_per_image
 from monoformer_jax.model.build import abstract_model
 
 

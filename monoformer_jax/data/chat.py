@@ -62,8 +62,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from monoformer_jax.data import prompts
 from monoformer_jax.data.jsonl import json_objects, numbered_lines
-from monoformer_jax.data.packing import Example
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
+from monoformer_jax.layout import Example
 
 ROLES = ("user", "assistant", "system")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}

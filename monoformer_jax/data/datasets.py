@@ -18,8 +18,9 @@ import json
 from absl import logging
 
 from monoformer_jax.data import pipeline
-from monoformer_jax.data.packing import (PackedBatches, ShardedBatches, data_state_shards,
-                                         host_stream, row_spec)
+from monoformer_jax.data.packing import PackedBatches
+from monoformer_jax.data.sharded import ShardedBatches, data_state_shards, host_stream
+from monoformer_jax.layout import row_spec
 from monoformer_jax.errors import ConfigError
 
 # name -> the module that makes its source as SOURCE

@@ -13,7 +13,7 @@ Every dataset becomes the same thing, an indexable infinite stream
               every block of MIX_BLOCK examples, at random places, so each
               stream's index is still computable from i alone
 
-A host reads only its share (`packing.host_stream`); with `data.workers` > 0
+A host reads only its share (`sharded.host_stream`); with `data.workers` > 0
 its examples are read and made ahead by that many worker processes
 (`WorkerExamples`: reading and making examples holds the GIL);
 `packing.PackedBatches` packs the rows, and `Prefetched` packs the next
@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 import grain
 import numpy as np
 
-from monoformer_jax.data.packing import Example
+from monoformer_jax.layout import Example
 from monoformer_jax.errors import ConfigError
 
 # Stream choices are drawn per block of this many examples.

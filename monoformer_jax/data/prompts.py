@@ -21,7 +21,7 @@ sampler (text/interleaved.py) then draws it and writes `<|im_end|>` itself, so
 result; for guidance the instruction, the source image or both are dropped
 (InstructPix2Pix), the last being the null prompt of every image.
 
-`<image>` is ONE placeholder that packing (packing.py) expands into the
+`<image>` is ONE placeholder that the row layout (layout.py) expands into the
 image's P slots (a read image's Q slots). Reading follows the reference's
 infer_mllm.py: the image first, then the question, then the answer, with
 cross-entropy on the answer only. A class-conditional prompt is one of the reference's ImageNet
@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from monoformer_jax.data.packing import Example, PromptRows, prompt_rows
+from monoformer_jax.layout import Example, PromptRows, prompt_rows
 
 # The reference's ImageNet prompt templates, its "an photo" included.
 TEMPLATES = ("Please generate an image of {}.", "{}", "an image of {}.", "an photo of {}.")

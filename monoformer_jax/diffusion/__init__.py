@@ -1,8 +1,11 @@
-"""Diffusion: the IDDPM schedule, losses, respacing, DDPM/DDIM sampling and guidance."""
+"""Diffusion: the IDDPM schedule, losses, respacing, DDPM/DDIM sampling and guidance.
 
-from monoformer_jax.diffusion.gaussian import (SAMPLERS, GaussianDiffusion, apply_cfg,
-                                               apply_guidance, sample_loop, sample_step,
-                                               space_timesteps)
+`from_config(config.diffusion, respacing)` builds a model's process; nothing
+else should call `GaussianDiffusion.create` but tests of the math."""
 
-__all__ = ["SAMPLERS", "GaussianDiffusion", "apply_cfg", "apply_guidance", "sample_loop",
-           "sample_step", "space_timesteps"]
+from monoformer_jax.diffusion.gaussian import (BETAS, SAMPLERS, GaussianDiffusion, apply_cfg,
+                                               apply_guidance, from_config, sample_loop,
+                                               sample_step, space_timesteps)
+
+__all__ = ["BETAS", "SAMPLERS", "GaussianDiffusion", "apply_cfg", "apply_guidance",
+           "from_config", "sample_loop", "sample_step", "space_timesteps"]

@@ -1,5 +1,9 @@
 """Gaussian diffusion as in IDDPM/ADM (and DiT, and MonoFormer): the numbers.
 
+A model's process is `from_config(config.diffusion, respacing)`: the
+schedule the config names (`BETAS`, one entry per name of
+config.schema.BETA_SCHEDULES), respaced for sampling.
+
 Conventions:
 - Channels LAST: latents are x_BxhxwxC (any [B, ..., C]); a model output is
   [B, ..., 2C] with [..., :C] the epsilon prediction and [..., C:] the
@@ -22,11 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from monoformer_jax.errors import ConfigError
+
 
 def linear_betas(num_timesteps: int) -> np.ndarray:
   """IDDPM's linear schedule: 1e-4 .. 0.02 at T=1000, scaled by 1000/T."""
   scale = 1000 / num_timesteps  # keeps the schedule's shape for any T
   return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+# The betas of each schedule a config may name (config.schema.BETA_SCHEDULES):
+# name -> betas float64 [T] of T = num_timesteps.
+BETAS: dict[str, Callable[[int], np.ndarray]] = {"linear": linear_betas}
 
 
 def space_timesteps(num_timesteps: int,
@@ -109,11 +120,13 @@ class GaussianDiffusion:
   @classmethod
   def create(cls, num_timesteps: int = 1000, beta_schedule: str = "linear",
              respacing: str | int | Sequence[int] | None = None) -> GaussianDiffusion:
-    """The T-step schedule, optionally respaced (e.g. "20": 20 sampling steps)."""
-    if beta_schedule != "linear":
-      raise ValueError(f"beta_schedule={beta_schedule!r}: only 'linear' (the "
-                       "reference's) is implemented")
-    ac = np.cumprod(1.0 - linear_betas(num_timesteps))
+    """The T-step schedule `beta_schedule` (a name of `BETAS`), optionally
+    respaced (e.g. "20": 20 sampling steps). A model's process comes from its
+    config through `from_config`."""
+    if beta_schedule not in BETAS:
+      raise ConfigError(f"diffusion.beta_schedule={beta_schedule!r} has no betas; choose one "
+                        f"of {sorted(BETAS)}")
+    ac = np.cumprod(1.0 - BETAS[beta_schedule](num_timesteps))
     kept = space_timesteps(num_timesteps, respacing)
     # Betas re-derived so alphas_cumprod is exact at the kept steps. Done even
     # without respacing (it moves betas by ~1e-16), as the reference does.
@@ -217,6 +230,17 @@ class GaussianDiffusion:
     vb = jnp.where(t == 0, nll, kl)
     mse = ((noise - eps) ** 2).mean(axis=axes)
     return dict(mse=mse, vb=vb, loss=mse + vb)
+
+
+def from_config(diffusion_cfg, respacing: str | int | Sequence[int] | None = None
+                ) -> GaussianDiffusion:
+  """The diffusion process of a config's `diffusion` section (its
+  num_timesteps steps of its beta_schedule), respaced to `respacing` (e.g.
+  "20": the sampler's 20 steps; None: every step, what training draws t
+  from). Every model's process is built here, so training and every sampler
+  run the same schedule."""
+  return GaussianDiffusion.create(diffusion_cfg.num_timesteps, diffusion_cfg.beta_schedule,
+                                  respacing=respacing)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

@@ -12,7 +12,7 @@ The prompt cache: prompt tokens never attend to image tokens, so their keys
 and values are the same at every denoising step. With `use_cache` the model
 prefills them once per call (`MonoFormer.prefill`) and each step runs only the
 P image tokens against them (`MonoFormer.extend_image`). That needs rows from
-`data.prompt_rows` (`data.prompts.image_rows`), whose layout says where the
+`layout.prompt_rows` (`data.prompts.image_rows`), whose layout says where the
 prompt ends. Without the cache any packed rows with one image per row work,
 and every step recomputes the whole row, as the reference does.
 
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monoformer_jax.data.packing import PromptLayout, PromptRows, Row, check_one_image_per_row
 from monoformer_jax.diffusion.gaussian import apply_guidance, sample_step
+from monoformer_jax.layout import PromptLayout, PromptRows, Row, check_one_image_per_row
 from monoformer_jax.model.build import compiled
 
 
@@ -72,7 +72,7 @@ def sample_images(model, rows: PromptRows | Row, diffusion, key, *, cfg_scale=No
   scales = guidance_scales(cfg_scale)
   groups = len(scales) + 1
   if use_cache and not isinstance(rows, PromptRows):
-    raise ValueError("the prompt cache needs rows from data.prompt_rows (prompts "
+    raise ValueError("the prompt cache needs rows from layout.prompt_rows (prompts "
                      "left-padded, then the image slots; data.prompts.image_rows builds "
                      "them); pass use_cache=False for other packed rows")
   row = rows.row if isinstance(rows, PromptRows) else rows

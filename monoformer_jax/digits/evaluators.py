@@ -112,7 +112,7 @@ def reading_accuracy(model, tokenizer, config, *, max_new_tokens: int = 16) -> d
   answer parsed as "it is {name}."; chance is 10%. Also the per-digit shares
   and the share of answers that name no digit at all."""
   from monoformer_jax.data import prompts
-  from monoformer_jax.data.packing import row_spec
+  from monoformer_jax.layout import row_spec
   from monoformer_jax.text.generate import generate
 
   _, held = digits_data.reading_split(digits_data.digit_records(config))
@@ -185,8 +185,8 @@ def editing_accuracy(model, tokenizer, config, *, num_steps: int = 50,
   and the drawings, both in [0, 1], the sources' labels [N])."""
   from monoformer_jax.data import prompts
   from monoformer_jax.data.images import to_unit_range
-  from monoformer_jax.data.packing import row_spec
-  from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+  from monoformer_jax.layout import row_spec
+  from monoformer_jax.diffusion.gaussian import from_config
   from monoformer_jax.diffusion.sample_images import sample_images
   import jax
 
@@ -199,8 +199,7 @@ def editing_accuracy(model, tokenizer, config, *, num_steps: int = 50,
     guidance = cfg_scale = None
   rows = prompts.edit_rows(list(sources), [digits_data.EDIT_PROMPT] * len(records), tokenizer,
                            row_spec(config, tokenizer), guidance=guidance)
-  diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps, "linear",
-                                       respacing=str(num_steps))
+  diffusion = from_config(config.diffusion, respacing=str(num_steps))
   x0 = sample_images(model, rows, diffusion, jax.random.PRNGKey(seed), cfg_scale=cfg_scale)
   drawn = to_unit_range(np.asarray(x0))
   accuracy, per_digit = prompted_accuracy(drawn, want_B)

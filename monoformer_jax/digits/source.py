@@ -45,9 +45,9 @@ import numpy as np
 from monoformer_jax.config.fields import real
 from monoformer_jax.data import builders, pipeline, prompts
 from monoformer_jax.data.images import from_unit_range
-from monoformer_jax.data.packing import Example
 from monoformer_jax.data.sources import DataSource, Prepared, PrepareArgs
 from monoformer_jax.errors import ConfigError
+from monoformer_jax.layout import Example
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                "nine")

@@ -58,10 +58,11 @@ from absl import logging
 from jax.sharding import PartitionSpec as P
 
 from monoformer_jax.data.jsonl import json_objects
-from monoformer_jax.data.packing import Example, Row, RowSpec, pack_examples
+from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.errors import (ConfigError, FileFormatError, MissingPathError,
                                    NotInstalledError, PathError)
 from monoformer_jax.eval.registry import Evaluator
+from monoformer_jax.layout import Example, Row, RowSpec
 from monoformer_jax.model.build import compiled
 from monoformer_jax.parallel import sharding
 

@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from monoformer_jax.errors import CheckpointError, FileFormatError
 from monoformer_jax.eval import pth
-from monoformer_jax.model.llama import param
+from monoformer_jax.model.layers import param
 
 INPUT_SIZE = 299  # the resolution the features are defined at
 BN_EPS = 0.001  # torchvision's BasicConv2d, as TF's graph

@@ -173,7 +173,7 @@ def sample_classes(model, config, tokenizer, labels_N, *, num_steps: int,
   x0 = inference.generate_images(
       model, tokenizer, [prompt_format.class_prompt(classes[k]) for k in padded],
       num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale or None, seed=seed,
-      num_timesteps=config.diffusion.num_timesteps)
+      diffusion=config.diffusion)
   x0 = np.asarray(multihost_utils.process_allgather(x0, tiled=True))[:n]
   bad = ~np.isfinite(x0).reshape(n, -1).all(axis=1)
   if bad.any():

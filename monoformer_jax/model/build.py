@@ -15,7 +15,7 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from monoformer_jax.model.llama import logical_axes_of
+from monoformer_jax.model.layers import logical_axes_of
 from monoformer_jax.model.monoformer import MonoFormer
 from monoformer_jax.parallel.sharding import logical_to_spec
 

@@ -8,8 +8,8 @@ applied with `jax.lax.scan`: one compiled layer body whatever the depth
 of them unrolled, at the price of compiling each).
 
 Kernels are stored [in, out] with heads split out (wq [E, H, D], wo [H, D, E]);
-each parameter names its logical axes in its `logical_axes` metadata (the
-stacked layers' leading axis is `layers`, added by `logical_axes_of`).
+each parameter names its logical axes (model/layers.py's `param`; the stacked
+layers' leading axis is `layers`, added by `logical_axes_of`).
 
 Decoding and cached sampling pass a `KVCache`: per layer, keys and values of a
 whole row of L tokens [N, B, L, K, D] (N layers). A call then embeds only the
@@ -21,63 +21,15 @@ it lies ahead of every query, or in another example).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from monoformer_jax.model.layers import dense, param
 from monoformer_jax.ops.attention import attention
 from monoformer_jax.parallel.sharding import constrain
-
-INIT_STD = 0.02  # Llama's initializer_range
-
-
-def param(rngs: nnx.Rngs | None, shape, axes, init: str = "normal",
-          std: float = INIT_STD) -> nnx.Param:
-  """A float32 parameter with logical axis names; init 'normal', 'ones' or 'zeros'."""
-  if len(axes) != len(shape):
-    raise ValueError(f"axes {axes} do not match shape {shape}")
-  if init == "normal":
-    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-  elif init == "ones":
-    value = jnp.ones(shape, jnp.float32)
-  elif init == "zeros":
-    value = jnp.zeros(shape, jnp.float32)
-  else:
-    raise ValueError(f"unknown init {init!r}")
-  # Our own metadata key: Flax acts on `out_sharding` by itself (eager sharding,
-  # eval_shape under a mesh); the mapping to mesh axes is ours (parallel/).
-  return nnx.Param(value, logical_axes=tuple(axes))
-
-
-def logical_axes_of(var: nnx.Variable) -> tuple:
-  """A parameter's logical axes; vmap-stacked layers gain a leading 'layers'."""
-  axes = tuple(var.get_metadata()["logical_axes"])
-  if len(axes) == len(var.shape) - 1:
-    axes = ("layers",) + axes
-  if len(axes) != len(var.shape):
-    raise ValueError(f"logical axes {axes} do not match shape {var.shape}")
-  return axes
-
-
-def dense(x, w, n_in: int = 1, out_dtype=None):
-  """x [..., *in] @ w [*in, *out] -> [..., *out]: the last `n_in` dims of x
-  contracted with the first `n_in` of w, as ONE 2-D matmul over the flattened
-  leading dims (reshapes of contiguous dims cost nothing). XLA:CPU runs the
-  weight gradient of a batched 3-D einsum (two contracted dims) about half as
-  fast as the same 2-D matmul, which made the backward cost 5 forwards; on
-  TPU and GPU the two are the same program. `out_dtype`: the accumulator's
-  and result's dtype (default x's).
-  """
-  lead, inner = x.shape[:x.ndim - n_in], w.shape[:n_in]
-  if x.shape[x.ndim - n_in:] != inner:
-    raise ValueError(f"dense: x {x.shape} does not end in w's input dims {inner}")
-  out = w.shape[n_in:]
-  y = jnp.matmul(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1).astype(x.dtype),
-                 preferred_element_type=out_dtype)
-  return y.reshape(*lead, *out)
 
 
 class RMSNorm(nnx.Module):
@@ -207,7 +159,7 @@ class Decoder(nnx.Module):
     self.head_dim = cfg.head_dim
     self.rope_theta = cfg.rope_theta
     self.remat = cfg.remat
-    self.unroll = int(cfg.get("scan_unroll", 1))
+    self.unroll = int(cfg.scan_unroll)
 
   def __call__(self, x_BxLxE, positions, segment_ids, image_ids, *, cache=None,
                offset=None, return_layer_inputs=False):

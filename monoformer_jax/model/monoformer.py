@@ -1,6 +1,6 @@
 """MonoFormer: one Llama decoder for next-token text and diffusion images.
 
-The model reads packed rows (`data.Row`: per token [B, L] tokens, segment_ids,
+The model reads packed rows (`layout.Row`: per token [B, L] tokens, segment_ids,
 image_ids, positions; per image slot the columns its P tokens occupy) plus
 the noised latents of each row's image slots `latents_BxMxhxwxC` and their
 timesteps `t_BxM` (original 0..T-1 indices). Image tokens are placed at, and
@@ -36,26 +36,13 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from monoformer_jax.data.packing import CONDITIONING_TOKEN_MODE, read_image_spec, tokens_per_image
+from monoformer_jax.config.schema import CONDITIONING_MODES, CONDITIONING_TOKEN_MODE
+from monoformer_jax.layout import read_image_spec, tokens_per_image
+from monoformer_jax.model.clip import CLIPVisionTower, feature_dim
 from monoformer_jax.model.embeddings import patchify, sincos_2d, timestep_features, unpatchify
-from monoformer_jax.model.llama import Decoder, KVCache, dense, param
+from monoformer_jax.model.layers import Dense, dense, param
+from monoformer_jax.model.llama import Decoder, KVCache
 from monoformer_jax.parallel.sharding import constrain
-
-CONDITIONING_MODES = ("adaln_before_decoder", CONDITIONING_TOKEN_MODE)
-# Model fields added after checkpoints were first saved, and the value that
-# those checkpoints (which lack the field) mean.
-MODEL_DEFAULTS = dict(vision_encoder="", vision=None, read_bidirectional=False)
-
-
-class Dense(nnx.Module):
-  """y = x @ W + b, kernel [in, out]; the image-side modules all have biases."""
-
-  def __init__(self, din, dout, axes, *, rngs, init="normal", std=0.02):
-    self.kernel = param(rngs, (din, dout), axes, init=init, std=std)
-    self.bias = param(rngs, (dout,), axes[1:], init="zeros")
-
-  def __call__(self, x):
-    return dense(x, self.kernel[...]) + self.bias[...].astype(x.dtype)
 
 
 class Projector(nnx.Module):
@@ -140,11 +127,10 @@ class MonoFormer(nnx.Module):
       self.t_projector = Projector(e, e, "embed", rngs=rngs, zero_out=True)
     else:
       self.adaln_module = Dense(e, 2 * e, ("embed", "embed"), rngs=rngs, init="zeros")
-    self.vision_encoder = cfg.get("vision_encoder", "")
+    self.vision_encoder = cfg.vision_encoder
     read = read_image_spec(cfg)
     if read:
       if self.vision_encoder == "clip":
-        from monoformer_jax.vision.clip import CLIPVisionTower, feature_dim
         self.vision_tower = CLIPVisionTower(cfg.vision, rngs=rngs)
         features = feature_dim(cfg.vision)
       else:

@@ -1,6 +1,6 @@
 """Text completion with a MonoFormer: one jitted loop, a KV cache, and samplers.
 
-Prompts of different lengths share a batch through `data.prompt_rows`: they
+Prompts of different lengths share a batch through `layout.prompt_rows`: they
 are left-padded so that all of them end at the same column, and new token i of
 every row is written at the same column `layout.new_column(i)`. One offset
 then serves the whole batch, which is what lets each step run ONE token per
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from monoformer_jax.errors import ConfigError
-from monoformer_jax.data.packing import Example, PromptLayout, Row, RowSpec, prompt_rows
+from monoformer_jax.layout import Example, PromptLayout, Row, RowSpec, prompt_rows
 from monoformer_jax.model.build import compiled
 
 

@@ -50,10 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monoformer_jax.data.packing import Example, PromptLayout, Row, RowSpec, prompt_rows
 from monoformer_jax.diffusion.sample_images import SamplerSettings
 from monoformer_jax.diffusion.sample_images import guidance_scales, guided_step
 from monoformer_jax.errors import ConfigError
+from monoformer_jax.layout import Example, PromptLayout, Row, RowSpec, prompt_rows
 from monoformer_jax.model.build import compiled
 from monoformer_jax.model.llama import KVCache
 from monoformer_jax.text.generate import _check_sampling, sample_token

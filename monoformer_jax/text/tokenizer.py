@@ -163,8 +163,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 def tokenizer_of(config, override: str | None = None) -> Tokenizer:
   """The tokenizer of a config's model: `override`, else `config.data.tokenizer`
-  ('bytes' when the config has no such field, as the digits default)."""
-  spec = override or config.data.get("tokenizer", "bytes")
+  ('bytes', a tokenizer.model, a tokenizer.json or a folder holding one)."""
+  spec = override or config.data.tokenizer
   if not spec:
     raise ConfigError("config.data.tokenizer is empty: set it (or pass --tokenizer) to the "
                       "model's tokenizer.model / tokenizer.json, e.g. TinyLlama's")

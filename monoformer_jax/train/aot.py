@@ -1,7 +1,7 @@
 """The train step compiled ahead of time for a slice we do not have: its memory and speed.
 
 `plan(config, topology)` builds the REAL train step (train/step.py, the
-state's shardings from train/state.py, the batch layout from data/packing.py)
+state's shardings from train/state.py, the batch layout from layout.py)
 for the topology's compile-only devices (parallel/topology.py), lowers it from
 abstract inputs only (`jax.ShapeDtypeStruct`s with their shardings: no array
 is ever made on those devices), compiles it with the target's own compiler,
@@ -41,9 +41,9 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from monoformer_jax import perf
-from monoformer_jax.data.packing import batch_shapes
-from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.diffusion.gaussian import from_config
 from monoformer_jax.errors import DoesNotFitError
+from monoformer_jax.layout import batch_shapes
 from monoformer_jax.parallel import sharding
 from monoformer_jax.parallel.topology import Topology, devices_of
 from monoformer_jax.train.state import make_optimizer, state_shardings
@@ -178,8 +178,7 @@ def lower_train_step(config, devices):
   # not on the target's devices (which hold no arrays).
   tx, schedule = make_optimizer(config.optim, config.model)
   graphdef, abstract, shardings = state_shardings(config, mesh, tx)
-  diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps,
-                                       config.diffusion.beta_schedule)
+  diffusion = from_config(config.diffusion)
   step = make_train_step(graphdef, diffusion, config, tx, schedule, shardings,
                          sharding.batch_sharding(mesh, rules, 1))
   state, batch, health = abstract_inputs(config, mesh, abstract, shardings)

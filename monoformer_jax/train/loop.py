@@ -30,8 +30,8 @@ from flax import nnx
 from monoformer_jax import perf
 from monoformer_jax.checkpoints import TrainCheckpointer, load_params
 from monoformer_jax.data.datasets import make_batches, source_of
-from monoformer_jax.data.packing import merge_data_states
-from monoformer_jax.diffusion.gaussian import GaussianDiffusion
+from monoformer_jax.data.sharded import merge_data_states
+from monoformer_jax.diffusion.gaussian import from_config
 from monoformer_jax.errors import TrainingDiverged
 from monoformer_jax.eval import finite_json
 from monoformer_jax.eval.score import (TrainingEvals, end_samples_score_evals,
@@ -171,8 +171,7 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     batches = make_batches(config, tokenizer, process_index=jax.process_index(),
                            process_count=jax.process_count(), state=data_state)
     batch_sh = sharding.batch_sharding(mesh, rules, 1)
-    diffusion = GaussianDiffusion.create(config.diffusion.num_timesteps,
-                                         config.diffusion.beta_schedule)
+    diffusion = from_config(config.diffusion)
     step = int(state["step"])
     num_steps = config.train.num_steps
     health = jax.device_put(healthy(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from monoformer_jax.data.packing import Row
+from monoformer_jax.layout import Row
 from monoformer_jax.parallel import sharding
 
 

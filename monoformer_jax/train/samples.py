@@ -59,7 +59,7 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
       x0 = inference.generate_images(
           model, tokenizer, [prompts.class_prompt(classes[k]) for k in labels],
           num_steps=sc.num_steps, cfg_scale=sc.cfg_scale, seed=seed,
-          num_timesteps=config.diffusion.num_timesteps, progress=lambda _: bar.update(1))
+          diffusion=config.diffusion, progress=lambda _: bar.update(1))
     x0 = multihost_utils.process_allgather(x0, tiled=True)
     images = inference.to_pixels(x0, config, vae)
     logging.info("sampled in %.1fs", time.perf_counter() - t0)

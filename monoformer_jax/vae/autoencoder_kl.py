@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from monoformer_jax.model.llama import param
-from monoformer_jax.model.monoformer import Dense
+from monoformer_jax.model.layers import Dense, param
 
 SCALING_FACTOR = 0.18215  # SD 1.x/2.x latent scale; a config's scaling_factor wins
 GROUP_NORM_EPS = 1e-6  # every GroupNorm of the SD VAE

@@ -1,4 +1,4 @@
-"""An image to READ, as the model's vision encoder takes it (data.packing.read_image_spec).
+"""An image to READ, as the model's vision encoder takes it (layout.read_image_spec).
 
     vae, pixel model (the digits)  the image resized to model.image_size,
                                    in_channels (1: grayscale), pixels in [-1, 1]
@@ -6,7 +6,7 @@
                                    the image resized and centre-padded to
                                    image_size * 8 pixels (the reference's
                                    VAEVisionEncoder: resize_and_pad, [-1, 1])
-    clip                           CLIP's preprocessing (vision/clip.py)
+    clip                           CLIP's preprocessing (vision/clip_pixels.py)
 
 Images come as a path, a PIL image, or an array (uint8 0..255, or float in
 [0, 1]), HxW or HxWxC. A file that is not an image raises, naming it.
@@ -21,8 +21,8 @@ from PIL import Image, UnidentifiedImageError
 
 from monoformer_jax.data.datasets import draws_pixels
 from monoformer_jax.data.images import from_unit_range
-from monoformer_jax.data.packing import read_image_spec
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
+from monoformer_jax.layout import read_image_spec
 
 
 def load_image(path: str) -> Image.Image:
@@ -80,7 +80,7 @@ def read_inputs(images, config, vae=None) -> np.ndarray:
   shape, _ = spec
   pils = [as_pil(im) for im in images]
   if m.vision_encoder == "clip":
-    from monoformer_jax.vision.clip import preprocess
+    from monoformer_jax.vision.clip_pixels import preprocess
     return preprocess(pils, m.vision)
   if draws_pixels(config):
     mode = "L" if m.in_channels == 1 else "RGB"

@@ -78,9 +78,9 @@ from absl import logging
 
 from monoformer_jax.data import chat, pipeline
 from monoformer_jax.data.datasets import draws_pixels
-from monoformer_jax.data.packing import Example, read_image_spec, row_spec
 from monoformer_jax.data.sources import DataSource, Prepared, PrepareArgs
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
+from monoformer_jax.layout import Example, read_image_spec, row_spec
 from monoformer_jax.vision.inputs import read_inputs
 
 IMAGE_MARKER = "<image>"       # where a record's text places its image
@@ -422,7 +422,7 @@ class LlavaExamples:
     if not encoder:
       raise ConfigError("data llava reads images, but model.vision_encoder is '' (the model "
                         "reads none); set --config.model.vision_encoder=clip with "
-                        "model.vision from the CLIP folder (vision.clip.read_clip_config), "
+                        "model.vision from the CLIP folder (model.clip.read_clip_config), "
                         "as configs/t2i_llava.py does")
     if encoder == "vae" and not draws_pixels(config):
       raise ConfigError("model.vision_encoder='vae' on a latent model reads SD-VAE latents of "

@@ -18,7 +18,7 @@ key block [ks, ke)) is
 
 `empty` is conservative (a block in a padding gap may be called partial: it is
 then computed with its mask, correct but wasted); `full` is exact. Both assume
-the contiguity that `data/packing.py` guarantees.
+the contiguity that the row layout (`monoformer_jax/layout.py`) guarantees.
 
 The kernels walk, for each query block, the key blocks [start, stop) in three
 runs: partial [start, full_start), full [full_start, full_stop), partial

@@ -1,4 +1,13 @@
-"""CLIP's ViT image encoder, as MonoFormer reads it, in Flax NNX; HF loading; CLIP pixels.
+"""CLIP's ViT image encoder, as MonoFormer reads it, in Flax NNX; its HF config and weights.
+
+    params, vcfg = load_clip_params("path/to/clip-vit-large-patch14")  # HF folder
+    tower = tower_from_params(params, vcfg)
+    features = tower(pixels)          # [B, P, E]: hidden_states[-2][:, 1:]
+
+`vcfg` (config.model.vision) has the fields hidden_size, mlp_dim, num_layers,
+num_heads, image_size, patch_size, num_channels, layer_norm_eps, hidden_act;
+`clip_config_from_hf` makes it from an HF config.json. The pixels come from
+CLIP's own preprocessing (vision/clip_pixels.py).
 
 MonoFormer reads an image for understanding through the frozen CLIP ViT-L/14
 (openai/clip-vit-large-patch14): HF `CLIPVisionModel(pixels,
@@ -16,14 +25,15 @@ then pre-norm layers x + attn(ln1(x)), x + fc2(act(fc1(ln2(x)))) with biases
 everywhere and attention scaled by head_dim ** -0.5. LayerNorm statistics and
 the softmax are float32 whatever the compute dtype.
 
-Shapes: pixels [B, h, w, C] channels-last, already normalised (`preprocess`);
-L = P + 1 tokens (the class token first, then the P = (image_size /
-patch_size) ** 2 patches in row-major order); features [B, P, E]. E, F, H, D
-here are the tower's own widths (config.model.vision), not the decoder's.
-Kernels are [in, out]; the patch kernel is [p, p, C, E] (HWIO). The layers are
-stacked on a leading axis and applied with `jax.lax.scan`, as the decoder's.
-Every parameter's logical axes are clip_* names, which the project's rules
-replicate (see parallel/sharding.py RULES).
+Shapes: pixels [B, h, w, C] channels-last, already normalised
+(vision/clip_pixels.py `preprocess`); L = P + 1 tokens (the class token
+first, then the P = (image_size / patch_size) ** 2 patches in row-major
+order); features [B, P, E]. E, F, H, D here are the tower's own widths
+(config.model.vision), not the decoder's. Kernels are [in, out]; the patch
+kernel is [p, p, C, E] (HWIO). The layers are stacked on a leading axis and
+applied with `jax.lax.scan`, as the decoder's. Every parameter's logical axes
+are clip_* names, which the project's sharding rules replicate
+(config/schema.py SHARDING_RULES).
 """
 
 from __future__ import annotations
@@ -38,23 +48,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from PIL import Image
 
-from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource, read_json_object
-from monoformer_jax.errors import (CheckpointError, ConfigError, FileFormatError,
-                                   MissingPathError, PathError)
-from monoformer_jax.model.llama import param
-from monoformer_jax.model.monoformer import Dense
+from monoformer_jax.errors import CheckpointError, ConfigError, MissingPathError, PathError
+from monoformer_jax.model.layers import Dense, param
 
 CONFIG_NAME = "config.json"
-PREPROCESSOR_NAME = "preprocessor_config.json"
-# OpenAI CLIP's pixel statistics (transformers' OPENAI_CLIP_MEAN / _STD).
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# openai/clip-vit-large-patch14's preprocessing, used when a folder has no
-# preprocessor_config.json: shortest edge to 224, centre crop 224 x 224.
-DEFAULT_SIZE = 224
-PIL_BICUBIC = 3  # PIL.Image.BICUBIC, the `resample` value CLIP's configs hold
 
 # HF CLIPVisionConfig's defaults, for the fields a config.json leaves out.
 _HF_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -412,7 +410,9 @@ def clip_params_from_tensors(source, vcfg, *, where: str = "CLIP checkpoint",
   return nnx.to_pure_dict(nnx.from_flat_state(leaves))
 
 
-def _folder(path, what: str) -> pathlib.Path:
+def clip_folder(path, what: str) -> pathlib.Path:
+  """`path` as the folder of an HF CLIP model; raises, naming it and `what` it
+  should hold, when it is missing or a file."""
   folder = pathlib.Path(os.fspath(path))
   if not folder.exists():
     raise MissingPathError(f"CLIP folder {folder} does not exist; pass the folder of an HF "
@@ -425,11 +425,15 @@ def _folder(path, what: str) -> pathlib.Path:
 
 def read_clip_config(path) -> ml_collections.ConfigDict:
   """config.model.vision from the config.json of the HF CLIP folder `path`."""
-  folder = _folder(path, f"{CONFIG_NAME} + model.safetensors")
+  folder = clip_folder(path, f"{CONFIG_NAME} + model.safetensors")
   config_path = folder / CONFIG_NAME
   if not config_path.exists():
     raise MissingPathError(f"CLIP folder {folder} has no {CONFIG_NAME}; pass the whole HF "
                            "folder that save_pretrained wrote (config.json + model.safetensors)")
+  # The file readers' package (checkpoints/) imports the model, so they are
+  # imported where they are used.
+  from monoformer_jax.checkpoints.safetensors_io import read_json_object
+
   config = read_json_object(config_path, "an HF CLIPVisionConfig / CLIPConfig config.json")
   return clip_config_from_hf(config, str(config_path))
 
@@ -444,7 +448,7 @@ def load_clip_params(path, vcfg=None) -> tuple[dict, ml_collections.ConfigDict]:
   `nnx.state(CLIPVisionTower(vcfg), nnx.Param)`: pass them to `tower_from_params`,
   or device_put them with the shardings you want first.
   """
-  folder = _folder(path, f"{CONFIG_NAME} + model.safetensors")
+  folder = clip_folder(path, f"{CONFIG_NAME} + model.safetensors")
   found = read_clip_config(folder)
   config_source = str(folder / CONFIG_NAME)
   if vcfg is not None:
@@ -463,132 +467,9 @@ def load_clip_params(path, vcfg=None) -> tuple[dict, ml_collections.ConfigDict]:
             if torch_files else "")
     raise MissingPathError(f"CLIP folder {folder} has no .safetensors weights "
                            f"(model.safetensors).{hint}")
+  from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource  # see read_clip_config
+
   with SafetensorsSource(folder) as source:
     params = clip_params_from_tensors(source, found, where=f"CLIP checkpoint {folder}",
                                       config_source=config_source)
   return params, found
-
-
-# ------------------------------------------------------------------ pixels
-def load_preprocessing(path) -> tuple[int, tuple[int, int], tuple, tuple]:
-  """(shortest edge, (crop height, crop width), mean, std) from the folder's
-  preprocessor_config.json; openai/clip-vit-large-patch14's values when the
-  folder has none. Both the old layout (size: 224, crop_size: 224) and the new
-  ({"shortest_edge": 224}, {"height": 224, "width": 224}) are read; a file
-  asking for another pipeline than CLIP's (no resize or crop, another resample
-  filter or rescale factor) is refused, naming the field."""
-  folder = _folder(path, PREPROCESSOR_NAME)
-  config_path = folder / PREPROCESSOR_NAME
-  if not config_path.exists():
-    return DEFAULT_SIZE, (DEFAULT_SIZE, DEFAULT_SIZE), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-  c = read_json_object(config_path, "an HF CLIPImageProcessor preprocessor_config.json")
-  where = str(config_path)
-  for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
-    if c.get(flag, True) is not True:
-      raise ConfigError(f"{where}: {flag}={c[flag]!r}; only CLIP's full pipeline (resize, "
-                        "centre crop, rescale, normalise) is implemented: set it to true")
-  if c.get("resample", PIL_BICUBIC) != PIL_BICUBIC:
-    raise ConfigError(f"{where}: resample={c['resample']!r}; only bicubic ({PIL_BICUBIC}), "
-                      "CLIP's, is implemented")
-  if not math.isclose(c.get("rescale_factor", 1 / 255), 1 / 255):
-    raise ConfigError(f"{where}: rescale_factor={c['rescale_factor']!r}; CLIP's is 1/255")
-  size = c.get("size", DEFAULT_SIZE)
-  if isinstance(size, dict):
-    if set(size) != {"shortest_edge"}:
-      raise ConfigError(f"{where}: size={size}; only {{'shortest_edge': n}} (or an int), "
-                        "CLIP's resize of the shortest edge, is implemented")
-    size = size["shortest_edge"]
-  crop = c.get("crop_size", DEFAULT_SIZE)
-  crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
-  if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (size, *crop)):
-    raise ConfigError(f"{where}: size {c.get('size')!r} / crop_size {c.get('crop_size')!r} "
-                      "must be positive ints")
-  mean = tuple(float(v) for v in c.get("image_mean", OPENAI_CLIP_MEAN))
-  std = tuple(float(v) for v in c.get("image_std", OPENAI_CLIP_STD))
-  if len(mean) != 3 or len(std) != 3:
-    raise ConfigError(f"{where}: image_mean {list(mean)} / image_std {list(std)} must have "
-                      "3 values (R, G, B)")
-  return size, crop, mean, std
-
-
-def _rgb(image) -> Image.Image:
-  """A PIL RGB image from a PIL image or a uint8 [h, w] / [h, w, 1|3|4] array."""
-  if isinstance(image, Image.Image):
-    # PIL's convert drops an alpha channel, as transformers < 5 (MonoFormer's) did.
-    return image if image.mode == "RGB" else image.convert("RGB")
-  array = np.asarray(image)
-  if array.dtype != np.uint8:
-    raise ValueError(f"image array has dtype {array.dtype}; pass uint8 pixels in [0, 255] "
-                     "(or PIL images)")
-  if array.ndim == 3 and array.shape[-1] == 1:
-    array = array[..., 0]
-  if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
-    raise ValueError(f"image array has shape {array.shape}; pass [h, w] grayscale or "
-                     "[h, w, 3] RGB (channels last)")
-  return Image.fromarray(array).convert("RGB")
-
-
-def _resize_and_crop(image: Image.Image, size: int, crop: tuple[int, int]) -> np.ndarray:
-  """uint8 [ch, cw, 3]: the shortest edge resized to `size` (bicubic, the
-  longer edge rounded down, as HF), then the centre crop, zero-padded where
-  the crop is larger than the image (as HF's center_crop)."""
-  w, h = image.size
-  short, long = min(h, w), max(h, w)
-  new_long = int(size * long / short)
-  new_h, new_w = (new_long, size) if w <= h else (size, new_long)
-  array = np.asarray(image.resize((new_w, new_h), resample=Image.BICUBIC))
-  ch, cw = crop
-  if ch > new_h or cw > new_w:
-    padded = np.zeros((max(ch, new_h), max(cw, new_w), 3), np.uint8)
-    top, left = math.ceil((padded.shape[0] - new_h) / 2), math.ceil((padded.shape[1] - new_w) / 2)
-    padded[top:top + new_h, left:left + new_w] = array
-    array, new_h, new_w = padded, padded.shape[0], padded.shape[1]
-  top, left = (new_h - ch) // 2, (new_w - cw) // 2
-  return array[top:top + ch, left:left + cw]
-
-
-def preprocess(images, vcfg, mean=None, std=None, *, size=None, crop=None) -> np.ndarray:
-  """CLIPImageProcessor's pixels, channels-last: float32 [B, S, S, 3], S = vcfg.image_size.
-
-  `images`: a sequence of PIL images or uint8 [h, w, 3] / [h, w] arrays
-  (grayscale is made RGB), or a uint8 [B, h, w, 3] array; one image alone is
-  a batch of one. Each is made RGB, its shortest edge resized to `size` (default S) with
-  PIL bicubic, centre-cropped to `crop` (default (S, S)), scaled by 1/255 and
-  normalised by `mean` / `std` (default OpenAI CLIP's). Pass
-  `load_preprocessing(folder)`'s values to follow a folder's
-  preprocessor_config.json.
-  """
-  s = vcfg.image_size
-  size = s if size is None else size
-  crop = (s, s) if crop is None else tuple(crop)
-  if crop != (s, s):
-    raise ConfigError(f"CLIP crop {crop} does not give the tower's input: "
-                      f"config.model.vision.image_size={s} needs a {s}x{s} crop")
-  mean = np.asarray(OPENAI_CLIP_MEAN if mean is None else mean, np.float32)
-  std = np.asarray(OPENAI_CLIP_STD if std is None else std, np.float32)
-  if isinstance(images, (Image.Image, np.ndarray)) and not (
-      isinstance(images, np.ndarray) and images.ndim == 4):
-    images = [images]
-  out = []
-  for image in images:
-    pixels = _resize_and_crop(_rgb(image), size, crop)
-    # HF's order and dtypes: rescale in float64, then normalise in float32.
-    x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
-    out.append((x - mean) / std)
-  return np.stack(out).astype(np.float32)
-
-
-def preprocess_file(path, vcfg, mean=None, std=None, **kwargs) -> np.ndarray:
-  """`preprocess` of the image file at `path`: float32 [1, S, S, 3]."""
-  path = pathlib.Path(os.fspath(path))
-  if not path.is_file():
-    raise MissingPathError(f"image file {path} does not exist")
-  try:
-    with Image.open(path) as image:
-      image.load()
-      rgb = image.convert("RGB")  # a copy that outlives the file
-  except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError,
-          SyntaxError, ValueError) as e:
-    raise FileFormatError(f"{path} is not a readable image ({type(e).__name__}: {e}); pass "
-                          "a PNG, JPEG or another format Pillow reads") from None
-  return preprocess([rgb], vcfg, mean, std, **kwargs)
