@@ -14,7 +14,7 @@ is the median of `--repeats` timings of `--batches` batches of `--rows` rows
 each, after a warm-up (the host's other load moves single timings by 30%).
 
 What the step needs: the FLOPs of one 512-token row through MonoFormer-1.1B's
-train step (forward + backward, counted as MFU is: `perf.train_flops_per_row`), and
+train step (forward + backward, counted as MFU is: `train_flops_per_row`), and
 a chip's bf16 peak at an assumed MFU; per host = per chip x
 `--chips_per_host`. Goal: the pipeline >= 10x that.
 """
@@ -30,7 +30,7 @@ import time
 from absl import flags
 import numpy as np
 
-from monoformer_jax import perf
+from monoformer_jax.model.build import train_flops_per_row
 from monoformer_jax.config import config_file
 from monoformer_jax.data.datasets import make_batches, source
 from monoformer_jax.data.packing import PackedBatches
@@ -111,7 +111,7 @@ def main(argv):
     print(f"packing alone: {ceiling:,.0f} rows/s", flush=True)
 
   paper = config_file("imagenet256")   # its real vocabulary, not the byte tokenizer's
-  flops = perf.train_flops_per_row(paper.model, paper.data.seq_len)
+  flops = train_flops_per_row(paper.model, paper.data.seq_len)
   need_chip = _PEAK.value * 1e12 * _MFU.value / flops
   need_host = need_chip * _CHIPS.value
   best = max(rate for *_, rate in results)

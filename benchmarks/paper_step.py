@@ -22,7 +22,7 @@ state). That gives the most rows under `--fill` of the device's memory
 multiple of 8 and at most `--max_batch`; that step is compiled, its plan
 checked against the limit again, and run (a plan over the limit, or a run
 out of memory, steps down by an eighth, at most three times). Timed: the
-median of `--iters` steps after a warm-up. MFU is perf.py's model FLOPs of
+median of `--iters` steps after a warm-up. MFU is model/build.py's FLOPs of
 the step (6 per weight per token, plus the attention over all 512 tokens)
 over that time at the chip's dense bf16 peak (perf.CHIPS).
 """
@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from monoformer_jax import perf
+from monoformer_jax.model.build import train_flops_per_row
 from monoformer_jax.config import config_file
 from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.layout import Example, batch_shapes, row_spec
@@ -184,7 +185,7 @@ def measure(variant, remat, probe_rows, max_rows, fill, memory_gib, iters) -> di
     raise RuntimeError(f"no batch of 8 rows or more fits {limit / GIB:.1f} GiB: {attempts}")
   attempt["outcome"] = "ran"
   seq_len = config.data.seq_len
-  flops = perf.train_flops_per_row(config.model, seq_len) * rows
+  flops = train_flops_per_row(config.model, seq_len) * rows
   chip = perf.chip_of(device)
   peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
   result = dict(

@@ -20,7 +20,7 @@ from PIL import Image
 from monoformer_jax.config.fields import check_image_sampling, check_prompts, check_text_sampling
 from monoformer_jax.data import prompts as prompt_format
 from monoformer_jax.data.datasets import class_by_name, draws_pixels
-from monoformer_jax.data.images import to_unit_range
+from monoformer_jax.vision.pixels import to_unit_range
 from monoformer_jax.diffusion.gaussian import SAMPLERS, from_config
 from monoformer_jax.diffusion.sample_images import sample_images
 from monoformer_jax.errors import ConfigError
@@ -95,7 +95,7 @@ def describe_images(model, tokenizer, images, prompt: str | Sequence[str] = "Des
                       "or one per image")
   check_text_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p)
-  inputs = read_inputs(images, config, vae)
+  inputs = read_inputs(images, config, vae, pixels=draws_pixels(config))
   spec = row_spec(config, tokenizer)
   examples = [prompt_format.read_prompt_example(q, x, tokenizer)
               for q, x in zip(questions, inputs)]
@@ -146,7 +146,8 @@ def generate_interleaved(model, tokenizer, prompts: Sequence[str], *, config,
       raise ConfigError(f"{len(images)} images for {len(prompts)} prompts; give one per "
                         "prompt (None for a prompt that reads none)")
     given = [i for i, x in enumerate(images) if x is not None]
-    read = read_inputs([images[i] for i in given], config, vae) if given else []
+    read = (read_inputs([images[i] for i in given], config, vae, pixels=draws_pixels(config))
+            if given else [])
     for i, x in zip(given, read):
       rows[i] = prompt_format.read_prompt_example(prompts[i], x, tokenizer)
   process = from_config(config.diffusion, respacing=str(num_steps))
@@ -289,8 +290,8 @@ def edit_images(model, tokenizer, images, instructions: str | Sequence[str], *, 
     raise ConfigError(f"guidance={guidance!r}: choose None or one of "
                       f"{prompt_format.EDIT_GUIDANCE}")
   spec = row_spec(config, tokenizer)
-  rows = prompt_format.edit_rows(read_inputs(images, config, vae), instructions, tokenizer,
-                                 spec, guidance=guidance)
+  sources = read_inputs(images, config, vae, pixels=draws_pixels(config))
+  rows = prompt_format.edit_rows(sources, instructions, tokenizer, spec, guidance=guidance)
   process = from_config(config.diffusion, respacing=str(num_steps))
   return sample_images(model, rows, process, jax.random.PRNGKey(seed), cfg_scale=cfg_scale,
                        guided_channels=guided_channels, sampler=sampler, eta=eta,

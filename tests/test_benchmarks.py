@@ -125,7 +125,7 @@ def test_the_step_runs_at_the_most_rows_its_plan_allows():
   _, more, _ = paper_step.compile_step(paper_step.step_config("tiny", None, result["rows"] + 8))
   assert more["total"] > limit
   assert np.isfinite(result["step_seconds"]) and result["step_seconds"] > 0
-  flops = paper_step.perf.train_flops_per_row(
+  flops = paper_step.train_flops_per_row(
       paper_step.step_config("tiny", None, 8).model, result["seq_len"]) * result["rows"]
   assert result["model_tflops"] == pytest.approx(flops / 1e12)
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from monoformer_jax import perf
+from monoformer_jax.model.build import train_flops_per_row
 from monoformer_jax.config import CONFIGS_DIR, config_file
 from monoformer_jax.errors import ConfigError, DoesNotFitError, NotInstalledError
 from monoformer_jax.eval import finite_json
@@ -147,7 +148,7 @@ def test_the_compiled_step_holds_the_sharded_state_and_donates_it(tiny_plan):
   assert result.alias_bytes >= _shard_bytes(state)   # the donated state is written in place
   record = json.loads(finite_json(result.as_json()))
   assert record["total_bytes"] == result.total_bytes and record["fits"] is True
-  assert record["model_flops"] == perf.train_flops_per_row(config.model, 96) * 8
+  assert record["model_flops"] == train_flops_per_row(config.model, 96) * 8
 
 
 def test_a_step_too_large_for_the_chip_names_the_settings_to_change():

@@ -10,7 +10,7 @@ import pytest
 from monoformer_jax.data import prompts
 from monoformer_jax.data.datasets import make_batches
 from monoformer_jax.digits import source as digits
-from monoformer_jax.data.images import to_unit_range
+from monoformer_jax.vision.pixels import to_unit_range
 from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.layout import row_spec
 from monoformer_jax.text.tokenizer import ByteTokenizer

@@ -9,7 +9,7 @@ from monoformer_jax import perf
 from monoformer_jax.config import config_file
 from monoformer_jax.data.datasets import make_batches
 from monoformer_jax.diffusion.gaussian import from_config
-from monoformer_jax.model.build import abstract_model, init_params
+from monoformer_jax.model.build import abstract_model, init_params, train_flops_per_row
 from monoformer_jax.text.tokenizer import tokenizer_of
 from monoformer_jax.train.step import make_loss_fn
 
@@ -33,14 +33,14 @@ def test_the_count_is_xlas_for_one_layer_and_xla_sees_a_scanned_layer_once():
                       dtype="float32", remat=False, vision_encoder="", scan_unroll=1)
   config.data.update(batch_size=4, seq_len=128, prefetch=0, max_read_images_per_row=0,
                      read_fraction=0.0)
-  ours = perf.train_flops_per_row(config.model, 128) * 4
+  ours = train_flops_per_row(config.model, 128) * 4
   # One layer: XLA counts what we count plus the elementwise work (norms,
   # softmax, activations, the loss): a few percent more, never less.
   assert 1.0 <= _xla_flops_of_the_gradient(config) / ours < 1.05
   # Three scanned layers: XLA still counts the body once, so its count falls
   # well short of the model's; MFU cannot be taken from it.
   config.model.num_layers = 3
-  ours = perf.train_flops_per_row(config.model, 128) * 4
+  ours = train_flops_per_row(config.model, 128) * 4
   assert _xla_flops_of_the_gradient(config) / ours < 0.6
 
 

@@ -184,7 +184,7 @@ def editing_accuracy(model, tokenizer, config, *, num_steps: int = 50,
   the next digit (3 -> 4, 9 -> 0). Returns (metrics, the sources [N, 8, 8, 1]
   and the drawings, both in [0, 1], the sources' labels [N])."""
   from monoformer_jax.data import prompts
-  from monoformer_jax.data.images import to_unit_range
+  from monoformer_jax.vision.pixels import to_unit_range
   from monoformer_jax.layout import row_spec
   from monoformer_jax.diffusion.gaussian import from_config
   from monoformer_jax.diffusion.sample_images import sample_images

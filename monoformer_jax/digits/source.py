@@ -2,7 +2,7 @@
 
 Nothing is downloaded: `sklearn.datasets.load_digits` ships its 1797 images.
 Images are pixel-space "latents" [8, 8, 1] float32, scaled from 0..16 to
-[-1, 1] (data/images.py). The dataset supplies its class names ("zero".."nine"),
+[-1, 1] (vision/pixels.py). The dataset supplies its class names ("zero".."nine"),
 the images and the sentences; the rows are the reference's (data/prompts.py): an
 image under a random template filled with its class name, the prompt dropped
 with probability `data.cfg_drop_prob`, and text-only examples that are true
@@ -44,7 +44,7 @@ import numpy as np
 
 from monoformer_jax.config.fields import real
 from monoformer_jax.data import builders, pipeline, prompts
-from monoformer_jax.data.images import from_unit_range
+from monoformer_jax.vision.pixels import from_unit_range
 from monoformer_jax.data.sources import DataSource, Prepared, PrepareArgs
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.layout import Example

@@ -73,3 +73,34 @@ def compiled(fn: Callable) -> Callable:
 
   call.bind = bind
   return call
+
+
+# Not matmuls per token: the embedding is a lookup, the timestep MLP, the adaLN
+# projections and t_projector run once per image (0.3% of the 1.1B step), and
+# the reading side (im_embedder, the frozen CLIP tower) only on read images' tokens;
+# none of them is counted (MFU is the decoder's and its heads').
+PER_ROW = ("embed_tokens", "t_embedder", "adaln_module", "final_layer/adaln", "t_projector",
+           "im_embedder", "vision_tower")
+
+
+def train_flops_per_row(model_config, seq_len: int) -> float:
+  """Model FLOPs of one `seq_len`-token row through the train step (forward +
+  backward), counted as MFU usually is (PaLM's appendix B, MaxText): 6 FLOPs per
+  weight per token for the matmuls (forward 2, backward 4; the token embedding
+  is a lookup) plus 12 * layers * L^2 * heads * head_dim for the attention's
+  scores and values over the whole row (every row attends over its full
+  length, masked or not, as the kernels do). Only matrices applied to every
+  token count (norm scales and biases are elementwise; PER_ROW lists the
+  rest); rematerialisation is not counted: MFU measures the model's FLOPs.
+
+  XLA's own count (`compiled.cost_analysis()["flops"]`) is no substitute: it
+  counts a scan's body once, and the layers are scanned. For a model of one
+  layer the two agree (tests/test_perf.py), which checks this count."""
+  _, abstract, _ = abstract_model(model_config)
+  weights = sum(
+      x.size for path, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
+      if x.ndim >= 2 and not any(
+          "/".join(str(k.key) for k in path).startswith(p) for p in PER_ROW))
+  m = model_config
+  return float(6 * weights * seq_len
+               + 12 * m.num_layers * seq_len ** 2 * m.num_heads * m.head_dim)

@@ -15,7 +15,7 @@ and reads back what that compiler planned (MaxText's train_compile):
   so does a step that compiles but whose total exceeds the HBM (the TPU
   compiler has accepted such steps, e.g. the 1.1B with pure data
   parallelism on v4-8: 35 GiB).
-- FLOPs: the model's (perf.train_flops_per_row; forward + backward, no
+- FLOPs: the model's (model.build.train_flops_per_row; forward + backward, no
   rematerialisation), and XLA's own count for reference, which sees the body
   of every `scan` once: the layers and the micro-batches of gradient
   accumulation.
@@ -40,7 +40,7 @@ import time
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from monoformer_jax import perf
+from monoformer_jax.model.build import train_flops_per_row
 from monoformer_jax.diffusion.gaussian import from_config
 from monoformer_jax.errors import DoesNotFitError
 from monoformer_jax.layout import batch_shapes
@@ -231,7 +231,7 @@ def counted_once_flops(config) -> float:
   one_layer = config.model.copy_and_resolve_references()
   one_layer.num_layers = 1
   rows = config.data.batch_size // config.optim.grad_accum_steps
-  return perf.train_flops_per_row(one_layer, config.data.seq_len) * rows
+  return train_flops_per_row(one_layer, config.data.seq_len) * rows
 
 
 def plan(config, topology: Topology) -> tuple[StepPlan, str]:
@@ -269,7 +269,7 @@ def plan(config, topology: Topology) -> tuple[StepPlan, str]:
   seconds = time.perf_counter() - t0
   memory = memory_plan(compiled)
   cost = _cost(compiled)
-  model_flops = perf.train_flops_per_row(config.model, config.data.seq_len) * \
+  model_flops = train_flops_per_row(config.model, config.data.seq_len) * \
       config.data.batch_size
   xla_seconds = cost.get("optimal_seconds")
   if xla_seconds is not None and xla_seconds > 0:

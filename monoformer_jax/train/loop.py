@@ -36,7 +36,7 @@ from monoformer_jax.errors import TrainingDiverged
 from monoformer_jax.eval import finite_json
 from monoformer_jax.eval.score import (TrainingEvals, end_samples_score_evals,
                                        eval_row_of_samples)
-from monoformer_jax.model.build import param_count
+from monoformer_jax.model.build import param_count, train_flops_per_row
 from monoformer_jax.parallel import distributed, sharding
 from monoformer_jax.text.tokenizer import tokenizer_of
 from monoformer_jax.train.samples import write_samples
@@ -216,9 +216,9 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     evals_from_samples = sample_at_end and end_samples_score_evals(config)
     profile = _Profile(workdir, step, config.train.profile_steps)
     rows, length = config.data.batch_size, config.data.seq_len
-    # Model FLOPs of a step (perf.py: XLA's count sees a scanned layer once)
+    # Model FLOPs of a step (model/build.py: XLA's count sees a scanned layer once)
     # and the chip's peak, for MFU; None on a CPU or an unlisted chip.
-    step_flops = perf.train_flops_per_row(config.model, length) * rows
+    step_flops = train_flops_per_row(config.model, length) * rows
     chip = perf.chip_of(jax.devices()[0])
     metrics = None
     stopped = False

@@ -19,8 +19,7 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from monoformer_jax.data.datasets import draws_pixels
-from monoformer_jax.data.images import from_unit_range
+from monoformer_jax.vision.pixels import from_unit_range
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.layout import read_image_spec
 
@@ -68,9 +67,11 @@ def _resize_and_pad(image: Image.Image, size: int) -> Image.Image:
   return canvas
 
 
-def read_inputs(images, config, vae=None) -> np.ndarray:
+def read_inputs(images, config, vae=None, *, pixels: bool) -> np.ndarray:
   """float32 [B, *read_shape]: `images` (a list) as the model's vision encoder
-  takes them. A latent model's `vae` encoder is needed for `vae` inputs."""
+  takes them. `pixels`: the model works in pixel space (its dataset's images
+  are pixels, `data.datasets.draws_pixels`); else a latent model's `vae`
+  encoder is needed for `vae` inputs."""
   m = config.model
   spec = read_image_spec(m)
   if spec is None:
@@ -82,7 +83,7 @@ def read_inputs(images, config, vae=None) -> np.ndarray:
   if m.vision_encoder == "clip":
     from monoformer_jax.vision.clip_pixels import preprocess
     return preprocess(pils, m.vision)
-  if draws_pixels(config):
+  if pixels:
     mode = "L" if m.in_channels == 1 else "RGB"
     out = [np.asarray(p.convert(mode).resize((m.image_size, m.image_size), Image.BILINEAR),
                       np.float32) / 255.0 for p in pils]

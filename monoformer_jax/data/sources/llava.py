@@ -452,7 +452,8 @@ class LlavaExamples:
     data = record["image"]
     image = None
     if data:
-      image = read_inputs([decode_image(bytes(data), key)], self.config, vae=None)[0]
+      image = read_inputs([decode_image(bytes(data), key)], self.config, vae=None,
+                          pixels=draws_pixels(self.config))[0]
     example = llava_example(turns, image, self.tokenizer, template=self.template,
                             train_on_source=self.train_on_source)
     if image is None or len(example.ids) <= self.max_ids:
