@@ -38,7 +38,7 @@ setup(
     extras_require={
         # The notebook's own needs (Colab has them) are in `test`, which runs it.
         # safetensors: the tests write fixtures with it; the package reads and
-        # writes the format itself (monoformer_jax/checkpoints/safetensors_io.py).
+        # writes the format itself (monoformer_jax/safetensors_io.py).
         # chex: the tests' tree and shape assertions. jax[tpu] (libtpu of the
         # installed jax, ~700 MB): tests/test_compile.py compiles for TPU slices.
         # pyarrow: tests/test_commonsense.py reads task files in parquet.

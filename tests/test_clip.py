@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource, write_safetensors
+from monoformer_jax.safetensors_io import SafetensorsSource, write_safetensors
 from monoformer_jax.errors import CheckpointError, FileFormatError, MissingPathError
 from monoformer_jax.model.clip import (abstract_tower, clip_config_from_hf,
                                        clip_params_from_tensors, feature_dim, load_clip_params,

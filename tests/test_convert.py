@@ -15,7 +15,7 @@ from flax import nnx, traverse_util
 from safetensors.numpy import load_file, save_file
 
 from monoformer_jax.checkpoints import load_model, load_params, stored_weights
-from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource
+from monoformer_jax.safetensors_io import SafetensorsSource
 from monoformer_jax.convert import llama, official, verify
 from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.layout import Example, Row, RowSpec

@@ -15,7 +15,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from monoformer_jax.checkpoints import load_params, save_model
-from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource
+from monoformer_jax.safetensors_io import SafetensorsSource
 from monoformer_jax.convert import llama, official, verify
 from monoformer_jax.model.build import abstract_model, init_params
 from monoformer_jax.model.clip import load_clip_params, read_clip_config

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from monoformer_jax.checkpoints.safetensors_io import (SafetensorsFile, SafetensorsSource,
+from monoformer_jax.safetensors_io import (SafetensorsFile, SafetensorsSource,
                                                        find_files)
 from monoformer_jax.convert import official
 from monoformer_jax.errors import FileFormatError, MissingPathError

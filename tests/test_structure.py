@@ -19,7 +19,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "monoformer_jax"
 # whose pattern matches it.
 LAYERS = (
     ("ground", ("errors", "config", "config.*", "paths", "perf", "layout")),
-    ("runtime", ("cli", "parallel", "parallel.*", "checkpoints.safetensors_io",
+    ("runtime", ("cli", "parallel", "parallel.*", "safetensors_io",
                  "ops", "ops.*")),
     ("model", ("model", "model.*")),
     ("parts", ("checkpoints", "checkpoints.*", "diffusion", "diffusion.*", "text", "text.*",

@@ -1,10 +1,6 @@
-"""Weights and states on disk.
-
-    orbax_io.py        the project's own format (Orbax): training checkpoints
-                       (TrainCheckpointer) and model checkpoints (save_model,
-                       load_model, load_params, load_config)
-    safetensors_io.py  other people's weights (official MonoFormer, HF Llama,
-                       diffusers VAE): streamed, sliced reading and sharded writing
+"""The project's own checkpoints (Orbax), in orbax_io.py: training checkpoints
+(TrainCheckpointer) and model checkpoints (save_model, load_model, load_params,
+load_config). Other people's weights files are monoformer_jax/safetensors_io.py's.
 """
 
 from monoformer_jax.checkpoints.orbax_io import (TrainCheckpointer, beside, check_params,

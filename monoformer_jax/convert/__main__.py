@@ -34,7 +34,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from monoformer_jax import cli
-from monoformer_jax.checkpoints.safetensors_io import parse_size
+from monoformer_jax.safetensors_io import parse_size
 from monoformer_jax.convert import official
 from monoformer_jax.convert.llama import convert_llama
 from monoformer_jax.convert.verify import report, verify_official

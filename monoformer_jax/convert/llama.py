@@ -44,7 +44,7 @@ from flax import traverse_util
 from monoformer_jax.errors import ConfigError, FileFormatError
 from monoformer_jax.convert import official
 from monoformer_jax.checkpoints import save_model
-from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource
+from monoformer_jax.safetensors_io import SafetensorsSource
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.model.clip import load_clip_params
 

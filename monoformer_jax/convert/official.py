@@ -44,7 +44,7 @@ from absl import logging
 from flax import nnx, traverse_util
 
 from monoformer_jax.checkpoints import load_config, load_params, save_model, stored_weights
-from monoformer_jax.checkpoints.safetensors_io import (SafetensorsSource, find_files,
+from monoformer_jax.safetensors_io import (SafetensorsSource, find_files,
                                                        read_json_object, write_safetensors)
 from monoformer_jax.config import config_file
 from monoformer_jax.config.schema import CONDITIONING_MODES

@@ -51,6 +51,7 @@ from flax import nnx
 
 from monoformer_jax.errors import CheckpointError, ConfigError, MissingPathError, PathError
 from monoformer_jax.model.layers import Dense, param
+from monoformer_jax.safetensors_io import SafetensorsSource, read_json_object
 
 CONFIG_NAME = "config.json"
 
@@ -430,10 +431,6 @@ def read_clip_config(path) -> ml_collections.ConfigDict:
   if not config_path.exists():
     raise MissingPathError(f"CLIP folder {folder} has no {CONFIG_NAME}; pass the whole HF "
                            "folder that save_pretrained wrote (config.json + model.safetensors)")
-  # The file readers' package (checkpoints/) imports the model, so they are
-  # imported where they are used.
-  from monoformer_jax.checkpoints.safetensors_io import read_json_object
-
   config = read_json_object(config_path, "an HF CLIPVisionConfig / CLIPConfig config.json")
   return clip_config_from_hf(config, str(config_path))
 
@@ -467,8 +464,6 @@ def load_clip_params(path, vcfg=None) -> tuple[dict, ml_collections.ConfigDict]:
             if torch_files else "")
     raise MissingPathError(f"CLIP folder {folder} has no .safetensors weights "
                            f"(model.safetensors).{hint}")
-  from monoformer_jax.checkpoints.safetensors_io import SafetensorsSource  # see read_clip_config
-
   with SafetensorsSource(folder) as source:
     params = clip_params_from_tensors(source, found, where=f"CLIP checkpoint {folder}",
                                       config_source=config_source)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from monoformer_jax.checkpoints.safetensors_io import SafetensorsFile, read_json_object
+from monoformer_jax.safetensors_io import SafetensorsFile, read_json_object
 from monoformer_jax.errors import CheckpointError, FileFormatError, MissingPathError
 from monoformer_jax.vae.autoencoder_kl import AutoencoderKL, VAEConfig
 

@@ -18,7 +18,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from monoformer_jax.checkpoints.safetensors_io import read_json_object
+from monoformer_jax.safetensors_io import read_json_object
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.model.clip import clip_folder
 
