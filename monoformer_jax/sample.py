@@ -1,49 +1,65 @@
-r"""Sample a trained MonoFormer from the command line: images and text.
+r"""Sample a trained MonoFormer: `python -m monoformer_jax.sample COMMAND --checkpoint=CKPT ...`.
 
-    python -m monoformer_jax.sample --checkpoint=/tmp/digits --class_name=seven
-    python -m monoformer_jax.sample --checkpoint=/tmp/digits \
+  images       draw --num_samples images of each --prompt and --class_name
+  text         continue each --text_prompt
+  read         read each --image and answer --text_prompt about it
+  interleaved  continue each --text_prompt with text and images inline
+  edit         redraw each --image as --prompt says
+
+    python -m monoformer_jax.sample images --checkpoint=/tmp/digits --class_name=seven
+    python -m monoformer_jax.sample images --checkpoint=/tmp/digits \
         --prompt="an image of three." --num_samples=8 --sampler=ddim --cfg_scale=2
-    python -m monoformer_jax.sample --checkpoint=/tmp/digits --text_prompt="two plus two is"
-    python -m monoformer_jax.sample --checkpoint=/tmp/digits --image=seven.png \
+    python -m monoformer_jax.sample text --checkpoint=/tmp/digits --text_prompt="two plus two is"
+    python -m monoformer_jax.sample read --checkpoint=/tmp/digits --image=seven.png \
         --text_prompt="which digit is this?" --temperature=0
-    python -m monoformer_jax.sample --checkpoint=/tmp/digits --interleaved \
+    python -m monoformer_jax.sample interleaved --checkpoint=/tmp/digits \
         --text_prompt="here is a" --temperature=1 --num_samples=8
-    python -m monoformer_jax.sample --checkpoint=/tmp/digits --image=seven.png \
+    python -m monoformer_jax.sample edit --checkpoint=/tmp/digits --image=seven.png \
         --prompt="the next digit:" --edit_guidance=two_scale --cfg_scale=2 \
         --image_cfg_scale=1.5
 
-With `--image` (repeatable) the model READS each image (its vision encoder,
-then the KV cache over it) and answers `--text_prompt` about it (one prompt
-for every image, or one per image); the answers are printed and written to
-`text.txt`. Models trained without a vision encoder refuse `--image`.
-`--image` with `--prompt` instead EDITS: each image read and a new one drawn
-by the prompt (one for every image, or one each), `--num_samples` per image,
-guided against rows that drop what `--edit_guidance` says (the instruction,
-the image, both, or InstructPix2Pix's two scales); `edits.png` shows each
-image beside its edits.
+Every command takes --checkpoint (required), --weights, --seed, --tokenizer,
+--output_dir and --overwrite; those that draw images (images, interleaved,
+edit) take --num_samples, --sampler, --eta, --num_steps, --cfg_scale,
+--guide_eps_0_to_2 and --vae; those that write text (text, read, interleaved)
+take --max_new_tokens, --temperature, --top_k and --top_p; images, text and
+read take --cache, and read --vae. A flag of another command is refused, naming
+the command that takes it (`COMMANDS` lists them).
 
-`--interleaved` writes text with images inline: each `--text_prompt` is
-continued, and wherever the model writes <|im_start|> it draws an image and
-goes on writing, `--num_samples` answers per prompt (with `--image`, one
-image per prompt that it reads first). They go to `interleaved.html` (the
-text with the images inline, PNGs in `interleaved/`) and `interleaved.json`
-(the pieces in order). `--max_new_tokens` counts the images' columns too.
+`images` draws `--num_samples` per prompt (`--prompt` free text, `--class_name`
+the reference's prompt around a class name): `images.png` (a row per prompt)
+and `images.npz` (`images` float32 [B, h, w, C] in [0, 1], `prompts` [B]).
+`text` continues each `--text_prompt`; `read` reads each `--image` (the
+model's vision encoder, then the KV cache over it) and answers `--text_prompt`
+about it (one question for every image, or one each). Both print their lines
+and write them to `text.txt`. `interleaved` continues each `--text_prompt`,
+and wherever the model writes <|im_start|> it draws an image and writes on,
+`--num_samples` answers per prompt (with `--image`, one per prompt, read
+first); `--max_new_tokens` counts the images' columns too. The answers go to
+`interleaved.html` (the text with the images inline, PNGs in `interleaved/`)
+and `interleaved.json` (the pieces in order). `edit` reads each `--image` and
+draws a new one by `--prompt` (one instruction for every image, or one each),
+`--num_samples` per image, guided against rows that drop what
+`--edit_guidance` says (the instruction, the image, both, or InstructPix2Pix's
+two scales, `--cfg_scale` and `--image_cfg_scale`): `edits.png` (each image
+beside its edits) and `edits.npz`. Models trained without a vision encoder
+cannot read, so they refuse `read`, `edit` and `interleaved --image`.
 
 `--checkpoint` is a training workdir, one of its step folders, or the output
 of `python -m monoformer_jax.convert`; the config saved with it describes the
-model, and its mesh (`config.mesh`) shards the weights over the devices. Images
-go to `--output_dir` as `images.png` (a row per prompt) and `images.npz`
-(`images` float32 [B, h, w, C] in [0, 1], `prompts` [B]); text completions
-are printed and written to `text.txt`. Without `--output_dir` they go to a new
-folder beside the checkpoint (`WORKDIR/samples_step800`, or
-`MODEL_samples_step0` for a converted model; `-2`, `-3`, ... when it exists);
-an `--output_dir` that already holds these files needs `--overwrite`. Every
-flag is checked before the model is loaded. Latent models are decoded with the
-SD-VAE at `--vae` (or the config's `vae.path`); the digits model generates
-pixels directly.
+model, and its mesh (`config.mesh`) shards the weights over the devices. The
+files go to `--output_dir`, or without it to a new folder beside the checkpoint
+(`WORKDIR/samples_step800`, or `MODEL_samples_step0` for a converted model;
+`-2`, `-3`, ... when it exists); an `--output_dir` that already holds the files
+the command writes needs `--overwrite`. Every flag is checked before the model
+is loaded. Latent models are decoded (and encode what they read) with the
+SD-VAE at `--vae` (or the config's `vae.path`); the digits model works in
+pixels.
 """
 
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 from absl import app, flags, logging
 import jax
@@ -53,45 +69,35 @@ import tqdm
 
 from monoformer_jax import cli, inference
 from monoformer_jax.checkpoints import beside, load_config, load_model
+from monoformer_jax.errors import ConfigError
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
 from monoformer_jax.vision.inputs import load_image
 from monoformer_jax.config.fields import check_image_sampling, check_text_sampling
 from monoformer_jax.paths import fresh_output_dir, new_folder_beside, writable_dir
 
-OUTPUTS = ("images.png", "images.npz", "text.txt", "edits.png", "edits.npz", "interleaved.html",
-           "interleaved.json")
-
-
-def _output_dir(checkpoint: str, step: int) -> str:
-  """--output_dir, checked; else a new folder beside the checkpoint."""
-  if _OUTPUT_DIR.value:
-    return fresh_output_dir(_OUTPUT_DIR.value, OUTPUTS, "--output_dir", _OVERWRITE.value)
-  base = beside(checkpoint, step, "samples", "--output_dir")
-  return writable_dir(new_folder_beside(base), "samples (or pass --output_dir)",
-                      "the default --output_dir")
-
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "Training workdir, step folder or converted model.")
+                                  "Training workdir, step folder or converted model (required).")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"],
                              "EMA weights (the reference samples with them) or raw.")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "Image prompt, free text (repeatable).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "images: an image prompt, free text; edit: "
+                                    "the instruction (repeatable).")
 _CLASS_NAME = flags.DEFINE_multi_string("class_name", [],
-                                        "Class to draw, e.g. 'seven' (repeatable).")
-_TEXT_PROMPT = flags.DEFINE_multi_string("text_prompt", [], "Text to complete (repeatable); "
-                                         "with --image, the question about the image(s).")
-_IMAGE = flags.DEFINE_multi_string("image", [], "An image for the model to read and answer "
-                                   "--text_prompt about (repeatable; PNG or JPEG).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Images per prompt or class name (per "
-                                    "image when editing; answers per prompt, interleaved).")
-_INTERLEAVED = flags.DEFINE_bool("interleaved", False, "Continue --text_prompt with text and "
-                                 "images inline (interleaved.html).")
+                                        "images: a class to draw, e.g. 'seven' (repeatable).")
+_TEXT_PROMPT = flags.DEFINE_multi_string("text_prompt", [], "text, interleaved: text to "
+                                         "continue; read: the question about the image(s) "
+                                         "(repeatable).")
+_IMAGE = flags.DEFINE_multi_string("image", [], "read, edit, interleaved: an image for the "
+                                   "model to read (repeatable; PNG or JPEG).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Images per prompt or class name "
+                                    "(images), per image (edit), answers per prompt "
+                                    "(interleaved).")
 _EDIT_GUIDANCE = flags.DEFINE_enum("edit_guidance", "both", ["both", "text", "image", "two_scale"],
-                                   "Editing: what the guided rows drop (two_scale: "
+                                   "edit: what the guided rows drop (two_scale: "
                                    "InstructPix2Pix's, --cfg_scale on the text and "
                                    "--image_cfg_scale on the image).")
-_IMAGE_CFG_SCALE = flags.DEFINE_float("image_cfg_scale", 1.5, "Editing with two_scale: the "
-                                      "image's guidance scale.")
+_IMAGE_CFG_SCALE = flags.DEFINE_float("image_cfg_scale", 1.5, "edit with "
+                                      "--edit_guidance=two_scale: the image's guidance scale.")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"],
                              "DDPM (learned variance, the reference) or DDIM.")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM noise: 0 deterministic, 1 the posterior variance.")
@@ -112,128 +118,119 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer
                                  "'bytes' (default config.data.tokenizer).")
 _VAE = flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder (default "
                            "config.vae.path); latent models need one.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
-                                  "Where images.png, images.npz and text.txt go (default: "
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the command's files go (default: "
                                   "a new folder beside the checkpoint).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
-                               "Replace images.* and text.txt already in --output_dir.")
-flags.mark_flag_as_required("checkpoint")
+                               "Replace the command's files already in --output_dir.")
+
+# The flags each command takes, besides SHARED (in groups: one concept, one place).
+SHARED = ("checkpoint", "weights", "seed", "tokenizer", "output_dir", "overwrite")
+DRAWING = ("num_samples", "sampler", "eta", "num_steps", "cfg_scale", "guide_eps_0_to_2", "vae")
+WRITING = ("max_new_tokens", "temperature", "top_k", "top_p")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not (_PROMPT.value or _CLASS_NAME.value or _TEXT_PROMPT.value):
-    raise app.UsageError("nothing to sample: give --prompt, --class_name or --text_prompt")
-  editing = bool(_IMAGE.value and _PROMPT.value)
-  if editing and (_CLASS_NAME.value or _TEXT_PROMPT.value):
-    raise app.UsageError("--image with --prompt edits the images; leave out --class_name and "
-                         "--text_prompt (or sample them in another call)")
-  if editing and len(_PROMPT.value) not in (1, len(_IMAGE.value)):
-    raise app.UsageError(f"{len(_IMAGE.value)} --image but {len(_PROMPT.value)} --prompt: give "
-                         "one instruction for all the images, or one each")
-  if _INTERLEAVED.value and not _TEXT_PROMPT.value:
-    raise app.UsageError("--interleaved continues --text_prompt: give at least one")
-  if _INTERLEAVED.value and _IMAGE.value and len(_IMAGE.value) != len(_TEXT_PROMPT.value):
-    raise app.UsageError(f"--interleaved with {len(_IMAGE.value)} --image and "
-                         f"{len(_TEXT_PROMPT.value)} --text_prompt: give one image per prompt")
-  if (_IMAGE.value and not editing and not _INTERLEAVED.value
-      and len(_TEXT_PROMPT.value) not in (1, len(_IMAGE.value))):
-    raise app.UsageError(f"{len(_IMAGE.value)} --image but {len(_TEXT_PROMPT.value)} "
-                         "--text_prompt: give one question for all the images, or one each")
-  images_read = [load_image(p) for p in _IMAGE.value]   # a bad file fails here, named
-  if _TEXT_PROMPT.value:
-    check_text_sampling(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-                        top_k=_TOP_K.value, top_p=_TOP_P.value, prefix="--")
-  config, step = load_config(_CHECKPOINT.value)
-  if _IMAGE.value and not config.model.vision_encoder:
-    raise app.UsageError(f"{_CHECKPOINT.value} was trained without a vision encoder "
-                         "(model.vision_encoder is ''), so it cannot read --image; use a "
-                         "model trained with model.vision_encoder=vae or clip (the digits "
-                         "default reads digits)")
-  sample_cfg = config.sample
-  num_steps = sample_cfg.num_steps if _NUM_STEPS.value is None else _NUM_STEPS.value
-  cfg_scale = sample_cfg.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value
-  check_image_sampling(num_steps=num_steps, cfg_scale=cfg_scale, eta=_ETA.value,
-                       num_samples=_NUM_SAMPLES.value,
-                       num_timesteps=config.diffusion.num_timesteps, prefix="--")
-  tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
-  prompts = [] if editing else list(_PROMPT.value) + [inference.class_name_prompt(c, config)
-                                                     for c in _CLASS_NAME.value]
-  vae = inference.load_vae_of(config, _VAE.value) if (prompts or _IMAGE.value) else None
-  # Every process of a multi-host run samples (sharded); process 0 writes.
-  writer = jax.process_index() == 0
-  out_dir = _output_dir(_CHECKPOINT.value, step) if writer else None
-
-  mesh = sharding.make_mesh(config.mesh)
-  with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
-    model, config = load_model(_CHECKPOINT.value, weights=_WEIGHTS.value, config=config,
-                               shardings=param_shardings(config, mesh), step=step)
-    logging.info("%s weights of %s (step %d), mesh %s; writing to %s", _WEIGHTS.value,
-                 _CHECKPOINT.value, step, dict(mesh.shape), out_dir)
-
-    if prompts:
-      per_sample = [p for p in prompts for _ in range(_NUM_SAMPLES.value)]
-      logging.info("%d images: %s, %d steps, guidance %s, prompt cache %s",
-                   len(per_sample), _SAMPLER.value, num_steps, cfg_scale or "off",
-                   "on" if _CACHE.value else "off")
-      with tqdm.tqdm(total=num_steps, desc=f"{_SAMPLER.value} steps") as bar:
-        x0 = inference.generate_images(
-            model, tokenizer, per_sample, num_steps=num_steps, sampler=_SAMPLER.value,
-            eta=_ETA.value, cfg_scale=cfg_scale or None,
-            guided_channels=3 if _GUIDE_EPS_0_TO_2.value else None, seed=_SEED.value,
-            use_cache=_CACHE.value, diffusion=config.diffusion,
-            progress=lambda _: bar.update(1))
-        x0 = (jax.device_get(x0) if jax.process_count() == 1 else   # all hosts' shards
-              multihost_utils.process_allgather(x0, tiled=True))
-      images = inference.to_pixels(x0, config, vae)
-    if prompts and writer:
-      np.savez(os.path.join(out_dir, "images.npz"), images=images,
-               prompts=np.array(per_sample))
-      inference.image_grid(images, rows=len(prompts), scale=max(1, 64 // images.shape[1])
-                           ).save(os.path.join(out_dir, "images.png"))
-      logging.info("wrote %d images to %s (images.png, images.npz)", len(images), out_dir)
-
-    if editing:
-      _edit(model, tokenizer, config, images_read, vae, num_steps, cfg_scale, out_dir, writer)
-    if _INTERLEAVED.value:
-      _interleaved(model, tokenizer, config, images_read, vae, num_steps, cfg_scale, out_dir,
-                   writer)
-    elif _IMAGE.value and not editing:
-      questions = list(_TEXT_PROMPT.value) * (len(_IMAGE.value) // len(_TEXT_PROMPT.value))
-      completions = inference.describe_images(
-          model, tokenizer, images_read, questions, config=config, vae=vae,
-          max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-          top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value, use_cache=_CACHE.value)
-      lines = [f"{i} {q!r} -> {c!r}" for i, q, c in zip(_IMAGE.value, questions, completions)]
-    elif _TEXT_PROMPT.value:
-      completions = inference.complete_text(
-          model, tokenizer, _TEXT_PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-          temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-          seed=_SEED.value, use_cache=_CACHE.value)
-      lines = [f"{p!r} -> {c!r}" for p, c in zip(_TEXT_PROMPT.value, completions)]
-    if _TEXT_PROMPT.value and writer and not _INTERLEAVED.value:
-      with open(os.path.join(out_dir, "text.txt"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-      print("\n".join(lines))
+class Loaded(NamedTuple):
+  """What a command samples with, once every flag is checked and the model loaded."""
+  model: object
+  tokenizer: object
+  config: object
+  vae: object              # None: a pixel model, or a command that needs none
+  sources: list            # the --image files, decoded
+  num_steps: int | None    # a drawing command's: the flag, else config.sample's
+  cfg_scale: float | None
+  out_dir: str | None      # None on the processes of a multi-host run that do not write
 
 
-def _edit(model, tokenizer, config, sources, vae, num_steps, cfg_scale, out_dir, writer):
-  """--image with --prompt: `--num_samples` edits of each image (edits.png: a
-  row per image, the image first; edits.npz)."""
+def _images(run: Loaded):
+  """`--num_samples` images of each --prompt, then each --class_name."""
+  prompts = list(_PROMPT.value) + [inference.class_name_prompt(c, run.config)
+                                   for c in _CLASS_NAME.value]
+  per_sample = [p for p in prompts for _ in range(_NUM_SAMPLES.value)]
+  logging.info("%d images: %s, %d steps, guidance %s, prompt cache %s", len(per_sample),
+               _SAMPLER.value, run.num_steps, run.cfg_scale or "off",
+               "on" if _CACHE.value else "off")
+  with tqdm.tqdm(total=run.num_steps, desc=f"{_SAMPLER.value} steps") as bar:
+    x0 = inference.generate_images(
+        run.model, run.tokenizer, per_sample, num_steps=run.num_steps, sampler=_SAMPLER.value,
+        eta=_ETA.value, cfg_scale=run.cfg_scale or None, guided_channels=_guided_channels(),
+        seed=_SEED.value, use_cache=_CACHE.value, diffusion=run.config.diffusion,
+        progress=lambda _: bar.update(1))
+    x0 = (jax.device_get(x0) if jax.process_count() == 1 else   # all hosts' shards
+          multihost_utils.process_allgather(x0, tiled=True))
+  images = inference.to_pixels(x0, run.config, run.vae)
+  if run.out_dir is None:
+    return
+  np.savez(os.path.join(run.out_dir, "images.npz"), images=images,
+           prompts=np.array(per_sample))
+  inference.image_grid(images, rows=len(prompts), scale=max(1, 64 // images.shape[1])
+                       ).save(os.path.join(run.out_dir, "images.png"))
+  logging.info("wrote %d images to %s (images.png, images.npz)", len(images), run.out_dir)
+
+
+def _text(run: Loaded):
+  """Each --text_prompt continued."""
+  completions = inference.complete_text(
+      run.model, run.tokenizer, _TEXT_PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+      use_cache=_CACHE.value)
+  _write_text([f"{p!r} -> {c!r}" for p, c in zip(_TEXT_PROMPT.value, completions)], run.out_dir)
+
+
+def _read(run: Loaded):
+  """Each --image read and --text_prompt (its own, or the one for all) answered."""
+  questions = list(_TEXT_PROMPT.value) * (len(_IMAGE.value) // len(_TEXT_PROMPT.value))
+  answers = inference.describe_images(
+      run.model, run.tokenizer, run.sources, questions, config=run.config, vae=run.vae,
+      max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+      top_p=_TOP_P.value, seed=_SEED.value, use_cache=_CACHE.value)
+  _write_text([f"{i} {q!r} -> {a!r}" for i, q, a in zip(_IMAGE.value, questions, answers)],
+              run.out_dir)
+
+
+def _write_text(lines: list[str], out_dir: str | None):
+  if out_dir is None:
+    return
+  with open(os.path.join(out_dir, "text.txt"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+def _interleaved(run: Loaded):
+  """`--num_samples` answers per --text_prompt, text and images (interleaved.html)."""
   n = _NUM_SAMPLES.value
+  prompts = [p for p in _TEXT_PROMPT.value for _ in range(n)]
+  reads = [x for x in run.sources for _ in range(n)] if run.sources else None
+  answers = inference.generate_interleaved(
+      run.model, run.tokenizer, prompts, config=run.config, images=reads, vae=run.vae,
+      max_new_tokens=_MAX_NEW_TOKENS.value, num_steps=run.num_steps, sampler=_SAMPLER.value,
+      eta=_ETA.value, cfg_scale=run.cfg_scale or None, guided_channels=_guided_channels(),
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+      progress=logging.info)
+  if run.out_dir is None:
+    return
+  page = inference.write_interleaved_page(answers, prompts, run.out_dir,
+                                          scale=max(1, 64 // run.config.model.image_size))
+  logging.info("wrote %s (%d answers, %d images)", page, len(answers),
+               sum(k == "image" for a in answers for k, _ in a.pieces))
+
+
+def _edit(run: Loaded):
+  """`--num_samples` edits of each --image (edits.png: a row per image, the
+  image first; edits.npz)."""
+  n, sources = _NUM_SAMPLES.value, run.sources
   instructions = list(_PROMPT.value) * (len(sources) // len(_PROMPT.value))
   guidance = _EDIT_GUIDANCE.value
-  scale = (cfg_scale, _IMAGE_CFG_SCALE.value) if guidance == "two_scale" else cfg_scale
+  scale = (run.cfg_scale, _IMAGE_CFG_SCALE.value) if guidance == "two_scale" else run.cfg_scale
   logging.info("%d edits: %s guidance %s", len(sources) * n, guidance, scale)
-  with tqdm.tqdm(total=num_steps, desc=f"{_SAMPLER.value} steps") as bar:
+  with tqdm.tqdm(total=run.num_steps, desc=f"{_SAMPLER.value} steps") as bar:
     x0 = inference.edit_images(
-        model, tokenizer, [s for s in sources for _ in range(n)],
-        [i for i in instructions for _ in range(n)], config=config, vae=vae, guidance=guidance,
-        cfg_scale=scale, num_steps=num_steps, sampler=_SAMPLER.value, eta=_ETA.value,
-        seed=_SEED.value, progress=lambda _: bar.update(1))
-  edits = inference.to_pixels(jax.device_get(x0), config, vae)
-  if not writer:
+        run.model, run.tokenizer, [s for s in sources for _ in range(n)],
+        [i for i in instructions for _ in range(n)], config=run.config, vae=run.vae,
+        guidance=guidance, cfg_scale=scale, num_steps=run.num_steps, sampler=_SAMPLER.value,
+        eta=_ETA.value, guided_channels=_guided_channels(), seed=_SEED.value,
+        progress=lambda _: bar.update(1))
+  edits = inference.to_pixels(jax.device_get(x0), run.config, run.vae)
+  if run.out_dir is None:
     return
   size = edits.shape[1]
   shown = [np.asarray(s.convert("L" if edits.shape[-1] == 1 else "RGB").resize((size, size)),
@@ -241,29 +238,120 @@ def _edit(model, tokenizer, config, sources, vae, num_steps, cfg_scale, out_dir,
   grid = np.concatenate([np.concatenate([shown[i][None], edits[i * n:(i + 1) * n]])
                          for i in range(len(sources))])
   inference.image_grid(grid, rows=len(sources), scale=max(1, 64 // size)).save(
-      os.path.join(out_dir, "edits.png"))
-  np.savez(os.path.join(out_dir, "edits.npz"), images=edits,
+      os.path.join(run.out_dir, "edits.png"))
+  np.savez(os.path.join(run.out_dir, "edits.npz"), images=edits,
            instructions=np.array([i for i in instructions for _ in range(n)]),
            sources=np.array([p for p in _IMAGE.value for _ in range(n)]))
-  logging.info("wrote %d edits to %s (edits.png, edits.npz)", len(edits), out_dir)
+  logging.info("wrote %d edits to %s (edits.png, edits.npz)", len(edits), run.out_dir)
 
 
-def _interleaved(model, tokenizer, config, images_read, vae, num_steps, cfg_scale, out_dir,
-                 writer):
-  """--interleaved: `--num_samples` answers per --text_prompt, text and images."""
-  n = _NUM_SAMPLES.value
-  prompts = [p for p in _TEXT_PROMPT.value for _ in range(n)]
-  reads = [x for x in images_read for _ in range(n)] if images_read else None
-  answers = inference.generate_interleaved(
-      model, tokenizer, prompts, config=config, images=reads, vae=vae,
-      max_new_tokens=_MAX_NEW_TOKENS.value, num_steps=num_steps, sampler=_SAMPLER.value,
-      eta=_ETA.value, cfg_scale=cfg_scale or None, temperature=_TEMPERATURE.value,
-      top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value, progress=logging.info)
-  if writer:
-    page = inference.write_interleaved_page(answers, prompts, out_dir,
-                                            scale=max(1, 64 // config.model.image_size))
-    logging.info("wrote %s (%d answers, %d images)", page, len(answers),
-                 sum(k == "image" for a in answers for k, _ in a.pieces))
+def _guided_channels() -> int | None:
+  return 3 if _GUIDE_EPS_0_TO_2.value else None
+
+
+class Command(NamedTuple):
+  flags: tuple[str, ...]       # the flags it takes besides SHARED
+  outputs: tuple[str, ...]     # the files it writes into the output folder
+  run: Callable[[Loaded], None]
+
+
+COMMANDS = {
+    "images": Command(("prompt", "class_name", "cache", *DRAWING),
+                      ("images.png", "images.npz"), _images),
+    "text": Command(("text_prompt", "cache", *WRITING), ("text.txt",), _text),
+    "read": Command(("image", "text_prompt", "cache", "vae", *WRITING), ("text.txt",), _read),
+    "interleaved": Command(("text_prompt", "image", *DRAWING, *WRITING),
+                           ("interleaved.html", "interleaved.json"), _interleaved),
+    "edit": Command(("image", "prompt", "edit_guidance", "image_cfg_scale", *DRAWING),
+                    ("edits.png", "edits.npz"), _edit),
+}
+# Every flag this module defines, in the order of SHARED and COMMANDS.
+ALL_FLAGS = tuple(dict.fromkeys(SHARED + sum((c.flags for c in COMMANDS.values()), ())))
+
+
+def _check_flags(command: str):
+  """The command's flags, before anything is read or loaded: none of another
+  command given, the ones it needs there, and as many of each as it pairs."""
+  takes = SHARED + COMMANDS[command].flags
+  for name in ALL_FLAGS:
+    if flags.FLAGS[name].present and name not in takes:
+      owners = [f"`{c}`" for c, spec in COMMANDS.items() if name in spec.flags]
+      takers = " and ".join([", ".join(owners[:-1]), owners[-1]] if owners[:-1] else owners)
+      raise ConfigError(f"--{name} is not a flag of `{command}`: {takers} "
+                        f"take{'s' if len(owners) == 1 else ''} it")
+  if not _CHECKPOINT.value:
+    raise ConfigError(f"`{command}` needs --checkpoint: a training workdir, one of its step "
+                      "folders, or a converted model")
+  images, prompts, questions = len(_IMAGE.value), len(_PROMPT.value), len(_TEXT_PROMPT.value)
+  if command == "images" and not (prompts or _CLASS_NAME.value):
+    raise ConfigError("nothing to draw: give --prompt or --class_name (repeatable)")
+  if command in ("read", "edit") and not images:
+    raise ConfigError(f"`{command}` needs --image: a PNG or JPEG file (repeatable)")
+  if command in ("text", "interleaved") and not questions:
+    raise ConfigError(f"`{command}` continues --text_prompt: give at least one")
+  if command == "read" and questions not in (1, images):
+    raise ConfigError(f"{images} --image but {questions} --text_prompt: give one question for "
+                      "all the images, or one each")
+  if command == "edit" and prompts not in (1, images):
+    raise ConfigError(f"{images} --image but {prompts} --prompt: give one instruction for all "
+                      "the images, or one each")
+  if command == "edit" and flags.FLAGS["image_cfg_scale"].present and (
+      _EDIT_GUIDANCE.value != "two_scale"):
+    raise ConfigError(f"--image_cfg_scale is the image's scale of --edit_guidance=two_scale, "
+                      f"not of {_EDIT_GUIDANCE.value!r}: pass --edit_guidance=two_scale or "
+                      "leave it out")
+  if command == "interleaved" and images and images != questions:
+    raise ConfigError(f"interleaved with {images} --image and {questions} --text_prompt: "
+                      "give one image per prompt")
+  if "max_new_tokens" in takes:
+    check_text_sampling(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+                        top_k=_TOP_K.value, top_p=_TOP_P.value, prefix="--")
+
+
+def _output_dir(checkpoint: str, step: int, outputs: tuple[str, ...]) -> str:
+  """--output_dir, checked; else a new folder beside the checkpoint."""
+  if _OUTPUT_DIR.value:
+    return fresh_output_dir(_OUTPUT_DIR.value, outputs, "--output_dir", _OVERWRITE.value)
+  base = beside(checkpoint, step, "samples", "--output_dir")
+  return writable_dir(new_folder_beside(base), "samples (or pass --output_dir)",
+                      "the default --output_dir")
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: python -m monoformer_jax.sample {{{'|'.join(COMMANDS)}}} "
+                         f"--checkpoint=CKPT --flags (got {argv[1:]})")
+  command = COMMANDS[argv[1]]
+  _check_flags(argv[1])
+  sources = [load_image(p) for p in _IMAGE.value]   # a bad file fails here, named
+  config, step = load_config(_CHECKPOINT.value)
+  if sources and not config.model.vision_encoder:
+    raise ConfigError(f"{_CHECKPOINT.value} was trained without a vision encoder "
+                      "(model.vision_encoder is ''), so it cannot read --image; use a "
+                      "model trained with model.vision_encoder=vae or clip (the digits "
+                      "default reads digits)")
+  num_steps = cfg_scale = None
+  if "num_steps" in command.flags:
+    num_steps = config.sample.num_steps if _NUM_STEPS.value is None else _NUM_STEPS.value
+    cfg_scale = config.sample.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value
+    check_image_sampling(num_steps=num_steps, cfg_scale=cfg_scale, eta=_ETA.value,
+                         num_samples=_NUM_SAMPLES.value,
+                         num_timesteps=config.diffusion.num_timesteps, prefix="--")
+  tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
+  for name in _CLASS_NAME.value:   # an unknown class fails here, not after the model loads
+    inference.class_name_prompt(name, config)
+  vae = inference.load_vae_of(config, _VAE.value) if "vae" in command.flags else None
+  # Every process of a multi-host run samples (sharded); process 0 writes.
+  writer = jax.process_index() == 0
+  out_dir = _output_dir(_CHECKPOINT.value, step, command.outputs) if writer else None
+
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
+    model, config = load_model(_CHECKPOINT.value, weights=_WEIGHTS.value, config=config,
+                               shardings=param_shardings(config, mesh), step=step)
+    logging.info("%s weights of %s (step %d), mesh %s; writing to %s", _WEIGHTS.value,
+                 _CHECKPOINT.value, step, dict(mesh.shape), out_dir)
+    command.run(Loaded(model, tokenizer, config, vae, sources, num_steps, cfg_scale, out_dir))
 
 
 if __name__ == "__main__":

@@ -208,17 +208,18 @@ def test_sample_cli_edits_and_interleaves(tmp_path):
       [sys.executable, "-m", "monoformer_jax.sample", f"--checkpoint={tmp_path / 'ckpt'}",
        "--weights=raw", "--num_steps=2", *args], capture_output=True, text=True, cwd=REPO,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  edit = run(f"--image={tmp_path / '3.png'}", "--prompt=the next digit:", "--num_samples=3",
+  edit = run("edit", f"--image={tmp_path / '3.png'}", "--prompt=the next digit:",
+             "--num_samples=3",
              "--edit_guidance=two_scale", "--cfg_scale=2", f"--output_dir={tmp_path / 'e'}")
   assert edit.returncode == 0, edit.stderr[-2000:]
   saved = np.load(tmp_path / "e" / "edits.npz")
   assert saved["images"].shape == (3, 8, 8, 1)
   assert os.path.getsize(tmp_path / "e" / "edits.png") > 0
-  inter = run("--interleaved", "--text_prompt=here is a", "--num_samples=2",
+  inter = run("interleaved", "--text_prompt=here is a", "--num_samples=2",
               "--max_new_tokens=40", f"--output_dir={tmp_path / 'i'}")
   assert inter.returncode == 0, inter.stderr[-2000:]
   rows = json.load(open(tmp_path / "i" / "interleaved.json"))
   assert [r["prompt"] for r in rows] == ["here is a"] * 2
   assert os.path.getsize(tmp_path / "i" / "interleaved.html") > 0
-  bad = run("--interleaved", "--text_prompt=here is a", "--max_new_tokens=5")
+  bad = run("interleaved", "--text_prompt=here is a", "--max_new_tokens=5")
   assert bad.returncode != 0 and "at least 19" in bad.stderr

@@ -373,7 +373,7 @@ def model_checkpoint(tmp_path_factory):
     ("--num_samples=0", "error: --num_samples=0: must be >= 1"),
 ])
 def test_sample_cli_checks_flags_before_loading(model_checkpoint, flag, message):
-  run = _python("-m", "monoformer_jax.sample", f"--checkpoint={model_checkpoint}",
+  run = _python("-m", "monoformer_jax.sample", "images", f"--checkpoint={model_checkpoint}",
                 "--class_name=3", flag)
   assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
   assert "Traceback" not in run.stderr
@@ -381,7 +381,7 @@ def test_sample_cli_checks_flags_before_loading(model_checkpoint, flag, message)
 
 
 def test_sample_cli_writes_beside_the_checkpoint_and_never_overwrites(model_checkpoint):
-  flags = (f"--checkpoint={model_checkpoint}", "--text_prompt=two", "--max_new_tokens=2")
+  flags = ("text", f"--checkpoint={model_checkpoint}", "--text_prompt=two", "--max_new_tokens=2")
   first = _python("-m", "monoformer_jax.sample", *flags)
   assert first.returncode == 0, first.stderr[-2000:]
   out = model_checkpoint.parent / "digits_samples_step0"

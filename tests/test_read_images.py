@@ -344,17 +344,17 @@ def test_sample_cli_reads_an_image_and_refuses_what_it_cannot(tmp_path):
       [sys.executable, "-m", "monoformer_jax.sample", f"--checkpoint={tmp_path / 'ckpt'}",
        *args], capture_output=True, text=True, cwd=REPO,
       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
-  ok = run(f"--image={tmp_path / 'seven.png'}", "--text_prompt=which digit is this?",
+  ok = run("read", f"--image={tmp_path / 'seven.png'}", "--text_prompt=which digit is this?",
            "--weights=raw", "--temperature=0", "--max_new_tokens=4", f"--output_dir={tmp_path / 'out'}")
   assert ok.returncode == 0, ok.stderr[-2000:]
   text = (tmp_path / "out" / "text.txt").read_text()
   assert "seven.png 'which digit is this?' -> " in text
-  bad = run(f"--image={tmp_path / 'notes.png'}", "--text_prompt=what?")
+  bad = run("read", f"--image={tmp_path / 'notes.png'}", "--text_prompt=what?")
   assert bad.returncode != 0 and "notes.png" in bad.stderr and "not a readable image" in bad.stderr
   plain = tmp_path / "plain"
   save_model(str(plain), digits_config(), jax.jit(lambda: init_params(digits_config().model, 1))())
   refused = subprocess.run(
-      [sys.executable, "-m", "monoformer_jax.sample", f"--checkpoint={plain}",
+      [sys.executable, "-m", "monoformer_jax.sample", "read", f"--checkpoint={plain}",
        f"--image={tmp_path / 'seven.png'}", "--text_prompt=what?"], capture_output=True,
       text=True, cwd=REPO, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
   assert refused.returncode != 0 and "without a vision encoder" in refused.stderr

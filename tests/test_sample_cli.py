@@ -29,9 +29,9 @@ def _cli(*flags, cwd=REPO):
 
 def test_cli_writes_what_the_library_samples(checkpoint, tmp_path):
   out = tmp_path / "out"
-  run = _cli(f"--checkpoint={checkpoint}", "--class_name=seven", "--prompt=an image of two.",
-             "--text_prompt=two plus", "--num_samples=2", "--num_steps=3", "--cfg_scale=2",
-             "--max_new_tokens=5", "--temperature=0", f"--output_dir={out}")
+  run = _cli("images", f"--checkpoint={checkpoint}", "--class_name=seven",
+             "--prompt=an image of two.", "--num_samples=2", "--num_steps=3", "--cfg_scale=2",
+             f"--output_dir={out}")
   assert run.returncode == 0, run.stderr[-3000:]
   saved = np.load(out / "images.npz")
   images, prompts = saved["images"], saved["prompts"].tolist()
@@ -45,17 +45,21 @@ def test_cli_writes_what_the_library_samples(checkpoint, tmp_path):
   x0 = inference.generate_images(model, tok, prompts, diffusion=config.diffusion, num_steps=3,
                                  cfg_scale=2.0, seed=0)
   np.testing.assert_allclose(images, inference.to_pixels(x0, config), atol=1e-4)
+  run = _cli("text", f"--checkpoint={checkpoint}", "--text_prompt=two plus", "--max_new_tokens=5",
+             "--temperature=0", f"--output_dir={out}")   # beside images.*: no --overwrite
+  assert run.returncode == 0, run.stderr[-3000:]
   text = inference.complete_text(model, tok, ["two plus"], max_new_tokens=5, temperature=0)
   assert f"'two plus' -> {text[0]!r}" in run.stdout
   assert (out / "text.txt").read_text().strip() == f"'two plus' -> {text[0]!r}"
 
 
 def test_cli_errors_name_the_fix(checkpoint, tmp_path):
-  run = _cli(f"--checkpoint={checkpoint}", f"--output_dir={tmp_path}")
-  assert run.returncode != 0 and "give --prompt, --class_name or --text_prompt" in run.stderr
-  run = _cli(f"--checkpoint={checkpoint}", "--class_name=eleven", f"--output_dir={tmp_path}")
+  run = _cli("images", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path}")
+  assert run.returncode != 0 and "give --prompt or --class_name" in run.stderr
+  run = _cli("images", f"--checkpoint={checkpoint}", "--class_name=eleven",
+             f"--output_dir={tmp_path}")
   assert run.returncode != 0 and "'eleven' is not a digit" in run.stderr
-  run = _cli(f"--checkpoint={tmp_path / 'nowhere'}", "--class_name=1")
+  run = _cli("images", f"--checkpoint={tmp_path / 'nowhere'}", "--class_name=1")
   assert run.returncode != 0 and "does not exist" in run.stderr
 
 
@@ -67,7 +71,7 @@ def test_cli_decodes_a_latent_model_with_the_vae(tmp_path):
   config.model.in_channels = 4
   params = jax.jit(lambda: init_params(config.model, seed=3))()
   save_model(tmp_path / "ckpt", config, params, ema=params)
-  flags = (f"--checkpoint={tmp_path / 'ckpt'}", "--prompt=a cat", "--num_samples=2",
+  flags = ("images", f"--checkpoint={tmp_path / 'ckpt'}", "--prompt=a cat", "--num_samples=2",
            "--num_steps=2", f"--output_dir={tmp_path / 'out'}")
   run = _cli(*flags)
   assert run.returncode != 0 and "pass --vae=DIR" in run.stderr
@@ -94,3 +98,82 @@ def test_notebook_runs_headless(checkpoint, monkeypatch):
   pages = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
   assert len(pages) == 1 and pages[0].count('class=answer') == 4   # interleaved answers
   assert "no editing" in texts                   # the tiny model reads no images
+
+
+# Runs `sample.main` on each command line (a JSON list of argv lists) in one
+# process, with everything that reads a file or a model replaced by a failure:
+# a refusal must come before any of them. Prints the module's flags that no
+# command declares, then each command line's error.
+_CHECK_ONLY = r"""
+import json, sys
+from absl import app, flags
+from monoformer_jax import sample
+
+def loaded(*_, **__):
+  raise AssertionError("read a file or loaded a model before checking the flags")
+
+sample.load_config = sample.load_image = sample.load_model = sample.load_vae = loaded
+defined = {f.name for f in flags.FLAGS.get_flags_for_module(sample.__name__)}
+print(json.dumps(sorted(defined.symmetric_difference(sample.ALL_FLAGS))))
+for argv in json.loads(sys.argv[1]):
+  flags.FLAGS.unparse_flags()
+  try:
+    sample.main(flags.FLAGS(["sample", *argv]))
+    print(json.dumps("no error"))
+  except (app.UsageError, sample.ConfigError) as e:
+    print(json.dumps(f"{type(e).__name__}: {e}"))
+"""
+
+
+def test_cli_refuses_what_a_command_does_not_take_before_loading():
+  import json
+  cases = {
+      ("text", "--checkpoint=/nowhere", "--text_prompt=two", "--num_samples=2"):
+          "ConfigError: --num_samples is not a flag of `text`: `images`, `interleaved` and "
+          "`edit` take it",
+      ("--checkpoint=/nowhere", "--nocache", "edit", "--image=seven.png", "--prompt=p"):
+          "ConfigError: --cache is not a flag of `edit`: `images`, `text` and `read` take it",
+      ("edit", "--checkpoint=/nowhere", "--image=seven.png", "--prompt=p", "--class_name=3"):
+          "ConfigError: --class_name is not a flag of `edit`: `images` takes it",
+      ("read", "--checkpoint=/nowhere", "--text_prompt=what?"):
+          "ConfigError: `read` needs --image: a PNG or JPEG file (repeatable)",
+      ("images", "--class_name=seven"):
+          "ConfigError: `images` needs --checkpoint: a training workdir, one of its step "
+          "folders, or a converted model",
+      ("images", "--checkpoint=/nowhere"):
+          "ConfigError: nothing to draw: give --prompt or --class_name (repeatable)",
+      ("interleaved", "--checkpoint=/nowhere", "--image=seven.png"):
+          "ConfigError: `interleaved` continues --text_prompt: give at least one",
+      ("edit", "--checkpoint=/nowhere", "--image=a.png", "--image=b.png", "--prompt=p",
+       "--prompt=q", "--prompt=r"):
+          "ConfigError: 2 --image but 3 --prompt: give one instruction for all the images, or "
+          "one each",
+      ("edit", "--checkpoint=/nowhere", "--image=a.png", "--prompt=p", "--image_cfg_scale=2"):
+          "ConfigError: --image_cfg_scale is the image's scale of --edit_guidance=two_scale, "
+          "not of 'both': pass --edit_guidance=two_scale or leave it out",
+      ("text", "--checkpoint=/nowhere", "--text_prompt=two", "--top_p=2"):
+          "ConfigError: --top_p=2.0: must be in (0, 1]; 1 keeps every token",
+      ("sideways", "--checkpoint=/nowhere"):
+          "UsageError: usage: python -m monoformer_jax.sample "
+          "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got ['sideways'])",
+      ():
+          "UsageError: usage: python -m monoformer_jax.sample "
+          "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got [])",
+  }
+  run = subprocess.run([sys.executable, "-c", _CHECK_ONLY, json.dumps(list(cases))], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  undeclared, *errors = map(json.loads, run.stdout.splitlines())
+  assert undeclared == []                       # every flag belongs to SHARED or a command
+  assert dict(zip(cases, errors)) == cases
+
+
+def test_cli_usage_lists_the_commands():
+  run = _cli()
+  assert run.returncode != 0 and "(got [])" in run.stderr
+  for command, line in [("images", "draw --num_samples images of each --prompt"),
+                        ("text", "continue each --text_prompt"),
+                        ("read", "read each --image and answer --text_prompt"),
+                        ("interleaved", "continue each --text_prompt with text and images"),
+                        ("edit", "redraw each --image as --prompt says")]:
+    assert f"\n  {command}" in run.stderr and line in run.stderr
