@@ -15,7 +15,7 @@ released weights and sample:
   python -m monoformer_jax.train --config=configs/imagenet256.py --workdir=gs://... \
       --config.train.init_from=/ckpt/tinyllama
   python -m monoformer_jax.convert official --input=MonoFormer_ImageNet_256 --output=/ckpt/mf256
-  python -m monoformer_jax.sample --checkpoint=/ckpt/mf256 --class_name="golden retriever" \
+  python -m monoformer_jax.sample images --checkpoint=/ckpt/mf256 --class_name="golden retriever" \
       --vae=sd-vae-ft-mse
 
 Training reads ImageNet prepared once into array_record (SD-VAE posteriors,

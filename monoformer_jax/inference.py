@@ -1,7 +1,8 @@
 """Inference in a few calls: images from prompts or class names, text completions.
 
-What `python -m monoformer_jax.sample`, the notebooks and the training run's
-end-of-run samples call. Prompts are strings; `data.prompts` turns them into
+What `python -m monoformer_jax.sample` (each of its commands: images, text,
+read, interleaved, edit), the notebooks and the training run's end-of-run
+samples call. Prompts are strings; `data.prompts` turns them into
 the reference's rows (`<s> prompt <|im_start|>` then the image's P slots);
 samples come back in the model's space (SD-VAE latents, or [-1, 1] pixels for
 a pixel model) and `to_pixels` makes [0, 1] images of them.
