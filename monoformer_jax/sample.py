@@ -24,7 +24,7 @@ edit) take --num_samples, --sampler, --eta, --num_steps, --cfg_scale,
 --guide_eps_0_to_2 and --vae; those that write text (text, read, interleaved)
 take --max_new_tokens, --temperature, --top_k and --top_p; images, text and
 read take --cache, and read --vae. A flag of another command is refused, naming
-the command that takes it (`COMMANDS` lists them).
+the commands that take it (`COMMANDS` lists them).
 
 `images` draws `--num_samples` per prompt (`--prompt` free text, `--class_name`
 the reference's prompt around a class name): `images.png` (a row per prompt)
@@ -123,7 +123,7 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the command's files
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Replace the command's files already in --output_dir.")
 
-# The flags each command takes, besides SHARED (in groups: one concept, one place).
+# Flags by what they are for: every command takes SHARED; COMMANDS says which others.
 SHARED = ("checkpoint", "weights", "seed", "tokenizer", "output_dir", "overwrite")
 DRAWING = ("num_samples", "sampler", "eta", "num_steps", "cfg_scale", "guide_eps_0_to_2", "vae")
 WRITING = ("max_new_tokens", "temperature", "top_k", "top_p")
@@ -265,18 +265,18 @@ COMMANDS = {
     "edit": Command(("image", "prompt", "edit_guidance", "image_cfg_scale", *DRAWING),
                     ("edits.png", "edits.npz"), _edit),
 }
-# Every flag this module defines, in the order of SHARED and COMMANDS.
+# Every flag this module defines (tests/test_sample_cli.py checks that none is left out).
 ALL_FLAGS = tuple(dict.fromkeys(SHARED + sum((c.flags for c in COMMANDS.values()), ())))
 
 
 def _check_flags(command: str):
-  """The command's flags, before anything is read or loaded: none of another
-  command given, the ones it needs there, and as many of each as it pairs."""
+  """The command line, before anything is read or loaded: no flag of another
+  command, the flags this one needs, and --image matched by its prompts."""
   takes = SHARED + COMMANDS[command].flags
   for name in ALL_FLAGS:
     if flags.FLAGS[name].present and name not in takes:
       owners = [f"`{c}`" for c, spec in COMMANDS.items() if name in spec.flags]
-      takers = " and ".join([", ".join(owners[:-1]), owners[-1]] if owners[:-1] else owners)
+      takers = f"{', '.join(owners[:-1])} and {owners[-1]}" if len(owners) > 1 else owners[0]
       raise ConfigError(f"--{name} is not a flag of `{command}`: {takers} "
                         f"take{'s' if len(owners) == 1 else ''} it")
   if not _CHECKPOINT.value:
@@ -321,8 +321,8 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m monoformer_jax.sample {{{'|'.join(COMMANDS)}}} "
                          f"--checkpoint=CKPT --flags (got {argv[1:]})")
-  command = COMMANDS[argv[1]]
-  _check_flags(argv[1])
+  name, command = argv[1], COMMANDS[argv[1]]
+  _check_flags(name)
   sources = [load_image(p) for p in _IMAGE.value]   # a bad file fails here, named
   config, step = load_config(_CHECKPOINT.value)
   if sources and not config.model.vision_encoder:
@@ -338,8 +338,8 @@ def main(argv):
                          num_samples=_NUM_SAMPLES.value,
                          num_timesteps=config.diffusion.num_timesteps, prefix="--")
   tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
-  for name in _CLASS_NAME.value:   # an unknown class fails here, not after the model loads
-    inference.class_name_prompt(name, config)
+  for class_name in _CLASS_NAME.value:   # an unknown class fails here, before the model loads
+    inference.class_name_prompt(class_name, config)
   vae = inference.load_vae_of(config, _VAE.value) if "vae" in command.flags else None
   # Every process of a multi-host run samples (sharded); process 0 writes.
   writer = jax.process_index() == 0
