@@ -30,3 +30,18 @@ FIXTURES = REPO / "tests" / "fixtures" / "official_tiny"
 def fixture_dir():
   assert FIXTURES.exists(), f"reference fixtures missing at {FIXTURES}"
   return FIXTURES
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+  """Meshes built during the test (a training run's, the sampler's) span the
+  first device only, so a learning test runs no collective. XLA:CPU runs the
+  8 simulated devices' collectives in-process, and under load an all-gather
+  has waited for 8 participants while 7 arrived, until XLA aborted the
+  process after 40 s: a few hundred steps of FSDP are where that struck. The
+  sharding tests keep the 8 devices, in short runs."""
+  import jax
+  from monoformer_jax.parallel import sharding
+  make_mesh = sharding.make_mesh
+  monkeypatch.setattr(sharding, "make_mesh", lambda mesh_config, devices=None: make_mesh(
+      mesh_config, jax.devices()[:1] if devices is None else devices))
