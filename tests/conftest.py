@@ -9,6 +9,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     " --xla_cpu_multi_thread_eigen=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite's time is XLA:CPU compiling hundreds of small programs that each
+# run a few times: without LLVM's optimisations (JAX's switch for that) they
+# compile in about 2/3 of the CPU time (tests/test_interleaved.py and
+# test_editing.py from an empty cache: 123 s -> 82 s). Set in the environment,
+# so the CLI processes that tests start compile the same programs.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Compiled steps are shared by the tests (and their subprocesses) through
 # JAX's persistent cache: most tests compile the same tiny train step.
@@ -27,21 +33,23 @@ FIXTURES = REPO / "tests" / "fixtures" / "official_tiny"
 
 
 @pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory):
+  """helpers.random_digits_checkpoint, made once per test process for the
+  tests that only read it (sampling and evaluation, in-process and by CLI)."""
+  from helpers import random_digits_checkpoint
+  return random_digits_checkpoint(tmp_path_factory.mktemp("digits_checkpoint"))
+
+
+@pytest.fixture(scope="session")
 def fixture_dir():
   assert FIXTURES.exists(), f"reference fixtures missing at {FIXTURES}"
   return FIXTURES
 
 
+
 @pytest.fixture
-def one_device(monkeypatch):
-  """Meshes built during the test (a training run's, the sampler's) span the
-  first device only, so a learning test runs no collective. XLA:CPU runs the
-  8 simulated devices' collectives in-process, and under load an all-gather
-  has waited for 8 participants while 7 arrived, until XLA aborted the
-  process after 40 s: a few hundred steps of FSDP are where that struck. The
-  sharding tests keep the 8 devices, in short runs."""
-  import jax
-  from monoformer_jax.parallel import sharding
-  make_mesh = sharding.make_mesh
-  monkeypatch.setattr(sharding, "make_mesh", lambda mesh_config, devices=None: make_mesh(
-      mesh_config, jax.devices()[:1] if devices is None else devices))
+def one_device():
+  """The test's meshes span the first device only (helpers.on_one_device)."""
+  from helpers import on_one_device
+  with on_one_device():
+    yield

@@ -329,6 +329,7 @@ def test_a_clip_model_reads_through_the_frozen_tower():
 
 # ------------------------------------------------------------------ the CLI
 
+@pytest.mark.slow
 def test_sample_cli_reads_an_image_and_refuses_what_it_cannot(tmp_path):
   import subprocess
   import sys
