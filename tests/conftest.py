@@ -1,4 +1,6 @@
-"""Test set-up: 8 simulated CPU devices, set before anything imports jax."""
+"""Test set-up: 8 simulated CPU devices and unoptimised compiles, set before
+anything imports jax; the fixtures many test files share. setup.cfg holds the
+per-test timeout and the `slow` marker."""
 
 import os
 import pathlib
@@ -12,8 +14,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite's time is XLA:CPU compiling hundreds of small programs that each
 # run a few times: without LLVM's optimisations (JAX's switch for that) they
 # compile in about 2/3 of the CPU time (tests/test_interleaved.py and
-# test_editing.py from an empty cache: 123 s -> 82 s). Set in the environment,
-# so the CLI processes that tests start compile the same programs.
+# test_editing.py from an empty cache: 123 -> 82 CPU seconds; the rare test
+# that computes for long, the Inception CLI's, loses ~10 s). Set in the
+# environment, so the CLI processes that tests start compile the same programs.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Compiled steps are shared by the tests (and their subprocesses) through
@@ -44,7 +47,6 @@ def digits_checkpoint(tmp_path_factory):
 def fixture_dir():
   assert FIXTURES.exists(), f"reference fixtures missing at {FIXTURES}"
   return FIXTURES
-
 
 
 @pytest.fixture
