@@ -57,6 +57,7 @@ def one_device():
     yield
 
 
+@pytest.hookimpl(optionalhook=True)   # pytest-xdist's hook
 def pytest_handlecrashitem(crashitem, report, sched):
   """A test that ends its worker (pytest-timeout's thread method, or XLA
   aborting a deadlocked collective) fails once. pytest-xdist's --dist
