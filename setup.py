@@ -42,9 +42,12 @@ setup(
         # chex: the tests' tree and shape assertions. jax[tpu] (libtpu of the
         # installed jax, ~700 MB): tests/test_compile.py compiles for TPU slices.
         # pyarrow: tests/test_commonsense.py reads task files in parquet.
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "nbformat>=5.10", "nbclient>=0.10",
-                 "ipykernel>=6.29", "matplotlib>=3.8", "safetensors>=0.5", "chex>=0.1.92",
-                 "jax[tpu]>=0.10.2", "pyarrow>=15",
+        # pytest-timeout: a hung test (an XLA collective that never completes) fails
+        # alone instead of stalling CI (setup.cfg sets the limit and the method).
+        # ruff: the linter and formatter .ci/run checks first (pyproject.toml).
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "pytest-timeout>=2.3", "ruff>=0.6",
+                 "nbformat>=5.10", "nbclient>=0.10", "ipykernel>=6.29", "matplotlib>=3.8",
+                 "safetensors>=0.5", "chex>=0.1.92", "jax[tpu]>=0.10.2", "pyarrow>=15",
                  # tests/test_inception.py writes .pth files and checks the resize with
                  # it: the CPU wheel that lies on this machine's disk (a range pulls CUDA).
                  "torch==2.13.0"],

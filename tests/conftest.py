@@ -1,4 +1,6 @@
-"""Test set-up: 8 simulated CPU devices, set before anything imports jax."""
+"""Test set-up: 8 simulated CPU devices and unoptimised compiles, set before
+anything imports jax; the fixtures many test files share. setup.cfg holds the
+per-test timeout and the `slow` marker."""
 
 import os
 import pathlib
@@ -9,6 +11,13 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     " --xla_cpu_multi_thread_eigen=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite's time is XLA:CPU compiling hundreds of small programs that each
+# run a few times: without LLVM's optimisations (JAX's switch for that) they
+# compile in about 2/3 of the CPU time (tests/test_interleaved.py and
+# test_editing.py from an empty cache: 123 -> 82 CPU seconds; the rare test
+# that computes for long, the Inception CLI's, loses ~10 s). Set in the
+# environment, so the CLI processes that tests start compile the same programs.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Compiled steps are shared by the tests (and their subprocesses) through
 # JAX's persistent cache: most tests compile the same tiny train step.
@@ -27,6 +36,34 @@ FIXTURES = REPO / "tests" / "fixtures" / "official_tiny"
 
 
 @pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory):
+  """helpers.random_digits_checkpoint, made once per test process for the
+  tests that only read it (sampling and evaluation, in-process and by CLI)."""
+  from helpers import random_digits_checkpoint
+  return random_digits_checkpoint(tmp_path_factory.mktemp("digits_checkpoint"))
+
+
+@pytest.fixture(scope="session")
 def fixture_dir():
   assert FIXTURES.exists(), f"reference fixtures missing at {FIXTURES}"
   return FIXTURES
+
+
+@pytest.fixture
+def one_device():
+  """The test's meshes span the first device only (helpers.on_one_device)."""
+  from helpers import on_one_device
+  with on_one_device():
+    yield
+
+
+@pytest.hookimpl(optionalhook=True)   # pytest-xdist's hook
+def pytest_handlecrashitem(crashitem, report, sched):
+  """A test that ends its worker (pytest-timeout's thread method, or XLA
+  aborting a deadlocked collective) fails once. pytest-xdist's --dist
+  loadscope puts it back in the queue with the rest of its module (the
+  replacement worker would run it again, hang again, up to 8 times); marking
+  it done leaves only the module's other tests to run."""
+  for work_unit in getattr(sched, "workqueue", {}).values():
+    if crashitem in work_unit:
+      work_unit[crashitem] = True

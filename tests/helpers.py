@@ -1,4 +1,8 @@
-"""Configs the tests share: the repository's config files and their test-size variant."""
+"""What the tests share: the repository's config files and their test-size
+variant, runs on one device, random checkpoints and models."""
+
+import contextlib
+import os
 
 from monoformer_jax.config import CONFIGS_DIR, config_file
 
@@ -12,6 +16,32 @@ def digits_config(**train):
   c = config_file("digits:tiny")
   c.train.update(train)
   return c
+
+
+@contextlib.contextmanager
+def on_one_device():
+  """Meshes built inside (a training run's, the sampler's) span the first
+  device only, so a learning test runs no collective. XLA:CPU runs the 8
+  simulated devices' collectives in-process, and under load an all-gather has
+  waited for its 8 participants while 7 arrived, until XLA aborted the process
+  after 40 s: a few hundred steps of FSDP are where that struck. Tests of
+  sharding keep the 8 devices, in short runs. `one_device_env()` does the
+  same for a process the test starts."""
+  import jax
+  import pytest
+  from monoformer_jax.parallel import sharding
+  make_mesh = sharding.make_mesh
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(sharding, "make_mesh", lambda mesh_config, devices=None: make_mesh(
+        mesh_config, jax.devices()[:1] if devices is None else devices))
+    yield
+
+
+def one_device_env(**env):
+  """This environment, and `env`, for a process that computes on one device
+  (the last device-count flag wins over conftest's 8)."""
+  return dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+              + " --xla_force_host_platform_device_count=1", **env)
 
 
 def random_digits_checkpoint(path):

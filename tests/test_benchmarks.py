@@ -112,6 +112,7 @@ def test_class_rows_hold_one_class_example_each():
     assert 8 + 4 + 16 <= n <= 24 + 4 + 16
 
 
+@pytest.mark.slow
 def test_the_step_runs_at_the_most_rows_its_plan_allows():
   """The tiny model under a 50 MiB 'device': the batch chosen from the probe's
   plan fits, and the compiler's plan for 8 rows more does not."""
@@ -130,6 +131,7 @@ def test_the_step_runs_at_the_most_rows_its_plan_allows():
   assert result["model_tflops"] == pytest.approx(flops / 1e12)
 
 
+@pytest.mark.slow
 def test_the_device_script_runs_a_part_and_reports_it(tmp_path):
   out = subprocess.run(
       [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--smoke", "--only=attention",

@@ -58,6 +58,7 @@ def test_unknown_topologies_say_what_is_known():
   assert topology_of("h100-16").shape == (2, 8) and topology_of("h100-16").chips == 16
 
 
+@pytest.mark.slow
 def test_the_entry_point_stops_on_a_bad_topology_before_compiling():
   run = subprocess.run(
       [sys.executable, "-m", "monoformer_jax.compile",

@@ -60,6 +60,7 @@ def test_verify_official_flags_errors_above_tolerance():
   assert "ABOVE TOLERANCE" in verify.report([ok, bad], 1e-4)
 
 
+@pytest.mark.slow
 def test_verify_official_cli(fixture_dir):
   run = subprocess.run([sys.executable, "-m", "monoformer_jax.convert", "verify-official",
                         f"--fixture={fixture_dir}"], capture_output=True, text=True,

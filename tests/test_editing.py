@@ -73,6 +73,7 @@ def test_edit_rows_drop_what_the_guidance_says():
     prompts.edit_rows([digit(0.5)], ["go"], TOK, spec, guidance="twice")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conditioning", ["adaln_before_decoder", "add_before_image_tokens"])
 def test_edit_guidance_at_scale_one_is_the_conditionalrandom_model(conditioning):
   config = _config(conditioning)
@@ -196,6 +197,7 @@ def test_the_interleaved_page_lists_the_pieces_in_order(tmp_path):
   assert [k for k, _ in pieces] == ["text", "image", "text"] and pieces[2][1] == "."
 
 
+@pytest.mark.slow
 def test_sample_cli_edits_and_interleaves(tmp_path):
   from PIL import Image
   from monoformer_jax.checkpoints import save_model

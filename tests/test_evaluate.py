@@ -17,19 +17,14 @@ from monoformer_jax.eval.sampling import (class_labels, chunk_seed, quantize, sa
                                           _write_npz)
 from monoformer_jax.eval.registry import check_metrics, make
 from monoformer_jax.eval.score import score_images
-from helpers import digits_config, random_digits_checkpoint
+from helpers import digits_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  return random_digits_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def model_and_config(checkpoint):
-  model, config = load_model(checkpoint)
+def model_and_config(digits_checkpoint):
+  model, config = load_model(digits_checkpoint)
   return model, config, inference.tokenizer_of(config)
 
 
@@ -148,9 +143,10 @@ def _cli(*flags):
                         capture_output=True, text=True, timeout=300)
 
 
-def test_cli_digits_on_a_checkpoint_then_on_its_samples(checkpoint, tmp_path):
+@pytest.mark.slow
+def test_cli_digits_on_a_checkpoint_then_on_its_samples(digits_checkpoint, tmp_path):
   out = tmp_path / "eval"
-  run = _cli(f"--checkpoint={checkpoint}", "--metrics=digits", "--num_samples=40",
+  run = _cli(f"--checkpoint={digits_checkpoint}", "--metrics=digits", "--num_samples=40",
              "--chunk_size=16", "--num_steps=2", f"--sample_dir={out}")
   assert run.returncode == 0, run.stderr[-3000:]
   results = json.loads((out / "results.json").read_text())
@@ -171,21 +167,23 @@ def test_cli_digits_on_a_checkpoint_then_on_its_samples(checkpoint, tmp_path):
   assert again == results["digits"]
 
 
-def test_cli_bad_flags_name_the_fix(checkpoint, tmp_path):
-  run = _cli(f"--checkpoint={checkpoint}", "--metrics=fid,bleu")
+@pytest.mark.slow
+def test_cli_bad_flags_name_the_fix(digits_checkpoint, tmp_path):
+  run = _cli(f"--checkpoint={digits_checkpoint}", "--metrics=fid,bleu")
   assert run.returncode == 2 and "unknown metric(s) ['bleu']" in run.stderr
-  run = _cli(f"--checkpoint={checkpoint}", "--metrics=fid")
+  run = _cli(f"--checkpoint={digits_checkpoint}", "--metrics=fid")
   assert run.returncode == 2 and "need --inception" in run.stderr
-  run = _cli(f"--checkpoint={checkpoint}", "--metrics=fid", f"--inception={tmp_path / 'no.pth'}",
-             f"--reference={tmp_path / 'ref.npz'}")
+  run = _cli(f"--checkpoint={digits_checkpoint}", "--metrics=fid",
+             f"--inception={tmp_path / 'no.pth'}", f"--reference={tmp_path / 'ref.npz'}")
   assert run.returncode == 2 and "no.pth" in run.stderr and "is not a file" in run.stderr
-  run = _cli(f"--checkpoint={checkpoint}", "--metrics=commonsense")
+  run = _cli(f"--checkpoint={digits_checkpoint}", "--metrics=commonsense")
   assert run.returncode == 2 and "needs --tasks_dir" in run.stderr
   run = _cli("--metrics=digits")
   assert run.returncode != 0 and "give --checkpoint" in run.stderr
 
 
-def test_evals_inside_training_are_logged(tmp_path):
+@pytest.mark.slow
+def test_evals_inside_training_are_logged(tmp_path, one_device):
   """digits:tiny with the digits evaluator every 5 steps: eval/ rows in
   metrics.jsonl equal to scoring the checkpoint's EMA weights afterwards."""
   from monoformer_jax.eval.score import TrainingEvals
@@ -202,7 +200,8 @@ def test_evals_inside_training_are_logged(tmp_path):
     assert evals[-1][key] == pytest.approx(again[key], rel=1e-5, abs=1e-6)
 
 
-def test_last_evals_come_from_the_end_of_run_samples(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_last_evals_come_from_the_end_of_run_samples(tmp_path, monkeypatch, one_device):
   """With the evaluator's settings equal to the end-of-run samples' (the
   digits configs), the evaluator runs at step 5 only; step 10's eval/ row is
   the samples' scores (summary.json). Other settings: it runs at 10 too."""
@@ -234,6 +233,7 @@ def test_last_evals_come_from_the_end_of_run_samples(tmp_path, monkeypatch):
   assert [r["step"] for r in rows if "eval/seconds" in r] == [5, 10] and len(calls) == 2
 
 
+@pytest.mark.slow
 def test_cli_commonsense_equals_the_library(tmp_path):
   """The tiny HF Llama, converted and saved as a model checkpoint, scored by
   the CLI on two of the fixture's task files: the library's numbers."""
@@ -275,6 +275,7 @@ def test_vae_decoding_split_over_the_devices_equals_one_call():
   assert got.shape == (5, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_cli_inception_metrics_of_a_sample_file(tmp_path):
   """--samples with a reference of images only and Inception weights written
   by torch.save (seeded random weights): IS and precision/recall equal the

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from absl import logging as absl_logging
 
-from helpers import TINY_CONFIG_FLAG, digits_config
+from helpers import TINY_CONFIG_FLAG, digits_config, on_one_device
 from monoformer_jax import inference
 from monoformer_jax.checkpoints import TrainCheckpointer, load_model, load_params, save_model
 from monoformer_jax.checkpoints import orbax_io
@@ -64,15 +64,18 @@ def absl_records():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """A 4-step tiny run with checkpoints at steps 2 and 4."""
+  """A 4-step tiny run with checkpoints at steps 2 and 4, on one device."""
   workdir = tmp_path_factory.mktemp("run")
-  train_and_evaluate(digits_config(num_steps=4, checkpoint_every=2, log_every=3),
-                     str(workdir), sample_at_end=False)
+  with on_one_device():
+    train_and_evaluate(digits_config(num_steps=4, checkpoint_every=2, log_every=3),
+                       str(workdir), sample_at_end=False)
   assert _steps(workdir / "checkpoints") == [2, 4]
   return workdir
 
 
-def test_a_diverging_run_stops_and_keeps_its_last_good_state(tmp_path, absl_records):
+@pytest.mark.slow
+def test_a_diverging_run_stops_and_keeps_its_last_good_state(tmp_path, absl_records,
+                                                             one_device):
   """lr 1e30 after a warmup: step 1 (lr 0) and step 2 are finite, step 3 is
   not. With checkpoints every 2 steps and logs every 3 (not a multiple), the
   old loop saved the NaN state at step 4 and the keep-1 policy deleted step 2."""
@@ -100,7 +103,9 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_state(tmp_path, absl_reco
       for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
 
 
-def test_resume_falls_back_from_an_unreadable_latest_step(run, tmp_path, absl_records):
+@pytest.mark.slow
+def test_resume_falls_back_from_an_unreadable_latest_step(run, tmp_path, absl_records,
+                                                          one_device):
   workdir = tmp_path / "copy"
   shutil.copytree(run, workdir)
   data_files = sorted((workdir / "checkpoints" / "4" / "state").rglob("d/*"),
@@ -122,6 +127,7 @@ def test_resume_falls_back_from_an_unreadable_latest_step(run, tmp_path, absl_re
   np.testing.assert_allclose(lines[2]["loss"], lines[0]["loss"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_resuming_with_other_model_settings_is_refused_unless_asked(run, tmp_path):
   workdir = tmp_path / "copy"
   shutil.copytree(run, workdir)
@@ -209,6 +215,7 @@ print("restored", step, int(state["step"]))
 """
 
 
+@pytest.mark.slow
 def test_a_failed_restore_is_one_warning_not_pages_of_tracebacks(run, tmp_path):
   """Orbax's failed reads go on failing in background threads after the
   restore has raised, each printing a traceback (thousands of lines for the
@@ -345,6 +352,7 @@ def _python(*args, cwd=REPO):
                         timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_train_cli_prints_one_line_not_a_traceback(tmp_path):
   run = _python("-m", "monoformer_jax.train", TINY_CONFIG_FLAG, f"--workdir={tmp_path / 'w'}",
                 "--config.train.init_from=/nowhere")
@@ -367,6 +375,7 @@ def model_checkpoint(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, message", [
     ("--num_steps=0", "error: --num_steps=0: must be in [1, 1000]"),
     ("--cfg_scale=nan", "error: --cfg_scale=nan: must be a finite number"),
@@ -380,6 +389,7 @@ def test_sample_cli_checks_flags_before_loading(model_checkpoint, flag, message)
   assert not list(model_checkpoint.parent.glob("*_samples_step*"))   # nothing written
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_beside_the_checkpoint_and_never_overwrites(model_checkpoint):
   flags = ("text", f"--checkpoint={model_checkpoint}", "--text_prompt=two", "--max_new_tokens=2")
   first = _python("-m", "monoformer_jax.sample", *flags)

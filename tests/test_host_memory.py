@@ -39,7 +39,9 @@ _PROGRAM = textwrap.dedent("""
 """)
 _PAGES = 8192 * 2048 * 4 // 4096   # the block's 4 KiB pages
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+# Every test starts Python processes.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                                   reason="glibc's malloc only")]
 
 
 def _python(program: str, **env) -> list[str]:

@@ -133,6 +133,7 @@ def reference(model, prompt, n_new, key, index, diffusion, *, cfg_scale=None,
 D5 = GaussianDiffusion.create(1000, respacing="5")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conditioning", ["adaln_before_decoder", "add_before_image_tokens"])
 def test_interleaved_equals_recomputing_the_row(conditioning):
   """Greedy text and guided DDPM images, two prompts that switch at different
@@ -185,6 +186,7 @@ def test_interleaved_without_waiting_draws_each_row_alone():
       assert_image_close(got, want)
 
 
+@pytest.mark.slow
 def test_interleaved_sampled_text_and_ddim_are_per_row():
   """Temperature sampling and DDIM: each row equals the reference, and a row's
   output does not depend on the other rows of its batch."""
@@ -231,6 +233,7 @@ def test_interleaved_bad_inputs_name_the_fix():
                          cfg_scale=(1.5, 2.0))
 
 
+@pytest.mark.slow
 def test_the_interleaved_benchmark_counts_passes_and_compares_texts():
   """benchmarks/interleaved.py's run() on the drawing model: without waiting
   a pass for each column some row draws at; waiting, fewer passes, the same

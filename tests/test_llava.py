@@ -189,6 +189,7 @@ def _with(model=(), data=()):
 
 # ------------------------------------------------------------------- prepared records
 
+@pytest.mark.slow
 def test_prepare_writes_the_kept_records_and_reports_the_skipped(prepared, source):
   folder, log = prepared
   _, root = source
@@ -220,6 +221,7 @@ def _answers_only(batch):
     assert trained == "" or set(trained) <= set("Once upon a time. "), trained
 
 
+@pytest.mark.slow
 def test_the_llava_stream_skips_the_broken_image_and_packs_reading_rows(prepared):
   folder, _ = prepared
   config = _config(folder)
@@ -245,6 +247,7 @@ def test_the_llava_stream_skips_the_broken_image_and_packs_reading_rows(prepared
   _answers_only(batch)
 
 
+@pytest.mark.slow
 def test_llava_mixes_with_text_to_image(prepared, tmp_path):
   folder, _ = prepared
   rng = np.random.default_rng(0)

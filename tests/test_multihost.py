@@ -44,6 +44,8 @@ def _pids(out_file, n: int, proc, deadline: float) -> list[int]:
     time.sleep(0.1)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)   # its own waits allow 300 + 240 s
 def test_two_processes_train_as_one_stop_together_and_resume_on_another_mesh(tmp_path):
   one = tmp_path / "one"
   reference_config = digits_config(num_steps=STEPS, checkpoint_every=4)
@@ -116,7 +118,9 @@ def _tensorboard_scalars(folder) -> dict:
   return scalars
 
 
-def test_an_injected_nan_stops_with_the_diagnosis_and_keeps_only_finite_states(tmp_path):
+@pytest.mark.slow
+def test_an_injected_nan_stops_with_the_diagnosis_and_keeps_only_finite_states(tmp_path,
+                                                                               one_device):
   config = digits_config(num_steps=8, checkpoint_every=2, debug_nan_step=4,
                          profile_steps=1)
   with pytest.raises(TrainingDiverged, match=r"step 4 is not finite \(loss=nan, "

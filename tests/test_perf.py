@@ -25,6 +25,7 @@ def _xla_flops_of_the_gradient(config) -> float:
   return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
+@pytest.mark.slow
 def test_the_count_is_xlas_for_one_layer_and_xla_sees_a_scanned_layer_once():
   config = config_file("digits")
   # The count is the decoder's and its heads': a model that reads no image (a

@@ -193,6 +193,7 @@ def prepared_imagenet(tmp_path_factory):
   return out, run.stderr
 
 
+@pytest.mark.slow
 def test_imagenet_is_prepared_with_odd_files_converted_and_the_broken_one_named(
     prepared_imagenet):
   out, log = prepared_imagenet
@@ -212,7 +213,8 @@ def test_imagenet_is_prepared_with_odd_files_converted_and_the_broken_one_named(
   assert again.returncode == 2
 
 
-def test_imagenet_trains_from_the_prepared_records(prepared_imagenet, tmp_path):
+@pytest.mark.slow
+def test_imagenet_trains_from_the_prepared_records(prepared_imagenet, tmp_path, one_device):
   out, _ = prepared_imagenet
   config = config_file("imagenet256:tiny")
   config.data.dir = builders.prepared_dir(str(out), "imagenet")
@@ -229,6 +231,7 @@ def test_imagenet_trains_from_the_prepared_records(prepared_imagenet, tmp_path):
   assert int(state["step"]) == 4 and np.isfinite(metrics["loss"])
 
 
+@pytest.mark.slow
 def test_preparation_errors_name_the_fix(tmp_path):
   run = _prepare("imagenet", f"--input_dir={tmp_path / 'nowhere'}", f"--output_dir={tmp_path}",
                  f"--vae={TINY_VAE}")
@@ -245,6 +248,7 @@ def test_preparation_errors_name_the_fix(tmp_path):
 
 # -------------------------------------------------------------- chat + text
 
+@pytest.mark.slow
 def test_chat_and_text_prepared_mixed_and_packed_with_loss_on_answers(tmp_path):
   chats = tmp_path / "chat.jsonl"
   chats.write_text("\n".join(json.dumps({"data": [f"question {i}?", f"answer {i}."]})

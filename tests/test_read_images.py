@@ -243,9 +243,11 @@ def test_a_row_with_two_read_and_one_generated_image_trains():
   assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
 
 
-def test_the_digits_reading_is_learned_well_above_chance(tmp_path):
+@pytest.mark.slow
+def test_the_digits_reading_is_learned_well_above_chance(tmp_path, one_device):
   """A short run, mostly reading examples (the tiny model), then the held-out
-  digits read back: chance is 10%, and 400 steps reach about 50%."""
+  digits read back: chance is 10%, and 400 steps reach about 50%. On one
+  device: no collective in its 400 steps (conftest's one_device)."""
   from monoformer_jax.checkpoints import load_model
   from monoformer_jax.digits.evaluators import reading_accuracy
   from monoformer_jax.train.loop import train_and_evaluate
@@ -328,6 +330,7 @@ def test_a_clip_model_reads_through_the_frozen_tower():
 
 # ------------------------------------------------------------------ the CLI
 
+@pytest.mark.slow
 def test_sample_cli_reads_an_image_and_refuses_what_it_cannot(tmp_path):
   import subprocess
   import sys

@@ -218,6 +218,7 @@ def test_broken_vae_config(tmp_path):
     resolve_vae_files(tmp_path)
 
 
+@pytest.mark.slow
 def test_convert_cli_truncated_weights(tmp_path, fixture_dir):
   src = tmp_path / "official"
   src.mkdir()

@@ -1,5 +1,6 @@
 """The sampling entry points end to end: the CLI in a subprocess and the
-notebook executed headless, both on a tiny checkpoint made here."""
+notebook executed headless, both on a random tiny checkpoint (conftest's
+digits_checkpoint)."""
 
 import pathlib
 import subprocess
@@ -12,14 +13,10 @@ import pytest
 from monoformer_jax import inference
 from monoformer_jax.checkpoints import load_model, save_model
 from monoformer_jax.model.build import init_params
-from helpers import digits_config, random_digits_checkpoint
+from helpers import digits_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  return random_digits_checkpoint(tmp_path_factory.mktemp("ckpt"))
+pytestmark = pytest.mark.slow   # every test starts a process (the CLI, the notebook's kernel)
 
 
 def _cli(*flags, cwd=REPO):
@@ -27,9 +24,9 @@ def _cli(*flags, cwd=REPO):
                         cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_writes_what_the_library_samples(checkpoint, tmp_path):
+def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
   out = tmp_path / "out"
-  run = _cli("images", f"--checkpoint={checkpoint}", "--class_name=seven",
+  run = _cli("images", f"--checkpoint={digits_checkpoint}", "--class_name=seven",
              "--prompt=an image of two.", "--num_samples=2", "--num_steps=3", "--cfg_scale=2",
              f"--output_dir={out}")
   assert run.returncode == 0, run.stderr[-3000:]
@@ -40,12 +37,12 @@ def test_cli_writes_what_the_library_samples(checkpoint, tmp_path):
   assert (out / "images.png").stat().st_size > 0
   assert "ddpm steps: 100%" in run.stderr and "3/3" in run.stderr   # the progress bar
 
-  model, config = load_model(checkpoint)
+  model, config = load_model(digits_checkpoint)
   tok = inference.tokenizer_of(config)
   x0 = inference.generate_images(model, tok, prompts, diffusion=config.diffusion, num_steps=3,
                                  cfg_scale=2.0, seed=0)
   np.testing.assert_allclose(images, inference.to_pixels(x0, config), atol=1e-4)
-  run = _cli("text", f"--checkpoint={checkpoint}", "--text_prompt=two plus", "--max_new_tokens=5",
+  run = _cli("text", f"--checkpoint={digits_checkpoint}", "--text_prompt=two plus", "--max_new_tokens=5",
              "--temperature=0", f"--output_dir={out}")   # beside images.*: no --overwrite
   assert run.returncode == 0, run.stderr[-3000:]
   text = inference.complete_text(model, tok, ["two plus"], max_new_tokens=5, temperature=0)
@@ -53,10 +50,10 @@ def test_cli_writes_what_the_library_samples(checkpoint, tmp_path):
   assert (out / "text.txt").read_text().strip() == f"'two plus' -> {text[0]!r}"
 
 
-def test_cli_errors_name_the_fix(checkpoint, tmp_path):
-  run = _cli("images", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path}")
+def test_cli_errors_name_the_fix(digits_checkpoint, tmp_path):
+  run = _cli("images", f"--checkpoint={digits_checkpoint}", f"--output_dir={tmp_path}")
   assert run.returncode != 0 and "give --prompt or --class_name" in run.stderr
-  run = _cli("images", f"--checkpoint={checkpoint}", "--class_name=eleven",
+  run = _cli("images", f"--checkpoint={digits_checkpoint}", "--class_name=eleven",
              f"--output_dir={tmp_path}")
   assert run.returncode != 0 and "'eleven' is not a digit" in run.stderr
   run = _cli("images", f"--checkpoint={tmp_path / 'nowhere'}", "--class_name=1")
@@ -81,10 +78,10 @@ def test_cli_decodes_a_latent_model_with_the_vae(tmp_path):
   assert images.shape == (2, 16, 16, 3) and 0 <= images.min() <= images.max() <= 1
 
 
-def test_notebook_runs_headless(checkpoint, monkeypatch):
+def test_notebook_runs_headless(digits_checkpoint, monkeypatch):
   import nbclient
   import nbformat
-  monkeypatch.setenv("MONOFORMER_CHECKPOINT", str(checkpoint))
+  monkeypatch.setenv("MONOFORMER_CHECKPOINT", str(digits_checkpoint))
   monkeypatch.setenv("MONOFORMER_SAMPLE_STEPS", "3")
   monkeypatch.setenv("MONOFORMER_SAMPLES_PER_CLASS", "2")
   nb = nbformat.read(REPO / "notebooks" / "sampling.ipynb", as_version=4)

@@ -86,6 +86,7 @@ def test_loss_and_gradients_match_one_device(setup, shape):
                loss_1, grads_1)
 
 
+@pytest.mark.slow
 def test_pallas_attention_in_the_sharded_model_matches_xla_on_one_device(setup):
   # The model with the Pallas kernel (interpreted), per shard in shard_map:
   # batch over data x fsdp = 4, heads and kv heads over tensor = 2.
@@ -121,6 +122,7 @@ def test_mesh_errors_name_the_fix():
     sharding.make_mesh(dict(data=-1, fsdp=-1, tensor=1))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_averages_the_micro_batch_gradients(setup):
   config, grad_fn, params, batch, key, _ = setup
   graphdef, _, _ = abstract_model(config.model)
@@ -135,6 +137,7 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients(setup):
   chex.assert_trees_all_close(grads_acc, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_masters_and_tracks_float32_loss(setup):
   config, _, params, batch, key, (loss_32, _) = setup
   config_bf16 = config.copy_and_resolve_references()

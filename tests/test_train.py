@@ -2,11 +2,11 @@
 
 One uninterrupted run (`straight`) is the reference of every test here; the
 preemption test interrupts a run twice, in real processes, and checks that the
-pieces add up to that same run.
+pieces add up to that same run. Every run is on one device (no collective:
+helpers.on_one_device); resuming sharded states is tests/test_multihost.py's.
 """
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -16,11 +16,12 @@ import time
 import numpy as np
 import pytest
 
-from helpers import TINY_CONFIG_FLAG, digits_config
+from helpers import TINY_CONFIG_FLAG, digits_config, on_one_device, one_device_env
 from monoformer_jax.train.loop import train_and_evaluate
 
 STEPS = 30
 METRICS = ("loss", "diff", "lm", "grad_norm")
+pytestmark = pytest.mark.slow
 
 
 def history(workdir):
@@ -31,8 +32,9 @@ def history(workdir):
 def straight(tmp_path_factory):
   """An uninterrupted 30-step run, checkpointed every 5 steps."""
   workdir = tmp_path_factory.mktemp("straight")
-  train_and_evaluate(digits_config(num_steps=STEPS, checkpoint_every=5), str(workdir),
-                     sample_at_end=False)
+  with on_one_device():
+    train_and_evaluate(digits_config(num_steps=STEPS, checkpoint_every=5), str(workdir),
+                       sample_at_end=False)
   return workdir, {r["step"]: r for r in history(workdir)}
 
 
@@ -45,7 +47,7 @@ def test_loss_goes_down_on_digits(straight):
 
 def _start(workdir, checkpoint_every):
   """`python -m monoformer_jax.train` on the test config; its log goes beside workdir."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")   # conftest's XLA_FLAGS: 8 devices
+  env = one_device_env(JAX_PLATFORMS="cpu")
   workdir.mkdir(exist_ok=True)
   with open(workdir.parent / f"log_{len(list(workdir.parent.glob('log_*')))}", "w") as log:
     return subprocess.Popen(
@@ -72,7 +74,7 @@ def _saved_steps(workdir):
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def test_preempted_and_killed_runs_resume_with_the_same_losses(straight, tmp_path):
+def test_preempted_and_killed_runs_resume_with_the_same_losses(straight, tmp_path, one_device):
   """SIGTERM (preemption) saves the step it stopped at and exits cleanly; a
   second process resumes from it and is SIGKILLed after a later checkpoint; a
   third run resumes from that one and finishes. Every logged step equals the
@@ -99,7 +101,7 @@ def test_preempted_and_killed_runs_resume_with_the_same_losses(straight, tmp_pat
                                  err_msg=f"{key}@{line['step']}")
 
 
-def test_resuming_with_another_model_size_names_the_problem(straight, tmp_path):
+def test_resuming_with_another_model_size_names_the_problem(straight, tmp_path, one_device):
   workdir = tmp_path / "copy"
   shutil.copytree(straight[0], workdir)
   other = digits_config(num_steps=STEPS + 5)
