@@ -23,10 +23,11 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report
+from absl import flags
 
 from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.layout import Example, RowSpec
@@ -34,11 +35,12 @@ from monoformer_jax.ops.attention import block_map, live_fraction, mixed_mask
 from monoformer_jax.ops.attention.pallas import backend_for, kernel_config, pallas_attention
 from monoformer_jax.ops.attention.xla import xla_attention
 
-import report
-
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "2048", "8192"], "row lengths")
-_IMPLS = flags.DEFINE_list("impls", ["pallas", "xla", "jax_nn", "cudnn"],
-                          "what to time (cudnn: jax.nn's on NVIDIA GPUs only)")
+_IMPLS = flags.DEFINE_list(
+  "impls",
+  ["pallas", "xla", "jax_nn", "cudnn"],
+  "what to time (cudnn: jax.nn's on NVIDIA GPUs only)",
+)
 _BATCH = flags.DEFINE_integer("batch", 0, "rows per call; 0: 16384 tokens per call")
 _HEADS = flags.DEFINE_integer("heads", 32, "query heads (TinyLlama: 32)")
 _KV_HEADS = flags.DEFINE_integer("kv_heads", 4, "kv heads (TinyLlama: 4)")
@@ -50,7 +52,7 @@ _BLOCK_K = flags.DEFINE_integer("block_k", 0, "0: the backend's default")
 _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "markdown file ('' for none)")
 
 PROMPT, IMAGE = 16, 256
-TOKEN, IMAGE_ID = 1, 2   # token ids do not matter here, only the layout
+TOKEN, IMAGE_ID = 1, 2  # token ids do not matter here, only the layout
 
 
 def layout(length: int, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -63,13 +65,22 @@ def layout(length: int, rng) -> tuple[np.ndarray, np.ndarray]:
     n = PROMPT + IMAGE + 1 if is_image else int(rng.integers(40, 401))
     if used + n > length:
       break
-    examples.append(Example([TOKEN] * PROMPT + [IMAGE_ID, TOKEN], [np.zeros((1, 1, 1))])
-                    if is_image else Example([TOKEN] * n))
+    examples.append(
+      Example([TOKEN] * PROMPT + [IMAGE_ID, TOKEN], [np.zeros((1, 1, 1))])
+      if is_image
+      else Example([TOKEN] * n)
+    )
     used += n
     if length <= 512:
       break
-  spec = RowSpec(seq_len=length, max_images=len(examples), image_shape=(1, 1, 1),
-                 tokens_per_image=IMAGE, image_id=IMAGE_ID, pad_id=0)
+  spec = RowSpec(
+    seq_len=length,
+    max_images=len(examples),
+    image_shape=(1, 1, 1),
+    tokens_per_image=IMAGE,
+    image_id=IMAGE_ID,
+    pad_id=0,
+  )
   batch = pack_examples(examples, spec)
   assert batch["tokens"].shape[0] == 1, "the examples were chosen to fill one row"
   return batch["segment_ids"][0], batch["image_ids"][0]
@@ -80,17 +91,17 @@ def _impls(seg, img):
   mask_Bx1xLxL = None
 
   def jax_nn(q, k, v, implementation=None):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL, implementation=implementation)
 
   # The kernel of this machine, named: a benchmark runs where it measures.
   backend = backend_for(jax.default_backend())
   table = {
-      "pallas": lambda q, k, v: pallas_attention(q, k, v, seg, img, backend=backend,
-                                                 block_q=bq, block_k=bk, interpret=False),
-      "xla": lambda q, k, v: xla_attention(q, k, v, seg, img),
-      "jax_nn": jax_nn,
-      "cudnn": lambda q, k, v: jax_nn(q, k, v, implementation="cudnn"),
+    "pallas": lambda q, k, v: pallas_attention(
+      q, k, v, seg, img, backend=backend, block_q=bq, block_k=bk, interpret=False
+    ),
+    "xla": lambda q, k, v: xla_attention(q, k, v, seg, img),
+    "jax_nn": jax_nn,
+    "cudnn": lambda q, k, v: jax_nn(q, k, v, implementation="cudnn"),
   }
   if {"jax_nn", "cudnn"} & set(_IMPLS.value):
     mask_Bx1xLxL = mixed_mask(seg, img)[:, None]
@@ -112,10 +123,17 @@ def measure(length: int):
   dout = jax.random.normal(keys[3], (b, length, h, d), dtype)
   allowed_pairs = int(mixed_mask(seg, img).sum())
   fwd_flops = 4 * d * h * allowed_pairs
-  cfg = kernel_config(backend_for(jax.default_backend()), block_q=_BLOCK_Q.value or None,
-                      block_k=_BLOCK_K.value or None, interpret=False)
-  fraction = float(live_fraction(block_map(seg, img, q_len=length, q_offset=0,
-                                           block_q=cfg.block_q, block_k=cfg.block_k)))
+  cfg = kernel_config(
+    backend_for(jax.default_backend()),
+    block_q=_BLOCK_Q.value or None,
+    block_k=_BLOCK_K.value or None,
+    interpret=False,
+  )
+  fraction = float(
+    live_fraction(
+      block_map(seg, img, q_len=length, q_offset=0, block_q=cfg.block_q, block_k=cfg.block_k)
+    )
+  )
   results = []
   for name, fn in _impls(seg, img).items():
     if name not in _IMPLS.value:
@@ -131,41 +149,65 @@ def measure(length: int):
     try:
       t_fwd = report.median_seconds(fwd, q, k, v, iters=_ITERS.value)
       t_both = report.median_seconds(fwd_bwd, q, k, v, dout, iters=_ITERS.value)
-    except Exception as error:   # e.g. cuDNN refusing a mask or a head count: a row, not a stop
+    except Exception as error:  # e.g. cuDNN refusing a mask or a head count: a row, not a stop
       failure = " ".join(str(error).split())[:160]
       print(f"  {length}: {name} failed: {failure}", flush=True)
       results.append(dict(length=length, batch=b, impl=name, failed=failure))
       continue
-    results.append(dict(
-        length=length, batch=b, impl=name, fwd_ms=1e3 * t_fwd, fwd_bwd_ms=1e3 * t_both,
+    results.append(
+      dict(
+        length=length,
+        batch=b,
+        impl=name,
+        fwd_ms=1e3 * t_fwd,
+        fwd_bwd_ms=1e3 * t_both,
         fwd_tflops=fwd_flops / t_fwd / 1e12,
         fwd_bwd_tflops=3.5 * fwd_flops / t_both / 1e12,
         blocks=fraction if name == "pallas" else 1.0,
-        allowed=allowed_pairs / (b * length * length)))
-    print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in results[-1].items()), flush=True)
+        allowed=allowed_pairs / (b * length * length),
+      )
+    )
+    print(
+      "  "
+      + "  ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results[-1].items()
+      ),
+      flush=True,
+    )
   return results, fraction, allowed_pairs / (b * length * length)
 
 
 def write_markdown(path: pathlib.Path, results, fractions, command):
   lines = [
-      f"Command: `{command}`", "",
-      f"Hardware: {report.hardware()}. Heads {_HEADS.value} (kv {_KV_HEADS.value}), head "
-      f"dim {_HEAD_DIM.value}, {_DTYPE.value}. Median of {_ITERS.value} calls.", "",
-      "| row | allowed pairs | blocks computed (pallas) |", "|---|---|---|"]
+    f"Command: `{command}`",
+    "",
+    f"Hardware: {report.hardware()}. Heads {_HEADS.value} (kv {_KV_HEADS.value}), head "
+    f"dim {_HEAD_DIM.value}, {_DTYPE.value}. Median of {_ITERS.value} calls.",
+    "",
+    "| row | allowed pairs | blocks computed (pallas) |",
+    "|---|---|---|",
+  ]
   for length, (fraction, allowed) in fractions.items():
     lines.append(f"| {length} | {allowed:.1%} | {fraction:.1%} |")
-  lines += ["", "| row x batch | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s |",
-            "|---|---|---|---|---|---|"]
+  lines += [
+    "",
+    "| row x batch | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s |",
+    "|---|---|---|---|---|---|",
+  ]
   for r in results:
     if "failed" in r:
       lines.append(f"| {r['length']} x {r['batch']} | {r['impl']} | failed: {r['failed']} | | | |")
       continue
-    lines.append(f"| {r['length']} x {r['batch']} | {r['impl']} | {r['fwd_ms']:.2f} | "
-                 f"{r['fwd_bwd_ms']:.2f} | {r['fwd_tflops']:.3g} | {r['fwd_bwd_tflops']:.3g} |")
+    lines.append(
+      f"| {r['length']} x {r['batch']} | {r['impl']} | {r['fwd_ms']:.2f} | "
+      f"{r['fwd_bwd_ms']:.2f} | {r['fwd_tflops']:.3g} | {r['fwd_bwd_tflops']:.3g} |"
+    )
   if jax.default_backend() == "cpu":
-    lines += ["", "The Pallas kernels have no CPU timing (interpret mode runs them in "
-              "Python); run this command on a TPU or GPU to fill in their rows."]
+    lines += [
+      "",
+      "The Pallas kernels have no CPU timing (interpret mode runs them in "
+      "Python); run this command on a TPU or GPU to fill in their rows.",
+    ]
   report.write_section(path, "Attention", lines)
 
 

@@ -20,16 +20,15 @@ import pathlib
 import sys
 import time
 
-from absl import flags
-from flax import nnx
 import jax
 import numpy as np
+import report
+from absl import flags
+from flax import nnx
 
 from monoformer_jax.eval import commonsense, fid
 from monoformer_jax.eval.inception import InceptionV3, inception_features
 from monoformer_jax.text.tokenizer import ByteTokenizer
-
-import report
 
 _IMAGES = flags.DEFINE_integer("images", 200, "images through the Inception")
 _RESOLUTION = flags.DEFINE_integer("resolution", 256, "their side")
@@ -48,36 +47,44 @@ def timed(fn):
 
 def main(argv):
   del argv
-  rows = []   # (what, figure)
+  rows = []  # (what, figure)
   rng = np.random.default_rng(0)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
 
   model = InceptionV3(rngs=nnx.Rngs(0))
-  images = rng.integers(0, 256, (_IMAGES.value, _RESOLUTION.value, _RESOLUTION.value, 3),
-                        dtype=np.uint8)
-  inception_features(model, images[:_BATCH.value], batch_size=_BATCH.value, mesh=mesh)  # compile
-  _, seconds = timed(lambda: inception_features(model, images, batch_size=_BATCH.value,
-                                                mesh=mesh))
+  images = rng.integers(
+    0, 256, (_IMAGES.value, _RESOLUTION.value, _RESOLUTION.value, 3), dtype=np.uint8
+  )
+  inception_features(model, images[: _BATCH.value], batch_size=_BATCH.value, mesh=mesh)  # compile
+  _, seconds = timed(lambda: inception_features(model, images, batch_size=_BATCH.value, mesh=mesh))
   rate = _IMAGES.value / seconds
-  rows.append((f"Inception features, {_RESOLUTION.value}x{_RESOLUTION.value} uint8 -> 299, "
-               f"batch {_BATCH.value}", f"{rate:,.1f} images/s (50,000 in "
-               f"{50_000 / rate / 3600:.2f} h)"))
+  rows.append(
+    (
+      f"Inception features, {_RESOLUTION.value}x{_RESOLUTION.value} uint8 -> 299, "
+      f"batch {_BATCH.value}",
+      f"{rate:,.1f} images/s (50,000 in {50_000 / rate / 3600:.2f} h)",
+    )
+  )
   print(rows[-1], flush=True)
 
   a = fid.statistics(rng.standard_normal((3000, 2048)))
   b = fid.statistics(rng.standard_normal((3000, 2048)) * 1.1 + 0.1)
   _, seconds = timed(lambda: fid.frechet_distance(a, b))
-  rows.append(("Fréchet distance, 2048-d (scipy sqrtm; FID and sFID take one each)",
-               f"{seconds:.1f} s"))
+  rows.append(
+    ("Fréchet distance, 2048-d (scipy sqrtm; FID and sFID take one each)", f"{seconds:.1f} s")
+  )
   print(rows[-1], flush=True)
 
   n = _PR_FEATURES.value
   real = rng.standard_normal((n, 2048)).astype(np.float32)
   fake = (rng.standard_normal((n, 2048)) * 1.05).astype(np.float32)
   _, seconds = timed(lambda: fid.precision_recall(real, fake, k=3))
-  rows.append((f"precision/recall, {n:,} x {n:,} features of 2048, k = 3",
-               f"{seconds:.1f} s (10,000 x 50,000, ADM's: ~{seconds * 20:.0f} s by the "
-               "pair count)"))
+  rows.append(
+    (
+      f"precision/recall, {n:,} x {n:,} features of 2048, k = 3",
+      f"{seconds:.1f} s (10,000 x 50,000, ADM's: ~{seconds * 20:.0f} s by the pair count)",
+    )
+  )
   print(rows[-1], flush=True)
 
   lm = report.random_model(report.paper_layout_cpu_model())
@@ -86,17 +93,26 @@ def main(argv):
   requests = []
   for i in range(_REQUESTS.value):
     context = " ".join(words[(i + j) % len(words)] for j in range(_REQUEST_LEN.value // 5))
-    requests.append((context[:_REQUEST_LEN.value - 8], " answer"))
-  commonsense.loglikelihoods(lm, tok, requests[:32], progress=False)   # compile
+    requests.append((context[: _REQUEST_LEN.value - 8], " answer"))
+  commonsense.loglikelihoods(lm, tok, requests[:32], progress=False)  # compile
   _, seconds = timed(lambda: commonsense.loglikelihoods(lm, tok, requests, progress=False))
-  rows.append((f"commonsense scoring, {_REQUEST_LEN.value}-token requests, 4x256 model",
-               f"{_REQUESTS.value / seconds:,.0f} requests/s"))
+  rows.append(
+    (
+      f"commonsense scoring, {_REQUEST_LEN.value}-token requests, 4x256 model",
+      f"{_REQUESTS.value / seconds:,.0f} requests/s",
+    )
+  )
   print(rows[-1], flush=True)
 
   if _OUTPUT.value:
-    lines = [f"Command: `python {' '.join(sys.argv)}`", "",
-             f"Hardware: {report.hardware()}. One timed run after a compile; random weights "
-             "and inputs.", "", "| work | speed |", "|---|---|"]
+    lines = [
+      f"Command: `python {' '.join(sys.argv)}`",
+      "",
+      f"Hardware: {report.hardware()}. One timed run after a compile; random weights and inputs.",
+      "",
+      "| work | speed |",
+      "|---|---|",
+    ]
     lines += [f"| {what} | {figure} |" for what, figure in rows]
     report.write_section(pathlib.Path(_OUTPUT.value), "Evaluation", lines)
 

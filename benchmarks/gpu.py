@@ -45,8 +45,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
 # What the GPU image (the device tool's KINDS.md) lacks of what the benchmarks
 # import, at the versions this project's tests run with; their own needs are there.
-MISSING_THERE = ("ml_collections==1.1.0", "grain==0.2.18", "array_record==0.8.6",
-                 "portpicker==1.6.0")
+MISSING_THERE = (
+  "ml_collections==1.1.0",
+  "grain==0.2.18",
+  "array_record==0.8.6",
+  "portpicker==1.6.0",
+)
 SITE = "/tmp/monoformer_site"
 
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", ""), "folder for the results")
@@ -57,48 +61,138 @@ _ONLY = flags.DEFINE_list("only", [], "run only these parts")
 
 # (name, share of the budget, script, arguments on the GPU, arguments with --smoke)
 PARTS = (
-    ("kernels", 0.15, "kernel_check.py",
-     ["--lengths=512,2048", "--rows=4", "--json={out}/kernels.json"],
-     ["--interpret", "--backend=gpu", "--lengths=256", "--rows=2", "--heads=4",
-      "--kv_heads=2", "--head_dim=32", "--json={out}/kernels.json"]),
-    ("attention", 0.2, "attention.py",
-     ["--lengths=512,2048", "--impls=pallas,xla,jax_nn,cudnn", "--dtype=bfloat16"],
-     ["--lengths=512", "--impls=xla,jax_nn", "--batch=1", "--heads=4", "--kv_heads=2",
-      "--head_dim=32", "--dtype=float32", "--iters=2"]),
-    ("step", 0.4, "paper_step.py", ["--json={out}/step.json"],
-     ["--variant=tiny", "--memory_gib=0.05", "--iters=2", "--json={out}/step.json"]),
-    ("sampling", 0.25, "sampling.py",
-     ["--layouts=paper", "--paper_model=full", "--prompt_lengths=16", "--paper_images=8",
-      "--text_rows=8", "--new_tokens=64"],
-     ["--layouts=paper", "--paper_model=small", "--prompt_lengths=16", "--paper_images=1",
-      "--iters=1", "--text_rows=1", "--new_tokens=4"]),
+  (
+    "kernels",
+    0.15,
+    "kernel_check.py",
+    ["--lengths=512,2048", "--rows=4", "--json={out}/kernels.json"],
+    [
+      "--interpret",
+      "--backend=gpu",
+      "--lengths=256",
+      "--rows=2",
+      "--heads=4",
+      "--kv_heads=2",
+      "--head_dim=32",
+      "--json={out}/kernels.json",
+    ],
+  ),
+  (
+    "attention",
+    0.2,
+    "attention.py",
+    ["--lengths=512,2048", "--impls=pallas,xla,jax_nn,cudnn", "--dtype=bfloat16"],
+    [
+      "--lengths=512",
+      "--impls=xla,jax_nn",
+      "--batch=1",
+      "--heads=4",
+      "--kv_heads=2",
+      "--head_dim=32",
+      "--dtype=float32",
+      "--iters=2",
+    ],
+  ),
+  (
+    "step",
+    0.4,
+    "paper_step.py",
+    ["--json={out}/step.json"],
+    ["--variant=tiny", "--memory_gib=0.05", "--iters=2", "--json={out}/step.json"],
+  ),
+  (
+    "sampling",
+    0.25,
+    "sampling.py",
+    [
+      "--layouts=paper",
+      "--paper_model=full",
+      "--prompt_lengths=16",
+      "--paper_images=8",
+      "--text_rows=8",
+      "--new_tokens=64",
+    ],
+    [
+      "--layouts=paper",
+      "--paper_model=small",
+      "--prompt_lengths=16",
+      "--paper_images=1",
+      "--iters=1",
+      "--text_rows=1",
+      "--new_tokens=4",
+    ],
+  ),
 )
 
 
 def prepare():
   """The wheels of MISSING_THERE for the GPU machine's Python (3.12, x86-64 Linux)."""
-  WHEELS.mkdir(exist_ok=True)   # .gitignore has it
-  platforms = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64",
-                           "manylinux_2_17_x86_64", "manylinux2014_x86_64")
-               for a in ("--platform", p)]
-  subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                  "--python-version", "3.12", "--implementation", "cp", *platforms,
-                  "-d", str(WHEELS), *MISSING_THERE], check=True)
-  print(f"{WHEELS}: {sorted(p.name for p in WHEELS.glob('*.whl'))}\n"
-        "on the GPU machine: python3 benchmarks/gpu.py --out=$OUT (carry .whl)")
+  WHEELS.mkdir(exist_ok=True)  # .gitignore has it
+  platforms = [
+    a
+    for p in (
+      "manylinux_2_28_x86_64",
+      "manylinux_2_24_x86_64",
+      "manylinux_2_17_x86_64",
+      "manylinux2014_x86_64",
+    )
+    for a in ("--platform", p)
+  ]
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "download",
+      "--no-deps",
+      "--only-binary=:all:",
+      "--python-version",
+      "3.12",
+      "--implementation",
+      "cp",
+      *platforms,
+      "-d",
+      str(WHEELS),
+      *MISSING_THERE,
+    ],
+    check=True,
+  )
+  print(
+    f"{WHEELS}: {sorted(p.name for p in WHEELS.glob('*.whl'))}\n"
+    "on the GPU machine: python3 benchmarks/gpu.py --out=$OUT (carry .whl)"
+  )
 
 
 def environment() -> dict[str, str]:
   """The parts' environment: the carried wheels installed (when there are any)
   and on the path with the repository; the GPU's memory for the step."""
-  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_MEM_FRACTION="0.95",
-             TF_CPP_MIN_LOG_LEVEL="2")
+  env = dict(
+    os.environ,
+    PYTHONUNBUFFERED="1",
+    XLA_PYTHON_CLIENT_MEM_FRACTION="0.95",
+    TF_CPP_MIN_LOG_LEVEL="2",
+  )
   paths = [str(REPO)]
   wheels = sorted(WHEELS.glob("*.whl"))
   if wheels and not _SMOKE.value:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                    "--no-compile", "--no-cache-dir", "--upgrade", "--target", SITE,
-                    *map(str, wheels)], check=True)
+    subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--upgrade",
+        "--target",
+        SITE,
+        *map(str, wheels),
+      ],
+      check=True,
+    )
     paths.insert(0, SITE)
   env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
   return env
@@ -110,8 +204,15 @@ def run_part(name, script, args, seconds, env, log) -> tuple[str, float]:
   print(f"== {name}: {' '.join(command[1:])} (at most {seconds:.0f} s)", flush=True)
   log.write(f"== {name}: {' '.join(command)}\n")
   start = time.perf_counter()
-  process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  process = subprocess.Popen(
+    command,
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
   outcome = None
   try:
     for line in _lines_until(process, start + seconds):
@@ -133,6 +234,7 @@ def run_part(name, script, args, seconds, env, log) -> tuple[str, float]:
 def _lines_until(process, deadline):
   """The process's output lines; TimeoutError at the deadline."""
   import selectors
+
   selector = selectors.DefaultSelector()
   selector.register(process.stdout, selectors.EVENT_READ)
   while True:
@@ -148,8 +250,18 @@ def _lines_until(process, deadline):
 
 def _noise(line: str) -> bool:
   """Start-up chatter of libraries (TPU probing, absl's info lines)."""
-  return any(s in line for s in ("TPU", "libtpu", "InitGoogle", "common_lib.cc",
-                                 "Source Location", "tfrc/", "dataset_info.py"))
+  return any(
+    s in line
+    for s in (
+      "TPU",
+      "libtpu",
+      "InitGoogle",
+      "common_lib.cc",
+      "Source Location",
+      "tfrc/",
+      "dataset_info.py",
+    )
+  )
 
 
 def main(argv):

@@ -27,24 +27,24 @@ import sys
 import tempfile
 import time
 
-from absl import flags
 import numpy as np
+import report
+from absl import flags
 
-from monoformer_jax.model.build import train_flops_per_row
 from monoformer_jax.config import config_file
 from monoformer_jax.data.datasets import make_batches, source
 from monoformer_jax.data.packing import PackedBatches
 from monoformer_jax.layout import row_spec
+from monoformer_jax.model.build import train_flops_per_row
 from monoformer_jax.text.tokenizer import ByteTokenizer
-
-import report
 
 _RECORDS = flags.DEFINE_integer("records", 4096, "synthetic ImageNet records to write")
 _ROWS = flags.DEFINE_integer("rows", 32, "rows per host batch")
 _BATCHES = flags.DEFINE_integer("batches", 30, "timed batches")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timings of --batches each; the median is reported")
-_SETTINGS = flags.DEFINE_list("settings", ["0/0", "0/2", "2/2"],
-                              "data.workers/data.prefetch pairs to time")
+_SETTINGS = flags.DEFINE_list(
+  "settings", ["0/0", "0/2", "2/2"], "data.workers/data.prefetch pairs to time"
+)
 _CHIPS = flags.DEFINE_integer("chips_per_host", 4, "accelerators per host (TPU v5p: 4)")
 _PEAK = flags.DEFINE_float("peak_tflops", 459.0, "bf16 peak per chip, TFLOP/s (v5p: 459)")
 _MFU = flags.DEFINE_float("mfu", 0.5, "assumed model FLOPs utilisation of the step")
@@ -58,19 +58,24 @@ def _write_records(folder: str, n: int) -> str:
     for i in range(n):
       mean = rng.standard_normal((32, 32, 4), dtype=np.float32)
       std = np.abs(rng.standard_normal((32, 32, 4), dtype=np.float32)) * 0.1
-      yield dict(key=f"{i:07d}", mean=mean, std=std, mean_flip=mean[:, ::-1].copy(),
-                 std_flip=std[:, ::-1].copy(), label=int(rng.integers(1000)),
-                 wnid="n00000000")
+      yield dict(
+        key=f"{i:07d}",
+        mean=mean,
+        std=std,
+        mean_flip=mean[:, ::-1].copy(),
+        std_flip=std[:, ::-1].copy(),
+        label=int(rng.integers(1000)),
+        wnid="n00000000",
+      )
 
-  return source("imagenet").write(folder, {"train": records}, latent_shape=(32, 32, 4),
-                                  flip=True)
+  return source("imagenet").write(folder, {"train": records}, latent_shape=(32, 32, 4), flip=True)
 
 
 def main(argv):
   del argv
   config = config_file("imagenet256")
   config.data.update(tokenizer="bytes", batch_size=_ROWS.value)
-  config.model.vocab_size = 264   # the byte tokenizer (rows and images are the paper's)
+  config.model.vocab_size = 264  # the byte tokenizer (rows and images are the paper's)
   tok = ByteTokenizer()
   results = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +86,7 @@ def main(argv):
       workers, depth = (int(x) for x in setting.split("/"))
       config.data.update(workers=workers, prefetch=depth)
       batches = make_batches(config, tok)
-      for _ in range(5):   # warm-up (and the workers' start)
+      for _ in range(5):  # warm-up (and the workers' start)
         next(batches)
       rates = []
       for _ in range(_REPEATS.value):
@@ -110,43 +115,54 @@ def main(argv):
     ceiling = _BATCHES.value * _ROWS.value / (time.perf_counter() - t0)
     print(f"packing alone: {ceiling:,.0f} rows/s", flush=True)
 
-  paper = config_file("imagenet256")   # its real vocabulary, not the byte tokenizer's
+  paper = config_file("imagenet256")  # its real vocabulary, not the byte tokenizer's
   flops = train_flops_per_row(paper.model, paper.data.seq_len)
   need_chip = _PEAK.value * 1e12 * _MFU.value / flops
   need_host = need_chip * _CHIPS.value
   best = max(rate for *_, rate in results)
-  print(f"train step: {flops / 1e12:.2f} TFLOP per row; at {_MFU.value:.0%} of "
-        f"{_PEAK.value:g} TFLOP/s a chip takes {need_chip:,.1f} rows/s, a host of "
-        f"{_CHIPS.value} {need_host:,.0f}; pipeline/need = {best / need_host:.1f}x", flush=True)
+  print(
+    f"train step: {flops / 1e12:.2f} TFLOP per row; at {_MFU.value:.0%} of "
+    f"{_PEAK.value:g} TFLOP/s a chip takes {need_chip:,.1f} rows/s, a host of "
+    f"{_CHIPS.value} {need_host:,.0f}; pipeline/need = {best / need_host:.1f}x",
+    flush=True,
+  )
   if _OUTPUT.value:
-    lines = [f"Command: `python {' '.join(sys.argv)}`", "",
-             f"Hardware: {report.hardware()}, {os.cpu_count()} CPU cores. Synthetic "
-             f"records of the paper's shapes (32x32x4 posteriors and mirrors), "
-             f"{_RECORDS.value} of them; the imagenet256 pipeline with the byte tokenizer "
-             f"(512-token rows, one 256-token image each); the median of {_REPEATS.value} "
-             f"timings of {_BATCHES.value} batches of {_ROWS.value} rows, after a warm-up.", "",
-             "| data.workers | data.prefetch | rows/s per host |", "|---|---|---|"]
+    lines = [
+      f"Command: `python {' '.join(sys.argv)}`",
+      "",
+      f"Hardware: {report.hardware()}, {os.cpu_count()} CPU cores. Synthetic "
+      f"records of the paper's shapes (32x32x4 posteriors and mirrors), "
+      f"{_RECORDS.value} of them; the imagenet256 pipeline with the byte tokenizer "
+      f"(512-token rows, one 256-token image each); the median of {_REPEATS.value} "
+      f"timings of {_BATCHES.value} batches of {_ROWS.value} rows, after a warm-up.",
+      "",
+      "| data.workers | data.prefetch | rows/s per host |",
+      "|---|---|---|",
+    ]
     lines += [f"| {w} | {d} | {rate:,.0f} |" for w, d, rate in results]
     lines += [f"| (packing alone, examples made beforehand) | | {ceiling:,.0f} |"]
-    lines += ["", f"The 1.1B train step costs {flops / 1e12:.2f} TFLOP per 512-token row "
-              f"(6 per weight per token and the attention's 12 L^2 H D per layer, forward "
-              f"+ backward, as MFU is counted). At "
-              f"{_MFU.value:.0%} MFU of {_PEAK.value:g} TFLOP/s (a TPU v5p chip, bf16) a "
-              f"chip consumes {need_chip:,.1f} rows/s and a host of {_CHIPS.value} chips "
-              f"{need_host:,.0f}: the pipeline delivers {best / need_host:.1f}x what the "
-              f"step needs (goal: >= 10x); the main process's own share (packing) "
-              f"caps it at {ceiling:,.0f} rows/s ({ceiling / need_host:.0f}x) on a host with "
-              "cores to spare for the workers. Here the workers and the main process share "
-              f"{os.cpu_count()} cores, so the worker row is CPU-bound: making an example "
-              "(reading its record, parsing it, drawing the latent, the prompt) costs about "
-              f"{1e3 / max(r for w, _, r in results if w == 0):.2f} ms of one core. Of that, "
-              "the posterior draw (4096 normals) is about 0.07 ms and the array_record read "
-              "about 0.04 ms (prepare rewrites TFDS's zstd shards uncompressed: 0.10 ms a "
-              "record before); parsing is builders.Records's own (TFDS's decoding "
-              "cost 0.3 ms more per record). "
-              "A host with k cores free for k workers should reach "
-              "about k times the in-process rate, up to that ceiling (an expectation from "
-              "these figures, not a measurement)."]
+    lines += [
+      "",
+      f"The 1.1B train step costs {flops / 1e12:.2f} TFLOP per 512-token row "
+      f"(6 per weight per token and the attention's 12 L^2 H D per layer, forward "
+      f"+ backward, as MFU is counted). At "
+      f"{_MFU.value:.0%} MFU of {_PEAK.value:g} TFLOP/s (a TPU v5p chip, bf16) a "
+      f"chip consumes {need_chip:,.1f} rows/s and a host of {_CHIPS.value} chips "
+      f"{need_host:,.0f}: the pipeline delivers {best / need_host:.1f}x what the "
+      f"step needs (goal: >= 10x); the main process's own share (packing) "
+      f"caps it at {ceiling:,.0f} rows/s ({ceiling / need_host:.0f}x) on a host with "
+      "cores to spare for the workers. Here the workers and the main process share "
+      f"{os.cpu_count()} cores, so the worker row is CPU-bound: making an example "
+      "(reading its record, parsing it, drawing the latent, the prompt) costs about "
+      f"{1e3 / max(r for w, _, r in results if w == 0):.2f} ms of one core. Of that, "
+      "the posterior draw (4096 normals) is about 0.07 ms and the array_record read "
+      "about 0.04 ms (prepare rewrites TFDS's zstd shards uncompressed: 0.10 ms a "
+      "record before); parsing is builders.Records's own (TFDS's decoding "
+      "cost 0.3 ms more per record). "
+      "A host with k cores free for k workers should reach "
+      "about k times the in-process rate, up to that ceiling (an expectation from "
+      "these figures, not a measurement).",
+    ]
     report.write_section(pathlib.Path(_OUTPUT.value), "Input pipeline", lines)
 
 

@@ -22,14 +22,13 @@ import statistics
 import sys
 import time
 
+import report
 from absl import flags
 
 from monoformer_jax.checkpoints import load_model
-from monoformer_jax.errors import ConfigError
 from monoformer_jax.digits.evaluators import interleaved_accuracy
+from monoformer_jax.errors import ConfigError
 from monoformer_jax.text.tokenizer import tokenizer_of
-
-import report
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "a digits run's checkpoints folder")
 _PROMPTS = flags.DEFINE_integer("prompts", 20, "answers per batch (the evaluator's 20)")
@@ -42,8 +41,15 @@ def run(model, tokenizer, config, max_wait, prompts: int = 20, num_steps: int = 
   passes = []
   t0 = time.perf_counter()
   metrics, answers, _ = interleaved_accuracy(
-      model, tokenizer, config, num_prompts=prompts, num_steps=num_steps, seed=0,
-      max_wait=max_wait, progress=lambda m: passes.append(m) if m.startswith("drawing") else None)
+    model,
+    tokenizer,
+    config,
+    num_prompts=prompts,
+    num_steps=num_steps,
+    seed=0,
+    max_wait=max_wait,
+    progress=lambda m: passes.append(m) if m.startswith("drawing") else None,
+  )
   seconds = time.perf_counter() - t0
   texts = ["".join(v for kind, v in a.pieces if kind == "text") for a in answers]
   return seconds, len(passes), metrics["interleaved_images"], texts
@@ -52,14 +58,19 @@ def run(model, tokenizer, config, max_wait, prompts: int = 20, num_steps: int = 
 def main(argv):
   del argv
   if not _CHECKPOINT.value:
-    raise ConfigError("--checkpoint: give a digits run's checkpoints folder, e.g. "
-                      "--checkpoint=/tmp/digits/checkpoints (the README's main job)")
+    raise ConfigError(
+      "--checkpoint: give a digits run's checkpoints folder, e.g. "
+      "--checkpoint=/tmp/digits/checkpoints (the README's main job)"
+    )
   model, config = load_model(_CHECKPOINT.value)
   tokenizer = tokenizer_of(config)
   rows = []
-  for label, max_wait in (("0 (each row draws when it asks)", 0), ("default (an image's columns)", None)):
+  for label, max_wait in (
+    ("0 (each row draws when it asks)", 0),
+    ("default (an image's columns)", None),
+  ):
     timed = functools.partial(run, model, tokenizer, config, max_wait, _PROMPTS.value)
-    timed()   # compile
+    timed()  # compile
     results = [timed() for _ in range(1 + _ITERS.value)][1:]
     seconds = statistics.median(r[0] for r in results)
     _, passes, images, texts = results[0]
@@ -68,17 +79,24 @@ def main(argv):
   same = rows[0][4] == rows[1][4]
   print("the same text:", same)
   if _OUTPUT.value:
-    lines = [f"Command: `python {' '.join(sys.argv)}`", "",
-             f"Hardware: {report.hardware()}. The digits evaluator's interleaved answers "
-             f"({_PROMPTS.value} x \"here is a\", temperature 1, 50 guided DDPM steps per "
-             f"image) from the checkpoint's EMA weights; the median of {_ITERS.value} runs "
-             "after a compile and a warm-up.", "",
-             "| max_wait | seconds | passes of the denoising steps | images |",
-             "|---|---|---|---|"]
+    lines = [
+      f"Command: `python {' '.join(sys.argv)}`",
+      "",
+      f"Hardware: {report.hardware()}. The digits evaluator's interleaved answers "
+      f'({_PROMPTS.value} x "here is a", temperature 1, 50 guided DDPM steps per '
+      f"image) from the checkpoint's EMA weights; the median of {_ITERS.value} runs "
+      "after a compile and a warm-up.",
+      "",
+      "| max_wait | seconds | passes of the denoising steps | images |",
+      "|---|---|---|---|",
+    ]
     for label, seconds, passes, images, _ in rows:
       lines.append(f"| {label} | {seconds:.2f} | {passes} | {images} |")
-    lines += ["", f"Both settings wrote the same text: {'yes' if same else 'no'} "
-              f"({rows[0][1] / rows[1][1]:.1f}x faster waiting)."]
+    lines += [
+      "",
+      f"Both settings wrote the same text: {'yes' if same else 'no'} "
+      f"({rows[0][1] / rows[1][1]:.1f}x faster waiting).",
+    ]
     report.write_section(pathlib.Path(_OUTPUT.value), "Interleaved sampling", lines)
 
 

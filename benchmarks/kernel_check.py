@@ -31,15 +31,14 @@ import pathlib
 import sys
 import time
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report
+from absl import flags
 
 from monoformer_jax.ops.attention.pallas import backend_for, pallas_attention
 from monoformer_jax.ops.attention.xla import xla_attention
-
-import report
 
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "2048"], "row lengths")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "input dtypes")
@@ -54,7 +53,7 @@ _JSON = flags.DEFINE_string("json", "", "write the results as JSON here ('' for 
 _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "markdown file ('' for none)")
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
-PAPER_EXAMPLE = 16 + 256 + 1   # the reference's row: a class prompt, the image, the end
+PAPER_EXAMPLE = 16 + 256 + 1  # the reference's row: a class prompt, the image, the end
 
 
 def random_row(rng, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,14 +67,14 @@ def random_row(rng, length: int) -> tuple[np.ndarray, np.ndarray]:
   while at < end:
     n = min(int(rng.integers(1, 601)), end - at)
     example += 1
-    seg[at:at + n] = example
+    seg[at : at + n] = example
     start = at + int(rng.integers(0, 24))
     for _ in range(int(rng.integers(0, 3))):
       size = int(rng.integers(4, 257))
       if start + size > at + n:
         break
       image += 1
-      img[start:start + size] = image
+      img[start : start + size] = image
       start += size + int(rng.integers(1, 16))
     at += n
   return seg, img
@@ -86,15 +85,17 @@ def paper_row(length: int) -> tuple[np.ndarray, np.ndarray]:
   marker) then padding to `length`."""
   seg, img = np.zeros(length, np.int32), np.zeros(length, np.int32)
   seg[:PAPER_EXAMPLE] = 1
-  img[16:16 + 256] = 1
+  img[16 : 16 + 256] = 1
   return seg, img
 
 
 def layouts(rows: int, length: int, rng) -> tuple[np.ndarray, np.ndarray]:
   """[rows, L] ids: the first row the reference's example (when it fits), the
   rest `random_row`."""
-  drawn = [paper_row(length) if r == 0 and length >= PAPER_EXAMPLE else random_row(rng, length)
-           for r in range(rows)]
+  drawn = [
+    paper_row(length) if r == 0 and length >= PAPER_EXAMPLE else random_row(rng, length)
+    for r in range(rows)
+  ]
   return np.stack([s for s, _ in drawn]), np.stack([i for _, i in drawn])
 
 
@@ -110,6 +111,7 @@ def compare(kernel, seg, img, q, k, v, dout) -> dict[str, float]:
   """Errors of `kernel(q, k, v, segment_ids, image_ids, q_offset=None)`'s output
   and its gradients (the vjp of `dout`) against xla_attention's in float32 at
   full precision on the same inputs."""
+
   def out_and_grads(attend, q, k, v, dout):
     out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, seg, img), q, k, v)
     return out, vjp(dout)
@@ -118,9 +120,12 @@ def compare(kernel, seg, img, q, k, v, dout) -> dict[str, float]:
   up = lambda x: x.astype(jnp.float32)
   with jax.default_matmul_precision("highest"):
     want_out, want = jax.jit(functools.partial(out_and_grads, xla_attention))(
-        up(q), up(k), up(v), up(dout))
-  return dict(out=error(out, want_out), **{
-      name: error(g, w) for name, g, w in zip(("dq", "dk", "dv"), grads, want)})
+      up(q), up(k), up(v), up(dout)
+    )
+  return dict(
+    out=error(out, want_out),
+    **{name: error(g, w) for name, g, w in zip(("dq", "dk", "dv"), grads, want)},
+  )
 
 
 def run(lengths, dtypes, rows, heads, kv_heads, head_dim, backend, interpret, seed):
@@ -133,9 +138,10 @@ def run(lengths, dtypes, rows, heads, kv_heads, head_dim, backend, interpret, se
       seg, img = map(jnp.asarray, layouts(rows, length, rng))
       for queries in ("row", "last quarter"):
         lq = length if queries == "row" else length // 4
-        keys = jax.random.split(jax.random.PRNGKey(int(rng.integers(2 ** 31))), 4)
-        make = lambda key, shape, dtype=dtype: (
-            jax.random.normal(key, shape, jnp.float32).astype(dtype))
+        keys = jax.random.split(jax.random.PRNGKey(int(rng.integers(2**31))), 4)
+        make = lambda key, shape, dtype=dtype: jax.random.normal(key, shape, jnp.float32).astype(
+          dtype
+        )
         q = make(keys[0], (rows, lq, heads, head_dim))
         k = make(keys[1], (rows, length, kv_heads, head_dim))
         v = make(keys[2], (rows, length, kv_heads, head_dim))
@@ -143,29 +149,47 @@ def run(lengths, dtypes, rows, heads, kv_heads, head_dim, backend, interpret, se
         start = time.perf_counter()
         errors = compare(kernel, seg, img, q, k, v, dout)
         worst = max(errors.values())
-        results.append(dict(dtype=dtype, length=length, queries=queries, rows=rows,
-                            **errors, worst=worst, tolerance=TOLERANCE[dtype],
-                            passed=bool(worst <= TOLERANCE[dtype]),
-                            seconds=time.perf_counter() - start))
-        print(f"  {dtype} L={length} queries={queries}: "
-              + "  ".join(f"{n} {errors[n]:.2e}" for n in ("out", "dq", "dk", "dv"))
-              + f"  {'ok' if results[-1]['passed'] else 'FAILED'} "
-              f"(tolerance {TOLERANCE[dtype]:g})", flush=True)
+        results.append(
+          dict(
+            dtype=dtype,
+            length=length,
+            queries=queries,
+            rows=rows,
+            **errors,
+            worst=worst,
+            tolerance=TOLERANCE[dtype],
+            passed=bool(worst <= TOLERANCE[dtype]),
+            seconds=time.perf_counter() - start,
+          )
+        )
+        print(
+          f"  {dtype} L={length} queries={queries}: "
+          + "  ".join(f"{n} {errors[n]:.2e}" for n in ("out", "dq", "dk", "dv"))
+          + f"  {'ok' if results[-1]['passed'] else 'FAILED'} "
+          f"(tolerance {TOLERANCE[dtype]:g})",
+          flush=True,
+        )
   return results
 
 
 def markdown(results, what: str, command: str) -> list[str]:
-  lines = [f"Command: `{command}`", "",
-           f"Hardware: {report.hardware()}. {what}: output and gradients against "
-           "`xla_attention` in float32 at full precision on the same inputs; "
-           "max |error| / max |reference| per tensor (benchmarks/kernel_check.py says how the "
-           "layouts are drawn).", "",
-           "| dtype | row length | queries | rows | out | dq | dk | dv | tolerance | |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"Command: `{command}`",
+    "",
+    f"Hardware: {report.hardware()}. {what}: output and gradients against "
+    "`xla_attention` in float32 at full precision on the same inputs; "
+    "max |error| / max |reference| per tensor (benchmarks/kernel_check.py says how the "
+    "layouts are drawn).",
+    "",
+    "| dtype | row length | queries | rows | out | dq | dk | dv | tolerance | |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in results:
-    lines.append(f"| {r['dtype']} | {r['length']} | {r['queries']} | {r['rows']} | "
-                 + " | ".join(f"{r[n]:.1e}" for n in ("out", "dq", "dk", "dv"))
-                 + f" | {r['tolerance']:g} | {'ok' if r['passed'] else '**FAILED**'} |")
+    lines.append(
+      f"| {r['dtype']} | {r['length']} | {r['queries']} | {r['rows']} | "
+      + " | ".join(f"{r[n]:.1e}" for n in ("out", "dq", "dk", "dv"))
+      + f" | {r['tolerance']:g} | {'ok' if r['passed'] else '**FAILED**'} |"
+    )
   return lines
 
 
@@ -174,15 +198,29 @@ def main(argv):
   backend = _BACKEND.value or backend_for(jax.default_backend())
   compiled = not _INTERPRET.value
   what = f"the {backend} kernels {'compiled' if compiled else 'interpreted'}"
-  print(f"{what}, {_HEADS.value} heads / {_KV_HEADS.value} kv heads, head dim "
-        f"{_HEAD_DIM.value}:", flush=True)
-  results = run([int(n) for n in _LENGTHS.value], _DTYPES.value, _ROWS.value, _HEADS.value,
-                _KV_HEADS.value, _HEAD_DIM.value, backend, _INTERPRET.value, _SEED.value)
+  print(
+    f"{what}, {_HEADS.value} heads / {_KV_HEADS.value} kv heads, head dim {_HEAD_DIM.value}:",
+    flush=True,
+  )
+  results = run(
+    [int(n) for n in _LENGTHS.value],
+    _DTYPES.value,
+    _ROWS.value,
+    _HEADS.value,
+    _KV_HEADS.value,
+    _HEAD_DIM.value,
+    backend,
+    _INTERPRET.value,
+    _SEED.value,
+  )
   if _JSON.value:
     pathlib.Path(_JSON.value).write_text(json.dumps(dict(what=what, results=results), indent=1))
   if _OUTPUT.value:
-    report.write_section(pathlib.Path(_OUTPUT.value), "Pallas kernels against XLA",
-                         markdown(results, what, "python " + " ".join(sys.argv)))
+    report.write_section(
+      pathlib.Path(_OUTPUT.value),
+      "Pallas kernels against XLA",
+      markdown(results, what, "python " + " ".join(sys.argv)),
+    )
   failed = [r for r in results if not r["passed"]]
   if failed:
     print(f"{len(failed)} of {len(results)} comparisons FAILED", flush=True)

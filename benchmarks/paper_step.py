@@ -34,16 +34,17 @@ import pathlib
 import sys
 import time
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report
+from absl import flags
 
 from monoformer_jax import perf
-from monoformer_jax.model.build import train_flops_per_row
 from monoformer_jax.config import config_file
 from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.layout import Example, batch_shapes, row_spec
+from monoformer_jax.model.build import train_flops_per_row
 from monoformer_jax.ops.attention import resolve_impl
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.tokenizer import ByteTokenizer, Tokenizer
@@ -51,20 +52,19 @@ from monoformer_jax.train.aot import lower_train_step, memory_plan
 from monoformer_jax.train.state import create_train_state, make_optimizer
 from monoformer_jax.train.step import healthy
 
-import report
-
 _VARIANT = flags.DEFINE_string("variant", "", "configs/imagenet256.py's variant ('', tiny, 7b)")
 _REMAT = flags.DEFINE_bool("remat", None, "model.remat (default: the config's)")
 _PROBE_BATCH = flags.DEFINE_integer("probe_batch", 8, "rows of the compile that sizes the batch")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 256, "at most this many rows (the recipe's 256)")
 _FILL = flags.DEFINE_float("fill", 0.9, "share of the device's memory the step may plan for")
-_MEMORY_GIB = flags.DEFINE_float("memory_gib", 0.0,
-                                 "the device's memory; 0: its memory_stats()['bytes_limit']")
+_MEMORY_GIB = flags.DEFINE_float(
+  "memory_gib", 0.0, "the device's memory; 0: its memory_stats()['bytes_limit']"
+)
 _ITERS = flags.DEFINE_integer("iters", 5, "timed steps (median)")
 _JSON = flags.DEFINE_string("json", "", "write the result as JSON here ('' for none)")
 _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "markdown file ('' for none)")
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 class _Ids(Tokenizer):
@@ -104,12 +104,14 @@ def class_rows(config, seed: int = 0) -> dict[str, np.ndarray]:
 
 def batch_bytes(config) -> int:
   """Bytes of a batch of data.batch_size rows (packing.batch_shapes)."""
-  return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
-             for shape, dtype in batch_shapes(config).values())
+  return sum(
+    int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in batch_shapes(config).values()
+  )
 
 
-def rows_that_fit(probe: dict[str, int], probe_rows: int, per_batch_bytes: int,
-                  limit_bytes: float, max_rows: int) -> int:
+def rows_that_fit(
+  probe: dict[str, int], probe_rows: int, per_batch_bytes: int, limit_bytes: float, max_rows: int
+) -> int:
   """The most rows (a multiple of 8, at most max_rows) whose plan stays under
   limit_bytes, from the plan at probe_rows: the temporaries and the batch grow
   with the rows, the rest does not. 0 when not even 8 rows fit."""
@@ -159,9 +161,12 @@ def measure(variant, remat, probe_rows, max_rows, fill, memory_gib, iters) -> di
   config = step_config(variant, remat, probe_rows)
   _, probe, probe_seconds = compile_step(config)
   rows = rows_that_fit(probe, probe_rows, batch_bytes(config), fill * limit, max_rows)
-  print(f"  probe: {probe_rows} rows plan {probe['total'] / GIB:.2f} GiB (compiled in "
-        f"{probe_seconds:.0f} s); {rows} rows fit under {fill:.0%} of "
-        f"{limit / GIB:.1f} GiB", flush=True)
+  print(
+    f"  probe: {probe_rows} rows plan {probe['total'] / GIB:.2f} GiB (compiled in "
+    f"{probe_seconds:.0f} s); {rows} rows fit under {fill:.0%} of "
+    f"{limit / GIB:.1f} GiB",
+    flush=True,
+  )
   attempts = []
   while rows >= 8 and len(attempts) < 4:
     config = step_config(variant, remat, rows)
@@ -189,53 +194,90 @@ def measure(variant, remat, probe_rows, max_rows, fill, memory_gib, iters) -> di
   chip = perf.chip_of(device)
   peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
   result = dict(
-      model=variant or "1.1B", remat=bool(config.model.remat), dtype=config.model.dtype,
-      attention=resolve_impl(config.model.attention_impl, device.platform), rows=rows, seq_len=seq_len,
-      step_seconds=step_seconds, tokens_per_second=rows * seq_len / step_seconds,
-      model_tflops=flops / 1e12, tflops_per_second=flops / step_seconds / 1e12,
-      chip=chip.name if chip else None,
-      peak_tflops=chip.bf16_tflops if chip else None,
-      mfu=flops / step_seconds / (chip.bf16_tflops * 1e12) if chip else None,
-      plan=plan, limit_gib=limit / GIB, peak_bytes_in_use=peak, probe_rows=probe_rows,
-      probe_plan_gib=probe["total"] / GIB, attempts=attempts, iters=iters)
-  print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in result.items() if k not in ("plan", "attempts")),
-        flush=True)
+    model=variant or "1.1B",
+    remat=bool(config.model.remat),
+    dtype=config.model.dtype,
+    attention=resolve_impl(config.model.attention_impl, device.platform),
+    rows=rows,
+    seq_len=seq_len,
+    step_seconds=step_seconds,
+    tokens_per_second=rows * seq_len / step_seconds,
+    model_tflops=flops / 1e12,
+    tflops_per_second=flops / step_seconds / 1e12,
+    chip=chip.name if chip else None,
+    peak_tflops=chip.bf16_tflops if chip else None,
+    mfu=flops / step_seconds / (chip.bf16_tflops * 1e12) if chip else None,
+    plan=plan,
+    limit_gib=limit / GIB,
+    peak_bytes_in_use=peak,
+    probe_rows=probe_rows,
+    probe_plan_gib=probe["total"] / GIB,
+    attempts=attempts,
+    iters=iters,
+  )
+  print(
+    "  "
+    + "  ".join(
+      f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+      for k, v in result.items()
+      if k not in ("plan", "attempts")
+    ),
+    flush=True,
+  )
   return result
 
 
 def markdown(r: dict, command: str) -> list[str]:
   mfu = f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:g}" if r["mfu"] is not None else "n/a"
-  peak = (f"{r['peak_bytes_in_use'] / GIB:.1f} GiB" if r["peak_bytes_in_use"] else "n/a")
-  tried = "; ".join(f"{a['rows']} rows: {a['outcome']} (plan {a['plan_gib']:.3g} GiB, compiled "
-                    f"in {a['compile_seconds']:.0f} s)" for a in r["attempts"])
+  peak = f"{r['peak_bytes_in_use'] / GIB:.1f} GiB" if r["peak_bytes_in_use"] else "n/a"
+  tried = "; ".join(
+    f"{a['rows']} rows: {a['outcome']} (plan {a['plan_gib']:.3g} GiB, compiled "
+    f"in {a['compile_seconds']:.0f} s)"
+    for a in r["attempts"]
+  )
   return [
-      f"Command: `{command}`", "",
-      f"Hardware: {report.hardware()}. configs/imagenet256.py{':' + r['model'] if r['model'] != '1.1B' else ''}"
-      f" on one device, {r['dtype']} compute, attention {r['attention']}, remat "
-      f"{r['remat']}; the reference's ImageNet rows (one class example each, padded to "
-      f"{r['seq_len']} tokens); median of {r['iters']} steps after a warm-up.", "",
-      "| model | rows x tokens | step | tokens/s | model TFLOP per step | TFLOP/s | MFU (bf16 peak) | "
-      "memory plan / limit | peak in use |",
-      "|---|---|---|---|---|---|---|---|---|",
-      f"| {r['model']} | {r['rows']} x {r['seq_len']} | {1e3 * r['step_seconds']:.1f} ms | "
-      f"{r['tokens_per_second']:,.0f} | {r['model_tflops']:.3g} | {r['tflops_per_second']:.3g} | "
-      f"{mfu} | {r['plan']['total'] / GIB:.3g} / {r['limit_gib']:.3g} GiB | {peak} |", "",
-      f"The batch: the plan at {r['probe_rows']} rows was {r['probe_plan_gib']:.3g} GiB; {tried}.",
+    f"Command: `{command}`",
+    "",
+    f"Hardware: {report.hardware()}. configs/imagenet256.py{':' + r['model'] if r['model'] != '1.1B' else ''}"
+    f" on one device, {r['dtype']} compute, attention {r['attention']}, remat "
+    f"{r['remat']}; the reference's ImageNet rows (one class example each, padded to "
+    f"{r['seq_len']} tokens); median of {r['iters']} steps after a warm-up.",
+    "",
+    "| model | rows x tokens | step | tokens/s | model TFLOP per step | TFLOP/s | MFU (bf16 peak) | "
+    "memory plan / limit | peak in use |",
+    "|---|---|---|---|---|---|---|---|---|",
+    f"| {r['model']} | {r['rows']} x {r['seq_len']} | {1e3 * r['step_seconds']:.1f} ms | "
+    f"{r['tokens_per_second']:,.0f} | {r['model_tflops']:.3g} | {r['tflops_per_second']:.3g} | "
+    f"{mfu} | {r['plan']['total'] / GIB:.3g} / {r['limit_gib']:.3g} GiB | {peak} |",
+    "",
+    f"The batch: the plan at {r['probe_rows']} rows was {r['probe_plan_gib']:.3g} GiB; {tried}.",
   ]
 
 
 def main(argv):
   del argv
-  print(f"train step of configs/imagenet256.py{':' + _VARIANT.value if _VARIANT.value else ''} "
-        f"on {report.hardware()}:", flush=True)
-  result = measure(_VARIANT.value, _REMAT.value, _PROBE_BATCH.value, _MAX_BATCH.value,
-                   _FILL.value, _MEMORY_GIB.value, _ITERS.value)
+  print(
+    f"train step of configs/imagenet256.py{':' + _VARIANT.value if _VARIANT.value else ''} "
+    f"on {report.hardware()}:",
+    flush=True,
+  )
+  result = measure(
+    _VARIANT.value,
+    _REMAT.value,
+    _PROBE_BATCH.value,
+    _MAX_BATCH.value,
+    _FILL.value,
+    _MEMORY_GIB.value,
+    _ITERS.value,
+  )
   if _JSON.value:
     pathlib.Path(_JSON.value).write_text(json.dumps(result, indent=1))
   if _OUTPUT.value:
-    report.write_section(pathlib.Path(_OUTPUT.value), "Train step of the paper's model",
-                         markdown(result, "python " + " ".join(sys.argv)))
+    report.write_section(
+      pathlib.Path(_OUTPUT.value),
+      "Train step of the paper's model",
+      markdown(result, "python " + " ".join(sys.argv)),
+    )
 
 
 if __name__ == "__main__":

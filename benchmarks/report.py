@@ -9,8 +9,8 @@ import platform
 import statistics
 import time
 
-from absl import app
 import jax
+from absl import app
 
 from monoformer_jax import cli
 
@@ -41,8 +41,10 @@ def device_kind() -> str:
 
 
 def hardware() -> str:
-  return (f"{device_kind()} ({jax.default_backend()}, {jax.device_count()} device(s)), host "
-          f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
+  return (
+    f"{device_kind()} ({jax.default_backend()}, {jax.device_count()} device(s)), host "
+    f"{platform.processor() or platform.machine()}, jax {jax.__version__}"
+  )
 
 
 def write_section(path: pathlib.Path, title: str, lines: list[str]):
@@ -54,7 +56,7 @@ def write_section(path: pathlib.Path, title: str, lines: list[str]):
   if heading in text:
     start = text.index(heading)
     end = text.find("\n## ", start + 1)
-    text = text[:start] + section + ("" if end == -1 else "\n" + text[end + 1:])
+    text = text[:start] + section + ("" if end == -1 else "\n" + text[end + 1 :])
   else:
     text = text.rstrip("\n") + "\n\n" + section
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,16 +68,30 @@ def paper_layout_cpu_model():
   """The paper's sampling layout (32x32x4 latents, patch 2: 256 image tokens)
   with a 4-layer, 256-wide model that runs on a CPU."""
   import ml_collections
+
   from monoformer_jax.config import config_file
+
   m = ml_collections.ConfigDict(config_file("digits").model.to_dict())
-  m.update(vocab_size=264, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
-           head_dim=64, mlp_dim=704, image_size=32, in_channels=4, patch_size=2)
+  m.update(
+    vocab_size=264,
+    hidden_size=256,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    mlp_dim=704,
+    image_size=32,
+    in_channels=4,
+    patch_size=2,
+  )
   return m
 
 
 def random_model(model_cfg):
   """A model with freshly initialised weights (its heads' zeros included)."""
   from flax import nnx
+
   from monoformer_jax.model.build import abstract_model, init_params
+
   graphdef, _, _ = abstract_model(model_cfg)
   return nnx.merge(graphdef, jax.jit(lambda: init_params(model_cfg, seed=0))())

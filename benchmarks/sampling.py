@@ -25,9 +25,10 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import jax
+import report
 from absl import flags
 from flax import nnx
-import jax
 
 from monoformer_jax.config import base, config_file
 from monoformer_jax.data.prompts import image_rows, text_prompt_ids
@@ -36,13 +37,13 @@ from monoformer_jax.diffusion.sample_images import sample_images
 from monoformer_jax.text.generate import generate
 from monoformer_jax.text.tokenizer import ByteTokenizer
 
-import report
-
 _LAYOUTS = flags.DEFINE_list("layouts", ["digits", "paper"], "digits and/or paper")
-_PAPER_MODEL = flags.DEFINE_enum("paper_model", "small", ["small", "full"],
-                                 "the paper layout's model: 4x256 (CPU) or the 1.1B")
-_PROMPT_LENGTHS = flags.DEFINE_list("prompt_lengths", ["16", "128"],
-                                    "prompt tokens before the image (paper layout)")
+_PAPER_MODEL = flags.DEFINE_enum(
+  "paper_model", "small", ["small", "full"], "the paper layout's model: 4x256 (CPU) or the 1.1B"
+)
+_PROMPT_LENGTHS = flags.DEFINE_list(
+  "prompt_lengths", ["16", "128"], "prompt tokens before the image (paper layout)"
+)
 _PAPER_IMAGES = flags.DEFINE_integer("paper_images", 4, "images per call (paper layout)")
 _DIGITS_IMAGES = flags.DEFINE_integer("digits_images", 200, "images per call (digits)")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "tokens generated per text row")
@@ -59,29 +60,38 @@ def paper_model_config():
   return report.paper_layout_cpu_model()
 
 
-def image_rate(model, prompt_len: int, images: int, steps: int, cfg_scale: float,
-               use_cache: bool) -> float:
-  rows = image_rows(["x" * (prompt_len - 2)] * images, TOK, model.tokens_per_image,
-                    guidance=True)   # <s>, the prompt, <|im_start|>: prompt_len tokens
+def image_rate(
+  model, prompt_len: int, images: int, steps: int, cfg_scale: float, use_cache: bool
+) -> float:
+  rows = image_rows(
+    ["x" * (prompt_len - 2)] * images, TOK, model.tokens_per_image, guidance=True
+  )  # <s>, the prompt, <|im_start|>: prompt_len tokens
   # Both layouts' configs (digits, imagenet256) keep the schema's process.
   diffusion = from_config(base().diffusion, respacing=str(steps))
   key = jax.random.PRNGKey(0)
   t = report.median_seconds(
-      lambda: sample_images(model, rows, diffusion, key, cfg_scale=cfg_scale,
-                            use_cache=use_cache), iters=_ITERS.value)
+    lambda: sample_images(model, rows, diffusion, key, cfg_scale=cfg_scale, use_cache=use_cache),
+    iters=_ITERS.value,
+  )
   return images / t
 
 
 def token_rate(model, use_cache: bool) -> float:
   prompts = [text_prompt_ids("y" * 31, TOK)] * _TEXT_ROWS.value
-  run = lambda: generate(model, prompts, max_new_tokens=_NEW_TOKENS.value,
-                         pad_id=TOK.pad_id, stop_ids=[], use_cache=use_cache)
+  run = lambda: generate(
+    model,
+    prompts,
+    max_new_tokens=_NEW_TOKENS.value,
+    pad_id=TOK.pad_id,
+    stop_ids=[],
+    use_cache=use_cache,
+  )
   return _TEXT_ROWS.value * _NEW_TOKENS.value / report.median_seconds(run, iters=_ITERS.value)
 
 
 def main(argv):
   del argv
-  results = []   # (model, what, batch, uncached rate, cached rate, unit)
+  results = []  # (model, what, batch, uncached rate, cached rate, unit)
   models = {}
   if "digits" in _LAYOUTS.value:
     models["digits"] = report.random_model(config_file("digits").model)
@@ -91,11 +101,24 @@ def main(argv):
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     print(f"{name}: {n_params:,} parameters", flush=True)
     if name.startswith("digits"):
-      cases = [(f"{_DIGITS_IMAGES.value} digits, 24-token prompts, 50 DDPM steps, CFG", 24,
-                _DIGITS_IMAGES.value, 50)]
+      cases = [
+        (
+          f"{_DIGITS_IMAGES.value} digits, 24-token prompts, 50 DDPM steps, CFG",
+          24,
+          _DIGITS_IMAGES.value,
+          50,
+        )
+      ]
     else:
-      cases = [(f"{int(p)}-token prompt + 256 image tokens, 20 steps, CFG", int(p),
-                _PAPER_IMAGES.value, 20) for p in _PROMPT_LENGTHS.value]
+      cases = [
+        (
+          f"{int(p)}-token prompt + 256 image tokens, 20 steps, CFG",
+          int(p),
+          _PAPER_IMAGES.value,
+          20,
+        )
+        for p in _PROMPT_LENGTHS.value
+      ]
     label = f"{name} ({n_params / 1e6:.3g}M)"
     for what, prompt_len, images, steps in cases:
       rates = [image_rate(model, prompt_len, images, steps, 2.0, c) for c in (False, True)]
@@ -107,14 +130,20 @@ def main(argv):
     print(f"  {what}: {rates[0]:.3g} -> {rates[1]:.3g} tokens/s", flush=True)
 
   if _OUTPUT.value:
-    lines = [f"Command: `python {' '.join(sys.argv)}`", "",
-             f"Hardware: {report.hardware()}. Median of {_ITERS.value} calls, random "
-             "weights, float32 unless the model's config says otherwise.", "",
-             "| model | work | batch | no cache | cache | speed-up |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+      f"Command: `python {' '.join(sys.argv)}`",
+      "",
+      f"Hardware: {report.hardware()}. Median of {_ITERS.value} calls, random "
+      "weights, float32 unless the model's config says otherwise.",
+      "",
+      "| model | work | batch | no cache | cache | speed-up |",
+      "|---|---|---|---|---|---|",
+    ]
     for name, what, batch, slow, fast, unit in results:
-      lines.append(f"| {name} | {what} | {batch} | {slow:.3g} {unit} | {fast:.3g} {unit} | "
-                   f"{fast / slow:.2f}x |")
+      lines.append(
+        f"| {name} | {what} | {batch} | {slow:.3g} {unit} | {fast:.3g} {unit} | "
+        f"{fast / slow:.2f}x |"
+      )
     report.write_section(pathlib.Path(_OUTPUT.value), "Sampling", lines)
 
 

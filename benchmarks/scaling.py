@@ -27,7 +27,7 @@ import time
 from absl import app, flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-GIB = 2 ** 30
+GIB = 2**30
 
 _OUTPUT = flags.DEFINE_string("output", str(REPO / "docs" / "scaling.md"), "markdown file")
 _ONLY = flags.DEFINE_list("only", [], "run only these rows: TOPOLOGY (1.1B) or 7b@TOPOLOGY")
@@ -43,10 +43,12 @@ FSDP_TP2 = ("FSDP x tensor 2", ["--config.mesh.tensor=2"])
 # is shown both as the config runs it (FSDP) and with pure data parallelism,
 # where each chip holds the whole state.
 ROWS = (
-    [("", topology, [PURE_DP]) for topology in ("v4-8", "v5p-8", "v5e-16", "v6e-8")]
-    + [("", topology, [FSDP, FSDP_ACCUM2, FSDP_ACCUM4])
-       for topology in ("v4-8", "v5p-8", "v5p-32", "v5e-16", "v6e-8")]
-    + [("7b", topology, [FSDP, FSDP_ACCUM2, FSDP_TP2]) for topology in ("v5p-64", "v5p-128")]
+  [("", topology, [PURE_DP]) for topology in ("v4-8", "v5p-8", "v5e-16", "v6e-8")]
+  + [
+    ("", topology, [FSDP, FSDP_ACCUM2, FSDP_ACCUM4])
+    for topology in ("v4-8", "v5p-8", "v5p-32", "v5e-16", "v6e-8")
+  ]
+  + [("7b", topology, [FSDP, FSDP_ACCUM2, FSDP_TP2]) for topology in ("v5p-64", "v5p-128")]
 )
 
 
@@ -56,23 +58,31 @@ def compile_once(variant: str, topology: str, flags_: list[str]) -> dict:
   config = f"--config={REPO / 'configs' / 'imagenet256.py'}" + (f":{variant}" if variant else "")
   with tempfile.TemporaryDirectory() as tmp:
     out = pathlib.Path(tmp) / "plan.json"
-    command = [sys.executable, "-m", "monoformer_jax.compile", config,
-               f"--topology={topology}", f"--output={out}"] + flags_
+    command = [
+      sys.executable,
+      "-m",
+      "monoformer_jax.compile",
+      config,
+      f"--topology={topology}",
+      f"--output={out}",
+    ] + flags_
     print("$", " ".join(command[1:]), flush=True)
     t0 = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                          timeout=_TIMEOUT.value)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=_TIMEOUT.value)
     seconds = time.perf_counter() - t0
     if done.returncode == 0:
       result = json.loads(out.read_text())
-      print(f"  compiled: {result['total_bytes'] / GIB:.1f} GiB per chip (arguments "
-            f"{result['argument_bytes'] / GIB:.1f}, temporaries {result['temp_bytes'] / GIB:.1f}"
-            f"), fits {result['fits']}, {seconds:.0f} s", flush=True)
+      print(
+        f"  compiled: {result['total_bytes'] / GIB:.1f} GiB per chip (arguments "
+        f"{result['argument_bytes'] / GIB:.1f}, temporaries {result['temp_bytes'] / GIB:.1f}"
+        f"), fits {result['fits']}, {seconds:.0f} s",
+        flush=True,
+      )
       return result
   errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
   if done.returncode == 2 and errors and "does not fit" in errors[0]:
     print(f"  does not fit ({seconds:.0f} s)", flush=True)
-    return dict(error=errors[0][len("error: "):])
+    return dict(error=errors[0][len("error: ") :])
   raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
 
 
@@ -90,16 +100,19 @@ def _row(model: str, topology: str, setting: str, result: dict) -> str:
   if "error" in result:
     return f"| {model} | {topology} | {setting} | | | does not fit: {_why(result['error'])} | | | |"
   mesh = "x".join(str(result["mesh"][a]) for a in ("data", "fsdp", "tensor"))
-  memory = (f"{result['total_bytes'] / GIB:.1f} of {result['hbm_bytes'] / GIB:g} GiB "
-            f"(arguments {result['argument_bytes'] / GIB:.1f}, temporaries "
-            f"{result['temp_bytes'] / GIB:.1f}): "
-            + ("fits" if result["fits"] else "does NOT fit"))
+  memory = (
+    f"{result['total_bytes'] / GIB:.1f} of {result['hbm_bytes'] / GIB:g} GiB "
+    f"(arguments {result['argument_bytes'] / GIB:.1f}, temporaries "
+    f"{result['temp_bytes'] / GIB:.1f}): " + ("fits" if result["fits"] else "does NOT fit")
+  )
   if result["estimate"] == "xla":
     time_ms, mfu = f"{result['step_seconds'] * 1e3:,.0f}", f"{100 * result['mfu']:.0f}%"
-  else:   # no usable XLA estimate: the time at peak, a lower bound
+  else:  # no usable XLA estimate: the time at peak, a lower bound
     time_ms, mfu = f">= {result['step_seconds'] * 1e3:,.0f} (at peak)", "n/a"
-  return (f"| {model} | {topology} | {setting} | {mesh} | {result['remat']} | {memory} | "
-          f"{result['model_flops'] / 1e15:.3f} | {time_ms} | {mfu} |")
+  return (
+    f"| {model} | {topology} | {setting} | {mesh} | {result['remat']} | {memory} | "
+    f"{result['model_flops'] / 1e15:.3f} | {time_ms} | {mfu} |"
+  )
 
 
 def main(argv):
@@ -115,25 +128,31 @@ def main(argv):
     model = "7B (`:7b`)" if variant else "1.1B"
     for setting, flags_ in settings:
       result = compile_once(variant, topology, flags_)
-      records.append({**result, "model": model, "topology": topology, "setting": setting,
-                      "flags": flags_})
-      lines.append(_row(model, topology, setting + (f" `{' '.join(flags_)}`" if flags_ else ""),
-                        result))
+      records.append(
+        {**result, "model": model, "topology": topology, "setting": setting, "flags": flags_}
+      )
+      lines.append(
+        _row(model, topology, setting + (f" `{' '.join(flags_)}`" if flags_ else ""), result)
+      )
       if result.get("fits"):
         break
   path = pathlib.Path(_OUTPUT.value)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
-  chosen = {}   # (model, slice) -> what each of its settings did, in order
+  chosen = {}  # (model, slice) -> what each of its settings did, in order
   for r in records:
     chosen.setdefault((r["model"], r["topology"]), []).append(
-        f"{r['setting']} fits ({r['total_bytes'] / GIB:.1f} of {r['hbm_bytes'] / GIB:g} GiB)"
-        if r.get("fits") else f"{r['setting']} does not fit")
-  chosen = [f"- {model} on {topology}: " + "; ".join(done)
-            for (model, topology), done in chosen.items()]
+      f"{r['setting']} fits ({r['total_bytes'] / GIB:.1f} of {r['hbm_bytes'] / GIB:g} GiB)"
+      if r.get("fits")
+      else f"{r['setting']} does not fit"
+    )
+  chosen = [
+    f"- {model} on {topology}: " + "; ".join(done) for (model, topology), done in chosen.items()
+  ]
   no_estimate = sorted({r["chip"] for r in records if r.get("estimate") == "peak"})
   today = datetime.date.today().isoformat()
-  text = "\n".join([
+  text = "\n".join(
+    [
       "# Scaling: the train step planned for TPU slices",
       "",
       f"Written by `python benchmarks/scaling.py` on {today} (jax {jax.__version__}, libtpu "
@@ -185,7 +204,9 @@ def main(argv):
       "once JAX's CUDA plugin is installed (`pip install jax-cuda12-plugin==<jax "
       "version>`, no CUDA libraries needed), with memory per GPU but no cost estimate "
       "from XLA's GPU compiler (`monoformer_jax/parallel/topology.py`).",
-      ""])
+      "",
+    ]
+  )
   path.write_text(text)
   print(f"wrote {path}")
 

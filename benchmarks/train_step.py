@@ -36,11 +36,12 @@ import re
 import subprocess
 import sys
 
-from absl import flags
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
+import report
+from absl import flags
 
 from monoformer_jax import perf
 from monoformer_jax.config import config_file
@@ -53,22 +54,29 @@ from monoformer_jax.text.tokenizer import ByteTokenizer
 from monoformer_jax.train.state import create_train_state, make_optimizer
 from monoformer_jax.train.step import healthy, make_loss_fn, make_train_step
 
-import report
-
 # hidden, layers, heads, kv heads, mlp, latent side, batch (../shared/bench/README.md)
 SHAPES = {"S1": (256, 4, 8, 4, 688, 8, 32), "S2": (512, 8, 8, 4, 1376, 16, 8)}
 PROMPT_LEN = 12
 
 _SHAPES = flags.DEFINE_list("shapes", ["S1", "S2"], "shapes to time (S1, S2, digits)")
 _ITERS = flags.DEFINE_integer("iters", 5, "timed calls per figure (median)")
-_DOTS = flags.DEFINE_integer("dots", 0, "also list each shape's N slowest matmuls (the floor's parts)")
+_DOTS = flags.DEFINE_integer(
+  "dots", 0, "also list each shape's N slowest matmuls (the floor's parts)"
+)
 _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "markdown file ('' for none)")
-_OFFICIAL_SRC = flags.DEFINE_string("official_src", "", "the reference's source tree ('': not timed)")
-_OFFICIAL_PYTHON = flags.DEFINE_string("official_python", "python3",
-                                       "a Python with torch and transformers for the reference")
+_OFFICIAL_SRC = flags.DEFINE_string(
+  "official_src", "", "the reference's source tree ('': not timed)"
+)
+_OFFICIAL_PYTHON = flags.DEFINE_string(
+  "official_python", "python3", "a Python with torch and transformers for the reference"
+)
 _OFFICIAL_BENCH = flags.DEFINE_string(
-    "official_bench", str(pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "bench"
-                          / "official_bench.py"), "../shared/bench/official_bench.py")
+  "official_bench",
+  str(
+    pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "official_bench.py"
+  ),
+  "../shared/bench/official_bench.py",
+)
 
 
 def shape_config(name: str):
@@ -78,10 +86,21 @@ def shape_config(name: str):
     return c
   hidden, layers, heads, kv, mlp, latent, batch = SHAPES[name]
   c = config_file("digits")
-  c.model.update(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
-                 head_dim=hidden // heads, mlp_dim=mlp, image_size=latent, in_channels=4,
-                 patch_size=2, attention_impl="xla", dtype="float32", remat=False,
-                 scan_unroll=layers)   # every layer unrolled, as configs/digits.py does
+  c.model.update(
+    hidden_size=hidden,
+    num_layers=layers,
+    num_heads=heads,
+    num_kv_heads=kv,
+    head_dim=hidden // heads,
+    mlp_dim=mlp,
+    image_size=latent,
+    in_channels=4,
+    patch_size=2,
+    attention_impl="xla",
+    dtype="float32",
+    remat=False,
+    scan_unroll=layers,
+  )  # every layer unrolled, as configs/digits.py does
   tokens = (latent // 2) ** 2
   c.data.update(seq_len=PROMPT_LEN + tokens + 5, batch_size=batch, max_images_per_row=1)
   c.optim.update(lr=1e-4, warmup_steps=0, grad_clip=2.0, ema_decay=0.9999)
@@ -95,19 +114,29 @@ def shape_batch(config, name: str):
   their stream)."""
   tok = ByteTokenizer()
   if name == "digits":
-    from monoformer_jax.digits.source import digits_example_stream
     from monoformer_jax.data.packing import PackedBatches
-    batches = PackedBatches(digits_example_stream(config, tok, config.seed),
-                            rows=config.data.batch_size, spec=row_spec(config, tok))
+    from monoformer_jax.digits.source import digits_example_stream
+
+    batches = PackedBatches(
+      digits_example_stream(config, tok, config.seed),
+      rows=config.data.batch_size,
+      spec=row_spec(config, tok),
+    )
     return {k: jnp.asarray(v) for k, v in next(batches).items()}
   spec = row_spec(config, tok)
   rng = np.random.default_rng(0)
   examples = []
   for _ in range(config.data.batch_size):
-    ids = ([tok.bos_id] + rng.integers(3, 259, PROMPT_LEN).tolist()
-           + [tok.im_start_id, tok.image_id, tok.im_end_id] + tok.encode("\n") + [tok.eos_id])
-    examples.append(Example(ids, [rng.normal(size=spec.image_shape).astype(np.float32)],
-                            train_text=True))
+    ids = (
+      [tok.bos_id]
+      + rng.integers(3, 259, PROMPT_LEN).tolist()
+      + [tok.im_start_id, tok.image_id, tok.im_end_id]
+      + tok.encode("\n")
+      + [tok.eos_id]
+    )
+    examples.append(
+      Example(ids, [rng.normal(size=spec.image_shape).astype(np.float32)], train_text=True)
+    )
   batch = pack_examples(examples, spec, one_per_row=True)
   assert (batch["segment_ids"] > 0).all(), "rows must be exactly full"
   return {k: jnp.asarray(v) for k, v in batch.items()}
@@ -153,10 +182,15 @@ def dot_flops(dots: collections.Counter) -> float:
   """2 x batch x free(lhs) x free(rhs) x contracted, summed over `dots`."""
   total = 0.0
   for (lhs, rhs, _, ((lc, rc), (lb, rb))), n in dots.items():
-    free = lambda shape, *used: math.prod(d for i, d in enumerate(shape)
-                                          if i not in sum(used, ()))
-    total += (2.0 * n * math.prod(lhs[i] for i in lb) * math.prod(lhs[i] for i in lc)
-              * free(lhs, lc, lb) * free(rhs, rc, rb))
+    free = lambda shape, *used: math.prod(d for i, d in enumerate(shape) if i not in sum(used, ()))
+    total += (
+      2.0
+      * n
+      * math.prod(lhs[i] for i in lb)
+      * math.prod(lhs[i] for i in lc)
+      * free(lhs, lc, lb)
+      * free(rhs, rc, rb)
+    )
   return total
 
 
@@ -175,8 +209,14 @@ def matmul_floor(fn, *args, iters: int) -> tuple[float, float, list[dict]]:
     a = jnp.asarray(rng.normal(size=lhs), dtype)
     b = jnp.asarray(rng.normal(size=rhs), dtype)
     one = jax.jit(lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims))
-    each.append(dict(dot=dot, count=n, seconds=n * report.median_seconds(one, a, b, iters=iters),
-                     flops=dot_flops({dot: n})))
+    each.append(
+      dict(
+        dot=dot,
+        count=n,
+        seconds=n * report.median_seconds(one, a, b, iters=iters),
+        flops=dot_flops({dot: n}),
+      )
+    )
   return sum(d["seconds"] for d in each), dot_flops(dots), each
 
 
@@ -184,16 +224,22 @@ def dot_table(name: str, each: list[dict], plain_rate: float, top: int) -> list[
   """Markdown rows of the `top` dots of `each` (matmul_floor) that take the
   longest, with their rate against the plain matmul's."""
   top = min(top, len(each))
-  lines = [f"{name}: the {top} slowest of its {len(each)} matmul shapes, "
-           f"{sum(d['seconds'] for d in each) * 1e3:.0f} ms in all", "",
-           "| lhs | rhs | contracting, batch dims | calls | ms, all calls | GFLOP/s | "
-           "of the plain matmul's |", "|---|---|---|---|---|---|---|"]
+  lines = [
+    f"{name}: the {top} slowest of its {len(each)} matmul shapes, "
+    f"{sum(d['seconds'] for d in each) * 1e3:.0f} ms in all",
+    "",
+    "| lhs | rhs | contracting, batch dims | calls | ms, all calls | GFLOP/s | "
+    "of the plain matmul's |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for d in sorted(each, key=lambda d: -d["seconds"])[:top]:
     lhs, rhs, _, ((lc, rc), (lb, rb)) = d["dot"]
     rate = d["flops"] / d["seconds"]
-    lines.append(f"| {list(lhs)} | {list(rhs)} | {list(lc)}x{list(rc)}, {list(lb)}x{list(rb)} | "
-                 f"{d['count']} | {d['seconds'] * 1e3:.1f} | {rate / 1e9:.0f} | "
-                 f"{rate / plain_rate:.0%} |")
+    lines.append(
+      f"| {list(lhs)} | {list(rhs)} | {list(lc)}x{list(rc)}, {list(lb)}x{list(rb)} | "
+      f"{d['count']} | {d['seconds'] * 1e3:.1f} | {rate / 1e9:.0f} | "
+      f"{rate / plain_rate:.0%} |"
+    )
   return lines + [""]
 
 
@@ -229,9 +275,20 @@ def time_shape(name: str, iters: int) -> dict:
   with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
     floor, dot_flops_, dots = matmul_floor(grad, params, batch, iters=iters)
   params_n = sum(x.size for x in jax.tree.leaves(abstract_model(m)[1]))
-  return dict(name=name, rows=rows, length=length, params=params_n, forward=t_forward,
-              grad=t_grad, step=t_step, flops=flops, matmul=rate, floor=floor,
-              dot_flops=dot_flops_, dots=dots)
+  return dict(
+    name=name,
+    rows=rows,
+    length=length,
+    params=params_n,
+    forward=t_forward,
+    grad=t_grad,
+    step=t_step,
+    flops=flops,
+    matmul=rate,
+    floor=floor,
+    dot_flops=dot_flops_,
+    dots=dots,
+  )
 
 
 def official_step(name: str) -> float | None:
@@ -240,16 +297,36 @@ def official_step(name: str) -> float | None:
   if not _OFFICIAL_SRC.value or name not in SHAPES:
     return None
   hidden, layers, heads, kv, mlp, latent, batch = SHAPES[name]
-  args = dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv, mlp=mlp, latent=latent,
-              prompt_len=PROMPT_LEN, batch=batch, vocab=264, threads=2, max_pos=128)
-  command = [_OFFICIAL_PYTHON.value, _OFFICIAL_BENCH.value, "--src", _OFFICIAL_SRC.value,
-             "--mode", "train", "--ema"] + [f"--{k}={v}" for k, v in args.items()]
+  args = dict(
+    hidden=hidden,
+    layers=layers,
+    heads=heads,
+    kv_heads=kv,
+    mlp=mlp,
+    latent=latent,
+    prompt_len=PROMPT_LEN,
+    batch=batch,
+    vocab=264,
+    threads=2,
+    max_pos=128,
+  )
+  command = [
+    _OFFICIAL_PYTHON.value,
+    _OFFICIAL_BENCH.value,
+    "--src",
+    _OFFICIAL_SRC.value,
+    "--mode",
+    "train",
+    "--ema",
+  ] + [f"--{k}={v}" for k, v in args.items()]
   print("reference:", " ".join(command), flush=True)
   done = subprocess.run(command, capture_output=True, text=True, check=False)
   found = re.search(r"train: median ([\d.]+) ms/step", done.stdout)
   if done.returncode or not found:
-    raise RuntimeError(f"the reference's benchmark failed (exit {done.returncode}): "
-                       f"{(done.stderr or done.stdout)[-2000:]}")
+    raise RuntimeError(
+      f"the reference's benchmark failed (exit {done.returncode}): "
+      f"{(done.stderr or done.stdout)[-2000:]}"
+    )
   return float(found.group(1)) / 1e3
 
 
@@ -260,31 +337,41 @@ def main(argv):
     results.append(time_shape(name, _ITERS.value))
     results[-1]["official"] = official_step(name)
   with_official = any(r["official"] for r in results)
-  lines = [f"Command: `python {' '.join(sys.argv)}`", "",
-           f"Hardware: {report.hardware()}. Median of {_ITERS.value} calls after a compile "
-           "and a warm-up; float32, XLA attention, random weights."
-           + (" The reference's step: official_bench.py (torch, 2 threads, its median of 10 "
-              "steps after 2 warm-ups), run right after ours at each shape."
-              if with_official else ""), "",
-           "| shape | rows x tokens | params | forward + loss | gradient | train step | "
-           "gradient / forward | step GFLOP | step GFLOP/s | matmul GFLOP/s | share of matmul | "
-           "its matmuls alone (floor) | floor / step |"
-           + (" reference's step | our speed / reference's |" if with_official else ""),
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-           + ("---|---|" if with_official else "")]
+  lines = [
+    f"Command: `python {' '.join(sys.argv)}`",
+    "",
+    f"Hardware: {report.hardware()}. Median of {_ITERS.value} calls after a compile "
+    "and a warm-up; float32, XLA attention, random weights."
+    + (
+      " The reference's step: official_bench.py (torch, 2 threads, its median of 10 "
+      "steps after 2 warm-ups), run right after ours at each shape."
+      if with_official
+      else ""
+    ),
+    "",
+    "| shape | rows x tokens | params | forward + loss | gradient | train step | "
+    "gradient / forward | step GFLOP | step GFLOP/s | matmul GFLOP/s | share of matmul | "
+    "its matmuls alone (floor) | floor / step |"
+    + (" reference's step | our speed / reference's |" if with_official else ""),
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_official else ""),
+  ]
   for r in results:
     achieved = r["flops"] / r["step"]
     official = ""
     if with_official:
-      official = (f" {r['official'] * 1e3:.0f} ms | {r['official'] / r['step']:.2f}x |"
-                  if r["official"] else " | |")
+      official = (
+        f" {r['official'] * 1e3:.0f} ms | {r['official'] / r['step']:.2f}x |"
+        if r["official"]
+        else " | |"
+      )
     lines.append(
-        f"| {r['name']} | {r['rows']} x {r['length']} | {r['params'] / 1e6:.2f}M | "
-        f"{r['forward'] * 1e3:.0f} ms | {r['grad'] * 1e3:.0f} ms | {r['step'] * 1e3:.0f} ms | "
-        f"{r['grad'] / r['forward']:.2f} | {r['flops'] / 1e9:.1f} | {achieved / 1e9:.0f} | "
-        f"{r['matmul'] / 1e9:.0f} | {achieved / r['matmul']:.0%} | "
-        f"{r['floor'] * 1e3:.0f} ms ({r['dot_flops'] / 1e9:.1f} GFLOP) | "
-        f"{r['floor'] / r['step']:.0%} |" + official)
+      f"| {r['name']} | {r['rows']} x {r['length']} | {r['params'] / 1e6:.2f}M | "
+      f"{r['forward'] * 1e3:.0f} ms | {r['grad'] * 1e3:.0f} ms | {r['step'] * 1e3:.0f} ms | "
+      f"{r['grad'] / r['forward']:.2f} | {r['flops'] / 1e9:.1f} | {achieved / 1e9:.0f} | "
+      f"{r['matmul'] / 1e9:.0f} | {achieved / r['matmul']:.0%} | "
+      f"{r['floor'] * 1e3:.0f} ms ({r['dot_flops'] / 1e9:.1f} GFLOP) | "
+      f"{r['floor'] / r['step']:.0%} |" + official
+    )
   if _DOTS.value:
     lines.append("")
     for r in results:

@@ -48,8 +48,7 @@ VARIANTS = ("", "tiny", "7b")
 def get_config(variant=None):
   variant = variant or ""
   if variant not in VARIANTS:
-    raise ValueError(f"configs/imagenet256.py has no variant {variant!r}; use one of "
-                     f"{VARIANTS}")
+    raise ValueError(f"configs/imagenet256.py has no variant {variant!r}; use one of {VARIANTS}")
   # The schema's defaults ARE this job (monoformer_jax/config/schema.py): the 1.1B
   # model, the reference's recipe, FSDP over every device, 20 respaced DDPM steps at
   # guidance 1.5 (the reference also reports 2.0 and 4.0). Evaluators inside
@@ -58,17 +57,33 @@ def get_config(variant=None):
   #   --config.evals.reference=VIRTUAL_imagenet256_labeled.npz
   c = base()
 
-  if variant == "7b":   # Llama-2-7B's decoder; the same data, recipe and mesh
-    c.model.update(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
-                   head_dim=128, mlp_dim=11008)
+  if variant == "7b":  # Llama-2-7B's decoder; the same data, recipe and mesh
+    c.model.update(
+      hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, mlp_dim=11008
+    )
   if variant == "tiny":
-    c.model.update(vocab_size=264, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                   head_dim=16, mlp_dim=128, image_size=8, in_channels=4, dtype="float32",
-                   remat=False)
-    c.data.update(tokenizer="bytes", seq_len=96, batch_size=8,   # long class names in bytes
-                  workers=0)
+    c.model.update(
+      vocab_size=264,
+      hidden_size=64,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+      mlp_dim=128,
+      image_size=8,
+      in_channels=4,
+      dtype="float32",
+      remat=False,
+    )
+    c.data.update(
+      tokenizer="bytes",
+      seq_len=96,
+      batch_size=8,  # long class names in bytes
+      workers=0,
+    )
     c.optim.update(lr=1e-3)
     c.train.update(num_steps=4, log_every=1, checkpoint_every=2)
-    c.sample.update(num_per_class=1, num_classes=2, num_steps=2, max_new_tokens=4,
-                    text_prompts=("a",))
+    c.sample.update(
+      num_per_class=1, num_classes=2, num_steps=2, max_new_tokens=4, text_prompts=("a",)
+    )
   return c

@@ -25,13 +25,16 @@ from monoformer_jax.config import base
 def get_config(variant=None):
   if variant:
     raise ValueError(f"configs/t2i_chat.py has no variant {variant!r}")
-  c = base()   # the paper's model, recipe and mesh (configs/imagenet256.py); other data
+  c = base()  # the paper's model, recipe and mesh (configs/imagenet256.py); other data
   c.data.name = "mix"
   # The loss on the assistant's answers only, in the reference's template
   # (data.train_on_source=False, data.chat_template="human_assistant": the defaults).
   c.data.mix = dict(text_to_image=9.0, chat=1.0)
   c.data.dirs = dict(text_to_image="", chat="")
   c.model.conditioning = "add_before_image_tokens"
-  c.sample.update(num_per_class=0, num_classes=0,
-                  text_prompts=("### Human: What is the capital of France?### Assistant: ",))
+  c.sample.update(
+    num_per_class=0,
+    num_classes=0,
+    text_prompts=("### Human: What is the capital of France?### Assistant: ",),
+  )
   return c

@@ -39,26 +39,37 @@ from monoformer_jax.config import base
 from monoformer_jax.model.clip import clip_config_from_hf
 
 # openai/clip-vit-large-patch14's vision config (its config.json's vision part).
-CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                    num_attention_heads=16, image_size=224, patch_size=14, num_channels=3,
-                    hidden_act="quick_gelu", layer_norm_eps=1e-5)
+CLIP_VIT_L14 = dict(
+  hidden_size=1024,
+  intermediate_size=4096,
+  num_hidden_layers=24,
+  num_attention_heads=16,
+  image_size=224,
+  patch_size=14,
+  num_channels=3,
+  hidden_act="quick_gelu",
+  layer_norm_eps=1e-5,
+)
 
 
 def get_config(variant=None):
   if variant:
     raise ValueError(f"configs/t2i_llava.py has no variant {variant!r}")
-  c = base()   # the paper's backbone, recipe and mesh (configs/imagenet256.py); other
-               # data, and a reader. Read images are causal like text (the reference:
-               # model.read_bidirectional=False); the loss is on the assistant's
-               # answers, in the reference's template (the data section's defaults).
+  c = base()  # the paper's backbone, recipe and mesh (configs/imagenet256.py); other
+  # data, and a reader. Read images are causal like text (the reference:
+  # model.read_bidirectional=False); the loss is on the assistant's
+  # answers, in the reference's template (the data section's defaults).
   c.model.update(
-      conditioning="add_before_image_tokens",
-      vision_encoder="clip",
-      vision=clip_config_from_hf(CLIP_VIT_L14, "openai/clip-vit-large-patch14"),
+    conditioning="add_before_image_tokens",
+    vision_encoder="clip",
+    vision=clip_config_from_hf(CLIP_VIT_L14, "openai/clip-vit-large-patch14"),
   )
-  c.data.update(name="mix", max_read_images_per_row=1)   # one LLaVA image per record
+  c.data.update(name="mix", max_read_images_per_row=1)  # one LLaVA image per record
   c.data.mix = dict(text_to_image=1.0, llava=1.0)
   c.data.dirs = dict(text_to_image="", llava="")
-  c.sample.update(num_per_class=0, num_classes=0,
-                  text_prompts=("### Human: What is the capital of France?### Assistant: ",))
+  c.sample.update(
+    num_per_class=0,
+    num_classes=0,
+    text_prompts=("### Human: What is the capital of France?### Assistant: ",),
+  )
   return c

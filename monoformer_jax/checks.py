@@ -30,18 +30,31 @@ def check_train_config(config, *, reads_data: bool = True):
 
   config = complete(config)
   if reads_data:
-    check_data(config)   # a dataset with an input pipeline, its prepared folders
+    check_data(config)  # a dataset with an input pipeline, its prepared folders
   accum = config.optim.grad_accum_steps
   if config.data.batch_size % accum:
-    fail("data.batch_size", config.data.batch_size, f"must be divisible by "
-         f"optim.grad_accum_steps={accum} (each micro-batch is batch_size / "
-         "grad_accum_steps rows)")
+    fail(
+      "data.batch_size",
+      config.data.batch_size,
+      f"must be divisible by "
+      f"optim.grad_accum_steps={accum} (each micro-batch is batch_size / "
+      "grad_accum_steps rows)",
+    )
   init_from = config.train.init_from
   if init_from and "://" not in init_from and not os.path.isdir(init_from):
-    fail("train.init_from", init_from, "is not a folder", "pass a model checkpoint (e.g. "
-         "the output of `python -m monoformer_jax.convert llama`), or '' for a random init")
-  check_image_sampling(num_steps=config.sample.num_steps, cfg_scale=config.sample.cfg_scale,
-                       num_timesteps=config.diffusion.num_timesteps, prefix="sample.")
+    fail(
+      "train.init_from",
+      init_from,
+      "is not a folder",
+      "pass a model checkpoint (e.g. "
+      "the output of `python -m monoformer_jax.convert llama`), or '' for a random init",
+    )
+  check_image_sampling(
+    num_steps=config.sample.num_steps,
+    cfg_scale=config.sample.cfg_scale,
+    num_timesteps=config.diffusion.num_timesteps,
+    prefix="sample.",
+  )
   # Known, allowed inside training, able to score this model, their files there.
   registry.check_training_metrics(config, "sample.metrics")
   _check_evals(config)
@@ -59,10 +72,18 @@ def _check_evals(config):
     return
   registry.check_training_metrics(config, "evals.metrics")
   if registry.sample_metrics(ev.metrics) and not class_names(config):
-    fail("evals.metrics", tuple(ev.metrics), f"needs class-conditional samples, but "
-         f"data.name={config.data.name!r} has no classes", "set evals.every=0")
-  check_image_sampling(num_steps=ev.num_steps, cfg_scale=ev.cfg_scale,
-                       num_timesteps=config.diffusion.num_timesteps, prefix="evals.")
+    fail(
+      "evals.metrics",
+      tuple(ev.metrics),
+      f"needs class-conditional samples, but data.name={config.data.name!r} has no classes",
+      "set evals.every=0",
+    )
+  check_image_sampling(
+    num_steps=ev.num_steps,
+    cfg_scale=ev.cfg_scale,
+    num_timesteps=config.diffusion.num_timesteps,
+    prefix="evals.",
+  )
 
 
 def check_batch_layout(config, mesh, process_count: int = 1):
@@ -71,20 +92,31 @@ def check_batch_layout(config, mesh, process_count: int = 1):
 
   rows = config.data.batch_size
   if rows % process_count:
-    fail("data.batch_size", rows, f"must be divisible by the {process_count} processes "
-         "(each host reads batch_size / processes rows)")
+    fail(
+      "data.batch_size",
+      rows,
+      f"must be divisible by the {process_count} processes "
+      "(each host reads batch_size / processes rows)",
+    )
   shards = config.data.shards
   if shards and (shards % process_count or rows % shards):
-    fail("data.shards", shards, f"must be a multiple of the {process_count} processes and "
-         f"divide data.batch_size={rows} (each shard packs batch_size / shards rows)",
-         "0 gives one shard per process")
+    fail(
+      "data.shards",
+      shards,
+      f"must be a multiple of the {process_count} processes and "
+      f"divide data.batch_size={rows} (each shard packs batch_size / shards rows)",
+      "0 gives one shard per process",
+    )
   spec = sharding.logical_to_spec(("batch",), config.sharding_rules)[0]
   axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
   shards = math.prod(mesh.shape[a] for a in axes)
   micro = rows // config.optim.grad_accum_steps
   if micro % shards:
     where = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
-    fail("data.batch_size", rows, f"gives micro-batches of {micro} rows, which the "
-         f"{shards} batch shards ({where}) do not divide",
-         f"use a multiple of {shards * config.optim.grad_accum_steps} rows, or change "
-         "config.mesh")
+    fail(
+      "data.batch_size",
+      rows,
+      f"gives micro-batches of {micro} rows, which the "
+      f"{shards} batch shards ({where}) do not divide",
+      f"use a multiple of {shards * config.optim.grad_accum_steps} rows, or change config.mesh",
+    )

@@ -24,11 +24,15 @@ from absl import app, flags, logging
 
 from monoformer_jax.errors import UserError
 
-_VERBOSE = flags.DEFINE_bool("verbose", False,
-                             "Show the traceback of input errors, not just their message.")
+_VERBOSE = flags.DEFINE_bool(
+  "verbose", False, "Show the traceback of input errors, not just their message."
+)
 _DISTRIBUTED = flags.DEFINE_bool(
-    "jax_distributed", False, "Call jax.distributed.initialize() first: one process of a "
-    "multi-host run (also done when the environment says so: parallel/distributed.py).")
+  "jax_distributed",
+  False,
+  "Call jax.distributed.initialize() first: one process of a "
+  "multi-host run (also done when the environment says so: parallel/distributed.py).",
+)
 
 # Loggers whose INFO lines are noise for our users: JAX's probing of backends
 # that are not there ("Unable to initialize backend 'tpu'" on every CPU run).
@@ -44,7 +48,8 @@ def quiet_logs():
   # read); matched by package folder, not our checkpoints/orbax_io.py.
   chatty = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "tensorflow_datasets"))
   logging.get_absl_logger().addFilter(
-      lambda r: r.levelno >= std_logging.WARNING or not any(c in r.pathname for c in chatty))
+    lambda r: r.levelno >= std_logging.WARNING or not any(c in r.pathname for c in chatty)
+  )
   for name in _QUIET_LOGGERS:
     std_logging.getLogger(name).setLevel(std_logging.WARNING)
 
@@ -57,11 +62,13 @@ def use_compilation_cache():
   JAX_COMPILATION_CACHE_DIR is left as it is. Programs of any compile time
   are kept (unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise)."""
   import jax
+
   folder = os.environ.get("MONOFORMER_COMPILATION_CACHE", "")
   if folder == "off" or jax.config.jax_compilation_cache_dir:
     return
-  folder = folder or os.path.join(os.path.expanduser("~"), ".cache", "monoformer_jax",
-                                  "compilation_cache")
+  folder = folder or os.path.join(
+    os.path.expanduser("~"), ".cache", "monoformer_jax", "compilation_cache"
+  )
   jax.config.update("jax_compilation_cache_dir", folder)
   # Every program, not only those over JAX's 1 s: a sampler compiles dozens of
   # small ones (a second interleaved sampling run: 15 s instead of 18.5 s).
@@ -102,15 +109,18 @@ def keep_host_memory() -> bool:
   if not platforms and any(glob.glob(p) for p in _ACCELERATOR_FILES):
     return False
   import ctypes
+
   try:
     libc = ctypes.CDLL(None)
   except OSError:
     return False
-  if not hasattr(libc, "gnu_get_libc_version"):   # not glibc (macOS, musl): nothing to tune
+  if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (macOS, musl): nothing to tune
     return False
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8   # <malloc.h>
-  return all(libc.mallopt(p, v) == 1 for p, v in (
-      (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
+  return all(
+    libc.mallopt(p, v) == 1
+    for p, v in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
+  )
 
 
 def describe(error: BaseException) -> str:
@@ -135,6 +145,7 @@ def run(main: Callable[[list[str]], None]):
     use_compilation_cache()
     try:
       from monoformer_jax.parallel import distributed
+
       distributed.initialize(_DISTRIBUTED.value)
       return main(argv)
     except UserError as error:

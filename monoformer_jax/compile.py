@@ -32,16 +32,20 @@ from ml_collections import config_flags
 from monoformer_jax import cli
 from monoformer_jax.eval import finite_json
 from monoformer_jax.parallel.topology import topology_of
-from monoformer_jax.train.aot import plan
 from monoformer_jax.paths import writable_dir
+from monoformer_jax.train.aot import plan
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None,
-                                "TPU slice: v4-8, v5p-32, v5e-16, v6e-8, ... or v5p:2x2x4; "
-                                "h100-N with JAX's CUDA plugin.")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN (multi-slice); "
-                                   "set --config.mesh.dcn_data to the same number.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string(
+  "topology",
+  None,
+  "TPU slice: v4-8, v5p-32, v5e-16, v6e-8, ... or v5p:2x2x4; h100-N with JAX's CUDA plugin.",
+)
+_NUM_SLICES = flags.DEFINE_integer(
+  "num_slices",
+  1,
+  "Slices joined by DCN (multi-slice); set --config.mesh.dcn_data to the same number.",
+)
 _OUTPUT = flags.DEFINE_string("output", None, "Write the figures to this JSON file.")
 flags.mark_flags_as_required(["config", "topology"])
 
@@ -50,9 +54,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   topology = topology_of(_TOPOLOGY.value, _NUM_SLICES.value)
-  if _OUTPUT.value:   # checked before minutes of compiling
-    writable_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "the --output file",
-                 "--output")
+  if _OUTPUT.value:  # checked before minutes of compiling
+    writable_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "the --output file", "--output")
   logging.info("compiling the train step for %s ...", topology)
   result, _ = plan(_CONFIG.value, topology)
   print(result.report(), flush=True)

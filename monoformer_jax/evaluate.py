@@ -34,15 +34,15 @@ SAMPLE_DIR/results.json) and are printed.
 
 import os
 
-from absl import app, flags, logging
 import jax
 import numpy as np
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from monoformer_jax import cli, inference
 from monoformer_jax.checkpoints import beside, load_config, load_model
-from monoformer_jax.errors import ConfigError, PathError
 from monoformer_jax.config.fields import integer
+from monoformer_jax.errors import ConfigError, PathError
 from monoformer_jax.eval import finite_json, registry
 from monoformer_jax.eval.score import score_images, score_model
 from monoformer_jax.model.build import param_shardings
@@ -50,73 +50,118 @@ from monoformer_jax.parallel import sharding
 from monoformer_jax.paths import writable_dir
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config replacing the one saved with --checkpoint (optional).",
-    lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "Training workdir, step folder or converted model.")
+  "config", None, "Config replacing the one saved with --checkpoint (optional).", lock_config=True
+)
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", None, "Training workdir, step folder or converted model."
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _METRICS = flags.DEFINE_list("metrics", None, f"Metrics among {registry.METRICS}.")
-_OUTPUT = flags.DEFINE_string("output", None, "Results JSON (default SAMPLE_DIR/results.json, "
-                              "or beside --samples).")
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "Results JSON (default SAMPLE_DIR/results.json, or beside --samples)."
+)
 # samples
-_SAMPLES = flags.DEFINE_string("samples", None, "An ADM sample npz (arr_0 uint8 [N, H, W, 3], "
-                               "arr_1 labels) to score instead of sampling.")
-_SAMPLE_DIR = flags.DEFINE_string("sample_dir", None, "Where the chunks and samples.npz go "
-                                  "(default: eval_step{N} beside the checkpoint).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Images to sample (default: the "
-                                    "largest the metrics ask for: 50000 for the Inception "
-                                    "metrics, else 1000).")
-_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 500, "Images per chunk (a multiple of the "
-                                   "device count); a restarted run skips finished chunks.")
-_BALANCED = flags.DEFINE_bool("balanced", False, "The same number of samples of every class "
-                              "(the reference draws each class uniformly at random).")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Respaced DDPM steps (default: what the "
-                                  "metrics ask for, 250 for the Inception metrics as the "
-                                  "reference's FID runs; else config.sample.num_steps).")
-_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale, 0 for none (default "
-                                "config.sample.cfg_scale).")
+_SAMPLES = flags.DEFINE_string(
+  "samples",
+  None,
+  "An ADM sample npz (arr_0 uint8 [N, H, W, 3], arr_1 labels) to score instead of sampling.",
+)
+_SAMPLE_DIR = flags.DEFINE_string(
+  "sample_dir",
+  None,
+  "Where the chunks and samples.npz go (default: eval_step{N} beside the checkpoint).",
+)
+_NUM_SAMPLES = flags.DEFINE_integer(
+  "num_samples",
+  None,
+  "Images to sample (default: the "
+  "largest the metrics ask for: 50000 for the Inception "
+  "metrics, else 1000).",
+)
+_CHUNK_SIZE = flags.DEFINE_integer(
+  "chunk_size",
+  500,
+  "Images per chunk (a multiple of the device count); a restarted run skips finished chunks.",
+)
+_BALANCED = flags.DEFINE_bool(
+  "balanced",
+  False,
+  "The same number of samples of every class (the reference draws each class uniformly at random).",
+)
+_NUM_STEPS = flags.DEFINE_integer(
+  "num_steps",
+  None,
+  "Respaced DDPM steps (default: what the "
+  "metrics ask for, 250 for the Inception metrics as the "
+  "reference's FID runs; else config.sample.num_steps).",
+)
+_CFG_SCALE = flags.DEFINE_float(
+  "cfg_scale", None, "Guidance scale, 0 for none (default config.sample.cfg_scale)."
+)
 _SAMPLER = flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], "DDPM (the reference) or DDIM.")
 _SEED = flags.DEFINE_integer("seed", 0, "The run's seed (labels and noise).")
-_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA weights (the reference) "
-                             "or raw.")
-_VAE = flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder for latent models "
-                           "(default config.vae.path).")
+_WEIGHTS = flags.DEFINE_enum(
+  "weights", "ema", ["ema", "raw"], "EMA weights (the reference) or raw."
+)
+_VAE = flags.DEFINE_string(
+  "vae", None, "diffusers AutoencoderKL folder for latent models (default config.vae.path)."
+)
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 64, "Latents decoded per VAE call.")
 # image metrics
-_INCEPTION = flags.DEFINE_string("inception", None, "pytorch-fid's Inception weights, "
-                                 "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded).")
-_REFERENCE = flags.DEFINE_string("reference", None, "ADM reference batch npz (mu, sigma, mu_s, "
-                                 "sigma_s, arr_0), or any npz of images (arr_0).")
+_INCEPTION = flags.DEFINE_string(
+  "inception",
+  None,
+  "pytorch-fid's Inception weights, pt_inception-2015-12-05-6726825d.pth (nothing is downloaded).",
+)
+_REFERENCE = flags.DEFINE_string(
+  "reference",
+  None,
+  "ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0), or any npz of images (arr_0).",
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 200, "Images per Inception call.")
 _TEXT_BATCH = flags.DEFINE_integer("text_batch", 16, "Rows per commonsense forward pass.")
 # commonsense
 _TASKS_DIR = flags.DEFINE_string("tasks_dir", None, "Folder of the commonsense task files.")
 _TASKS = flags.DEFINE_list("tasks", None, "Commonsense tasks (default: all seven).")
 _LIMIT = flags.DEFINE_integer("limit", None, "At most this many examples per task.")
-_MAX_LEN = flags.DEFINE_integer("max_len", 2048, "Longest scored row (TinyLlama's 2048); "
-                                "longer contexts are cut from the left, and counted.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer.json / "
-                                 "'bytes' (default config.data.tokenizer).")
+_MAX_LEN = flags.DEFINE_integer(
+  "max_len",
+  2048,
+  "Longest scored row (TinyLlama's 2048); longer contexts are cut from the left, and counted.",
+)
+_TOKENIZER = flags.DEFINE_string(
+  "tokenizer", None, "tokenizer.model / tokenizer.json / 'bytes' (default config.data.tokenizer)."
+)
 
 
 def _settings() -> dict:
   """What the evaluators may read of the flags (registry.Evaluator: files, options)."""
-  return dict(inception=_INCEPTION.value, reference=_REFERENCE.value,
-              batch_size=_BATCH_SIZE.value, tasks_dir=_TASKS_DIR.value, tasks=_TASKS.value,
-              limit=_LIMIT.value, text_batch=_TEXT_BATCH.value, max_len=_MAX_LEN.value)
+  return dict(
+    inception=_INCEPTION.value,
+    reference=_REFERENCE.value,
+    batch_size=_BATCH_SIZE.value,
+    tasks_dir=_TASKS_DIR.value,
+    tasks=_TASKS.value,
+    limit=_LIMIT.value,
+    text_batch=_TEXT_BATCH.value,
+    max_len=_MAX_LEN.value,
+  )
 
 
 def _check_flags(metrics):
   """Every flag, before anything is loaded."""
   if not _CHECKPOINT.value and not _SAMPLES.value:
-    raise app.UsageError("give --checkpoint (a model to sample and score) or --samples (an "
-                         "npz of samples to score)")
+    raise app.UsageError(
+      "give --checkpoint (a model to sample and score) or --samples (an npz of samples to score)"
+    )
   if _CHECKPOINT.value and _SAMPLES.value:
     raise app.UsageError("give --checkpoint or --samples, not both")
   for cls, names in registry.families(metrics).items():
     if cls.scores == "model" and not _CHECKPOINT.value:
-      raise ConfigError(f"--metrics={','.join(names)} scores a model itself: give "
-                        "--checkpoint (--samples holds images only)")
+      raise ConfigError(
+        f"--metrics={','.join(names)} scores a model itself: give "
+        "--checkpoint (--samples holds images only)"
+      )
     cls.check(names, _settings(), lambda name: f"--{name}")
   if _SAMPLES.value and not os.path.isfile(_SAMPLES.value):
     raise PathError(f"--samples={_SAMPLES.value!r} is not a file")
@@ -139,6 +184,7 @@ def _load_samples(path: str):
   """(uint8 images [N, H, W, C], their labels or None) of a sample npz (the
   evaluators check the resolution and channels they need)."""
   from monoformer_jax.eval.fid import load_images_npz
+
   images = load_images_npz(path, channels=None)
   with np.load(path) as z:
     labels = z["arr_1"] if "arr_1" in z.files else z["labels"] if "labels" in z.files else None
@@ -152,7 +198,7 @@ def main(argv):
     raise app.UsageError(f"give --metrics, among {registry.METRICS}")
   metrics = registry.check_metrics(_METRICS.value)
   _check_flags(metrics)
-  evaluators = registry.make(metrics, _settings())   # their files are read before any sampling
+  evaluators = registry.make(metrics, _settings())  # their files are read before any sampling
   classes = [type(e) for e in evaluators]
   results = {}
   sample_metrics = registry.sample_metrics(metrics)
@@ -172,12 +218,17 @@ def main(argv):
         raise ConfigError(f"--metrics={name}: {problem} in {_CHECKPOINT.value}")
     num_samples = _NUM_SAMPLES.value
     if num_samples is None:
-      num_samples = max(cls.num_samples for cls in classes if cls.scores == "samples") \
-          if sample_metrics else 1000
+      num_samples = (
+        max(cls.num_samples for cls in classes if cls.scores == "samples")
+        if sample_metrics
+        else 1000
+      )
     num_steps = _NUM_STEPS.value
     if num_steps is None:
-      num_steps = max((cls.num_steps for cls in classes if cls.num_steps), default=None) \
-          or config.sample.num_steps
+      num_steps = (
+        max((cls.num_steps for cls in classes if cls.num_steps), default=None)
+        or config.sample.num_steps
+      )
     cfg_scale = config.sample.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value
     tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
     vae = inference.load_vae_of(config, _VAE.value) if sample_metrics else None
@@ -185,26 +236,64 @@ def main(argv):
     output = _OUTPUT.value or (sample_dir and os.path.join(sample_dir, "results.json"))
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
-      model, config = load_model(_CHECKPOINT.value, weights=_WEIGHTS.value, config=config,
-                                 shardings=param_shardings(config, mesh), step=step)
-      logging.info("%s weights of %s (step %d), mesh %s", _WEIGHTS.value, _CHECKPOINT.value,
-                   step, dict(mesh.shape))
+      model, config = load_model(
+        _CHECKPOINT.value,
+        weights=_WEIGHTS.value,
+        config=config,
+        shardings=param_shardings(config, mesh),
+        step=step,
+      )
+      logging.info(
+        "%s weights of %s (step %d), mesh %s",
+        _WEIGHTS.value,
+        _CHECKPOINT.value,
+        step,
+        dict(mesh.shape),
+      )
       if sample_metrics:
         from monoformer_jax.eval.sampling import sample_run
-        path = sample_run(model, config, tokenizer, sample_dir or "", step=step,
-                          num_samples=num_samples, chunk_size=_CHUNK_SIZE.value,
-                          num_steps=num_steps, cfg_scale=cfg_scale,
-                          sampler=_SAMPLER.value, seed=_SEED.value, balanced=_BALANCED.value,
-                          weights=_WEIGHTS.value, vae=vae, decode_batch=_DECODE_BATCH.value)
+
+        path = sample_run(
+          model,
+          config,
+          tokenizer,
+          sample_dir or "",
+          step=step,
+          num_samples=num_samples,
+          chunk_size=_CHUNK_SIZE.value,
+          num_steps=num_steps,
+          cfg_scale=cfg_scale,
+          sampler=_SAMPLER.value,
+          seed=_SEED.value,
+          balanced=_BALANCED.value,
+          weights=_WEIGHTS.value,
+          vae=vae,
+          decode_batch=_DECODE_BATCH.value,
+        )
         if writer:
           images, labels = _load_samples(path)
           results.update(score_images(images, labels, evaluators))
-          results["samples"] = dict(path=path, num_samples=num_samples,
-                                    num_steps=num_steps, cfg_scale=cfg_scale,
-                                    sampler=_SAMPLER.value, seed=_SEED.value,
-                                    balanced=_BALANCED.value, weights=_WEIGHTS.value)
-      results.update(score_model(evaluators, model, tokenizer, config, num_steps=num_steps,
-                                 cfg_scale=cfg_scale, seed=config.seed))
+          results["samples"] = dict(
+            path=path,
+            num_samples=num_samples,
+            num_steps=num_steps,
+            cfg_scale=cfg_scale,
+            sampler=_SAMPLER.value,
+            seed=_SEED.value,
+            balanced=_BALANCED.value,
+            weights=_WEIGHTS.value,
+          )
+      results.update(
+        score_model(
+          evaluators,
+          model,
+          tokenizer,
+          config,
+          num_steps=num_steps,
+          cfg_scale=cfg_scale,
+          seed=config.seed,
+        )
+      )
     results["checkpoint"] = dict(path=_CHECKPOINT.value, step=step, weights=_WEIGHTS.value)
   if writer:
     text = finite_json(results, indent=1)

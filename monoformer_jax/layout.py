@@ -86,8 +86,7 @@ def tokens_per_image(model_cfg) -> int:
   """P: the patch tokens of one image, (image_size / patch_size)^2."""
   size, patch = model_cfg.image_size, model_cfg.patch_size
   if patch < 1 or size % patch:
-    raise ConfigError(f"model.image_size={size} is not a multiple of "
-                      f"model.patch_size={patch}")
+    raise ConfigError(f"model.image_size={size} is not a multiple of model.patch_size={patch}")
   return (size // patch) ** 2
 
 
@@ -98,8 +97,10 @@ def read_image_spec(model_cfg) -> tuple[tuple[int, int, int], int] | None:
   as generated images are; `clip`: CLIP-preprocessed pixels [S, S, 3]."""
   encoder = model_cfg.vision_encoder
   if encoder == "vae":
-    return ((model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels),
-            tokens_per_image(model_cfg))
+    return (
+      (model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels),
+      tokens_per_image(model_cfg),
+    )
   if encoder == "clip":
     v = model_cfg.vision
     return (v.image_size, v.image_size, 3), (v.image_size // v.patch_size) ** 2
@@ -123,6 +124,7 @@ class Example:
   (text and images written together: the model learns where to draw),
   whatever `text_on_image_examples` says.
   """
+
   ids: Sequence[int]
   images: Sequence[np.ndarray] = ()
   train_text: bool = True
@@ -137,26 +139,29 @@ class Example:
 @dataclasses.dataclass(frozen=True)
 class RowSpec:
   """Everything packing needs to know about rows and images."""
-  seq_len: int                      # L
-  max_images: int                   # M, images per row
+
+  seq_len: int  # L
+  max_images: int  # M, images per row
   image_shape: tuple[int, int, int]  # (h, w, C)
-  tokens_per_image: int             # P
+  tokens_per_image: int  # P
   image_id: int
   pad_id: int
   text_on_image_examples: bool = False
-  cond_token: bool = False           # a timestep token before every image
-  max_read_images: int = 0           # R, read images per row
-  read_shape: tuple[int, ...] = ()   # a read image as the vision encoder takes it
-  read_tokens: int = 0               # Q
-  read_bidirectional: bool = False   # read images attend inside themselves both ways
+  cond_token: bool = False  # a timestep token before every image
+  max_read_images: int = 0  # R, read images per row
+  read_shape: tuple[int, ...] = ()  # a read image as the vision encoder takes it
+  read_tokens: int = 0  # Q
+  read_bidirectional: bool = False  # read images attend inside themselves both ways
 
   def __post_init__(self):
     object.__setattr__(self, "image_shape", tuple(int(d) for d in self.image_shape))
     object.__setattr__(self, "read_shape", tuple(int(d) for d in self.read_shape))
     if self.seq_len < 1 or self.max_images < 0 or self.tokens_per_image < 1:
-      raise ValueError(f"bad row spec: seq_len={self.seq_len} (>= 1), max_images="
-                       f"{self.max_images} (>= 0), tokens_per_image="
-                       f"{self.tokens_per_image} (>= 1)")
+      raise ValueError(
+        f"bad row spec: seq_len={self.seq_len} (>= 1), max_images="
+        f"{self.max_images} (>= 0), tokens_per_image="
+        f"{self.tokens_per_image} (>= 1)"
+      )
     if len(self.image_shape) != 3:
       raise ValueError(f"image_shape={self.image_shape} must be (h, w, C)")
 
@@ -167,15 +172,20 @@ def row_spec(config, tokenizer) -> RowSpec:
   m = config.model
   read = read_image_spec(m)
   read_shape, read_tokens = read if read else ((), 0)
-  return RowSpec(seq_len=config.data.seq_len, max_images=config.data.max_images_per_row,
-                 image_shape=(m.image_size, m.image_size, m.in_channels),
-                 tokens_per_image=tokens_per_image(m),
-                 image_id=tokenizer.image_id, pad_id=tokenizer.pad_id,
-                 text_on_image_examples=bool(config.loss.text_on_image_examples),
-                 cond_token=m.conditioning == CONDITIONING_TOKEN_MODE,
-                 max_read_images=config.data.max_read_images_per_row if read else 0,
-                 read_shape=read_shape, read_tokens=read_tokens,
-                 read_bidirectional=bool(m.read_bidirectional))
+  return RowSpec(
+    seq_len=config.data.seq_len,
+    max_images=config.data.max_images_per_row,
+    image_shape=(m.image_size, m.image_size, m.in_channels),
+    tokens_per_image=tokens_per_image(m),
+    image_id=tokenizer.image_id,
+    pad_id=tokenizer.pad_id,
+    text_on_image_examples=bool(config.loss.text_on_image_examples),
+    cond_token=m.conditioning == CONDITIONING_TOKEN_MODE,
+    max_read_images=config.data.max_read_images_per_row if read else 0,
+    read_shape=read_shape,
+    read_tokens=read_tokens,
+    read_bidirectional=bool(m.read_bidirectional),
+  )
 
 
 def batch_shapes(config, rows: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -184,7 +194,7 @@ def batch_shapes(config, rows: int | None = None) -> dict[str, tuple[tuple[int, 
   compile traces the train step with. Read off the row writer's own empty
   batch, so it is what packing makes."""
   rows = config.data.batch_size if rows is None else rows
-  ids = types.SimpleNamespace(image_id=0, pad_id=0)   # token ids change no shape
+  ids = types.SimpleNamespace(image_id=0, pad_id=0)  # token ids change no shape
   empty = Rows(0, row_spec(config, ids)).batch()
   return {name: ((rows,) + x.shape[1:], x.dtype) for name, x in empty.items()}
 
@@ -192,16 +202,17 @@ def batch_shapes(config, rows: int | None = None) -> dict[str, tuple[tuple[int, 
 class Row(NamedTuple):
   """Rows as the model reads them (numpy or jax arrays; a pytree): see the
   module docstring for each field."""
-  tokens: Any          # int32 [B, L]
-  segment_ids: Any     # int32 [B, L]
-  image_ids: Any       # int32 [B, L]
-  positions: Any       # int32 [B, L]
-  image_columns: Any   # int32 [B, M, P]
-  image_valid: Any     # bool [B, M]
-  cond_columns: Any = None        # int32 [B, M]; None: no timestep tokens
-  read_columns: Any = None        # int32 [B, R, Q]; None: no read images
-  read_valid: Any = None          # bool [B, R]
-  read_cond_columns: Any = None   # int32 [B, R]
+
+  tokens: Any  # int32 [B, L]
+  segment_ids: Any  # int32 [B, L]
+  image_ids: Any  # int32 [B, L]
+  positions: Any  # int32 [B, L]
+  image_columns: Any  # int32 [B, M, P]
+  image_valid: Any  # bool [B, M]
+  cond_columns: Any = None  # int32 [B, M]; None: no timestep tokens
+  read_columns: Any = None  # int32 [B, R, Q]; None: no read images
+  read_valid: Any = None  # bool [B, R]
+  read_cond_columns: Any = None  # int32 [B, R]
 
   @classmethod
   def of(cls, batch: Mapping[str, Any]) -> Row:
@@ -217,8 +228,10 @@ def image_slots(image_ids_BxL, max_images: int, tokens_per_image: int):
   b, length = ids_BxL.shape
   m, p = max_images, tokens_per_image
   if ids_BxL.size and ids_BxL.max() > m:
-    raise ValueError(f"rows hold image {int(ids_BxL.max())} but a row holds at most "
-                     f"{m} images (data.max_images_per_row)")
+    raise ValueError(
+      f"rows hold image {int(ids_BxL.max())} but a row holds at most "
+      f"{m} images (data.max_images_per_row)"
+    )
   columns_BxMxP = np.full((b, m, p), length, np.int32)
   valid_BxM = np.zeros((b, m), bool)
   for slot in range(m):
@@ -231,9 +244,11 @@ def image_slots(image_ids_BxL, max_images: int, tokens_per_image: int):
     bad = np.flatnonzero((count_B != 0) & ~whole_B)
     if bad.size:
       r = int(bad[0])
-      raise ValueError(f"row {r} holds {int(count_B[r])} tokens of image {slot + 1}, not "
-                       f"one contiguous run of tokens_per_image={p} (model.image_size / "
-                       "model.patch_size, squared); build rows with monoformer_jax.layout")
+      raise ValueError(
+        f"row {r} holds {int(count_B[r])} tokens of image {slot + 1}, not "
+        f"one contiguous run of tokens_per_image={p} (model.image_size / "
+        "model.patch_size, squared); build rows with monoformer_jax.layout"
+      )
     columns_BxMxP[:, slot] = np.where(whole_B[:, None], cols_BxP, length)
     valid_BxM[:, slot] = whole_B
   return columns_BxMxP, valid_BxM
@@ -254,8 +269,10 @@ def check_one_image_per_row(row: Row, tokens_per_image: int):
   images_B = (np.asarray(row.image_ids) > 0).sum(axis=1)
   m, p = np.asarray(row.image_columns).shape[1:]
   if m != 1 or p != tokens_per_image or not np.asarray(row.image_valid).all():
-    raise ValueError(f"each row must hold exactly one image of {tokens_per_image} slots; "
-                     f"rows hold {sorted(set(images_B.tolist()))} image tokens")
+    raise ValueError(
+      f"each row must hold exactly one image of {tokens_per_image} slots; "
+      f"rows hold {sorted(set(images_B.tolist()))} image tokens"
+    )
 
 
 def _image_tokens(read: bool, spec: RowSpec) -> int:
@@ -274,61 +291,81 @@ def pieces_of(example: Example, spec: RowSpec, index: int) -> list[Example]:
   example `index` and the fix, if it cannot be laid out at all."""
   ids = np.asarray(example.ids)
   if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-    raise ValueError(f"example {index}: ids must be a non-empty 1-D sequence of ints, "
-                     f"got shape {ids.shape} dtype {ids.dtype}")
+    raise ValueError(
+      f"example {index}: ids must be a non-empty 1-D sequence of ints, "
+      f"got shape {ids.shape} dtype {ids.dtype}"
+    )
   ids = ids.astype(np.int32)
   n_placeholders = int((ids == spec.image_id).sum())
   n_images = len(example.images)
   if n_placeholders != n_images:
-    raise ValueError(f"example {index} has {n_placeholders} <image> placeholders "
-                     f"(id {spec.image_id}) but {n_images} images; give one image "
-                     "per placeholder")
+    raise ValueError(
+      f"example {index} has {n_placeholders} <image> placeholders "
+      f"(id {spec.image_id}) but {n_images} images; give one image "
+      "per placeholder"
+    )
   mask = _checked_mask(example.text_mask, ids == spec.image_id, index)
   if not n_images:
-    return [Example(ids[i:i + spec.seq_len], (), example.train_text,
-                    None if mask is None else mask[i:i + spec.seq_len])
-            for i in range(0, len(ids), spec.seq_len)]
+    return [
+      Example(
+        ids[i : i + spec.seq_len],
+        (),
+        example.train_text,
+        None if mask is None else mask[i : i + spec.seq_len],
+      )
+      for i in range(0, len(ids), spec.seq_len)
+    ]
   read = _checked_read(example, index)
   images = [np.asarray(im, np.float32) for im in example.images]
   n_read = sum(read)
   if n_read and not spec.read_tokens:
     raise ConfigError(
-        f"example {index} reads {n_read} image(s) but the model has no vision encoder "
-        "(model.vision_encoder is ''); set --config.model.vision_encoder=vae (or clip, "
-        "with model.vision from the CLIP folder) to train image understanding")
+      f"example {index} reads {n_read} image(s) but the model has no vision encoder "
+      "(model.vision_encoder is ''); set --config.model.vision_encoder=vae (or clip, "
+      "with model.vision from the CLIP folder) to train image understanding"
+    )
   for k, (image, is_read) in enumerate(zip(images, read)):
     want = spec.read_shape if is_read else spec.image_shape
     if image.shape != want:
-      what = ("read images of shape {} (the vision encoder's input: model.vision_encoder)"
-              if is_read else "generated images of shape {} (model.image_size, "
-              "model.image_size, model.in_channels)").format(want)
-      raise ConfigError(f"example {index}: image {k} has shape {image.shape} but rows hold "
-                        f"{what}; resize the images or change the config")
+      what = (
+        "read images of shape {} (the vision encoder's input: model.vision_encoder)"
+        if is_read
+        else "generated images of shape {} (model.image_size, model.image_size, model.in_channels)"
+      ).format(want)
+      raise ConfigError(
+        f"example {index}: image {k} has shape {image.shape} but rows hold "
+        f"{what}; resize the images or change the config"
+      )
   if n_images - n_read > spec.max_images:
     raise ConfigError(
-        f"example {index} has {n_images - n_read} images but a row holds at most "
-        f"data.max_images_per_row={spec.max_images}; raise "
-        f"--config.data.max_images_per_row to at least {n_images - n_read}")
+      f"example {index} has {n_images - n_read} images but a row holds at most "
+      f"data.max_images_per_row={spec.max_images}; raise "
+      f"--config.data.max_images_per_row to at least {n_images - n_read}"
+    )
   if n_read > spec.max_read_images:
     raise ConfigError(
-        f"example {index} reads {n_read} images but a row holds at most "
-        f"data.max_read_images_per_row={spec.max_read_images}; raise "
-        f"--config.data.max_read_images_per_row to at least {n_read}")
+      f"example {index} reads {n_read} images but a row holds at most "
+      f"data.max_read_images_per_row={spec.max_read_images}; raise "
+      f"--config.data.max_read_images_per_row to at least {n_read}"
+    )
   need = expanded_length(example, spec)
   if need > spec.seq_len:
     raise ConfigError(
-        f"example {index} needs {need} tokens (text {len(ids) - n_images} + "
-        f"{n_images - n_read} image(s) of {_image_tokens(False, spec)}"
-        + (f" + {n_read} read image(s) of {_image_tokens(True, spec)}" if n_read else "")
-        + f") but data.seq_len is {spec.seq_len}; raise --config.data.seq_len to at "
-        f"least {need}")
+      f"example {index} needs {need} tokens (text {len(ids) - n_images} + "
+      f"{n_images - n_read} image(s) of {_image_tokens(False, spec)}"
+      + (f" + {n_read} read image(s) of {_image_tokens(True, spec)}" if n_read else "")
+      + f") but data.seq_len is {spec.seq_len}; raise --config.data.seq_len to at "
+      f"least {need}"
+    )
   return [Example(ids, images, example.train_text, mask, read, example.interleaved)]
 
 
 def _checked_read(example: Example, index: int) -> list[bool]:
   if example.read is not None and len(example.read) != len(example.images):
-    raise ValueError(f"example {index}: read has {len(example.read)} flags for "
-                     f"{len(example.images)} images; give one bool per image (True: read)")
+    raise ValueError(
+      f"example {index}: read has {len(example.read)} flags for "
+      f"{len(example.images)} images; give one bool per image (True: read)"
+    )
   return example.read_flags()
 
 
@@ -340,16 +377,21 @@ def _checked_mask(text_mask, is_placeholder_N, index: int) -> np.ndarray | None:
   mask_N = np.asarray(text_mask)
   n = len(is_placeholder_N)
   if mask_N.shape != (n,):
-    raise ValueError(f"example {index}: text_mask has shape {mask_N.shape} but the example "
-                     f"has {n} ids; give one bool per id (placeholders included) or None")
+    raise ValueError(
+      f"example {index}: text_mask has shape {mask_N.shape} but the example "
+      f"has {n} ids; give one bool per id (placeholders included) or None"
+    )
   if mask_N.size and (mask_N.dtype.kind not in "biu" or not np.isin(mask_N, (0, 1)).all()):
-    raise ValueError(f"example {index}: text_mask must hold bools (or 0/1), got dtype "
-                     f"{mask_N.dtype}")
+    raise ValueError(
+      f"example {index}: text_mask must hold bools (or 0/1), got dtype {mask_N.dtype}"
+    )
   mask_N = mask_N.astype(bool)
   if (mask_N & is_placeholder_N).any():
     at = int(np.flatnonzero(mask_N & is_placeholder_N)[0])
-    raise ValueError(f"example {index}: text_mask is True at id {at}, an <image> "
-                     "placeholder; an image is never a text target, set it False")
+    raise ValueError(
+      f"example {index}: text_mask is True at id {at}, an <image> "
+      "placeholder; an image is never a text target, set it False"
+    )
   return mask_N
 
 
@@ -388,10 +430,13 @@ class Rows:
     read = np.zeros(len(ids), bool)
     read[is_placeholder] = example.read_flags()
     generated = is_placeholder & ~read
-    counts = np.where(is_placeholder, np.where(read, spec.read_tokens, spec.tokens_per_image)
-                      + int(spec.cond_token), 1)
+    counts = np.where(
+      is_placeholder,
+      np.where(read, spec.read_tokens, spec.tokens_per_image) + int(spec.cond_token),
+      1,
+    )
     tokens_L = np.repeat(ids, counts)
-    is_image_L = np.repeat(is_placeholder, counts)   # image and timestep-token columns
+    is_image_L = np.repeat(is_placeholder, counts)  # image and timestep-token columns
     first, first_read = int(self.n_images[r]), int(self.n_read[r])
     # Per id: the image id its columns carry (a timestep token's is fixed below).
     block_N = np.where(generated, first + np.cumsum(generated), 0)
@@ -401,9 +446,9 @@ class Rows:
     n = len(tokens_L)
     start = int(self.used[r])
     end = start + n
-    starts_N = start + np.concatenate([[0], np.cumsum(counts)[:-1]])   # column of each id
+    starts_N = start + np.concatenate([[0], np.cumsum(counts)[:-1]])  # column of each id
     if spec.cond_token:
-      image_ids_L[starts_N[is_placeholder] - start] = 0   # the timestep token: causal
+      image_ids_L[starts_N[is_placeholder] - start] = 0  # the timestep token: causal
     for j, col in enumerate(starts_N[read]):
       slot = first_read + j
       first_col = col + int(spec.cond_token)
@@ -415,14 +460,15 @@ class Rows:
     self.segment_ids[r, start:end] = self.n_examples[r] + 1
     self.image_ids[r, start:end] = image_ids_L
     self.positions[r, start:end] = np.arange(n)
-    self.targets[r, start:end - 1] = tokens_L[1:]
-    trains = example.train_text and (not generated.any() or spec.text_on_image_examples
-                                      or example.interleaved)
+    self.targets[r, start : end - 1] = tokens_L[1:]
+    trains = example.train_text and (
+      not generated.any() or spec.text_on_image_examples or example.interleaved
+    )
     if trains:
       target_L = ~is_image_L
       if example.text_mask is not None:
         target_L &= np.repeat(np.asarray(example.text_mask, bool), counts)
-      self.text_weights[r, start:end - 1] = target_L[1:]
+      self.text_weights[r, start : end - 1] = target_L[1:]
     n_gen = 0
     for image, is_read in zip(example.images, example.read_flags()):
       if is_read:
@@ -440,13 +486,22 @@ class Rows:
     spec = self.spec
     columns, valid = image_slots(self.image_ids, spec.max_images, spec.tokens_per_image)
     cond = cond_columns_of(columns, valid, spec.cond_token, self.tokens.shape[1])
-    return dict(tokens=self.tokens, segment_ids=self.segment_ids, image_ids=self.image_ids,
-                positions=self.positions, image_columns=columns, image_valid=valid,
-                cond_columns=cond, read_columns=self.read_columns,
-                read_valid=self.read_valid, read_cond_columns=self.read_cond_columns,
-                targets=self.targets, text_weights=self.text_weights, latents=self.latents,
-                read_images=self.read_images)
-
+    return dict(
+      tokens=self.tokens,
+      segment_ids=self.segment_ids,
+      image_ids=self.image_ids,
+      positions=self.positions,
+      image_columns=columns,
+      image_valid=valid,
+      cond_columns=cond,
+      read_columns=self.read_columns,
+      read_valid=self.read_valid,
+      read_cond_columns=self.read_cond_columns,
+      targets=self.targets,
+      text_weights=self.text_weights,
+      latents=self.latents,
+      read_images=self.read_images,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -454,7 +509,8 @@ class PromptLayout:
   """Which columns of `prompt_rows` rows are which (hashable, so compiled
   samplers can be specialised on it): prompts end at column prompt_len - 1 and
   the `new_tokens` slots being generated follow."""
-  prompt_len: int   # Lp
+
+  prompt_len: int  # Lp
   new_tokens: int
 
   @property
@@ -467,26 +523,34 @@ class PromptLayout:
 
   def prompt(self, x_BxL):
     """The prompt columns [B, Lp] of a per-token array."""
-    return x_BxL[:, :self.prompt_len]
+    return x_BxL[:, : self.prompt_len]
 
   def new(self, x_BxL):
     """The new slots' columns [B, new_tokens] of a per-token array."""
-    return x_BxL[:, self.prompt_len:]
+    return x_BxL[:, self.prompt_len :]
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptRows:
   """Rows from `prompt_rows`: the arrays (numpy) and their layout; `read_images`
   [B, R, ...] the images the prompts read (None when they read none)."""
+
   row: Row
   layout: PromptLayout
   read_images: Any = None
 
 
-def prompt_rows(prompts: Sequence[Sequence[int] | Example], *, pad_id: int,
-                new_tokens: int = 0, new_token_id: int | None = None, image: bool = False,
-                cond_token: bool = False, spec: RowSpec | None = None,
-                multiple: int = 8) -> PromptRows:
+def prompt_rows(
+  prompts: Sequence[Sequence[int] | Example],
+  *,
+  pad_id: int,
+  new_tokens: int = 0,
+  new_token_id: int | None = None,
+  image: bool = False,
+  cond_token: bool = False,
+  spec: RowSpec | None = None,
+  multiple: int = 8,
+) -> PromptRows:
   """Rows [B, L] of left-padded prompts and the slots being generated after them.
 
   A prompt is token ids, or an `Example` whose images are all READ (its
@@ -504,8 +568,9 @@ def prompt_rows(prompts: Sequence[Sequence[int] | Example], *, pad_id: int,
   if spec is None:
     if any(isinstance(p, Example) and len(p.images) for p in prompts):
       raise ValueError("prompts that read images need the RowSpec (spec=) to lay them out")
-    spec = RowSpec(seq_len=1, max_images=0, image_shape=(1, 1, 1), tokens_per_image=1,
-                   image_id=-1, pad_id=pad_id)
+    spec = RowSpec(
+      seq_len=1, max_images=0, image_shape=(1, 1, 1), tokens_per_image=1, image_id=-1, pad_id=pad_id
+    )
   expanded = [_prompt_columns(p, spec, i) for i, p in enumerate(prompts)]
   rows = len(prompts)
   lp = -(-max(e.used[0] for e in expanded) // multiple) * multiple
@@ -532,15 +597,26 @@ def prompt_rows(prompts: Sequence[Sequence[int] | Example], *, pad_id: int,
     k = e.read_valid.shape[1]
     read_valid[r, :k] = e.read_valid[0]
     read_columns[r, :k] = np.where(e.read_valid[0, :, None], e.read_columns[0] + start, length)
-    read_cond[r, :k] = np.where(e.read_valid[0] & (e.read_cond_columns[0] < n),
-                                e.read_cond_columns[0] + start, length)
+    read_cond[r, :k] = np.where(
+      e.read_valid[0] & (e.read_cond_columns[0] < n), e.read_cond_columns[0] + start, length
+    )
     read_images[r, :k] = e.read_images[0]
   if image:
-    image_ids[:, lp + int(cond_token):] = 1
+    image_ids[:, lp + int(cond_token) :] = 1
   columns, valid = image_slots(image_ids, 1 if image else 0, new_tokens if image else 0)
   cond = np.full((rows, int(image)), lp if cond_token else length, np.int32)
-  row = Row(tokens, segment_ids, image_ids, positions, columns, valid, cond,
-            read_columns, read_valid, read_cond)
+  row = Row(
+    tokens,
+    segment_ids,
+    image_ids,
+    positions,
+    columns,
+    valid,
+    cond,
+    read_columns,
+    read_valid,
+    read_cond,
+  )
   return PromptRows(row, layout, read_images if r_max else None)
 
 
@@ -548,12 +624,15 @@ def _prompt_columns(prompt, spec: RowSpec, index: int) -> Rows:
   """One prompt laid out alone in a row of exactly its expanded length."""
   example = prompt if isinstance(prompt, Example) else Example(prompt, train_text=False)
   if not all(example.read_flags()):
-    raise ValueError(f"prompt {index} holds an image to generate; a prompt may only read "
-                     "images (Example.read all True), the generated image follows it")
+    raise ValueError(
+      f"prompt {index} holds an image to generate; a prompt may only read "
+      "images (Example.read all True), the generated image follows it"
+    )
   length = expanded_length(example, spec)
-  row_spec = dataclasses.replace(spec, seq_len=length, max_images=0,
-                                 max_read_images=len(example.images))
-  piece, = pieces_of(example, row_spec, index)
+  row_spec = dataclasses.replace(
+    spec, seq_len=length, max_images=0, max_read_images=len(example.images)
+  )
+  (piece,) = pieces_of(example, row_spec, index)
   out = Rows(1, row_spec)
   out.put(0, piece)
   return out

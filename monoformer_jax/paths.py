@@ -24,26 +24,30 @@ def writable_dir(path: str, what: str, flag: str) -> str:
   if "://" in path:
     return path
   if os.path.exists(path) and not os.path.isdir(path):
-    raise PathError(f"{flag}={path!r} is a file, not a folder; pass a folder for the "
-                    f"{what} (it is made if missing)")
+    raise PathError(
+      f"{flag}={path!r} is a file, not a folder; pass a folder for the "
+      f"{what} (it is made if missing)"
+    )
   try:
     os.makedirs(path, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
       pass
   except OSError as e:
-    raise PathError(f"{flag}={path!r}: cannot write the {what} there ({e.strerror or e}); "
-                    "pass a folder you can write to") from e
+    raise PathError(
+      f"{flag}={path!r}: cannot write the {what} there ({e.strerror or e}); "
+      "pass a folder you can write to"
+    ) from e
   return path
 
 
-def fresh_output_dir(path: str, outputs: Iterable[str], flag: str,
-                     overwrite: bool = False) -> str:
+def fresh_output_dir(path: str, outputs: Iterable[str], flag: str, overwrite: bool = False) -> str:
   """A writable `path` that holds none of `outputs` (unless `overwrite`)."""
   path = writable_dir(path, "outputs", flag)
   there = [name for name in outputs if os.path.exists(os.path.join(path, name))]
   if there and not overwrite:
-    raise PathError(f"{flag}={path!r} already holds {there}; pass another {flag} "
-                    "or --overwrite to replace them")
+    raise PathError(
+      f"{flag}={path!r} already holds {there}; pass another {flag} or --overwrite to replace them"
+    )
   return path
 
 

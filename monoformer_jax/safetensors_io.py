@@ -33,16 +33,25 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 _DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+  "F64": np.dtype("<f8"),
+  "F32": np.dtype("<f4"),
+  "F16": np.dtype("<f2"),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "I64": np.dtype("<i8"),
+  "I32": np.dtype("<i4"),
+  "I16": np.dtype("<i2"),
+  "I8": np.dtype("i1"),
+  "U8": np.dtype("u1"),
+  "BOOL": np.dtype("?"),
 }
 
 
 # safetensors' own limit on the JSON header; a larger "size" means another format.
 MAX_HEADER_BYTES = 100_000_000
-_CONVERT_FIX = ("convert it to safetensors (safetensors.numpy.save_file or "
-                "safetensors.torch.save_file) or pass the real .safetensors file")
+_CONVERT_FIX = (
+  "convert it to safetensors (safetensors.numpy.save_file or "
+  "safetensors.torch.save_file) or pass the real .safetensors file"
+)
 
 
 def _what_it_is(head: bytes) -> str:
@@ -60,14 +69,17 @@ def _what_it_is(head: bytes) -> str:
 
 def _json_loads_unique(text: str, where: str):
   """json.loads that refuses a key given twice (the last would silently win)."""
+
   def pairs(items):
     out = {}
     for key, value in items:
       if key in out:
-        raise FileFormatError(f"{where}: key {key!r} appears twice; the file is corrupted "
-                              "or hand-edited: re-export it")
+        raise FileFormatError(
+          f"{where}: key {key!r} appears twice; the file is corrupted or hand-edited: re-export it"
+        )
       out[key] = value
     return out
+
   return json.loads(text, object_pairs_hook=pairs)
 
 
@@ -80,14 +92,19 @@ def read_json_object(path: str, what: str = "a JSON file") -> dict:
   try:
     value = json.loads(blob.decode("utf-8"))
   except UnicodeDecodeError as e:
-    raise FileFormatError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}), so not "
-                          f"{what}; pass the right file") from None
+    raise FileFormatError(
+      f"{path} is not UTF-8 text ({e.reason} at byte {e.start}), so not {what}; pass the right file"
+    ) from None
   except json.JSONDecodeError as e:
-    raise FileFormatError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column "
-                          f"{e.colno}); fix or re-download {what}") from None
+    raise FileFormatError(
+      f"{path} is not valid JSON ({e.msg} at line {e.lineno} column "
+      f"{e.colno}); fix or re-download {what}"
+    ) from None
   if not isinstance(value, dict):
-    raise FileFormatError(f"{path} holds a JSON {type(value).__name__}, expected an object "
-                          f"({what}); pass the right file")
+    raise FileFormatError(
+      f"{path} holds a JSON {type(value).__name__}, expected an object "
+      f"({what}); pass the right file"
+    )
   return value
 
 
@@ -106,91 +123,127 @@ def read_header(path: str) -> tuple[dict, dict, int]:
     head = f.read(8)
     if len(head) < 8:
       raise FileFormatError(
-          f"{path} is truncated: expected at least 8 bytes (the header size), found {size}; "
-          "re-download or re-copy it")
+        f"{path} is truncated: expected at least 8 bytes (the header size), found {size}; "
+        "re-download or re-copy it"
+      )
     (n,) = struct.unpack("<Q", head)
     peek = f.read(min(n, 16))
     if n == 0:
-      raise FileFormatError(f"{path}: its header size (first 8 bytes) is 0, so it is not a "
-                            f"safetensors file (it looks like {_what_it_is(head)}); "
-                            f"{_CONVERT_FIX}")
+      raise FileFormatError(
+        f"{path}: its header size (first 8 bytes) is 0, so it is not a "
+        f"safetensors file (it looks like {_what_it_is(head)}); "
+        f"{_CONVERT_FIX}"
+      )
     if n > MAX_HEADER_BYTES or (8 + n > size and peek and not peek.startswith(b"{")):
       raise FileFormatError(
-          f"{path} is not a safetensors file: its first 8 bytes give a header size of {n} "
-          f"bytes (limit {MAX_HEADER_BYTES}, file {size} bytes); it looks like "
-          f"{_what_it_is(head)}; {_CONVERT_FIX}")
+        f"{path} is not a safetensors file: its first 8 bytes give a header size of {n} "
+        f"bytes (limit {MAX_HEADER_BYTES}, file {size} bytes); it looks like "
+        f"{_what_it_is(head)}; {_CONVERT_FIX}"
+      )
     if 8 + n > size:
       raise FileFormatError(
-          f"{path} is truncated inside its header: expected at least {8 + n} bytes "
-          f"(8 + a {n}-byte header), found {size}; re-download or re-copy it")
+        f"{path} is truncated inside its header: expected at least {8 + n} bytes "
+        f"(8 + a {n}-byte header), found {size}; re-download or re-copy it"
+      )
     f.seek(8)
     blob = f.read(n)
   try:
     text = blob.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise FileFormatError(f"{path}: its {n}-byte header is not UTF-8 ({e.reason} at byte "
-                          f"{8 + e.start}): it looks like {_what_it_is(head)}, or is corrupted; "
-                          f"{_CONVERT_FIX}") from None
+    raise FileFormatError(
+      f"{path}: its {n}-byte header is not UTF-8 ({e.reason} at byte "
+      f"{8 + e.start}): it looks like {_what_it_is(head)}, or is corrupted; "
+      f"{_CONVERT_FIX}"
+    ) from None
   try:
     header = _json_loads_unique(text, f"{path}: header")
   except json.JSONDecodeError as e:
-    raise FileFormatError(f"{path}: its {n}-byte header is not valid JSON ({e.msg} at line "
-                          f"{e.lineno} column {e.colno}): the file is corrupted or not a "
-                          f"safetensors file; {_CONVERT_FIX}") from None
+    raise FileFormatError(
+      f"{path}: its {n}-byte header is not valid JSON ({e.msg} at line "
+      f"{e.lineno} column {e.colno}): the file is corrupted or not a "
+      f"safetensors file; {_CONVERT_FIX}"
+    ) from None
   if not isinstance(header, dict):
-    raise FileFormatError(f"{path}: its header is a JSON {type(header).__name__}, expected an "
-                          "object {name: {dtype, shape, data_offsets}}; the file is corrupted "
-                          f"or not a safetensors file; {_CONVERT_FIX}")
+    raise FileFormatError(
+      f"{path}: its header is a JSON {type(header).__name__}, expected an "
+      "object {name: {dtype, shape, data_offsets}}; the file is corrupted "
+      f"or not a safetensors file; {_CONVERT_FIX}"
+    )
   metadata = header.pop("__metadata__", None)
   if metadata is None:
     metadata = {}
-  if not (isinstance(metadata, dict)
-          and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
-    raise FileFormatError(f"{path}: its __metadata__ {str(metadata)[:200]} is not an object of "
-                          "strings to strings, as the safetensors format requires; re-export it")
+  if not (
+    isinstance(metadata, dict)
+    and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+  ):
+    raise FileFormatError(
+      f"{path}: its __metadata__ {str(metadata)[:200]} is not an object of "
+      "strings to strings, as the safetensors format requires; re-export it"
+    )
   data_size = size - (8 + n)
   for key, e in header.items():
     where = f"{path}: tensor {key!r}"
     if not isinstance(e, dict):
-      raise FileFormatError(f"{where}: its header entry is {str(e)[:200]}, expected an object "
-                            "{dtype, shape, data_offsets}; the file is corrupted")
+      raise FileFormatError(
+        f"{where}: its header entry is {str(e)[:200]}, expected an object "
+        "{dtype, shape, data_offsets}; the file is corrupted"
+      )
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in e]
     if missing:
-      raise FileFormatError(f"{where}: its header entry has no {', '.join(missing)} "
-                            f"(has {sorted(e)}); the file is corrupted")
+      raise FileFormatError(
+        f"{where}: its header entry has no {', '.join(missing)} "
+        f"(has {sorted(e)}); the file is corrupted"
+      )
     dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _DTYPES:
-      raise FileFormatError(f"{where} has dtype {dtype!r}, which this reader does not know "
-                            f"(known: {', '.join(sorted(_DTYPES))}); convert it to one of them")
+      raise FileFormatError(
+        f"{where} has dtype {dtype!r}, which this reader does not know "
+        f"(known: {', '.join(sorted(_DTYPES))}); convert it to one of them"
+      )
     if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
-      raise FileFormatError(f"{where} has shape {str(shape)[:200]}, expected a list of "
-                            "non-negative ints; the file is corrupted")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
-            and 0 <= offsets[0] <= offsets[1]):
-      raise FileFormatError(f"{where} has data_offsets {str(offsets)[:200]}, expected "
-                            "[begin, end] ints with 0 <= begin <= end; the file is corrupted")
+      raise FileFormatError(
+        f"{where} has shape {str(shape)[:200]}, expected a list of "
+        "non-negative ints; the file is corrupted"
+      )
+    if not (
+      isinstance(offsets, list)
+      and len(offsets) == 2
+      and all(map(_is_int, offsets))
+      and 0 <= offsets[0] <= offsets[1]
+    ):
+      raise FileFormatError(
+        f"{where} has data_offsets {str(offsets)[:200]}, expected "
+        "[begin, end] ints with 0 <= begin <= end; the file is corrupted"
+      )
     begin, end = offsets
     want = math.prod(shape) * _DTYPES[dtype].itemsize
     if end - begin != want:
       raise FileFormatError(
-          f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but shape "
-          f"{shape} of {dtype} needs {want}; the header is corrupted: re-export the file")
-  past = sorted((e["data_offsets"][1], key) for key, e in header.items()
-                if e["data_offsets"][1] > data_size)
+        f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but shape "
+        f"{shape} of {dtype} needs {want}; the header is corrupted: re-export the file"
+      )
+  past = sorted(
+    (e["data_offsets"][1], key) for key, e in header.items() if e["data_offsets"][1] > data_size
+  )
   if past:
     last = past[-1][0]
     names = ", ".join(repr(k) for _, k in past[:5]) + (" ..." if len(past) > 5 else "")
     raise FileFormatError(
-        f"{path} is truncated: {len(past)} tensor(s) end past its last byte ({names}); "
-        f"expected at least {8 + n + last} bytes (8 + {n}-byte header + {last} of data), "
-        f"found {size}; re-download or re-copy it")
-  spans = sorted((e["data_offsets"][0], e["data_offsets"][1], key)
-                 for key, e in header.items() if e["data_offsets"][1] > e["data_offsets"][0])
+      f"{path} is truncated: {len(past)} tensor(s) end past its last byte ({names}); "
+      f"expected at least {8 + n + last} bytes (8 + {n}-byte header + {last} of data), "
+      f"found {size}; re-download or re-copy it"
+    )
+  spans = sorted(
+    (e["data_offsets"][0], e["data_offsets"][1], key)
+    for key, e in header.items()
+    if e["data_offsets"][1] > e["data_offsets"][0]
+  )
   for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
     if b1 < e0:
       raise FileFormatError(
-          f"{path}: tensors {k0!r} (bytes [{b0}, {e0}]) and {k1!r} (bytes [{b1}, {e1}]) "
-          "overlap; the header is corrupted: re-export the file")
+        f"{path}: tensors {k0!r} (bytes [{b0}, {e0}]) and {k1!r} (bytes [{b1}, {e1}]) "
+        "overlap; the header is corrupted: re-export the file"
+      )
   return header, metadata, 8 + n
 
 
@@ -203,8 +256,11 @@ class SafetensorsFile:
     self.entries, self.metadata, self._start = read_header(self.path)
     size = os.path.getsize(self.path)
     # One read-only map for the whole file; tensors are views into it.
-    self._map = (np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._start
-                 else np.zeros(size, np.uint8))
+    self._map = (
+      np.memmap(self.path, dtype=np.uint8, mode="r")
+      if size > self._start
+      else np.zeros(size, np.uint8)
+    )
 
   def keys(self) -> list[str]:
     return list(self.entries)
@@ -213,7 +269,7 @@ class SafetensorsFile:
     """The tensor `key` as a lazy view in its stored dtype."""
     e = self.entries[key]
     begin, end = e["data_offsets"]
-    raw = self._map[self._start + begin:self._start + end]
+    raw = self._map[self._start + begin : self._start + end]
     return raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
@@ -224,8 +280,10 @@ def find_files(path: str) -> list[str]:
     if path.endswith(".json"):
       return _files_of_index(path)
     if not path.endswith(".safetensors"):
-      raise FileFormatError(f"{path} is not a .safetensors file; pass a .safetensors file, or "
-                            f"a folder holding {SINGLE_NAME} or sharded weights with {INDEX_NAME}")
+      raise FileFormatError(
+        f"{path} is not a .safetensors file; pass a .safetensors file, or "
+        f"a folder holding {SINGLE_NAME} or sharded weights with {INDEX_NAME}"
+      )
     return [path]
   if not os.path.isdir(path):
     raise MissingPathError(f"weights path {path!r} does not exist")
@@ -237,8 +295,9 @@ def find_files(path: str) -> list[str]:
   if len(found) == 1:
     return [os.path.join(path, found[0])]
   raise MissingPathError(
-      f"{path} holds {len(found)} .safetensors files {found[:5]} and no {INDEX_NAME}: "
-      f"expected {SINGLE_NAME}, a single .safetensors file, or shards listed by {INDEX_NAME}")
+    f"{path} holds {len(found)} .safetensors files {found[:5]} and no {INDEX_NAME}: "
+    f"expected {SINGLE_NAME}, a single .safetensors file, or shards listed by {INDEX_NAME}"
+  )
 
 
 def read_index(index_path: str) -> dict[str, str]:
@@ -248,19 +307,24 @@ def read_index(index_path: str) -> dict[str, str]:
   try:
     index = _json_loads_unique(blob.decode("utf-8"), index_path)
   except UnicodeDecodeError as e:
-    raise FileFormatError(f"{index_path} is not a safetensors index: not UTF-8 text ({e.reason} "
-                          f"at byte {e.start}); pass the folder or a .safetensors file") from None
+    raise FileFormatError(
+      f"{index_path} is not a safetensors index: not UTF-8 text ({e.reason} "
+      f"at byte {e.start}); pass the folder or a .safetensors file"
+    ) from None
   except json.JSONDecodeError as e:
-    raise FileFormatError(f"{index_path} is not valid JSON ({e.msg} at line {e.lineno} column "
-                          f"{e.colno}); re-download it, or delete it if the folder holds a "
-                          f"single {SINGLE_NAME}") from None
+    raise FileFormatError(
+      f"{index_path} is not valid JSON ({e.msg} at line {e.lineno} column "
+      f"{e.colno}); re-download it, or delete it if the folder holds a "
+      f"single {SINGLE_NAME}"
+    ) from None
   weight_map = index.get("weight_map") if isinstance(index, dict) else None
   if not weight_map:
     raise FileFormatError(f"{index_path} has no 'weight_map'; is it a safetensors index?")
-  if not (isinstance(weight_map, dict)
-          and all(isinstance(v, str) for v in weight_map.values())):
-    raise FileFormatError(f"{index_path}: its 'weight_map' is not an object of tensor names to "
-                          "shard file names; re-download it")
+  if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+    raise FileFormatError(
+      f"{index_path}: its 'weight_map' is not an object of tensor names to "
+      "shard file names; re-download it"
+    )
   return weight_map
 
 
@@ -284,16 +348,20 @@ class SafetensorsSource:
     for f in self.files:
       for key in f.keys():
         if key in self._where:
-          raise FileFormatError(f"tensor {key!r} is in both {self._where[key].path} and "
-                                f"{f.path}; pass one set of shards")
+          raise FileFormatError(
+            f"tensor {key!r} is in both {self._where[key].path} and "
+            f"{f.path}; pass one set of shards"
+          )
         self._where[key] = f
     index = os.path.join(self.path, INDEX_NAME) if os.path.isdir(self.path) else None
     if index and os.path.exists(index):
       listed = set(read_index(index))
       if listed != set(self._where):
-        raise FileFormatError(f"{index} does not match its shards: listed but absent "
-                              f"{sorted(listed - set(self._where))[:5]}, present but unlisted "
-                              f"{sorted(set(self._where) - listed)[:5]}")
+        raise FileFormatError(
+          f"{index} does not match its shards: listed but absent "
+          f"{sorted(listed - set(self._where))[:5]}, present but unlisted "
+          f"{sorted(set(self._where) - listed)[:5]}"
+        )
 
   def keys(self) -> list[str]:
     return list(self._where)
@@ -327,10 +395,17 @@ def parse_size(size: str | int) -> int:
     value = size
   else:
     s, scale = size.strip().upper(), 1
-    for unit, unit_scale in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10),
-                             ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    for unit, unit_scale in (
+      ("GIB", 2**30),
+      ("MIB", 2**20),
+      ("KIB", 2**10),
+      ("GB", 10**9),
+      ("MB", 10**6),
+      ("KB", 10**3),
+      ("B", 1),
+    ):
       if s.endswith(unit):
-        s, scale = s[:-len(unit)], unit_scale
+        s, scale = s[: -len(unit)], unit_scale
         break
     try:
       value = int(float(s) * scale)
@@ -341,9 +416,14 @@ def parse_size(size: str | int) -> int:
   return value
 
 
-def write_safetensors(folder: str, shapes: Sequence[tuple[str, tuple[int, ...]]],
-                      produce: Callable[[str], np.ndarray], *, max_shard_bytes: int,
-                      on_tensor: Callable[[str], None] = lambda key: None) -> list[str]:
+def write_safetensors(
+  folder: str,
+  shapes: Sequence[tuple[str, tuple[int, ...]]],
+  produce: Callable[[str], np.ndarray],
+  *,
+  max_shard_bytes: int,
+  on_tensor: Callable[[str], None] = lambda key: None,
+) -> list[str]:
   """Writes float32 tensors `shapes` ([(key, shape)], in file order) to `folder`.
 
   `produce(key)` is called once per tensor, in order, just before it is written
@@ -362,15 +442,19 @@ def write_safetensors(folder: str, shapes: Sequence[tuple[str, tuple[int, ...]]]
     shards[-1].append((key, tuple(shape)))
     size += nbytes
   n = len(shards)
-  names = ([SINGLE_NAME] if n == 1 else
-           [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+  names = (
+    [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+  )
   total = 0
   for name, shard in zip(names, shards):
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, shape in shard:
       nbytes = 4 * int(np.prod(shape, dtype=np.int64))
-      header[key] = {"dtype": "F32", "shape": list(shape),
-                     "data_offsets": [offset, offset + nbytes]}
+      header[key] = {
+        "dtype": "F32",
+        "shape": list(shape),
+        "data_offsets": [offset, offset + nbytes],
+      }
       offset += nbytes
     total += offset
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -61,67 +61,90 @@ import os
 from collections.abc import Callable
 from typing import NamedTuple
 
-from absl import app, flags, logging
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
+from absl import app, flags, logging
+from jax.experimental import multihost_utils
 
 from monoformer_jax import cli, inference
 from monoformer_jax.checkpoints import beside, load_config, load_model
+from monoformer_jax.config.fields import check_image_sampling, check_text_sampling
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
-from monoformer_jax.vision.inputs import load_image
-from monoformer_jax.config.fields import check_image_sampling, check_text_sampling
 from monoformer_jax.paths import fresh_output_dir, new_folder_beside, writable_dir
+from monoformer_jax.vision.inputs import load_image
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "Training workdir, step folder or converted model (required).")
-_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"],
-                             "EMA weights (the reference samples with them) or raw.")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "images: an image prompt, free text; edit: "
-                                    "the instruction (repeatable).")
-_CLASS_NAME = flags.DEFINE_multi_string("class_name", [],
-                                        "images: a class to draw, e.g. 'seven' (repeatable).")
-_TEXT_PROMPT = flags.DEFINE_multi_string("text_prompt", [], "text, interleaved: text to "
-                                         "continue; read: the question about the image(s) "
-                                         "(repeatable).")
-_IMAGE = flags.DEFINE_multi_string("image", [], "read, edit, interleaved: an image for the "
-                                   "model to read (repeatable; PNG or JPEG).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Images per prompt or class name "
-                                    "(images), per image (edit), answers per prompt "
-                                    "(interleaved).")
-_EDIT_GUIDANCE = flags.DEFINE_enum("edit_guidance", "both", ["both", "text", "image", "two_scale"],
-                                   "edit: what the guided rows drop (two_scale: "
-                                   "InstructPix2Pix's, --cfg_scale on the text and "
-                                   "--image_cfg_scale on the image).")
-_IMAGE_CFG_SCALE = flags.DEFINE_float("image_cfg_scale", 1.5, "edit with "
-                                      "--edit_guidance=two_scale: the image's guidance scale.")
-_SAMPLER = flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"],
-                             "DDPM (learned variance, the reference) or DDIM.")
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", None, "Training workdir, step folder or converted model (required)."
+)
+_WEIGHTS = flags.DEFINE_enum(
+  "weights", "ema", ["ema", "raw"], "EMA weights (the reference samples with them) or raw."
+)
+_PROMPT = flags.DEFINE_multi_string(
+  "prompt", [], "images: an image prompt, free text; edit: the instruction (repeatable)."
+)
+_CLASS_NAME = flags.DEFINE_multi_string(
+  "class_name", [], "images: a class to draw, e.g. 'seven' (repeatable)."
+)
+_TEXT_PROMPT = flags.DEFINE_multi_string(
+  "text_prompt",
+  [],
+  "text, interleaved: text to continue; read: the question about the image(s) (repeatable).",
+)
+_IMAGE = flags.DEFINE_multi_string(
+  "image", [], "read, edit, interleaved: an image for the model to read (repeatable; PNG or JPEG)."
+)
+_NUM_SAMPLES = flags.DEFINE_integer(
+  "num_samples",
+  4,
+  "Images per prompt or class name (images), per image (edit), answers per prompt (interleaved).",
+)
+_EDIT_GUIDANCE = flags.DEFINE_enum(
+  "edit_guidance",
+  "both",
+  ["both", "text", "image", "two_scale"],
+  "edit: what the guided rows drop (two_scale: "
+  "InstructPix2Pix's, --cfg_scale on the text and "
+  "--image_cfg_scale on the image).",
+)
+_IMAGE_CFG_SCALE = flags.DEFINE_float(
+  "image_cfg_scale", 1.5, "edit with --edit_guidance=two_scale: the image's guidance scale."
+)
+_SAMPLER = flags.DEFINE_enum(
+  "sampler", "ddpm", ["ddpm", "ddim"], "DDPM (learned variance, the reference) or DDIM."
+)
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM noise: 0 deterministic, 1 the posterior variance.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None,
-                                  "Denoising steps (default config.sample.num_steps, or 20).")
-_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale, 0 for none (default "
-                                "config.sample.cfg_scale, or 1.5).")
-_GUIDE_EPS_0_TO_2 = flags.DEFINE_bool("guide_eps_0_to_2", False,
-                                      "Guide only epsilon channels 0-2, as the reference.")
-_CACHE = flags.DEFINE_bool("cache", True,
-                           "Cache the prompt's keys/values (images) and the KV cache (text).")
+_NUM_STEPS = flags.DEFINE_integer(
+  "num_steps", None, "Denoising steps (default config.sample.num_steps, or 20)."
+)
+_CFG_SCALE = flags.DEFINE_float(
+  "cfg_scale", None, "Guidance scale, 0 for none (default config.sample.cfg_scale, or 1.5)."
+)
+_GUIDE_EPS_0_TO_2 = flags.DEFINE_bool(
+  "guide_eps_0_to_2", False, "Guide only epsilon channels 0-2, as the reference."
+)
+_CACHE = flags.DEFINE_bool(
+  "cache", True, "Cache the prompt's keys/values (images) and the KV cache (text)."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed, the same samples.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Longest text completion.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "Text temperature; 0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 50, "Sample among the k likeliest tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Sample within this probability mass (1: all).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer.json / "
-                                 "'bytes' (default config.data.tokenizer).")
-_VAE = flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder (default "
-                           "config.vae.path); latent models need one.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the command's files go (default: "
-                                  "a new folder beside the checkpoint).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False,
-                               "Replace the command's files already in --output_dir.")
+_TOKENIZER = flags.DEFINE_string(
+  "tokenizer", None, "tokenizer.model / tokenizer.json / 'bytes' (default config.data.tokenizer)."
+)
+_VAE = flags.DEFINE_string(
+  "vae", None, "diffusers AutoencoderKL folder (default config.vae.path); latent models need one."
+)
+_OUTPUT_DIR = flags.DEFINE_string(
+  "output_dir", None, "Where the command's files go (default: a new folder beside the checkpoint)."
+)
+_OVERWRITE = flags.DEFINE_bool(
+  "overwrite", False, "Replace the command's files already in --output_dir."
+)
 
 # Flags by what they are for: every command takes SHARED; COMMANDS says which others.
 SHARED = ("checkpoint", "weights", "seed", "tokenizer", "output_dir", "overwrite")
@@ -131,48 +154,75 @@ WRITING = ("max_new_tokens", "temperature", "top_k", "top_p")
 
 class Loaded(NamedTuple):
   """What a command samples with, once every flag is checked and the model loaded."""
+
   model: object
   tokenizer: object
   config: object
-  vae: object              # None: a pixel model, or a command that needs none
-  sources: list            # the --image files, decoded
-  num_steps: int | None    # a drawing command's: the flag, else config.sample's
+  vae: object  # None: a pixel model, or a command that needs none
+  sources: list  # the --image files, decoded
+  num_steps: int | None  # a drawing command's: the flag, else config.sample's
   cfg_scale: float | None
-  out_dir: str | None      # None on the processes of a multi-host run that do not write
+  out_dir: str | None  # None on the processes of a multi-host run that do not write
 
 
 def _images(run: Loaded):
   """`--num_samples` images of each --prompt, then each --class_name."""
-  prompts = list(_PROMPT.value) + [inference.class_name_prompt(c, run.config)
-                                   for c in _CLASS_NAME.value]
+  prompts = list(_PROMPT.value) + [
+    inference.class_name_prompt(c, run.config) for c in _CLASS_NAME.value
+  ]
   per_sample = [p for p in prompts for _ in range(_NUM_SAMPLES.value)]
-  logging.info("%d images: %s, %d steps, guidance %s, prompt cache %s", len(per_sample),
-               _SAMPLER.value, run.num_steps, run.cfg_scale or "off",
-               "on" if _CACHE.value else "off")
+  logging.info(
+    "%d images: %s, %d steps, guidance %s, prompt cache %s",
+    len(per_sample),
+    _SAMPLER.value,
+    run.num_steps,
+    run.cfg_scale or "off",
+    "on" if _CACHE.value else "off",
+  )
   with tqdm.tqdm(total=run.num_steps, desc=f"{_SAMPLER.value} steps") as bar:
     x0 = inference.generate_images(
-        run.model, run.tokenizer, per_sample, num_steps=run.num_steps, sampler=_SAMPLER.value,
-        eta=_ETA.value, cfg_scale=run.cfg_scale or None, guided_channels=_guided_channels(),
-        seed=_SEED.value, use_cache=_CACHE.value, diffusion=run.config.diffusion,
-        progress=lambda _: bar.update(1))
-    x0 = (jax.device_get(x0) if jax.process_count() == 1 else   # all hosts' shards
-          multihost_utils.process_allgather(x0, tiled=True))
+      run.model,
+      run.tokenizer,
+      per_sample,
+      num_steps=run.num_steps,
+      sampler=_SAMPLER.value,
+      eta=_ETA.value,
+      cfg_scale=run.cfg_scale or None,
+      guided_channels=_guided_channels(),
+      seed=_SEED.value,
+      use_cache=_CACHE.value,
+      diffusion=run.config.diffusion,
+      progress=lambda _: bar.update(1),
+    )
+    x0 = (
+      jax.device_get(x0)
+      if jax.process_count() == 1
+      # all hosts' shards
+      else multihost_utils.process_allgather(x0, tiled=True)
+    )
   images = inference.to_pixels(x0, run.config, run.vae)
   if run.out_dir is None:
     return
-  np.savez(os.path.join(run.out_dir, "images.npz"), images=images,
-           prompts=np.array(per_sample))
-  inference.image_grid(images, rows=len(prompts), scale=max(1, 64 // images.shape[1])
-                       ).save(os.path.join(run.out_dir, "images.png"))
+  np.savez(os.path.join(run.out_dir, "images.npz"), images=images, prompts=np.array(per_sample))
+  inference.image_grid(images, rows=len(prompts), scale=max(1, 64 // images.shape[1])).save(
+    os.path.join(run.out_dir, "images.png")
+  )
   logging.info("wrote %d images to %s (images.png, images.npz)", len(images), run.out_dir)
 
 
 def _text(run: Loaded):
   """Each --text_prompt continued."""
   completions = inference.complete_text(
-      run.model, run.tokenizer, _TEXT_PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
-      use_cache=_CACHE.value)
+    run.model,
+    run.tokenizer,
+    _TEXT_PROMPT.value,
+    max_new_tokens=_MAX_NEW_TOKENS.value,
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+    seed=_SEED.value,
+    use_cache=_CACHE.value,
+  )
   _write_text([f"{p!r} -> {c!r}" for p, c in zip(_TEXT_PROMPT.value, completions)], run.out_dir)
 
 
@@ -180,11 +230,22 @@ def _read(run: Loaded):
   """Each --image read and --text_prompt (its own, or the one for all) answered."""
   questions = list(_TEXT_PROMPT.value) * (len(_IMAGE.value) // len(_TEXT_PROMPT.value))
   answers = inference.describe_images(
-      run.model, run.tokenizer, run.sources, questions, config=run.config, vae=run.vae,
-      max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-      top_p=_TOP_P.value, seed=_SEED.value, use_cache=_CACHE.value)
-  _write_text([f"{i} {q!r} -> {a!r}" for i, q, a in zip(_IMAGE.value, questions, answers)],
-              run.out_dir)
+    run.model,
+    run.tokenizer,
+    run.sources,
+    questions,
+    config=run.config,
+    vae=run.vae,
+    max_new_tokens=_MAX_NEW_TOKENS.value,
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+    seed=_SEED.value,
+    use_cache=_CACHE.value,
+  )
+  _write_text(
+    [f"{i} {q!r} -> {a!r}" for i, q, a in zip(_IMAGE.value, questions, answers)], run.out_dir
+  )
 
 
 def _write_text(lines: list[str], out_dir: str | None):
@@ -201,17 +262,35 @@ def _interleaved(run: Loaded):
   prompts = [p for p in _TEXT_PROMPT.value for _ in range(n)]
   reads = [x for x in run.sources for _ in range(n)] if run.sources else None
   answers = inference.generate_interleaved(
-      run.model, run.tokenizer, prompts, config=run.config, images=reads, vae=run.vae,
-      max_new_tokens=_MAX_NEW_TOKENS.value, num_steps=run.num_steps, sampler=_SAMPLER.value,
-      eta=_ETA.value, cfg_scale=run.cfg_scale or None, guided_channels=_guided_channels(),
-      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
-      progress=logging.info)
+    run.model,
+    run.tokenizer,
+    prompts,
+    config=run.config,
+    images=reads,
+    vae=run.vae,
+    max_new_tokens=_MAX_NEW_TOKENS.value,
+    num_steps=run.num_steps,
+    sampler=_SAMPLER.value,
+    eta=_ETA.value,
+    cfg_scale=run.cfg_scale or None,
+    guided_channels=_guided_channels(),
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+    seed=_SEED.value,
+    progress=logging.info,
+  )
   if run.out_dir is None:
     return
-  page = inference.write_interleaved_page(answers, prompts, run.out_dir,
-                                          scale=max(1, 64 // run.config.model.image_size))
-  logging.info("wrote %s (%d answers, %d images)", page, len(answers),
-               sum(k == "image" for a in answers for k, _ in a.pieces))
+  page = inference.write_interleaved_page(
+    answers, prompts, run.out_dir, scale=max(1, 64 // run.config.model.image_size)
+  )
+  logging.info(
+    "wrote %s (%d answers, %d images)",
+    page,
+    len(answers),
+    sum(k == "image" for a in answers for k, _ in a.pieces),
+  )
 
 
 def _edit(run: Loaded):
@@ -224,24 +303,44 @@ def _edit(run: Loaded):
   logging.info("%d edits: %s guidance %s", len(sources) * n, guidance, scale)
   with tqdm.tqdm(total=run.num_steps, desc=f"{_SAMPLER.value} steps") as bar:
     x0 = inference.edit_images(
-        run.model, run.tokenizer, [s for s in sources for _ in range(n)],
-        [i for i in instructions for _ in range(n)], config=run.config, vae=run.vae,
-        guidance=guidance, cfg_scale=scale, num_steps=run.num_steps, sampler=_SAMPLER.value,
-        eta=_ETA.value, guided_channels=_guided_channels(), seed=_SEED.value,
-        progress=lambda _: bar.update(1))
+      run.model,
+      run.tokenizer,
+      [s for s in sources for _ in range(n)],
+      [i for i in instructions for _ in range(n)],
+      config=run.config,
+      vae=run.vae,
+      guidance=guidance,
+      cfg_scale=scale,
+      num_steps=run.num_steps,
+      sampler=_SAMPLER.value,
+      eta=_ETA.value,
+      guided_channels=_guided_channels(),
+      seed=_SEED.value,
+      progress=lambda _: bar.update(1),
+    )
   edits = inference.to_pixels(jax.device_get(x0), run.config, run.vae)
   if run.out_dir is None:
     return
   size = edits.shape[1]
-  shown = [np.asarray(s.convert("L" if edits.shape[-1] == 1 else "RGB").resize((size, size)),
-                      np.float32).reshape(size, size, -1) / 255.0 for s in sources]
-  grid = np.concatenate([np.concatenate([shown[i][None], edits[i * n:(i + 1) * n]])
-                         for i in range(len(sources))])
+  shown = [
+    np.asarray(
+      s.convert("L" if edits.shape[-1] == 1 else "RGB").resize((size, size)), np.float32
+    ).reshape(size, size, -1)
+    / 255.0
+    for s in sources
+  ]
+  grid = np.concatenate(
+    [np.concatenate([shown[i][None], edits[i * n : (i + 1) * n]]) for i in range(len(sources))]
+  )
   inference.image_grid(grid, rows=len(sources), scale=max(1, 64 // size)).save(
-      os.path.join(run.out_dir, "edits.png"))
-  np.savez(os.path.join(run.out_dir, "edits.npz"), images=edits,
-           instructions=np.array([i for i in instructions for _ in range(n)]),
-           sources=np.array([p for p in _IMAGE.value for _ in range(n)]))
+    os.path.join(run.out_dir, "edits.png")
+  )
+  np.savez(
+    os.path.join(run.out_dir, "edits.npz"),
+    images=edits,
+    instructions=np.array([i for i in instructions for _ in range(n)]),
+    sources=np.array([p for p in _IMAGE.value for _ in range(n)]),
+  )
   logging.info("wrote %d edits to %s (edits.png, edits.npz)", len(edits), run.out_dir)
 
 
@@ -250,20 +349,27 @@ def _guided_channels() -> int | None:
 
 
 class Command(NamedTuple):
-  flags: tuple[str, ...]       # the flags it takes besides SHARED
-  outputs: tuple[str, ...]     # the files it writes into the output folder
+  flags: tuple[str, ...]  # the flags it takes besides SHARED
+  outputs: tuple[str, ...]  # the files it writes into the output folder
   run: Callable[[Loaded], None]
 
 
 COMMANDS = {
-    "images": Command(("prompt", "class_name", "cache", *DRAWING),
-                      ("images.png", "images.npz"), _images),
-    "text": Command(("text_prompt", "cache", *WRITING), ("text.txt",), _text),
-    "read": Command(("image", "text_prompt", "cache", "vae", *WRITING), ("text.txt",), _read),
-    "interleaved": Command(("text_prompt", "image", *DRAWING, *WRITING),
-                           ("interleaved.html", "interleaved.json"), _interleaved),
-    "edit": Command(("image", "prompt", "edit_guidance", "image_cfg_scale", *DRAWING),
-                    ("edits.png", "edits.npz"), _edit),
+  "images": Command(
+    ("prompt", "class_name", "cache", *DRAWING), ("images.png", "images.npz"), _images
+  ),
+  "text": Command(("text_prompt", "cache", *WRITING), ("text.txt",), _text),
+  "read": Command(("image", "text_prompt", "cache", "vae", *WRITING), ("text.txt",), _read),
+  "interleaved": Command(
+    ("text_prompt", "image", *DRAWING, *WRITING),
+    ("interleaved.html", "interleaved.json"),
+    _interleaved,
+  ),
+  "edit": Command(
+    ("image", "prompt", "edit_guidance", "image_cfg_scale", *DRAWING),
+    ("edits.png", "edits.npz"),
+    _edit,
+  ),
 }
 # Every flag this module defines (tests/test_sample_cli.py checks that none is left out).
 ALL_FLAGS = tuple(dict.fromkeys(SHARED + sum((c.flags for c in COMMANDS.values()), ())))
@@ -277,11 +383,14 @@ def _check_flags(command: str):
     if flags.FLAGS[name].present and name not in takes:
       owners = [f"`{c}`" for c, spec in COMMANDS.items() if name in spec.flags]
       takers = f"{', '.join(owners[:-1])} and {owners[-1]}" if len(owners) > 1 else owners[0]
-      raise ConfigError(f"--{name} is not a flag of `{command}`: {takers} "
-                        f"take{'s' if len(owners) == 1 else ''} it")
+      raise ConfigError(
+        f"--{name} is not a flag of `{command}`: {takers} take{'s' if len(owners) == 1 else ''} it"
+      )
   if not _CHECKPOINT.value:
-    raise ConfigError(f"`{command}` needs --checkpoint: a training workdir, one of its step "
-                      "folders, or a converted model")
+    raise ConfigError(
+      f"`{command}` needs --checkpoint: a training workdir, one of its step "
+      "folders, or a converted model"
+    )
   images, prompts, questions = len(_IMAGE.value), len(_PROMPT.value), len(_TEXT_PROMPT.value)
   if command == "images" and not (prompts or _CLASS_NAME.value):
     raise ConfigError("nothing to draw: give --prompt or --class_name (repeatable)")
@@ -290,22 +399,37 @@ def _check_flags(command: str):
   if command in ("text", "interleaved") and not questions:
     raise ConfigError(f"`{command}` continues --text_prompt: give at least one")
   if command == "read" and questions not in (1, images):
-    raise ConfigError(f"{images} --image but {questions} --text_prompt: give one question for "
-                      "all the images, or one each")
+    raise ConfigError(
+      f"{images} --image but {questions} --text_prompt: give one question for "
+      "all the images, or one each"
+    )
   if command == "edit" and prompts not in (1, images):
-    raise ConfigError(f"{images} --image but {prompts} --prompt: give one instruction for all "
-                      "the images, or one each")
-  if command == "edit" and flags.FLAGS["image_cfg_scale"].present and (
-      _EDIT_GUIDANCE.value != "two_scale"):
-    raise ConfigError(f"--image_cfg_scale is the image's scale of --edit_guidance=two_scale, "
-                      f"not of {_EDIT_GUIDANCE.value!r}: pass --edit_guidance=two_scale or "
-                      "leave it out")
+    raise ConfigError(
+      f"{images} --image but {prompts} --prompt: give one instruction for all "
+      "the images, or one each"
+    )
+  if (
+    command == "edit"
+    and flags.FLAGS["image_cfg_scale"].present
+    and (_EDIT_GUIDANCE.value != "two_scale")
+  ):
+    raise ConfigError(
+      f"--image_cfg_scale is the image's scale of --edit_guidance=two_scale, "
+      f"not of {_EDIT_GUIDANCE.value!r}: pass --edit_guidance=two_scale or "
+      "leave it out"
+    )
   if command == "interleaved" and images and images != questions:
-    raise ConfigError(f"interleaved with {images} --image and {questions} --text_prompt: "
-                      "give one image per prompt")
+    raise ConfigError(
+      f"interleaved with {images} --image and {questions} --text_prompt: give one image per prompt"
+    )
   if "max_new_tokens" in takes:
-    check_text_sampling(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-                        top_k=_TOP_K.value, top_p=_TOP_P.value, prefix="--")
+    check_text_sampling(
+      max_new_tokens=_MAX_NEW_TOKENS.value,
+      temperature=_TEMPERATURE.value,
+      top_k=_TOP_K.value,
+      top_p=_TOP_P.value,
+      prefix="--",
+    )
 
 
 def _output_dir(checkpoint: str, step: int, outputs: tuple[str, ...]) -> str:
@@ -313,32 +437,42 @@ def _output_dir(checkpoint: str, step: int, outputs: tuple[str, ...]) -> str:
   if _OUTPUT_DIR.value:
     return fresh_output_dir(_OUTPUT_DIR.value, outputs, "--output_dir", _OVERWRITE.value)
   base = beside(checkpoint, step, "samples", "--output_dir")
-  return writable_dir(new_folder_beside(base), "samples (or pass --output_dir)",
-                      "the default --output_dir")
+  return writable_dir(
+    new_folder_beside(base), "samples (or pass --output_dir)", "the default --output_dir"
+  )
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"usage: python -m monoformer_jax.sample {{{'|'.join(COMMANDS)}}} "
-                         f"--checkpoint=CKPT --flags (got {argv[1:]})")
+    raise app.UsageError(
+      f"usage: python -m monoformer_jax.sample {{{'|'.join(COMMANDS)}}} "
+      f"--checkpoint=CKPT --flags (got {argv[1:]})"
+    )
   name, command = argv[1], COMMANDS[argv[1]]
   _check_flags(name)
-  sources = [load_image(p) for p in _IMAGE.value]   # a bad file fails here, named
+  sources = [load_image(p) for p in _IMAGE.value]  # a bad file fails here, named
   config, step = load_config(_CHECKPOINT.value)
   if sources and not config.model.vision_encoder:
-    raise ConfigError(f"{_CHECKPOINT.value} was trained without a vision encoder "
-                      "(model.vision_encoder is ''), so it cannot read --image; use a "
-                      "model trained with model.vision_encoder=vae or clip (the digits "
-                      "default reads digits)")
+    raise ConfigError(
+      f"{_CHECKPOINT.value} was trained without a vision encoder "
+      "(model.vision_encoder is ''), so it cannot read --image; use a "
+      "model trained with model.vision_encoder=vae or clip (the digits "
+      "default reads digits)"
+    )
   num_steps = cfg_scale = None
   if "num_steps" in command.flags:
     num_steps = config.sample.num_steps if _NUM_STEPS.value is None else _NUM_STEPS.value
     cfg_scale = config.sample.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value
-    check_image_sampling(num_steps=num_steps, cfg_scale=cfg_scale, eta=_ETA.value,
-                         num_samples=_NUM_SAMPLES.value,
-                         num_timesteps=config.diffusion.num_timesteps, prefix="--")
+    check_image_sampling(
+      num_steps=num_steps,
+      cfg_scale=cfg_scale,
+      eta=_ETA.value,
+      num_samples=_NUM_SAMPLES.value,
+      num_timesteps=config.diffusion.num_timesteps,
+      prefix="--",
+    )
   tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
-  for class_name in _CLASS_NAME.value:   # an unknown class fails here, before the model loads
+  for class_name in _CLASS_NAME.value:  # an unknown class fails here, before the model loads
     inference.class_name_prompt(class_name, config)
   vae = inference.load_vae_of(config, _VAE.value) if "vae" in command.flags else None
   # Every process of a multi-host run samples (sharded); process 0 writes.
@@ -347,10 +481,21 @@ def main(argv):
 
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
-    model, config = load_model(_CHECKPOINT.value, weights=_WEIGHTS.value, config=config,
-                               shardings=param_shardings(config, mesh), step=step)
-    logging.info("%s weights of %s (step %d), mesh %s; writing to %s", _WEIGHTS.value,
-                 _CHECKPOINT.value, step, dict(mesh.shape), out_dir)
+    model, config = load_model(
+      _CHECKPOINT.value,
+      weights=_WEIGHTS.value,
+      config=config,
+      shardings=param_shardings(config, mesh),
+      step=step,
+    )
+    logging.info(
+      "%s weights of %s (step %d), mesh %s; writing to %s",
+      _WEIGHTS.value,
+      _CHECKPOINT.value,
+      step,
+      dict(mesh.shape),
+      out_dir,
+    )
     command.run(Loaded(model, tokenizer, config, vae, sources, num_steps, cfg_scale, out_dir))
 
 

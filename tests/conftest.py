@@ -8,8 +8,9 @@ import pathlib
 # One Eigen thread per process: pytest-xdist already runs a process per core,
 # and threads fighting over the same cores made the suite ~25% slower.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_cpu_multi_thread_eigen=false")
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  " --xla_cpu_multi_thread_eigen=false"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite's time is XLA:CPU compiling hundreds of small programs that each
 # run a few times: without LLVM's optimisations (JAX's switch for that) they
@@ -21,15 +22,16 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Compiled steps are shared by the tests (and their subprocesses) through
 # JAX's persistent cache: most tests compile the same tiny train step.
-os.environ.setdefault("MONOFORMER_COMPILATION_CACHE",
-                      str(REPO / ".pytest_cache" / "jax_compilation_cache"))
+os.environ.setdefault(
+  "MONOFORMER_COMPILATION_CACHE", str(REPO / ".pytest_cache" / "jax_compilation_cache")
+)
 
 import pytest  # noqa: E402
 
 from monoformer_jax import cli  # noqa: E402
 
 cli.use_compilation_cache()
-cli.keep_host_memory()   # as every entry point does (cli.run)
+cli.keep_host_memory()  # as every entry point does (cli.run)
 # The official implementation's outputs on a tiny model (a copy of the
 # project's shared/fixtures/official_tiny; its README says how they were made).
 FIXTURES = REPO / "tests" / "fixtures" / "official_tiny"
@@ -40,6 +42,7 @@ def digits_checkpoint(tmp_path_factory):
   """helpers.random_digits_checkpoint, made once per test process for the
   tests that only read it (sampling and evaluation, in-process and by CLI)."""
   from helpers import random_digits_checkpoint
+
   return random_digits_checkpoint(tmp_path_factory.mktemp("digits_checkpoint"))
 
 
@@ -53,11 +56,12 @@ def fixture_dir():
 def one_device():
   """The test's meshes span the first device only (helpers.on_one_device)."""
   from helpers import on_one_device
+
   with on_one_device():
     yield
 
 
-@pytest.hookimpl(optionalhook=True)   # pytest-xdist's hook
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook
 def pytest_handlecrashitem(crashitem, report, sched):
   """A test that ends its worker (pytest-timeout's thread method, or XLA
   aborting a deadlocked collective) fails once. pytest-xdist's --dist

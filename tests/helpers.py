@@ -29,19 +29,29 @@ def on_one_device():
   same for a process the test starts."""
   import jax
   import pytest
+
   from monoformer_jax.parallel import sharding
+
   make_mesh = sharding.make_mesh
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(sharding, "make_mesh", lambda mesh_config, devices=None: make_mesh(
-        mesh_config, jax.devices()[:1] if devices is None else devices))
+    patch.setattr(
+      sharding,
+      "make_mesh",
+      lambda mesh_config, devices=None: make_mesh(
+        mesh_config, jax.devices()[:1] if devices is None else devices
+      ),
+    )
     yield
 
 
 def one_device_env(**env):
   """This environment, and `env`, for a process that computes on one device
   (the last device-count flag wins over conftest's 8)."""
-  return dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-              + " --xla_force_host_platform_device_count=1", **env)
+  return dict(
+    os.environ,
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1",
+    **env,
+  )
 
 
 def random_digits_checkpoint(path):
@@ -50,14 +60,17 @@ def random_digits_checkpoint(path):
   so samples depend on the prompt (a shift of every weight instead made every
   sample NaN)."""
   import jax
+
   from monoformer_jax.checkpoints import save_model
   from monoformer_jax.model.build import init_params
+
   config = digits_config()
   params = jax.jit(lambda: init_params(config.model, seed=3))()
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
-  ema = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape)
-                                  for p, k in zip(leaves, keys)])
+  ema = jax.tree.unflatten(
+    tree, [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  )
   save_model(path, config, params, ema=ema)
   return path
 
@@ -67,13 +80,19 @@ def random_model(config, seed=0):
   (every parameter moved by N(0, 0.05)), so every input reaches the outputs."""
   import jax
   from flax import nnx
+
   from monoformer_jax.model.monoformer import MonoFormer
+
   model = MonoFormer(config.model, rngs=nnx.Rngs(seed))
   state = nnx.state(model, nnx.Param)
   leaves, tree = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-  nnx.update(model, jax.tree.unflatten(
-      tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+  nnx.update(
+    model,
+    jax.tree.unflatten(
+      tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    ),
+  )
   return model
 
 
@@ -85,7 +104,9 @@ def benchmark_module(name):
   those its imports define (grain's) stay."""
   import importlib
   import sys
+
   from absl import flags
+
   folder = str(CONFIGS_DIR.parent / "benchmarks")
   if folder not in sys.path:
     sys.path.insert(0, folder)

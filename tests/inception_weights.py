@@ -43,6 +43,7 @@ def random_state_dict(keys_and_shapes: dict, seed: int = 0) -> dict[str, np.ndar
 def fingerprint(state: dict) -> list[float]:
   """[sum, sum of squares] over all float tensors: tells whether numpy still
   draws the numbers the fixture was made with."""
-  values = [np.asarray(v, np.float64).ravel() for v in state.values()
-            if np.asarray(v).dtype.kind == "f"]
+  values = [
+    np.asarray(v, np.float64).ravel() for v in state.values() if np.asarray(v).dtype.kind == "f"
+  ]
   return [float(sum(v.sum() for v in values)), float(sum((v * v).sum() for v in values))]

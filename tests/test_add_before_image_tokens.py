@@ -24,7 +24,7 @@ from monoformer_jax.train.loss import loss_terms
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 IMAGE, IM_START, PAD = 257, 258, 256
-P = 16   # image tokens of the fixture's 8x8x4 latents, patch 2
+P = 16  # image tokens of the fixture's 8x8x4 latents, patch 2
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +60,18 @@ def test_the_other_mode_is_measurably_different(fixture_dir, folder):
   # fixture's outputs are not the adaLN model's: the comparison can fail.
   io_a = np.load(fixture_dir / "io.npz")
   io_b = np.load(folder / "io.npz")
-  assert io_a["logits"].shape[1] + 1 == io_b["logits"].shape[1]   # one more token per image
+  assert io_a["logits"].shape[1] + 1 == io_b["logits"].shape[1]  # one more token per image
   assert np.abs(io_a["x_out"] - io_b["x_out"]).max() > 1e-2
 
 
 def test_losses_match_reference(model, io):
   row = verify.fixture_row(io, P, cond_token=True)
-  batch = dict(row._asdict(), targets=jnp.asarray(io["targets"]),
-               text_weights=jnp.asarray(io["text_loss_weight"]),
-               latents=nhwc(io["x_start"])[:, None])
+  batch = dict(
+    row._asdict(),
+    targets=jnp.asarray(io["targets"]),
+    text_weights=jnp.asarray(io["text_loss_weight"]),
+    latents=nhwc(io["x_start"])[:, None],
+  )
   t = jnp.asarray(io["t"][:, None].astype(np.int32))
   terms = loss_terms(model, batch, t, nhwc(io["noise"])[:, None], GaussianDiffusion.create())
   rows = io["x_indices"]
@@ -81,8 +84,15 @@ def test_packer_lays_out_the_reference_rows(io):
   """Our packer, given the reference's input_ids (one <image> placeholder),
   puts the timestep token where the reference put it: after <|im_start|>,
   outside the image's block, never a text target."""
-  spec = RowSpec(seq_len=28, max_images=1, image_shape=(8, 8, 4), tokens_per_image=P,
-                 image_id=IMAGE, pad_id=PAD, cond_token=True)
+  spec = RowSpec(
+    seq_len=28,
+    max_images=1,
+    image_shape=(8, 8, 4),
+    tokens_per_image=P,
+    image_id=IMAGE,
+    pad_id=PAD,
+    cond_token=True,
+  )
   examples = []
   for row_ids, mask in zip(io["input_ids"], io["input_attention_mask"]):
     ids = row_ids[mask]
@@ -107,10 +117,11 @@ def cfg_step(folder):
 def _prompt_rows(cfg_step):
   prompts = []
   for ids in cfg_step["input_ids"]:
-    cut = int(np.flatnonzero(ids == IM_START)[0]) + 1   # <s> prompt <|im_start|>
+    cut = int(np.flatnonzero(ids == IM_START)[0]) + 1  # <s> prompt <|im_start|>
     prompts.append(ids[:cut].tolist())
-  return prompt_rows(prompts, pad_id=PAD, new_tokens=P, new_token_id=IMAGE, image=True,
-                     cond_token=True)
+  return prompt_rows(
+    prompts, pad_id=PAD, new_tokens=P, new_token_id=IMAGE, image=True, cond_token=True
+  )
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -119,15 +130,22 @@ def test_guided_step_matches_reference(model, cfg_step, use_cache):
   prompt is cached (the timestep token runs with the image at every step) or
   the whole row is recomputed."""
   rows = _prompt_rows(cfg_step)
-  assert rows.layout.new_tokens == P + 1   # the timestep token, then the image
+  assert rows.layout.new_tokens == P + 1  # the timestep token, then the image
   row = jax.tree.map(jnp.asarray, rows.row)
   z = nhwc(cfg_step["z"])
   t_model = jnp.asarray(cfg_step["t_model"], jnp.int32)
   if use_cache:
     settings = SamplerSettings(None, rows.layout, 1, None, "ddpm", 0.0)
     cache = _prefill(model, settings, row)
-    out, _ = model.extend_image(z, t_model, rows.layout.new(row.positions), row.segment_ids,
-                                row.image_ids, cache, rows.layout.new_column(0))
+    out, _ = model.extend_image(
+      z,
+      t_model,
+      rows.layout.new(row.positions),
+      row.segment_ids,
+      row.image_ids,
+      cache,
+      rows.layout.new_column(0),
+    )
   else:
     out = model(row, z[:, None], t_model[:, None])[1][:, 0]
   np.testing.assert_allclose(out, nhwc(cfg_step["x_out_raw"]), **TOL)
@@ -141,6 +159,7 @@ def test_guided_step_matches_reference(model, cfg_step, use_cache):
 
 def test_round_trip_is_bit_exact_and_keeps_the_mode(folder, tmp_path):
   from test_convert import _assert_same_official
+
   official.convert_official(str(folder), str(tmp_path / "ckpt"), verify.fixture_config())
   official.convert_to_official(str(tmp_path / "ckpt"), str(tmp_path / "back"))
   _assert_same_official(tmp_path / "back", folder)
@@ -155,8 +174,11 @@ def test_weights_of_one_mode_under_a_config_of_the_other_name_the_fix(folder, tm
   bad.mkdir()
   (bad / "config.json").write_text(json.dumps(hf))
   (bad / "weights.safetensors").symlink_to(folder / "weights.safetensors")
-  with pytest.raises(ValueError, match=r"t_projector\.\* belongs to decoder_t_embed="
-                     r"'add_before_image_tokens'.*set it to 'add_before_image_tokens'"):
+  with pytest.raises(
+    ValueError,
+    match=r"t_projector\.\* belongs to decoder_t_embed="
+    r"'add_before_image_tokens'.*set it to 'add_before_image_tokens'",
+  ):
     official.load_official(str(bad), verify.fixture_config())
   hf["decoder_t_embed"] = "add_at_each_layer"
   (bad / "config.json").write_text(json.dumps(hf))

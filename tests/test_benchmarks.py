@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO
 from helpers import benchmark_module
+
 from monoformer_jax.ops.attention import mixed_mask
 from monoformer_jax.ops.attention.pallas import pallas_attention
 from monoformer_jax.ops.attention.xla import xla_attention
@@ -47,14 +47,21 @@ def _inputs(seed, rows=2, length=128, lq=128, heads=4, kv=2, d=32, dtype=jnp.flo
   keys = jax.random.split(jax.random.PRNGKey(seed), 4)
   make = lambda key, *shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
   seg, img = map(jnp.asarray, kernel_check.layouts(rows, length, np.random.default_rng(seed)))
-  return (seg, img, make(keys[0], rows, lq, heads, d), make(keys[1], rows, length, kv, d),
-          make(keys[2], rows, length, kv, d), make(keys[3], rows, lq, heads, d))
+  return (
+    seg,
+    img,
+    make(keys[0], rows, lq, heads, d),
+    make(keys[1], rows, length, kv, d),
+    make(keys[2], rows, length, kv, d),
+    make(keys[3], rows, lq, heads, d),
+  )
 
 
 @pytest.mark.parametrize("dtype,lq", [(jnp.float32, 128), (jnp.bfloat16, 32)])
 def test_the_interpreted_gpu_kernel_passes_the_check(dtype, lq):
-  kernel = functools.partial(pallas_attention, backend="gpu", interpret=True,
-                             block_q=32, block_k=32)
+  kernel = functools.partial(
+    pallas_attention, backend="gpu", interpret=True, block_q=32, block_k=32
+  )
   errors = kernel_check.compare(kernel, *_inputs(1, lq=lq, dtype=dtype))
   tolerance = kernel_check.TOLERANCE[jnp.dtype(dtype).name]
   assert set(errors) == {"out", "dq", "dk", "dv"}
@@ -87,13 +94,13 @@ def _plan(total, temporaries):
 
 def test_rows_that_fit_from_the_probe_plan():
   # state 10 GiB, 0.5 GiB of temporaries + batch per row, probed at 8 rows
-  gib = 2 ** 30
-  batch = 8 * 2 ** 20
+  gib = 2**30
+  batch = 8 * 2**20
   probe = _plan(10 * gib + 8 * (gib // 2), 8 * (gib // 2) - batch)
   fit = lambda limit, most=256: paper_step.rows_that_fit(probe, 8, batch, limit * gib, most)
-  assert fit(100) == 176           # (100 - 10) / 0.5 = 180, a multiple of 8 below
+  assert fit(100) == 176  # (100 - 10) / 0.5 = 180, a multiple of 8 below
   assert fit(100, most=100) == 96  # at most max_rows, a multiple of 8
-  assert fit(12) == 0              # 4 rows would fit, fewer than 8
+  assert fit(12) == 0  # 4 rows would fit, fewer than 8
   assert fit(14) == 8
 
 
@@ -116,34 +123,56 @@ def test_class_rows_hold_one_class_example_each():
 def test_the_step_runs_at_the_most_rows_its_plan_allows():
   """The tiny model under a 50 MiB 'device': the batch chosen from the probe's
   plan fits, and the compiler's plan for 8 rows more does not."""
-  result = paper_step.measure("tiny", None, probe_rows=8, max_rows=512, fill=0.9,
-                              memory_gib=0.05, iters=1)
-  limit = 0.9 * 0.05 * 2 ** 30
+  result = paper_step.measure(
+    "tiny", None, probe_rows=8, max_rows=512, fill=0.9, memory_gib=0.05, iters=1
+  )
+  limit = 0.9 * 0.05 * 2**30
   assert result["rows"] >= 8 and result["rows"] % 8 == 0
   assert result["plan"]["total"] <= limit
-  assert result["attempts"][-1] == dict(result["attempts"][-1], rows=result["rows"],
-                                        outcome="ran")
+  assert result["attempts"][-1] == dict(result["attempts"][-1], rows=result["rows"], outcome="ran")
   _, more, _ = paper_step.compile_step(paper_step.step_config("tiny", None, result["rows"] + 8))
   assert more["total"] > limit
   assert np.isfinite(result["step_seconds"]) and result["step_seconds"] > 0
-  flops = paper_step.train_flops_per_row(
-      paper_step.step_config("tiny", None, 8).model, result["seq_len"]) * result["rows"]
+  flops = (
+    paper_step.train_flops_per_row(paper_step.step_config("tiny", None, 8).model, result["seq_len"])
+    * result["rows"]
+  )
   assert result["model_tflops"] == pytest.approx(flops / 1e12)
 
 
 @pytest.mark.slow
 def test_the_device_script_runs_a_part_and_reports_it(tmp_path):
   out = subprocess.run(
-      [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--smoke", "--only=attention",
-       f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      str(REPO / "benchmarks" / "gpu.py"),
+      "--smoke",
+      "--only=attention",
+      f"--out={tmp_path}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert "attention  ok" in out.stdout
   text = (tmp_path / "benchmarks.md").read_text()
   assert "## Attention (cpu," in text and "| 512 x 1 | xla |" in text
   assert "== attention:" in (tmp_path / "gpu.log").read_text()
   bad = subprocess.run(
-      [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--smoke", "--only=nothing",
-       f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      str(REPO / "benchmarks" / "gpu.py"),
+      "--smoke",
+      "--only=nothing",
+      f"--out={tmp_path}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert bad.returncode != 0 and "no part ['nothing']" in bad.stderr
 
 
@@ -157,6 +186,7 @@ def test_the_matmul_floor_counts_each_dot_a_program_runs():
   def program(x_4x8, w_8x8, big_8x64, a_2x3x4, b_2x4x5):
     def layer(x, _):
       return x @ w_8x8, None
+
     x_4x8, _ = lax.scan(layer, x_4x8, None, length=3)
     head = lax.cond(x_4x8.sum() > 0, lambda x: (x @ big_8x64).sum(), lambda x: x.sum(), x_4x8)
     batched = lax.dot_general(a_2x3x4, b_2x4x5, (((2,), (1,)), ((0,), (0,))))
@@ -164,8 +194,10 @@ def test_the_matmul_floor_counts_each_dot_a_program_runs():
 
   args = [jnp.ones(s, jnp.float32) for s in [(4, 8), (8, 8), (8, 64), (2, 3, 4), (2, 4, 5)]]
   dots = train_step.program_dots(jax.make_jaxpr(program)(*args).jaxpr)
-  assert dots == {((4, 8), (8, 8), "float32", (((1,), (0,)), ((), ()))): 3,
-                  ((2, 3, 4), (2, 4, 5), "float32", (((2,), (1,)), ((0,), (0,)))): 1}
+  assert dots == {
+    ((4, 8), (8, 8), "float32", (((1,), (0,)), ((), ()))): 3,
+    ((2, 3, 4), (2, 4, 5), "float32", (((2,), (1,)), ((0,), (0,)))): 1,
+  }
   flops = 3 * 2 * 4 * 8 * 8 + 2 * 2 * 3 * 4 * 5
   assert train_step.dot_flops(dots) == flops
   seconds, floor_flops, each = train_step.matmul_floor(program, *args, iters=1)

@@ -17,13 +17,19 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from monoformer_jax.safetensors_io import SafetensorsSource, write_safetensors
 from monoformer_jax.errors import CheckpointError, FileFormatError, MissingPathError
-from monoformer_jax.model.clip import (abstract_tower, clip_config_from_hf,
-                                       clip_params_from_tensors, feature_dim, load_clip_params,
-                                       tokens_of, tower_from_params)
+from monoformer_jax.model.clip import (
+  abstract_tower,
+  clip_config_from_hf,
+  clip_params_from_tensors,
+  feature_dim,
+  load_clip_params,
+  tokens_of,
+  tower_from_params,
+)
 from monoformer_jax.model.layers import logical_axes_of
 from monoformer_jax.parallel.sharding import RULES, logical_to_spec
+from monoformer_jax.safetensors_io import SafetensorsSource, write_safetensors
 from monoformer_jax.vision.clip_pixels import load_preprocessing, preprocess, preprocess_file
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "tiny_clip"
@@ -92,12 +98,14 @@ def test_tolerance_catches_mistakes(loaded, io, mistake):
 def test_logical_axes_replicated_by_project_rules():
   _, vcfg = load_clip_params(FIXTURE)
   state = nnx.state(abstract_tower(vcfg), nnx.Param)
-  axes = jax.tree.leaves(jax.tree.map(logical_axes_of, state,
-                                      is_leaf=lambda x: isinstance(x, nnx.Variable)),
-                         is_leaf=lambda x: isinstance(x, tuple))
+  axes = jax.tree.leaves(
+    jax.tree.map(logical_axes_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable)),
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
   assert ("layers", "clip_embed", "clip_heads") in axes
-  assert all(logical_to_spec(a, RULES) == jax.sharding.PartitionSpec(*[None] * len(a))
-             for a in axes)
+  assert all(
+    logical_to_spec(a, RULES) == jax.sharding.PartitionSpec(*[None] * len(a)) for a in axes
+  )
 
 
 def test_preprocess_matches_processor(io, tmp_path):
@@ -110,11 +118,13 @@ def test_preprocess_matches_processor(io, tmp_path):
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, io["processed"], atol=1e-5, rtol=0)
   Image.fromarray(io["raw1"]).save(tmp_path / "raw1.png")
-  np.testing.assert_allclose(preprocess_file(tmp_path / "raw1.png", vcfg, mean, std),
-                             io["processed"][1:], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    preprocess_file(tmp_path / "raw1.png", vcfg, mean, std), io["processed"][1:], atol=1e-5, rtol=0
+  )
   gray = io["raw0"][..., 0]
-  np.testing.assert_array_equal(preprocess([gray], vcfg),
-                                preprocess([np.stack([gray] * 3, -1)], vcfg))
+  np.testing.assert_array_equal(
+    preprocess([gray], vcfg), preprocess([np.stack([gray] * 3, -1)], vcfg)
+  )
 
 
 def test_default_preprocessing_is_openai_clip(tmp_path):
@@ -127,17 +137,37 @@ def test_default_preprocessing_is_openai_clip(tmp_path):
 def test_config_of_clip_vit_large_patch14():
   """openai/clip-vit-large-patch14's config.json (a CLIPConfig): its
   vision_config_dict overrides vision_config, absent fields are HF's defaults."""
-  config = {"model_type": "clip", "projection_dim": 768,
-            "text_config": {"hidden_size": 768},
-            "vision_config": {"hidden_size": 768, "intermediate_size": 3072,
-                              "num_hidden_layers": 12, "patch_size": 32},
-            "vision_config_dict": {"hidden_size": 1024, "intermediate_size": 4096,
-                                   "num_attention_heads": 16, "num_hidden_layers": 24,
-                                   "patch_size": 14, "projection_dim": 768}}
+  config = {
+    "model_type": "clip",
+    "projection_dim": 768,
+    "text_config": {"hidden_size": 768},
+    "vision_config": {
+      "hidden_size": 768,
+      "intermediate_size": 3072,
+      "num_hidden_layers": 12,
+      "patch_size": 32,
+    },
+    "vision_config_dict": {
+      "hidden_size": 1024,
+      "intermediate_size": 4096,
+      "num_attention_heads": 16,
+      "num_hidden_layers": 24,
+      "patch_size": 14,
+      "projection_dim": 768,
+    },
+  }
   vcfg = clip_config_from_hf(config)
-  assert vcfg.to_dict() == dict(hidden_size=1024, mlp_dim=4096, num_layers=24, num_heads=16,
-                                image_size=224, patch_size=14, num_channels=3,
-                                layer_norm_eps=1e-5, hidden_act="quick_gelu")
+  assert vcfg.to_dict() == dict(
+    hidden_size=1024,
+    mlp_dim=4096,
+    num_layers=24,
+    num_heads=16,
+    image_size=224,
+    patch_size=14,
+    num_channels=3,
+    layer_norm_eps=1e-5,
+    hidden_act="quick_gelu",
+  )
   assert (tokens_of(vcfg), feature_dim(vcfg)) == (256, 1024)
 
 
@@ -147,19 +177,25 @@ def clip_model_folder(tmp_path, drop=()):
   folder = tmp_path / "clip_model"
   folder.mkdir()
   vision = json.loads((FIXTURE / "config.json").read_text())
-  (folder / "config.json").write_text(json.dumps(
-      {"model_type": "clip", "vision_config": vision, "text_config": {"hidden_size": 16}}))
+  (folder / "config.json").write_text(
+    json.dumps({"model_type": "clip", "vision_config": vision, "text_config": {"hidden_size": 16}})
+  )
   with SafetensorsSource(FIXTURE) as source:
     tensors = {"vision_model." + k: source.read(k) for k in source.keys()}
-  tensors.update({"text_model.embeddings.token_embedding.weight": np.ones((5, 16), np.float32),
-                  "text_projection.weight": np.ones((8, 16), np.float32),
-                  "visual_projection.weight": np.ones((8, 32), np.float32),
-                  "logit_scale": np.ones((1,), np.float32),
-                  "vision_model.embeddings.position_ids": np.arange(17.0)[None]})
+  tensors.update(
+    {
+      "text_model.embeddings.token_embedding.weight": np.ones((5, 16), np.float32),
+      "text_projection.weight": np.ones((8, 16), np.float32),
+      "visual_projection.weight": np.ones((8, 32), np.float32),
+      "logit_scale": np.ones((1,), np.float32),
+      "vision_model.embeddings.position_ids": np.arange(17.0)[None],
+    }
+  )
   for key in drop:
     del tensors[key]
-  write_safetensors(folder, [(k, v.shape) for k, v in tensors.items()], tensors.__getitem__,
-                    max_shard_bytes=1 << 30)
+  write_safetensors(
+    folder, [(k, v.shape) for k, v in tensors.items()], tensors.__getitem__, max_shard_bytes=1 << 30
+  )
   return folder
 
 
@@ -181,15 +217,21 @@ def test_wrong_shape_names_key_shapes_and_field(tmp_path):
   config = json.loads((folder / "config.json").read_text())
   config["intermediate_size"] = 48
   (folder / "config.json").write_text(json.dumps(config))
-  with pytest.raises(CheckpointError, match=r"'encoder\.layers\.0\.mlp\.fc1\.bias' has shape "
-                     r"\(64,\) but .*config\.json makes it \(48,\).*intermediate_size=48.*"
-                     r"use the config\.json saved with these weights"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"'encoder\.layers\.0\.mlp\.fc1\.bias' has shape "
+    r"\(64,\) but .*config\.json makes it \(48,\).*intermediate_size=48.*"
+    r"use the config\.json saved with these weights",
+  ):
     load_clip_params(folder)
 
 
 def test_config_disagreeing_with_folder(loaded):
-  with pytest.raises(CheckpointError, match=r"config\.model\.vision\.hidden_size=1024 but .*"
-                     r"hidden_size=32.*use the folder's config"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"config\.model\.vision\.hidden_size=1024 but .*"
+    r"hidden_size=32.*use the folder's config",
+  ):
     load_clip_params(FIXTURE, vcfg=variant(loaded[1], hidden_size=1024))
 
 

@@ -14,21 +14,31 @@ import numpy as np
 import pytest
 
 from monoformer_jax import perf
-from monoformer_jax.model.build import train_flops_per_row
 from monoformer_jax.config import CONFIGS_DIR, config_file
 from monoformer_jax.errors import ConfigError, DoesNotFitError, NotInstalledError
 from monoformer_jax.eval import finite_json
+from monoformer_jax.model.build import train_flops_per_row
 from monoformer_jax.parallel import sharding
 from monoformer_jax.parallel.topology import devices_of, topology_of
 from monoformer_jax.train.aot import plan
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
-@pytest.mark.parametrize("name, shape, chip", [
-    ("v4-8", (2, 2, 1), "v4"), ("v5p-8", (2, 2, 1), "v5p"), ("v5p-32", (2, 2, 4), "v5p"),
-    ("v5p-64", (2, 4, 4), "v5p"), ("v5p-128", (4, 4, 4), "v5p"), ("v5e-16", (4, 4), "v5e"),
-    ("v6e-8", (2, 4), "v6e"), ("v5p:2x2x1", (2, 2, 1), "v5p"), ("v5e:2x4", (2, 4), "v5e")])
+@pytest.mark.parametrize(
+  "name, shape, chip",
+  [
+    ("v4-8", (2, 2, 1), "v4"),
+    ("v5p-8", (2, 2, 1), "v5p"),
+    ("v5p-32", (2, 2, 4), "v5p"),
+    ("v5p-64", (2, 4, 4), "v5p"),
+    ("v5p-128", (4, 4, 4), "v5p"),
+    ("v5e-16", (4, 4), "v5e"),
+    ("v6e-8", (2, 4), "v6e"),
+    ("v5p:2x2x1", (2, 2, 1), "v5p"),
+    ("v5e:2x4", (2, 4), "v5e"),
+  ],
+)
 def test_topology_names_count_chips_as_cloud_tpu_does(name, shape, chip):
   # v4/v5p names count TensorCores (2 per chip), v5e/v6e names count chips.
   topology = topology_of(name)
@@ -61,15 +71,24 @@ def test_unknown_topologies_say_what_is_known():
 @pytest.mark.slow
 def test_the_entry_point_stops_on_a_bad_topology_before_compiling():
   run = subprocess.run(
-      [sys.executable, "-m", "monoformer_jax.compile",
-       f"--config={CONFIGS_DIR / 'imagenet256.py'}:tiny", "--topology=v5p-12"],
-      capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "monoformer_jax.compile",
+      f"--config={CONFIGS_DIR / 'imagenet256.py'}:tiny",
+      "--topology=v5p-12",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert run.returncode == 2, run.stderr
   assert "error: --topology='v5p-12' is not a TPU slice this knows; known: v4-8" in run.stderr
 
 
 def _has_cuda_plugin() -> bool:
   import importlib.util
+
   try:
     return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
   except ModuleNotFoundError:
@@ -90,16 +109,18 @@ def test_the_real_step_compiles_for_h100s_with_the_triton_kernels():
 
 
 def test_multi_slice_mesh_puts_the_data_axis_across_slices():
-  devices = devices_of(topology_of("v5p-16", num_slices=2))   # 2 x 8 chips
+  devices = devices_of(topology_of("v5p-16", num_slices=2))  # 2 x 8 chips
   mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1, dcn_data=2), devices)
   assert dict(mesh.shape) == dict(data=2, fsdp=8, tensor=1)
   slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
   # Each data index is one whole slice: FSDP's all-gathers stay on ICI.
   assert [set(slice_of[i].ravel()) for i in range(2)] == [{0}, {1}]
-  with pytest.raises(ConfigError, match=r"dcn_data=1 .* 2 slice\(s\): set --config.mesh.dcn_data=2"):
+  with pytest.raises(
+    ConfigError, match=r"dcn_data=1 .* 2 slice\(s\): set --config.mesh.dcn_data=2"
+  ):
     sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1), devices)
   with pytest.raises(ConfigError, match=r"dcn_data=2 but the 8 devices form 1 slice"):
-    sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1, dcn_data=2))   # the CPU devices
+    sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1, dcn_data=2))  # the CPU devices
 
 
 def _tiny(**model):
@@ -110,8 +131,10 @@ def _tiny(**model):
 
 def _shard_bytes(abstract_tree) -> int:
   """Bytes of one device's shards of ShapeDtypeStructs carrying shardings."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-             for x in jax.tree.leaves(abstract_tree))
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    for x in jax.tree.leaves(abstract_tree)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +169,7 @@ def test_the_compiled_step_holds_the_sharded_state_and_donates_it(tiny_plan):
   # TPU layouts pad small arrays to whole tiles, so the compiler's figures are
   # at least the logical bytes of this device's shards.
   assert result.argument_bytes >= _shard_bytes((state, batch, health))
-  assert result.alias_bytes >= _shard_bytes(state)   # the donated state is written in place
+  assert result.alias_bytes >= _shard_bytes(state)  # the donated state is written in place
   record = json.loads(finite_json(result.as_json()))
   assert record["total_bytes"] == result.total_bytes and record["fits"] is True
   assert record["model_flops"] == train_flops_per_row(config.model, 96) * 8
@@ -155,9 +178,13 @@ def test_the_compiled_step_holds_the_sharded_state_and_donates_it(tiny_plan):
 def test_a_step_too_large_for_the_chip_names_the_settings_to_change():
   # A 16M-wide MLP: the tiny model's activations need ~190 GiB of temporaries.
   with pytest.raises(DoesNotFitError) as failure:
-    plan(_tiny(mlp_dim=2 ** 24), topology_of("v5p:2x2x1"))
+    plan(_tiny(mlp_dim=2**24), topology_of("v5p:2x2x1"))
   message = str(failure.value)
-  assert "RESOURCE_EXHAUSTED" in message and "HBM" in message   # the compiler's words
-  for setting in ("--config.mesh.tensor", "--config.model.remat=True",
-                  "--config.optim.grad_accum_steps=2", "--config.data.batch_size"):
+  assert "RESOURCE_EXHAUSTED" in message and "HBM" in message  # the compiler's words
+  for setting in (
+    "--config.mesh.tensor",
+    "--config.model.remat=True",
+    "--config.optim.grad_accum_steps=2",
+    "--config.data.batch_size",
+  ):
     assert setting in message

@@ -9,8 +9,15 @@ import pytest
 from monoformer_jax.config import base, complete, config_file, schema
 from monoformer_jax.errors import ConfigError
 
-CONFIG_FILES = ("digits", "digits:tiny", "imagenet256", "imagenet256:tiny", "imagenet256:7b",
-                "t2i_chat", "t2i_llava")
+CONFIG_FILES = (
+  "digits",
+  "digits:tiny",
+  "imagenet256",
+  "imagenet256:tiny",
+  "imagenet256:7b",
+  "t2i_chat",
+  "t2i_llava",
+)
 
 
 def test_base_holds_every_field_of_every_section_at_its_default():
@@ -36,7 +43,7 @@ def test_base_refuses_a_field_the_schema_does_not_have():
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_every_config_file_is_complete_and_passes_its_checks(name):
   c = config_file(name)
-  assert complete(c).to_dict() == c.to_dict()   # completing a complete config changes nothing
+  assert complete(c).to_dict() == c.to_dict()  # completing a complete config changes nothing
 
 
 def test_the_papers_config_is_the_schemas_defaults():
@@ -50,14 +57,17 @@ def test_a_missing_field_or_section_takes_its_default_as_an_old_checkpoint_needs
   c = complete(saved)
   assert c.model.read_bidirectional is False and c.model.scan_unroll == 1
   assert c.vae.path == "" and c.data.max_read_images_per_row == 0
-  assert c.model.hidden_size == 128   # what was saved is kept
+  assert c.model.hidden_size == 128  # what was saved is kept
 
 
-@pytest.mark.parametrize("where, key, hint", [
+@pytest.mark.parametrize(
+  "where, key, hint",
+  [
     ("model", "hiden_size", "did you mean model.hidden_size"),
     ("data", "batchsize", "did you mean data.batch_size"),
     (None, "optimizer", "did you mean optim"),
-])
+  ],
+)
 def test_an_unknown_field_is_refused_naming_the_nearest_one(where, key, hint):
   raw = config_file("digits:tiny").to_dict()
   (raw[where] if where else raw)[key] = 1
@@ -65,17 +75,24 @@ def test_an_unknown_field_is_refused_naming_the_nearest_one(where, key, hint):
     complete(raw)
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("model.dtype", "float64", r"model.dtype='float64': must be one of \('float32', "),
     ("model.vision_encoder", "siglip", r"model.vision_encoder='siglip': must be one of"),
     ("model.remat", 1, r"model.remat=1: must be True or False"),
     ("model.num_layers", 2.0, r"model.num_layers=2.0: must be an integer"),
     ("data.tokenizer", None, r"data.tokenizer=None: must be a string"),
-    ("sample.text_prompts", "two plus", r"sample.text_prompts='two plus': must be a list of "
-                                        r"strings"),
+    (
+      "sample.text_prompts",
+      "two plus",
+      r"sample.text_prompts='two plus': must be a list of "
+      r"strings",
+    ),
     ("mesh.tensor", 0, r"mesh.tensor=0: must be >= 1, or -1"),
     ("loss.w_diff", 0.0, r"loss.w_diff=0.0: and loss.w_lm are both 0"),
-])
+  ],
+)
 def test_field_checks_name_the_field_the_value_and_what_is_allowed(field, value, message):
   raw = config_file("digits:tiny").to_dict()
   section, name = field.split(".")
@@ -89,17 +106,20 @@ def test_field_checks_name_the_field_the_value_and_what_is_allowed(field, value,
 def test_a_clip_reader_needs_the_towers_sizes():
   raw = config_file("digits:tiny").to_dict()
   raw["model"]["vision_encoder"] = "clip"
-  with pytest.raises(ConfigError, match=r"model.vision=None: is needed by "
-                                        r"model.vision_encoder='clip'"):
+  with pytest.raises(
+    ConfigError,
+    match=r"model.vision=None: is needed by "
+    r"model.vision_encoder='clip'",
+  ):
     complete(raw)
 
 
 def test_ints_become_floats_where_a_float_is_declared_and_json_round_trips():
   raw = config_file("digits:tiny").to_dict()
-  raw["optim"]["lr"] = 1   # as `--config.optim.lr=1` or a JSON file gives it
+  raw["optim"]["lr"] = 1  # as `--config.optim.lr=1` or a JSON file gives it
   c = complete(raw)
   assert isinstance(c.optim.lr, float) and c.optim.lr == 1.0
-  again = complete(json.loads(c.to_json()))   # what a checkpoint's config item holds
+  again = complete(json.loads(c.to_json()))  # what a checkpoint's config item holds
   assert again.to_dict() == c.to_dict()
 
 

@@ -12,19 +12,19 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
+from helpers import config_file
 from safetensors.numpy import load_file, save_file
 
 from monoformer_jax.checkpoints import load_model, load_params, stored_weights
-from monoformer_jax.safetensors_io import SafetensorsSource
 from monoformer_jax.convert import llama, official, verify
 from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.layout import Example, Row, RowSpec
 from monoformer_jax.model.build import abstract_model, param_shardings
 from monoformer_jax.parallel import sharding
 from monoformer_jax.parallel.sharding import make_mesh
+from monoformer_jax.safetensors_io import SafetensorsSource
 from monoformer_jax.train.loop import initial_state, train_and_evaluate
 from monoformer_jax.train.state import make_optimizer
-from helpers import config_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_LLAMA = REPO / "tests" / "fixtures" / "tiny_llama"
@@ -41,8 +41,11 @@ def _flat(params):
 
 def _assert_same_official(dir_a, dir_b):
   """Same keys, dtypes, shapes and bytes (read with the safetensors library)."""
-  read = lambda d: {k: v for f in sorted(pathlib.Path(d).glob("*.safetensors"))
-                    for k, v in load_file(str(f)).items()}
+  read = lambda d: {
+    k: v
+    for f in sorted(pathlib.Path(d).glob("*.safetensors"))
+    for k, v in load_file(str(f)).items()
+  }
   a, b = read(dir_a), read(dir_b)
   assert set(a) == set(b)
   for k in a:
@@ -51,6 +54,7 @@ def _assert_same_official(dir_a, dir_b):
 
 
 # ------------------------------------------------------------ verify-official
+
 
 def test_verify_official_flags_errors_above_tolerance():
   # (the shipped fixture passing verify_official is tests/test_model.py's first test)
@@ -62,14 +66,19 @@ def test_verify_official_flags_errors_above_tolerance():
 
 @pytest.mark.slow
 def test_verify_official_cli(fixture_dir):
-  run = subprocess.run([sys.executable, "-m", "monoformer_jax.convert", "verify-official",
-                        f"--fixture={fixture_dir}"], capture_output=True, text=True,
-                       cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  run = subprocess.run(
+    [sys.executable, "-m", "monoformer_jax.convert", "verify-official", f"--fixture={fixture_dir}"],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert run.returncode == 0, run.stderr[-2000:]
   assert "logits" in run.stdout and "x_out" in run.stdout and "ABOVE" not in run.stdout
 
 
 # ----------------------------------------------------------------- round trips
+
 
 def test_round_trip_official_ours_official_is_bit_exact(fixture_dir, base, tmp_path):
   official.convert_official(str(fixture_dir), str(tmp_path / "ckpt"), base)
@@ -94,9 +103,14 @@ def _sharded_official(src, dst, n):
     part = keys[i::n]
     save_file({k: tensors[k] for k in part}, str(dst / name), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(part, name))
-  (dst / "model.safetensors.index.json").write_text(json.dumps(
-      {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
-       "weight_map": weight_map}))
+  (dst / "model.safetensors.index.json").write_text(
+    json.dumps(
+      {
+        "metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+        "weight_map": weight_map,
+      }
+    )
+  )
   shutil.copy(src / "config.json", dst / "config.json")
   return tensors
 
@@ -111,11 +125,13 @@ def test_round_trip_sharded_with_ema(fixture_dir, base, tmp_path):
   official.convert_official(str(tmp_path / "in"), str(tmp_path / "ckpt"), base)
   assert stored_weights(str(tmp_path / "ckpt")) == ["ema", "params"]
   ema_params, _, _ = load_params(str(tmp_path / "ckpt"), weights="ema")
-  np.testing.assert_array_equal(np.asarray(ema_params["embed_tokens"]),
-                                ema["model.embed_tokens.weight"])
+  np.testing.assert_array_equal(
+    np.asarray(ema_params["embed_tokens"]), ema["model.embed_tokens.weight"]
+  )
 
-  official.convert_to_official(str(tmp_path / "ckpt"), str(tmp_path / "out"),
-                               max_shard_bytes=200_000)
+  official.convert_to_official(
+    str(tmp_path / "ckpt"), str(tmp_path / "out"), max_shard_bytes=200_000
+  )
   out = tmp_path / "out"
   index = json.loads((out / "model.safetensors.index.json").read_text())
   shards = sorted(p.name for p in out.glob("*.safetensors"))
@@ -129,7 +145,9 @@ def test_round_trip_sharded_with_ema(fixture_dir, base, tmp_path):
 def test_cli_official_and_back(fixture_dir, tmp_path):
   from absl import flags
   from absl.testing import flagsaver
+
   from monoformer_jax.convert.__main__ import main
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   weights = fixture_dir / "weights.safetensors"  # a single file, config.json beside it
@@ -144,14 +162,19 @@ def test_cli_official_and_back(fixture_dir, tmp_path):
 
 # ------------------------------------------------------------------ sharding
 
+
 def test_building_into_shards_on_a_mesh_gives_the_same_params(fixture_dir, base, tmp_path):
   mesh = make_mesh(dict(data=2, fsdp=2, tensor=2))
   single, _config = official.load_official(str(fixture_dir), base)
-  sharded, _ = official.load_official(str(fixture_dir), base,
-                                      shardings_fn=lambda c: param_shardings(c, mesh))
+  sharded, _ = official.load_official(
+    str(fixture_dir), base, shardings_fn=lambda c: param_shardings(c, mesh)
+  )
   flat = traverse_util.flatten_dict(sharded)
-  split = [k for k, v in flat.items() if len(v.sharding.device_set) == 8 and
-           v.addressable_shards[0].data.shape != v.shape]
+  split = [
+    k
+    for k, v in flat.items()
+    if len(v.sharding.device_set) == 8 and v.addressable_shards[0].data.shape != v.shape
+  ]
   # embed over fsdp, heads/mlp/vocab over tensor: most of the model is split
   assert ("decoder", "layers", "attn", "wq") in split and ("lm_head",) in split
   chex.assert_trees_all_equal(single, sharded)
@@ -162,14 +185,19 @@ def test_building_into_shards_on_a_mesh_gives_the_same_params(fixture_dir, base,
 
 # --------------------------------------------------------------------- llama
 
+
 def _text_logits(model, ids):
   """Logits of text-only packed rows (one example per row, no image slot)."""
   _b, length = ids.shape
   m = model.cfg
-  spec = RowSpec(seq_len=length, max_images=0, image_shape=(m.image_size, m.image_size,
-                                                            m.in_channels),
-                 tokens_per_image=model.tokens_per_image, image_id=m.vocab_size - 3,
-                 pad_id=m.vocab_size - 4)
+  spec = RowSpec(
+    seq_len=length,
+    max_images=0,
+    image_shape=(m.image_size, m.image_size, m.in_channels),
+    tokens_per_image=model.tokens_per_image,
+    image_id=m.vocab_size - 3,
+    pad_id=m.vocab_size - 4,
+  )
   row = Row.of(pack_examples([Example(x) for x in ids], spec, one_per_row=True))
   graphdef, state = nnx.split(model)
   run = jax.jit(lambda state, row: nnx.merge(graphdef, state)(row)[0])
@@ -205,20 +233,31 @@ def test_llama_new_parameters_follow_the_reference_init(base):
     np.testing.assert_array_equal(p[k], p2[k])  # seeded
   assert not np.array_equal(p[("embed_tokens",)], q[("embed_tokens",)])
   np.testing.assert_array_equal(p[("embed_tokens",)][:320], q[("embed_tokens",)][:320])
-  for k in (("x_embedder", "kernel"), ("x_embedder", "bias"), ("adaln_module", "kernel"),
-            ("adaln_module", "bias"), ("t_embedder", "fc1", "bias"),
-            ("final_layer", "linear", "bias"), ("final_layer", "adaln", "bias")):
+  for k in (
+    ("x_embedder", "kernel"),
+    ("x_embedder", "bias"),
+    ("adaln_module", "kernel"),
+    ("adaln_module", "bias"),
+    ("t_embedder", "fc1", "bias"),
+    ("final_layer", "linear", "bias"),
+    ("final_layer", "adaln", "bias"),
+  ):
     assert not p[k].any(), k
-  for k in (("t_embedder", "fc1", "kernel"), ("t_embedder", "fc2", "kernel"),
-            ("final_layer", "adaln", "kernel"), ("final_layer", "linear", "kernel")):
+  for k in (
+    ("t_embedder", "fc1", "kernel"),
+    ("t_embedder", "fc2", "kernel"),
+    ("final_layer", "adaln", "kernel"),
+    ("final_layer", "linear", "kernel"),
+  ):
     assert 0.018 < p[k].std() < 0.022, k
 
 
 def test_llama_built_into_shards_matches_single_device(base):
   mesh = make_mesh(dict(data=1, fsdp=2, tensor=4))  # vocab 324 over 4: a shard holds old + new rows
   single, _ = llama.load_llama(str(TINY_LLAMA), base, seed=0)
-  sharded, _ = llama.load_llama(str(TINY_LLAMA), base, seed=0,
-                                shardings_fn=lambda c: param_shardings(c, mesh))
+  sharded, _ = llama.load_llama(
+    str(TINY_LLAMA), base, seed=0, shardings_fn=lambda c: param_shardings(c, mesh)
+  )
   assert len(sharded["embed_tokens"].addressable_shards) == 8
   chex.assert_trees_all_equal(single, sharded)
 
@@ -236,21 +275,27 @@ def test_train_init_from_a_converted_llama(tmp_path):
   chex.assert_trees_all_equal(state["params"], converted)
   chex.assert_trees_all_equal(state["ema"], converted)
   # EMA must not share buffers with params: the train step donates both.
-  pointers = lambda tree: {x.addressable_shards[0].data.unsafe_buffer_pointer()
-                           for x in jax.tree.leaves(tree)}
+  pointers = lambda tree: {
+    x.addressable_shards[0].data.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)
+  }
   assert not pointers(state["params"]) & pointers(state["ema"])
-  assert not any(np.asarray(x).any() for x in jax.tree.leaves(state["opt_state"])
-                 if np.asarray(x).ndim)  # fresh AdamW moments
+  assert not any(
+    np.asarray(x).any() for x in jax.tree.leaves(state["opt_state"]) if np.asarray(x).ndim
+  )  # fresh AdamW moments
 
   config.train.update(init_from=str(tmp_path / "ckpt"), num_steps=1)
   config.model.num_layers = 3  # another model size
-  with pytest.raises(ValueError, match=r"(?s)\['layers'\]\['attn'\]\['wk'\]: \(2, 64, 2, 16\) "
-                     r"in the checkpoint, \(3, 64, 2, 16\) for this config.*Set "
-                     r"model.num_layers=2 there, 3 here to the checkpoint's values"):
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)\['layers'\]\['attn'\]\['wk'\]: \(2, 64, 2, 16\) "
+    r"in the checkpoint, \(3, 64, 2, 16\) for this config.*Set "
+    r"model.num_layers=2 there, 3 here to the checkpoint's values",
+  ):
     train_and_evaluate(config, str(tmp_path / "run2"), sample_at_end=False)
 
 
 # -------------------------------------------------------------------- errors
+
 
 def _edited_fixture(fixture_dir, dst, edit_weights=None, edit_config=None):
   os.makedirs(dst)
@@ -268,6 +313,7 @@ def _edited_fixture(fixture_dir, dst, edit_weights=None, edit_config=None):
 def test_wrong_shape_names_key_shapes_and_config_value(fixture_dir, base, tmp_path):
   def edit(t):
     t["model.layers.1.mlp.up_proj.weight"] = np.zeros((170, 64), np.float32)
+
   path = _edited_fixture(fixture_dir, tmp_path / "w", edit)
   with pytest.raises(ValueError) as e:
     official.load_official(str(path), base)
@@ -281,6 +327,7 @@ def test_missing_and_unexpected_keys_are_named(fixture_dir, base, tmp_path):
     del t["final_layer.linear.bias"]
     t["t_projector.0.weight"] = np.zeros((64, 64), np.float32)
     t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros(8, np.float32)  # ignored
+
   path = _edited_fixture(fixture_dir, tmp_path / "w", edit)
   with pytest.raises(ValueError) as e:
     official.load_official(str(path), base)
@@ -291,13 +338,21 @@ def test_missing_and_unexpected_keys_are_named(fixture_dir, base, tmp_path):
 
 
 def test_another_model_size_names_the_config_values(fixture_dir, base, tmp_path):
-  path = _edited_fixture(fixture_dir, tmp_path / "deeper", None,
-                         lambda hf: hf.update(num_hidden_layers=3))
-  with pytest.raises(ValueError, match=r"the weights have 2 decoder layers.*"
-                                       r"model.num_layers=3: set model.num_layers=2"):
+  path = _edited_fixture(
+    fixture_dir, tmp_path / "deeper", None, lambda hf: hf.update(num_hidden_layers=3)
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"the weights have 2 decoder layers.*"
+    r"model.num_layers=3: set model.num_layers=2",
+  ):
     official.load_official(str(path), base)
-  path = _edited_fixture(fixture_dir, tmp_path / "wider", None,
-                         lambda hf: hf.update(hidden_size=128, intermediate_size=352))
+  path = _edited_fixture(
+    fixture_dir,
+    tmp_path / "wider",
+    None,
+    lambda hf: hf.update(hidden_size=128, intermediate_size=352),
+  )
   with pytest.raises(ValueError, match=r"model.hidden_size=128 here, 64 in the weights"):
     official.load_official(str(path), base)
 
@@ -308,8 +363,11 @@ def test_llama_errors(fixture_dir, base, tmp_path):
   shutil.copytree(TINY_LLAMA, tmp_path / "l")
   hf = json.loads((tmp_path / "l" / "config.json").read_text())
   (tmp_path / "l" / "config.json").write_text(json.dumps({**hf, "vocab_size": 330}))
-  with pytest.raises(ValueError, match=r"model.embed_tokens.weight: shape \(320, 64\) in the "
-                     r"weights, \(330, 64\).*model.vocab_size - 4 added tokens=330 here, 320"):
+  with pytest.raises(
+    ValueError,
+    match=r"model.embed_tokens.weight: shape \(320, 64\) in the "
+    r"weights, \(330, 64\).*model.vocab_size - 4 added tokens=330 here, 320",
+  ):
     llama.load_llama(str(tmp_path / "l"), base)
   with pytest.raises(FileNotFoundError, match="config.json"):
     llama.load_llama(str(tmp_path), base)
@@ -320,22 +378,32 @@ def test_imagenet256_config_is_the_paper_model_and_asks_for_its_data(tmp_path):
   _, abstract, _ = abstract_model(config.model)
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
   assert 1.10e9 < count < 1.13e9, count  # TinyLlama's 1.1B + the image side
-  with pytest.raises(ValueError, match=r"data.dir is empty: point it at the imagenet dataset "
-                     r"prepared by `python -m monoformer_jax.data.prepare imagenet`"):
+  with pytest.raises(
+    ValueError,
+    match=r"data.dir is empty: point it at the imagenet dataset "
+    r"prepared by `python -m monoformer_jax.data.prepare imagenet`",
+  ):
     train_and_evaluate(config, str(tmp_path))
 
 
 def test_reader_takes_bfloat16_float16_and_reads_slices(tmp_path):
   # TinyLlama ships bfloat16, which safetensors' numpy backend cannot read.
-  import ml_dtypes
   import struct
+
+  import ml_dtypes
+
   rng = np.random.default_rng(0)
-  arrays = {"a": rng.standard_normal((6, 5)).astype(ml_dtypes.bfloat16),
-            "b": rng.standard_normal((3, 4)).astype(np.float16)}
+  arrays = {
+    "a": rng.standard_normal((6, 5)).astype(ml_dtypes.bfloat16),
+    "b": rng.standard_normal((3, 4)).astype(np.float16),
+  }
   header, blobs, offset = {}, [], 0
   for key, x in arrays.items():
-    header[key] = {"dtype": {"bfloat16": "BF16", "float16": "F16"}[x.dtype.name],
-                   "shape": list(x.shape), "data_offsets": [offset, offset + x.nbytes]}
+    header[key] = {
+      "dtype": {"bfloat16": "BF16", "float16": "F16"}[x.dtype.name],
+      "shape": list(x.shape),
+      "data_offsets": [offset, offset + x.nbytes],
+    }
     blobs.append(x.tobytes())
     offset += x.nbytes
   text = json.dumps(header).encode()
@@ -345,5 +413,6 @@ def test_reader_takes_bfloat16_float16_and_reads_slices(tmp_path):
     for key, x in arrays.items():
       np.testing.assert_array_equal(source.read(key), x.astype(np.float32))
       assert source.read(key).dtype == np.float32
-    np.testing.assert_array_equal(source.read("a", (slice(2, 5), slice(1, 3))),
-                                  arrays["a"].astype(np.float32)[2:5, 1:3])
+    np.testing.assert_array_equal(
+      source.read("a", (slice(2, 5), slice(1, 3))), arrays["a"].astype(np.float32)[2:5, 1:3]
+    )

@@ -21,16 +21,32 @@ import pytest
 
 from monoformer_jax.config import base
 from monoformer_jax.config.schema import BETA_SCHEDULES
-from monoformer_jax.diffusion import (BETAS, GaussianDiffusion, apply_cfg, from_config,
-                                      sample_loop, space_timesteps)
+from monoformer_jax.diffusion import (
+  BETAS,
+  GaussianDiffusion,
+  apply_cfg,
+  from_config,
+  sample_loop,
+  space_timesteps,
+)
 from monoformer_jax.errors import ConfigError
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "official_tiny"
-TABLES = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next",
-          "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-          "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-          "sqrt_recipm1_alphas_cumprod", "posterior_variance",
-          "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"]
+TABLES = [
+  "betas",
+  "alphas_cumprod",
+  "alphas_cumprod_prev",
+  "alphas_cumprod_next",
+  "sqrt_alphas_cumprod",
+  "sqrt_one_minus_alphas_cumprod",
+  "log_one_minus_alphas_cumprod",
+  "sqrt_recip_alphas_cumprod",
+  "sqrt_recipm1_alphas_cumprod",
+  "posterior_variance",
+  "posterior_log_variance_clipped",
+  "posterior_mean_coef1",
+  "posterior_mean_coef2",
+]
 TOL = dict(rtol=1e-5, atol=1e-6)
 TOL_VB = dict(rtol=1e-5, atol=1e-5)
 
@@ -66,21 +82,26 @@ def d20():
 def test_tables(ref, prefix, respacing):
   d = GaussianDiffusion.create(1000, "linear", respacing=respacing)
   for name in TABLES:
-    np.testing.assert_allclose(getattr(d, name), ref[f"{prefix}_{name}"], rtol=1e-12, atol=0,
-                               err_msg=name)
+    np.testing.assert_allclose(
+      getattr(d, name), ref[f"{prefix}_{name}"], rtol=1e-12, atol=0, err_msg=name
+    )
   np.testing.assert_array_equal(d.timestep_map, ref[f"{prefix}_timestep_map"])
   assert d.num_timesteps == len(ref[f"{prefix}_betas"])
 
 
 def test_raw_linear_betas(ref):
   from monoformer_jax.diffusion.gaussian import linear_betas
+
   np.testing.assert_allclose(linear_betas(1000), ref["betas_linear_raw"], rtol=1e-15, atol=0)
 
 
 def test_the_schedule_table_has_betas_for_exactly_the_schemas_choices():
   assert sorted(BETAS) == sorted(BETA_SCHEDULES)
-  with pytest.raises(ConfigError, match=r"diffusion.beta_schedule='cosine' has no betas; "
-                     r"choose one of \['linear'\]"):
+  with pytest.raises(
+    ConfigError,
+    match=r"diffusion.beta_schedule='cosine' has no betas; "
+    r"choose one of \['linear'\]",
+  ):
     GaussianDiffusion.create(1000, "cosine")
 
 
@@ -98,10 +119,11 @@ def test_from_config_builds_the_sections_steps_of_its_schedule(monkeypatch):
   np.testing.assert_array_equal(full.timestep_map, np.arange(400))
   d20 = from_config(section, respacing="20")
   assert d20.num_timesteps == 20 and d20.timestep_map[-1] == 399
-  np.testing.assert_allclose(d20.alphas_cumprod, alphas_cumprod[d20.timestep_map], rtol=1e-12,
-                             atol=0)
+  np.testing.assert_allclose(
+    d20.alphas_cumprod, alphas_cumprod[d20.timestep_map], rtol=1e-12, atol=0
+  )
   linear = GaussianDiffusion.create(400, "linear", respacing="20")
-  assert np.abs(linear.alphas_cumprod - d20.alphas_cumprod).max() > 0.1   # it tells them apart
+  assert np.abs(linear.alphas_cumprod - d20.alphas_cumprod).max() > 0.1  # it tells them apart
 
 
 def test_space_timesteps():
@@ -196,7 +218,9 @@ def test_vb_trains_only_the_variance(ref, d1000):
   x_start, noise, out = nhwc(ref["x_start"]), nhwc(ref["noise"]), nhwc(ref["model_output"])
   t = jnp.asarray(ref["t"], jnp.int32)
   x_t = d1000.q_sample(x_start, t, noise)
-  grad = lambda k: jax.grad(lambda o: d1000.training_losses(o, x_start, x_t, t, noise)[k].sum())(out)
+  grad = lambda k: jax.grad(lambda o: d1000.training_losses(o, x_start, x_t, t, noise)[k].sum())(
+    out
+  )
   g_vb, g_mse = np.asarray(grad("vb")), np.asarray(grad("mse"))
   assert np.all(g_vb[..., :4] == 0)
   assert np.all(np.abs(g_vb[..., 4:]).reshape(2, -1).max(axis=1) > 0)  # both samples
@@ -216,7 +240,7 @@ def _optimal_denoiser(x_t, t_model, v):
   """
   abar = jnp.asarray(GaussianDiffusion.create(1000).alphas_cumprod, jnp.float32)[t_model]
   a = abar.reshape((-1,) + (1,) * (x_t.ndim - 1))
-  eps = jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * MU) / (a * S ** 2 + 1 - a)
+  eps = jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * MU) / (a * S**2 + 1 - a)
   return jnp.concatenate([eps, jnp.full_like(eps, v)], axis=-1)
 
 
@@ -232,7 +256,7 @@ def _chain_moments(d, v):
   m, var = 0.0, 1.0
   for t in reversed(range(d.num_timesteps)):
     a = abar_full[d.timestep_map[t]]
-    k = np.sqrt(1 - a) / (a * S ** 2 + 1 - a)  # eps_hat = k (x - sqrt(a) MU)
+    k = np.sqrt(1 - a) / (a * S**2 + 1 - a)  # eps_hat = k (x - sqrt(a) MU)
     r, rm1 = d.sqrt_recip_alphas_cumprod[t], d.sqrt_recipm1_alphas_cumprod[t]
     c1, c2 = d.posterior_mean_coef1[t], d.posterior_mean_coef2[t]
     A, B = c1 * (r - rm1 * k) + c2, c1 * rm1 * k * np.sqrt(a) * MU
@@ -246,8 +270,11 @@ def test_ddpm_sampler_reproduces_gaussian_data(v):
   d50 = GaussianDiffusion.create(1000, "linear", respacing="50")
   x_T = jax.random.normal(jax.random.PRNGKey(1), (4096, 2, 2, 1))
   calls = []
-  sample = jax.jit(lambda x, k: sample_loop(lambda x_t, tm: _optimal_denoiser(x_t, tm, v),
-                                            x, k, d50, progress=calls.append))
+  sample = jax.jit(
+    lambda x, k: sample_loop(
+      lambda x_t, tm: _optimal_denoiser(x_t, tm, v), x, k, d50, progress=calls.append
+    )
+  )
   x_0 = np.asarray(sample(x_T, jax.random.PRNGKey(2))).ravel()
   jax.effects_barrier()
   assert sorted(int(c) for c in calls) == list(range(50))
@@ -275,8 +302,7 @@ def test_sampler_rejects_wrong_output_shape():
 def test_sampler_name_is_checked():
   d = GaussianDiffusion.create(1000, respacing="5")
   with pytest.raises(ValueError, match="sampler='euler'"):
-    sample_loop(lambda x, t: x, jnp.zeros((2, 4, 4, 3)), jax.random.PRNGKey(0), d,
-                sampler="euler")
+    sample_loop(lambda x, t: x, jnp.zeros((2, 4, 4, 3)), jax.random.PRNGKey(0), d, sampler="euler")
 
 
 def test_ddim_eta_one_step_is_the_ddpm_step_with_the_posterior_variance(d20):
@@ -300,13 +326,13 @@ def _ddim_chain_moments(d, eta):
   m, var = 0.0, 1.0
   for t in reversed(range(d.num_timesteps)):
     a, a_prev = d.alphas_cumprod[t], d.alphas_cumprod_prev[t]
-    k = np.sqrt(1 - a) / (a * S ** 2 + 1 - a)  # eps_hat = k (x - sqrt(a) MU)
+    k = np.sqrt(1 - a) / (a * S**2 + 1 - a)  # eps_hat = k (x - sqrt(a) MU)
     r, rm1 = d.sqrt_recip_alphas_cumprod[t], d.sqrt_recipm1_alphas_cumprod[t]
     sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-    direction = np.sqrt(1 - a_prev - sigma ** 2)
+    direction = np.sqrt(1 - a_prev - sigma**2)
     A = np.sqrt(a_prev) * (r - rm1 * k) + direction * k
     B = (np.sqrt(a_prev) * rm1 - direction) * k * np.sqrt(a) * MU
-    m, var = A * m + B, A * A * var + sigma ** 2
+    m, var = A * m + B, A * A * var + sigma**2
   return m, np.sqrt(var)
 
 
@@ -314,8 +340,11 @@ def _ddim_chain_moments(d, eta):
 def test_ddim_sampler_reproduces_gaussian_data(eta, respacing):
   d = GaussianDiffusion.create(1000, "linear", respacing=respacing)
   x_T = jax.random.normal(jax.random.PRNGKey(1), (4096, 2, 2, 1))
-  sample = jax.jit(lambda x, k: sample_loop(
-      lambda x_t, tm: _optimal_denoiser(x_t, tm, 0.0), x, k, d, sampler="ddim", eta=eta))
+  sample = jax.jit(
+    lambda x, k: sample_loop(
+      lambda x_t, tm: _optimal_denoiser(x_t, tm, 0.0), x, k, d, sampler="ddim", eta=eta
+    )
+  )
   x_0 = np.asarray(sample(x_T, jax.random.PRNGKey(2))).ravel()
   mean, std = _ddim_chain_moments(d, eta)
   if eta == 1.0:

@@ -6,15 +6,15 @@ import re
 
 import numpy as np
 import pytest
+from helpers import config_file
 
 from monoformer_jax.data import prompts
 from monoformer_jax.data.datasets import make_batches
-from monoformer_jax.digits import source as digits
-from monoformer_jax.vision.pixels import to_unit_range
 from monoformer_jax.data.packing import pack_examples
+from monoformer_jax.digits import source as digits
 from monoformer_jax.layout import row_spec
 from monoformer_jax.text.tokenizer import ByteTokenizer
-from helpers import config_file
+from monoformer_jax.vision.pixels import to_unit_range
 
 TOK = ByteTokenizer()
 N_DIGITS = 1797
@@ -37,13 +37,14 @@ def is_edit(example):
   """Draws the next digit after reading one, or after its instruction alone
   (the source dropped for guidance; both dropped, it is an unprompted image)."""
   return example.read_flags() == [True, False] or (
-      len(example.images) == 1 and prompt_of(example) == digits.EDIT_PROMPT)
+    len(example.images) == 1 and prompt_of(example) == digits.EDIT_PROMPT
+  )
 
 
 def prompt_of(example):
   """The prompt text of an image example ("" for the guidance-null one)."""
   ids = list(example.ids)
-  return TOK.decode(ids[1:ids.index(TOK.im_start_id)])
+  return TOK.decode(ids[1 : ids.index(TOK.im_start_id)])
 
 
 def test_batch_from_the_real_config():
@@ -52,12 +53,22 @@ def test_batch_from_the_real_config():
   r, length, m = config.data.batch_size, config.data.seq_len, config.data.max_images_per_row
   p = row_spec(config, TOK).tokens_per_image
   n_read = config.data.max_read_images_per_row
-  shapes = dict(tokens=(r, length), segment_ids=(r, length), image_ids=(r, length),
-                positions=(r, length), image_columns=(r, m, p), image_valid=(r, m),
-                cond_columns=(r, m), read_columns=(r, n_read, p), read_valid=(r, n_read),
-                read_cond_columns=(r, n_read), targets=(r, length),
-                text_weights=(r, length), latents=(r, m, 8, 8, 1),
-                read_images=(r, n_read, 8, 8, 1))
+  shapes = dict(
+    tokens=(r, length),
+    segment_ids=(r, length),
+    image_ids=(r, length),
+    positions=(r, length),
+    image_columns=(r, m, p),
+    image_valid=(r, m),
+    cond_columns=(r, m),
+    read_columns=(r, n_read, p),
+    read_valid=(r, n_read),
+    read_cond_columns=(r, n_read),
+    targets=(r, length),
+    text_weights=(r, length),
+    latents=(r, m, 8, 8, 1),
+    read_images=(r, n_read, 8, 8, 1),
+  )
   assert {k: v.shape for k, v in batch.items()} == shapes
   # The default reads digits too (data.read_fraction): real digits, causal tokens.
   assert batch["read_valid"].any() and n_read > 0
@@ -91,8 +102,19 @@ def test_batch_from_the_real_config():
   seg, image_ids = batch["segment_ids"], batch["image_ids"]
   has_image = np.stack([np.isin(seg[b], seg[b][image_ids[b] > 0]) for b in range(r)])
   start = TOK.encode(digits.INTERLEAVED_PROMPT)
-  interleaved = np.stack([np.isin(seg[b], [k for k in np.unique(seg[b]) if k and list(
-      batch["tokens"][b][seg[b] == k][1:1 + len(start)]) == start]) for b in range(r)])
+  interleaved = np.stack(
+    [
+      np.isin(
+        seg[b],
+        [
+          k
+          for k in np.unique(seg[b])
+          if k and list(batch["tokens"][b][seg[b] == k][1 : 1 + len(start)]) == start
+        ],
+      )
+      for b in range(r)
+    ]
+  )
   assert not (batch["text_weights"] * (has_image & ~interleaved)).any()
   assert (batch["text_weights"] * interleaved).any()
   assert batch["text_weights"].sum() > 0
@@ -112,20 +134,20 @@ def test_row_of_one_digit_token_by_token():
   assert list(null.ids) == list(prompts.image_prompt_example("", TOK, (8, 8, 1)).ids)
   assert list(null.ids) == [1, 261, 260, 262, 13, 2]
   batch = pack_examples([example], row_spec(config, TOK))
-  n = 1 + len(prompt) + 1          # bos, prompt, <|im_start|>
+  n = 1 + len(prompt) + 1  # bos, prompt, <|im_start|>
   expected_tokens = [1] + prompt + [261] + [260] * 16 + [262, 13, 2]
   used = len(expected_tokens)
   np.testing.assert_array_equal(batch["tokens"][0], expected_tokens + [259] * (128 - used))
   np.testing.assert_array_equal(batch["segment_ids"][0], [1] * used + [0] * (128 - used))
-  np.testing.assert_array_equal(batch["image_ids"][0],
-                                [0] * n + [1] * 16 + [0] * (128 - n - 16))
+  np.testing.assert_array_equal(batch["image_ids"][0], [0] * n + [1] * 16 + [0] * (128 - n - 16))
   np.testing.assert_array_equal(batch["positions"][0][:used], np.arange(used))
-  np.testing.assert_array_equal(batch["targets"][0][:used - 1], expected_tokens[1:])
+  np.testing.assert_array_equal(batch["targets"][0][: used - 1], expected_tokens[1:])
   assert not batch["text_weights"].any() and not batch["latents"].any()
 
 
 def test_images_scale_and_inverse():
   from sklearn.datasets import load_digits
+
   images, labels = digits.load_digit_images()
   assert images.shape == (N_DIGITS, 8, 8, 1) and images.dtype == np.float32
   assert images.min() == -1 and images.max() == 1
@@ -140,13 +162,21 @@ def test_mix_and_guidance_drop_match_the_config():
   text = [e for e in examples if is_text_only(e)]
   reads = [e for e in examples if is_reading(e)]
   interleaved = [e for e in examples if e.interleaved]
-  images = [e for e in examples if not is_text_only(e) and not is_reading(e)
-            and not e.interleaved and not is_edit(e)]
+  images = [
+    e
+    for e in examples
+    if not is_text_only(e) and not is_reading(e) and not e.interleaved and not is_edit(e)
+  ]
   assert abs(len(text) / len(examples) - config.data.text_fraction) < 0.01
   assert abs(len(reads) / len(examples) - config.data.read_fraction) < 0.01
   assert abs(len(interleaved) / len(examples) - config.data.interleaved_fraction) < 0.01
-  image_share = (1 - config.data.text_fraction - config.data.read_fraction
-                 - config.data.interleaved_fraction - config.data.edit_fraction)
+  image_share = (
+    1
+    - config.data.text_fraction
+    - config.data.read_fraction
+    - config.data.interleaved_fraction
+    - config.data.edit_fraction
+  )
   assert abs(len(images) / len(examples) - image_share) < 0.02
   # A reading example reads one real digit, held out never, and answers its name.
   all_images, labels = digits.load_digit_images()
@@ -169,8 +199,11 @@ def test_mix_and_guidance_drop_match_the_config():
   for e in images[:500]:
     prompt = prompt_of(e)
     if prompt:
-      names = {prompts.TEMPLATES[t].format(digits.CLASS_NAMES[k]): t
-               for k in label_of[e.images[0].tobytes()] for t in range(4)}
+      names = {
+        prompts.TEMPLATES[t].format(digits.CLASS_NAMES[k]): t
+        for k in label_of[e.images[0].tobytes()]
+        for t in range(4)
+      }
       assert prompt in names, prompt
       templates[names[prompt]] += 1
   assert set(templates) == {0, 1, 2, 3}
@@ -181,8 +214,11 @@ def test_same_seed_same_stream_other_seed_other_stream():
   a, b = (digits.digits_example_stream(config, TOK, seed=0) for _ in range(2))
   c = digits.digits_example_stream(config, TOK, seed=1)
   indices = [0, 1, 2, 127, 128, 5000, 10**9 + 7]
-  same = lambda x, y: (list(x.ids) == list(y.ids) and len(x.images) == len(y.images)
-                       and all((u == v).all() for u, v in zip(x.images, y.images)))
+  same = lambda x, y: (
+    list(x.ids) == list(y.ids)
+    and len(x.images) == len(y.images)
+    and all((u == v).all() for u, v in zip(x.images, y.images))
+  )
   assert all(same(a(i), b(i)) for i in indices)
   assert not all(same(a(i), c(i)) for i in range(20))
 
@@ -205,9 +241,10 @@ def test_every_digit_once_per_epoch_in_a_new_order():
 
 
 SENTENCE = re.compile(
-    r"^(?:(?P<a>\w+) (?P<op>plus|minus|times) (?P<b>\w+) is (?P<r>\w+)"
-    r"|the number (?P<rel>after|before) (?P<n>\w+) is (?P<m>\w+)"
-    r"|(?P<p>\w+) is an (?P<parity>even|odd) number)\.$")
+  r"^(?:(?P<a>\w+) (?P<op>plus|minus|times) (?P<b>\w+) is (?P<r>\w+)"
+  r"|the number (?P<rel>after|before) (?P<n>\w+) is (?P<m>\w+)"
+  r"|(?P<p>\w+) is an (?P<parity>even|odd) number)\.$"
+)
 
 
 def check_true(sentence):

@@ -12,20 +12,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 from flax import nnx
+from helpers import digits_config, random_model
 
 from monoformer_jax import inference
 from monoformer_jax.data import prompts
 from monoformer_jax.data.packing import pack_examples
-from monoformer_jax.digits import source as digits
-from monoformer_jax.layout import row_spec
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion, apply_cfg, apply_guidance
 from monoformer_jax.diffusion.sample_images import sample_images
+from monoformer_jax.digits import source as digits
 from monoformer_jax.errors import ConfigError
+from monoformer_jax.layout import row_spec
 from monoformer_jax.model.monoformer import MonoFormer
 from monoformer_jax.text.tokenizer import ByteTokenizer
-from conftest import REPO
-from helpers import digits_config, random_model
 
 TOK = ByteTokenizer()
 digit = lambda v: np.full((8, 8, 1), v, np.float32)
@@ -33,16 +33,15 @@ digit = lambda v: np.full((8, 8, 1), v, np.float32)
 
 def test_chain_guidance_is_cfg_and_instruct_pix2pix():
   rng = np.random.default_rng(0)
-  full, image_only, null = (jnp.asarray(rng.normal(size=(2, 4, 4, 2)), jnp.float32)
-                            for _ in range(3))
+  full, image_only, null = (
+    jnp.asarray(rng.normal(size=(2, 4, 4, 2)), jnp.float32) for _ in range(3)
+  )
   np.testing.assert_allclose(apply_guidance([full, null], [1.7]), apply_cfg(full, null, 1.7))
   got = np.asarray(apply_guidance([full, image_only, null], [2.0, 1.5]))
   f, i, n = (np.asarray(x)[..., :1] for x in (full, image_only, null))
-  np.testing.assert_allclose(got[..., :1], n + 1.5 * (i - n) + 2.0 * (f - i), rtol=1e-6,
-                             atol=1e-6)
-  np.testing.assert_array_equal(got[..., 1:], np.asarray(full)[..., 1:])   # variance: full's
-  np.testing.assert_allclose(apply_guidance([full, image_only, null], [1.0, 1.0]), full,
-                             atol=1e-6)
+  np.testing.assert_allclose(got[..., :1], n + 1.5 * (i - n) + 2.0 * (f - i), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(got[..., 1:], np.asarray(full)[..., 1:])  # variance: full's
+  np.testing.assert_allclose(apply_guidance([full, image_only, null], [1.0, 1.0]), full, atol=1e-6)
   with pytest.raises(ValueError, match="G - 1 scales"):
     apply_guidance([full, null], [1.0, 2.0])
 
@@ -56,16 +55,16 @@ def _config(conditioning="adaln_before_decoder"):
 
 def test_edit_rows_drop_what_the_guidance_says():
   spec = row_spec(_config(), TOK)
-  rows = prompts.edit_rows([digit(0.5), digit(-0.5)], ["the next digit:"] * 2, TOK, spec,
-                           guidance="two_scale")
+  rows = prompts.edit_rows(
+    [digit(0.5), digit(-0.5)], ["the next digit:"] * 2, TOK, spec, guidance="two_scale"
+  )
   row = rows.row
-  assert row.tokens.shape[0] == 6   # [full; image only; null], 2 each
+  assert row.tokens.shape[0] == 6  # [full; image only; null], 2 each
   assert row.read_valid[:, 0].tolist() == [True, True, True, True, False, False]
   np.testing.assert_array_equal(rows.read_images[:2, 0], np.stack([digit(0.5), digit(-0.5)]))
-  text = [TOK.decode([t for t in r[s > 0] if t < 256]) for r, s in
-          zip(row.tokens, row.segment_ids)]
+  text = [TOK.decode([t for t in r[s > 0] if t < 256]) for r, s in zip(row.tokens, row.segment_ids)]
   assert text[:2] == ["\nthe next digit:"] * 2 and text[2:4] == ["\n"] * 2
-  assert text[4:] == [""] * 2   # the null prompt <s> <|im_start|>
+  assert text[4:] == [""] * 2  # the null prompt <s> <|im_start|>
   image_only = prompts.edit_rows([digit(0.5)], ["go"], TOK, spec, guidance="image").row
   assert not image_only.read_valid[1].any()
   assert TOK.decode([t for t in image_only.tokens[1] if t < 256]) == "go"
@@ -85,18 +84,28 @@ def test_edit_guidance_at_scale_one_is_the_conditionalrandom_model(conditioning)
   plain = prompts.edit_rows(sources, instructions, TOK, spec, guidance=None)
   unguided = sample_images(model, plain, d, key)
   # The prompt cache over the read image equals recomputing the rows.
-  np.testing.assert_allclose(unguided, sample_images(model, plain, d, key, use_cache=False),
-                             atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    unguided, sample_images(model, plain, d, key, use_cache=False), atol=1e-4, rtol=1e-4
+  )
   for guidance, scale in [("both", 1.0), ("text", 1.0), ("image", 1.0), ("two_scale", (1.0, 1.0))]:
     rows = prompts.edit_rows(sources, instructions, TOK, spec, guidance=guidance)
-    np.testing.assert_allclose(sample_images(model, rows, d, key, cfg_scale=scale), unguided,
-                               atol=1e-4, rtol=1e-4, err_msg=guidance)
+    np.testing.assert_allclose(
+      sample_images(model, rows, d, key, cfg_scale=scale),
+      unguided,
+      atol=1e-4,
+      rtol=1e-4,
+      err_msg=guidance,
+    )
   rows = prompts.edit_rows(sources, instructions, TOK, spec, guidance="two_scale")
   strong = sample_images(model, rows, d, key, cfg_scale=(3.0, 2.0))
   assert np.abs(np.asarray(strong) - np.asarray(unguided)).max() > 1e-3
   # The source image conditions the edit.
-  other = sample_images(model, prompts.edit_rows([digit(-0.6), digit(0.6)], instructions, TOK,
-                                                 spec, guidance=None), d, key)
+  other = sample_images(
+    model,
+    prompts.edit_rows([digit(-0.6), digit(0.6)], instructions, TOK, spec, guidance=None),
+    d,
+    key,
+  )
   assert np.abs(np.asarray(other) - np.asarray(unguided)).max() > 1e-3
 
 
@@ -104,14 +113,16 @@ def test_edit_images_bad_inputs_name_the_fix():
   config = _config()
   model = random_model(config)
   with pytest.raises(ConfigError, match=r"cfg_scale=\(text scale, image scale\)"):
-    inference.edit_images(model, TOK, [digit(0.0)], "go", config=config, guidance="two_scale",
-                          cfg_scale=2.0)
+    inference.edit_images(
+      model, TOK, [digit(0.0)], "go", config=config, guidance="two_scale", cfg_scale=2.0
+    )
   with pytest.raises(ConfigError, match="2 instructions for 1 images"):
     inference.edit_images(model, TOK, [digit(0.0)], ["a", "b"], config=config)
   plain = digits_config()
   with pytest.raises(ConfigError, match="no vision encoder"):
-    inference.edit_images(MonoFormer(plain.model, rngs=nnx.Rngs(0)), TOK, [digit(0.0)], "go",
-                          config=plain)
+    inference.edit_images(
+      MonoFormer(plain.model, rngs=nnx.Rngs(0)), TOK, [digit(0.0)], "go", config=plain
+    )
 
 
 def test_digits_interleaved_and_edit_examples():
@@ -134,15 +145,19 @@ def test_digits_interleaved_and_edit_examples():
   # Edits: the source read, the next digit drawn; dropping either for guidance.
   edit = prompts.edit_example("the next digit:", digit(0.3), digit(0.4), TOK)
   assert edit.read == [True, False]
-  assert prompts.edit_example(None, None, digit(0.4), TOK).ids[:2] == [TOK.bos_id,
-                                                                        TOK.im_start_id]
+  assert prompts.edit_example(None, None, digit(0.4), TOK).ids[:2] == [TOK.bos_id, TOK.im_start_id]
   assert prompts.edit_example("go", None, digit(0.4), TOK).read == [False]
 
 
 def test_digits_stream_mixes_the_new_kinds_in_their_shares(tmp_path):
   config = _config()
-  config.data.update(dir=str(tmp_path), interleaved_fraction=0.2, edit_fraction=0.2,
-                     read_fraction=0.1, text_fraction=0.2)
+  config.data.update(
+    dir=str(tmp_path),
+    interleaved_fraction=0.2,
+    edit_fraction=0.2,
+    read_fraction=0.1,
+    text_fraction=0.2,
+  )
   stream = digits.digits_example_stream(config, TOK, seed=0)
   examples = [stream(i) for i in range(500)]
   interleaved = [e for e in examples if e.interleaved]
@@ -151,7 +166,7 @@ def test_digits_stream_mixes_the_new_kinds_in_their_shares(tmp_path):
   assert 85 <= len(interleaved) <= 115 and 70 <= len(edits) <= 110
   _, held = digits.reading_split(digits.digit_records(config))
   held_images = np.stack([np.asarray(held[i]["image"]) for i in range(len(held))])
-  for e in edits[:30]:   # held-out digits are never edit sources
+  for e in edits[:30]:  # held-out digits are never edit sources
     assert not (np.abs(held_images - e.images[0]).max(axis=(1, 2, 3)) == 0).any()
   config.data.update(edit_fraction=0.6)
   with pytest.raises(ConfigError, match="exceed 1"):
@@ -174,17 +189,31 @@ class _Page(html.parser.HTMLParser):
 
 def test_the_interleaved_page_lists_the_pieces_in_order(tmp_path):
   image = lambda v: np.full((8, 8, 1), v, np.float32)
-  answers = [inference.Answer([("text", " seven: "), ("image", image(0.2)), ("text", ". & <b>"),
-                               ("image", image(0.8))], "stop"),
-             inference.Answer([("image", image(0.5))], "budget")]
+  answers = [
+    inference.Answer(
+      [("text", " seven: "), ("image", image(0.2)), ("text", ". & <b>"), ("image", image(0.8))],
+      "stop",
+    ),
+    inference.Answer([("image", image(0.5))], "budget"),
+  ]
   page = inference.write_interleaved_page(answers, ["here is a", "two"], str(tmp_path))
   parser = _Page()
   parser.feed(open(page).read())
-  body = [p for p in parser.order if p[0] == "image" or p[1].strip() not in ("", "interleaved samples")
-          and "{" not in p[1]]
-  assert body == [("text", "here is a"), ("text", " seven: "), ("image", "interleaved/0_0.png"),
-                  ("text", ". & <b>"), ("image", "interleaved/0_1.png"), ("text", "two"),
-                  ("image", "interleaved/1_0.png"), ("text", "(out of tokens)")]
+  body = [
+    p
+    for p in parser.order
+    if p[0] == "image" or p[1].strip() not in ("", "interleaved samples") and "{" not in p[1]
+  ]
+  assert body == [
+    ("text", "here is a"),
+    ("text", " seven: "),
+    ("image", "interleaved/0_0.png"),
+    ("text", ". & <b>"),
+    ("image", "interleaved/0_1.png"),
+    ("text", "two"),
+    ("image", "interleaved/1_0.png"),
+    ("text", "(out of tokens)"),
+  ]
   for _, src in (p for p in body if p[0] == "image"):
     assert os.path.getsize(tmp_path / src) > 0
   saved = json.load(open(tmp_path / "interleaved.json"))
@@ -200,25 +229,49 @@ def test_the_interleaved_page_lists_the_pieces_in_order(tmp_path):
 @pytest.mark.slow
 def test_sample_cli_edits_and_interleaves(tmp_path):
   from PIL import Image
+
   from monoformer_jax.checkpoints import save_model
   from monoformer_jax.model.build import init_params
+
   config = _config("add_before_image_tokens")
   config.data.seq_len = 128
   save_model(str(tmp_path / "ckpt"), config, jax.jit(lambda: init_params(config.model, 1))())
   Image.fromarray((np.arange(64).reshape(8, 8) * 4).astype(np.uint8)).save(tmp_path / "3.png")
   run = lambda *args: subprocess.run(
-      [sys.executable, "-m", "monoformer_jax.sample", f"--checkpoint={tmp_path / 'ckpt'}",
-       "--weights=raw", "--num_steps=2", *args], capture_output=True, text=True, cwd=REPO,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  edit = run("edit", f"--image={tmp_path / '3.png'}", "--prompt=the next digit:",
-             "--num_samples=3",
-             "--edit_guidance=two_scale", "--cfg_scale=2", f"--output_dir={tmp_path / 'e'}")
+    [
+      sys.executable,
+      "-m",
+      "monoformer_jax.sample",
+      f"--checkpoint={tmp_path / 'ckpt'}",
+      "--weights=raw",
+      "--num_steps=2",
+      *args,
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  edit = run(
+    "edit",
+    f"--image={tmp_path / '3.png'}",
+    "--prompt=the next digit:",
+    "--num_samples=3",
+    "--edit_guidance=two_scale",
+    "--cfg_scale=2",
+    f"--output_dir={tmp_path / 'e'}",
+  )
   assert edit.returncode == 0, edit.stderr[-2000:]
   saved = np.load(tmp_path / "e" / "edits.npz")
   assert saved["images"].shape == (3, 8, 8, 1)
   assert os.path.getsize(tmp_path / "e" / "edits.png") > 0
-  inter = run("interleaved", "--text_prompt=here is a", "--num_samples=2",
-              "--max_new_tokens=40", f"--output_dir={tmp_path / 'i'}")
+  inter = run(
+    "interleaved",
+    "--text_prompt=here is a",
+    "--num_samples=2",
+    "--max_new_tokens=40",
+    f"--output_dir={tmp_path / 'i'}",
+  )
   assert inter.returncode == 0, inter.stderr[-2000:]
   rows = json.load(open(tmp_path / "i" / "interleaved.json"))
   assert [r["prompt"] for r in rows] == ["here is a"] * 2

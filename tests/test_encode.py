@@ -14,9 +14,16 @@ from flax import nnx
 from PIL import Image
 
 from monoformer_jax.data import encode
-from monoformer_jax.data.encode import (EncodeReport, ImageItem, UnreadableImage,
-                                        adm_center_crop, chunk_report, encode_items,
-                                        load_rgb, read_chunks)
+from monoformer_jax.data.encode import (
+  EncodeReport,
+  ImageItem,
+  UnreadableImage,
+  adm_center_crop,
+  chunk_report,
+  encode_items,
+  load_rgb,
+  read_chunks,
+)
 from monoformer_jax.data.sources import imagenet as imagenet_source
 from monoformer_jax.data.sources.imagenet import imagenet_classes, imagenet_items
 from monoformer_jax.data.sources.text_to_image import journeydb_items
@@ -46,7 +53,7 @@ def reference_crop(image: Image.Image, size: int) -> np.ndarray:
   img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
   arr = np.array(img)
   top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-  return arr[top:top + size, left:left + size]
+  return arr[top : top + size, left : left + size]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +77,7 @@ def imagenet(tmp_path_factory):
   whole = c / "whole.bin"
   Image.fromarray(noise(200, 200, seed=5)).save(whole, format="JPEG")
   data = whole.read_bytes()
-  (c / "n15075141_cut.JPEG").write_bytes(data[:len(data) // 2])
+  (c / "n15075141_cut.JPEG").write_bytes(data[: len(data) // 2])
   whole.unlink()
   Image.fromarray(noise(333, 61)).save(c / "n15075141_wide.JPEG")
   Image.fromarray(noise(23, 23)).save(c / "n15075141_x.jpg")
@@ -98,9 +105,18 @@ def readable(items):
 # --- Crops and readers --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("w,h,size", [(600, 400, 64), (100, 300, 64), (64, 64, 64),
-                                      (1000, 130, 64), (257, 129, 64), (513, 1031, 32),
-                                      (20, 30, 64)])
+@pytest.mark.parametrize(
+  "w,h,size",
+  [
+    (600, 400, 64),
+    (100, 300, 64),
+    (64, 64, 64),
+    (1000, 130, 64),
+    (257, 129, 64),
+    (513, 1031, 32),
+    (20, 30, 64),
+  ],
+)
 def test_adm_center_crop_matches_independent_implementation(w, h, size):
   image = Image.fromarray(noise(w, h, seed=w))
   out = adm_center_crop(image, size)
@@ -119,12 +135,16 @@ def test_adm_center_crop_converts_to_rgb_and_checks_size():
 
 def test_load_rgb_converts_by_content(imagenet):
   folder = imagenet / "train"
-  for name in ("n01440764/n01440764_cmyk.JPEG", "n02085620/n02085620_gray.JPEG",
-               "n02085620/n02085620_png.JPEG"):
+  for name in (
+    "n01440764/n01440764_cmyk.JPEG",
+    "n02085620/n02085620_gray.JPEG",
+    "n02085620/n02085620_png.JPEG",
+  ):
     image = load_rgb(folder / name)
     assert image.mode == "RGB", name
-    np.testing.assert_array_equal(np.asarray(image),
-                                  np.asarray(Image.open(folder / name).convert("RGB")))
+    np.testing.assert_array_equal(
+      np.asarray(image), np.asarray(Image.open(folder / name).convert("RGB"))
+    )
   assert Image.open(folder / "n01440764/n01440764_cmyk.JPEG").mode == "CMYK"
   assert Image.open(folder / "n02085620/n02085620_png.JPEG").format == "PNG"
 
@@ -179,8 +199,10 @@ def test_imagenet_items_labels_and_order(items, imagenet):
     wnid = item.key.split("/")[0]
     assert item.fields == {"label": WNIDS[wnid], "wnid": wnid}
     assert item.path == str(imagenet / "train" / item.key)
-  assert {item.key for item in items} >= {"n01440764/n01440764_3.JPG",
-                                          "n02085620/n02085620_small.png"}
+  assert {item.key for item in items} >= {
+    "n01440764/n01440764_3.JPG",
+    "n02085620/n02085620_small.png",
+  }
 
 
 def test_imagenet_items_errors_name_the_problem(imagenet, tmp_path):
@@ -209,9 +231,11 @@ def test_journeydb_items(tmp_path):
   (images / "000").mkdir(parents=True)
   Image.fromarray(noise(32, 32)).save(images / "000" / "a.jpg")
   Image.fromarray(noise(32, 48)).save(images / "000" / "b.jpg")
-  lines = [{"img_path": "./000/a.jpg", "prompt": "a cat", "caption": "A cat."},
-           {"img_path": "./000/gone.jpg", "prompt": "lost"},
-           {"img_path": "000/b.jpg", "prompt": "a dog", "Task2": {"Caption": "A dog."}}]
+  lines = [
+    {"img_path": "./000/a.jpg", "prompt": "a cat", "caption": "A cat."},
+    {"img_path": "./000/gone.jpg", "prompt": "lost"},
+    {"img_path": "000/b.jpg", "prompt": "a dog", "Task2": {"Caption": "A dog."}},
+  ]
   jsonl = tmp_path / "anno.jsonl"
   jsonl.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
   items, missing = journeydb_items(jsonl, images)
@@ -252,8 +276,9 @@ def direct_encoding(vae, pixels_BxHxWx3):
 @pytest.fixture(scope="module")
 def encoded(items, vae, tmp_path_factory):
   out = tmp_path_factory.mktemp("encoded")
-  report = encode_items(items, vae, out, image_size=IMAGE_SIZE, flip=True, batch_size=8,
-                        chunk_size=16, progress=False)
+  report = encode_items(
+    items, vae, out, image_size=IMAGE_SIZE, flip=True, batch_size=8, chunk_size=16, progress=False
+  )
   return out, report
 
 
@@ -283,17 +308,22 @@ def test_encoded_latents_equal_direct_encoding(encoded, items, vae):
   examples = list(read_chunks(out))
   assert [e["key"] for e in examples] == [i.key for i in good]
   assert [(e["label"], e["wnid"]) for e in examples] == [
-      (i.fields["label"], i.fields["wnid"]) for i in good]
-  got = {name: np.stack([e[name] for e in examples])
-         for name in ("mean", "std", "mean_flip", "std_flip")}
-  for name, want in (("mean", mean), ("std", std), ("mean_flip", mean_flip),
-                     ("std_flip", std_flip)):
+    (i.fields["label"], i.fields["wnid"]) for i in good
+  ]
+  got = {
+    name: np.stack([e[name] for e in examples]) for name in ("mean", "std", "mean_flip", "std_flip")
+  }
+  for name, want in (
+    ("mean", mean),
+    ("std", std),
+    ("mean_flip", mean_flip),
+    ("std_flip", std_flip),
+  ):
     np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-5, err_msg=name)
   assert np.abs(got["mean"] - got["mean_flip"]).max() > 1e-3  # flipping changed something
 
 
-def test_interrupted_build_resumes_only_missing_chunks(items, vae, encoded, tmp_path,
-                                                       monkeypatch):
+def test_interrupted_build_resumes_only_missing_chunks(items, vae, encoded, tmp_path, monkeypatch):
   out = tmp_path / "resume"
   real_load, lock, loaded = encode.load_rgb, threading.Lock(), []
   stop_at = items[4].path  # the first item of chunk 2 (chunk_size=2)
@@ -305,13 +335,17 @@ def test_interrupted_build_resumes_only_missing_chunks(items, vae, encoded, tmp_
       raise RuntimeError("interrupted")
     return real_load(path)
 
-  run = lambda: encode_items(items, vae, out, image_size=IMAGE_SIZE, batch_size=3,
-                             chunk_size=2, progress=False)
+  run = lambda: encode_items(
+    items, vae, out, image_size=IMAGE_SIZE, batch_size=3, chunk_size=2, progress=False
+  )
   monkeypatch.setattr(encode, "load_rgb", spy)
   with pytest.raises(RuntimeError, match="interrupted"):
     run()
-  assert sorted(os.listdir(out)) == ["chunk_000000.npz", "chunk_000001.npz",
-                                     "encode_manifest.json"]  # no temporaries left
+  assert sorted(os.listdir(out)) == [
+    "chunk_000000.npz",
+    "chunk_000001.npz",
+    "encode_manifest.json",
+  ]  # no temporaries left
   partial = chunk_report(out)
   assert partial.missing_chunks == [2, 3, 4, 5] and partial.encoded == 4
   with pytest.raises(MissingPathError, match=r"chunk 2 of 6 .*chunk_000002.npz"):
@@ -335,8 +369,12 @@ def test_interrupted_build_resumes_only_missing_chunks(items, vae, encoded, tmp_
   examples = list(read_chunks(out))
   assert [e["key"] for e in examples] == [i.key for i in readable(items)]
   reference = list(read_chunks(encoded[0]))  # the one-chunk, batch-8 build
-  np.testing.assert_allclose(np.stack([e["mean"] for e in examples]),
-                             np.stack([e["mean"] for e in reference]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.stack([e["mean"] for e in examples]),
+    np.stack([e["mean"] for e in reference]),
+    rtol=1e-5,
+    atol=1e-6,
+  )
   assert "mean_flip" not in examples[0]
 
 
@@ -345,8 +383,9 @@ def test_encode_items_refuses_a_folder_of_another_encoding(items, vae, encoded):
   with pytest.raises(ConfigError, match=r"image_size: 16 there, 32 now"):
     encode_items(items, vae, out, image_size=32, flip=True, batch_size=8, chunk_size=16)
   with pytest.raises(ConfigError, match=r"items \(keys or order\) differ"):
-    encode_items(items[::-1], vae, out, image_size=IMAGE_SIZE, flip=True, batch_size=8,
-                 chunk_size=16)
+    encode_items(
+      items[::-1], vae, out, image_size=IMAGE_SIZE, flip=True, batch_size=8, chunk_size=16
+    )
 
 
 def test_encode_items_checks_arguments(items, vae, tmp_path):
@@ -363,8 +402,12 @@ def test_encode_items_checks_arguments(items, vae, tmp_path):
 
 
 def test_summary_names_at_most_twenty():
-  report = EncodeReport(encoded=5, skipped=[(f"f{i}.JPEG", "broken") for i in range(25)],
-                        chunks_written=2, chunks_reused=1)
+  report = EncodeReport(
+    encoded=5,
+    skipped=[(f"f{i}.JPEG", "broken") for i in range(25)],
+    chunks_written=2,
+    chunks_reused=1,
+  )
   text = report.summary()
   assert text.startswith("encoded 5 images in 3 chunks (1 reused); skipped 25: f0.JPEG (broken)")
   assert "f19.JPEG (broken), and 5 more" in text and "f20.JPEG" not in text
@@ -380,7 +423,8 @@ def test_tfds_manual_tars_are_extracted_into_the_folder_layout_and_resume(tmp_pa
   def jpeg(seed):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 30, 3), np.uint8)).save(
-        buf, format="JPEG")
+      buf, format="JPEG"
+    )
     return buf.getvalue()
 
   def tar_bytes(files):
@@ -394,27 +438,40 @@ def test_tfds_manual_tars_are_extracted_into_the_folder_layout_and_resume(tmp_pa
 
   manual = tmp_path / "manual"
   manual.mkdir()
-  (manual / imagenet_source.TRAIN_ARCHIVE).write_bytes(tar_bytes({
-      "n01440764.tar": tar_bytes({"n01440764_1.JPEG": jpeg(1), "n01440764_2.JPEG": jpeg(2)}),
-      "n01443537.tar": tar_bytes({"n01443537_1.JPEG": jpeg(3)})}))
-  (manual / imagenet_source.VAL_ARCHIVE).write_bytes(tar_bytes(
-      {f"ILSVRC2012_val_0000000{i}.JPEG": jpeg(10 + i) for i in (3, 1, 2)}))
+  (manual / imagenet_source.TRAIN_ARCHIVE).write_bytes(
+    tar_bytes(
+      {
+        "n01440764.tar": tar_bytes({"n01440764_1.JPEG": jpeg(1), "n01440764_2.JPEG": jpeg(2)}),
+        "n01443537.tar": tar_bytes({"n01443537_1.JPEG": jpeg(3)}),
+      }
+    )
+  )
+  (manual / imagenet_source.VAL_ARCHIVE).write_bytes(
+    tar_bytes({f"ILSVRC2012_val_0000000{i}.JPEG": jpeg(10 + i) for i in (3, 1, 2)})
+  )
   assert imagenet_source.has_imagenet_archives(manual)
   out = imagenet_source.extract_imagenet_archives(manual, tmp_path / "layout")
   train = imagenet_source.imagenet_items(out, "train")
-  assert [i.key for i in train] == ["n01440764/n01440764_1.JPEG", "n01440764/n01440764_2.JPEG",
-                                    "n01443537/n01443537_1.JPEG"]
+  assert [i.key for i in train] == [
+    "n01440764/n01440764_1.JPEG",
+    "n01440764/n01440764_2.JPEG",
+    "n01443537/n01443537_1.JPEG",
+  ]
   val = {i.key for i in imagenet_source.imagenet_items(out, "val")}
-  assert val == {"n01751748/ILSVRC2012_val_00000001.JPEG",
-                 "n09193705/ILSVRC2012_val_00000002.JPEG",
-                 "n02105855/ILSVRC2012_val_00000003.JPEG"}
-  assert np.array_equal(np.asarray(encode.load_rgb(train[0].path)),
-                        np.asarray(Image.open(io.BytesIO(jpeg(1))).convert("RGB")))
+  assert val == {
+    "n01751748/ILSVRC2012_val_00000001.JPEG",
+    "n09193705/ILSVRC2012_val_00000002.JPEG",
+    "n02105855/ILSVRC2012_val_00000003.JPEG",
+  }
+  assert np.array_equal(
+    np.asarray(encode.load_rgb(train[0].path)),
+    np.asarray(Image.open(io.BytesIO(jpeg(1))).convert("RGB")),
+  )
   # A rerun finds every class marked done and rewrites nothing.
   stamp = os.path.getmtime(train[0].path)
   os.utime(train[0].path, (stamp - 100, stamp - 100))
   imagenet_source.extract_imagenet_archives(manual, tmp_path / "layout")
-  assert os.path.getmtime(train[0].path) == stamp - 100   # not written again
+  assert os.path.getmtime(train[0].path) == stamp - 100  # not written again
   # An interrupted class (no done mark) is extracted again.
   os.remove(os.path.join(out, "train", "n01443537", ".extracted"))
   os.remove(os.path.join(out, "train", "n01443537", "n01443537_1.JPEG"))

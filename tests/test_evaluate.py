@@ -8,16 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import digits_config
 
 from monoformer_jax import inference
 from monoformer_jax.checkpoints import load_model, save_model
-from monoformer_jax.errors import ConfigError, FileFormatError
 from monoformer_jax.digits import evaluators as digits
-from monoformer_jax.eval.sampling import (class_labels, chunk_seed, quantize, sample_run,
-                                          _write_npz)
+from monoformer_jax.errors import ConfigError, FileFormatError
 from monoformer_jax.eval.registry import check_metrics, make
+from monoformer_jax.eval.sampling import _write_npz, chunk_seed, class_labels, quantize, sample_run
 from monoformer_jax.eval.score import score_images
-from helpers import digits_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,25 +35,27 @@ def test_labels_uniform_or_balanced():
   np.testing.assert_array_equal(uniform, class_labels(20_000, 10, seed=1))
   balanced = class_labels(1003, 10, seed=1, balanced=True)
   np.testing.assert_array_equal(np.bincount(balanced), [101] * 3 + [100] * 7)
-  assert (np.diff(balanced[:20]) != 1).any()   # shuffled, not 0, 1, 2, ...
+  assert (np.diff(balanced[:20]) != 1).any()  # shuffled, not 0, 1, 2, ...
   assert chunk_seed(0, 1) != chunk_seed(0, 2) and chunk_seed(0, 1) == chunk_seed(0, 1)
 
 
 def test_quantize_rounds_as_the_reference():
   """The reference: clamp(127.5 x + 128, 0, 255).to(uint8) of x in [-1, 1]."""
   x = np.random.default_rng(0).uniform(-1.2, 1.2, (1000,)).astype(np.float32)
-  reference = np.clip(127.5 * x + 128.0, 0, 255).astype(np.uint8)   # truncation, as torch
+  reference = np.clip(127.5 * x + 128.0, 0, 255).astype(np.uint8)  # truncation, as torch
   ours = quantize((x + 1) / 2)
   assert (np.abs(ours.astype(int) - reference.astype(int)) <= 1).all()
-  assert (ours == reference).mean() > 0.99   # they differ only at float rounding of .5
+  assert (ours == reference).mean() > 0.99  # they differ only at float rounding of .5
 
 
 def test_streamed_npz_equals_numpy(tmp_path):
   rng = np.random.default_rng(0)
   parts = [rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8) for n in (3, 5, 2)]
   labels = [rng.integers(0, 10, n).astype(np.int32) for n in (3, 5, 2)]
-  _write_npz(str(tmp_path / "s.npz"), dict(arr_0=((10, 4, 4, 3), np.uint8, iter(parts)),
-                                          arr_1=((10,), np.int32, labels)))
+  _write_npz(
+    str(tmp_path / "s.npz"),
+    dict(arr_0=((10, 4, 4, 3), np.uint8, iter(parts)), arr_1=((10,), np.int32, labels)),
+  )
   with np.load(tmp_path / "s.npz") as z:
     np.testing.assert_array_equal(z["arr_0"], np.concatenate(parts))
     np.testing.assert_array_equal(z["arr_1"], np.concatenate(labels))
@@ -81,8 +82,15 @@ def test_killed_run_resumes_to_the_same_npz(model_and_config, tmp_path):
   # The last chunk (4 of 8 images, padded to 8) by hand.
   names = [f"Please generate an image of {digits_name(k)}." for k in labels[24:]]
   padding = ["Please generate an image of zero."] * 4
-  x0 = inference.generate_images(model, tok, names + padding, diffusion=config.diffusion,
-                                 num_steps=3, cfg_scale=2.0, seed=chunk_seed(5, 3))
+  x0 = inference.generate_images(
+    model,
+    tok,
+    names + padding,
+    diffusion=config.diffusion,
+    num_steps=3,
+    cfg_scale=2.0,
+    seed=chunk_seed(5, 3),
+  )
   expected = quantize(inference.to_pixels(x0, config))[:4]
   assert (np.abs(images[24:].astype(int) - expected.astype(int)) <= 1).all()
   # Other settings in the same folder are refused, not mixed.
@@ -98,6 +106,7 @@ def digits_name(k):
 
 def test_digits_metric_separates_real_from_noise():
   from sklearn.datasets import load_digits
+
   real = load_digits()
   images, labels = real.images[:, :, :, None] / 16.0, real.target
   on_real = digits.sample_metrics(images[:300], labels[:300])
@@ -139,28 +148,40 @@ def test_metric_names_and_missing_inputs_name_the_fix():
 
 
 def _cli(*flags):
-  return subprocess.run([sys.executable, "-m", "monoformer_jax.evaluate", *flags], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "monoformer_jax.evaluate", *flags],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 @pytest.mark.slow
 def test_cli_digits_on_a_checkpoint_then_on_its_samples(digits_checkpoint, tmp_path):
   out = tmp_path / "eval"
-  run = _cli(f"--checkpoint={digits_checkpoint}", "--metrics=digits", "--num_samples=40",
-             "--chunk_size=16", "--num_steps=2", f"--sample_dir={out}")
+  run = _cli(
+    f"--checkpoint={digits_checkpoint}",
+    "--metrics=digits",
+    "--num_samples=40",
+    "--chunk_size=16",
+    "--num_steps=2",
+    f"--sample_dir={out}",
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   results = json.loads((out / "results.json").read_text())
-  assert "sampling: 100%" in run.stderr and "img/s" in run.stderr   # the progress bar
+  assert "sampling: 100%" in run.stderr and "img/s" in run.stderr  # the progress bar
   with np.load(out / "samples.npz") as z:
     images, labels = z["arr_0"], z["arr_1"]
   assert images.shape == (40, 8, 8, 1)
   expected = digits.sample_metrics(images / 255.0, labels)
   np.testing.assert_allclose(results["digits"].pop("per_digit"), expected.pop("per_digit"))
-  assert results["digits"] == pytest.approx(expected, rel=1e-6)   # float32 pixels there
+  assert results["digits"] == pytest.approx(expected, rel=1e-6)  # float32 pixels there
   assert results["samples"]["num_steps"] == 2 and results["checkpoint"]["step"] == 0
   # The same metric from the npz alone, no model.
-  run = _cli(f"--samples={out / 'samples.npz'}", "--metrics=digits",
-             f"--output={tmp_path / 'again.json'}")
+  run = _cli(
+    f"--samples={out / 'samples.npz'}", "--metrics=digits", f"--output={tmp_path / 'again.json'}"
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   again = json.loads((tmp_path / "again.json").read_text())["digits"]
   again.pop("per_digit")
@@ -173,8 +194,12 @@ def test_cli_bad_flags_name_the_fix(digits_checkpoint, tmp_path):
   assert run.returncode == 2 and "unknown metric(s) ['bleu']" in run.stderr
   run = _cli(f"--checkpoint={digits_checkpoint}", "--metrics=fid")
   assert run.returncode == 2 and "need --inception" in run.stderr
-  run = _cli(f"--checkpoint={digits_checkpoint}", "--metrics=fid",
-             f"--inception={tmp_path / 'no.pth'}", f"--reference={tmp_path / 'ref.npz'}")
+  run = _cli(
+    f"--checkpoint={digits_checkpoint}",
+    "--metrics=fid",
+    f"--inception={tmp_path / 'no.pth'}",
+    f"--reference={tmp_path / 'ref.npz'}",
+  )
   assert run.returncode == 2 and "no.pth" in run.stderr and "is not a file" in run.stderr
   run = _cli(f"--checkpoint={digits_checkpoint}", "--metrics=commonsense")
   assert run.returncode == 2 and "needs --tasks_dir" in run.stderr
@@ -188,6 +213,7 @@ def test_evals_inside_training_are_logged(tmp_path, one_device):
   metrics.jsonl equal to scoring the checkpoint's EMA weights afterwards."""
   from monoformer_jax.eval.score import TrainingEvals
   from monoformer_jax.train.loop import train_and_evaluate
+
   config = digits_config(num_steps=10, checkpoint_every=10, log_every=5)
   config.evals.update(every=5, num_samples=16, num_steps=2)
   train_and_evaluate(config, str(tmp_path), sample_at_end=False)
@@ -207,16 +233,19 @@ def test_last_evals_come_from_the_end_of_run_samples(tmp_path, monkeypatch, one_
   the samples' scores (summary.json). Other settings: it runs at 10 too."""
   from monoformer_jax.eval import score
   from monoformer_jax.train.loop import train_and_evaluate
+
   calls = []
   original = score.TrainingEvals.__call__
-  monkeypatch.setattr(score.TrainingEvals, "__call__",
-                      lambda self, *a: calls.append(1) or original(self, *a))
+  monkeypatch.setattr(
+    score.TrainingEvals, "__call__", lambda self, *a: calls.append(1) or original(self, *a)
+  )
   config = digits_config(num_steps=10, checkpoint_every=10, log_every=5)
   config.evals.update(every=5)
   assert score.end_samples_score_evals(config)
   train_and_evaluate(config, str(tmp_path / "same"))
-  rows = [json.loads(line) for line in
-          (tmp_path / "same" / "metrics.jsonl").read_text().splitlines()]
+  rows = [
+    json.loads(line) for line in (tmp_path / "same" / "metrics.jsonl").read_text().splitlines()
+  ]
   evals = [r for r in rows if "eval/digits_classifier_accuracy" in r]
   assert [r["step"] for r in evals] == [5, 10] and len(calls) == 1
   summary = json.loads((tmp_path / "same" / "samples" / "summary.json").read_text())
@@ -225,11 +254,12 @@ def test_last_evals_come_from_the_end_of_run_samples(tmp_path, monkeypatch, one_
   assert set(evals[-1]) == set(evals[0]) - {"eval/seconds"}
 
   calls.clear()
-  config.evals.num_steps = 3     # the samples take 10: no longer the evaluator's
+  config.evals.num_steps = 3  # the samples take 10: no longer the evaluator's
   assert not score.end_samples_score_evals(config)
   train_and_evaluate(config, str(tmp_path / "other"))
-  rows = [json.loads(line) for line in
-          (tmp_path / "other" / "metrics.jsonl").read_text().splitlines()]
+  rows = [
+    json.loads(line) for line in (tmp_path / "other" / "metrics.jsonl").read_text().splitlines()
+  ]
   assert [r["step"] for r in rows if "eval/seconds" in r] == [5, 10] and len(calls) == 2
 
 
@@ -238,28 +268,44 @@ def test_cli_commonsense_equals_the_library(tmp_path):
   """The tiny HF Llama, converted and saved as a model checkpoint, scored by
   the CLI on two of the fixture's task files: the library's numbers."""
   from flax import nnx
+
   from monoformer_jax.convert import llama, verify
   from monoformer_jax.eval import commonsense
   from monoformer_jax.model.build import abstract_model
   from monoformer_jax.text.tokenizer import SentencePieceTokenizer
+
   tiny = REPO / "tests" / "fixtures" / "tiny_llama"
   tasks_dir = REPO / "tests" / "fixtures" / "commonsense"
   params, config = llama.load_llama(str(tiny), verify.fixture_config(), seed=0)
   save_model(tmp_path / "llama", config, params)
-  run = _cli(f"--checkpoint={tmp_path / 'llama'}", "--metrics=commonsense",
-             f"--tasks_dir={tasks_dir}", "--tasks=piqa,winogrande",
-             f"--tokenizer={tiny / 'tokenizer.model'}", "--weights=raw",
-             f"--output={tmp_path / 'r.json'}")
+  run = _cli(
+    f"--checkpoint={tmp_path / 'llama'}",
+    "--metrics=commonsense",
+    f"--tasks_dir={tasks_dir}",
+    "--tasks=piqa,winogrande",
+    f"--tokenizer={tiny / 'tokenizer.model'}",
+    "--weights=raw",
+    f"--output={tmp_path / 'r.json'}",
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   got = json.loads((tmp_path / "r.json").read_text())["commonsense"]
   model = nnx.merge(abstract_model(config.model)[0], params)
-  want = commonsense.evaluate_tasks(model, SentencePieceTokenizer(str(tiny / "tokenizer.model")),
-                                    ["piqa", "winogrande"], str(tasks_dir), progress=False)
+  want = commonsense.evaluate_tasks(
+    model,
+    SentencePieceTokenizer(str(tiny / "tokenizer.model")),
+    ["piqa", "winogrande"],
+    str(tasks_dir),
+    progress=False,
+  )
   assert set(got) == {"piqa", "winogrande"}
   for task in got:
     assert got[task] == pytest.approx(want[task])
-  run = _cli(f"--checkpoint={tmp_path / 'llama'}", "--metrics=commonsense",
-             f"--tasks_dir={tasks_dir}", "--tasks=piqa,mmlu")
+  run = _cli(
+    f"--checkpoint={tmp_path / 'llama'}",
+    "--metrics=commonsense",
+    f"--tasks_dir={tasks_dir}",
+    "--tasks=piqa,mmlu",
+  )
   assert run.returncode == 2 and "mmlu" in run.stderr
 
 
@@ -268,6 +314,7 @@ def test_vae_decoding_split_over_the_devices_equals_one_call():
   batches of 8 after rounding up) equal one unsharded decode of them all."""
   from monoformer_jax.eval.sampling import decode_to_unit
   from monoformer_jax.vae import load_vae
+
   vae = load_vae(str(REPO / "tests" / "fixtures" / "tiny_vae"))
   x0 = np.random.default_rng(0).normal(size=(5, 8, 8, 4)).astype(np.float32)
   got = decode_to_unit(x0, None, vae, decode_batch=3)
@@ -285,31 +332,44 @@ def test_cli_inception_metrics_of_a_sample_file(tmp_path):
   check them, on smaller features.)"""
   torch = pytest.importorskip("torch")
   from inception_weights import random_state_dict
+
   from monoformer_jax.eval import fid, inception
+
   weights = random_state_dict(inception.expected_state_dict_shapes(), seed=1)
   torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, tmp_path / "inc.pth")
   rng = np.random.default_rng(0)
-  base = rng.integers(0, 256, (1, 1, 1, 3))   # images of their own colour and contrast
-  samples = np.clip(base + rng.normal(0, 60, (12, 32, 32, 3)) * rng.uniform(0.2, 1, (12, 1, 1, 1)),
-                    0, 255).astype(np.uint8)
+  base = rng.integers(0, 256, (1, 1, 1, 3))  # images of their own colour and contrast
+  samples = np.clip(
+    base + rng.normal(0, 60, (12, 32, 32, 3)) * rng.uniform(0.2, 1, (12, 1, 1, 1)), 0, 255
+  ).astype(np.uint8)
   reference = np.clip(base + rng.normal(0, 50, (14, 32, 32, 3)), 0, 255).astype(np.uint8)
   np.savez(tmp_path / "samples.npz", arr_0=samples)
   np.savez(tmp_path / "ref.npz", arr_0=reference)
   np.savez(tmp_path / "ref16.npz", arr_0=reference[:, :16, :16])
-  flags = (f"--samples={tmp_path / 'samples.npz'}", f"--inception={tmp_path / 'inc.pth'}",
-           "--metrics=is,precision_recall", "--batch_size=8")
+  flags = (
+    f"--samples={tmp_path / 'samples.npz'}",
+    f"--inception={tmp_path / 'inc.pth'}",
+    "--metrics=is,precision_recall",
+    "--batch_size=8",
+  )
   run = _cli(*flags, f"--reference={tmp_path / 'ref.npz'}", f"--output={tmp_path / 'r.json'}")
   assert run.returncode == 0, run.stderr[-3000:]
   got = json.loads((tmp_path / "r.json").read_text())
   model = inception.inception_from_state_dict(weights)
-  ours, theirs = (inception.inception_features(model, x, batch_size=8)
-                  for x in (samples, reference))
+  ours, theirs = (
+    inception.inception_features(model, x, batch_size=8) for x in (samples, reference)
+  )
   precision, recall = fid.precision_recall(theirs["pool"], ours["pool"], k=3)
   assert got["precision"] == pytest.approx(precision) and got["recall"] == pytest.approx(recall)
   assert got["inception_score"] == pytest.approx(
-      fid.inception_score(ours["logits"], split_size=5000), rel=1e-5)
+    fid.inception_score(ours["logits"], split_size=5000), rel=1e-5
+  )
   run = _cli(*flags, f"--reference={tmp_path / 'ref16.npz'}")
   assert run.returncode == 2 and "32x32 but the reference batch is 16x16" in run.stderr
-  run = _cli(*flags[:1], f"--inception={tmp_path / 'ref.npz'}", *flags[2:],
-             f"--reference={tmp_path / 'ref.npz'}")
+  run = _cli(
+    *flags[:1],
+    f"--inception={tmp_path / 'ref.npz'}",
+    *flags[2:],
+    f"--reference={tmp_path / 'ref.npz'}",
+  )
   assert run.returncode == 2 and "ref.npz" in run.stderr

@@ -13,8 +13,8 @@ import pytest
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
 from monoformer_jax.eval import fid
 
-
 # --------------------------------------------------------------------------- independent twins
+
 
 def frechet_by_eigenvalues(mu1, s1, mu2, s2):
   """|mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(sqrt(S1) S2 sqrt(S1)), the
@@ -54,6 +54,7 @@ def brute_force_pr(real, fake, k):
 
 
 # --------------------------------------------------------------------------- FID
+
 
 def test_statistics_match_mean_and_unbiased_covariance():
   x = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32)
@@ -95,7 +96,7 @@ def test_singular_covariances_take_the_eps_offset_and_stay_close(monkeypatch):
   a, b = rng.normal(size=(12, 40)), rng.normal(size=(15, 40)) + 0.2
   sa, sb = fid.statistics(a), fid.statistics(b)
   expected = frechet_by_eigenvalues(*mean_cov(a), *mean_cov(b))
-  assert fid.frechet_distance(sa, sb) == pytest.approx(expected, rel=1e-6)   # plain route
+  assert fid.frechet_distance(sa, sb) == pytest.approx(expected, rel=1e-6)  # plain route
 
   real_sqrtm, calls = fid.linalg.sqrtm, []
 
@@ -131,6 +132,7 @@ def test_frechet_distance_errors(monkeypatch):
 
 # --------------------------------------------------------------------------- Inception Score
 
+
 def test_uniform_predictions_score_one():
   assert fid.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0, abs=1e-12)
   assert fid.inception_score(np.full((37, 10), 3.0), splits=3) == pytest.approx(1.0, abs=1e-12)
@@ -138,14 +140,15 @@ def test_uniform_predictions_score_one():
 
 def test_confident_predictions_over_k_used_classes_score_k():
   k, per_split = 8, 5 * 8
-  labels = np.tile(np.arange(k), 10 * per_split // k)           # every split uses all K
-  logits = np.full((len(labels), 20), -60.0)                    # 12 classes never predicted
+  labels = np.tile(np.arange(k), 10 * per_split // k)  # every split uses all K
+  logits = np.full((len(labels), 20), -60.0)  # 12 classes never predicted
   logits[np.arange(len(labels)), labels] = 60.0
   score, std = fid.inception_score(logits, splits=10, return_std=True)
   assert score == pytest.approx(k, rel=1e-9) and std < 1e-9
   # One class per split: p(y) is one-hot too, the score is 1.
-  assert fid.inception_score(logits[np.argsort(labels, kind="stable")], splits=k) == \
-      pytest.approx(1.0, rel=1e-9)
+  assert fid.inception_score(logits[np.argsort(labels, kind="stable")], splits=k) == pytest.approx(
+    1.0, rel=1e-9
+  )
 
 
 def test_split_bounds_match_improved_gan_and_adm():
@@ -158,11 +161,10 @@ def test_split_bounds_match_improved_gan_and_adm():
     py = p.mean(0)
     return np.exp(np.mean([(pi * np.log(pi / py)).sum() for pi in p]))
 
-  by_count = [score(logits[i * 12 // 5:(i + 1) * 12 // 5]) for i in range(5)]
+  by_count = [score(logits[i * 12 // 5 : (i + 1) * 12 // 5]) for i in range(5)]
   np.testing.assert_allclose(fid.inception_score_splits(logits, 5), by_count, rtol=1e-12)
   by_size = [score(logits[0:5]), score(logits[5:10]), score(logits[10:12])]
-  np.testing.assert_allclose(fid.inception_score_splits(logits, split_size=5), by_size,
-                             rtol=1e-12)
+  np.testing.assert_allclose(fid.inception_score_splits(logits, split_size=5), by_size, rtol=1e-12)
   assert fid.inception_score(logits, split_size=5) == pytest.approx(np.mean(by_size))
   with pytest.raises(ValueError, match="splits=13 for 12 samples"):
     fid.inception_score(logits, splits=13)
@@ -170,23 +172,31 @@ def test_split_bounds_match_improved_gan_and_adm():
 
 # --------------------------------------------------------------------------- precision, recall
 
-@pytest.mark.parametrize("n,m,d,k,batch,shift", [
-    (30, 25, 4, 3, 7, 0.8), (50, 41, 16, 3, 11, 0.8), (23, 60, 8, 1, 4, 0.8),
-    (40, 40, 3, 5, 1000, 1.5)])
+
+@pytest.mark.parametrize(
+  "n,m,d,k,batch,shift",
+  [
+    (30, 25, 4, 3, 7, 0.8),
+    (50, 41, 16, 3, 11, 0.8),
+    (23, 60, 8, 1, 4, 0.8),
+    (40, 40, 3, 5, 1000, 1.5),
+  ],
+)
 def test_precision_recall_match_brute_force_knn(n, m, d, k, batch, shift):
   rng = np.random.default_rng(n * m + d)
   real = rng.normal(size=(n, d)).astype(np.float32)
   fake = (rng.normal(size=(m, d)) * 1.3 + shift).astype(np.float32)
   expected = brute_force_pr(real, fake, k)
-  assert fid.precision_recall(real, fake, k=k, batch_size=batch) == \
-      pytest.approx(expected, abs=1e-12)
-  assert 0 < expected[0] < 1 and 0 < expected[1] < 1   # the case is not trivial
+  assert fid.precision_recall(real, fake, k=k, batch_size=batch) == pytest.approx(
+    expected, abs=1e-12
+  )
+  assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # the case is not trivial
 
 
 def test_radii_are_kth_neighbour_excluding_self_with_duplicates():
   rng = np.random.default_rng(5)
   x = rng.normal(size=(20, 6)).astype(np.float32) * 10
-  x[5] = x[6] = x[7] = x[8] = x[9]                     # 5 copies: 4 others at distance 0
+  x[5] = x[6] = x[7] = x[8] = x[9]  # 5 copies: 4 others at distance 0
   radii = fid.manifold_radii(x, k=3, batch_size=6)
   d = ((x[:, None].astype(np.float64) - x[None]) ** 2).sum(-1)
   expected = [np.sort(np.delete(d[i], i))[2] for i in range(len(x))]
@@ -210,12 +220,14 @@ def test_precision_recall_analytic_cases():
 
 # --------------------------------------------------------------------------- npz files
 
+
 def reference_npz(path, *, stats=True, images=True, compressed=False, res=8):
   rng = np.random.default_rng(7)
   arrays = {}
   if stats:
-    arrays.update(mu=rng.normal(size=6), sigma=np.eye(6) * 2, mu_s=rng.normal(size=4),
-                  sigma_s=np.eye(4) * 3)
+    arrays.update(
+      mu=rng.normal(size=6), sigma=np.eye(6) * 2, mu_s=rng.normal(size=4), sigma_s=np.eye(4) * 3
+    )
   if images:
     arrays["arr_0"] = rng.integers(0, 256, size=(5, res, res, 3), dtype=np.uint8)
   (np.savez_compressed if compressed else np.savez)(path, **arrays)
@@ -232,7 +244,7 @@ def test_reference_batch_with_statistics_and_images(tmp_path, compressed):
   np.testing.assert_array_equal(ref.sfid.sigma, arrays["sigma_s"])
   assert ref.fid.sigma.dtype == np.float64
   np.testing.assert_array_equal(ref.images, arrays["arr_0"])
-  assert isinstance(ref.images, np.memmap) != compressed   # memory-mapped when stored
+  assert isinstance(ref.images, np.memmap) != compressed  # memory-mapped when stored
   assert "fid" in repr(ref)
 
 
@@ -268,30 +280,38 @@ def test_load_images_npz_valid(tmp_path):
   assert got.dtype == np.uint8
   np.testing.assert_array_equal(got, adm)
   ours = np.random.default_rng(9).uniform(size=(5, 6, 6, 3)).astype(np.float32)
-  ours[0, 0, 0] = [0.0, 1.0, 1.0 + 1e-4]                   # rounding slack is clipped
+  ours[0, 0, 0] = [0.0, 1.0, 1.0 + 1e-4]  # rounding slack is clipped
   np.savez(tmp_path / "ours.npz", images=ours, prompts=np.array(["a"] * 5))
   got = fid.load_images_npz(tmp_path / "ours.npz", chunk=2)
   np.testing.assert_array_equal(got, np.clip(np.round(ours * 255), 0, 255).astype(np.uint8))
   assert got[0, 0, 0].tolist() == [0, 255, 255]
-  gray = np.zeros((3, 8, 8, 1), np.uint8)                   # the digits model's samples
+  gray = np.zeros((3, 8, 8, 1), np.uint8)  # the digits model's samples
   np.savez(tmp_path / "gray.npz", arr_0=gray, arr_1=np.arange(3))
   assert fid.load_images_npz(tmp_path / "gray.npz", channels=None).shape == (3, 8, 8, 1)
-  with pytest.raises(FileFormatError,
-                     match=r"shape \(3, 8, 8, 1\); expected images \[N, H, W, 3\]"):
+  with pytest.raises(
+    FileFormatError, match=r"shape \(3, 8, 8, 1\); expected images \[N, H, W, 3\]"
+  ):
     fid.load_images_npz(tmp_path / "gray.npz")
 
 
-@pytest.mark.parametrize("arrays,phrase", [
+@pytest.mark.parametrize(
+  "arrays,phrase",
+  [
     (dict(x=np.zeros((2, 4, 4, 3), np.uint8)), "neither 'arr_0'"),
-    (dict(arr_0=np.zeros((4, 4, 3), np.uint8)),
-     r"shape \(4, 4, 3\); expected images \[N, H, W, 3\]"),
+    (
+      dict(arr_0=np.zeros((4, 4, 3), np.uint8)),
+      r"shape \(4, 4, 3\); expected images \[N, H, W, 3\]",
+    ),
     (dict(arr_0=np.zeros((2, 4, 4, 4), np.uint8)), r"shape \(2, 4, 4, 4\)"),
-    (dict(arr_0=np.zeros((2, 4, 4, 3), np.float32)),
-     "'arr_0' is float32; ADM's sample format is uint8"),
+    (
+      dict(arr_0=np.zeros((2, 4, 4, 3), np.float32)),
+      "'arr_0' is float32; ADM's sample format is uint8",
+    ),
     (dict(images=np.zeros((2, 4, 4, 3), np.uint8)), "'images' is uint8; expected float"),
     (dict(images=np.full((2, 4, 4, 3), -1.0, np.float32)), r"outside \[0, 1\] \(\[-1, -1\]"),
     (dict(images=np.full((2, 4, 4, 3), np.nan, np.float32)), "NaN/inf"),
-])
+  ],
+)
 def test_load_images_npz_rejects(tmp_path, arrays, phrase):
   np.savez(tmp_path / "bad.npz", **arrays)
   with pytest.raises(FileFormatError, match=phrase):
@@ -302,8 +322,10 @@ def test_load_images_npz_missing_and_wrong_resolution(tmp_path):
   with pytest.raises(MissingPathError, match="nope.npz is not there"):
     fid.load_images_npz(tmp_path / "nope.npz")
   np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
-  with pytest.raises(FileFormatError, match="samples are 4x4 but the reference batch is 8x8; "
-                                            "sample at the reference's resolution"):
+  with pytest.raises(
+    FileFormatError,
+    match="samples are 4x4 but the reference batch is 8x8; sample at the reference's resolution",
+  ):
     fid.load_images_npz(tmp_path / "s.npz", expect_resolution=8)
   with zipfile.ZipFile(tmp_path / "s.npz") as z:
     assert z.namelist() == ["arr_0.npy"]
@@ -311,9 +333,13 @@ def test_load_images_npz_missing_and_wrong_resolution(tmp_path):
 
 # --------------------------------------------------------------------------- image_metrics
 
+
 def features(rng, n, shift=0.0):
-  return dict(pool=rng.normal(size=(n, 6)) + shift, spatial=rng.normal(size=(n, 4)) * 2,
-              logits=rng.normal(size=(n, 10)) * 3)
+  return dict(
+    pool=rng.normal(size=(n, 6)) + shift,
+    spatial=rng.normal(size=(n, 4)) * 2,
+    logits=rng.normal(size=(n, 10)) * 3,
+  )
 
 
 def test_image_metrics_with_stored_statistics(tmp_path):
@@ -324,15 +350,19 @@ def test_image_metrics_with_stored_statistics(tmp_path):
   out = fid.image_metrics(samples, reals, ref, ("fid", "sfid", "is", "precision_recall"))
   assert set(out) == {"fid", "sfid", "inception_score", "precision", "recall"}
   mu, cov = mean_cov(samples["pool"])
-  assert out["fid"] == pytest.approx(frechet_by_eigenvalues(mu, cov, arrays["mu"],
-                                                            arrays["sigma"]), rel=1e-8)
+  assert out["fid"] == pytest.approx(
+    frechet_by_eigenvalues(mu, cov, arrays["mu"], arrays["sigma"]), rel=1e-8
+  )
   mu_s, cov_s = mean_cov(samples["spatial"])
-  assert out["sfid"] == pytest.approx(frechet_by_eigenvalues(mu_s, cov_s, arrays["mu_s"],
-                                                             arrays["sigma_s"]), rel=1e-8)
-  assert out["inception_score"] == pytest.approx(fid.inception_score(samples["logits"],
-                                                                     splits=1))  # 60 < 5000
+  assert out["sfid"] == pytest.approx(
+    frechet_by_eigenvalues(mu_s, cov_s, arrays["mu_s"], arrays["sigma_s"]), rel=1e-8
+  )
+  assert out["inception_score"] == pytest.approx(
+    fid.inception_score(samples["logits"], splits=1)
+  )  # 60 < 5000
   assert (out["precision"], out["recall"]) == pytest.approx(
-      brute_force_pr(reals["pool"], samples["pool"], 3), abs=1e-12)
+    brute_force_pr(reals["pool"], samples["pool"], 3), abs=1e-12
+  )
   assert fid.image_metrics(samples, None, ref, ["fid"]).keys() == {"fid"}
 
 
@@ -354,7 +384,10 @@ def test_image_metrics_errors(tmp_path):
   samples = features(rng, 20)
   with pytest.raises(ConfigError, match="holds only statistics; use a reference npz with arr_0"):
     fid.image_metrics(samples, None, ref, ["precision_recall"])
-  with pytest.raises(ConfigError, match=r"\['kid'\] are not known; the known ones are "
-                                        r"\('fid', 'sfid', 'is', 'precision_recall'\)"):
+  with pytest.raises(
+    ConfigError,
+    match=r"\['kid'\] are not known; the known ones are "
+    r"\('fid', 'sfid', 'is', 'precision_recall'\)",
+  ):
     fid.image_metrics(samples, None, ref, ["fid", "kid"])
-  assert set(fid.image_metrics(samples, None, ref, "fid")) == {"fid"}   # a single name
+  assert set(fid.image_metrics(samples, None, ref, "fid")) == {"fid"}  # a single name

@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO
 
 # A program whose temporaries are one 64 MiB block ([8192, 2048] float32, the
@@ -37,20 +36,30 @@ _PROGRAM = textwrap.dedent("""
       rounds.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8)
     print(kept, min(rounds))
 """)
-_PAGES = 8192 * 2048 * 4 // 4096   # the block's 4 KiB pages
+_PAGES = 8192 * 2048 * 4 // 4096  # the block's 4 KiB pages
 
 # Every test starts Python processes.
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                                   reason="glibc's malloc only")]
+pytestmark = [
+  pytest.mark.slow,
+  pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only"),
+]
 
 
 def _python(program: str, **env) -> list[str]:
   """`program`'s output words, run in a fresh Python with `env` on top of
   this environment less any malloc settings of its own."""
-  environ = {k: v for k, v in os.environ.items()
-             if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
-  run = subprocess.run([sys.executable, "-c", program], cwd=REPO, env={**environ, **env},
-                       capture_output=True, text=True, timeout=300, check=False)
+  environ = {
+    k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")
+  }
+  run = subprocess.run(
+    [sys.executable, "-c", program],
+    cwd=REPO,
+    env={**environ, **env},
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert run.returncode == 0, run.stderr[-2000:]
   return run.stdout.split()
 
@@ -66,15 +75,18 @@ def test_kept_memory_is_not_faulted_in_again_and_a_users_malloc_settings_win():
   kept, faults = _faults_per_call(MALLOC_ARENA_MAX="8")
   assert not kept
   if faults < 0.5 * _PAGES:
-    pytest.skip(f"this jaxlib reuses its temporaries itself ({faults:.0f} faults per call "
-                f"of {_PAGES} pages): keep_host_memory has nothing to keep")
+    pytest.skip(
+      f"this jaxlib reuses its temporaries itself ({faults:.0f} faults per call "
+      f"of {_PAGES} pages): keep_host_memory has nothing to keep"
+    )
   kept, faults = _faults_per_call()
   assert kept
   assert faults < 0.05 * _PAGES, f"{faults:.0f} minor faults per call of {_PAGES} pages"
 
 
-@pytest.mark.parametrize("platforms, expected", [("tpu", "False"), ("cuda,cpu", "False"),
-                                                 ("cpu", "True")])
+@pytest.mark.parametrize(
+  "platforms, expected", [("tpu", "False"), ("cuda,cpu", "False"), ("cpu", "True")]
+)
 def test_only_a_process_that_computes_on_the_cpu_is_tuned(platforms, expected):
   program = "from monoformer_jax import cli; print(cli.keep_host_memory())"
   assert _python(program, JAX_PLATFORMS=platforms)[-1] == expected

@@ -17,8 +17,8 @@ import zipfile
 import jax
 import numpy as np
 import pytest
-
 from inception_weights import fingerprint, random_state_dict
+
 from monoformer_jax.errors import CheckpointError, FileFormatError, MissingPathError, PathError
 from monoformer_jax.eval import inception as inc
 from monoformer_jax.eval import pth
@@ -58,8 +58,9 @@ def state(manifest):
   shapes = {k: shape for k, (shape, _) in manifest["state_dict"].items()}
   state = random_state_dict(shapes, manifest["seed"])
   assert np.allclose(fingerprint(state), manifest["fingerprint"], rtol=1e-12), (
-      "numpy draws other random weights than the fixture's: rerun "
-      "tests/fixtures/make_inception_fixture.py")
+    "numpy draws other random weights than the fixture's: rerun "
+    "tests/fixtures/make_inception_fixture.py"
+  )
   return state
 
 
@@ -67,23 +68,27 @@ def state(manifest):
 def model(state):
   # Without the num_batches_tracked counters: the loader must not need them.
   return inc.inception_from_state_dict(
-      {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")})
+    {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
+  )
 
 
 def test_keys_and_shapes_are_pytorch_fids(manifest):
-  theirs = {k: tuple(shape) for k, (shape, _) in manifest["state_dict"].items()
-            if not k.endswith(".num_batches_tracked")}
+  theirs = {
+    k: tuple(shape)
+    for k, (shape, _) in manifest["state_dict"].items()
+    if not k.endswith(".num_batches_tracked")
+  }
   assert inc.expected_state_dict_shapes() == theirs
-  counters = {k.rsplit(".", 1)[0] for k in manifest["state_dict"]
-              if k.endswith(".num_batches_tracked")}
+  counters = {
+    k.rsplit(".", 1)[0] for k in manifest["state_dict"] if k.endswith(".num_batches_tracked")
+  }
   assert counters == {k.rsplit(".", 1)[0] for k in theirs if k.endswith(".bn.running_var")}
 
 
 @pytest.mark.parametrize("kind", ["uint8", "float"])
 def test_features_match_pytorch_fid(model, io, kind):
   done = []
-  out = inc.inception_features(model, io[f"images_{kind}"], batch_size=2,
-                               progress=done.append)
+  out = inc.inception_features(model, io[f"images_{kind}"], batch_size=2, progress=done.append)
   for name in ("pool", "spatial", "logits"):
     assert_matches(out[name], io[f"{name}_{kind}"], f"{kind} {name}")
   assert done == list(range(2, len(io[f"images_{kind}"]) + 1, 2))
@@ -91,14 +96,14 @@ def test_features_match_pytorch_fid(model, io, kind):
 
 def test_last_batch_is_padded_and_dropped(model, io):
   done = []
-  out = inc.inception_features(model, io["images_uint8"][:3], batch_size=2,
-                               progress=done.append)
+  out = inc.inception_features(model, io["images_uint8"][:3], batch_size=2, progress=done.append)
   assert done == [2, 3]
   for name in ("pool", "spatial", "logits"):
     assert_matches(out[name], io[f"{name}_uint8"][:3], name)
   empty = inc.inception_features(model, io["images_uint8"][:0])
   assert {k: v.shape for k, v in empty.items()} == dict(
-      pool=(0, 2048), spatial=(0, 2023), logits=(0, 1008))
+    pool=(0, 2048), spatial=(0, 2023), logits=(0, 1008)
+  )
 
 
 def test_features_sharded_over_the_mesh(model, io, monkeypatch):
@@ -115,6 +120,7 @@ def test_features_sharded_over_the_mesh(model, io, monkeypatch):
 
 # ------------------------------------------------------------------ .pth files
 
+
 def _torch_state(torch, state):
   return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
 
@@ -127,8 +133,7 @@ def inception_files(tmp_path_factory, state):
   files = {}
   for fmt in ("zip", "legacy"):
     files[fmt] = folder / f"pt_inception-{fmt}.pth"
-    torch.save(_torch_state(torch, state), files[fmt],
-               _use_new_zipfile_serialization=fmt == "zip")
+    torch.save(_torch_state(torch, state), files[fmt], _use_new_zipfile_serialization=fmt == "zip")
   return files
 
 
@@ -137,15 +142,15 @@ def test_pth_reader_equals_torch_load(tmp_path, fmt):
   torch = pytest.importorskip("torch")
   base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
   tensors = {
-      "contiguous": base,
-      "transposed": base[1:, 2::3].t(),  # offset 12, strides (3, 10) into base's storage
-      "row": base[4],  # offset 40, shares the storage
-      "half": torch.randn(3, 4).half()[:, 1:],
-      "bfloat16": torch.randn(5).bfloat16(),
-      "count": torch.tensor(7),
-      "mask": torch.tensor([True, False, True]),
-      "empty": torch.zeros(0, 3),
-      "parameter": torch.nn.Parameter(torch.randn(2, 2)),
+    "contiguous": base,
+    "transposed": base[1:, 2::3].t(),  # offset 12, strides (3, 10) into base's storage
+    "row": base[4],  # offset 40, shares the storage
+    "half": torch.randn(3, 4).half()[:, 1:],
+    "bfloat16": torch.randn(5).bfloat16(),
+    "count": torch.tensor(7),
+    "mask": torch.tensor([True, False, True]),
+    "empty": torch.zeros(0, 3),
+    "parameter": torch.nn.Parameter(torch.randn(2, 2)),
   }
   path = tmp_path / "weights.pth"
   torch.save(tensors, path, _use_new_zipfile_serialization=fmt == "zip")
@@ -179,23 +184,34 @@ def test_load_inception_matches_pytorch_fid(inception_files, io):
     assert_matches(out[name], io[f"{name}_uint8"], name)
 
 
-@pytest.mark.parametrize("size_in,size_out", [
-    ((64, 64), (299, 299)), ((48, 80), (299, 299)),  # up, as the fixture's images
-    ((512, 400), (299, 299)), ((300, 301), (299, 299)),  # down: plain 2-tap, no antialias
-    ((7, 5), (3, 11)), ((299, 299), (299, 299)),
-])
+@pytest.mark.parametrize(
+  "size_in,size_out",
+  [
+    ((64, 64), (299, 299)),
+    ((48, 80), (299, 299)),  # up, as the fixture's images
+    ((512, 400), (299, 299)),
+    ((300, 301), (299, 299)),  # down: plain 2-tap, no antialias
+    ((7, 5), (3, 11)),
+    ((299, 299), (299, 299)),
+  ],
+)
 def test_resize_is_torch_bilinear(size_in, size_out):
   torch = pytest.importorskip("torch")
   x = np.random.default_rng(0).uniform(0, 1, (2,) + size_in + (3,)).astype(np.float32)
-  expected = torch.nn.functional.interpolate(
-      torch.from_numpy(x).permute(0, 3, 1, 2), size=size_out, mode="bilinear",
-      align_corners=False).permute(0, 2, 3, 1).numpy()
+  expected = (
+    torch.nn.functional.interpolate(
+      torch.from_numpy(x).permute(0, 3, 1, 2), size=size_out, mode="bilinear", align_corners=False
+    )
+    .permute(0, 2, 3, 1)
+    .numpy()
+  )
   got = np.asarray(inc.resize_bilinear(x, size_out))
   assert got.shape == expected.shape
   assert np.abs(got - expected).max() <= 1e-6
 
 
 # ------------------------------------------------------------------ bad inputs
+
 
 def test_missing_weights_name_the_flag(tmp_path):
   path = tmp_path / "pt_inception.pth"
@@ -251,26 +267,29 @@ def test_wrong_state_dicts_name_the_key_and_the_file(state):
   weights = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
   missing = dict(weights)
   del missing["Mixed_6d.branch1x1.bn.running_var"]
-  with pytest.raises(CheckpointError,
-                     match=r"missing: Mixed_6d\.branch1x1\.bn\.running_var.*pt_inception-2015-12-05"):
+  with pytest.raises(
+    CheckpointError, match=r"missing: Mixed_6d\.branch1x1\.bn\.running_var.*pt_inception-2015-12-05"
+  ):
     inc.inception_from_state_dict(missing)
   torchvision = dict(weights, **{"AuxLogits.fc.weight": np.zeros((1000, 768), np.float32)})
   with pytest.raises(CheckpointError, match="AuxLogits.*torchvision"):
     inc.inception_from_state_dict(torchvision)
   reshaped = dict(weights, **{"fc.weight": np.zeros((1000, 2048), np.float32)})
-  with pytest.raises(CheckpointError, match=r"'fc.weight' has shape \(1000, 2048\).*\(1008, 2048\)"):
+  with pytest.raises(
+    CheckpointError, match=r"'fc.weight' has shape \(1000, 2048\).*\(1008, 2048\)"
+  ):
     inc.inception_from_state_dict(reshaped)
 
 
 def test_bad_images_name_the_fix(model):
   cases = [
-      (np.zeros((2, 32, 32, 1), np.uint8), "np.repeat"),
-      (np.zeros((2, 3, 32, 32), np.uint8), "transpose"),
-      (np.zeros((32, 32, 3), np.uint8), r"x\[None\]"),
-      (np.zeros((2, 32, 32, 3), np.int32), "uint8"),
-      (np.full((2, 32, 32, 3), 200.0, np.float32), "x / 255"),
-      (np.full((2, 32, 32, 3), -0.9, np.float32), r"\(x \+ 1\) / 2"),
-      ([np.zeros((32, 32, 3), np.uint8)], "np.stack"),
+    (np.zeros((2, 32, 32, 1), np.uint8), "np.repeat"),
+    (np.zeros((2, 3, 32, 32), np.uint8), "transpose"),
+    (np.zeros((32, 32, 3), np.uint8), r"x\[None\]"),
+    (np.zeros((2, 32, 32, 3), np.int32), "uint8"),
+    (np.full((2, 32, 32, 3), 200.0, np.float32), "x / 255"),
+    (np.full((2, 32, 32, 3), -0.9, np.float32), r"\(x \+ 1\) / 2"),
+    ([np.zeros((32, 32, 3), np.uint8)], "np.stack"),
   ]
   for images, fix in cases:
     with pytest.raises(FileFormatError, match=fix):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import benchmark_module, digits_config
 
 from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion, apply_cfg, sample_step
@@ -23,7 +24,6 @@ from monoformer_jax.model.monoformer import MonoFormer
 from monoformer_jax.text.generate import sample_token
 from monoformer_jax.text.interleaved import TokenIds, generate_interleaved
 from monoformer_jax.text.tokenizer import ByteTokenizer
-from helpers import benchmark_module, digits_config
 
 TOK = ByteTokenizer()
 IDS = TokenIds.of(TOK)
@@ -78,9 +78,15 @@ def _forward(model, _, row, latents, t):
 def _run_row(model, ids, images, t_slots, seq_len=96):
   """(logits [L, V], diffusion outputs [M, h, w, 2C]) of one example laid out
   by the packer: the whole row recomputed."""
-  spec = RowSpec(seq_len=seq_len, max_images=max(1, len(images)), image_shape=(8, 8, 1),
-                 tokens_per_image=model.tokens_per_image, image_id=TOK.image_id,
-                 pad_id=TOK.pad_id, cond_token=model.cond_token)
+  spec = RowSpec(
+    seq_len=seq_len,
+    max_images=max(1, len(images)),
+    image_shape=(8, 8, 1),
+    tokens_per_image=model.tokens_per_image,
+    image_id=TOK.image_id,
+    pad_id=TOK.pad_id,
+    cond_token=model.cond_token,
+  )
   batch = pack_examples([Example(ids, list(images))], spec, one_per_row=True)
   latents = np.zeros((1, spec.max_images, 8, 8, 1), np.float32)
   t = np.zeros((1, spec.max_images), np.int32)
@@ -91,8 +97,20 @@ def _run_row(model, ids, images, t_slots, seq_len=96):
   return np.asarray(logits[0, last]), out[0]
 
 
-def reference(model, prompt, n_new, key, index, diffusion, *, cfg_scale=None,
-              sampler="ddpm", fed_t=0, temperature=0.0, top_k=0):
+def reference(
+  model,
+  prompt,
+  n_new,
+  key,
+  index,
+  diffusion,
+  *,
+  cfg_scale=None,
+  sampler="ddpm",
+  fed_t=0,
+  temperature=0.0,
+  top_k=0,
+):
   """Row `index`'s first `n_new` new ids and its images, each token and step
   from the whole row recomputed; earlier images sit in the row at `fed_t`."""
   text_key, image_key = jax.random.split(key)
@@ -110,20 +128,26 @@ def reference(model, prompt, n_new, key, index, diffusion, *, cfg_scale=None,
         cond = out[None, k]
         if cfg_scale is None:
           return cond
-        null = _run_row(model, [TOK.bos_id, TOK.im_start_id, TOK.image_id], [np.asarray(x[0])],
-                        [t_model[0]])[1][None, 0]
+        null = _run_row(
+          model, [TOK.bos_id, TOK.im_start_id, TOK.image_id], [np.asarray(x[0])], [t_model[0]]
+        )[1][None, 0]
         return apply_cfg(cond, null, cfg_scale)
 
       for i in range(diffusion.num_timesteps):
-        x_t = sample_step(denoise, x_t, i, loop[None], diffusion, sampler=sampler,
-                          row_keys=True)
+        x_t = sample_step(denoise, x_t, i, loop[None], diffusion, sampler=sampler, row_keys=True)
       images.append(np.asarray(x_t[0]))
       ids += [TOK.image_id, TOK.im_end_id]
       new += [TOK.image_id, TOK.im_end_id]
       continue
     logits = _run_row(model, ids, images, [fed_t] * len(images))[0]
-    tok = int(sample_token(jnp.asarray(logits)[None], jax.random.fold_in(text_key, j),
-                           temperature=temperature, top_k=top_k)[0])
+    tok = int(
+      sample_token(
+        jnp.asarray(logits)[None],
+        jax.random.fold_in(text_key, j),
+        temperature=temperature,
+        top_k=top_k,
+      )[0]
+    )
     j += 1
     ids.append(tok)
     new.append(tok)
@@ -142,19 +166,26 @@ def test_interleaved_equals_recomputing_the_row(conditioning):
   model = _drawing_model(conditioning)
   key = jax.random.PRNGKey(3)
   events = []
-  outs = generate_interleaved(model, PROMPTS, ids=IDS, max_new_tokens=100, diffusion=D5,
-                              key=key, cfg_scale=2.0, progress=events.append)
+  outs = generate_interleaved(
+    model,
+    PROMPTS,
+    ids=IDS,
+    max_new_tokens=100,
+    diffusion=D5,
+    key=key,
+    cfg_scale=2.0,
+    progress=events.append,
+  )
   starts = [[i for i, t in enumerate(o.ids) if t == TOK.im_start_id] for o in outs]
   counts = [len(o.images) for o in outs]
   assert min(counts) >= 1 and max(counts) >= 2, counts
-  assert starts[0][0] != starts[1][0], starts   # the rows switch at different steps
+  assert starts[0][0] != starts[1][0], starts  # the rows switch at different steps
   assert any(e.startswith("drawing 2 image(s)") for e in events), events
   for r, out in enumerate(outs):
     # The format: every image is <|im_start|> <image> <|im_end|>.
-    for s in starts[r][:len(out.images)]:
-      assert out.ids[s + 1:s + 3] == [TOK.image_id, TOK.im_end_id]
-    want_ids, want_images = reference(model, PROMPTS[r], len(out.ids), key, r, D5,
-                                      cfg_scale=2.0)
+    for s in starts[r][: len(out.images)]:
+      assert out.ids[s + 1 : s + 3] == [TOK.image_id, TOK.im_end_id]
+    want_ids, want_images = reference(model, PROMPTS[r], len(out.ids), key, r, D5, cfg_scale=2.0)
     assert out.ids == want_ids
     assert len(want_images) == len(out.images)
     for got, want in zip(out.images, want_images):
@@ -162,8 +193,9 @@ def test_interleaved_equals_recomputing_the_row(conditioning):
   # The fed-back image is clean: recomputing with it at t = 999 moves the
   # second image (which attends to the first) by far more than the tolerance.
   r = int(np.argmax(counts))
-  _, noisy_fed = reference(model, PROMPTS[r], len(outs[r].ids), key, r, D5, cfg_scale=2.0,
-                           fed_t=999)
+  _, noisy_fed = reference(
+    model, PROMPTS[r], len(outs[r].ids), key, r, D5, cfg_scale=2.0, fed_t=999
+  )
   assert np.abs(noisy_fed[1] - outs[r].images[1]).max() > 1e-2
 
 
@@ -173,14 +205,22 @@ def test_interleaved_without_waiting_draws_each_row_alone():
   model = _drawing_model("adaln_before_decoder")
   key = jax.random.PRNGKey(3)
   events = []
-  outs = generate_interleaved(model, PROMPTS, ids=IDS, max_new_tokens=100, diffusion=D5,
-                              key=key, cfg_scale=2.0, max_wait=0, progress=events.append)
+  outs = generate_interleaved(
+    model,
+    PROMPTS,
+    ids=IDS,
+    max_new_tokens=100,
+    diffusion=D5,
+    key=key,
+    cfg_scale=2.0,
+    max_wait=0,
+    progress=events.append,
+  )
   passes = [e for e in events if e.startswith("drawing")]
   assert len(passes) == sum(len(o.images) for o in outs) >= 3, passes
   assert all(e.startswith("drawing 1 image(s)") for e in passes), passes
   for r, out in enumerate(outs):
-    want_ids, want_images = reference(model, PROMPTS[r], len(out.ids), key, r, D5,
-                                      cfg_scale=2.0)
+    want_ids, want_images = reference(model, PROMPTS[r], len(out.ids), key, r, D5, cfg_scale=2.0)
     assert out.ids == want_ids
     for got, want in zip(out.images, want_images, strict=True):
       assert_image_close(got, want)
@@ -192,15 +232,17 @@ def test_interleaved_sampled_text_and_ddim_are_per_row():
   output does not depend on the other rows of its batch."""
   model = _drawing_model("add_before_image_tokens")
   key = jax.random.PRNGKey(5)
-  kw = dict(ids=IDS, max_new_tokens=48, diffusion=D5, key=key, sampler="ddim",
-            temperature=1.0, top_k=8)
+  kw = dict(
+    ids=IDS, max_new_tokens=48, diffusion=D5, key=key, sampler="ddim", temperature=1.0, top_k=8
+  )
   both = generate_interleaved(model, PROMPTS, **kw)
-  assert both[1].images   # the compared row draws
+  assert both[1].images  # the compared row draws
   alone = generate_interleaved(model, PROMPTS[:1], **kw)[0]
   n = min(len(alone.ids), len(both[0].ids))
   assert alone.ids[:n] == both[0].ids[:n]
-  want_ids, want_images = reference(model, PROMPTS[1], len(both[1].ids), key, 1, D5,
-                                    sampler="ddim", temperature=1.0, top_k=8)
+  want_ids, want_images = reference(
+    model, PROMPTS[1], len(both[1].ids), key, 1, D5, sampler="ddim", temperature=1.0, top_k=8
+  )
   assert both[1].ids == want_ids
   for got, want in zip(both[1].images, want_images):
     assert_image_close(got, want)
@@ -221,16 +263,18 @@ def test_interleaved_stops_at_eos_and_budget():
 
 def test_interleaved_bad_inputs_name_the_fix():
   model = _random_model("add_before_image_tokens")
-  with pytest.raises(ConfigError, match="at least 19"):   # <|im_start|> + 1 + 16 + 1
+  with pytest.raises(ConfigError, match="at least 19"):  # <|im_start|> + 1 + 16 + 1
     generate_interleaved(model, PROMPTS, ids=IDS, max_new_tokens=10, diffusion=D5)
-  with pytest.raises(ConfigError, match="at most 109 tokens"):   # 128 - 19
-    generate_interleaved(model, [[TOK.bos_id] * 110], ids=IDS, max_new_tokens=40,
-                         diffusion=D5, max_positions=128)
+  with pytest.raises(ConfigError, match="at most 109 tokens"):  # 128 - 19
+    generate_interleaved(
+      model, [[TOK.bos_id] * 110], ids=IDS, max_new_tokens=40, diffusion=D5, max_positions=128
+    )
   with pytest.raises(ConfigError, match="max_wait=-1"):
     generate_interleaved(model, PROMPTS, ids=IDS, max_new_tokens=40, diffusion=D5, max_wait=-1)
   with pytest.raises(ConfigError, match="one scale"):
-    generate_interleaved(model, PROMPTS, ids=IDS, max_new_tokens=40, diffusion=D5,
-                         cfg_scale=(1.5, 2.0))
+    generate_interleaved(
+      model, PROMPTS, ids=IDS, max_new_tokens=40, diffusion=D5, cfg_scale=(1.5, 2.0)
+    )
 
 
 @pytest.mark.slow

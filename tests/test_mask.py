@@ -15,13 +15,15 @@ def reference_mask(attention_mask_L, image_L):
   return causal | (image_L[:, None] & image_L[None, :])
 
 
-@pytest.mark.parametrize("length,start,size,real", [
-    (27, 8, 16, 27), (40, 1, 16, 30), (20, 3, 4, 7), (12, 0, 12, 12), (16, 0, 0, 9)])
+@pytest.mark.parametrize(
+  "length,start,size,real",
+  [(27, 8, 16, 27), (40, 1, 16, 30), (20, 3, 4, 7), (12, 0, 12, 12), (16, 0, 0, 9)],
+)
 def test_single_image_rows_match_the_reference_construction(length, start, size, real):
   seg = np.zeros(length, np.int32)
   seg[:real] = 1
   img = np.zeros(length, np.int32)
-  img[start:start + size] = 1
+  img[start : start + size] = 1
   ours = np.asarray(mixed_mask(jnp.asarray(seg[None]), jnp.asarray(img[None])))[0]
   ref = reference_mask(seg != 0, img != 0)
   rows = seg != 0  # the reference lets pad queries see the row; ours: nothing
@@ -43,9 +45,19 @@ def test_packed_row_with_two_examples_and_two_images():
   img = np.array([0, 0, 1, 1, 0, 0, 2, 2, 2, 0, 0, 0])
   m = np.asarray(mixed_mask(jnp.asarray(seg[None]), jnp.asarray(img[None])))[0]
   allowed = {  # query -> allowed keys, written out by hand
-      0: [0], 1: [0, 1], 2: [0, 1, 2, 3], 3: [0, 1, 2, 3], 4: [0, 1, 2, 3, 4],
-      5: [5], 6: [5, 6, 7, 8], 7: [5, 6, 7, 8], 8: [5, 6, 7, 8],
-      9: [5, 6, 7, 8, 9], 10: [5, 6, 7, 8, 9, 10], 11: []}
+    0: [0],
+    1: [0, 1],
+    2: [0, 1, 2, 3],
+    3: [0, 1, 2, 3],
+    4: [0, 1, 2, 3, 4],
+    5: [5],
+    6: [5, 6, 7, 8],
+    7: [5, 6, 7, 8],
+    8: [5, 6, 7, 8],
+    9: [5, 6, 7, 8, 9],
+    10: [5, 6, 7, 8, 9, 10],
+    11: [],
+  }
   expected = np.zeros_like(m)
   for q, keys in allowed.items():
     expected[q, keys] = True

@@ -8,11 +8,11 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from official_tiny import load_official_tiny
 
 from monoformer_jax.convert.verify import fixture_row, report, verify_official
 from monoformer_jax.diffusion.gaussian import GaussianDiffusion
 from monoformer_jax.train.loss import loss_terms
-from official_tiny import load_official_tiny
 
 TOL = dict(atol=1e-4, rtol=1e-4)  # float32 vs the reference's float32 (its README)
 
@@ -27,8 +27,7 @@ def official(fixture_dir):
 def _inputs(io):
   """(Row, x_t [B, M=1, h, w, C], t [B, 1]) of the fixture: 16 tokens per image."""
   nhwc = io["x_t"].transpose(0, 2, 3, 1)[:, None]
-  return (fixture_row(io, 16), jnp.asarray(nhwc),
-          jnp.asarray(io["t"][:, None].astype(np.int32)))
+  return (fixture_row(io, 16), jnp.asarray(nhwc), jnp.asarray(io["t"][:, None].astype(np.int32)))
 
 
 def test_matches_reference_hidden_states_logits_and_diffusion_output(fixture_dir):
@@ -36,8 +35,14 @@ def test_matches_reference_hidden_states_logits_and_diffusion_output(fixture_dir
   # reference's pad rows differ by design) at atol = rtol = 1e-4.
   results = verify_official(str(fixture_dir), TOL["atol"])
   assert {r.name for r in results} >= {
-      "t_embeds", "c_embeds (adaLN)", "layer_inputs[0]", "layer_inputs[1]", "final_hidden",
-      "logits", "x_out (diffusion)"}
+    "t_embeds",
+    "c_embeds (adaLN)",
+    "layer_inputs[0]",
+    "layer_inputs[1]",
+    "final_hidden",
+    "logits",
+    "x_out (diffusion)",
+  }
   assert all(r.ok for r in results), report(results, TOL["atol"])
   assert all(0 < r.max_abs < 1e-4 for r in results)  # float32 noise, not a bit-copy
 
@@ -80,9 +85,12 @@ def test_losses_match_reference(official):
   model, _, io = official
   row, _x_t, t = _inputs(io)
   nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))[:, None]
-  batch = dict(row._asdict(), targets=jnp.asarray(io["targets"]),
-               text_weights=jnp.asarray(io["text_loss_weight"]),
-               latents=nhwc(io["x_start"]))
+  batch = dict(
+    row._asdict(),
+    targets=jnp.asarray(io["targets"]),
+    text_weights=jnp.asarray(io["text_loss_weight"]),
+    latents=nhwc(io["x_start"]),
+  )
   terms = loss_terms(model, batch, t, nhwc(io["noise"]), GaussianDiffusion.create())
   rows = io["x_indices"]
   np.testing.assert_allclose(np.asarray(terms["mse"])[rows, 0], io["diff_mse"], **TOL)

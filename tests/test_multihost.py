@@ -17,8 +17,8 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from helpers import TINY_CONFIG_FLAG, digits_config
+
 from monoformer_jax.checkpoints import load_params
 from monoformer_jax.data.sharded import merge_data_states
 from monoformer_jax.errors import TrainingDiverged
@@ -30,8 +30,9 @@ METRICS = ("loss", "diff", "lm", "grad_norm")
 
 
 def _history(workdir):
-  return {r["step"]: r for r in
-          map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+  return {
+    r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+  }
 
 
 def _pids(out_file, n: int, proc, deadline: float) -> list[int]:
@@ -45,7 +46,7 @@ def _pids(out_file, n: int, proc, deadline: float) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)   # its own waits allow 300 + 240 s
+@pytest.mark.timeout(600)  # its own waits allow 300 + 240 s
 def test_two_processes_train_as_one_stop_together_and_resume_on_another_mesh(tmp_path):
   one = tmp_path / "one"
   reference_config = digits_config(num_steps=STEPS, checkpoint_every=4)
@@ -56,11 +57,24 @@ def test_two_processes_train_as_one_stop_together_and_resume_on_another_mesh(tmp
   two, logs, out = tmp_path / "two", tmp_path / "logs", tmp_path / "local.out"
   with open(out, "w") as f:
     proc = subprocess.Popen(
-        ["bash", os.path.join(REPO, "launch", "local.sh"), "2", "--", sys.executable, "-m",
-         "monoformer_jax.train", TINY_CONFIG_FLAG, f"--workdir={two}",
-         f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=4"],
-        env=dict(os.environ, LOG_DIR=str(logs)), stdout=f, stderr=subprocess.STDOUT,
-        cwd=REPO)
+      [
+        "bash",
+        os.path.join(REPO, "launch", "local.sh"),
+        "2",
+        "--",
+        sys.executable,
+        "-m",
+        "monoformer_jax.train",
+        TINY_CONFIG_FLAG,
+        f"--workdir={two}",
+        f"--config.train.num_steps={STEPS}",
+        "--config.train.checkpoint_every=4",
+      ],
+      env=dict(os.environ, LOG_DIR=str(logs)),
+      stdout=f,
+      stderr=subprocess.STDOUT,
+      cwd=REPO,
+    )
   deadline = time.time() + 300
   try:
     pids = _pids(out, 2, proc, deadline)
@@ -68,13 +82,18 @@ def test_two_processes_train_as_one_stop_together_and_resume_on_another_mesh(tmp
       assert proc.poll() is None, (logs / "process_0.log").read_text()[-3000:]
       assert time.time() < deadline, "no step-4 checkpoint within 300 s"
       time.sleep(0.2)
-    os.kill(pids[1], signal.SIGTERM)   # one host is preempted; both must stop
+    os.kill(pids[1], signal.SIGTERM)  # one host is preempted; both must stop
     assert proc.wait(timeout=240) == 0, out.read_text()[-3000:]
   finally:
     if proc.poll() is None:
       proc.kill()
-  stopped = [re.findall(r"preempted \(SIGTERM\): saved step (\d+) on every host",
-                        (logs / f"process_{i}.log").read_text()) for i in range(2)]
+  stopped = [
+    re.findall(
+      r"preempted \(SIGTERM\): saved step (\d+) on every host",
+      (logs / f"process_{i}.log").read_text(),
+    )
+    for i in range(2)
+  ]
   assert stopped[0] and stopped[0] == stopped[1], stopped
   stop = int(stopped[0][0])
   assert 4 <= stop < STEPS
@@ -86,8 +105,9 @@ def test_two_processes_train_as_one_stop_together_and_resume_on_another_mesh(tmp
   assert sorted(two_procs) == list(range(1, stop + 1))
   for step, line in two_procs.items():
     for key in METRICS:
-      np.testing.assert_allclose(line[key], reference[step][key], rtol=1e-5,
-                                 err_msg=f"{key}@{step}")
+      np.testing.assert_allclose(
+        line[key], reference[step][key], rtol=1e-5, err_msg=f"{key}@{step}"
+      )
 
   # One process, another mesh, the same curve from the two processes' checkpoint.
   resumed = digits_config(num_steps=STEPS)
@@ -97,21 +117,24 @@ def test_two_processes_train_as_one_stop_together_and_resume_on_another_mesh(tmp
   assert sorted(after) == list(range(1, STEPS + 1))
   for step in range(stop + 1, STEPS + 1):
     for key in METRICS:
-      np.testing.assert_allclose(after[step][key], reference[step][key], rtol=1e-4,
-                                 err_msg=f"{key}@{step}")
+      np.testing.assert_allclose(
+        after[step][key], reference[step][key], rtol=1e-4, err_msg=f"{key}@{step}"
+      )
 
 
 def _tensorboard_scalars(folder) -> dict:
   """{tag: {step: value}} read back from the TFRecord event files (each
   record: u64 length, u32 crc, the Event proto, u32 crc)."""
   import struct
+
   from tensorboardX.proto.event_pb2 import Event
+
   scalars = {}
   for path in folder.glob("events.out.tfevents.*"):
     data, at = path.read_bytes(), 0
     while at < len(data):
-      (n,) = struct.unpack("<Q", data[at:at + 8])
-      event = Event.FromString(data[at + 12:at + 12 + n])
+      (n,) = struct.unpack("<Q", data[at : at + 8])
+      event = Event.FromString(data[at + 12 : at + 12 + n])
       at += 12 + n + 4
       for value in event.summary.value:
         scalars.setdefault(value.tag, {})[event.step] = value.simple_value
@@ -119,12 +142,15 @@ def _tensorboard_scalars(folder) -> dict:
 
 
 @pytest.mark.slow
-def test_an_injected_nan_stops_with_the_diagnosis_and_keeps_only_finite_states(tmp_path,
-                                                                               one_device):
-  config = digits_config(num_steps=8, checkpoint_every=2, debug_nan_step=4,
-                         profile_steps=1)
-  with pytest.raises(TrainingDiverged, match=r"step 4 is not finite \(loss=nan, "
-                     r"grad_norm=nan\); the state stopped at step 3 .* \[2, 3\]"):
+def test_an_injected_nan_stops_with_the_diagnosis_and_keeps_only_finite_states(
+  tmp_path, one_device
+):
+  config = digits_config(num_steps=8, checkpoint_every=2, debug_nan_step=4, profile_steps=1)
+  with pytest.raises(
+    TrainingDiverged,
+    match=r"step 4 is not finite \(loss=nan, "
+    r"grad_norm=nan\); the state stopped at step 3 .* \[2, 3\]",
+  ):
     train_and_evaluate(config, str(tmp_path), sample_at_end=False)
   # The logged steps before it: in metrics.jsonl and as TensorBoard scalars,
   # with the throughput fields; and the profiled step's trace.
@@ -133,11 +159,12 @@ def test_an_injected_nan_stops_with_the_diagnosis_and_keeps_only_finite_states(t
   board = _tensorboard_scalars(tmp_path / "tensorboard")
   for key in ("loss", "grad_norm", "step_time_s", "tokens_per_s_per_device", "data_wait_s"):
     assert sorted(board[key]) == [1, 2, 3], key
-    np.testing.assert_allclose([board[key][s] for s in (1, 2, 3)],
-                               [logged[s][key] for s in (1, 2, 3)], rtol=1e-6)
+    np.testing.assert_allclose(
+      [board[key][s] for s in (1, 2, 3)], [logged[s][key] for s in (1, 2, 3)], rtol=1e-6
+    )
   assert all(logged[s]["tokens_per_s_per_device"] > 0 for s in (1, 2, 3))
   assert list((tmp_path / "profile").rglob("*.xplane.pb"))
-  for step in (2, 3):   # loading refuses non-finite weights; check them anyway
+  for step in (2, 3):  # loading refuses non-finite weights; check them anyway
     for weights in ("raw", "ema"):
       params, _, at = load_params(str(tmp_path), weights=weights, step=step)
       assert at == step
@@ -145,9 +172,12 @@ def test_an_injected_nan_stops_with_the_diagnosis_and_keeps_only_finite_states(t
 
 
 def test_data_states_of_several_processes_merge_into_one():
-  merged = merge_data_states([
+  merged = merge_data_states(
+    [
       {"shards": 4, "next_example": {"0": 10, "1": 12}},
-      {"shards": 4, "next_example": {"2": 9, "3": 11}}])
+      {"shards": 4, "next_example": {"2": 9, "3": 11}},
+    ]
+  )
   assert merged == {"shards": 4, "next_example": {"0": 10, "1": 12, "2": 9, "3": 11}}
   # A position saved before data shards is shard 0 of 1.
   assert merge_data_states([{"next_example": 7}]) == {"shards": 1, "next_example": {"0": 7}}

@@ -16,9 +16,15 @@ SHAPE = (2, 2, 1)
 
 
 def spec(text_on_image_examples=False, seq_len=16, max_images=2):
-  return RowSpec(seq_len=seq_len, max_images=max_images, image_shape=SHAPE,
-                 tokens_per_image=3, image_id=IMG, pad_id=PAD,
-                 text_on_image_examples=text_on_image_examples)
+  return RowSpec(
+    seq_len=seq_len,
+    max_images=max_images,
+    image_shape=SHAPE,
+    tokens_per_image=3,
+    image_id=IMG,
+    pad_id=PAD,
+    text_on_image_examples=text_on_image_examples,
+  )
 
 
 def img(value):
@@ -34,44 +40,56 @@ def text(n, start=10, train_text=True):
 # Row 1: C (image) + F (image, the row's 2nd) + D (text): 7 + 5 + 3 = 15.
 # Row 2: G (two images) opens a row: row 1 has no room left for images.
 EXAMPLES = [
-    Example([BOS, 10, 11, EOS]),                                  # A
-    Example([BOS, 12, S, IMG, E, EOS], [img(1.0)]),               # B
-    Example([BOS, S, IMG, E, EOS], [img(2.0)]),                   # C
-    Example([S, IMG, E], [img(3.0)]),                             # F
-    Example([BOS, 13, EOS]),                                      # D
-    Example([S, IMG, IMG, E], [img(4.0), img(5.0)]),              # G
+  Example([BOS, 10, 11, EOS]),  # A
+  Example([BOS, 12, S, IMG, E, EOS], [img(1.0)]),  # B
+  Example([BOS, S, IMG, E, EOS], [img(2.0)]),  # C
+  Example([S, IMG, E], [img(3.0)]),  # F
+  Example([BOS, 13, EOS]),  # D
+  Example([S, IMG, IMG, E], [img(4.0), img(5.0)]),  # G
 ]
 EXPECTED = dict(
-    tokens=[[BOS, 10, 11, EOS, BOS, 12, S, IMG, IMG, IMG, E, EOS, PAD, PAD, PAD, PAD],
-            [BOS, S, IMG, IMG, IMG, E, EOS, S, IMG, IMG, IMG, E, BOS, 13, EOS, PAD],
-            [S, IMG, IMG, IMG, IMG, IMG, IMG, E, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD]],
-    segment_ids=[[1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0],
-                 [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 0],
-                 [1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]],
-    image_ids=[[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0],
-               [0, 0, 1, 1, 1, 0, 0, 0, 2, 2, 2, 0, 0, 0, 0, 0],
-               [0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
-    positions=[[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0],
-               [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 0, 1, 2, 0],
-               [0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0]],
-    targets=[[10, 11, EOS, 0, 12, S, IMG, IMG, IMG, E, EOS, 0, 0, 0, 0, 0],
-             [S, IMG, IMG, IMG, E, EOS, 0, IMG, IMG, IMG, E, 0, 13, EOS, 0, 0],
-             [IMG, IMG, IMG, IMG, IMG, IMG, E, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
-    # Per slot, the columns of its image's tokens; 16 (past the row) when empty.
-    image_columns=[[[7, 8, 9], [16, 16, 16]],
-                   [[2, 3, 4], [8, 9, 10]],
-                   [[1, 2, 3], [4, 5, 6]]],
+  tokens=[
+    [BOS, 10, 11, EOS, BOS, 12, S, IMG, IMG, IMG, E, EOS, PAD, PAD, PAD, PAD],
+    [BOS, S, IMG, IMG, IMG, E, EOS, S, IMG, IMG, IMG, E, BOS, 13, EOS, PAD],
+    [S, IMG, IMG, IMG, IMG, IMG, IMG, E, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD],
+  ],
+  segment_ids=[
+    [1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0],
+    [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 0],
+    [1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+  ],
+  image_ids=[
+    [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+    [0, 0, 1, 1, 1, 0, 0, 0, 2, 2, 2, 0, 0, 0, 0, 0],
+    [0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+  ],
+  positions=[
+    [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0],
+    [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 0, 1, 2, 0],
+    [0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0],
+  ],
+  targets=[
+    [10, 11, EOS, 0, 12, S, IMG, IMG, IMG, E, EOS, 0, 0, 0, 0, 0],
+    [S, IMG, IMG, IMG, E, EOS, 0, IMG, IMG, IMG, E, 0, 13, EOS, 0, 0],
+    [IMG, IMG, IMG, IMG, IMG, IMG, E, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+  ],
+  # Per slot, the columns of its image's tokens; 16 (past the row) when empty.
+  image_columns=[[[7, 8, 9], [16, 16, 16]], [[2, 3, 4], [8, 9, 10]], [[1, 2, 3], [4, 5, 6]]],
 )
 IMAGE_VALID = [[True, False], [True, True], [True, True]]
 # The reference: CE on text-only examples only.
-WEIGHTS_REFERENCE = [[1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-                     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0],
-                     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+WEIGHTS_REFERENCE = [
+  [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+  [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0],
+  [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+]
 # Transfusion-style: also image examples' text, never a target on an image slot
 # (the last image slot predicting <|im_end|> trains).
-WEIGHTS_ON_IMAGES = [[1, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0],
-                     [1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 1, 1, 0, 0],
-                     [0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+WEIGHTS_ON_IMAGES = [
+  [1, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0],
+  [1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 1, 1, 0, 0],
+  [0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+]
 
 
 @pytest.mark.parametrize("on_images", [False, True])
@@ -99,11 +117,19 @@ def test_matches_the_reference_fixture(fixture_dir):
   """The reference's two rows (an image row, a text row), packed one per row."""
   io = np.load(fixture_dir / "io.npz")
   ids, attention = io["input_ids"], io["input_attention_mask"]
-  x0 = io["x_start"].transpose(0, 2, 3, 1)   # [B, C, h, w] -> channels last
-  fixture_spec = RowSpec(seq_len=27, max_images=1, image_shape=x0.shape[1:],
-                         tokens_per_image=16, image_id=257, pad_id=256)
-  examples = [Example(ids[0][attention[0]], [x0[0]], train_text=True),
-              Example(ids[1][attention[1]], (), train_text=True)]
+  x0 = io["x_start"].transpose(0, 2, 3, 1)  # [B, C, h, w] -> channels last
+  fixture_spec = RowSpec(
+    seq_len=27,
+    max_images=1,
+    image_shape=x0.shape[1:],
+    tokens_per_image=16,
+    image_id=257,
+    pad_id=256,
+  )
+  examples = [
+    Example(ids[0][attention[0]], [x0[0]], train_text=True),
+    Example(ids[1][attention[1]], (), train_text=True),
+  ]
   batch = pack_examples(examples, fixture_spec, one_per_row=True)
   for name in ("tokens", "segment_ids", "image_ids", "positions"):
     np.testing.assert_array_equal(batch[name], io[name], err_msg=name)
@@ -124,24 +150,31 @@ def test_fit_boundary_is_exactly_seq_len():
   three = Example([BOS, S, IMG, IMG, IMG, EOS], [img(1), img(2), img(3)])
   assert pack_examples([three], spec(max_images=3))["tokens"].shape == (1, 16)
   # An image example fitting the space left but not the image budget opens a row.
-  batch = pack_examples([Example([S, IMG, E], [img(1)]),
-                         Example([S, IMG, IMG, E], [img(2), img(3)])], spec())
+  batch = pack_examples(
+    [Example([S, IMG, E], [img(1)]), Example([S, IMG, IMG, E], [img(2), img(3)])], spec()
+  )
   np.testing.assert_array_equal(batch["segment_ids"].max(axis=1), [1, 1])
 
 
 def test_image_example_one_token_too_long_raises():
-  ok = Example([BOS] + [20] * 10 + [S, IMG, E], [img(1)])     # 14 ids + 3 - 1 = 16
+  ok = Example([BOS] + [20] * 10 + [S, IMG, E], [img(1)])  # 14 ids + 3 - 1 = 16
   assert pack_examples([ok], spec())["tokens"].shape == (1, 16)
   too_long = Example([BOS] + [20] * 11 + [S, IMG, E], [img(1)])
-  with pytest.raises(ValueError, match=r"example 1 needs 17 tokens \(text 14 \+ 1 image\(s\) "
-                     r"of 3\) but data.seq_len is 16; .*at least 17"):
+  with pytest.raises(
+    ValueError,
+    match=r"example 1 needs 17 tokens \(text 14 \+ 1 image\(s\) "
+    r"of 3\) but data.seq_len is 16; .*at least 17",
+  ):
     pack_examples([ok, too_long], spec())
 
 
 def test_too_many_images_raises():
   example = Example([S, IMG, IMG, IMG, E], [img(1), img(2), img(3)])
-  with pytest.raises(ValueError, match=r"example 0 has 3 images .*max_images_per_row=2.*"
-                     r"at least 3"):
+  with pytest.raises(
+    ValueError,
+    match=r"example 0 has 3 images .*max_images_per_row=2.*"
+    r"at least 3",
+  ):
     pack_examples([example], spec())
 
 
@@ -151,10 +184,13 @@ def test_wrong_image_shape_raises():
     pack_examples([example], spec())
 
 
-@pytest.mark.parametrize("ids,images,counts", [
+@pytest.mark.parametrize(
+  "ids,images,counts",
+  [
     ([S, IMG, IMG, E], [img(1)], "2 <image> placeholders .* but 1 images"),
     ([S, E], [img(1)], "0 <image> placeholders .* but 1 images"),
-])
+  ],
+)
 def test_placeholder_image_mismatch_raises(ids, images, counts):
   with pytest.raises(ValueError, match=counts):
     pack_examples([Example(ids, images)], spec())
@@ -166,8 +202,9 @@ def test_long_text_is_split_and_nothing_is_lost():
   # Pieces of 16, 16 and 8 tokens: the 3-token text keeps row 0 to itself.
   np.testing.assert_array_equal(batch["segment_ids"].max(axis=1), [1, 1, 1, 2])
   kept = [batch["tokens"][r][batch["segment_ids"][r] > 0] for r in range(4)]
-  np.testing.assert_array_equal(np.concatenate(kept), list(range(10, 13)) + list(range(30, 70))
-                                + list(range(100, 105)))
+  np.testing.assert_array_equal(
+    np.concatenate(kept), list(range(10, 13)) + list(range(30, 70)) + list(range(100, 105))
+  )
   # Each piece is its own example: positions restart and no target crosses a cut.
   np.testing.assert_array_equal(batch["positions"][2, :8], np.arange(8))
   assert batch["targets"][1, 15] == 0 and batch["text_weights"][1, 15] == 0
@@ -208,7 +245,7 @@ def _pieces(i, length=16):
   ids = synthetic_stream(i).ids
   if IMG in ids:
     return [([t for t in ids if t != IMG], len(ids) + 2 * ids.count(IMG), ids.count(IMG))]
-  return [(ids[k:k + length], len(ids[k:k + length]), 0) for k in range(0, len(ids), length)]
+  return [(ids[k : k + length], len(ids[k : k + length]), 0) for k in range(0, len(ids), length)]
 
 
 def test_iterator_packs_first_fit_and_keeps_every_example():
@@ -268,8 +305,9 @@ def test_host_streams_are_disjoint_and_cover():
 def test_image_slots_read_the_rows_and_reject_what_packing_never_makes():
   ids = np.array([[0, 1, 1, 1, 0, 2, 2, 2], [0, 0, 0, 0, 0, 0, 0, 0]])
   columns, valid = image_slots(ids, 3, 3)
-  np.testing.assert_array_equal(columns, [[[1, 2, 3], [5, 6, 7], [8, 8, 8]],
-                                          [[8, 8, 8], [8, 8, 8], [8, 8, 8]]])
+  np.testing.assert_array_equal(
+    columns, [[[1, 2, 3], [5, 6, 7], [8, 8, 8]], [[8, 8, 8], [8, 8, 8], [8, 8, 8]]]
+  )
   np.testing.assert_array_equal(valid, [[True, True, False], [False, False, False]])
   with pytest.raises(ValueError, match="row 0 holds 2 tokens of image 1"):
     image_slots(np.array([[0, 1, 1, 0]]), 1, 3)
@@ -280,18 +318,18 @@ def test_image_slots_read_the_rows_and_reject_what_packing_never_makes():
 
 
 def test_prompt_rows_token_by_token():
-  rows = prompt_rows([[BOS, 10, 11], [BOS]], pad_id=PAD, new_tokens=3, new_token_id=IMG,
-                     image=True, multiple=4)
+  rows = prompt_rows(
+    [[BOS, 10, 11], [BOS]], pad_id=PAD, new_tokens=3, new_token_id=IMG, image=True, multiple=4
+  )
   assert rows.layout == PromptLayout(prompt_len=4, new_tokens=3)
   assert rows.layout.new_column(2) == 6 and rows.layout.length == 7
   row = rows.row
   assert isinstance(row, Row)
-  np.testing.assert_array_equal(row.tokens, [[PAD, BOS, 10, 11, IMG, IMG, IMG],
-                                             [PAD, PAD, PAD, BOS, IMG, IMG, IMG]])
-  np.testing.assert_array_equal(row.segment_ids, [[0, 1, 1, 1, 1, 1, 1],
-                                                  [0, 0, 0, 1, 1, 1, 1]])
-  np.testing.assert_array_equal(row.positions, [[0, 0, 1, 2, 3, 4, 5],
-                                                [0, 0, 0, 0, 1, 2, 3]])
+  np.testing.assert_array_equal(
+    row.tokens, [[PAD, BOS, 10, 11, IMG, IMG, IMG], [PAD, PAD, PAD, BOS, IMG, IMG, IMG]]
+  )
+  np.testing.assert_array_equal(row.segment_ids, [[0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(row.positions, [[0, 0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 1, 2, 3]])
   np.testing.assert_array_equal(row.image_ids, [[0, 0, 0, 0, 1, 1, 1]] * 2)
   np.testing.assert_array_equal(row.image_columns, [[[4, 5, 6]]] * 2)
   np.testing.assert_array_equal(row.image_valid, [[True], [True]])
@@ -310,11 +348,13 @@ def test_text_mask_picks_the_targets():
   # False and its P = 3 slots are never targets: 12, <|im_end|> and eos train.
   image = Example([BOS, 12, S, IMG, E, EOS], [img(1)], text_mask=[F, T, F, F, T, T])
   batch = pack_examples([masked, image], spec(text_on_image_examples=True))
-  np.testing.assert_array_equal(batch["text_weights"],
-                                [[1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0]])
-  off = pack_examples([masked, image], spec())   # the reference: no CE on image examples
-  np.testing.assert_array_equal(off["text_weights"],
-                                [[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(
+    batch["text_weights"], [[1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0]]
+  )
+  off = pack_examples([masked, image], spec())  # the reference: no CE on image examples
+  np.testing.assert_array_equal(
+    off["text_weights"], [[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+  )
   # The iterator packs masks the same way.
   it = PackedBatches(lambda i: [masked, image][i % 2], rows=1, spec=spec(True))
   np.testing.assert_array_equal(next(it)["text_weights"], batch["text_weights"])
@@ -325,20 +365,27 @@ def test_text_mask_picks_the_targets():
 
 
 def test_split_long_text_keeps_its_mask():
-  mask = [14 <= k <= 20 for k in range(40)]   # targets: ids 14 .. 20 of 40
+  mask = [14 <= k <= 20 for k in range(40)]  # targets: ids 14 .. 20 of 40
   batch = pack_examples([Example(list(range(30, 70)), text_mask=mask)], spec())
   # Pieces: ids 0-15, 16-31, 32-39. Ids 14 and 15 train from columns 13 and 14;
   # id 16 opens piece 1 and is nobody's target; ids 17-20 from columns 0-3.
-  np.testing.assert_array_equal(batch["text_weights"],
-                                [[0] * 13 + [1, 1, 0], [1, 1, 1, 1] + [0] * 12, [0] * 16])
+  np.testing.assert_array_equal(
+    batch["text_weights"], [[0] * 13 + [1, 1, 0], [1, 1, 1, 1] + [0] * 12, [0] * 16]
+  )
 
 
 def test_bad_text_mask_raises():
-  with pytest.raises(ValueError, match=r"example 1: text_mask has shape \(3,\) but the "
-                     r"example has 4 ids"):
+  with pytest.raises(
+    ValueError,
+    match=r"example 1: text_mask has shape \(3,\) but the "
+    r"example has 4 ids",
+  ):
     pack_examples([text(2), Example([BOS, 10, 11, EOS], text_mask=[T, T, T])], spec())
-  with pytest.raises(ValueError, match=r"example 0: text_mask is True at id 2, an <image> "
-                     "placeholder"):
+  with pytest.raises(
+    ValueError,
+    match=r"example 0: text_mask is True at id 2, an <image> "
+    "placeholder",
+  ):
     pack_examples([Example([BOS, S, IMG, E], [img(1)], text_mask=[F, T, T, T])], spec(True))
   with pytest.raises(ValueError, match=r"example 0: text_mask must hold bools"):
     pack_examples([Example([BOS, EOS], text_mask=[0.5, 1.0])], spec())

@@ -33,10 +33,10 @@ def row(length, examples, pad_gaps=()):
   at, image = 0, 0
   for i, (n, images) in enumerate(examples):
     at += pad_gaps[i] if i < len(pad_gaps) else 0
-    seg[at:at + n] = i + 1
+    seg[at : at + n] = i + 1
     for start, size in images:
       image += 1
-      img[at + start:at + start + size] = image
+      img[at + start : at + start + size] = image
     at += n
   assert at <= length
   return seg, img
@@ -60,13 +60,15 @@ def random_row(rng, length):
 
 
 LAYOUTS = {
-    # Three packed examples (a one-token one between), three images, padding;
-    # a second row of two text-only examples. Images straddle 16/32 blocks.
-    "packed": [row(128, [(40, [(8, 24)]), (1, []), (50, [(5, 17), (25, 9)])]),
-               row(128, [(70, []), (58, [])])],
-    # Block-aligned image filling two key blocks; a row mostly padding.
-    "aligned": [row(128, [(128, [(32, 64)])]), row(128, [(10, [])])],
-    "random": [random_row(np.random.default_rng(s), 128) for s in (1, 2)],
+  # Three packed examples (a one-token one between), three images, padding;
+  # a second row of two text-only examples. Images straddle 16/32 blocks.
+  "packed": [
+    row(128, [(40, [(8, 24)]), (1, []), (50, [(5, 17), (25, 9)])]),
+    row(128, [(70, []), (58, [])]),
+  ],
+  # Block-aligned image filling two key blocks; a row mostly padding.
+  "aligned": [row(128, [(128, [(32, 64)])]), row(128, [(10, [])])],
+  "random": [random_row(np.random.default_rng(s), 128) for s in (1, 2)],
 }
 
 
@@ -83,10 +85,12 @@ def _qkv(b, lq, lk, h, kv, d, dtype, seed=0):
 
 def _loss(fn):
   """A scalar whose gradient weights every output element differently."""
+
   def loss(q, k, v):
     out = fn(q, k, v).astype(jnp.float32)
     w = jnp.sin(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
     return (out * w).sum()
+
   return loss
 
 
@@ -103,13 +107,18 @@ def _close(got, want, dtype):
     assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max(), np.abs(got - want).max()
 
 
-def _check(backend, seg, img, q, k, v, dtype, block_q, block_k, q_offset=None,
-           interpret=True):
-  kernel = functools.partial(pallas_attention, segment_ids=seg, image_ids=img,
-                             q_offset=q_offset, backend=backend,
-                             block_q=block_q, block_k=block_k, interpret=interpret)
-  reference = functools.partial(xla_attention, segment_ids=seg, image_ids=img,
-                                q_offset=q_offset)
+def _check(backend, seg, img, q, k, v, dtype, block_q, block_k, q_offset=None, interpret=True):
+  kernel = functools.partial(
+    pallas_attention,
+    segment_ids=seg,
+    image_ids=img,
+    q_offset=q_offset,
+    backend=backend,
+    block_q=block_q,
+    block_k=block_k,
+    interpret=interpret,
+  )
+  reference = functools.partial(xla_attention, segment_ids=seg, image_ids=img, q_offset=q_offset)
   _close(jax.jit(kernel)(q, k, v), reference(q, k, v), dtype)
   got = jax.jit(jax.grad(_loss(kernel), (0, 1, 2)))(q, k, v)
   want = jax.grad(_loss(reference), (0, 1, 2))(q, k, v)
@@ -118,8 +127,10 @@ def _check(backend, seg, img, q, k, v, dtype, block_q, block_k, q_offset=None,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout,blocks", [("packed", (32, 32)), ("packed", (16, 32)),
-                                           ("aligned", (32, 16)), ("random", (32, 32))])
+@pytest.mark.parametrize(
+  "layout,blocks",
+  [("packed", (32, 32)), ("packed", (16, 32)), ("aligned", (32, 16)), ("random", (32, 32))],
+)
 def test_outputs_and_gradients_match_xla(backend, layout, blocks):
   seg, img = _stack(LAYOUTS[layout])
   q, k, v = _qkv(2, 128, 128, 4, 2, 64, jnp.float32)
@@ -131,8 +142,18 @@ def test_tpu_kernels_under_the_strict_tpu_interpreter():
   # out-of-bounds block reads raise.
   seg, img = _stack(LAYOUTS["packed"][:1])
   q, k, v = _qkv(1, 128, 128, 2, 1, 64, jnp.float32)
-  _check("tpu", seg, img, q, k, v, jnp.float32, 32, 32,
-         interpret=pltpu.InterpretParams(uninitialized_memory="nan"))
+  _check(
+    "tpu",
+    seg,
+    img,
+    q,
+    k,
+    v,
+    jnp.float32,
+    32,
+    32,
+    interpret=pltpu.InterpretParams(uninitialized_memory="nan"),
+  )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -149,16 +170,16 @@ def test_queries_at_the_end_of_a_cached_row(backend, q_len, q_offset):
   seg, img = _stack(LAYOUTS["packed"])
   q_all, k, v = _qkv(2, 128, 128, 4, 2, 64, jnp.float32, seed=2)
   start = 128 - q_len if q_offset is None else q_offset
-  q = q_all[:, start:start + q_len]
-  full = xla_attention(q_all, k, v, seg, img)[:, start:start + q_len]
+  q = q_all[:, start : start + q_len]
+  full = xla_attention(q_all, k, v, seg, img)[:, start : start + q_len]
   _close(xla_attention(q, k, v, seg, img, q_offset=q_offset), full, jnp.float32)
   _check(backend, seg, img, q, k, v, jnp.float32, 16, 32, q_offset=q_offset)
 
 
 GAP_ROWS = [
-    row(96, [(8, [(2, 4)]), (20, [])], pad_gaps=(0, 16)),
-    # An image ending its example, then a gap; an image opening the next.
-    row(96, [(10, [(4, 6)]), (30, [(0, 12)]), (5, [])], pad_gaps=(3, 7, 9)),
+  row(96, [(8, [(2, 4)]), (20, [])], pad_gaps=(0, 16)),
+  # An image ending its example, then a gap; an image opening the next.
+  row(96, [(10, [(4, 6)]), (30, [(0, 12)]), (5, [])], pad_gaps=(3, 7, 9)),
 ]
 
 
@@ -168,15 +189,16 @@ def test_key_intervals_are_the_keys_the_rule_allows(rows):
   # rule. An allowed key outside [lo, hi] could sit in a block skipped as
   # empty; a key inside it that is not allowed (padding in a gap included)
   # could sit in a block computed as full, without its mask.
-  seg, img = _stack([random_row(np.random.default_rng(s), 128) for s in range(4)]
-                    if rows == "random" else GAP_ROWS)
+  seg, img = _stack(
+    [random_row(np.random.default_rng(s), 128) for s in range(4)] if rows == "random" else GAP_ROWS
+  )
   lo, hi = (np.asarray(x) for x in key_intervals(seg, img))
   keys = np.arange(seg.shape[1])
   in_interval = (keys >= lo[..., None]) & (keys <= hi[..., None])
   allowed = np.asarray(mixed_mask(seg, img))
   real = np.asarray(seg) != 0
-  assert not (allowed & ~in_interval)[real].any()   # empty blocks stay safe
-  assert not (in_interval & ~allowed)[real].any()   # full blocks stay exact
+  assert not (allowed & ~in_interval)[real].any()  # empty blocks stay safe
+  assert not (in_interval & ~allowed)[real].any()  # full blocks stay exact
   assert not in_interval[~real].any() and not allowed[~real].any()
 
 
@@ -195,8 +217,8 @@ def test_block_map_agrees_with_the_dense_mask(seed, blocks):
   bmap = block_map(seg, img, q_len=128, q_offset=0, block_q=block_q, block_k=block_k)
   any_allowed, all_allowed = _dense_blocks(np.asarray(mixed_mask(seg, img)), *blocks)
   kinds = np.asarray(bmap.kinds)
-  assert not any_allowed[kinds == EMPTY].any()      # nothing allowed is skipped
-  assert all_allowed[kinds == FULL].all()           # nothing masked goes unmasked
+  assert not any_allowed[kinds == EMPTY].any()  # nothing allowed is skipped
+  assert all_allowed[kinds == FULL].all()  # nothing masked goes unmasked
   # Padding only at the row's end: the map is exact, not just safe.
   np.testing.assert_array_equal(kinds == EMPTY, ~any_allowed)
   np.testing.assert_array_equal(kinds == FULL, all_allowed)
@@ -233,11 +255,14 @@ def test_the_papers_layout_by_hand():
   seg, img = _stack([row(512, [(300, [(20, 256)])])])
   bmap = block_map(seg, img, q_len=512, q_offset=0, block_q=128, block_k=128)
   P, F, E = PARTIAL, FULL, EMPTY
-  np.testing.assert_array_equal(np.asarray(bmap.kinds)[0], [
-      [P, P, P, E], [F, F, P, E], [P, P, P, E], [E, E, E, E]])
+  np.testing.assert_array_equal(
+    np.asarray(bmap.kinds)[0], [[P, P, P, E], [F, F, P, E], [P, P, P, E], [E, E, E, E]]
+  )
   # Per q block: start, full_start, full_stop, stop (no full run: at stop).
-  np.testing.assert_array_equal(np.stack([np.asarray(r)[0] for r in bmap.kv], 1),
-                                [[0, 3, 3, 3], [0, 0, 2, 3], [0, 3, 3, 3], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(
+    np.stack([np.asarray(r)[0] for r in bmap.kv], 1),
+    [[0, 3, 3, 3], [0, 0, 2, 3], [0, 3, 3, 3], [0, 0, 0, 0]],
+  )
 
 
 @pytest.mark.parametrize("backend,platform", [("tpu", "tpu"), ("gpu", "cuda")])
@@ -247,13 +272,13 @@ def test_kernels_lower_for_the_real_hardware(backend, platform, head_dim):
   kv = jax.ShapeDtypeStruct((2, 512, 2, head_dim), jnp.bfloat16)
   ids = jax.ShapeDtypeStruct((2, 512), jnp.int32)
   fwd = functools.partial(pallas_attention, backend=backend, interpret=False)
-  bwd = jax.grad(lambda q, k, v, s, i: fwd(q, k, v, s, i).astype(jnp.float32).sum(),
-                 (0, 1, 2))
+  bwd = jax.grad(lambda q, k, v, s, i: fwd(q, k, v, s, i).astype(jnp.float32).sum(), (0, 1, 2))
   # Triton kernels are custom calls without a serialization guarantee.
   checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   for fn in (fwd, bwd):
-    exported = jax.export.export(jax.jit(fn), platforms=[platform],
-                                 disabled_checks=checks)(q, kv, kv, ids, ids)
+    exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(
+      q, kv, kv, ids, ids
+    )
     text = exported.mlir_module()
     assert ("tpu_custom_call" if backend == "tpu" else "xla.gpu.triton") in text
 
@@ -262,8 +287,9 @@ def _kernel_calls(module_text):
   """Sorted (kind, kernel name) of the Mosaic and Triton calls in a StableHLO module."""
   calls = []
   for line in module_text.splitlines():
-    kind = ("mosaic" if "@tpu_custom_call(" in line else
-            "triton" if "xla.gpu.triton(" in line else None)
+    kind = (
+      "mosaic" if "@tpu_custom_call(" in line else "triton" if "xla.gpu.triton(" in line else None
+    )
     if kind:
       name = re.search(r"mixed_flash_\w+", line)
       calls.append((kind, name and name.group()))
@@ -283,8 +309,9 @@ def test_the_kernel_is_chosen_for_the_lowering_platform_not_the_host():
   def calls(impl, platform, grad):
     fwd = lambda q, k, v, s, i: attention(q, k, v, s, i, impl=impl)
     fn = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), (0, 1, 2)) if grad else fwd
-    text = jax.export.export(jax.jit(fn), platforms=[platform],
-                             disabled_checks=checks)(q, kv, kv, ids, ids).mlir_module()
+    text = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(
+      q, kv, kv, ids, ids
+    ).mlir_module()
     other = {"tpu": "xla.gpu.triton", "cuda": "tpu_custom_call"}.get(platform)
     assert other is None or other not in text, (impl, platform, grad)
     return _kernel_calls(text)
@@ -310,8 +337,7 @@ def test_blocks_only_interpret_mode_takes_need_interpret_true():
       pallas_attention(q, k, v, seg, img, backend=backend, block_q=32, block_k=32)
   with pytest.raises(ValueError, match=r"block_q=32.*pass interpret=True"):
     attention(q, k, v, seg, img, impl="auto", block_q=32)
-  got = pallas_attention(q, k, v, seg, img, backend="tpu", block_q=32, block_k=32,
-                         interpret=True)
+  got = pallas_attention(q, k, v, seg, img, backend="tpu", block_q=32, block_k=32, interpret=True)
   _close(got, xla_attention(q, k, v, seg, img), jnp.float32)
 
 
@@ -319,12 +345,13 @@ def test_sharded_call_matches_one_device():
   seg, img = _stack(LAYOUTS["packed"] + LAYOUTS["random"])
   q, k, v = _qkv(4, 128, 128, 4, 2, 64, jnp.float32, seed=3)
   want = xla_attention(q, k, v, seg, img)
-  want_grads = jax.grad(_loss(lambda q, k, v: xla_attention(q, k, v, seg, img)),
-                        (0, 1, 2))(q, k, v)
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  fn = lambda q, k, v: attention(q, k, v, seg, img, impl="pallas", block_q=32,
-                                 block_k=32, backend="tpu", interpret=True)
+  want_grads = jax.grad(_loss(lambda q, k, v: xla_attention(q, k, v, seg, img)), (0, 1, 2))(q, k, v)
+  mesh = jax.make_mesh(
+    (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
+  fn = lambda q, k, v: attention(
+    q, k, v, seg, img, impl="pallas", block_q=32, block_k=32, backend="tpu", interpret=True
+  )
   with jax.set_mesh(mesh):
     got = jax.jit(fn)(q, k, v)
     got_grads = jax.jit(jax.grad(_loss(fn), (0, 1, 2)))(q, k, v)
@@ -342,8 +369,9 @@ def test_the_platform_choice_under_jit_grad_and_shard_map_matches_xla():
   q, k, v = _qkv(4, 128, 128, 4, 2, 64, jnp.float32, seed=4)
   reference = lambda q, k, v: xla_attention(q, k, v, seg, img)
   want, want_grads = reference(q, k, v), jax.grad(_loss(reference), (0, 1, 2))(q, k, v)
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh(
+    (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   for impl in ("pallas", "auto"):
     fn = functools.partial(attention, segment_ids=seg, image_ids=img, impl=impl)
     assert "platform_index" in str(jax.make_jaxpr(jax.grad(_loss(fn)))(q, k, v))

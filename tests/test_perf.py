@@ -30,10 +30,19 @@ def test_the_count_is_xlas_for_one_layer_and_xla_sees_a_scanned_layer_once():
   config = config_file("digits")
   # The count is the decoder's and its heads': a model that reads no image (a
   # reading one adds im_embedder on its read tokens, which the count leaves out).
-  config.model.update(num_layers=1, hidden_size=256, head_dim=64, mlp_dim=704,
-                      dtype="float32", remat=False, vision_encoder="", scan_unroll=1)
-  config.data.update(batch_size=4, seq_len=128, prefetch=0, max_read_images_per_row=0,
-                     read_fraction=0.0)
+  config.model.update(
+    num_layers=1,
+    hidden_size=256,
+    head_dim=64,
+    mlp_dim=704,
+    dtype="float32",
+    remat=False,
+    vision_encoder="",
+    scan_unroll=1,
+  )
+  config.data.update(
+    batch_size=4, seq_len=128, prefetch=0, max_read_images_per_row=0, read_fraction=0.0
+  )
   ours = train_flops_per_row(config.model, 128) * 4
   # One layer: XLA counts what we count plus the elementwise work (norms,
   # softmax, activations, the loss): a few percent more, never less.

@@ -10,16 +10,16 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import digits_config
 from PIL import Image
 
-from helpers import digits_config
 from monoformer_jax.config import config_file
 from monoformer_jax.data import builders, pipeline
 from monoformer_jax.data.datasets import check_data, make_batches, source
 from monoformer_jax.data.sharded import host_stream
 from monoformer_jax.data.sources.imagenet import imagenet_classes
-from monoformer_jax.layout import Example
 from monoformer_jax.errors import ConfigError
+from monoformer_jax.layout import Example
 from monoformer_jax.text.tokenizer import load_tokenizer, tokenizer_of
 from monoformer_jax.train.loop import train_and_evaluate
 
@@ -40,7 +40,7 @@ def test_mixing_weights_hold_and_no_stream_skips_or_repeats():
   for k, w in enumerate(weights):
     mine = [j for tag, j in drawn if tag == k]
     assert abs(len(mine) - n * w / sum(weights)) <= 1, (k, len(mine))
-    assert mine == list(range(len(mine)))   # each stream read in order, once
+    assert mine == list(range(len(mine)))  # each stream read in order, once
   # Random places: the same seed the same order, another seed another.
   assert [list(example_at(i).ids) for i in range(200)] == drawn[:200]
   other = pipeline.mix([_tagged(k) for k in range(3)], weights, seed=4)
@@ -71,8 +71,9 @@ def test_digits_go_through_tfds_and_prefetched_batches_resume_exactly(tmp_path):
   tok = tokenizer_of(config)
   batches = make_batches(config, tok)
   assert isinstance(batches, pipeline.Prefetched)
-  assert os.path.exists(os.path.join(builders.prepared_dir(config.data.dir, "digits"),
-                                     "dataset_info.json"))
+  assert os.path.exists(
+    os.path.join(builders.prepared_dir(config.data.dir, "digits"), "dataset_info.json")
+  )
   first = [next(batches) for _ in range(3)]
   state = batches.get_state()
   later = [next(batches) for _ in range(3)]
@@ -98,6 +99,7 @@ def test_digits_go_through_tfds_and_prefetched_batches_resume_exactly(tmp_path):
 
 def _records_both_ways(folder):
   import tensorflow_datasets as tfds
+
   ours = builders.data_source(folder)
   theirs = tfds.builder_from_directory(folder).as_data_source(split="train")
   return ours, theirs
@@ -110,28 +112,43 @@ def test_records_read_what_tfds_itself_decodes(tmp_path, layout):
   (tensors as bytes), for one written with TFDS's default (float lists), and
   for features it leaves to TFDS (a tensor of varying length)."""
   import tensorflow_datasets as tfds
+
   f = tfds.features
   rng = np.random.default_rng(0)
-  rows = [dict(key=f"{i:03d}", mean=rng.standard_normal((2, 3, 4), dtype=np.float32),
-               std=rng.random((2, 3, 4), dtype=np.float32), label=int(rng.integers(1000)),
-               wnid="n01440764", tags=np.arange(i % 4, dtype=np.int64))
-          for i in range(12)]
+  rows = [
+    dict(
+      key=f"{i:03d}",
+      mean=rng.standard_normal((2, 3, 4), dtype=np.float32),
+      std=rng.random((2, 3, 4), dtype=np.float32),
+      label=int(rng.integers(1000)),
+      wnid="n01440764",
+      tags=np.arange(i % 4, dtype=np.int64),
+    )
+    for i in range(12)
+  ]
   if layout == "ours":
-    source("imagenet").write(str(tmp_path), {"train": lambda: iter(rows)},
-                             latent_shape=(2, 3, 4))
+    source("imagenet").write(str(tmp_path), {"train": lambda: iter(rows)}, latent_shape=(2, 3, 4))
     folder = builders.prepared_dir(str(tmp_path), "imagenet")
     from array_record.python import array_record_module as ar
+
     shards = [n for n in os.listdir(folder) if ".array_record-" in n]
-    assert shards and all("uncompressed" in ar.ArrayRecordReader(
-        os.path.join(folder, n)).writer_options_string() for n in shards)
+    assert shards and all(
+      "uncompressed" in ar.ArrayRecordReader(os.path.join(folder, n)).writer_options_string()
+      for n in shards
+    )
   else:
-    spec = dict(key=f.Text(), mean=f.Tensor(shape=(2, 3, 4), dtype=np.float32),
-                std=f.Tensor(shape=(2, 3, 4), dtype=np.float32),
-                label=f.Scalar(dtype=np.int64), wnid=f.Text())
+    spec = dict(
+      key=f.Text(),
+      mean=f.Tensor(shape=(2, 3, 4), dtype=np.float32),
+      std=f.Tensor(shape=(2, 3, 4), dtype=np.float32),
+      label=f.Scalar(dtype=np.int64),
+      wnid=f.Text(),
+    )
     if layout == "ragged":
       spec["tags"] = f.Tensor(shape=(None,), dtype=np.int64)
-    builders._builder("imagenet", str(tmp_path), {"train": lambda: iter(rows)},
-                      f.FeaturesDict(spec), "test").download_and_prepare()
+    builders._builder(
+      "imagenet", str(tmp_path), {"train": lambda: iter(rows)}, f.FeaturesDict(spec), "test"
+    ).download_and_prepare()
     folder = builders.prepared_dir(str(tmp_path), "imagenet")
   ours, theirs = _records_both_ways(folder)
   assert (ours._fields is None) == (layout == "ragged")
@@ -167,39 +184,53 @@ def _imagenet_folder(root: pathlib.Path) -> pathlib.Path:
       Image.fromarray(pixels).save(folder / f"{wnid}_{k}.JPEG")
   odd = root / "train" / WNIDS[0]
   Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).convert("CMYK").save(
-      odd / "cmyk.JPEG")
+    odd / "cmyk.JPEG"
+  )
   Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(odd / "gray.JPEG")
   Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(
-      odd / "png.JPEG", format="PNG")
+    odd / "png.JPEG", format="PNG"
+  )
   Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(odd / "cut.JPEG")
   data = (odd / "cut.JPEG").read_bytes()
-  (odd / "cut.JPEG").write_bytes(data[:len(data) // 2])
+  (odd / "cut.JPEG").write_bytes(data[: len(data) // 2])
   return root
 
 
 def _prepare(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "monoformer_jax.data.prepare", *args],
-                        capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+  return subprocess.run(
+    [sys.executable, "-m", "monoformer_jax.data.prepare", *args],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+    cwd=REPO,
+  )
 
 
 @pytest.fixture(scope="module")
 def prepared_imagenet(tmp_path_factory):
   root = _imagenet_folder(tmp_path_factory.mktemp("imagenet"))
   out = tmp_path_factory.mktemp("prepared")
-  run = _prepare("imagenet", f"--input_dir={root}", f"--output_dir={out}",
-                 f"--vae={TINY_VAE}", "--image_size=16", "--flip", "--chunk_size=4")
+  run = _prepare(
+    "imagenet",
+    f"--input_dir={root}",
+    f"--output_dir={out}",
+    f"--vae={TINY_VAE}",
+    "--image_size=16",
+    "--flip",
+    "--chunk_size=4",
+  )
   assert run.returncode == 0, run.stderr[-4000:]
   return out, run.stderr
 
 
 @pytest.mark.slow
-def test_imagenet_is_prepared_with_odd_files_converted_and_the_broken_one_named(
-    prepared_imagenet):
+def test_imagenet_is_prepared_with_odd_files_converted_and_the_broken_one_named(prepared_imagenet):
   out, log = prepared_imagenet
   folder = builders.prepared_dir(str(out), "imagenet")
   records = builders.data_source(folder, "train", kind="imagenet")
-  assert len(records) == 3 * 3 + 3            # cmyk, gray and png converted
+  assert len(records) == 3 * 3 + 3  # cmyk, gray and png converted
   assert "skipped 1" in log and "cut.JPEG" in log
   labels = sorted(int(records[i]["label"]) for i in range(len(records)))
   index = {w: i for i, (w, _) in enumerate(imagenet_classes())}
@@ -208,8 +239,9 @@ def test_imagenet_is_prepared_with_odd_files_converted_and_the_broken_one_named(
   assert np.asarray(r["mean"]).shape == (8, 8, 4) and np.asarray(r["std"]).min() > 0
   assert "mean_flip" in r
   # Preparing again into the same folder refuses to overwrite.
-  again = _prepare("imagenet", f"--input_dir={out}", f"--output_dir={out}",
-                   f"--vae={TINY_VAE}", "--image_size=16")
+  again = _prepare(
+    "imagenet", f"--input_dir={out}", f"--output_dir={out}", f"--vae={TINY_VAE}", "--image_size=16"
+  )
   assert again.returncode == 2
 
 
@@ -233,26 +265,35 @@ def test_imagenet_trains_from_the_prepared_records(prepared_imagenet, tmp_path, 
 
 @pytest.mark.slow
 def test_preparation_errors_name_the_fix(tmp_path):
-  run = _prepare("imagenet", f"--input_dir={tmp_path / 'nowhere'}", f"--output_dir={tmp_path}",
-                 f"--vae={TINY_VAE}")
+  run = _prepare(
+    "imagenet",
+    f"--input_dir={tmp_path / 'nowhere'}",
+    f"--output_dir={tmp_path}",
+    f"--vae={TINY_VAE}",
+  )
   assert run.returncode == 2 and "does not exist" in run.stderr
   (tmp_path / "in" / "train").mkdir(parents=True)
   run = _prepare("imagenet", f"--input_dir={tmp_path / 'in'}", f"--output_dir={tmp_path}")
   assert run.returncode == 2 and "pass --vae=DIR" in run.stderr
   config = config_file("imagenet256:tiny")
   config.data.dir = str(tmp_path)
-  with pytest.raises(ConfigError, match=r"data.dir='.*' is not a prepared dataset .*"
-                     r"python -m monoformer_jax.data.prepare imagenet"):
+  with pytest.raises(
+    ConfigError,
+    match=r"data.dir='.*' is not a prepared dataset .*"
+    r"python -m monoformer_jax.data.prepare imagenet",
+  ):
     check_data(config)
 
 
 # -------------------------------------------------------------- chat + text
 
+
 @pytest.mark.slow
 def test_chat_and_text_prepared_mixed_and_packed_with_loss_on_answers(tmp_path):
   chats = tmp_path / "chat.jsonl"
-  chats.write_text("\n".join(json.dumps({"data": [f"question {i}?", f"answer {i}."]})
-                             for i in range(20)) + "\n")
+  chats.write_text(
+    "\n".join(json.dumps({"data": [f"question {i}?", f"answer {i}."]}) for i in range(20)) + "\n"
+  )
   texts = tmp_path / "text.jsonl"
   texts.write_text("\n".join(json.dumps({"text": f"plain text {i}."}) for i in range(20)))
   for kind, path in (("chat", chats), ("text", texts)):
@@ -260,8 +301,10 @@ def test_chat_and_text_prepared_mixed_and_packed_with_loss_on_answers(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
   config = config_file("t2i_chat")
   config.data.mix = dict(chat=1.0, text=1.0)
-  config.data.dirs = dict(chat=builders.prepared_dir(str(tmp_path / "out"), "chat"),
-                          text=builders.prepared_dir(str(tmp_path / "out"), "text"))
+  config.data.dirs = dict(
+    chat=builders.prepared_dir(str(tmp_path / "out"), "chat"),
+    text=builders.prepared_dir(str(tmp_path / "out"), "text"),
+  )
   config.data.update(tokenizer="bytes", seq_len=64, batch_size=4)
   config.model.vocab_size = 264
   check_data(config)

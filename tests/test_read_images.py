@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import digits_config, random_model
 
 from monoformer_jax.data import prompts
 from monoformer_jax.data.packing import pack_examples
@@ -21,9 +22,8 @@ from monoformer_jax.model.monoformer import MonoFormer
 from monoformer_jax.text.generate import generate
 from monoformer_jax.text.tokenizer import tokenizer_of
 from monoformer_jax.train.loss import loss_terms
-from helpers import digits_config, random_model
 
-S, E, IM, IMG, PAD, BOS = 5, 6, 7, 9, 0, 1   # toy ids: <|im_start|>, <|im_end|>, ..., <image>
+S, E, IM, IMG, PAD, BOS = 5, 6, 7, 9, 0, 1  # toy ids: <|im_start|>, <|im_end|>, ..., <image>
 P = 3
 
 
@@ -32,12 +32,22 @@ def img(v, shape=(2, 2, 1)):
 
 
 def spec(**kw):
-  base = dict(seq_len=40, max_images=2, image_shape=(2, 2, 1), tokens_per_image=P,
-              image_id=IMG, pad_id=PAD, max_read_images=2, read_shape=(2, 2, 1), read_tokens=4)
+  base = dict(
+    seq_len=40,
+    max_images=2,
+    image_shape=(2, 2, 1),
+    tokens_per_image=P,
+    image_id=IMG,
+    pad_id=PAD,
+    max_read_images=2,
+    read_shape=(2, 2, 1),
+    read_tokens=4,
+  )
   return RowSpec(**{**base, **kw})
 
 
 # ------------------------------------------------------------------ packing
+
 
 def _two_read_one_generated():
   # <s> <im> R <im/> 11 <im> R <im/> 12 <im> G <im/> </s>
@@ -49,8 +59,8 @@ def _two_read_one_generated():
 def test_two_read_and_one_generated_image_pack(cond_token):
   c = int(cond_token)
   b = pack_examples([_two_read_one_generated()], spec(cond_token=cond_token))
-  q = 4 + c   # a read image's columns
-  r0, r1 = 2 + c, 2 + q + 3 + c       # first columns of the read images' tokens
+  q = 4 + c  # a read image's columns
+  r0, r1 = 2 + c, 2 + q + 3 + c  # first columns of the read images' tokens
   np.testing.assert_array_equal(b["read_columns"][0, 0], np.arange(r0, r0 + 4))
   np.testing.assert_array_equal(b["read_columns"][0, 1], np.arange(r1, r1 + 4))
   assert b["read_valid"][0].tolist() == [True, True]
@@ -59,7 +69,7 @@ def test_two_read_and_one_generated_image_pack(cond_token):
   assert b["image_valid"][0].tolist() == [True, False]
   # Read tokens are causal text-like tokens; only the generated image is a block.
   assert set(np.unique(b["image_ids"][0])) == {0, 1}
-  assert (b["image_ids"][0, g0:g0 + P] == 1).all()
+  assert (b["image_ids"][0, g0 : g0 + P] == 1).all()
   if cond_token:
     assert b["cond_columns"][0, 0] == g0 - 1
     assert b["read_cond_columns"][0].tolist() == [r0 - 1, r1 - 1]
@@ -73,8 +83,7 @@ def test_two_read_and_one_generated_image_pack(cond_token):
 
 
 def test_read_only_examples_train_their_answer_and_bidirectional_reads_are_blocks():
-  ex = Example([BOS, S, IMG, E, 11, 12, 2], [img(1)], text_mask=[0, 0, 0, 0, 0, 1, 1],
-               read=[True])
+  ex = Example([BOS, S, IMG, E, 11, 12, 2], [img(1)], text_mask=[0, 0, 0, 0, 0, 1, 1], read=[True])
   b = pack_examples([ex, ex], spec(read_bidirectional=True, max_read_images=2))
   # Two examples in one row: their reads are blocks -1 and -2.
   assert sorted(set(np.unique(b["image_ids"][0])) - {0}) == [-2, -1]
@@ -91,8 +100,9 @@ def test_bad_read_images_raise_naming_the_fix():
   with pytest.raises(ConfigError, match="no vision encoder.*model.vision_encoder=vae"):
     pack_examples([ex], spec(read_tokens=0, max_read_images=0, read_shape=()))
   with pytest.raises(ConfigError, match="max_read_images_per_row=1.*at least 2"):
-    pack_examples([Example([S, IMG, IMG, E], [img(1), img(2)], read=[True, True])],
-                  spec(max_read_images=1))
+    pack_examples(
+      [Example([S, IMG, IMG, E], [img(1), img(2)], read=[True, True])], spec(max_read_images=1)
+    )
   with pytest.raises(ConfigError, match=r"read images of shape \(2, 2, 1\)"):
     pack_examples([Example([S, IMG, E], [img(1, (3, 3, 1))], read=[True])], spec())
   with pytest.raises(ValueError, match="2 flags for 1 images"):
@@ -101,10 +111,10 @@ def test_bad_read_images_raise_naming_the_fix():
 
 # ------------------------------------------------------------------ the model
 
+
 def _config(conditioning="adaln_before_decoder", bidirectional=False):
   c = digits_config()
-  c.model.update(vision_encoder="vae", conditioning=conditioning,
-                 read_bidirectional=bidirectional)
+  c.model.update(vision_encoder="vae", conditioning=conditioning, read_bidirectional=bidirectional)
   c.data.update(max_read_images_per_row=2, max_images_per_row=1, seq_len=80)
   return c
 
@@ -112,9 +122,15 @@ def _config(conditioning="adaln_before_decoder", bidirectional=False):
 def _batch(config, tok):
   digit = lambda v: np.full((8, 8, 1), v, np.float32)
   t = tok
-  ids = ([t.bos_id] + t.encode("a") + [t.im_start_id, t.image_id, t.im_end_id] + t.encode("b")
-         + [t.im_start_id, t.image_id, t.im_end_id] + t.encode("draw") + [t.im_start_id, t.image_id,
-                                                                        t.im_end_id, t.eos_id])
+  ids = (
+    [t.bos_id]
+    + t.encode("a")
+    + [t.im_start_id, t.image_id, t.im_end_id]
+    + t.encode("b")
+    + [t.im_start_id, t.image_id, t.im_end_id]
+    + t.encode("draw")
+    + [t.im_start_id, t.image_id, t.im_end_id, t.eos_id]
+  )
   example = Example(ids, [digit(0.5), digit(-0.5), digit(0.1)], read=[True, True, False])
   reader = prompts.reading_example("which?", "it is two.", digit(0.3), tok)
   return pack_examples([example, reader], row_spec(config, tok), one_per_row=True)
@@ -135,17 +151,17 @@ def test_read_images_get_no_diffusion_loss_and_never_reach_earlier_tokens(condit
   noise = jax.random.normal(jax.random.PRNGKey(0), b["latents"].shape)
   d = GaussianDiffusion.create()
   terms = nnx.jit(lambda m: loss_terms(m, b, t, noise, d))(model)
-  assert int(terms["n_images"]) == 1                     # the one generated image
+  assert int(terms["n_images"]) == 1  # the one generated image
   assert np.asarray(b["read_valid"]).sum() == 3
   # Changing a read image changes what follows it, never what precedes it.
   logits = lambda read: _logits(model, b, t, read)
   base = np.asarray(logits(b["read_images"]))
-  changed = b["read_images"].at[0, 1].add(1.0)           # row 0's second read image
+  changed = b["read_images"].at[0, 1].add(1.0)  # row 0's second read image
   new = np.asarray(logits(changed))
   first = int(b["read_columns"][0, 1, 0]) - (1 if conditioning != "adaln_before_decoder" else 0)
   np.testing.assert_array_equal(new[0, :first], base[0, :first])
   assert np.abs(new[0, first:] - base[0, first:]).max() > 1e-4
-  np.testing.assert_array_equal(new[1], base[1])         # the other row
+  np.testing.assert_array_equal(new[1], base[1])  # the other row
   with pytest.raises(ValueError, match="read-image slots need the images they read"):
     model(Row.of(b), b["latents"], t)
   # The gradient reaches im_embedder from the answer's cross-entropy.
@@ -170,6 +186,7 @@ def test_read_image_mask_is_causal_or_one_block(bidirectional):
 
 # ------------------------------------------------------------------ samplers
 
+
 @pytest.mark.parametrize("conditioning", ["adaln_before_decoder", "add_before_image_tokens"])
 def test_text_about_read_images_cached_equals_recomputed(conditioning):
   config = _config(conditioning, bidirectional=conditioning != "adaln_before_decoder")
@@ -177,11 +194,22 @@ def test_text_about_read_images_cached_equals_recomputed(conditioning):
   model = random_model(config, seed=2)
   digit = lambda v: np.full((8, 8, 1), v, np.float32)
   spec_ = row_spec(config, tok)
-  two = Example(prompts.read_prefix_ids(tok) + [tok.im_start_id, tok.image_id, tok.im_end_id]
-                + tok.encode("\nsame?"), [digit(0.2), digit(-0.7)], read=[True, True])
+  two = Example(
+    prompts.read_prefix_ids(tok)
+    + [tok.im_start_id, tok.image_id, tok.im_end_id]
+    + tok.encode("\nsame?"),
+    [digit(0.2), digit(-0.7)],
+    read=[True, True],
+  )
   examples = [prompts.read_prompt_example("which digit is this?", digit(0.9), tok), two]
-  kw = dict(max_new_tokens=6, pad_id=tok.pad_id, stop_ids=[tok.eos_id], spec=spec_,
-            temperature=1.0, key=jax.random.PRNGKey(3))
+  kw = dict(
+    max_new_tokens=6,
+    pad_id=tok.pad_id,
+    stop_ids=[tok.eos_id],
+    spec=spec_,
+    temperature=1.0,
+    key=jax.random.PRNGKey(3),
+  )
   cached = generate(model, examples, **kw)
   assert cached == generate(model, examples, use_cache=False, **kw)
   assert all(len(c) == 6 for c in cached)
@@ -192,19 +220,32 @@ def test_text_about_read_images_cached_equals_recomputed(conditioning):
 
 @pytest.mark.parametrize("conditioning", ["adaln_before_decoder", "add_before_image_tokens"])
 def test_an_image_after_two_read_images_samples_the_same_cached_or_not(conditioning):
-  from monoformer_jax.layout import prompt_rows
   from monoformer_jax.diffusion.sample_images import sample_images
+  from monoformer_jax.layout import prompt_rows
+
   config = _config(conditioning)
   tok = tokenizer_of(config)
   model = random_model(config, seed=4)
   digit = lambda v: np.full((8, 8, 1), v, np.float32)
-  read_two = (prompts.read_prefix_ids(tok) + [tok.im_start_id, tok.image_id, tok.im_end_id]
-              + tok.encode("\nthe next one:") + [tok.im_start_id])
-  examples = [Example(read_two, [digit(0.4), digit(-0.4)], read=[True, True]),
-              Example(read_two, [digit(-0.8), digit(0.8)], read=[True, True])]
-  rows = prompt_rows(examples, pad_id=tok.pad_id, new_tokens=model.tokens_per_image,
-                     new_token_id=tok.image_id, image=True, cond_token=model.cond_token,
-                     spec=row_spec(config, tok))
+  read_two = (
+    prompts.read_prefix_ids(tok)
+    + [tok.im_start_id, tok.image_id, tok.im_end_id]
+    + tok.encode("\nthe next one:")
+    + [tok.im_start_id]
+  )
+  examples = [
+    Example(read_two, [digit(0.4), digit(-0.4)], read=[True, True]),
+    Example(read_two, [digit(-0.8), digit(0.8)], read=[True, True]),
+  ]
+  rows = prompt_rows(
+    examples,
+    pad_id=tok.pad_id,
+    new_tokens=model.tokens_per_image,
+    new_token_id=tok.image_id,
+    image=True,
+    cond_token=model.cond_token,
+    spec=row_spec(config, tok),
+  )
   assert rows.read_images.shape == (2, 2, 8, 8, 1)
   d = GaussianDiffusion.create(respacing="3")
   key = jax.random.PRNGKey(5)
@@ -217,9 +258,11 @@ def test_an_image_after_two_read_images_samples_the_same_cached_or_not(condition
 
 def test_a_row_with_two_read_and_one_generated_image_trains():
   import optax
+
   from monoformer_jax.model.build import abstract_model, init_params
   from monoformer_jax.train.loss import total_loss
   from monoformer_jax.train.state import make_optimizer
+
   config = _config("add_before_image_tokens")
   tok = tokenizer_of(config)
   batch = _batch(config, tok)
@@ -236,6 +279,7 @@ def test_a_row_with_two_read_and_one_generated_image_trains():
     (loss, metrics), g = jax.value_and_grad(f, has_aux=True)(params)
     updates, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, updates), opt, loss, metrics
+
   losses = []
   for i in range(30):
     params, opt, _loss, metrics = step(params, opt, jax.random.PRNGKey(i % 2))
@@ -251,6 +295,7 @@ def test_the_digits_reading_is_learned_well_above_chance(tmp_path, one_device):
   from monoformer_jax.checkpoints import load_model
   from monoformer_jax.digits.evaluators import reading_accuracy
   from monoformer_jax.train.loop import train_and_evaluate
+
   config = digits_config(num_steps=400, log_every=400, checkpoint_every=400)
   config.model.update(vision_encoder="vae")
   config.data.update(max_read_images_per_row=3, read_fraction=0.8, text_fraction=0.0)
@@ -264,8 +309,10 @@ def test_the_digits_reading_is_learned_well_above_chance(tmp_path, one_device):
 
 # ------------------------------------------------------------------ boundaries
 
+
 def test_describe_images_bad_inputs_name_the_fix(tmp_path):
   from monoformer_jax import inference
+
   config = _config()
   tok = tokenizer_of(config)
   model = random_model(config)
@@ -273,26 +320,31 @@ def test_describe_images_bad_inputs_name_the_fix(tmp_path):
   bad.write_text("hello")
   with pytest.raises(FileFormatError, match="not_an_image.png.*not a readable image"):
     inference.describe_images(model, tok, [str(bad)], config=config)
-  plain = digits_config()   # vision_encoder '' (the tiny variant)
+  plain = digits_config()  # vision_encoder '' (the tiny variant)
   with pytest.raises(ConfigError, match="no vision encoder"):
-    inference.describe_images(MonoFormer(plain.model, rngs=nnx.Rngs(0)), tok,
-                              [np.zeros((8, 8), np.uint8)], config=plain)
-  answer = inference.describe_images(model, tok, [np.zeros((8, 8), np.uint8)], config=config,
-                                     max_new_tokens=3)
+    inference.describe_images(
+      MonoFormer(plain.model, rngs=nnx.Rngs(0)), tok, [np.zeros((8, 8), np.uint8)], config=plain
+    )
+  answer = inference.describe_images(
+    model, tok, [np.zeros((8, 8), np.uint8)], config=config, max_new_tokens=3
+  )
   assert len(answer) == 1 and isinstance(answer[0], str)
 
 
 # ------------------------------------------------------------------ CLIP
+
 
 def test_a_clip_model_reads_through_the_frozen_tower():
   """The tiny CLIP fixture's tower inside a MonoFormer: its features (the
   fixture's, so the tower is the real one) feed im_embedder, the optimizer
   keeps no moments for the tower and never changes it."""
   import optax
-  from monoformer_jax.model.build import abstract_model, init_params
-  from monoformer_jax.train.state import make_optimizer
-  from monoformer_jax.model.clip import load_clip_params, read_clip_config, tokens_of
   from conftest import REPO
+
+  from monoformer_jax.model.build import abstract_model, init_params
+  from monoformer_jax.model.clip import load_clip_params, read_clip_config, tokens_of
+  from monoformer_jax.train.state import make_optimizer
+
   folder = REPO / "tests" / "fixtures" / "tiny_clip"
   config = _config()
   config.model.update(vision_encoder="clip", vision=read_clip_config(str(folder)))
@@ -312,43 +364,60 @@ def test_a_clip_model_reads_through_the_frozen_tower():
   assert b["read_columns"].shape[-1] == tokens_of(config.model.vision) == 16
   tx, _ = make_optimizer(config.optim, config.model)
   opt = tx.init(params)
-  assert not any("vision_tower" in jax.tree_util.keystr(p)
-                 for p, _ in jax.tree_util.tree_leaves_with_path(opt))
+  assert not any(
+    "vision_tower" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(opt)
+  )
   d = GaussianDiffusion.create()
   t = jnp.zeros(b["latents"].shape[:2], jnp.int32)
 
   def lm(p):
     return loss_terms(nnx.merge(model_def, p), b, t, jnp.zeros_like(b["latents"]), d)["lm"]
+
   grads = jax.jit(jax.grad(lm))(params)
   assert float(jnp.abs(grads["im_embedder"]["fc1"]["kernel"]).max()) > 0
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["vision_tower"]))
   new = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))(grads, opt, params)
   jax.tree.map(np.testing.assert_array_equal, new["vision_tower"], params["vision_tower"])
-  assert not np.array_equal(new["im_embedder"]["fc1"]["kernel"],
-                            params["im_embedder"]["fc1"]["kernel"])
+  assert not np.array_equal(
+    new["im_embedder"]["fc1"]["kernel"], params["im_embedder"]["fc1"]["kernel"]
+  )
 
 
 # ------------------------------------------------------------------ the CLI
+
 
 @pytest.mark.slow
 def test_sample_cli_reads_an_image_and_refuses_what_it_cannot(tmp_path):
   import subprocess
   import sys
+
+  from conftest import REPO
   from PIL import Image
+
   from monoformer_jax.checkpoints import save_model
   from monoformer_jax.model.build import init_params
-  from conftest import REPO
+
   config = _config()
   save_model(str(tmp_path / "ckpt"), config, jax.jit(lambda: init_params(config.model, 1))())
   digit = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
   Image.fromarray(digit).resize((32, 32)).save(tmp_path / "seven.png")
   (tmp_path / "notes.png").write_text("not an image")
   run = lambda *args: subprocess.run(
-      [sys.executable, "-m", "monoformer_jax.sample", f"--checkpoint={tmp_path / 'ckpt'}",
-       *args], capture_output=True, text=True, cwd=REPO,
-      env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
-  ok = run("read", f"--image={tmp_path / 'seven.png'}", "--text_prompt=which digit is this?",
-           "--weights=raw", "--temperature=0", "--max_new_tokens=4", f"--output_dir={tmp_path / 'out'}")
+    [sys.executable, "-m", "monoformer_jax.sample", f"--checkpoint={tmp_path / 'ckpt'}", *args],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
+  )
+  ok = run(
+    "read",
+    f"--image={tmp_path / 'seven.png'}",
+    "--text_prompt=which digit is this?",
+    "--weights=raw",
+    "--temperature=0",
+    "--max_new_tokens=4",
+    f"--output_dir={tmp_path / 'out'}",
+  )
   assert ok.returncode == 0, ok.stderr[-2000:]
   text = (tmp_path / "out" / "text.txt").read_text()
   assert "seven.png 'which digit is this?' -> " in text
@@ -357,7 +426,18 @@ def test_sample_cli_reads_an_image_and_refuses_what_it_cannot(tmp_path):
   plain = tmp_path / "plain"
   save_model(str(plain), digits_config(), jax.jit(lambda: init_params(digits_config().model, 1))())
   refused = subprocess.run(
-      [sys.executable, "-m", "monoformer_jax.sample", "read", f"--checkpoint={plain}",
-       f"--image={tmp_path / 'seven.png'}", "--text_prompt=what?"], capture_output=True,
-      text=True, cwd=REPO, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    [
+      sys.executable,
+      "-m",
+      "monoformer_jax.sample",
+      "read",
+      f"--checkpoint={plain}",
+      f"--image={tmp_path / 'seven.png'}",
+      "--text_prompt=what?",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert refused.returncode != 0 and "without a vision encoder" in refused.stderr

@@ -20,7 +20,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "monoformer_jax"
 def test_each_source_is_made_by_its_name(name):
   source = datasets.source(name)
   assert isinstance(source, DataSource) and source.name == name
-  if source.mixable:   # it writes a folder of its own records
+  if source.mixable:  # it writes a folder of its own records
     features = source.features(latent_shape=(4, 4, 4), flip=True)
     assert features and all(isinstance(k, str) for k in features)
 
@@ -38,8 +38,13 @@ def test_each_metric_has_one_evaluator_class_that_says_what_it_needs():
       cls = registry.evaluator_class(name)
       assert issubclass(cls, registry.Evaluator) and cls.__module__ == module
       assert cls.scores in ("samples", "model")
-  assert registry.sample_metrics(registry.METRICS) == ("fid", "sfid", "is",
-                                                       "precision_recall", "digits")
+  assert registry.sample_metrics(registry.METRICS) == (
+    "fid",
+    "sfid",
+    "is",
+    "precision_recall",
+    "digits",
+  )
   groups = registry.families(["fid", "digits", "is", "reading"])
   assert [names for names in groups.values()] == [("fid", "is"), ("digits",), ("reading",)]
 
@@ -48,11 +53,13 @@ def test_training_metrics_are_checked_by_what_their_evaluators_say():
   config = config_file("digits")
   registry.check_training_metrics(config, "evals.metrics")
   assert registry.end_of_run_metrics(config) == ("digits", "reading", "interleaved", "editing")
-  tiny = config_file("digits:tiny")   # no vision encoder, no interleaved or edit examples
+  tiny = config_file("digits:tiny")  # no vision encoder, no interleaved or edit examples
   assert registry.end_of_run_metrics(tiny) == ("digits",)
-  for metrics, error in ((("commonsense",), "does not run inside training"),
-                         (("reading",), "needs a model that reads images"),
-                         (("fid",), r"need --config.evals.inception")):
+  for metrics, error in (
+    (("commonsense",), "does not run inside training"),
+    (("reading",), "needs a model that reads images"),
+    (("fid",), r"need --config.evals.inception"),
+  ):
     tiny.evals.metrics = metrics
     with pytest.raises(ConfigError, match=error):
       registry.check_training_metrics(tiny, "evals.metrics")
@@ -69,7 +76,11 @@ def test_generic_code_never_imports_the_digits_demo():
     if PACKAGE / "digits" in path.parents:
       continue
     for node in ast.walk(ast.parse(path.read_text())):
-      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-               else [f"{node.module}.{a.name}" for a in node.names]
-               if isinstance(node, ast.ImportFrom) else [])
+      names = (
+        [a.name for a in node.names]
+        if isinstance(node, ast.Import)
+        else [f"{node.module}.{a.name}" for a in node.names]
+        if isinstance(node, ast.ImportFrom)
+        else []
+      )
       assert not any(n.startswith("monoformer_jax.digits") for n in names), path

@@ -15,20 +15,21 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from monoformer_jax.safetensors_io import (SafetensorsFile, SafetensorsSource,
-                                                       find_files)
 from monoformer_jax.convert import official
 from monoformer_jax.errors import FileFormatError, MissingPathError
+from monoformer_jax.safetensors_io import SafetensorsFile, SafetensorsSource, find_files
 from monoformer_jax.vae.load import read_safetensors, resolve_vae_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _tensors():
-  return {"a": np.arange(12, dtype=np.float32).reshape(3, 4),
-          "b": np.array([[1, -2], [3, 4]], np.int64),
-          "c": np.linspace(-2, 2, 10).astype(ml_dtypes.bfloat16).reshape(2, 5),
-          "empty": np.zeros((0, 3), np.float16)}
+  return {
+    "a": np.arange(12, dtype=np.float32).reshape(3, 4),
+    "b": np.array([[1, -2], [3, 4]], np.int64),
+    "c": np.linspace(-2, 2, 10).astype(ml_dtypes.bfloat16).reshape(2, 5),
+    "empty": np.zeros((0, 3), np.float16),
+  }
 
 
 def _good(tmp_path, name="model.safetensors"):
@@ -73,8 +74,11 @@ def test_npz_renamed_safetensors(tmp_path):
   path = str(tmp_path / "model.safetensors")
   with open(path, "wb") as f:
     f.write(buf.getvalue())
-  with _raises(path, r"is not a safetensors file: .*header size of \d+ bytes.*zip archive"
-               r".*convert it to safetensors.*pass the real \.safetensors file"):
+  with _raises(
+    path,
+    r"is not a safetensors file: .*header size of \d+ bytes.*zip archive"
+    r".*convert it to safetensors.*pass the real \.safetensors file",
+  ):
     SafetensorsFile(path)
   with _raises(path, "not a safetensors file"):
     SafetensorsSource(str(tmp_path))  # the folder, through find_files
@@ -94,8 +98,11 @@ def test_truncated_in_header(tmp_path):
   (n,) = struct.unpack("<Q", open(path, "rb").read(8))
   with open(path, "r+b") as f:
     f.truncate(8 + n // 2)
-  with _raises(path, rf"truncated inside its header: expected at least {8 + n} bytes.*"
-               rf"found {8 + n // 2}"):
+  with _raises(
+    path,
+    rf"truncated inside its header: expected at least {8 + n} bytes.*"
+    rf"found {8 + n // 2}",
+  ):
     SafetensorsFile(path)
   with open(path, "r+b") as f:
     f.truncate(5)
@@ -125,8 +132,9 @@ def test_bad_metadata(tmp_path):
 
 
 def test_unknown_dtype(tmp_path):
-  path = _craft(tmp_path, {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}},
-                b"\0\0")
+  path = _craft(
+    tmp_path, {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\0\0"
+  )
   with _raises(path, r"tensor 'w' has dtype 'F8_E4M3'.*known: .*BF16.*F32"):
     SafetensorsFile(path)
 
@@ -135,27 +143,35 @@ def test_missing_field_and_bad_shape(tmp_path):
   path = _craft(tmp_path, {"w": {"dtype": "F32", "shape": [1]}}, b"\0" * 4)
   with _raises(path, "tensor 'w': its header entry has no data_offsets"):
     SafetensorsFile(path)
-  path = _craft(tmp_path, {"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}},
-                b"\0" * 4)
+  path = _craft(tmp_path, {"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4)
   with _raises(path, r"tensor 'w' has shape \[-1\], expected a list of non-negative ints"):
     SafetensorsFile(path)
 
 
 def test_shape_offsets_mismatch(tmp_path):
-  path = _craft(tmp_path, {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}},
-                b"\0" * 24)
-  with _raises(path, r"tensor 'w': data_offsets \[0, 20\] hold 20 bytes, but shape "
-               r"\[2, 3\] of F32 needs 24"):
+  path = _craft(
+    tmp_path, {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}}, b"\0" * 24
+  )
+  with _raises(
+    path,
+    r"tensor 'w': data_offsets \[0, 20\] hold 20 bytes, but shape "
+    r"\[2, 3\] of F32 needs 24",
+  ):
     SafetensorsFile(path)
 
 
 def test_offsets_past_the_end(tmp_path):
-  header = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-            "w": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}
+  header = {
+    "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+    "w": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+  }
   path = _craft(tmp_path, header, b"\0" * 16)
   n = len(json.dumps(header).encode())
-  with _raises(path, rf"1 tensor\(s\) end past its last byte \('w'\).*"
-               rf"expected at least {8 + n + 24} bytes.*found {8 + n + 16}"):
+  with _raises(
+    path,
+    rf"1 tensor\(s\) end past its last byte \('w'\).*"
+    rf"expected at least {8 + n + 24} bytes.*found {8 + n + 16}",
+  ):
     SafetensorsFile(path)
   path = _craft(tmp_path, {"w": {"dtype": "U8", "shape": [0], "data_offsets": [3, 1]}}, b"")
   with _raises(path, r"tensor 'w' has data_offsets \[3, 1\].*0 <= begin <= end"):
@@ -163,9 +179,11 @@ def test_offsets_past_the_end(tmp_path):
 
 
 def test_overlapping_tensors(tmp_path):
-  header = {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-            "v": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
-            "z": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}}
+  header = {
+    "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+    "v": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+    "z": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]},
+  }
   path = _craft(tmp_path, header, b"\0" * 16)
   with _raises(path, r"tensors 'w' \(bytes \[0, 16\]\) and 'v' \(bytes \[8, 16\]\) overlap"):
     SafetensorsFile(path)
@@ -225,13 +243,28 @@ def test_convert_cli_truncated_weights(tmp_path, fixture_dir):
   shutil.copy(fixture_dir / "config.json", src / "config.json")
   weights = src / "weights.safetensors"
   data = (fixture_dir / "weights.safetensors").read_bytes()
-  weights.write_bytes(data[:len(data) // 2])
+  weights.write_bytes(data[: len(data) // 2])
   out = tmp_path / "out"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  run = subprocess.run([sys.executable, "-m", "monoformer_jax.convert", "official",
-                        f"--input={src}", f"--output={out}"],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  run = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "monoformer_jax.convert",
+      "official",
+      f"--input={src}",
+      f"--output={out}",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=env,
+    timeout=300,
+  )
   assert run.returncode != 0
-  assert re.search(re.escape(str(weights)) + r" is truncated: .*expected at least "
-                   rf"{len(data)} bytes.*found {len(data) // 2}", run.stderr), run.stderr[-3000:]
+  assert re.search(
+    re.escape(str(weights)) + r" is truncated: .*expected at least "
+    rf"{len(data)} bytes.*found {len(data) // 2}",
+    run.stderr,
+  ), run.stderr[-3000:]
   assert not out.exists() or not any(out.iterdir())

@@ -9,41 +9,60 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import digits_config
 
 from monoformer_jax import inference
 from monoformer_jax.checkpoints import load_model, save_model
 from monoformer_jax.model.build import init_params
-from helpers import digits_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow   # every test starts a process (the CLI, the notebook's kernel)
+pytestmark = pytest.mark.slow  # every test starts a process (the CLI, the notebook's kernel)
 
 
 def _cli(*flags, cwd=REPO):
-  return subprocess.run([sys.executable, "-m", "monoformer_jax.sample", *flags],
-                        cwd=cwd, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "monoformer_jax.sample", *flags],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
   out = tmp_path / "out"
-  run = _cli("images", f"--checkpoint={digits_checkpoint}", "--class_name=seven",
-             "--prompt=an image of two.", "--num_samples=2", "--num_steps=3", "--cfg_scale=2",
-             f"--output_dir={out}")
+  run = _cli(
+    "images",
+    f"--checkpoint={digits_checkpoint}",
+    "--class_name=seven",
+    "--prompt=an image of two.",
+    "--num_samples=2",
+    "--num_steps=3",
+    "--cfg_scale=2",
+    f"--output_dir={out}",
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   saved = np.load(out / "images.npz")
   images, prompts = saved["images"], saved["prompts"].tolist()
   assert images.shape == (4, 8, 8, 1) and images.dtype == np.float32
   assert prompts == ["an image of two."] * 2 + ["Please generate an image of seven."] * 2
   assert (out / "images.png").stat().st_size > 0
-  assert "ddpm steps: 100%" in run.stderr and "3/3" in run.stderr   # the progress bar
+  assert "ddpm steps: 100%" in run.stderr and "3/3" in run.stderr  # the progress bar
 
   model, config = load_model(digits_checkpoint)
   tok = inference.tokenizer_of(config)
-  x0 = inference.generate_images(model, tok, prompts, diffusion=config.diffusion, num_steps=3,
-                                 cfg_scale=2.0, seed=0)
+  x0 = inference.generate_images(
+    model, tok, prompts, diffusion=config.diffusion, num_steps=3, cfg_scale=2.0, seed=0
+  )
   np.testing.assert_allclose(images, inference.to_pixels(x0, config), atol=1e-4)
-  run = _cli("text", f"--checkpoint={digits_checkpoint}", "--text_prompt=two plus", "--max_new_tokens=5",
-             "--temperature=0", f"--output_dir={out}")   # beside images.*: no --overwrite
+  run = _cli(
+    "text",
+    f"--checkpoint={digits_checkpoint}",
+    "--text_prompt=two plus",
+    "--max_new_tokens=5",
+    "--temperature=0",
+    f"--output_dir={out}",
+  )  # beside images.*: no --overwrite
   assert run.returncode == 0, run.stderr[-3000:]
   text = inference.complete_text(model, tok, ["two plus"], max_new_tokens=5, temperature=0)
   assert f"'two plus' -> {text[0]!r}" in run.stdout
@@ -53,8 +72,9 @@ def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
 def test_cli_errors_name_the_fix(digits_checkpoint, tmp_path):
   run = _cli("images", f"--checkpoint={digits_checkpoint}", f"--output_dir={tmp_path}")
   assert run.returncode != 0 and "give --prompt or --class_name" in run.stderr
-  run = _cli("images", f"--checkpoint={digits_checkpoint}", "--class_name=eleven",
-             f"--output_dir={tmp_path}")
+  run = _cli(
+    "images", f"--checkpoint={digits_checkpoint}", "--class_name=eleven", f"--output_dir={tmp_path}"
+  )
   assert run.returncode != 0 and "'eleven' is not a digit" in run.stderr
   run = _cli("images", f"--checkpoint={tmp_path / 'nowhere'}", "--class_name=1")
   assert run.returncode != 0 and "does not exist" in run.stderr
@@ -68,8 +88,14 @@ def test_cli_decodes_a_latent_model_with_the_vae(tmp_path):
   config.model.in_channels = 4
   params = jax.jit(lambda: init_params(config.model, seed=3))()
   save_model(tmp_path / "ckpt", config, params, ema=params)
-  flags = ("images", f"--checkpoint={tmp_path / 'ckpt'}", "--prompt=a cat", "--num_samples=2",
-           "--num_steps=2", f"--output_dir={tmp_path / 'out'}")
+  flags = (
+    "images",
+    f"--checkpoint={tmp_path / 'ckpt'}",
+    "--prompt=a cat",
+    "--num_samples=2",
+    "--num_steps=2",
+    f"--output_dir={tmp_path / 'out'}",
+  )
   run = _cli(*flags)
   assert run.returncode != 0 and "pass --vae=DIR" in run.stderr
   run = _cli(*flags, f"--vae={REPO / 'tests' / 'fixtures' / 'tiny_vae'}")
@@ -81,20 +107,25 @@ def test_cli_decodes_a_latent_model_with_the_vae(tmp_path):
 def test_notebook_runs_headless(digits_checkpoint, monkeypatch):
   import nbclient
   import nbformat
+
   monkeypatch.setenv("MONOFORMER_CHECKPOINT", str(digits_checkpoint))
   monkeypatch.setenv("MONOFORMER_SAMPLE_STEPS", "3")
   monkeypatch.setenv("MONOFORMER_SAMPLES_PER_CLASS", "2")
   nb = nbformat.read(REPO / "notebooks" / "sampling.ipynb", as_version=4)
-  nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                          resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+  nbclient.NotebookClient(
+    nb,
+    timeout=300,
+    kernel_name="python3",
+    resources={"metadata": {"path": str(REPO / "notebooks")}},
+  ).execute()
   outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
   figures = [o for o in outputs if "image/png" in o.get("data", {})]
   texts = "".join(o.get("text", "") for o in outputs)
-  assert len(figures) == 2                       # the class grid and text-to-image
-  assert "'three plus four is' -> " in texts     # the completion
+  assert len(figures) == 2  # the class grid and text-to-image
+  assert "'three plus four is' -> " in texts  # the completion
   pages = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
-  assert len(pages) == 1 and pages[0].count('class=answer') == 4   # interleaved answers
-  assert "no editing" in texts                   # the tiny model reads no images
+  assert len(pages) == 1 and pages[0].count("class=answer") == 4  # interleaved answers
+  assert "no editing" in texts  # the tiny model reads no images
 
 
 # Runs `sample.main` on each command line (a JSON list of argv lists) in one
@@ -124,53 +155,98 @@ for argv in json.loads(sys.argv[1]):
 
 def test_cli_refuses_what_a_command_does_not_take_before_loading():
   import json
+
   cases = {
-      ("text", "--checkpoint=/nowhere", "--text_prompt=two", "--num_samples=2"):
-          "ConfigError: --num_samples is not a flag of `text`: `images`, `interleaved` and "
-          "`edit` take it",
-      ("--checkpoint=/nowhere", "--nocache", "edit", "--image=seven.png", "--prompt=p"):
-          "ConfigError: --cache is not a flag of `edit`: `images`, `text` and `read` take it",
-      ("edit", "--checkpoint=/nowhere", "--image=seven.png", "--prompt=p", "--class_name=3"):
-          "ConfigError: --class_name is not a flag of `edit`: `images` takes it",
-      ("read", "--checkpoint=/nowhere", "--text_prompt=what?"):
-          "ConfigError: `read` needs --image: a PNG or JPEG file (repeatable)",
-      ("images", "--class_name=seven"):
-          "ConfigError: `images` needs --checkpoint: a training workdir, one of its step "
-          "folders, or a converted model",
-      ("images", "--checkpoint=/nowhere"):
-          "ConfigError: nothing to draw: give --prompt or --class_name (repeatable)",
-      ("interleaved", "--checkpoint=/nowhere", "--image=seven.png"):
-          "ConfigError: `interleaved` continues --text_prompt: give at least one",
-      ("edit", "--checkpoint=/nowhere", "--image=a.png", "--image=b.png", "--prompt=p",
-       "--prompt=q", "--prompt=r"):
-          "ConfigError: 2 --image but 3 --prompt: give one instruction for all the images, or "
-          "one each",
-      ("edit", "--checkpoint=/nowhere", "--image=a.png", "--prompt=p", "--image_cfg_scale=2"):
-          "ConfigError: --image_cfg_scale is the image's scale of --edit_guidance=two_scale, "
-          "not of 'both': pass --edit_guidance=two_scale or leave it out",
-      ("text", "--checkpoint=/nowhere", "--text_prompt=two", "--top_p=2"):
-          "ConfigError: --top_p=2.0: must be in (0, 1]; 1 keeps every token",
-      ("sideways", "--checkpoint=/nowhere"):
-          "UsageError: usage: python -m monoformer_jax.sample "
-          "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got ['sideways'])",
-      ():
-          "UsageError: usage: python -m monoformer_jax.sample "
-          "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got [])",
+    (
+      "text",
+      "--checkpoint=/nowhere",
+      "--text_prompt=two",
+      "--num_samples=2",
+    ): "ConfigError: --num_samples is not a flag of `text`: `images`, `interleaved` and "
+    "`edit` take it",
+    (
+      "--checkpoint=/nowhere",
+      "--nocache",
+      "edit",
+      "--image=seven.png",
+      "--prompt=p",
+    ): "ConfigError: --cache is not a flag of `edit`: `images`, `text` and `read` take it",
+    (
+      "edit",
+      "--checkpoint=/nowhere",
+      "--image=seven.png",
+      "--prompt=p",
+      "--class_name=3",
+    ): "ConfigError: --class_name is not a flag of `edit`: `images` takes it",
+    (
+      "read",
+      "--checkpoint=/nowhere",
+      "--text_prompt=what?",
+    ): "ConfigError: `read` needs --image: a PNG or JPEG file (repeatable)",
+    (
+      "images",
+      "--class_name=seven",
+    ): "ConfigError: `images` needs --checkpoint: a training workdir, one of its step "
+    "folders, or a converted model",
+    (
+      "images",
+      "--checkpoint=/nowhere",
+    ): "ConfigError: nothing to draw: give --prompt or --class_name (repeatable)",
+    (
+      "interleaved",
+      "--checkpoint=/nowhere",
+      "--image=seven.png",
+    ): "ConfigError: `interleaved` continues --text_prompt: give at least one",
+    (
+      "edit",
+      "--checkpoint=/nowhere",
+      "--image=a.png",
+      "--image=b.png",
+      "--prompt=p",
+      "--prompt=q",
+      "--prompt=r",
+    ): "ConfigError: 2 --image but 3 --prompt: give one instruction for all the images, or "
+    "one each",
+    (
+      "edit",
+      "--checkpoint=/nowhere",
+      "--image=a.png",
+      "--prompt=p",
+      "--image_cfg_scale=2",
+    ): "ConfigError: --image_cfg_scale is the image's scale of --edit_guidance=two_scale, "
+    "not of 'both': pass --edit_guidance=two_scale or leave it out",
+    (
+      "text",
+      "--checkpoint=/nowhere",
+      "--text_prompt=two",
+      "--top_p=2",
+    ): "ConfigError: --top_p=2.0: must be in (0, 1]; 1 keeps every token",
+    ("sideways", "--checkpoint=/nowhere"): "UsageError: usage: python -m monoformer_jax.sample "
+    "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got ['sideways'])",
+    (): "UsageError: usage: python -m monoformer_jax.sample "
+    "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got [])",
   }
-  run = subprocess.run([sys.executable, "-c", _CHECK_ONLY, json.dumps(list(cases))], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+  run = subprocess.run(
+    [sys.executable, "-c", _CHECK_ONLY, json.dumps(list(cases))],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   undeclared, *errors = map(json.loads, run.stdout.splitlines())
-  assert undeclared == []                       # every flag belongs to SHARED or a command
+  assert undeclared == []  # every flag belongs to SHARED or a command
   assert dict(zip(cases, errors)) == cases
 
 
 def test_cli_usage_lists_the_commands():
   run = _cli()
   assert run.returncode != 0 and "(got [])" in run.stderr
-  for command, line in [("images", "draw --num_samples images of each --prompt"),
-                        ("text", "continue each --text_prompt"),
-                        ("read", "read each --image and answer --text_prompt"),
-                        ("interleaved", "continue each --text_prompt with text and images"),
-                        ("edit", "redraw each --image as --prompt says")]:
+  for command, line in [
+    ("images", "draw --num_samples images of each --prompt"),
+    ("text", "continue each --text_prompt"),
+    ("read", "read each --image and answer --text_prompt"),
+    ("interleaved", "continue each --text_prompt with text and images"),
+    ("edit", "redraw each --image as --prompt says"),
+  ]:
     assert f"\n  {command}" in run.stderr and line in run.stderr

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import digits_config
 from jax.sharding import PartitionSpec as P
 
 from monoformer_jax.data.packing import pack_examples
@@ -16,7 +17,6 @@ from monoformer_jax.parallel import sharding
 from monoformer_jax.text.tokenizer import ByteTokenizer
 from monoformer_jax.train.state import create_train_state, make_optimizer, state_shardings
 from monoformer_jax.train.step import accumulated_grads, make_loss_fn
-from helpers import digits_config
 
 MESHES = [(2, 4, 1), (1, 4, 2), (8, 1, 1)]
 
@@ -31,8 +31,7 @@ def _batch(config):
   examples = []
   for r in range(8):
     image = rng.uniform(-1, 1, spec.image_shape).astype(np.float32)
-    examples += [Example(words(5 + r) + [tok.image_id] + words(3), [image]),
-                 Example(words(10 + r))]
+    examples += [Example(words(5 + r) + [tok.image_id] + words(3), [image]), Example(words(10 + r))]
   batch = pack_examples(examples, spec)
   assert batch["tokens"].shape == (8, 48) and (batch["segment_ids"].max(1) == 2).all()
   return batch
@@ -61,10 +60,10 @@ def _sharded_loss_and_grads(config, grad_fn, params, batch, key, shape):
   with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
     _, _, sh = state_shardings(config, mesh, tx)
     batch_sh = sharding.batch_sharding(mesh, config.sharding_rules, 1)
-    f = jax.jit(grad_fn, in_shardings=(sh["params"], batch_sh, None),
-                out_shardings=(None, sh["params"]))
-    (loss, _), grads = f(jax.device_put(params, sh["params"]),
-                         jax.device_put(batch, batch_sh), key)
+    f = jax.jit(
+      grad_fn, in_shardings=(sh["params"], batch_sh, None), out_shardings=(None, sh["params"])
+    )
+    (loss, _), grads = f(jax.device_put(params, sh["params"]), jax.device_put(batch, batch_sh), key)
   return loss, grads
 
 
@@ -75,15 +74,17 @@ def _assert_same(loss_n, grads_n, loss_1, grads_1):
   flat_n = jax.tree.leaves(grads_n)
   for (path, g1), gn in zip(flat_1, flat_n):
     scale = float(jnp.abs(g1).max()) + 1e-12
-    np.testing.assert_allclose(np.asarray(gn) / scale, np.asarray(g1) / scale, atol=2e-5,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      np.asarray(gn) / scale, np.asarray(g1) / scale, atol=2e-5, err_msg=jax.tree_util.keystr(path)
+    )
 
 
 @pytest.mark.parametrize("shape", MESHES)
 def test_loss_and_gradients_match_one_device(setup, shape):
   config, grad_fn, params, batch, key, (loss_1, grads_1) = setup
-  _assert_same(*_sharded_loss_and_grads(config, grad_fn, params, batch, key, shape),
-               loss_1, grads_1)
+  _assert_same(
+    *_sharded_loss_and_grads(config, grad_fn, params, batch, key, shape), loss_1, grads_1
+  )
 
 
 @pytest.mark.slow
@@ -96,8 +97,9 @@ def test_pallas_attention_in_the_sharded_model_matches_xla_on_one_device(setup):
   graphdef, _, _ = abstract_model(config.model)
   loss_fn = make_loss_fn(graphdef, from_config(config.diffusion), config)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  _assert_same(*_sharded_loss_and_grads(config, grad_fn, params, batch, key, (1, 4, 2)),
-               loss_1, grads_1)
+  _assert_same(
+    *_sharded_loss_and_grads(config, grad_fn, params, batch, key, (1, 4, 2)), loss_1, grads_1
+  )
 
 
 def test_sharded_init_places_each_shard_and_matches_unsharded(setup):
@@ -106,7 +108,7 @@ def test_sharded_init_places_each_shard_and_matches_unsharded(setup):
   tx, _ = make_optimizer(config.optim)
   with jax.set_mesh(mesh):
     _, state, _ = create_train_state(config, mesh, tx)
-  wq = state["params"]["decoder"]["layers"]["attn"]["wq"]   # [layers, E, H, D]
+  wq = state["params"]["decoder"]["layers"]["attn"]["wq"]  # [layers, E, H, D]
   assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
   n, e, h, d = wq.shape
   assert {s.data.shape for s in wq.addressable_shards} == {(n, e // 4, h // 2, d)}
@@ -128,11 +130,9 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients(setup):
   graphdef, _, _ = abstract_model(config.model)
   loss_fn = make_loss_fn(graphdef, from_config(config.diffusion), config)
   grads_acc, metrics_acc = jax.jit(accumulated_grads(loss_fn, 2))(params, batch, key)
-  halves = [jax.tree.map(lambda x, i=i: x[i * 4:(i + 1) * 4], batch) for i in range(2)]
-  parts = [jax.jit(grad_fn)(params, h, jax.random.fold_in(key, i))
-           for i, h in enumerate(halves)]
-  np.testing.assert_allclose(metrics_acc["loss"],
-                             (parts[0][0][0] + parts[1][0][0]) / 2, rtol=1e-6)
+  halves = [jax.tree.map(lambda x, i=i: x[i * 4 : (i + 1) * 4], batch) for i in range(2)]
+  parts = [jax.jit(grad_fn)(params, h, jax.random.fold_in(key, i)) for i, h in enumerate(halves)]
+  np.testing.assert_allclose(metrics_acc["loss"], (parts[0][0][0] + parts[1][0][0]) / 2, rtol=1e-6)
   expected = jax.tree.map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1])
   chex.assert_trees_all_close(grads_acc, expected, rtol=1e-5, atol=1e-7)
 

@@ -18,23 +18,36 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "monoformer_jax"
 # From the ground up. A module's layer is the one that names it, else the first
 # whose pattern matches it.
 LAYERS = (
-    ("ground", ("errors", "config", "config.*", "paths", "perf", "layout")),
-    ("runtime", ("cli", "parallel", "parallel.*", "safetensors_io",
-                 "ops", "ops.*")),
-    ("model", ("model", "model.*")),
-    ("parts", ("checkpoints", "checkpoints.*", "diffusion", "diffusion.*", "text", "text.*",
-               "vae", "vae.*", "vision", "vision.*")),
-    ("data", ("data", "data.*")),
-    ("inference", ("inference",)),
-    ("evaluation", ("eval", "eval.*", "digits", "digits.*")),
-    ("training", ("checks", "train", "train.*", "convert", "convert.*")),
-    ("entry points", ("", "train.__main__", "convert.__main__", "sample", "evaluate",
-                      "compile", "data.prepare")),
+  ("ground", ("errors", "config", "config.*", "paths", "perf", "layout")),
+  ("runtime", ("cli", "parallel", "parallel.*", "safetensors_io", "ops", "ops.*")),
+  ("model", ("model", "model.*")),
+  (
+    "parts",
+    (
+      "checkpoints",
+      "checkpoints.*",
+      "diffusion",
+      "diffusion.*",
+      "text",
+      "text.*",
+      "vae",
+      "vae.*",
+      "vision",
+      "vision.*",
+    ),
+  ),
+  ("data", ("data", "data.*")),
+  ("inference", ("inference",)),
+  ("evaluation", ("eval", "eval.*", "digits", "digits.*")),
+  ("training", ("checks", "train", "train.*", "convert", "convert.*")),
+  (
+    "entry points",
+    ("", "train.__main__", "convert.__main__", "sample", "evaluate", "compile", "data.prepare"),
+  ),
 )
 
 # Imports that run up a layer, each with why it stays.
-UPWARD = {
-}
+UPWARD = {}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -49,6 +62,7 @@ def _modules() -> dict[str, pathlib.Path]:
 
 def _imports(modules) -> dict[str, set[str]]:
   """{module: the package's modules it imports}, names relative to the package."""
+
   def owner(name):
     while name and name not in modules:
       name = name.rpartition(".")[0]
@@ -64,7 +78,7 @@ def _imports(modules) -> dict[str, set[str]]:
         targets = [a.name for a in node.names]
       elif isinstance(node, ast.ImportFrom):
         if node.level:
-          anchor = package[:len(package) - node.level + 1]
+          anchor = package[: len(package) - node.level + 1]
           base = ".".join(["monoformer_jax"] + anchor + ([node.module] if node.module else []))
         else:
           base = node.module or ""
@@ -139,10 +153,12 @@ def test_no_module_imports_itself_back(edges):
 
 
 def test_every_module_is_on_a_layer_and_imports_only_its_layer_or_below(edges):
-  upward = sorted((a, b) for a, targets in edges.items() for b in targets
-                  if _layer(b) > _layer(a))
-  unexplained = [f"{a} ({LAYERS[_layer(a)][0]}) -> {b} ({LAYERS[_layer(b)][0]})"
-                 for a, b in upward if (a, b) not in UPWARD]
+  upward = sorted((a, b) for a, targets in edges.items() for b in targets if _layer(b) > _layer(a))
+  unexplained = [
+    f"{a} ({LAYERS[_layer(a)][0]}) -> {b} ({LAYERS[_layer(b)][0]})"
+    for a, b in upward
+    if (a, b) not in UPWARD
+  ]
   assert unexplained == []
   stale = sorted(set(UPWARD) - set(upward))
   assert stale == [], "UPWARD lists imports that are gone or no longer run up"

@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from monoformer_jax.text.tokenizer import (ByteTokenizer, HFJsonTokenizer, SentencePieceTokenizer,
-                                           load_tokenizer)
+from monoformer_jax.text.tokenizer import (
+  ByteTokenizer,
+  HFJsonTokenizer,
+  SentencePieceTokenizer,
+  load_tokenizer,
+)
 
 TINY_LLAMA = pathlib.Path(__file__).resolve().parent / "fixtures" / "tiny_llama"
 TEXTS = ["the cat sat on a mat.", "Hello, World!\n", "caf\u00e9 \u20ac5 \u4e16\u754c", "a  b", ""]
@@ -22,14 +26,28 @@ def _fixture_ids(name):
 def _train_llama_like(path, **overrides):
   """A tiny SentencePiece BPE with TinyLlama's settings (byte fallback, split
   digits, dummy prefix, unk/bos/eos = 0/1/2, no normalisation)."""
-  lines = [f"the {w} sat on the mat with {n} friends." for w in ("cat", "dog", "bird", "fox")
-           for n in range(50)]
+  lines = [
+    f"the {w} sat on the mat with {n} friends."
+    for w in ("cat", "dog", "bird", "fox")
+    for n in range(50)
+  ]
   model = io.BytesIO()
-  options = dict(vocab_size=300, model_type="bpe", byte_fallback=True, split_digits=True,
-                 add_dummy_prefix=True, normalization_rule_name="identity",
-                 remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-                 character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                 minloglevel=2)
+  options = dict(
+    vocab_size=300,
+    model_type="bpe",
+    byte_fallback=True,
+    split_digits=True,
+    add_dummy_prefix=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    allow_whitespace_only_pieces=True,
+    character_coverage=1.0,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    minloglevel=2,
+  )
   options.update(overrides)
   spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **options)
   path.write_bytes(model.getvalue())
@@ -100,6 +118,7 @@ def test_factory_and_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json"):
     load_tokenizer(str(tmp_path))
   not_llama = _train_llama_like(tmp_path / "x.model", unk_id=2, bos_id=0, eos_id=1)
-  with pytest.raises(ValueError, match="unk id is 2, but MonoFormer uses Llama.s layout with "
-                     "unk=0"):
+  with pytest.raises(
+    ValueError, match="unk id is 2, but MonoFormer uses Llama.s layout with unk=0"
+  ):
     load_tokenizer(str(not_llama))

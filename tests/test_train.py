@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 import pytest
-
 from helpers import TINY_CONFIG_FLAG, digits_config, on_one_device, one_device_env
+
 from monoformer_jax.train.loop import train_and_evaluate
 
 STEPS = 30
@@ -33,8 +33,9 @@ def straight(tmp_path_factory):
   """An uninterrupted 30-step run, checkpointed every 5 steps."""
   workdir = tmp_path_factory.mktemp("straight")
   with on_one_device():
-    train_and_evaluate(digits_config(num_steps=STEPS, checkpoint_every=5), str(workdir),
-                       sample_at_end=False)
+    train_and_evaluate(
+      digits_config(num_steps=STEPS, checkpoint_every=5), str(workdir), sample_at_end=False
+    )
   return workdir, {r["step"]: r for r in history(workdir)}
 
 
@@ -51,10 +52,19 @@ def _start(workdir, checkpoint_every):
   workdir.mkdir(exist_ok=True)
   with open(workdir.parent / f"log_{len(list(workdir.parent.glob('log_*')))}", "w") as log:
     return subprocess.Popen(
-        [sys.executable, "-m", "monoformer_jax.train", TINY_CONFIG_FLAG,
-         f"--workdir={workdir}", f"--config.train.num_steps={STEPS}",
-         f"--config.train.checkpoint_every={checkpoint_every}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
+      [
+        sys.executable,
+        "-m",
+        "monoformer_jax.train",
+        TINY_CONFIG_FLAG,
+        f"--workdir={workdir}",
+        f"--config.train.num_steps={STEPS}",
+        f"--config.train.checkpoint_every={checkpoint_every}",
+      ],
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
 
 
 def _signal_after_checkpoint(proc, workdir, step: int, sig):
@@ -84,7 +94,7 @@ def test_preempted_and_killed_runs_resume_with_the_same_losses(straight, tmp_pat
   stopped = [line["step"] for line in history(workdir)][-1]
   assert _saved_steps(workdir)[-1] == stopped >= 4
 
-  resumed_at = stopped - stopped % 6 + 6   # its first own checkpoint
+  resumed_at = stopped - stopped % 6 + 6  # its first own checkpoint
   proc = _start(workdir, 6)
   assert _signal_after_checkpoint(proc, workdir, resumed_at, signal.SIGKILL) == -9
   train_and_evaluate(digits_config(num_steps=STEPS), str(workdir), sample_at_end=False)
@@ -97,8 +107,9 @@ def test_preempted_and_killed_runs_resume_with_the_same_losses(straight, tmp_pat
   assert steps[-1] == STEPS
   for line in lines:
     for key in METRICS:
-      np.testing.assert_allclose(line[key], reference[line["step"]][key], rtol=1e-6,
-                                 err_msg=f"{key}@{line['step']}")
+      np.testing.assert_allclose(
+        line[key], reference[line["step"]][key], rtol=1e-6, err_msg=f"{key}@{line['step']}"
+      )
 
 
 def test_resuming_with_another_model_size_names_the_problem(straight, tmp_path, one_device):
@@ -106,7 +117,10 @@ def test_resuming_with_another_model_size_names_the_problem(straight, tmp_path, 
   shutil.copytree(straight[0], workdir)
   other = digits_config(num_steps=STEPS + 5)
   other.model.mlp_dim = 256
-  with pytest.raises(ValueError, match=r"(?s)does not match this config's model:\n.*"
-                     r"\['mlp'\]\['w_gate'\]: \(2, 128, 352\) in the checkpoint, "
-                     r"\(2, 128, 256\) for this config"):
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)does not match this config's model:\n.*"
+    r"\['mlp'\]\['w_gate'\]: \(2, 128, 352\) in the checkpoint, "
+    r"\(2, 128, 256\) for this config",
+  ):
     train_and_evaluate(other, str(workdir), sample_at_end=False)

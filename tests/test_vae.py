@@ -13,8 +13,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from monoformer_jax.vae import (SCALING_FACTOR, DiagonalGaussian, VAEConfig, decode_latents,
-                                encode_images, load_vae, vae_from_tensors)
+from monoformer_jax.vae import (
+  SCALING_FACTOR,
+  DiagonalGaussian,
+  VAEConfig,
+  decode_latents,
+  encode_images,
+  load_vae,
+  vae_from_tensors,
+)
 from monoformer_jax.vae.load import read_safetensors
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "tiny_vae"
@@ -64,10 +71,15 @@ def outputs(vae, io):
     # One decoder pass for both: the fixture's latents (scaled first) and the round trip.
     decoded = decode_latents(model, jnp.concatenate([latents * SCALING_FACTOR, scaled]))
     n = len(pixels)
-    return dict(mean=posterior.mean, logvar=posterior.logvar, scaled=scaled,
-                decoded=decoded[:n], reconstruction=decoded[n:],
-                sampled=encode_images(model, pixels, key),
-                noise=jax.random.normal(key, posterior.mean.shape))
+    return dict(
+      mean=posterior.mean,
+      logvar=posterior.logvar,
+      scaled=scaled,
+      decoded=decoded[:n],
+      reconstruction=decoded[n:],
+      sampled=encode_images(model, pixels, key),
+      noise=jax.random.normal(key, posterior.mean.shape),
+    )
 
   # An 'rbg' key: the default threefry's random bits take seconds to compile on CPU.
   key = jax.random.key(3, impl="rbg")
@@ -110,11 +122,16 @@ def test_posterior_clips_logvar_to_diffusers_range():
 
 def test_legacy_attention_names_as_1x1_convs_from_one_file(tmp_path, vae):
   from safetensors.numpy import save_file
+
   legacy = {}
   for name, tensor in read_safetensors(WEIGHTS).items():
     key, value = name, tensor
-    for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"),
-                     ("to_out.0", "proj_attn")):
+    for new, old in (
+      ("to_q", "query"),
+      ("to_k", "key"),
+      ("to_v", "value"),
+      ("to_out.0", "proj_attn"),
+    ):
       if f".attentions.0.{new}." in key:
         key = key.replace(f".{new}.", f".{old}.")
         value = value[..., None, None] if value.ndim == 2 else value
@@ -154,8 +171,15 @@ def test_config_not_matching_checkpoint_says_what_to_change(config):
   with pytest.raises(ValueError, match=r"missing.*resnets\.2.*layers_per_block=2"):
     load_vae(FIXTURE, config=dict(config, layers_per_block=2))
   with pytest.raises(ValueError, match=r"not in the model.*block_out_channels=\[16\]"):
-    load_vae(FIXTURE, config=dict(config, block_out_channels=[16], down_block_types=[
-        "DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"]))
+    load_vae(
+      FIXTURE,
+      config=dict(
+        config,
+        block_out_channels=[16],
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+      ),
+    )
 
 
 def test_unsupported_config_and_missing_files(config, tmp_path):

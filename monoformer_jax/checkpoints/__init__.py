@@ -3,11 +3,30 @@
 load_config). Other people's weights files are monoformer_jax/safetensors_io.py's.
 """
 
-from monoformer_jax.checkpoints.orbax_io import (TrainCheckpointer, beside, check_params,
-                                                 load_config,
-                                                 load_model, load_params, model_differences,
-                                                 nonfinite_params, resolve, save_model,
-                                                 stored_weights)
+from monoformer_jax.checkpoints.orbax_io import (
+  TrainCheckpointer,
+  beside,
+  check_params,
+  load_config,
+  load_model,
+  load_params,
+  model_differences,
+  nonfinite_params,
+  resolve,
+  save_model,
+  stored_weights,
+)
 
-__all__ = ["TrainCheckpointer", "beside", "check_params", "load_config", "load_model", "load_params",
-           "model_differences", "nonfinite_params", "resolve", "save_model", "stored_weights"]
+__all__ = [
+  "TrainCheckpointer",
+  "beside",
+  "check_params",
+  "load_config",
+  "load_model",
+  "load_params",
+  "model_differences",
+  "nonfinite_params",
+  "resolve",
+  "save_model",
+  "stored_weights",
+]

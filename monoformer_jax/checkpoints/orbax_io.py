@@ -48,44 +48,57 @@ WEIGHTS = ("ema", "raw")
 _COMPUTE_FIELDS = ("dtype", "attention_impl", "remat", "scan_unroll")
 
 
-def _manager(directory: str, *, create: bool = False, keep: int | None = None,
-             asynchronous: bool = False) -> ocp.CheckpointManager:
+def _manager(
+  directory: str, *, create: bool = False, keep: int | None = None, asynchronous: bool = False
+) -> ocp.CheckpointManager:
   """The one CheckpointManager set-up: every item a checkpoint may hold is
   named (so Orbax does not warn about the ones a reader skips); readers pass
   create=False and never make folders."""
   directory = os.fspath(directory)
   return ocp.CheckpointManager(
-      directory if "://" in directory else os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                           enable_async_checkpointing=asynchronous),
-      item_handlers=dict(state=ocp.PyTreeCheckpointHandler(),
-                         data=ocp.JsonCheckpointHandler(),
-                         config=ocp.JsonCheckpointHandler()))
+    directory if "://" in directory else os.path.abspath(directory),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=create, enable_async_checkpointing=asynchronous
+    ),
+    item_handlers=dict(
+      state=ocp.PyTreeCheckpointHandler(),
+      data=ocp.JsonCheckpointHandler(),
+      config=ocp.JsonCheckpointHandler(),
+    ),
+  )
 
 
 def _target(abstract, shardings):
   """Restore arguments that put each array of `abstract` into its sharding."""
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
   return target, ocp.checkpoint_utils.construct_restore_args(target)
 
 
 def check_params(stored, wanted, where: str, fix: str):
   """Raises, naming every differing parameter, when the parameter trees
   `stored` (checkpoint metadata) and `wanted` (this config's) disagree."""
-  shapes = lambda tree: {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
-                         jax.tree_util.tree_flatten_with_path(tree)[0]}
+  shapes = lambda tree: {
+    jax.tree_util.keystr(p): tuple(v.shape)
+    for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
   stored, wanted = shapes(stored), shapes(wanted)
-  problems = [f"{k}: {stored[k]} in the checkpoint, {wanted[k]} for this config"
-              for k in wanted if k in stored and stored[k] != wanted[k]]
+  problems = [
+    f"{k}: {stored[k]} in the checkpoint, {wanted[k]} for this config"
+    for k in wanted
+    if k in stored and stored[k] != wanted[k]
+  ]
   problems += [f"{k}: missing from the checkpoint" for k in wanted if k not in stored]
-  problems += [f"{k}: in the checkpoint, not in this config's model"
-               for k in stored if k not in wanted]
+  problems += [
+    f"{k}: in the checkpoint, not in this config's model" for k in stored if k not in wanted
+  ]
   if problems:
     shown = "\n  ".join(problems[:10])
     more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-    raise CheckpointError(f"checkpoint {where} does not match this config's model:\n  "
-                          f"{shown}{more}\n{fix}")
+    raise CheckpointError(
+      f"checkpoint {where} does not match this config's model:\n  {shown}{more}\n{fix}"
+    )
 
 
 def check_model_fields(saved, config, where: str, *, allowed: bool, override: str):
@@ -96,13 +109,17 @@ def check_model_fields(saved, config, where: str, *, allowed: bool, override: st
   if not differ:
     return
   if allowed:
-    logging.warning("%s was made with other model settings (%s); using this config's, "
-                    "as asked", where, "; ".join(differ))
+    logging.warning(
+      "%s was made with other model settings (%s); using this config's, as asked",
+      where,
+      "; ".join(differ),
+    )
     return
   raise CheckpointError(
-      f"{where} was made with other model settings: {'; '.join(differ)}. They change "
-      "what the weights compute. Use the checkpoint's values (its `config` item holds "
-      f"them), or {override} to go on with this config's")
+    f"{where} was made with other model settings: {'; '.join(differ)}. They change "
+    "what the weights compute. Use the checkpoint's values (its `config` item holds "
+    f"them), or {override} to go on with this config's"
+  )
 
 
 def _first_line(error: BaseException) -> str:
@@ -129,8 +146,7 @@ def _silence_failed_restore_noise():
   except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook
   sys.excepthook = lambda t, e, tb: None if noise(e) else except_hook(t, e, tb)
   sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisable_hook(u)
-  std_logging.getLogger("asyncio").addFilter(
-      lambda r: not (r.exc_info and noise(r.exc_info[1])))
+  std_logging.getLogger("asyncio").addFilter(lambda r: not (r.exc_info and noise(r.exc_info[1])))
 
 
 def _state_bytes(state) -> int:
@@ -148,17 +164,20 @@ def _free_bytes(directory: str) -> int | None:
 
 # ------------------------------------------------------------------ training
 
+
 class TrainCheckpointer:
   """A training run's checkpoints: state, data position and config per step."""
 
   def __init__(self, directory: str, *, keep: int, save_every: int):
     if keep < 1:
-      raise CheckpointError(f"keep={keep}: at least the newest checkpoint must be kept "
-                            "(--config.train.keep_checkpoints=1 or more)")
+      raise CheckpointError(
+        f"keep={keep}: at least the newest checkpoint must be kept "
+        "(--config.train.keep_checkpoints=1 or more)"
+      )
     self.directory = os.fspath(directory)
     self.save_every = save_every
     self.manager = _manager(self.directory, create=True, keep=keep, asynchronous=True)
-    self._pending: list[tuple[int, float, int]] = []   # (step, start time, bytes)
+    self._pending: list[tuple[int, float, int]] = []  # (step, start time, bytes)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -178,11 +197,16 @@ class TrainCheckpointer:
     if free is not None and free < needed:
       raise self._failed(step, needed, f"{free:,} bytes are free there")
     try:
-      started = self.manager.save(step, args=ocp.args.Composite(
+      started = self.manager.save(
+        step,
+        args=ocp.args.Composite(
           state=ocp.args.PyTreeSave(state),
           data=ocp.args.JsonSave(data_state),
-          config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
-    except Exception as e:   # the previous async save's failure surfaces here too
+          config=ocp.args.JsonSave(json.loads(config.to_json())),
+        ),
+        force=True,
+      )
+    except Exception as e:  # the previous async save's failure surfaces here too
       raise self._failed(step, needed, _first_line(e)) from e
     if started:
       self._pending.append((step, time.perf_counter(), needed))
@@ -191,10 +215,11 @@ class TrainCheckpointer:
   def _failed(self, step: int, needed: int, why: str) -> PathError:
     kept = [s for s in self.manager.all_steps() if s != step]
     return PathError(
-        f"could not save step {step} to {self.directory}: {why}; a checkpoint needs about "
-        f"{needed:,} bytes. The steps already there {sorted(kept)} are intact. Free space "
-        "there (or lower train.keep_checkpoints), or resume with --workdir on a larger "
-        "disk after copying the checkpoints folder")
+      f"could not save step {step} to {self.directory}: {why}; a checkpoint needs about "
+      f"{needed:,} bytes. The steps already there {sorted(kept)} are intact. Free space "
+      "there (or lower train.keep_checkpoints), or resume with --workdir on a larger "
+      "disk after copying the checkpoints folder"
+    )
 
   def poll(self, *, wait: bool = False) -> list[int]:
     """Logs (and returns) the steps whose save has been committed since the
@@ -213,8 +238,13 @@ class TrainCheckpointer:
       raise self._failed(step, needed, _first_line(e)) from e
     done, self._pending = self._pending, []
     for step, start, needed in done:
-      logging.info("checkpoint step %d saved to %s (%.1f MB, committed within %.1f s)",
-                   step, self.directory, needed / 1e6, time.perf_counter() - start)
+      logging.info(
+        "checkpoint step %d saved to %s (%.1f MB, committed within %.1f s)",
+        step,
+        self.directory,
+        needed / 1e6,
+        time.perf_counter() - start,
+      )
     return [step for step, _, _ in done]
 
   def wait(self):
@@ -234,18 +264,26 @@ class TrainCheckpointer:
         stored = self.manager.item_metadata(step)["state"]["params"]
         saved_config = _config_at(self.manager, step)
       except UserError:
-        raise   # a config this version cannot read is no damaged checkpoint
+        raise  # a config this version cannot read is no damaged checkpoint
       except Exception as e:
         problems.append(self._unreadable(step, e))
         continue
       # Another model's checkpoint fails here, naming every differing parameter
       # (the optimizer state and EMA mirror the parameters).
-      check_params(stored, abstract_state["params"], where,
-                   "Resume with the config it was trained with (its `config` item "
-                   "holds it) or point --workdir at a fresh directory.")
-      check_model_fields(saved_config, config, f"checkpoint {where}",
-                         allowed=config.train.allow_model_changes,
-                         override="pass --config.train.allow_model_changes=True")
+      check_params(
+        stored,
+        abstract_state["params"],
+        where,
+        "Resume with the config it was trained with (its `config` item "
+        "holds it) or point --workdir at a fresh directory.",
+      )
+      check_model_fields(
+        saved_config,
+        config,
+        f"checkpoint {where}",
+        allowed=config.train.allow_model_changes,
+        override="pass --config.train.allow_model_changes=True",
+      )
       try:
         state, data = self._restore(step, abstract_state, shardings)
       except CheckpointError:
@@ -258,9 +296,11 @@ class TrainCheckpointer:
       return step, state, data
     if problems:
       raise CheckpointError(
-          f"no readable checkpoint in {self.directory}: " + "; ".join(problems) +
-          f". They were moved to {self.directory}_unreadable/; start again with a fresh "
-          "--workdir (or restore the folder from a backup)")
+        f"no readable checkpoint in {self.directory}: "
+        + "; ".join(problems)
+        + f". They were moved to {self.directory}_unreadable/; start again with a fresh "
+        "--workdir (or restore the folder from a backup)"
+      )
     return None
 
   def _unreadable(self, step: int, error: BaseException) -> str:
@@ -270,20 +310,31 @@ class TrainCheckpointer:
       os.makedirs(os.path.dirname(aside), exist_ok=True)
       os.replace(os.path.join(self.directory, str(step)), aside)
       self.manager.reload()
-    logging.warning("checkpoint %s/%d cannot be read: %s; moved it to %s and trying the "
-                    "step before it", self.directory, step, _first_line(error), aside)
+    logging.warning(
+      "checkpoint %s/%d cannot be read: %s; moved it to %s and trying the step before it",
+      self.directory,
+      step,
+      _first_line(error),
+      aside,
+    )
     return why
 
   def _restore(self, step: int, abstract_state, shardings):
     target, restore_args = _target(abstract_state, shardings)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
-        data=ocp.args.JsonRestore()))
+        data=ocp.args.JsonRestore(),
+      ),
+    )
     data = restored["data"]
     legacy = sorted(k for k in data if k.startswith("process_"))
-    if legacy:   # saved before data shards: process p's position is shard p's of P
-      data = {"shards": len(legacy), "next_example": {
-          k.removeprefix("process_"): int(data[k]["next_example"]) for k in legacy}}
+    if legacy:  # saved before data shards: process p's position is shard p's of P
+      data = {
+        "shards": len(legacy),
+        "next_example": {k.removeprefix("process_"): int(data[k]["next_example"]) for k in legacy},
+      }
     return restored["state"], data
 
   def close(self):
@@ -292,21 +343,26 @@ class TrainCheckpointer:
 
 # -------------------------------------------------------------------- models
 
+
 def model_differences(saved, config) -> list[str]:
   """`model.x=A there, B here` for each weight-shaping field that differs
   (`saved` is complete: a field added since it was saved holds its default)."""
-  return [f"model.{k}={saved.model[k]!r} there, {v!r} here"
-          for k, v in config.model.items()
-          if k not in _COMPUTE_FIELDS and saved.model[k] != v]
+  return [
+    f"model.{k}={saved.model[k]!r} there, {v!r} here"
+    for k, v in config.model.items()
+    if k not in _COMPUTE_FIELDS and saved.model[k] != v
+  ]
 
 
 def resolve(path: str, step: int | None = None) -> tuple[str, int]:
   """(checkpoint manager directory, step) that `path` names; latest by default."""
   path = os.fspath(path).rstrip("/")
   if not os.path.isdir(path) and "://" not in path:
-    raise MissingPathError(f"checkpoint path {path!r} does not exist; pass a training "
-                           "workdir, a step folder like workdir/checkpoints/800, or the "
-                           "output of `python -m monoformer_jax.convert`")
+    raise MissingPathError(
+      f"checkpoint path {path!r} does not exist; pass a training "
+      "workdir, a step folder like workdir/checkpoints/800, or the "
+      "output of `python -m monoformer_jax.convert`"
+    )
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   name = os.path.basename(path)
@@ -317,9 +373,10 @@ def resolve(path: str, step: int | None = None) -> tuple[str, int]:
   steps = resolve_steps(path)
   if not steps:
     raise MissingPathError(
-        f"no checkpoint in {path!r}: expected a training workdir, its checkpoints/ "
-        "folder, a step folder like checkpoints/800, or the output of "
-        "`python -m monoformer_jax.convert`")
+      f"no checkpoint in {path!r}: expected a training workdir, its checkpoints/ "
+      "folder, a step folder like checkpoints/800, or the output of "
+      "`python -m monoformer_jax.convert`"
+    )
   if step is None:
     return path, steps[-1]
   if step not in steps:
@@ -336,10 +393,14 @@ def _config_at(manager: ocp.CheckpointManager, step: int) -> ml_collections.Conf
 
 def _unreadable_error(directory: str, step: int, error: BaseException) -> CheckpointError:
   others = [s for s in resolve_steps(directory) if s != step]
-  hint = (f"pass one of its other steps, e.g. {directory}/{others[-1]}" if others else
-          "restore it from a backup, or convert or train the model again")
-  return CheckpointError(f"checkpoint {directory}/{step} cannot be read ({_first_line(error)}); "
-                         f"{hint}")
+  hint = (
+    f"pass one of its other steps, e.g. {directory}/{others[-1]}"
+    if others
+    else "restore it from a backup, or convert or train the model again"
+  )
+  return CheckpointError(
+    f"checkpoint {directory}/{step} cannot be read ({_first_line(error)}); {hint}"
+  )
 
 
 def beside(checkpoint: str, step: int, name: str, flag: str) -> str:
@@ -350,7 +411,7 @@ def beside(checkpoint: str, step: int, name: str, flag: str) -> str:
   if "://" in directory:
     raise PathError(f"--checkpoint={checkpoint!r} is not on a local disk: pass {flag}")
   directory = os.path.abspath(directory)
-  if os.path.basename(directory) == "checkpoints":   # a training workdir's
+  if os.path.basename(directory) == "checkpoints":  # a training workdir's
     return os.path.join(os.path.dirname(directory), f"{name}_step{step}")
   return f"{directory}_{name}_step{step}"
 
@@ -378,8 +439,15 @@ def stored_weights(path: str) -> list[str]:
   return sorted(_manager(directory).item_metadata(step)["state"])
 
 
-def load_params(path: str, *, weights: str = "ema", config=None, shardings=None,
-                step: int | None = None, allow_model_changes: bool = False):
+def load_params(
+  path: str,
+  *,
+  weights: str = "ema",
+  config=None,
+  shardings=None,
+  step: int | None = None,
+  allow_model_changes: bool = False,
+):
   """(params pure dict, config, step) from the checkpoint `path` names.
 
   `weights`: 'ema' (the default for sampling, as the reference) or 'raw'.
@@ -390,25 +458,34 @@ def load_params(path: str, *, weights: str = "ema", config=None, shardings=None,
   shards, else onto the default device. Only the chosen weights are read,
   never the optimizer state; weights that are not finite are refused.
   """
-  _, params, config, step = _restore(path, weights, config, shardings, step,
-                                     allow_model_changes)
+  _, params, config, step = _restore(path, weights, config, shardings, step, allow_model_changes)
   return params, config, step
 
 
-def load_model(path: str, *, weights: str = "ema", config=None, shardings=None,
-               step: int | None = None, allow_model_changes: bool = False):
+def load_model(
+  path: str,
+  *,
+  weights: str = "ema",
+  config=None,
+  shardings=None,
+  step: int | None = None,
+  allow_model_changes: bool = False,
+):
   """(MonoFormer with the checkpoint's weights, config): see `load_params`."""
-  graphdef, params, config, _ = _restore(path, weights, config, shardings, step,
-                                         allow_model_changes)
+  graphdef, params, config, _ = _restore(
+    path, weights, config, shardings, step, allow_model_changes
+  )
   return nnx.merge(graphdef, params), config
 
 
 def nonfinite_params(params) -> list[str]:
   """The names of the arrays of `params` that hold a NaN or an infinity."""
-  finite = jax.device_get(jax.jit(lambda t: jax.tree.map(lambda x: jnp.isfinite(x).all(), t))(
-      params))
-  return [jax.tree_util.keystr(p) for p, ok in jax.tree_util.tree_flatten_with_path(finite)[0]
-          if not ok]
+  finite = jax.device_get(
+    jax.jit(lambda t: jax.tree.map(lambda x: jnp.isfinite(x).all(), t))(params)
+  )
+  return [
+    jax.tree_util.keystr(p) for p, ok in jax.tree_util.tree_flatten_with_path(finite)[0] if not ok
+  ]
 
 
 def _restore(path, weights, config, shardings, step, allow_model_changes=False):
@@ -429,32 +506,47 @@ def _restore(path, weights, config, shardings, step, allow_model_changes=False):
   config = saved_config if config is None else config
   key = "ema" if weights == "ema" else "params"
   if key not in stored:
-    raise CheckpointError(f"checkpoint {where} has no {key!r} weights (it holds "
-                          f"{sorted(stored)}); ask for weights='raw' (--weights=raw)")
+    raise CheckpointError(
+      f"checkpoint {where} has no {key!r} weights (it holds "
+      f"{sorted(stored)}); ask for weights='raw' (--weights=raw)"
+    )
   graphdef, abstract, _ = abstract_model(config.model)
   differ = model_differences(saved_config, config)
-  fix = ("Set " + "; ".join(differ) + " to the checkpoint's values" if differ else
-         "Pass the config the checkpoint was made with (its `config` item holds it)")
-  check_params(stored[key], abstract, where,
-               fix + ", or convert the weights for this model size.")
-  check_model_fields(saved_config, config, f"checkpoint {where}", allowed=allow_model_changes,
-                     override="pass allow_model_changes=True "
-                              "(--config.train.allow_model_changes=True for train.init_from)")
+  fix = (
+    "Set " + "; ".join(differ) + " to the checkpoint's values"
+    if differ
+    else "Pass the config the checkpoint was made with (its `config` item holds it)"
+  )
+  check_params(stored[key], abstract, where, fix + ", or convert the weights for this model size.")
+  check_model_fields(
+    saved_config,
+    config,
+    f"checkpoint {where}",
+    allowed=allow_model_changes,
+    override="pass allow_model_changes=True "
+    "(--config.train.allow_model_changes=True for train.init_from)",
+  )
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
   target, restore_args = _target({key: abstract}, {key: shardings})
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True)))
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+      ),
+    )
   except Exception as e:
     raise _unreadable_error(directory, step, e) from e
   params = restored["state"][key]
   bad = nonfinite_params(params)
   if bad:
-    raise CheckpointError(f"checkpoint {where} holds non-finite {key!r} weights in "
-                          f"{len(bad)} arrays ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}); "
-                          "it was saved from a diverged run: use an earlier step")
+    raise CheckpointError(
+      f"checkpoint {where} holds non-finite {key!r} weights in "
+      f"{len(bad)} arrays ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}); "
+      "it was saved from a diverged run: use an earlier step"
+    )
   return graphdef, params, config, step
 
 
@@ -463,7 +555,11 @@ def save_model(directory: str, config, params, *, ema=None, step: int = 0):
   that `load_model`, sampling, evaluation and `train.init_from` read."""
   state = dict(params=params) if ema is None else dict(params=params, ema=ema)
   with _manager(os.fspath(directory), create=True) as manager:
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state),
-        config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
+    manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(json.loads(config.to_json()))
+      ),
+      force=True,
+    )
     manager.wait_until_finished()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
 from collections.abc import Iterable
+from typing import Any
 
 from monoformer_jax.errors import ConfigError
 
@@ -26,21 +26,33 @@ def flag_of(field: str) -> str:
   return field if field.startswith("--") else f"--config.{field}"
 
 
-def integer(field: str, value, *, low: int | None = None, high: int | None = None,
-            fix: str | None = None) -> int:
+def integer(
+  field: str, value, *, low: int | None = None, high: int | None = None, fix: str | None = None
+) -> int:
   """`value` as an int in [low, high]."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     fail(field, value, "must be an integer", fix)
   if (low is not None and value < low) or (high is not None and value > high):
-    bounds = (f">= {low}" if high is None else f"<= {high}" if low is None
-              else f"in [{low}, {high}]")
-    fail(field, value, f"must be {bounds}", fix or f"pass e.g. {flag_of(field)}="
-         f"{low if low is not None and value < low else high}")
+    bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+    fail(
+      field,
+      value,
+      f"must be {bounds}",
+      fix or f"pass e.g. {flag_of(field)}={low if low is not None and value < low else high}",
+    )
   return int(value)
 
 
-def real(field: str, value, *, low: float | None = None, high: float | None = None,
-         low_open: bool = False, high_open: bool = False, fix: str | None = None) -> float:
+def real(
+  field: str,
+  value,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  low_open: bool = False,
+  high_open: bool = False,
+  fix: str | None = None,
+) -> float:
   """`value` as a finite float in the interval (an open end excludes its bound)."""
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     fail(field, value, "must be a number", fix)
@@ -52,8 +64,13 @@ def real(field: str, value, *, low: float | None = None, high: float | None = No
   if too_low or too_high:
     lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
     hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
-    interval = (f"in {lo}, {hi}" if lo and hi else f"{'>' if low_open else '>='} {low:g}"
-                if lo else f"{'<' if high_open else '<='} {high:g}")
+    interval = (
+      f"in {lo}, {hi}"
+      if lo and hi
+      else f"{'>' if low_open else '>='} {low:g}"
+      if lo
+      else f"{'<' if high_open else '<='} {high:g}"
+    )
     fail(field, value, f"must be {interval}", fix)
   return value
 
@@ -79,29 +96,46 @@ def one_of(field: str, value, allowed: Iterable, fix: str | None = None):
 
 def strings(field: str, value) -> tuple[str, ...]:
   """A list or tuple of strings, never one string (whose letters would be taken)."""
-  if isinstance(value, str) or not isinstance(value, (list, tuple)) \
-      or not all(isinstance(v, str) for v in value):
+  if (
+    isinstance(value, str)
+    or not isinstance(value, (list, tuple))
+    or not all(isinstance(v, str) for v in value)
+  ):
     fail(field, value, "must be a list of strings", f"e.g. {flag_of(field)}=\"('a', 'b')\"")
   return tuple(value)
 
 
 # ------------------------------------------------------ sampling arguments
 
-def check_image_sampling(*, num_steps, cfg_scale, num_timesteps: int, eta: float = 0.0,
-                         num_samples: int = 1, prefix: str = ""):
+
+def check_image_sampling(
+  *,
+  num_steps,
+  cfg_scale,
+  num_timesteps: int,
+  eta: float = 0.0,
+  num_samples: int = 1,
+  prefix: str = "",
+):
   """Image sampling arguments; `prefix` is how the caller names them: 'sample.'
   for config fields, '--' for flags, '' for keyword arguments."""
   name = lambda n: f"{prefix}{n}"
-  integer(name("num_steps"), num_steps, low=1, high=num_timesteps,
-          fix=f"the schedule has diffusion.num_timesteps={num_timesteps} steps to respace")
+  integer(
+    name("num_steps"),
+    num_steps,
+    low=1,
+    high=num_timesteps,
+    fix=f"the schedule has diffusion.num_timesteps={num_timesteps} steps to respace",
+  )
   if cfg_scale is not None:
     real(name("cfg_scale"), cfg_scale, low=0, fix="0 (or None in Python) turns guidance off")
   real(name("eta"), eta, low=0, fix="DDIM's eta: 0 is deterministic, 1 the posterior noise")
   integer(name("num_samples"), num_samples, low=1)
 
 
-def check_text_sampling(*, max_new_tokens, temperature: float = 0.0, top_k: int = 0,
-                        top_p: float = 1.0, prefix: str = ""):
+def check_text_sampling(
+  *, max_new_tokens, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, prefix: str = ""
+):
   """Text generation arguments, named as `check_image_sampling` names them."""
   name = lambda n: f"{prefix}{n}"
   integer(name("max_new_tokens"), max_new_tokens, low=1)
@@ -113,8 +147,9 @@ def check_text_sampling(*, max_new_tokens, temperature: float = 0.0, top_k: int 
 def check_prompts(prompts, what: str = "prompts") -> list:
   """A list of strings (or None for the null prompt), never one string."""
   if isinstance(prompts, str):
-    raise ConfigError(f"{what} must be a list of strings, got the string {prompts!r}; "
-                      f"pass [{prompts!r}]")
+    raise ConfigError(
+      f"{what} must be a list of strings, got the string {prompts!r}; pass [{prompts!r}]"
+    )
   prompts = list(prompts)
   bad = [p for p in prompts if p is not None and not isinstance(p, str)]
   if bad:

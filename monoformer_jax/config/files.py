@@ -22,8 +22,9 @@ def config_file(name: str):
   path = CONFIGS_DIR / f"{name}.py"
   if not path.exists():
     raise FileNotFoundError(
-        f"no {path}: the configs come with a clone of the repository (install it with "
-        f"`pip install -e .`), or pass --config=path/to/configs/{name}.py")
+      f"no {path}: the configs come with a clone of the repository (install it with "
+      f"`pip install -e .`), or pass --config=path/to/configs/{name}.py"
+    )
   spec = importlib.util.spec_from_file_location(f"monoformer_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -23,8 +23,8 @@ import collections.abc
 import dataclasses
 import difflib
 import typing
-from typing import Any, Literal
 from collections.abc import Mapping
+from typing import Any, Literal
 
 import ml_collections
 
@@ -35,13 +35,13 @@ from monoformer_jax.errors import ConfigError
 # The names a field may take. Code that branches on them imports them from here.
 
 Conditioning = Literal["adaln_before_decoder", "add_before_image_tokens"]
-VisionEncoder = Literal["", "vae", "clip"]   # "": the model reads no image
+VisionEncoder = Literal["", "vae", "clip"]  # "": the model reads no image
 AttentionImpl = Literal["xla", "pallas", "auto"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 BetaSchedule = Literal["linear"]
 
 CONDITIONING_MODES = typing.get_args(Conditioning)
-CONDITIONING_TOKEN_MODE = "add_before_image_tokens"   # one timestep token per image
+CONDITIONING_TOKEN_MODE = "add_before_image_tokens"  # one timestep token per image
 VISION_ENCODERS = typing.get_args(VisionEncoder)
 ATTENTION_IMPLS = typing.get_args(AttentionImpl)
 DTYPES = typing.get_args(Dtype)
@@ -50,25 +50,25 @@ BETA_SCHEDULES = typing.get_args(BetaSchedule)
 # Logical axis -> mesh axes (parallel/sharding.py): FSDP over ('data', 'fsdp') by
 # default; tensor parallelism over 'tensor'.
 SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("layers", None),
-    ("head_dim", None),
-    ("length", None),
-    ("patch", None),
-    ("freq", None),
-    # The frozen CLIP vision tower (model/clip.py) is replicated: no optimizer
-    # state, 0.3B parameters for ViT-L/14. Map these names to shard it.
-    ("clip_embed", None),
-    ("clip_heads", None),
-    ("clip_mlp", None),
-    ("clip_patch", None),
-    ("clip_channels", None),
-    ("clip_positions", None),
+  ("batch", ("data", "fsdp")),
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("mlp", "tensor"),
+  ("layers", None),
+  ("head_dim", None),
+  ("length", None),
+  ("patch", None),
+  ("freq", None),
+  # The frozen CLIP vision tower (model/clip.py) is replicated: no optimizer
+  # state, 0.3B parameters for ViT-L/14. Map these names to shard it.
+  ("clip_embed", None),
+  ("clip_heads", None),
+  ("clip_mlp", None),
+  ("clip_patch", None),
+  ("clip_channels", None),
+  ("clip_positions", None),
 )
 
 
@@ -82,10 +82,12 @@ def spec(default, *, low=None, high=None, low_open=False, high_open=False, fix=N
 
 # ------------------------------------------------------------------- sections
 
+
 @dataclasses.dataclass
 class Model:
   """The decoder (a Llama), its image heads and how it reads images."""
-  vocab_size: int = spec(32004, low=1)      # Llama's 32000 + <PAD>, <image>, <|im_start|>, <|im_end|>
+
+  vocab_size: int = spec(32004, low=1)  # Llama's 32000 + <PAD>, <image>, <|im_start|>, <|im_end|>
   hidden_size: int = spec(2048, low=1)
   num_layers: int = spec(22, low=1)
   num_heads: int = spec(32, low=1)
@@ -94,45 +96,60 @@ class Model:
   mlp_dim: int = spec(5632, low=1)
   rms_norm_eps: float = spec(1e-5, low=0, low_open=True)
   rope_theta: float = spec(10000.0, low=0, low_open=True)
-  image_size: int = spec(32, low=1)         # latent side: 256 pixels / the SD-VAE's factor 8
+  image_size: int = spec(32, low=1)  # latent side: 256 pixels / the SD-VAE's factor 8
   in_channels: int = spec(4, low=1)
-  patch_size: int = spec(2, low=1)          # 32x32 -> 16x16 = 256 image tokens
+  patch_size: int = spec(2, low=1)  # 32x32 -> 16x16 = 256 image tokens
   learn_sigma: bool = True
   timestep_freq_dim: int = spec(256, low=1)
   conditioning: Conditioning = "adaln_before_decoder"
-  vision_encoder: VisionEncoder = ""        # vae / clip: the model also READS images
-  vision: Any = None                        # clip: the tower's sizes (model.clip.clip_config_from_hf)
-  read_bidirectional: bool = False          # read images causal like text (the reference) or one block
-  attention_impl: AttentionImpl = "auto"    # Pallas kernels on TPU/GPU, dense XLA on CPU
-  dtype: Dtype = "bfloat16"                 # compute dtype; parameters are always float32
+  vision_encoder: VisionEncoder = ""  # vae / clip: the model also READS images
+  vision: Any = None  # clip: the tower's sizes (model.clip.clip_config_from_hf)
+  read_bidirectional: bool = False  # read images causal like text (the reference) or one block
+  attention_impl: AttentionImpl = "auto"  # Pallas kernels on TPU/GPU, dense XLA on CPU
+  dtype: Dtype = "bfloat16"  # compute dtype; parameters are always float32
   remat: bool = True
-  scan_unroll: int = spec(1, low=1, fix="1 scans the layers one at a time; model.num_layers "
-                          "unrolls them all")
+  scan_unroll: int = spec(
+    1, low=1, fix="1 scans the layers one at a time; model.num_layers unrolls them all"
+  )
 
   def check(self):
     if self.num_heads % self.num_kv_heads:
-      fields.fail("model.num_heads", self.num_heads, "must be a multiple of "
-                  f"model.num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+      fields.fail(
+        "model.num_heads",
+        self.num_heads,
+        f"must be a multiple of model.num_kv_heads={self.num_kv_heads} (grouped-query attention)",
+      )
     if self.head_dim % 2:
-      fields.fail("model.head_dim", self.head_dim, "must be even (RoPE rotates pairs of "
-                  "features)")
+      fields.fail("model.head_dim", self.head_dim, "must be even (RoPE rotates pairs of features)")
     if self.timestep_freq_dim % 2:
-      fields.fail("model.timestep_freq_dim", self.timestep_freq_dim, "must be even (cos and "
-                  "sin halves)")
+      fields.fail(
+        "model.timestep_freq_dim", self.timestep_freq_dim, "must be even (cos and sin halves)"
+      )
     if self.hidden_size % 4:
-      fields.fail("model.hidden_size", self.hidden_size, "must be a multiple of 4 (the 2-D "
-                  "sin-cos position embedding of image tokens)")
+      fields.fail(
+        "model.hidden_size",
+        self.hidden_size,
+        "must be a multiple of 4 (the 2-D sin-cos position embedding of image tokens)",
+      )
     if self.image_size % self.patch_size:
-      fields.fail("model.image_size", self.image_size, "must be a multiple of "
-                  f"model.patch_size={self.patch_size}")
+      fields.fail(
+        "model.image_size",
+        self.image_size,
+        f"must be a multiple of model.patch_size={self.patch_size}",
+      )
     if self.vision_encoder == "clip" and not self.vision:
-      fields.fail("model.vision", self.vision, "is needed by model.vision_encoder='clip'",
-                  "set it from the CLIP folder: model.clip.read_clip_config(DIR)")
+      fields.fail(
+        "model.vision",
+        self.vision,
+        "is needed by model.vision_encoder='clip'",
+        "set it from the CLIP folder: model.clip.read_clip_config(DIR)",
+      )
 
 
 @dataclasses.dataclass
 class Diffusion:
   """The noise process images are trained and sampled with (diffusion/)."""
+
   num_timesteps: int = spec(1000, low=2)
   beta_schedule: BetaSchedule = "linear"
 
@@ -140,27 +157,28 @@ class Diffusion:
 @dataclasses.dataclass
 class Data:
   """What training reads and how rows are packed (data/)."""
-  name: str = "imagenet"                    # a dataset of data/sources/ (or "mix")
-  dir: str = ""                             # its prepared folder (`python -m monoformer_jax.data.prepare`)
+
+  name: str = "imagenet"  # a dataset of data/sources/ (or "mix")
+  dir: str = ""  # its prepared folder (`python -m monoformer_jax.data.prepare`)
   split: str = "train"
-  tokenizer: str = ""                       # "bytes", a tokenizer.model or a tokenizer.json
-  seq_len: int = spec(512, low=2)           # the reference truncates rows to 512 tokens
-  batch_size: int = spec(256, low=1)        # global rows per step
+  tokenizer: str = ""  # "bytes", a tokenizer.model or a tokenizer.json
+  seq_len: int = spec(512, low=2)  # the reference truncates rows to 512 tokens
+  batch_size: int = spec(256, low=1)  # global rows per step
   max_images_per_row: int = spec(1, low=1)
   max_read_images_per_row: int = spec(0, low=0)
-  text_fraction: float = spec(0.0, low=0, high=1)   # share of examples that are text-only
-  read_fraction: float = spec(0.0, low=0, high=1)   # share that read an image and name it
+  text_fraction: float = spec(0.0, low=0, high=1)  # share of examples that are text-only
+  read_fraction: float = spec(0.0, low=0, high=1)  # share that read an image and name it
   interleaved_fraction: float = spec(0.0, low=0, high=1)  # text with images drawn inline
-  edit_fraction: float = spec(0.0, low=0, high=1)   # read an image, draw another
-  cfg_drop_prob: float = spec(0.1, low=0, high=1)   # prompt dropped (empty) for guidance
-  latent_sample: bool = True                # a fresh draw from each stored posterior; False: its mean
-  random_flip: bool = True                  # mirror half the images (when prepared with --flip)
-  mix: Mapping[str, float] = spec({})       # name="mix": {dataset: weight}
-  dirs: Mapping[str, str] = spec({})        # name="mix": {dataset: prepared folder}
-  chat_template: str = "human_assistant"    # data/chat.py's templates
-  train_on_source: bool = False             # chat: also the loss on the human's turns
-  prefetch: int = spec(2, low=0)            # batches packed ahead in a thread
-  workers: int = spec(8, low=0)             # processes that make the examples (0: in-process)
+  edit_fraction: float = spec(0.0, low=0, high=1)  # read an image, draw another
+  cfg_drop_prob: float = spec(0.1, low=0, high=1)  # prompt dropped (empty) for guidance
+  latent_sample: bool = True  # a fresh draw from each stored posterior; False: its mean
+  random_flip: bool = True  # mirror half the images (when prepared with --flip)
+  mix: Mapping[str, float] = spec({})  # name="mix": {dataset: weight}
+  dirs: Mapping[str, str] = spec({})  # name="mix": {dataset: prepared folder}
+  chat_template: str = "human_assistant"  # data/chat.py's templates
+  train_on_source: bool = False  # chat: also the loss on the human's turns
+  prefetch: int = spec(2, low=0)  # batches packed ahead in a thread
+  workers: int = spec(8, low=0)  # processes that make the examples (0: in-process)
   shards: int = spec(0, low=0, fix="0 gives one shard per process")
 
   def check(self):
@@ -180,13 +198,15 @@ class Loss:
 
   def check(self):
     if self.w_diff == 0 and self.w_lm == 0:
-      fields.fail("loss.w_diff", 0.0, "and loss.w_lm are both 0, so nothing is trained",
-                  "set one of them > 0")
+      fields.fail(
+        "loss.w_diff", 0.0, "and loss.w_lm are both 0, so nothing is trained", "set one of them > 0"
+      )
 
 
 @dataclasses.dataclass
 class Optim:
   """AdamW with a linear warmup to a constant rate, a gradient-norm clip, an EMA."""
+
   lr: float = spec(1e-4, low=0, low_open=True, fix="the reference trains with 1e-4")
   warmup_steps: int = spec(0, low=0)
   weight_decay: float = spec(0.0, low=0)
@@ -201,12 +221,14 @@ class Optim:
 @dataclasses.dataclass
 class Mesh:
   """Mesh ('data', 'fsdp', 'tensor'); -1 takes the devices left over."""
+
   data: int = spec(1, low=-1)
   fsdp: int = spec(-1, low=-1)
   tensor: int = spec(1, low=-1)
   # TPU slices the data axis spans over DCN (multi-slice; the sizes split one slice).
-  dcn_data: int = spec(1, low=1, fix="the number of slices (TPU multi-slice) the data axis "
-                       "spans; 1 for one slice")
+  dcn_data: int = spec(
+    1, low=1, fix="the number of slices (TPU multi-slice) the data axis spans; 1 for one slice"
+  )
 
   def check(self):
     sizes = dict(data=self.data, fsdp=self.fsdp, tensor=self.tensor)
@@ -222,54 +244,67 @@ class Train:
   num_steps: int = spec(500_000, low=1)
   log_every: int = spec(100, low=1)
   checkpoint_every: int = spec(5_000, low=1)
-  keep_checkpoints: int = spec(3, low=1, fix="keep at least the newest checkpoint: "
-                               "--config.train.keep_checkpoints=1")
-  init_from: str = ""                       # a model checkpoint to start from (`convert llama`)
+  keep_checkpoints: int = spec(
+    3, low=1, fix="keep at least the newest checkpoint: --config.train.keep_checkpoints=1"
+  )
+  init_from: str = ""  # a model checkpoint to start from (`convert llama`)
   # Resuming or starting from a checkpoint made with other model settings
   # (rope_theta, eps, ...) is an error unless this is True.
   allow_model_changes: bool = False
-  tensorboard: bool = True                  # metrics also as TensorBoard events in workdir/tensorboard
-  profile_steps: int = spec(0, low=0)       # > 0: a jax.profiler trace of that many steps
-  debug_nan_step: int = spec(0, low=0)      # > 0: that step's loss and gradients made NaN
+  tensorboard: bool = True  # metrics also as TensorBoard events in workdir/tensorboard
+  profile_steps: int = spec(0, low=0)  # > 0: a jax.profiler trace of that many steps
+  debug_nan_step: int = spec(0, low=0)  # > 0: that step's loss and gradients made NaN
 
 
 @dataclasses.dataclass
 class Sample:
   """The end-of-run samples (train/samples.py) and the samplers' defaults."""
+
   num_per_class: int = spec(4, low=0)
-  num_classes: int = spec(16, low=0)        # the first classes at the end of a run (0: all)
-  num_steps: int = spec(20, low=1)          # respaced DDPM steps
+  num_classes: int = spec(16, low=0)  # the first classes at the end of a run (0: all)
+  num_steps: int = spec(20, low=1)  # respaced DDPM steps
   cfg_scale: float = spec(1.5, low=0, fix="0 turns guidance off")
   text_prompts: tuple = ("The capital of France is", "A recipe for pancakes:")
   max_new_tokens: int = spec(256, low=1)
-  metrics: tuple = ()                       # what the samples are scored with (eval/)
+  metrics: tuple = ()  # what the samples are scored with (eval/)
 
 
 @dataclasses.dataclass
 class Evals:
   """Evaluators inside training: every `every` steps, metrics of `num_samples`
   class-balanced samples from the EMA weights, logged as eval/..."""
+
   every: int = spec(10_000, low=0, fix="0 turns the evaluators off")
   metrics: tuple = ()
-  num_samples: int = spec(1_000, low=2)     # FID-1K: biased upwards against FID-50K, for trends
+  num_samples: int = spec(1_000, low=2)  # FID-1K: biased upwards against FID-50K, for trends
   num_steps: int = spec(20, low=1)
   cfg_scale: float = spec(1.5, low=0, fix="0 turns guidance off")
-  inception: str = ""                       # pytorch-fid's Inception weights (fid, is, ...)
-  reference: str = ""                       # and a reference batch npz
+  inception: str = ""  # pytorch-fid's Inception weights (fid, is, ...)
+  reference: str = ""  # and a reference batch npz
 
 
 @dataclasses.dataclass
 class Vae:
-  path: str = ""                            # SD-VAE (a diffusers AutoencoderKL) decoding samples
+  path: str = ""  # SD-VAE (a diffusers AutoencoderKL) decoding samples
 
 
-SECTIONS: dict[str, type] = dict(model=Model, diffusion=Diffusion, data=Data, loss=Loss,
-                                 optim=Optim, mesh=Mesh, train=Train, sample=Sample,
-                                 evals=Evals, vae=Vae)
+SECTIONS: dict[str, type] = dict(
+  model=Model,
+  diffusion=Diffusion,
+  data=Data,
+  loss=Loss,
+  optim=Optim,
+  mesh=Mesh,
+  train=Train,
+  sample=Sample,
+  evals=Evals,
+  vae=Vae,
+)
 TOP_LEVEL = dict(seed=0, sharding_rules=SHARDING_RULES)
 
 
 # ------------------------------------------------------------------- building
+
 
 def defaults(section: type) -> dict[str, Any]:
   """A section's fields at their defaults."""
@@ -333,8 +368,10 @@ def _unknown(given: Mapping, known: list[str], prefix: str, where: str):
     if key not in known:
       close = difflib.get_close_matches(key, known, n=1)
       hint = f"did you mean {prefix}{close[0]}?" if close else f"the fields are {known}"
-      raise ConfigError(f"{prefix}{key} is not a config field ({where}): {hint} (every "
-                        "field and its default: monoformer_jax/config/schema.py)")
+      raise ConfigError(
+        f"{prefix}{key} is not a config field ({where}): {hint} (every "
+        "field and its default: monoformer_jax/config/schema.py)"
+      )
 
 
 def _checked(name: str, value, f: dataclasses.Field):
@@ -343,12 +380,19 @@ def _checked(name: str, value, f: dataclasses.Field):
   if typing.get_origin(kind) is Literal:
     return fields.one_of(name, value, typing.get_args(kind))
   if kind is int:
-    return fields.integer(name, value, low=bounds.get("low"), high=bounds.get("high"),
-                          fix=bounds.get("fix"))
+    return fields.integer(
+      name, value, low=bounds.get("low"), high=bounds.get("high"), fix=bounds.get("fix")
+    )
   if kind is float:
-    return fields.real(name, value, low=bounds.get("low"), high=bounds.get("high"),
-                       low_open=bounds.get("low_open", False),
-                       high_open=bounds.get("high_open", False), fix=bounds.get("fix"))
+    return fields.real(
+      name,
+      value,
+      low=bounds.get("low"),
+      high=bounds.get("high"),
+      low_open=bounds.get("low_open", False),
+      high_open=bounds.get("high_open", False),
+      fix=bounds.get("fix"),
+    )
   if kind is bool:
     return fields.boolean(name, value)
   if kind is str:
@@ -357,18 +401,25 @@ def _checked(name: str, value, f: dataclasses.Field):
     return fields.strings(name, value)
   if typing.get_origin(kind) is collections.abc.Mapping:
     if not isinstance(value, Mapping):
-      fields.fail(name, value, "must be a mapping of names",
-                  f"e.g. {fields.flag_of(name)}=\"{{'chat': 1.0}}\"")
+      fields.fail(
+        name,
+        value,
+        "must be a mapping of names",
+        f"e.g. {fields.flag_of(name)}=\"{{'chat': 1.0}}\"",
+      )
     return dict(value)
-  return value   # Any: checked by its owner (model.vision: model/clip.py)
+  return value  # Any: checked by its owner (model.vision: model/clip.py)
 
 
 def _rules(rules) -> tuple:
   """sharding_rules as a tuple of (logical name, mesh axes) pairs."""
   try:
-    pairs = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                  for name, axes in rules)
+    pairs = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
   except (TypeError, ValueError):
-    fields.fail("sharding_rules", rules, "must be (logical axis, mesh axes) pairs",
-                "see SHARDING_RULES in monoformer_jax/config/schema.py")
+    fields.fail(
+      "sharding_rules",
+      rules,
+      "must be (logical axis, mesh axes) pairs",
+      "see SHARDING_RULES in monoformer_jax/config/schema.py",
+    )
   return pairs

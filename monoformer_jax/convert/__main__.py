@@ -26,37 +26,41 @@ them) and writes it as vision_encoder_path, `llama` copies the whole tower:
       --config=configs/t2i_llava.py --clip=clip-vit-large-patch14
 """
 
-import sys
-
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from monoformer_jax import cli
-from monoformer_jax.safetensors_io import parse_size
+from monoformer_jax.config.fields import real
 from monoformer_jax.convert import official
 from monoformer_jax.convert.llama import convert_llama
 from monoformer_jax.convert.verify import report, verify_official
 from monoformer_jax.errors import MissingPathError, PathError
-from monoformer_jax.config.fields import real
-from monoformer_jax.paths import writable_dir
 from monoformer_jax.parallel.sharding import make_mesh
+from monoformer_jax.paths import writable_dir
+from monoformer_jax.safetensors_io import parse_size
 
 COMMANDS = ("official", "to-official", "llama", "verify-official")
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Base config (default: configs/imagenet256.py).", lock_config=False)
+  "config", None, "Base config (default: configs/imagenet256.py).", lock_config=False
+)
 _INPUT = flags.DEFINE_string("input", None, "Weights or checkpoint to convert.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the result.")
 _MESH = flags.DEFINE_bool("mesh", False, "Build the params sharded over config.mesh.")
 _SEED = flags.DEFINE_integer("seed", 0, "llama: seed of the new parameters.")
-_MAX_SHARD = flags.DEFINE_string("max_shard_size", "5GB",
-                                 "to-official: largest safetensors file, e.g. 5GB, 500MB.")
+_MAX_SHARD = flags.DEFINE_string(
+  "max_shard_size", "5GB", "to-official: largest safetensors file, e.g. 5GB, 500MB."
+)
 _CLIP = flags.DEFINE_string(
-    "clip", None, "official / to-official / llama, a model with vision_encoder='clip': the "
-    "HF CLIP folder of its tower (e.g. openai/clip-vit-large-patch14); to-official writes "
-    "it into config.json as vision_encoder_path.")
+  "clip",
+  None,
+  "official / to-official / llama, a model with vision_encoder='clip': the "
+  "HF CLIP folder of its tower (e.g. openai/clip-vit-large-patch14); to-official writes "
+  "it into config.json as vision_encoder_path.",
+)
 _FIXTURE = flags.DEFINE_string("fixture", None, "verify-official: the fixture folder.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 1e-4, "verify-official: atol = rtol.")
 
@@ -73,18 +77,24 @@ def _paths():
   if "://" not in _INPUT.value and not os.path.exists(_INPUT.value):
     raise MissingPathError(f"--input={_INPUT.value!r} does not exist")
   output = _OUTPUT.value
-  if "://" not in output and os.path.exists(output) and (
-      not os.path.isdir(output) or os.listdir(output)):
-    raise PathError(f"--output={output!r} already exists and is not an empty folder; "
-                    "pass a new --output (conversions never overwrite)")
+  if (
+    "://" not in output
+    and os.path.exists(output)
+    and (not os.path.isdir(output) or os.listdir(output))
+  ):
+    raise PathError(
+      f"--output={output!r} already exists and is not an empty folder; "
+      "pass a new --output (conversions never overwrite)"
+    )
   writable_dir(output, "converted weights", "--output")
   return _INPUT.value, output
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"usage: python -m monoformer_jax.convert {{{'|'.join(COMMANDS)}}} "
-                         f"--flags (got {argv[1:]})")
+    raise app.UsageError(
+      f"usage: python -m monoformer_jax.convert {{{'|'.join(COMMANDS)}}} --flags (got {argv[1:]})"
+    )
   command = argv[1]
   base = _CONFIG.value
 

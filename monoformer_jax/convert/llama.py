@@ -41,30 +41,40 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from monoformer_jax.errors import ConfigError, FileFormatError
-from monoformer_jax.convert import official
 from monoformer_jax.checkpoints import save_model
-from monoformer_jax.safetensors_io import SafetensorsSource
+from monoformer_jax.convert import official
+from monoformer_jax.errors import ConfigError, FileFormatError
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.model.clip import load_clip_params
+from monoformer_jax.safetensors_io import SafetensorsSource
 
 ADDED_TOKENS = 4
 _INIT_STD = 0.02  # initialize_weights() hard-codes it, whatever initializer_range says
 
 # Our image-side parameters and how the reference initialises them.
 _IMAGE_INIT = {
-    ("x_embedder", "kernel"): "zeros", ("x_embedder", "bias"): "zeros",
-    ("adaln_module", "kernel"): "zeros", ("adaln_module", "bias"): "zeros",
-    ("t_embedder", "fc1", "kernel"): "normal", ("t_embedder", "fc1", "bias"): "zeros",
-    ("t_embedder", "fc2", "kernel"): "normal", ("t_embedder", "fc2", "bias"): "zeros",
-    ("final_layer", "adaln", "kernel"): "normal", ("final_layer", "adaln", "bias"): "zeros",
-    ("final_layer", "linear", "kernel"): "normal", ("final_layer", "linear", "bias"): "zeros",
-    # add_before_image_tokens (the reference zeroes fc1's kernel too; see above)
-    ("t_projector", "fc1", "kernel"): "normal", ("t_projector", "fc1", "bias"): "zeros",
-    ("t_projector", "fc2", "kernel"): "zeros", ("t_projector", "fc2", "bias"): "zeros",
-    # a model that reads images (the reference: PyTorch's default Linear init; see above)
-    ("im_embedder", "fc1", "kernel"): "normal", ("im_embedder", "fc1", "bias"): "zeros",
-    ("im_embedder", "fc2", "kernel"): "normal", ("im_embedder", "fc2", "bias"): "zeros",
+  ("x_embedder", "kernel"): "zeros",
+  ("x_embedder", "bias"): "zeros",
+  ("adaln_module", "kernel"): "zeros",
+  ("adaln_module", "bias"): "zeros",
+  ("t_embedder", "fc1", "kernel"): "normal",
+  ("t_embedder", "fc1", "bias"): "zeros",
+  ("t_embedder", "fc2", "kernel"): "normal",
+  ("t_embedder", "fc2", "bias"): "zeros",
+  ("final_layer", "adaln", "kernel"): "normal",
+  ("final_layer", "adaln", "bias"): "zeros",
+  ("final_layer", "linear", "kernel"): "normal",
+  ("final_layer", "linear", "bias"): "zeros",
+  # add_before_image_tokens (the reference zeroes fc1's kernel too; see above)
+  ("t_projector", "fc1", "kernel"): "normal",
+  ("t_projector", "fc1", "bias"): "zeros",
+  ("t_projector", "fc2", "kernel"): "zeros",
+  ("t_projector", "fc2", "bias"): "zeros",
+  # a model that reads images (the reference: PyTorch's default Linear init; see above)
+  ("im_embedder", "fc1", "kernel"): "normal",
+  ("im_embedder", "fc1", "bias"): "zeros",
+  ("im_embedder", "fc2", "kernel"): "normal",
+  ("im_embedder", "fc2", "bias"): "zeros",
 }
 
 
@@ -77,6 +87,7 @@ def _rng(seed: int, path: tuple[str, ...]) -> np.random.Generator:
 def _grow_vocab(read_old, new_rows, axis: int, old_vocab: int):
   """A reader of a vocabulary-sized parameter: rows < old_vocab from the
   checkpoint, the rest from `new_rows` (our layout, `axis` = vocabulary)."""
+
   def read(b):
     lo, hi = b[axis]
     parts = []
@@ -89,6 +100,7 @@ def _grow_vocab(read_old, new_rows, axis: int, old_vocab: int):
       index[axis] = slice(max(lo, old_vocab) - old_vocab, hi - old_vocab)
       parts.append(new_rows[tuple(index)])
     return np.concatenate(parts, axis=axis)
+
   return read
 
 
@@ -101,16 +113,18 @@ def _clip_tower(m, clip: str | None) -> dict:
     return {}
   if not clip:
     raise ConfigError(
-        "the base config has model.vision_encoder='clip': the new model's frozen CLIP tower "
-        "is copied from a Hugging Face CLIP folder: pass --clip=DIR (clip=DIR), e.g. a "
-        "download of openai/clip-vit-large-patch14")
+      "the base config has model.vision_encoder='clip': the new model's frozen CLIP tower "
+      "is copied from a Hugging Face CLIP folder: pass --clip=DIR (clip=DIR), e.g. a "
+      "download of openai/clip-vit-large-patch14"
+    )
   params, vcfg = load_clip_params(clip, m.vision or None)
   m.vision = vcfg
   return traverse_util.flatten_dict(params)
 
 
-def load_llama(path: str, base_config=None, *, seed: int = 0, shardings_fn=None,
-               clip: str | None = None):
+def load_llama(
+  path: str, base_config=None, *, seed: int = 0, shardings_fn=None, clip: str | None = None
+):
   """(params, config) of a MonoFormer started from the HF Llama at `path`; a
   base config with model.vision_encoder='clip' needs `clip`, the HF CLIP
   folder of its tower."""
@@ -118,12 +132,19 @@ def load_llama(path: str, base_config=None, *, seed: int = 0, shardings_fn=None,
   hf = official.read_hf_config(path)
   where = os.path.join(path, "config.json")
   if "decoder_t_embed" in hf:
-    raise FileFormatError(f"{where} is an official MonoFormer config (it has decoder_t_embed); "
-                          "convert it with `python -m monoformer_jax.convert official`")
-  if os.path.isdir(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)) \
-      and any(f.endswith(".bin") for f in os.listdir(path)):
-    raise FileFormatError(f"{path} holds PyTorch .bin weights only; save them as safetensors "
-                          "first (model.save_pretrained(dir, safe_serialization=True))")
+    raise FileFormatError(
+      f"{where} is an official MonoFormer config (it has decoder_t_embed); "
+      "convert it with `python -m monoformer_jax.convert official`"
+    )
+  if (
+    os.path.isdir(path)
+    and not any(f.endswith(".safetensors") for f in os.listdir(path))
+    and any(f.endswith(".bin") for f in os.listdir(path))
+  ):
+    raise FileFormatError(
+      f"{path} holds PyTorch .bin weights only; save them as safetensors "
+      "first (model.save_pretrained(dir, safe_serialization=True))"
+    )
   fields = official.llama_fields(hf, where)
   old_vocab = fields["vocab_size"]
   fields["vocab_size"] = old_vocab + ADDED_TOKENS
@@ -171,14 +192,19 @@ def load_llama(path: str, base_config=None, *, seed: int = 0, shardings_fn=None,
   return params, config
 
 
-def convert_llama(path: str, output: str, base_config=None, *, seed: int = 0, mesh=None,
-                  clip: str | None = None):
+def convert_llama(
+  path: str, output: str, base_config=None, *, seed: int = 0, mesh=None, clip: str | None = None
+):
   """HF Llama at `path` -> a fresh MonoFormer model checkpoint (raw params
   only); `clip` as in `load_llama`."""
   shardings_fn = (lambda c: param_shardings(c, mesh)) if mesh is not None else None
-  params, config = load_llama(path, base_config, seed=seed, shardings_fn=shardings_fn,
-                              clip=clip)
+  params, config = load_llama(path, base_config, seed=seed, shardings_fn=shardings_fn, clip=clip)
   save_model(output, config, params)
-  logging.info("wrote %s: %d-layer MonoFormer, vocabulary %d (+%d added tokens)", output,
-               config.model.num_layers, config.model.vocab_size, ADDED_TOKENS)
+  logging.info(
+    "wrote %s: %d-layer MonoFormer, vocabulary %d (+%d added tokens)",
+    output,
+    config.model.num_layers,
+    config.model.vocab_size,
+    ADDED_TOKENS,
+  )
   return config

@@ -29,8 +29,8 @@ from monoformer_jax.model.build import abstract_model
 class Comparison:
   name: str
   max_abs: float
-  max_rel: float   # max_abs / max |reference|
-  ok: bool         # |ours - ref| <= tol + tol * |ref| everywhere (allclose)
+  max_rel: float  # max_abs / max |reference|
+  ok: bool  # |ours - ref| <= tol + tol * |ref| everywhere (allclose)
 
 
 def _compare(name, ours, ref, tol) -> Comparison:
@@ -47,8 +47,9 @@ def _compare(name, ours, ref, tol) -> Comparison:
 def fixture_config(base_config=None):
   """The base config for verification: float32 compute, XLA attention, no remat."""
   config = official.default_config() if base_config is None else base_config
-  return official.with_model_fields(config, dict(dtype="float32", attention_impl="xla",
-                                                 remat=False))
+  return official.with_model_fields(
+    config, dict(dtype="float32", attention_impl="xla", remat=False)
+  )
 
 
 def fixture_row(io, tokens_per_image: int, cond_token: bool = False) -> Row:
@@ -57,24 +58,31 @@ def fixture_row(io, tokens_per_image: int, cond_token: bool = False) -> Row:
   timestep token is the column before it (where the fixture's tokens hold -1)."""
   columns, valid = image_slots(io["image_ids"], 1, tokens_per_image)
   cond = cond_columns_of(columns, valid, cond_token, io["tokens"].shape[1])
-  tokens = np.where(io["tokens"] < 0, 0, io["tokens"])   # replaced by the model anyway
-  return Row(jnp.asarray(tokens), *(jnp.asarray(io[k]) for k in ("segment_ids", "image_ids",
-                                                                  "positions")),
-             jnp.asarray(columns), jnp.asarray(valid), jnp.asarray(cond))
+  tokens = np.where(io["tokens"] < 0, 0, io["tokens"])  # replaced by the model anyway
+  return Row(
+    jnp.asarray(tokens),
+    *(jnp.asarray(io[k]) for k in ("segment_ids", "image_ids", "positions")),
+    jnp.asarray(columns),
+    jnp.asarray(valid),
+    jnp.asarray(cond),
+  )
 
 
 def _run_model(graphdef, params, row, latents, t):
   """Every output the fixtures store, from one jitted pass (eager is slower on CPU)."""
   model = nnx.merge(graphdef, params)
   x0, t_emb = model.embed(row, latents, t)
-  final, layer_inputs = model.decoder(x0, row.positions, row.segment_ids, row.image_ids,
-                                      return_layer_inputs=True)
+  final, layer_inputs = model.decoder(
+    x0, row.positions, row.segment_ids, row.image_ids, return_layer_inputs=True
+  )
   logits, out = model(row, latents, t)
   # The reference's c_embeds: adaLN_module(t_emb), or the timestep token t_projector(t_emb).
-  c_emb = (model.timestep_tokens(t_emb) if model.cond_token else
-           model.adaln_module(jax.nn.silu(t_emb)))
-  return dict(t_emb=t_emb, c_emb=c_emb, layer_inputs=layer_inputs, final=final,
-              logits=logits, out=out)
+  c_emb = (
+    model.timestep_tokens(t_emb) if model.cond_token else model.adaln_module(jax.nn.silu(t_emb))
+  )
+  return dict(
+    t_emb=t_emb, c_emb=c_emb, layer_inputs=layer_inputs, final=final, logits=logits, out=out
+  )
 
 
 def verify_official(fixture: str, tolerance: float = 1e-4, base_config=None) -> list[Comparison]:
@@ -82,31 +90,45 @@ def verify_official(fixture: str, tolerance: float = 1e-4, base_config=None) -> 
   params, config = official.load_official(fixture, fixture_config(base_config))
   graphdef, _, _ = abstract_model(config.model)
   io = np.load(os.path.join(fixture, "io.npz"))
-  row = fixture_row(io, tokens_per_image(config.model),
-                    config.model.conditioning == CONDITIONING_TOKEN_MODE)
+  row = fixture_row(
+    io, tokens_per_image(config.model), config.model.conditioning == CONDITIONING_TOKEN_MODE
+  )
   latents = jnp.asarray(io["x_t"].transpose(0, 2, 3, 1)[:, None])  # [B, M=1, h, w, C]
   t = jnp.asarray(io["t"][:, None].astype(np.int32))
-  ours = jax.device_get(jax.jit(_run_model, static_argnums=0)(graphdef, params, row,
-                                                               latents, t))
+  ours = jax.device_get(jax.jit(_run_model, static_argnums=0)(graphdef, params, row, latents, t))
   real = io["segment_ids"] != 0
-  c_name = ("c_embeds (t_projector)" if config.model.conditioning == CONDITIONING_TOKEN_MODE
-            else "c_embeds (adaLN)")
-  results = [_compare("t_embeds", ours["t_emb"][:, 0], io["t_embeds"], tolerance),
-             _compare(c_name, ours["c_emb"][:, 0], io["c_embeds"], tolerance)]
+  c_name = (
+    "c_embeds (t_projector)"
+    if config.model.conditioning == CONDITIONING_TOKEN_MODE
+    else "c_embeds (adaLN)"
+  )
+  results = [
+    _compare("t_embeds", ours["t_emb"][:, 0], io["t_embeds"], tolerance),
+    _compare(c_name, ours["c_emb"][:, 0], io["c_embeds"], tolerance),
+  ]
   for i in range(config.model.num_layers):
-    results.append(_compare(f"layer_inputs[{i}]", ours["layer_inputs"][i][real],
-                            io["layer_inputs"][i][real], tolerance))
-  results.append(_compare("final_hidden", ours["final"][real], io["final_hidden"][real],
-                          tolerance))
+    results.append(
+      _compare(
+        f"layer_inputs[{i}]", ours["layer_inputs"][i][real], io["layer_inputs"][i][real], tolerance
+      )
+    )
+  results.append(_compare("final_hidden", ours["final"][real], io["final_hidden"][real], tolerance))
   results.append(_compare("logits", ours["logits"][real], io["logits"][real], tolerance))
-  results.append(_compare("x_out (diffusion)", ours["out"][io["x_indices"], 0],
-                          io["x_out"].transpose(0, 2, 3, 1), tolerance))
+  results.append(
+    _compare(
+      "x_out (diffusion)",
+      ours["out"][io["x_indices"], 0],
+      io["x_out"].transpose(0, 2, 3, 1),
+      tolerance,
+    )
+  )
   return results
 
 
 def report(results: list[Comparison], tolerance: float) -> str:
   lines = [f"{'output':<24} {'max abs err':>12} {'max rel err':>12}  (tolerance {tolerance:g})"]
   for r in results:
-    lines.append(f"{r.name:<24} {r.max_abs:>12.3e} {r.max_rel:>12.3e}  "
-                 f"{'ok' if r.ok else 'ABOVE TOLERANCE'}")
+    lines.append(
+      f"{r.name:<24} {r.max_abs:>12.3e} {r.max_rel:>12.3e}  {'ok' if r.ok else 'ABOVE TOLERANCE'}"
+    )
   return "\n".join(lines)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+
 import numpy as np
 
 from monoformer_jax.errors import ConfigError, MissingPathError, PathError
@@ -25,12 +26,13 @@ from monoformer_jax.errors import ConfigError, MissingPathError, PathError
 VERSION = "1.0.0"
 
 
-Splits = dict   # split name -> a function returning that split's records (dicts)
+Splits = dict  # split name -> a function returning that split's records (dicts)
 
 
 def _builder(kind: str, output_dir: str, splits: Splits, features, description: str):
   """A TFDS builder (not registered by name) that writes each of `splits`."""
   import tensorflow_datasets as tfds
+
   names = set(features.keys())
 
   class MonoformerData(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -38,8 +40,7 @@ def _builder(kind: str, output_dir: str, splits: Splits, features, description: 
     name = f"monoformer_{kind}"
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, description=description,
-                                   features=features)
+      return tfds.core.DatasetInfo(builder=self, description=description, features=features)
 
     def _split_generators(self, dl_manager):
       return {split: self._generate_examples(records) for split, records in splits.items()}
@@ -56,20 +57,31 @@ def prepared_dir(output_dir: str, name: str) -> str:
   return os.path.join(output_dir, f"monoformer_{name}", VERSION)
 
 
-def write(name: str, output_dir: str, splits: Splits, features: dict, *,
-          uncompressed: bool = False, description: str = "") -> str:
+def write(
+  name: str,
+  output_dir: str,
+  splits: Splits,
+  features: dict,
+  *,
+  uncompressed: bool = False,
+  description: str = "",
+) -> str:
   """Writes each split (`{split: records}`, records() yielding dicts of
   `features`, {name: tfds feature}) as array_record in `output_dir`; returns
   the dataset's folder (what data.dir names). `uncompressed` rewrites the
   shards without compression (UNCOMPRESSED). A dataset already there is an
   error, never overwritten."""
   import tensorflow_datasets as tfds
+
   folder = prepared_dir(output_dir, name)
   if os.path.exists(os.path.join(folder, "dataset_info.json")):
-    raise PathError(f"{folder} already holds a prepared {name} dataset; pass another "
-                    "--output_dir or remove it to prepare again")
-  _builder(name, output_dir, splits, tfds.features.FeaturesDict(features),
-           description or name).download_and_prepare()
+    raise PathError(
+      f"{folder} already holds a prepared {name} dataset; pass another "
+      "--output_dir or remove it to prepare again"
+    )
+  _builder(
+    name, output_dir, splits, tfds.features.FeaturesDict(features), description or name
+  ).download_and_prepare()
   if uncompressed:
     for shard in sorted(os.listdir(folder)):
       if ".array_record-" in shard:
@@ -87,6 +99,7 @@ UNCOMPRESSED = "group_size:1,uncompressed"
 
 def _store_uncompressed(path: str, chunk: int = 256):
   from array_record.python import array_record_module as ar
+
   reader = ar.ArrayRecordReader(path)
   if "uncompressed" in reader.writer_options_string():
     reader.close()
@@ -104,20 +117,28 @@ def _store_uncompressed(path: str, chunk: int = 256):
 def data_source(directory: str, split: str = "train", *, kind: str | None = None) -> Records:
   """The random-access records of `split` of a prepared dataset (no TensorFlow)."""
   import tensorflow_datasets as tfds
+
   directory = os.fspath(directory)
   info = os.path.join(directory, "dataset_info.json")
   if not os.path.exists(info):
-    hint = (f"python -m monoformer_jax.data.prepare {kind} --input_dir=... "
-            f"--output_dir=DIR, then data.dir=DIR/monoformer_{kind}/{VERSION}"
-            if kind else "python -m monoformer_jax.data.prepare")
-    raise MissingPathError(f"data.dir={directory!r} holds no prepared dataset (no "
-                           f"dataset_info.json); prepare one first: {hint}")
+    hint = (
+      f"python -m monoformer_jax.data.prepare {kind} --input_dir=... "
+      f"--output_dir=DIR, then data.dir=DIR/monoformer_{kind}/{VERSION}"
+      if kind
+      else "python -m monoformer_jax.data.prepare"
+    )
+    raise MissingPathError(
+      f"data.dir={directory!r} holds no prepared dataset (no "
+      f"dataset_info.json); prepare one first: {hint}"
+    )
   builder = tfds.builder_from_directory(directory)
   if split not in builder.info.splits:
-    raise ConfigError(f"data.split={split!r}: {directory} has the splits "
-                      f"{sorted(builder.info.splits)}")
-  raw = builder.as_data_source(split=split,
-                               deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    raise ConfigError(
+      f"data.split={split!r}: {directory} has the splits {sorted(builder.info.splits)}"
+    )
+  raw = builder.as_data_source(
+    split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+  )
   return Records(raw, builder.info.features)
 
 
@@ -126,14 +147,17 @@ def check_prepared(field: str, directory: str, name: str):
   `python -m monoformer_jax.data.prepare name`, before anything is read
   (`gs://` folders are left to their reader)."""
   if not directory:
-    raise ConfigError(f"{field} is empty: point it at the {name} dataset prepared by "
-                      f"`python -m monoformer_jax.data.prepare {name}`")
-  if "://" not in directory and not os.path.exists(os.path.join(directory,
-                                                                "dataset_info.json")):
-    raise ConfigError(f"{field}={directory!r} is not a prepared dataset (no "
-                      f"dataset_info.json): prepare it with `python -m "
-                      f"monoformer_jax.data.prepare {name} --output_dir=OUT` and pass "
-                      f"OUT/monoformer_{name}/{VERSION}")
+    raise ConfigError(
+      f"{field} is empty: point it at the {name} dataset prepared by "
+      f"`python -m monoformer_jax.data.prepare {name}`"
+    )
+  if "://" not in directory and not os.path.exists(os.path.join(directory, "dataset_info.json")):
+    raise ConfigError(
+      f"{field}={directory!r} is not a prepared dataset (no "
+      f"dataset_info.json): prepare it with `python -m "
+      f"monoformer_jax.data.prepare {name} --output_dir=OUT` and pass "
+      f"OUT/monoformer_{name}/{VERSION}"
+    )
 
 
 class Records:
@@ -150,6 +174,7 @@ class Records:
 
   def __init__(self, raw, features):
     from tensorflow_datasets.core import example_parser
+
     self.raw, self.features = raw, features
     self._proto = example_parser.tf_example_pb2.Example
     self._fields = self._fast_fields(features)
@@ -158,6 +183,7 @@ class Records:
   def _fast_fields(features) -> dict | None:
     """name -> (kind, dtype, shape) when every feature is one Records parses."""
     import tensorflow_datasets as tfds
+
     f = tfds.features
     fields = {}
     for name, feature in features.items():
@@ -188,8 +214,7 @@ class Records:
       elif kind == "bytes":
         out[name] = np.frombuffer(value.bytes_list.value[0], dtype).reshape(shape)
       else:
-        values = (value.int64_list.value if value.HasField("int64_list")
-                  else value.float_list.value)
+        values = value.int64_list.value if value.HasField("int64_list") else value.float_list.value
         array = np.array(values, dtype).reshape(shape)
         out[name] = array if shape else array.item()
     return out

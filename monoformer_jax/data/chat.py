@@ -57,8 +57,8 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-from typing import Any
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from monoformer_jax.data import prompts
 from monoformer_jax.data.jsonl import json_objects, numbered_lines
@@ -73,28 +73,30 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 class ChatTemplate:
   """How turns become text: a prefix per role, what separates turns, and where
   bos/eos go besides the start and the end."""
-  prefixes: Mapping[str, str]          # role -> text before its content
-  separator: str = ""                  # between two turns; part of the turn it ends
-  bos_before_user: bool = False        # a bos opens every user turn
-  eos_after_assistant: bool = False    # an eos closes every assistant turn
-  strip_user: bool = False             # user content without surrounding whitespace
+
+  prefixes: Mapping[str, str]  # role -> text before its content
+  separator: str = ""  # between two turns; part of the turn it ends
+  bos_before_user: bool = False  # a bos opens every user turn
+  eos_after_assistant: bool = False  # an eos closes every assistant turn
+  strip_user: bool = False  # user content without surrounding whitespace
 
 
 CHAT_TEMPLATES: dict[str, ChatTemplate] = {
-    "human_assistant": ChatTemplate(
-        prefixes={"user": "### Human: ", "assistant": "### Assistant: ",
-                  "system": "### System: "},
-        bos_before_user=True, eos_after_assistant=True, strip_user=True),
-    "plain": ChatTemplate(prefixes={r: "" for r in ROLES}, separator="\n"),
-    "concat": ChatTemplate(prefixes={r: "" for r in ROLES}),
+  "human_assistant": ChatTemplate(
+    prefixes={"user": "### Human: ", "assistant": "### Assistant: ", "system": "### System: "},
+    bos_before_user=True,
+    eos_after_assistant=True,
+    strip_user=True,
+  ),
+  "plain": ChatTemplate(prefixes={r: "" for r in ROLES}, separator="\n"),
+  "concat": ChatTemplate(prefixes={r: "" for r in ROLES}),
 }
 
 
 def chat_template(name: str) -> ChatTemplate:
   """The template called `name`; raises naming the known ones."""
   if name not in CHAT_TEMPLATES:
-    raise ConfigError(f"chat template {name!r} is not known; use one of "
-                      f"{sorted(CHAT_TEMPLATES)}")
+    raise ConfigError(f"chat template {name!r} is not known; use one of {sorted(CHAT_TEMPLATES)}")
   return CHAT_TEMPLATES[name]
 
 
@@ -104,13 +106,18 @@ def _check_turns(turns: Sequence[Mapping[str, Any]]) -> None:
   for k, turn in enumerate(turns):
     role = turn.get("role") if isinstance(turn, Mapping) else None
     if role not in ROLES or not isinstance(turn.get("content"), str):
-      raise ValueError(f"turn {k} is {turn!r}; each turn must be {{'role': one of "
-                       f"{list(ROLES)}, 'content': a str}}")
+      raise ValueError(
+        f"turn {k} is {turn!r}; each turn must be {{'role': one of "
+        f"{list(ROLES)}, 'content': a str}}"
+      )
 
 
-def render_chat(turns: Sequence[Mapping[str, str]], tokenizer,
-                template: str = "human_assistant",
-                train_on_source: bool = False) -> tuple[list[int], list[bool]]:
+def render_chat(
+  turns: Sequence[Mapping[str, str]],
+  tokenizer,
+  template: str = "human_assistant",
+  train_on_source: bool = False,
+) -> tuple[list[int], list[bool]]:
   """(ids, mask) of a conversation: mask True on the targets (see the module
   docstring): the assistant turns, or with `train_on_source` all but bos."""
   _check_turns(turns)
@@ -144,9 +151,12 @@ def render_chat(turns: Sequence[Mapping[str, str]], tokenizer,
   return ids, mask
 
 
-def chat_example(turns: Sequence[Mapping[str, str]], tokenizer,
-                 template: str = "human_assistant",
-                 train_on_source: bool = False) -> Example:
+def chat_example(
+  turns: Sequence[Mapping[str, str]],
+  tokenizer,
+  template: str = "human_assistant",
+  train_on_source: bool = False,
+) -> Example:
   """A text-only training example of a conversation, its loss where
   `render_chat`'s mask says."""
   ids, mask = render_chat(turns, tokenizer, template, train_on_source)
@@ -175,8 +185,9 @@ def input_files(path) -> list[str]:
   the one file it names."""
   path = os.fspath(path)
   if os.path.isdir(path):
-    found = sorted(glob.glob(os.path.join(path, "*.jsonl"))
-                   + glob.glob(os.path.join(path, "*.txt")))
+    found = sorted(
+      glob.glob(os.path.join(path, "*.jsonl")) + glob.glob(os.path.join(path, "*.txt"))
+    )
     if not found:
       raise MissingPathError(f"--input_dir={path!r} holds no .jsonl or .txt files")
     return found
@@ -212,8 +223,7 @@ def _turns_of(record: dict) -> list[dict[str, str]]:
         raise ValueError(f"conversations[{k}] is {item!r:.80}, not {{'from', 'value'}}")
       who, content = item.get("from"), item.get("value")
       if who not in SHAREGPT_ROLES:
-        raise ValueError(f"conversations[{k}] is from {who!r}; use one of "
-                         f"{list(SHAREGPT_ROLES)}")
+        raise ValueError(f"conversations[{k}] is from {who!r}; use one of {list(SHAREGPT_ROLES)}")
       role = SHAREGPT_ROLES[who]
     if not isinstance(content, str):
       raise ValueError(f"{key}[{k}] has content {content!r:.80}, not a str")
@@ -242,8 +252,10 @@ def read_conversations(path) -> Iterator[list[dict[str, str]]]:
       count += 1
       yield turns
     if not count:
-      raise FileFormatError(f"{path} holds no conversations (it is empty or blank); give a "
-                            "JSONL file with one conversation per line")
+      raise FileFormatError(
+        f"{path} holds no conversations (it is empty or blank); give a "
+        "JSONL file with one conversation per line"
+      )
 
   return conversations()
 
@@ -255,16 +267,19 @@ def read_texts(path) -> Iterator[str]:
   path = _checked_file(path)
   suffix = os.path.splitext(path)[1].lower()
   if suffix not in (".jsonl", ".txt"):
-    raise FileFormatError(f"{path}: texts are read from a .jsonl ({{'text': ...}} per line) "
-                          "or a .txt (blank lines between documents), not "
-                          f"{suffix or 'no suffix'!r}")
+    raise FileFormatError(
+      f"{path}: texts are read from a .jsonl ({{'text': ...}} per line) "
+      "or a .txt (blank lines between documents), not "
+      f"{suffix or 'no suffix'!r}"
+    )
 
   def jsonl():
     for number, record in json_objects(path):
       text = record.get("text")
       if not isinstance(text, str):
-        raise FileFormatError(f"{path}, line {number}: 'text' is {text!r:.80}; each line "
-                              "must be {\"text\": a str}")
+        raise FileFormatError(
+          f"{path}, line {number}: 'text' is {text!r:.80}; each line must be {{\"text\": a str}}"
+        )
       yield text
 
   def txt():
@@ -280,11 +295,13 @@ def read_texts(path) -> Iterator[str]:
 
   def documents():
     count = 0
-    for text in (jsonl() if suffix == ".jsonl" else txt()):
+    for text in jsonl() if suffix == ".jsonl" else txt():
       count += 1
       yield text
     if not count:
-      raise FileFormatError(f"{path} holds no texts (it is empty or blank); give a .jsonl of "
-                            "{\"text\": ...} lines or a .txt of documents")
+      raise FileFormatError(
+        f"{path} holds no texts (it is empty or blank); give a .jsonl of "
+        '{"text": ...} lines or a .txt of documents'
+      )
 
   return documents()

@@ -20,18 +20,18 @@ from absl import logging
 from monoformer_jax.data import pipeline
 from monoformer_jax.data.packing import PackedBatches
 from monoformer_jax.data.sharded import ShardedBatches, data_state_shards, host_stream
-from monoformer_jax.layout import row_spec
 from monoformer_jax.errors import ConfigError
+from monoformer_jax.layout import row_spec
 
 # name -> the module that makes its source as SOURCE
 SOURCES = {
-    "digits": "monoformer_jax.digits.source",   # the embedded default (configs/digits.py)
-    "imagenet": "monoformer_jax.data.sources.imagenet",
-    "text_to_image": "monoformer_jax.data.sources.text_to_image",
-    "chat": "monoformer_jax.data.sources.chat",
-    "text": "monoformer_jax.data.sources.text",
-    "llava": "monoformer_jax.data.sources.llava",
-    "mix": "monoformer_jax.data.sources.mix",
+  "digits": "monoformer_jax.digits.source",  # the embedded default (configs/digits.py)
+  "imagenet": "monoformer_jax.data.sources.imagenet",
+  "text_to_image": "monoformer_jax.data.sources.text_to_image",
+  "chat": "monoformer_jax.data.sources.chat",
+  "text": "monoformer_jax.data.sources.text",
+  "llava": "monoformer_jax.data.sources.llava",
+  "mix": "monoformer_jax.data.sources.mix",
 }
 
 
@@ -39,8 +39,9 @@ def source(name: str):
   """The source registered as `name` (a data.sources.DataSource); raises,
   listing those there are."""
   if name not in SOURCES:
-    raise ConfigError(f"config.data.name={name!r} has no input pipeline yet; training can "
-                      f"use {tuple(SOURCES)}")
+    raise ConfigError(
+      f"config.data.name={name!r} has no input pipeline yet; training can use {tuple(SOURCES)}"
+    )
   return importlib.import_module(SOURCES[name]).SOURCE
 
 
@@ -79,18 +80,25 @@ def class_by_name(name: str, config) -> str:
     return names[int(name)]
   if name not in names:
     listed = names if len(names) <= 20 else names[:20] + ("...",)
-    raise ConfigError(f"class name {name!r} is not a {source_of(config).class_noun}: use one "
-                      f"of {listed} or an index 0..{len(names) - 1}")
+    raise ConfigError(
+      f"class name {name!r} is not a {source_of(config).class_noun}: use one "
+      f"of {listed} or an index 0..{len(names) - 1}"
+    )
   return name
 
 
 def host_example_stream(config_json: str, process_index: int, process_count: int):
   """This host's example_at of a config given as JSON (what worker processes build)."""
   import ml_collections
+
   from monoformer_jax.text.tokenizer import tokenizer_of
+
   config = ml_collections.ConfigDict(json.loads(config_json))
-  return host_stream(source_of(config).examples(config, tokenizer_of(config), config.seed),
-                     process_index, process_count)
+  return host_stream(
+    source_of(config).examples(config, tokenizer_of(config), config.seed),
+    process_index,
+    process_count,
+  )
 
 
 def data_shards(config, process_count: int, state: dict | None = None) -> int:
@@ -102,22 +110,32 @@ def data_shards(config, process_count: int, state: dict | None = None) -> int:
   if shards == 0:
     shards = saved if saved and saved % process_count == 0 else process_count
   if saved and saved != shards:
-    logging.warning("the data state was read in %d shards, these %d processes read %d "
-                    "(data.shards=%d); the data order restarts", saved, process_count,
-                    shards, int(config.data.shards))
+    logging.warning(
+      "the data state was read in %d shards, these %d processes read %d "
+      "(data.shards=%d); the data order restarts",
+      saved,
+      process_count,
+      shards,
+      int(config.data.shards),
+    )
   if shards % process_count:
-    raise ConfigError(f"data.shards={shards} is not divisible by the {process_count} "
-                      "processes (each owns whole shards); use a multiple of "
-                      f"{process_count}, or 0 for one shard per process")
+    raise ConfigError(
+      f"data.shards={shards} is not divisible by the {process_count} "
+      "processes (each owns whole shards); use a multiple of "
+      f"{process_count}, or 0 for one shard per process"
+    )
   if config.data.batch_size % shards:
-    raise ConfigError(f"data.batch_size={config.data.batch_size} (global rows) is not "
-                      f"divisible by {shards} data shards (data.shards, or one per "
-                      "process); change either")
+    raise ConfigError(
+      f"data.batch_size={config.data.batch_size} (global rows) is not "
+      f"divisible by {shards} data shards (data.shards, or one per "
+      "process); change either"
+    )
   return shards
 
 
-def make_batches(config, tokenizer, *, process_index: int = 0, process_count: int = 1,
-                 state: dict | None = None):
+def make_batches(
+  config, tokenizer, *, process_index: int = 0, process_count: int = 1, state: dict | None = None
+):
   """This host's batches: its data shards' blocks of rows (packing.ShardedBatches;
   `data.batch_size // shards` rows each) packed from the config's dataset
   stream seeded by `config.seed`, the examples made by `data.workers`
@@ -125,18 +143,21 @@ def make_batches(config, tokenizer, *, process_index: int = 0, process_count: in
   thread; `state` (from `get_state()`, merged over processes) resumes."""
   shards = data_shards(config, process_count, state)
   stream = source_of(config).examples(config, tokenizer, config.seed)  # errors surface here
-  own = range(process_index * shards // process_count,
-              (process_index + 1) * shards // process_count)
+  own = range(
+    process_index * shards // process_count, (process_index + 1) * shards // process_count
+  )
   workers = int(config.data.workers)
   parts = {}
   for shard in own:
     shard_stream = host_stream(stream, shard, shards)
     if workers:
-      shard_stream = pipeline.WorkerExamples(functools.partial(
-          host_example_stream, config.to_json(), shard, shards),
-          max(1, workers // len(own)))
-    parts[shard] = PackedBatches(shard_stream, rows=config.data.batch_size // shards,
-                                 spec=row_spec(config, tokenizer))
+      shard_stream = pipeline.WorkerExamples(
+        functools.partial(host_example_stream, config.to_json(), shard, shards),
+        max(1, workers // len(own)),
+      )
+    parts[shard] = PackedBatches(
+      shard_stream, rows=config.data.batch_size // shards, spec=row_spec(config, tokenizer)
+    )
   batches = ShardedBatches(parts, shards)
   if state is not None:
     state = data_state_shards(state)

@@ -36,14 +36,15 @@ import itertools
 import json
 import os
 import uuid
-from typing import Any
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 from tqdm import tqdm
 
@@ -55,8 +56,18 @@ MANIFEST_FORMAT = 1
 # Chunk arrays that are not per-item fields; ImageItem.fields may not use these names.
 RESERVED = ("keys", "mean", "std", "mean_flip", "std_flip", "skipped", "skip_reasons")
 # Manifest entries that must match for a rerun to reuse the chunks already written.
-RESUME_FIELDS = ("format", "num_items", "chunk_size", "keys_sha256", "field_names",
-                 "image_size", "flip", "latent_shape", "scaling_factor", "shift_factor")
+RESUME_FIELDS = (
+  "format",
+  "num_items",
+  "chunk_size",
+  "keys_sha256",
+  "field_names",
+  "image_size",
+  "flip",
+  "latent_shape",
+  "scaling_factor",
+  "shift_factor",
+)
 MAX_NAMES = 20  # skipped files a summary names
 
 
@@ -66,8 +77,7 @@ class UnreadableImage(FileFormatError):
   def __init__(self, path, reason: str):
     self.path = str(path)
     self.reason = reason
-    super().__init__(f"cannot read image {self.path}: {reason}; re-download or remove "
-                     "the file")
+    super().__init__(f"cannot read image {self.path}: {reason}; re-download or remove the file")
 
 
 # --- Images -----------------------------------------------------------------------------
@@ -95,7 +105,7 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
   """16/32-bit integer or float grayscale -> 8-bit L (PIL's own conversion clips at 255)."""
   x = np.asarray(image, dtype=np.float64)
   if image.mode.startswith("I;16"):
-    x = x / 257.0                                 # 0..65535 -> 0..255
+    x = x / 257.0  # 0..65535 -> 0..255
   elif image.mode == "I":
     x = x / 257.0 if x.max(initial=0) > 255 else x  # 16-bit data opened as I, or 8-bit
   elif image.mode == "F":
@@ -148,6 +158,7 @@ def load_rgb(path) -> Image.Image:
 @dataclasses.dataclass(frozen=True)
 class ImageItem:
   """One example to encode: its unique key, its image file and its other fields."""
+
   key: str
   path: str
   fields: dict = dataclasses.field(default_factory=dict)  # e.g. {"label": 3, "wnid": ...}
@@ -159,25 +170,33 @@ class ImageItem:
 @dataclasses.dataclass
 class EncodeReport:
   """What an encoding run (or the chunk files) hold; `summary()` for the log."""
-  encoded: int = 0                                   # images in the chunks
+
+  encoded: int = 0  # images in the chunks
   skipped: list = dataclasses.field(default_factory=list)  # (path, reason): unreadable
   missing: list = dataclasses.field(default_factory=list)  # paths not there (the caller's)
   chunks_written: int = 0
-  chunks_reused: int = 0                             # there from an earlier run
+  chunks_reused: int = 0  # there from an earlier run
   missing_chunks: list = dataclasses.field(default_factory=list)  # chunk_report: not written
 
   def summary(self) -> str:
     chunks = self.chunks_written + self.chunks_reused
-    text = (f"encoded {self.encoded} images in {chunks} chunks ({self.chunks_reused} reused); "
-            f"skipped {len(self.skipped)}")
+    text = (
+      f"encoded {self.encoded} images in {chunks} chunks ({self.chunks_reused} reused); "
+      f"skipped {len(self.skipped)}"
+    )
     text += _names(f"{path} ({reason})" for path, reason in self.skipped)
     if self.missing:
       text += f"; missing {len(self.missing)}" + _names(self.missing)
     if self.missing_chunks:
-      text += (f"; {len(self.missing_chunks)} chunks not written yet: "
-               + ", ".join(map(str, self.missing_chunks[:MAX_NAMES]))
-               + (f" and {len(self.missing_chunks) - MAX_NAMES} more"
-                  if len(self.missing_chunks) > MAX_NAMES else ""))
+      text += (
+        f"; {len(self.missing_chunks)} chunks not written yet: "
+        + ", ".join(map(str, self.missing_chunks[:MAX_NAMES]))
+        + (
+          f" and {len(self.missing_chunks) - MAX_NAMES} more"
+          if len(self.missing_chunks) > MAX_NAMES
+          else ""
+        )
+      )
     return text
 
 
@@ -207,8 +226,7 @@ def _atomic_write(path: str, write) -> None:
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except OSError as e:
-    raise PathError(f"cannot write {path}: {e}; check the folder is writable and has "
-                    "space") from e
+    raise PathError(f"cannot write {path}: {e}; check the folder is writable and has space") from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -223,8 +241,9 @@ def _read_manifest(output_dir: str) -> dict | None:
       manifest = json.load(f)
     [manifest[name] for name in RESUME_FIELDS]
   except (ValueError, KeyError, TypeError) as e:
-    raise FileFormatError(f"{path} is not an encode manifest ({e}); delete {output_dir} "
-                          "and encode again") from e
+    raise FileFormatError(
+      f"{path} is not an encode manifest ({e}); delete {output_dir} and encode again"
+    ) from e
   return manifest
 
 
@@ -232,9 +251,11 @@ def _require_manifest(output_dir) -> dict:
   output_dir = os.fspath(output_dir)
   manifest = _read_manifest(output_dir)
   if manifest is None:
-    raise MissingPathError(f"{os.path.join(output_dir, MANIFEST)} is not there: "
-                           f"{output_dir} is not an encode_items output folder (or encoding "
-                           "has not started); run encode_items into it first")
+    raise MissingPathError(
+      f"{os.path.join(output_dir, MANIFEST)} is not there: "
+      f"{output_dir} is not an encode_items output folder (or encoding "
+      "has not started); run encode_items into it first"
+    )
   return manifest
 
 
@@ -250,9 +271,11 @@ def _load_chunk(path: str, arrays: Sequence[str] | None = None) -> dict[str, np.
   except FileNotFoundError:
     raise
   except Exception as e:  # not a zip (zipfile.BadZipFile), a member missing, cut short
-    raise FileFormatError(f"chunk file {path} is broken ({type(e).__name__}: {e}); delete "
-                          "it and rerun encode_items, which encodes only the missing "
-                          "chunks") from e
+    raise FileFormatError(
+      f"chunk file {path} is broken ({type(e).__name__}: {e}); delete "
+      "it and rerun encode_items, which encodes only the missing "
+      "chunks"
+    ) from e
 
 
 def _count_into(report: EncodeReport, path: str) -> None:
@@ -278,10 +301,11 @@ def read_chunks(output_dir) -> Iterator[dict[str, Any]]:
       first = k * manifest["chunk_size"]
       last = min(first + manifest["chunk_size"], manifest["num_items"]) - 1
       raise MissingPathError(
-          f"chunk {k} of {n} ({path}, items {first}..{last}) is not written: encoding was "
-          f"interrupted, or process {k % hosts} of the {hosts}-host build has not finished; "
-          "rerun encode_items with the same arguments (it encodes only missing chunks) or "
-          "wait for that host")
+        f"chunk {k} of {n} ({path}, items {first}..{last}) is not written: encoding was "
+        f"interrupted, or process {k % hosts} of the {hosts}-host build has not finished; "
+        "rerun encode_items with the same arguments (it encodes only missing chunks) or "
+        "wait for that host"
+      )
     chunk = _load_chunk(path)
     per_item = [name for name in chunk if name not in ("skipped", "skip_reasons")]
     for i in range(len(chunk["keys"])):
@@ -316,22 +340,29 @@ def _check_items(items: Sequence[ImageItem]) -> tuple[str, ...]:
   field_names = tuple(sorted(items[0].fields)) if items else ()
   clash = sorted(set(field_names) & set(RESERVED))
   if clash:
-    raise ConfigError(f"ImageItem fields {clash} clash with the chunk arrays {list(RESERVED)}; "
-                      "rename those fields")
+    raise ConfigError(
+      f"ImageItem fields {clash} clash with the chunk arrays {list(RESERVED)}; rename those fields"
+    )
   for name in field_names:
     if np.asarray(items[0].fields[name]).dtype.kind == "O":
-      raise ConfigError(f"ImageItem field {name!r} of item {items[0].key!r} is "
-                        f"{items[0].fields[name]!r}, which numpy cannot store without "
-                        "pickle; use numbers, strings or arrays")
+      raise ConfigError(
+        f"ImageItem field {name!r} of item {items[0].key!r} is "
+        f"{items[0].fields[name]!r}, which numpy cannot store without "
+        "pickle; use numbers, strings or arrays"
+      )
   seen = set()
   for item in items:
     if item.key in seen:
-      raise ConfigError(f"two items have the key {item.key!r}; keys must be unique (they "
-                        "become the dataset's example keys)")
+      raise ConfigError(
+        f"two items have the key {item.key!r}; keys must be unique (they "
+        "become the dataset's example keys)"
+      )
     seen.add(item.key)
     if tuple(sorted(item.fields)) != field_names:
-      raise ConfigError(f"item {item.key!r} has fields {sorted(item.fields)} but the first "
-                        f"item has {list(field_names)}; every item needs the same fields")
+      raise ConfigError(
+        f"item {item.key!r} has fields {sorted(item.fields)} but the first "
+        f"item has {list(field_names)}; every item needs the same fields"
+      )
   return field_names
 
 
@@ -339,12 +370,19 @@ def _manifest_for(items, field_names, vae, image_size, flip, chunk_size) -> dict
   cfg = vae.config
   f = cfg.downsample_factor
   keys_sha256 = hashlib.sha256("\n".join(item.key for item in items).encode()).hexdigest()
-  return dict(format=MANIFEST_FORMAT, num_items=len(items), chunk_size=chunk_size,
-              keys_sha256=keys_sha256, field_names=list(field_names), image_size=image_size,
-              flip=bool(flip),
-              latent_shape=[image_size // f, image_size // f, cfg.latent_channels],
-              scaling_factor=float(cfg.scaling_factor), shift_factor=float(cfg.shift_factor),
-              process_count=jax.process_count())
+  return dict(
+    format=MANIFEST_FORMAT,
+    num_items=len(items),
+    chunk_size=chunk_size,
+    keys_sha256=keys_sha256,
+    field_names=list(field_names),
+    image_size=image_size,
+    flip=bool(flip),
+    latent_shape=[image_size // f, image_size // f, cfg.latent_channels],
+    scaling_factor=float(cfg.scaling_factor),
+    shift_factor=float(cfg.shift_factor),
+    process_count=jax.process_count(),
+  )
 
 
 def _make_encoder(vae, flip: bool):
@@ -394,9 +432,17 @@ def _prefetch(work: Iterable, fn, workers: int, depth: int) -> Iterator:
         future.cancel()
 
 
-def encode_items(items: Sequence[ImageItem], vae, output_dir, *, image_size: int,
-                 flip: bool = False, batch_size: int = 32, chunk_size: int = 1024,
-                 progress: bool = True) -> EncodeReport:
+def encode_items(
+  items: Sequence[ImageItem],
+  vae,
+  output_dir,
+  *,
+  image_size: int,
+  flip: bool = False,
+  batch_size: int = 32,
+  chunk_size: int = 1024,
+  progress: bool = True,
+) -> EncodeReport:
   """Encode `items` into `output_dir/chunk_{k:06d}.npz`, skipping chunks already there.
 
   Pixels are `adm_center_crop(load_rgb(path), image_size)` as uint8 / 127.5 - 1;
@@ -410,13 +456,19 @@ def encode_items(items: Sequence[ImageItem], vae, output_dir, *, image_size: int
   """
   items = list(items)
   image_size, batch_size, chunk_size = (
-      integer(name, value, low=1, fix="encode_items takes positive sizes")
-      for name, value in (("image_size", image_size), ("batch_size", batch_size),
-                          ("chunk_size", chunk_size)))
+    integer(name, value, low=1, fix="encode_items takes positive sizes")
+    for name, value in (
+      ("image_size", image_size),
+      ("batch_size", batch_size),
+      ("chunk_size", chunk_size),
+    )
+  )
   f = vae.config.downsample_factor
   if image_size % f:
-    raise ConfigError(f"encode_items image_size={image_size} must be a multiple of the "
-                      f"VAE's downsampling factor {f} (e.g. {max(f, image_size // f * f)})")
+    raise ConfigError(
+      f"encode_items image_size={image_size} must be a multiple of the "
+      f"VAE's downsampling factor {f} (e.g. {max(f, image_size // f * f)})"
+    )
   field_names = _check_items(items)
   output_dir = os.fspath(output_dir)
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -428,15 +480,22 @@ def encode_items(items: Sequence[ImageItem], vae, output_dir, *, image_size: int
   if found is not None:
     changed = [name for name in RESUME_FIELDS if found[name] != manifest[name]]
     if changed:
-      details = ", ".join(f"{name}: {found[name]!r} there, {manifest[name]!r} now"
-                          for name in changed if name != "keys_sha256")
+      details = ", ".join(
+        f"{name}: {found[name]!r} there, {manifest[name]!r} now"
+        for name in changed
+        if name != "keys_sha256"
+      )
       if "keys_sha256" in changed:
         details += (", " if details else "") + "the items (keys or order) differ"
-      raise ConfigError(f"{output_dir} holds chunks of another encoding ({details}); encode "
-                        f"into a new folder, or delete {output_dir} to start over")
+      raise ConfigError(
+        f"{output_dir} holds chunks of another encoding ({details}); encode "
+        f"into a new folder, or delete {output_dir} to start over"
+      )
   if found is None or found.get("process_count") != manifest["process_count"]:
-    _atomic_write(os.path.join(output_dir, MANIFEST),
-                  lambda file: file.write(json.dumps(manifest, indent=1).encode()))
+    _atomic_write(
+      os.path.join(output_dir, MANIFEST),
+      lambda file: file.write(json.dumps(manifest, indent=1).encode()),
+    )
 
   num_chunks = _num_chunks(manifest)
   index, count = jax.process_index(), jax.process_count()
@@ -467,15 +526,19 @@ def encode_items(items: Sequence[ImageItem], vae, output_dir, *, image_size: int
     except UnreadableImage as e:
       return item, None, e.reason
 
-  jobs = (item for k in todo for item in items[k * chunk_size:(k + 1) * chunk_size])
-  bar = tqdm(total=sum(len(items[k * chunk_size:(k + 1) * chunk_size]) for k in todo),
-             unit="img", desc="encoding", disable=not progress)
+  jobs = (item for k in todo for item in items[k * chunk_size : (k + 1) * chunk_size])
+  bar = tqdm(
+    total=sum(len(items[k * chunk_size : (k + 1) * chunk_size]) for k in todo),
+    unit="img",
+    desc="encoding",
+    disable=not progress,
+  )
   workers = min(16, os.cpu_count() or 1)
   loaded = _prefetch(jobs, load, workers, depth=2 * batch + workers)
   try:
     for k in todo:  # a chunk is written as soon as its last item is encoded
       good, skipped, pixels, outputs = [], [], [], []
-      size = len(items[k * chunk_size:(k + 1) * chunk_size])
+      size = len(items[k * chunk_size : (k + 1) * chunk_size])
       for item, pixels_HxWx3, reason in itertools.islice(loaded, size):
         if reason is not None:
           skipped.append((item.path, reason))
@@ -493,8 +556,10 @@ def encode_items(items: Sequence[ImageItem], vae, output_dir, *, image_size: int
       arrays = {name: np.zeros((0, *latent_shape), np.float32) for name in out_names}
       if outputs:
         fetched = jax.device_get([out for _, out in outputs])
-        arrays = {name: np.concatenate([out[name][:n] for (n, _), out in
-                                        zip(outputs, fetched)]) for name in out_names}
+        arrays = {
+          name: np.concatenate([out[name][:n] for (n, _), out in zip(outputs, fetched)])
+          for name in out_names
+        }
       _write_chunk(chunk_path(output_dir, k), good, skipped, arrays, field_names)
       report.encoded += len(good)
       report.skipped.extend(skipped)
@@ -513,16 +578,23 @@ def _dispatch(encode, pixels: list[np.ndarray], batch: int):
   return n, encode(pixels_BxHxWx3)
 
 
-def _write_chunk(path: str, good: list[ImageItem], skipped: list[tuple[str, str]],
-                 arrays: dict[str, np.ndarray], field_names: Sequence[str]) -> None:
+def _write_chunk(
+  path: str,
+  good: list[ImageItem],
+  skipped: list[tuple[str, str]],
+  arrays: dict[str, np.ndarray],
+  field_names: Sequence[str],
+) -> None:
   arrays = dict(arrays)
   arrays["keys"] = np.asarray([item.key for item in good], dtype=str)
   for name in field_names:
     values = np.asarray([item.fields[name] for item in good])
     if values.dtype.kind == "O":
-      raise ConfigError(f"ImageItem field {name!r} mixes types or shapes across the items "
-                        f"of {path}, which numpy cannot store without pickle; give every "
-                        "item the same kind of value")
+      raise ConfigError(
+        f"ImageItem field {name!r} mixes types or shapes across the items "
+        f"of {path}, which numpy cannot store without pickle; give every "
+        "item the same kind of value"
+      )
     arrays[name] = values
   arrays["skipped"] = np.asarray([p for p, _ in skipped], dtype=str)
   arrays["skip_reasons"] = np.asarray([r for _, r in skipped], dtype=str)

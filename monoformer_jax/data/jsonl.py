@@ -6,8 +6,8 @@ the line number, what is wrong with it."""
 from __future__ import annotations
 
 import json
-from typing import Any
 from collections.abc import Iterator
+from typing import Any
 
 from monoformer_jax.errors import FileFormatError
 
@@ -19,8 +19,9 @@ def numbered_lines(path: str) -> Iterator[tuple[int, str]]:
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
-        raise FileFormatError(f"{path}, line {number}: not UTF-8 ({e.reason} at byte "
-                              f"{e.start}); save the file as UTF-8") from e
+        raise FileFormatError(
+          f"{path}, line {number}: not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8"
+        ) from e
       yield number, line.rstrip("\n").rstrip("\r")
 
 
@@ -32,9 +33,13 @@ def json_objects(path: str) -> Iterator[tuple[int, Any]]:
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
-      raise FileFormatError(f"{path}, line {number}: not JSON ({e.msg} at column "
-                            f"{e.colno}); each line must be one JSON object") from e
+      raise FileFormatError(
+        f"{path}, line {number}: not JSON ({e.msg} at column "
+        f"{e.colno}); each line must be one JSON object"
+      ) from e
     if not isinstance(record, dict):
-      raise FileFormatError(f"{path}, line {number}: a JSON {type(record).__name__}, not an "
-                            "object; each line must be one JSON object")
+      raise FileFormatError(
+        f"{path}, line {number}: a JSON {type(record).__name__}, not an "
+        "object; each line must be one JSON object"
+      )
     yield number, record

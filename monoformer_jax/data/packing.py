@@ -42,8 +42,11 @@ def _first_fit(pieces: Sequence[Example], spec: RowSpec, rows: Rows) -> list[int
   for piece in pieces:
     n = expanded_length(piece, spec)
     n_gen, n_read = _images_after((0, 0), piece)
-    fits_R = ((used + n <= spec.seq_len) & (gen + n_gen <= spec.max_images)
-              & (read + n_read <= spec.max_read_images))
+    fits_R = (
+      (used + n <= spec.seq_len)
+      & (gen + n_gen <= spec.max_images)
+      & (read + n_read <= spec.max_read_images)
+    )
     if not fits_R.any():
       return None
     r = int(np.argmax(fits_R))
@@ -63,8 +66,9 @@ def _images_fit(images: tuple[int, int], piece: Example, spec: RowSpec) -> bool:
   return gen <= spec.max_images and read <= spec.max_read_images
 
 
-def pack_examples(examples: Sequence[Example], spec: RowSpec, *,
-                  one_per_row: bool = False) -> dict[str, np.ndarray]:
+def pack_examples(
+  examples: Sequence[Example], spec: RowSpec, *, one_per_row: bool = False
+) -> dict[str, np.ndarray]:
   """Packs all `examples` in order into as many rows as they need, each row
   filled until the next example does not fit (next-fit: the k-th segment in
   row-major order is the k-th example).
@@ -94,15 +98,16 @@ class PackedBatches(Iterator[dict]):
   integer of state), so one text may span at most `rows` rows.
   """
 
-  def __init__(self, example_at: Callable[[int], Example], *, rows: int, spec: RowSpec,
-               start_index: int = 0):
+  def __init__(
+    self, example_at: Callable[[int], Example], *, rows: int, spec: RowSpec, start_index: int = 0
+  ):
     if rows < 1:
       raise ValueError(f"rows={rows}: a batch needs at least one row")
     self.example_at = example_at
     self.rows = rows
     self.spec = spec
     self.next_example = int(start_index)
-    self._last = None   # (index, pieces): the leftover is not decoded twice
+    self._last = None  # (index, pieces): the leftover is not decoded twice
 
   def _pieces(self, index: int) -> list[Example]:
     if self._last is None or self._last[0] != index:
@@ -121,10 +126,11 @@ class PackedBatches(Iterator[dict]):
       if plan is None:
         if not out.n_examples.any():
           raise ConfigError(
-              f"example {index} is a text of {sum(len(p.ids) for p in pieces)} tokens: "
-              f"{len(pieces)} pieces of data.seq_len={self.spec.seq_len} do not fit a "
-              f"batch of {self.rows} rows; raise data.seq_len or data.batch_size, or "
-              "shorten the text")
+            f"example {index} is a text of {sum(len(p.ids) for p in pieces)} tokens: "
+            f"{len(pieces)} pieces of data.seq_len={self.spec.seq_len} do not fit a "
+            f"batch of {self.rows} rows; raise data.seq_len or data.batch_size, or "
+            "shorten the text"
+          )
         return out.batch()
       for piece, row in zip(pieces, plan):
         out.put(row, piece)
@@ -135,4 +141,3 @@ class PackedBatches(Iterator[dict]):
 
   def set_state(self, state: dict):
     self.next_example = int(state["next_example"])
-

@@ -37,15 +37,19 @@ from collections.abc import Callable, Sequence
 import grain
 import numpy as np
 
-from monoformer_jax.layout import Example
 from monoformer_jax.errors import ConfigError
+from monoformer_jax.layout import Example
 
 # Stream choices are drawn per block of this many examples.
 MIX_BLOCK = 128
 
 
-def mix(streams: Sequence[Callable[[int], Example]], weights: Sequence[float], seed: int,
-        block: int = MIX_BLOCK) -> Callable[[int], Example]:
+def mix(
+  streams: Sequence[Callable[[int], Example]],
+  weights: Sequence[float],
+  seed: int,
+  block: int = MIX_BLOCK,
+) -> Callable[[int], Example]:
   """example_at(i) of `streams` interleaved in the proportions of `weights`.
 
   Block b of `block` examples holds exactly round-down shares of the
@@ -97,8 +101,12 @@ def record_stream(records, to_example: Callable, seed: int) -> Callable[[int], E
   if len(records) == 0:
     raise ConfigError("the prepared dataset has no records")
   shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-  ds = (grain.MapDataset.source(records).shuffle(seed=shuffle_seed).repeat()
-        .random_map(to_example, seed=map_seed))
+  ds = (
+    grain.MapDataset.source(records)
+    .shuffle(seed=shuffle_seed)
+    .repeat()
+    .random_map(to_example, seed=map_seed)
+  )
   return lambda i: ds[i]
 
 
@@ -132,13 +140,22 @@ class WorkerExamples:
   examples are the ones `make_stream()(i)` gives, whatever the workers' timing.
   """
 
-  def __init__(self, make_stream: Callable[[], Callable[[int], Example]], workers: int, *,
-               chunk: int = 32, ahead: int = 8):
+  def __init__(
+    self,
+    make_stream: Callable[[], Callable[[int], Example]],
+    workers: int,
+    *,
+    chunk: int = 32,
+    ahead: int = 8,
+  ):
     self.chunk, self.ahead = chunk, ahead
     # spawn, not fork: the parent runs JAX's threads.
     self.pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_worker_init, initargs=(make_stream,))
+      workers,
+      mp_context=multiprocessing.get_context("spawn"),
+      initializer=_worker_init,
+      initargs=(make_stream,),
+    )
     self.futures: dict[int, concurrent.futures.Future] = {}
 
   def __call__(self, i: int) -> Example:
@@ -147,8 +164,7 @@ class WorkerExamples:
     c = i // self.chunk
     for k in range(c, c + self.ahead):
       if k not in self.futures:
-        self.futures[k] = self.pool.submit(_worker_examples, k * self.chunk,
-                                           (k + 1) * self.chunk)
+        self.futures[k] = self.pool.submit(_worker_examples, k * self.chunk, (k + 1) * self.chunk)
     for k in [k for k in self.futures if k < c - 1]:
       del self.futures[k]
     return self.futures[c].result()[i - c * self.chunk]
@@ -190,7 +206,7 @@ class Prefetched:
       while not self._stop.is_set():
         try:
           item = (next(self.batches), self.batches.get_state(), None)
-        except BaseException as e:   # re-raised in the consumer
+        except BaseException as e:  # re-raised in the consumer
           item = (None, None, e)
         while not self._stop.is_set():
           try:

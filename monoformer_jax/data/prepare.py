@@ -40,23 +40,35 @@ from monoformer_jax.paths import writable_dir
 
 _INPUT = flags.DEFINE_string("input_dir", None, "What to prepare (see the module docstring).")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the prepared dataset goes.")
-_VAE = flags.DEFINE_string("vae", None, "SD-VAE folder (diffusers AutoencoderKL): latent "
-                           "datasets need one.")
+_VAE = flags.DEFINE_string(
+  "vae", None, "SD-VAE folder (diffusers AutoencoderKL): latent datasets need one."
+)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Pixels per side after the center crop.")
-_FLIP = flags.DEFINE_bool("flip", False, "Also store each image's mirror's latent "
-                          "(data.random_flip then picks one at random).")
-_SPLITS = flags.DEFINE_list("splits", ["train", "val"], "imagenet: the splits to prepare "
-                            "(those that exist under --input_dir).")
-_ANNOTATIONS = flags.DEFINE_string("annotations", None, "text_to_image: the annotation jsonl; "
-                                   "llava: llava_v1_5_mix665k.json (or a JSONL of records).")
+_FLIP = flags.DEFINE_bool(
+  "flip",
+  False,
+  "Also store each image's mirror's latent (data.random_flip then picks one at random).",
+)
+_SPLITS = flags.DEFINE_list(
+  "splits",
+  ["train", "val"],
+  "imagenet: the splits to prepare (those that exist under --input_dir).",
+)
+_ANNOTATIONS = flags.DEFINE_string(
+  "annotations",
+  None,
+  "text_to_image: the annotation jsonl; llava: llava_v1_5_mix665k.json (or a JSONL of records).",
+)
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per VAE batch (all local devices).")
 _CHUNK = flags.DEFINE_integer("chunk_size", 1024, "Images per resumable chunk.")
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in datasets.SOURCES:
-    raise app.UsageError(f"usage: python -m monoformer_jax.data.prepare "
-                         f"{{{'|'.join(datasets.SOURCES)}}} --input_dir=... --output_dir=...")
+    raise app.UsageError(
+      f"usage: python -m monoformer_jax.data.prepare "
+      f"{{{'|'.join(datasets.SOURCES)}}} --input_dir=... --output_dir=..."
+    )
   source = datasets.source(argv[1])
   if not _OUTPUT.value:
     raise app.UsageError("--output_dir is required")
@@ -66,20 +78,32 @@ def main(argv):
       raise app.UsageError(f"{source.name} needs --input_dir")
     if not os.path.exists(_INPUT.value):
       raise MissingPathError(f"--input_dir={_INPUT.value!r} does not exist")
-  args = PrepareArgs(input_dir=_INPUT.value, annotations=_ANNOTATIONS.value, vae=_VAE.value,
-                     image_size=_IMAGE_SIZE.value, flip=_FLIP.value, splits=tuple(_SPLITS.value),
-                     batch_size=_BATCH.value, chunk_size=_CHUNK.value)
-  prepared = source.prepare(args, output_dir)   # every host: the encoders' shares
+  args = PrepareArgs(
+    input_dir=_INPUT.value,
+    annotations=_ANNOTATIONS.value,
+    vae=_VAE.value,
+    image_size=_IMAGE_SIZE.value,
+    flip=_FLIP.value,
+    splits=tuple(_SPLITS.value),
+    batch_size=_BATCH.value,
+    chunk_size=_CHUNK.value,
+  )
+  prepared = source.prepare(args, output_dir)  # every host: the encoders' shares
   if jax.process_index() == 0:
-    folder = source.write(output_dir, prepared.splits, latent_shape=prepared.latent_shape,
-                          flip=prepared.flip, description=prepared.description
-                          or f"prepared by monoformer_jax from {_INPUT.value}")
-    counts = {split["name"]: sum(int(n) for n in split["shardLengths"])
-              for split in builders.dataset_info(folder)["splits"]}
+    folder = source.write(
+      output_dir,
+      prepared.splits,
+      latent_shape=prepared.latent_shape,
+      flip=prepared.flip,
+      description=prepared.description or f"prepared by monoformer_jax from {_INPUT.value}",
+    )
+    counts = {
+      split["name"]: sum(int(n) for n in split["shardLengths"])
+      for split in builders.dataset_info(folder)["splits"]
+    }
     for line in prepared.report():
       logging.info("%s", line)
-    logging.info("wrote %s: %s records; train with --config.data.dir=%s", folder, counts,
-                 folder)
+    logging.info("wrote %s: %s records; train with --config.data.dir=%s", folder, counts, folder)
 
 
 if __name__ == "__main__":

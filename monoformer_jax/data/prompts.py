@@ -64,8 +64,7 @@ def image_prefix_ids(prompt: str | None, tokenizer) -> list[int]:
 def image_example_ids(prompt: str | None, tokenizer) -> list[int]:
   """<s> prompt <|im_start|> <image> <|im_end|> \\n </s>; no prompt for None/""."""
   t = tokenizer
-  return (image_prefix_ids(prompt, t) + [t.image_id, t.im_end_id] + t.encode("\n")
-          + [t.eos_id])
+  return image_prefix_ids(prompt, t) + [t.image_id, t.im_end_id] + t.encode("\n") + [t.eos_id]
 
 
 def image_example(prompt: str | None, image: np.ndarray, tokenizer) -> Example:
@@ -77,8 +76,11 @@ def image_example(prompt: str | None, image: np.ndarray, tokenizer) -> Example:
 def image_prompt_example(prompt: str | None, tokenizer, image_shape) -> Example:
   """The row of an image to generate as an example, with a zero image in its
   slot (None or "": the guidance-null prompt). Its text trains nothing."""
-  return Example(image_example_ids(prompt, tokenizer),
-                 [np.zeros(tuple(image_shape), np.float32)], train_text=False)
+  return Example(
+    image_example_ids(prompt, tokenizer),
+    [np.zeros(tuple(image_shape), np.float32)],
+    train_text=False,
+  )
 
 
 def text_ids(text: str, tokenizer) -> list[int]:
@@ -91,8 +93,14 @@ def text_prompt_ids(text: str, tokenizer) -> list[int]:
   return [tokenizer.bos_id] + tokenizer.encode(text)
 
 
-def image_rows(prompts: Sequence[str | None], tokenizer, tokens_per_image: int, *,
-               guidance: bool, cond_token: bool = False) -> PromptRows:
+def image_rows(
+  prompts: Sequence[str | None],
+  tokenizer,
+  tokens_per_image: int,
+  *,
+  guidance: bool,
+  cond_token: bool = False,
+) -> PromptRows:
   """The rows that generate one image per prompt (None: unconditional); with
   `cond_token` (add_before_image_tokens) the image's timestep token first.
 
@@ -102,8 +110,14 @@ def image_rows(prompts: Sequence[str | None], tokenizer, tokens_per_image: int, 
   prefixes = [image_prefix_ids(p, tokenizer) for p in prompts]
   if guidance:
     prefixes += [image_prefix_ids(None, tokenizer)] * len(prompts)
-  return prompt_rows(prefixes, pad_id=tokenizer.pad_id, new_tokens=tokens_per_image,
-                     new_token_id=tokenizer.image_id, image=True, cond_token=cond_token)
+  return prompt_rows(
+    prefixes,
+    pad_id=tokenizer.pad_id,
+    new_tokens=tokens_per_image,
+    new_token_id=tokenizer.image_id,
+    image=True,
+    cond_token=cond_token,
+  )
 
 
 def read_prefix_ids(tokenizer) -> list[int]:
@@ -123,8 +137,13 @@ def reading_example(prompt: str, answer: str, image: np.ndarray, tokenizer) -> E
   """A training example about a read image: cross-entropy on `answer` and </s> only."""
   question = read_prefix_ids(tokenizer) + tokenizer.encode("\n" + prompt)
   reply = tokenizer.encode(answer) + [tokenizer.eos_id]
-  return Example(question + reply, [image], train_text=True,
-                 text_mask=[False] * len(question) + [True] * len(reply), read=[True])
+  return Example(
+    question + reply,
+    [image],
+    train_text=True,
+    text_mask=[False] * len(question) + [True] * len(reply),
+    read=[True],
+  )
 
 
 def interleaved_example(texts: Sequence[str], images: Sequence[np.ndarray], tokenizer) -> Example:
@@ -132,8 +151,10 @@ def interleaved_example(texts: Sequence[str], images: Sequence[np.ndarray], toke
   more text than images; cross-entropy on the text and on each <|im_start|>."""
   t = tokenizer
   if len(texts) != len(images) + 1:
-    raise ValueError(f"{len(texts)} texts around {len(images)} images; give one text "
-                     "before each image and one after the last")
+    raise ValueError(
+      f"{len(texts)} texts around {len(images)} images; give one text "
+      "before each image and one after the last"
+    )
   ids = [t.bos_id] + t.encode(texts[0])
   for text in texts[1:]:
     ids += [t.im_start_id, t.image_id, t.im_end_id] + t.encode(text)
@@ -155,8 +176,9 @@ def edit_prefix(instruction: str | None, source: np.ndarray | None, tokenizer) -
   return Example(ids, [source], train_text=False, read=[True])
 
 
-def edit_example(instruction: str | None, source: np.ndarray | None, target: np.ndarray,
-                 tokenizer) -> Example:
+def edit_example(
+  instruction: str | None, source: np.ndarray | None, target: np.ndarray, tokenizer
+) -> Example:
   """A training edit: `target` drawn after `edit_prefix` (either part may be
   dropped, None, for guidance)."""
   t = tokenizer
@@ -166,8 +188,14 @@ def edit_example(instruction: str | None, source: np.ndarray | None, target: np.
   return Example(ids, list(prefix.images) + [target], train_text=True, read=read)
 
 
-def edit_rows(sources: Sequence[np.ndarray], instructions: Sequence[str], tokenizer, spec, *,
-              guidance: str | None = "both") -> PromptRows:
+def edit_rows(
+  sources: Sequence[np.ndarray],
+  instructions: Sequence[str],
+  tokenizer,
+  spec,
+  *,
+  guidance: str | None = "both",
+) -> PromptRows:
   """Rows that draw one edit of each source image by its instruction.
 
   `guidance` says which condition the guided rows drop, group after group:
@@ -179,12 +207,25 @@ def edit_rows(sources: Sequence[np.ndarray], instructions: Sequence[str], tokeni
     raise ValueError(f"guidance={guidance!r}: choose None or one of {EDIT_GUIDANCE}")
   if len(sources) != len(instructions):
     raise ValueError(f"{len(sources)} source images for {len(instructions)} instructions")
-  drops = {None: [], "both": [(None, None)], "text": [(None, "src")],
-           "image": [("text", None)], "two_scale": [(None, "src"), (None, None)]}[guidance]
+  drops = {
+    None: [],
+    "both": [(None, None)],
+    "text": [(None, "src")],
+    "image": [("text", None)],
+    "two_scale": [(None, "src"), (None, None)],
+  }[guidance]
   prompts = [edit_prefix(i, x, tokenizer) for x, i in zip(sources, instructions)]
   for text, image in drops:
-    prompts += [edit_prefix(i if text else None, x if image else None, tokenizer)
-                for x, i in zip(sources, instructions)]
-  return prompt_rows([p if p.images else list(p.ids) for p in prompts], pad_id=tokenizer.pad_id,
-                     new_tokens=spec.tokens_per_image, new_token_id=tokenizer.image_id,
-                     image=True, cond_token=spec.cond_token, spec=spec)
+    prompts += [
+      edit_prefix(i if text else None, x if image else None, tokenizer)
+      for x, i in zip(sources, instructions)
+    ]
+  return prompt_rows(
+    [p if p.images else list(p.ids) for p in prompts],
+    pad_id=tokenizer.pad_id,
+    new_tokens=spec.tokens_per_image,
+    new_token_id=tokenizer.image_id,
+    image=True,
+    cond_token=spec.cond_token,
+    spec=spec,
+  )

@@ -20,8 +20,9 @@ from monoformer_jax.errors import ConfigError
 from monoformer_jax.layout import Example
 
 
-def host_stream(example_at: Callable[[int], Example], process_index: int,
-                process_count: int) -> Callable[[int], Example]:
+def host_stream(
+  example_at: Callable[[int], Example], process_index: int, process_count: int
+) -> Callable[[int], Example]:
   """Host `process_index`'s share of a global stream: its example i is global
   example i * process_count + process_index, so hosts never share examples
   and together cover the stream."""
@@ -60,14 +61,18 @@ class ShardedBatches(Iterator[dict]):
   def get_state(self) -> dict:
     """{"shards": S, "next_example": {shard: index}} for the shards owned here;
     the loop merges every process's into one (`merge_data_states`)."""
-    return {"shards": self.shards,
-            "next_example": {str(s): p.next_example for s, p in self.parts.items()}}
+    return {
+      "shards": self.shards,
+      "next_example": {str(s): p.next_example for s, p in self.parts.items()},
+    }
 
   def set_state(self, state: dict):
     state = data_state_shards(state)
     if state["shards"] != self.shards:
-      raise ConfigError(f"the data state was read in {state['shards']} shards, these "
-                        f"batches in {self.shards}; set data.shards={state['shards']}")
+      raise ConfigError(
+        f"the data state was read in {state['shards']} shards, these "
+        f"batches in {self.shards}; set data.shards={state['shards']}"
+      )
     missing = [s for s in self.parts if str(s) not in state["next_example"]]
     if missing:
       raise ConfigError(f"the data state has no position for shards {missing}")

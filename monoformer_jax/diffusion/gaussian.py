@@ -40,8 +40,9 @@ def linear_betas(num_timesteps: int) -> np.ndarray:
 BETAS: dict[str, Callable[[int], np.ndarray]] = {"linear": linear_betas}
 
 
-def space_timesteps(num_timesteps: int,
-                    section_counts: str | int | Sequence[int] | None) -> list[int]:
+def space_timesteps(
+  num_timesteps: int, section_counts: str | int | Sequence[int] | None
+) -> list[int]:
   """Original timesteps kept by respacing, sorted ("" or None: all of them).
 
   `section_counts` is an int, a string "20" or "10,15,20" / a list of ints
@@ -52,12 +53,14 @@ def space_timesteps(num_timesteps: int,
     return list(range(num_timesteps))
   if isinstance(section_counts, str):
     if section_counts.startswith("ddim"):
-      want = int(section_counts[len("ddim"):])
+      want = int(section_counts[len("ddim") :])
       for stride in range(1, num_timesteps):
         if len(range(0, num_timesteps, stride)) == want:
           return list(range(0, num_timesteps, stride))
-      raise ValueError(f"respacing {section_counts!r}: no integer stride gives exactly "
-                       f"{want} steps of {num_timesteps}; use a plain count like '{want}'")
+      raise ValueError(
+        f"respacing {section_counts!r}: no integer stride gives exactly "
+        f"{want} steps of {num_timesteps}; use a plain count like '{want}'"
+      )
     section_counts = [int(x) for x in section_counts.split(",")]
   elif isinstance(section_counts, int):
     section_counts = [section_counts]
@@ -66,8 +69,10 @@ def space_timesteps(num_timesteps: int,
   for i, count in enumerate(section_counts):
     size = per + (1 if i < extra else 0)
     if size < count:
-      raise ValueError(f"respacing {section_counts!r}: cannot take {count} steps from a "
-                       f"section of {size} of the {num_timesteps} timesteps")
+      raise ValueError(
+        f"respacing {section_counts!r}: cannot take {count} steps from a "
+        f"section of {size} of the {num_timesteps} timesteps"
+      )
     stride = 1 if count <= 1 else (size - 1) / (count - 1)
     # Accumulated, not stride * j: the rounding must match the reference's
     # float sums exactly or a kept step can move by one.
@@ -118,14 +123,19 @@ class GaussianDiffusion:
     return hash(self._key())
 
   @classmethod
-  def create(cls, num_timesteps: int = 1000, beta_schedule: str = "linear",
-             respacing: str | int | Sequence[int] | None = None) -> GaussianDiffusion:
+  def create(
+    cls,
+    num_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    respacing: str | int | Sequence[int] | None = None,
+  ) -> GaussianDiffusion:
     """The T-step schedule `beta_schedule` (a name of `BETAS`), optionally
     respaced (e.g. "20": 20 sampling steps). A model's process comes from its
     config through `from_config`."""
     if beta_schedule not in BETAS:
-      raise ConfigError(f"diffusion.beta_schedule={beta_schedule!r} has no betas; choose one "
-                        f"of {sorted(BETAS)}")
+      raise ConfigError(
+        f"diffusion.beta_schedule={beta_schedule!r} has no betas; choose one of {sorted(BETAS)}"
+      )
     ac = np.cumprod(1.0 - BETAS[beta_schedule](num_timesteps))
     kept = space_timesteps(num_timesteps, respacing)
     # Betas re-derived so alphas_cumprod is exact at the kept steps. Done even
@@ -151,24 +161,32 @@ class GaussianDiffusion:
   def _split(model_output, x_t):
     c = x_t.shape[-1]
     if model_output.shape[:-1] != x_t.shape[:-1] or model_output.shape[-1] != 2 * c:
-      raise ValueError(f"model_output {model_output.shape} must be x_t {x_t.shape} with "
-                       f"2*{c} channels (epsilon, then learned-range variance), channels last")
+      raise ValueError(
+        f"model_output {model_output.shape} must be x_t {x_t.shape} with "
+        f"2*{c} channels (epsilon, then learned-range variance), channels last"
+      )
     return model_output[..., :c], model_output[..., c:]
 
   # ------------------------------------------------------------ forward q
   def q_sample(self, x_start, t, noise):
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
-    return (self._at(self.sqrt_alphas_cumprod, t, x_start) * x_start
-            + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+    return (
+      self._at(self.sqrt_alphas_cumprod, t, x_start) * x_start
+      + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+    )
 
   def q_posterior_mean_variance(self, x_start, x_t, t):
     """(mean, variance, clipped log variance) of q(x_{t-1} | x_t, x_0)."""
-    mean = (self._at(self.posterior_mean_coef1, t, x_t) * x_start
-            + self._at(self.posterior_mean_coef2, t, x_t) * x_t)
+    mean = (
+      self._at(self.posterior_mean_coef1, t, x_t) * x_start
+      + self._at(self.posterior_mean_coef2, t, x_t) * x_t
+    )
     shape = x_t.shape
-    return (mean,
-            jnp.broadcast_to(self._at(self.posterior_variance, t, x_t), shape),
-            jnp.broadcast_to(self._at(self.posterior_log_variance_clipped, t, x_t), shape))
+    return (
+      mean,
+      jnp.broadcast_to(self._at(self.posterior_variance, t, x_t), shape),
+      jnp.broadcast_to(self._at(self.posterior_log_variance_clipped, t, x_t), shape),
+    )
 
   # ------------------------------------------------------------ reverse p
   def p_mean_variance(self, model_output, x_t, t, clip_denoised: bool = False):
@@ -178,20 +196,25 @@ class GaussianDiffusion:
     max_log = self._at(self.log_betas, t, x_t)
     frac = (v + 1) / 2
     log_variance = frac * max_log + (1 - frac) * min_log
-    pred_xstart = (self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                   - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+    pred_xstart = (
+      self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+      - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+    )
     if clip_denoised:
       pred_xstart = jnp.clip(pred_xstart, -1, 1)
     mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
-    return dict(mean=mean, variance=jnp.exp(log_variance), log_variance=log_variance,
-                pred_xstart=pred_xstart)
+    return dict(
+      mean=mean, variance=jnp.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart
+    )
 
   def p_sample(self, model_output, x_t, t, noise, clip_denoised: bool = False):
     """One ancestral step: x_{t-1} = mean + (t != 0) * sigma * noise."""
     out = self.p_mean_variance(model_output, x_t, t, clip_denoised)
     nonzero = (t != 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
-    return dict(sample=out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise,
-                pred_xstart=out["pred_xstart"])
+    return dict(
+      sample=out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise,
+      pred_xstart=out["pred_xstart"],
+    )
 
   def ddim_sample(self, model_output, x_t, t, noise, eta: float = 0.0):
     """One DDIM step (Song et al.): x_{t-1} from the x_0 prediction and the
@@ -199,16 +222,19 @@ class GaussianDiffusion:
     deterministic; eta = 1 draws the posterior variance, making the step equal
     to DDPM's with variance values v = -1."""
     out = self.p_mean_variance(model_output, x_t, t)
-    eps = ((self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - out["pred_xstart"])
-           / self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+    eps = (self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - out["pred_xstart"]) / self._at(
+      self.sqrt_recipm1_alphas_cumprod, t, x_t
+    )
     ac, ac_prev = self.alphas_cumprod, self.alphas_cumprod_prev
     sigma = eta * np.sqrt((1 - ac_prev) / (1 - ac)) * np.sqrt(1 - ac / ac_prev)
-    direction = np.sqrt(np.maximum(1 - ac_prev - sigma ** 2, 0.0))
-    mean = (out["pred_xstart"] * self._at(np.sqrt(ac_prev), t, x_t)
-            + self._at(direction, t, x_t) * eps)
+    direction = np.sqrt(np.maximum(1 - ac_prev - sigma**2, 0.0))
+    mean = (
+      out["pred_xstart"] * self._at(np.sqrt(ac_prev), t, x_t) + self._at(direction, t, x_t) * eps
+    )
     nonzero = (t != 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
-    return dict(sample=mean + nonzero * self._at(sigma, t, x_t) * noise,
-                pred_xstart=out["pred_xstart"])
+    return dict(
+      sample=mean + nonzero * self._at(sigma, t, x_t) * noise, pred_xstart=out["pred_xstart"]
+    )
 
   # ---------------------------------------------------------------- losses
   def training_losses(self, model_output, x_start, x_t, t, noise):
@@ -226,32 +252,36 @@ class GaussianDiffusion:
     kl = normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])
     kl = kl.mean(axis=axes) / math.log(2.0)
     nll = -discretized_gaussian_log_likelihood(
-        x_start, out["mean"], 0.5 * out["log_variance"]).mean(axis=axes) / math.log(2.0)
+      x_start, out["mean"], 0.5 * out["log_variance"]
+    ).mean(axis=axes) / math.log(2.0)
     vb = jnp.where(t == 0, nll, kl)
     mse = ((noise - eps) ** 2).mean(axis=axes)
     return dict(mse=mse, vb=vb, loss=mse + vb)
 
 
-def from_config(diffusion_cfg, respacing: str | int | Sequence[int] | None = None
-                ) -> GaussianDiffusion:
+def from_config(
+  diffusion_cfg, respacing: str | int | Sequence[int] | None = None
+) -> GaussianDiffusion:
   """The diffusion process of a config's `diffusion` section (its
   num_timesteps steps of its beta_schedule), respaced to `respacing` (e.g.
   "20": the sampler's 20 steps; None: every step, what training draws t
   from). Every model's process is built here, so training and every sampler
   run the same schedule."""
-  return GaussianDiffusion.create(diffusion_cfg.num_timesteps, diffusion_cfg.beta_schedule,
-                                  respacing=respacing)
+  return GaussianDiffusion.create(
+    diffusion_cfg.num_timesteps, diffusion_cfg.beta_schedule, respacing=respacing
+  )
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
   """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+  return 0.5 * (
+    -1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * jnp.exp(-logvar2)
+  )
 
 
 def _approx_standard_normal_cdf(x):
   # The tanh approximation IDDPM uses, not erf: kept for identical numbers.
-  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
@@ -264,8 +294,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
   log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
   log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
   log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
-  return jnp.where(x < -0.999, log_cdf_plus,
-                   jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+  return jnp.where(
+    x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+  )
 
 
 def apply_cfg(out_cond, out_uncond, scale, guided_channels: int | None = None):
@@ -292,12 +323,15 @@ def apply_guidance(outs, scales, guided_channels: int | None = None):
   guidance. All scales 1 give outs[0]. `guided_channels` as in `apply_cfg`.
   """
   if len(outs) < 2 or len(scales) != len(outs) - 1:
-    raise ValueError(f"guidance needs G >= 2 outputs and G - 1 scales, got {len(outs)} "
-                     f"outputs and {len(scales)} scales")
+    raise ValueError(
+      f"guidance needs G >= 2 outputs and G - 1 scales, got {len(outs)} "
+      f"outputs and {len(scales)} scales"
+    )
   shape = outs[0].shape
   if any(o.shape != shape for o in outs) or shape[-1] % 2:
-    raise ValueError(f"guided outputs {[o.shape for o in outs]} must be equal shapes "
-                     "[B, ..., 2C] (channels last)")
+    raise ValueError(
+      f"guided outputs {[o.shape for o in outs]} must be equal shapes [B, ..., 2C] (channels last)"
+    )
   c = shape[-1] // 2
   g = c if guided_channels is None else guided_channels
   if not 0 <= g <= c:
@@ -312,8 +346,17 @@ def apply_guidance(outs, scales, guided_channels: int | None = None):
 SAMPLERS = ("ddpm", "ddim")
 
 
-def sample_step(denoise_fn: Callable, x_t, i, key, diffusion: GaussianDiffusion, *,
-                sampler: str = "ddpm", eta: float = 0.0, row_keys: bool = False):
+def sample_step(
+  denoise_fn: Callable,
+  x_t,
+  i,
+  key,
+  diffusion: GaussianDiffusion,
+  *,
+  sampler: str = "ddpm",
+  eta: float = 0.0,
+  row_keys: bool = False,
+):
   """Step i of a sampling loop (0 = the first, noisiest): x_{t-1} from x_t at
   index t = T' - 1 - i of `diffusion`'s (respaced) steps, with the noise of
   fold_in(key, i) (with `row_keys`, `key` holds one key per row [B] and row b's
@@ -325,8 +368,9 @@ def sample_step(denoise_fn: Callable, x_t, i, key, diffusion: GaussianDiffusion,
   t = jnp.full((x_t.shape[0],), diffusion.num_timesteps - 1 - i, jnp.int32)
   out = denoise_fn(x_t, diffusion.model_timesteps(t))
   if row_keys:
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x_t.shape[1:],
-                                                 x_t.dtype))(key)
+    noise = jax.vmap(
+      lambda k: jax.random.normal(jax.random.fold_in(k, i), x_t.shape[1:], x_t.dtype)
+    )(key)
   else:
     noise = jax.random.normal(jax.random.fold_in(key, i), x_t.shape, x_t.dtype)
   if sampler == "ddpm":
@@ -334,9 +378,16 @@ def sample_step(denoise_fn: Callable, x_t, i, key, diffusion: GaussianDiffusion,
   return diffusion.ddim_sample(out, x_t, t, noise, eta)["sample"]
 
 
-def sample_loop(denoise_fn: Callable, x_T, key, diffusion: GaussianDiffusion, *,
-                sampler: str = "ddpm", eta: float = 0.0,
-                progress: Callable | None = None):
+def sample_loop(
+  denoise_fn: Callable,
+  x_T,
+  key,
+  diffusion: GaussianDiffusion,
+  *,
+  sampler: str = "ddpm",
+  eta: float = 0.0,
+  progress: Callable | None = None,
+):
   """x_0 from x_T through all of `diffusion`'s (respaced) steps, in one program.
 
   `sampler`: 'ddpm' (ancestral, with the learned variance; the reference) or

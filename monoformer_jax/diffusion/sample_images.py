@@ -22,8 +22,8 @@ for every step), so `progress` is a plain callback and runs as each step ends.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +37,10 @@ from monoformer_jax.model.build import compiled
 class SamplerSettings(NamedTuple):
   """What the compiled steps are specialised on (hashable: a static argument;
   the interleaved sampler builds one too)."""
+
   diffusion: Any
-  layout: PromptLayout | None   # None: no cache, recompute the whole row
-  groups: int                   # G: 1 unguided, 2 classifier-free guidance, ...
+  layout: PromptLayout | None  # None: no cache, recompute the whole row
+  groups: int  # G: 1 unguided, 2 classifier-free guidance, ...
   guided_channels: int | None
   sampler: str
   eta: float
@@ -49,16 +50,27 @@ def guidance_scales(cfg_scale) -> tuple[float, ...]:
   """The scales of `cfg_scale` (None: none; a number: one; a sequence: a chain)."""
   if cfg_scale is None:
     return ()
-  scales = tuple(float(s) for s in (cfg_scale if isinstance(cfg_scale, (tuple, list))
-                                    else (cfg_scale,)))
+  scales = tuple(
+    float(s) for s in (cfg_scale if isinstance(cfg_scale, (tuple, list)) else (cfg_scale,))
+  )
   if not scales:
     raise ValueError("cfg_scale=() guides nothing; pass None for no guidance")
   return scales
 
 
-def sample_images(model, rows: PromptRows | Row, diffusion, key, *, cfg_scale=None,
-                  guided_channels=None, sampler: str = "ddpm", eta: float = 0.0,
-                  use_cache: bool = True, progress: Callable[[int], Any] | None = None):
+def sample_images(
+  model,
+  rows: PromptRows | Row,
+  diffusion,
+  key,
+  *,
+  cfg_scale=None,
+  guided_channels=None,
+  sampler: str = "ddpm",
+  eta: float = 0.0,
+  use_cache: bool = True,
+  progress: Callable[[int], Any] | None = None,
+):
   """x_0 [B, h, w, C] float32 for the rows' prompts (B = rows, or half with guidance).
 
   `diffusion` is the (respaced) GaussianDiffusion whose steps are run;
@@ -72,37 +84,48 @@ def sample_images(model, rows: PromptRows | Row, diffusion, key, *, cfg_scale=No
   scales = guidance_scales(cfg_scale)
   groups = len(scales) + 1
   if use_cache and not isinstance(rows, PromptRows):
-    raise ValueError("the prompt cache needs rows from layout.prompt_rows (prompts "
-                     "left-padded, then the image slots; data.prompts.image_rows builds "
-                     "them); pass use_cache=False for other packed rows")
+    raise ValueError(
+      "the prompt cache needs rows from layout.prompt_rows (prompts "
+      "left-padded, then the image slots; data.prompts.image_rows builds "
+      "them); pass use_cache=False for other packed rows"
+    )
   row = rows.row if isinstance(rows, PromptRows) else rows
   check_one_image_per_row(row, model.tokens_per_image)
   length = row.tokens.shape[1]
   has_token = row.cond_columns is not None and bool((np.asarray(row.cond_columns) < length).all())
   if has_token != model.cond_token:
-    raise ValueError(f"the model's conditioning is {model.cfg.conditioning!r} but the rows "
-                     f"{'have' if has_token else 'lack'} a timestep token before the image; "
-                     f"build them with cond_token={model.cond_token} "
-                     "(data.prompts.image_rows(..., cond_token=model.cond_token))")
+    raise ValueError(
+      f"the model's conditioning is {model.cfg.conditioning!r} but the rows "
+      f"{'have' if has_token else 'lack'} a timestep token before the image; "
+      f"build them with cond_token={model.cond_token} "
+      "(data.prompts.image_rows(..., cond_token=model.cond_token))"
+    )
   n_rows = row.tokens.shape[0]
   if n_rows % groups:
-    raise ValueError(f"guidance with {len(scales)} scale(s) needs {groups} groups of B rows"
-                     + (" (a doubled batch: B conditional rows, then B null rows)"
-                        if groups == 2 else " (the conditional rows, then each weaker "
-                        "condition's)") + f" but got {n_rows} rows")
-  settings = SamplerSettings(diffusion, rows.layout if use_cache else None, groups,
-                       guided_channels, sampler, float(eta))
-  read = getattr(rows, "read_images", None)   # the images the prompts read, if any
+    raise ValueError(
+      f"guidance with {len(scales)} scale(s) needs {groups} groups of B rows"
+      + (
+        " (a doubled batch: B conditional rows, then B null rows)"
+        if groups == 2
+        else " (the conditional rows, then each weaker condition's)"
+      )
+      + f" but got {n_rows} rows"
+    )
+  settings = SamplerSettings(
+    diffusion, rows.layout if use_cache else None, groups, guided_channels, sampler, float(eta)
+  )
+  read = getattr(rows, "read_images", None)  # the images the prompts read, if any
   read = None if read is None else jnp.asarray(read)
   row = Row(*(None if x is None else jnp.asarray(x) for x in row))
   scale = jnp.asarray(scales, jnp.float32)
   cfg = model.cfg
   n = n_rows // groups
   key_init, key_loop = jax.random.split(key)
-  x_t = jax.random.normal(key_init, (n, cfg.image_size, cfg.image_size, cfg.in_channels),
-                          jnp.float32)
+  x_t = jax.random.normal(
+    key_init, (n, cfg.image_size, cfg.image_size, cfg.in_channels), jnp.float32
+  )
   cache = _prefill(model, settings, row, read) if use_cache else None
-  step = _step.bind(model)   # the model split once, not at every step
+  step = _step.bind(model)  # the model split once, not at every step
   for i in range(diffusion.num_timesteps):
     x_t = step(settings, row, cache, x_t, jnp.int32(i), key_loop, scale, read)
     if progress is not None:
@@ -116,20 +139,26 @@ def _prefill(model, settings: SamplerSettings, row: Row, read_images=None):
   """The cache of every layer holding the prompt columns' keys and values
   (the images the prompt reads included)."""
   layout = settings.layout
-  _, cache = model.prefill(layout.prompt(row.tokens), layout.prompt(row.positions),
-                           row.segment_ids, row.image_ids,
-                           model.init_cache(*row.tokens.shape), row, read_images)
+  _, cache = model.prefill(
+    layout.prompt(row.tokens),
+    layout.prompt(row.positions),
+    row.segment_ids,
+    row.image_ids,
+    model.init_cache(*row.tokens.shape),
+    row,
+    read_images,
+  )
   return cache
 
 
 @compiled
-def _step(model, settings: SamplerSettings, row: Row, cache, x_t, i, key, scales,
-          read_images=None):
+def _step(model, settings: SamplerSettings, row: Row, cache, x_t, i, key, scales, read_images=None):
   """x_{t-1} of step i: the model's output at x_t (guided), then the sampler's update."""
   layout = settings.layout
   if layout is not None:
-    run = lambda x, t: model.extend_image(x, t, layout.new(row.positions), row.segment_ids,
-                                          row.image_ids, cache, layout.new_column(0))[0]
+    run = lambda x, t: model.extend_image(
+      x, t, layout.new(row.positions), row.segment_ids, row.image_ids, cache, layout.new_column(0)
+    )[0]
   else:
     run = lambda x, t: model(row, x[:, None], t[:, None], read_images)[1][:, 0]
   return guided_step(run, settings, x_t, i, key, scales)
@@ -145,8 +174,15 @@ def guided_step(run, settings, x_t, i, key, scales, row_keys: bool = False):
     if groups == 1:
       return out
     outs = jnp.split(out, groups)
-    return apply_guidance(outs, [scales[g] for g in range(groups - 1)],
-                          settings.guided_channels)
+    return apply_guidance(outs, [scales[g] for g in range(groups - 1)], settings.guided_channels)
 
-  return sample_step(denoise, x_t, i, key, settings.diffusion, sampler=settings.sampler,
-                     eta=settings.eta, row_keys=row_keys)
+  return sample_step(
+    denoise,
+    x_t,
+    i,
+    key,
+    settings.diffusion,
+    sampler=settings.sampler,
+    eta=settings.eta,
+    row_keys=row_keys,
+  )

@@ -44,29 +44,53 @@ import numpy as np
 
 from monoformer_jax.config.fields import real
 from monoformer_jax.data import builders, pipeline, prompts
-from monoformer_jax.vision.pixels import from_unit_range
-from monoformer_jax.data.sources import DataSource, Prepared, PrepareArgs
+from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.layout import Example
+from monoformer_jax.vision.pixels import from_unit_range
 
-CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-               "nine")
-NUMBER_WORDS = CLASS_NAMES + ("ten", "eleven", "twelve", "thirteen", "fourteen",
-                              "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
-                              "twenty")
+CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NUMBER_WORDS = CLASS_NAMES + (
+  "ten",
+  "eleven",
+  "twelve",
+  "thirteen",
+  "fourteen",
+  "fifteen",
+  "sixteen",
+  "seventeen",
+  "eighteen",
+  "nineteen",
+  "twenty",
+)
 
 READ_PROMPT = "which digit is this?"
 EDIT_PROMPT = "the next digit:"
-INTERLEAVED_PROMPT = "here is a"   # what the interleaved examples start with
-HELD_OUT_EVERY = 10   # prepared digit i is held out of the reading examples iff i % 10 == 0
+INTERLEAVED_PROMPT = "here is a"  # what the interleaved examples start with
+HELD_OUT_EVERY = 10  # prepared digit i is held out of the reading examples iff i % 10 == 0
 # configs/digits.py, the classifier on its 200 end-of-run samples: 10% (chance)
 # after 200 steps, 86.5% after 400, 100% after 800 (the default; README).
 STEPS_FOR_SAMPLES = 400
 
-__all__ = ["CLASS_NAMES", "NUMBER_WORDS", "READ_PROMPT", "EDIT_PROMPT", "INTERLEAVED_PROMPT",
-           "SOURCE", "load_digit_images", "number_sentence", "digits_example_stream",
-           "reading_answer", "answer_label", "reading_split", "interleaved_texts",
-           "named_digits", "next_digit", "digit_records", "digits_dir"]
+__all__ = [
+  "CLASS_NAMES",
+  "NUMBER_WORDS",
+  "READ_PROMPT",
+  "EDIT_PROMPT",
+  "INTERLEAVED_PROMPT",
+  "SOURCE",
+  "load_digit_images",
+  "number_sentence",
+  "digits_example_stream",
+  "reading_answer",
+  "answer_label",
+  "reading_split",
+  "interleaved_texts",
+  "named_digits",
+  "next_digit",
+  "digit_records",
+  "digits_dir",
+]
 
 
 class Digits(DataSource):
@@ -82,16 +106,23 @@ class Digits(DataSource):
 
   def features(self, *, latent_shape=None, flip: bool = False) -> dict:
     import tensorflow_datasets as tfds
+
     f = tfds.features
-    return dict(image=f.Tensor(shape=(8, 8, 1), dtype=np.float32, encoding=f.Encoding.BYTES),
-                label=f.Scalar(dtype=np.int64))
+    return dict(
+      image=f.Tensor(shape=(8, 8, 1), dtype=np.float32, encoding=f.Encoding.BYTES),
+      label=f.Scalar(dtype=np.int64),
+    )
 
   def prepare(self, args: PrepareArgs, output_dir: str) -> Prepared:
     images, labels = load_digit_images()
-    return Prepared({"train": lambda: (dict(key=f"{i:04d}", image=images[i],
-                                            label=int(labels[i]))
-                                       for i in range(len(images)))},
-                    description="scikit-learn's 8x8 digits, pixels in [-1, 1]")
+    return Prepared(
+      {
+        "train": lambda: (
+          dict(key=f"{i:04d}", image=images[i], label=int(labels[i])) for i in range(len(images))
+        )
+      },
+      description="scikit-learn's 8x8 digits, pixels in [-1, 1]",
+    )
 
   def check(self, config):
     """Nothing to check: the digits are prepared on first use (`digits_dir`)."""
@@ -111,8 +142,11 @@ def reading_answer(label: int) -> str:
 def answer_label(text: str) -> int:
   """The class an answer names ("it is seven." -> 7), or -1 when it names none."""
   words = text.strip().rstrip(".").split()
-  return CLASS_NAMES.index(words[2]) if (len(words) == 3 and words[:2] == ["it", "is"]
-                                         and words[2] in CLASS_NAMES) else -1
+  return (
+    CLASS_NAMES.index(words[2])
+    if (len(words) == 3 and words[:2] == ["it", "is"] and words[2] in CLASS_NAMES)
+    else -1
+  )
 
 
 def next_digit(label: int) -> int:
@@ -123,8 +157,7 @@ def next_digit(label: int) -> int:
 def interleaved_texts(labels) -> list[str]:
   """The texts around drawings of `labels`: "here is a seven: ", ". and a two: ", "."."""
   names = [CLASS_NAMES[int(k)] for k in labels]
-  return ([f"{INTERLEAVED_PROMPT} {names[0]}: "] + [f". and a {n}: " for n in names[1:]]
-          + ["."])
+  return [f"{INTERLEAVED_PROMPT} {names[0]}: "] + [f". and a {n}: " for n in names[1:]] + ["."]
 
 
 def named_digits(texts: list[str]) -> list[int]:
@@ -160,8 +193,7 @@ def reading_split(records) -> tuple[_Subset, _Subset]:
 
 def digit_records(config, directory: str | None = None):
   """The prepared digits (their TFDS copy, made on first use)."""
-  return builders.data_source(digits_dir(cache_dir(config, directory)), "train",
-                              kind="digits")
+  return builders.data_source(digits_dir(cache_dir(config, directory)), "train", kind="digits")
 
 
 def digits_dir(cache_dir: str) -> str:
@@ -194,9 +226,10 @@ def _locked(path: str):
 def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
   """(images [1797, 8, 8, 1] float32 in [-1, 1], labels [1797] int64 in 0..9)."""
   from sklearn.datasets import load_digits
+
   digits = load_digits()
   images = from_unit_range(digits.images.astype(np.float32) / 16.0)[..., None]
-  images.setflags(write=False)   # shared by every example; nobody may edit it
+  images.setflags(write=False)  # shared by every example; nobody may edit it
   labels = digits.target.astype(np.int64)
   labels.setflags(write=False)
   return images, labels
@@ -230,12 +263,17 @@ def number_sentence(rng: np.random.Generator) -> str:
 def cache_dir(config, directory: str | None = None) -> str:
   """Where the digits' TFDS copy lives: `directory`, data.dir, else
   $MONOFORMER_DATA_DIR, else ~/.cache/monoformer_jax."""
-  return (directory or config.data.dir or os.environ.get("MONOFORMER_DATA_DIR")
-          or os.path.join(os.path.expanduser("~"), ".cache", "monoformer_jax"))
+  return (
+    directory
+    or config.data.dir
+    or os.environ.get("MONOFORMER_DATA_DIR")
+    or os.path.join(os.path.expanduser("~"), ".cache", "monoformer_jax")
+  )
 
 
-def digits_example_stream(config, tokenizer, seed: int,
-                          directory: str | None = None) -> Callable[[int], Example]:
+def digits_example_stream(
+  config, tokenizer, seed: int, directory: str | None = None
+) -> Callable[[int], Example]:
   """example_at(i): the infinite mixed stream of digit and sentence examples.
 
   The digits are read from their TFDS copy (prepared into `cache_dir` on
@@ -247,25 +285,31 @@ def digits_example_stream(config, tokenizer, seed: int,
   m = config.model
   shape = tuple(np.asarray(records[0]["image"]).shape)
   if (m.image_size, m.image_size, m.in_channels) != shape:
-    raise ConfigError(f"digits are {shape} images but the config asks for "
-                      f"model.image_size={m.image_size}, model.in_channels="
-                      f"{m.in_channels}; use image_size=8, in_channels=1")
+    raise ConfigError(
+      f"digits are {shape} images but the config asks for "
+      f"model.image_size={m.image_size}, model.in_channels="
+      f"{m.in_channels}; use image_size=8, in_channels=1"
+    )
   text_fraction = real("data.text_fraction", config.data.text_fraction, low=0, high=1)
   drop_prob = real("data.cfg_drop_prob", config.data.cfg_drop_prob, low=0, high=1)
   reads = bool(m.vision_encoder)
   read_fraction, edit_fraction = (
-      real(f"data.{name}", config.data[name], low=0, high=1) if reads else 0.0
-      for name in ("read_fraction", "edit_fraction"))
-  interleaved_fraction = real("data.interleaved_fraction", config.data.interleaved_fraction,
-                              low=0, high=1)
+    real(f"data.{name}", config.data[name], low=0, high=1) if reads else 0.0
+    for name in ("read_fraction", "edit_fraction")
+  )
+  interleaved_fraction = real(
+    "data.interleaved_fraction", config.data.interleaved_fraction, low=0, high=1
+  )
   image_fraction = 1.0 - text_fraction - read_fraction - edit_fraction - interleaved_fraction
   if image_fraction < 0:
     raise ConfigError(
-        f"data.text_fraction={text_fraction} + read_fraction={read_fraction} + "
-        f"edit_fraction={edit_fraction} + interleaved_fraction={interleaved_fraction} "
-        "exceed 1; lower them (what is left is the share of image examples)")
+      f"data.text_fraction={text_fraction} + read_fraction={read_fraction} + "
+      f"edit_fraction={edit_fraction} + interleaved_fraction={interleaved_fraction} "
+      "exceed 1; lower them (what is left is the share of image examples)"
+    )
   image_seed, text_seed, mix_seed, read_seed, interleaved_seed, edit_seed = (
-      int(s) for s in np.random.SeedSequence(seed).generate_state(6))
+    int(s) for s in np.random.SeedSequence(seed).generate_state(6)
+  )
 
   def image_example(record, rng: np.random.Generator) -> Example:
     prompt = prompts.training_prompt(CLASS_NAMES[int(record["label"])], rng, drop_prob)
@@ -276,8 +320,12 @@ def digits_example_stream(config, tokenizer, seed: int,
 
   def reading_example(record, rng: np.random.Generator) -> Example:
     del rng
-    return prompts.reading_example(READ_PROMPT, reading_answer(int(record["label"])),
-                                   np.asarray(record["image"], np.float32), tokenizer)
+    return prompts.reading_example(
+      READ_PROMPT,
+      reading_answer(int(record["label"])),
+      np.asarray(record["image"], np.float32),
+      tokenizer,
+    )
 
   images = pipeline.record_stream(records, image_example, image_seed)
   texts = pipeline.generated_stream(text_example, text_seed)
@@ -288,21 +336,30 @@ def digits_example_stream(config, tokenizer, seed: int,
   if interleaved_fraction or edit_fraction:
     by_class = _records_by_class(reading_split(records)[0])
   if interleaved_fraction:
+
     def interleaved_example(rng: np.random.Generator) -> Example:
       labels = rng.integers(0, 10, size=int(rng.integers(1, 4)))
       drawings = [_a_digit(by_class, k, rng) for k in labels]
       return prompts.interleaved_example(interleaved_texts(labels), drawings, tokenizer)
-    streams.append((pipeline.generated_stream(interleaved_example, interleaved_seed),
-                    interleaved_fraction))
+
+    streams.append(
+      (pipeline.generated_stream(interleaved_example, interleaved_seed), interleaved_fraction)
+    )
   if edit_fraction:
+
     def edit_example(record, rng: np.random.Generator) -> Example:
       target = _a_digit(by_class, next_digit(int(record["label"])), rng)
       keep_text, keep_image = rng.random(2) >= drop_prob
-      return prompts.edit_example(EDIT_PROMPT if keep_text else None,
-                                  np.asarray(record["image"], np.float32) if keep_image
-                                  else None, target, tokenizer)
-    streams.append((pipeline.record_stream(reading_split(records)[0], edit_example, edit_seed),
-                    edit_fraction))
+      return prompts.edit_example(
+        EDIT_PROMPT if keep_text else None,
+        np.asarray(record["image"], np.float32) if keep_image else None,
+        target,
+        tokenizer,
+      )
+
+    streams.append(
+      (pipeline.record_stream(reading_split(records)[0], edit_example, edit_seed), edit_fraction)
+    )
   return pipeline.mix([x for x, _ in streams], [w for _, w in streams], mix_seed)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 def finite_json(record: Any, **dumps_kwargs) -> str:
   """`record` as strict JSON (what metrics.jsonl and summary.json hold): a
   non-finite float is written as null, since JSON has no NaN or Infinity."""
+
   def clean(x):
     if isinstance(x, float) and not math.isfinite(x):
       return None
@@ -32,4 +33,5 @@ def finite_json(record: Any, **dumps_kwargs) -> str:
     if isinstance(x, (list, tuple)):
       return [clean(v) for v in x]
     return x
+
   return json.dumps(clean(record), allow_nan=False, **dumps_kwargs)

@@ -47,8 +47,8 @@ import glob
 import math
 import os
 import re
-from typing import NamedTuple
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +59,13 @@ from jax.sharding import PartitionSpec as P
 
 from monoformer_jax.data.jsonl import json_objects
 from monoformer_jax.data.packing import pack_examples
-from monoformer_jax.errors import (ConfigError, FileFormatError, MissingPathError,
-                                   NotInstalledError, PathError)
+from monoformer_jax.errors import (
+  ConfigError,
+  FileFormatError,
+  MissingPathError,
+  NotInstalledError,
+  PathError,
+)
 from monoformer_jax.eval.registry import Evaluator
 from monoformer_jax.layout import Example, Row, RowSpec
 from monoformer_jax.model.build import compiled
@@ -75,10 +80,12 @@ _MIN_BUCKET = 64
 
 # ------------------------------------------------------------------ the tasks
 
+
 class Doc(NamedTuple):
   """One example as requests: `requests[i]` = (context, continuation) of
   choice i, `gold` the right choice, `lengths[i]` = len(choice i) (acc_norm's
   divisor)."""
+
   requests: list[tuple[str, str]]
   gold: int
   lengths: list[int]
@@ -111,16 +118,20 @@ def openbookqa_doc(ex: dict) -> Doc:
   """context: question_stem as it is (no "Question:"); choices: choices.text;
   gold: the index of answerKey (left-stripped) in choices.label."""
   labels = list(ex["choices"]["label"])
-  return Doc.choices(ex["question_stem"], list(ex["choices"]["text"]),
-                     _index_of(ex["answerKey"].lstrip(), labels))
+  return Doc.choices(
+    ex["question_stem"], list(ex["choices"]["text"]), _index_of(ex["answerKey"].lstrip(), labels)
+  )
 
 
 def arc_doc(ex: dict) -> Doc:
   """context: f"Question: {question}\\nAnswer:"; choices: choices.text; gold:
   the index of answerKey in choices.label (labels are A-E or 1-5)."""
   labels = list(ex["choices"]["label"])
-  return Doc.choices(f"Question: {ex['question']}\nAnswer:", list(ex["choices"]["text"]),
-                     _index_of(ex["answerKey"], labels))
+  return Doc.choices(
+    f"Question: {ex['question']}\nAnswer:",
+    list(ex["choices"]["text"]),
+    _index_of(ex["answerKey"], labels),
+  )
 
 
 def boolq_doc(ex: dict) -> Doc:
@@ -130,14 +141,14 @@ def boolq_doc(ex: dict) -> Doc:
   answer = ex["answer"] if "answer" in ex else ex["label"]
   if not isinstance(answer, (bool, int)) or answer not in (0, 1):
     raise ValueError(f"answer {answer!r} is not a bool (or 0/1)")
-  return Doc.choices(f"{ex['passage']}\nQuestion: {ex['question']}?\nAnswer:", ["no", "yes"],
-                     int(answer))
+  return Doc.choices(
+    f"{ex['passage']}\nQuestion: {ex['question']}?\nAnswer:", ["no", "yes"], int(answer)
+  )
 
 
 def piqa_doc(ex: dict) -> Doc:
   """context: f"Question: {goal}\\nAnswer:"; choices: sol1, sol2; gold: label."""
-  return Doc.choices(f"Question: {ex['goal']}\nAnswer:", [ex["sol1"], ex["sol2"]],
-                     int(ex["label"]))
+  return Doc.choices(f"Question: {ex['goal']}\nAnswer:", [ex["sol1"], ex["sol2"]], int(ex["label"]))
 
 
 def winogrande_doc(ex: dict) -> Doc:
@@ -148,7 +159,7 @@ def winogrande_doc(ex: dict) -> Doc:
   gold: answer "1" -> 0, "2" -> 1. acc only."""
   sentence = ex["sentence"]
   blank = sentence.index("_")
-  rest = " " + sentence[blank + 1:].strip()
+  rest = " " + sentence[blank + 1 :].strip()
   contexts = [sentence[:blank] + ex["option1"], sentence[:blank] + ex["option2"]]
   answer = str(ex["answer"])
   if answer not in ("1", "2"):
@@ -166,6 +177,7 @@ def _index_of(key: str, labels: list[str]) -> int:
 class Task:
   """A task: where its examples are (TASKS_DIR/name/split.*), the fields each
   must have, and how one becomes a Doc."""
+
   name: str
   split: str
   source: str
@@ -174,26 +186,56 @@ class Task:
   acc_norm: bool = True
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("hellaswag", "validation", "Rowan/hellaswag",
-         ("activity_label", "ctx_a", "ctx_b", "endings", "label"), hellaswag_doc),
-    Task("openbookqa", "test", "allenai/openbookqa (main)",
-         ("question_stem", "choices", "answerKey"), openbookqa_doc),
-    Task("winogrande", "validation", "allenai/winogrande (winogrande_xl)",
-         ("sentence", "option1", "option2", "answer"), winogrande_doc, acc_norm=False),
-    Task("arc_easy", "test", "allenai/ai2_arc (ARC-Easy)",
-         ("question", "choices", "answerKey"), arc_doc),
-    Task("arc_challenge", "test", "allenai/ai2_arc (ARC-Challenge)",
-         ("question", "choices", "answerKey"), arc_doc),
+TASKS: dict[str, Task] = {
+  t.name: t
+  for t in (
+    Task(
+      "hellaswag",
+      "validation",
+      "Rowan/hellaswag",
+      ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+      hellaswag_doc,
+    ),
+    Task(
+      "openbookqa",
+      "test",
+      "allenai/openbookqa (main)",
+      ("question_stem", "choices", "answerKey"),
+      openbookqa_doc,
+    ),
+    Task(
+      "winogrande",
+      "validation",
+      "allenai/winogrande (winogrande_xl)",
+      ("sentence", "option1", "option2", "answer"),
+      winogrande_doc,
+      acc_norm=False,
+    ),
+    Task(
+      "arc_easy",
+      "test",
+      "allenai/ai2_arc (ARC-Easy)",
+      ("question", "choices", "answerKey"),
+      arc_doc,
+    ),
+    Task(
+      "arc_challenge",
+      "test",
+      "allenai/ai2_arc (ARC-Challenge)",
+      ("question", "choices", "answerKey"),
+      arc_doc,
+    ),
     Task("boolq", "validation", "google/boolq", ("question", "passage"), boolq_doc),
     Task("piqa", "validation", "ybisk/piqa", ("goal", "sol1", "sol2", "label"), piqa_doc),
-)}
+  )
+}
 
 
 def layout(tasks_dir: str = "TASKS_DIR") -> str:
   """The expected file of each task and its source (what a missing-file error shows)."""
-  return "; ".join(f"{os.path.join(tasks_dir, t.name, t.split)}.jsonl ({t.source})"
-                   for t in TASKS.values())
+  return "; ".join(
+    f"{os.path.join(tasks_dir, t.name, t.split)}.jsonl ({t.source})" for t in TASKS.values()
+  )
 
 
 def get_task(name: str) -> Task:
@@ -204,22 +246,27 @@ def get_task(name: str) -> Task:
 
 # ------------------------------------------------------------------ reading files
 
+
 def task_files(name: str, tasks_dir: str) -> list[str]:
   """The file(s) task `name` is read from: TASKS_DIR/name/SPLIT.jsonl, else
   SPLIT.parquet, else the shards SPLIT-*.parquet in order."""
   task = get_task(name)
   tasks_dir = os.fspath(tasks_dir)
   if not os.path.isdir(tasks_dir):
-    raise MissingPathError(f"tasks_dir {tasks_dir!r} is not a folder; it must hold one folder "
-                           f"per task: {layout(tasks_dir)} (or .parquet)")
+    raise MissingPathError(
+      f"tasks_dir {tasks_dir!r} is not a folder; it must hold one folder "
+      f"per task: {layout(tasks_dir)} (or .parquet)"
+    )
   stem = os.path.join(tasks_dir, task.name, task.split)
   for suffix in (".jsonl", ".parquet", "-*.parquet"):
     found = sorted(glob.glob(glob.escape(stem) + suffix))
     if found:
       return found
-  raise MissingPathError(f"{name}: no {stem}.jsonl (or {task.split}.parquet, "
-                         f"{task.split}-*.parquet) there; export the {task.split} split of "
-                         f"{task.source} to it. Layout: {layout(tasks_dir)}")
+  raise MissingPathError(
+    f"{name}: no {stem}.jsonl (or {task.split}.parquet, "
+    f"{task.split}-*.parquet) there; export the {task.split} split of "
+    f"{task.source} to it. Layout: {layout(tasks_dir)}"
+  )
 
 
 def read_examples(path: str, limit: int | None = None) -> list[tuple[str, dict]]:
@@ -231,8 +278,10 @@ def read_examples(path: str, limit: int | None = None) -> list[tuple[str, dict]]
     try:
       import pyarrow.parquet as pq
     except ImportError as e:
-      raise NotInstalledError(f"{path} is parquet, which needs pyarrow: `pip install pyarrow`, "
-                              "or export the split as .jsonl") from e
+      raise NotInstalledError(
+        f"{path} is parquet, which needs pyarrow: `pip install pyarrow`, "
+        "or export the split as .jsonl"
+      ) from e
     try:
       rows = pq.read_table(path).to_pylist()
     except Exception as e:
@@ -243,7 +292,7 @@ def read_examples(path: str, limit: int | None = None) -> list[tuple[str, dict]]
   for number, ex in json_objects(path):
     out.append((f"{path}, line {number}", ex))
     if limit is not None and len(out) >= limit:
-      break   # lines after the limit are not read
+      break  # lines after the limit are not read
   return out
 
 
@@ -257,19 +306,23 @@ def load_docs(name: str, tasks_dir: str, limit: int | None = None) -> list[Doc]:
     for where, ex in read_examples(path, None if limit is None else limit - len(docs)):
       missing = [k for k in task.fields if k not in ex]
       if missing:
-        raise FileFormatError(f"{where}: a {name} example needs the fields {list(task.fields)}"
-                              f" but has no {missing}; export {task.source} unchanged")
+        raise FileFormatError(
+          f"{where}: a {name} example needs the fields {list(task.fields)}"
+          f" but has no {missing}; export {task.source} unchanged"
+        )
       try:
         docs.append(task.doc(ex))
       except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-        raise FileFormatError(f"{where}: not a {name} example ({type(e).__name__}: {e}); "
-                              f"export {task.source} unchanged") from e
+        raise FileFormatError(
+          f"{where}: not a {name} example ({type(e).__name__}: {e}); export {task.source} unchanged"
+        ) from e
     if limit is not None and len(docs) >= limit:
       break
   return docs
 
 
 # ------------------------------------------------------------------ token ids
+
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
   """(context ids, continuation ids) of a request, without bos, as the harness.
@@ -298,20 +351,22 @@ def _split_encoding(tokenizer, context: str, continuation: str):
     context, continuation = context[:-spaces], context[-spaces:] + continuation
   context_ids = list(tokenizer.encode(context))
   whole = list(tokenizer.encode(context + continuation))
-  return context_ids, whole[len(context_ids):], whole[:len(context_ids)] != context_ids
+  return context_ids, whole[len(context_ids) :], whole[: len(context_ids)] != context_ids
 
 
 class Encoded(NamedTuple):
   """A request as token ids: `tokens` = <s> context continuation, cut from
   the left to at most max_len + 1 ids; its last `n_continuation` are scored."""
+
   tokens: tuple[int, ...]
   n_continuation: int
   truncated: bool
   boundary_merged: bool
 
 
-def encode_requests(tokenizer, requests: Sequence[tuple[str, str]],
-                    max_len: int | None = None) -> list[Encoded]:
+def encode_requests(
+  tokenizer, requests: Sequence[tuple[str, str]], max_len: int | None = None
+) -> list[Encoded]:
   """The Encoded of each (context, continuation); see `encode_pair`.
 
   The model reads all ids but the last (at most `max_len`, default
@@ -329,18 +384,23 @@ def encode_requests(tokenizer, requests: Sequence[tuple[str, str]],
     context, continuation = pair
     context_ids, continuation_ids, merged = _split_encoding(tokenizer, context, continuation)
     if not continuation_ids:
-      raise ConfigError(f"request {i} has an empty continuation {continuation!r}: nothing "
-                        "to score")
+      raise ConfigError(f"request {i} has an empty continuation {continuation!r}: nothing to score")
     if len(continuation_ids) > max_len:
-      raise ConfigError(f"request {i}: its continuation is {len(continuation_ids)} tokens, "
-                        f"more than max_len={max_len}; raise max_len or shorten it")
+      raise ConfigError(
+        f"request {i}: its continuation is {len(continuation_ids)} tokens, "
+        f"more than max_len={max_len}; raise max_len or shorten it"
+      )
     tokens = [tokenizer.bos_id] + context_ids + continuation_ids
-    out.append(Encoded(tuple(tokens[-(max_len + 1):]), len(continuation_ids),
-                       len(tokens) > max_len + 1, merged))
+    out.append(
+      Encoded(
+        tuple(tokens[-(max_len + 1) :]), len(continuation_ids), len(tokens) > max_len + 1, merged
+      )
+    )
   return out
 
 
 # ------------------------------------------------------------------ scoring
+
 
 def _bucket(n: int) -> int:
   """Row length for a request of n ids: the next power of two from
@@ -360,9 +420,11 @@ def _batch_placement(rows: int):
   axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
   shards = math.prod(mesh.shape[a] for a in axes)
   rows = -(-rows // shards) * shards
+
   def place(x):
     split = jax.sharding.NamedSharding(mesh, P(spec[0], *(None,) * (x.ndim - 1)))
     return jax.make_array_from_callback(x.shape, split, lambda index: x[index])
+
   return rows, lambda tree: jax.tree.map(place, tree)
 
 
@@ -385,14 +447,15 @@ def _groups(lengths: Sequence[int], order: Sequence[int], rows: int):
     start += len(group)
 
 
-def _pack(encoded: Sequence[Encoded], group: Sequence[int], length: int, rows: int,
-          spec: RowSpec):
+def _pack(encoded: Sequence[Encoded], group: Sequence[int], length: int, rows: int, spec: RowSpec):
   """(Row, columns int32 [rows, K], targets int32 [rows, K], place) of one
   batch: the requests `group` packed in order into `rows` rows of `length`,
   and where each one's scored ids are: place[k] = (row, first of its K
   entries, count) for group[k]. K is a power of two (>= 8)."""
-  batch = pack_examples([Example(encoded[i].tokens[:-1], train_text=False) for i in group],
-                        dataclasses.replace(spec, seq_len=length))
+  batch = pack_examples(
+    [Example(encoded[i].tokens[:-1], train_text=False) for i in group],
+    dataclasses.replace(spec, seq_len=length),
+  )
   filled = len(batch["tokens"])
   assert filled <= rows, (filled, rows)
   # pack_examples lays the examples in order, so the k-th (row, segment) in
@@ -414,12 +477,19 @@ def _pack(encoded: Sequence[Encoded], group: Sequence[int], length: int, rows: i
   columns_BxK = np.zeros((rows, width), np.int32)
   targets_BxK = np.zeros((rows, width), np.int32)
   for r in range(rows):
-    columns_BxK[r, :len(columns[r])] = columns[r]
-    targets_BxK[r, :len(targets[r])] = targets[r]
-  pad = [(0, rows - filled)]   # whole padding rows: segment id 0 throughout
-  row = Row(*(np.pad(batch[name], pad + [(0, 0)] * (batch[name].ndim - 1),
-                     constant_values=spec.pad_id if name == "tokens" else 0)
-              for name in Row._fields))
+    columns_BxK[r, : len(columns[r])] = columns[r]
+    targets_BxK[r, : len(targets[r])] = targets[r]
+  pad = [(0, rows - filled)]  # whole padding rows: segment id 0 throughout
+  row = Row(
+    *(
+      np.pad(
+        batch[name],
+        pad + [(0, 0)] * (batch[name].ndim - 1),
+        constant_values=spec.pad_id if name == "tokens" else 0,
+      )
+      for name in Row._fields
+    )
+  )
   return row, columns_BxK, targets_BxK, place
 
 
@@ -429,8 +499,9 @@ def _continuation_scores(model, text_vocab: int, row: Row, columns_BxK, targets_
   columns `columns_BxK` of the rows, over the text vocabulary only: the
   float32 log-softmax at the target, logit - logsumexp, without writing the
   [B, K, V] log-probabilities out."""
-  h_BxLxE = model.decoder(model.embed_text(row.tokens), row.positions, row.segment_ids,
-                          row.image_ids)
+  h_BxLxE = model.decoder(
+    model.embed_text(row.tokens), row.positions, row.segment_ids, row.image_ids
+  )
   h_BxKxE = jnp.take_along_axis(h_BxLxE, columns_BxK[..., None], axis=1)
   logits_BxKxV = model.logits(h_BxKxE)[..., :text_vocab].astype(jnp.float32)
   target_BxK = jnp.take_along_axis(logits_BxKxV, targets_BxK[..., None], axis=-1)[..., 0]
@@ -441,8 +512,9 @@ def _continuation_scores(model, text_vocab: int, row: Row, columns_BxK, targets_
   return out
 
 
-def score_encoded(model, tokenizer, encoded: Sequence[Encoded], *, batch_size: int = 16,
-                  progress=None) -> list[tuple[float, bool]]:
+def score_encoded(
+  model, tokenizer, encoded: Sequence[Encoded], *, batch_size: int = 16, progress=None
+) -> list[tuple[float, bool]]:
   """(log-likelihood, is_greedy) of each Encoded request, in order.
 
   Requests are sorted longest first and packed, several to a row when they
@@ -457,27 +529,36 @@ def score_encoded(model, tokenizer, encoded: Sequence[Encoded], *, batch_size: i
   if batch_size < 1:
     raise ConfigError(f"batch_size={batch_size}: must be >= 1 row")
   if tokenizer.vocab_size > model.cfg.vocab_size:
-    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model has "
-                      f"model.vocab_size={model.cfg.vocab_size}; use the model's own tokenizer")
+    raise ConfigError(
+      f"the tokenizer has {tokenizer.vocab_size} ids but the model has "
+      f"model.vocab_size={model.cfg.vocab_size}; use the model's own tokenizer"
+    )
   m = model.cfg
-  spec = RowSpec(seq_len=_MIN_BUCKET, max_images=0,
-                 image_shape=(m.image_size, m.image_size, m.in_channels),
-                 tokens_per_image=model.tokens_per_image, image_id=tokenizer.image_id,
-                 pad_id=tokenizer.pad_id)
+  spec = RowSpec(
+    seq_len=_MIN_BUCKET,
+    max_images=0,
+    image_shape=(m.image_size, m.image_size, m.in_channels),
+    tokens_per_image=model.tokens_per_image,
+    image_id=tokenizer.image_id,
+    pad_id=tokenizer.pad_id,
+  )
   rows, place_rows = _batch_placement(batch_size)
   lengths = [len(e.tokens) - 1 for e in encoded]
   order = sorted(range(len(encoded)), key=lambda i: -lengths[i])
   results: list[tuple[float, bool] | None] = [None] * len(encoded)
-  bar = tqdm.tqdm(total=len(encoded), desc="log-likelihoods", unit="req") \
-      if progress is None else None
+  bar = (
+    tqdm.tqdm(total=len(encoded), desc="log-likelihoods", unit="req") if progress is None else None
+  )
   update = bar.update if bar is not None else (progress or (lambda n: None))
   score = _continuation_scores.bind(model)
 
   def collect(group, place, out):
     logp_BxK, greedy_BxK = jax.device_get(out)
     for i, (r, at, c) in zip(group, place):
-      results[i] = (float(np.sum(logp_BxK[r, at:at + c], dtype=np.float64)),
-                    bool(greedy_BxK[r, at:at + c].all()))
+      results[i] = (
+        float(np.sum(logp_BxK[r, at : at + c], dtype=np.float64)),
+        bool(greedy_BxK[r, at : at + c].all()),
+      )
     update(len(group))
 
   pending = None
@@ -496,9 +577,15 @@ def score_encoded(model, tokenizer, encoded: Sequence[Encoded], *, batch_size: i
   return results
 
 
-def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *,
-                   batch_size: int = 16, max_len: int | None = None,
-                   progress=None) -> list[tuple[float, bool]]:
+def loglikelihoods(
+  model,
+  tokenizer,
+  requests: Sequence[tuple[str, str]],
+  *,
+  batch_size: int = 16,
+  max_len: int | None = None,
+  progress=None,
+) -> list[tuple[float, bool]]:
   """(log p(continuation | <s> context), is_greedy) of each (context,
   continuation) pair, as lm-evaluation-harness's `loglikelihood`.
 
@@ -520,19 +607,36 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *,
 def _warn_about(encoded: Sequence[Encoded], max_len: int | None):
   cut = sum(e.truncated for e in encoded)
   if cut:
-    logging.warning("%d of %d requests are longer than max_len=%d tokens: their contexts "
-                    "were cut from the left", cut, len(encoded),
-                    DEFAULT_MAX_LEN if max_len is None else max_len)
+    logging.warning(
+      "%d of %d requests are longer than max_len=%d tokens: their contexts were cut from the left",
+      cut,
+      len(encoded),
+      DEFAULT_MAX_LEN if max_len is None else max_len,
+    )
   merged = sum(e.boundary_merged for e in encoded)
   if merged:
-    logging.warning("%d of %d requests: a token spans the context/continuation boundary; "
-                    "split there as lm-evaluation-harness does", merged, len(encoded))
+    logging.warning(
+      "%d of %d requests: a token spans the context/continuation boundary; "
+      "split there as lm-evaluation-harness does",
+      merged,
+      len(encoded),
+    )
 
 
 # ------------------------------------------------------------------ metrics
 
-def evaluate_task(model, tokenizer, name: str, tasks_dir: str, *, limit: int | None = None,
-                  batch_size: int = 16, max_len: int | None = None, progress=None) -> dict:
+
+def evaluate_task(
+  model,
+  tokenizer,
+  name: str,
+  tasks_dir: str,
+  *,
+  limit: int | None = None,
+  batch_size: int = 16,
+  max_len: int | None = None,
+  progress=None,
+) -> dict:
   """{acc, acc_norm, n, truncated} of task `name` read from `tasks_dir`
   (see the module docstring for the layout); winogrande has no acc_norm.
   `limit`: only the first `limit` examples; `truncated`: the requests whose
@@ -544,23 +648,27 @@ def evaluate_task(model, tokenizer, name: str, tasks_dir: str, *, limit: int | N
   _warn_about(encoded, max_len)
   if progress is None:
     with tqdm.tqdm(total=len(requests), desc=name, unit="req") as bar:
-      scores = score_encoded(model, tokenizer, encoded, batch_size=batch_size,
-                             progress=bar.update)
+      scores = score_encoded(model, tokenizer, encoded, batch_size=batch_size, progress=bar.update)
   else:
     scores = score_encoded(model, tokenizer, encoded, batch_size=batch_size, progress=progress)
-  return metrics(docs, [s for s, _ in scores], acc_norm=task.acc_norm,
-                 truncated=sum(e.truncated for e in encoded))
+  return metrics(
+    docs,
+    [s for s, _ in scores],
+    acc_norm=task.acc_norm,
+    truncated=sum(e.truncated for e in encoded),
+  )
 
 
-def metrics(docs: Sequence[Doc], scores: Sequence[float], *, acc_norm: bool = True,
-            truncated: int = 0) -> dict:
+def metrics(
+  docs: Sequence[Doc], scores: Sequence[float], *, acc_norm: bool = True, truncated: int = 0
+) -> dict:
   """acc (argmax of the log-likelihoods is gold), acc_norm (argmax of
   log-likelihood / len(choice)) and n of the docs, `scores` being their
   requests' log-likelihoods in order."""
   correct = correct_norm = 0
   at = 0
   for d in docs:
-    lls = np.asarray(scores[at:at + len(d.requests)], np.float64)
+    lls = np.asarray(scores[at : at + len(d.requests)], np.float64)
     at += len(d.requests)
     correct += int(np.argmax(lls)) == d.gold
     correct_norm += int(np.argmax(lls / np.asarray(d.lengths, np.float64))) == d.gold
@@ -571,8 +679,9 @@ def metrics(docs: Sequence[Doc], scores: Sequence[float], *, acc_norm: bool = Tr
   return {**out, "n": n, "truncated": int(truncated)}
 
 
-def evaluate_tasks(model, tokenizer, names: Iterable[str], tasks_dir: str, **kwargs
-                   ) -> dict[str, dict]:
+def evaluate_tasks(
+  model, tokenizer, names: Iterable[str], tasks_dir: str, **kwargs
+) -> dict[str, dict]:
   """{task: evaluate_task(...)} for each of `names`; every name and file is
   checked before the first task runs."""
   names = list(names)
@@ -583,35 +692,44 @@ def evaluate_tasks(model, tokenizer, names: Iterable[str], tasks_dir: str, **kwa
 
 # ------------------------------------------------------------------ the evaluator
 
+
 class Commonsense(Evaluator):
   """`commonsense`: the tasks `tasks` (default all) of the folder `tasks_dir`,
   at most `limit` examples each, `text_batch` rows per pass, rows of at most
   `max_len` tokens (evaluate's flags)."""
+
   scores = "model"
-  in_training = False   # minutes per task on a large model: a checkpoint's job
+  in_training = False  # minutes per task on a large model: a checkpoint's job
 
   @classmethod
   def check(cls, names, settings, flag):
     tasks_dir = settings.get("tasks_dir")
     if not tasks_dir:
-      raise ConfigError(f"--metrics=commonsense needs {flag('tasks_dir')}, the folder of the "
-                        "task files (eval/commonsense.py gives the layout)")
+      raise ConfigError(
+        f"--metrics=commonsense needs {flag('tasks_dir')}, the folder of the "
+        "task files (eval/commonsense.py gives the layout)"
+      )
     if not os.path.isdir(tasks_dir):
       raise PathError(f"{flag('tasks_dir')}={tasks_dir!r} is not a folder")
-    for name in settings.get("tasks") or TASKS:   # every task's name and file
+    for name in settings.get("tasks") or TASKS:  # every task's name and file
       task_files(name, tasks_dir)
 
   def __init__(self, names, settings):
     super().__init__(names, settings)
     self.tasks_dir = settings["tasks_dir"]
     self.tasks = list(settings.get("tasks") or TASKS)
-    self.options = dict(limit=settings.get("limit"), batch_size=settings.get("text_batch", 16),
-                        max_len=settings.get("max_len", DEFAULT_MAX_LEN))
+    self.options = dict(
+      limit=settings.get("limit"),
+      batch_size=settings.get("text_batch", 16),
+      max_len=settings.get("max_len", DEFAULT_MAX_LEN),
+    )
 
-  def score_model(self, model, tokenizer, config, *, num_steps, cfg_scale, seed,
-                  outdir=None) -> dict:
-    return {"commonsense": evaluate_tasks(model, tokenizer, self.tasks, self.tasks_dir,
-                                          **self.options)}
+  def score_model(
+    self, model, tokenizer, config, *, num_steps, cfg_scale, seed, outdir=None
+  ) -> dict:
+    return {
+      "commonsense": evaluate_tasks(model, tokenizer, self.tasks, self.tasks_dir, **self.options)
+    }
 
 
 EVALUATORS = {"commonsense": Commonsense}

@@ -31,8 +31,8 @@ import os
 import struct
 import warnings
 import zipfile
-from typing import NamedTuple
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 from scipy import linalg
@@ -54,8 +54,10 @@ _RANGE_SLACK = 0.5 / 255
 
 # --------------------------------------------------------------------------- FID, sFID
 
+
 class Statistics(NamedTuple):
   """Mean mu [D] and covariance sigma [D, D] (float64) of a set of features."""
+
   mu: np.ndarray
   sigma: np.ndarray
 
@@ -67,22 +69,26 @@ def statistics(features_NxD) -> Statistics:
   if features_NxD.ndim != 2:
     raise ValueError(f"features have shape {features_NxD.shape}; statistics need [N, D]")
   if features_NxD.shape[0] < 2:
-    raise ValueError(f"statistics need at least 2 feature vectors for a covariance, got "
-                     f"N={features_NxD.shape[0]}; compute features of more images")
+    raise ValueError(
+      f"statistics need at least 2 feature vectors for a covariance, got "
+      f"N={features_NxD.shape[0]}; compute features of more images"
+    )
   features_NxD = features_NxD.astype(np.float64, copy=False)
-  return Statistics(mu=features_NxD.mean(axis=0),
-                    sigma=np.cov(features_NxD, rowvar=False))
+  return Statistics(mu=features_NxD.mean(axis=0), sigma=np.cov(features_NxD, rowvar=False))
 
 
 def _checked(stats: Statistics, name: str) -> tuple[np.ndarray, np.ndarray]:
   mu_D = np.atleast_1d(np.asarray(stats.mu, dtype=np.float64))
   sigma_DxD = np.atleast_2d(np.asarray(stats.sigma, dtype=np.float64))
   if mu_D.ndim != 1 or sigma_DxD.shape != (mu_D.shape[0],) * 2:
-    raise ValueError(f"statistics {name} have mu {mu_D.shape} and sigma {sigma_DxD.shape}; "
-                     "expected mu [D] and sigma [D, D]")
+    raise ValueError(
+      f"statistics {name} have mu {mu_D.shape} and sigma {sigma_DxD.shape}; "
+      "expected mu [D] and sigma [D, D]"
+    )
   if not (np.isfinite(mu_D).all() and np.isfinite(sigma_DxD).all()):
-    raise ValueError(f"statistics {name} hold non-finite values; the features they come "
-                     "from have NaN or infinity")
+    raise ValueError(
+      f"statistics {name} hold non-finite values; the features they come from have NaN or infinity"
+    )
   return mu_D, sigma_DxD
 
 
@@ -100,13 +106,15 @@ def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
   mu_a, sigma_a = _checked(a, "a")
   mu_b, sigma_b = _checked(b, "b")
   if mu_a.shape != mu_b.shape:
-    raise ValueError(f"the statistics have different dimensions: {mu_a.shape[0]} and "
-                     f"{mu_b.shape[0]}; compute both from the same feature layer "
-                     "(pool: 2048 for FID, spatial: 2023 for sFID)")
+    raise ValueError(
+      f"the statistics have different dimensions: {mu_a.shape[0]} and "
+      f"{mu_b.shape[0]}; compute both from the same feature layer "
+      "(pool: 2048 for FID, spatial: 2023 for sFID)"
+    )
 
   def sqrt_product(offset):
     shift_DxD = np.eye(mu_a.shape[0]) * offset
-    with warnings.catch_warnings():   # scipy warns of singular products; handled below
+    with warnings.catch_warnings():  # scipy warns of singular products; handled below
       warnings.simplefilter("ignore", linalg.LinAlgWarning)
       return linalg.sqrtm((sigma_a + shift_DxD) @ (sigma_b + shift_DxD))
 
@@ -115,28 +123,41 @@ def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
 
   covmean_DxD = sqrt_product(0.0)
   if not np.isfinite(covmean_DxD).all() or imaginary(covmean_DxD) > 1e-3:
-    why = ("not finite" if not np.isfinite(covmean_DxD).all() else
-           f"complex (imaginary diagonal up to {imaginary(covmean_DxD):.3g})")
-    warnings.warn(f"the square root of the covariance product is {why}; adding {eps} to "
-                  "the diagonal of both covariances", RuntimeWarning, stacklevel=2)
+    why = (
+      "not finite"
+      if not np.isfinite(covmean_DxD).all()
+      else f"complex (imaginary diagonal up to {imaginary(covmean_DxD):.3g})"
+    )
+    warnings.warn(
+      f"the square root of the covariance product is {why}; adding {eps} to "
+      "the diagonal of both covariances",
+      RuntimeWarning,
+      stacklevel=2,
+    )
     covmean_DxD = sqrt_product(eps)
   if not np.isfinite(covmean_DxD).all():
-    raise ValueError(f"the square root of the covariance product is not finite even with "
-                     f"eps={eps} on the diagonal; use a larger eps or more features")
+    raise ValueError(
+      f"the square root of the covariance product is not finite even with "
+      f"eps={eps} on the diagonal; use a larger eps or more features"
+    )
   if np.iscomplexobj(covmean_DxD):
     if imaginary(covmean_DxD) > 1e-3:
-      raise ValueError(f"the square root of the covariance product has an imaginary "
-                       f"component of {np.abs(covmean_DxD.imag).max():.3g} (diagonal "
-                       f"{imaginary(covmean_DxD):.3g}, tolerance 1e-3) even with eps={eps}; "
-                       "compute the statistics from more features than dimensions, or "
-                       "use a larger eps")
+      raise ValueError(
+        f"the square root of the covariance product has an imaginary "
+        f"component of {np.abs(covmean_DxD.imag).max():.3g} (diagonal "
+        f"{imaginary(covmean_DxD):.3g}, tolerance 1e-3) even with eps={eps}; "
+        "compute the statistics from more features than dimensions, or "
+        "use a larger eps"
+      )
     covmean_DxD = covmean_DxD.real
   diff_D = mu_a - mu_b
-  return float(diff_D @ diff_D + np.trace(sigma_a) + np.trace(sigma_b)
-               - 2.0 * np.trace(covmean_DxD))
+  return float(
+    diff_D @ diff_D + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * np.trace(covmean_DxD)
+  )
 
 
 # --------------------------------------------------------------------------- Inception Score
+
 
 def _split_bounds(n: int, splits: int, split_size: int | None) -> list[tuple[int, int]]:
   if split_size is not None:
@@ -148,8 +169,9 @@ def _split_bounds(n: int, splits: int, split_size: int | None) -> list[tuple[int
   return [(i * n // splits, (i + 1) * n // splits) for i in range(splits)]
 
 
-def inception_score_splits(logits_NxK, splits: int = 10, *,
-                           split_size: int | None = None) -> np.ndarray:
+def inception_score_splits(
+  logits_NxK, splits: int = 10, *, split_size: int | None = None
+) -> np.ndarray:
   """The Inception Score of each split [S]: exp of the mean over the split's
   samples of KL(p(y|x) || p(y)), p(y|x) the softmax of a sample's logits and
   p(y) their mean over the split.
@@ -176,8 +198,9 @@ def inception_score_splits(logits_NxK, splits: int = 10, *,
   return np.array(scores)
 
 
-def inception_score(logits_NxK, splits: int = 10, *, split_size: int | None = None,
-                    return_std: bool = False):
+def inception_score(
+  logits_NxK, splits: int = 10, *, split_size: int | None = None, return_std: bool = False
+):
   """The mean over splits of `inception_score_splits` (ADM reports the mean);
   (mean, std) with return_std."""
   scores_S = inception_score_splits(logits_NxK, splits, split_size=split_size)
@@ -188,6 +211,7 @@ def inception_score(logits_NxK, splits: int = 10, *, split_size: int | None = No
 
 # --------------------------------------------------------------------------- precision, recall
 
+
 def _squared_distances(a_BxD, a_norms_B, b_CxD, b_norms_C) -> np.ndarray:
   """Pairwise squared distances [B, C] in float32 as |a|^2 - 2 a.b + |b|^2,
   clamped at 0, with rounding noise around 0 set to 0."""
@@ -196,7 +220,7 @@ def _squared_distances(a_BxD, a_norms_B, b_CxD, b_norms_C) -> np.ndarray:
   d_BxC *= -2.0
   d_BxC += scale_BxC
   scale_BxC *= _SNAP_TO_ZERO
-  d_BxC[d_BxC <= scale_BxC] = 0.0      # also clamps the negative ones
+  d_BxC[d_BxC <= scale_BxC] = 0.0  # also clamps the negative ones
   return d_BxC
 
 
@@ -225,19 +249,21 @@ def manifold_radii(features_NxD, *, k: int = 3, batch_size: int = 10000) -> np.n
   norms_N = np.einsum("nd,nd->n", features_NxD, features_NxD)
   radii_N = np.empty(n, dtype=np.float32)
   for r0 in range(0, n, batch_size):
-    rows_BxD, rows_norms_B = features_NxD[r0:r0 + batch_size], norms_N[r0:r0 + batch_size]
+    rows_BxD, rows_norms_B = features_NxD[r0 : r0 + batch_size], norms_N[r0 : r0 + batch_size]
     best_Bxk1 = np.full((len(rows_BxD), k + 1), np.inf, dtype=np.float32)
     for c0 in range(0, n, batch_size):
-      d_BxC = _squared_distances(rows_BxD, rows_norms_B, features_NxD[c0:c0 + batch_size],
-                                 norms_N[c0:c0 + batch_size])
+      d_BxC = _squared_distances(
+        rows_BxD, rows_norms_B, features_NxD[c0 : c0 + batch_size], norms_N[c0 : c0 + batch_size]
+      )
       merged = np.concatenate([best_Bxk1, d_BxC], axis=1)
-      best_Bxk1 = np.partition(merged, k, axis=1)[:, :k + 1]
-    radii_N[r0:r0 + batch_size] = best_Bxk1.max(axis=1)
+      best_Bxk1 = np.partition(merged, k, axis=1)[:, : k + 1]
+    radii_N[r0 : r0 + batch_size] = best_Bxk1.max(axis=1)
   return radii_N
 
 
-def precision_recall(real_features_NxD, fake_features_MxD, *, k: int = 3,
-                     batch_size: int = 10000) -> tuple[float, float]:
+def precision_recall(
+  real_features_NxD, fake_features_MxD, *, k: int = 3, batch_size: int = 10000
+) -> tuple[float, float]:
   """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM's
   ManifoldEstimator: each set's manifold is the union of balls around its
   features with radius the distance to the k-th nearest neighbour (self
@@ -250,8 +276,10 @@ def precision_recall(real_features_NxD, fake_features_MxD, *, k: int = 3,
   real_NxD = _as_features(real_features_NxD, "real features")
   fake_MxD = _as_features(fake_features_MxD, "fake features")
   if real_NxD.shape[1] != fake_MxD.shape[1]:
-    raise ValueError(f"real features have {real_NxD.shape[1]} dimensions and fake ones "
-                     f"{fake_MxD.shape[1]}; compute both with the same feature layer")
+    raise ValueError(
+      f"real features have {real_NxD.shape[1]} dimensions and fake ones "
+      f"{fake_MxD.shape[1]}; compute both with the same feature layer"
+    )
   radii_real_N = manifold_radii(real_NxD, k=k, batch_size=batch_size)
   radii_fake_M = manifold_radii(fake_MxD, k=k, batch_size=batch_size)
   norms_real_N = np.einsum("nd,nd->n", real_NxD, real_NxD)
@@ -262,14 +290,16 @@ def precision_recall(real_features_NxD, fake_features_MxD, *, k: int = 3,
     r1 = r0 + batch_size
     for f0 in range(0, len(fake_MxD), batch_size):
       f1 = f0 + batch_size
-      d_BxC = _squared_distances(real_NxD[r0:r1], norms_real_N[r0:r1], fake_MxD[f0:f1],
-                                 norms_fake_M[f0:f1])
+      d_BxC = _squared_distances(
+        real_NxD[r0:r1], norms_real_N[r0:r1], fake_MxD[f0:f1], norms_fake_M[f0:f1]
+      )
       real_in_fake_N[r0:r1] |= (d_BxC <= radii_fake_M[None, f0:f1]).any(axis=1)
       fake_in_real_M[f0:f1] |= (d_BxC <= radii_real_N[r0:r1, None]).any(axis=0)
   return float(fake_in_real_M.mean()), float(real_in_fake_N.mean())
 
 
 # --------------------------------------------------------------------------- npz files
+
 
 def _member_header(zip_f: zipfile.ZipFile, name: str):
   """(shape, fortran_order, dtype) of member `name`.npy without reading its
@@ -287,7 +317,7 @@ def _mapped_member(path: str, zip_f: zipfile.ZipFile, name: str) -> np.ndarray |
   """Member `name` as a read-only np.memmap when it is stored uncompressed
   (np.savez), else None (np.savez_compressed: it has to be read)."""
   info = zip_f.getinfo(f"{name}.npy")
-  if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:   # deflated, encrypted
+  if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # deflated, encrypted
     return None
   with open(path, "rb") as f:
     f.seek(info.header_offset)
@@ -306,8 +336,9 @@ def _mapped_member(path: str, zip_f: zipfile.ZipFile, name: str) -> np.ndarray |
     offset = f.tell()
   if dtype.hasobject or int(np.prod(shape)) == 0:
     return None
-  return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape),
-                   order="F" if fortran else "C")
+  return np.memmap(
+    path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape), order="F" if fortran else "C"
+  )
 
 
 class _Npz:
@@ -323,12 +354,14 @@ class _Npz:
     try:
       self._zip = zipfile.ZipFile(self.path)
     except (zipfile.BadZipFile, OSError) as e:
-      raise FileFormatError(f"{what} {self.path} is not an npz file ({type(e).__name__}: "
-                            f"{e}); give a file written by np.savez") from e
+      raise FileFormatError(
+        f"{what} {self.path} is not an npz file ({type(e).__name__}: "
+        f"{e}); give a file written by np.savez"
+      ) from e
     self.files = [n[:-4] for n in self._zip.namelist() if n.endswith(".npy")]
 
   def close(self) -> None:
-    self._zip.close()   # a memory map made from the file stays valid
+    self._zip.close()  # a memory map made from the file stays valid
 
   def __contains__(self, name: str) -> bool:
     return name in self.files
@@ -337,8 +370,9 @@ class _Npz:
     try:
       header = _member_header(self._zip, name)
     except Exception as e:
-      raise FileFormatError(f"{self.path}: array {name!r} is broken ({type(e).__name__}: "
-                            f"{e}); write the file again") from e
+      raise FileFormatError(
+        f"{self.path}: array {name!r} is broken ({type(e).__name__}: {e}); write the file again"
+      ) from e
     if header is None:
       array = self.read(name)
       return array.shape, array.dtype
@@ -354,16 +388,21 @@ class _Npz:
       with self._zip.open(f"{name}.npy") as f:
         return np.lib.format.read_array(f, allow_pickle=False)
     except Exception as e:
-      raise FileFormatError(f"{self.path}: array {name!r} cannot be read ({type(e).__name__}: "
-                            f"{e}); write the file again with np.savez") from e
+      raise FileFormatError(
+        f"{self.path}: array {name!r} cannot be read ({type(e).__name__}: "
+        f"{e}); write the file again with np.savez"
+      ) from e
 
 
-def _check_images_shape(path: str, key: str, shape, expected_dtype: str,
-                        channels: int | None = 3) -> None:
+def _check_images_shape(
+  path: str, key: str, shape, expected_dtype: str, channels: int | None = 3
+) -> None:
   if len(shape) != 4 or (channels is not None and shape[3] != channels):
     c = "C" if channels is None else channels
-    raise FileFormatError(f"{path}: {key!r} has shape {tuple(shape)}; expected images "
-                          f"[N, H, W, {c}] ({expected_dtype}), channels last")
+    raise FileFormatError(
+      f"{path}: {key!r} has shape {tuple(shape)}; expected images "
+      f"[N, H, W, {c}] ({expected_dtype}), channels last"
+    )
 
 
 class ReferenceBatch:
@@ -384,18 +423,24 @@ class ReferenceBatch:
     for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
       if (mu in self._npz) != (sigma in self._npz):
         have, lack = (mu, sigma) if mu in self._npz else (sigma, mu)
-        raise FileFormatError(f"reference batch {self.path} has {have!r} but not {lack!r}; "
-                              "an ADM reference batch holds both (or neither)")
+        raise FileFormatError(
+          f"reference batch {self.path} has {have!r} but not {lack!r}; "
+          "an ADM reference batch holds both (or neither)"
+        )
     if "arr_0" not in self._npz and "mu" not in self._npz and "mu_s" not in self._npz:
-      raise FileFormatError(f"reference batch {self.path} holds {self._npz.files}, none of "
-                            "mu/sigma, mu_s/sigma_s or arr_0; give an ADM reference batch "
-                            "such as VIRTUAL_imagenet256_labeled.npz")
+      raise FileFormatError(
+        f"reference batch {self.path} holds {self._npz.files}, none of "
+        "mu/sigma, mu_s/sigma_s or arr_0; give an ADM reference batch "
+        "such as VIRTUAL_imagenet256_labeled.npz"
+      )
     if "arr_0" in self._npz:
       shape, dtype = self._npz.header("arr_0")
       _check_images_shape(self.path, "arr_0", shape, "uint8")
       if dtype != np.uint8:
-        raise FileFormatError(f"reference batch {self.path}: 'arr_0' is {dtype}; ADM's "
-                              "reference images are uint8 in [0, 255]")
+        raise FileFormatError(
+          f"reference batch {self.path}: 'arr_0' is {dtype}; ADM's "
+          "reference images are uint8 in [0, 255]"
+        )
       self._images_shape = shape
     else:
       self._images_shape = None
@@ -403,12 +448,15 @@ class ReferenceBatch:
   def _statistics(self, mu: str, sigma: str) -> Statistics | None:
     if mu not in self._npz:
       return None
-    stats = Statistics(self._npz.read(mu).astype(np.float64),
-                       self._npz.read(sigma).astype(np.float64))
+    stats = Statistics(
+      self._npz.read(mu).astype(np.float64), self._npz.read(sigma).astype(np.float64)
+    )
     d = stats.mu.shape[0] if stats.mu.ndim == 1 else None
     if d is None or stats.sigma.shape != (d, d):
-      raise FileFormatError(f"reference batch {self.path}: {mu!r} has shape {stats.mu.shape} "
-                            f"and {sigma!r} {stats.sigma.shape}; expected [D] and [D, D]")
+      raise FileFormatError(
+        f"reference batch {self.path}: {mu!r} has shape {stats.mu.shape} "
+        f"and {sigma!r} {stats.sigma.shape}; expected [D] and [D, D]"
+      )
     return stats
 
   @functools.cached_property
@@ -438,14 +486,25 @@ class ReferenceBatch:
     return None if self._images_shape is None else self._images_shape[1]
 
   def __repr__(self) -> str:
-    held = [name for name, v in (("fid", "mu" in self._npz), ("sfid", "mu_s" in self._npz),
-                                 ("images", self._images_shape is not None)) if v]
-    return (f"ReferenceBatch({self.path!r}, holds {held}"
-            + (f", images {self._images_shape}" if self._images_shape else "") + ")")
+    held = [
+      name
+      for name, v in (
+        ("fid", "mu" in self._npz),
+        ("sfid", "mu_s" in self._npz),
+        ("images", self._images_shape is not None),
+      )
+      if v
+    ]
+    return (
+      f"ReferenceBatch({self.path!r}, holds {held}"
+      + (f", images {self._images_shape}" if self._images_shape else "")
+      + ")"
+    )
 
 
-def load_images_npz(path, *, expect_resolution: int | None = None, channels: int | None = 3,
-                    chunk: int = 1024) -> np.ndarray:
+def load_images_npz(
+  path, *, expect_resolution: int | None = None, channels: int | None = 3, chunk: int = 1024
+) -> np.ndarray:
   """Sample images uint8 [N, H, W, 3] from an npz (channels=None: any C).
 
   ADM's sample format is `arr_0` uint8 [N, H, W, 3] (memory-mapped where the
@@ -462,54 +521,67 @@ def load_images_npz(path, *, expect_resolution: int | None = None, channels: int
     npz.close()
 
 
-def _read_images(npz: _Npz, expect_resolution: int | None, channels: int | None,
-                 chunk: int) -> np.ndarray:
+def _read_images(
+  npz: _Npz, expect_resolution: int | None, channels: int | None, chunk: int
+) -> np.ndarray:
   path = npz.path
   if "arr_0" in npz:
     key, expected = "arr_0", "uint8 in [0, 255]"
   elif "images" in npz:
     key, expected = "images", "float in [0, 1]"
   else:
-    raise FileFormatError(f"{path} holds {npz.files}, neither 'arr_0' (ADM's samples: uint8 "
-                          "[N, H, W, 3]) nor 'images' (this project's: float [N, H, W, 3] in "
-                          "[0, 1]); write the samples under one of those keys")
+    raise FileFormatError(
+      f"{path} holds {npz.files}, neither 'arr_0' (ADM's samples: uint8 "
+      "[N, H, W, 3]) nor 'images' (this project's: float [N, H, W, 3] in "
+      "[0, 1]); write the samples under one of those keys"
+    )
   shape, dtype = npz.header(key)
   _check_images_shape(path, key, shape, expected, channels)
   if key == "arr_0" and dtype != np.uint8:
-    raise FileFormatError(f"{path}: 'arr_0' is {dtype}; ADM's sample format is uint8 in "
-                          "[0, 255] (write np.clip(np.round(x * 255), 0, 255).astype(np.uint8))")
+    raise FileFormatError(
+      f"{path}: 'arr_0' is {dtype}; ADM's sample format is uint8 in "
+      "[0, 255] (write np.clip(np.round(x * 255), 0, 255).astype(np.uint8))"
+    )
   if key == "images" and not np.issubdtype(dtype, np.floating):
-    raise FileFormatError(f"{path}: 'images' is {dtype}; expected float in [0, 1] (or save "
-                          "uint8 images as 'arr_0')")
+    raise FileFormatError(
+      f"{path}: 'images' is {dtype}; expected float in [0, 1] (or save uint8 images as 'arr_0')"
+    )
   n, h, w, _ = shape
   if expect_resolution is not None and (h, w) != (expect_resolution, expect_resolution):
-    raise FileFormatError(f"{path}: the samples are {h}x{w} but the reference batch is "
-                          f"{expect_resolution}x{expect_resolution}; sample at the reference's "
-                          "resolution (FID across resolutions is not comparable)")
+    raise FileFormatError(
+      f"{path}: the samples are {h}x{w} but the reference batch is "
+      f"{expect_resolution}x{expect_resolution}; sample at the reference's "
+      "resolution (FID across resolutions is not comparable)"
+    )
   array = npz.read(key, mmap=True)
   if key == "arr_0":
     return array
   images_NxHxWx3 = np.empty(shape, dtype=np.uint8)
   for begin in range(0, n, chunk):
-    x = np.asarray(array[begin:begin + chunk], dtype=np.float32)
+    x = np.asarray(array[begin : begin + chunk], dtype=np.float32)
     bad = ~np.isfinite(x) | (x < -_RANGE_SLACK) | (x > 1 + _RANGE_SLACK)
     if bad.any():
       finite = x[np.isfinite(x)]
-      found = (f"[{finite.min():.4g}, {finite.max():.4g}]" if finite.size else "no finite values")
-      raise FileFormatError(f"{path}: 'images' holds values outside [0, 1] ({found}"
-                            f"{', and NaN/inf' if not np.isfinite(x).all() else ''}); expected "
-                            "float in [0, 1] (map [-1, 1] images with (x + 1) / 2)")
-    images_NxHxWx3[begin:begin + chunk] = np.clip(np.round(x * 255.0), 0, 255)
+      found = f"[{finite.min():.4g}, {finite.max():.4g}]" if finite.size else "no finite values"
+      raise FileFormatError(
+        f"{path}: 'images' holds values outside [0, 1] ({found}"
+        f"{', and NaN/inf' if not np.isfinite(x).all() else ''}); expected "
+        "float in [0, 1] (map [-1, 1] images with (x + 1) / 2)"
+      )
+    images_NxHxWx3[begin : begin + chunk] = np.clip(np.round(x * 255.0), 0, 255)
   return images_NxHxWx3
 
 
 # --------------------------------------------------------------------------- all together
 
+
 def _feature(features: dict | None, key: str, whose: str, needed_for: str) -> np.ndarray:
   if features is None or key not in features:
     held = "none" if features is None else sorted(features)
-    raise ConfigError(f"{needed_for} needs the {whose} Inception features {key!r} (given: "
-                      f"{held}); compute the {whose} features with the Inception network")
+    raise ConfigError(
+      f"{needed_for} needs the {whose} Inception features {key!r} (given: "
+      f"{held}); compute the {whose} features with the Inception network"
+    )
   return np.asarray(features[key])
 
 
@@ -521,9 +593,15 @@ def _known_metrics(metrics: str | Iterable[str]) -> list[str]:
   return asked
 
 
-def image_metrics(sample_features: dict, reference_features: dict | None,
-                  reference: ReferenceBatch | None, metrics, *,
-                  is_split_size: int | None = ADM_IS_SPLIT_SIZE, k: int = 3) -> dict:
+def image_metrics(
+  sample_features: dict,
+  reference_features: dict | None,
+  reference: ReferenceBatch | None,
+  metrics,
+  *,
+  is_split_size: int | None = ADM_IS_SPLIT_SIZE,
+  k: int = 3,
+) -> dict:
   """The asked metrics (a subset of METRICS) of the samples against the reference.
 
   Features dicts hold `pool` [N, 2048], `spatial` [N, 2023] and `logits`
@@ -538,8 +616,10 @@ def image_metrics(sample_features: dict, reference_features: dict | None,
   """
   asked = _known_metrics(metrics)
   out = {}
-  for metric, feature, stored_name, out_key in (("fid", "pool", "fid", "fid"),
-                                                ("sfid", "spatial", "sfid", "sfid")):
+  for metric, feature, stored_name, out_key in (
+    ("fid", "pool", "fid", "fid"),
+    ("sfid", "spatial", "sfid", "sfid"),
+  ):
     if metric not in asked:
       continue
     stored = getattr(reference, stored_name) if reference is not None else None
@@ -549,12 +629,15 @@ def image_metrics(sample_features: dict, reference_features: dict | None,
     out[out_key] = frechet_distance(samples, stored)
   if "is" in asked:
     out["inception_score"] = inception_score(
-        _feature(sample_features, "logits", "sample", "is"), split_size=is_split_size)
+      _feature(sample_features, "logits", "sample", "is"), split_size=is_split_size
+    )
   if "precision_recall" in asked:
     if reference is not None and reference.images is None:
-      raise ConfigError(f"precision_recall needs the reference images, and reference batch "
-                        f"{reference.path} holds only statistics; use a reference npz with "
-                        "arr_0 (ADM's VIRTUAL_*.npz has it) or drop precision_recall")
+      raise ConfigError(
+        f"precision_recall needs the reference images, and reference batch "
+        f"{reference.path} holds only statistics; use a reference npz with "
+        "arr_0 (ADM's VIRTUAL_*.npz has it) or drop precision_recall"
+      )
     real = _feature(reference_features, "pool", "reference", "precision_recall")
     fake = _feature(sample_features, "pool", "sample", "precision_recall")
     out["precision"], out["recall"] = precision_recall(real, fake, k=k)

@@ -21,58 +21,77 @@ from monoformer_jax.eval.registry import Evaluator
 
 
 class InceptionMetrics(Evaluator):
-  files = {"inception": "pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d"
-                        ".pth; nothing is downloaded)",
-           "reference": "an ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0), e.g. "
-                        "VIRTUAL_imagenet256_labeled.npz"}
-  num_samples = 50_000   # the papers' FID-50K
-  num_steps = 250        # the reference's FID runs
+  files = {
+    "inception": "pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d"
+    ".pth; nothing is downloaded)",
+    "reference": "an ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0), e.g. "
+    "VIRTUAL_imagenet256_labeled.npz",
+  }
+  num_samples = 50_000  # the papers' FID-50K
+  num_steps = 250  # the reference's FID runs
 
   def __init__(self, names, settings):
     super().__init__(names, settings)
     from monoformer_jax.eval.inception import load_inception
+
     if not settings.get("inception") or not settings.get("reference"):
-      raise ConfigError(f"{list(self.names)} need the Inception weights (--inception=pt_"
-                        "inception-2015-12-05-6726825d.pth, pytorch-fid's file) and a "
-                        "reference batch (--reference=VIRTUAL_imagenet256_labeled.npz)")
+      raise ConfigError(
+        f"{list(self.names)} need the Inception weights (--inception=pt_"
+        "inception-2015-12-05-6726825d.pth, pytorch-fid's file) and a "
+        "reference batch (--reference=VIRTUAL_imagenet256_labeled.npz)"
+      )
     self.inception = load_inception(settings["inception"])
     self.reference = fid.ReferenceBatch(settings["reference"])
-    self.batch_size = int(settings.get("batch_size") or 200)   # images per Inception call
+    self.batch_size = int(settings.get("batch_size") or 200)  # images per Inception call
 
   def score_samples(self, images_NxHxWxC, labels_N) -> dict:
     images, reference = images_NxHxWxC, self.reference
     if images.shape[-1] != 3:
-      raise FileFormatError(f"Inception metrics need RGB samples; these have "
-                            f"{images.shape[-1]} channel(s) (grayscale samples have their "
-                            "own metrics)")
+      raise FileFormatError(
+        f"Inception metrics need RGB samples; these have "
+        f"{images.shape[-1]} channel(s) (grayscale samples have their "
+        "own metrics)"
+      )
     if reference.resolution is not None and reference.resolution != images.shape[1]:
       raise FileFormatError(
-          f"the samples are {images.shape[1]}x{images.shape[2]} but the reference batch is "
-          f"{reference.resolution}x{reference.resolution}: sample at the reference's "
-          "resolution (or give the reference batch of this resolution)")
+        f"the samples are {images.shape[1]}x{images.shape[2]} but the reference batch is "
+        f"{reference.resolution}x{reference.resolution}: sample at the reference's "
+        "resolution (or give the reference batch of this resolution)"
+      )
     wanted = self.names
     sample_features = self._features(images, "samples")
-    needs_reference_images = ("precision_recall" in wanted
-                              or ("fid" in wanted and reference.fid is None)
-                              or ("sfid" in wanted and reference.sfid is None))
+    needs_reference_images = (
+      "precision_recall" in wanted
+      or ("fid" in wanted and reference.fid is None)
+      or ("sfid" in wanted and reference.sfid is None)
+    )
     reference_features = None
     if needs_reference_images and reference.images is not None:
       reference_features = self._features(np.asarray(reference.images), "reference")
     return fid.image_metrics(sample_features, reference_features, reference, wanted)
 
   def _features(self, images, what: str):
-    from monoformer_jax.eval.inception import inception_features
     import tqdm
+
+    from monoformer_jax.eval.inception import inception_features
+
     t0 = time.perf_counter()
     writer = jax.process_index() == 0
     # This host's devices: the scores are computed by one process (process 0).
     local = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
-    with tqdm.tqdm(total=len(images), unit="img", desc=f"Inception ({what})",
-                   disable=not writer) as bar:
-      features = inception_features(self.inception, images, batch_size=self.batch_size,
-                                    mesh=local, progress=lambda done: bar.update(done - bar.n))
-    logging.info("Inception features of %d %s in %.1f s", len(images), what,
-                 time.perf_counter() - t0)
+    with tqdm.tqdm(
+      total=len(images), unit="img", desc=f"Inception ({what})", disable=not writer
+    ) as bar:
+      features = inception_features(
+        self.inception,
+        images,
+        batch_size=self.batch_size,
+        mesh=local,
+        progress=lambda done: bar.update(done - bar.n),
+      )
+    logging.info(
+      "Inception features of %d %s in %.1f s", len(images), what, time.perf_counter() - t0
+    )
     return features
 
 

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from monoformer_jax.errors import CheckpointError, FileFormatError
 from monoformer_jax.eval import pth
@@ -47,14 +48,18 @@ NUM_CLASSES = 1008  # the 2015 graph's classifier (1000 ImageNet classes + 8 unu
 SPATIAL_CHANNELS = 7  # of mixed_6/conv's 192, as ADM's evaluator
 SPATIAL_FEATURES = 17 * 17 * SPATIAL_CHANNELS  # mixed_6/conv is 17x17 at 299x299
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-               + WEIGHTS_FILE)
-WEIGHTS_HINT = (f"pass --inception with the path of pytorch-fid's {WEIGHTS_FILE} "
-                f"(download it once from {WEIGHTS_URL}; nothing is downloaded here)")
+WEIGHTS_URL = (
+  "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILE
+)
+WEIGHTS_HINT = (
+  f"pass --inception with the path of pytorch-fid's {WEIGHTS_FILE} "
+  f"(download it once from {WEIGHTS_URL}; nothing is downloaded here)"
+)
 _MAX_LISTED = 8
 
 
 # ------------------------------------------------------------------ layers
+
 
 class Conv2d(nnx.Module):
   """Bias-free 2-D convolution, NHWC input, `weight` HWIO; `kernel` and
@@ -62,16 +67,23 @@ class Conv2d(nnx.Module):
 
   def __init__(self, cin: int, cout: int, kernel, stride: int, padding, *, rngs):
     kh, kw = kernel
-    self.weight = param(rngs, (kh, kw, cin, cout),
-                        ("conv_height", "conv_width", "conv_in", "conv_out"),
-                        std=math.sqrt(2 / (kh * kw * cin)))
+    self.weight = param(
+      rngs,
+      (kh, kw, cin, cout),
+      ("conv_height", "conv_width", "conv_in", "conv_out"),
+      std=math.sqrt(2 / (kh * kw * cin)),
+    )
     self.stride = stride
     self.padding = ((padding[0],) * 2, (padding[1],) * 2)
 
   def __call__(self, x_NxHxWxC):
     return jax.lax.conv_general_dilated(
-        x_NxHxWxC, self.weight[...], (self.stride, self.stride), self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x_NxHxWxC,
+      self.weight[...],
+      (self.stride, self.stride),
+      self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
 
 
 class BatchNorm(nnx.Module):
@@ -104,23 +116,25 @@ class BasicConv2d(nnx.Module):
 def max_pool(x_NxHxWxC, stride: int, padding: int = 0):
   """3x3 max pool; padded positions never win (torch pads with -inf)."""
   pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-  return jax.lax.reduce_window(x_NxHxWxC, -jnp.inf, jax.lax.max, (1, 3, 3, 1),
-                               (1, stride, stride, 1), pad)
+  return jax.lax.reduce_window(
+    x_NxHxWxC, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, stride, stride, 1), pad
+  )
 
 
 def avg_pool_valid(x_NxHxWxC):
   """3x3 stride-1 average pool, padding 1, over the window's in-image pixels
   only (TF's; torch's count_include_pad=False): a corner averages 4, not 9."""
   pad = ((0, 0), (1, 1), (1, 1), (0, 0))
-  sum_NxHxWxC = jax.lax.reduce_window(x_NxHxWxC, 0.0, jax.lax.add, (1, 3, 3, 1),
-                                      (1, 1, 1, 1), pad)
+  sum_NxHxWxC = jax.lax.reduce_window(x_NxHxWxC, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pad)
   _, h, w, _ = x_NxHxWxC.shape
-  count_1xHxWx1 = jax.lax.reduce_window(jnp.ones((1, h, w, 1), x_NxHxWxC.dtype), 0.0,
-                                        jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pad)
+  count_1xHxWx1 = jax.lax.reduce_window(
+    jnp.ones((1, h, w, 1), x_NxHxWxC.dtype), 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pad
+  )
   return sum_NxHxWxC / count_1xHxWx1
 
 
 # ------------------------------------------------------------------ blocks
+
 
 class InceptionA(nnx.Module):
   """Mixed_5b/c/d (FIDInceptionA): 1x1 | 5x5 | double 3x3 | avg pool (padding left out)."""
@@ -135,12 +149,15 @@ class InceptionA(nnx.Module):
     self.branch_pool = BasicConv2d(cin, pool_features, 1, rngs=rngs)
 
   def __call__(self, x):
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         self.branch1x1(x),
         self.branch5x5_2(self.branch5x5_1(x)),
         self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
         self.branch_pool(avg_pool_valid(x)),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class InceptionB(nnx.Module):
@@ -153,11 +170,14 @@ class InceptionB(nnx.Module):
     self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2, rngs=rngs)
 
   def __call__(self, x):
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         self.branch3x3(x),
         self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
         max_pool(x, stride=2),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class InceptionC(nnx.Module):
@@ -180,8 +200,12 @@ class InceptionC(nnx.Module):
     """The four branch outputs (their concatenation is the block's output)."""
     b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
     b7dbl = self.branch7x7dbl_1(x)
-    for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                  self.branch7x7dbl_5):
+    for layer in (
+      self.branch7x7dbl_2,
+      self.branch7x7dbl_3,
+      self.branch7x7dbl_4,
+      self.branch7x7dbl_5,
+    ):
       b7dbl = layer(b7dbl)
     return [self.branch1x1(x), b7, b7dbl, self.branch_pool(avg_pool_valid(x))]
 
@@ -204,8 +228,9 @@ class InceptionD(nnx.Module):
     b7x3 = self.branch7x7x3_1(x)
     for layer in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
       b7x3 = layer(b7x3)
-    return jnp.concatenate([self.branch3x3_2(self.branch3x3_1(x)), b7x3,
-                            max_pool(x, stride=2)], axis=-1)
+    return jnp.concatenate(
+      [self.branch3x3_2(self.branch3x3_1(x)), b7x3, max_pool(x, stride=2)], axis=-1
+    )
 
 
 class InceptionE(nnx.Module):
@@ -229,12 +254,17 @@ class InceptionE(nnx.Module):
     b3 = self.branch3x3_1(x)
     b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
     pooled = max_pool(x, stride=1, padding=1) if self.max_pool_branch else avg_pool_valid(x)
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         self.branch1x1(x),
-        self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-        self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl),
+        self.branch3x3_2a(b3),
+        self.branch3x3_2b(b3),
+        self.branch3x3dbl_3a(b3dbl),
+        self.branch3x3dbl_3b(b3dbl),
         self.branch_pool(pooled),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class Linear(nnx.Module):
@@ -279,8 +309,14 @@ class InceptionV3(nnx.Module):
     x = max_pool(x, stride=2)
     x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
     x = max_pool(x, stride=2)
-    for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
-                  self.Mixed_6b, self.Mixed_6c):
+    for block in (
+      self.Mixed_5b,
+      self.Mixed_5c,
+      self.Mixed_5d,
+      self.Mixed_6a,
+      self.Mixed_6b,
+      self.Mixed_6c,
+    ):
       x = block(x)
     branches = self.Mixed_6d.branches(x)
     mixed_6_conv_NxhxwxC = branches[0]  # TF's "mixed_6/conv"
@@ -289,12 +325,15 @@ class InceptionV3(nnx.Module):
       x = block(x)
     pool_Nx2048 = x.mean(axis=(1, 2))
     n = x.shape[0]
-    return dict(pool=pool_Nx2048,
-                spatial=mixed_6_conv_NxhxwxC[..., :SPATIAL_CHANNELS].reshape(n, -1),
-                logits=self.fc(pool_Nx2048))
+    return dict(
+      pool=pool_Nx2048,
+      spatial=mixed_6_conv_NxhxwxC[..., :SPATIAL_CHANNELS].reshape(n, -1),
+      logits=self.fc(pool_Nx2048),
+    )
 
 
 # ------------------------------------------------------------------ loading
+
 
 def state_dict_key(path: tuple) -> str:
   """A parameter's path -> its key in pytorch-fid's file ('Mixed_5b', 'branch1x1', ...)."""
@@ -322,8 +361,10 @@ def expected_state_dict_shapes() -> dict[str, tuple]:
   """Key -> PyTorch shape of every tensor the file must hold (its
   `*.num_batches_tracked` counters aside, which may be there or not)."""
   abstract = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))
-  return {state_dict_key(path): _torch_shape(var.shape)
-          for path, var in nnx.to_flat_state(nnx.state(abstract))}
+  return {
+    state_dict_key(path): _torch_shape(var.shape)
+    for path, var in nnx.to_flat_state(nnx.state(abstract))
+  }
 
 
 def _listed(keys) -> str:
@@ -332,8 +373,7 @@ def _listed(keys) -> str:
   return ", ".join(keys[:_MAX_LISTED]) + more
 
 
-def inception_from_state_dict(tensors: dict, *, source: str = "Inception weights"
-                              ) -> InceptionV3:
+def inception_from_state_dict(tensors: dict, *, source: str = "Inception weights") -> InceptionV3:
   """An InceptionV3 holding `tensors` (state-dict key -> PyTorch-layout array),
   every key and shape checked; float32 whatever the stored dtype."""
   abstract = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))
@@ -347,24 +387,32 @@ def inception_from_state_dict(tensors: dict, *, source: str = "Inception weights
     if missing:
       parts.append(f"{len(missing)} key(s) are missing: {_listed(missing)}")
     if unexpected:
-      parts.append(f"{len(unexpected)} key(s) are not in the FID Inception: "
-                   f"{_listed(unexpected)}")
-    aux = (" (AuxLogits.*: torchvision's ImageNet Inception, not the FID one)"
-           if any(k.startswith("AuxLogits.") for k in unexpected) else "")
-    raise CheckpointError(f"{source} are not pytorch-fid's FID Inception: "
-                          + "; ".join(parts) + f"{aux}. Pass pytorch-fid's "
-                          f"pt_inception-2015-12-05-*.pth ({WEIGHTS_FILE})")
+      parts.append(f"{len(unexpected)} key(s) are not in the FID Inception: {_listed(unexpected)}")
+    aux = (
+      " (AuxLogits.*: torchvision's ImageNet Inception, not the FID one)"
+      if any(k.startswith("AuxLogits.") for k in unexpected)
+      else ""
+    )
+    raise CheckpointError(
+      f"{source} are not pytorch-fid's FID Inception: "
+      + "; ".join(parts)
+      + f"{aux}. Pass pytorch-fid's "
+      f"pt_inception-2015-12-05-*.pth ({WEIGHTS_FILE})"
+    )
   leaves = []
   for path, var in flat:
     key = state_dict_key(path)
     value = np.asarray(tensors[key])
     want = _torch_shape(var.shape)
     if tuple(value.shape) != want:
-      raise CheckpointError(f"{source}: {key!r} has shape {tuple(value.shape)}, the FID "
-                            f"Inception's is {want}; pass pytorch-fid's {WEIGHTS_FILE}")
+      raise CheckpointError(
+        f"{source}: {key!r} has shape {tuple(value.shape)}, the FID "
+        f"Inception's is {want}; pass pytorch-fid's {WEIGHTS_FILE}"
+      )
     if not np.issubdtype(value.dtype, np.floating) and value.dtype.kind != "V":
-      raise CheckpointError(f"{source}: {key!r} holds {value.dtype}, not floats; pass "
-                            f"pytorch-fid's {WEIGHTS_FILE}")
+      raise CheckpointError(
+        f"{source}: {key!r} holds {value.dtype}, not floats; pass pytorch-fid's {WEIGHTS_FILE}"
+      )
     leaves.append((path, var.replace(jnp.asarray(_our_layout(value).astype(np.float32)))))
   return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
@@ -377,6 +425,7 @@ def load_inception(path) -> InceptionV3:
 
 
 # ------------------------------------------------------------------ features
+
 
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
   """[n_out, n_in] weights of torch's bilinear resize along one axis
@@ -443,23 +492,32 @@ def _network(graphdef, state, x_Nx299x299x3):
 def check_images(images) -> None:
   """Raises FileFormatError unless `images` is [N, H, W, 3], uint8 or float."""
   if not hasattr(images, "shape") or not hasattr(images, "dtype"):
-    raise FileFormatError(f"Inception images are a {type(images).__name__}; pass an "
-                          "array [N, H, W, 3] (np.stack a list of images)")
+    raise FileFormatError(
+      f"Inception images are a {type(images).__name__}; pass an "
+      "array [N, H, W, 3] (np.stack a list of images)"
+    )
   shape, dtype = tuple(images.shape), np.dtype(images.dtype)
   if len(shape) != 4 or shape[-1] != 3:
-    fix = ("transpose NCHW to NHWC with x.transpose(0, 2, 3, 1)"
-           if len(shape) == 4 and shape[1] == 3 else
-           "repeat a grayscale channel with np.repeat(x, 3, axis=-1)"
-           if len(shape) == 4 and shape[-1] == 1 else
-           "add the batch axis with x[None]" if len(shape) == 3 else
-           "pass an [N, H, W, 3] array")
-    raise FileFormatError(f"Inception images have shape {shape}; they must be RGB "
-                          f"[N, H, W, 3] (NHWC): {fix}")
-  if dtype != np.uint8 and not (np.issubdtype(dtype, np.floating) or dtype.kind == "V"
-                                and dtype.itemsize == 2):
-    raise FileFormatError(f"Inception images are {dtype}; pass uint8 in [0, 255] "
-                          "(x.astype(np.uint8) for integers in that range) or floats "
-                          "in [0, 1]")
+    fix = (
+      "transpose NCHW to NHWC with x.transpose(0, 2, 3, 1)"
+      if len(shape) == 4 and shape[1] == 3
+      else "repeat a grayscale channel with np.repeat(x, 3, axis=-1)"
+      if len(shape) == 4 and shape[-1] == 1
+      else "add the batch axis with x[None]"
+      if len(shape) == 3
+      else "pass an [N, H, W, 3] array"
+    )
+    raise FileFormatError(
+      f"Inception images have shape {shape}; they must be RGB [N, H, W, 3] (NHWC): {fix}"
+    )
+  if dtype != np.uint8 and not (
+    np.issubdtype(dtype, np.floating) or dtype.kind == "V" and dtype.itemsize == 2
+  ):
+    raise FileFormatError(
+      f"Inception images are {dtype}; pass uint8 in [0, 255] "
+      "(x.astype(np.uint8) for integers in that range) or floats "
+      "in [0, 1]"
+    )
 
 
 def _check_range(batch: np.ndarray, start: int) -> None:
@@ -467,11 +525,17 @@ def _check_range(batch: np.ndarray, start: int) -> None:
     return
   lo, hi = float(np.min(batch)), float(np.max(batch))
   if not (lo >= -0.01 and hi <= 1.01):  # also catches NaN
-    fix = ("they look like [0, 255]: pass uint8 or x / 255" if hi > 1.5 else
-           "they look like [-1, 1]: pass (x + 1) / 2" if lo < -0.5 else
-           "clip them to [0, 1]")
-    raise FileFormatError(f"Inception images {start}..{start + len(batch) - 1} are "
-                          f"floats in [{lo:.3g}, {hi:.3g}], not [0, 1]: {fix}")
+    fix = (
+      "they look like [0, 255]: pass uint8 or x / 255"
+      if hi > 1.5
+      else "they look like [-1, 1]: pass (x + 1) / 2"
+      if lo < -0.5
+      else "clip them to [0, 1]"
+    )
+    raise FileFormatError(
+      f"Inception images {start}..{start + len(batch) - 1} are "
+      f"floats in [{lo:.3g}, {hi:.3g}], not [0, 1]: {fix}"
+    )
 
 
 def _active_mesh(mesh):
@@ -483,9 +547,15 @@ def _active_mesh(mesh):
   return mesh
 
 
-def inception_features(model: InceptionV3, images_NxHxWx3, *, batch_size: int = 200,
-                       progress: Callable[[int], None] | None = None, mesh=None,
-                       precision: str = "highest") -> dict[str, np.ndarray]:
+def inception_features(
+  model: InceptionV3,
+  images_NxHxWx3,
+  *,
+  batch_size: int = 200,
+  progress: Callable[[int], None] | None = None,
+  mesh=None,
+  precision: str = "highest",
+) -> dict[str, np.ndarray]:
   """pool [N, 2048], spatial [N, 2023] and logits [N, 1008] (float32 numpy) of
   `images_NxHxWx3`, uint8 in [0, 255] (ADM's .npz arrays) or float in [0, 1],
   any H x W (resized to 299x299 as pytorch-fid does: see `preprocess`).
@@ -521,7 +591,7 @@ def inception_features(model: InceptionV3, images_NxHxWx3, *, batch_size: int = 
 
   pending = None
   for start in range(0, n, batch):
-    chunk = np.asarray(images_NxHxWx3[start:start + batch])
+    chunk = np.asarray(images_NxHxWx3[start : start + batch])
     _check_range(chunk, start)
     count = len(chunk)
     if count < batch:
@@ -539,6 +609,7 @@ def inception_features(model: InceptionV3, images_NxHxWx3, *, batch_size: int = 
     if progress is not None:
       progress(n)
   widths = dict(pool=2048, spatial=SPATIAL_FEATURES, logits=NUM_CLASSES)
-  return {name: (np.concatenate(parts) if parts else np.zeros((0, widths[name]), np.float32))
-          for name, parts in out.items()}
-
+  return {
+    name: (np.concatenate(parts) if parts else np.zeros((0, widths[name]), np.float32))
+    for name, parts in out.items()
+  }

@@ -42,30 +42,31 @@ import numpy as np
 
 from monoformer_jax.errors import FileFormatError, MissingPathError, PathError
 
-MAGIC_NUMBER = 0x1950a86a20f9469cfc6c
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 
 # torch.<Name>Storage -> numpy dtype of its elements.
 STORAGE_DTYPES = {
-    "DoubleStorage": np.dtype(np.float64),
-    "FloatStorage": np.dtype(np.float32),
-    "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
-    "ComplexFloatStorage": np.dtype(np.complex64),
-    "ComplexDoubleStorage": np.dtype(np.complex128),
-    "UntypedStorage": np.dtype(np.uint8),
+  "DoubleStorage": np.dtype(np.float64),
+  "FloatStorage": np.dtype(np.float32),
+  "HalfStorage": np.dtype(np.float16),
+  "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+  "LongStorage": np.dtype(np.int64),
+  "IntStorage": np.dtype(np.int32),
+  "ShortStorage": np.dtype(np.int16),
+  "CharStorage": np.dtype(np.int8),
+  "ByteStorage": np.dtype(np.uint8),
+  "BoolStorage": np.dtype(np.bool_),
+  "ComplexFloatStorage": np.dtype(np.complex64),
+  "ComplexDoubleStorage": np.dtype(np.complex128),
+  "UntypedStorage": np.dtype(np.uint8),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class _StorageClass:
   """Stands in for `torch.FloatStorage` and friends: only their dtype matters."""
+
   dtype: np.dtype
 
 
@@ -80,6 +81,7 @@ class _Storage:
 @dataclasses.dataclass(frozen=True)
 class _StorageView:
   """A storage or (legacy files) a slice of one, `offset` elements in."""
+
   storage: _Storage
   offset: int
   numel: int
@@ -88,6 +90,7 @@ class _StorageView:
 @dataclasses.dataclass(frozen=True)
 class _Tensor:
   """A tensor to cut out of its storage once the storage's bytes are read."""
+
   view: _StorageView
   offset: int
   size: tuple
@@ -98,19 +101,27 @@ class _Tensor:
 def _as_view(storage) -> _StorageView:
   if isinstance(storage, _StorageView):
     return storage
-  raise FileFormatError(f"a tensor in the file is built from {type(storage).__name__}, "
-                        "not a storage; it is not a PyTorch state dict")
+  raise FileFormatError(
+    f"a tensor in the file is built from {type(storage).__name__}, "
+    "not a storage; it is not a PyTorch state dict"
+  )
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
   return _Tensor(_as_view(storage), int(storage_offset), tuple(size), tuple(stride))
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(
+  storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
   del requires_grad, backward_hooks
-  return _Tensor(_as_view(storage), int(storage_offset), tuple(size), tuple(stride),
-                 dict(metadata) if metadata else None)
+  return _Tensor(
+    _as_view(storage),
+    int(storage_offset),
+    tuple(size),
+    tuple(stride),
+    dict(metadata) if metadata else None,
+  )
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -126,22 +137,23 @@ class _TensorType:
 def _rebuild_from_type_v2(func, new_type, args, state):
   del state
   if not isinstance(new_type, _TensorType):
-    raise FileFormatError(f"the file rebuilds a tensor as {new_type!r}; only plain "
-                          "tensors and parameters are read")
+    raise FileFormatError(
+      f"the file rebuilds a tensor as {new_type!r}; only plain tensors and parameters are read"
+    )
   return func(*args)
 
 
 _ALLOWED = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Tensor"): _TensorType(),
-    ("torch._tensor", "Tensor"): _TensorType(),
-    ("torch.nn.parameter", "Parameter"): _TensorType(),
-    ("torch", "Size"): tuple,
+  ("collections", "OrderedDict"): collections.OrderedDict,
+  ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+  ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+  ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+  ("torch", "Tensor"): _TensorType(),
+  ("torch._tensor", "Tensor"): _TensorType(),
+  ("torch.nn.parameter", "Parameter"): _TensorType(),
+  ("torch", "Size"): tuple,
 }
 for _name, _dtype in STORAGE_DTYPES.items():
   _ALLOWED[("torch", _name)] = _StorageClass(_dtype)
@@ -162,17 +174,20 @@ class _Unpickler(pickle.Unpickler):
       return _ALLOWED[(module, name)]
     except KeyError:
       raise FileFormatError(
-          f"{self.source} refers to {module}.{name}, which a state dict does not need; "
-          "it is not loaded (unpickling it could run code). Save the weights alone: "
-          "torch.save(model.state_dict(), path)") from None
+        f"{self.source} refers to {module}.{name}, which a state dict does not need; "
+        "it is not loaded (unpickling it could run code). Save the weights alone: "
+        "torch.save(model.state_dict(), path)"
+      ) from None
 
   def persistent_load(self, pid):
     if self.storage_for is None or not isinstance(pid, tuple) or not pid:
       raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
     kind = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
     if kind != "storage":
-      raise FileFormatError(f"{self.source} holds a {kind!r} object (a whole pickled "
-                            "module?); save model.state_dict() instead")
+      raise FileFormatError(
+        f"{self.source} holds a {kind!r} object (a whole pickled "
+        "module?); save model.state_dict() instead"
+      )
     return self.storage_for(pid[1:])
 
 
@@ -204,12 +219,14 @@ def _tensor_array(t: _Tensor, source: str) -> np.ndarray:
   start = t.view.offset + t.offset
   last = start + sum((n - 1) * s for n, s in zip(size, stride))
   if t.offset < 0 or last >= t.view.offset + t.view.numel or last >= base.size:
-    raise FileFormatError(f"{source}: a tensor of size {size}, stride {stride} at offset "
-                          f"{t.offset} reaches past its storage of {t.view.numel} elements; "
-                          "the file is damaged")
+    raise FileFormatError(
+      f"{source}: a tensor of size {size}, stride {stride} at offset "
+      f"{t.offset} reaches past its storage of {t.view.numel} elements; "
+      "the file is damaged"
+    )
   view = np.lib.stride_tricks.as_strided(
-      base[start:], shape=size, strides=tuple(s * dtype.itemsize for s in stride),
-      writeable=False)
+    base[start:], shape=size, strides=tuple(s * dtype.itemsize for s in stride), writeable=False
+  )
   array = np.array(view, order="C")  # owned and C-contiguous
   if t.metadata and t.metadata.get("conj"):
     array = np.conj(array)
@@ -223,9 +240,11 @@ def _read_zip(path: pathlib.Path, source: str):
     names = archive.namelist()
     pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
-      raise FileFormatError(f"{source} is a zip archive without one <name>/data.pkl "
-                            f"(found {names[:5]}); it is not a torch.save file")
-    prefix = pickles[0][:-len("data.pkl")]
+      raise FileFormatError(
+        f"{source} is a zip archive without one <name>/data.pkl "
+        f"(found {names[:5]}); it is not a torch.save file"
+      )
+    prefix = pickles[0][: -len("data.pkl")]
     little_endian = True  # files from before the byteorder record were little-endian
     if prefix + "byteorder" in names:
       value = archive.read(prefix + "byteorder").decode("ascii", "replace").strip()
@@ -236,8 +255,7 @@ def _read_zip(path: pathlib.Path, source: str):
 
     def storage_for(data):
       if len(data) != 4:
-        raise FileFormatError(f"{source}: storage id {data!r} is not (type, key, "
-                              "location, numel)")
+        raise FileFormatError(f"{source}: storage id {data!r} is not (type, key, location, numel)")
       kind, key, _, numel = data
       dtype = _storage_class(kind, source).dtype
       if key not in storages:
@@ -253,8 +271,10 @@ def _read_zip(path: pathlib.Path, source: str):
         raise FileFormatError(f"{source}: storage {record} is missing from the archive")
       raw = archive.read(record)
       if len(raw) % storage.dtype.itemsize:
-        raise FileFormatError(f"{source}: storage {record} has {len(raw)} bytes, not a "
-                              f"multiple of {storage.dtype.itemsize}")
+        raise FileFormatError(
+          f"{source}: storage {record} has {len(raw)} bytes, not a "
+          f"multiple of {storage.dtype.itemsize}"
+        )
       storage.array = _from_bytes(raw, storage.dtype, little_endian)
       storage.numel = storage.array.size
   return obj
@@ -266,8 +286,9 @@ def _read_legacy(path: pathlib.Path, source: str):
 
   def storage_for(data):
     if len(data) != 5:
-      raise FileFormatError(f"{source}: storage id {data!r} is not (type, key, location, "
-                            "numel, view)")
+      raise FileFormatError(
+        f"{source}: storage id {data!r} is not (type, key, location, numel, view)"
+      )
     kind, key, _, numel, view = data
     dtype = _storage_class(kind, source).dtype
     if key not in storages:
@@ -281,23 +302,31 @@ def _read_legacy(path: pathlib.Path, source: str):
     return views[view_key]
 
   with open(path, "rb") as f:
+
     def load():
       return _Unpickler(f, source).load()
+
     try:
       magic = load()
     except FileFormatError:
       raise
     except Exception as e:
-      raise FileFormatError(f"{source} is not a PyTorch .pth file (neither a zip archive "
-                            f"nor a legacy torch.save pickle: {type(e).__name__}); pass "
-                            "a file written by torch.save") from e
+      raise FileFormatError(
+        f"{source} is not a PyTorch .pth file (neither a zip archive "
+        f"nor a legacy torch.save pickle: {type(e).__name__}); pass "
+        "a file written by torch.save"
+      ) from e
     if magic != MAGIC_NUMBER:
-      raise FileFormatError(f"{source} is a pickle but not a torch.save file (no torch "
-                            "magic number); pass a file written by torch.save")
+      raise FileFormatError(
+        f"{source} is a pickle but not a torch.save file (no torch "
+        "magic number); pass a file written by torch.save"
+      )
     version = load()
     if version != PROTOCOL_VERSION:
-      raise FileFormatError(f"{source}: torch.save protocol version {version!r}, only "
-                            f"{PROTOCOL_VERSION} is read; re-save it with a recent torch")
+      raise FileFormatError(
+        f"{source}: torch.save protocol version {version!r}, only "
+        f"{PROTOCOL_VERSION} is read; re-save it with a recent torch"
+      )
     load()  # sys info; torch writes these storages little-endian on any machine
     obj = _Unpickler(f, source, storage_for).load()
     keys = load()
@@ -312,8 +341,10 @@ def _read_legacy(path: pathlib.Path, source: str):
       nbytes = count * storage.dtype.itemsize
       raw = f.read(nbytes)
       if count < 0 or len(raw) != nbytes:
-        raise FileFormatError(f"{source} ends inside storage {key!r} ({len(raw)} of "
-                              f"{nbytes} bytes); the file is truncated")
+        raise FileFormatError(
+          f"{source} ends inside storage {key!r} ({len(raw)} of "
+          f"{nbytes} bytes); the file is truncated"
+        )
       storage.array = _from_bytes(raw, storage.dtype, little_endian=True)
       storage.numel = count
   return obj
@@ -343,17 +374,23 @@ def read_state_dict(path, *, hint: str = "") -> dict[str, np.ndarray]:
       raise
     raise FileFormatError(f"{e}; {hint}") from e
   except Exception as e:
-    raise FileFormatError(f"{source} cannot be read as a torch.save file "
-                          f"({type(e).__name__}: {e}); the file is damaged or not a "
-                          "state dict" + (f"; {hint}" if hint else "")) from e
+    raise FileFormatError(
+      f"{source} cannot be read as a torch.save file "
+      f"({type(e).__name__}: {e}); the file is damaged or not a "
+      "state dict" + (f"; {hint}" if hint else "")
+    ) from e
   if not isinstance(obj, dict):
-    raise FileFormatError(f"{source} holds a {type(obj).__name__}, not a state dict "
-                          "(key -> tensor); save model.state_dict()")
+    raise FileFormatError(
+      f"{source} holds a {type(obj).__name__}, not a state dict "
+      "(key -> tensor); save model.state_dict()"
+    )
   out = {}
   for key, value in obj.items():
     if not isinstance(value, _Tensor):
-      raise FileFormatError(f"{source}: entry {key!r} is a {type(value).__name__}, not a "
-                            "tensor; a state dict holds only tensors (nested "
-                            "checkpoints: save checkpoint['state_dict'] alone)")
+      raise FileFormatError(
+        f"{source}: entry {key!r} is a {type(value).__name__}, not a "
+        "tensor; a state dict holds only tensors (nested "
+        "checkpoints: save checkpoint['state_dict'] alone)"
+      )
     out[str(key)] = _tensor_array(value, source)
   return out

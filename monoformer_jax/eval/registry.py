@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from monoformer_jax.config.fields import fail, flag_of
 from monoformer_jax.errors import ConfigError, PathError
 
 # the module of each family -> the metric names it defines
 FAMILIES = {
-    "monoformer_jax.eval.image_metrics": ("fid", "sfid", "is", "precision_recall"),
-    "monoformer_jax.eval.commonsense": ("commonsense",),
-    "monoformer_jax.digits.evaluators": ("digits", "reading", "interleaved", "editing"),
+  "monoformer_jax.eval.image_metrics": ("fid", "sfid", "is", "precision_recall"),
+  "monoformer_jax.eval.commonsense": ("commonsense",),
+  "monoformer_jax.digits.evaluators": ("digits", "reading", "interleaved", "editing"),
 }
 METRICS = tuple(name for names in FAMILIES.values() for name in names)
 
@@ -35,22 +35,22 @@ class Evaluator:
   config.evals in training, from flags for evaluate) and the evaluate flags
   its family reads. Loading (weights, reference batches) happens when it is
   made, before any sampling."""
+
   # "samples": uint8 class-conditional samples [N, H, W, C] and their labels
   # (`score_samples`); "model": the model itself (`score_model`).
   scores = "samples"
-  in_training = True        # config.evals and sample.metrics may name it
+  in_training = True  # config.evals and sample.metrics may name it
   # The files it reads, {name: what it is}: config.evals.<name> inside
   # training, --<name> for `python -m monoformer_jax.evaluate`.
   files: dict[str, str] = {}
-  num_samples = 1000        # evaluate's default sample count
-  num_steps: int | None = None   # evaluate's default DDPM steps (None: sample.num_steps)
+  num_samples = 1000  # evaluate's default sample count
+  num_steps: int | None = None  # evaluate's default DDPM steps (None: sample.num_steps)
 
   def __init__(self, names: Sequence[str], settings: Mapping[str, Any]):
     self.names = tuple(names)
 
   @classmethod
-  def check(cls, names: Sequence[str], settings: Mapping[str, Any],
-            flag: Callable[[str], str]):
+  def check(cls, names: Sequence[str], settings: Mapping[str, Any], flag: Callable[[str], str]):
     """Its settings before anything is loaded; `flag(name)` is how the user
     sets one (`--inception`, `--config.evals.inception`)."""
     for name, what in cls.files.items():
@@ -58,8 +58,7 @@ class Evaluator:
       if not path:
         raise ConfigError(f"{list(names)} need {flag(name)}, {what}")
       if not os.path.isfile(path):
-        raise PathError(f"{flag(name)}={path!r} is not a file: {list(names)} read {what} "
-                        "from it")
+        raise PathError(f"{flag(name)}={path!r} is not a file: {list(names)} read {what} from it")
 
   @classmethod
   def problem(cls, name: str, config) -> str | None:
@@ -76,8 +75,17 @@ class Evaluator:
     """Its metrics of uint8 samples and their class labels (None: not known)."""
     raise NotImplementedError
 
-  def score_model(self, model, tokenizer, config, *, num_steps: int,
-                  cfg_scale: float | None, seed: int, outdir: str | None = None) -> dict:
+  def score_model(
+    self,
+    model,
+    tokenizer,
+    config,
+    *,
+    num_steps: int,
+    cfg_scale: float | None,
+    seed: int,
+    outdir: str | None = None,
+  ) -> dict:
     """{name: its metrics} of `model`, sampling with `num_steps` DDPM steps and
     guidance `cfg_scale`; with `outdir`, the files it shows its work in
     (written by the caller's process 0 only)."""
@@ -141,8 +149,12 @@ def check_training_metrics(config, field: str):
   for name in names:
     cls = evaluator_class(name)
     if not cls.in_training:
-      fail(field, names, f"names {name}, which does not run inside training",
-           f"run `python -m monoformer_jax.evaluate --metrics={name}` on a checkpoint")
+      fail(
+        field,
+        names,
+        f"names {name}, which does not run inside training",
+        f"run `python -m monoformer_jax.evaluate --metrics={name}` on a checkpoint",
+      )
     problem = cls.problem(name, config)
     if problem:
       fail(field, names, f"names {problem}", f"leave {name} out")
@@ -155,5 +167,6 @@ def end_of_run_metrics(config) -> tuple[str, ...]:
   """What a training run of `config` scores at its end: sample.metrics, then
   every metric whose evaluator asks to (`Evaluator.at_end_of_run`)."""
   asked = tuple(config.sample.metrics)
-  return asked + tuple(n for n in METRICS
-                       if n not in asked and evaluator_class(n).at_end_of_run(n, config))
+  return asked + tuple(
+    n for n in METRICS if n not in asked and evaluator_class(n).at_end_of_run(n, config)
+  )

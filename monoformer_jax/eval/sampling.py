@@ -52,11 +52,12 @@ SAMPLES_FILE = "samples.npz"
 CHUNKS_DIR = "chunks"
 
 
-def class_labels(num_samples: int, num_classes: int, *, seed: int,
-                 balanced: bool = False) -> np.ndarray:
+def class_labels(
+  num_samples: int, num_classes: int, *, seed: int, balanced: bool = False
+) -> np.ndarray:
   """int32 [N] labels: uniform draws (the reference), or each class the same
   number of times (the first N % classes classes one more), shuffled."""
-  rng = np.random.default_rng([seed, 0x1abe1])
+  rng = np.random.default_rng([seed, 0x1ABE1])
   if balanced:
     labels = np.arange(num_samples) % num_classes
     return rng.permutation(labels).astype(np.int32)
@@ -78,6 +79,7 @@ def quantize(images_unit_BxHxWxC) -> np.ndarray:
 @jax.jit
 def _decode(graphdef, state, latents_BxhxwxC):
   from monoformer_jax.vae import decode_latents
+
   pixels = decode_latents(nnx.merge(graphdef, state), latents_BxhxwxC)
   return jnp.clip((pixels + 1.0) / 2.0, 0.0, 1.0)
 
@@ -97,20 +99,33 @@ def decode_to_unit(x0_BxhxwxC, config, vae=None, decode_batch: int = 64) -> np.n
   x0 = np.asarray(x0_BxhxwxC, np.float32)
   out = []
   for start in range(0, len(x0), batch):
-    part = x0[start:start + batch]
-    padded = np.concatenate([part, np.zeros((batch - len(part),) + part.shape[1:],
-                                            part.dtype)]) if len(part) < batch else part
+    part = x0[start : start + batch]
+    padded = (
+      np.concatenate([part, np.zeros((batch - len(part),) + part.shape[1:], part.dtype)])
+      if len(part) < batch
+      else part
+    )
     pixels = _decode(graphdef, state, jax.device_put(padded, split))
-    out.append(np.asarray(jax.device_get(pixels))[:len(part)])
+    out.append(np.asarray(jax.device_get(pixels))[: len(part)])
   return np.concatenate(out)
 
 
-def _settings(config, step, *, num_samples, chunk_size, num_steps, cfg_scale, sampler,
-              seed, balanced, weights) -> dict:
-  return dict(num_samples=int(num_samples), chunk_size=int(chunk_size),
-              num_steps=int(num_steps), cfg_scale=float(cfg_scale or 0.0), sampler=sampler,
-              seed=int(seed), balanced=bool(balanced), weights=weights, step=int(step),
-              data=config.data.name, image_size=int(config.model.image_size))
+def _settings(
+  config, step, *, num_samples, chunk_size, num_steps, cfg_scale, sampler, seed, balanced, weights
+) -> dict:
+  return dict(
+    num_samples=int(num_samples),
+    chunk_size=int(chunk_size),
+    num_steps=int(num_steps),
+    cfg_scale=float(cfg_scale or 0.0),
+    sampler=sampler,
+    seed=int(seed),
+    balanced=bool(balanced),
+    weights=weights,
+    step=int(step),
+    data=config.data.name,
+    image_size=int(config.model.image_size),
+  )
 
 
 def _start(out_dir: str, settings: dict):
@@ -122,8 +137,9 @@ def _start(out_dir: str, settings: dict):
     if before != settings:
       changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
       raise ConfigError(
-          f"{out_dir} holds samples of another run (settings then -> now: {changed}); "
-          "pass the same settings to resume it, or another --sample_dir")
+        f"{out_dir} holds samples of another run (settings then -> now: {changed}); "
+        "pass the same settings to resume it, or another --sample_dir"
+      )
     return
   os.makedirs(os.path.join(out_dir, CHUNKS_DIR), exist_ok=True)
   with open(path + ".tmp", "w") as f:
@@ -151,16 +167,32 @@ def _write_npz(path: str, arrays: dict[str, tuple[tuple, np.dtype, Iterable[np.n
     for name, (shape, dtype, parts) in arrays.items():
       with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
         np.lib.format.write_array_header_2_0(
-            f, dict(descr=np.lib.format.dtype_to_descr(np.dtype(dtype)), fortran_order=False,
-                    shape=tuple(shape)))
+          f,
+          dict(
+            descr=np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            fortran_order=False,
+            shape=tuple(shape),
+          ),
+        )
         for part in parts:
           f.write(np.ascontiguousarray(part, dtype).tobytes())
   os.replace(tmp, path)
 
 
-def sample_classes(model, config, tokenizer, labels_N, *, num_steps: int,
-                   cfg_scale: float | None, seed: int, sampler: str = "ddpm",
-                   batch: int | None = None, vae=None, decode_batch: int = 64) -> np.ndarray:
+def sample_classes(
+  model,
+  config,
+  tokenizer,
+  labels_N,
+  *,
+  num_steps: int,
+  cfg_scale: float | None,
+  seed: int,
+  sampler: str = "ddpm",
+  batch: int | None = None,
+  vae=None,
+  decode_batch: int = 64,
+) -> np.ndarray:
   """uint8 [N, H, W, C] samples of the class prompts of `labels_N` (guided
   against the empty prompt unless `cfg_scale` is 0 or None), on every
   process, the batch padded to `batch` rows (so that calls share one
@@ -171,23 +203,46 @@ def sample_classes(model, config, tokenizer, labels_N, *, num_steps: int,
   n = len(labels_N)
   padded = np.concatenate([labels_N, np.zeros((batch or n) - n, labels_N.dtype)])
   x0 = inference.generate_images(
-      model, tokenizer, [prompt_format.class_prompt(classes[k]) for k in padded],
-      num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale or None, seed=seed,
-      diffusion=config.diffusion)
+    model,
+    tokenizer,
+    [prompt_format.class_prompt(classes[k]) for k in padded],
+    num_steps=num_steps,
+    sampler=sampler,
+    cfg_scale=cfg_scale or None,
+    seed=seed,
+    diffusion=config.diffusion,
+  )
   x0 = np.asarray(multihost_utils.process_allgather(x0, tiled=True))[:n]
   bad = ~np.isfinite(x0).reshape(n, -1).all(axis=1)
   if bad.any():
-    logging.warning("%d of %d samples are not finite (a diverged model?); each is replaced "
-                    "by a blank image", bad.sum(), n)
+    logging.warning(
+      "%d of %d samples are not finite (a diverged model?); each is replaced by a blank image",
+      bad.sum(),
+      n,
+    )
     x0 = np.where(bad[:, None, None, None], -1.0 if vae is None else 0.0, x0)
   return quantize(decode_to_unit(x0, config, vae, decode_batch))
 
 
-def sample_run(model, config, tokenizer, out_dir: str, *, step: int = 0,
-               num_samples: int = 50_000, chunk_size: int = 500, num_steps: int = 250,
-               cfg_scale: float | None = 1.5, sampler: str = "ddpm", seed: int = 0,
-               balanced: bool = False, weights: str = "ema", vae=None,
-               decode_batch: int = 64, stop_after: int | None = None) -> str:
+def sample_run(
+  model,
+  config,
+  tokenizer,
+  out_dir: str,
+  *,
+  step: int = 0,
+  num_samples: int = 50_000,
+  chunk_size: int = 500,
+  num_steps: int = 250,
+  cfg_scale: float | None = 1.5,
+  sampler: str = "ddpm",
+  seed: int = 0,
+  balanced: bool = False,
+  weights: str = "ema",
+  vae=None,
+  decode_batch: int = 64,
+  stop_after: int | None = None,
+) -> str:
   """Samples `num_samples` images of the config's classes into `out_dir`
   (resuming what is there) and returns the path of its `samples.npz`.
 
@@ -195,20 +250,37 @@ def sample_run(model, config, tokenizer, out_dir: str, *, step: int = 0,
   that many new chunks (what a killed run leaves behind; for tests)."""
   classes = class_names(config)
   if not classes:
-    raise ConfigError(f"data.name={config.data.name!r} has no class names to prompt with; "
-                      "class-conditional sampling needs a dataset with classes (e.g. "
-                      "imagenet)")
+    raise ConfigError(
+      f"data.name={config.data.name!r} has no class names to prompt with; "
+      "class-conditional sampling needs a dataset with classes (e.g. "
+      "imagenet)"
+    )
   integer("--num_samples", num_samples, low=1)
   integer("--chunk_size", chunk_size, low=1)
-  check_image_sampling(num_steps=num_steps, cfg_scale=cfg_scale,
-                       num_timesteps=config.diffusion.num_timesteps, prefix="--")
+  check_image_sampling(
+    num_steps=num_steps,
+    cfg_scale=cfg_scale,
+    num_timesteps=config.diffusion.num_timesteps,
+    prefix="--",
+  )
   if chunk_size % jax.device_count():
-    raise ConfigError(f"--chunk_size={chunk_size} does not split over the "
-                      f"{jax.device_count()} devices: use a multiple of {jax.device_count()}")
+    raise ConfigError(
+      f"--chunk_size={chunk_size} does not split over the "
+      f"{jax.device_count()} devices: use a multiple of {jax.device_count()}"
+    )
   writer = jax.process_index() == 0
-  settings = _settings(config, step, num_samples=num_samples, chunk_size=chunk_size,
-                       num_steps=num_steps, cfg_scale=cfg_scale, sampler=sampler, seed=seed,
-                       balanced=balanced, weights=weights)
+  settings = _settings(
+    config,
+    step,
+    num_samples=num_samples,
+    chunk_size=chunk_size,
+    num_steps=num_steps,
+    cfg_scale=cfg_scale,
+    sampler=sampler,
+    seed=seed,
+    balanced=balanced,
+    weights=weights,
+  )
   if writer:
     _start(out_dir, settings)
   labels = class_labels(num_samples, len(classes), seed=seed, balanced=balanced)
@@ -216,24 +288,48 @@ def sample_run(model, config, tokenizer, out_dir: str, *, step: int = 0,
   done = set(_done_chunks(out_dir, count))
   todo = [i for i in range(count) if i not in done]
   if done:
-    logging.info("%s: %d of %d chunks already sampled, %d to go", out_dir, len(done), count,
-                 len(todo))
-  logging.info("sampling %d images of %d classes in %d chunks of %d: %s, %d steps, "
-               "guidance %s, %s weights", num_samples, len(classes), count, chunk_size,
-               sampler, num_steps, cfg_scale or "off", weights)
+    logging.info(
+      "%s: %d of %d chunks already sampled, %d to go", out_dir, len(done), count, len(todo)
+    )
+  logging.info(
+    "sampling %d images of %d classes in %d chunks of %d: %s, %d steps, guidance %s, %s weights",
+    num_samples,
+    len(classes),
+    count,
+    chunk_size,
+    sampler,
+    num_steps,
+    cfg_scale or "off",
+    weights,
+  )
   t_start = time.perf_counter()
   new = 0
   stopped = False
-  with tqdm.tqdm(total=num_samples, initial=min(len(done) * chunk_size, num_samples),
-                 unit="img", desc="sampling", disable=not writer) as bar:
+  with tqdm.tqdm(
+    total=num_samples,
+    initial=min(len(done) * chunk_size, num_samples),
+    unit="img",
+    desc="sampling",
+    disable=not writer,
+  ) as bar:
     for i in todo:
       if stop_after is not None and new >= stop_after:
         stopped = True
         break
-      chunk_labels = labels[i * chunk_size:(i + 1) * chunk_size]
-      images = sample_classes(model, config, tokenizer, chunk_labels, num_steps=num_steps,
-                              cfg_scale=cfg_scale, seed=chunk_seed(seed, i), sampler=sampler,
-                              batch=chunk_size, vae=vae, decode_batch=decode_batch)
+      chunk_labels = labels[i * chunk_size : (i + 1) * chunk_size]
+      images = sample_classes(
+        model,
+        config,
+        tokenizer,
+        chunk_labels,
+        num_steps=num_steps,
+        cfg_scale=cfg_scale,
+        seed=chunk_seed(seed, i),
+        sampler=sampler,
+        batch=chunk_size,
+        vae=vae,
+        decode_batch=decode_batch,
+      )
       if writer:
         path = _chunk_path(out_dir, i)
         with open(path + ".tmp", "wb") as f:
@@ -255,16 +351,22 @@ def sample_run(model, config, tokenizer, out_dir: str, *, step: int = 0,
         if i == 0:
           image_shape, image_dtype = chunk["images"].shape[1:], chunk["images"].dtype
     if not np.array_equal(np.concatenate(got), labels):
-      raise FileFormatError(f"the chunks in {out_dir}/{CHUNKS_DIR} do not hold this run's "
-                            "labels (written by other code?): remove the folder and sample again")
+      raise FileFormatError(
+        f"the chunks in {out_dir}/{CHUNKS_DIR} do not hold this run's "
+        "labels (written by other code?): remove the folder and sample again"
+      )
 
-    def chunk_images():   # one chunk in memory at a time
+    def chunk_images():  # one chunk in memory at a time
       for i in range(count):
         with np.load(_chunk_path(out_dir, i)) as chunk:
           yield chunk["images"]
 
-    _write_npz(out, dict(arr_0=((num_samples,) + image_shape, image_dtype, chunk_images()),
-                         arr_1=((num_samples,), labels.dtype, got)))
-    logging.info("wrote %s: arr_0 uint8 %s, arr_1 labels", out,
-                 (num_samples,) + image_shape)
+    _write_npz(
+      out,
+      dict(
+        arr_0=((num_samples,) + image_shape, image_dtype, chunk_images()),
+        arr_1=((num_samples,), labels.dtype, got),
+      ),
+    )
+    logging.info("wrote %s: arr_0 uint8 %s, arr_1 labels", out, (num_samples,) + image_shape)
   return out

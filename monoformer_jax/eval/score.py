@@ -19,14 +19,16 @@ from monoformer_jax.errors import FileFormatError
 from monoformer_jax.eval import registry
 
 
-def score_images(images_NxHxWxC: np.ndarray, labels_N: np.ndarray | None,
-                 evaluators: Sequence[registry.Evaluator]) -> dict:
+def score_images(
+  images_NxHxWxC: np.ndarray, labels_N: np.ndarray | None, evaluators: Sequence[registry.Evaluator]
+) -> dict:
   """The metrics of the sample evaluators among `evaluators` (registry.make)
   of uint8 images and their class labels (None when not known)."""
   images = np.asarray(images_NxHxWxC)
   if images.dtype != np.uint8 or images.ndim != 4:
-    raise FileFormatError(f"samples must be uint8 [N, H, W, C] (ADM's arr_0), not "
-                          f"{images.dtype} {images.shape}")
+    raise FileFormatError(
+      f"samples must be uint8 [N, H, W, C] (ADM's arr_0), not {images.dtype} {images.shape}"
+    )
   results = {}
   for evaluator in evaluators:
     if evaluator.scores == "samples":
@@ -34,15 +36,32 @@ def score_images(images_NxHxWxC: np.ndarray, labels_N: np.ndarray | None,
   return results
 
 
-def score_model(evaluators: Sequence[registry.Evaluator], model, tokenizer, config, *,
-                num_steps: int, cfg_scale: float | None, seed: int,
-                outdir: str | None = None) -> dict:
+def score_model(
+  evaluators: Sequence[registry.Evaluator],
+  model,
+  tokenizer,
+  config,
+  *,
+  num_steps: int,
+  cfg_scale: float | None,
+  seed: int,
+  outdir: str | None = None,
+) -> dict:
   """{name: metrics} of the model evaluators among `evaluators`."""
   results = {}
   for evaluator in evaluators:
     if evaluator.scores == "model":
-      results.update(evaluator.score_model(model, tokenizer, config, num_steps=num_steps,
-                                           cfg_scale=cfg_scale, seed=seed, outdir=outdir))
+      results.update(
+        evaluator.score_model(
+          model,
+          tokenizer,
+          config,
+          num_steps=num_steps,
+          cfg_scale=cfg_scale,
+          seed=seed,
+          outdir=outdir,
+        )
+      )
   return results
 
 
@@ -58,6 +77,7 @@ class TrainingEvals:
     from monoformer_jax import inference
     from monoformer_jax.data.datasets import class_names
     from monoformer_jax.eval.sampling import class_labels
+
     self.config = config
     ev = config.evals
     self.every = int(ev.every) if ev.metrics else 0
@@ -65,12 +85,12 @@ class TrainingEvals:
       return
     # The fields are checked with the training config (registry.check_training_metrics).
     self.metrics = tuple(ev.metrics)
-    self.evaluators = registry.make(self.metrics, registry.training_settings(config,
-                                                                            self.metrics))
+    self.evaluators = registry.make(self.metrics, registry.training_settings(config, self.metrics))
     self.labels = None
     if registry.sample_metrics(self.metrics):
-      self.labels = class_labels(ev.num_samples, len(class_names(config)), seed=config.seed,
-                                 balanced=True)
+      self.labels = class_labels(
+        ev.num_samples, len(class_names(config)), seed=config.seed, balanced=True
+      )
     self.vae = inference.load_vae_of(config)
 
   def due(self, step: int) -> bool:
@@ -79,16 +99,34 @@ class TrainingEvals:
   def __call__(self, model, tokenizer) -> dict[str, float]:
     """The metrics of `model` (the EMA weights) as flat `eval/...` numbers."""
     from monoformer_jax.eval.sampling import sample_classes
+
     ev, config = self.config.evals, self.config
     t0 = time.perf_counter()
     results = {}
     if self.labels is not None:
-      images = sample_classes(model, config, tokenizer, self.labels, num_steps=ev.num_steps,
-                              cfg_scale=ev.cfg_scale, seed=config.seed, vae=self.vae)
+      images = sample_classes(
+        model,
+        config,
+        tokenizer,
+        self.labels,
+        num_steps=ev.num_steps,
+        cfg_scale=ev.cfg_scale,
+        seed=config.seed,
+        vae=self.vae,
+      )
       results = score_images(images, self.labels, self.evaluators)
-    flat = eval_row(results, score_model(self.evaluators, model, tokenizer, config,
-                                         num_steps=ev.num_steps, cfg_scale=ev.cfg_scale,
-                                         seed=config.seed))
+    flat = eval_row(
+      results,
+      score_model(
+        self.evaluators,
+        model,
+        tokenizer,
+        config,
+        num_steps=ev.num_steps,
+        cfg_scale=ev.cfg_scale,
+        seed=config.seed,
+      ),
+    )
     flat["eval/seconds"] = time.perf_counter() - t0
     return flat
 
@@ -114,25 +152,32 @@ def end_samples_score_evals(config) -> bool:
   logs their numbers as that step's eval/ row instead (`eval_row_of_samples`).
   The two differ only in their random draws (seeds, the order of the labels)."""
   from monoformer_jax.data.datasets import class_names
+
   ev, sc = config.evals, config.sample
   if not ev.every or not ev.metrics:
     return False
   classes = len(class_names(config))
-  if (sc.num_classes not in (0, classes) or not classes
-      or ev.num_samples != sc.num_per_class * classes
-      or ev.num_steps != sc.num_steps or ev.cfg_scale != sc.cfg_scale):
+  if (
+    sc.num_classes not in (0, classes)
+    or not classes
+    or ev.num_samples != sc.num_per_class * classes
+    or ev.num_steps != sc.num_steps
+    or ev.cfg_scale != sc.cfg_scale
+  ):
     return False
   scored = registry.end_of_run_metrics(config)
-  return (set(registry.sample_metrics(ev.metrics)) == set(registry.sample_metrics(scored))
-          and set(ev.metrics) <= set(scored))
+  return set(registry.sample_metrics(ev.metrics)) == set(registry.sample_metrics(scored)) and set(
+    ev.metrics
+  ) <= set(scored)
 
 
 def eval_row_of_samples(config, image_scores: dict, model_scores: dict) -> dict[str, float]:
   """The end-of-run samples' scores (train/samples.py: those of its samples,
   {name: metrics} of the model) as the eval/ row the evaluator would log for
   `config.evals.metrics` (TrainingEvals' keys)."""
-  return eval_row(image_scores, {n: model_scores[n] for n in config.evals.metrics
-                                 if n in model_scores})
+  return eval_row(
+    image_scores, {n: model_scores[n] for n in config.evals.metrics if n in model_scores}
+  )
 
 
 def flat_numbers(results: dict) -> dict[str, float]:
@@ -141,9 +186,9 @@ def flat_numbers(results: dict) -> dict[str, float]:
   flat = {}
   for name, value in results.items():
     if isinstance(value, dict):
-      flat.update({f"{name}_{k}": float(v) for k, v in value.items()
-                   if isinstance(v, (int, float))})
+      flat.update(
+        {f"{name}_{k}": float(v) for k, v in value.items() if isinstance(v, (int, float))}
+      )
     else:
       flat[name] = float(value)
   return flat
-

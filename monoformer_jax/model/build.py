@@ -36,8 +36,11 @@ def init_params(model_cfg, seed: int):
 def shardings_of(abstract, axes, rules, mesh):
   """NamedShardings of a pure dict of arrays whose logical axes are `axes`."""
   return jax.tree.map(
-      lambda a, ax: NamedSharding(mesh, logical_to_spec(ax, rules, a.shape, mesh)),
-      abstract, axes, is_leaf=lambda x: isinstance(x, tuple))
+    lambda a, ax: NamedSharding(mesh, logical_to_spec(ax, rules, a.shape, mesh)),
+    abstract,
+    axes,
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
 
 
 def param_shardings(config, mesh):
@@ -59,6 +62,7 @@ def compiled(fn: Callable) -> Callable:
   weights. What the samplers run. `call.bind(model)` splits the model once and
   returns `(static, *arrays) -> result`, for a loop that calls it every step.
   """
+
   @functools.partial(jax.jit, static_argnums=(0, 1))
   def run(graphdef, static, state, *arrays):
     return fn(nnx.merge(graphdef, state), static, *arrays)
@@ -79,8 +83,15 @@ def compiled(fn: Callable) -> Callable:
 # projections and t_projector run once per image (0.3% of the 1.1B step), and
 # the reading side (im_embedder, the frozen CLIP tower) only on read images' tokens;
 # none of them is counted (MFU is the decoder's and its heads').
-PER_ROW = ("embed_tokens", "t_embedder", "adaln_module", "final_layer/adaln", "t_projector",
-           "im_embedder", "vision_tower")
+PER_ROW = (
+  "embed_tokens",
+  "t_embedder",
+  "adaln_module",
+  "final_layer/adaln",
+  "t_projector",
+  "im_embedder",
+  "vision_tower",
+)
 
 
 def train_flops_per_row(model_config, seq_len: int) -> float:
@@ -98,9 +109,9 @@ def train_flops_per_row(model_config, seq_len: int) -> float:
   layer the two agree (tests/test_perf.py), which checks this count."""
   _, abstract, _ = abstract_model(model_config)
   weights = sum(
-      x.size for path, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
-      if x.ndim >= 2 and not any(
-          "/".join(str(k.key) for k in path).startswith(p) for p in PER_ROW))
+    x.size
+    for path, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
+    if x.ndim >= 2 and not any("/".join(str(k.key) for k in path).startswith(p) for p in PER_ROW)
+  )
   m = model_config
-  return float(6 * weights * seq_len
-               + 12 * m.num_layers * seq_len ** 2 * m.num_heads * m.head_dim)
+  return float(6 * weights * seq_len + 12 * m.num_layers * seq_len**2 * m.num_heads * m.head_dim)

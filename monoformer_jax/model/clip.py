@@ -56,22 +56,36 @@ from monoformer_jax.safetensors_io import SafetensorsSource, read_json_object
 CONFIG_NAME = "config.json"
 
 # HF CLIPVisionConfig's defaults, for the fields a config.json leaves out.
-_HF_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                "num_attention_heads": 12, "image_size": 224, "patch_size": 32,
-                "num_channels": 3, "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"}
+_HF_DEFAULTS = {
+  "hidden_size": 768,
+  "intermediate_size": 3072,
+  "num_hidden_layers": 12,
+  "num_attention_heads": 12,
+  "image_size": 224,
+  "patch_size": 32,
+  "num_channels": 3,
+  "layer_norm_eps": 1e-5,
+  "hidden_act": "quick_gelu",
+}
 # Our field <- HF's name.
-_FIELDS = {"hidden_size": "hidden_size", "mlp_dim": "intermediate_size",
-           "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-           "image_size": "image_size", "patch_size": "patch_size",
-           "num_channels": "num_channels", "layer_norm_eps": "layer_norm_eps",
-           "hidden_act": "hidden_act"}
+_FIELDS = {
+  "hidden_size": "hidden_size",
+  "mlp_dim": "intermediate_size",
+  "num_layers": "num_hidden_layers",
+  "num_heads": "num_attention_heads",
+  "image_size": "image_size",
+  "patch_size": "patch_size",
+  "num_channels": "num_channels",
+  "layer_norm_eps": "layer_norm_eps",
+  "hidden_act": "hidden_act",
+}
 _MODEL_TYPES = ("clip", "clip_vision_model")
 
 ACTIVATIONS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP's
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP's
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
 
@@ -80,8 +94,10 @@ def _square(value, name: str, where: str) -> int:
   """An HF size field (an int, or [n, n]) as one int."""
   if isinstance(value, (list, tuple)):
     if len(value) != 2 or value[0] != value[1]:
-      raise ConfigError(f"{where}: {name}={list(value)} is not square; the CLIP tower "
-                        "supports square images and patches only")
+      raise ConfigError(
+        f"{where}: {name}={list(value)} is not square; the CLIP tower "
+        "supports square images and patches only"
+      )
     value = value[0]
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ConfigError(f"{where}: {name}={value!r} must be a positive int")
@@ -94,8 +110,10 @@ def clip_config_from_hf(config: dict, where: str = "the CLIP config") -> ml_coll
   is read). Fields an HF file leaves out take HF's CLIPVisionConfig defaults."""
   model_type = config.get("model_type")
   if model_type is not None and model_type not in _MODEL_TYPES:
-    raise ConfigError(f"{where} is a {model_type!r} config, not CLIP's ({_MODEL_TYPES}); "
-                      "pass the folder of a CLIPVisionModel or CLIPModel")
+    raise ConfigError(
+      f"{where} is a {model_type!r} config, not CLIP's ({_MODEL_TYPES}); "
+      "pass the folder of a CLIPVisionModel or CLIPModel"
+    )
   if "vision_config" in config or "vision_config_dict" in config:
     vision = dict(config.get("vision_config") or {})
     vision.update(config.get("vision_config_dict") or {})
@@ -115,27 +133,35 @@ def check_config(vcfg, where: str = "config.model.vision", hf_names: bool = Fals
 
   Fields are named `where.field`, or with `hf_names` `where: hf_field` (the
   config.json `vcfg` came from)."""
+
   def field(name):
     return f"{where}: {_FIELDS[name]}" if hf_names else f"{where}.{name}"
 
-  for name in ("hidden_size", "mlp_dim", "num_heads", "image_size", "patch_size",
-               "num_channels"):
+  for name in ("hidden_size", "mlp_dim", "num_heads", "image_size", "patch_size", "num_channels"):
     value = vcfg[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ConfigError(f"{field(name)}={value!r} must be a positive int")
   if vcfg.hidden_size % vcfg.num_heads:
-    raise ConfigError(f"{field('hidden_size')}={vcfg.hidden_size} is not a multiple of "
-                      f"{_FIELDS['num_heads'] if hf_names else 'num_heads'}={vcfg.num_heads}")
+    raise ConfigError(
+      f"{field('hidden_size')}={vcfg.hidden_size} is not a multiple of "
+      f"{_FIELDS['num_heads'] if hf_names else 'num_heads'}={vcfg.num_heads}"
+    )
   if vcfg.image_size % vcfg.patch_size:
-    raise ConfigError(f"{field('image_size')}={vcfg.image_size} is not a multiple of "
-                      f"patch_size={vcfg.patch_size}")
-  if isinstance(vcfg.num_layers, bool) or not isinstance(vcfg.num_layers, int) \
-      or vcfg.num_layers < 2:
-    raise ConfigError(f"{field('num_layers')}={vcfg.num_layers!r}: MonoFormer reads the "
-                      "second-to-last layer's output, so the tower needs >= 2 layers")
+    raise ConfigError(
+      f"{field('image_size')}={vcfg.image_size} is not a multiple of patch_size={vcfg.patch_size}"
+    )
+  if (
+    isinstance(vcfg.num_layers, bool) or not isinstance(vcfg.num_layers, int) or vcfg.num_layers < 2
+  ):
+    raise ConfigError(
+      f"{field('num_layers')}={vcfg.num_layers!r}: MonoFormer reads the "
+      "second-to-last layer's output, so the tower needs >= 2 layers"
+    )
   if vcfg.hidden_act not in ACTIVATIONS:
-    raise ConfigError(f"{field('hidden_act')}={vcfg.hidden_act!r} is not supported; use one "
-                      f"of {sorted(ACTIVATIONS)}")
+    raise ConfigError(
+      f"{field('hidden_act')}={vcfg.hidden_act!r} is not supported; use one "
+      f"of {sorted(ACTIVATIONS)}"
+    )
 
 
 def tokens_of(vcfg) -> int:
@@ -181,9 +207,12 @@ class SelfAttention(nnx.Module):
     h = self.num_heads
     d = e // h
     q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (
-        proj(x_BxLxE).reshape(b, length, h, d) for proj in (self.q_proj, self.k_proj, self.v_proj))
-    logits_BxHxLxL = jnp.einsum("bqhd,bkhd->bhqk", q_BxLxHxD, k_BxLxHxD,
-                                preferred_element_type=jnp.float32) * d ** -0.5
+      proj(x_BxLxE).reshape(b, length, h, d) for proj in (self.q_proj, self.k_proj, self.v_proj)
+    )
+    logits_BxHxLxL = (
+      jnp.einsum("bqhd,bkhd->bhqk", q_BxLxHxD, k_BxLxHxD, preferred_element_type=jnp.float32)
+      * d**-0.5
+    )
     probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(x_BxLxE.dtype)
     out_BxLxHxD = jnp.einsum("bhqk,bkhd->bqhd", probs_BxHxLxL, v_BxLxHxD)
     return self.out_proj(out_BxLxHxD.reshape(b, length, e))
@@ -227,11 +256,13 @@ class CLIPVisionTower(nnx.Module):
     check_config(vcfg)
     self.vcfg = ml_collections.FrozenConfigDict(vcfg)  # hashable: the graphdef is a jit key
     e, p, c = vcfg.hidden_size, vcfg.patch_size, vcfg.num_channels
-    self.patch_embedding = param(rngs, (p, p, c, e),
-                                 ("clip_patch", "clip_patch", "clip_channels", "clip_embed"))
+    self.patch_embedding = param(
+      rngs, (p, p, c, e), ("clip_patch", "clip_patch", "clip_channels", "clip_embed")
+    )
     self.class_embedding = param(rngs, (e,), ("clip_embed",))
-    self.position_embedding = param(rngs, (tokens_of(vcfg) + 1, e),
-                                    ("clip_positions", "clip_embed"))
+    self.position_embedding = param(
+      rngs, (tokens_of(vcfg) + 1, e), ("clip_positions", "clip_embed")
+    )
     self.pre_layrnorm = LayerNorm(e, vcfg.layer_norm_eps)
     built = vcfg.num_layers - 1
 
@@ -247,16 +278,18 @@ class CLIPVisionTower(nnx.Module):
     v = self.vcfg
     s, p, c = v.image_size, v.patch_size, v.num_channels
     if pixels_BxhxwxC.ndim != 4 or pixels_BxhxwxC.shape[1:] != (s, s, c):
-      raise ValueError(f"CLIP pixels have shape {pixels_BxhxwxC.shape}; the tower "
-                       f"(image_size={s}, num_channels={c}) takes [B, {s}, {s}, {c}] "
-                       "channels-last: resize and crop them with `preprocess`")
+      raise ValueError(
+        f"CLIP pixels have shape {pixels_BxhxwxC.shape}; the tower "
+        f"(image_size={s}, num_channels={c}) takes [B, {s}, {s}, {c}] "
+        "channels-last: resize and crop them with `preprocess`"
+      )
     b, g = pixels_BxhxwxC.shape[0], s // p
     x = pixels_BxhxwxC.astype(dtype).reshape(b, g, p, g, p, c)
-    patches_BxgxgxE = jnp.einsum("bihjwc,hwce->bije", x,
-                                 self.patch_embedding[...].astype(dtype))
+    patches_BxgxgxE = jnp.einsum("bihjwc,hwce->bije", x, self.patch_embedding[...].astype(dtype))
     patches_BxPxE = patches_BxgxgxE.reshape(b, g * g, -1)
-    cls_Bx1xE = jnp.broadcast_to(self.class_embedding[...].astype(dtype),
-                                 (b, 1, patches_BxPxE.shape[-1]))
+    cls_Bx1xE = jnp.broadcast_to(
+      self.class_embedding[...].astype(dtype), (b, 1, patches_BxPxE.shape[-1])
+    )
     x_BxLxE = jnp.concatenate([cls_Bx1xE, patches_BxPxE], axis=1)
     x_BxLxE = x_BxLxE + self.position_embedding[...].astype(dtype)
     return self.pre_layrnorm(x_BxLxE)
@@ -304,9 +337,11 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
     return "encoder.layers.{i}." + ".".join(path[1:-1]) + "." + _LEAF_NAMES[path[-1]], True
   if path[0] == "pre_layrnorm":
     return "pre_layrnorm." + _LEAF_NAMES[path[-1]], False
-  return {"patch_embedding": "embeddings.patch_embedding.weight",
-          "class_embedding": "embeddings.class_embedding",
-          "position_embedding": "embeddings.position_embedding.weight"}[path[0]], False
+  return {
+    "patch_embedding": "embeddings.patch_embedding.weight",
+    "class_embedding": "embeddings.class_embedding",
+    "position_embedding": "embeddings.position_embedding.weight",
+  }[path[0]], False
 
 
 def _hf_shape(path: tuple, shape: tuple) -> tuple:
@@ -329,11 +364,14 @@ def _to_ours(path: tuple, value: np.ndarray) -> np.ndarray:
 def _shape_field(hf_key: str, vcfg) -> str:
   """The config fields a parameter's shape follows."""
   if "patch_embedding" in hf_key:
-    return (f"hidden_size={vcfg.hidden_size}, num_channels={vcfg.num_channels}, "
-            f"patch_size={vcfg.patch_size}")
+    return (
+      f"hidden_size={vcfg.hidden_size}, num_channels={vcfg.num_channels}, "
+      f"patch_size={vcfg.patch_size}"
+    )
   if "position_embedding" in hf_key:
-    return (f"hidden_size={vcfg.hidden_size}, image_size={vcfg.image_size}, "
-            f"patch_size={vcfg.patch_size}")
+    return (
+      f"hidden_size={vcfg.hidden_size}, image_size={vcfg.image_size}, patch_size={vcfg.patch_size}"
+    )
   if ".fc1." in hf_key or ".fc2." in hf_key:
     return f"hidden_size={vcfg.hidden_size}, intermediate_size={vcfg.mlp_dim}"
   return f"hidden_size={vcfg.hidden_size}"
@@ -351,8 +389,9 @@ def vision_prefix(keys) -> str:
   return "vision_model." if any(k.startswith("vision_model.") for k in keys) else ""
 
 
-def clip_params_from_tensors(source, vcfg, *, where: str = "CLIP checkpoint",
-                             config_source: str = "the config") -> dict:
+def clip_params_from_tensors(
+  source, vcfg, *, where: str = "CLIP checkpoint", config_source: str = "the config"
+) -> dict:
   """Pure dict of the tower's params read from `source` (anything with `keys()`,
   `shape(key)` and `read(key) -> float32 array`: a SafetensorsSource).
 
@@ -368,37 +407,52 @@ def clip_params_from_tensors(source, vcfg, *, where: str = "CLIP checkpoint",
   for path, var in flat:
     name, stacked = _hf_name(path)
     shape = tuple(var.shape[1:] if stacked else var.shape)
-    for i in (range(built) if stacked else [None]):
+    for i in range(built) if stacked else [None]:
       wanted[prefix + name.format(i=i)] = (path, i, shape)
 
   missing = sorted(k for k in wanted if k not in keys)
   last = f"{prefix}encoder.layers.{built}."
   unexplained = sorted(
-      k for k in keys - set(wanted)
-      if not (k.startswith(last) or _SKIPPED.fullmatch(k[len(prefix):])
-              or (prefix and not k.startswith(prefix) and _OTHER_MODEL.match(k))))
+    k
+    for k in keys - set(wanted)
+    if not (
+      k.startswith(last)
+      or _SKIPPED.fullmatch(k[len(prefix) :])
+      or (prefix and not k.startswith(prefix) and _OTHER_MODEL.match(k))
+    )
+  )
   if missing or unexplained:
     parts = []
     if missing:
       parts.append(f"{len(missing)} key(s) the tower needs are missing: {_listed(missing)}")
     if unexplained:
-      parts.append(f"{len(unexplained)} key(s) are not in a CLIP vision tower of this config: "
-                   f"{_listed(unexplained)}")
-    layers = sorted({int(m.group(1)) for k in keys
-                     if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))})
+      parts.append(
+        f"{len(unexplained)} key(s) are not in a CLIP vision tower of this config: "
+        f"{_listed(unexplained)}"
+      )
+    layers = sorted(
+      {
+        int(m.group(1))
+        for k in keys
+        if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))
+      }
+    )
     found = f"the file holds layers {layers[0]}..{layers[-1]}" if layers else "no layers"
     raise CheckpointError(
-        f"{where} does not match {config_source} (num_layers={vcfg.num_layers}; {found}): "
-        + "; ".join(parts) + ". Load it with the config.json saved with it, or pass the "
-        "folder of an HF CLIPVisionModel / CLIPModel (e.g. openai/clip-vit-large-patch14)")
+      f"{where} does not match {config_source} (num_layers={vcfg.num_layers}; {found}): "
+      + "; ".join(parts)
+      + ". Load it with the config.json saved with it, or pass the "
+      "folder of an HF CLIPVisionModel / CLIPModel (e.g. openai/clip-vit-large-patch14)"
+    )
 
   for key, (path, _, shape) in wanted.items():
     want = _hf_shape(path, shape)
     if source.shape(key) != want:
       raise CheckpointError(
-          f"{where}: {key!r} has shape {source.shape(key)} but {config_source} makes it "
-          f"{want} (PyTorch layout); the shape follows {_shape_field(key, vcfg)}: use the "
-          "config.json saved with these weights, or another folder")
+        f"{where}: {key!r} has shape {source.shape(key)} but {config_source} makes it "
+        f"{want} (PyTorch layout); the shape follows {_shape_field(key, vcfg)}: use the "
+        "config.json saved with these weights, or another folder"
+      )
 
   values = {}
   for key, (path, _, _) in wanted.items():
@@ -416,9 +470,11 @@ def clip_folder(path, what: str) -> pathlib.Path:
   should hold, when it is missing or a file."""
   folder = pathlib.Path(os.fspath(path))
   if not folder.exists():
-    raise MissingPathError(f"CLIP folder {folder} does not exist; pass the folder of an HF "
-                           f"CLIPVisionModel or CLIPModel ({what}), e.g. a download of "
-                           "openai/clip-vit-large-patch14")
+    raise MissingPathError(
+      f"CLIP folder {folder} does not exist; pass the folder of an HF "
+      f"CLIPVisionModel or CLIPModel ({what}), e.g. a download of "
+      "openai/clip-vit-large-patch14"
+    )
   if not folder.is_dir():
     raise PathError(f"CLIP path {folder} is a file; pass the folder that holds it ({what})")
   return folder
@@ -429,8 +485,10 @@ def read_clip_config(path) -> ml_collections.ConfigDict:
   folder = clip_folder(path, f"{CONFIG_NAME} + model.safetensors")
   config_path = folder / CONFIG_NAME
   if not config_path.exists():
-    raise MissingPathError(f"CLIP folder {folder} has no {CONFIG_NAME}; pass the whole HF "
-                           "folder that save_pretrained wrote (config.json + model.safetensors)")
+    raise MissingPathError(
+      f"CLIP folder {folder} has no {CONFIG_NAME}; pass the whole HF "
+      "folder that save_pretrained wrote (config.json + model.safetensors)"
+    )
   config = read_json_object(config_path, "an HF CLIPVisionConfig / CLIPConfig config.json")
   return clip_config_from_hf(config, str(config_path))
 
@@ -453,18 +511,24 @@ def load_clip_params(path, vcfg=None) -> tuple[dict, ml_collections.ConfigDict]:
       ours, theirs = vcfg[field], found[field]
       if ours != theirs and not (isinstance(ours, float) and math.isclose(ours, theirs)):
         raise CheckpointError(
-            f"config.model.vision.{field}={ours!r} but CLIP folder {folder} is a model with "
-            f"{_FIELDS[field]}={theirs!r} ({config_source}): use the folder's config "
-            "(clip_config_from_hf of its config.json, or load_clip_params(path) without "
-            "vcfg) or a folder of the model the config describes")
+          f"config.model.vision.{field}={ours!r} but CLIP folder {folder} is a model with "
+          f"{_FIELDS[field]}={theirs!r} ({config_source}): use the folder's config "
+          "(clip_config_from_hf of its config.json, or load_clip_params(path) without "
+          "vcfg) or a folder of the model the config describes"
+        )
   if not any(p.suffix == ".safetensors" for p in folder.iterdir()):
     torch_files = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-    hint = (f" It holds {torch_files}: PyTorch pickles are not read; save the model with "
-            "save_pretrained(folder, safe_serialization=True) to convert them."
-            if torch_files else "")
-    raise MissingPathError(f"CLIP folder {folder} has no .safetensors weights "
-                           f"(model.safetensors).{hint}")
+    hint = (
+      f" It holds {torch_files}: PyTorch pickles are not read; save the model with "
+      "save_pretrained(folder, safe_serialization=True) to convert them."
+      if torch_files
+      else ""
+    )
+    raise MissingPathError(
+      f"CLIP folder {folder} has no .safetensors weights (model.safetensors).{hint}"
+    )
   with SafetensorsSource(folder) as source:
-    params = clip_params_from_tensors(source, found, where=f"CLIP checkpoint {folder}",
-                                      config_source=config_source)
+    params = clip_params_from_tensors(
+      source, found, where=f"CLIP checkpoint {folder}", config_source=config_source
+    )
   return params, found

@@ -16,14 +16,14 @@ import numpy as np
 def patchify(x_BxhxwxC, p: int):
   """[B, h, w, C] -> [B, P, Z]: tokens row-major over the (h/p, w/p) grid,
   features Z = C*p*p ordered (c, ph, pw)."""
-  return einops.rearrange(x_BxhxwxC, "b (gh ph) (gw pw) c -> b (gh gw) (c ph pw)",
-                          ph=p, pw=p)
+  return einops.rearrange(x_BxhxwxC, "b (gh ph) (gw pw) c -> b (gh gw) (c ph pw)", ph=p, pw=p)
 
 
 def unpatchify(x_BxPxZ, p: int, h: int, w: int):
   """[B, P, Z] with features Z = p*p*C ordered (ph, pw, c) -> [B, h, w, C]."""
-  return einops.rearrange(x_BxPxZ, "b (gh gw) (ph pw c) -> b (gh ph) (gw pw) c",
-                          gh=h // p, gw=w // p, ph=p, pw=p)
+  return einops.rearrange(
+    x_BxPxZ, "b (gh gw) (ph pw c) -> b (gh ph) (gw pw) c", gh=h // p, gw=w // p, ph=p, pw=p
+  )
 
 
 def _sincos_1d(width: int, pos):
@@ -40,8 +40,9 @@ def sincos_2d(width: int, grid: int) -> np.ndarray:
   """
   if width % 4:
     raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {width}")
-  rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64),
-                           np.arange(grid, dtype=np.float64), indexing="ij")
+  rows, cols = np.meshgrid(
+    np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij"
+  )
   emb = np.concatenate([_sincos_1d(width // 2, cols), _sincos_1d(width // 2, rows)], axis=1)
   return emb.astype(np.float32)
 

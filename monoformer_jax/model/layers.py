@@ -19,8 +19,9 @@ from flax import nnx
 INIT_STD = 0.02  # Llama's initializer_range
 
 
-def param(rngs: nnx.Rngs | None, shape, axes, init: str = "normal",
-          std: float = INIT_STD) -> nnx.Param:
+def param(
+  rngs: nnx.Rngs | None, shape, axes, init: str = "normal", std: float = INIT_STD
+) -> nnx.Param:
   """A float32 parameter with logical axis names; init 'normal', 'ones' or 'zeros'."""
   if len(axes) != len(shape):
     raise ValueError(f"axes {axes} do not match shape {shape}")
@@ -56,12 +57,15 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
   TPU and GPU the two are the same program. `out_dtype`: the accumulator's
   and result's dtype (default x's).
   """
-  lead, inner = x.shape[:x.ndim - n_in], w.shape[:n_in]
-  if x.shape[x.ndim - n_in:] != inner:
+  lead, inner = x.shape[: x.ndim - n_in], w.shape[:n_in]
+  if x.shape[x.ndim - n_in :] != inner:
     raise ValueError(f"dense: x {x.shape} does not end in w's input dims {inner}")
   out = w.shape[n_in:]
-  y = jnp.matmul(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1).astype(x.dtype),
-                 preferred_element_type=out_dtype)
+  y = jnp.matmul(
+    x.reshape(-1, math.prod(inner)),
+    w.reshape(math.prod(inner), -1).astype(x.dtype),
+    preferred_element_type=out_dtype,
+  )
   return y.reshape(*lead, *out)
 
 

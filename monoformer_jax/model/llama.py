@@ -64,6 +64,7 @@ def apply_rope(x_BxLxHxD, cos_BxLxD, sin_BxLxD):
 
 class KVCache(NamedTuple):
   """Keys and values of every layer for a row of L tokens: [N, B, L, K, D] each."""
+
   k: jax.Array
   v: jax.Array
 
@@ -83,8 +84,7 @@ class Attention(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if h % k:
-      raise ValueError(f"config.model.num_heads={h} must be a multiple of "
-                       f"num_kv_heads={k}")
+      raise ValueError(f"config.model.num_heads={h} must be a multiple of num_kv_heads={k}")
     self.wq = param(rngs, (e, h, d), ("embed", "heads", "head_dim"))
     self.wk = param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"))
     self.wv = param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"))
@@ -103,11 +103,13 @@ class Attention(nnx.Module):
     q_BxLxHxD = constrain(q_BxLxHxD, ("batch", "length", "heads", "head_dim"))
     if cache is not None:
       k_BxLxKxD, v_BxLxKxD = (
-          jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), offset, axis=1)
-          for c, new in zip(cache, (k_BxLxKxD, v_BxLxKxD)))
+        jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), offset, axis=1)
+        for c, new in zip(cache, (k_BxLxKxD, v_BxLxKxD))
+      )
       cache = (k_BxLxKxD, v_BxLxKxD)
-    out_BxLxHxD = attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids,
-                            impl=self.impl, q_offset=offset)
+    out_BxLxHxD = attention(
+      q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids, impl=self.impl, q_offset=offset
+    )
     out_BxLxE = dense(out_BxLxHxD, self.wo[...], n_in=2)
     return out_BxLxE, cache
 
@@ -138,8 +140,9 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BxLxE, rope, segment_ids, image_ids, cache=None, offset=None):
-    attn_BxLxE, cache = self.attn(self.input_norm(x_BxLxE), rope, segment_ids, image_ids,
-                                  cache, offset)
+    attn_BxLxE, cache = self.attn(
+      self.input_norm(x_BxLxE), rope, segment_ids, image_ids, cache, offset
+    )
     x_BxLxE = x_BxLxE + attn_BxLxE
     x_BxLxE = x_BxLxE + self.mlp(self.post_attention_norm(x_BxLxE))
     return constrain(x_BxLxE, ("batch", "length", None)), cache
@@ -161,8 +164,17 @@ class Decoder(nnx.Module):
     self.remat = cfg.remat
     self.unroll = int(cfg.scan_unroll)
 
-  def __call__(self, x_BxLxE, positions, segment_ids, image_ids, *, cache=None,
-               offset=None, return_layer_inputs=False):
+  def __call__(
+    self,
+    x_BxLxE,
+    positions,
+    segment_ids,
+    image_ids,
+    *,
+    cache=None,
+    offset=None,
+    return_layer_inputs=False,
+  ):
     """Final-normed hidden states [B, L, E] of the tokens x at `positions` [B, L].
 
     With `cache` (a KVCache of a row of L tokens) x holds the Lq new tokens at
@@ -196,14 +208,16 @@ class Decoder(nnx.Module):
       per_layer = jax.tree.map(lambda a: [s[0] for s in jnp.split(a, n)], layer_state)
       ys = []
       for i in range(n):
-        state_i = jax.tree.map(lambda a, i=i: a[i], per_layer,
-                               is_leaf=lambda a: isinstance(a, list))
+        state_i = jax.tree.map(
+          lambda a, i=i: a[i], per_layer, is_leaf=lambda a: isinstance(a, list)
+        )
         x_BxLxE, y = body(x_BxLxE, (state_i, None))
         ys.append(y[0])
       layer_inputs = jnp.stack(ys) if return_layer_inputs else None
     else:
-      x_BxLxE, (layer_inputs, kv) = jax.lax.scan(body, x_BxLxE, (layer_state, kv),
-                                                 unroll=self.unroll)
+      x_BxLxE, (layer_inputs, kv) = jax.lax.scan(
+        body, x_BxLxE, (layer_state, kv), unroll=self.unroll
+      )
     out = self.norm(x_BxLxE)
     if cache is not None:
       out = (out, KVCache(*(constrain(c, CACHE_AXES) for c in kv)))

@@ -92,24 +92,25 @@ def _place(x_BxLxE, columns_BxMxP, tokens_BxMxPxE):
   b = x_BxLxE.shape[0]
   columns_BxMP = columns_BxMxP.reshape(b, -1)
   tokens_BxMPxE = tokens_BxMxPxE.reshape(b, columns_BxMP.shape[1], -1)
-  return jax.vmap(lambda x, c, t: x.at[c].set(t, mode="drop"))(x_BxLxE, columns_BxMP,
-                                                              tokens_BxMPxE)
+  return jax.vmap(lambda x, c, t: x.at[c].set(t, mode="drop"))(x_BxLxE, columns_BxMP, tokens_BxMPxE)
 
 
 def _take(h_BxLxE, columns_BxMxP):
   """The hidden states [B, M, P, E] at the image columns; zeros for empty slots."""
   b, m, p = columns_BxMxP.shape
   h_BxMPxE = jax.vmap(lambda h, c: h.at[c].get(mode="fill", fill_value=0))(
-      h_BxLxE, columns_BxMxP.reshape(b, m * p))
+    h_BxLxE, columns_BxMxP.reshape(b, m * p)
+  )
   return h_BxMPxE.reshape(b, m, p, -1)
 
 
 class MonoFormer(nnx.Module):
-
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     if cfg.conditioning not in CONDITIONING_MODES:
-      raise ValueError(f"config.model.conditioning={cfg.conditioning!r} is not "
-                       f"supported; use one of {CONDITIONING_MODES}")
+      raise ValueError(
+        f"config.model.conditioning={cfg.conditioning!r} is not "
+        f"supported; use one of {CONDITIONING_MODES}"
+      )
     self.cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: the graphdef is a jit key
     e, p, c = cfg.hidden_size, cfg.patch_size, cfg.in_channels
     self.tokens_per_image = tokens_per_image(cfg)
@@ -149,15 +150,15 @@ class MonoFormer(nnx.Module):
     the timestep embeddings [B, M, E]: x_embedder(patch) + 2-D sin-cos, then
     (`adaln_before_decoder`) the modulation x * (1 + scale) + shift."""
     b, m = t_BxM.shape
-    patches_BMxPxZ = patchify(latents_BxMxhxwxC.reshape(b * m, *latents_BxMxhxwxC.shape[2:]),
-                              self.cfg.patch_size)
+    patches_BMxPxZ = patchify(
+      latents_BxMxhxwxC.reshape(b * m, *latents_BxMxhxwxC.shape[2:]), self.cfg.patch_size
+    )
     img_BMxPxE = self.x_embedder(patches_BMxPxZ.astype(self.dtype))
     img_BMxPxE = img_BMxPxE + sincos_2d(self.cfg.hidden_size, self.grid).astype(self.dtype)
     t_emb_BxMxE = self.t_embedder(t_BxM, self.dtype)
     img_BxMxPxE = img_BMxPxE.reshape(b, m, self.tokens_per_image, -1)
     if not self.cond_token:
-      shift_BxMxE, scale_BxMxE = jnp.split(
-          self.adaln_module(jax.nn.silu(t_emb_BxMxE)), 2, axis=-1)
+      shift_BxMxE, scale_BxMxE = jnp.split(self.adaln_module(jax.nn.silu(t_emb_BxMxE)), 2, axis=-1)
       img_BxMxPxE = img_BxMxPxE * (1 + scale_BxMxE[:, :, None]) + shift_BxMxE[:, :, None]
     return img_BxMxPxE, t_emb_BxMxE
 
@@ -169,8 +170,10 @@ class MonoFormer(nnx.Module):
     """Layer-0 inputs [B, R, Q, E] of read images (the vision encoder's input
     shape): the frozen encoder's features through im_embedder."""
     if not hasattr(self, "im_embedder"):
-      raise ValueError("this model has no vision encoder (model.vision_encoder is ''), so "
-                       "it cannot read images; train one with model.vision_encoder=vae or clip")
+      raise ValueError(
+        "this model has no vision encoder (model.vision_encoder is ''), so "
+        "it cannot read images; train one with model.vision_encoder=vae or clip"
+      )
     b, r = images_BxRx___.shape[:2]
     flat = images_BxRx___.reshape(b * r, *images_BxRx___.shape[2:])
     if self.vision_encoder == "clip":
@@ -185,9 +188,11 @@ class MonoFormer(nnx.Module):
     if row.read_columns is None or not row.read_columns.shape[1]:
       return x_BxLxE
     if read_images is None:
-      raise ValueError(f"rows with {row.read_columns.shape[1]} read-image slots need the "
-                       "images they read (read_images [B, R, ...], the batch's "
-                       "`read_images`)")
+      raise ValueError(
+        f"rows with {row.read_columns.shape[1]} read-image slots need the "
+        "images they read (read_images [B, R, ...], the batch's "
+        "`read_images`)"
+      )
     x_BxLxE = _place(x_BxLxE, row.read_columns, self.read_tokens(read_images))
     if self.cond_token:
       b, r = row.read_cond_columns.shape
@@ -201,8 +206,9 @@ class MonoFormer(nnx.Module):
     img_BxMxPxE, t_emb_BxMxE = self.image_tokens(latents_BxMxhxwxC, t_BxM)
     x_BxLxE = _place(self.embed_text(row.tokens), row.image_columns, img_BxMxPxE)
     if self.cond_token:
-      x_BxLxE = _place(x_BxLxE, row.cond_columns[:, :, None],
-                       self.timestep_tokens(t_emb_BxMxE)[:, :, None])
+      x_BxLxE = _place(
+        x_BxLxE, row.cond_columns[:, :, None], self.timestep_tokens(t_emb_BxMxE)[:, :, None]
+      )
     x_BxLxE = self._place_read(x_BxLxE, row, read_images)
     return constrain(x_BxLxE, ("batch", "length", None)), t_emb_BxMxE
 
@@ -211,8 +217,9 @@ class MonoFormer(nnx.Module):
     b, m = t_emb_BxMxE.shape[:2]
     out_BxMxPxZ = self.final_layer(h_BxMxPxE, t_emb_BxMxE)
     size = self.cfg.image_size
-    out = unpatchify(out_BxMxPxZ.reshape(b * m, self.tokens_per_image, -1),
-                     self.cfg.patch_size, size, size)
+    out = unpatchify(
+      out_BxMxPxZ.reshape(b * m, self.tokens_per_image, -1), self.cfg.patch_size, size, size
+    )
     return out.reshape(b, m, size, size, self.out_channels).astype(jnp.float32)
 
   def logits(self, h_BxLxE):
@@ -228,8 +235,9 @@ class MonoFormer(nnx.Module):
     the diffusion output."""
     if latents_BxMxhxwxC is None:
       if row.image_columns.shape[1]:
-        raise ValueError(f"rows with {row.image_columns.shape[1]} image slots need their "
-                         "latents and timesteps")
+        raise ValueError(
+          f"rows with {row.image_columns.shape[1]} image slots need their latents and timesteps"
+        )
       x_BxLxE = self._place_read(self.embed_text(row.tokens), row, read_images)
       return self.decoder(x_BxLxE, row.positions, row.segment_ids, row.image_ids), None
     x_BxLxE, t_emb_BxMxE = self.embed(row, latents_BxMxhxwxC, t_BxM, read_images)
@@ -249,28 +257,43 @@ class MonoFormer(nnx.Module):
   def init_cache(self, batch: int, length: int) -> KVCache:
     return KVCache.zeros(self.cfg, batch, length, self.dtype)
 
-  def prefill(self, tokens_BxLp, positions_BxLp, segment_ids_BxL, image_ids_BxL, cache,
-              read_row=None, read_images=None):
+  def prefill(
+    self,
+    tokens_BxLp,
+    positions_BxLp,
+    segment_ids_BxL,
+    image_ids_BxL,
+    cache,
+    read_row=None,
+    read_images=None,
+  ):
     """(logits [B, V] after the prompt's last token, the cache holding the
     prompt's keys and values): the prompt is the row's first Lp columns; the
     images it reads are `read_images` at `read_row`'s read columns (a Row)."""
     x_BxLpxE = self.embed_text(tokens_BxLp)
     if read_row is not None:
       x_BxLpxE = self._place_read(x_BxLpxE, read_row, read_images)
-    h_BxLpxE, cache = self.decoder(x_BxLpxE, positions_BxLp,
-                                   segment_ids_BxL, image_ids_BxL, cache=cache, offset=0)
+    h_BxLpxE, cache = self.decoder(
+      x_BxLpxE, positions_BxLp, segment_ids_BxL, image_ids_BxL, cache=cache, offset=0
+    )
     return self.logits(h_BxLpxE[:, -1:])[:, 0], cache
 
-  def extend_text(self, tokens_BxLq, positions_BxLq, segment_ids_BxL, image_ids_BxL, cache,
-                  offset):
+  def extend_text(self, tokens_BxLq, positions_BxLq, segment_ids_BxL, image_ids_BxL, cache, offset):
     """(logits [B, Lq, V], the cache with these tokens written) for text tokens
     at columns offset .. offset + Lq - 1."""
-    h_BxLqxE, cache = self.decoder(self.embed_text(tokens_BxLq), positions_BxLq,
-                                   segment_ids_BxL, image_ids_BxL, cache=cache, offset=offset)
+    h_BxLqxE, cache = self.decoder(
+      self.embed_text(tokens_BxLq),
+      positions_BxLq,
+      segment_ids_BxL,
+      image_ids_BxL,
+      cache=cache,
+      offset=offset,
+    )
     return self.logits(h_BxLqxE), cache
 
-  def extend_image(self, latents_BxhxwxC, t_B, positions_BxP, segment_ids_BxL, image_ids_BxL,
-                   cache, offset):
+  def extend_image(
+    self, latents_BxhxwxC, t_B, positions_BxP, segment_ids_BxL, image_ids_BxL, cache, offset
+  ):
     """(diffusion output [B, h, w, 2C] float32, the cache with the image
     written) for one noised image per row whose P tokens are columns offset ..
     offset + P - 1 (with `add_before_image_tokens`, its timestep token at
@@ -279,7 +302,8 @@ class MonoFormer(nnx.Module):
     x_BxPxE = img_Bx1xPxE[:, 0]
     if self.cond_token:
       x_BxPxE = jnp.concatenate([self.timestep_tokens(t_emb_Bx1xE), x_BxPxE], axis=1)
-    h_BxPxE, cache = self.decoder(x_BxPxE, positions_BxP, segment_ids_BxL,
-                                  image_ids_BxL, cache=cache, offset=offset)
-    h_BxPxE = h_BxPxE[:, int(self.cond_token):]
+    h_BxPxE, cache = self.decoder(
+      x_BxPxE, positions_BxP, segment_ids_BxL, image_ids_BxL, cache=cache, offset=offset
+    )
+    h_BxPxE = h_BxPxE[:, int(self.cond_token) :]
     return self.diffusion_head(h_BxPxE[:, None], t_emb_Bx1xE)[:, 0], cache

@@ -43,9 +43,12 @@ def _int_env(name: str) -> int | None:
 
 def wanted(flag: bool = False) -> bool:
   """Whether this run is one of several processes (by flag or environment)."""
-  return bool(flag or os.environ.get("JAX_COORDINATOR_ADDRESS")
-              or (_int_env("SLURM_NTASKS") or 1) > 1
-              or (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1)
+  return bool(
+    flag
+    or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    or (_int_env("SLURM_NTASKS") or 1) > 1
+    or (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1
+  )
 
 
 def initialize(flag: bool = False) -> bool:
@@ -59,15 +62,22 @@ def initialize(flag: bool = False) -> bool:
   address = os.environ.get("JAX_COORDINATOR_ADDRESS")
   count, index = _int_env("JAX_NUM_PROCESSES"), _int_env("JAX_PROCESS_ID")
   if address and (count is None or index is None):
-    raise ConfigError(f"JAX_COORDINATOR_ADDRESS={address!r} is set but JAX_NUM_PROCESSES "
-                      "and JAX_PROCESS_ID are not: set all three (launch/local.sh does)")
+    raise ConfigError(
+      f"JAX_COORDINATOR_ADDRESS={address!r} is set but JAX_NUM_PROCESSES "
+      "and JAX_PROCESS_ID are not: set all three (launch/local.sh does)"
+    )
   if address:
     if not 0 <= index < count:
       raise ConfigError(f"JAX_PROCESS_ID={index} is not in [0, JAX_NUM_PROCESSES={count})")
     kwargs = dict(coordinator_address=address, num_processes=count, process_id=index)
   jax.distributed.initialize(**kwargs)
-  logging.info("process %d of %d: %d local devices, %d in all", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    "process %d of %d: %d local devices, %d in all",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True
 
 
@@ -78,7 +88,7 @@ class Preemption:
   def __init__(self):
     self.multi = jax.process_count() > 1
     self.signalled = False
-    if not self.multi:   # JAX's notifier owns SIGTERM when several processes run
+    if not self.multi:  # JAX's notifier owns SIGTERM when several processes run
       try:
         signal.signal(signal.SIGTERM, self._handle)
       except ValueError:  # not the main thread (e.g. a notebook worker)
@@ -90,6 +100,7 @@ class Preemption:
   def reached(self, step: int) -> bool:
     if self.multi:
       from jax.experimental import multihost_utils
+
       return bool(multihost_utils.reached_preemption_sync_point(step))
     return self.signalled
 
@@ -100,11 +111,15 @@ def all_gather_json(value) -> list:
   if jax.process_count() == 1:
     return [value]
   from jax.experimental import multihost_utils
+
   data = np.frombuffer(json.dumps(value).encode(), np.uint8)
   lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
   padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:data.size] = data
+  padded[: data.size] = data
   everyone = multihost_utils.process_allgather(padded)
-  return [json.loads(bytes(row[:n]).decode()) for row, n in
-          zip(np.asarray(everyone).reshape(jax.process_count(), -1),
-              np.asarray(lengths).reshape(-1))]
+  return [
+    json.loads(bytes(row[:n]).decode())
+    for row, n in zip(
+      np.asarray(everyone).reshape(jax.process_count(), -1), np.asarray(lengths).reshape(-1)
+    )
+  ]

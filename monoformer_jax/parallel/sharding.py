@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from monoformer_jax.config import schema
 from monoformer_jax.errors import ConfigError
@@ -40,13 +41,14 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   MaxText's dcn_data_parallelism.
   """
   devices = jax.devices() if devices is None else list(devices)
-  mesh_config = schema.section("mesh", mesh_config)   # its sizes checked there
+  mesh_config = schema.section("mesh", mesh_config)  # its sizes checked there
   dcn = mesh_config.dcn_data
   slices = len({getattr(d, "slice_index", None) or 0 for d in devices})
   if dcn != slices:
     raise ConfigError(
-        f"config.mesh.dcn_data={dcn} but the {len(devices)} devices form {slices} "
-        f"slice(s): set --config.mesh.dcn_data={slices}")
+      f"config.mesh.dcn_data={dcn} but the {len(devices)} devices form {slices} "
+      f"slice(s): set --config.mesh.dcn_data={slices}"
+    )
   per_slice = len(devices) // slices
   sizes = [mesh_config[a] for a in MESH_AXES]
   unknown = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
@@ -55,13 +57,14 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   if unknown:
     if per_slice % known:
       raise ConfigError(
-          f"config.mesh {dict(zip(MESH_AXES, sizes))}: {where} "
-          f"are not divisible by {known}")
+        f"config.mesh {dict(zip(MESH_AXES, sizes))}: {where} are not divisible by {known}"
+      )
     sizes[sizes.index(-1)] = per_slice // known
   if math.prod(sizes) != per_slice:
     raise ConfigError(
-        f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-        f"devices but {where} are available; set one axis to -1")
+      f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+      f"devices but {where} are available; set one axis to -1"
+    )
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   if slices == 1:
     return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=axis_types)
@@ -69,9 +72,12 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
-def logical_to_spec(axes: Sequence[str | None], rules: Rules,
-                    shape: Sequence[int] | None = None,
-                    mesh: jax.sharding.Mesh | None = None) -> P:
+def logical_to_spec(
+  axes: Sequence[str | None],
+  rules: Rules,
+  shape: Sequence[int] | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+) -> P:
   """PartitionSpec for logical `axes` under `rules`.
 
   With `shape` and `mesh`, a mesh axis that does not divide its dimension is
@@ -82,8 +88,10 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules,
   spec = []
   for i, name in enumerate(axes):
     if name is not None and name not in table:
-      raise ConfigError(f"logical axis {name!r} has no entry in sharding_rules "
-                       f"{list(table)}; add ({name!r}, None) to replicate it")
+      raise ConfigError(
+        f"logical axis {name!r} has no entry in sharding_rules "
+        f"{list(table)}; add ({name!r}, None) to replicate it"
+      )
     target = table.get(name) if name is not None else None
     mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
     mesh_axes = tuple(a for a in mesh_axes if a not in used)
@@ -94,8 +102,7 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules,
           kept.append(a)
       mesh_axes = tuple(kept)
     used.update(mesh_axes)
-    spec.append(None if not mesh_axes else
-                mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
   return P(*spec)
 
 
@@ -163,5 +170,7 @@ def batch_sharding(mesh, rules, ndim: int) -> NamedSharding:
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
   """Per-host numpy rows -> global jax arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(
-      batch_sharding(mesh, rules, v.ndim), v) for k, v in local_batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+    for k, v in local_batch.items()
+  }

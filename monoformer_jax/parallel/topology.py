@@ -34,14 +34,35 @@ from monoformer_jax import perf
 from monoformer_jax.errors import ConfigError, NotInstalledError
 
 # Chips per torus dimension of one slice, by generation and the count in its name.
-_TORUS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
-             128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16),
-             2048: (8, 16, 16)}
-_TORUS_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
-             128: (8, 16), 256: (16, 16)}
+_TORUS_3D = {
+  4: (2, 2, 1),
+  8: (2, 2, 2),
+  16: (2, 2, 4),
+  32: (2, 4, 4),
+  64: (4, 4, 4),
+  128: (4, 4, 8),
+  256: (4, 8, 8),
+  512: (8, 8, 8),
+  1024: (8, 8, 16),
+  2048: (8, 16, 16),
+}
+_TORUS_2D = {
+  1: (1, 1),
+  4: (2, 2),
+  8: (2, 4),
+  16: (4, 4),
+  32: (4, 8),
+  64: (8, 8),
+  128: (8, 16),
+  256: (16, 16),
+}
 # generation -> (named shapes, torus dimensions, TensorCores per chip in the name)
-_GENERATIONS = {"v4": (_TORUS_3D, 3, 2), "v5p": (_TORUS_3D, 3, 2),
-                "v5e": (_TORUS_2D, 2, 1), "v6e": (_TORUS_2D, 2, 1)}
+_GENERATIONS = {
+  "v4": (_TORUS_3D, 3, 2),
+  "v5p": (_TORUS_3D, 3, 2),
+  "v5e": (_TORUS_2D, 2, 1),
+  "v6e": (_TORUS_2D, 2, 1),
+}
 GPU_PREFIXES = ("h100", "h200", "a100", "b200", "gb200", "gpu", "cuda")
 GPUS_PER_HOST = 8
 # What XLA's GPU compiler plans for: an H100 SXM 80 GB, as XLA describes it
@@ -66,10 +87,11 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 @dataclasses.dataclass(frozen=True)
 class Topology:
   """One or more identical TPU slices, or GPU hosts."""
-  name: str                  # as the user wrote it, e.g. 'v5p-32'
-  generation: str            # 'v4', 'v5p', 'v5e', 'v6e'; 'h100'
-  shape: tuple[int, ...]     # TPU: chips per torus dimension of one slice;
-                             # GPU: (hosts, GPUs per host)
+
+  name: str  # as the user wrote it, e.g. 'v5p-32'
+  generation: str  # 'v4', 'v5p', 'v5e', 'v6e'; 'h100'
+  shape: tuple[int, ...]  # TPU: chips per torus dimension of one slice;
+  # GPU: (hosts, GPUs per host)
   num_slices: int = 1
 
   @property
@@ -78,8 +100,7 @@ class Topology:
 
   @property
   def chip(self) -> perf.Chip:
-    return perf.chip_named(self.generation.upper() if self.platform == "gpu"
-                           else self.generation)
+    return perf.chip_named(self.generation.upper() if self.platform == "gpu" else self.generation)
 
   @property
   def chips(self) -> int:
@@ -99,8 +120,11 @@ class Topology:
 
 def known_names() -> list[str]:
   """Every name `topology_of` accepts besides the raw 'gen:AxBxC' form."""
-  return [f"{gen}-{chips * cores}" for gen, (shapes, _, cores) in _GENERATIONS.items()
-          for chips in sorted(shapes)]
+  return [
+    f"{gen}-{chips * cores}"
+    for gen, (shapes, _, cores) in _GENERATIONS.items()
+    for chips in sorted(shapes)
+  ]
 
 
 def topology_of(name: str, num_slices: int = 1) -> Topology:
@@ -117,17 +141,20 @@ def topology_of(name: str, num_slices: int = 1) -> Topology:
     shape = tuple(int(d) for d in raw.group(2).split("x"))
     dims = _GENERATIONS[generation][1]
     if len(shape) != dims or min(shape) < 1:
-      raise ConfigError(f"--topology={name!r}: {generation} slices are {dims}-D tori of "
-                        f"chips, e.g. {'2x2x4' if dims == 3 else '4x4'}"
-                        f" written {generation}:" + "x".join(["N"] * dims))
+      raise ConfigError(
+        f"--topology={name!r}: {generation} slices are {dims}-D tori of "
+        f"chips, e.g. {'2x2x4' if dims == 3 else '4x4'}"
+        f" written {generation}:" + "x".join(["N"] * dims)
+      )
   else:
     generation, count = (named.group(1), int(named.group(2))) if named else ("", 0)
     shapes, _, cores = _GENERATIONS.get(generation, ({}, 0, 1))
     if count % cores or count // cores not in shapes:
       raise ConfigError(
-          f"--topology={name!r} is not a TPU slice this knows; known: "
-          f"{', '.join(known_names())}; or any torus as generation:shape, e.g. v5p:2x2x4 "
-          "or v5e:4x4")
+        f"--topology={name!r} is not a TPU slice this knows; known: "
+        f"{', '.join(known_names())}; or any torus as generation:shape, e.g. v5p:2x2x4 "
+        "or v5e:4x4"
+      )
     shape = shapes[count // cores]
   return Topology(name=name, generation=generation, shape=shape, num_slices=num_slices)
 
@@ -137,13 +164,16 @@ def _gpu_topology(name: str, text: str, num_slices: int) -> Topology:
   count = int(gpus.group(1)) if gpus else 0
   if not gpus or count < 1 or (count > GPUS_PER_HOST and count % GPUS_PER_HOST):
     raise ConfigError(
-        f"--topology={name!r}: GPUs are planned here only as h100-N (N H100s, "
-        f"{GPUS_PER_HOST} per host: h100-8, h100-16, ...), the one GPU whose compiler "
-        "description this has; for another GPU, compile on a host that has it "
-        "(`python -m monoformer_jax.train` compiles the same step)")
+      f"--topology={name!r}: GPUs are planned here only as h100-N (N H100s, "
+      f"{GPUS_PER_HOST} per host: h100-8, h100-16, ...), the one GPU whose compiler "
+      "description this has; for another GPU, compile on a host that has it "
+      "(`python -m monoformer_jax.train` compiles the same step)"
+    )
   if num_slices != 1:
-    raise ConfigError(f"--num_slices={num_slices} is for TPU slices; name the GPUs of "
-                      f"every host instead, e.g. --topology=h100-{GPUS_PER_HOST * num_slices}")
+    raise ConfigError(
+      f"--num_slices={num_slices} is for TPU slices; name the GPUs of "
+      f"every host instead, e.g. --topology=h100-{GPUS_PER_HOST * num_slices}"
+    )
   hosts = max(1, count // GPUS_PER_HOST)
   return Topology(name=name, generation="h100", shape=(hosts, count // hosts))
 
@@ -195,19 +225,25 @@ def devices_of(topology: Topology) -> list:
     try:
       with _quiet_stderr():
         description = topologies.get_topology_desc(
-            platform="tpu", topology_name=topology.libtpu_name,
-            chip_config_name="megacore" if topology.generation in ("v4", "v5p") else "default",
-            chips_per_host_bounds=_host_bounds(topology), num_slices=topology.num_slices)
+          platform="tpu",
+          topology_name=topology.libtpu_name,
+          chip_config_name="megacore" if topology.generation in ("v4", "v5p") else "default",
+          chips_per_host_bounds=_host_bounds(topology),
+          num_slices=topology.num_slices,
+        )
     except RuntimeError as error:
       if "TPU support not installed" in str(error):
         raise NotInstalledError(
-            f"compiling for {topology} needs libtpu, which is not installed: "
-            "pip install -e \".[tpu]\" (jax[tpu] of the installed jax version)") from error
+          f"compiling for {topology} needs libtpu, which is not installed: "
+          'pip install -e ".[tpu]" (jax[tpu] of the installed jax version)'
+        ) from error
       raise
     devices = list(description.devices)
-  if len(devices) != topology.chips:   # a libtpu that counts otherwise: a bug here
-    raise RuntimeError(f"{len(devices)} compile-only devices for {topology}, expected "
-                       f"one per chip ({topology.chips})")
+  if len(devices) != topology.chips:  # a libtpu that counts otherwise: a bug here
+    raise RuntimeError(
+      f"{len(devices)} compile-only devices for {topology}, expected "
+      f"one per chip ({topology.chips})"
+    )
   return devices
 
 
@@ -219,22 +255,27 @@ def _gpu_devices(topology: Topology) -> list:
 
   try:
     plugin = importlib.util.find_spec("jax_plugins.xla_cuda12")
-  except ModuleNotFoundError:   # no jax_plugins at all
+  except ModuleNotFoundError:  # no jax_plugins at all
     plugin = None
   if plugin is None:
     raise NotInstalledError(
-        f"compiling for {topology} without a GPU needs JAX's CUDA plugin, which is not "
-        f"installed: pip install jax-cuda12-plugin=={jax.__version__} (its CUDA libraries "
-        "are not needed); or compile on a GPU host")
+      f"compiling for {topology} without a GPU needs JAX's CUDA plugin, which is not "
+      f"installed: pip install jax-cuda12-plugin=={jax.__version__} (its CUDA libraries "
+      "are not needed); or compile on a GPU host"
+    )
   hosts, per_host = topology.shape
   try:
     with _quiet_stderr():
       description = topologies.get_topology_desc(
-          platform="cuda", topology_name=topology.generation, topology=f"1x{hosts}x{per_host}",
-          target_config=H100_TARGET)
-  except NotImplementedError as error:   # the plugin did not register a cuda backend
+        platform="cuda",
+        topology_name=topology.generation,
+        topology=f"1x{hosts}x{per_host}",
+        target_config=H100_TARGET,
+      )
+  except NotImplementedError as error:  # the plugin did not register a cuda backend
     raise NotInstalledError(
-        "JAX's CUDA plugin is installed but did not register: without CUDA libraries it "
-        "does so only when JAX_PLATFORMS leaves cuda out; run with JAX_PLATFORMS=cpu (what "
-        "`python -m monoformer_jax.compile` sets unless told otherwise)") from error
+      "JAX's CUDA plugin is installed but did not register: without CUDA libraries it "
+      "does so only when JAX_PLATFORMS leaves cuda out; run with JAX_PLATFORMS=cpu (what "
+      "`python -m monoformer_jax.compile` sets unless told otherwise)"
+    ) from error
   return list(description.devices)

@@ -19,8 +19,8 @@ reaches `top_p` (the reference's defaults for chat: 0.7, 50, 0.95).
 
 from __future__ import annotations
 
-from typing import NamedTuple
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,7 @@ def _check_sampling(temperature: float, top_k: int, top_p: float):
     raise ConfigError(f"top_p={top_p} must be in (0, 1] (1 keeps every token)")
 
 
-def sample_token(logits_BxV, key, *, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0):
+def sample_token(logits_BxV, key, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
   """Next token ids [B] from logits [B, V]: greedy at temperature 0."""
   _check_sampling(temperature, top_k, top_p)
   if temperature == 0:
@@ -61,10 +60,20 @@ def sample_token(logits_BxV, key, *, temperature: float = 0.0, top_k: int = 0,
   return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-def generate(model, prompts: Sequence[Sequence[int] | Example], *, max_new_tokens: int,
-             pad_id: int, stop_ids: Sequence[int], key=None, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, use_cache: bool = True,
-             spec: RowSpec | None = None) -> list[list[int]]:
+def generate(
+  model,
+  prompts: Sequence[Sequence[int] | Example],
+  *,
+  max_new_tokens: int,
+  pad_id: int,
+  stop_ids: Sequence[int],
+  key=None,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  use_cache: bool = True,
+  spec: RowSpec | None = None,
+) -> list[list[int]]:
   """New token ids for each prompt, up to and including its first stop token.
 
   A prompt is token ids, or an `Example` that reads images (`spec`, the
@@ -80,8 +89,9 @@ def generate(model, prompts: Sequence[Sequence[int] | Example], *, max_new_token
   key = jax.random.PRNGKey(0) if key is None else key
   rows = prompt_rows(prompts, pad_id=pad_id, new_tokens=max_new_tokens, spec=spec)
   stops = tuple(sorted(set(int(s) for s in stop_ids)))
-  settings = _Settings(rows.layout, pad_id, stops, float(temperature), int(top_k),
-                       float(top_p), use_cache)
+  settings = _Settings(
+    rows.layout, pad_id, stops, float(temperature), int(top_k), float(top_p), use_cache
+  )
   row = Row(*(None if x is None else jnp.asarray(x) for x in rows.row))
   read = None if rows.read_images is None else jnp.asarray(rows.read_images)
   out = np.asarray(_run(model, settings, row, key, read))
@@ -94,6 +104,7 @@ def generate(model, prompts: Sequence[Sequence[int] | Example], *, max_new_token
 
 class _Settings(NamedTuple):
   """What the compiled loop is specialised on (hashable: a static argument)."""
+
   layout: PromptLayout
   pad_id: int
   stops: tuple[int, ...]
@@ -109,8 +120,12 @@ def _run(model, settings: _Settings, row: Row, key, read_images):
   layout = settings.layout
   stops = jnp.asarray(settings.stops or (-1,), jnp.int32)
   pick = lambda logits, i: sample_token(
-      logits, jax.random.fold_in(key, i), temperature=settings.temperature,
-      top_k=settings.top_k, top_p=settings.top_p)
+    logits,
+    jax.random.fold_in(key, i),
+    temperature=settings.temperature,
+    top_k=settings.top_k,
+    top_p=settings.top_p,
+  )
   at = lambda x, col: jax.lax.dynamic_slice_in_dim(x, col, 1, axis=1)
 
   def next_logits(tokens, cache, col):
@@ -118,16 +133,23 @@ def _run(model, settings: _Settings, row: Row, key, read_images):
     if cache is None:
       logits, _ = model(row._replace(tokens=tokens), read_images=read_images)
       return at(logits, col)[:, 0], None
-    logits, cache = model.extend_text(at(tokens, col), at(row.positions, col),
-                                      row.segment_ids, row.image_ids, cache, col)
+    logits, cache = model.extend_text(
+      at(tokens, col), at(row.positions, col), row.segment_ids, row.image_ids, cache, col
+    )
     return logits[:, 0], cache
 
   # The first new token comes from the prompt: prefilled once with the cache.
   tokens, cache = row.tokens, None
   if settings.use_cache:
-    logits, cache = model.prefill(layout.prompt(tokens), layout.prompt(row.positions),
-                                  row.segment_ids, row.image_ids,
-                                  model.init_cache(*tokens.shape), row, read_images)
+    logits, cache = model.prefill(
+      layout.prompt(tokens),
+      layout.prompt(row.positions),
+      row.segment_ids,
+      row.image_ids,
+      model.init_cache(*tokens.shape),
+      row,
+      read_images,
+    )
   else:
     logits, _ = next_logits(tokens, None, layout.prompt_len - 1)
   first = pick(logits, 0)
@@ -141,8 +163,7 @@ def _run(model, settings: _Settings, row: Row, key, read_images):
     tokens, cache, i, done = carry
     logits, cache = next_logits(tokens, cache, layout.new_column(i - 1))
     nxt = jnp.where(done, settings.pad_id, pick(logits, i)).astype(jnp.int32)
-    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], layout.new_column(i),
-                                                 axis=1)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], layout.new_column(i), axis=1)
     return tokens, cache, i + 1, done | jnp.isin(nxt, stops)
 
   carry = (tokens, cache, jnp.int32(1), jnp.isin(first, stops))

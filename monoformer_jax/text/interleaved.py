@@ -43,15 +43,14 @@ into the cache. The compiled programs depend on shapes and settings only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monoformer_jax.diffusion.sample_images import SamplerSettings
-from monoformer_jax.diffusion.sample_images import guidance_scales, guided_step
+from monoformer_jax.diffusion.sample_images import SamplerSettings, guidance_scales, guided_step
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.layout import Example, PromptLayout, Row, RowSpec, prompt_rows
 from monoformer_jax.model.build import compiled
@@ -66,6 +65,7 @@ class Interleaved:
   ended the row), `images` x_0 [h, w, C] in the model's space, one per
   `<image>`, and why the row stopped: "stop" (a stop token), "budget" (the
   row is full; a pending `<|im_start|>` without room for its image is dropped)."""
+
   ids: list[int]
   images: list[np.ndarray]
   stop: str
@@ -73,6 +73,7 @@ class Interleaved:
 
 class TokenIds(NamedTuple):
   """The special tokens the sampler writes or watches for."""
+
   bos: int
   pad: int
   image: int
@@ -83,8 +84,14 @@ class TokenIds(NamedTuple):
   @classmethod
   def of(cls, tokenizer, stop_ids: Sequence[int] | None = None) -> TokenIds:
     stops = (tokenizer.eos_id,) if stop_ids is None else tuple(int(s) for s in stop_ids)
-    return cls(tokenizer.bos_id, tokenizer.pad_id, tokenizer.image_id, tokenizer.im_start_id,
-               tokenizer.im_end_id, tuple(sorted(set(stops))))
+    return cls(
+      tokenizer.bos_id,
+      tokenizer.pad_id,
+      tokenizer.image_id,
+      tokenizer.im_start_id,
+      tokenizer.im_end_id,
+      tuple(sorted(set(stops))),
+    )
 
 
 class _TextSettings(NamedTuple):
@@ -92,17 +99,18 @@ class _TextSettings(NamedTuple):
   temperature: float
   top_k: int
   top_p: float
-  max_positions: int   # 0: no limit
+  max_positions: int  # 0: no limit
 
 
 class _State(NamedTuple):
   """The rows as far as they are written: per-token arrays [B, L] and per row [B]."""
+
   tokens: Any
   segment_ids: Any
   image_ids: Any
   positions: Any
-  done: Any       # bool: met a stop token, or stopped for budget
-  n_text: Any     # int32: text tokens drawn (the index of the next one's key)
+  done: Any  # bool: met a stop token, or stopped for budget
+  n_text: Any  # int32: text tokens drawn (the index of the next one's key)
 
 
 def image_columns_needed(model) -> int:
@@ -111,14 +119,26 @@ def image_columns_needed(model) -> int:
   return int(model.cond_token) + model.tokens_per_image + 1
 
 
-def generate_interleaved(model, prompts: Sequence[Sequence[int] | Example], *,
-                         ids: TokenIds, max_new_tokens: int, diffusion, key=None,
-                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                         cfg_scale: float | None = None, guided_channels: int | None = None,
-                         sampler: str = "ddpm", eta: float = 0.0,
-                         spec: RowSpec | None = None, max_positions: int | None = None,
-                         max_wait: int | None = None,
-                         progress: Callable[[str], Any] | None = None) -> list[Interleaved]:
+def generate_interleaved(
+  model,
+  prompts: Sequence[Sequence[int] | Example],
+  *,
+  ids: TokenIds,
+  max_new_tokens: int,
+  diffusion,
+  key=None,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  cfg_scale: float | None = None,
+  guided_channels: int | None = None,
+  sampler: str = "ddpm",
+  eta: float = 0.0,
+  spec: RowSpec | None = None,
+  max_positions: int | None = None,
+  max_wait: int | None = None,
+  progress: Callable[[str], Any] | None = None,
+) -> list[Interleaved]:
   """Text and images for each prompt (token ids, or an `Example` that reads
   images, laid out by `spec`), in order; see the module docstring.
 
@@ -137,37 +157,46 @@ def generate_interleaved(model, prompts: Sequence[Sequence[int] | Example], *,
   if max_wait < 0:
     raise ConfigError(f"max_wait={max_wait}: give the columns a row may wait (>= 0), or None")
   if max_new_tokens < need + 1:
-    raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for one image: an "
-                      f"image takes <|im_start|> and {need} columns (timestep token, "
-                      f"{model.tokens_per_image} image tokens, <|im_end|>); raise "
-                      f"max_new_tokens to at least {need + 1}")
+    raise ConfigError(
+      f"max_new_tokens={max_new_tokens} leaves no room for one image: an "
+      f"image takes <|im_start|> and {need} columns (timestep token, "
+      f"{model.tokens_per_image} image tokens, <|im_end|>); raise "
+      f"max_new_tokens to at least {need + 1}"
+    )
   rows = prompt_rows(prompts, pad_id=ids.pad, new_tokens=max_new_tokens, spec=spec)
   layout = rows.layout
   longest = int(np.asarray(rows.row.positions)[:, layout.prompt_len - 1].max()) + 1
   if max_positions and longest + need + 1 > max_positions:
-    raise ConfigError(f"a prompt of {longest} tokens leaves no room for an image ({need + 1} "
-                      f"tokens) within the {max_positions} positions the model was trained "
-                      f"on (data.seq_len); shorten the prompt to at most "
-                      f"{max_positions - need - 1} tokens")
+    raise ConfigError(
+      f"a prompt of {longest} tokens leaves no room for an image ({need + 1} "
+      f"tokens) within the {max_positions} positions the model was trained "
+      f"on (data.seq_len); shorten the prompt to at most "
+      f"{max_positions - need - 1} tokens"
+    )
   scales = guidance_scales(cfg_scale)
   if len(scales) > 1:
-    raise ConfigError(f"cfg_scale={cfg_scale}: interleaved images guide against one null "
-                      "context; give one scale")
+    raise ConfigError(
+      f"cfg_scale={cfg_scale}: interleaved images guide against one null context; give one scale"
+    )
   key = jax.random.PRNGKey(0) if key is None else key
   text_key, image_key = jax.random.split(key)
   b, length = rows.row.tokens.shape
   row_keys = lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(b))
   text_keys, image_keys = row_keys(text_key), row_keys(image_key)
-  text = _TextSettings(ids, float(temperature), int(top_k), float(top_p),
-                       int(max_positions or 0))
+  text = _TextSettings(ids, float(temperature), int(top_k), float(top_p), int(max_positions or 0))
   image = SamplerSettings(diffusion, None, len(scales) + 1, guided_channels, sampler, float(eta))
   scale = jnp.asarray(scales, jnp.float32)
 
   # The new columns start empty: padding, segment 0, until a row writes them.
   lp = layout.prompt_len
-  state = _State(*(np.array(x) for x in (rows.row.tokens, rows.row.segment_ids,
-                                          rows.row.image_ids, rows.row.positions)),
-                 done=np.zeros(b, bool), n_text=np.zeros(b, np.int32))
+  state = _State(
+    *(
+      np.array(x)
+      for x in (rows.row.tokens, rows.row.segment_ids, rows.row.image_ids, rows.row.positions)
+    ),
+    done=np.zeros(b, bool),
+    n_text=np.zeros(b, np.int32),
+  )
   state.tokens[:, lp:] = ids.pad
   state.segment_ids[:, lp:] = 0
   state.positions[:, lp:] = 0
@@ -177,31 +206,32 @@ def generate_interleaved(model, prompts: Sequence[Sequence[int] | Example], *,
   state = _to_host(state)
   col = lp
   images: list[list[np.ndarray]] = [[] for _ in range(b)]
-  opened: list[list[int]] = [[] for _ in range(b)]   # each image's <|im_start|> column
+  opened: list[list[int]] = [[] for _ in range(b)]  # each image's <|im_start|> column
   while True:
-    state, cache, col = _write_text(model, (text, max_wait), _to_device(state), cache,
-                                    jnp.int32(col), text_keys)
+    state, cache, col = _write_text(
+      model, (text, max_wait), _to_device(state), cache, jnp.int32(col), text_keys
+    )
     state, col = _to_host(state), int(col)
     drawing = ~state.done & (state.tokens[:, col] == ids.im_start)
     if not drawing.any():
       break
     no_room = drawing & (col + need > length - 1)
-    if max_positions:   # nor under the positions the model was trained on
+    if max_positions:  # nor under the positions the model was trained on
       no_room |= drawing & (state.positions[:, col] + need > max_positions - 1)
-    if no_room.any():   # no room for the image: those rows end here
+    if no_room.any():  # no room for the image: those rows end here
       state.done[no_room] = True
       state.tokens[no_room, col] = ids.pad
       state.segment_ids[no_room, col] = 0
       continue
     if progress is not None:
       progress(f"drawing {int(drawing.sum())} image(s) at column {col}")
-    state = _open_image(state, drawing, col, need, model, ids,
-                        n_images=np.array([len(x) for x in images]))
+    state = _open_image(
+      state, drawing, col, need, model, ids, n_images=np.array([len(x) for x in images])
+    )
     cache = _feed(model, None, _to_device(state), cache, jnp.int32(col))
     n_images = jnp.asarray([len(x) for x in images], jnp.int32)
     keys = jax.vmap(jax.random.fold_in)(image_keys, n_images)
-    x0 = _draw(model, image, _to_device(state), cache, jnp.int32(col), keys, scale, ids,
-               progress)
+    x0 = _draw(model, image, _to_device(state), cache, jnp.int32(col), keys, scale, ids, progress)
     cache = _feed_image(model, None, _to_device(state), cache, x0, jnp.int32(col))
     x0 = np.asarray(x0)
     for r in np.flatnonzero(drawing):
@@ -213,8 +243,8 @@ def generate_interleaved(model, prompts: Sequence[Sequence[int] | Example], *,
   out = []
   for r in range(b):
     written = state.segment_ids[r] > 0
-    for c in opened[r]:   # an image's columns become ONE <image>, as the reference writes it
-      written[c + 2:c + need] = False
+    for c in opened[r]:  # an image's columns become ONE <image>, as the reference writes it
+      written[c + 2 : c + need] = False
     new = state.tokens[r, lp:][written[lp:]].tolist()
     stop = "stop" if new and new[-1] in ids.stops else "budget"
     out.append(Interleaved(new, images[r], stop))
@@ -231,9 +261,16 @@ def _to_host(state: _State) -> _State:
 
 def _pick(text: _TextSettings, logits_BxV, keys, n_text_B):
   """Each row's next token from its own key (fold_in(row key, n_text))."""
+
   def one(logits_V, key, j):
-    return sample_token(logits_V[None], jax.random.fold_in(key, j),
-                        temperature=text.temperature, top_k=text.top_k, top_p=text.top_p)[0]
+    return sample_token(
+      logits_V[None],
+      jax.random.fold_in(key, j),
+      temperature=text.temperature,
+      top_k=text.top_k,
+      top_p=text.top_p,
+    )[0]
+
   return jax.vmap(one)(logits_BxV, keys, n_text_B)
 
 
@@ -255,32 +292,41 @@ def _write_token(text: _TextSettings, state: _State, logits_BxV, keys, col, hold
     position = jnp.where(hold, prev_pos, position)
     segment = writes | hold
     put_prev = lambda x, v: jax.lax.dynamic_update_slice_in_dim(
-        x, jnp.where(hold, v, at(x)).astype(x.dtype)[:, None], col - 1, axis=1)
+      x, jnp.where(hold, v, at(x)).astype(x.dtype)[:, None], col - 1, axis=1
+    )
     tokens = put_prev(tokens, jnp.full_like(tok, text.ids.pad))
     zeros = jnp.zeros_like(tok)
     segment_ids, positions = put_prev(segment_ids, zeros), put_prev(positions, zeros)
-  put = lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v[:, None].astype(x.dtype), col,
-                                                         axis=1)
+  put = lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v[:, None].astype(x.dtype), col, axis=1)
   stops = jnp.asarray(text.ids.stops or (-1,), jnp.int32)
   done = state.done | (writes & jnp.isin(tok, stops))
-  if text.max_positions:   # the last position the model was trained on
+  if text.max_positions:  # the last position the model was trained on
     done = done | (writes & (prev_pos + 2 >= text.max_positions))
-  return _State(tokens=put(tokens, tok),
-                segment_ids=put(segment_ids, segment.astype(jnp.int32)),
-                image_ids=state.image_ids,
-                positions=put(positions, position),
-                done=done,
-                n_text=state.n_text + writes.astype(jnp.int32))
+  return _State(
+    tokens=put(tokens, tok),
+    segment_ids=put(segment_ids, segment.astype(jnp.int32)),
+    image_ids=state.image_ids,
+    positions=put(positions, position),
+    done=done,
+    n_text=state.n_text + writes.astype(jnp.int32),
+  )
 
 
 @compiled
-def _start(model, settings: tuple[_TextSettings, PromptLayout], row: Row, state: _State, keys,
-           read_images):
+def _start(
+  model, settings: tuple[_TextSettings, PromptLayout], row: Row, state: _State, keys, read_images
+):
   """The prompt prefilled into a new cache and each row's first token written."""
   text, layout = settings
-  logits, cache = model.prefill(layout.prompt(row.tokens), layout.prompt(row.positions),
-                                row.segment_ids, row.image_ids,
-                                model.init_cache(*row.tokens.shape), row, read_images)
+  logits, cache = model.prefill(
+    layout.prompt(row.tokens),
+    layout.prompt(row.positions),
+    row.segment_ids,
+    row.image_ids,
+    model.init_cache(*row.tokens.shape),
+    row,
+    read_images,
+  )
   return _write_token(text, state, logits, keys, layout.prompt_len), cache
 
 
@@ -311,8 +357,14 @@ def _write_text(model, settings: tuple[_TextSettings, int], state: _State, cache
   def step(carry):
     state, cache, col, waited = carry
     wait = waiting(state, col)
-    logits, cache = model.extend_text(at(state.tokens, col), at(state.positions, col),
-                                      state.segment_ids, state.image_ids, cache, col)
+    logits, cache = model.extend_text(
+      at(state.tokens, col),
+      at(state.positions, col),
+      state.segment_ids,
+      state.image_ids,
+      cache,
+      col,
+    )
     state = _write_token(text, state, logits[:, 0], keys, col + 1, hold=wait)
     return state, cache, col + 1, jnp.where(wait.any(), waited + 1, 0)
 
@@ -320,8 +372,9 @@ def _write_text(model, settings: tuple[_TextSettings, int], state: _State, cache
   return state, cache, col
 
 
-def _open_image(state: _State, drawing, col: int, need: int, model, ids: TokenIds,
-                n_images) -> _State:
+def _open_image(
+  state: _State, drawing, col: int, need: int, model, ids: TokenIds, n_images
+) -> _State:
   """The rows laid out for an image after column `col` (host arrays): the
   drawing rows get its timestep token, P image tokens (their next image id) and
   `<|im_end|>`; the other live rows move their pending token past the image's
@@ -335,12 +388,12 @@ def _open_image(state: _State, drawing, col: int, need: int, model, ids: TokenId
     s.tokens[r, col + need] = ids.im_end
     s.segment_ids[r, span] = 1
     s.positions[r, span] = p + 1 + np.arange(need)
-    s.image_ids[r, col + 1 + cond:col + need] = n_images[r] + 1
+    s.image_ids[r, col + 1 + cond : col + need] = n_images[r] + 1
   for r in np.flatnonzero(~drawing & ~s.done):
     tok, p = s.tokens[r, col], s.positions[r, col]
-    s.tokens[r, col:col + need] = ids.pad
-    s.segment_ids[r, col:col + need] = 0
-    s.positions[r, col:col + need] = 0
+    s.tokens[r, col : col + need] = ids.pad
+    s.segment_ids[r, col : col + need] = 0
+    s.positions[r, col : col + need] = 0
     s.tokens[r, col + need], s.segment_ids[r, col + need] = tok, 1
     s.positions[r, col + need] = p
   return s
@@ -350,8 +403,9 @@ def _open_image(state: _State, drawing, col: int, need: int, model, ids: TokenId
 def _feed(model, _, state: _State, cache, col):
   """The cache with column `col` (the drawing rows' `<|im_start|>`) written."""
   at = lambda x: jax.lax.dynamic_slice_in_dim(x, col, 1, axis=1)
-  _, cache = model.extend_text(at(state.tokens), at(state.positions), state.segment_ids,
-                               state.image_ids, cache, col)
+  _, cache = model.extend_text(
+    at(state.tokens), at(state.positions), state.segment_ids, state.image_ids, cache, col
+  )
   return cache
 
 
@@ -380,24 +434,35 @@ def _guided_context(model, settings: tuple[TokenIds, int], state: _State, cache,
   null_image_BxL = jnp.where(null_segment_BxL > 0, image_ids, 0)
   null_tokens = jnp.broadcast_to(jnp.asarray([ids.bos, ids.im_start], jnp.int32), (b, 2))
   null_positions = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (b, 2))
-  _, null_cache = model.extend_text(null_tokens, null_positions, null_segment_BxL,
-                                    null_image_BxL, model.init_cache(b, length), col - 1)
+  _, null_cache = model.extend_text(
+    null_tokens,
+    null_positions,
+    null_segment_BxL,
+    null_image_BxL,
+    model.init_cache(b, length),
+    col - 1,
+  )
   null_image_positions = jnp.broadcast_to(2 + jnp.arange(n, dtype=jnp.int32), (b, n))
   both = lambda x, y: jnp.concatenate([x, y])
-  return (both(positions, null_image_positions), both(segment_ids, null_segment_BxL),
-          both(image_ids, null_image_BxL),
-          KVCache(*(jnp.concatenate([c, z], axis=1) for c, z in zip(cache, null_cache))))
+  return (
+    both(positions, null_image_positions),
+    both(segment_ids, null_segment_BxL),
+    both(image_ids, null_image_BxL),
+    KVCache(*(jnp.concatenate([c, z], axis=1) for c, z in zip(cache, null_cache))),
+  )
 
 
-def _draw(model, image: SamplerSettings, state: _State, cache, col, keys, scale,
-          ids: TokenIds, progress):
+def _draw(
+  model, image: SamplerSettings, state: _State, cache, col, keys, scale, ids: TokenIds, progress
+):
   """x_0 [B, h, w, C] of every row's image after column `col` (rows not
   drawing get one too, never used)."""
   context = _guided_context(model, (ids, image.groups), state, cache, col)
   cfg = model.cfg
-  split = jax.vmap(jax.random.split)(keys)                 # [B, 2] keys
-  x_t = jax.vmap(lambda k: jax.random.normal(
-      k, (cfg.image_size, cfg.image_size, cfg.in_channels), jnp.float32))(split[:, 0])
+  split = jax.vmap(jax.random.split)(keys)  # [B, 2] keys
+  x_t = jax.vmap(
+    lambda k: jax.random.normal(k, (cfg.image_size, cfg.image_size, cfg.in_channels), jnp.float32)
+  )(split[:, 0])
   step = _denoise.bind(model)
   for i in range(image.diffusion.num_timesteps):
     x_t = step(image, context, x_t, jnp.int32(i), split[:, 1], scale, col)
@@ -409,8 +474,7 @@ def _denoise(model, image: SamplerSettings, context, x_t, i, keys, scales, col):
   """x_{t-1} of step i of the images after `col`, guided over the context's groups."""
   positions, segment_ids, image_ids, cache = context
   first, _ = _image_span(model, col)
-  run = lambda x, t: model.extend_image(x, t, positions, segment_ids, image_ids, cache,
-                                        first)[0]
+  run = lambda x, t: model.extend_image(x, t, positions, segment_ids, image_ids, cache, first)[0]
   return guided_step(run, image, x_t, i, keys, scales, row_keys=True)
 
 
@@ -420,6 +484,5 @@ def _feed_image(model, _, state: _State, cache, x0, col):
   first, n = _image_span(model, col)
   positions = jax.lax.dynamic_slice_in_dim(state.positions, first, n, axis=1)
   t0 = jnp.zeros((x0.shape[0],), jnp.int32)
-  _, cache = model.extend_image(x0, t0, positions, state.segment_ids, state.image_ids,
-                                cache, first)
+  _, cache = model.extend_image(x0, t0, positions, state.segment_ids, state.image_ids, cache, first)
   return cache

@@ -93,14 +93,17 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, model_file: str):
     import sentencepiece as spm
+
     self.path = os.fspath(model_file)
     self.sp = spm.SentencePieceProcessor(model_file=self.path)
     self.base_vocab = self.sp.get_piece_size()
     for name, want in (("unk", self.unk_id), ("bos", self.bos_id), ("eos", self.eos_id)):
       got = getattr(self.sp, f"{name}_id")()
       if got != want:
-        raise FileFormatError(f"{self.path}: {name} id is {got}, but MonoFormer uses Llama's "
-                              f"layout with {name}={want}; use a Llama SentencePiece model")
+        raise FileFormatError(
+          f"{self.path}: {name} id is {got}, but MonoFormer uses Llama's "
+          f"layout with {name}={want}; use a Llama SentencePiece model"
+        )
 
   def encode(self, text: str) -> list[int]:
     return list(self.sp.encode(text))
@@ -118,6 +121,7 @@ class HFJsonTokenizer(Tokenizer):
 
   def __init__(self, json_file: str):
     from tokenizers import Tokenizer as HFTokenizer
+
     self.path = os.fspath(json_file)
     self.tok = HFTokenizer.from_file(self.path)
     size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -127,13 +131,17 @@ class HFJsonTokenizer(Tokenizer):
     elif present == list(range(size - 4, size)):
       self.base_vocab = size - 4
     else:
-      raise FileFormatError(f"{self.path} has the added tokens {dict(zip(SPECIAL_TOKENS, present))}"
-                            f"; MonoFormer expects them absent or as the last 4 ids "
-                            f"{list(range(size - 4, size))}")
+      raise FileFormatError(
+        f"{self.path} has the added tokens {dict(zip(SPECIAL_TOKENS, present))}"
+        f"; MonoFormer expects them absent or as the last 4 ids "
+        f"{list(range(size - 4, size))}"
+      )
     for name, token, want in (("bos", "<s>", self.bos_id), ("eos", "</s>", self.eos_id)):
       if self.tok.token_to_id(token) != want:
-        raise FileFormatError(f"{self.path}: {token} has id {self.tok.token_to_id(token)}, but "
-                              f"MonoFormer uses Llama's layout with {name}={want}")
+        raise FileFormatError(
+          f"{self.path}: {token} has id {self.tok.token_to_id(token)}, but "
+          f"MonoFormer uses Llama's layout with {name}={want}"
+        )
 
   def encode(self, text: str) -> list[int]:
     return list(self.tok.encode(text, add_special_tokens=False).ids)
@@ -154,8 +162,10 @@ def load_tokenizer(spec: str) -> Tokenizer:
         return load_tokenizer(os.path.join(spec, name))
     raise MissingPathError(f"no tokenizer.model or tokenizer.json in {spec}")
   if not os.path.exists(spec):
-    raise MissingPathError(f"tokenizer {spec!r} does not exist; pass 'bytes', a "
-                           "tokenizer.model, a tokenizer.json or a folder holding one")
+    raise MissingPathError(
+      f"tokenizer {spec!r} does not exist; pass 'bytes', a "
+      "tokenizer.model, a tokenizer.json or a folder holding one"
+    )
   if spec.endswith(".json"):
     return HFJsonTokenizer(spec)
   return SentencePieceTokenizer(spec)
@@ -166,11 +176,15 @@ def tokenizer_of(config, override: str | None = None) -> Tokenizer:
   ('bytes', a tokenizer.model, a tokenizer.json or a folder holding one)."""
   spec = override or config.data.tokenizer
   if not spec:
-    raise ConfigError("config.data.tokenizer is empty: set it (or pass --tokenizer) to the "
-                      "model's tokenizer.model / tokenizer.json, e.g. TinyLlama's")
+    raise ConfigError(
+      "config.data.tokenizer is empty: set it (or pass --tokenizer) to the "
+      "model's tokenizer.model / tokenizer.json, e.g. TinyLlama's"
+    )
   tokenizer = load_tokenizer(spec)
   if tokenizer.vocab_size > config.model.vocab_size:
-    raise ConfigError(f"tokenizer {spec!r} has {tokenizer.vocab_size} ids but "
-                      f"config.model.vocab_size={config.model.vocab_size}; use the model's "
-                      "own tokenizer")
+    raise ConfigError(
+      f"tokenizer {spec!r} has {tokenizer.vocab_size} ids but "
+      f"config.model.vocab_size={config.model.vocab_size}; use the model's "
+      "own tokenizer"
+    )
   return tokenizer

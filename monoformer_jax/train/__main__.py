@@ -10,15 +10,13 @@ traceback); a run whose loss stops being finite stops with a diagnosis and
 keeps its last good checkpoint.
 """
 
-
 from absl import app, flags
 from ml_collections import config_flags
 
 from monoformer_jax import cli
 from monoformer_jax.train.loop import train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and samples.")
 flags.mark_flags_as_required(["config", "workdir"])
 

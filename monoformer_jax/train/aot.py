@@ -38,19 +38,20 @@ import dataclasses
 import time
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from monoformer_jax.model.build import train_flops_per_row
+from monoformer_jax.checks import check_batch_layout, check_train_config
 from monoformer_jax.diffusion.gaussian import from_config
 from monoformer_jax.errors import DoesNotFitError
 from monoformer_jax.layout import batch_shapes
+from monoformer_jax.model.build import train_flops_per_row
 from monoformer_jax.parallel import sharding
 from monoformer_jax.parallel.topology import Topology, devices_of
 from monoformer_jax.train.state import make_optimizer, state_shardings
 from monoformer_jax.train.step import healthy, make_train_step
-from monoformer_jax.checks import check_batch_layout, check_train_config
 
-GIB = 2 ** 30
+GIB = 2**30
 # A Pallas kernel in the lowered module: Mosaic on TPU, Triton on GPU.
 KERNEL_CALLS = {"tpu": ("Mosaic", "tpu_custom_call"), "gpu": ("Triton", "__gpu$xla.gpu.triton")}
 
@@ -58,6 +59,7 @@ KERNEL_CALLS = {"tpu": ("Mosaic", "tpu_custom_call"), "gpu": ("Triton", "__gpu$x
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
   """What the compiler planned for one train step; bytes are per device."""
+
   topology: str
   chip: str
   devices: int
@@ -73,20 +75,21 @@ class StepPlan:
   temp_bytes: int
   code_bytes: int
   hbm_bytes: int
-  model_flops: float            # the whole step, all devices
-  xla_flops: float | None       # per device, each scan body counted once
-  xla_seconds: float | None     # XLA's optimal_seconds of what it counted
-  step_seconds: float           # the estimate (see `estimate`)
-  estimate: str                 # 'xla' (scaled optimal_seconds) or 'peak'
-  peak_tflops: float            # per chip
-  platform: str                 # 'tpu' or 'gpu'
-  kernel_calls: int             # Pallas kernel calls in the lowered module
+  model_flops: float  # the whole step, all devices
+  xla_flops: float | None  # per device, each scan body counted once
+  xla_seconds: float | None  # XLA's optimal_seconds of what it counted
+  step_seconds: float  # the estimate (see `estimate`)
+  estimate: str  # 'xla' (scaled optimal_seconds) or 'peak'
+  peak_tflops: float  # per chip
+  platform: str  # 'tpu' or 'gpu'
+  kernel_calls: int  # Pallas kernel calls in the lowered module
   compile_seconds: float
 
   @property
   def total_bytes(self) -> int:
-    return planned_total(self.argument_bytes, self.output_bytes, self.alias_bytes,
-                         self.temp_bytes, self.code_bytes)
+    return planned_total(
+      self.argument_bytes, self.output_bytes, self.alias_bytes, self.temp_bytes, self.code_bytes
+    )
 
   @property
   def fits(self) -> bool:
@@ -97,22 +100,32 @@ class StepPlan:
     return self.model_flops / (self.step_seconds * self.devices * self.peak_tflops * 1e12)
 
   def as_json(self) -> dict:
-    return dict(dataclasses.asdict(self), total_bytes=self.total_bytes, fits=self.fits,
-                mfu=self.mfu)
+    return dict(
+      dataclasses.asdict(self), total_bytes=self.total_bytes, fits=self.fits, mfu=self.mfu
+    )
 
   def report(self) -> str:
-    gib = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2 ** 20:.1f} MiB"
-    xla = ("none" if self.xla_flops is None else
-           f"{self.xla_flops:.3e} FLOPs per device, optimal_seconds "
-           f"{self.xla_seconds if self.xla_seconds is not None else 'none'} "
-           "(each scan body counted once: one layer of one micro-batch)")
-    how = ("XLA's optimal_seconds scaled from the one layer and micro-batch it counts to "
-           "the whole step" if self.estimate == "xla" else
-           "model FLOPs at 100% of the chips' bf16 peak: a lower bound of the time, an "
-           "upper bound of the speed")
-    where = (f"{self.slices} slice{'s' if self.slices > 1 else ''}" if self.platform == "tpu"
-             else f"{self.devices} GPUs")
-    return "\n".join([
+    gib = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"
+    xla = (
+      "none"
+      if self.xla_flops is None
+      else f"{self.xla_flops:.3e} FLOPs per device, optimal_seconds "
+      f"{self.xla_seconds if self.xla_seconds is not None else 'none'} "
+      "(each scan body counted once: one layer of one micro-batch)"
+    )
+    how = (
+      "XLA's optimal_seconds scaled from the one layer and micro-batch it counts to the whole step"
+      if self.estimate == "xla"
+      else "model FLOPs at 100% of the chips' bf16 peak: a lower bound of the time, an "
+      "upper bound of the speed"
+    )
+    where = (
+      f"{self.slices} slice{'s' if self.slices > 1 else ''}"
+      if self.platform == "tpu"
+      else f"{self.devices} GPUs"
+    )
+    return "\n".join(
+      [
         f"train step for {self.topology}: {self.devices} x {self.chip} ({where}), "
         f"mesh {self.mesh}, "
         f"remat {self.remat}, {self.batch_size} rows x {self.seq_len} tokens, "
@@ -133,11 +146,11 @@ class StepPlan:
         "tokens/s per device",
         f"Pallas ({KERNEL_CALLS[self.platform][0]}) kernel calls in the lowered step: "
         f"{self.kernel_calls}",
-    ])
+      ]
+    )
 
 
-def planned_total(arguments: int, outputs: int, aliased: int, temporaries: int,
-                  code: int) -> int:
+def planned_total(arguments: int, outputs: int, aliased: int, temporaries: int, code: int) -> int:
   """Bytes per device a compiled program needs: outputs donated into arguments
   (aliased) are counted once."""
   return arguments + outputs - aliased + temporaries + code
@@ -147,23 +160,32 @@ def memory_plan(compiled) -> dict[str, int]:
   """The compiler's memory plan per device (`memory_analysis()`), in bytes, with
   its total (`planned_total`)."""
   m = compiled.memory_analysis()
-  plan = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
-              aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes,
-              code=m.generated_code_size_in_bytes)
+  plan = dict(
+    arguments=m.argument_size_in_bytes,
+    outputs=m.output_size_in_bytes,
+    aliased=m.alias_size_in_bytes,
+    temporaries=m.temp_size_in_bytes,
+    code=m.generated_code_size_in_bytes,
+  )
   return dict(plan, total=planned_total(**plan))
 
 
 def abstract_inputs(config, mesh, abstract, shardings):
   """(state, batch, health) as ShapeDtypeStructs with their shardings."""
   rules = config.sharding_rules
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, shardings)
-  batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(
-               mesh, rules, len(shape)))
-           for name, (shape, dtype) in batch_shapes(config).items()}
+  state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+  batch = {
+    name: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.batch_sharding(mesh, rules, len(shape))
+    )
+    for name, (shape, dtype) in batch_shapes(config).items()
+  }
   replicated = NamedSharding(mesh, P())
-  health = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                        jax.eval_shape(healthy))
+  health = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(healthy)
+  )
   return state, batch, health
 
 
@@ -179,8 +201,9 @@ def lower_train_step(config, devices):
   tx, schedule = make_optimizer(config.optim, config.model)
   graphdef, abstract, shardings = state_shardings(config, mesh, tx)
   diffusion = from_config(config.diffusion)
-  step = make_train_step(graphdef, diffusion, config, tx, schedule, shardings,
-                         sharding.batch_sharding(mesh, rules, 1))
+  step = make_train_step(
+    graphdef, diffusion, config, tx, schedule, shardings, sharding.batch_sharding(mesh, rules, 1)
+  )
   state, batch, health = abstract_inputs(config, mesh, abstract, shardings)
   with jax.set_mesh(mesh), sharding.logical_rules(rules):
     return step.lower(state, batch, health), mesh
@@ -190,24 +213,33 @@ def _fixes(config, message: str) -> str:
   """The settings that shrink the step's memory, from the current ones."""
   m, mesh = config.model, config.mesh
   accum = config.optim.grad_accum_steps
-  fewer_rows = (f"fewer rows per pass: --config.optim.grad_accum_steps={2 * accum} "
-                f"(or --config.data.batch_size below {config.data.batch_size})")
+  fewer_rows = (
+    f"fewer rows per pass: --config.optim.grad_accum_steps={2 * accum} "
+    f"(or --config.data.batch_size below {config.data.batch_size})"
+  )
   if "hbm" not in message.lower():
     # A kernel's on-chip SMEM/VMEM (e.g. the attention's block map of every
     # row on the device), which only fewer rows or tokens per device shrink.
-    return (f"{fewer_rows}; a shorter --config.data.seq_len; or more chips over the "
-            "batch (--config.mesh.data / --config.mesh.fsdp, a larger --topology)")
+    return (
+      f"{fewer_rows}; a shorter --config.data.seq_len; or more chips over the "
+      "batch (--config.mesh.data / --config.mesh.fsdp, a larger --topology)"
+    )
   fixes = []
   if not (mesh.data == 1 and mesh.fsdp == -1):
-    fixes.append("shard the weights and optimizer state over every chip "
-                 "(--config.mesh.data=1 --config.mesh.fsdp=-1)")
+    fixes.append(
+      "shard the weights and optimizer state over every chip "
+      "(--config.mesh.data=1 --config.mesh.fsdp=-1)"
+    )
   tensor = max(1, int(mesh.tensor))
-  fixes.append(f"more tensor parallelism (--config.mesh.tensor={2 * tensor}: heads and MLP "
-               "split further)" if tensor > 1 else
-               "tensor parallelism (--config.mesh.tensor=2 or 4: heads and MLP split)")
+  fixes.append(
+    f"more tensor parallelism (--config.mesh.tensor={2 * tensor}: heads and MLP split further)"
+    if tensor > 1
+    else "tensor parallelism (--config.mesh.tensor=2 or 4: heads and MLP split)"
+  )
   if not m.remat:
-    fixes.append("recompute each layer's activations in the backward pass "
-                 "(--config.model.remat=True)")
+    fixes.append(
+      "recompute each layer's activations in the backward pass (--config.model.remat=True)"
+    )
   fixes.append(fewer_rows)
   fixes.append("or a larger slice (--topology)")
   return "; ".join(fixes)
@@ -220,7 +252,7 @@ def _compiler_message(error: Exception, lines: int = 4) -> str:
 
 def _cost(compiled) -> dict:
   cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):   # one entry per program in older jax
+  if isinstance(cost, (list, tuple)):  # one entry per program in older jax
     cost = cost[0] if cost else None
   return dict(cost or {})
 
@@ -258,47 +290,65 @@ def plan(config, topology: Topology) -> tuple[StepPlan, str]:
     failure = _compiler_message(error)
   finally:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
-  if failure is not None:   # raised here, so the compiler's traceback is not its cause
+  if failure is not None:  # raised here, so the compiler's traceback is not its cause
     raise DoesNotFitError(
-        f"the train step does not fit {topology.name} ({topology.chips} x {chip.name}, "
-        f"{chip.hbm_gib:g} GiB HBM each) "
-        f"with mesh {dict(mesh.shape)}, model.remat={config.model.remat}, "
-        f"data.batch_size={config.data.batch_size} x data.seq_len={config.data.seq_len}, "
-        f"optim.grad_accum_steps={config.optim.grad_accum_steps}. The compiler says: "
-        f"{failure} To fit it: {_fixes(config, failure)}")
+      f"the train step does not fit {topology.name} ({topology.chips} x {chip.name}, "
+      f"{chip.hbm_gib:g} GiB HBM each) "
+      f"with mesh {dict(mesh.shape)}, model.remat={config.model.remat}, "
+      f"data.batch_size={config.data.batch_size} x data.seq_len={config.data.seq_len}, "
+      f"optim.grad_accum_steps={config.optim.grad_accum_steps}. The compiler says: "
+      f"{failure} To fit it: {_fixes(config, failure)}"
+    )
   seconds = time.perf_counter() - t0
   memory = memory_plan(compiled)
   cost = _cost(compiled)
-  model_flops = train_flops_per_row(config.model, config.data.seq_len) * \
-      config.data.batch_size
+  model_flops = train_flops_per_row(config.model, config.data.seq_len) * config.data.batch_size
   xla_seconds = cost.get("optimal_seconds")
   if xla_seconds is not None and xla_seconds > 0:
     step_seconds, estimate = xla_seconds * model_flops / counted_once_flops(config), "xla"
   else:
     step_seconds, estimate = model_flops / (len(devices) * chip.bf16_tflops * 1e12), "peak"
   result = StepPlan(
-      topology=topology.name, chip=chip.name, devices=len(devices),
-      slices=topology.num_slices, mesh=dict(mesh.shape), remat=bool(config.model.remat),
-      batch_size=config.data.batch_size, seq_len=config.data.seq_len,
-      grad_accum_steps=config.optim.grad_accum_steps,
-      argument_bytes=memory["arguments"], output_bytes=memory["outputs"],
-      alias_bytes=memory["aliased"], temp_bytes=memory["temporaries"],
-      code_bytes=memory["code"], hbm_bytes=int(chip.hbm_gib * GIB),
-      model_flops=model_flops, xla_flops=cost.get("flops"), xla_seconds=xla_seconds,
-      step_seconds=step_seconds, estimate=estimate, peak_tflops=chip.bf16_tflops,
-      platform=topology.platform, kernel_calls=text.count(KERNEL_CALLS[topology.platform][1]),
-      compile_seconds=seconds)
+    topology=topology.name,
+    chip=chip.name,
+    devices=len(devices),
+    slices=topology.num_slices,
+    mesh=dict(mesh.shape),
+    remat=bool(config.model.remat),
+    batch_size=config.data.batch_size,
+    seq_len=config.data.seq_len,
+    grad_accum_steps=config.optim.grad_accum_steps,
+    argument_bytes=memory["arguments"],
+    output_bytes=memory["outputs"],
+    alias_bytes=memory["aliased"],
+    temp_bytes=memory["temporaries"],
+    code_bytes=memory["code"],
+    hbm_bytes=int(chip.hbm_gib * GIB),
+    model_flops=model_flops,
+    xla_flops=cost.get("flops"),
+    xla_seconds=xla_seconds,
+    step_seconds=step_seconds,
+    estimate=estimate,
+    peak_tflops=chip.bf16_tflops,
+    platform=topology.platform,
+    kernel_calls=text.count(KERNEL_CALLS[topology.platform][1]),
+    compile_seconds=seconds,
+  )
   if not result.fits:
-    checked = ("XLA's GPU compiler plans the buffers but checks no limit" if
-               topology.platform == "gpu" else "the TPU compiler accepted it")
+    checked = (
+      "XLA's GPU compiler plans the buffers but checks no limit"
+      if topology.platform == "gpu"
+      else "the TPU compiler accepted it"
+    )
     gib = lambda b: f"{b / GIB:.1f}"
     raise DoesNotFitError(
-        f"the train step does not fit {topology.name} ({topology.chips} x {chip.name}, "
-        f"{chip.hbm_gib:g} GiB each) with mesh {result.mesh}, model.remat="
-        f"{config.model.remat}, data.batch_size={config.data.batch_size} x data.seq_len="
-        f"{config.data.seq_len}, optim.grad_accum_steps={config.optim.grad_accum_steps}: "
-        f"{checked}, but its memory per device adds up to {gib(result.total_bytes)} GiB "
-        f"(arguments {gib(result.argument_bytes)} + outputs {gib(result.output_bytes)} - "
-        f"aliased {gib(result.alias_bytes)} + temporaries {gib(result.temp_bytes)} + code "
-        f"{gib(result.code_bytes)}). To fit it: {_fixes(config, 'hbm')}")
+      f"the train step does not fit {topology.name} ({topology.chips} x {chip.name}, "
+      f"{chip.hbm_gib:g} GiB each) with mesh {result.mesh}, model.remat="
+      f"{config.model.remat}, data.batch_size={config.data.batch_size} x data.seq_len="
+      f"{config.data.seq_len}, optim.grad_accum_steps={config.optim.grad_accum_steps}: "
+      f"{checked}, but its memory per device adds up to {gib(result.total_bytes)} GiB "
+      f"(arguments {gib(result.argument_bytes)} + outputs {gib(result.output_bytes)} - "
+      f"aliased {gib(result.alias_bytes)} + temporaries {gib(result.temp_bytes)} + code "
+      f"{gib(result.code_bytes)}). To fit it: {_fixes(config, 'hbm')}"
+    )
   return result, text

@@ -29,22 +29,25 @@ from flax import nnx
 
 from monoformer_jax import perf
 from monoformer_jax.checkpoints import TrainCheckpointer, load_params
+from monoformer_jax.checks import check_batch_layout, check_train_config
 from monoformer_jax.data.datasets import make_batches, source_of
 from monoformer_jax.data.sharded import merge_data_states
 from monoformer_jax.diffusion.gaussian import from_config
 from monoformer_jax.errors import TrainingDiverged
 from monoformer_jax.eval import finite_json
-from monoformer_jax.eval.score import (TrainingEvals, end_samples_score_evals,
-                                       eval_row_of_samples)
+from monoformer_jax.eval.score import TrainingEvals, end_samples_score_evals, eval_row_of_samples
 from monoformer_jax.model.build import param_count, train_flops_per_row
 from monoformer_jax.parallel import distributed, sharding
+from monoformer_jax.paths import writable_dir
 from monoformer_jax.text.tokenizer import tokenizer_of
 from monoformer_jax.train.samples import write_samples
-from monoformer_jax.train.state import (create_train_state, make_optimizer, state_from_params,
-                                        state_shardings)
+from monoformer_jax.train.state import (
+  create_train_state,
+  make_optimizer,
+  state_from_params,
+  state_shardings,
+)
 from monoformer_jax.train.step import WATCHED, healthy, make_train_step
-from monoformer_jax.checks import check_batch_layout, check_train_config
-from monoformer_jax.paths import writable_dir
 
 
 class _Metrics:
@@ -58,6 +61,7 @@ class _Metrics:
     self.active = jax.process_index() == 0
     if self.active and tensorboard:
       from tensorboardX import SummaryWriter
+
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, row: dict):
@@ -108,9 +112,13 @@ def initial_state(config, mesh, tx):
     logging.info("initialised %s parameters", f"{param_count(state['params']):,}")
     return graphdef, state, shardings
   graphdef, _, shardings = state_shardings(config, mesh, tx)
-  params, _, _ = load_params(init_from, weights="raw", config=config,
-                             shardings=shardings["params"],
-                             allow_model_changes=config.train.allow_model_changes)
+  params, _, _ = load_params(
+    init_from,
+    weights="raw",
+    config=config,
+    shardings=shardings["params"],
+    allow_model_changes=config.train.allow_model_changes,
+  )
   state = state_from_params(params, tx, shardings)
   logging.info("started from %s: %s parameters", init_from, f"{param_count(params):,}")
   return graphdef, state, shardings
@@ -120,22 +128,28 @@ def _warn_if_too_short(config):
   need = source_of(config).steps_for_samples
   if need and config.train.num_steps < need:
     logging.warning(
-        "train.num_steps=%d is below the ~%d steps after which this dataset's samples become "
-        "recognisable at its default config: expect the end-of-run samples to look like noise",
-        config.train.num_steps, need)
+      "train.num_steps=%d is below the ~%d steps after which this dataset's samples become "
+      "recognisable at its default config: expect the end-of-run samples to look like noise",
+      config.train.num_steps,
+      need,
+    )
 
 
 def _diverged(health, ckpt: TrainCheckpointer) -> TrainingDiverged:
   """The diagnosis of a run whose step `health["bad_step"]` was not finite."""
   bad = int(health["bad_step"])
-  terms = [f"{name}={float(v):g}" for name, ok, v in
-           zip(WATCHED, health["terms"], health["values"]) if not ok]
+  terms = [
+    f"{name}={float(v):g}"
+    for name, ok, v in zip(WATCHED, health["terms"], health["values"])
+    if not ok
+  ]
   kept = ckpt.steps()
   return TrainingDiverged(
-      f"step {bad} is not finite ({', '.join(terms)}); the state stopped at step {bad - 1} "
-      f"and no non-finite state was saved. Checkpoints kept in {ckpt.directory}: {kept}. "
-      "Lower --config.optim.lr (or raise optim.warmup_steps) "
-      f"and run again with the same --workdir to resume from step {kept[-1] if kept else 0}")
+    f"step {bad} is not finite ({', '.join(terms)}); the state stopped at step {bad - 1} "
+    f"and no non-finite state was saved. Checkpoints kept in {ckpt.directory}: {kept}. "
+    "Lower --config.optim.lr (or raise optim.warmup_steps) "
+    f"and run again with the same --workdir to resume from step {kept[-1] if kept else 0}"
+  )
 
 
 def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
@@ -144,20 +158,23 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
   # Every field is checked before anything is compiled or written.
   config = check_train_config(config)
   workdir = writable_dir(workdir, "checkpoints, metrics and samples", "--workdir")
-  tokenizer = tokenizer_of(config)   # checks it fits model.vocab_size
+  tokenizer = tokenizer_of(config)  # checks it fits model.vocab_size
   mesh = sharding.make_mesh(config.mesh)
   check_batch_layout(config, mesh, jax.process_count())
   _warn_if_too_short(config)
   rules = config.sharding_rules
-  logging.info("mesh %s on %d %s devices", dict(mesh.shape), jax.device_count(),
-               jax.default_backend())
+  logging.info(
+    "mesh %s on %d %s devices", dict(mesh.shape), jax.device_count(), jax.default_backend()
+  )
 
   with jax.set_mesh(mesh), sharding.logical_rules(rules):
     # --------------------------------------------------------------- model
     tx, schedule = make_optimizer(config.optim, config.model)
-    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
-                             keep=config.train.keep_checkpoints,
-                             save_every=config.train.checkpoint_every)
+    ckpt = TrainCheckpointer(
+      os.path.join(workdir, "checkpoints"),
+      keep=config.train.keep_checkpoints,
+      save_every=config.train.checkpoint_every,
+    )
     graphdef, abstract, shardings = state_shardings(config, mesh, tx)
     resumed = ckpt.restore_latest(abstract, shardings, config)
     data_state = None
@@ -168,18 +185,25 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       graphdef, state, shardings = initial_state(config, mesh, tx)
 
     # ---------------------------------------------------------------- data
-    batches = make_batches(config, tokenizer, process_index=jax.process_index(),
-                           process_count=jax.process_count(), state=data_state)
+    batches = make_batches(
+      config,
+      tokenizer,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      state=data_state,
+    )
     batch_sh = sharding.batch_sharding(mesh, rules, 1)
     diffusion = from_config(config.diffusion)
     step = int(state["step"])
     num_steps = config.train.num_steps
-    health = jax.device_put(healthy(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    health = jax.device_put(
+      healthy(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    )
     # The data position after each step since the last check, so the last good
     # state of a run that diverges is saved with the batches it had read.
     data_after = {step: batches.get_state()}
-    real_tokens = 0   # non-padding tokens of this host's rows since the last log
-    clock = dict(data=0.0, checkpoint=0.0)   # seconds since the last log
+    real_tokens = 0  # non-padding tokens of this host's rows since the last log
+    clock = dict(data=0.0, checkpoint=0.0)  # seconds since the last log
 
     def next_batch():
       nonlocal real_tokens
@@ -203,8 +227,11 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       batch = next_batch()
       logging.info("compiling the train step ...")
       t0 = time.perf_counter()
-      train_step = make_train_step(graphdef, diffusion, config, tx, schedule, shardings,
-                                   batch_sh).lower(state, batch, health).compile()
+      train_step = (
+        make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_sh)
+        .lower(state, batch, health)
+        .compile()
+      )
       compile_s = time.perf_counter() - t0
       logging.info("compiled the train step in %.1f s", compile_s)
 
@@ -224,7 +251,7 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     stopped = False
     t_last, step_last = time.perf_counter(), step
     t_first, step_first = t_last, step
-    clock["data"] = 0.0   # the first batch belongs to the compile
+    clock["data"] = 0.0  # the first batch belongs to the compile
     while step < num_steps:
       if batch is None:
         batch = next_batch()
@@ -237,15 +264,16 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       stopped = preemption.reached(step)
       log = step % config.train.log_every == 0 or step == num_steps
       saving = step % config.train.checkpoint_every == 0 or stopped
-      evaluating = (evals.due(step) and not stopped
-                    and not (evals_from_samples and step == num_steps))
+      evaluating = (
+        evals.due(step) and not stopped and not (evals_from_samples and step == num_steps)
+      )
       if not (log or saving or evaluating):
         continue
       # Both sync with the devices anyway: read the health record first.
       health_now = jax.device_get(health)
       if health_now["bad_step"] >= 0:
         good = int(health_now["bad_step"]) - 1
-        if good > 0:   # the state on the devices is that step's: keep it
+        if good > 0:  # the state on the devices is that step's: keep it
           save(good, force=True)
         ckpt.wait()
         ckpt.close()
@@ -257,31 +285,48 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
         now = time.perf_counter()
         step_time = (now - t_last) / (step - step_last)
         tokens_per_device = real_tokens / (now - t_last) / jax.local_device_count()
-        achieved = step_flops / step_time / jax.device_count()   # FLOP/s per device
+        achieved = step_flops / step_time / jax.device_count()  # FLOP/s per device
         row = {k: float(v) for k, v in metrics.items()}
-        row.update(step_time_s=step_time, tokens_per_s_per_device=tokens_per_device,
-                   tflops_per_device=achieved / 1e12, data_wait_s=clock["data"],
-                   checkpoint_s=clock["checkpoint"])
+        row.update(
+          step_time_s=step_time,
+          tokens_per_s_per_device=tokens_per_device,
+          tflops_per_device=achieved / 1e12,
+          data_wait_s=clock["data"],
+          checkpoint_s=clock["checkpoint"],
+        )
         if chip is not None:
           row["mfu"] = achieved / (chip.bf16_tflops * 1e12)
         metrics_out.write(step, row)
         logging.info(
-            "step %d/%d  loss %.4f  diff %.4f (mse %.4f vb %.4f)  lm %.3f  |g| %.2f  "
-            "lr %.2e  %.3f s/step  %s tokens/s/device  %s  data %.2f s  ckpt %.2f s",
-            step, num_steps, metrics["loss"], metrics["diff"], metrics["mse"],
-            metrics["vb"], metrics["lm"], metrics["grad_norm"], metrics["lr"], step_time,
-            f"{tokens_per_device:,.0f}",
-            f"MFU {row['mfu']:.1%}" if chip else f"{achieved / 1e9:,.1f} GFLOP/s/device",
-            clock["data"], clock["checkpoint"])
+          "step %d/%d  loss %.4f  diff %.4f (mse %.4f vb %.4f)  lm %.3f  |g| %.2f  "
+          "lr %.2e  %.3f s/step  %s tokens/s/device  %s  data %.2f s  ckpt %.2f s",
+          step,
+          num_steps,
+          metrics["loss"],
+          metrics["diff"],
+          metrics["mse"],
+          metrics["vb"],
+          metrics["lm"],
+          metrics["grad_norm"],
+          metrics["lr"],
+          step_time,
+          f"{tokens_per_device:,.0f}",
+          f"MFU {row['mfu']:.1%}" if chip else f"{achieved / 1e9:,.1f} GFLOP/s/device",
+          clock["data"],
+          clock["checkpoint"],
+        )
         t_last, step_last, real_tokens = now, step, 0
         clock.update(data=0.0, checkpoint=0.0)
         ckpt.poll()
       if evaluating:
         results = evals(nnx.merge(graphdef, state["ema"]), tokenizer)
         metrics_out.write(step, results)
-        logging.info("step %d evals (EMA weights): %s", step, "  ".join(
-            f"{k[5:]} {v:.4g}" for k, v in results.items()))
-        t_last += results["eval/seconds"]   # the evals' time is not the steps'
+        logging.info(
+          "step %d evals (EMA weights): %s",
+          step,
+          "  ".join(f"{k[5:]} {v:.4g}" for k, v in results.items()),
+        )
+        t_last += results["eval/seconds"]  # the evals' time is not the steps'
       if saving:
         save(step, force=stopped)
       if stopped:
@@ -300,17 +345,25 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     if sample_at_end and not stopped:
       t0 = time.perf_counter()
       _, _, image_scores, model_scores = write_samples(
-          nnx.merge(graphdef, state["ema"]), config, tokenizer, os.path.join(workdir, "samples"))
+        nnx.merge(graphdef, state["ema"]), config, tokenizer, os.path.join(workdir, "samples")
+      )
       sample_s = time.perf_counter() - t0
       if evals_from_samples and evals.due(step) and step > step_first:
         results = eval_row_of_samples(config, image_scores, model_scores)
         metrics_out.write(step, results)
-        logging.info("step %d evals (EMA weights, the end-of-run samples'): %s", step,
-                     "  ".join(f"{k[5:]} {v:.4g}" for k, v in results.items()))
+        logging.info(
+          "step %d evals (EMA weights, the end-of-run samples'): %s",
+          step,
+          "  ".join(f"{k[5:]} {v:.4g}" for k, v in results.items()),
+        )
     metrics_out.close()
   if step > step_first:
-    logging.info("done: compile %.1f s, %d steps in %.1f s (%.3f s/step with the logging and "
-                 "checkpoints)%s", compile_s, step - step_first, trained_s,
-                 trained_s / (step - step_first),
-                 f", samples {sample_s:.1f} s" if sample_s is not None else "")
+    logging.info(
+      "done: compile %.1f s, %d steps in %.1f s (%.3f s/step with the logging and checkpoints)%s",
+      compile_s,
+      step - step_first,
+      trained_s,
+      trained_s / (step - step_first),
+      f", samples {sample_s:.1f} s" if sample_s is not None else "",
+    )
   return state, metrics

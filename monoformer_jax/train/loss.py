@@ -26,7 +26,8 @@ from monoformer_jax.parallel import sharding
 def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
   """Weighted mean token cross-entropy (float32) and the weight total."""
   nll_BxL = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxLxV.astype(jnp.float32), targets_BxL)
+    logits_BxLxV.astype(jnp.float32), targets_BxL
+  )
   total = weights_BxL.sum()
   return (nll_BxL * weights_BxL).sum() / jnp.maximum(total, 1.0), total
 
@@ -50,7 +51,7 @@ def head_cross_entropy(h_BxLxE, logits_of, targets_BxL, weights_BxL):
   """
   b, length, e = h_BxLxE.shape
   shards = sharding.batch_shards(b)
-  t = b // shards * length   # tokens per shard
+  t = b // shards * length  # tokens per shard
   h_SxTxE = h_BxLxE.reshape(shards, t, e)
   targets_SxT = targets_BxL.reshape(shards, t)
   weights_SxT = weights_BxL.reshape(shards, t).astype(jnp.float32)
@@ -68,12 +69,14 @@ def head_cross_entropy(h_BxLxE, logits_of, targets_BxL, weights_BxL):
       h_SxCxE = jnp.take_along_axis(h, first[..., None], axis=1)
       take = lambda x: jnp.take_along_axis(x, first, axis=1)
       return cross_entropy(logits_of(h_SxCxE), take(targets), take(weights))[0]
+
     return mean_nll
 
   needed = carries_SxT.sum(axis=1).max()
   index = sum((needed > c).astype(jnp.int32) for c in capacities[:-1])
-  lm = jax.lax.switch(index, [branch(c) for c in capacities],
-                      (h_SxTxE, targets_SxT, weights_SxT, order_SxT))
+  lm = jax.lax.switch(
+    index, [branch(c) for c in capacities], (h_SxTxE, targets_SxT, weights_SxT, order_SxT)
+  )
   return lm, weights_SxT.sum()
 
 
@@ -89,16 +92,17 @@ def loss_terms(model, batch, t_BxM, noise_BxMxhxwxC, diffusion):
   x_t = diffusion.q_sample(flat(latents), t_BxM.reshape(-1), flat(noise_BxMxhxwxC))
   x_t = x_t.reshape(latents.shape)
   h_BxLxE, out_BxMxhxwx2C = model.hidden(Row.of(batch), x_t, t_BxM, batch.get("read_images"))
-  terms = diffusion.training_losses(flat(out_BxMxhxwx2C), flat(latents), flat(x_t),
-                                    t_BxM.reshape(-1), flat(noise_BxMxhxwxC))
+  terms = diffusion.training_losses(
+    flat(out_BxMxhxwx2C), flat(latents), flat(x_t), t_BxM.reshape(-1), flat(noise_BxMxhxwxC)
+  )
   terms = {k: v.reshape(b, m) for k, v in terms.items()}
   valid_BxM = batch["image_valid"]
   n_images = valid_BxM.sum()
   diff = jnp.where(valid_BxM, terms["loss"], 0.0).sum() / jnp.maximum(n_images, 1)
-  lm, n_text = head_cross_entropy(h_BxLxE, model.logits, batch["targets"],
-                                  batch["text_weights"])
-  return dict(lm=lm, diff=diff, n_images=n_images, n_text_tokens=n_text,
-              image_valid=valid_BxM, **terms)
+  lm, n_text = head_cross_entropy(h_BxLxE, model.logits, batch["targets"], batch["text_weights"])
+  return dict(
+    lm=lm, diff=diff, n_images=n_images, n_text_tokens=n_text, image_valid=valid_BxM, **terms
+  )
 
 
 def total_loss(model, batch, key, diffusion, loss_cfg):
@@ -111,8 +115,13 @@ def total_loss(model, batch, key, diffusion, loss_cfg):
   loss = loss_cfg.w_diff * terms["diff"] + loss_cfg.w_lm * terms["lm"]
   valid = terms["image_valid"]
   n = jnp.maximum(terms["n_images"], 1)
-  metrics = dict(loss=loss, lm=terms["lm"], diff=terms["diff"],
-                 mse=jnp.where(valid, terms["mse"], 0).sum() / n,
-                 vb=jnp.where(valid, terms["vb"], 0).sum() / n,
-                 images=terms["n_images"], text_tokens=terms["n_text_tokens"])
+  metrics = dict(
+    loss=loss,
+    lm=terms["lm"],
+    diff=terms["diff"],
+    mse=jnp.where(valid, terms["mse"], 0).sum() / n,
+    vb=jnp.where(valid, terms["vb"], 0).sum() / n,
+    images=terms["n_images"],
+    text_tokens=terms["n_text_tokens"],
+  )
   return loss, metrics

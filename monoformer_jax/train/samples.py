@@ -46,20 +46,31 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
   evaluators = registry.make(scored, registry.training_settings(config, scored))
   classes = class_names(config)
   if sc.num_classes:
-    classes = classes[:sc.num_classes]
+    classes = classes[: sc.num_classes]
   images = labels = None
   image_scores = {}
   if classes and sc.num_per_class:
     labels = np.repeat(np.arange(len(classes)), sc.num_per_class)
     vae = inference.load_vae_of(config)
     t0 = time.perf_counter()
-    logging.info("sampling %d images of %d classes: %d DDPM steps, guidance %.1f",
-                 len(labels), len(classes), sc.num_steps, sc.cfg_scale)
+    logging.info(
+      "sampling %d images of %d classes: %d DDPM steps, guidance %.1f",
+      len(labels),
+      len(classes),
+      sc.num_steps,
+      sc.cfg_scale,
+    )
     with tqdm.tqdm(total=sc.num_steps, desc="DDPM steps", disable=not writer) as bar:
       x0 = inference.generate_images(
-          model, tokenizer, [prompts.class_prompt(classes[k]) for k in labels],
-          num_steps=sc.num_steps, cfg_scale=sc.cfg_scale, seed=seed,
-          diffusion=config.diffusion, progress=lambda _: bar.update(1))
+        model,
+        tokenizer,
+        [prompts.class_prompt(classes[k]) for k in labels],
+        num_steps=sc.num_steps,
+        cfg_scale=sc.cfg_scale,
+        seed=seed,
+        diffusion=config.diffusion,
+        progress=lambda _: bar.update(1),
+      )
     x0 = multihost_utils.process_allgather(x0, tiled=True)
     images = inference.to_pixels(x0, config, vae)
     logging.info("sampled in %.1fs", time.perf_counter() - t0)
@@ -69,25 +80,36 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
   elif classes:
     logging.info("sample.num_per_class=0: no class-conditional samples")
   else:
-    logging.info("data.name=%r has no class names: no class-conditional samples",
-                 config.data.name)
+    logging.info("data.name=%r has no class names: no class-conditional samples", config.data.name)
   # The model metrics write what they show (e.g. pages of answers) from process 0.
-  model_scores = score_model(evaluators, model, tokenizer, config, num_steps=sc.num_steps,
-                             cfg_scale=sc.cfg_scale, seed=seed,
-                             outdir=outdir if writer else None)
+  model_scores = score_model(
+    evaluators,
+    model,
+    tokenizer,
+    config,
+    num_steps=sc.num_steps,
+    cfg_scale=sc.cfg_scale,
+    seed=seed,
+    outdir=outdir if writer else None,
+  )
 
   text_prompts = list(sc.text_prompts)
-  completions = inference.complete_text(model, tokenizer, text_prompts,
-                                        max_new_tokens=sc.max_new_tokens, temperature=0.0,
-                                        seed=seed) if text_prompts else []
+  completions = (
+    inference.complete_text(
+      model, tokenizer, text_prompts, max_new_tokens=sc.max_new_tokens, temperature=0.0, seed=seed
+    )
+    if text_prompts
+    else []
+  )
   lines = [f"{p!r} -> {c!r}" for p, c in zip(text_prompts, completions)]
   if not writer:
     return images, labels, image_scores, model_scores
   if images is not None:
     name = config.data.name
     np.savez(os.path.join(outdir, f"{name}.npz"), images=images, labels=labels)
-    inference.image_grid(images, rows=len(classes), scale=max(1, 32 // images.shape[1])
-                         ).save(os.path.join(outdir, f"{name}.png"))
+    inference.image_grid(images, rows=len(classes), scale=max(1, 32 // images.shape[1])).save(
+      os.path.join(outdir, f"{name}.png")
+    )
   with open(os.path.join(outdir, "text.txt"), "w") as f:
     f.write("\n".join(lines) + "\n")
   for line in lines:
@@ -96,7 +118,16 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
   for values in model_scores.values():
     summary.update(values)
   with open(os.path.join(outdir, "summary.json"), "w") as f:
-    f.write(finite_json(dict(summary, num_samples=0 if labels is None else len(labels),
-                             steps=sc.num_steps, cfg_scale=sc.cfg_scale, text=lines),
-                        indent=1))
+    f.write(
+      finite_json(
+        dict(
+          summary,
+          num_samples=0 if labels is None else len(labels),
+          steps=sc.num_steps,
+          cfg_scale=sc.cfg_scale,
+          text=lines,
+        ),
+        indent=1,
+      )
+    )
   return images, labels, image_scores, model_scores

@@ -15,17 +15,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from monoformer_jax.model.build import abstract_model, init_params, shardings_of
-
 
 # Top-level modules that are never trained: the frozen CLIP tower (the reference's).
 FROZEN = ("vision_tower",)
 
 
-def make_optimizer(optim_cfg, model_cfg=None) -> tuple[optax.GradientTransformation,
-                                                       optax.Schedule]:
+def make_optimizer(
+  optim_cfg, model_cfg=None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Grad-norm clipping then AdamW; constant lr after an optional linear warmup.
   A model with a frozen module (FROZEN) gets no update there and keeps no
   AdamW moments for it."""
@@ -33,8 +34,13 @@ def make_optimizer(optim_cfg, model_cfg=None) -> tuple[optax.GradientTransformat
     schedule = optax.warmup_constant_schedule(0.0, optim_cfg.lr, optim_cfg.warmup_steps)
   else:  # optax's warmup of 0 steps would stay at the initial value
     schedule = optax.constant_schedule(optim_cfg.lr)
-  adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                      weight_decay=optim_cfg.weight_decay)
+  adamw = optax.adamw(
+    schedule,
+    b1=optim_cfg.b1,
+    b2=optim_cfg.b2,
+    eps=optim_cfg.eps,
+    weight_decay=optim_cfg.weight_decay,
+  )
   if model_cfg is not None and model_cfg.vision_encoder == "clip":
     labels = lambda params: {k: "frozen" if k in FROZEN else "trained" for k in params}
     adamw = optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, labels)
@@ -48,26 +54,33 @@ def state_shardings(config, mesh, tx):
   param_sh = shardings_of(abs_params, axes, config.sharding_rules, mesh)
   abs_opt = jax.eval_shape(tx.init, abs_params)
   replicated = NamedSharding(mesh, P())
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
-                                 transform_non_params=lambda _: replicated)
+  opt_sh = optax.tree_map_params(
+    tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: replicated
+  )
   shardings = dict(step=replicated, params=param_sh, opt_state=opt_sh, ema=param_sh)
-  abstract = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
-                  opt_state=abs_opt, ema=abs_params)
+  abstract = dict(
+    step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params, opt_state=abs_opt, ema=abs_params
+  )
   return graphdef, abstract, shardings
 
 
 def _first_state(params, tx):
   """Step 0 from `params`: EMA = params, a fresh optimizer state."""
   # A copy, so that params and ema are distinct buffers (the step donates both).
-  return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-              ema=jax.tree.map(jnp.copy, params))
+  return dict(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    ema=jax.tree.map(jnp.copy, params),
+  )
 
 
 def create_train_state(config, mesh, tx):
   """(graphdef, state, shardings): the state initialised straight into its shards."""
   graphdef, _, shardings = state_shardings(config, mesh, tx)
-  state = jax.jit(lambda: _first_state(init_params(config.model, config.seed), tx),
-                  out_shardings=shardings)()
+  state = jax.jit(
+    lambda: _first_state(init_params(config.model, config.seed), tx), out_shardings=shardings
+  )()
   return graphdef, state, shardings
 
 

@@ -45,8 +45,7 @@ def accumulated_grads(loss_fn, accum: int):
       return grads, metrics
     rows = batch["tokens"].shape[0]
     if rows % accum:
-      raise ValueError(f"data.batch_size={rows} is not divisible by "
-                       f"optim.grad_accum_steps={accum}")
+      raise ValueError(f"data.batch_size={rows} is not divisible by optim.grad_accum_steps={accum}")
     micro = jax.tree.map(lambda x: x.reshape(accum, rows // accum, *x.shape[1:]), batch)
 
     def body(acc, inputs):
@@ -56,8 +55,10 @@ def accumulated_grads(loss_fn, accum: int):
 
     first = jax.tree.map(lambda x: x[0], micro)
     metrics_shape = jax.eval_shape(lambda: grad_fn(params, first, key)[0][1])
-    zeros = (jax.tree.map(jnp.zeros_like, params),
-             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
+    zeros = (
+      jax.tree.map(jnp.zeros_like, params),
+      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape),
+    )
     (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     return jax.tree.map(lambda g: g / accum, (grads, metrics))
 
@@ -72,15 +73,19 @@ def healthy():
   """The health record of a run with no bad step yet: `bad_step` -1, then the
   first step whose WATCHED metrics are not all finite, their finiteness
   (`terms`, bool) and values (`values`) at that step."""
-  return dict(bad_step=jnp.full((), -1, jnp.int32), terms=jnp.zeros(len(WATCHED), bool),
-              values=jnp.zeros(len(WATCHED), jnp.float32))
+  return dict(
+    bad_step=jnp.full((), -1, jnp.int32),
+    terms=jnp.zeros(len(WATCHED), bool),
+    values=jnp.zeros(len(WATCHED), jnp.float32),
+  )
 
 
 def make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_sharding):
   """`step(state, batch, health) -> (state, metrics, health)`, jitted and sharded;
   `state` is donated."""
-  grads_of = accumulated_grads(make_loss_fn(graphdef, diffusion, config),
-                               config.optim.grad_accum_steps)
+  grads_of = accumulated_grads(
+    make_loss_fn(graphdef, diffusion, config), config.optim.grad_accum_steps
+  )
   ema_decay = config.optim.ema_decay
   nan_step = config.train.debug_nan_step
   base_key = jax.random.PRNGKey(config.seed)
@@ -88,7 +93,7 @@ def make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_
   def step(state, batch, health):
     key = jax.random.fold_in(base_key, state["step"])
     grads, metrics = grads_of(state["params"], batch, key)
-    if nan_step:   # tests of the divergence stop: this step's loss and gradients are NaN
+    if nan_step:  # tests of the divergence stop: this step's loss and gradients are NaN
       poison = jnp.where(state["step"] + 1 == nan_step, jnp.nan, 0.0)
       grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
       metrics = dict(metrics, loss=metrics["loss"] + poison)
@@ -101,19 +106,24 @@ def make_train_step(graphdef, diffusion, config, tx, schedule, shardings, batch_
     def update(state):
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                         state["ema"], params)
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
       return dict(step=state["step"] + 1, params=params, opt_state=opt_state, ema=ema)
 
     # A non-finite step (or any after one) leaves the state as it was. A cond,
     # not a select of the new state against the old: the update then runs in
     # place in the donated buffers (the select kept both, 16% of a CPU step).
     new_state = jax.lax.cond(keep_new, update, lambda state: state, state)
-    health = dict(bad_step=jnp.where(first_bad, state["step"] + 1, health["bad_step"]),
-                  terms=jnp.where(first_bad, finite, health["terms"]),
-                  values=jnp.where(first_bad, values, health["values"]))
+    health = dict(
+      bad_step=jnp.where(first_bad, state["step"] + 1, health["bad_step"]),
+      terms=jnp.where(first_bad, finite, health["terms"]),
+      values=jnp.where(first_bad, values, health["values"]),
+    )
     return new_state, metrics, health
 
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step, in_shardings=(shardings, batch_sharding, replicated),
-                 out_shardings=(shardings, None, replicated), donate_argnums=(0,))
+  return jax.jit(
+    step,
+    in_shardings=(shardings, batch_sharding, replicated),
+    out_shardings=(shardings, None, replicated),
+    donate_argnums=(0,),
+  )

@@ -9,9 +9,23 @@ Everything is NHWC. The VAE's parameters carry the logical axes 'conv_height',
 and meant to be replicated.
 """
 
-from monoformer_jax.vae.autoencoder_kl import (SCALING_FACTOR, AutoencoderKL, DiagonalGaussian,
-                                               VAEConfig, decode_latents, encode_images)
+from monoformer_jax.vae.autoencoder_kl import (
+  SCALING_FACTOR,
+  AutoencoderKL,
+  DiagonalGaussian,
+  VAEConfig,
+  decode_latents,
+  encode_images,
+)
 from monoformer_jax.vae.load import load_vae, vae_from_tensors
 
-__all__ = ["SCALING_FACTOR", "AutoencoderKL", "DiagonalGaussian", "VAEConfig",
-           "decode_latents", "encode_images", "load_vae", "vae_from_tensors"]
+__all__ = [
+  "SCALING_FACTOR",
+  "AutoencoderKL",
+  "DiagonalGaussian",
+  "VAEConfig",
+  "decode_latents",
+  "encode_images",
+  "load_vae",
+  "vae_from_tensors",
+]

@@ -37,6 +37,7 @@ UP_BLOCK_TYPE = "UpDecoderBlock2D"
 class VAEConfig:
   """The fields of a diffusers AutoencoderKL `config.json` we use; defaults are
   sd-vae-ft-mse's (diffusers' save_pretrained writes every field anyway)."""
+
   in_channels: int = 3
   out_channels: int = 3
   latent_channels: int = 4
@@ -56,17 +57,22 @@ class VAEConfig:
     if isinstance(self.sample_size, list):
       object.__setattr__(self, "sample_size", tuple(self.sample_size))
     if not self.block_out_channels:
-      raise ValueError("VAE config block_out_channels is empty; the SD VAE uses "
-                       "[128, 256, 512, 512]")
+      raise ValueError(
+        "VAE config block_out_channels is empty; the SD VAE uses [128, 256, 512, 512]"
+      )
     for c in self.block_out_channels:
       if c % self.norm_num_groups:
-        raise ValueError(f"VAE config block_out_channels={list(self.block_out_channels)}: "
-                         f"{c} is not a multiple of norm_num_groups={self.norm_num_groups}")
+        raise ValueError(
+          f"VAE config block_out_channels={list(self.block_out_channels)}: "
+          f"{c} is not a multiple of norm_num_groups={self.norm_num_groups}"
+        )
     if self.layers_per_block < 1:
       raise ValueError(f"VAE config layers_per_block={self.layers_per_block} must be >= 1")
     if not self.scaling_factor:
-      raise ValueError(f"VAE config scaling_factor={self.scaling_factor!r} must be "
-                       f"non-zero (SD uses {SCALING_FACTOR})")
+      raise ValueError(
+        f"VAE config scaling_factor={self.scaling_factor!r} must be "
+        f"non-zero (SD uses {SCALING_FACTOR})"
+      )
 
   @property
   def downsample_factor(self) -> int:
@@ -77,27 +83,37 @@ class VAEConfig:
     """From a diffusers AutoencoderKL config dict; checks what we cannot build."""
     name = config.get("_class_name", "AutoencoderKL")
     if name != "AutoencoderKL":
-      raise ValueError(f"VAE config _class_name={name!r}: only diffusers' AutoencoderKL "
-                       "(e.g. stabilityai/sd-vae-ft-mse) is implemented")
+      raise ValueError(
+        f"VAE config _class_name={name!r}: only diffusers' AutoencoderKL "
+        "(e.g. stabilityai/sd-vae-ft-mse) is implemented"
+      )
     act = config.get("act_fn", "silu")
     if act not in ("silu", "swish"):
       raise ValueError(f"VAE config act_fn={act!r} is not supported; the SD VAE uses 'silu'")
     n = len(config.get("block_out_channels", cls.block_out_channels))
-    for field, expected in (("down_block_types", DOWN_BLOCK_TYPE),
-                            ("up_block_types", UP_BLOCK_TYPE)):
+    for field, expected in (
+      ("down_block_types", DOWN_BLOCK_TYPE),
+      ("up_block_types", UP_BLOCK_TYPE),
+    ):
       types = list(config.get(field, [expected] * n))
       if any(t != expected for t in types):
-        raise ValueError(f"VAE config {field}={types} is not supported: only "
-                         f"{expected!r} blocks are implemented")
+        raise ValueError(
+          f"VAE config {field}={types} is not supported: only {expected!r} blocks are implemented"
+        )
       if len(types) != n:
-        raise ValueError(f"VAE config {field} has {len(types)} entries but "
-                         f"block_out_channels has {n}; they must match")
+        raise ValueError(
+          f"VAE config {field} has {len(types)} entries but "
+          f"block_out_channels has {n}; they must match"
+        )
     for field in ("latents_mean", "latents_std"):
       if config.get(field) is not None:
-        raise ValueError(f"VAE config {field} is set: per-channel latent "
-                         "normalisation is not implemented (SD VAEs leave it null)")
-    kwargs = {f.name: config[f.name] for f in dataclasses.fields(cls)
-              if config.get(f.name) is not None}
+        raise ValueError(
+          f"VAE config {field} is set: per-channel latent "
+          "normalisation is not implemented (SD VAEs leave it null)"
+        )
+    kwargs = {
+      f.name: config[f.name] for f in dataclasses.fields(cls) if config.get(f.name) is not None
+    }
     return cls(**kwargs)
 
 
@@ -105,9 +121,12 @@ class Conv(nnx.Module):
   """2-D convolution, NHWC input and HWIO kernel, with bias."""
 
   def __init__(self, cin: int, cout: int, k: int, *, rngs, stride: int = 1, padding=None):
-    self.kernel = param(rngs, (k, k, cin, cout),
-                        ("conv_height", "conv_width", "conv_in", "conv_out"),
-                        std=1 / math.sqrt(k * k * cin))
+    self.kernel = param(
+      rngs,
+      (k, k, cin, cout),
+      ("conv_height", "conv_width", "conv_in", "conv_out"),
+      std=1 / math.sqrt(k * k * cin),
+    )
     self.bias = param(rngs, (cout,), ("conv_out",), init="zeros")
     self.stride = stride
     self.padding = ((k // 2, k // 2),) * 2 if padding is None else padding
@@ -115,8 +134,12 @@ class Conv(nnx.Module):
   def __call__(self, x_BxhxwxC):
     dtype = x_BxhxwxC.dtype
     y = jax.lax.conv_general_dilated(
-        x_BxhxwxC, self.kernel[...].astype(dtype), (self.stride, self.stride),
-        self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x_BxhxwxC,
+      self.kernel[...].astype(dtype),
+      (self.stride, self.stride),
+      self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     return y + self.bias[...].astype(dtype)
 
 
@@ -125,8 +148,9 @@ class GroupNorm(nnx.Module):
 
   def __init__(self, channels: int, groups: int):
     if channels % groups:
-      raise ValueError(f"GroupNorm: {channels} channels are not divisible by "
-                       f"norm_num_groups={groups}")
+      raise ValueError(
+        f"GroupNorm: {channels} channels are not divisible by norm_num_groups={groups}"
+      )
     self.scale = param(None, (channels,), ("conv_out",), init="ones")
     self.bias = param(None, (channels,), ("conv_out",), init="zeros")
     self.groups = groups
@@ -183,10 +207,10 @@ class MidBlock(nnx.Module):
   """resnet, then (attention, resnet) — the attention left out when disabled."""
 
   def __init__(self, channels: int, groups: int, add_attention: bool, *, rngs):
-    self.resnets = nnx.List([ResnetBlock(channels, channels, groups, rngs=rngs)
-                             for _ in range(2)])
+    self.resnets = nnx.List([ResnetBlock(channels, channels, groups, rngs=rngs) for _ in range(2)])
     self.attentions = nnx.List(
-        [SpatialSelfAttention(channels, groups, rngs=rngs)] if add_attention else [])
+      [SpatialSelfAttention(channels, groups, rngs=rngs)] if add_attention else []
+    )
 
   def __call__(self, x_BxhxwxC):
     x = self.resnets[0](x_BxhxwxC)
@@ -219,10 +243,10 @@ class Upsample(nnx.Module):
 class EncoderBlock(nnx.Module):
   """DownEncoderBlock2D: resnets, then an optional downsample."""
 
-  def __init__(self, cin: int, cout: int, num_layers: int, groups: int, downsample: bool,
-               *, rngs):
-    self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs)
-                             for i in range(num_layers)])
+  def __init__(self, cin: int, cout: int, num_layers: int, groups: int, downsample: bool, *, rngs):
+    self.resnets = nnx.List(
+      [ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs) for i in range(num_layers)]
+    )
     self.downsamplers = nnx.List([Downsample(cout, rngs=rngs)] if downsample else [])
 
   def __call__(self, x_BxhxwxC):
@@ -234,10 +258,10 @@ class EncoderBlock(nnx.Module):
 class DecoderBlock(nnx.Module):
   """UpDecoderBlock2D: resnets, then an optional upsample."""
 
-  def __init__(self, cin: int, cout: int, num_layers: int, groups: int, upsample: bool,
-               *, rngs):
-    self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs)
-                             for i in range(num_layers)])
+  def __init__(self, cin: int, cout: int, num_layers: int, groups: int, upsample: bool, *, rngs):
+    self.resnets = nnx.List(
+      [ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs) for i in range(num_layers)]
+    )
     self.upsamplers = nnx.List([Upsample(cout, rngs=rngs)] if upsample else [])
 
   def __call__(self, x_BxhxwxC):
@@ -252,10 +276,19 @@ class Encoder(nnx.Module):
   def __init__(self, cfg: VAEConfig, *, rngs):
     chans, groups = cfg.block_out_channels, cfg.norm_num_groups
     self.conv_in = Conv(cfg.in_channels, chans[0], 3, rngs=rngs)
-    self.down_blocks = nnx.List([
-        EncoderBlock(chans[max(i - 1, 0)], c, cfg.layers_per_block, groups,
-                     downsample=i < len(chans) - 1, rngs=rngs)
-        for i, c in enumerate(chans)])
+    self.down_blocks = nnx.List(
+      [
+        EncoderBlock(
+          chans[max(i - 1, 0)],
+          c,
+          cfg.layers_per_block,
+          groups,
+          downsample=i < len(chans) - 1,
+          rngs=rngs,
+        )
+        for i, c in enumerate(chans)
+      ]
+    )
     self.mid_block = MidBlock(chans[-1], groups, cfg.mid_block_add_attention, rngs=rngs)
     self.conv_norm_out = GroupNorm(chans[-1], groups)
     self.conv_out = Conv(chans[-1], 2 * cfg.latent_channels, 3, rngs=rngs)
@@ -276,10 +309,19 @@ class Decoder(nnx.Module):
     self.conv_in = Conv(cfg.latent_channels, chans[0], 3, rngs=rngs)
     self.mid_block = MidBlock(chans[0], groups, cfg.mid_block_add_attention, rngs=rngs)
     # One resnet more per block than the encoder, as in diffusers.
-    self.up_blocks = nnx.List([
-        DecoderBlock(chans[max(i - 1, 0)], c, cfg.layers_per_block + 1, groups,
-                     upsample=i < len(chans) - 1, rngs=rngs)
-        for i, c in enumerate(chans)])
+    self.up_blocks = nnx.List(
+      [
+        DecoderBlock(
+          chans[max(i - 1, 0)],
+          c,
+          cfg.layers_per_block + 1,
+          groups,
+          upsample=i < len(chans) - 1,
+          rngs=rngs,
+        )
+        for i, c in enumerate(chans)
+      ]
+    )
     self.conv_norm_out = GroupNorm(chans[-1], groups)
     self.conv_out = Conv(chans[-1], cfg.out_channels, 3, rngs=rngs)
 
@@ -294,6 +336,7 @@ class Decoder(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class DiagonalGaussian:
   """The encoder's posterior N(mean, exp(logvar)), [B, h, w, latent] each."""
+
   mean: jax.Array
   logvar: jax.Array  # clipped to [-30, 20] as diffusers does
 
@@ -331,17 +374,21 @@ class AutoencoderKL(nnx.Module):
 
   def _check_channels(self, x, expected: int, what: str, field: str):
     if x.ndim != 4 or x.shape[-1] != expected:
-      raise ValueError(f"VAE {what} have shape {x.shape}; expected NHWC [B, h, w, "
-                       f"{expected}] ({field}={expected} in the VAE config). Channels "
-                       "go last: transpose NCHW arrays with x.transpose(0, 2, 3, 1)")
+      raise ValueError(
+        f"VAE {what} have shape {x.shape}; expected NHWC [B, h, w, "
+        f"{expected}] ({field}={expected} in the VAE config). Channels "
+        "go last: transpose NCHW arrays with x.transpose(0, 2, 3, 1)"
+      )
 
   def encode(self, x_BxhxwxC) -> DiagonalGaussian:
     self._check_channels(x_BxhxwxC, self.config.in_channels, "input images", "in_channels")
     f = self.config.downsample_factor
     if x_BxhxwxC.shape[1] % f or x_BxhxwxC.shape[2] % f:
-      raise ValueError(f"VAE input images are {x_BxhxwxC.shape[1]}x{x_BxhxwxC.shape[2]}; "
-                       f"height and width must be multiples of {f} (2 ** (number of "
-                       "block_out_channels - 1)); crop or pad them")
+      raise ValueError(
+        f"VAE input images are {x_BxhxwxC.shape[1]}x{x_BxhxwxC.shape[2]}; "
+        f"height and width must be multiples of {f} (2 ** (number of "
+        "block_out_channels - 1)); crop or pad them"
+      )
     moments = self.encoder(x_BxhxwxC.astype(self.dtype))
     if self.quant_conv is not None:
       moments = self.quant_conv(moments)
@@ -364,7 +411,7 @@ def encode_images(vae: AutoencoderKL, pixels_BxhxwxC, key=None):
   posterior = vae.encode(pixels_BxhxwxC)
   z = posterior.mode() if key is None else posterior.sample(key)
   cfg = vae.config
-  return ((z.astype(jnp.float32) - cfg.shift_factor) * cfg.scaling_factor)
+  return (z.astype(jnp.float32) - cfg.shift_factor) * cfg.scaling_factor
 
 
 def decode_latents(vae: AutoencoderKL, latents_BxhxwxC):

@@ -20,14 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from monoformer_jax.safetensors_io import SafetensorsFile, read_json_object
 from monoformer_jax.errors import CheckpointError, FileFormatError, MissingPathError
+from monoformer_jax.safetensors_io import SafetensorsFile, read_json_object
 from monoformer_jax.vae.autoencoder_kl import AutoencoderKL, VAEConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v",
-                          "proj_attn": "to_out.0"}
+LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _MAX_LISTED = 8
 
@@ -39,33 +38,50 @@ def resolve_vae_files(path, config=None) -> tuple[pathlib.Path, dict, str]:
   """
   path = pathlib.Path(os.fspath(path))
   if path.is_dir():
-    folder = path / "vae" if (not (path / CONFIG_NAME).exists()
-                              and (path / "vae" / WEIGHTS_NAME).exists()) else path
+    folder = (
+      path / "vae"
+      if (not (path / CONFIG_NAME).exists() and (path / "vae" / WEIGHTS_NAME).exists())
+      else path
+    )
     weights = folder / WEIGHTS_NAME
     if not weights.exists():
       found = sorted(p.name for p in folder.iterdir())
-      hint = (" PyTorch .bin files are not read: convert them to safetensors."
-              if any(n.endswith(".bin") for n in found) else "")
-      raise MissingPathError(f"VAE folder {folder} has no {WEIGHTS_NAME} (found "
-                             f"{found[:_MAX_LISTED]}); pass the .safetensors file itself "
-                             f"with config=... to load another name.{hint}")
+      hint = (
+        " PyTorch .bin files are not read: convert them to safetensors."
+        if any(n.endswith(".bin") for n in found)
+        else ""
+      )
+      raise MissingPathError(
+        f"VAE folder {folder} has no {WEIGHTS_NAME} (found "
+        f"{found[:_MAX_LISTED]}); pass the .safetensors file itself "
+        f"with config=... to load another name.{hint}"
+      )
   elif path.is_file():
     if path.suffix != ".safetensors":
-      raise FileFormatError(f"VAE weights {path} are not a .safetensors file; convert them "
-                            "(PyTorch: safetensors.torch.save_file(model.state_dict(), ...))")
+      raise FileFormatError(
+        f"VAE weights {path} are not a .safetensors file; convert them "
+        "(PyTorch: safetensors.torch.save_file(model.state_dict(), ...))"
+      )
     weights, folder = path, path.parent
   else:
-    raise MissingPathError(f"VAE path {path} does not exist; expected a diffusers folder "
-                           f"({CONFIG_NAME} + {WEIGHTS_NAME}) or a .safetensors file")
+    raise MissingPathError(
+      f"VAE path {path} does not exist; expected a diffusers folder "
+      f"({CONFIG_NAME} + {WEIGHTS_NAME}) or a .safetensors file"
+    )
 
   if isinstance(config, dict):
     return weights, config, "the config passed in"
   config_path = pathlib.Path(config) if config is not None else folder / CONFIG_NAME
   if not config_path.exists():
-    raise MissingPathError(f"VAE config {config_path} not found for weights {weights}; "
-                           "pass config= (a diffusers config.json path or dict)")
-  return (weights, read_json_object(config_path, "a diffusers AutoencoderKL config.json"),
-          str(config_path))
+    raise MissingPathError(
+      f"VAE config {config_path} not found for weights {weights}; "
+      "pass config= (a diffusers config.json path or dict)"
+    )
+  return (
+    weights,
+    read_json_object(config_path, "a diffusers AutoencoderKL config.json"),
+    str(config_path),
+  )
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
@@ -130,16 +146,22 @@ def _structure_hints(keys, cfg: VAEConfig) -> list[str]:
   """Which config values would add or remove these parameters ('x=1 (why)')."""
   if any(re.match(r"(first_stage_model\.)?(en|de)coder\.(down|up|mid)\.", k) for k in keys):
     # No config describes these names: the file needs converting.
-    return ["convert the file: its keys are the original LDM/CompVis names "
-            "(encoder.down.0.block.0...), not diffusers' (diffusers' AutoencoderKL."
-            "from_single_file(...).save_pretrained(folder) converts it)"]
+    return [
+      "convert the file: its keys are the original LDM/CompVis names "
+      "(encoder.down.0.block.0...), not diffusers' (diffusers' AutoencoderKL."
+      "from_single_file(...).save_pretrained(folder) converts it)"
+    ]
   hints = []
   for key in keys:
-    if re.match(r"(encoder\.down|decoder\.up)_blocks\.\d+\.(down|up)samplers", key) or \
-        re.match(r"(encoder\.down|decoder\.up)_blocks\.\d+\.", key) and \
-        int(key.split(".")[2]) >= len(cfg.block_out_channels):
-      hint = (f"block_out_channels={list(cfg.block_out_channels)} (one block, and a "
-              "down/upsampler between blocks, per entry)")
+    if (
+      re.match(r"(encoder\.down|decoder\.up)_blocks\.\d+\.(down|up)samplers", key)
+      or re.match(r"(encoder\.down|decoder\.up)_blocks\.\d+\.", key)
+      and int(key.split(".")[2]) >= len(cfg.block_out_channels)
+    ):
+      hint = (
+        f"block_out_channels={list(cfg.block_out_channels)} (one block, and a "
+        "down/upsampler between blocks, per entry)"
+      )
     elif ".attentions." in key:
       hint = f"mid_block_add_attention={cfg.mid_block_add_attention}"
     elif key.startswith("quant_conv."):
@@ -147,11 +169,15 @@ def _structure_hints(keys, cfg: VAEConfig) -> list[str]:
     elif key.startswith("post_quant_conv."):
       hint = f"use_post_quant_conv={cfg.use_post_quant_conv}"
     elif ".conv_shortcut." in key:
-      hint = (f"block_out_channels={list(cfg.block_out_channels)} (a resnet whose "
-              "channels change has a conv_shortcut)")
+      hint = (
+        f"block_out_channels={list(cfg.block_out_channels)} (a resnet whose "
+        "channels change has a conv_shortcut)"
+      )
     elif re.search(r"_blocks\.\d+\.resnets\.\d+\.", key):
-      hint = (f"layers_per_block={cfg.layers_per_block} (resnets per encoder block; "
-              "the decoder has one more)")
+      hint = (
+        f"layers_per_block={cfg.layers_per_block} (resnets per encoder block; "
+        "the decoder has one more)"
+      )
     else:
       continue
     if hint not in hints:
@@ -165,9 +191,14 @@ def _listed(keys) -> str:
   return ", ".join(keys[:_MAX_LISTED]) + more
 
 
-def vae_from_tensors(tensors: dict, cfg: VAEConfig, *, dtype=jnp.float32,
-                     source: str = "VAE checkpoint",
-                     config_source: str = "the config") -> AutoencoderKL:
+def vae_from_tensors(
+  tensors: dict,
+  cfg: VAEConfig,
+  *,
+  dtype=jnp.float32,
+  source: str = "VAE checkpoint",
+  config_source: str = "the config",
+) -> AutoencoderKL:
   """An AutoencoderKL holding `tensors` (diffusers key -> PyTorch-layout array)."""
   tensors = rename_legacy_keys(tensors)
   abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
@@ -180,11 +211,11 @@ def vae_from_tensors(tensors: dict, cfg: VAEConfig, *, dtype=jnp.float32,
   if missing or unexpected:
     parts = []
     if missing:
-      parts.append(f"{len(missing)} key(s) the config needs are missing from it: "
-                   f"{_listed(missing)}")
+      parts.append(
+        f"{len(missing)} key(s) the config needs are missing from it: {_listed(missing)}"
+      )
     if unexpected:
-      parts.append(f"{len(unexpected)} key(s) in it are not in the model: "
-                   f"{_listed(unexpected)}")
+      parts.append(f"{len(unexpected)} key(s) in it are not in the model: {_listed(unexpected)}")
     hints = _structure_hints(missing + unexpected, cfg)
     if hints and hints[0].startswith("convert"):
       fix = "To fix: " + hints[0]
@@ -192,8 +223,9 @@ def vae_from_tensors(tensors: dict, cfg: VAEConfig, *, dtype=jnp.float32,
       fix = f"To fix, change in {config_source}: " + "; ".join(hints)
     else:
       fix = f"Load it with the config.json saved with it, not {config_source}"
-    raise CheckpointError(f"{source} does not match {config_source}: " + "; ".join(parts)
-                          + ". " + fix + ".")
+    raise CheckpointError(
+      f"{source} does not match {config_source}: " + "; ".join(parts) + ". " + fix + "."
+    )
 
   leaves = []
   for path, var in flat:
@@ -204,9 +236,10 @@ def vae_from_tensors(tensors: dict, cfg: VAEConfig, *, dtype=jnp.float32,
     # A [out, in, 1, 1] conv is also accepted for a Linear (older attention weights).
     if found != want and not (len(want) == 2 and found == want + (1, 1)):
       raise CheckpointError(
-          f"{source}: {key!r} has shape {found} but {config_source} makes it {want} "
-          f"(PyTorch layout); the shape follows {_shape_fields(key, cfg)}: change that "
-          "to match the checkpoint, or use the config.json saved with it")
+        f"{source}: {key!r} has shape {found} but {config_source} makes it {want} "
+        f"(PyTorch layout); the shape follows {_shape_fields(key, cfg)}: change that "
+        "to match the checkpoint, or use the config.json saved with it"
+      )
     leaves.append((path, var.replace(jnp.asarray(_to_our_layout(value, len(want)), dtype))))
   return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
@@ -219,5 +252,10 @@ def load_vae(path, *, config=None, dtype=jnp.float32) -> AutoencoderKL:
   """
   weights, config_dict, config_source = resolve_vae_files(path, config)
   cfg = VAEConfig.from_diffusers(config_dict)
-  return vae_from_tensors(read_safetensors(weights), cfg, dtype=dtype,
-                          source=f"VAE checkpoint {weights}", config_source=config_source)
+  return vae_from_tensors(
+    read_safetensors(weights),
+    cfg,
+    dtype=dtype,
+    source=f"VAE checkpoint {weights}",
+    config_source=config_source,
+  )

@@ -18,9 +18,9 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from monoformer_jax.safetensors_io import read_json_object
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.model.clip import clip_folder
+from monoformer_jax.safetensors_io import read_json_object
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 # OpenAI CLIP's pixel statistics (transformers' OPENAI_CLIP_MEAN / _STD).
@@ -47,29 +47,36 @@ def load_preprocessing(path) -> tuple[int, tuple[int, int], tuple, tuple]:
   where = str(config_path)
   for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
     if c.get(flag, True) is not True:
-      raise ConfigError(f"{where}: {flag}={c[flag]!r}; only CLIP's full pipeline (resize, "
-                        "centre crop, rescale, normalise) is implemented: set it to true")
+      raise ConfigError(
+        f"{where}: {flag}={c[flag]!r}; only CLIP's full pipeline (resize, "
+        "centre crop, rescale, normalise) is implemented: set it to true"
+      )
   if c.get("resample", PIL_BICUBIC) != PIL_BICUBIC:
-    raise ConfigError(f"{where}: resample={c['resample']!r}; only bicubic ({PIL_BICUBIC}), "
-                      "CLIP's, is implemented")
+    raise ConfigError(
+      f"{where}: resample={c['resample']!r}; only bicubic ({PIL_BICUBIC}), CLIP's, is implemented"
+    )
   if not math.isclose(c.get("rescale_factor", 1 / 255), 1 / 255):
     raise ConfigError(f"{where}: rescale_factor={c['rescale_factor']!r}; CLIP's is 1/255")
   size = c.get("size", DEFAULT_SIZE)
   if isinstance(size, dict):
     if set(size) != {"shortest_edge"}:
-      raise ConfigError(f"{where}: size={size}; only {{'shortest_edge': n}} (or an int), "
-                        "CLIP's resize of the shortest edge, is implemented")
+      raise ConfigError(
+        f"{where}: size={size}; only {{'shortest_edge': n}} (or an int), "
+        "CLIP's resize of the shortest edge, is implemented"
+      )
     size = size["shortest_edge"]
   crop = c.get("crop_size", DEFAULT_SIZE)
   crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
   if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (size, *crop)):
-    raise ConfigError(f"{where}: size {c.get('size')!r} / crop_size {c.get('crop_size')!r} "
-                      "must be positive ints")
+    raise ConfigError(
+      f"{where}: size {c.get('size')!r} / crop_size {c.get('crop_size')!r} must be positive ints"
+    )
   mean = tuple(float(v) for v in c.get("image_mean", OPENAI_CLIP_MEAN))
   std = tuple(float(v) for v in c.get("image_std", OPENAI_CLIP_STD))
   if len(mean) != 3 or len(std) != 3:
-    raise ConfigError(f"{where}: image_mean {list(mean)} / image_std {list(std)} must have "
-                      "3 values (R, G, B)")
+    raise ConfigError(
+      f"{where}: image_mean {list(mean)} / image_std {list(std)} must have 3 values (R, G, B)"
+    )
   return size, crop, mean, std
 
 
@@ -80,13 +87,15 @@ def _rgb(image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
   array = np.asarray(image)
   if array.dtype != np.uint8:
-    raise ValueError(f"image array has dtype {array.dtype}; pass uint8 pixels in [0, 255] "
-                     "(or PIL images)")
+    raise ValueError(
+      f"image array has dtype {array.dtype}; pass uint8 pixels in [0, 255] (or PIL images)"
+    )
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
-    raise ValueError(f"image array has shape {array.shape}; pass [h, w] grayscale or "
-                     "[h, w, 3] RGB (channels last)")
+    raise ValueError(
+      f"image array has shape {array.shape}; pass [h, w] grayscale or [h, w, 3] RGB (channels last)"
+    )
   return Image.fromarray(array).convert("RGB")
 
 
@@ -103,10 +112,10 @@ def _resize_and_crop(image: Image.Image, size: int, crop: tuple[int, int]) -> np
   if ch > new_h or cw > new_w:
     padded = np.zeros((max(ch, new_h), max(cw, new_w), 3), np.uint8)
     top, left = math.ceil((padded.shape[0] - new_h) / 2), math.ceil((padded.shape[1] - new_w) / 2)
-    padded[top:top + new_h, left:left + new_w] = array
+    padded[top : top + new_h, left : left + new_w] = array
     array, new_h, new_w = padded, padded.shape[0], padded.shape[1]
   top, left = (new_h - ch) // 2, (new_w - cw) // 2
-  return array[top:top + ch, left:left + cw]
+  return array[top : top + ch, left : left + cw]
 
 
 def preprocess(images, vcfg, mean=None, std=None, *, size=None, crop=None) -> np.ndarray:
@@ -124,12 +133,15 @@ def preprocess(images, vcfg, mean=None, std=None, *, size=None, crop=None) -> np
   size = s if size is None else size
   crop = (s, s) if crop is None else tuple(crop)
   if crop != (s, s):
-    raise ConfigError(f"CLIP crop {crop} does not give the tower's input: "
-                      f"config.model.vision.image_size={s} needs a {s}x{s} crop")
+    raise ConfigError(
+      f"CLIP crop {crop} does not give the tower's input: "
+      f"config.model.vision.image_size={s} needs a {s}x{s} crop"
+    )
   mean = np.asarray(OPENAI_CLIP_MEAN if mean is None else mean, np.float32)
   std = np.asarray(OPENAI_CLIP_STD if std is None else std, np.float32)
   if isinstance(images, (Image.Image, np.ndarray)) and not (
-      isinstance(images, np.ndarray) and images.ndim == 4):
+    isinstance(images, np.ndarray) and images.ndim == 4
+  ):
     images = [images]
   out = []
   for image in images:
@@ -149,8 +161,15 @@ def preprocess_file(path, vcfg, mean=None, std=None, **kwargs) -> np.ndarray:
     with Image.open(path) as image:
       image.load()
       rgb = image.convert("RGB")  # a copy that outlives the file
-  except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError,
-          SyntaxError, ValueError) as e:
-    raise FileFormatError(f"{path} is not a readable image ({type(e).__name__}: {e}); pass "
-                          "a PNG, JPEG or another format Pillow reads") from None
+  except (
+    Image.UnidentifiedImageError,
+    Image.DecompressionBombError,
+    OSError,
+    SyntaxError,
+    ValueError,
+  ) as e:
+    raise FileFormatError(
+      f"{path} is not a readable image ({type(e).__name__}: {e}); pass "
+      "a PNG, JPEG or another format Pillow reads"
+    ) from None
   return preprocess([rgb], vcfg, mean, std, **kwargs)

@@ -19,9 +19,9 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from monoformer_jax.vision.pixels import from_unit_range
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.layout import read_image_spec
+from monoformer_jax.vision.pixels import from_unit_range
 
 
 def load_image(path: str) -> Image.Image:
@@ -49,9 +49,11 @@ def as_pil(image) -> Image.Image:
     raise ValueError(f"an image array must be HxW or HxWx(1, 3, 4), got shape {x.shape}")
   if x.dtype != np.uint8:
     if x.size and (np.nanmin(x) < 0 or np.nanmax(x) > 1):
-      raise ValueError("a float image array must hold values in [0, 1] (got "
-                       f"{float(np.nanmin(x)):.3g}..{float(np.nanmax(x)):.3g}); pass uint8 "
-                       "0..255 or scale it")
+      raise ValueError(
+        "a float image array must hold values in [0, 1] (got "
+        f"{float(np.nanmin(x)):.3g}..{float(np.nanmax(x)):.3g}); pass uint8 "
+        "0..255 or scale it"
+      )
     x = np.round(np.nan_to_num(x) * 255).astype(np.uint8)
   return Image.fromarray(x)
 
@@ -60,8 +62,7 @@ def _resize_and_pad(image: Image.Image, size: int) -> Image.Image:
   """The longer side to `size` (bicubic), the rest padded black, centred."""
   w, h = image.size
   scale = size / max(w, h)
-  resized = image.resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                         Image.BICUBIC)
+  resized = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
   canvas = Image.new(image.mode, (size, size))
   canvas.paste(resized, ((size - resized.size[0]) // 2, (size - resized.size[1]) // 2))
   return canvas
@@ -75,28 +76,43 @@ def read_inputs(images, config, vae=None, *, pixels: bool) -> np.ndarray:
   m = config.model
   spec = read_image_spec(m)
   if spec is None:
-    raise ConfigError("this model has no vision encoder (model.vision_encoder is ''), so it "
-                      "cannot read an image; use a checkpoint trained with "
-                      "model.vision_encoder=vae or clip")
+    raise ConfigError(
+      "this model has no vision encoder (model.vision_encoder is ''), so it "
+      "cannot read an image; use a checkpoint trained with "
+      "model.vision_encoder=vae or clip"
+    )
   shape, _ = spec
   pils = [as_pil(im) for im in images]
   if m.vision_encoder == "clip":
     from monoformer_jax.vision.clip_pixels import preprocess
+
     return preprocess(pils, m.vision)
   if pixels:
     mode = "L" if m.in_channels == 1 else "RGB"
-    out = [np.asarray(p.convert(mode).resize((m.image_size, m.image_size), Image.BILINEAR),
-                      np.float32) / 255.0 for p in pils]
+    out = [
+      np.asarray(p.convert(mode).resize((m.image_size, m.image_size), Image.BILINEAR), np.float32)
+      / 255.0
+      for p in pils
+    ]
     return from_unit_range(np.stack(out).reshape(len(out), *shape))
   if vae is None:
-    raise ConfigError(f"this model reads {m.in_channels}-channel SD-VAE latents of images; "
-                      "pass the VAE (--vae=DIR, a diffusers AutoencoderKL folder, or "
-                      "config.vae.path)")
+    raise ConfigError(
+      f"this model reads {m.in_channels}-channel SD-VAE latents of images; "
+      "pass the VAE (--vae=DIR, a diffusers AutoencoderKL folder, or "
+      "config.vae.path)"
+    )
   from monoformer_jax.vae import encode_images
-  pixels = np.stack([np.asarray(_resize_and_pad(p.convert("RGB"), m.image_size * 8),
-                                np.float32) / 255.0 for p in pils])
+
+  pixels = np.stack(
+    [
+      np.asarray(_resize_and_pad(p.convert("RGB"), m.image_size * 8), np.float32) / 255.0
+      for p in pils
+    ]
+  )
   latents = np.asarray(encode_images(vae, from_unit_range(pixels)), np.float32)
   if latents.shape[1:] != shape:
-    raise ConfigError(f"the VAE makes latents of shape {latents.shape[1:]} but the model reads "
-                      f"{shape}; pass the VAE the model was trained with")
+    raise ConfigError(
+      f"the VAE makes latents of shape {latents.shape[1:]} but the model reads "
+      f"{shape}; pass the VAE the model was trained with"
+    )
   return latents

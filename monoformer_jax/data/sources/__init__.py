@@ -24,8 +24,8 @@ The embedded default lives in its own package (monoformer_jax/digits/).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 from collections.abc import Callable
+from typing import NamedTuple
 
 from monoformer_jax.data import builders
 from monoformer_jax.data.packing import Example
@@ -35,14 +35,15 @@ from monoformer_jax.data.packing import Example
 class PrepareArgs:
   """The flags of `python -m monoformer_jax.data.prepare` (its docstring says which
   source reads which)."""
+
   input_dir: str | None = None
-  annotations: str | None = None   # text_to_image: the JSONL; llava: LLaVA's list
-  vae: str | None = None           # latent sources: the SD-VAE folder
-  image_size: int = 256            # pixels per side after the centre crop
-  flip: bool = False               # also each image's mirror's latent
+  annotations: str | None = None  # text_to_image: the JSONL; llava: LLaVA's list
+  vae: str | None = None  # latent sources: the SD-VAE folder
+  image_size: int = 256  # pixels per side after the centre crop
+  flip: bool = False  # also each image's mirror's latent
   splits: tuple[str, ...] = ("train", "val")
-  batch_size: int = 32             # images per VAE batch
-  chunk_size: int = 1024           # images per resumable chunk
+  batch_size: int = 32  # images per VAE batch
+  chunk_size: int = 1024  # images per resumable chunk
 
 
 class Prepared(NamedTuple):
@@ -50,6 +51,7 @@ class Prepared(NamedTuple):
   of its `features`), the latent shape and mirrors of latent records, the
   lines to log once the records are written (counted while writing), and the
   dataset's description ("": where it was prepared from)."""
+
   splits: dict[str, Callable]
   latent_shape: tuple[int, ...] | None = None
   flip: bool = False
@@ -59,15 +61,16 @@ class Prepared(NamedTuple):
 
 class DataSource:
   """One dataset source; subclasses set the attributes and the methods they need."""
-  name = ""                 # data.name, `prepare NAME`, the folder monoformer_{name}
-  pixels = False            # its images are pixels in [-1, 1]; else SD-VAE latents
-  class_noun = ""           # what one class is ("ImageNet class"), for messages
+
+  name = ""  # data.name, `prepare NAME`, the folder monoformer_{name}
+  pixels = False  # its images are pixels in [-1, 1]; else SD-VAE latents
+  class_noun = ""  # what one class is ("ImageNet class"), for messages
   # Training steps at its default config before its samples are recognisable
   # (measured; 0: not known). Shorter runs are warned about.
   steps_for_samples = 0
-  mixable = True            # data.mix may name it (its folder from data.dirs)
-  needs_input = True        # `prepare NAME` reads --input_dir
-  uncompressed = False      # its shards are stored uncompressed (builders.UNCOMPRESSED)
+  mixable = True  # data.mix may name it (its folder from data.dirs)
+  needs_input = True  # `prepare NAME` reads --input_dir
+  uncompressed = False  # its shards are stored uncompressed (builders.UNCOMPRESSED)
 
   def class_names(self) -> tuple[str, ...]:
     """The names class-conditional prompts fill in; () when it has no classes."""
@@ -86,8 +89,9 @@ class DataSource:
     """The data fields that name its files, before anything is read."""
     builders.check_prepared("data.dir", config.data.dir, self.name)
 
-  def examples(self, config, tokenizer, seed: int,
-               directory: str | None = None) -> Callable[[int], Example]:
+  def examples(
+    self, config, tokenizer, seed: int, directory: str | None = None
+  ) -> Callable[[int], Example]:
     """example_at(i) of its infinite stream seeded by `seed`, read from
     `directory` (a mix's data.dirs entry) or data.dir."""
     raise NotImplementedError
@@ -98,9 +102,21 @@ class DataSource:
     builders.check_prepared("data.dir", directory, self.name)
     return builders.data_source(directory, config.data.split, kind=self.name)
 
-  def write(self, output_dir: str, splits: dict, *, latent_shape=None, flip: bool = False,
-            description: str = "") -> str:
+  def write(
+    self,
+    output_dir: str,
+    splits: dict,
+    *,
+    latent_shape=None,
+    flip: bool = False,
+    description: str = "",
+  ) -> str:
     """Writes `splits` as its prepared dataset under `output_dir`; returns the folder."""
-    return builders.write(self.name, output_dir, splits,
-                          self.features(latent_shape=latent_shape, flip=flip),
-                          uncompressed=self.uncompressed, description=description)
+    return builders.write(
+      self.name,
+      output_dir,
+      splits,
+      self.features(latent_shape=latent_shape, flip=flip),
+      uncompressed=self.uncompressed,
+      description=description,
+    )

@@ -15,7 +15,7 @@ import json
 
 from monoformer_jax.data import chat, pipeline
 from monoformer_jax.data.packing import Example
-from monoformer_jax.data.sources import DataSource, Prepared, PrepareArgs
+from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared
 
 
 class Chat(DataSource):
@@ -23,21 +23,25 @@ class Chat(DataSource):
 
   def features(self, *, latent_shape=None, flip: bool = False) -> dict:
     import tensorflow_datasets as tfds
+
     return dict(turns=tfds.features.Text())
 
   def prepare(self, args: PrepareArgs, output_dir: str) -> Prepared:
     files = chat.input_files(args.input_dir)
-    records = lambda: ({"key": f"{i:09d}", "turns": json.dumps(turns)}
-                       for i, turns in enumerate(t for f in files
-                                                 for t in chat.read_conversations(f)))
+    records = lambda: (
+      {"key": f"{i:09d}", "turns": json.dumps(turns)}
+      for i, turns in enumerate(t for f in files for t in chat.read_conversations(f))
+    )
     return Prepared({"train": records})
 
   def examples(self, config, tokenizer, seed: int, directory: str | None = None):
     template, train_on_source = config.data.chat_template, bool(config.data.train_on_source)
 
     def to_example(record, rng) -> Example:
-      return chat.chat_example(json.loads(_text(record["turns"])), tokenizer, template,
-                               train_on_source)
+      return chat.chat_example(
+        json.loads(_text(record["turns"])), tokenizer, template, train_on_source
+      )
+
     return pipeline.record_stream(self.records(config, directory), to_example, seed)
 
 

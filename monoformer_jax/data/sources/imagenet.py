@@ -23,12 +23,13 @@ from tqdm import tqdm
 from monoformer_jax.data import pipeline, prompts
 from monoformer_jax.data.encode import ImageItem
 from monoformer_jax.data.packing import Example
-from monoformer_jax.data.sources import DataSource, Prepared, PrepareArgs, latents
+from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared, latents
 from monoformer_jax.errors import FileFormatError, MissingPathError, PathError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # matched case-insensitively
-CLASSES_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "imagenet_classes.tsv")
+CLASSES_FILE = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "imagenet_classes.tsv"
+)
 NUM_IMAGENET_CLASSES = 1000
 
 
@@ -43,20 +44,22 @@ class ImageNet(DataSource):
   def features(self, *, latent_shape=None, flip: bool = False) -> dict:
     import numpy as np
     import tensorflow_datasets as tfds
+
     f = tfds.features
     return latents.features(latent_shape, flip, label=f.Scalar(dtype=np.int64), wnid=f.Text())
 
   def prepare(self, args: PrepareArgs, output_dir: str) -> Prepared:
     vae, _ = latents.load_encoder(self.name, args)
     source = args.input_dir
-    if has_imagenet_archives(source):   # TFDS's imagenet2012 manual_dir
-      source = extract_imagenet_archives(source, os.path.join(output_dir, "_extracted",
-                                                              "imagenet"))
+    if has_imagenet_archives(source):  # TFDS's imagenet2012 manual_dir
+      source = extract_imagenet_archives(source, os.path.join(output_dir, "_extracted", "imagenet"))
     present = [s for s in args.splits if os.path.isdir(os.path.join(source, s))]
     if not present:
-      raise MissingPathError(f"--input_dir={args.input_dir!r} has none of the split folders "
-                             f"{list(args.splits)}; expected {args.input_dir}/train/<wnid>/"
-                             f"*.JPEG or the tars {TRAIN_ARCHIVE} / {VAL_ARCHIVE}")
+      raise MissingPathError(
+        f"--input_dir={args.input_dir!r} has none of the split folders "
+        f"{list(args.splits)}; expected {args.input_dir}/train/<wnid>/"
+        f"*.JPEG or the tars {TRAIN_ARCHIVE} / {VAL_ARCHIVE}"
+      )
     items = {s: imagenet_items(source, s) for s in present}
     return latents.encode_splits(self.name, items, vae, args, output_dir)
 
@@ -69,13 +72,17 @@ class ImageNet(DataSource):
 SOURCE = ImageNet()
 
 
-def imagenet_example(class_names: Sequence[str], tokenizer, *, drop_prob: float,
-                     sample: bool, flip: bool):
+def imagenet_example(
+  class_names: Sequence[str], tokenizer, *, drop_prob: float, sample: bool, flip: bool
+):
   """record -> Example: the record's class prompt and its training latent."""
+
   def to_example(record, rng) -> Example:
     prompt = prompts.training_prompt(class_names[int(record["label"])], rng, drop_prob)
-    return prompts.image_example(prompt, latents.latent_of(record, rng, sample=sample,
-                                                           flip=flip), tokenizer)
+    return prompts.image_example(
+      prompt, latents.latent_of(record, rng, sample=sample, flip=flip), tokenizer
+    )
+
   return to_example
 
 
@@ -86,19 +93,27 @@ def _class_names() -> tuple[str, ...]:
 
 # ------------------------------------------------------------------- readers
 
+
 @functools.cache
 def _classes() -> tuple[tuple[str, str], ...]:
   try:
     with open(CLASSES_FILE, encoding="utf-8") as f:
       rows = [tuple(line.rstrip("\n").split("\t")) for line in f if line.strip()]
   except FileNotFoundError as e:
-    raise MissingPathError(f"{CLASSES_FILE} is missing: the package was installed without "
-                           "its data files; reinstall it (pip install -e .)") from e
-  if (len(rows) != NUM_IMAGENET_CLASSES or any(len(r) != 2 for r in rows)
-      or [r[0] for r in rows] != sorted({r[0] for r in rows})):
-    raise FileFormatError(f"{CLASSES_FILE} must hold {NUM_IMAGENET_CLASSES} lines "
-                          "'wnid<TAB>name' with unique wnids in sorted order; restore it "
-                          "from the repository")
+    raise MissingPathError(
+      f"{CLASSES_FILE} is missing: the package was installed without "
+      "its data files; reinstall it (pip install -e .)"
+    ) from e
+  if (
+    len(rows) != NUM_IMAGENET_CLASSES
+    or any(len(r) != 2 for r in rows)
+    or [r[0] for r in rows] != sorted({r[0] for r in rows})
+  ):
+    raise FileFormatError(
+      f"{CLASSES_FILE} must hold {NUM_IMAGENET_CLASSES} lines "
+      "'wnid<TAB>name' with unique wnids in sorted order; restore it "
+      "from the repository"
+    )
   return tuple(rows)
 
 
@@ -127,9 +142,10 @@ def imagenet_items(input_dir, split: str) -> list[ImageItem]:
   extensions = "/".join(IMAGE_EXTENSIONS)
   if not os.path.exists(root):
     raise MissingPathError(
-        f"ImageNet split folder {root} is not there: expected the extracted layout "
-        f"{os.path.join(os.fspath(input_dir), split, '<wnid>', '*.JPEG')}; check the input "
-        f"folder and the split name {split!r} (e.g. 'train' or 'val')")
+      f"ImageNet split folder {root} is not there: expected the extracted layout "
+      f"{os.path.join(os.fspath(input_dir), split, '<wnid>', '*.JPEG')}; check the input "
+      f"folder and the split name {split!r} (e.g. 'train' or 'val')"
+    )
   if not os.path.isdir(root):
     raise PathError(f"ImageNet split path {root} is a file, not a folder of <wnid> folders")
   names = sorted(os.listdir(root))
@@ -137,28 +153,40 @@ def imagenet_items(input_dir, split: str) -> list[ImageItem]:
   loose = [n for n in names if _is_image_name(n) and n not in folders]
   if loose:
     raise PathError(
-        f"ImageNet split folder {root} holds {len(loose)} images directly (e.g. {loose[0]}); "
-        "they must be sorted into one folder per class, <wnid>/ (for the validation set, "
-        "move each image into the folder of its ground-truth wnid)")
+      f"ImageNet split folder {root} holds {len(loose)} images directly (e.g. {loose[0]}); "
+      "they must be sorted into one folder per class, <wnid>/ (for the validation set, "
+      "move each image into the folder of its ground-truth wnid)"
+    )
   if not folders:
-    raise PathError(f"ImageNet split folder {root} is empty: expected one folder per class "
-                    "(n01440764/, ...); extract the images into it")
+    raise PathError(
+      f"ImageNet split folder {root} is empty: expected one folder per class "
+      "(n01440764/, ...); extract the images into it"
+    )
   label_of = _label_of()
   items = []
   for wnid in folders:
     if wnid not in label_of:
       raise PathError(
-          f"folder {os.path.join(root, wnid)} is not an ILSVRC2012 class: {wnid!r} is not "
-          f"one of the {len(label_of)} known wnids ({CLASSES_FILE}); move it out of {root}")
+        f"folder {os.path.join(root, wnid)} is not an ILSVRC2012 class: {wnid!r} is not "
+        f"one of the {len(label_of)} known wnids ({CLASSES_FILE}); move it out of {root}"
+      )
     folder = os.path.join(root, wnid)
-    files = sorted(n for n in os.listdir(folder) if _is_image_name(n)
-                   and os.path.isfile(os.path.join(folder, n)))
+    files = sorted(
+      n for n in os.listdir(folder) if _is_image_name(n) and os.path.isfile(os.path.join(folder, n))
+    )
     if not files:
-      raise PathError(f"class folder {folder} has no images ({extensions}, any case); an "
-                      "interrupted extraction? Extract it again or remove the folder")
-    items.extend(ImageItem(key=f"{wnid}/{name}", path=os.path.join(folder, name),
-                           fields={"label": label_of[wnid], "wnid": wnid})
-                 for name in files)
+      raise PathError(
+        f"class folder {folder} has no images ({extensions}, any case); an "
+        "interrupted extraction? Extract it again or remove the folder"
+      )
+    items.extend(
+      ImageItem(
+        key=f"{wnid}/{name}",
+        path=os.path.join(folder, name),
+        fields={"label": label_of[wnid], "wnid": wnid},
+      )
+      for name in files
+    )
   return items
 
 
@@ -169,16 +197,22 @@ _DONE = ".extracted"
 
 def has_imagenet_archives(folder) -> bool:
   """Whether `folder` holds the ILSVRC2012 tars (TFDS's imagenet2012 manual_dir)."""
-  return any(os.path.isfile(os.path.join(os.fspath(folder), name))
-             for name in (TRAIN_ARCHIVE, VAL_ARCHIVE))
+  return any(
+    os.path.isfile(os.path.join(os.fspath(folder), name)) for name in (TRAIN_ARCHIVE, VAL_ARCHIVE)
+  )
 
 
 def _validation_wnids() -> list[str]:
   """The ground-truth wnid of each validation image, in sorted file-name order
   (the list TFDS ships for its imagenet2012 builder)."""
   import tensorflow_datasets
-  path = os.path.join(os.path.dirname(tensorflow_datasets.__file__), "datasets",
-                      "imagenet2012", "validation_labels.txt")
+
+  path = os.path.join(
+    os.path.dirname(tensorflow_datasets.__file__),
+    "datasets",
+    "imagenet2012",
+    "validation_labels.txt",
+  )
   with open(path) as f:
     return f.read().strip().splitlines()
 
@@ -203,13 +237,14 @@ def extract_imagenet_archives(manual_dir, output_dir) -> str:
   TFDS ships. Each class (and the validation set) is marked when complete,
   so an interrupted extraction resumes with the next class."""
   import tarfile
+
   manual_dir, output_dir = os.fspath(manual_dir), os.fspath(output_dir)
   train = os.path.join(manual_dir, TRAIN_ARCHIVE)
   if os.path.isfile(train):
     with tarfile.open(train, mode="r:") as outer:
       members = [m for m in outer.getmembers() if m.isfile() and m.name.endswith(".tar")]
       for member in tqdm(members, desc="extracting train classes", unit="class"):
-        wnid = os.path.basename(member.name)[:-len(".tar")]
+        wnid = os.path.basename(member.name)[: -len(".tar")]
         folder = os.path.join(output_dir, "train", wnid)
         if os.path.exists(os.path.join(folder, _DONE)):
           continue
@@ -223,10 +258,11 @@ def extract_imagenet_archives(manual_dir, output_dir) -> str:
     with tarfile.open(val, mode="r:") as tar:
       members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
       if len(members) > len(labels):
-        raise FileFormatError(f"{val} holds {len(members)} images but the validation "
-                              f"labels list {len(labels)}; is it ILSVRC2012_img_val.tar?")
-      for member, wnid in tqdm(list(zip(members, labels)), desc="extracting val",
-                               unit="image"):
+        raise FileFormatError(
+          f"{val} holds {len(members)} images but the validation "
+          f"labels list {len(labels)}; is it ILSVRC2012_img_val.tar?"
+        )
+      for member, wnid in tqdm(list(zip(members, labels)), desc="extracting val", unit="image"):
         _extract_members(tar, [member], os.path.join(output_dir, "val", wnid))
     open(done, "w").close()
   if not (os.path.isfile(train) or os.path.isfile(val)):

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from monoformer_jax.config.fields import integer
-from monoformer_jax.data.sources import Prepared, PrepareArgs
+from monoformer_jax.data.sources import PrepareArgs, Prepared
 from monoformer_jax.errors import ConfigError
 
 
@@ -26,9 +26,9 @@ def features(latent_shape, flip: bool, **extra) -> dict:
   """The latent fields (stored as raw bytes: read back with one np.frombuffer,
   builders.Records) and the source's `extra` ones."""
   import tensorflow_datasets as tfds
+
   f = tfds.features
-  tensor = lambda: f.Tensor(shape=tuple(latent_shape), dtype=np.float32,
-                            encoding=f.Encoding.BYTES)
+  tensor = lambda: f.Tensor(shape=tuple(latent_shape), dtype=np.float32, encoding=f.Encoding.BYTES)
   spec = dict(mean=tensor(), std=tensor(), key=f.Text())
   if flip:
     spec.update(mean_flip=tensor(), std_flip=tensor())
@@ -38,40 +38,56 @@ def features(latent_shape, flip: bool, **extra) -> dict:
 def load_encoder(name: str, args: PrepareArgs):
   """(the SD-VAE of --vae, --image_size checked against its downsampling)."""
   from monoformer_jax.vae import load_vae
+
   if not args.vae:
-    raise ConfigError(f"{name} stores SD-VAE latents: pass --vae=DIR (a diffusers "
-                      "AutoencoderKL folder such as sd-vae-ft-mse)")
+    raise ConfigError(
+      f"{name} stores SD-VAE latents: pass --vae=DIR (a diffusers "
+      "AutoencoderKL folder such as sd-vae-ft-mse)"
+    )
   size = integer("--image_size", args.image_size, low=8)
   vae = load_vae(args.vae)
   factor = vae.config.downsample_factor
   if size % factor:
-    raise ConfigError(f"--image_size={size}: must be a multiple of the VAE's downsampling "
-                      f"factor {factor}")
+    raise ConfigError(
+      f"--image_size={size}: must be a multiple of the VAE's downsampling factor {factor}"
+    )
   return vae, size
 
 
-def encode_splits(name: str, items: dict, vae, args: PrepareArgs, output_dir: str,
-                  missing: dict | None = None) -> Prepared:
+def encode_splits(
+  name: str, items: dict, vae, args: PrepareArgs, output_dir: str, missing: dict | None = None
+) -> Prepared:
   """Encodes the images of `items` ({split: [encode.ImageItem]}; each host its
   chunks, under output_dir/_encoded/NAME/SPLIT) and returns their records;
   `missing` ({split: paths}) are annotated images that were not there."""
   from monoformer_jax.data import encode
-  size = args.image_size   # checked by load_encoder
+
+  size = args.image_size  # checked by load_encoder
   lines, splits = [], {}
   for split, split_items in items.items():
     work = os.path.join(output_dir, "_encoded", name, split)
     logging.info("%s/%s: %d images to encode into %s", name, split, len(split_items), work)
-    encode.encode_items(split_items, vae, work, image_size=size, flip=args.flip,
-                        batch_size=args.batch_size, chunk_size=args.chunk_size)
+    encode.encode_items(
+      split_items,
+      vae,
+      work,
+      image_size=size,
+      flip=args.flip,
+      batch_size=args.batch_size,
+      chunk_size=args.chunk_size,
+    )
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"encoded {name}/{split}")
     lines.append(f"{name}/{split}: {encode.chunk_report(work).summary()}")
     gone = (missing or {}).get(split)
     if gone:
-      lines.append(f"{name}/{split}: {len(gone)} annotated images are missing under "
-                   f"--input_dir and were skipped, e.g. {gone[:5]}")
-    splits[split] = (lambda work=work: encode.read_chunks(work))
+      lines.append(
+        f"{name}/{split}: {len(gone)} annotated images are missing under "
+        f"--input_dir and were skipped, e.g. {gone[:5]}"
+      )
+    splits[split] = lambda work=work: encode.read_chunks(work)
   factor = vae.config.downsample_factor
   shape = (size // factor, size // factor, vae.config.latent_channels)
   return Prepared(splits, latent_shape=shape, flip=args.flip, report=lambda: lines)
@@ -84,9 +100,11 @@ def checked_records(source, config, directory: str | None = None):
   want = (m.image_size, m.image_size, m.in_channels)
   got = tuple(np.asarray(records[0]["mean"]).shape)
   if got != want:
-    raise ConfigError(f"the prepared {source.name} latents are {got} but the model reads "
-                      f"(model.image_size, model.image_size, model.in_channels)={want}; "
-                      "prepare with the matching --image_size, or change the model")
+    raise ConfigError(
+      f"the prepared {source.name} latents are {got} but the model reads "
+      f"(model.image_size, model.image_size, model.in_channels)={want}; "
+      "prepare with the matching --image_size, or change the model"
+    )
   return records
 
 
@@ -95,8 +113,9 @@ def options(config) -> dict:
   (data.cfg_drop_prob), a posterior draw or the mean (data.latent_sample), a
   random mirror (data.random_flip)."""
   d = config.data
-  return dict(drop_prob=float(d.cfg_drop_prob), sample=bool(d.latent_sample),
-              flip=bool(d.random_flip))
+  return dict(
+    drop_prob=float(d.cfg_drop_prob), sample=bool(d.latent_sample), flip=bool(d.random_flip)
+  )
 
 
 def latent_of(record, rng: np.random.Generator, *, sample: bool, flip: bool) -> np.ndarray:

@@ -70,22 +70,22 @@ import dataclasses
 import io
 import json
 import os
-from typing import Any
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from absl import logging
 
 from monoformer_jax.data import chat, pipeline
 from monoformer_jax.data.datasets import draws_pixels
-from monoformer_jax.data.sources import DataSource, Prepared, PrepareArgs
+from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
 from monoformer_jax.layout import Example, read_image_spec, row_spec
 from monoformer_jax.vision.inputs import read_inputs
 
-IMAGE_MARKER = "<image>"       # where a record's text places its image
-SPEAKERS = ("human", "gpt")    # the turns alternate, human first
-SHOWN_REASONS = 5              # skipped records named in the log, then only counted
+IMAGE_MARKER = "<image>"  # where a record's text places its image
+SPEAKERS = ("human", "gpt")  # the turns alternate, human first
+SHOWN_REASONS = 5  # skipped records named in the log, then only counted
 # Records in a row whose images do not decode before the stream gives up: more
 # means the prepared data, not one file, is broken.
 MAX_CONSECUTIVE_SKIPS = 64
@@ -93,21 +93,24 @@ MAX_CONSECUTIVE_SKIPS = 64
 
 class Llava(DataSource):
   name = "llava"
-  uncompressed = True   # JPEG bytes are entropy-coded already
+  uncompressed = True  # JPEG bytes are entropy-coded already
 
   def features(self, *, latent_shape=None, flip: bool = False) -> dict:
     import tensorflow_datasets as tfds
+
     f = tfds.features
     # Text features hold any bytes, so the image file's bytes are stored (and
     # read back by Records) as they are, with no image codec in TFDS's way.
-    return dict(conversation=f.Text(), image=f.Text(doc="the image file's bytes"),
-                key=f.Text())
+    return dict(conversation=f.Text(), image=f.Text(doc="the image file's bytes"), key=f.Text())
 
   def prepare(self, args: PrepareArgs, output_dir: str) -> Prepared:
     import tqdm
+
     if not args.annotations:
-      raise ConfigError("llava needs --annotations=llava_v1_5_mix665k.json (LLaVA's "
-                        "annotation list) beside --input_dir=IMAGE_ROOT")
+      raise ConfigError(
+        "llava needs --annotations=llava_v1_5_mix665k.json (LLaVA's "
+        "annotation list) beside --input_dir=IMAGE_ROOT"
+      )
     annotations = read_llava(args.annotations, args.input_dir)
 
     def records():
@@ -120,14 +123,19 @@ class Llava(DataSource):
         bar.update(annotations.report.records - bar.n)
 
     # The report counts what was kept and skipped as the records are written.
-    return Prepared({"train": records},
-                    report=lambda: [f"llava/train: {annotations.report.summary()}"])
+    return Prepared(
+      {"train": records}, report=lambda: [f"llava/train: {annotations.report.summary()}"]
+    )
 
   def examples(self, config, tokenizer, seed: int, directory: str | None = None):
-    to_example = LlavaExamples(config, tokenizer)   # the config's errors first
+    to_example = LlavaExamples(config, tokenizer)  # the config's errors first
     directory = directory or config.data.dir
-    return LlavaStream(self.records(config, directory), to_example, seed,
-                       where=f"the prepared llava dataset {directory}")
+    return LlavaStream(
+      self.records(config, directory),
+      to_example,
+      seed,
+      where=f"the prepared llava dataset {directory}",
+    )
 
 
 SOURCE = Llava()
@@ -135,14 +143,16 @@ SOURCE = Llava()
 
 # ----------------------------------------------------------------------------- reader
 
+
 @dataclasses.dataclass
 class ReadReport:
   """What `read_llava` (and `prepared_records`) kept and skipped, and why."""
-  records: int = 0          # records in the file (lines, for JSONL)
-  kept: int = 0             # yielded, text-only ones included
+
+  records: int = 0  # records in the file (lines, for JSONL)
+  kept: int = 0  # yielded, text-only ones included
   text_only: int = 0
-  malformed: int = 0        # not a record the format allows: skipped
-  missing_images: int = 0   # a well-formed record whose image file is not there: skipped
+  malformed: int = 0  # not a record the format allows: skipped
+  missing_images: int = 0  # a well-formed record whose image file is not there: skipped
   reasons: list = dataclasses.field(default_factory=list)  # the first SHOWN_REASONS
 
   def skip(self, what: str, reason: str):
@@ -158,9 +168,11 @@ class ReadReport:
       logging.warning("llava: skipped %s", reason)
 
   def summary(self) -> str:
-    line = (f"{self.records} records: kept {self.kept} ({self.text_only} text-only), "
-            f"skipped {self.malformed} malformed and {self.missing_images} whose image is "
-            "missing")
+    line = (
+      f"{self.records} records: kept {self.kept} ({self.text_only} text-only), "
+      f"skipped {self.malformed} malformed and {self.missing_images} whose image is "
+      "missing"
+    )
     if self.reasons:
       line += "; e.g. " + "; ".join(self.reasons)
     return line
@@ -178,7 +190,7 @@ class LlavaAnnotations:
   def __init__(self, path: str, image_root: str):
     self.path, self.image_root = path, image_root
     self.report = ReadReport()
-    self.total: int | None = None   # records in the file, once a pass has begun
+    self.total: int | None = None  # records in the file, once a pass has begun
 
   def __iter__(self) -> Iterator[dict]:
     self.report = report = ReadReport()
@@ -195,8 +207,9 @@ class LlavaAnnotations:
       if clean["image"] is not None:
         path = os.path.join(self.image_root, clean["image"])
         if not os.path.isfile(path):
-          report.skip("missing", f"{where}: image {clean['image']!r} is not under "
-                      f"{self.image_root}")
+          report.skip(
+            "missing", f"{where}: image {clean['image']!r} is not under {self.image_root}"
+          )
           continue
         clean["image"] = path
       else:
@@ -210,13 +223,17 @@ class LlavaAnnotations:
     if _is_json_list(self.path):
       try:
         with open(self.path, "rb") as f:
-          records = json.load(f)   # mix665k: 1 GB, read whole as the reference does
+          records = json.load(f)  # mix665k: 1 GB, read whole as the reference does
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FileFormatError(f"{self.path} is not valid JSON ({e}); give LLaVA's annotation "
-                              "list (llava_v1_5_mix665k.json) or a JSONL of its records") from e
+        raise FileFormatError(
+          f"{self.path} is not valid JSON ({e}); give LLaVA's annotation "
+          "list (llava_v1_5_mix665k.json) or a JSONL of its records"
+        ) from e
       if not isinstance(records, list):
-        raise FileFormatError(f"{self.path} holds a JSON {type(records).__name__}, not a list "
-                              "of records; give LLaVA's annotation list or a JSONL of records")
+        raise FileFormatError(
+          f"{self.path} holds a JSON {type(records).__name__}, not a list "
+          "of records; give LLaVA's annotation list or a JSONL of records"
+        )
       self.total = len(records)
       for index, record in enumerate(records):
         yield index, f"{self.path} record {index}", record
@@ -263,24 +280,32 @@ def _clean(record, index: int) -> dict:
     if not isinstance(item, dict) or not isinstance(item.get("value"), str):
       raise ValueError(f"conversations[{k}] is {item!r:.60}, not {{'from', 'value': str}}")
     if item.get("from") != speaker:
-      raise ValueError(f"conversations[{k}] is from {item.get('from')!r}, expected "
-                       f"{speaker!r}: the turns alternate human, gpt, ... starting with human")
+      raise ValueError(
+        f"conversations[{k}] is from {item.get('from')!r}, expected "
+        f"{speaker!r}: the turns alternate human, gpt, ... starting with human"
+      )
     value = item["value"]
     if speaker == "gpt" and IMAGE_MARKER in value:
-      raise ValueError(f"conversations[{k}] (gpt) holds {IMAGE_MARKER!r}; only a question "
-                       "may place the image")
+      raise ValueError(
+        f"conversations[{k}] (gpt) holds {IMAGE_MARKER!r}; only a question may place the image"
+      )
     markers += value.count(IMAGE_MARKER)
     turns.append({"role": chat.SHAREGPT_ROLES[speaker], "content": value})
   if len(items) % 2:
-    raise ValueError(f"ends with an unanswered human turn ({len(items)} turns); the last "
-                     "turn must be gpt's")
+    raise ValueError(
+      f"ends with an unanswered human turn ({len(items)} turns); the last turn must be gpt's"
+    )
   image = record.get("image")
   if image is not None and (not isinstance(image, str) or not image.strip()):
-    raise ValueError(f"'image' is {image!r:.60}; give one path (a str) relative to the "
-                     "image root (records with several images are not supported)")
+    raise ValueError(
+      f"'image' is {image!r:.60}; give one path (a str) relative to the "
+      "image root (records with several images are not supported)"
+    )
   if markers > (image is not None):
-    raise ValueError(f"holds {markers} {IMAGE_MARKER!r} markers but "
-                     f"{int(image is not None)} image(s); give one image per marker")
+    raise ValueError(
+      f"holds {markers} {IMAGE_MARKER!r} markers but "
+      f"{int(image is not None)} image(s); give one image per marker"
+    )
   ident = record.get("id")
   key = f"{index:09d}" + (f":{ident}" if isinstance(ident, (str, int)) else "")
   return {"key": key, "turns": turns, "image": image}
@@ -294,14 +319,18 @@ def read_llava(path, image_root) -> LlavaAnnotations:
   or `image_root` raises now, a file that is not JSON when read."""
   path, image_root = os.fspath(path), os.fspath(image_root)
   if not os.path.exists(path):
-    raise MissingPathError(f"LLaVA annotations {path!r} do not exist; pass "
-                           "llava_v1_5_mix665k.json (a JSON list) or a JSONL of its records")
+    raise MissingPathError(
+      f"LLaVA annotations {path!r} do not exist; pass "
+      "llava_v1_5_mix665k.json (a JSON list) or a JSONL of its records"
+    )
   if os.path.isdir(path):
     raise PathError(f"LLaVA annotations {path!r} is a folder; pass the annotation file")
   if not os.path.isdir(image_root):
-    raise MissingPathError(f"LLaVA image root {image_root!r} is not a folder; pass the folder "
-                           "the records' 'image' paths are relative to (the one holding "
-                           "coco/, gqa/, ocr_vqa/, textvqa/, vg/)")
+    raise MissingPathError(
+      f"LLaVA image root {image_root!r} is not a folder; pass the folder "
+      "the records' 'image' paths are relative to (the one holding "
+      "coco/, gqa/, ocr_vqa/, textvqa/, vg/)"
+    )
   return LlavaAnnotations(path, image_root)
 
 
@@ -323,13 +352,15 @@ def prepared_records(annotations: LlavaAnnotations) -> Iterator[dict]:
           data = f.read()
       except OSError as e:
         annotations.report.kept -= 1
-        annotations.report.skip("missing", f"record {record['key']}: image "
-                                f"{record['image']!r} cannot be read ({e})")
+        annotations.report.skip(
+          "missing", f"record {record['key']}: image {record['image']!r} cannot be read ({e})"
+        )
         continue
     yield {"key": record["key"], "conversation": json.dumps(record["turns"]), "image": data}
 
 
 # --------------------------------------------------------------------- examples
+
 
 class _MarkedTokenizer:
   """`tokenizer` whose `encode` writes each IMAGE_MARKER as <|im_start|> <image>
@@ -353,8 +384,14 @@ class _MarkedTokenizer:
     return ids
 
 
-def llava_example(turns: Sequence[Mapping[str, str]], image, tokenizer, *,
-                  template: str = "human_assistant", train_on_source: bool = False) -> Example:
+def llava_example(
+  turns: Sequence[Mapping[str, str]],
+  image,
+  tokenizer,
+  *,
+  template: str = "human_assistant",
+  train_on_source: bool = False,
+) -> Example:
   """The Example of a conversation (turns {"role", "content"}) about `image`
   (the vision encoder's input, or None for a text-only conversation): the
   turns rendered by chat.render_chat, the image's marker replaced by
@@ -364,8 +401,10 @@ def llava_example(turns: Sequence[Mapping[str, str]], image, tokenizer, *,
   placeholder. Raises ValueError for more markers than images."""
   markers = sum(turn["content"].count(IMAGE_MARKER) for turn in turns)
   if markers > (image is not None):
-    raise ValueError(f"the conversation holds {markers} {IMAGE_MARKER!r} markers but "
-                     f"{int(image is not None)} image(s); give one image per marker")
+    raise ValueError(
+      f"the conversation holds {markers} {IMAGE_MARKER!r} markers but "
+      f"{int(image is not None)} image(s); give one image per marker"
+    )
   if image is not None and not markers:
     first = next((k for k, turn in enumerate(turns) if turn["role"] == "user"), None)
     if first is None:
@@ -376,8 +415,7 @@ def llava_example(turns: Sequence[Mapping[str, str]], image, tokenizer, *,
   mask = [m and i != tokenizer.image_id for i, m in zip(ids, mask)]
   if image is None:
     return Example(ids, (), train_text=True, text_mask=mask)
-  return Example(ids, [np.asarray(image, np.float32)], train_text=True, text_mask=mask,
-                 read=[True])
+  return Example(ids, [np.asarray(image, np.float32)], train_text=True, text_mask=mask, read=[True])
 
 
 class SkippedRecord(Exception):
@@ -394,14 +432,21 @@ def decode_image(data: bytes, key: str):
   """The PIL RGB image of a record's image bytes; SkippedRecord when they are
   not a readable image."""
   from PIL import Image
+
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
       return image.convert("RGB")
-  except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
-          ValueError) as e:
-    raise SkippedRecord("unreadable image", f"record {key}: its image is not readable "
-                        f"({type(e).__name__}: {e})") from None
+  except (
+    Image.UnidentifiedImageError,
+    Image.DecompressionBombError,
+    OSError,
+    SyntaxError,
+    ValueError,
+  ) as e:
+    raise SkippedRecord(
+      "unreadable image", f"record {key}: its image is not readable ({type(e).__name__}: {e})"
+    ) from None
 
 
 def _text(value) -> str:
@@ -420,30 +465,38 @@ class LlavaExamples:
     m, d = config.model, config.data
     encoder = m.vision_encoder
     if not encoder:
-      raise ConfigError("data llava reads images, but model.vision_encoder is '' (the model "
-                        "reads none); set --config.model.vision_encoder=clip with "
-                        "model.vision from the CLIP folder (model.clip.read_clip_config), "
-                        "as configs/t2i_llava.py does")
+      raise ConfigError(
+        "data llava reads images, but model.vision_encoder is '' (the model "
+        "reads none); set --config.model.vision_encoder=clip with "
+        "model.vision from the CLIP folder (model.clip.read_clip_config), "
+        "as configs/t2i_llava.py does"
+      )
     if encoder == "vae" and not draws_pixels(config):
-      raise ConfigError("model.vision_encoder='vae' on a latent model reads SD-VAE latents of "
-                        "the images, and `prepare llava` stores the image files, not their "
-                        "latents; use model.vision_encoder='clip' (configs/t2i_llava.py) or a "
-                        "pixel model")
-    read_image_spec(m)   # raises for an unknown encoder
+      raise ConfigError(
+        "model.vision_encoder='vae' on a latent model reads SD-VAE latents of "
+        "the images, and `prepare llava` stores the image files, not their "
+        "latents; use model.vision_encoder='clip' (configs/t2i_llava.py) or a "
+        "pixel model"
+      )
+    read_image_spec(m)  # raises for an unknown encoder
     spec = row_spec(config, tokenizer)
     if spec.max_read_images < 1:
-      raise ConfigError(f"data.max_read_images_per_row={spec.max_read_images}: a LLaVA "
-                        "example reads one image; set --config.data.max_read_images_per_row=1")
+      raise ConfigError(
+        f"data.max_read_images_per_row={spec.max_read_images}: a LLaVA "
+        "example reads one image; set --config.data.max_read_images_per_row=1"
+      )
     # The ids of an example with its image: the placeholder becomes the Q
     # tokens (and the timestep token) of the read image.
     self.max_ids = spec.seq_len - spec.read_tokens - int(spec.cond_token) + 1
     if self.max_ids < 8:
-      raise ConfigError(f"data.seq_len={spec.seq_len} leaves {self.max_ids} tokens beside one "
-                        f"read image of {spec.read_tokens} tokens; raise --config.data.seq_len")
+      raise ConfigError(
+        f"data.seq_len={spec.seq_len} leaves {self.max_ids} tokens beside one "
+        f"read image of {spec.read_tokens} tokens; raise --config.data.seq_len"
+      )
     self.config, self.tokenizer = config, tokenizer
     self.template = d.chat_template
     self.train_on_source = bool(d.train_on_source)
-    chat.chat_template(self.template)   # raises for an unknown template
+    chat.chat_template(self.template)  # raises for an unknown template
     self.cut = 0
 
   def __call__(self, record) -> Example:
@@ -452,23 +505,34 @@ class LlavaExamples:
     data = record["image"]
     image = None
     if data:
-      image = read_inputs([decode_image(bytes(data), key)], self.config, vae=None,
-                          pixels=draws_pixels(self.config))[0]
-    example = llava_example(turns, image, self.tokenizer, template=self.template,
-                            train_on_source=self.train_on_source)
+      image = read_inputs(
+        [decode_image(bytes(data), key)], self.config, vae=None, pixels=draws_pixels(self.config)
+      )[0]
+    example = llava_example(
+      turns, image, self.tokenizer, template=self.template, train_on_source=self.train_on_source
+    )
     if image is None or len(example.ids) <= self.max_ids:
       return example
-    if self.tokenizer.image_id not in example.ids[:self.max_ids]:
-      raise SkippedRecord("image past the row", f"record {key}: its image comes after the "
-                          f"first {self.max_ids} tokens, past what one row of data.seq_len "
-                          "holds with it")
+    if self.tokenizer.image_id not in example.ids[: self.max_ids]:
+      raise SkippedRecord(
+        "image past the row",
+        f"record {key}: its image comes after the "
+        f"first {self.max_ids} tokens, past what one row of data.seq_len "
+        "holds with it",
+      )
     self.cut += 1
     if self.cut <= SHOWN_REASONS or self.cut % 1000 == 0:
-      logging.warning("llava record %s: %d tokens cut to %d to fit one row of data.seq_len "
-                      "with its image (%d examples cut so far)", key, len(example.ids),
-                      self.max_ids, self.cut)
-    return dataclasses.replace(example, ids=example.ids[:self.max_ids],
-                               text_mask=example.text_mask[:self.max_ids])
+      logging.warning(
+        "llava record %s: %d tokens cut to %d to fit one row of data.seq_len "
+        "with its image (%d examples cut so far)",
+        key,
+        len(example.ids),
+        self.max_ids,
+        self.cut,
+      )
+    return dataclasses.replace(
+      example, ids=example.ids[: self.max_ids], text_mask=example.text_mask[: self.max_ids]
+    )
 
 
 class LlavaStream:
@@ -477,8 +541,13 @@ class LlavaStream:
   is skipped for the next one of the stream, so example i is a pure function
   of (seed, i) still; `skipped` counts the reasons (this process's)."""
 
-  def __init__(self, records, to_example: Callable[[Any], Example], seed: int,
-               where: str = "the prepared llava dataset"):
+  def __init__(
+    self,
+    records,
+    to_example: Callable[[Any], Example],
+    seed: int,
+    where: str = "the prepared llava dataset",
+  ):
     self.where = where
     self.skipped: collections.Counter = collections.Counter()
     self._examples = pipeline.record_stream(records, self._try(to_example), seed)
@@ -491,9 +560,14 @@ class LlavaStream:
         self.skipped[e.kind] += 1
         total = sum(self.skipped.values())
         if total <= SHOWN_REASONS or total % 1000 == 0:
-          logging.warning("llava: skipped %s for the next record (%d skipped so far: %s)",
-                          e, total, dict(self.skipped))
+          logging.warning(
+            "llava: skipped %s for the next record (%d skipped so far: %s)",
+            e,
+            total,
+            dict(self.skipped),
+          )
         return None
+
     return example_or_none
 
   def __call__(self, i: int) -> Example:
@@ -501,7 +575,9 @@ class LlavaStream:
       example = self._examples(i + k)
       if example is not None:
         return example
-    raise FileFormatError(f"{self.where}: {MAX_CONSECUTIVE_SKIPS} records in a row from "
-                          f"example {i} cannot be read ({dict(self.skipped)}); prepare it "
-                          "again from the image files (python -m monoformer_jax.data.prepare "
-                          "llava)")
+    raise FileFormatError(
+      f"{self.where}: {MAX_CONSECUTIVE_SKIPS} records in a row from "
+      f"example {i} cannot be read ({dict(self.skipped)}); prepare it "
+      "again from the image files (python -m monoformer_jax.data.prepare "
+      "llava)"
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from monoformer_jax.data import builders, datasets, pipeline
-from monoformer_jax.data.sources import DataSource, Prepared, PrepareArgs
+from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared
 from monoformer_jax.errors import ConfigError
 
 
@@ -22,8 +22,10 @@ class Mix(DataSource):
   needs_input = False
 
   def prepare(self, args: PrepareArgs, output_dir: str) -> Prepared:
-    raise ConfigError("a mix is not prepared itself: prepare each dataset it mixes, e.g. "
-                      "`python -m monoformer_jax.data.prepare text_to_image ...`")
+    raise ConfigError(
+      "a mix is not prepared itself: prepare each dataset it mixes, e.g. "
+      "`python -m monoformer_jax.data.prepare text_to_image ...`"
+    )
 
   def check(self, config):
     d = config.data
@@ -45,8 +47,10 @@ class Mix(DataSource):
     weights = dict(config.data.mix)
     dirs = dict(config.data.dirs)
     seeds = np.random.SeedSequence(seed).generate_state(len(weights) + 1)
-    streams = [datasets.source(name).examples(config, tokenizer, int(s), dirs.get(name) or None)
-               for name, s in zip(weights, seeds)]
+    streams = [
+      datasets.source(name).examples(config, tokenizer, int(s), dirs.get(name) or None)
+      for name, s in zip(weights, seeds)
+    ]
     return pipeline.mix(streams, list(weights.values()), int(seeds[-1]))
 
 

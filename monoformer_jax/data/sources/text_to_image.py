@@ -18,7 +18,7 @@ from monoformer_jax.data import pipeline, prompts
 from monoformer_jax.data.encode import ImageItem
 from monoformer_jax.data.jsonl import json_objects
 from monoformer_jax.data.packing import Example
-from monoformer_jax.data.sources import DataSource, Prepared, PrepareArgs, latents
+from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared, latents
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
 
 
@@ -28,6 +28,7 @@ class TextToImage(DataSource):
 
   def features(self, *, latent_shape=None, flip: bool = False) -> dict:
     import tensorflow_datasets as tfds
+
     f = tfds.features
     return latents.features(latent_shape, flip, prompt=f.Text(), caption=f.Text())
 
@@ -36,8 +37,9 @@ class TextToImage(DataSource):
     if not args.annotations:
       raise ConfigError("text_to_image needs --annotations=FILE.jsonl (img_path, prompt)")
     found, gone = journeydb_items(args.annotations, args.input_dir)
-    return latents.encode_splits(self.name, {"train": found}, vae, args, output_dir,
-                                 missing={"train": gone})
+    return latents.encode_splits(
+      self.name, {"train": found}, vae, args, output_dir, missing={"train": gone}
+    )
 
   def examples(self, config, tokenizer, seed: int, directory: str | None = None):
     records = latents.checked_records(self, config, directory)
@@ -50,10 +52,13 @@ SOURCE = TextToImage()
 
 def text_to_image_example(tokenizer, *, drop_prob: float, sample: bool, flip: bool):
   """record -> Example: the image under its prompt (or the dropped, empty one)."""
+
   def to_example(record, rng) -> Example:
     prompt = None if rng.random() < drop_prob else _text(record["prompt"])
-    return prompts.image_example(prompt, latents.latent_of(record, rng, sample=sample,
-                                                           flip=flip), tokenizer)
+    return prompts.image_example(
+      prompt, latents.latent_of(record, rng, sample=sample, flip=flip), tokenizer
+    )
+
   return to_example
 
 
@@ -71,31 +76,43 @@ def journeydb_items(annotations_jsonl, image_root) -> tuple[list[ImageItem], lis
   """
   annotations_jsonl, image_root = os.fspath(annotations_jsonl), os.fspath(image_root)
   if not os.path.isfile(annotations_jsonl):
-    raise MissingPathError(f"annotations file {annotations_jsonl} is not there; give the "
-                           "JSONL with one {\"img_path\", \"prompt\"} object per line")
+    raise MissingPathError(
+      f"annotations file {annotations_jsonl} is not there; give the "
+      'JSONL with one {"img_path", "prompt"} object per line'
+    )
   if not os.path.isdir(image_root):
-    raise MissingPathError(f"image root {image_root} is not a folder; give the folder the "
-                           f"img_path entries of {annotations_jsonl} are relative to")
+    raise MissingPathError(
+      f"image root {image_root} is not a folder; give the folder the "
+      f"img_path entries of {annotations_jsonl} are relative to"
+    )
   items, missing, line_of = [], [], {}
   for lineno, entry in json_objects(annotations_jsonl):
     where = f"{annotations_jsonl}, line {lineno}"
     for name in ("img_path", "prompt"):
       if not isinstance(entry.get(name), str) or (name == "img_path" and not entry[name]):
         got = "missing" if name not in entry else f"{entry[name]!r}"
-        raise FileFormatError(f"{where}: {name!r} is {got}; each line needs a string "
-                              "img_path and prompt")
+        raise FileFormatError(
+          f"{where}: {name!r} is {got}; each line needs a string img_path and prompt"
+        )
     caption = entry.get("caption")
     if caption is None and isinstance(entry.get("Task2"), dict):
       caption = entry["Task2"].get("Caption")
     key = os.path.normpath(entry["img_path"]).replace(os.sep, "/")
     if key in line_of:
-      raise FileFormatError(f"{where}: img_path {entry['img_path']!r} is already on line "
-                            f"{line_of[key]}; keys must be unique, delete one of them")
+      raise FileFormatError(
+        f"{where}: img_path {entry['img_path']!r} is already on line "
+        f"{line_of[key]}; keys must be unique, delete one of them"
+      )
     line_of[key] = lineno
     path = os.path.join(image_root, entry["img_path"])
     if not os.path.isfile(path):
       missing.append(path)
       continue
-    items.append(ImageItem(key=key, path=path, fields={
-        "prompt": entry["prompt"], "caption": "" if caption is None else str(caption)}))
+    items.append(
+      ImageItem(
+        key=key,
+        path=path,
+        fields={"prompt": entry["prompt"], "caption": "" if caption is None else str(caption)},
+      )
+    )
   return items, missing

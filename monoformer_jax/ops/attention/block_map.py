@@ -42,6 +42,7 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 class Runs(NamedTuple):
   """Block ranges along one axis, int32 [B, I] or [B, J] (per block of the other axis)."""
+
   start: jax.Array
   full_start: jax.Array
   full_stop: jax.Array
@@ -50,6 +51,7 @@ class Runs(NamedTuple):
 
 class BlockMap(NamedTuple):
   """`kv`: per query block its key blocks; `q`: per key block its query blocks."""
+
   kv: Runs
   q: Runs
   kinds: jax.Array  # int8 [B, I, J]: EMPTY, PARTIAL or FULL
@@ -63,18 +65,19 @@ def key_intervals(segment_ids, image_ids):
   _, length = segment_ids.shape
   index_L = jnp.arange(length, dtype=jnp.int32)
   first_in_run = jnp.concatenate(
-      [jnp.ones_like(segment_ids[:, :1], bool),
-       segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
   lo = jax.lax.cummax(jnp.where(first_in_run, index_L, 0), axis=1)
   last_in_image = jnp.concatenate(
-      [image_ids[:, :-1] != image_ids[:, 1:],
-       jnp.ones_like(image_ids[:, :1], bool)], axis=1)
-  image_end = jax.lax.cummin(jnp.where(last_in_image, index_L, length), axis=1,
-                             reverse=True)
+    [image_ids[:, :-1] != image_ids[:, 1:], jnp.ones_like(image_ids[:, :1], bool)], axis=1
+  )
+  image_end = jax.lax.cummin(jnp.where(last_in_image, index_L, length), axis=1, reverse=True)
   hi = jnp.where(image_ids != 0, image_end, index_L)
   padding = segment_ids == 0
-  return (jnp.where(padding, length, lo).astype(jnp.int32),
-          jnp.where(padding, -1, hi).astype(jnp.int32))
+  return (
+    jnp.where(padding, length, lo).astype(jnp.int32),
+    jnp.where(padding, -1, hi).astype(jnp.int32),
+  )
 
 
 def _runs(live, full):
@@ -89,12 +92,14 @@ def _runs(live, full):
   one_run = full.any(-1) & (full.sum(-1) == full_stop - full_start)
   full_start = jnp.where(one_run, full_start, stop)
   full_stop = jnp.where(one_run, full_stop, stop)
-  return Runs(start, full_start.astype(jnp.int32), full_stop.astype(jnp.int32),
-              stop.astype(jnp.int32))
+  return Runs(
+    start, full_start.astype(jnp.int32), full_stop.astype(jnp.int32), stop.astype(jnp.int32)
+  )
 
 
-def block_map(segment_ids, image_ids, *, q_len: int, q_offset, block_q: int,
-              block_k: int) -> BlockMap:
+def block_map(
+  segment_ids, image_ids, *, q_len: int, q_offset, block_q: int, block_k: int
+) -> BlockMap:
   """The block map of a row [B, L] whose q_len queries are tokens q_offset.. of it.
 
   L must be a multiple of block_k (pad the row with segment id 0); the
@@ -102,8 +107,9 @@ def block_map(segment_ids, image_ids, *, q_len: int, q_offset, block_q: int,
   """
   b, kv_len = segment_ids.shape
   if kv_len % block_k:
-    raise ValueError(f"{kv_len} keys are not a multiple of block_k {block_k}; "
-                     "pad the row with segment id 0")
+    raise ValueError(
+      f"{kv_len} keys are not a multiple of block_k {block_k}; pad the row with segment id 0"
+    )
   nq = -(-q_len // block_q)
   lo, hi = key_intervals(segment_ids, image_ids)
   pad = ((0, 0), (0, nq * block_q - q_len))
@@ -117,9 +123,11 @@ def block_map(segment_ids, image_ids, *, q_len: int, q_offset, block_q: int,
   live_BxIxJ = (min_lo <= key_last_J) & (max_hi >= key_start_J)
   full_BxIxJ = (max_lo <= key_start_J) & (min_hi >= key_last_J)
   kinds = jnp.where(full_BxIxJ, FULL, jnp.where(live_BxIxJ, PARTIAL, EMPTY))
-  return BlockMap(kv=_runs(live_BxIxJ, full_BxIxJ),
-                  q=_runs(jnp.swapaxes(live_BxIxJ, 1, 2), jnp.swapaxes(full_BxIxJ, 1, 2)),
-                  kinds=kinds.astype(jnp.int8))
+  return BlockMap(
+    kv=_runs(live_BxIxJ, full_BxIxJ),
+    q=_runs(jnp.swapaxes(live_BxIxJ, 1, 2), jnp.swapaxes(full_BxIxJ, 1, 2)),
+    kinds=kinds.astype(jnp.int8),
+  )
 
 
 def live_fraction(bmap: BlockMap) -> jax.Array:

@@ -42,8 +42,10 @@ def allowed(q_segment, q_image, q_index, k_segment, k_image, k_index):
 def query_offset(q_len: int, kv_len: int, q_offset=None):
   """The row index of the first query: `q_offset`, or kv_len - q_len by default."""
   if q_len > kv_len:
-    raise ValueError(f"{q_len} queries but only {kv_len} keys; queries must be "
-                     "tokens of the key row (pass the whole row's ids)")
+    raise ValueError(
+      f"{q_len} queries but only {kv_len} keys; queries must be "
+      "tokens of the key row (pass the whole row's ids)"
+    )
   return kv_len - q_len if q_offset is None else q_offset
 
 
@@ -60,8 +62,11 @@ def mixed_mask(segment_ids, image_ids, *, q_len=None, q_offset=None):
   q_len = kv_len if q_len is None else q_len
   q_offset = query_offset(q_len, kv_len, q_offset)
   q_index_Lq = q_offset + jnp.arange(q_len)
-  return allowed(query_ids(segment_ids, q_len, q_offset)[:, :, None],
-                 query_ids(image_ids, q_len, q_offset)[:, :, None],
-                 q_index_Lq[None, :, None],
-                 segment_ids[:, None, :], image_ids[:, None, :],
-                 jnp.arange(kv_len)[None, None, :])
+  return allowed(
+    query_ids(segment_ids, q_len, q_offset)[:, :, None],
+    query_ids(image_ids, q_len, q_offset)[:, :, None],
+    q_index_Lq[None, :, None],
+    segment_ids[:, None, :],
+    image_ids[:, None, :],
+    jnp.arange(kv_len)[None, None, :],
+  )

@@ -59,16 +59,21 @@ def kernel_config(backend: str, block_q=None, block_k=None, interpret=False) -> 
   block_q, block_k = block_q or default_q, block_k or default_k
   if backend == "tpu" and not interpret and (block_q % 128 or block_k % 128):
     raise ValueError(
-        f"TPU blocks (block_q={block_q}, block_k={block_k}) must be multiples of "
-        "128 for the compiled Mosaic kernel; smaller blocks run only in "
-        "interpret mode: pass interpret=True. (interpret=None also builds the "
-        "compiled kernel, in case the call is lowered for TPU, even on CPU.)")
+      f"TPU blocks (block_q={block_q}, block_k={block_k}) must be multiples of "
+      "128 for the compiled Mosaic kernel; smaller blocks run only in "
+      "interpret mode: pass interpret=True. (interpret=None also builds the "
+      "compiled kernel, in case the call is lowered for TPU, even on CPU.)"
+    )
   if backend == "tpu" and interpret and block_k > 128 and block_k % 128:
-    raise ValueError(f"block_k={block_k}: the TPU kernel tiles key ids from 128 "
-                     "lanes; use a block_k below 128 or a multiple of it")
+    raise ValueError(
+      f"block_k={block_k}: the TPU kernel tiles key ids from 128 "
+      "lanes; use a block_k below 128 or a multiple of it"
+    )
   if backend == "gpu" and any(x & (x - 1) or x < 16 for x in (block_q, block_k)):
-    raise ValueError(f"GPU blocks (block_q={block_q}, block_k={block_k}) must be "
-                     "powers of two >= 16 (Triton tiles), e.g. 64")
+    raise ValueError(
+      f"GPU blocks (block_q={block_q}, block_k={block_k}) must be "
+      "powers of two >= 16 (Triton tiles), e.g. 64"
+    )
   return KernelConfig(backend, block_q, block_k, interpret)
 
 
@@ -142,8 +147,9 @@ def _padded_inputs(cfg, q, k, v, segment_ids, image_ids, q_offset):
   lk_pad = -(-(lk + lq_pad - lq) // cfg.block_k) * cfg.block_k
   seg, img = _pad_row(segment_ids, lk_pad), _pad_row(image_ids, lk_pad)
   q_ids = tuple(query_ids(x, lq_pad, q_offset) for x in (seg, img))
-  bmap = block_map(seg, img, q_len=lq_pad, q_offset=q_offset,
-                   block_q=cfg.block_q, block_k=cfg.block_k)
+  bmap = block_map(
+    seg, img, q_len=lq_pad, q_offset=q_offset, block_q=cfg.block_q, block_k=cfg.block_k
+  )
   qkv = tuple(_to_kernel(cfg, _pad_row(x, n)) for x, n in ((q, lq_pad), (k, lk_pad), (v, lk_pad)))
   return qkv, (seg, img, q_ids, q_offset, bmap), lq_pad
 
@@ -153,7 +159,8 @@ def _forward(cfg, q, k, v, segment_ids, image_ids, q_offset):
   lq = q.shape[1]
   qkv, ids, _ = _padded_inputs(cfg, q, k, v, segment_ids, image_ids, q_offset)
   out, lse = BACKENDS[cfg.backend].forward(
-      *qkv, *ids, block_q=cfg.block_q, block_k=cfg.block_k, interpret=cfg.interpret)
+    *qkv, *ids, block_q=cfg.block_q, block_k=cfg.block_k, interpret=cfg.interpret
+  )
   return _from_kernel(cfg, out)[:, :lq], lse[..., :lq]
 
 
@@ -166,10 +173,20 @@ def _backward(cfg, q, k, v, segment_ids, image_ids, q_offset, out, lse, dout):
   out_p, dout_p = (_to_kernel(cfg, _pad_row(x, lq_pad)) for x in (out, dout))
   lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, lq_pad - lq)))
   dq, dk, dv = BACKENDS[cfg.backend].backward(
-      *qkv, *ids, out_p, lse_p, dout_p,
-      block_q=cfg.block_q, block_k=cfg.block_k, interpret=cfg.interpret)
-  return (_from_kernel(cfg, dq)[:, :lq], _from_kernel(cfg, dk)[:, :lk],
-          _from_kernel(cfg, dv)[:, :lk])
+    *qkv,
+    *ids,
+    out_p,
+    lse_p,
+    dout_p,
+    block_q=cfg.block_q,
+    block_k=cfg.block_k,
+    interpret=cfg.interpret,
+  )
+  return (
+    _from_kernel(cfg, dq)[:, :lq],
+    _from_kernel(cfg, dk)[:, :lk],
+    _from_kernel(cfg, dv)[:, :lk],
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -193,9 +210,19 @@ def _flash_bwd(plan, residuals, dout):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def pallas_attention(q_BxLqxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids, *,
-                     q_offset=None, backend=None, block_q=None, block_k=None,
-                     interpret=None):
+def pallas_attention(
+  q_BxLqxHxD,
+  k_BxLxKxD,
+  v_BxLxKxD,
+  segment_ids,
+  image_ids,
+  *,
+  q_offset=None,
+  backend=None,
+  block_q=None,
+  block_k=None,
+  interpret=None,
+):
   """Flash attention under the mixed mask, equal to `xla_attention`.
 
   q [B, Lq, H, D]; k, v [B, L, K, D] with H a multiple of K (grouped-query
@@ -218,9 +245,11 @@ def pallas_attention(q_BxLqxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids, *
   if h % kvh:
     raise ValueError(f"{h} query heads are not a multiple of {kvh} kv heads")
   if segment_ids.shape != (b, lk) or image_ids.shape != (b, lk):
-    raise ValueError(f"segment_ids {segment_ids.shape} and image_ids "
-                     f"{image_ids.shape} must be [B, L] = {(b, lk)}, the whole "
-                     "row of keys")
+    raise ValueError(
+      f"segment_ids {segment_ids.shape} and image_ids "
+      f"{image_ids.shape} must be [B, L] = {(b, lk)}, the whole "
+      "row of keys"
+    )
   plan = kernel_plan(backend, block_q, block_k, interpret, platform=lowering_platform())
   q_offset = jnp.asarray(query_offset(lq, lk, q_offset), jnp.int32)
   return _flash(plan, q_BxLqxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids, q_offset)

@@ -22,16 +22,14 @@ from monoformer_jax.ops.attention.mask import MASKED_SCORE, allowed
 
 
 def _dot(a, b, *, trans_a=False, trans_b=False):
-  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b,
-                   allow_tf32=a.dtype != jnp.float32)
+  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=a.dtype != jnp.float32)
 
 
 def _mask(q_seg, q_img, k_seg, k_img, q_first, k_first):
   """bool [bq, bk]: `allowed` for one block (ids [bq] and [bk])."""
   q_index = q_first + lax.broadcasted_iota(jnp.int32, (q_seg.shape[0], k_seg.shape[0]), 0)
   k_index = k_first + lax.broadcasted_iota(jnp.int32, (q_seg.shape[0], k_seg.shape[0]), 1)
-  return allowed(q_seg[:, None], q_img[:, None], q_index,
-                 k_seg[None, :], k_img[None, :], k_index)
+  return allowed(q_seg[:, None], q_img[:, None], q_index, k_seg[None, :], k_img[None, :], k_index)
 
 
 def _walk(runs, body, carry):
@@ -54,16 +52,44 @@ def _params(num_warps, num_stages):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def forward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap, *,
-            block_q, block_k, interpret, num_warps=4, num_stages=2):
+def forward(
+  q,
+  k,
+  v,
+  segment_ids,
+  image_ids,
+  q_ids,
+  q_offset,
+  bmap: BlockMap,
+  *,
+  block_q,
+  block_k,
+  interpret,
+  num_warps=4,
+  num_stages=2,
+):
   """(out [B, Lq, H, D], lse [B, H, Lq] float32) from q [B, Lq, H, D], k, v [B, L, K, D]."""
   b, lq, h, d = q.shape
   lk, kvh = k.shape[1], k.shape[2]
   group, nq = h // kvh, lq // block_q
-  scale = d ** -0.5
+  scale = d**-0.5
 
-  def kernel(start, fstart, fstop, stop, off_ref, q_ref, k_ref, v_ref, qseg_ref,
-             qimg_ref, kseg_ref, kimg_ref, o_ref, lse_ref):
+  def kernel(
+    start,
+    fstart,
+    fstop,
+    stop,
+    off_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    qimg_ref,
+    kseg_ref,
+    kimg_ref,
+    o_ref,
+    lse_ref,
+  ):
     i = pl.program_id(2)
     q_first = off_ref[0] + i * block_q
     q_ = q_ref[...]
@@ -74,8 +100,7 @@ def forward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap, *,
       keys = pl.ds(pl.multiple_of(kblk * block_k, block_k), block_k)
       s = _dot(q_, k_ref[keys, :], trans_b=True) * scale
       if masked:
-        mask = _mask(q_seg, q_img, kseg_ref[keys], kimg_ref[keys], q_first,
-                     kblk * block_k)
+        mask = _mask(q_seg, q_img, kseg_ref[keys], kimg_ref[keys], q_first, kblk * block_k)
         s = jnp.where(mask, s, MASKED_SCORE)
       m_next = jnp.maximum(m, s.max(axis=1))
       alpha = jnp.exp(m - m_next)
@@ -84,10 +109,15 @@ def forward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap, *,
       acc = acc * alpha[:, None] + _dot(p.astype(v_.dtype), v_)
       return acc, m_next, alpha * l_sum + p.sum(axis=1)
 
-    acc, m, l_sum = _walk(_read_runs((start, fstart, fstop, stop)), body,
-                          (jnp.zeros((block_q, d), jnp.float32),
-                           jnp.full((block_q,), MASKED_SCORE, jnp.float32),
-                           jnp.zeros((block_q,), jnp.float32)))
+    acc, m, l_sum = _walk(
+      _read_runs((start, fstart, fstop, stop)),
+      body,
+      (
+        jnp.zeros((block_q, d), jnp.float32),
+        jnp.full((block_q,), MASKED_SCORE, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+      ),
+    )
     dead = m == MASKED_SCORE
     l_safe = jnp.where(dead, 1.0, l_sum)
     o_ref[...] = jnp.where(dead[:, None], 0.0, acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -95,37 +125,60 @@ def forward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap, *,
 
   runs_spec = _scalar_spec(lambda b_, h_, i: (b_, i))
   out, lse = pl.pallas_call(
-      kernel,
-      grid=(b, h, nq),
-      in_specs=[runs_spec] * 4 + [
-          pl.BlockSpec((1,), lambda *_: (0,)),
-          pl.BlockSpec((None, block_q, None, d), lambda b_, h_, i: (b_, i, h_, 0)),
-          pl.BlockSpec((None, lk, None, d), lambda b_, h_, i: (b_, 0, h_ // group, 0)),
-          pl.BlockSpec((None, lk, None, d), lambda b_, h_, i: (b_, 0, h_ // group, 0)),
-          pl.BlockSpec((None, block_q), lambda b_, h_, i: (b_, i)),
-          pl.BlockSpec((None, block_q), lambda b_, h_, i: (b_, i)),
-          pl.BlockSpec((None, lk), lambda b_, h_, i: (b_, 0)),
-          pl.BlockSpec((None, lk), lambda b_, h_, i: (b_, 0))],
-      out_specs=[pl.BlockSpec((None, block_q, None, d), lambda b_, h_, i: (b_, i, h_, 0)),
-                 pl.BlockSpec((None, None, block_q), lambda b_, h_, i: (b_, h_, i))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
-      compiler_params=_params(num_warps, num_stages),
-      interpret=interpret,
-      name="mixed_flash_fwd",
-  )(*bmap.kv, jnp.reshape(q_offset, (1,)).astype(jnp.int32), q, k, v, *q_ids,
-    segment_ids, image_ids)
+    kernel,
+    grid=(b, h, nq),
+    in_specs=[runs_spec] * 4
+    + [
+      pl.BlockSpec((1,), lambda *_: (0,)),
+      pl.BlockSpec((None, block_q, None, d), lambda b_, h_, i: (b_, i, h_, 0)),
+      pl.BlockSpec((None, lk, None, d), lambda b_, h_, i: (b_, 0, h_ // group, 0)),
+      pl.BlockSpec((None, lk, None, d), lambda b_, h_, i: (b_, 0, h_ // group, 0)),
+      pl.BlockSpec((None, block_q), lambda b_, h_, i: (b_, i)),
+      pl.BlockSpec((None, block_q), lambda b_, h_, i: (b_, i)),
+      pl.BlockSpec((None, lk), lambda b_, h_, i: (b_, 0)),
+      pl.BlockSpec((None, lk), lambda b_, h_, i: (b_, 0)),
+    ],
+    out_specs=[
+      pl.BlockSpec((None, block_q, None, d), lambda b_, h_, i: (b_, i, h_, 0)),
+      pl.BlockSpec((None, None, block_q), lambda b_, h_, i: (b_, h_, i)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((b, h, lq), jnp.float32),
+    ],
+    compiler_params=_params(num_warps, num_stages),
+    interpret=interpret,
+    name="mixed_flash_fwd",
+  )(
+    *bmap.kv, jnp.reshape(q_offset, (1,)).astype(jnp.int32), q, k, v, *q_ids, segment_ids, image_ids
+  )
   return out, lse
 
 
-def backward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap,
-             out, lse, dout, *, block_q, block_k, interpret, num_warps=4,
-             num_stages=2):
+def backward(
+  q,
+  k,
+  v,
+  segment_ids,
+  image_ids,
+  q_ids,
+  q_offset,
+  bmap: BlockMap,
+  out,
+  lse,
+  dout,
+  *,
+  block_q,
+  block_k,
+  interpret,
+  num_warps=4,
+  num_stages=2,
+):
   """(dq, dk, dv) in the forward's layouts."""
   b, lq, h, d = q.shape
   lk, kvh = k.shape[1], k.shape[2]
   group, nq, nk = h // kvh, lq // block_q, lk // block_k
-  scale = d ** -0.5
+  scale = d**-0.5
   delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), dout.astype(jnp.float32))
   offset = jnp.reshape(q_offset, (1,)).astype(jnp.int32)
 
@@ -137,8 +190,24 @@ def backward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap,
     dp = _dot(do_, v_, trans_b=True)
     return p, p * (dp - delta_[:, None])
 
-  def dq_kernel(start, fstart, fstop, stop, off_ref, q_ref, k_ref, v_ref, do_ref,
-                lse_ref, delta_ref, qseg_ref, qimg_ref, kseg_ref, kimg_ref, dq_ref):
+  def dq_kernel(
+    start,
+    fstart,
+    fstop,
+    stop,
+    off_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qseg_ref,
+    qimg_ref,
+    kseg_ref,
+    kimg_ref,
+    dq_ref,
+  ):
     i = pl.program_id(2)
     q_first = off_ref[0] + i * block_q
     q_, do_, lse_, delta_ = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
@@ -147,13 +216,15 @@ def backward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap,
     def body(kblk, dq, masked):
       keys = pl.ds(pl.multiple_of(kblk * block_k, block_k), block_k)
       k_ = k_ref[keys, :]
-      mask = _mask(q_seg, q_img, kseg_ref[keys], kimg_ref[keys], q_first,
-                   kblk * block_k) if masked else None
+      mask = (
+        _mask(q_seg, q_img, kseg_ref[keys], kimg_ref[keys], q_first, kblk * block_k)
+        if masked
+        else None
+      )
       _, ds = dlogits(q_, k_, v_ref[keys, :], do_, lse_, delta_, mask)
       return dq + _dot(ds.astype(k_.dtype), k_)
 
-    dq = _walk(_read_runs((start, fstart, fstop, stop)), body,
-               jnp.zeros((block_q, d), jnp.float32))
+    dq = _walk(_read_runs((start, fstart, fstop, stop)), body, jnp.zeros((block_q, d), jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
   runs_q = _scalar_spec(lambda b_, h_, i: (b_, i))
@@ -163,20 +234,48 @@ def backward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap,
   qid = pl.BlockSpec((None, block_q), lambda b_, h_, i: (b_, i))
   kid = pl.BlockSpec((None, lk), lambda b_, h_, i: (b_, 0))
   dq = pl.pallas_call(
-      dq_kernel,
-      grid=(b, h, nq),
-      in_specs=[runs_q] * 4 + [pl.BlockSpec((1,), lambda *_: (0,)), qblock, kvfull,
-                               kvfull, qblock, rowblock, rowblock, qid, qid, kid, kid],
-      out_specs=qblock,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_params(num_warps, num_stages),
-      interpret=interpret,
-      name="mixed_flash_dq",
+    dq_kernel,
+    grid=(b, h, nq),
+    in_specs=[runs_q] * 4
+    + [
+      pl.BlockSpec((1,), lambda *_: (0,)),
+      qblock,
+      kvfull,
+      kvfull,
+      qblock,
+      rowblock,
+      rowblock,
+      qid,
+      qid,
+      kid,
+      kid,
+    ],
+    out_specs=qblock,
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=_params(num_warps, num_stages),
+    interpret=interpret,
+    name="mixed_flash_dq",
   )(*bmap.kv, offset, q, k, v, dout, lse, delta, *q_ids, segment_ids, image_ids)
 
-  def dkv_kernel(start, fstart, fstop, stop, off_ref, q_ref, k_ref, v_ref, do_ref,
-                 lse_ref, delta_ref, qseg_ref, qimg_ref, kseg_ref, kimg_ref,
-                 dk_ref, dv_ref):
+  def dkv_kernel(
+    start,
+    fstart,
+    fstop,
+    stop,
+    off_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qseg_ref,
+    qimg_ref,
+    kseg_ref,
+    kimg_ref,
+    dk_ref,
+    dv_ref,
+  ):
     j = pl.program_id(2)
     k_, v_ = k_ref[...], v_ref[...]
     k_seg, k_img = kseg_ref[...], kimg_ref[...]
@@ -187,11 +286,19 @@ def backward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap,
         dk, dv = carry
         rows = pl.ds(pl.multiple_of(qblk * block_q, block_q), block_q)
         q_, do_ = q_ref[rows, g, :], do_ref[rows, g, :]
-        mask = _mask(qseg_ref[rows], qimg_ref[rows], k_seg, k_img,
-                     off_ref[0] + qblk * block_q, j * block_k) if masked else None
+        mask = (
+          _mask(
+            qseg_ref[rows], qimg_ref[rows], k_seg, k_img, off_ref[0] + qblk * block_q, j * block_k
+          )
+          if masked
+          else None
+        )
         p, ds = dlogits(q_, k_, v_, do_, lse_ref[g, rows], delta_ref[g, rows], mask)
-        return (dk + _dot(ds.astype(q_.dtype), q_, trans_a=True),
-                dv + _dot(p.astype(do_.dtype), do_, trans_a=True))
+        return (
+          dk + _dot(ds.astype(q_.dtype), q_, trans_a=True),
+          dv + _dot(p.astype(do_.dtype), do_, trans_a=True),
+        )
+
       return _walk(runs, body, carry)
 
     zeros = jnp.zeros((block_k, d), jnp.float32)
@@ -205,16 +312,26 @@ def backward(q, k, v, segment_ids, image_ids, q_ids, q_offset, bmap: BlockMap,
   qid_all = pl.BlockSpec((None, lq), lambda b_, kh, j: (b_, 0))
   kid_block = pl.BlockSpec((None, block_k), lambda b_, kh, j: (b_, j))
   dk, dv = pl.pallas_call(
-      dkv_kernel,
-      grid=(b, kvh, nk),
-      in_specs=[_scalar_spec(lambda b_, kh, j: (b_, j))] * 4 + [
-          pl.BlockSpec((1,), lambda *_: (0,)), qgroup, kblock, kblock, qgroup,
-          rowgroup, rowgroup, qid_all, qid_all, kid_block, kid_block],
-      out_specs=[kblock, kblock],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_params(num_warps, num_stages),
-      interpret=interpret,
-      name="mixed_flash_dkv",
+    dkv_kernel,
+    grid=(b, kvh, nk),
+    in_specs=[_scalar_spec(lambda b_, kh, j: (b_, j))] * 4
+    + [
+      pl.BlockSpec((1,), lambda *_: (0,)),
+      qgroup,
+      kblock,
+      kblock,
+      qgroup,
+      rowgroup,
+      rowgroup,
+      qid_all,
+      qid_all,
+      kid_block,
+      kid_block,
+    ],
+    out_specs=[kblock, kblock],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=_params(num_warps, num_stages),
+    interpret=interpret,
+    name="mixed_flash_dkv",
   )(*bmap.q, offset, q, k, v, dout, lse, delta, *q_ids, segment_ids, image_ids)
   return dq, dk, dv

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 from monoformer_jax.ops.attention.mask import MASKED_SCORE, mixed_mask, query_ids, query_offset
 
 
-def xla_attention(q_BxLqxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids,
-                  *, q_offset=None):
+def xla_attention(q_BxLqxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids, *, q_offset=None):
   """Grouped-query attention under the mixed mask; float32 softmax.
 
   Query rows with no allowed key (padding) return zeros rather than NaN or an
@@ -23,8 +22,9 @@ def xla_attention(q_BxLqxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids, image_ids,
   # gradient is ~1.25x faster than grouping the queries ([B, K, G, Lq, L]).
   k_BxLxHxD = jnp.repeat(k_BxLxKxD, h // kv, axis=2)
   v_BxLxHxD = jnp.repeat(v_BxLxKxD, h // kv, axis=2)
-  logits_BxHxLqxL = jnp.einsum("bqhd,bshd->bhqs", q_BxLqxHxD, k_BxLxHxD,
-                               preferred_element_type=jnp.float32) * (d ** -0.5)
+  logits_BxHxLqxL = jnp.einsum(
+    "bqhd,bshd->bhqs", q_BxLqxHxD, k_BxLxHxD, preferred_element_type=jnp.float32
+  ) * (d**-0.5)
   q_offset = query_offset(lq, k_BxLxKxD.shape[1], q_offset)
   mask_Bx1xLqxL = mixed_mask(segment_ids, image_ids, q_len=lq, q_offset=q_offset)[:, None]
   logits_BxHxLqxL = jnp.where(mask_Bx1xLqxL, logits_BxHxLqxL, MASKED_SCORE)
