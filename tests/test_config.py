@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import ml_collections
+import numpy as np
 import pytest
 
 from monoformer_jax.config import base, complete, config_file, schema
@@ -135,3 +136,43 @@ def test_complete_leaves_its_argument_alone():
   del c["vae"]
   complete(c)
   assert "vae" not in c
+
+
+def test_a_checkpoint_saved_before_fields_existed_loads_with_their_defaults(tmp_path):
+  import jax
+
+  from monoformer_jax.checkpoints import load_config, load_model, save_model
+  from monoformer_jax.model.build import init_params
+
+  config = config_file("digits:tiny")
+  params = jax.jit(lambda: init_params(config.model, seed=0))()
+  old = config.to_dict()  # as a version before these fields wrote it
+  del old["model"]["read_bidirectional"], old["model"]["scan_unroll"], old["vae"]
+  del old["data"]["edit_fraction"]
+  save_model(tmp_path / "old", ml_collections.ConfigDict(old), params)
+  saved, _ = load_config(str(tmp_path / "old"))
+  assert saved.model.read_bidirectional is False and saved.model.scan_unroll == 1
+  assert saved.vae.path == "" and saved.data.edit_fraction == 0.0
+  model, loaded = load_model(str(tmp_path / "old"), weights="raw")
+  assert loaded.to_dict() == saved.to_dict()
+  np.testing.assert_array_equal(np.asarray(model.lm_head.value), np.asarray(params["lm_head"]))
+
+
+def test_a_checkpoint_from_a_newer_version_is_refused_not_moved_aside(tmp_path):
+  import jax
+
+  from monoformer_jax.checkpoints import load_model, save_model
+  from monoformer_jax.model.build import init_params
+
+  config = config_file("digits:tiny")
+  params = jax.jit(lambda: init_params(config.model, seed=0))()
+  newer = config.to_dict()
+  newer["model"]["rope_scaling"] = 2.0  # a field this version does not know
+  save_model(tmp_path / "newer", ml_collections.ConfigDict(newer), params)
+  with pytest.raises(
+    ConfigError,
+    match=r"model.rope_scaling is not a config field \(the "
+    r"config saved with .*newer/0\)",
+  ):
+    load_model(str(tmp_path / "newer"), weights="raw")
+  assert (tmp_path / "newer" / "0").is_dir()
