@@ -155,7 +155,9 @@ def test_a_checkpoint_saved_before_fields_existed_loads_with_their_defaults(tmp_
   assert saved.vae.path == "" and saved.data.edit_fraction == 0.0
   model, loaded = load_model(str(tmp_path / "old"), weights="raw")
   assert loaded.to_dict() == saved.to_dict()
-  np.testing.assert_array_equal(np.asarray(model.lm_head.value), np.asarray(params["lm_head"]))
+  np.testing.assert_array_equal(
+    np.asarray(model.lm_head.get_value()), np.asarray(params["lm_head"])
+  )
 
 
 def test_a_checkpoint_from_a_newer_version_is_refused_not_moved_aside(tmp_path):
