@@ -19,15 +19,15 @@ import os
 
 from monoformer_jax.config import complete
 from monoformer_jax.config.fields import check_image_sampling, fail
+from monoformer_jax.data.datasets import check_data, class_names
+from monoformer_jax.eval import registry
+from monoformer_jax.parallel import sharding
 
 
 def check_train_config(config, *, reads_data: bool = True):
   """`config` completed and checked for training (returned: use it); with
   `reads_data=False` the dataset's prepared folders are not looked at (an
   ahead-of-time compile reads no data)."""
-  from monoformer_jax.data.datasets import check_data
-  from monoformer_jax.eval import registry
-
   config = complete(config)
   if reads_data:
     check_data(config)  # a dataset with an input pipeline, its prepared folders
@@ -64,9 +64,6 @@ def check_train_config(config, *, reads_data: bool = True):
 def _check_evals(config):
   """The evaluators inside training (`config.evals`): every `every` steps, on
   class-conditional samples of the EMA weights."""
-  from monoformer_jax.data.datasets import class_names
-  from monoformer_jax.eval import registry
-
   ev = config.evals
   if not ev.every or not ev.metrics:
     return
@@ -88,8 +85,6 @@ def _check_evals(config):
 
 def check_batch_layout(config, mesh, process_count: int = 1):
   """The global batch against the hosts and the mesh axes it is sharded over."""
-  from monoformer_jax.parallel import sharding
-
   rows = config.data.batch_size
   if rows % process_count:
     fail(

@@ -153,7 +153,7 @@ def describe_images(
   check_text_sampling(
     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
   )
-  inputs = read_inputs(images, config, vae, pixels=draws_pixels(config))
+  inputs = _read_inputs(images, config, vae)
   spec = row_spec(config, tokenizer)
   examples = [prompt_format.read_prompt_example(q, x, tokenizer) for q, x in zip(questions, inputs)]
   ids = generate(
@@ -231,11 +231,7 @@ def generate_interleaved(
         "prompt (None for a prompt that reads none)"
       )
     given = [i for i, x in enumerate(images) if x is not None]
-    read = (
-      read_inputs([images[i] for i in given], config, vae, pixels=draws_pixels(config))
-      if given
-      else []
-    )
+    read = _read_inputs([images[i] for i in given], config, vae) if given else []
     for i, x in zip(given, read):
       rows[i] = prompt_format.read_prompt_example(prompts[i], x, tokenizer)
   process = from_config(config.diffusion, respacing=str(num_steps))
@@ -428,7 +424,7 @@ def edit_images(
   if guidance not in (None,) + prompt_format.EDIT_GUIDANCE:
     raise ConfigError(f"guidance={guidance!r}: choose None or one of {prompt_format.EDIT_GUIDANCE}")
   spec = row_spec(config, tokenizer)
-  sources = read_inputs(images, config, vae, pixels=draws_pixels(config))
+  sources = _read_inputs(images, config, vae)
   rows = prompt_format.edit_rows(sources, instructions, tokenizer, spec, guidance=guidance)
   process = from_config(config.diffusion, respacing=str(num_steps))
   return sample_images(
@@ -442,6 +438,12 @@ def edit_images(
     eta=eta,
     progress=progress,
   )
+
+
+def _read_inputs(images, config, vae):
+  """`images` as the model's vision encoder takes them (vision/inputs.py), in
+  pixels or through the VAE as the config's dataset says."""
+  return read_inputs(images, config, vae, pixels=draws_pixels(config))
 
 
 def _needs_a_vae(config) -> ConfigError:

@@ -117,10 +117,12 @@ _SAMPLER = flags.DEFINE_enum(
 )
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM noise: 0 deterministic, 1 the posterior variance.")
 _NUM_STEPS = flags.DEFINE_integer(
-  "num_steps", None, "Denoising steps (default config.sample.num_steps, or 20)."
+  "num_steps", None, "Denoising steps (default: the checkpoint's config.sample.num_steps)."
 )
 _CFG_SCALE = flags.DEFINE_float(
-  "cfg_scale", None, "Guidance scale, 0 for none (default config.sample.cfg_scale, or 1.5)."
+  "cfg_scale",
+  None,
+  "Guidance scale, 0 for none (default: the checkpoint's config.sample.cfg_scale).",
 )
 _GUIDE_EPS_0_TO_2 = flags.DEFINE_bool(
   "guide_eps_0_to_2", False, "Guide only epsilon channels 0-2, as the reference."
@@ -216,10 +218,7 @@ def _text(run: Loaded):
     run.model,
     run.tokenizer,
     _TEXT_PROMPT.value,
-    max_new_tokens=_MAX_NEW_TOKENS.value,
-    temperature=_TEMPERATURE.value,
-    top_k=_TOP_K.value,
-    top_p=_TOP_P.value,
+    **_writing(),
     seed=_SEED.value,
     use_cache=_CACHE.value,
   )
@@ -236,10 +235,7 @@ def _read(run: Loaded):
     questions,
     config=run.config,
     vae=run.vae,
-    max_new_tokens=_MAX_NEW_TOKENS.value,
-    temperature=_TEMPERATURE.value,
-    top_k=_TOP_K.value,
-    top_p=_TOP_P.value,
+    **_writing(),
     seed=_SEED.value,
     use_cache=_CACHE.value,
   )
@@ -268,15 +264,12 @@ def _interleaved(run: Loaded):
     config=run.config,
     images=reads,
     vae=run.vae,
-    max_new_tokens=_MAX_NEW_TOKENS.value,
+    **_writing(),
     num_steps=run.num_steps,
     sampler=_SAMPLER.value,
     eta=_ETA.value,
     cfg_scale=run.cfg_scale or None,
     guided_channels=_guided_channels(),
-    temperature=_TEMPERATURE.value,
-    top_k=_TOP_K.value,
-    top_p=_TOP_P.value,
     seed=_SEED.value,
     progress=logging.info,
   )
@@ -342,6 +335,16 @@ def _edit(run: Loaded):
     sources=np.array([p for p in _IMAGE.value for _ in range(n)]),
   )
   logging.info("wrote %d edits to %s (edits.png, edits.npz)", len(edits), run.out_dir)
+
+
+def _writing() -> dict:
+  """The WRITING flags, as inference's keyword arguments."""
+  return dict(
+    max_new_tokens=_MAX_NEW_TOKENS.value,
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+  )
 
 
 def _guided_channels() -> int | None:
@@ -423,13 +426,7 @@ def _check_flags(command: str):
       f"interleaved with {images} --image and {questions} --text_prompt: give one image per prompt"
     )
   if "max_new_tokens" in takes:
-    check_text_sampling(
-      max_new_tokens=_MAX_NEW_TOKENS.value,
-      temperature=_TEMPERATURE.value,
-      top_k=_TOP_K.value,
-      top_p=_TOP_P.value,
-      prefix="--",
-    )
+    check_text_sampling(**_writing(), prefix="--")
 
 
 def _output_dir(checkpoint: str, step: int, outputs: tuple[str, ...]) -> str:

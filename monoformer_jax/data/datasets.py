@@ -105,7 +105,7 @@ def data_shards(config, process_count: int, state: dict | None = None) -> int:
   """How many shards the stream and the global batch are cut into:
   data.shards, or when it is 0 the resumed state's count (so a run resumes
   exactly on another number of processes), else one per process."""
-  shards = int(config.data.shards)
+  shards = config.data.shards
   saved = data_state_shards(state)["shards"] if state is not None else None
   if shards == 0:
     shards = saved if saved and saved % process_count == 0 else process_count
@@ -116,7 +116,7 @@ def data_shards(config, process_count: int, state: dict | None = None) -> int:
       saved,
       process_count,
       shards,
-      int(config.data.shards),
+      config.data.shards,
     )
   if shards % process_count:
     raise ConfigError(
@@ -136,7 +136,7 @@ def data_shards(config, process_count: int, state: dict | None = None) -> int:
 def make_batches(
   config, tokenizer, *, process_index: int = 0, process_count: int = 1, state: dict | None = None
 ):
-  """This host's batches: its data shards' blocks of rows (packing.ShardedBatches;
+  """This host's batches: its data shards' blocks of rows (sharded.ShardedBatches;
   `data.batch_size // shards` rows each) packed from the config's dataset
   stream seeded by `config.seed`, the examples made by `data.workers`
   processes (0: here), the next `data.prefetch` batches packed ahead in a
@@ -146,7 +146,7 @@ def make_batches(
   own = range(
     process_index * shards // process_count, (process_index + 1) * shards // process_count
   )
-  workers = int(config.data.workers)
+  workers = config.data.workers
   parts = {}
   for shard in own:
     shard_stream = host_stream(stream, shard, shards)
@@ -163,5 +163,5 @@ def make_batches(
     state = data_state_shards(state)
     if state["shards"] == shards:
       batches.set_state(state)
-  depth = int(config.data.prefetch)
+  depth = config.data.prefetch
   return pipeline.Prefetched(batches, depth) if depth > 0 else batches

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from monoformer_jax.data import builders
-from monoformer_jax.data.packing import Example
+from monoformer_jax.layout import Example
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 
 from monoformer_jax.data import chat, pipeline
-from monoformer_jax.data.packing import Example
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared
+from monoformer_jax.layout import Example
 
 
 class Chat(DataSource):

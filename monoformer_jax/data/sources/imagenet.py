@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from monoformer_jax.data import pipeline, prompts
 from monoformer_jax.data.encode import ImageItem
-from monoformer_jax.data.packing import Example
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared, latents
 from monoformer_jax.errors import FileFormatError, MissingPathError, PathError
+from monoformer_jax.layout import Example
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # matched case-insensitively
 CLASSES_FILE = os.path.join(

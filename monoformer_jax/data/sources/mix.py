@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from monoformer_jax.config.fields import real
 from monoformer_jax.data import builders, datasets, pipeline
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared
 from monoformer_jax.errors import ConfigError
@@ -36,8 +37,7 @@ class Mix(DataSource):
     for name, weight in weights.items():
       if name not in mixable:
         raise ConfigError(f"data.mix names {name!r}; mix any of {mixable}")
-      if not isinstance(weight, (int, float)) or not weight >= 0 or weight == float("inf"):
-        raise ConfigError(f"data.mix.{name}={weight!r}: must be a finite weight >= 0")
+      real(f"data.mix.{name}", weight, low=0)  # as the schema checks it
       builders.check_prepared(f"data.dirs.{name}", dict(d.dirs).get(name, ""), name)
     if not sum(weights.values()) > 0:
       raise ConfigError(f"data.mix={weights}: at least one weight must be > 0")

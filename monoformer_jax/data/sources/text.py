@@ -10,8 +10,8 @@ record is `text`; its example is <s> text </s>.
 from __future__ import annotations
 
 from monoformer_jax.data import chat, pipeline
-from monoformer_jax.data.packing import Example
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared
+from monoformer_jax.layout import Example
 
 
 class Text(DataSource):

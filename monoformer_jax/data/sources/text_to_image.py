@@ -17,9 +17,9 @@ import os
 from monoformer_jax.data import pipeline, prompts
 from monoformer_jax.data.encode import ImageItem
 from monoformer_jax.data.jsonl import json_objects
-from monoformer_jax.data.packing import Example
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared, latents
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
+from monoformer_jax.layout import Example
 
 
 class TextToImage(DataSource):
