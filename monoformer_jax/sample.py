@@ -74,7 +74,7 @@ from monoformer_jax.errors import ConfigError
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
 from monoformer_jax.paths import fresh_output_dir, new_folder_beside, writable_dir
-from monoformer_jax.vision.inputs import load_image
+from monoformer_jax.vision.images import load_image
 
 _CHECKPOINT = flags.DEFINE_string(
   "checkpoint", None, "Training workdir, step folder or converted model (required)."

@@ -249,5 +249,5 @@ def test_missing_folder_and_files(tmp_path):
 def test_non_image_file(tmp_path, loaded):
   path = tmp_path / "notes.png"
   path.write_text("not an image")
-  with pytest.raises(FileFormatError, match=r"notes\.png is not a readable image"):
+  with pytest.raises(FileFormatError, match=r"notes\.png: not an image file"):
     preprocess_file(path, loaded[1])

@@ -21,7 +21,6 @@ from monoformer_jax.data.encode import (
   adm_center_crop,
   chunk_report,
   encode_items,
-  load_rgb,
   read_chunks,
 )
 from monoformer_jax.data.sources import imagenet as imagenet_source
@@ -29,6 +28,7 @@ from monoformer_jax.data.sources.imagenet import imagenet_classes, imagenet_item
 from monoformer_jax.data.sources.text_to_image import journeydb_items
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
 from monoformer_jax.vae import load_vae
+from monoformer_jax.vision.images import load_image
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "tiny_vae"
 IMAGE_SIZE = 16  # the tiny VAE halves it: latents 8x8x4
@@ -133,15 +133,16 @@ def test_adm_center_crop_converts_to_rgb_and_checks_size():
     adm_center_crop(gray, 0)
 
 
-def test_load_rgb_converts_by_content(imagenet):
+def test_prepare_reads_by_content(imagenet):
+  """CMYK, grayscale and a PNG named .JPEG read as PIL's convert("RGB") reads
+  them, the reference's reader (vision/images.py: the reader's own cases)."""
   folder = imagenet / "train"
   for name in (
     "n01440764/n01440764_cmyk.JPEG",
     "n02085620/n02085620_gray.JPEG",
     "n02085620/n02085620_png.JPEG",
   ):
-    image = load_rgb(folder / name)
-    assert image.mode == "RGB", name
+    image = load_image(folder / name, orient=False).convert("RGB")
     np.testing.assert_array_equal(
       np.asarray(image), np.asarray(Image.open(folder / name).convert("RGB"))
     )
@@ -149,32 +150,17 @@ def test_load_rgb_converts_by_content(imagenet):
   assert Image.open(folder / "n02085620/n02085620_png.JPEG").format == "PNG"
 
 
-def test_load_rgb_alpha_on_white_and_16_bit(tmp_path):
-  rgba = np.zeros((4, 4, 4), np.uint8)
-  rgba[..., 0] = 200
-  rgba[:2, :, 3] = 255  # top half opaque red-ish, bottom half transparent
-  Image.fromarray(rgba).save(tmp_path / "a.png")
-  out = np.asarray(load_rgb(tmp_path / "a.png"))
-  np.testing.assert_array_equal(out[:2], np.broadcast_to([200, 0, 0], (2, 4, 3)))
-  np.testing.assert_array_equal(out[2:], np.full((2, 4, 3), 255))
-  deep = np.array([[0, 257 * 100, 65535]], np.uint16)
-  Image.fromarray(deep).save(tmp_path / "d.png")
-  out = np.asarray(load_rgb(tmp_path / "d.png"))
-  np.testing.assert_array_equal(out[0, :, 0], [0, 100, 255])
-  assert out.shape == (1, 3, 3)
-
-
-def test_load_rgb_raises_unreadable_for_broken_files(imagenet, tmp_path):
+def test_prepare_reader_raises_unreadable_for_broken_files(imagenet, tmp_path):
   cut = imagenet / "train" / "n15075141" / "n15075141_cut.JPEG"
   Image.open(cut)  # the header is fine: only a full decode finds it
   with pytest.raises(UnreadableImage, match="truncated") as error:
-    load_rgb(cut)
+    load_image(cut, orient=False)
   assert error.value.path == str(cut) and isinstance(error.value, FileFormatError)
   (tmp_path / "junk.JPEG").write_bytes(b"not an image at all")
-  with pytest.raises(UnreadableImage, match="junk.JPEG.*cannot identify"):
-    load_rgb(tmp_path / "junk.JPEG")
+  with pytest.raises(UnreadableImage, match="junk.JPEG: not an image file"):
+    load_image(tmp_path / "junk.JPEG", orient=False)
   with pytest.raises(UnreadableImage, match="no such file"):
-    load_rgb(tmp_path / "absent.JPEG")
+    load_image(tmp_path / "absent.JPEG", orient=False)
 
 
 # --- Item lists -------------------------------------------------------------------------
@@ -299,6 +285,37 @@ def test_encode_items_counts_and_skips(encoded, items):
     assert chunk["label"].tolist() == [i.fields["label"] for i in readable(items)]
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # see test_read_images
+def test_prepare_reads_16_bit_and_alpha_and_skips_an_image_past_the_pixel_limit(
+  vae, tmp_path, monkeypatch
+):
+  """encode_items through the one reader (#6, #7 and the 14,000-pixel PNG): a
+  16-bit gradient scaled (x/257), a black digit on a transparent background
+  composited on white, and an image past Pillow's pixel limit skipped and
+  listed with its size, the others encoded as their numpy references."""
+  g = np.round(np.linspace(0, 65535, 24 * 20)).reshape(20, 24).astype(np.uint16)
+  Image.fromarray(g).save(tmp_path / "deep.png")
+  rgba = np.zeros((20, 20, 4), np.uint8)
+  rgba[4:16, 8:12, 3] = 255
+  Image.fromarray(rgba).save(tmp_path / "digit.png")
+  Image.fromarray(noise(40, 30)).save(tmp_path / "big.png")
+  names = ("deep", "big", "digit")
+  items = [ImageItem(n, str(tmp_path / f"{n}.png"), {"label": i}) for i, n in enumerate(names)]
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x30 is past it, 24x20 is not
+  report = encode_items(
+    items, vae, tmp_path / "out", image_size=IMAGE_SIZE, batch_size=8, chunk_size=4, progress=False
+  )
+  assert report.encoded == 2 and [path for path, _ in report.skipped] == [items[1].path]
+  assert "big.png (40x30 = 1,200 pixels, past Pillow's limit of 1,000" in report.summary()
+  deep = np.stack([np.rint(g / 257.0).astype(np.uint8)] * 3, -1)
+  digit = 255 - rgba[..., 3:].repeat(3, -1)  # black on white
+  pixels = np.stack([reference_crop(Image.fromarray(x), IMAGE_SIZE) for x in (deep, digit)])
+  mean, _ = direct_encoding(vae, pixels)
+  examples = list(read_chunks(tmp_path / "out"))
+  assert [e["key"] for e in examples] == ["deep", "digit"]
+  np.testing.assert_allclose(np.stack([e["mean"] for e in examples]), mean, rtol=1e-5, atol=1e-5)
+
+
 def test_encoded_latents_equal_direct_encoding(encoded, items, vae):
   out, _ = encoded
   good = readable(items)
@@ -325,20 +342,20 @@ def test_encoded_latents_equal_direct_encoding(encoded, items, vae):
 
 def test_interrupted_build_resumes_only_missing_chunks(items, vae, encoded, tmp_path, monkeypatch):
   out = tmp_path / "resume"
-  real_load, lock, loaded = encode.load_rgb, threading.Lock(), []
+  real_load, lock, loaded = encode.load_image, threading.Lock(), []
   stop_at = items[4].path  # the first item of chunk 2 (chunk_size=2)
 
-  def spy(path, fail=True):
+  def spy(path, fail=True, **kwargs):
     with lock:
       loaded.append(str(path))
     if fail and str(path) == stop_at:
       raise RuntimeError("interrupted")
-    return real_load(path)
+    return real_load(path, **kwargs)
 
   run = lambda: encode_items(
     items, vae, out, image_size=IMAGE_SIZE, batch_size=3, chunk_size=2, progress=False
   )
-  monkeypatch.setattr(encode, "load_rgb", spy)
+  monkeypatch.setattr(encode, "load_image", spy)
   with pytest.raises(RuntimeError, match="interrupted"):
     run()
   assert sorted(os.listdir(out)) == [
@@ -351,7 +368,7 @@ def test_interrupted_build_resumes_only_missing_chunks(items, vae, encoded, tmp_
   with pytest.raises(MissingPathError, match=r"chunk 2 of 6 .*chunk_000002.npz"):
     list(read_chunks(out))
 
-  monkeypatch.setattr(encode, "load_rgb", lambda path: spy(path, fail=False))
+  monkeypatch.setattr(encode, "load_image", lambda path, **kw: spy(path, fail=False, **kw))
   loaded.clear()
   report = run()
   assert sorted(loaded) == sorted(i.path for i in items[4:])
@@ -464,7 +481,7 @@ def test_tfds_manual_tars_are_extracted_into_the_folder_layout_and_resume(tmp_pa
     "n02105855/ILSVRC2012_val_00000003.JPEG",
   }
   assert np.array_equal(
-    np.asarray(encode.load_rgb(train[0].path)),
+    np.asarray(load_image(train[0].path, orient=False)),
     np.asarray(Image.open(io.BytesIO(jpeg(1))).convert("RGB")),
   )
   # A rerun finds every class marked done and rewrites nothing.

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import digits_config, random_model
+from PIL import Image
 
 from monoformer_jax.data import prompts
 from monoformer_jax.data.packing import pack_examples
@@ -318,17 +319,280 @@ def test_describe_images_bad_inputs_name_the_fix(tmp_path):
   model = random_model(config)
   bad = tmp_path / "not_an_image.png"
   bad.write_text("hello")
-  with pytest.raises(FileFormatError, match="not_an_image.png.*not a readable image"):
+  with pytest.raises(FileFormatError, match="not_an_image.png: not an image file"):
     inference.describe_images(model, tok, [str(bad)], config=config)
   plain = digits_config()  # vision_encoder '' (the tiny variant)
   with pytest.raises(ConfigError, match="no vision encoder"):
     inference.describe_images(
       MonoFormer(plain.model, rngs=nnx.Rngs(0)), tok, [np.zeros((8, 8), np.uint8)], config=plain
     )
+  with pytest.raises(ValueError, match=r"NaN or inf \(64 of 64 values\)"):  # #10: not black
+    inference.describe_images(model, tok, [np.full((8, 8), np.nan, np.float32)], config=config)
   answer = inference.describe_images(
     model, tok, [np.zeros((8, 8), np.uint8)], config=config, max_new_tokens=3
   )
   assert len(answer) == 1 and isinstance(answer[0], str)
+
+
+# ------------------------------------------------------------------ the one reader
+
+
+def _gradient16():
+  """A full-range 16-bit gradient, uint16 [4, 256], and its 8-bit reference x/257."""
+  g = np.round(np.linspace(0, 65535, 256))[None].repeat(4, 0).astype(np.uint16)
+  return g, np.rint(g / 257.0).astype(np.uint8)
+
+
+def _digit_rgba():
+  """A black digit (soft-edged: alpha 0..255) on a transparent background, and
+  its composite on white, written as numpy: 255 - (255 - colour) * alpha / 255."""
+  rgba = np.zeros((16, 16, 4), np.uint8)
+  rgba[..., :3] = 255  # what lies under the transparent pixels: white here, black below
+  rgba[3:13, 6:10] = (0, 0, 0, 255)
+  rgba[3:13, 5, 3] = rgba[3:13, 10, 3] = 128  # the soft edge
+  rgba[3:13, 5, :3] = rgba[3:13, 10, :3] = 0
+  rgba[0, 0] = (0, 0, 0, 0)  # a black pixel, fully transparent
+  a = rgba[..., 3:].astype(np.float64) / 255
+  return rgba, np.rint(255 - (255 - rgba[..., :3].astype(np.float64)) * a).astype(np.uint8)
+
+
+def _pixel_model_reference(gray_u8, config):
+  """read_inputs for a 1-channel pixel model, written out: bilinear to image_size, [-1, 1]."""
+  size = config.model.image_size
+  x = np.asarray(Image.fromarray(gray_u8).resize((size, size), Image.BILINEAR), np.float32)
+  return (x / 255.0 * 2 - 1)[None, ..., None]
+
+
+def test_a_16_bit_png_reads_the_same_through_every_entry(tmp_path):
+  """#6: sampling's --image clipped a 16-bit PNG (a full-range gradient came
+  out 99.6% white) while data.prepare scaled it. Every entry now reads it
+  through vision/images.py: the numpy reference x/257, within one level."""
+  from monoformer_jax import sample
+  from monoformer_jax.data import encode
+  from monoformer_jax.data.sources.llava import decode_image
+  from monoformer_jax.vision.clip_pixels import preprocess
+  from monoformer_jax.vision.images import load_image
+  from monoformer_jax.vision.inputs import read_inputs
+
+  g16, want = _gradient16()
+  Image.fromarray(g16).save(tmp_path / "g16.png")
+  path = str(tmp_path / "g16.png")
+  assert Image.open(path).mode == "I;16"
+  assert sample.load_image is load_image and encode.load_image is load_image  # sample --image
+  for got in (
+    load_image(path),  # sample.py's --image, describe_images, edit_images, interleaved
+    load_image(path, orient=False),  # data.prepare (encode_items) and LLaVA's records
+    decode_image((tmp_path / "g16.png").read_bytes(), "k"),
+    load_image(g16),  # the array itself
+  ):
+    assert got.mode == "L"
+    assert np.abs(np.asarray(got, np.int32) - want).max() <= 1
+  assert (np.asarray(load_image(path)) == 255).mean() < 0.01  # was 99.6% white
+  config = _config()
+  np.testing.assert_allclose(
+    read_inputs([path], config, pixels=True),
+    _pixel_model_reference(want, config),
+    atol=2 / 255 + 1e-6,
+  )
+  vcfg = type("V", (), {"image_size": 8})
+  np.testing.assert_allclose(
+    preprocess([path], vcfg), preprocess([np.stack([want] * 3, -1)], vcfg), atol=1e-6
+  )
+
+
+@pytest.mark.parametrize("kind", ["RGBA", "LA", "P", "L-key", "array"])
+def test_transparent_images_are_composited_on_white(tmp_path, kind):
+  """#7: convert("RGB") dropped the alpha, so a black digit on a transparent
+  background read all black; now every transparent kind is composited on white."""
+  from monoformer_jax.vision.images import load_image
+  from monoformer_jax.vision.inputs import read_inputs
+
+  rgba, want = _digit_rgba()
+  path = tmp_path / "digit.png"
+  if kind == "RGBA":
+    Image.fromarray(rgba).save(path)
+  elif kind == "LA":
+    Image.fromarray(rgba[..., [0, 3]], "LA").save(path)
+  elif kind == "P":  # a palette whose entry 2 is transparent (PNG's tRNS)
+    index = np.where(rgba[..., 3] == 0, 2, np.where(rgba[..., 3] == 255, 0, 1)).astype(np.uint8)
+    image = Image.fromarray(index, "P")
+    image.putpalette([0, 0, 0, 0, 0, 0, 0, 0, 0])
+    image.save(path, transparency=bytes([255, 128, 0]))
+  elif kind == "L-key":  # a grayscale PNG whose level 7 is transparent; no soft edge
+    gray = np.where(rgba[..., 3] == 0, 7, 0).astype(np.uint8)
+    Image.fromarray(gray).save(path, transparency=7)
+    want = np.where(rgba[..., 3:] == 0, 255, 0).repeat(3, -1).astype(np.uint8)
+  source = rgba if kind == "array" else str(path)
+  got = np.asarray(load_image(source).convert("RGB"))
+  np.testing.assert_array_equal(got, want)
+  assert got[5, 7].tolist() == [0, 0, 0] and got[0, 0].tolist() == [255, 255, 255]
+  config = _config()  # a 1-channel pixel model: the digit dark on white, as trained
+  gray_want = np.asarray(Image.fromarray(want).convert("L"))
+  np.testing.assert_allclose(
+    read_inputs([source], config, pixels=True), _pixel_model_reference(gray_want, config)
+  )
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_turns_what_users_give_not_what_prepare_reads(tmp_path, orientation):
+  """A photo stored sideways with an EXIF tag comes out upright for users
+  (sampling, reading, editing); dataset preparation reads it as stored, as the
+  reference does; a read image holds no tag, so reading it again turns nothing."""
+  from monoformer_jax.vision.images import load_image
+
+  upright = np.zeros((32, 16, 3), np.uint8)
+  upright[:8] = 255  # a white band at the top of a portrait image
+  upright[8:, :8] = (200, 40, 40)
+  undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90}
+  undo[8] = Image.Transpose.ROTATE_270
+  stored = Image.fromarray(upright).transpose(undo[orientation])  # what the camera wrote
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  stored.save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=100)
+  got = load_image(tmp_path / "photo.jpg")
+  assert got.size == (16, 32)
+  assert np.abs(np.asarray(got, np.int32) - upright).mean() < 3
+  as_stored = load_image(tmp_path / "photo.jpg", orient=False)
+  assert as_stored.size == stored.size
+  assert np.abs(np.asarray(as_stored, np.int32) - np.asarray(stored)).mean() < 3
+  np.testing.assert_array_equal(load_image(as_stored), np.asarray(as_stored))
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "1", "YCbCr", "LAB", "HSV"])
+def test_other_modes_convert_as_pil_does(tmp_path, mode):
+  """Files (CMYK JPEG, palette and 1-bit PNG) and PIL images in other modes."""
+  from monoformer_jax.vision.images import load_image
+
+  rng = np.random.default_rng(0)
+  source = Image.fromarray(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)).convert(mode)
+  if mode in ("CMYK", "P", "1"):
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    source.save(path, quality=100)
+    source = Image.open(path)
+    assert source.mode == mode
+  want = np.asarray(source.convert("L" if mode == "1" else "RGB"))
+  np.testing.assert_array_equal(np.asarray(load_image(source)), want)
+
+
+# pytest resets warning filters around each test, dropping the reader's (made on import).
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_past_pillows_pixel_limit_is_refused_in_one_line(tmp_path, monkeypatch):
+  """The poor case: a 14,000-pixel PNG gave PIL's decompression-bomb traceback."""
+  from monoformer_jax.vision.images import UnreadableImage, load_image
+
+  Image.new("L", (30, 5)).save(tmp_path / "big.png")
+  Image.new("L", (30, 10)).save(tmp_path / "bigger.png")
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+  # 150 pixels: past the limit (Pillow only warns); 300: past twice (Pillow raises).
+  for name, size in (("big.png", "30x5 = 150 pixels"), ("bigger.png", "300 pixels")):
+    with pytest.raises(UnreadableImage) as e:
+      load_image(tmp_path / name)
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path / name) in message
+    assert size in message and "limit of 100 pixels" in message and "MAX_IMAGE_PIXELS" in message
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
+  assert load_image(tmp_path / "bigger.png").size == (30, 10)
+
+
+@pytest.mark.parametrize(
+  "array, phrase",
+  [
+    (np.full((4, 4), np.nan, np.float32), r"NaN or inf \(16 of 16 values\)"),
+    (np.array([[0.5, np.inf]]), r"NaN or inf \(1 of 2"),
+    (np.full((2, 2), 2.0), r"\[0, 1\]; got 2..2"),
+    (np.array([[0, 255]]), "dtype int64 is ambiguous.*astype"),
+    (np.zeros((2, 2, 5), np.uint8), r"shape \(2, 2, 5\)"),
+    (np.zeros((0, 3), np.uint8), r"shape \(0, 3\)"),
+    (np.zeros((2, 2, 2, 3), np.uint8), r"shape \(2, 2, 2, 3\)"),
+    (["seven.png"], "dtype <U9"),
+  ],
+)
+def test_arrays_that_are_not_images_are_refused(array, phrase):
+  """#10: an all-NaN array read as a black image (nanmin skips NaN, nan_to_num zeroes it)."""
+  from monoformer_jax.vision.images import load_image
+
+  with pytest.raises(ValueError, match=phrase):
+    load_image(array)
+
+
+def test_arrays_of_each_kind_read_as_their_levels():
+  from monoformer_jax.vision.images import load_image
+
+  levels = np.array([[0, 100, 255]], np.uint8)
+  for array in (
+    levels,
+    levels.astype(np.uint16) * 257,
+    levels / 255.0,
+    (levels / 255.0).astype(np.float32)[..., None],
+  ):
+    got = load_image(array)
+    assert got.mode == "L" and np.asarray(got).tolist() == levels.tolist(), array.dtype
+  assert np.asarray(load_image(np.array([[True, False]]))).tolist() == [[255, 0]]
+  rgb = np.stack([levels] * 3, -1)
+  assert load_image(rgb).mode == "RGB" and np.array_equal(load_image(rgb), rgb)
+  gray_alpha = np.stack([levels, np.array([[255, 0, 128]], np.uint8)], -1)
+  assert np.asarray(load_image(gray_alpha)).tolist() == [[0, 255, 255]]
+
+
+def test_bad_image_files_name_the_file_and_the_fix(tmp_path):
+  """Files that are not images, or not whole, or not files: one line each."""
+  from monoformer_jax.vision.images import UnreadableImage, load_image
+
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+  data = (tmp_path / "x.png").read_bytes()
+  (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+  (tmp_path / "empty.png").write_bytes(b"")
+  (tmp_path / "drawing.png").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+  (tmp_path / "folder.png").mkdir()
+  Image.fromarray(np.linspace(0, 1000, 8, dtype=np.float32)[None]).save(tmp_path / "f.tif")
+  for name, phrase in (
+    ("cut.png", "cut.png: its PNG data cannot be decoded.*truncated.*re-download"),
+    ("empty.png", "empty.png: an empty file"),
+    ("drawing.png", "drawing.png: not an image file Pillow reads"),
+    ("folder.png", "folder.png: a folder, not a file"),
+    ("absent.png", "absent.png: no such file"),
+    ("f.tif", r"f.tif: its F pixels run 0..1000, outside 0..1; scale it to \[0, 1\]"),
+  ):
+    with pytest.raises(UnreadableImage, match=phrase):
+      load_image(tmp_path / name)
+  with pytest.raises(UnreadableImage, match="the image: no bytes"):
+    load_image(b"")
+  assert load_image(data).size == (32, 32)  # bytes read like the file
+
+
+def test_small_odd_and_animated_images(tmp_path):
+  """A 1x1 image reads; an animated GIF gives its first frame (as PIL opens it);
+  a float TIFF in [0, 1] is scaled (it read black through --image)."""
+  from monoformer_jax.vision.images import load_image
+
+  Image.fromarray(np.array([[77]], np.uint8)).save(tmp_path / "one.png")
+  assert np.asarray(load_image(tmp_path / "one.png")).tolist() == [[77]]
+  frames = [Image.fromarray(np.full((4, 4), v, np.uint8)) for v in (30, 128, 255)]
+  frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=50)
+  assert Image.open(tmp_path / "a.gif").n_frames == 3
+  assert np.unique(np.asarray(load_image(tmp_path / "a.gif").convert("L"))).tolist() == [30]
+  ramp = np.linspace(0, 1, 11, dtype=np.float32)[None]
+  Image.fromarray(ramp).save(tmp_path / "f.tif")
+  want = np.rint(ramp.astype(np.float64) * 255).astype(np.uint8)
+  np.testing.assert_array_equal(load_image(tmp_path / "f.tif"), want)
+
+
+def test_a_resize_past_the_pixel_limit_is_refused_not_made(monkeypatch):
+  """A 10000x1 image (30 kB as PNG) made 2.9 GB and 13 s in data.prepare's crop
+  (its short side to 256: 2,560,000x256 pixels); CLIP's resize the same."""
+  from monoformer_jax.data.encode import adm_center_crop
+  from monoformer_jax.vision.clip_pixels import preprocess
+  from monoformer_jax.vision.images import UnreadableImage
+
+  wide = Image.new("RGB", (10000, 1))
+  with pytest.raises(UnreadableImage, match=r"10000x1 pixels to 2560000x256 makes 655,360,000"):
+    adm_center_crop(wide, 256)
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20000)
+  vcfg = type("V", (), {"image_size": 8})
+  with pytest.raises(UnreadableImage, match=r"to 80000x8 makes 640,000 pixels.*nearer to square"):
+    preprocess([wide], vcfg)
+  assert adm_center_crop(Image.new("RGB", (300, 20)), 16).size == (16, 16)
 
 
 # ------------------------------------------------------------------ CLIP
@@ -392,7 +656,6 @@ def test_sample_cli_reads_an_image_and_refuses_what_it_cannot(tmp_path):
   import sys
 
   from conftest import REPO
-  from PIL import Image
 
   from monoformer_jax.checkpoints import save_model
   from monoformer_jax.model.build import init_params
@@ -422,7 +685,7 @@ def test_sample_cli_reads_an_image_and_refuses_what_it_cannot(tmp_path):
   text = (tmp_path / "out" / "text.txt").read_text()
   assert "seven.png 'which digit is this?' -> " in text
   bad = run("read", f"--image={tmp_path / 'notes.png'}", "--text_prompt=what?")
-  assert bad.returncode != 0 and "notes.png" in bad.stderr and "not a readable image" in bad.stderr
+  assert bad.returncode != 0 and "notes.png: not an image file" in bad.stderr
   plain = tmp_path / "plain"
   save_model(str(plain), digits_config(), jax.jit(lambda: init_params(digits_config().model, 1))())
   refused = subprocess.run(

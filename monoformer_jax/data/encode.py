@@ -17,8 +17,10 @@ with the same items and encodes the chunks k with k % process_count ==
 process_index; `read_chunks` and `chunk_report` then see every host's chunks
 (the folder must be shared).
 
-Images are read by `load_rgb` (by content, every PIL mode to RGB, fully
-decoded) and cropped by `adm_center_crop`, the ADM/DiT rule the reference uses.
+Images are read by the project's one reader (vision/images.py `load_image`, with
+`orient=False`: no EXIF orientation, as the reference reads them; alpha on
+white, 16-bit scaled; a file it cannot read is skipped and listed) and cropped
+by `adm_center_crop`, the ADM/DiT rule the reference uses.
 Which images, with which fields, is the sources' business (ImageNet's folders
 and JourneyDB's annotations are read in data/sources/imagenet.py and
 text_to_image.py).
@@ -50,6 +52,7 @@ from tqdm import tqdm
 
 from monoformer_jax.config.fields import integer
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
+from monoformer_jax.vision.images import UnreadableImage, checked_resize, load_image
 
 MANIFEST = "encode_manifest.json"
 MANIFEST_FORMAT = 1
@@ -71,15 +74,6 @@ RESUME_FIELDS = (
 MAX_NAMES = 20  # skipped files a summary names
 
 
-class UnreadableImage(FileFormatError):
-  """An image file that cannot be opened or fully decoded."""
-
-  def __init__(self, path, reason: str):
-    self.path = str(path)
-    self.reason = reason
-    super().__init__(f"cannot read image {self.path}: {reason}; re-download or remove the file")
-
-
 # --- Images -----------------------------------------------------------------------------
 
 
@@ -95,61 +89,10 @@ def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
     image = image.resize((w // 2, h // 2), resample=Image.BOX)
   w, h = image.size
   scale = size / min(w, h)
-  image = image.resize((round(w * scale), round(h * scale)), resample=Image.BICUBIC)
+  image = checked_resize(image, (round(w * scale), round(h * scale)), Image.BICUBIC)
   w, h = image.size
   left, top = (w - size) // 2, (h - size) // 2
   return image.crop((left, top, left + size, top + size))
-
-
-def _high_depth_to_l(image: Image.Image) -> Image.Image:
-  """16/32-bit integer or float grayscale -> 8-bit L (PIL's own conversion clips at 255)."""
-  x = np.asarray(image, dtype=np.float64)
-  if image.mode.startswith("I;16"):
-    x = x / 257.0  # 0..65535 -> 0..255
-  elif image.mode == "I":
-    x = x / 257.0 if x.max(initial=0) > 255 else x  # 16-bit data opened as I, or 8-bit
-  elif image.mode == "F":
-    x = x * 255.0 if x.max(initial=0) <= 1.0 else x  # [0, 1] floats, or [0, 255]
-  return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-  """Any PIL mode -> RGB; transparent images are composited on white."""
-  mode = image.mode
-  if mode == "RGB":
-    return image
-  if mode == "P" and "transparency" in image.info:
-    image, mode = image.convert("RGBA"), "RGBA"
-  if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-    rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
-  if mode.startswith("I") or mode == "F":
-    return _high_depth_to_l(image).convert("RGB")
-  return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX
-
-
-def load_rgb(path) -> Image.Image:
-  """The image at `path`, fully decoded, in RGB.
-
-  The format comes from the content, not the name (ImageNet has a PNG and CMYK
-  JPEGs named .JPEG). CMYK, grayscale, palette and 16-bit images are converted;
-  transparent ones (RGBA, LA, P with transparency) are composited on white
-  (the reference's `convert("RGB")` drops the alpha instead; the two agree on
-  opaque images). EXIF orientation is not applied, as in the reference. Raises
-  UnreadableImage for a file that is missing, not an image, truncated or broken.
-  """
-  path = os.fspath(path)
-  try:
-    with Image.open(path) as image:
-      image.load()  # a truncated file fails here, not later in a worker
-      rgb = _to_rgb(image)
-      return rgb.copy() if rgb is image else rgb  # closing the file empties `image`
-  except Exception as e:  # PIL's plugins raise many kinds for broken files
-    reason = str(e) or type(e).__name__
-    if isinstance(e, FileNotFoundError):
-      reason = "no such file"
-    raise UnreadableImage(path, reason) from e
 
 
 # --- Items ------------------------------------------------------------------------------
@@ -445,7 +388,7 @@ def encode_items(
 ) -> EncodeReport:
   """Encode `items` into `output_dir/chunk_{k:06d}.npz`, skipping chunks already there.
 
-  Pixels are `adm_center_crop(load_rgb(path), image_size)` as uint8 / 127.5 - 1;
+  Pixels are `adm_center_crop(load_image(path, orient=False), image_size)` as uint8 / 127.5 - 1;
   each chunk stores `keys`, `mean` and `std` of the scaled latent (float32
   [n, h/f, w/f, C]), with `flip` also `mean_flip` and `std_flip` of the mirrored
   image, every field as an array, and `skipped` / `skip_reasons` for its
@@ -522,7 +465,8 @@ def encode_items(
 
   def load(item):
     try:
-      return item, np.asarray(adm_center_crop(load_rgb(item.path), image_size)), None
+      image = load_image(item.path, orient=False)  # as the reference reads ImageNet
+      return item, np.asarray(adm_center_crop(image, image_size)), None
     except UnreadableImage as e:
       return item, None, e.reason
 

@@ -4,23 +4,25 @@ CLIPImageProcessor makes them.
     size, crop, mean, std = load_preprocessing("path/to/clip-vit-large-patch14")
     pixels = preprocess(images, vcfg, mean, std, size=size, crop=crop)  # [B, S, S, 3]
 
-Each image is made RGB, its shortest edge resized (PIL bicubic), centre-cropped
-to the tower's S x S, scaled by 1/255 and normalised by the folder's mean and
-std (OpenAI CLIP's by default): float32 [B, S, S, 3], channels last.
+Each image is read by the project's reader (vision/images.py: alpha composited
+on white, where transformers < 5, MonoFormer's, dropped it) and made RGB, its
+shortest edge resized (PIL bicubic), centre-cropped to the tower's S x S,
+scaled by 1/255 and normalised by the folder's mean and std (OpenAI CLIP's by
+default): float32 [B, S, S, 3], channels last.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import pathlib
 
 import numpy as np
 from PIL import Image
 
-from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
+from monoformer_jax.errors import ConfigError
 from monoformer_jax.model.clip import clip_folder
 from monoformer_jax.safetensors_io import read_json_object
+from monoformer_jax.vision.images import checked_resize, load_image
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 # OpenAI CLIP's pixel statistics (transformers' OPENAI_CLIP_MEAN / _STD).
@@ -80,25 +82,6 @@ def load_preprocessing(path) -> tuple[int, tuple[int, int], tuple, tuple]:
   return size, crop, mean, std
 
 
-def _rgb(image) -> Image.Image:
-  """A PIL RGB image from a PIL image or a uint8 [h, w] / [h, w, 1|3|4] array."""
-  if isinstance(image, Image.Image):
-    # PIL's convert drops an alpha channel, as transformers < 5 (MonoFormer's) did.
-    return image if image.mode == "RGB" else image.convert("RGB")
-  array = np.asarray(image)
-  if array.dtype != np.uint8:
-    raise ValueError(
-      f"image array has dtype {array.dtype}; pass uint8 pixels in [0, 255] (or PIL images)"
-    )
-  if array.ndim == 3 and array.shape[-1] == 1:
-    array = array[..., 0]
-  if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
-    raise ValueError(
-      f"image array has shape {array.shape}; pass [h, w] grayscale or [h, w, 3] RGB (channels last)"
-    )
-  return Image.fromarray(array).convert("RGB")
-
-
 def _resize_and_crop(image: Image.Image, size: int, crop: tuple[int, int]) -> np.ndarray:
   """uint8 [ch, cw, 3]: the shortest edge resized to `size` (bicubic, the
   longer edge rounded down, as HF), then the centre crop, zero-padded where
@@ -107,7 +90,7 @@ def _resize_and_crop(image: Image.Image, size: int, crop: tuple[int, int]) -> np
   short, long = min(h, w), max(h, w)
   new_long = int(size * long / short)
   new_h, new_w = (new_long, size) if w <= h else (size, new_long)
-  array = np.asarray(image.resize((new_w, new_h), resample=Image.BICUBIC))
+  array = np.asarray(checked_resize(image, (new_w, new_h), Image.BICUBIC))
   ch, cw = crop
   if ch > new_h or cw > new_w:
     padded = np.zeros((max(ch, new_h), max(cw, new_w), 3), np.uint8)
@@ -121,9 +104,10 @@ def _resize_and_crop(image: Image.Image, size: int, crop: tuple[int, int]) -> np
 def preprocess(images, vcfg, mean=None, std=None, *, size=None, crop=None) -> np.ndarray:
   """CLIPImageProcessor's pixels, channels-last: float32 [B, S, S, 3], S = vcfg.image_size.
 
-  `images`: a sequence of PIL images or uint8 [h, w, 3] / [h, w] arrays
-  (grayscale is made RGB), or a uint8 [B, h, w, 3] array; one image alone is
-  a batch of one. Each is made RGB, its shortest edge resized to `size` (default S) with
+  `images`: a sequence of what vision/images.py `load_image` reads (paths,
+  PIL images, [h, w] / [h, w, C] arrays; grayscale is made RGB), or a
+  [B, h, w, 3] array; one image alone is a batch of one. Each is made RGB,
+  its shortest edge resized to `size` (default S) with
   PIL bicubic, centre-cropped to `crop` (default (S, S)), scaled by 1/255 and
   normalised by `mean` / `std` (default OpenAI CLIP's). Pass
   `load_preprocessing(folder)`'s values to follow a folder's
@@ -139,13 +123,13 @@ def preprocess(images, vcfg, mean=None, std=None, *, size=None, crop=None) -> np
     )
   mean = np.asarray(OPENAI_CLIP_MEAN if mean is None else mean, np.float32)
   std = np.asarray(OPENAI_CLIP_STD if std is None else std, np.float32)
-  if isinstance(images, (Image.Image, np.ndarray)) and not (
+  if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike, bytes)) and not (
     isinstance(images, np.ndarray) and images.ndim == 4
   ):
     images = [images]
   out = []
   for image in images:
-    pixels = _resize_and_crop(_rgb(image), size, crop)
+    pixels = _resize_and_crop(load_image(image).convert("RGB"), size, crop)
     # HF's order and dtypes: rescale in float64, then normalise in float32.
     x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
     out.append((x - mean) / std)
@@ -154,22 +138,4 @@ def preprocess(images, vcfg, mean=None, std=None, *, size=None, crop=None) -> np
 
 def preprocess_file(path, vcfg, mean=None, std=None, **kwargs) -> np.ndarray:
   """`preprocess` of the image file at `path`: float32 [1, S, S, 3]."""
-  path = pathlib.Path(os.fspath(path))
-  if not path.is_file():
-    raise MissingPathError(f"image file {path} does not exist")
-  try:
-    with Image.open(path) as image:
-      image.load()
-      rgb = image.convert("RGB")  # a copy that outlives the file
-  except (
-    Image.UnidentifiedImageError,
-    Image.DecompressionBombError,
-    OSError,
-    SyntaxError,
-    ValueError,
-  ) as e:
-    raise FileFormatError(
-      f"{path} is not a readable image ({type(e).__name__}: {e}); pass "
-      "a PNG, JPEG or another format Pillow reads"
-    ) from None
-  return preprocess([rgb], vcfg, mean, std, **kwargs)
+  return preprocess([load_image(path)], vcfg, mean, std, **kwargs)

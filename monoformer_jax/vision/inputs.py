@@ -8,54 +8,22 @@
                                    VAEVisionEncoder: resize_and_pad, [-1, 1])
     clip                           CLIP's preprocessing (vision/clip_pixels.py)
 
-Images come as a path, a PIL image, or an array (uint8 0..255, or float in
-[0, 1]), HxW or HxWxC. A file that is not an image raises, naming it.
+Images come as a path, bytes, a PIL image or an array, and are read by the
+project's one reader (vision/images.py `load_image`: 16-bit, alpha on white,
+EXIF orientation, size limits): grayscale sources come out L, the rest RGB,
+then each model's channels are taken from that. A file that is not an image
+raises, naming it.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
+from monoformer_jax.errors import ConfigError
 from monoformer_jax.layout import read_image_spec
+from monoformer_jax.vision.images import load_image
 from monoformer_jax.vision.pixels import from_unit_range
-
-
-def load_image(path: str) -> Image.Image:
-  """The image file at `path`, decoded (RGB or L); raises naming the file."""
-  if not os.path.exists(path):
-    raise MissingPathError(f"image {path!r} does not exist; pass the path of a PNG or JPEG file")
-  try:
-    with Image.open(path) as image:
-      image.load()
-      return image.convert("L" if image.mode in ("L", "1", "I;16", "I") else "RGB")
-  except (UnidentifiedImageError, OSError, SyntaxError) as e:
-    raise FileFormatError(f"{path!r} is not a readable image ({e}); pass a PNG or JPEG file") from e
-
-
-def as_pil(image) -> Image.Image:
-  """A PIL image of a path, a PIL image or an array (uint8, or float in [0, 1])."""
-  if isinstance(image, (str, os.PathLike)):
-    return load_image(os.fspath(image))
-  if isinstance(image, Image.Image):
-    return image
-  x = np.asarray(image)
-  if x.ndim == 3 and x.shape[-1] == 1:
-    x = x[..., 0]
-  if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] not in (3, 4)):
-    raise ValueError(f"an image array must be HxW or HxWx(1, 3, 4), got shape {x.shape}")
-  if x.dtype != np.uint8:
-    if x.size and (np.nanmin(x) < 0 or np.nanmax(x) > 1):
-      raise ValueError(
-        "a float image array must hold values in [0, 1] (got "
-        f"{float(np.nanmin(x)):.3g}..{float(np.nanmax(x)):.3g}); pass uint8 "
-        "0..255 or scale it"
-      )
-    x = np.round(np.nan_to_num(x) * 255).astype(np.uint8)
-  return Image.fromarray(x)
 
 
 def _resize_and_pad(image: Image.Image, size: int) -> Image.Image:
@@ -82,7 +50,7 @@ def read_inputs(images, config, vae=None, *, pixels: bool) -> np.ndarray:
       "model.vision_encoder=vae or clip"
     )
   shape, _ = spec
-  pils = [as_pil(im) for im in images]
+  pils = [load_image(im) for im in images]
   if m.vision_encoder == "clip":
     from monoformer_jax.vision.clip_pixels import preprocess
 

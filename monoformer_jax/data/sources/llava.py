@@ -59,7 +59,10 @@ Ours, and why:
   skipped;
 - records whose image file is missing are skipped at preparation (counted);
   an image that does not decode at training time skips to the next record
-  (counted, warned) instead of training on a black image;
+  (counted, warned) instead of training on a black image; images are read
+  as the project reads every image (vision/images.py: a transparent one is
+  composited on white where the reference's `convert("RGB")` drops the
+  alpha; no EXIF orientation, as the reference);
 - `data.mix`'s weights are applied (pipeline.mix).
 """
 
@@ -67,7 +70,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -81,6 +83,7 @@ from monoformer_jax.data.datasets import draws_pixels
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
 from monoformer_jax.layout import Example, read_image_spec, row_spec
+from monoformer_jax.vision.images import UnreadableImage, load_image
 from monoformer_jax.vision.inputs import read_inputs
 
 IMAGE_MARKER = "<image>"  # where a record's text places its image
@@ -429,23 +432,14 @@ class SkippedRecord(Exception):
 
 
 def decode_image(data: bytes, key: str):
-  """The PIL RGB image of a record's image bytes; SkippedRecord when they are
-  not a readable image."""
-  from PIL import Image
-
+  """The PIL image of a record's image bytes, read as the reference reads
+  LLaVA's images (vision/images.py, no EXIF orientation); SkippedRecord when
+  they are not a readable image."""
   try:
-    with Image.open(io.BytesIO(data)) as image:
-      image.load()
-      return image.convert("RGB")
-  except (
-    Image.UnidentifiedImageError,
-    Image.DecompressionBombError,
-    OSError,
-    SyntaxError,
-    ValueError,
-  ) as e:
+    return load_image(data, orient=False)
+  except UnreadableImage as e:
     raise SkippedRecord(
-      "unreadable image", f"record {key}: its image is not readable ({type(e).__name__}: {e})"
+      "unreadable image", f"record {key}: its image is not readable ({e.reason})"
     ) from None
 
 
