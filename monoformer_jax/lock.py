@@ -117,7 +117,7 @@ class FileLock:
       pid=os.getpid(),
       process_start=_process_start(os.getpid()),
       since=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-      command=" ".join(sys.argv),
+      command=" ".join(getattr(sys, "orig_argv", sys.argv)),
       token=uuid.uuid4().hex,
     )
     with _one_taker_at_a_time(self.directory):
@@ -173,7 +173,8 @@ class FileLock:
         time.sleep(0.1)
     raise PathError(
       f"--workdir={self.directory!r} holds a lock file {self.path} that cannot be read "
-      f"({why}: {text[:80]!r}); if no run is using this workdir, delete that file and rerun"
+      f"({why}{f': {text[:80]!r}' if text else ''}); if no run is using this workdir, "
+      "delete that file and rerun"
     )
 
   def _refuse_or_clear(self, owner: dict, record: dict):

@@ -144,6 +144,41 @@ def test_another_hosts_lock_or_an_unreadable_one_is_refused_and_left_alone(tmp_p
   assert "no lock is taken there yet" in caplog.text
 
 
+# ------------------------------------------------------------- metrics
+
+
+def test_the_rows_past_the_starting_step_are_moved_aside_whole(tmp_path, caplog):
+  """A killed run's rows past its checkpoint, a line it cut short and a row
+  that is no row go to metrics_replaced.jsonl, after what an earlier resume
+  put there; metrics.jsonl keeps the rest, in order."""
+  rows = [json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 6)]
+  path, aside = tmp_path / "metrics.jsonl", tmp_path / "metrics_replaced.jsonl"
+  aside.write_text('{"step": 9}\n')
+  path.write_text("".join(rows[:3]) + '{"step": "x"}\n' + "".join(rows[3:]) + '{"step": 6, "lo')
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    loop._set_aside_rows_after(str(path), 2, str(aside))
+  assert path.read_text() == "".join(rows[:2])
+  assert aside.read_text() == (
+    '{"step": 9}\n' + rows[2] + '{"step": "x"}\n' + "".join(rows[3:]) + '{"step": 6, "lo\n'
+  )
+  assert f"{path}: moved 5 rows past step 2, where this run starts" in caplog.text
+  loop._set_aside_rows_after(str(path), 2, str(aside))  # nothing past 2: nothing moves
+  assert path.read_text() == "".join(rows[:2]) and aside.read_text().count("\n") == 6
+  assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "metrics_replaced.jsonl"]
+
+
+@pytest.mark.parametrize("blocked", ["metrics.jsonl", "tensorboard"])
+def test_a_metrics_path_that_cannot_be_written_stops_the_run_before_the_compile(
+  tmp_path, caplog, blocked, one_device
+):
+  (tmp_path / blocked).mkdir() if blocked.endswith(".jsonl") else (tmp_path / blocked).touch()
+  with caplog.at_level(logging.INFO, logger="absl"), pytest.raises(PathError) as caught:
+    train_and_evaluate(digits_config(num_steps=2), str(tmp_path), sample_at_end=False)
+  assert str(caught.value).startswith(f"cannot write the metrics to {tmp_path / blocked}")
+  assert "\n" not in str(caught.value) and "compiling the train step" not in caplog.text
+  assert not (tmp_path / "run.lock").exists() and _committed(tmp_path) == []
+
+
 # ------------------------------------------------- every exit of a run
 
 

@@ -81,15 +81,16 @@ class _Metrics:
     try:  # before the compile, not at the first log
       _set_aside_rows_after(self.path, first_step, os.path.join(workdir, REPLACED_METRICS))
       open(self.path, "a").close()
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=first_step + 1)
     except OSError as e:
       raise PathError(
         f"cannot write the metrics to {e.filename or self.path} ({e.strerror or e}): "
-        "make it a file you can write to (or move it away), or pass another --workdir"
+        "make its folder one you can write to (or move what is there away), or pass "
+        "another --workdir"
       ) from e
-    if tensorboard:
-      from tensorboardX import SummaryWriter
-
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=first_step + 1)
 
   def write(self, step: int, row: dict):
     if not self.active:
@@ -140,8 +141,8 @@ def _set_aside_rows_after(path: str, step: int, aside_path: str):
     os.fsync(f.fileno())
   os.replace(partial, path)
   logging.warning(
-    "%s: moved %d rows logged past step %d (by a run stopped after its last checkpoint) "
-    "to %s; this run logs those steps again",
+    "%s: moved %d rows past step %d, where this run starts (an earlier run logged them "
+    "after its last checkpoint, or before its checkpoints were removed), to %s",
     path,
     len(aside),
     step,
