@@ -125,15 +125,17 @@ class FileLock:
         try:
           fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-          owner = self._owner()
-          if owner is not None:
-            self._refuse_or_clear(owner, record)
-          continue
+          fd = None  # judged below, so that a refusal does not carry this error along
         except OSError as e:
           raise PathError(
             f"--workdir={self.directory!r}: cannot create the lock file {self.path} "
             f"({e.strerror or e}); pass a folder you can write to"
           ) from e
+        if fd is None:
+          owner = self._owner()
+          if owner is not None:
+            self._refuse_or_clear(owner, record)
+          continue
         with os.fdopen(fd, "w") as f:
           json.dump(record, f)
           f.flush()

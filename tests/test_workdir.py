@@ -84,7 +84,7 @@ def test_a_run_refuses_a_workdir_that_a_live_run_holds_and_writes_nothing(tmp_pa
     f"--workdir={str(tmp_path)!r} is in use by another run: pid {os.getppid()} on host {HOST} "
     f"since {SINCE} (python -m monoformer_jax.train --workdir=...). Wait for it to end"
   )
-  assert "or pass another --workdir" in message
+  assert "or pass another --workdir" in message and caught.value.__context__ is None
   assert os.listdir(tmp_path) == ["run.lock"] and path.read_bytes() == before
 
 
