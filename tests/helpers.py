@@ -121,3 +121,31 @@ def benchmark_module(name):
         delattr(flags.FLAGS, n)
     for n, f in saved.items():
       flags.FLAGS[n] = f
+
+
+def tensorboard_scalars(folder) -> dict:
+  """{tag: [(step, value), ...]} as TensorBoard shows the event files of `folder`:
+  read in name order (the names start with the second they were opened in),
+  each record a u64 length, a u32 crc, the Event proto and a u32 crc. A
+  SessionLog START at step s (tensorboardX's `purge_step`) hides the events
+  read before it with a step >= s, as TensorBoard's EventAccumulator does."""
+  import pathlib
+  import struct
+
+  from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+  scalars = {}
+  for path in sorted(pathlib.Path(folder).glob("events.out.tfevents.*")):
+    data, at = path.read_bytes(), 0
+    while at + 12 <= len(data):
+      (n,) = struct.unpack("<Q", data[at : at + 8])
+      if at + 12 + n + 4 > len(data):  # cut short by a kill: TensorBoard skips it too
+        break
+      event = Event.FromString(data[at + 12 : at + 12 + n])
+      at += 12 + n + 4
+      if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+        for tag, points in scalars.items():
+          scalars[tag] = [(s, v) for s, v in points if s < event.step]
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars

@@ -128,10 +128,12 @@ def test_resume_falls_back_from_an_unreadable_latest_step(run, tmp_path, absl_re
   # The broken step was moved aside, not deleted; steps 4 and 5 are new.
   assert (workdir / "checkpoints_unreadable" / "4" / "state").is_dir()
   assert _steps(workdir / "checkpoints") == [2, 4, 5]
+  # The first run's rows past step 2 were replaced, and kept aside.
   lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [line["step"] for line in lines] == [3, 4, 3, 5]  # the first run's, then the resumed
+  aside = [json.loads(x) for x in (workdir / "metrics_replaced.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines] == [3, 5] and [r["step"] for r in aside] == [3, 4]
   # The resumed step 3 retraces the original one exactly (same data, same RNG).
-  np.testing.assert_allclose(lines[2]["loss"], lines[0]["loss"], rtol=1e-6)
+  np.testing.assert_allclose(lines[0]["loss"], aside[0]["loss"], rtol=1e-6)
 
 
 @pytest.mark.slow

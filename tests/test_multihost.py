@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import TINY_CONFIG_FLAG, digits_config
+from helpers import TINY_CONFIG_FLAG, digits_config, tensorboard_scalars
 
 from monoformer_jax.checkpoints import load_params
 from monoformer_jax.data.sharded import merge_data_states
@@ -122,25 +122,6 @@ def test_two_processes_train_as_one_stop_together_and_resume_on_another_mesh(tmp
       )
 
 
-def _tensorboard_scalars(folder) -> dict:
-  """{tag: {step: value}} read back from the TFRecord event files (each
-  record: u64 length, u32 crc, the Event proto, u32 crc)."""
-  import struct
-
-  from tensorboardX.proto.event_pb2 import Event
-
-  scalars = {}
-  for path in folder.glob("events.out.tfevents.*"):
-    data, at = path.read_bytes(), 0
-    while at < len(data):
-      (n,) = struct.unpack("<Q", data[at : at + 8])
-      event = Event.FromString(data[at + 12 : at + 12 + n])
-      at += 12 + n + 4
-      for value in event.summary.value:
-        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
-  return scalars
-
-
 @pytest.mark.slow
 def test_an_injected_nan_stops_with_the_diagnosis_and_keeps_only_finite_states(
   tmp_path, one_device
@@ -156,11 +137,11 @@ def test_an_injected_nan_stops_with_the_diagnosis_and_keeps_only_finite_states(
   # with the throughput fields; and the profiled step's trace.
   logged = _history(tmp_path)
   assert sorted(logged) == [1, 2, 3]
-  board = _tensorboard_scalars(tmp_path / "tensorboard")
+  board = tensorboard_scalars(tmp_path / "tensorboard")
   for key in ("loss", "grad_norm", "step_time_s", "tokens_per_s_per_device", "data_wait_s"):
-    assert sorted(board[key]) == [1, 2, 3], key
+    assert [s for s, _ in board[key]] == [1, 2, 3], key
     np.testing.assert_allclose(
-      [board[key][s] for s in (1, 2, 3)], [logged[s][key] for s in (1, 2, 3)], rtol=1e-6
+      [v for _, v in board[key]], [logged[s][key] for s in (1, 2, 3)], rtol=1e-6
     )
   assert all(logged[s]["tokens_per_s_per_device"] > 0 for s in (1, 2, 3))
   assert list((tmp_path / "profile").rglob("*.xplane.pb"))

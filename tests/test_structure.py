@@ -18,7 +18,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "monoformer_jax"
 # From the ground up. A module's layer is the one that names it, else the first
 # whose pattern matches it.
 LAYERS = (
-  ("ground", ("errors", "config", "config.*", "paths", "perf", "layout")),
+  ("ground", ("errors", "config", "config.*", "paths", "lock", "perf", "layout")),
   ("runtime", ("cli", "parallel", "parallel.*", "safetensors_io", "ops", "ops.*")),
   ("model", ("model", "model.*")),
   (

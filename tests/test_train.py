@@ -102,9 +102,9 @@ def test_preempted_and_killed_runs_resume_with_the_same_losses(straight, tmp_pat
   _, reference = straight
   lines = history(workdir)
   steps = [line["step"] for line in lines]
-  # Resumed, not restarted: step 1 ran once, and every step is covered.
-  assert steps.count(1) == 1 and set(steps) == set(range(1, STEPS + 1))
-  assert steps[-1] == STEPS
+  # Resumed, not restarted, and each step logged once: the rows the killed run
+  # logged past its checkpoint (if any) were replaced.
+  assert steps == list(range(1, STEPS + 1))
   for line in lines:
     for key in METRICS:
       np.testing.assert_allclose(

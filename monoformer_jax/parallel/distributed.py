@@ -15,11 +15,13 @@ several processes JAX's own notifier takes the signal and the coordination
 service picks one step that every host reaches
 (`multihost_utils.reached_preemption_sync_point`, what Orbax's
 `reached_preemption` uses), so all hosts enter the collective save at the
-same step and leave together. A single process turns SIGTERM into a flag.
+same step and leave together. A single process turns SIGTERM into a flag,
+for the length of the run only (`Preemption` is a context manager).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -81,21 +83,61 @@ def initialize(flag: bool = False) -> bool:
   return True
 
 
+class Preempted(BaseException):
+  """A SIGTERM during a phase that cannot stop at a step boundary (the
+  end-of-run samples), raised from the signal handler. A BaseException, like
+  KeyboardInterrupt, so that no `except Exception` on its way swallows it."""
+
+
 class Preemption:
   """`reached(step)`: whether to save this step and stop, the same answer on
-  every host. Call it at every step, on every host."""
+  every host. Call it at every step, on every host.
+
+  A context manager: a single process's SIGTERM handler is installed on entry
+  (before the run restores, reads data or compiles, so a SIGTERM then stops it
+  at its first step boundary) and the previous handler is put back on exit.
+  Inside `interrupting()`, a SIGTERM raises `Preempted` at once instead."""
 
   def __init__(self):
     self.multi = jax.process_count() > 1
     self.signalled = False
+    self._raise = False
+    self._previous = None
+    self._installed = False
+
+  def __enter__(self):
     if not self.multi:  # JAX's notifier owns SIGTERM when several processes run
       try:
-        signal.signal(signal.SIGTERM, self._handle)
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._installed = True
       except ValueError:  # not the main thread (e.g. a notebook worker)
         pass
+    return self
+
+  def __exit__(self, *exc):
+    if self._installed:
+      # None: the handler before was not set from Python; the default is the best guess.
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+      self._installed = False
+    return False
 
   def _handle(self, *_):
     self.signalled = True
+    if self._raise:
+      raise Preempted()
+
+  @contextlib.contextmanager
+  def interrupting(self):
+    """A phase that a SIGTERM ends at once (raising `Preempted`), also one that
+    came just before it. A single process only: with several, JAX's notifier
+    takes the signal and only `reached` learns of it."""
+    if self.signalled:
+      raise Preempted()
+    self._raise = True
+    try:
+      yield
+    finally:
+      self._raise = False
 
   def reached(self, step: int) -> bool:
     if self.multi:

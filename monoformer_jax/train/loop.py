@@ -16,10 +16,21 @@ the loop finds out at its next log or save, saves the last good step if it
 is not on disk yet, and stops with `TrainingDiverged` naming the step, the
 terms and the checkpoints kept. An unreadable latest checkpoint is moved
 aside and the one before it resumed (checkpoints/orbax_io.py).
+
+One run per workdir: a second one refuses before writing anything, naming the
+first (lock.py). However the run ends (the end, an error, SIGTERM, Ctrl-C), the
+saves in flight are waited for and the lock is released. A SIGTERM stops the
+run in any phase: during the set-up before its first step (nothing new to
+save), in the loop after saving the step it reached, during the end-of-run
+samples at once (the checkpoint is saved). A run that starts at step S moves
+the metrics rows an earlier run logged past S to metrics_replaced.jsonl, so a
+killed and resumed run logs each step once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import time
 
@@ -33,9 +44,10 @@ from monoformer_jax.checks import check_batch_layout, check_train_config
 from monoformer_jax.data.datasets import make_batches, source_of
 from monoformer_jax.data.sharded import merge_data_states
 from monoformer_jax.diffusion.gaussian import from_config
-from monoformer_jax.errors import TrainingDiverged
+from monoformer_jax.errors import PathError, TrainingDiverged
 from monoformer_jax.eval import finite_json
 from monoformer_jax.eval.score import TrainingEvals, end_samples_score_evals, eval_row_of_samples
+from monoformer_jax.lock import workdir_lock
 from monoformer_jax.model.build import param_count, train_flops_per_row
 from monoformer_jax.parallel import distributed, sharding
 from monoformer_jax.paths import writable_dir
@@ -53,16 +65,32 @@ from monoformer_jax.train.step import WATCHED, healthy, make_train_step
 class _Metrics:
   """Logged steps as JSON lines in workdir/metrics.jsonl and, with
   train.tensorboard, as TensorBoard scalars in workdir/tensorboard (tensorboardX:
-  clu's writers need TensorFlow). Process 0 writes; the others do nothing."""
+  clu's writers need TensorFlow). Process 0 writes; the others do nothing.
 
-  def __init__(self, workdir: str, tensorboard: bool):
+  A run that starts at step S replaces what an earlier run logged past S (it
+  went further than its last checkpoint, then was killed): those rows move to
+  workdir/metrics_replaced.jsonl, and TensorBoard is told to hide the events
+  past S (a purge record at S+1), so each step is logged once."""
+
+  def __init__(self, workdir: str, tensorboard: bool, first_step: int):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.writer = None
     self.active = jax.process_index() == 0
-    if self.active and tensorboard:
-      from tensorboardX import SummaryWriter
+    if not self.active:
+      return
+    try:  # before the compile, not at the first log
+      _set_aside_rows_after(self.path, first_step, os.path.join(workdir, REPLACED_METRICS))
+      open(self.path, "a").close()
+      if tensorboard:
+        from tensorboardX import SummaryWriter
 
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=first_step + 1)
+    except OSError as e:
+      raise PathError(
+        f"cannot write the metrics to {e.filename or self.path} ({e.strerror or e}): "
+        "make its folder one you can write to (or move what is there away), or pass "
+        "another --workdir"
+      ) from e
 
   def write(self, step: int, row: dict):
     if not self.active:
@@ -77,6 +105,49 @@ class _Metrics:
   def close(self):
     if self.writer is not None:
       self.writer.close()
+      self.writer = None
+
+
+REPLACED_METRICS = "metrics_replaced.jsonl"
+
+
+def _set_aside_rows_after(path: str, step: int, aside_path: str):
+  """Moves the rows of `path` logged past `step`, and any line that is not a
+  row (cut short by a kill mid-write), to the end of `aside_path`; `path` is
+  rewritten atomically, after the rows are safe aside."""
+  try:
+    with open(path) as f:
+      lines = f.read().splitlines()
+  except FileNotFoundError:
+    return
+  keep, aside = [], []
+  for line in lines:
+    try:
+      at = json.loads(line)["step"]
+      past = not isinstance(at, (int, float)) or at > step
+    except (ValueError, TypeError, KeyError):
+      past = True
+    (aside if past else keep).append(line + "\n")
+  if not aside:
+    return
+  with open(aside_path, "a") as f:
+    f.writelines(aside)
+    f.flush()
+    os.fsync(f.fileno())
+  partial = path + ".partial"
+  with open(partial, "w") as f:
+    f.writelines(keep)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(partial, path)
+  logging.warning(
+    "%s: moved %d rows past step %d, where this run starts (an earlier run logged them "
+    "after its last checkpoint, or before its checkpoints were removed), to %s",
+    path,
+    len(aside),
+    step,
+    aside_path,
+  )
 
 
 class _Profile:
@@ -152,6 +223,30 @@ def _diverged(health, ckpt: TrainCheckpointer) -> TrainingDiverged:
   )
 
 
+@contextlib.contextmanager
+def _workdir_held(workdir: str):
+  """The workdir's lock (lock.py) for the length of the run. Process 0 takes
+  it and every process learns the outcome, so none waits in a collective for
+  a process 0 that refused."""
+  lock = workdir_lock(workdir) if jax.process_index() == 0 else None
+  refused = None
+  if lock is not None:
+    try:
+      lock.acquire()
+    except Exception as e:  # told to the other processes, raised below
+      refused = e
+  told = distributed.all_gather_json(None if refused is None else str(refused))[0]
+  if refused is not None:
+    raise refused
+  if told is not None:
+    raise PathError(f"process 0 could not lock the workdir: {told}")
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
+
+
 def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
   """Trains `config` in `workdir`; returns the final train state and last metrics."""
   # ---------------------------------------------------------------- set-up
@@ -161,13 +256,20 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
   tokenizer = tokenizer_of(config)  # checks it fits model.vocab_size
   mesh = sharding.make_mesh(config.mesh)
   check_batch_layout(config, mesh, jax.process_count())
-  _warn_if_too_short(config)
   rules = config.sharding_rules
-  logging.info(
-    "mesh %s on %d %s devices", dict(mesh.shape), jax.device_count(), jax.default_backend()
-  )
 
-  with jax.set_mesh(mesh), sharding.logical_rules(rules):
+  # Whatever ends the run (the end, an error, a divergence, SIGTERM, Ctrl-C),
+  # these unwind in reverse: the metrics closed, the saves in flight waited
+  # for, the SIGTERM handler put back, the lock released.
+  with contextlib.ExitStack() as cleanup:
+    cleanup.enter_context(_workdir_held(workdir))  # before anything is written
+    preemption = cleanup.enter_context(distributed.Preemption())
+    _warn_if_too_short(config)
+    logging.info(
+      "mesh %s on %d %s devices", dict(mesh.shape), jax.device_count(), jax.default_backend()
+    )
+    cleanup.enter_context(jax.set_mesh(mesh))
+    cleanup.enter_context(sharding.logical_rules(rules))
     # --------------------------------------------------------------- model
     tx, schedule = make_optimizer(config.optim, config.model)
     ckpt = TrainCheckpointer(
@@ -175,6 +277,7 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       keep=config.train.keep_checkpoints,
       save_every=config.train.checkpoint_every,
     )
+    cleanup.callback(ckpt.close)
     graphdef, abstract, shardings = state_shardings(config, mesh, tx)
     resumed = ckpt.restore_latest(abstract, shardings, config)
     data_state = None
@@ -183,6 +286,9 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       logging.info("resumed from %s/checkpoints step %d", workdir, latest)
     else:
       graphdef, state, shardings = initial_state(config, mesh, tx)
+    step = int(state["step"])
+    metrics_out = _Metrics(workdir, config.train.tensorboard, first_step=step)
+    cleanup.callback(metrics_out.close)
 
     # ---------------------------------------------------------------- data
     batches = make_batches(
@@ -194,7 +300,6 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     )
     batch_sh = sharding.batch_sharding(mesh, rules, 1)
     diffusion = from_config(config.diffusion)
-    step = int(state["step"])
     num_steps = config.train.num_steps
     health = jax.device_put(
       healthy(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -221,9 +326,12 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       ckpt.save(at, state, data, config, **kw)
       clock["checkpoint"] += time.perf_counter() - t0
 
+    # A SIGTERM during the set-up (restore, data, compile) stops the run at its
+    # first step boundary, before the compile when it came before it.
+    stopped = step < num_steps and preemption.reached(step)
     batch = None
     compile_s = 0.0
-    if step < num_steps:
+    if step < num_steps and not stopped:
       batch = next_batch()
       logging.info("compiling the train step ...")
       t0 = time.perf_counter()
@@ -234,10 +342,14 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       )
       compile_s = time.perf_counter() - t0
       logging.info("compiled the train step in %.1f s", compile_s)
+      stopped = preemption.reached(step)
+    if stopped:
+      logging.warning(
+        "preempted (SIGTERM) before the first step: stopping with nothing new to save%s",
+        f" (step {step} is on disk)" if step else "",
+      )
 
     # ---------------------------------------------------------------- loop
-    preemption = distributed.Preemption()
-    metrics_out = _Metrics(workdir, config.train.tensorboard)
     evals = TrainingEvals(config)
     # The evaluator's last run would repeat the end-of-run samples' work.
     evals_from_samples = sample_at_end and end_samples_score_evals(config)
@@ -248,11 +360,10 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     step_flops = train_flops_per_row(config.model, length) * rows
     chip = perf.chip_of(jax.devices()[0])
     metrics = None
-    stopped = False
     t_last, step_last = time.perf_counter(), step
     t_first, step_first = t_last, step
     clock["data"] = 0.0  # the first batch belongs to the compile
-    while step < num_steps:
+    while step < num_steps and not stopped:
       if batch is None:
         batch = next_batch()
       profile.before(step)
@@ -275,9 +386,7 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
         good = int(health_now["bad_step"]) - 1
         if good > 0:  # the state on the devices is that step's: keep it
           save(good, force=True)
-        ckpt.wait()
-        ckpt.close()
-        metrics_out.close()
+        ckpt.wait()  # so that the diagnosis lists the committed steps
         raise _diverged(health_now, ckpt)
       data_after = {step: data_after[step]}
       if log:
@@ -332,31 +441,39 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       if stopped:
         ckpt.wait()
         logging.warning("preempted (SIGTERM): saved step %d on every host and stopping", step)
-        break
     if not stopped:
       save(step, force=True)
     ckpt.wait()
-    ckpt.close()
+    ckpt.close()  # the samples need none of its threads (closing twice is safe)
     trained_s = time.perf_counter() - t_first
 
     # ------------------------------------------------------------- samples
-    # Every process runs the (sharded) sampler; process 0 writes the files.
+    # Every process runs the (sharded) sampler; process 0 writes the files. The
+    # checkpoint is committed: a SIGTERM now stops the samples at once.
     sample_s = None
     if sample_at_end and not stopped:
       t0 = time.perf_counter()
-      _, _, image_scores, model_scores = write_samples(
-        nnx.merge(graphdef, state["ema"]), config, tokenizer, os.path.join(workdir, "samples")
-      )
-      sample_s = time.perf_counter() - t0
-      if evals_from_samples and evals.due(step) and step > step_first:
-        results = eval_row_of_samples(config, image_scores, model_scores)
-        metrics_out.write(step, results)
-        logging.info(
-          "step %d evals (EMA weights, the end-of-run samples'): %s",
+      try:
+        with preemption.interrupting():
+          _, _, image_scores, model_scores = write_samples(
+            nnx.merge(graphdef, state["ema"]), config, tokenizer, os.path.join(workdir, "samples")
+          )
+      except distributed.Preempted:
+        logging.warning(
+          "preempted (SIGTERM) during the end-of-run samples: stopped them; step %d is "
+          "saved, and rerunning the same command writes the samples",
           step,
-          "  ".join(f"{k[5:]} {v:.4g}" for k, v in results.items()),
         )
-    metrics_out.close()
+      else:
+        sample_s = time.perf_counter() - t0
+        if evals_from_samples and evals.due(step) and step > step_first:
+          results = eval_row_of_samples(config, image_scores, model_scores)
+          metrics_out.write(step, results)
+          logging.info(
+            "step %d evals (EMA weights, the end-of-run samples'): %s",
+            step,
+            "  ".join(f"{k[5:]} {v:.4g}" for k, v in results.items()),
+          )
   if step > step_first:
     logging.info(
       "done: compile %.1f s, %d steps in %.1f s (%.3f s/step with the logging and checkpoints)%s",
