@@ -25,11 +25,14 @@ r"""Evaluate a MonoFormer, or a file of its samples, from the command line.
 
 With a checkpoint, the sample metrics sample first (eval/sampling.py: the
 reference's protocol, in chunks under `--sample_dir` that a restarted run
-skips, sharded over every device of every host), then score the finished
-`samples.npz`. `--config` replaces the config saved with the checkpoint (for
-another mesh, say); the model fields must still match the weights. Every flag
-is checked before a model is loaded. Results go to `--output` (JSON; default
-SAMPLE_DIR/results.json) and are printed.
+of the same checkpoint skips, sharded over every device of every host), then
+score the finished `samples.npz`. `--config` replaces the config saved with
+the checkpoint (for another mesh, say); the model fields must still match the
+weights. Every flag, the output path, the sample folder and what the samples
+will be (score.check_samples: their count, shape and labels for each metric)
+are checked before a model is loaded, and a sample file before anything is
+scored. Results are printed, then written to `--output` (JSON; default
+SAMPLE_DIR/results.json).
 """
 
 import os
@@ -268,7 +271,7 @@ def main(argv):
           num_samples, len(class_names(config)), seed=_SEED.value, balanced=_BALANCED.value
         ),
         evaluators,
-        f"the {num_samples} samples of {_CHECKPOINT.value} (--num_samples)",
+        f"the sampling run of {_CHECKPOINT.value} (--num_samples={num_samples})",
       )
     sample_dir = _sample_dir(step) if writer and (sample_metrics or not _OUTPUT.value) else None
     output = _OUTPUT.value or (sample_dir and os.path.join(sample_dir, "results.json"))

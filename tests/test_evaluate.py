@@ -250,9 +250,13 @@ def test_sample_files_are_checked_before_anything_is_scored(tmp_path, monkeypatc
     "1to10": (
       dict(arr_0=images, arr_1=labels + 1),
       r"labels \[10\] \(2 of 20\) lie outside "
-      r"the classes 0..9 that \['digits'\] score: save class indices from 0 \(labels - 1",
+      r"the classes 0..9 that \['digits'\] score: save class indices from 0 \(labels - 1, as",
     ),
-    "minus1": (dict(arr_0=images, arr_1=labels - 1), r"labels \[-1\] \(2 of 20\) lie outside"),
+    "minus1": (
+      dict(arr_0=images, arr_1=labels - 1),
+      r"labels \[-1\] \(2 of 20\) lie outside the classes 0..9 that \['digits'\] score: save "
+      "class indices from 0$",
+    ),
     "zero": (
       dict(arr_0=images[:0], arr_1=labels[:0]),
       r"holds 0 image\(s\), but \['digits'\] "
@@ -396,7 +400,7 @@ def test_cli_refuses_before_loading_or_scoring_and_loses_no_results(digits_check
     ),
     (
       [*sampling, f"--sample_dir={tmp_path / 'x'}", "--num_samples=1"],
-      f"FileFormatError: the 1 samples of {ck} (--num_samples) holds 1 image(s), but "
+      f"FileFormatError: the sampling run of {ck} (--num_samples=1) holds 1 image(s), but "
       "['digits'] need at least 2: score at least 2 samples",
     ),
     (
@@ -415,7 +419,7 @@ def test_cli_refuses_before_loading_or_scoring_and_loses_no_results(digits_check
         f"--output={tmp_path / 'w.json'}",
       ],
       f"FileFormatError: --samples={tmp_path / 'wrong.npz'}: labels [10] (2 of 20) lie outside "
-      "the classes 0..9 that ['digits'] score: save class indices from 0 (labels - 1 if they "
+      "the classes 0..9 that ['digits'] score: save class indices from 0 (labels - 1, as they "
       "count from 1)",
     ),
     (

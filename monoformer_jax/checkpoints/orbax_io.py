@@ -11,9 +11,11 @@ Each step holds up to three items:
 
 `TrainCheckpointer` writes training runs (asynchronously, keeping the last N);
 `save_model` writes a model (e.g. from `python -m monoformer_jax.convert`);
-`load_model` / `load_params` read the weights of either. Any of these paths
-names a checkpoint: a training workdir (its latest step), its `checkpoints/`
-folder, one step folder `.../checkpoints/800`, or a `save_model` folder.
+`load_model` / `load_params` read the weights of either; `fingerprint` tells
+one save of a step from another (what a sample folder is bound to). Any of
+these paths names a checkpoint: a training workdir (its latest step), its
+`checkpoints/` folder, one step folder `.../checkpoints/800`, or a
+`save_model` folder.
 
 Nothing is lost quietly: a save is logged when Orbax has committed it, a
 save that cannot fit on the disk or fails stops the run naming the path and

@@ -68,8 +68,8 @@ def check_samples(
       raise FileFormatError(
         f"{source}: labels {outside[:5].tolist()}{' ...' if outside.size > 5 else ''} "
         f"({int(np.isin(labels, outside).sum())} of {n}) lie outside the classes 0..{k - 1} "
-        f"that {list(evaluator.names)} score: save class indices from 0 "
-        "(labels - 1 if they count from 1)"
+        f"that {list(evaluator.names)} score: save class indices from 0"
+        + (" (labels - 1, as they count from 1)" if labels.min() == 1 else "")
       )
   for evaluator in scoring:
     evaluator.check_samples(tuple(shape), source)
