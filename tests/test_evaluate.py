@@ -180,7 +180,8 @@ def test_a_sample_folder_resumes_only_for_its_checkpoint(
   del run["checkpoint"]
   (out / "run.json").write_text(json.dumps(run))
   before = _tree(out)
-  refused(f"{out} holds samples but no run.json saying which checkpoint they are of", checkpoint=c)
+  message = refused(f"{out} holds samples but no run.json saying which checkpoint", checkpoint=c)
+  assert message.endswith("(a samples.npz in it can still be scored with --samples)")
 
 
 def digits_name(k):
@@ -309,6 +310,32 @@ def test_reference_batches_are_checked_when_the_evaluator_is_made(tmp_path):
   np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
   with pytest.raises(ConfigError, match="sfid needs the reference images.*or drop sfid"):
     fid.ReferenceBatch(tmp_path / "stats.npz").check(["fid", "sfid"])
+
+
+def test_training_refuses_too_few_samples_for_its_metrics(tmp_path):
+  """evals.num_samples below what a metric needs stops the config check, not
+  the first evaluation inside training (precision_recall's 3 neighbours
+  need 4 samples; the check reads only that the files are there)."""
+  from monoformer_jax.eval.registry import check_training_metrics
+
+  (tmp_path / "inception.pth").touch()
+  (tmp_path / "reference.npz").touch()
+  config = digits_config()
+  config.evals.update(
+    metrics=("is", "precision_recall"),
+    inception=str(tmp_path / "inception.pth"),
+    reference=str(tmp_path / "reference.npz"),
+    num_samples=3,
+    every=5,
+  )
+  with pytest.raises(ConfigError) as e:
+    check_training_metrics(config, "evals.metrics")
+  assert str(e.value) == (
+    "evals.metrics=('is', 'precision_recall'): scores 3 samples, and ['is', "
+    "'precision_recall'] need at least 4; raise --config.evals.num_samples"
+  )
+  config.evals.num_samples = 4
+  check_training_metrics(config, "evals.metrics")
 
 
 def _cli(*flags):

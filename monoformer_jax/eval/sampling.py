@@ -189,7 +189,7 @@ def run_settings(
 
 def _describe(record: dict) -> str:
   return (
-    f"{record['path']} step {record['step']} ({record['weights']} weights, "
+    f"{record.get('path')} step {record.get('step')} ({record.get('weights')} weights, "
     f"fingerprint {record.get('fingerprint')})"
   )
 
@@ -224,12 +224,11 @@ def _bind(out_dir: str, settings: dict):
         "to sample again"
       ) from e
     if not isinstance(theirs, dict):
-      record = json.dumps(ours, separators=(",", ":"))
       raise ConfigError(
         f"{out_dir} holds samples but no {RUN_FILE} saying which checkpoint they are "
         f"of (an older version's folder?), so they cannot be scored as "
         f"{_describe(ours)}'s: pass another --sample_dir, or delete the folder to "
-        f'sample again (if they are its samples, add "checkpoint": {record} to {path})'
+        f"sample again (a samples.npz in it can still be scored with --samples)"
       )
     same = ("fingerprint", "step", "weights")
     if [theirs.get(k) for k in same] != [ours[k] for k in same]:
