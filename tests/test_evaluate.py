@@ -25,6 +25,7 @@ from monoformer_jax.eval.sampling import (
   quantize,
   run_settings,
   sample_run,
+  sample_shape,
 )
 from monoformer_jax.eval.score import check_samples, score_images
 
@@ -644,6 +645,10 @@ def test_vae_decoding_split_over_the_devices_equals_one_call():
   got = decode_to_unit(x0, None, vae, decode_batch=3)
   np.testing.assert_allclose(got, inference.to_pixels(x0, None, vae), atol=1e-5)
   assert got.shape == (5, 16, 16, 3)
+  # What evaluate checks the metrics against before sampling: the decoded shape.
+  latent = digits_config()
+  latent.model.update(image_size=8, in_channels=4)
+  assert sample_shape(latent, vae) == got.shape[1:]
 
 
 @pytest.mark.slow
