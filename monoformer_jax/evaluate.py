@@ -25,29 +25,40 @@ r"""Evaluate a MonoFormer, or a file of its samples, from the command line.
 
 With a checkpoint, the sample metrics sample first (eval/sampling.py: the
 reference's protocol, in chunks under `--sample_dir` that a restarted run
-skips, sharded over every device of every host), then score the finished
-`samples.npz`. `--config` replaces the config saved with the checkpoint (for
-another mesh, say); the model fields must still match the weights. Every flag
-is checked before a model is loaded. Results go to `--output` (JSON; default
-SAMPLE_DIR/results.json) and are printed.
+of the same checkpoint skips, sharded over every device of every host), then
+score the finished `samples.npz`. `--config` replaces the config saved with
+the checkpoint (for another mesh, say); the model fields must still match the
+weights. Every flag, the output path, the sample folder and what the samples
+will be (score.check_samples: their count, shape and labels for each metric)
+are checked before a model is loaded, and a sample file before anything is
+scored. Results are printed, then written to `--output` (JSON; default
+SAMPLE_DIR/results.json).
 """
 
 import os
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from monoformer_jax import cli, inference
-from monoformer_jax.checkpoints import beside, load_config, load_model
+from monoformer_jax.checkpoints import beside, fingerprint, load_config, load_model
 from monoformer_jax.config.fields import integer
+from monoformer_jax.data.datasets import class_names
 from monoformer_jax.errors import ConfigError, PathError
 from monoformer_jax.eval import finite_json, registry
-from monoformer_jax.eval.score import score_images, score_model
+from monoformer_jax.eval.fid import load_samples_npz
+from monoformer_jax.eval.sampling import (
+  bind_folder,
+  class_labels,
+  run_settings,
+  sample_run,
+  sample_shape,
+)
+from monoformer_jax.eval.score import check_samples, score_images, score_model
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
-from monoformer_jax.paths import writable_dir
+from monoformer_jax.paths import writable_dir, writable_file
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config replacing the one saved with --checkpoint (optional).", lock_config=True
@@ -180,15 +191,22 @@ def _sample_dir(step: int) -> str:
   return writable_dir(base, "samples (or pass --sample_dir)", "the default --sample_dir")
 
 
-def _load_samples(path: str):
-  """(uint8 images [N, H, W, C], their labels or None) of a sample npz (the
-  evaluators check the resolution and channels they need)."""
-  from monoformer_jax.eval.fid import load_images_npz
-
-  images = load_images_npz(path, channels=None)
-  with np.load(path) as z:
-    labels = z["arr_1"] if "arr_1" in z.files else z["labels"] if "labels" in z.files else None
-  return images, labels
+def _write_results(results: dict, output: str):
+  """Prints the results, then writes them to `output` whole (a temporary
+  file renamed): a write that fails anyway loses nothing printed."""
+  text = finite_json(results, indent=1)
+  print(text, flush=True)
+  try:
+    with open(output + ".tmp", "w") as f:
+      f.write(text + "\n")
+    os.replace(output + ".tmp", output)
+  except OSError as e:
+    if os.path.exists(output + ".tmp"):
+      os.remove(output + ".tmp")
+    raise PathError(
+      f"the results could not be written to {output!r} ({e.strerror or e}); they are printed above"
+    ) from e
+  logging.info("wrote %s", output)
 
 
 def main(argv):
@@ -205,9 +223,10 @@ def main(argv):
   writer = jax.process_index() == 0
 
   if _SAMPLES.value:
-    images, labels = _load_samples(_SAMPLES.value)
-    results.update(score_images(images, labels, evaluators))
     output = _OUTPUT.value or os.path.splitext(_SAMPLES.value)[0] + "_results.json"
+    writable_file(output, "results", "--output")
+    images, labels = load_samples_npz(_SAMPLES.value)
+    results.update(score_images(images, labels, evaluators, f"--samples={_SAMPLES.value}"))
   else:
     config, step = load_config(_CHECKPOINT.value, _STEP.value)
     if _CONFIG.value is not None:
@@ -232,8 +251,34 @@ def main(argv):
     cfg_scale = config.sample.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value
     tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
     vae = inference.load_vae_of(config, _VAE.value) if sample_metrics else None
+    run = dict(
+      checkpoint=_CHECKPOINT.value,
+      step=step,
+      weights=_WEIGHTS.value,
+      num_samples=num_samples,
+      chunk_size=_CHUNK_SIZE.value,
+      num_steps=num_steps,
+      cfg_scale=cfg_scale,
+      sampler=_SAMPLER.value,
+      seed=_SEED.value,
+      balanced=_BALANCED.value,
+    )
+    if sample_metrics:  # all that the samples will meet, before the model loads
+      settings = run_settings(config, **run)
+      check_samples(
+        (num_samples,) + sample_shape(config, vae),
+        class_labels(
+          num_samples, len(class_names(config)), seed=_SEED.value, balanced=_BALANCED.value
+        ),
+        evaluators,
+        f"the sampling run of {_CHECKPOINT.value} (--num_samples={num_samples})",
+      )
     sample_dir = _sample_dir(step) if writer and (sample_metrics or not _OUTPUT.value) else None
     output = _OUTPUT.value or (sample_dir and os.path.join(sample_dir, "results.json"))
+    if sample_metrics:
+      bind_folder(sample_dir or "", settings)
+    if writer:
+      writable_file(output, "results", "--output" if _OUTPUT.value else "the default --output")
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
       model, config = load_model(
@@ -251,28 +296,18 @@ def main(argv):
         dict(mesh.shape),
       )
       if sample_metrics:
-        from monoformer_jax.eval.sampling import sample_run
-
         path = sample_run(
           model,
           config,
           tokenizer,
           sample_dir or "",
-          step=step,
-          num_samples=num_samples,
-          chunk_size=_CHUNK_SIZE.value,
-          num_steps=num_steps,
-          cfg_scale=cfg_scale,
-          sampler=_SAMPLER.value,
-          seed=_SEED.value,
-          balanced=_BALANCED.value,
-          weights=_WEIGHTS.value,
           vae=vae,
           decode_batch=_DECODE_BATCH.value,
+          **run,
         )
         if writer:
-          images, labels = _load_samples(path)
-          results.update(score_images(images, labels, evaluators))
+          images, labels = load_samples_npz(path)
+          results.update(score_images(images, labels, evaluators, path))
           results["samples"] = dict(
             path=path,
             num_samples=num_samples,
@@ -294,14 +329,14 @@ def main(argv):
           seed=config.seed,
         )
       )
-    results["checkpoint"] = dict(path=_CHECKPOINT.value, step=step, weights=_WEIGHTS.value)
+    results["checkpoint"] = dict(
+      path=_CHECKPOINT.value,
+      step=step,
+      weights=_WEIGHTS.value,
+      fingerprint=fingerprint(_CHECKPOINT.value, step),
+    )
   if writer:
-    text = finite_json(results, indent=1)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-      f.write(text + "\n")
-    print(text)
-    logging.info("wrote %s", output)
+    _write_results(results, output)
 
 
 if __name__ == "__main__":

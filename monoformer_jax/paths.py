@@ -4,6 +4,7 @@
     fresh_output_dir(path, outputs, flag, overwrite)
                                         a writable folder holding none of `outputs`
     new_folder_beside(base)             `base`, or the first of `base-2`, `base-3`, ... not there
+    writable_file(path, what, flag)     a local file path whose folder is (or can be made) writable
 
 Each failure is a `PathError` naming the flag, the path and the fix. Cloud
 paths (`gs://...`) are passed through to the libraries that write them.
@@ -37,6 +38,24 @@ def writable_dir(path: str, what: str, flag: str) -> str:
       f"{flag}={path!r}: cannot write the {what} there ({e.strerror or e}); "
       "pass a folder you can write to"
     ) from e
+  return path
+
+
+def writable_file(path: str, what: str, flag: str) -> str:
+  """`path` as a local file that can be written: not a folder, in a folder
+  that exists (made if need be) and is writable. Checked before the work
+  whose results it receives, so they are not lost to a bad path after it."""
+  path = os.fspath(path)
+  if "://" in path:
+    raise PathError(f"{flag}={path!r}: the {what} are written to a local disk; pass a local path")
+  if os.path.isdir(path):
+    raise PathError(
+      f"{flag}={path!r} is a folder; pass the path of a file for the {what} "
+      "(one in that folder, say)"
+    )
+  writable_dir(os.path.dirname(os.path.abspath(path)), what, f"the folder of {flag}")
+  if os.path.exists(path) and not os.access(path, os.W_OK):
+    raise PathError(f"{flag}={path!r} cannot be written (read-only); pass another {flag}")
   return path
 
 

@@ -3,20 +3,31 @@
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import digits_config
+from helpers import digits_config, random_digits_checkpoint
 
 from monoformer_jax import inference
-from monoformer_jax.checkpoints import load_model, save_model
+from monoformer_jax.checkpoints import fingerprint, load_model, save_model
 from monoformer_jax.digits import evaluators as digits
 from monoformer_jax.errors import ConfigError, FileFormatError
-from monoformer_jax.eval.registry import check_metrics, make
-from monoformer_jax.eval.sampling import _write_npz, chunk_seed, class_labels, quantize, sample_run
-from monoformer_jax.eval.score import score_images
+from monoformer_jax.eval import fid
+from monoformer_jax.eval.registry import Evaluator, check_metrics, make
+from monoformer_jax.eval.sampling import (
+  _write_npz,
+  bind_folder,
+  chunk_seed,
+  class_labels,
+  quantize,
+  run_settings,
+  sample_run,
+  sample_shape,
+)
+from monoformer_jax.eval.score import check_samples, score_images
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,12 +73,20 @@ def test_streamed_npz_equals_numpy(tmp_path):
     assert sorted(z.files) == ["arr_0", "arr_1"]
 
 
-def test_killed_run_resumes_to_the_same_npz(model_and_config, tmp_path):
+def test_killed_run_resumes_to_the_same_npz(model_and_config, digits_checkpoint, tmp_path):
   """A run stopped after 2 of 4 chunks (with a half-written chunk left
   behind), run again, ends with the same npz as an uninterrupted run; its
   images are those of generate_images for the chunk's labels and seed."""
   model, config, tok = model_and_config
-  kw = dict(num_samples=28, chunk_size=8, num_steps=3, cfg_scale=2.0, seed=5)
+  kw = dict(
+    checkpoint=str(digits_checkpoint),
+    step=0,
+    num_samples=28,
+    chunk_size=8,
+    num_steps=3,
+    cfg_scale=2.0,
+    seed=5,
+  )
   whole = sample_run(model, config, tok, str(tmp_path / "whole"), **kw)
   assert sample_run(model, config, tok, str(tmp_path / "cut"), stop_after=2, **kw) == ""
   chunks = sorted((tmp_path / "cut" / "chunks").iterdir())
@@ -98,6 +117,72 @@ def test_killed_run_resumes_to_the_same_npz(model_and_config, tmp_path):
     sample_run(model, config, tok, str(tmp_path / "cut"), **dict(kw, num_steps=4))
   with pytest.raises(ConfigError, match="multiple of 8"):
     sample_run(model, config, tok, str(tmp_path / "x"), **dict(kw, chunk_size=6))
+
+
+def _tree(folder) -> dict[str, bytes]:
+  """Every file under `folder`, by relative path: what a refused run must leave as it was."""
+  folder = pathlib.Path(folder)
+  return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.timeout(120)
+def test_a_sample_folder_resumes_only_for_its_checkpoint(
+  model_and_config, digits_checkpoint, tmp_path
+):
+  """run.json binds the folder to the checkpoint's path, step, weights and
+  fingerprint: another checkpoint, other weights, the same path saved again
+  (a workdir trained anew) and a folder without the record are refused in
+  one line, the folder left byte for byte; a copy of the same save resumes
+  without sampling, and a broken chunk is set aside and sampled again."""
+  model, config, tok = model_and_config
+  a = tmp_path / "a"
+  shutil.copytree(digits_checkpoint, a)
+  assert fingerprint(a) == fingerprint(digits_checkpoint)  # a copy is the same save
+  kw = dict(step=0, num_samples=8, chunk_size=8, num_steps=3, cfg_scale=2.0, seed=5)
+  out = tmp_path / "eval"
+  npz = sample_run(model, config, tok, str(out), checkpoint=str(a), **kw)
+  record = json.loads((out / "run.json").read_text())["checkpoint"]
+  assert record == dict(path=str(a), step=0, weights="ema", fingerprint=fingerprint(a))
+  before = _tree(out)
+
+  def refused(match, checkpoint=a, **changes) -> str:
+    with pytest.raises(ConfigError, match=match) as e:
+      sample_run(model, config, tok, str(out), checkpoint=str(checkpoint), **{**kw, **changes})
+    assert "\n" not in str(e.value) and _tree(out) == before
+    return str(e.value)
+
+  b = random_digits_checkpoint(tmp_path / "b")  # the same weights, saved apart: another save
+  assert fingerprint(b) != fingerprint(a)
+  message = refused("holds samples of", checkpoint=b)
+  assert f"of {a} step 0 (ema weights, fingerprint {fingerprint(a)}), not of {b} step 0" in message
+  assert message.endswith(f"pass another --sample_dir, or delete {out} to sample it again")
+  refused(rf"not of {a} step 0 \(raw weights", weights="raw")
+  refused(r"settings then -> now: \{'seed': \(5, 6\)\}", seed=6)
+
+  c = tmp_path / "c"  # the same save elsewhere: resumed, nothing sampled
+  shutil.copytree(a, c)
+  assert sample_run(model, config, tok, str(out), checkpoint=str(c), stop_after=0, **kw) == npz
+  assert _tree(out) == before
+  # A chunk cut short (a copy, a full disk) is set aside and sampled again, to the same npz.
+  chunk = out / "chunks" / "chunk_00000.npz"
+  chunk.write_bytes(before["chunks/chunk_00000.npz"][:200])
+  assert sample_run(model, config, tok, str(out), checkpoint=str(c), **kw) == npz
+  assert _tree(out) == {
+    **before,
+    "chunks/chunk_00000.npz.bad": before["chunks/chunk_00000.npz"][:200],
+  }
+  (out / "chunks" / "chunk_00000.npz.bad").unlink()
+
+  shutil.rmtree(a)  # the workdir deleted and trained again: the same path and step
+  random_digits_checkpoint(a)
+  refused(rf"not of {a} step 0 .*; it was saved again since \(trained anew\?\)")
+  # A folder of an older version: chunks, but no record of their checkpoint.
+  run = json.loads((out / "run.json").read_text())
+  del run["checkpoint"]
+  (out / "run.json").write_text(json.dumps(run))
+  before = _tree(out)
+  message = refused(f"{out} holds samples but no run.json saying which checkpoint", checkpoint=c)
+  assert message.endswith("(a samples.npz in it can still be scored with --samples)")
 
 
 def digits_name(k):
@@ -142,9 +227,116 @@ def test_metric_names_and_missing_inputs_name_the_fix():
   with pytest.raises(FileFormatError, match="uint8"):
     score_images(images.astype(np.float32), np.zeros(4), make(["digits"]))
   with pytest.raises(FileFormatError, match=r"8x8 grayscale.*\[16, 16, 3\]"):
-    score_images(np.zeros((4, 16, 16, 3), np.uint8), np.zeros(4), make(["digits"]))
-  with pytest.raises(FileFormatError, match="4 samples but 3 labels"):
-    score_images(images, np.zeros(3), make(["digits"]))
+    score_images(np.zeros((4, 16, 16, 3), np.uint8), np.zeros(4, int), make(["digits"]))
+  with pytest.raises(FileFormatError, match=r"labels have shape \[3\] for 4 images"):
+    score_images(images, np.zeros(3, int), make(["digits"]))
+
+
+class _Picky(Evaluator):
+  """A sample evaluator that refuses every sample shape."""
+
+  def check_samples(self, shape, source):
+    raise FileFormatError(f"{source}: picky")
+
+
+def test_sample_files_are_checked_before_anything_is_scored(tmp_path, monkeypatch):
+  """Each flaw of a sample npz is one line naming the file, the value and the
+  fix, found before any evaluator scores (the digits metric used to answer
+  labels 1..10 with a wrong accuracy, and 0 or 1 images or float labels with
+  a traceback)."""
+  scored = []
+  monkeypatch.setattr(digits.Classifier, "score_samples", lambda self, *a: scored.append(1))
+  images = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+  labels = np.arange(20) % 10
+  cases = {
+    "1to10": (
+      dict(arr_0=images, arr_1=labels + 1),
+      r"labels \[10\] \(2 of 20\) lie outside "
+      r"the classes 0..9 that \['digits'\] score: save class indices from 0 \(labels - 1, as",
+    ),
+    "minus1": (
+      dict(arr_0=images, arr_1=labels - 1),
+      r"labels \[-1\] \(2 of 20\) lie outside the classes 0..9 that \['digits'\] score: save "
+      "class indices from 0$",
+    ),
+    "zero": (
+      dict(arr_0=images[:0], arr_1=labels[:0]),
+      r"holds 0 image\(s\), but \['digits'\] "
+      "need at least 2: score at least 2 samples",
+    ),
+    "one": (dict(arr_0=images[:1], arr_1=labels[:1]), r"holds 1 image\(s\)"),
+    "float": (
+      dict(arr_0=images, arr_1=labels + 0.5),
+      r"labels are float64, not integers \(e.g. "
+      r"\[0.5, 1.5, 2.5\]\)",
+    ),
+    "column": (dict(arr_0=images, arr_1=labels[:, None]), r"shape \[20, 1\] for 20 images"),
+    "short": (dict(arr_0=images, arr_1=labels[:19]), r"shape \[19\] for 20 images"),
+    "none": (
+      dict(arr_0=images),
+      r"has no labels, but \['digits'\] score each image against its class",
+    ),
+    "rgb": (dict(arr_0=np.repeat(images, 3, -1), arr_1=labels), r"holds \[8, 8, 3\] images"),
+  }
+  for name, (arrays, match) in cases.items():
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **arrays)
+    got_images, got_labels = fid.load_samples_npz(path)
+    with pytest.raises(FileFormatError, match=match) as e:
+      score_images(got_images, got_labels, make(["digits"]), f"--samples={path}")
+    assert f"--samples={path}" in str(e.value) and "\n" not in str(e.value)
+  np.savez(tmp_path / "pickled.npz", arr_0=images, arr_1=labels.astype(object))
+  with pytest.raises(FileFormatError, match="pickled.npz: array 'arr_1' cannot be read"):
+    fid.load_samples_npz(tmp_path / "pickled.npz")
+  # Every evaluator checks before any scores: a later one's refusal stops the digits metric too.
+  with pytest.raises(FileFormatError, match="the samples: picky"):
+    score_images(images, labels, make(["digits"]) + [_Picky(["x"], {})])
+  assert scored == []
+  check_samples(images.shape, labels, make(["digits"]))  # labels 0..9: fine
+  np.testing.assert_array_equal(fid.load_samples_npz(tmp_path / "rgb.npz")[1], labels)
+
+
+def test_reference_batches_are_checked_when_the_evaluator_is_made(tmp_path):
+  """Statistics with NaN, or too few reference images for the metric, are
+  refused before any sample is made or scored (a NaN mean used to end the
+  run with a traceback after the samples' Inception features)."""
+  np.savez(tmp_path / "nan.npz", mu=np.full(4, np.nan), sigma=np.eye(4))
+  with pytest.raises(FileFormatError, match="nan.npz: 'mu' or 'sigma' holds NaN or infinity"):
+    fid.ReferenceBatch(tmp_path / "nan.npz").check(["fid"])
+  np.savez(tmp_path / "three.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+  three = fid.ReferenceBatch(tmp_path / "three.npz")
+  three.check(["fid", "sfid", "is"])  # 2 images make a covariance
+  with pytest.raises(FileFormatError, match="holds 3 image.*precision_recall needs at least 4"):
+    three.check(["precision_recall"])
+  np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
+  with pytest.raises(ConfigError, match="sfid needs the reference images.*or drop sfid"):
+    fid.ReferenceBatch(tmp_path / "stats.npz").check(["fid", "sfid"])
+
+
+def test_training_refuses_too_few_samples_for_its_metrics(tmp_path):
+  """evals.num_samples below what a metric needs stops the config check, not
+  the first evaluation inside training (precision_recall's 3 neighbours
+  need 4 samples; the check reads only that the files are there)."""
+  from monoformer_jax.eval.registry import check_training_metrics
+
+  (tmp_path / "inception.pth").touch()
+  (tmp_path / "reference.npz").touch()
+  config = digits_config()
+  config.evals.update(
+    metrics=("is", "precision_recall"),
+    inception=str(tmp_path / "inception.pth"),
+    reference=str(tmp_path / "reference.npz"),
+    num_samples=3,
+    every=5,
+  )
+  with pytest.raises(ConfigError) as e:
+    check_training_metrics(config, "evals.metrics")
+  assert str(e.value) == (
+    "evals.metrics=('is', 'precision_recall'): scores 3 samples, and ['is', "
+    "'precision_recall'] need at least 4; raise --config.evals.num_samples"
+  )
+  config.evals.num_samples = 4
+  check_training_metrics(config, "evals.metrics")
 
 
 def _cli(*flags):
@@ -155,6 +347,139 @@ def _cli(*flags):
     text=True,
     timeout=300,
   )
+
+
+# Runs `evaluate.main` on each command line (a JSON list of argv lists) in one
+# process, with the model loader and the digits metric replaced by failures (a
+# refusal must come before them) and, for the last command line, the results
+# written into a folder that is replaced by a file once scored. Prints each
+# command line's error and what it printed.
+_EVALUATE_CASES = r"""
+import contextlib, io, json, os, shutil, sys
+from absl import app, flags
+from monoformer_jax import evaluate
+from monoformer_jax.digits import evaluators
+from monoformer_jax.errors import UserError
+
+def loaded(*_, **__):
+  raise AssertionError("loaded a model or scored before checking")
+
+evaluate.load_model = evaluators.Classifier.score_samples = loaded
+def scored_then_folder_lost(*_, **__):
+  folder = os.path.dirname(flags.FLAGS.output)
+  shutil.rmtree(folder)
+  open(folder, "w").close()
+  return {"digits": {"classifier_accuracy": 0.25}}
+
+cases = json.loads(sys.argv[1])
+for k, argv in enumerate(cases):
+  if k == len(cases) - 1:
+    evaluate.score_images = scored_then_folder_lost
+  flags.FLAGS.unparse_flags()
+  out = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out):
+      evaluate.main(flags.FLAGS(["evaluate", *argv]))
+    error = "no error"
+  except (app.UsageError, UserError) as e:
+    error = f"{type(e).__name__}: {e}"
+  print(json.dumps([error, out.getvalue()]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_cli_refuses_before_loading_or_scoring_and_loses_no_results(digits_checkpoint, tmp_path):
+  """evaluate's refusals come before the model loads and before anything is
+  scored, and leave the disk as it was: a sample folder bound to other
+  weights, too few samples, a bad seed, a bucket for the chunks, labels
+  outside the digits, an --output that is a folder (it used to fail after
+  scoring, the results lost). A write that fails anyway prints the results."""
+  ck = str(digits_checkpoint)
+  bound = tmp_path / "bound"
+  settings = run_settings(
+    digits_config(),
+    checkpoint=ck,
+    step=0,
+    weights="ema",
+    num_samples=8,
+    chunk_size=8,
+    num_steps=2,
+    cfg_scale=2.0,
+    sampler="ddpm",
+    seed=0,
+    balanced=False,
+  )
+  bind_folder(str(bound), settings)
+  (bound / "chunks" / "chunk_00000.npz").write_bytes(b"the ema weights' samples")
+  images = np.zeros((20, 8, 8, 1), np.uint8)
+  np.savez(tmp_path / "wrong.npz", arr_0=images, arr_1=np.arange(20) % 10 + 1)
+  np.savez(tmp_path / "ok.npz", arr_0=images, arr_1=np.arange(20) % 10)
+  (tmp_path / "folder").mkdir()
+  (tmp_path / "results").mkdir()
+  before = _tree(tmp_path)
+  sampling = [f"--checkpoint={ck}", "--metrics=digits", "--num_steps=2", "--chunk_size=8"]
+  cases = [
+    (
+      [*sampling, f"--sample_dir={bound}", "--num_samples=8", "--weights=raw"],
+      f"ConfigError: {bound} holds samples of {ck} step 0 (ema weights, fingerprint "
+      f"{fingerprint(ck)}), not of {ck} step 0 (raw weights, fingerprint {fingerprint(ck)}): "
+      f"pass another --sample_dir, or delete {bound} to sample it again",
+    ),
+    (
+      [*sampling, f"--sample_dir={tmp_path / 'x'}", "--num_samples=1"],
+      f"FileFormatError: the sampling run of {ck} (--num_samples=1) holds 1 image(s), but "
+      "['digits'] need at least 2: score at least 2 samples",
+    ),
+    (
+      [*sampling, f"--sample_dir={tmp_path / 'x'}", "--num_samples=8", "--seed=-1"],
+      "ConfigError: --seed=-1: must be >= 0; pass e.g. --seed=0",
+    ),
+    (
+      [*sampling, "--sample_dir=gs://bucket/eval", "--num_samples=8"],
+      "PathError: --sample_dir='gs://bucket/eval': the chunks are written to a local disk; "
+      "pass a local folder (copy samples.npz to the bucket afterwards)",
+    ),
+    (
+      [
+        f"--samples={tmp_path / 'wrong.npz'}",
+        "--metrics=digits",
+        f"--output={tmp_path / 'w.json'}",
+      ],
+      f"FileFormatError: --samples={tmp_path / 'wrong.npz'}: labels [10] (2 of 20) lie outside "
+      "the classes 0..9 that ['digits'] score: save class indices from 0 (labels - 1, as they "
+      "count from 1)",
+    ),
+    (
+      [f"--samples={tmp_path / 'ok.npz'}", "--metrics=digits", f"--output={tmp_path / 'folder'}"],
+      f"PathError: --output='{tmp_path / 'folder'}' is a folder; pass the path of a file for "
+      "the results (one in that folder, say)",
+    ),
+    (
+      [
+        f"--samples={tmp_path / 'ok.npz'}",
+        "--metrics=digits",
+        f"--output={tmp_path / 'results' / 'r.json'}",
+      ],
+      f"PathError: the results could not be written to '{tmp_path / 'results' / 'r.json'}' "
+      "(Not a directory); they are printed above",
+    ),
+  ]
+  run = subprocess.run(
+    [sys.executable, "-c", _EVALUATE_CASES, json.dumps([argv for argv, _ in cases])],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  got = [json.loads(line) for line in run.stdout.splitlines()]
+  assert [error for error, _ in got] == [want for _, want in cases]
+  assert json.loads(got[-1][1]) == {"digits": {"classifier_accuracy": 0.25}}  # printed
+  # Nothing written by the refusals; the last one's folder is the file put in its place.
+  after = _tree(tmp_path)
+  assert after.pop("results") == b"" and not (tmp_path / "x").exists()
+  assert after == {k: v for k, v in before.items() if not k.startswith("results")}
 
 
 @pytest.mark.slow
@@ -320,6 +645,10 @@ def test_vae_decoding_split_over_the_devices_equals_one_call():
   got = decode_to_unit(x0, None, vae, decode_batch=3)
   np.testing.assert_allclose(got, inference.to_pixels(x0, None, vae), atol=1e-5)
   assert got.shape == (5, 16, 16, 3)
+  # What evaluate checks the metrics against before sampling: the decoded shape.
+  latent = digits_config()
+  latent.model.update(image_size=8, in_channels=4)
+  assert sample_shape(latent, vae) == got.shape[1:]
 
 
 @pytest.mark.slow
@@ -365,7 +694,7 @@ def test_cli_inception_metrics_of_a_sample_file(tmp_path):
     fid.inception_score(ours["logits"], split_size=5000), rel=1e-5
   )
   run = _cli(*flags, f"--reference={tmp_path / 'ref16.npz'}")
-  assert run.returncode == 2 and "32x32 but the reference batch is 16x16" in run.stderr
+  assert run.returncode == 2 and "32x32 images but the reference batch is 16x16" in run.stderr
   run = _cli(
     *flags[:1],
     f"--inception={tmp_path / 'ref.npz'}",

@@ -1,12 +1,13 @@
 """The project's own checkpoints (Orbax), in orbax_io.py: training checkpoints
 (TrainCheckpointer) and model checkpoints (save_model, load_model, load_params,
-load_config). Other people's weights files are monoformer_jax/safetensors_io.py's.
+load_config), and the fingerprint of a save. Other people's weights files are monoformer_jax/safetensors_io.py's.
 """
 
 from monoformer_jax.checkpoints.orbax_io import (
   TrainCheckpointer,
   beside,
   check_params,
+  fingerprint,
   load_config,
   load_model,
   load_params,
@@ -21,6 +22,7 @@ __all__ = [
   "TrainCheckpointer",
   "beside",
   "check_params",
+  "fingerprint",
   "load_config",
   "load_model",
   "load_params",

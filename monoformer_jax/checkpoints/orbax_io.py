@@ -11,9 +11,11 @@ Each step holds up to three items:
 
 `TrainCheckpointer` writes training runs (asynchronously, keeping the last N);
 `save_model` writes a model (e.g. from `python -m monoformer_jax.convert`);
-`load_model` / `load_params` read the weights of either. Any of these paths
-names a checkpoint: a training workdir (its latest step), its `checkpoints/`
-folder, one step folder `.../checkpoints/800`, or a `save_model` folder.
+`load_model` / `load_params` read the weights of either; `fingerprint` tells
+one save of a step from another (what a sample folder is bound to). Any of
+these paths names a checkpoint: a training workdir (its latest step), its
+`checkpoints/` folder, one step folder `.../checkpoints/800`, or a
+`save_model` folder.
 
 Nothing is lost quietly: a save is logged when Orbax has committed it, a
 save that cannot fit on the disk or fails stops the run naming the path and
@@ -24,6 +26,7 @@ it), and weights are loaded only into the model they were saved for, finite.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging as std_logging
 import os
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from monoformer_jax.config import complete
@@ -437,6 +441,36 @@ def stored_weights(path: str) -> list[str]:
   """Which weights ('params', 'ema') the checkpoint `path` names holds."""
   directory, step = resolve(path)
   return sorted(_manager(directory).item_metadata(step)["state"])
+
+
+# A step's files up to this size are digested whole by `fingerprint`: Orbax's
+# commit record, the config, the array metadata and manifests (not the weights'
+# data files, which are digested by name and size only).
+_SMALL_FILE_BYTES = 64 << 10
+
+
+def fingerprint(path: str, step: int | None = None) -> str:
+  """16 hex digits that tell one save of the checkpoint step `path` names from
+  any other: a digest of the names and sizes of the step folder's files and of
+  the contents of its small ones, which include Orbax's commit timestamps. A
+  copy of the folder has the same fingerprint; the same path and step saved
+  again (a workdir deleted and trained anew) has another. Reads no weights."""
+  directory, step = resolve(path, step)
+  folder = epath.Path(directory) / str(step)
+  files = []
+  try:
+    for root, _, names in folder.walk():
+      for name in names:
+        files.append((str((root / name).relative_to(folder)), root / name))
+    digest = hashlib.sha256()
+    for relative, file in sorted(files, key=lambda f: f[0]):
+      size = file.stat().length
+      digest.update(f"{relative}\0{size}\0".encode())
+      if size <= _SMALL_FILE_BYTES:
+        digest.update(file.read_bytes())
+  except OSError as e:
+    raise _unreadable_error(directory, step, e) from e
+  return digest.hexdigest()[:16]
 
 
 def load_params(

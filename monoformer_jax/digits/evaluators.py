@@ -284,25 +284,24 @@ def editing_accuracy(
 class Classifier(Evaluator):
   """`digits`: `sample_metrics` of 8x8 grayscale samples and their prompted digits."""
 
-  def score_samples(self, images_NxHxWxC, labels_N) -> dict:
-    images = images_NxHxWxC
-    if labels_N is None:
-      raise FileFormatError(
-        "the digits metric needs each sample's prompted digit: the "
-        "samples npz has no labels (arr_1, or `labels`)"
-      )
-    if images.shape[1:] != (8, 8, 1):
+  num_classes = len(digits_data.CLASS_NAMES)
+
+  @classmethod
+  def min_samples(cls, names) -> int:
+    return 2  # the Fréchet distance fits a covariance
+
+  def check_samples(self, shape, source):
+    if tuple(shape[1:]) != (8, 8, 1):
       raise FileFormatError(
         f"the digits metric scores 8x8 grayscale digits [N, 8, 8, 1]; "
-        f"these samples are {list(images.shape[1:])}: sample the digits "
+        f"{source} holds {list(shape[1:])} images: sample the digits "
         "model (configs/digits.py), or ask for the Inception metrics"
       )
-    if len(labels_N) != len(images):
-      raise FileFormatError(
-        f"{len(images)} samples but {len(labels_N)} labels: the npz's "
-        "arr_1 must hold one prompted digit per image"
-      )
-    return {"digits": sample_metrics(images.astype(np.float32) / 255.0, labels_N)}
+
+  def score_samples(self, images_NxHxWxC, labels_N) -> dict:
+    """(score.check_samples has checked the images and the labels.)"""
+    images = np.asarray(images_NxHxWxC, np.float32) / 255.0
+    return {"digits": sample_metrics(images, np.asarray(labels_N))}
 
 
 class _ModelMetric(Evaluator):

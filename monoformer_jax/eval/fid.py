@@ -12,6 +12,8 @@ computes (a dict of `pool` [N, 2048], `spatial` [N, 2023] and `logits`
     precision_recall               Kynkaanniemi et al. 2019, k = 3 neighbours
     ReferenceBatch                 an ADM reference npz (mu, sigma, mu_s, sigma_s, arr_0)
     load_images_npz                a sample npz (ADM's arr_0 or this project's images)
+    load_samples_npz               the same with its labels (arr_1 or labels)
+    NpzReader                      an npz read member by member, errors naming the file
     image_metrics                  the asked metrics from the two feature dicts
 
 Where this differs from ADM's evaluator (all below the precision the papers
@@ -40,6 +42,9 @@ from scipy import linalg
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
 
 METRICS = ("fid", "sfid", "is", "precision_recall")
+# The fewest images each metric is defined on: a covariance needs 2, the
+# k = 3 nearest neighbours of an image other than itself 4.
+MIN_IMAGES = dict(fid=2, sfid=2, precision_recall=4, **{"is": 1})
 # ADM's evaluator scores the Inception Score over contiguous chunks of 5000
 # samples (the last chunk keeps the remainder); 10 splits of a 50k batch.
 ADM_IS_SPLIT_SIZE = 5000
@@ -341,7 +346,7 @@ def _mapped_member(path: str, zip_f: zipfile.ZipFile, name: str) -> np.ndarray |
   )
 
 
-class _Npz:
+class NpzReader:
   """An npz opened for reading members one at a time (memory-mapped where the
   file allows), with errors that name the file."""
 
@@ -418,7 +423,7 @@ class ReferenceBatch:
   """
 
   def __init__(self, path):
-    self._npz = _Npz(path, "reference batch")
+    self._npz = NpzReader(path, "reference batch")
     self.path = self._npz.path
     for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
       if (mu in self._npz) != (sigma in self._npz):
@@ -457,7 +462,32 @@ class ReferenceBatch:
         f"reference batch {self.path}: {mu!r} has shape {stats.mu.shape} "
         f"and {sigma!r} {stats.sigma.shape}; expected [D] and [D, D]"
       )
+    if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
+      raise FileFormatError(
+        f"reference batch {self.path}: {mu!r} or {sigma!r} holds NaN or infinity; "
+        "compute the statistics again (or give the reference images only, arr_0)"
+      )
     return stats
+
+  def check(self, metrics: Iterable[str]) -> None:
+    """Whether it can serve `metrics` (among METRICS), before any sample is
+    scored: its statistics readable and finite, or else enough images to
+    compute them from; the images precision_recall needs."""
+    for metric in metrics:
+      stored = getattr(self, metric) if metric in ("fid", "sfid") else None
+      if stored is not None or metric == "is":
+        continue
+      if self.num_images is None:
+        raise ConfigError(
+          f"{metric} needs the reference images, and reference batch "
+          f"{self.path} holds only statistics; use a reference npz with "
+          f"arr_0 (ADM's VIRTUAL_*.npz has it) or drop {metric}"
+        )
+      if self.num_images < MIN_IMAGES[metric]:
+        raise FileFormatError(
+          f"reference batch {self.path} holds {self.num_images} image(s), but {metric} "
+          f"needs at least {MIN_IMAGES[metric]} reference images: give a larger reference batch"
+        )
 
   @functools.cached_property
   def fid(self) -> Statistics | None:
@@ -514,15 +544,27 @@ def load_images_npz(
   pixels high and wide: FID against a reference at another resolution is not
   comparable to published numbers.
   """
-  npz = _Npz(path, "sample images")
+  npz = NpzReader(path, "sample images")
   try:
     return _read_images(npz, expect_resolution, channels, chunk)
   finally:
     npz.close()
 
 
+def load_samples_npz(path, *, channels: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+  """(the images of `load_images_npz`, their labels or None): ADM's `arr_1`,
+  else this project's `labels`, as stored (score.check_samples checks them)."""
+  npz = NpzReader(path, "sample images")
+  try:
+    images = _read_images(npz, None, channels, 1024)
+    key = next((k for k in ("arr_1", "labels") if k in npz), None)
+    return images, None if key is None else npz.read(key)
+  finally:
+    npz.close()
+
+
 def _read_images(
-  npz: _Npz, expect_resolution: int | None, channels: int | None, chunk: int
+  npz: NpzReader, expect_resolution: int | None, channels: int | None, chunk: int
 ) -> np.ndarray:
   path = npz.path
   if "arr_0" in npz:
@@ -631,13 +673,9 @@ def image_metrics(
     out["inception_score"] = inception_score(
       _feature(sample_features, "logits", "sample", "is"), split_size=is_split_size
     )
+  if reference is not None:
+    reference.check(asked)
   if "precision_recall" in asked:
-    if reference is not None and reference.images is None:
-      raise ConfigError(
-        f"precision_recall needs the reference images, and reference batch "
-        f"{reference.path} holds only statistics; use a reference npz with "
-        "arr_0 (ADM's VIRTUAL_*.npz has it) or drop precision_recall"
-      )
     real = _feature(reference_features, "pool", "reference", "precision_recall")
     fake = _feature(sample_features, "pool", "sample", "precision_recall")
     out["precision"], out["recall"] = precision_recall(real, fake, k=k)

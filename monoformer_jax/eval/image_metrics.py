@@ -42,22 +42,29 @@ class InceptionMetrics(Evaluator):
       )
     self.inception = load_inception(settings["inception"])
     self.reference = fid.ReferenceBatch(settings["reference"])
+    self.reference.check(self.names)
     self.batch_size = int(settings.get("batch_size") or 200)  # images per Inception call
+
+  @classmethod
+  def min_samples(cls, names) -> int:
+    return max(fid.MIN_IMAGES[name] for name in names)
+
+  def check_samples(self, shape, source):
+    if shape[-1] != 3:
+      raise FileFormatError(
+        f"Inception metrics need RGB samples; {source} holds images of "
+        f"{shape[-1]} channel(s) (grayscale samples have their own metrics)"
+      )
+    resolution = self.reference.resolution
+    if resolution is not None and (resolution, resolution) != tuple(shape[1:3]):
+      raise FileFormatError(
+        f"{source} holds {shape[1]}x{shape[2]} images but the reference batch is "
+        f"{resolution}x{resolution}: sample at the reference's "
+        "resolution (or give the reference batch of this resolution)"
+      )
 
   def score_samples(self, images_NxHxWxC, labels_N) -> dict:
     images, reference = images_NxHxWxC, self.reference
-    if images.shape[-1] != 3:
-      raise FileFormatError(
-        f"Inception metrics need RGB samples; these have "
-        f"{images.shape[-1]} channel(s) (grayscale samples have their "
-        "own metrics)"
-      )
-    if reference.resolution is not None and reference.resolution != images.shape[1]:
-      raise FileFormatError(
-        f"the samples are {images.shape[1]}x{images.shape[2]} but the reference batch is "
-        f"{reference.resolution}x{reference.resolution}: sample at the reference's "
-        "resolution (or give the reference batch of this resolution)"
-      )
     wanted = self.names
     sample_features = self._features(images, "samples")
     needs_reference_images = (

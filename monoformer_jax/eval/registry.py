@@ -45,6 +45,8 @@ class Evaluator:
   files: dict[str, str] = {}
   num_samples = 1000  # evaluate's default sample count
   num_steps: int | None = None  # evaluate's default DDPM steps (None: sample.num_steps)
+  # The class labels it reads lie in [0, num_classes); None: it reads none.
+  num_classes: int | None = None
 
   def __init__(self, names: Sequence[str], settings: Mapping[str, Any]):
     self.names = tuple(names)
@@ -70,6 +72,16 @@ class Evaluator:
     """Whether a training run of `config` scores `name` at its end unasked
     (beside sample.metrics)."""
     return False
+
+  @classmethod
+  def min_samples(cls, names: Sequence[str]) -> int:
+    """The fewest samples the metrics `names` are defined on."""
+    return 1
+
+  def check_samples(self, shape: tuple[int, ...], source: str) -> None:
+    """Raises a FileFormatError naming `source` when it cannot score uint8
+    samples of `shape` [N, H, W, C]. score.check_samples asks every evaluator
+    (and checks the count and the labels) before any of them scores."""
 
   def score_samples(self, images_NxHxWxC, labels_N) -> dict:
     """Its metrics of uint8 samples and their class labels (None: not known)."""
@@ -159,8 +171,26 @@ def check_training_metrics(config, field: str):
     if problem:
       fail(field, names, f"names {problem}", f"leave {name} out")
   settings = training_settings(config, names)
+  count = _training_sample_count(config, section)
   for cls, group in families(names).items():
     cls.check(group, settings, lambda name: flag_of(f"evals.{name}"))
+    need = cls.min_samples(group) if cls.scores == "samples" else 0
+    if count and count < need:
+      fail(
+        field,
+        names,
+        f"scores {count} samples, and {list(group)} need at least {need}",
+        f"raise {flag_of('evals.num_samples' if section == 'evals' else 'sample.num_per_class')}",
+      )
+
+
+def _training_sample_count(config, section: str) -> int:
+  """How many samples the sample metrics of `section` score inside training."""
+  if section == "evals":
+    return int(config.evals.num_samples)
+  from monoformer_jax.data.datasets import class_names
+
+  return int(config.sample.num_per_class) * len(class_names(config))
 
 
 def end_of_run_metrics(config) -> tuple[str, ...]:

@@ -14,11 +14,15 @@ a seed of its own, (seed, i), so a chunk's images do not depend on which
 chunks ran before it or in this process: a run killed at any point and run
 again with the same folder samples only the chunks that are missing and ends
 with the same npz, byte for byte, as an uninterrupted run. Each chunk is
-written whole (a temporary file, then renamed) by process 0; `run.json`
-holds the settings, and a folder made with other settings is refused rather
-than mixed. Every chunk is sampled by every process together (the batch is
-sharded over all devices of the mesh); the last one is padded to the chunk
-size (one compiled program) and the padding dropped.
+written whole (a temporary file, then renamed) by process 0. `run.json`
+binds the folder to its checkpoint (the resolved path, step, weights and the
+fingerprint of that save, checkpoints.fingerprint) and holds the settings: a
+folder holding samples of another checkpoint, other weights or other
+settings is refused rather than mixed or scored as this one's, and a chunk
+that is not whole or not this run's is set aside and sampled again. Every
+chunk is sampled by every process together (the batch is sharded over all
+devices of the mesh); the last one is padded to the chunk size (one compiled
+program) and the padding dropped.
 
 Latent samples are decoded by the SD-VAE on the devices in batches of
 `decode_batch`; pixels are quantised as the reference does
@@ -42,14 +46,17 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from monoformer_jax import inference
+from monoformer_jax.checkpoints import fingerprint, resolve
 from monoformer_jax.config.fields import check_image_sampling, integer
 from monoformer_jax.data import prompts as prompt_format
 from monoformer_jax.data.datasets import class_names
-from monoformer_jax.errors import ConfigError, FileFormatError
+from monoformer_jax.errors import ConfigError, FileFormatError, PathError, UserError
+from monoformer_jax.eval.fid import NpzReader
 from monoformer_jax.parallel import distributed
 
 SAMPLES_FILE = "samples.npz"
 CHUNKS_DIR = "chunks"
+RUN_FILE = "run.json"
 
 
 def class_labels(
@@ -110,10 +117,60 @@ def decode_to_unit(x0_BxhxwxC, config, vae=None, decode_batch: int = 64) -> np.n
   return np.concatenate(out)
 
 
-def _settings(
-  config, step, *, num_samples, chunk_size, num_steps, cfg_scale, sampler, seed, balanced, weights
+def sample_shape(config, vae=None) -> tuple[int, int, int]:
+  """(H, W, C) of the uint8 images `sample_classes` makes for a model of
+  `config` (latents decoded by `vae`)."""
+  side = int(config.model.image_size)
+  if vae is None:
+    return side, side, int(config.model.in_channels)
+  side *= vae.config.downsample_factor
+  return side, side, int(vae.config.out_channels)
+
+
+def run_settings(
+  config,
+  *,
+  checkpoint: str,
+  step: int,
+  weights: str,
+  num_samples: int,
+  chunk_size: int,
+  num_steps: int,
+  cfg_scale: float | None,
+  sampler: str,
+  seed: int,
+  balanced: bool,
 ) -> dict:
-  return dict(
+  """The settings of a run of `checkpoint`'s `step` (its `weights`), checked
+  before any model is loaded: what the folder's run.json records (the
+  checkpoint's fingerprint is added when the folder is bound, `bind_folder`)."""
+  if not class_names(config):
+    raise ConfigError(
+      f"data.name={config.data.name!r} has no class names to prompt with; "
+      "class-conditional sampling needs a dataset with classes (e.g. "
+      "imagenet)"
+    )
+  integer("--num_samples", num_samples, low=1)
+  integer("--chunk_size", chunk_size, low=1)
+  integer("--seed", seed, low=0)
+  check_image_sampling(
+    num_steps=num_steps,
+    cfg_scale=cfg_scale,
+    num_timesteps=config.diffusion.num_timesteps,
+    prefix="--",
+  )
+  if chunk_size % jax.device_count():
+    raise ConfigError(
+      f"--chunk_size={chunk_size} does not split over the "
+      f"{jax.device_count()} devices: use a multiple of {jax.device_count()}"
+    )
+  directory, step = resolve(checkpoint, step)
+  settings = dict(
+    checkpoint=dict(
+      path=directory if "://" in directory else os.path.abspath(directory),
+      step=int(step),
+      weights=weights,
+    ),
     num_samples=int(num_samples),
     chunk_size=int(chunk_size),
     num_steps=int(num_steps),
@@ -121,39 +178,153 @@ def _settings(
     sampler=sampler,
     seed=int(seed),
     balanced=bool(balanced),
-    weights=weights,
-    step=int(step),
     data=config.data.name,
     image_size=int(config.model.image_size),
+    # --config may change how the same weights sample
+    diffusion=config.diffusion.to_dict(),
+    dtype=config.model.dtype,
+  )
+  return json.loads(json.dumps(settings))  # as run.json reads back (lists, not tuples)
+
+
+def _describe(record: dict) -> str:
+  return (
+    f"{record.get('path')} step {record.get('step')} ({record.get('weights')} weights, "
+    f"fingerprint {record.get('fingerprint')})"
   )
 
 
-def _start(out_dir: str, settings: dict):
-  """Makes `out_dir` (process 0), refusing one holding another run's chunks."""
-  path = os.path.join(out_dir, "run.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      before = json.load(f)
-    if before != settings:
-      changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+def _bind(out_dir: str, settings: dict):
+  """Makes `out_dir` the folder of this run, or checks that it is: one that
+  holds samples of another checkpoint, other weights or other settings is
+  refused rather than mixed; one that holds nothing sampled yet is taken."""
+  if "://" in out_dir:
+    raise PathError(
+      f"--sample_dir={out_dir!r}: the chunks are written to a local disk; "
+      "pass a local folder (copy samples.npz to the bucket afterwards)"
+    )
+  ours = settings["checkpoint"]
+  path = os.path.join(out_dir, RUN_FILE)
+  chunks = os.path.join(out_dir, CHUNKS_DIR)
+  sampled = os.path.exists(os.path.join(out_dir, SAMPLES_FILE)) or any(
+    name.startswith("chunk_") and name.endswith(".npz")
+    for name in (os.listdir(chunks) if os.path.isdir(chunks) else ())
+  )
+  if sampled:
+    try:
+      before = {}
+      if os.path.exists(path):
+        with open(path) as f:
+          before = json.load(f)
+      theirs = before.get("checkpoint") if isinstance(before, dict) else None
+    except (OSError, ValueError) as e:
+      raise FileFormatError(
+        f"{path} cannot be read ({e}), so the samples in {out_dir} cannot be told "
+        "apart from another run's: pass another --sample_dir, or delete the folder "
+        "to sample again"
+      ) from e
+    if not isinstance(theirs, dict):
+      raise ConfigError(
+        f"{out_dir} holds samples but no {RUN_FILE} saying which checkpoint they are "
+        f"of (an older version's folder?), so they cannot be scored as "
+        f"{_describe(ours)}'s: pass another --sample_dir, or delete the folder to "
+        f"sample again (a samples.npz in it can still be scored with --samples)"
+      )
+    same = ("fingerprint", "step", "weights")
+    if [theirs.get(k) for k in same] != [ours[k] for k in same]:
+      again = (
+        "; it was saved again since (trained anew?)"
+        if theirs.get("fingerprint") != ours["fingerprint"]
+        and (theirs.get("path"), theirs.get("step")) == (ours["path"], ours["step"])
+        else ""
+      )
+      raise ConfigError(
+        f"{out_dir} holds samples of {_describe(theirs)}, not of {_describe(ours)}"
+        f"{again}: pass another --sample_dir, or delete {out_dir} to sample it again"
+      )
+    if theirs.get("path") != ours["path"]:
+      logging.info(
+        "%s: samples of %s, the same checkpoint (fingerprint %s) as %s",
+        out_dir,
+        theirs.get("path"),
+        ours["fingerprint"],
+        ours["path"],
+      )
+    rest = {k: v for k, v in settings.items() if k != "checkpoint"}
+    changed = {k: (before.get(k), v) for k, v in rest.items() if before.get(k) != v}
+    if changed:
       raise ConfigError(
         f"{out_dir} holds samples of another run (settings then -> now: {changed}); "
         "pass the same settings to resume it, or another --sample_dir"
       )
     return
-  os.makedirs(os.path.join(out_dir, CHUNKS_DIR), exist_ok=True)
+  os.makedirs(chunks, exist_ok=True)
   with open(path + ".tmp", "w") as f:
     json.dump(settings, f, indent=1)
   os.replace(path + ".tmp", path)
+
+
+def bind_folder(out_dir: str, settings: dict) -> None:
+  """Binds `out_dir` to the run of `settings` (`run_settings`): process 0
+  adds the checkpoint's fingerprint and makes or checks the folder (`_bind`);
+  every process raises if it refuses (so none waits for the others)."""
+  refusal = None
+  if jax.process_index() == 0:
+    record = settings["checkpoint"]
+    record["fingerprint"] = fingerprint(record["path"], record["step"])
+    try:
+      _bind(out_dir, settings)
+    except UserError as e:
+      if jax.process_count() == 1:
+        raise
+      refusal = str(e)
+  refusal = distributed.all_gather_json(refusal)[0]
+  if refusal:
+    raise ConfigError(refusal)
 
 
 def _chunk_path(out_dir: str, index: int) -> str:
   return os.path.join(out_dir, CHUNKS_DIR, f"chunk_{index:05d}.npz")
 
 
-def _done_chunks(out_dir: str, count: int) -> list[int]:
-  """The chunks already written (process 0's view, agreed by every process)."""
-  done = [i for i in range(count) if os.path.exists(_chunk_path(out_dir, i))]
+def _chunk_problem(path: str, labels_n, shape: tuple[int, ...]) -> str | None:
+  """Why the chunk file at `path` is not a whole chunk of this run (its
+  labels `labels_n`, images of `shape`), or None; reads the labels and only
+  the images' header."""
+  try:
+    npz = NpzReader(path, "sample chunk")
+    try:
+      got = npz.read("labels")
+      image_shape, dtype = npz.header("images")
+    finally:
+      npz.close()
+  except UserError as e:
+    return str(e)
+  if not np.array_equal(got, labels_n):
+    return "holds other labels than this run's"
+  want = (len(labels_n),) + tuple(shape)
+  if tuple(image_shape) != want or dtype != np.uint8:
+    return f"holds {dtype} images {list(image_shape)}, not uint8 {list(want)}"
+  return None
+
+
+def _done_chunks(out_dir: str, labels_N, chunk_size: int, shape: tuple[int, ...]) -> list[int]:
+  """The chunks already written whole (process 0 looks; every process
+  agrees). A chunk file that cannot be read or is not this run's (another
+  label or image shape) is set aside as chunk_NNNNN.npz.bad, with a
+  warning, and sampled again."""
+  done = []
+  if jax.process_index() == 0:
+    for i in range(-(-len(labels_N) // chunk_size)):
+      path = _chunk_path(out_dir, i)
+      if not os.path.exists(path):
+        continue
+      problem = _chunk_problem(path, labels_N[i * chunk_size : (i + 1) * chunk_size], shape)
+      if problem:
+        os.replace(path, path + ".bad")
+        logging.warning("%s: %s; set aside as %s.bad and sampled again", path, problem, path)
+      else:
+        done.append(i)
   return distributed.all_gather_json(done)[0]
 
 
@@ -230,7 +401,9 @@ def sample_run(
   tokenizer,
   out_dir: str,
   *,
-  step: int = 0,
+  checkpoint: str,
+  step: int,
+  weights: str = "ema",
   num_samples: int = 50_000,
   chunk_size: int = 500,
   num_steps: int = 250,
@@ -238,7 +411,6 @@ def sample_run(
   sampler: str = "ddpm",
   seed: int = 0,
   balanced: bool = False,
-  weights: str = "ema",
   vae=None,
   decode_batch: int = 64,
   stop_after: int | None = None,
@@ -246,32 +418,16 @@ def sample_run(
   """Samples `num_samples` images of the config's classes into `out_dir`
   (resuming what is there) and returns the path of its `samples.npz`.
 
-  Every process calls it; process 0 writes. `stop_after` ends the call after
-  that many new chunks (what a killed run leaves behind; for tests)."""
-  classes = class_names(config)
-  if not classes:
-    raise ConfigError(
-      f"data.name={config.data.name!r} has no class names to prompt with; "
-      "class-conditional sampling needs a dataset with classes (e.g. "
-      "imagenet)"
-    )
-  integer("--num_samples", num_samples, low=1)
-  integer("--chunk_size", chunk_size, low=1)
-  check_image_sampling(
-    num_steps=num_steps,
-    cfg_scale=cfg_scale,
-    num_timesteps=config.diffusion.num_timesteps,
-    prefix="--",
-  )
-  if chunk_size % jax.device_count():
-    raise ConfigError(
-      f"--chunk_size={chunk_size} does not split over the "
-      f"{jax.device_count()} devices: use a multiple of {jax.device_count()}"
-    )
-  writer = jax.process_index() == 0
-  settings = _settings(
+  `model` holds the `weights` of `checkpoint`'s `step`: the folder is bound
+  to them (`bind_folder`), so it resumes only for the same save of that
+  checkpoint. Every process calls it; process 0 writes. `stop_after` ends
+  the call after that many new chunks (what a killed run leaves behind; for
+  tests)."""
+  settings = run_settings(
     config,
-    step,
+    checkpoint=checkpoint,
+    step=step,
+    weights=weights,
     num_samples=num_samples,
     chunk_size=chunk_size,
     num_steps=num_steps,
@@ -279,13 +435,14 @@ def sample_run(
     sampler=sampler,
     seed=seed,
     balanced=balanced,
-    weights=weights,
   )
-  if writer:
-    _start(out_dir, settings)
+  bind_folder(out_dir, settings)
+  writer = jax.process_index() == 0
+  classes = class_names(config)
+  shape = sample_shape(config, vae)
   labels = class_labels(num_samples, len(classes), seed=seed, balanced=balanced)
   count = -(-num_samples // chunk_size)
-  done = set(_done_chunks(out_dir, count))
+  done = set(_done_chunks(out_dir, labels, chunk_size, shape))
   todo = [i for i in range(count) if i not in done]
   if done:
     logging.info(
@@ -344,29 +501,19 @@ def sample_run(
     return ""
   out = os.path.join(out_dir, SAMPLES_FILE)
   if writer:
-    got = []
-    for i in range(count):
-      with np.load(_chunk_path(out_dir, i)) as chunk:
-        got.append(chunk["labels"])
-        if i == 0:
-          image_shape, image_dtype = chunk["images"].shape[1:], chunk["images"].dtype
-    if not np.array_equal(np.concatenate(got), labels):
-      raise FileFormatError(
-        f"the chunks in {out_dir}/{CHUNKS_DIR} do not hold this run's "
-        "labels (written by other code?): remove the folder and sample again"
-      )
 
     def chunk_images():  # one chunk in memory at a time
       for i in range(count):
         with np.load(_chunk_path(out_dir, i)) as chunk:
           yield chunk["images"]
 
+    # The chunks hold these labels and images of `shape` (_done_chunks, or written above).
     _write_npz(
       out,
       dict(
-        arr_0=((num_samples,) + image_shape, image_dtype, chunk_images()),
-        arr_1=((num_samples,), labels.dtype, got),
+        arr_0=((num_samples,) + shape, np.uint8, chunk_images()),
+        arr_1=((num_samples,), labels.dtype, [labels]),
       ),
     )
-    logging.info("wrote %s: arr_0 uint8 %s, arr_1 labels", out, (num_samples,) + image_shape)
+    logging.info("wrote %s: arr_0 uint8 %s, arr_1 labels", out, (num_samples,) + shape)
   return out

@@ -19,16 +19,77 @@ from monoformer_jax.errors import FileFormatError
 from monoformer_jax.eval import registry
 
 
+def check_samples(
+  shape: tuple[int, ...],
+  labels_N: np.ndarray | None,
+  evaluators: Sequence[registry.Evaluator],
+  source: str = "the samples",
+) -> None:
+  """Whether the sample evaluators among `evaluators` can score uint8 images
+  of `shape` [N, H, W, C] with these class labels (None when not known),
+  before any of them scores (so one that cannot does not throw away the
+  others' work): enough images for every metric, one integer label per
+  image, within the classes of each evaluator that reads them, and each
+  evaluator's own needs (`Evaluator.check_samples`). A FileFormatError names
+  `source`, the value and the fix."""
+  scoring = [e for e in evaluators if e.scores == "samples"]
+  if not scoring:
+    return
+  n = shape[0]
+  least, names = max((e.min_samples(e.names), e.names) for e in scoring)
+  if n < least:
+    raise FileFormatError(
+      f"{source} holds {n} image(s), but {list(names)} need at least {least}: "
+      f"score at least {least} samples"
+    )
+  if labels_N is not None:
+    labels = np.asarray(labels_N)
+    if labels.shape != (n,):
+      raise FileFormatError(
+        f"{source}: the labels have shape {list(labels.shape)} for {n} images; "
+        f"save one class label per image, shape [{n}]"
+      )
+    if not np.issubdtype(labels.dtype, np.integer):
+      raise FileFormatError(
+        f"{source}: the labels are {labels.dtype}, not integers (e.g. "
+        f"{labels[:3].tolist()}); save the class indices as integers"
+      )
+  for evaluator in scoring:
+    k = evaluator.num_classes
+    if k is None:
+      continue
+    if labels_N is None:
+      raise FileFormatError(
+        f"{source} has no labels, but {list(evaluator.names)} score each image "
+        "against its class: save each image's class (ADM's arr_1)"
+      )
+    outside = np.unique(labels[(labels < 0) | (labels >= k)])
+    if outside.size:
+      raise FileFormatError(
+        f"{source}: labels {outside[:5].tolist()}{' ...' if outside.size > 5 else ''} "
+        f"({int(np.isin(labels, outside).sum())} of {n}) lie outside the classes 0..{k - 1} "
+        f"that {list(evaluator.names)} score: save class indices from 0"
+        + (" (labels - 1, as they count from 1)" if labels.min() == 1 else "")
+      )
+  for evaluator in scoring:
+    evaluator.check_samples(tuple(shape), source)
+
+
 def score_images(
-  images_NxHxWxC: np.ndarray, labels_N: np.ndarray | None, evaluators: Sequence[registry.Evaluator]
+  images_NxHxWxC: np.ndarray,
+  labels_N: np.ndarray | None,
+  evaluators: Sequence[registry.Evaluator],
+  source: str = "the samples",
 ) -> dict:
   """The metrics of the sample evaluators among `evaluators` (registry.make)
-  of uint8 images and their class labels (None when not known)."""
+  of uint8 images and their class labels (None when not known), all checked
+  first (`check_samples`; errors name `source`)."""
   images = np.asarray(images_NxHxWxC)
   if images.dtype != np.uint8 or images.ndim != 4:
     raise FileFormatError(
-      f"samples must be uint8 [N, H, W, C] (ADM's arr_0), not {images.dtype} {images.shape}"
+      f"{source} must be uint8 [N, H, W, C] (ADM's arr_0), not {images.dtype} {images.shape}"
     )
+  check_samples(images.shape, labels_N, evaluators, source)
   results = {}
   for evaluator in evaluators:
     if evaluator.scores == "samples":
