@@ -355,6 +355,8 @@ def test_workdir_problems_are_found_before_training(tmp_path, monkeypatch):
   afile.write_text("x")
   with pytest.raises(PathError, match=r"--workdir='.*afile' is a file, not a folder"):
     train_and_evaluate(digits_config(), str(afile))
+  with pytest.raises(PathError, match=r"^--workdir is empty; pass a folder for the checkpoints"):
+    train_and_evaluate(digits_config(), "")
   import tempfile
 
   def read_only(*args, **kwargs):
