@@ -360,7 +360,8 @@ def test_interrupted_build_resumes_only_missing_chunks(items, vae, encoded, tmp_
   os.remove(out / "chunk_000003.npz")
   loaded.clear()
   report = run()
-  assert sorted(loaded) == sorted(i.path for i in items[6:8])
+  # chunk 3's items, and the file chunk 4 skipped, tried again (still broken: chunk 4 is kept)
+  assert sorted(loaded) == sorted([i.path for i in items[6:8]] + [truncated(items)[0].path])
   assert (report.chunks_reused, report.chunks_written) == (5, 1)
 
   full = chunk_report(out)
@@ -376,6 +377,54 @@ def test_interrupted_build_resumes_only_missing_chunks(items, vae, encoded, tmp_
     atol=1e-6,
   )
   assert "mean_flip" not in examples[0]
+
+
+def test_a_split_with_no_readable_image_names_them_and_a_repaired_file_is_encoded(vae, tmp_path):
+  """The issue's `prepare imagenet` where every file is broken: was TFDS's "No
+  examples were yielded" with the files unnamed; a rerun after a repair reused
+  the chunk that had skipped it."""
+  folder = tmp_path / "in" / "train" / "n01440764"
+  folder.mkdir(parents=True)
+  bad = [folder / f"bad{k}.JPEG" for k in range(3)]
+  for k, path in enumerate(bad):
+    path.write_bytes(b"not an image %d" % k)
+  args = imagenet_source.PrepareArgs(
+    input_dir=str(tmp_path / "in"),
+    vae=str(FIXTURE),
+    image_size=IMAGE_SIZE,
+    splits=("train",),
+    batch_size=2,
+    chunk_size=2,
+  )
+  out = tmp_path / "out"
+  listed = out / "_encoded" / "imagenet" / "train" / "skipped.tsv"
+  with pytest.raises(FileFormatError) as error:
+    imagenet_source.SOURCE.prepare(args, str(out))
+  message = str(error.value)
+  assert message.startswith(
+    f"imagenet/train: none of its 3 images could be read, e.g. {bad[0]} (cannot identify "
+    f"image file), {bad[1]} (cannot identify image file), {bad[2]} "
+  )
+  assert f"; all of them listed in {listed}; " in message and "\n" not in message
+  rows = [row.split("\t") for row in listed.read_text().splitlines()]
+  assert rows[0] == ["path", "reason"] and [r[0] for r in rows[1:]] == list(map(str, bad))
+  assert all("cannot identify image file" in r[1] for r in rows[1:])
+  assert not (out / "monoformer_imagenet").exists()  # no dataset, finished or not
+
+  Image.fromarray(noise(24, 20)).save(bad[1], format="JPEG")  # repaired: chunk 0 again
+  prepared = imagenet_source.SOURCE.prepare(args, str(out))
+  [line] = prepared.report()
+  assert line.startswith("imagenet/train: encoded 1 images in 2 chunks (1 reused); skipped 2: ")
+  assert line.endswith(f"; all of them listed in {listed}")
+  assert [row.split("\t")[0] for row in listed.read_text().splitlines()[1:]] == [
+    str(bad[0]),
+    str(bad[2]),
+  ]
+  [record] = list(prepared.splits["train"]())
+  assert record["key"] == "n01440764/bad1.JPEG" and record["label"] == 0
+  mean, std = direct_encoding(vae, reference_crop(Image.open(bad[1]), IMAGE_SIZE)[None])
+  np.testing.assert_allclose(record["mean"], mean[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(record["std"], std[0], rtol=1e-5, atol=1e-5)
 
 
 def test_encode_items_refuses_a_folder_of_another_encoding(items, vae, encoded):

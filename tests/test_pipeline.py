@@ -105,6 +105,26 @@ def _records_both_ways(folder):
   return ours, theirs
 
 
+def test_a_split_with_no_record_is_one_error_and_no_dataset_and_data_dir_mistakes(tmp_path):
+  """Was TFDS's AssertionError "No examples were yielded" (a llava file whose
+  images are all missing); prepare.py adds the source's report to it."""
+  text = source("text")
+  splits = {"train": lambda: iter([{"key": "0", "text": "one"}]), "val": lambda: iter(())}
+  with pytest.raises(builders.NoRecords, match=r"^text/val: the input gave no record to write$"):
+    text.write(str(tmp_path), splits)
+  folder = builders.prepared_dir(str(tmp_path), "text")
+  assert not os.path.exists(folder) and not list(tmp_path.rglob("dataset_info.json"))
+  text.write(str(tmp_path), {"train": splits["train"]})  # the same folder, once there is a record
+  assert [r["text"] for r in builders.data_source(folder, "train")] == [b"one"]
+  # data.dir given the --output_dir, or a file: named, with the folder to pass
+  with pytest.raises(
+    ConfigError, match=f"is the --output_dir the dataset was prepared into; .*data.dir={folder}$"
+  ):
+    builders.check_prepared("data.dir", str(tmp_path), "text")
+  with pytest.raises(ConfigError, match=r"data.dirs.text='.*info.json' is a file; pass the folder"):
+    builders.check_prepared("data.dirs.text", os.path.join(folder, "dataset_info.json"), "text")
+
+
 @pytest.mark.parametrize("layout", ["ours", "float_lists", "ragged"])
 def test_records_read_what_tfds_itself_decodes(tmp_path, layout):
   """builders.Records parses the features we write straight from the proto;
@@ -232,6 +252,10 @@ def test_imagenet_is_prepared_with_odd_files_converted_and_the_broken_one_named(
   records = builders.data_source(folder, "train", kind="imagenet")
   assert len(records) == 3 * 3 + 3  # cmyk, gray and png converted
   assert "skipped 1" in log and "cut.JPEG" in log
+  listed = out / "_encoded" / "imagenet" / "train" / "skipped.tsv"
+  assert f"all of them listed in {listed}" in log
+  [header, row] = listed.read_text().splitlines()
+  assert header == "path\treason" and row.split("\t")[0].endswith(f"{WNIDS[0]}/cut.JPEG")
   labels = sorted(int(records[i]["label"]) for i in range(len(records)))
   index = {w: i for i, (w, _) in enumerate(imagenet_classes())}
   assert labels == sorted([index[WNIDS[0]]] * 6 + [index[WNIDS[1]]] * 3 + [index[WNIDS[2]]] * 3)

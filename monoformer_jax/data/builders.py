@@ -21,12 +21,17 @@ import os
 
 import numpy as np
 
-from monoformer_jax.errors import ConfigError, MissingPathError, PathError
+from monoformer_jax.config import fields
+from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
 
 VERSION = "1.0.0"
 
 
 Splits = dict  # split name -> a function returning that split's records (dicts)
+
+
+class NoRecords(FileFormatError):
+  """A split whose input gave no record: nothing is written (TFDS leaves no dataset)."""
 
 
 def _builder(kind: str, output_dir: str, splits: Splits, features, description: str):
@@ -43,11 +48,14 @@ def _builder(kind: str, output_dir: str, splits: Splits, features, description: 
       return tfds.core.DatasetInfo(builder=self, description=description, features=features)
 
     def _split_generators(self, dl_manager):
-      return {split: self._generate_examples(records) for split, records in splits.items()}
+      return {split: self._generate_examples(split, records) for split, records in splits.items()}
 
-    def _generate_examples(self, records):
-      for i, record in enumerate(records()):
-        yield str(record.get("key", i)), {k: v for k, v in record.items() if k in names}
+    def _generate_examples(self, split, records):
+      count = 0
+      for count, record in enumerate(records(), 1):
+        yield str(record.get("key", count - 1)), {k: v for k, v in record.items() if k in names}
+      if not count:  # raised here, TFDS would only say "No examples were yielded"
+        raise NoRecords(f"{kind}/{split}: the input gave no record to write")
 
   return MonoformerData(data_dir=output_dir, file_format="array_record")
 
@@ -151,13 +159,25 @@ def check_prepared(field: str, directory: str, name: str):
       f"{field} is empty: point it at the {name} dataset prepared by "
       f"`python -m monoformer_jax.data.prepare {name}`"
     )
-  if "://" not in directory and not os.path.exists(os.path.join(directory, "dataset_info.json")):
+  if "://" in directory or os.path.exists(os.path.join(directory, "dataset_info.json")):
+    return
+  inside = prepared_dir(directory, name)
+  if os.path.exists(os.path.join(inside, "dataset_info.json")):
     raise ConfigError(
-      f"{field}={directory!r} is not a prepared dataset (no "
-      f"dataset_info.json): prepare it with `python -m "
-      f"monoformer_jax.data.prepare {name} --output_dir=OUT` and pass "
-      f"OUT/monoformer_{name}/{VERSION}"
+      f"{field}={directory!r} is the --output_dir the dataset was prepared into; "
+      f"pass the dataset's own folder: {fields.flag_of(field)}={inside}"
     )
+  if os.path.isfile(directory):
+    raise ConfigError(
+      f"{field}={directory!r} is a file; pass the folder of the {name} dataset prepared by "
+      f"`python -m monoformer_jax.data.prepare {name}` (OUT/monoformer_{name}/{VERSION})"
+    )
+  raise ConfigError(
+    f"{field}={directory!r} is not a prepared dataset (no "
+    f"dataset_info.json): prepare it with `python -m "
+    f"monoformer_jax.data.prepare {name} --output_dir=OUT` and pass "
+    f"OUT/monoformer_{name}/{VERSION}"
+  )
 
 
 class Records:
@@ -201,6 +221,9 @@ class Records:
 
   def __len__(self) -> int:
     return len(self.raw)
+
+  def __iter__(self):  # array_record ends with ValueError, not the IndexError `for` needs
+    return (self[i] for i in range(len(self)))
 
   def _decode(self, serialized: bytes) -> dict:
     if self._fields is None:

@@ -42,6 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -178,15 +179,19 @@ class EncodeReport:
   chunks_reused: int = 0  # there from an earlier run
   missing_chunks: list = dataclasses.field(default_factory=list)  # chunk_report: not written
 
-  def summary(self) -> str:
+  def summary(self, listed: str | None = None) -> str:
+    """One line; `listed`: the file that lists every skipped and missing image
+    (`write_skipped`), named when there are any."""
     chunks = self.chunks_written + self.chunks_reused
     text = (
       f"encoded {self.encoded} images in {chunks} chunks ({self.chunks_reused} reused); "
       f"skipped {len(self.skipped)}"
     )
-    text += _names(f"{path} ({reason})" for path, reason in self.skipped)
+    text += _names(f"{path} ({_reason(path, reason)})" for path, reason in self.skipped)
     if self.missing:
       text += f"; missing {len(self.missing)}" + _names(self.missing)
+    if listed and (self.skipped or self.missing):
+      text += f"; all of them listed in {listed}"
     if self.missing_chunks:
       text += (
         f"; {len(self.missing_chunks)} chunks not written yet: "
@@ -198,6 +203,46 @@ class EncodeReport:
         )
       )
     return text
+
+  def nothing_encoded(self, what: str, listed: str | None) -> FileFormatError:
+    """The error for an encoding of `what` ("imagenet/train") that holds no image."""
+    total = len(self.skipped) + len(self.missing)
+    if not total:
+      return FileFormatError(f"{what}: there are no images to encode; check the input")
+    shown = [f"{p} ({_reason(p, r)})" for p, r in self.skipped[:3]]
+    shown += [f"{p} (not there)" for p in self.missing[: 3 - len(shown)]]
+    return FileFormatError(
+      f"{what}: none of its {total} images could be read"
+      + (
+        f" ({len(self.skipped)} unreadable, {len(self.missing)} not there)" if self.missing else ""
+      )
+      + f", e.g. {', '.join(shown)}"
+      + (f"; all of them listed in {listed}" if listed else "")
+      + "; fix or replace the files and run again (chunks are encoded again "
+      "once their skipped files can be read)"
+    )
+
+
+def _reason(path: str, reason: str) -> str:
+  """`reason` without the path that PIL's messages repeat."""
+  return " ".join(reason.replace(f"'{path}'", "").replace(path, "").split()) or reason
+
+
+SKIPPED_LIST = "skipped.tsv"
+
+
+def write_skipped(output_dir, report: EncodeReport) -> None:
+  """Writes every skipped image (path, tab, reason) and every missing one
+  (path, tab, "not there") of `report` to output_dir/skipped.tsv, under a
+  header line; removes an older list when nothing was skipped."""
+  path = os.path.join(os.fspath(output_dir), SKIPPED_LIST)
+  rows = [(p, r) for p, r in report.skipped] + [(p, "not there") for p in report.missing]
+  if not rows:
+    if os.path.exists(path):
+      os.remove(path)
+    return
+  text = "".join(f"{p}\t{' '.join(str(r).split())}\n" for p, r in rows)
+  _atomic_write(path, lambda file: file.write(("path\treason\n" + text).encode()))
 
 
 def _names(names: Iterable[str]) -> str:
@@ -507,7 +552,7 @@ def encode_items(
   todo = []
   for k in mine:
     path = chunk_path(output_dir, k)
-    if os.path.exists(path):
+    if os.path.exists(path) and not _readable_now(path):
       _count_into(report, path)
       report.chunks_reused += 1
     else:
@@ -568,6 +613,25 @@ def encode_items(
     loaded.close()
     bar.close()
   return report
+
+
+def _readable_now(path: str) -> list[str]:
+  """The images chunk `path` skipped that can be read now (fixed or replaced
+  since): such a chunk is encoded again, so a rerun after the files are
+  repaired never keeps them out."""
+  skipped = _load_chunk(path, ("skipped",))["skipped"].tolist()
+  readable = []
+  for image in skipped:
+    try:
+      load_rgb(image)
+    except UnreadableImage:
+      continue
+    readable.append(image)
+  if readable:
+    logging.info(
+      "%s: %d images skipped before can be read now; encoding it again", path, len(readable)
+    )
+  return readable
 
 
 def _dispatch(encode, pixels: list[np.ndarray], batch: int):
