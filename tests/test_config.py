@@ -319,6 +319,16 @@ def test_a_config_file_that_fails_names_the_file_and_line(tmp_path, body, messag
   assert str(error.value).startswith(f"--config={path}: ") and "\n" not in str(error.value)
 
 
+def test_a_partial_config_file_is_read_but_a_field_it_leaves_out_is_not_set(tmp_path):
+  path = _config_file(tmp_path, "def get_config():\n  return {'train': {'num_steps': 7}}\n")
+  config = _parse(f"--config={path}", "--workdir=w", "--config.train.num_steps=5")["config"].value
+  assert complete(config).train.num_steps == 5 and complete(config).data == base().data
+  with pytest.raises(
+    ConfigError, match=r"data.name=text: data is a section of the config, but this config file's"
+  ):
+    _parse(f"--config={path}", "--workdir=w", "--config.data.name=text")
+
+
 def test_a_file_without_variants_refuses_one(tmp_path):
   path = _config_file(
     tmp_path, "from monoformer_jax.config import base\ndef get_config():\n  return base()\n"

@@ -34,7 +34,7 @@ import typing
 
 import ml_collections
 
-from monoformer_jax.config.schema import SECTIONS, complete, not_a_field
+from monoformer_jax.config.schema import SECTIONS, complete, field_paths, not_a_field
 from monoformer_jax.errors import ConfigError, MissingPathError, PathError
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
@@ -105,7 +105,15 @@ def check_override(config, path: str, where: str):
           f"{where}: {'.'.join(walked)} has no entry {name!r} here (it has {sorted(node)}); "
           f"give the whole mapping, e.g. --config.{'.'.join(walked)}=\"{{'{name}': ...}}\""
         )
-      raise not_a_field(".".join([*walked, name]), list(node.keys()), where)
+      dotted = ".".join([*walked, name])
+      if dotted in SECTIONS or dotted in field_paths():
+        raise ConfigError(
+          f"{where}: {dotted} is a {'section' if dotted in SECTIONS else 'field'} of the config, "
+          "but this config file's get_config() leaves it out, so "
+          "the command line cannot set it; build the config on monoformer_jax.config.base(), "
+          "which holds every field"
+        )
+      raise not_a_field(dotted, list(node.keys()), where)
     node, walked = node[name], [*walked, name]
   if node is None:
     raise ConfigError(
