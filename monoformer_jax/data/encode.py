@@ -50,7 +50,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from monoformer_jax.config.fields import integer
-from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
+from monoformer_jax.errors import (
+  ConfigError,
+  DoesNotFitError,
+  FileFormatError,
+  MissingPathError,
+  PathError,
+)
 
 MANIFEST = "encode_manifest.json"
 MANIFEST_FORMAT = 1
@@ -609,6 +615,14 @@ def encode_items(
       report.encoded += len(good)
       report.skipped.extend(skipped)
       report.chunks_written += 1
+  except jax.errors.JaxRuntimeError as error:
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    raise DoesNotFitError(
+      f"encoding {batch} images of {image_size}x{image_size} at once does not fit the "
+      f"memory of {n_devices} {jax.default_backend()} devices; lower --batch_size (now "
+      f"{batch_size}) and run again: the {report.chunks_written} chunks written so far are kept"
+    ) from error
   finally:
     loaded.close()
     bar.close()
