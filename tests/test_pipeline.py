@@ -242,12 +242,12 @@ def prepared_imagenet(tmp_path_factory):
     "--chunk_size=4",
   )
   assert run.returncode == 0, run.stderr[-4000:]
-  return out, run.stderr
+  return out, run.stderr, root
 
 
 @pytest.mark.slow
 def test_imagenet_is_prepared_with_odd_files_converted_and_the_broken_one_named(prepared_imagenet):
-  out, log = prepared_imagenet
+  out, log, root = prepared_imagenet
   folder = builders.prepared_dir(str(out), "imagenet")
   records = builders.data_source(folder, "train", kind="imagenet")
   assert len(records) == 3 * 3 + 3  # cmyk, gray and png converted
@@ -262,16 +262,18 @@ def test_imagenet_is_prepared_with_odd_files_converted_and_the_broken_one_named(
   r = records[0]
   assert np.asarray(r["mean"]).shape == (8, 8, 4) and np.asarray(r["std"]).min() > 0
   assert "mean_flip" in r
-  # Preparing again into the same folder refuses to overwrite.
+  # Preparing again into the same folder refuses to overwrite, before reading anything.
   again = _prepare(
-    "imagenet", f"--input_dir={out}", f"--output_dir={out}", f"--vae={TINY_VAE}", "--image_size=16"
+    "imagenet", f"--input_dir={root}", f"--output_dir={out}", f"--vae={TINY_VAE}", "--image_size=16"
   )
-  assert again.returncode == 2
+  assert again.returncode == 2 and "images to encode" not in again.stderr
+  assert f"error: {folder} already holds a prepared imagenet dataset" in again.stderr
+  assert len(records) == len(builders.data_source(folder, "train", kind="imagenet"))
 
 
 @pytest.mark.slow
 def test_imagenet_trains_from_the_prepared_records(prepared_imagenet, tmp_path, one_device):
-  out, _ = prepared_imagenet
+  out, _, _ = prepared_imagenet
   config = config_file("imagenet256:tiny")
   config.data.dir = builders.prepared_dir(str(out), "imagenet")
   config.mesh.update(data=1, fsdp=-1)

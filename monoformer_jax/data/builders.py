@@ -81,12 +81,7 @@ def write(
   error, never overwritten."""
   import tensorflow_datasets as tfds
 
-  folder = prepared_dir(output_dir, name)
-  if os.path.exists(os.path.join(folder, "dataset_info.json")):
-    raise PathError(
-      f"{folder} already holds a prepared {name} dataset; pass another "
-      "--output_dir or remove it to prepare again"
-    )
+  folder = check_not_prepared(output_dir, name)
   _builder(
     name, output_dir, splits, tfds.features.FeaturesDict(features), description or name
   ).download_and_prepare()
@@ -94,6 +89,18 @@ def write(
     for shard in sorted(os.listdir(folder)):
       if ".array_record-" in shard:
         _store_uncompressed(os.path.join(folder, shard))
+  return folder
+
+
+def check_not_prepared(output_dir: str, name: str) -> str:
+  """The folder `write` would write `name` into, refused when it holds a
+  prepared dataset already (checked before the input is read, and again by `write`)."""
+  folder = prepared_dir(output_dir, name)
+  if os.path.exists(os.path.join(folder, "dataset_info.json")):
+    raise PathError(
+      f"{folder} already holds a prepared {name} dataset; pass another "
+      "--output_dir or remove it to prepare again"
+    )
   return folder
 
 

@@ -75,6 +75,7 @@ def main(argv):
   if not _OUTPUT.value:
     raise app.UsageError("--output_dir is required")
   output_dir = writable_dir(_OUTPUT.value, "prepared dataset", "--output_dir")
+  builders.check_not_prepared(output_dir, source.name)  # before hours of reading
   if source.needs_input:
     if not _INPUT.value:
       raise app.UsageError(f"{source.name} needs --input_dir")
