@@ -5,6 +5,7 @@ trained; chat and text prepared and packed with loss on the answers."""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from monoformer_jax.data import builders, pipeline
 from monoformer_jax.data.datasets import check_data, make_batches, source
 from monoformer_jax.data.sharded import host_stream
 from monoformer_jax.data.sources.imagenet import imagenet_classes
-from monoformer_jax.errors import ConfigError
+from monoformer_jax.errors import ConfigError, FileFormatError
 from monoformer_jax.layout import Example
 from monoformer_jax.text.tokenizer import load_tokenizer, tokenizer_of
 from monoformer_jax.train.loop import train_and_evaluate
@@ -116,6 +117,17 @@ def test_a_split_with_no_record_is_one_error_and_no_dataset_and_data_dir_mistake
   assert not os.path.exists(folder) and not list(tmp_path.rglob("dataset_info.json"))
   text.write(str(tmp_path), {"train": splits["train"]})  # the same folder, once there is a record
   assert [r["text"] for r in builders.data_source(folder, "train")] == [b"one"]
+  # a damaged prepared folder: named when it is opened, not mid-run in a worker
+  for damage, message in (
+    ("dataset_info.json", r"its dataset_info.json cannot be read \(ParseError"),
+    ("text-train.array_record", r"its train records cannot be read .* a shard is missing"),
+  ):
+    broken = tmp_path / f"broken_{damage}"
+    shutil.copytree(folder, broken)
+    [target] = [p for p in broken.iterdir() if damage in p.name]
+    target.write_text("{")
+    with pytest.raises(FileFormatError, match=f"^data.dir='{broken}': {message}.*prepare it again"):
+      builders.data_source(str(broken), "train", kind="text")
   # data.dir given the --output_dir, or a file: named, with the folder to pass
   with pytest.raises(
     ConfigError, match=f"is the --output_dir the dataset was prepared into; .*data.dir={folder}$"

@@ -135,26 +135,46 @@ def data_source(directory: str, split: str = "train", *, kind: str | None = None
 
   directory = os.fspath(directory)
   info = os.path.join(directory, "dataset_info.json")
+  hint = (
+    f"python -m monoformer_jax.data.prepare {kind} --input_dir=... "
+    f"--output_dir=DIR, then data.dir=DIR/monoformer_{kind}/{VERSION}"
+    if kind
+    else "python -m monoformer_jax.data.prepare"
+  )
   if not os.path.exists(info):
-    hint = (
-      f"python -m monoformer_jax.data.prepare {kind} --input_dir=... "
-      f"--output_dir=DIR, then data.dir=DIR/monoformer_{kind}/{VERSION}"
-      if kind
-      else "python -m monoformer_jax.data.prepare"
-    )
     raise MissingPathError(
       f"data.dir={directory!r} holds no prepared dataset (no "
       f"dataset_info.json); prepare one first: {hint}"
     )
-  builder = tfds.builder_from_directory(directory)
+  again = f"prepare it again: {hint}"
+  try:
+    builder = tfds.builder_from_directory(directory)
+  except Exception as e:  # TFDS raises ParseError, KeyError, OSError... for a damaged folder
+    raise FileFormatError(
+      f"data.dir={directory!r}: its dataset_info.json cannot be read "
+      f"({type(e).__name__}: {_first_line(e)}); {again}"
+    ) from e
   if split not in builder.info.splits:
     raise ConfigError(
       f"data.split={split!r}: {directory} has the splits {sorted(builder.info.splits)}"
     )
-  raw = builder.as_data_source(
-    split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
-  )
+  try:
+    raw = builder.as_data_source(
+      split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+    )
+    for probe in {0, len(raw) - 1} if len(raw) else ():  # the first and the last shard
+      raw[probe]
+  except Exception as e:  # a shard missing or cut short: here, not in a worker mid-run
+    raise FileFormatError(
+      f"data.dir={directory!r}: its {split} records cannot be read "
+      f"({type(e).__name__}: {_first_line(e)}); a shard is missing or damaged; {again}"
+    ) from e
   return Records(raw, builder.info.features)
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else ""
 
 
 def check_prepared(field: str, directory: str, name: str):
