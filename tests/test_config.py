@@ -286,6 +286,10 @@ def test_a_config_file_or_variant_that_is_not_there_names_those_that_are(tmp_pat
     _parse(f"--config={nope}", "--workdir=w")
   digits = CONFIGS_DIR / "digits.py"
   with pytest.raises(
+    MissingPathError, match=f"no file {digits.with_suffix('')}; did you mean {digits}"
+  ):
+    _parse(f"--config={digits.with_suffix('')}", "--workdir=w")
+  with pytest.raises(
     ConfigError,
     match=f"{digits} has no variant 'nope'; pass one of --config={digits}, --config={digits}:tiny$",
   ):

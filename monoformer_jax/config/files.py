@@ -48,6 +48,8 @@ def load(spec: str, where: str | None = None):
   path, _, variant = spec.partition(":")
   if not path:
     raise ConfigError(f"{where} names no file: pass a config file, e.g. --config=configs/digits.py")
+  if not os.path.exists(path) and os.path.isfile(path + ".py"):
+    raise MissingPathError(f"{where}: there is no file {path}; did you mean {path}.py?")
   if not os.path.exists(path):
     raise MissingPathError(
       f"{where}: there is no file {path} (from {os.getcwd()}); {_nearby(path)}"
