@@ -27,13 +27,7 @@ from monoformer_jax.config import base
 VARIANTS = ("", "tiny")
 
 
-def get_config(variant=None):
-  variant = variant or ""
-  if variant not in VARIANTS:
-    raise ValueError(
-      f"configs/digits.py has no variant {variant!r}; use one of {VARIANTS} "
-      "(e.g. --config=configs/digits.py:tiny)"
-    )
+def get_config(variant=None):  # one of VARIANTS, checked by the loader (config/files.py)
   c = base()  # every field and its default: monoformer_jax/config/schema.py
 
   c.model.update(

@@ -52,9 +52,11 @@ CLIP_VIT_L14 = dict(
 )
 
 
-def get_config(variant=None):
-  if variant:
-    raise ValueError(f"configs/t2i_llava.py has no variant {variant!r}")
+VARIANTS = ("",)  # none but the default (checked by the loader, config/files.py)
+
+
+def get_config(variant=""):
+  del variant  # "" only: ml_collections passes the "" of `--config=FILE:`
   c = base()  # the paper's backbone, recipe and mesh (configs/imagenet256.py); other
   # data, and a reader. Read images are causal like text (the reference:
   # model.read_bidirectional=False); the loss is on the assistant's

@@ -17,12 +17,14 @@ from __future__ import annotations
 import glob
 import logging as std_logging
 import os
+import re
 import sys
 from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from monoformer_jax.errors import UserError
+from monoformer_jax.config import files
+from monoformer_jax.errors import ConfigError, UserError
 
 _VERBOSE = flags.DEFINE_bool(
   "verbose", False, "Show the traceback of input errors, not just their message."
@@ -124,20 +126,138 @@ def keep_host_memory() -> bool:
 
 
 def describe(error: BaseException) -> str:
-  """`error: message` and one `  because: ...` line per cause in its chain."""
+  """`error: message` and one `  because: ...` line per cause in its chain that
+  the lines before do not already say."""
   lines = [f"error: {error}"]
   seen = {id(error)}
   cause = error.__cause__ or error.__context__
   while cause is not None and id(cause) not in seen:
     seen.add(id(cause))
     first = str(cause).strip().splitlines()
-    lines.append(f"  because: {type(cause).__name__}: {first[0] if first else ''}")
+    first = first[0] if first else ""
+    if not first or first not in "\n".join(lines):
+      lines.append(f"  because: {type(cause).__name__}: {first}")
     cause = cause.__cause__ or cause.__context__
   return "\n".join(lines)
 
 
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """absl's flag parsing (`flag_values(argv)`), every failure one `ConfigError`.
+
+  ml_collections' config flags read `--config=FILE[:variant]` and apply each
+  `--config.a.b=v` while absl parses, so their failures (a file that is not
+  there or does not run, a variant or a field that does not exist, a value
+  of the wrong type) come before `main` and used to be pages of traceback.
+  Here each `--config` file is run first by `config.files.load` and each
+  override's field looked up (`check_override`), which name the file, line,
+  variants or nearest field; what absl itself refuses (an unknown flag, a
+  value it cannot parse, a missing required flag) keeps its message. Returns
+  the arguments left over, as absl does."""
+  try:
+    expanded = flag_values.read_flags_from_files(argv, force_gnu=False)
+  except flags.Error as e:  # a --flagfile that is not there
+    raise ConfigError(_flag_error(e, {})) from e
+  loaded = {}
+  for name, spec, overrides in _config_arguments(expanded, flag_values):
+    if spec is None:
+      if overrides:
+        raise ConfigError(
+          f"--{overrides[0]} overrides a field of --{name}, which is not given; pass "
+          f"--{name}=FILE.py before it"
+        )
+      continue
+    loaded[name] = files.load(spec, f"--{name}={spec}")
+    for override in overrides:
+      path = override.split("=", 1)[0].split(".", 1)[1]
+      files.check_override(loaded[name], path, f"--{override}")
+  try:
+    return flag_values(argv)
+  except flags.Error as e:
+    raise ConfigError(_flag_error(e, loaded)) from e
+  except Exception as e:  # ml_collections applying an override: the command line's value
+    first = str(e).strip().splitlines()
+    raise ConfigError(f"{type(e).__name__}: {first[0] if first else ''}") from e
+
+
+def _flag_error(error: flags.Error, loaded: dict) -> str:
+  """absl's message for a flag it refused, on one line, with what the flag takes."""
+  message = str(error).strip().splitlines()[0]
+  required = re.fullmatch(
+    r"flag (--\w+)=None: Flag \1 must have a value other than None\.", message
+  )
+  if required:
+    return f"{required[1]} is required"
+  if isinstance(error, flags.UnrecognizedFlagError):
+    return f"{message} (--helpfull lists the flags)"
+  value = re.match(r"flag --(\w+)\.([\w.]+)=", message)
+  if value and value[1] in loaded:
+    node = loaded[value[1]]
+    for name in value[2].split("."):
+      node = node.get(name) if hasattr(node, "get") else None
+    if node is not None:
+      return f"{message}; {value[2]} takes {files.kind_of(node)}"
+  return message
+
+
+def _config_arguments(argv: list[str], flag_values: flags.FlagValues):
+  """(name, the value given or None, its `name.a.b=v` overrides) of each config
+  file flag (ml_collections' DEFINE_config_file) that `flag_values` holds, as `argv` gives them."""
+  from ml_collections.config_flags import config_flags
+
+  names = [
+    n for n in flag_values if isinstance(flag_values[n].parser, config_flags.ConfigFileFlagParser)
+  ]
+  args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+  for name in names:
+    spec, overrides = None, []
+    for i, arg in enumerate(args):
+      bare = arg.lstrip("-")
+      if not arg.startswith("-"):
+        continue
+      if bare.startswith(f"{name}="):
+        spec = bare.split("=", 1)[1]
+      elif bare == name and i + 1 < len(args):
+        spec = args[i + 1]
+      elif bare.startswith((f"{name}.", f"no{name}.")):
+        path = bare[2:] if bare.startswith("no") else bare
+        overrides.append(path if "=" in path else f"{path}=")
+    yield name, spec, overrides
+
+
+def _wants_traceback(argv: list[str]) -> bool:
+  """Whether `argv` sets --verbose (read by hand: it failed to parse)."""
+  verbose = False
+  for arg in argv[1:]:
+    bare = arg.lstrip("-").lower() if arg.startswith("-") else ""
+    if bare in ("verbose", "verbose=true", "verbose=1"):
+      verbose = True
+    elif bare in ("noverbose", "verbose=false", "verbose=0"):
+      verbose = False
+  return verbose
+
+
+def _fail(error: UserError):
+  """Print `error` as `error: ...` with its causes, and exit with status 2."""
+  logging.flush()
+  print(describe(error) + "\n(--verbose shows the traceback)", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags_or_fail(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS):
+  """`parse_flags`, its error printed as one line (exit status 2), or with
+  --verbose raised with its traceback."""
+  try:
+    return parse_flags(argv, flag_values)
+  except UserError as error:
+    if _wants_traceback(argv):
+      raise
+    _fail(error)
+
+
 def run(main: Callable[[list[str]], None]):
-  """absl.app.run(main) with the project's logging and error printing."""
+  """absl.app.run(main) with the project's logging and error printing; the
+  flags are parsed by `parse_flags`, so a bad flag or config file is one line
+  too."""
 
   def guarded(argv):
     quiet_logs()
@@ -151,8 +271,6 @@ def run(main: Callable[[list[str]], None]):
     except UserError as error:
       if _VERBOSE.value:
         raise
-      logging.flush()
-      print(describe(error) + "\n(--verbose shows the traceback)", file=sys.stderr)
-      sys.exit(2)
+      _fail(error)
 
-  app.run(guarded)
+  app.run(guarded, flags_parser=_parse_flags_or_fail)

@@ -22,6 +22,8 @@ from monoformer_jax.errors import PathError
 def writable_dir(path: str, what: str, flag: str) -> str:
   """`path` as a folder that exists (made if need be) and can be written to."""
   path = os.fspath(path)
+  if not path:
+    raise PathError(f"{flag} is empty; pass a folder for the {what} (it is made if missing)")
   if "://" in path:
     return path
   if os.path.exists(path) and not os.path.isdir(path):

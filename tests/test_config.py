@@ -6,9 +6,12 @@ import json
 import ml_collections
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
-from monoformer_jax.config import base, complete, config_file, schema
-from monoformer_jax.errors import ConfigError
+from monoformer_jax import cli
+from monoformer_jax.config import CONFIGS_DIR, base, complete, config_file, schema
+from monoformer_jax.errors import ConfigError, MissingPathError, PathError
 
 CONFIG_FILES = (
   "digits",
@@ -178,3 +181,189 @@ def test_a_checkpoint_from_a_newer_version_is_refused_not_moved_aside(tmp_path):
   ):
     load_model(str(tmp_path / "newer"), weights="raw")
   assert (tmp_path / "newer" / "0").is_dir()
+
+
+# ------------------------------------------------------ the --config flags
+
+TINY = f"--config={CONFIGS_DIR / 'digits.py'}:tiny"
+
+
+def _flags(argv):
+  """An entry point's flags: --config (ml_collections'), a required --workdir."""
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "", flag_values=values)
+  flags.mark_flag_as_required("workdir", flag_values=values)
+  return values
+
+
+def _parse(*args):
+  """cli.parse_flags of `args`; returns the parsed flag values."""
+  argv = ["prog", *args]
+  values = _flags(argv)
+  cli.parse_flags(argv, values)
+  return values
+
+
+def _config_file(tmp_path, body: str) -> str:
+  path = tmp_path / "my_config.py"
+  path.write_text(body)
+  return str(path)
+
+
+def test_config_overrides_that_exist_are_applied_as_ml_collections_does():
+  values = _parse(
+    TINY, "--workdir=w", "--config.train.num_steps=3", "--config.data.mix={'chat': 1.0}"
+  )
+  want = config_file("digits:tiny").to_dict()
+  want["train"]["num_steps"], want["data"]["mix"] = 3, {"chat": 1.0}
+  assert complete(values["config"].value).to_dict() == want
+
+
+@pytest.mark.parametrize(
+  "args, kind, message",
+  [
+    # the issue's: a misspelt field names the nearest one, on one line
+    (
+      ["--config.train.num_step=3"],
+      ConfigError,
+      r"^train.num_step is not a config field \(--config.train.num_step=3\): "
+      r"did you mean train.num_steps\?",
+    ),
+    (
+      ["--config.num_steps=3"],
+      ConfigError,
+      r"^num_steps is not a config field .*did you mean train.num_steps or "
+      r"sample.num_steps or evals.num_steps\?",
+    ),
+    (
+      ["--config.train.num_steps=abc"],
+      ConfigError,
+      r"^flag --config.train.num_steps=abc: invalid literal for int\(\).*; "
+      r"train.num_steps takes an integer$",
+    ),
+    (
+      ["--config.model.remat=maybe"],
+      ConfigError,
+      r"^flag --config.model.remat=maybe: .*; model.remat takes true or false$",
+    ),
+    (["--config.model.vision=3"], ConfigError, r"model.vision is None in this config"),
+    (
+      ["--config.train.num_steps.x=3"],
+      ConfigError,
+      r"train.num_steps takes an integer, it is not a section of fields",
+    ),
+    (
+      ["--config.data.mix.chat=1"],
+      ConfigError,
+      r"data.mix has no entry 'chat' here \(it has \[\]\); give the whole mapping",
+    ),
+    (
+      ["--workdirr=x"],
+      ConfigError,
+      r"^Unknown command line flag 'workdirr'. Did you mean: workdir",
+    ),
+  ],
+)
+def test_a_bad_override_or_flag_is_one_line_naming_it(args, kind, message):
+  with pytest.raises(kind, match=message) as error:
+    _parse(TINY, "--workdir=w", *args)
+  assert "\n" not in str(error.value)
+
+
+def test_an_override_without_a_config_file_and_a_missing_flag_are_named():
+  with pytest.raises(
+    ConfigError, match=r"--config.train.num_steps=3 overrides a field of --config"
+  ):
+    _parse("--workdir=w", "--config.train.num_steps=3")
+  with pytest.raises(ConfigError, match=r"^--workdir is required$"):
+    _parse(TINY)
+
+
+def test_a_config_file_or_variant_that_is_not_there_names_those_that_are(tmp_path):
+  nope = CONFIGS_DIR / "nope.py"
+  with pytest.raises(MissingPathError, match=f"there is no file {nope} .*{CONFIGS_DIR}/digits.py"):
+    _parse(f"--config={nope}", "--workdir=w")
+  digits = CONFIGS_DIR / "digits.py"
+  with pytest.raises(
+    MissingPathError, match=f"no file {digits.with_suffix('')}; did you mean {digits}"
+  ):
+    _parse(f"--config={digits.with_suffix('')}", "--workdir=w")
+  with pytest.raises(
+    ConfigError,
+    match=f"{digits} has no variant 'nope'; pass one of --config={digits}, --config={digits}:tiny$",
+  ):
+    _parse(f"--config={digits}:nope", "--workdir=w")
+  with pytest.raises(ConfigError, match=r"t2i_chat.py has no variant 'x'"):
+    config_file("t2i_chat:x")
+  with pytest.raises(PathError, match=f"{tmp_path} is a folder"):
+    _parse(f"--config={tmp_path}", "--workdir=w")
+  with pytest.raises(ConfigError, match=r"^--config= names no file"):
+    _parse("--config=", "--workdir=w")
+
+
+@pytest.mark.parametrize(
+  "body, message",
+  [
+    ("x = 1\ndef get_config(:\n  pass\n", r"my_config.py, line 2: invalid syntax; fix the file"),
+    ("import no_such_module\n", r"my_config.py fails to run at line 1: ModuleNotFoundError"),
+    ("x = 1\n", r"my_config.py defines no get_config\(\)"),
+    (
+      "def get_config():\n  c = 1\n  return c.model\n",
+      r"my_config.py's get_config\(\) failed at line 3: AttributeError: 'int' object",
+    ),
+    ("def get_config():\n  pass\n", r"returned NoneType None, not a config; is its `return`"),
+    ("def get_config():\n  return [1]\n", r"returned list \[1\], not a config"),
+  ],
+)
+def test_a_config_file_that_fails_names_the_file_and_line(tmp_path, body, message):
+  path = _config_file(tmp_path, body)
+  with pytest.raises(ConfigError, match=message) as error:
+    _parse(f"--config={path}", "--workdir=w")
+  assert str(error.value).startswith(f"--config={path}: ") and "\n" not in str(error.value)
+
+
+def test_a_partial_config_file_is_read_but_a_field_it_leaves_out_is_not_set(tmp_path):
+  path = _config_file(tmp_path, "def get_config():\n  return {'train': {'num_steps': 7}}\n")
+  config = _parse(f"--config={path}", "--workdir=w", "--config.train.num_steps=5")["config"].value
+  assert complete(config).train.num_steps == 5 and complete(config).data == base().data
+  with pytest.raises(
+    ConfigError, match=r"data.name=text: data is a section of the config, but this config file's"
+  ):
+    _parse(f"--config={path}", "--workdir=w", "--config.data.name=text")
+
+
+def test_a_file_without_variants_refuses_one(tmp_path):
+  path = _config_file(
+    tmp_path, "from monoformer_jax.config import base\ndef get_config():\n  return base()\n"
+  )
+  with pytest.raises(
+    ConfigError, match=r"has no variants \(its get_config takes none\); drop ':tiny'"
+  ):
+    _parse(f"--config={path}:tiny", "--workdir=w")
+  assert complete(_parse(f"--config={path}", "--workdir=w")["config"].value) == base()
+
+
+def test_describe_does_not_repeat_a_cause_the_message_says():
+  try:
+    try:
+      raise ValueError("invalid literal for int(): 'abc'")
+    except ValueError as e:
+      raise ConfigError("flag --x=abc: invalid literal for int(): 'abc'") from e
+  except ConfigError as e:
+    assert cli.describe(e) == "error: flag --x=abc: invalid literal for int(): 'abc'"
+
+
+def test_an_entry_point_prints_one_line_and_exits_2_and_verbose_raises(capsys):
+  argv = ["prog", f"--config={CONFIGS_DIR / 'digits.py'}:nope", "--workdir=w"]
+  with pytest.raises(SystemExit) as exited:
+    cli._parse_flags_or_fail(argv, _flags(argv))
+  assert exited.value.code == 2
+  assert capsys.readouterr().err.splitlines() == [
+    f"error: {argv[1]}: {CONFIGS_DIR / 'digits.py'} has no variant 'nope'; pass one of "
+    f"--config={CONFIGS_DIR / 'digits.py'}, --config={CONFIGS_DIR / 'digits.py'}:tiny",
+    "(--verbose shows the traceback)",
+  ]
+  for verbose in ("--verbose", "-verbose=true"):
+    with pytest.raises(ConfigError, match="has no variant 'nope'"):
+      cli._parse_flags_or_fail([*argv, verbose], _flags([*argv, verbose]))

@@ -286,3 +286,34 @@ def test_hosts_and_resume():
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
   with pytest.raises(ValueError, match="not divisible by 3"):
     make_batches(config, TOK, process_count=3)
+
+
+def test_the_digits_folder_is_checked_before_anything_is_read(tmp_path, monkeypatch):
+  """MONOFORMER_DATA_DIR or data.dir naming a file or a place that cannot be
+  written is one line naming where it came from (was an OSError from
+  os.makedirs deep in the data pipeline); set but empty, the default folder."""
+  from monoformer_jax.checks import check_train_config
+  from monoformer_jax.errors import PathError
+
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  config = config_file("digits:tiny")
+  monkeypatch.setenv(digits.DATA_DIR_VARIABLE, str(afile))
+  with pytest.raises(
+    PathError,
+    match=r"^MONOFORMER_DATA_DIR='.*afile' is a file, not a folder; pass a folder for the "
+    r"digits' prepared copy",
+  ):
+    check_train_config(config)
+  monkeypatch.setenv(digits.DATA_DIR_VARIABLE, str(afile / "under"))
+  with pytest.raises(PathError, match=r"^MONOFORMER_DATA_DIR='.*under': cannot write .*Not a dir"):
+    check_train_config(config)
+  config.data.dir = str(afile)  # the config's folder comes first
+  with pytest.raises(PathError, match=r"^--config.data.dir='.*afile' is a file, not a folder"):
+    check_train_config(config)
+  assert afile.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+  config.data.dir = ""
+  monkeypatch.setenv(digits.DATA_DIR_VARIABLE, "")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  default = tmp_path / "home" / ".cache" / "monoformer_jax"
+  assert digits.cache_dir(config) == str(default) and default.is_dir()

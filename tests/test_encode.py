@@ -3,6 +3,7 @@ item lists (the imagenet and text_to_image sources') and the resumable, sharded
 VAE encoding into chunk files."""
 
 import json
+import logging
 import os
 import pathlib
 import threading
@@ -26,7 +27,13 @@ from monoformer_jax.data.encode import (
 from monoformer_jax.data.sources import imagenet as imagenet_source
 from monoformer_jax.data.sources.imagenet import imagenet_classes, imagenet_items
 from monoformer_jax.data.sources.text_to_image import journeydb_items
-from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
+from monoformer_jax.errors import (
+  ConfigError,
+  DoesNotFitError,
+  FileFormatError,
+  MissingPathError,
+  PathError,
+)
 from monoformer_jax.vae import load_vae
 from monoformer_jax.vision.images import load_image
 
@@ -377,7 +384,8 @@ def test_interrupted_build_resumes_only_missing_chunks(items, vae, encoded, tmp_
   os.remove(out / "chunk_000003.npz")
   loaded.clear()
   report = run()
-  assert sorted(loaded) == sorted(i.path for i in items[6:8])
+  # chunk 3's items, and the file chunk 4 skipped, tried again (still broken: chunk 4 is kept)
+  assert sorted(loaded) == sorted([i.path for i in items[6:8]] + [truncated(items)[0].path])
   assert (report.chunks_reused, report.chunks_written) == (5, 1)
 
   full = chunk_report(out)
@@ -393,6 +401,91 @@ def test_interrupted_build_resumes_only_missing_chunks(items, vae, encoded, tmp_
     atol=1e-6,
   )
   assert "mean_flip" not in examples[0]
+
+
+def test_a_split_with_no_readable_image_names_them_and_a_repaired_file_is_encoded(
+  vae, tmp_path, caplog
+):
+  """The issue's `prepare imagenet` where every file is broken: was TFDS's "No
+  examples were yielded" with the files unnamed; a rerun after a repair reused
+  the chunk that had skipped it."""
+  folder = tmp_path / "in" / "train" / "n01440764"
+  folder.mkdir(parents=True)
+  bad = [folder / f"bad{k}.JPEG" for k in range(3)]
+  for k, path in enumerate(bad):
+    path.write_bytes(b"not an image %d" % k)
+  args = imagenet_source.PrepareArgs(
+    input_dir=str(tmp_path / "in"),
+    vae=str(FIXTURE),
+    image_size=IMAGE_SIZE,
+    splits=("train", "vla"),  # a misspelt split is named in a warning
+    batch_size=2,
+    chunk_size=2,
+  )
+  out = tmp_path / "out"
+  listed = out / "_encoded" / "imagenet" / "train" / "skipped.tsv"
+  with pytest.raises(FileFormatError) as error:
+    imagenet_source.SOURCE.prepare(args, str(out))
+  message = str(error.value)
+  unread = "not an image file Pillow reads (UnidentifiedImageError)"
+  assert message.startswith(
+    f"imagenet/train: none of its 3 images could be read, e.g. {bad[0]} ({unread}), "
+    f"{bad[1]} ({unread}), {bad[2]} "
+  )
+  assert f"; all of them listed in {listed}; " in message and "\n" not in message
+  rows = [row.split("\t") for row in listed.read_text().splitlines()]
+  assert rows[0] == ["path", "reason"] and [r[0] for r in rows[1:]] == list(map(str, bad))
+  assert all(r[1] == unread for r in rows[1:])
+  assert not (out / "monoformer_imagenet").exists()  # no dataset, finished or not
+
+  Image.fromarray(noise(24, 20)).save(bad[1], format="JPEG")  # repaired: chunk 0 again
+  with caplog.at_level(logging.WARNING):
+    prepared = imagenet_source.SOURCE.prepare(args, str(out))
+  assert f"imagenet: no split folder ['vla'] under {tmp_path / 'in'}; preparing ['train'] only" in (
+    caplog.text
+  )
+  [line] = prepared.report()
+  assert line.startswith("imagenet/train: encoded 1 images in 2 chunks (1 reused); skipped 2: ")
+  assert line.endswith(f"; all of them listed in {listed}")
+  assert [row.split("\t")[0] for row in listed.read_text().splitlines()[1:]] == [
+    str(bad[0]),
+    str(bad[2]),
+  ]
+  [record] = list(prepared.splits["train"]())
+  assert record["key"] == "n01440764/bad1.JPEG" and record["label"] == 0
+  mean, std = direct_encoding(vae, reference_crop(Image.open(bad[1]), IMAGE_SIZE)[None])
+  np.testing.assert_allclose(record["mean"], mean[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(record["std"], std[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_too_large_for_the_devices_is_one_line_and_keeps_the_chunks(
+  items, vae, tmp_path, monkeypatch
+):
+  """An out-of-memory encoder (what --batch_size=4096 gives on a chip) was a raw
+  JaxRuntimeError traceback."""
+  make_encoder, calls = encode._make_encoder, []
+
+  def after_one_batch(vae, flip):
+    run, n_devices = make_encoder(vae, flip)
+
+    def encode_or_run_out(pixels_BxHxWx3):
+      calls.append(len(pixels_BxHxWx3))
+      if len(calls) > 1:
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes.")
+      return run(pixels_BxHxWx3)
+
+    return encode_or_run_out, n_devices
+
+  monkeypatch.setattr(encode, "_make_encoder", after_one_batch)
+  with pytest.raises(
+    DoesNotFitError,
+    match=r"^encoding 8 images of 16x16 at once does not fit the memory of 8 cpu devices; lower "
+    r"--batch_size \(now 8\) and run again: the 1 chunks written so far are kept$",
+  ):
+    encode_items(items, vae, tmp_path, image_size=IMAGE_SIZE, batch_size=8, chunk_size=4)
+  assert sorted(os.listdir(tmp_path)) == ["chunk_000000.npz", "encode_manifest.json"]
+  with np.load(tmp_path / "chunk_000000.npz") as chunk:
+    assert chunk["keys"].tolist() == [i.key for i in items[:4]] and len(chunk["mean"]) == 4
 
 
 def test_encode_items_refuses_a_folder_of_another_encoding(items, vae, encoded):

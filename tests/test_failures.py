@@ -357,6 +357,8 @@ def test_workdir_problems_are_found_before_training(tmp_path, monkeypatch):
   afile.write_text("x")
   with pytest.raises(PathError, match=r"--workdir='.*afile' is a file, not a folder"):
     train_and_evaluate(digits_config(), str(afile))
+  with pytest.raises(PathError, match=r"^--workdir is empty; pass a folder for the checkpoints"):
+    train_and_evaluate(digits_config(), "")
   import tempfile
 
   def read_only(*args, **kwargs):
@@ -434,6 +436,45 @@ def test_train_cli_prints_one_line_not_a_traceback(tmp_path):
     "--verbose",
   )
   assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_config_flag_errors_are_one_line_before_jax_starts(tmp_path):
+  """The issue's misspelt field (was a 57-line KeyError) and missing file (a
+  48-line OSError), through two entry points. JAX_PLATFORMS names no backend,
+  so a process that reached JAX's devices would fail otherwise."""
+  env = dict(os.environ, JAX_PLATFORMS="no_such_backend")
+  workdir = tmp_path / "w"
+  misspelt = subprocess.run(
+    [sys.executable, "-m", "monoformer_jax.train", TINY_CONFIG_FLAG, f"--workdir={workdir}"]
+    + ["--config.train.num_step=3"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=100,
+    env=env,
+  )
+  assert misspelt.returncode == 2, misspelt.stderr[-2000:]
+  assert misspelt.stderr.splitlines() == [
+    "error: train.num_step is not a config field (--config.train.num_step=3): did you mean "
+    "train.num_steps? (every field and its default: monoformer_jax/config/schema.py)",
+    "(--verbose shows the traceback)",
+  ]
+  missing = subprocess.run(
+    [sys.executable, "-m", "monoformer_jax.evaluate", "--checkpoint=x", "--config=configs/nope.py"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=100,
+    env=env,
+  )
+  assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 2, missing.stderr[-2000:]
+  assert (
+    missing.stderr.startswith("error: --config=configs/nope.py: there is no file configs/nope.py ")
+    and "configs/digits.py, configs/imagenet256.py" in missing.stderr
+  )
+  assert not workdir.exists()  # nothing made
 
 
 @pytest.fixture(scope="module")

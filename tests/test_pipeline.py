@@ -5,6 +5,7 @@ trained; chat and text prepared and packed with loss on the answers."""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from monoformer_jax.data import builders, pipeline
 from monoformer_jax.data.datasets import check_data, make_batches, source
 from monoformer_jax.data.sharded import host_stream
 from monoformer_jax.data.sources.imagenet import imagenet_classes
-from monoformer_jax.errors import ConfigError
+from monoformer_jax.errors import ConfigError, FileFormatError
 from monoformer_jax.layout import Example
 from monoformer_jax.text.tokenizer import load_tokenizer, tokenizer_of
 from monoformer_jax.train.loop import train_and_evaluate
@@ -103,6 +104,37 @@ def _records_both_ways(folder):
   ours = builders.data_source(folder)
   theirs = tfds.builder_from_directory(folder).as_data_source(split="train")
   return ours, theirs
+
+
+def test_a_split_with_no_record_is_one_error_and_no_dataset_and_data_dir_mistakes(tmp_path):
+  """Was TFDS's AssertionError "No examples were yielded" (a llava file whose
+  images are all missing); prepare.py adds the source's report to it."""
+  text = source("text")
+  splits = {"train": lambda: iter([{"key": "0", "text": "one"}]), "val": lambda: iter(())}
+  with pytest.raises(builders.NoRecords, match=r"^text/val: the input gave no record to write$"):
+    text.write(str(tmp_path), splits)
+  folder = builders.prepared_dir(str(tmp_path), "text")
+  assert not os.path.exists(folder) and not list(tmp_path.rglob("dataset_info.json"))
+  text.write(str(tmp_path), {"train": splits["train"]})  # the same folder, once there is a record
+  assert [r["text"] for r in builders.data_source(folder, "train")] == [b"one"]
+  # a damaged prepared folder: named when it is opened, not mid-run in a worker
+  for damage, message in (
+    ("dataset_info.json", r"its dataset_info.json cannot be read \(ParseError"),
+    ("text-train.array_record", r"its train records cannot be read .* a shard is missing"),
+  ):
+    broken = tmp_path / f"broken_{damage}"
+    shutil.copytree(folder, broken)
+    [target] = [p for p in broken.iterdir() if damage in p.name]
+    target.write_text("{")
+    with pytest.raises(FileFormatError, match=f"^data.dir='{broken}': {message}.*prepare it again"):
+      builders.data_source(str(broken), "train", kind="text")
+  # data.dir given the --output_dir, or a file: named, with the folder to pass
+  with pytest.raises(
+    ConfigError, match=f"is the --output_dir the dataset was prepared into; .*data.dir={folder}$"
+  ):
+    builders.check_prepared("data.dir", str(tmp_path), "text")
+  with pytest.raises(ConfigError, match=r"data.dirs.text='.*info.json' is a file; pass the folder"):
+    builders.check_prepared("data.dirs.text", os.path.join(folder, "dataset_info.json"), "text")
 
 
 @pytest.mark.parametrize("layout", ["ours", "float_lists", "ragged"])
@@ -222,32 +254,38 @@ def prepared_imagenet(tmp_path_factory):
     "--chunk_size=4",
   )
   assert run.returncode == 0, run.stderr[-4000:]
-  return out, run.stderr
+  return out, run.stderr, root
 
 
 @pytest.mark.slow
 def test_imagenet_is_prepared_with_odd_files_converted_and_the_broken_one_named(prepared_imagenet):
-  out, log = prepared_imagenet
+  out, log, root = prepared_imagenet
   folder = builders.prepared_dir(str(out), "imagenet")
   records = builders.data_source(folder, "train", kind="imagenet")
   assert len(records) == 3 * 3 + 3  # cmyk, gray and png converted
   assert "skipped 1" in log and "cut.JPEG" in log
+  listed = out / "_encoded" / "imagenet" / "train" / "skipped.tsv"
+  assert f"all of them listed in {listed}" in log
+  [header, row] = listed.read_text().splitlines()
+  assert header == "path\treason" and row.split("\t")[0].endswith(f"{WNIDS[0]}/cut.JPEG")
   labels = sorted(int(records[i]["label"]) for i in range(len(records)))
   index = {w: i for i, (w, _) in enumerate(imagenet_classes())}
   assert labels == sorted([index[WNIDS[0]]] * 6 + [index[WNIDS[1]]] * 3 + [index[WNIDS[2]]] * 3)
   r = records[0]
   assert np.asarray(r["mean"]).shape == (8, 8, 4) and np.asarray(r["std"]).min() > 0
   assert "mean_flip" in r
-  # Preparing again into the same folder refuses to overwrite.
+  # Preparing again into the same folder refuses to overwrite, before reading anything.
   again = _prepare(
-    "imagenet", f"--input_dir={out}", f"--output_dir={out}", f"--vae={TINY_VAE}", "--image_size=16"
+    "imagenet", f"--input_dir={root}", f"--output_dir={out}", f"--vae={TINY_VAE}", "--image_size=16"
   )
-  assert again.returncode == 2
+  assert again.returncode == 2 and "images to encode" not in again.stderr
+  assert f"error: {folder} already holds a prepared imagenet dataset" in again.stderr
+  assert len(records) == len(builders.data_source(folder, "train", kind="imagenet"))
 
 
 @pytest.mark.slow
 def test_imagenet_trains_from_the_prepared_records(prepared_imagenet, tmp_path, one_device):
-  out, _ = prepared_imagenet
+  out, _, _ = prepared_imagenet
   config = config_file("imagenet256:tiny")
   config.data.dir = builders.prepared_dir(str(out), "imagenet")
   config.mesh.update(data=1, fsdp=-1)

@@ -366,12 +366,33 @@ def _section_values(name: str, given, where: str) -> dict[str, Any]:
 def _unknown(given: Mapping, known: list[str], prefix: str, where: str):
   for key in given:
     if key not in known:
-      close = difflib.get_close_matches(key, known, n=1)
-      hint = f"did you mean {prefix}{close[0]}?" if close else f"the fields are {known}"
-      raise ConfigError(
-        f"{prefix}{key} is not a config field ({where}): {hint} (every "
-        "field and its default: monoformer_jax/config/schema.py)"
-      )
+      raise not_a_field(f"{prefix}{key}", known, where)
+
+
+def field_paths() -> list[str]:
+  """Every field's dotted name ("seed", "train.num_steps", ...)."""
+  return list(TOP_LEVEL) + [
+    f"{name}.{f.name}" for name, section in SECTIONS.items() for f in dataclasses.fields(section)
+  ]
+
+
+def not_a_field(path: str, known: list[str], where: str) -> ConfigError:
+  """The error for the dotted `path`, whose last name is not among `known` (the
+  names beside it): it names the nearest of those, else the fields of that name
+  in other sections (`num_steps` -> train.num_steps, sample.num_steps, ...)."""
+  prefix, _, key = path.rpartition(".")
+  close = difflib.get_close_matches(key, known, n=1)
+  elsewhere = [p for p in field_paths() if p.rpartition(".")[2] == key]
+  if close:
+    hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+  elif elsewhere:
+    hint = f"did you mean {' or '.join(elsewhere)}?"
+  else:
+    hint = f"the fields there are {sorted(known)}"
+  return ConfigError(
+    f"{path} is not a config field ({where}): {hint} (every "
+    "field and its default: monoformer_jax/config/schema.py)"
+  )
 
 
 def _checked(name: str, value, f: dataclasses.Field):

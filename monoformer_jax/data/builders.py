@@ -21,12 +21,17 @@ import os
 
 import numpy as np
 
-from monoformer_jax.errors import ConfigError, MissingPathError, PathError
+from monoformer_jax.config import fields
+from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
 
 VERSION = "1.0.0"
 
 
 Splits = dict  # split name -> a function returning that split's records (dicts)
+
+
+class NoRecords(FileFormatError):
+  """A split whose input gave no record: nothing is written (TFDS leaves no dataset)."""
 
 
 def _builder(kind: str, output_dir: str, splits: Splits, features, description: str):
@@ -43,11 +48,14 @@ def _builder(kind: str, output_dir: str, splits: Splits, features, description: 
       return tfds.core.DatasetInfo(builder=self, description=description, features=features)
 
     def _split_generators(self, dl_manager):
-      return {split: self._generate_examples(records) for split, records in splits.items()}
+      return {split: self._generate_examples(split, records) for split, records in splits.items()}
 
-    def _generate_examples(self, records):
-      for i, record in enumerate(records()):
-        yield str(record.get("key", i)), {k: v for k, v in record.items() if k in names}
+    def _generate_examples(self, split, records):
+      count = 0
+      for count, record in enumerate(records(), 1):
+        yield str(record.get("key", count - 1)), {k: v for k, v in record.items() if k in names}
+      if not count:  # raised here, TFDS would only say "No examples were yielded"
+        raise NoRecords(f"{kind}/{split}: the input gave no record to write")
 
   return MonoformerData(data_dir=output_dir, file_format="array_record")
 
@@ -73,12 +81,7 @@ def write(
   error, never overwritten."""
   import tensorflow_datasets as tfds
 
-  folder = prepared_dir(output_dir, name)
-  if os.path.exists(os.path.join(folder, "dataset_info.json")):
-    raise PathError(
-      f"{folder} already holds a prepared {name} dataset; pass another "
-      "--output_dir or remove it to prepare again"
-    )
+  folder = check_not_prepared(output_dir, name)
   _builder(
     name, output_dir, splits, tfds.features.FeaturesDict(features), description or name
   ).download_and_prepare()
@@ -86,6 +89,18 @@ def write(
     for shard in sorted(os.listdir(folder)):
       if ".array_record-" in shard:
         _store_uncompressed(os.path.join(folder, shard))
+  return folder
+
+
+def check_not_prepared(output_dir: str, name: str) -> str:
+  """The folder `write` would write `name` into, refused when it holds a
+  prepared dataset already (checked before the input is read, and again by `write`)."""
+  folder = prepared_dir(output_dir, name)
+  if os.path.exists(os.path.join(folder, "dataset_info.json")):
+    raise PathError(
+      f"{folder} already holds a prepared {name} dataset; pass another "
+      "--output_dir or remove it to prepare again"
+    )
   return folder
 
 
@@ -120,26 +135,46 @@ def data_source(directory: str, split: str = "train", *, kind: str | None = None
 
   directory = os.fspath(directory)
   info = os.path.join(directory, "dataset_info.json")
+  hint = (
+    f"python -m monoformer_jax.data.prepare {kind} --input_dir=... "
+    f"--output_dir=DIR, then data.dir=DIR/monoformer_{kind}/{VERSION}"
+    if kind
+    else "python -m monoformer_jax.data.prepare"
+  )
   if not os.path.exists(info):
-    hint = (
-      f"python -m monoformer_jax.data.prepare {kind} --input_dir=... "
-      f"--output_dir=DIR, then data.dir=DIR/monoformer_{kind}/{VERSION}"
-      if kind
-      else "python -m monoformer_jax.data.prepare"
-    )
     raise MissingPathError(
       f"data.dir={directory!r} holds no prepared dataset (no "
       f"dataset_info.json); prepare one first: {hint}"
     )
-  builder = tfds.builder_from_directory(directory)
+  again = f"prepare it again: {hint}"
+  try:
+    builder = tfds.builder_from_directory(directory)
+  except Exception as e:  # TFDS raises ParseError, KeyError, OSError... for a damaged folder
+    raise FileFormatError(
+      f"data.dir={directory!r}: its dataset_info.json cannot be read "
+      f"({type(e).__name__}: {_first_line(e)}); {again}"
+    ) from e
   if split not in builder.info.splits:
     raise ConfigError(
       f"data.split={split!r}: {directory} has the splits {sorted(builder.info.splits)}"
     )
-  raw = builder.as_data_source(
-    split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
-  )
+  try:
+    raw = builder.as_data_source(
+      split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+    )
+    for probe in {0, len(raw) - 1} if len(raw) else ():  # the first and the last shard
+      raw[probe]
+  except Exception as e:  # a shard missing or cut short: here, not in a worker mid-run
+    raise FileFormatError(
+      f"data.dir={directory!r}: its {split} records cannot be read "
+      f"({type(e).__name__}: {_first_line(e)}); a shard is missing or damaged; {again}"
+    ) from e
   return Records(raw, builder.info.features)
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else ""
 
 
 def check_prepared(field: str, directory: str, name: str):
@@ -151,13 +186,25 @@ def check_prepared(field: str, directory: str, name: str):
       f"{field} is empty: point it at the {name} dataset prepared by "
       f"`python -m monoformer_jax.data.prepare {name}`"
     )
-  if "://" not in directory and not os.path.exists(os.path.join(directory, "dataset_info.json")):
+  if "://" in directory or os.path.exists(os.path.join(directory, "dataset_info.json")):
+    return
+  inside = prepared_dir(directory, name)
+  if os.path.exists(os.path.join(inside, "dataset_info.json")):
     raise ConfigError(
-      f"{field}={directory!r} is not a prepared dataset (no "
-      f"dataset_info.json): prepare it with `python -m "
-      f"monoformer_jax.data.prepare {name} --output_dir=OUT` and pass "
-      f"OUT/monoformer_{name}/{VERSION}"
+      f"{field}={directory!r} is the --output_dir the dataset was prepared into; "
+      f"pass the dataset's own folder: {fields.flag_of(field)}={inside}"
     )
+  if os.path.isfile(directory):
+    raise ConfigError(
+      f"{field}={directory!r} is a file; pass the folder of the {name} dataset prepared by "
+      f"`python -m monoformer_jax.data.prepare {name}` (OUT/monoformer_{name}/{VERSION})"
+    )
+  raise ConfigError(
+    f"{field}={directory!r} is not a prepared dataset (no "
+    f"dataset_info.json): prepare it with `python -m "
+    f"monoformer_jax.data.prepare {name} --output_dir=OUT` and pass "
+    f"OUT/monoformer_{name}/{VERSION}"
+  )
 
 
 class Records:
@@ -201,6 +248,9 @@ class Records:
 
   def __len__(self) -> int:
     return len(self.raw)
+
+  def __iter__(self):  # array_record ends with ValueError, not the IndexError `for` needs
+    return (self[i] for i in range(len(self)))
 
   def _decode(self, serialized: bytes) -> dict:
     if self._fields is None:

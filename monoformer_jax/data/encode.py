@@ -44,6 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -51,7 +52,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from monoformer_jax.config.fields import integer
-from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
+from monoformer_jax.errors import (
+  ConfigError,
+  DoesNotFitError,
+  FileFormatError,
+  MissingPathError,
+  PathError,
+)
 from monoformer_jax.vision.images import UnreadableImage, checked_resize, load_image
 
 MANIFEST = "encode_manifest.json"
@@ -121,15 +128,19 @@ class EncodeReport:
   chunks_reused: int = 0  # there from an earlier run
   missing_chunks: list = dataclasses.field(default_factory=list)  # chunk_report: not written
 
-  def summary(self) -> str:
+  def summary(self, listed: str | None = None) -> str:
+    """One line; `listed`: the file that lists every skipped and missing image
+    (`write_skipped`), named when there are any."""
     chunks = self.chunks_written + self.chunks_reused
     text = (
       f"encoded {self.encoded} images in {chunks} chunks ({self.chunks_reused} reused); "
       f"skipped {len(self.skipped)}"
     )
-    text += _names(f"{path} ({reason})" for path, reason in self.skipped)
+    text += _names(f"{path} ({_reason(path, reason)})" for path, reason in self.skipped)
     if self.missing:
       text += f"; missing {len(self.missing)}" + _names(self.missing)
+    if listed and (self.skipped or self.missing):
+      text += f"; all of them listed in {listed}"
     if self.missing_chunks:
       text += (
         f"; {len(self.missing_chunks)} chunks not written yet: "
@@ -141,6 +152,46 @@ class EncodeReport:
         )
       )
     return text
+
+  def nothing_encoded(self, what: str, listed: str | None) -> FileFormatError:
+    """The error for an encoding of `what` ("imagenet/train") that holds no image."""
+    total = len(self.skipped) + len(self.missing)
+    if not total:
+      return FileFormatError(f"{what}: there are no images to encode; check the input")
+    shown = [f"{p} ({_reason(p, r)})" for p, r in self.skipped[:3]]
+    shown += [f"{p} (not there)" for p in self.missing[: 3 - len(shown)]]
+    return FileFormatError(
+      f"{what}: none of its {total} images could be read"
+      + (
+        f" ({len(self.skipped)} unreadable, {len(self.missing)} not there)" if self.missing else ""
+      )
+      + f", e.g. {', '.join(shown)}"
+      + (f"; all of them listed in {listed}" if listed else "")
+      + "; fix or replace the files and run again (chunks are encoded again "
+      "once their skipped files can be read)"
+    )
+
+
+def _reason(path: str, reason: str) -> str:
+  """`reason` without the path that PIL's messages repeat."""
+  return " ".join(reason.replace(f"'{path}'", "").replace(path, "").split()) or reason
+
+
+SKIPPED_LIST = "skipped.tsv"
+
+
+def write_skipped(output_dir, report: EncodeReport) -> None:
+  """Writes every skipped image (path, tab, reason) and every missing one
+  (path, tab, "not there") of `report` to output_dir/skipped.tsv, under a
+  header line; removes an older list when nothing was skipped."""
+  path = os.path.join(os.fspath(output_dir), SKIPPED_LIST)
+  rows = [(p, r) for p, r in report.skipped] + [(p, "not there") for p in report.missing]
+  if not rows:
+    if os.path.exists(path):
+      os.remove(path)
+    return
+  text = "".join(f"{p}\t{' '.join(str(r).split())}\n" for p, r in rows)
+  _atomic_write(path, lambda file: file.write(("path\treason\n" + text).encode()))
 
 
 def _names(names: Iterable[str]) -> str:
@@ -450,7 +501,7 @@ def encode_items(
   todo = []
   for k in mine:
     path = chunk_path(output_dir, k)
-    if os.path.exists(path):
+    if os.path.exists(path) and not _readable_now(path):
       _count_into(report, path)
       report.chunks_reused += 1
     else:
@@ -508,10 +559,37 @@ def encode_items(
       report.encoded += len(good)
       report.skipped.extend(skipped)
       report.chunks_written += 1
+  except jax.errors.JaxRuntimeError as error:
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    raise DoesNotFitError(
+      f"encoding {batch} images of {image_size}x{image_size} at once does not fit the "
+      f"memory of {n_devices} {jax.default_backend()} devices; lower --batch_size (now "
+      f"{batch_size}) and run again: the {report.chunks_written} chunks written so far are kept"
+    ) from error
   finally:
     loaded.close()
     bar.close()
   return report
+
+
+def _readable_now(path: str) -> list[str]:
+  """The images chunk `path` skipped that can be read now (fixed or replaced
+  since): such a chunk is encoded again, so a rerun after the files are
+  repaired never keeps them out."""
+  skipped = _load_chunk(path, ("skipped",))["skipped"].tolist()
+  readable = []
+  for image in skipped:
+    try:
+      load_image(image, orient=False)
+    except UnreadableImage:
+      continue
+    readable.append(image)
+  if readable:
+    logging.info(
+      "%s: %d images skipped before can be read now; encoding it again", path, len(readable)
+    )
+  return readable
 
 
 def _dispatch(encode, pixels: list[np.ndarray], batch: int):

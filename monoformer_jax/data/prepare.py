@@ -20,8 +20,10 @@ hold. Images are center-cropped as ADM/DiT do, then
 encoded by the SD-VAE on every local device (each host of a pod its share:
 run the same command on every host with --jax_distributed), in resumable
 chunks under OUT/_encoded/: an interrupted run started again encodes only
-what is missing. Files that cannot be read are skipped and listed at the
-end, never fatal. The result is OUT/monoformer_NAME/1.0.0, array_record read
+what is missing. Files that cannot be read are skipped, counted in the
+summary and listed with their reasons in OUT/_encoded/NAME/SPLIT/skipped.tsv;
+only a split of which no file could be read (or an input that gives no
+record) stops the preparation, and nothing is written then. The result is OUT/monoformer_NAME/1.0.0, array_record read
 without TensorFlow; train with `--config.data.dir=OUT/monoformer_NAME/1.0.0`.
 """
 
@@ -73,6 +75,7 @@ def main(argv):
   if not _OUTPUT.value:
     raise app.UsageError("--output_dir is required")
   output_dir = writable_dir(_OUTPUT.value, "prepared dataset", "--output_dir")
+  builders.check_not_prepared(output_dir, source.name)  # before hours of reading
   if source.needs_input:
     if not _INPUT.value:
       raise app.UsageError(f"{source.name} needs --input_dir")
@@ -90,13 +93,16 @@ def main(argv):
   )
   prepared = source.prepare(args, output_dir)  # every host: the encoders' shares
   if jax.process_index() == 0:
-    folder = source.write(
-      output_dir,
-      prepared.splits,
-      latent_shape=prepared.latent_shape,
-      flip=prepared.flip,
-      description=prepared.description or f"prepared by monoformer_jax from {_INPUT.value}",
-    )
+    try:
+      folder = source.write(
+        output_dir,
+        prepared.splits,
+        latent_shape=prepared.latent_shape,
+        flip=prepared.flip,
+        description=prepared.description or f"prepared by monoformer_jax from {_INPUT.value}",
+      )
+    except builders.NoRecords as e:  # the source's report says why (what it skipped)
+      raise builders.NoRecords("; ".join([str(e), *prepared.report()])) from e
     counts = {
       split["name"]: sum(int(n) for n in split["shardLengths"])
       for split in builders.dataset_info(folder)["splits"]

@@ -41,12 +41,14 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+from absl import logging
 
 from monoformer_jax.config.fields import real
 from monoformer_jax.data import builders, pipeline, prompts
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.layout import Example
+from monoformer_jax.paths import writable_dir
 from monoformer_jax.vision.pixels import from_unit_range
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -125,7 +127,8 @@ class Digits(DataSource):
     )
 
   def check(self, config):
-    """Nothing to check: the digits are prepared on first use (`digits_dir`)."""
+    """The folder the digits are prepared into on first use (`cache_dir`)."""
+    cache_dir(config)
 
   def examples(self, config, tokenizer, seed: int, directory: str | None = None):
     return digits_example_stream(config, tokenizer, seed, directory)
@@ -205,6 +208,7 @@ def digits_dir(cache_dir: str) -> str:
     return folder
   with _locked(os.path.join(cache_dir, ".digits.lock")):
     if not os.path.exists(os.path.join(folder, "dataset_info.json")):
+      logging.info("preparing the digits into %s (once)", folder)
       prepared = SOURCE.prepare(PrepareArgs(), cache_dir)
       SOURCE.write(cache_dir, prepared.splits, description=prepared.description)
   return folder
@@ -260,15 +264,27 @@ def number_sentence(rng: np.random.Generator) -> str:
   return f"{w[a]} is an {'even' if a % 2 == 0 else 'odd'} number."
 
 
+DATA_DIR_VARIABLE = "MONOFORMER_DATA_DIR"
+
+
 def cache_dir(config, directory: str | None = None) -> str:
   """Where the digits' TFDS copy lives: `directory`, data.dir, else
-  $MONOFORMER_DATA_DIR, else ~/.cache/monoformer_jax."""
-  return (
-    directory
-    or config.data.dir
-    or os.environ.get("MONOFORMER_DATA_DIR")
-    or os.path.join(os.path.expanduser("~"), ".cache", "monoformer_jax")
+  $MONOFORMER_DATA_DIR (set but empty counts as unset), else
+  ~/.cache/monoformer_jax. Until the copy is there the folder must be one that
+  is (or can be made) and can be written to; a PathError names it and where it
+  came from otherwise."""
+  given = (
+    (directory, "the digits' folder"),
+    (config.data.dir, "--config.data.dir"),
+    (os.environ.get(DATA_DIR_VARIABLE), DATA_DIR_VARIABLE),
   )
+  folder, origin = next(
+    ((value, origin) for value, origin in given if value),
+    (os.path.join(os.path.expanduser("~"), ".cache", "monoformer_jax"), "the data folder"),
+  )
+  if os.path.exists(os.path.join(builders.prepared_dir(folder, "digits"), "dataset_info.json")):
+    return folder
+  return writable_dir(folder, "digits' prepared copy", origin)
 
 
 def digits_example_stream(

@@ -18,6 +18,7 @@ import functools
 import os
 from collections.abc import Sequence
 
+from absl import logging
 from tqdm import tqdm
 
 from monoformer_jax.data import pipeline, prompts
@@ -59,6 +60,11 @@ class ImageNet(DataSource):
         f"--input_dir={args.input_dir!r} has none of the split folders "
         f"{list(args.splits)}; expected {args.input_dir}/train/<wnid>/"
         f"*.JPEG or the tars {TRAIN_ARCHIVE} / {VAL_ARCHIVE}"
+      )
+    absent = [s for s in args.splits if s not in present]
+    if absent:  # a misspelt --splits would otherwise be dropped without a word
+      logging.warning(
+        "imagenet: no split folder %s under %s; preparing %s only", absent, source, present
       )
     items = {s: imagenet_items(source, s) for s in present}
     return latents.encode_splits(self.name, items, vae, args, output_dir)

@@ -67,7 +67,7 @@ def encode_splits(
   for split, split_items in items.items():
     work = os.path.join(output_dir, "_encoded", name, split)
     logging.info("%s/%s: %d images to encode into %s", name, split, len(split_items), work)
-    encode.encode_items(
+    mine = encode.encode_items(
       split_items,
       vae,
       work,
@@ -80,13 +80,19 @@ def encode_splits(
       from jax.experimental import multihost_utils
 
       multihost_utils.sync_global_devices(f"encoded {name}/{split}")
-    lines.append(f"{name}/{split}: {encode.chunk_report(work).summary()}")
-    gone = (missing or {}).get(split)
-    if gone:
-      lines.append(
-        f"{name}/{split}: {len(gone)} annotated images are missing under "
-        f"--input_dir and were skipped, e.g. {gone[:5]}"
-      )
+    report = encode.chunk_report(work)  # every host's chunks
+    # Of those, the ones there before this run (this host's, on several hosts).
+    report.chunks_reused, report.chunks_written = (
+      mine.chunks_reused,
+      report.chunks_written - mine.chunks_reused,
+    )
+    report.missing = list((missing or {}).get(split, ()))  # annotated, not under --input_dir
+    listed = os.path.join(work, encode.SKIPPED_LIST)
+    if jax.process_index() == 0:
+      encode.write_skipped(work, report)
+    if report.encoded == 0:  # TFDS would only say "No examples were yielded"
+      raise report.nothing_encoded(f"{name}/{split}", listed)
+    lines.append(f"{name}/{split}: {report.summary(listed)}")
     splits[split] = lambda work=work: encode.read_chunks(work)
   factor = vae.config.downsample_factor
   shape = (size // factor, size // factor, vae.config.latent_channels)
