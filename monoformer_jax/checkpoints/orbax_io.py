@@ -15,11 +15,14 @@ Each step holds up to three items:
 names a checkpoint: a training workdir (its latest step), its `checkpoints/`
 folder, one step folder `.../checkpoints/800`, or a `save_model` folder.
 
-Nothing is lost quietly: a save is logged when Orbax has committed it, a
-save that cannot fit on the disk or fails stops the run naming the path and
-the bytes (earlier steps stay), a resumed run falls back from an unreadable
-step to the newest readable one (moving the broken one aside, not deleting
-it), and weights are loaded only into the model they were saved for, finite.
+Nothing is lost quietly: a step counts once Orbax has committed it (logged
+then; a save never committed, killed or failed, is removed and never named),
+a save that cannot fit on the disk or fails stops the run naming the path,
+the bytes and the committed steps (which stay whole), a resumed run falls
+back from an unreadable step (or one whose data state is not one) to the
+newest readable one (moving the broken one aside, not deleting it), a step
+folder holding another step's state is refused, and weights are loaded only
+into the model they were saved for, finite.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import logging as std_logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -53,12 +57,16 @@ def _manager(
 ) -> ocp.CheckpointManager:
   """The one CheckpointManager set-up: every item a checkpoint may hold is
   named (so Orbax does not warn about the ones a reader skips); readers pass
-  create=False and never make folders."""
+  create=False and never make folders, writers remove what a save that never
+  committed left (before their first save)."""
   directory = os.fspath(directory)
   return ocp.CheckpointManager(
     directory if "://" in directory else os.path.abspath(directory),
     options=ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=create, enable_async_checkpointing=asynchronous
+      max_to_keep=keep,
+      create=create,
+      cleanup_tmp_directories=create,
+      enable_async_checkpointing=asynchronous,
     ),
     item_handlers=dict(
       state=ocp.PyTreeCheckpointHandler(),
@@ -129,6 +137,15 @@ def _first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {first}"[:300]
 
 
+def _save_failure(error: BaseException) -> str:
+  """Why a save failed: the system's reason where TensorStore gives one (at
+  the end of a message that a first line would cut off), else the gist."""
+  code = re.search(r"os_error_code='?(\d+)", str(error))
+  if code is None:
+    return _first_line(error)
+  return f"{os.strerror(int(code.group(1)))} [errno {code.group(1)}] writing its files"
+
+
 # What a failed Orbax restore leaves behind: its TensorStore reads keep failing
 # in background threads after the restore has raised, each printing a
 # traceback (~3000 lines for a tiny model). Once we have reported the failure
@@ -165,8 +182,28 @@ def _free_bytes(directory: str) -> int | None:
 # ------------------------------------------------------------------ training
 
 
+def _uncommitted(directory: str) -> list[str]:
+  """The folders in `directory` of saves that never committed (Orbax writes a
+  step to `N.orbax-checkpoint-tmp` and renames it to `N` when it is whole);
+  on a local disk, where such a folder can be seen."""
+  if "://" in directory or not os.path.isdir(directory):
+    return []
+  return sorted(
+    os.path.join(directory, name)
+    for name in os.listdir(directory)
+    if ocp.path.step.TMP_DIR_SUFFIX in name
+  )
+
+
 class TrainCheckpointer:
-  """A training run's checkpoints: state, data position and config per step."""
+  """A training run's checkpoints: state, data position and config per step.
+
+  A step counts once Orbax has committed it (its folder renamed from
+  `N.orbax-checkpoint-tmp` to `N`): `steps()`, the logs and every message
+  name committed steps only. What a killed or failed save left is removed
+  when the checkpointer opens, naming it. A save waits for the one in
+  flight first, so its failure is known before another starts. `close()`
+  (or leaving a `with` block) waits for the last one."""
 
   def __init__(self, directory: str, *, keep: int, save_every: int):
     if keep < 1:
@@ -176,13 +213,25 @@ class TrainCheckpointer:
       )
     self.directory = os.fspath(directory)
     self.save_every = save_every
+    for path in _uncommitted(self.directory) if jax.process_index() == 0 else ():
+      logging.warning("removing %s: a save that never committed (killed or failed)", path)
+    # The manager removes them (on any file system) before its first save.
     self.manager = _manager(self.directory, create=True, keep=keep, asynchronous=True)
-    self._pending: list[tuple[int, float, int]] = []  # (step, start time, bytes)
+    self._pending: tuple[int, float, int] | None = None  # (step, start time, bytes)
+    self._failure: PathError | None = None  # a failed save not yet raised
+    self._ours: set[int] = set()  # steps this run restored or committed: same content
+    self._closed = False
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, traceback):
+    self.close(error)
 
   def steps(self) -> list[int]:
+    """The committed steps, after the save in flight has ended (a failure
+    found on the way is raised by the next save, poll, wait or close)."""
+    self._settle()
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, data_state: dict, config, *, force: bool = False) -> bool:
@@ -190,8 +239,16 @@ class TrainCheckpointer:
     whether it did. `poll()` and `wait()` log the step once it is committed."""
     if not force and step % self.save_every:
       return False
+    self._settle()
+    self._raise_failure()
     if step in self.manager.all_steps():
-      return False
+      if step in self._ours:
+        return False
+      raise CheckpointError(
+        f"cannot save step {step}: the folder {self.directory}/{step} already holds a "
+        "checkpoint this run did not write (copied in while it ran?); move it out of "
+        f"{self.directory} and resume"
+      )
     needed = _state_bytes(state)
     free = _free_bytes(self.directory)
     if free is not None and free < needed:
@@ -206,56 +263,113 @@ class TrainCheckpointer:
         ),
         force=True,
       )
-    except Exception as e:  # the previous async save's failure surfaces here too
-      raise self._failed(step, needed, _first_line(e)) from e
+    except Exception as e:
+      self._discard(step)
+      raise self._failed(step, needed, _save_failure(e)) from e
     if started:
-      self._pending.append((step, time.perf_counter(), needed))
+      self._pending = (step, time.perf_counter(), needed)
     return started
 
+  def _settle(self) -> list[int]:
+    """Waits for the save in flight; logs (and returns) its step once it is
+    committed, or keeps its failure for `_raise_failure`. Afterwards the
+    manager's steps are the committed ones on disk (also any copied in)."""
+    pending, self._pending = self._pending, None
+    error = None
+    if pending is not None:
+      try:
+        self.manager.wait_until_finished()
+        self.manager.check_for_errors()
+      except Exception as e:
+        error = e
+    # When a save began Orbax dropped the steps its retention would delete
+    # from its list; after a failure they are still on disk.
+    self.manager.reload()
+    if pending is None:
+      return []
+    step, start, needed = pending
+    if error is None and step not in self.manager.all_steps():
+      error = RuntimeError("Orbax reported no error, yet the step folder is not there")
+    if error is not None:
+      self._discard(step)
+      self._failure = self._failed(step, needed, _save_failure(error))
+      self._failure.__cause__ = error
+      return []
+    self._ours.add(step)
+    logging.info(
+      "checkpoint step %d saved to %s (%.1f MB, committed within %.1f s)",
+      step,
+      self.directory,
+      needed / 1e6,
+      time.perf_counter() - start,
+    )
+    return [step]
+
+  def _raise_failure(self):
+    if self._failure is not None:
+      failure, self._failure = self._failure, None
+      raise failure
+
+  def _discard(self, step: int):
+    """Removes what a failed save of `step` wrote: it never committed."""
+    if jax.process_index() == 0:
+      for path in _uncommitted(self.directory):
+        if os.path.basename(path).split(".")[0] == str(step):
+          shutil.rmtree(path, ignore_errors=True)
+
   def _failed(self, step: int, needed: int, why: str) -> PathError:
-    kept = [s for s in self.manager.all_steps() if s != step]
+    kept = sorted(self.manager.all_steps())
     return PathError(
       f"could not save step {step} to {self.directory}: {why}; a checkpoint needs about "
-      f"{needed:,} bytes. The steps already there {sorted(kept)} are intact. Free space "
-      "there (or lower train.keep_checkpoints), or resume with --workdir on a larger "
-      "disk after copying the checkpoints folder"
+      f"{needed:,} bytes. "
+      + (
+        f"The committed steps there, {kept}, are intact and resumable. "
+        if kept
+        else "No step is committed there yet. "
+      )
+      + "Free space there (or lower train.keep_checkpoints), or resume with --workdir on a "
+      "larger disk after copying the checkpoints folder"
     )
 
   def poll(self, *, wait: bool = False) -> list[int]:
-    """Logs (and returns) the steps whose save has been committed since the
+    """Logs (and returns) the step whose save has been committed since the
     last call; with `wait`, first waits for the save in flight. Raises the
-    failure of an asynchronous save."""
-    if not self._pending:
-      return []
-    try:
-      if wait:
-        self.manager.wait_until_finished()
-      elif self.manager.is_saving_in_progress():
-        return []
-      self.manager.check_for_errors()
-    except Exception as e:
-      step, _, needed = self._pending[-1]
-      raise self._failed(step, needed, _first_line(e)) from e
-    done, self._pending = self._pending, []
-    for step, start, needed in done:
-      logging.info(
-        "checkpoint step %d saved to %s (%.1f MB, committed within %.1f s)",
-        step,
-        self.directory,
-        needed / 1e6,
-        time.perf_counter() - start,
-      )
-    return [step for step, _, _ in done]
+    failure of a save."""
+    done = []
+    if self._pending is not None and (wait or not self.manager.is_saving_in_progress()):
+      done = self._settle()
+    self._raise_failure()
+    return done
 
   def wait(self):
     self.poll(wait=True)
 
-  def restore_latest(self, abstract_state, shardings, config):
+  def close(self, error: BaseException | None = None):
+    """Waits for the save in flight, logs it once committed and closes; safe
+    to call again. A failed save raises its PathError, unless `error` (what
+    the caller is already raising, e.g. from a `finally`) is given: then the
+    failure is logged and `error` goes on."""
+    if self._closed:
+      return
+    self._closed = True
+    self._settle()
+    try:
+      self.manager.close()
+    except Exception as e:  # a failure _settle has already kept
+      logging.debug("closing the checkpoint manager: %s", _first_line(e))
+    if self._failure is not None and error is not None:
+      logging.error("%s", self._failure)
+      self._failure = None
+    self._raise_failure()
+
+  def restore_latest(self, abstract_state, shardings, config, read_data):
     """(step, state in `shardings`, the data state of every process) of the newest
-    readable checkpoint, or None when there is none. An unreadable step is
-    reported, moved aside to `<directory>_unreadable/` (so a new save can take
-    its number) and the one before it tried; a checkpoint of another model is
-    an error, not a fallback."""
+    readable checkpoint, or None when there is none. `read_data` turns a saved
+    data item into a data state, raising on one that is not (the data pipeline
+    owns that format). An unreadable step is reported, moved aside to
+    `<directory>_unreadable/` (so a new save can take its number) and the one
+    before it tried; a checkpoint of another model, or a step folder holding
+    another step's state, is an error, not a fallback."""
     _silence_failed_restore_noise()
     problems = []
     for step in sorted(self.manager.all_steps(), reverse=True):
@@ -286,13 +400,25 @@ class TrainCheckpointer:
       )
       try:
         state, data = self._restore(step, abstract_state, shardings)
+        data = read_data(data)
       except CheckpointError:
         raise
       except Exception as e:
         problems.append(self._unreadable(step, e))
         continue
+      recorded = int(jax.device_get(state["step"]))
+      if recorded != step:
+        # A copied or renamed folder: resuming would retrain from `recorded`
+        # under a higher number, and retention would delete the real newer steps.
+        raise CheckpointError(
+          f"checkpoint folder {where} holds the state of step {recorded}, not of step "
+          f"{step} (copied or renamed?); rename it back to {self.directory}/{recorded} "
+          f"or move it out of {self.directory}, then run again. Nothing was trained or "
+          "deleted"
+        )
       if problems:
         logging.warning("resumed from step %d, the newest readable one (see above)", step)
+      self._ours.add(step)
       return step, state, data
     if problems:
       raise CheckpointError(
@@ -328,17 +454,7 @@ class TrainCheckpointer:
         data=ocp.args.JsonRestore(),
       ),
     )
-    data = restored["data"]
-    legacy = sorted(k for k in data if k.startswith("process_"))
-    if legacy:  # saved before data shards: process p's position is shard p's of P
-      data = {
-        "shards": len(legacy),
-        "next_example": {k.removeprefix("process_"): int(data[k]["next_example"]) for k in legacy},
-      }
-    return restored["state"], data
-
-  def close(self):
-    self.manager.close()
+    return restored["state"], restored["data"]
 
 
 # -------------------------------------------------------------------- models
