@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 
 import jax
@@ -130,6 +131,18 @@ def check_model_fields(saved, config, where: str, *, allowed: bool, override: st
   )
 
 
+def _check_recorded_step(directory: str, step: int, recorded):
+  """Refuses step folder `step` of `directory` whose state records another
+  step (`recorded`): a folder copied or renamed, e.g. a restored backup."""
+  recorded = int(jax.device_get(recorded))
+  if recorded != step:
+    raise CheckpointError(
+      f"checkpoint folder {directory}/{step} holds the state of step {recorded}, not of "
+      f"step {step} (copied or renamed?); rename it back to {directory}/{recorded} or move "
+      f"it out of {directory}, then run again"
+    )
+
+
 def _first_line(error: BaseException) -> str:
   """The gist of an error: its type and first line (TensorStore's spec dump cut off)."""
   lines = str(error).strip().splitlines()
@@ -195,6 +208,26 @@ def _uncommitted(directory: str) -> list[str]:
   )
 
 
+def _writable(directory: str) -> str:
+  """`directory`, made if missing. A file there, or a folder that cannot be
+  written to, is refused now: the first save would fail after the training
+  up to it."""
+  if "://" in directory:
+    return directory
+  try:
+    if os.path.isfile(directory):
+      raise NotADirectoryError(20, "a file is there, not a folder")
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test_"):
+      pass
+  except OSError as e:
+    raise PathError(
+      f"cannot keep checkpoints in {directory} ({e.strerror or e}); move what is there "
+      "away or make it writable, or pass another --workdir"
+    ) from e
+  return directory
+
+
 class TrainCheckpointer:
   """A training run's checkpoints: state, data position and config per step.
 
@@ -211,11 +244,10 @@ class TrainCheckpointer:
         f"keep={keep}: at least the newest checkpoint must be kept "
         "(--config.train.keep_checkpoints=1 or more)"
       )
-    self.directory = os.fspath(directory)
+    self.directory = _writable(os.fspath(directory))
     self.save_every = save_every
-    for path in _uncommitted(self.directory) if jax.process_index() == 0 else ():
-      logging.warning("removing %s: a save that never committed (killed or failed)", path)
-    # The manager removes them (on any file system) before its first save.
+    self._remove_uncommitted()
+    # (The manager removes those that cannot be seen here, before its first save.)
     self.manager = _manager(self.directory, create=True, keep=keep, asynchronous=True)
     self._pending: tuple[int, float, int] | None = None  # (step, start time, bytes)
     self._failure: PathError | None = None  # a failed save not yet raised
@@ -264,7 +296,7 @@ class TrainCheckpointer:
         force=True,
       )
     except Exception as e:
-      self._discard(step)
+      self._remove_uncommitted(step)
       raise self._failed(step, needed, _save_failure(e)) from e
     if started:
       self._pending = (step, time.perf_counter(), needed)
@@ -288,10 +320,22 @@ class TrainCheckpointer:
     if pending is None:
       return []
     step, start, needed = pending
-    if error is None and step not in self.manager.all_steps():
+    committed = step in self.manager.all_steps()
+    if error is not None and committed:
+      # Only removing older steps comes after the commit (e.g. one that is
+      # a symbolic link, which Orbax refuses to delete): they stay on disk.
+      logging.warning(
+        "checkpoint step %d committed, but removing the steps past train.keep_checkpoints "
+        "failed (%s); they stay in %s",
+        step,
+        _first_line(error),
+        self.directory,
+      )
+      error = None
+    if error is None and not committed:
       error = RuntimeError("Orbax reported no error, yet the step folder is not there")
     if error is not None:
-      self._discard(step)
+      self._remove_uncommitted(step)
       self._failure = self._failed(step, needed, _save_failure(error))
       self._failure.__cause__ = error
       return []
@@ -310,12 +354,17 @@ class TrainCheckpointer:
       failure, self._failure = self._failure, None
       raise failure
 
-  def _discard(self, step: int):
-    """Removes what a failed save of `step` wrote: it never committed."""
-    if jax.process_index() == 0:
-      for path in _uncommitted(self.directory):
-        if os.path.basename(path).split(".")[0] == str(step):
-          shutil.rmtree(path, ignore_errors=True)
+  def _remove_uncommitted(self, step: int | None = None):
+    """Removes what saves that never committed left (a killed run's, named),
+    or what the failed save of `step` wrote."""
+    if jax.process_index() != 0:
+      return
+    for path in _uncommitted(self.directory):
+      if step is None:
+        logging.warning("removing %s: a save that never committed (killed or failed)", path)
+      elif os.path.basename(path).split(".")[0] != str(step):
+        continue
+      shutil.rmtree(path, ignore_errors=True)
 
   def _failed(self, step: int, needed: int, why: str) -> PathError:
     kept = sorted(self.manager.all_steps())
@@ -406,16 +455,10 @@ class TrainCheckpointer:
       except Exception as e:
         problems.append(self._unreadable(step, e))
         continue
-      recorded = int(jax.device_get(state["step"]))
-      if recorded != step:
-        # A copied or renamed folder: resuming would retrain from `recorded`
-        # under a higher number, and retention would delete the real newer steps.
-        raise CheckpointError(
-          f"checkpoint folder {where} holds the state of step {recorded}, not of step "
-          f"{step} (copied or renamed?); rename it back to {self.directory}/{recorded} "
-          f"or move it out of {self.directory}, then run again. Nothing was trained or "
-          "deleted"
-        )
+      # Before anything is trained, written or deleted: a resumed run would
+      # retrain from the recorded step under a higher number, and retention
+      # would delete the real newer steps.
+      _check_recorded_step(self.directory, step, state["step"])
       if problems:
         logging.warning("resumed from step %d, the newest readable one (see above)", step)
       self._ours.add(step)
@@ -433,8 +476,15 @@ class TrainCheckpointer:
     why = f"step {step} ({_first_line(error)})"
     aside = new_folder_beside(os.path.join(f"{self.directory}_unreadable", str(step)))
     if jax.process_index() == 0 and "://" not in self.directory:
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
-      os.replace(os.path.join(self.directory, str(step)), aside)
+      try:
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        os.replace(os.path.join(self.directory, str(step)), aside)
+      except OSError as e:
+        raise CheckpointError(
+          f"checkpoint {self.directory}/{step} cannot be read ({_first_line(error)}) and "
+          f"could not be moved aside to {aside} ({e.strerror or e}); move it out of "
+          f"{self.directory} yourself and run again to resume from the step before it"
+        ) from error
       self.manager.reload()
     logging.warning(
       "checkpoint %s/%d cannot be read: %s; moved it to %s and trying the step before it",
@@ -482,7 +532,7 @@ def resolve(path: str, step: int | None = None) -> tuple[str, int]:
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   name = os.path.basename(path)
-  if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+  if re.fullmatch(r"0|[1-9][0-9]*", name) and os.path.isdir(os.path.join(path, "state")):
     if step is not None and step != int(name):
       raise CheckpointError(f"{path} is the folder of step {name}, not of step {step}")
     return os.path.dirname(path), int(name)
@@ -533,9 +583,12 @@ def beside(checkpoint: str, step: int, name: str, flag: str) -> str:
 
 
 def resolve_steps(directory: str) -> list[int]:
+  """The committed steps of a checkpoint folder as Orbax finds them: folders
+  named by a number without leading zeros, not a file, a `0006` or a save
+  that never committed (`6.orbax-checkpoint-tmp`)."""
   if "://" in directory or not os.path.isdir(directory):
     return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  return sorted(m.step for m in ocp.path.step.standard_name_format().find_all(directory))
 
 
 def load_config(path: str, step: int | None = None):
@@ -645,7 +698,11 @@ def _restore(path, weights, config, shardings, step, allow_model_changes=False):
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
-  target, restore_args = _target({key: abstract}, {key: shardings})
+  wanted, wanted_shardings = {key: abstract}, {key: shardings}
+  if "step" in stored:  # a training state records its step: read it along
+    wanted["step"] = jax.ShapeDtypeStruct((), stored["step"].dtype)
+    wanted_shardings["step"] = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target, restore_args = _target(wanted, wanted_shardings)
   try:
     restored = manager.restore(
       step,
@@ -655,6 +712,8 @@ def _restore(path, weights, config, shardings, step, allow_model_changes=False):
     )
   except Exception as e:
     raise _unreadable_error(directory, step, e) from e
+  if "step" in stored:
+    _check_recorded_step(directory, step, restored["state"]["step"])
   params = restored["state"][key]
   bad = nonfinite_params(params)
   if bad:
