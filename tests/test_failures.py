@@ -548,7 +548,7 @@ def test_only_committed_step_folders_count_as_steps(tmp_path):
   shutil.copytree(c / "4", c / "0006")
   shutil.copytree(c / "4", c / "6.orbax-checkpoint-tmp")
   (c / "best").mkdir()
-  assert orbax_io.resolve(str(c)) == (str(c), 4)
+  assert orbax_io.resolve(str(c)) == orbax_io.resolve(str(c / "4")) == (str(c), 4)
   with pytest.raises(MissingPathError, match=r"no checkpoint in '.*0006'"):
     orbax_io.resolve(str(c / "0006"))
   assert _restore_toy(c)[0] == 4

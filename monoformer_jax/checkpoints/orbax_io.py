@@ -367,6 +367,7 @@ class TrainCheckpointer:
       shutil.rmtree(path, ignore_errors=True)
 
   def _failed(self, step: int, needed: int, why: str) -> PathError:
+    self.manager.reload()  # what is on disk, committed, whatever Orbax's list says
     kept = sorted(self.manager.all_steps())
     return PathError(
       f"could not save step {step} to {self.directory}: {why}; a checkpoint needs about "
@@ -532,7 +533,8 @@ def resolve(path: str, step: int | None = None) -> tuple[str, int]:
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   name = os.path.basename(path)
-  if re.fullmatch(r"0|[1-9][0-9]*", name) and os.path.isdir(os.path.join(path, "state")):
+  steps_beside = [str(s) for s in resolve_steps(os.path.dirname(path))]
+  if name in steps_beside and os.path.isdir(os.path.join(path, "state")):
     if step is not None and step != int(name):
       raise CheckpointError(f"{path} is the folder of step {name}, not of step {step}")
     return os.path.dirname(path), int(name)
