@@ -500,6 +500,10 @@ def test_a_save_killed_in_flight_is_cleaned_and_the_run_resumes_from_the_last_co
   "data, why",
   [
     ({"shards": 1}, r"the data state holds the keys \['shards'\], not 'shards' and 'next_example'"),
+    (
+      {"shards": 1, "next_example": {"0": 5}, "note": "x"},
+      r"holds the keys \['next_example', 'note', 'shards'\]",
+    ),
     ({"shards": 2, "next_example": {"0": 5}}, r"not one position for each of its 2 shards"),
     ({"shards": 1, "next_example": {"0": -3}}, r"the data state's shard 0 is -3, not an example"),
     ({"shards": 1, "next_example": {"0": "7"}}, r"shard 0 is '7', not an example index"),
