@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from absl import logging as absl_logging
 from helpers import TINY_CONFIG_FLAG, digits_config, on_one_device
@@ -30,7 +32,14 @@ from monoformer_jax.checkpoints import (
   save_model,
 )
 from monoformer_jax.checks import check_train_config
-from monoformer_jax.errors import CheckpointError, ConfigError, PathError, TrainingDiverged
+from monoformer_jax.data.sharded import data_state_of
+from monoformer_jax.errors import (
+  CheckpointError,
+  ConfigError,
+  MissingPathError,
+  PathError,
+  TrainingDiverged,
+)
 from monoformer_jax.eval import finite_json
 from monoformer_jax.model.build import init_params
 from monoformer_jax.train.loop import train_and_evaluate
@@ -109,15 +118,24 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_state(tmp_path, absl_reco
   )
 
 
+def _truncate_a_data_file(step_folder):
+  data_files = sorted((step_folder / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+  with open(data_files[-1], "r+b") as f:
+    f.truncate(1000)
+
+
+def _a_data_state_of_wrong_content(step_folder):
+  (step_folder / "data" / "metadata").write_text('{"shards": 1, "next_example": {"3": 8}}')
+
+
 @pytest.mark.slow
-def test_resume_falls_back_from_an_unreadable_latest_step(run, tmp_path, absl_records, one_device):
+@pytest.mark.parametrize("damage", [_truncate_a_data_file, _a_data_state_of_wrong_content])
+def test_resume_falls_back_from_an_unreadable_latest_step(
+  run, tmp_path, absl_records, one_device, damage
+):
   workdir = tmp_path / "copy"
   shutil.copytree(run, workdir)
-  data_files = sorted(
-    (workdir / "checkpoints" / "4" / "state").rglob("d/*"), key=lambda p: p.stat().st_size
-  )
-  with open(data_files[-1], "r+b") as f:  # a truncated data file
-    f.truncate(1000)
+  damage(workdir / "checkpoints" / "4")
   state, _ = train_and_evaluate(
     digits_config(num_steps=5, checkpoint_every=2, log_every=3), str(workdir), sample_at_end=False
   )
@@ -134,6 +152,23 @@ def test_resume_falls_back_from_an_unreadable_latest_step(run, tmp_path, absl_re
   assert [line["step"] for line in lines] == [3, 5] and [r["step"] for r in aside] == [3, 4]
   # The resumed step 3 retraces the original one exactly (same data, same RNG).
   np.testing.assert_allclose(lines[0]["loss"], aside[0]["loss"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_refuses_a_step_folder_copied_under_another_number(run, tmp_path):
+  """Issue 36 #3 end to end: nothing is trained, written or deleted."""
+  workdir = tmp_path / "copy"
+  shutil.copytree(run, workdir)
+  shutil.copytree(workdir / "checkpoints" / "2", workdir / "checkpoints" / "100")
+  metrics = (workdir / "metrics.jsonl").read_text()
+  with pytest.raises(CheckpointError, match=r"checkpoints/100 holds the state of step 2, not"):
+    train_and_evaluate(digits_config(num_steps=8, keep_checkpoints=1), str(workdir))
+  assert _steps(workdir / "checkpoints") == [2, 4, 100]
+  assert (workdir / "metrics.jsonl").read_text() == metrics
+  assert not (workdir / "samples").exists()
+  # Sampling and evaluation read the same folder as step 100 no more.
+  with pytest.raises(CheckpointError, match=r"checkpoints/100 holds the state of step 2, not"):
+    load_params(str(workdir))
 
 
 @pytest.mark.slow
@@ -160,15 +195,38 @@ def test_resuming_with_other_model_settings_is_refused_unless_asked(run, tmp_pat
 # ------------------------------------------------ checkpointer, no training
 
 
-def _toy_state(value: float):
-  return dict(step=jnp.array(0, jnp.int32), params={"w": jnp.full((4, 4), value)})
+# A data state as the loop saves it (data/sharded.py): one shard at example 0.
+_DATA = {"shards": 1, "next_example": {"0": 0}}
 
 
-def _abstract_toy():
-  state = _toy_state(0.0)
+def _toy_state(value: float, step: int = 0, size: int = 4):
+  return dict(step=jnp.array(step, jnp.int32), params={"w": jnp.full((size, size), value)})
+
+
+def _abstract_toy(size: int = 4):
+  state = _toy_state(0.0, size=size)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return abstract, jax.tree.map(lambda _: device, state)
+
+
+def _restore_toy(directory, size: int = 4):
+  """(step, w[0, 0], data state) of the newest readable step, as a resumed run reads it."""
+  abstract, shardings = _abstract_toy(size)
+  with TrainCheckpointer(directory, keep=3, save_every=1) as ckpt:
+    step, state, data = ckpt.restore_latest(abstract, shardings, digits_config(), data_state_of)
+  assert int(state["step"]) == step
+  return step, float(state["params"]["w"][0, 0]), data
+
+
+def _listing(directory):
+  return sorted(os.listdir(directory))
+
+
+def _files(folder) -> dict:
+  """{relative path: bytes} of every file under `folder`."""
+  folder = pathlib.Path(folder)
+  return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def test_keep_checkpoints_below_one_is_rejected_before_anything_is_written(tmp_path):
@@ -183,38 +241,367 @@ def test_keep_checkpoints_below_one_is_rejected_before_anything_is_written(tmp_p
     TrainCheckpointer(tmp_path / "c", keep=0, save_every=1)
 
 
+def _fail_the_commit_of(monkeypatch, step: int):
+  """Orbax's commit of `step` (renaming `N.orbax-checkpoint-tmp` to `N` once
+  its files are written) fails as on a full disk."""
+  rename = ocp.path.atomicity.AtomicRenameTemporaryPath
+  finalize = rename.finalize
+
+  async def failing(self):
+    if self.get_final().name == str(step):
+      raise OSError(28, "No space left on device")
+    await finalize(self)
+
+  monkeypatch.setattr(rename, "finalize", failing)
+
+
 def test_a_full_disk_stops_the_save_naming_bytes_and_keeps_earlier_steps(tmp_path, monkeypatch):
-  config = digits_config()
-  ckpt = TrainCheckpointer(tmp_path / "c", keep=3, save_every=1)
-  assert ckpt.save(1, _toy_state(1.0), {}, config)
-  ckpt.wait()
+  """Issue 36 #1: the free-space check ran while step 2 was in flight, listed
+  it as intact, and left it uncommitted. Each failure now waits for the save
+  in flight and names the committed steps only; the disk holds those, whole."""
+  config, c = digits_config(), tmp_path / "c"
+  ckpt = TrainCheckpointer(c, keep=3, save_every=1)
+  assert ckpt.save(1, _toy_state(1.0, 1), _DATA, config)
+  assert ckpt.save(2, _toy_state(2.0, 2), _DATA, config)  # in flight
   monkeypatch.setattr(orbax_io, "_free_bytes", lambda directory: 10)
   with pytest.raises(
     PathError,
-    match=r"could not save step 2 to .*: 10 bytes are free there; "
-    r"a checkpoint needs about 68 bytes\. The steps already there \[1\] "
-    r"are intact\. Free space there",
+    match=r"could not save step 3 to .*: 10 bytes are free there; a checkpoint needs about "
+    r"68 bytes\. The committed steps there, \[1, 2\], are intact and resumable\. Free space",
   ):
-    ckpt.save(2, _toy_state(2.0), {}, config)
+    ckpt.save(3, _toy_state(3.0, 3), _DATA, config)
+  assert _listing(c) == ["1", "2"]  # step 2 committed before the message named it
   monkeypatch.undo()
 
+  # The save's own start fails (the disk filled up since).
   def failing_save(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
   monkeypatch.setattr(ckpt.manager, "save", failing_save)
   with pytest.raises(
     PathError,
-    match=r"could not save step 3 .*OSError: \[Errno 28\] No space "
-    r"left on device; a checkpoint needs about 68 bytes",
+    match=r"could not save step 3 .*OSError: \[Errno 28\] No space left on device; a "
+    r"checkpoint needs about 68 bytes\. The committed steps there, \[1, 2\], are intact",
   ):
-    ckpt.save(3, _toy_state(3.0), {}, config)
+    ckpt.save(3, _toy_state(3.0, 3), _DATA, config)
   monkeypatch.undo()
-  ckpt.close()
-  abstract, shardings = _abstract_toy()
-  step, state, _ = TrainCheckpointer(tmp_path / "c", keep=3, save_every=1).restore_latest(
-    abstract, shardings, config
+
+  # The commit of step 3 fails in the background: the next save reports it (not
+  # its own step), with step 3 neither listed nor left half-written.
+  _fail_the_commit_of(monkeypatch, 3)
+  assert ckpt.save(3, _toy_state(3.0, 3), _DATA, config)
+  with pytest.raises(
+    PathError,
+    match=r"could not save step 3 .*OSError: \[Errno 28\] No space left on device; .* "
+    r"The committed steps there, \[1, 2\], are intact",
+  ):
+    ckpt.save(4, _toy_state(4.0, 4), _DATA, config)
+  assert _listing(c) == ["1", "2"]
+  # And one that fails while the run stops: close() reports it, once.
+  assert ckpt.save(3, _toy_state(3.0, 3), _DATA, config)
+  with pytest.raises(PathError, match=r"could not save step 3 .* \[1, 2\], are intact"):
+    ckpt.close()
+  ckpt.close()  # again: nothing more to wait for or report
+  monkeypatch.undo()
+  assert _listing(c) == ["1", "2"]
+  assert _restore_toy(c) == (2, 2.0, _DATA)
+
+
+def test_a_failed_save_while_the_run_already_fails_is_logged_not_raised(
+  tmp_path, monkeypatch, absl_records
+):
+  """close() in a `finally` (or a `with` block) must not hide the error that
+  stops the run; the failed save is logged instead, the committed steps kept."""
+  config, c = digits_config(), tmp_path / "c"
+  _fail_the_commit_of(monkeypatch, 2)
+  with pytest.raises(KeyboardInterrupt):
+    with TrainCheckpointer(c, keep=3, save_every=1) as ckpt:
+      ckpt.save(1, _toy_state(1.0, 1), _DATA, config)
+      ckpt.save(2, _toy_state(2.0, 2), _DATA, config)
+      raise KeyboardInterrupt
+  monkeypatch.undo()
+  assert any(r.startswith("checkpoint step 1 saved to ") for r in absl_records)
+  assert not any(r.startswith("checkpoint step 2 saved") for r in absl_records)
+  assert any(
+    r.startswith("could not save step 2 ") and "[1], are intact" in r for r in absl_records
   )
-  assert step == 1 and float(state["params"]["w"][0, 0]) == 1.0
+  assert _listing(c) == ["1"]
+  assert _restore_toy(c) == (1, 1.0, _DATA)
+
+
+_TMPFS_SCENARIO = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+import test_failures
+test_failures.full_tmpfs_scenario(sys.argv[1])
+print("scenario passed")
+"""
+
+
+def full_tmpfs_scenario(mount: str):
+  """On a 1 MiB tmpfs, checkpoints of ~256 KB (random, so incompressible):
+  the free-space check stops step 4 once step 3 has committed; with the check
+  off (an estimate too low, another writer), Orbax's write of step 4 fails
+  with ENOSPC in the background and close() names it. Either way the disk
+  holds steps 1-3, whole, and no uncommitted folder."""
+  config, c = digits_config(), os.path.join(mount, "c")
+  w = lambda step: np.asarray(jax.random.normal(jax.random.PRNGKey(step), (256, 256)))
+  state = lambda step: dict(step=jnp.array(step, jnp.int32), params={"w": jnp.asarray(w(step))})
+  ckpt = TrainCheckpointer(c, keep=5, save_every=1)
+  for step in (1, 2, 3):
+    assert ckpt.save(step, state(step), _DATA, config)
+  with pytest.raises(PathError) as caught:
+    ckpt.save(4, state(4), _DATA, config)
+  message = str(caught.value)
+  assert (
+    message.startswith(f"could not save step 4 to {c}: ") and " bytes are free there" in message
+  )
+  assert "The committed steps there, [1, 2, 3], are intact" in message, message
+  assert _listing(c) == ["1", "2", "3"]
+  ckpt.close()
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(orbax_io, "_free_bytes", lambda directory: None)
+    ckpt = TrainCheckpointer(c, keep=5, save_every=1)
+    assert ckpt.save(4, state(4), _DATA, config)
+    with pytest.raises(
+      PathError, match=r"could not save step 4 .*No space left on device"
+    ) as caught:
+      ckpt.close()
+  assert "The committed steps there, [1, 2, 3], are intact" in str(caught.value)
+  assert _listing(c) == ["1", "2", "3"]
+  abstract, shardings = _abstract_toy(256)
+  for step in (3, 2):  # each committed step restores whole
+    with TrainCheckpointer(c, keep=5, save_every=1) as ckpt:
+      got, restored, _ = ckpt.restore_latest(abstract, shardings, config, data_state_of)
+    assert got == step
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), w(step))
+    shutil.rmtree(os.path.join(c, str(step)))
+
+
+@pytest.mark.timeout(120)
+def test_a_real_full_disk_keeps_the_committed_steps(tmp_path):
+  """Issue 36 #1 on a real small file system: a tmpfs mounted here as root,
+  else in a user and mount namespace (`unshare -rm`), else skipped."""
+  mount = tmp_path / "tmpfs"
+  mount.mkdir()
+  if os.geteuid() == 0 and _mount_tmpfs(mount):
+    try:
+      full_tmpfs_scenario(str(mount))
+    finally:
+      subprocess.run(["umount", str(mount)], check=True)
+    return
+  unshare = [
+    "unshare",
+    "-rm",
+    "sh",
+    "-c",
+    f'mount -t tmpfs -o size=1m tmpfs {mount} && exec "$@"',
+    "-",
+  ]
+  if shutil.which("unshare") is None or subprocess.run([*unshare, "true"]).returncode:
+    pytest.skip("cannot mount a tmpfs here: not root, and no user namespaces (unshare -rm)")
+  result = subprocess.run(
+    [*unshare, sys.executable, "-c", _TMPFS_SCENARIO, str(mount), str(REPO / "tests")],
+    capture_output=True,
+    text=True,
+    timeout=100,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
+  assert result.returncode == 0 and "scenario passed" in result.stdout, result.stderr[-3000:]
+
+
+def _mount_tmpfs(path) -> bool:
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)])
+  return mounted.returncode == 0
+
+
+def _toy_checkpoints(directory, steps, keep=3):
+  """Committed toy steps: step s holds w = s, its own step number and a data
+  state at example 10 s."""
+  with TrainCheckpointer(directory, keep=keep, save_every=1) as ckpt:
+    for step in steps:
+      data = {"shards": 1, "next_example": {"0": 10 * step}}
+      assert ckpt.save(step, _toy_state(float(step), step), data, digits_config())
+
+
+def test_a_step_folder_copied_under_another_number_is_refused(tmp_path):
+  """Issue 36 #3: `cp -r checkpoints/2 checkpoints/100` resumed "from step 100"
+  with step 2's state, and retention then deleted the good step 4."""
+  c = tmp_path / "c"
+  _toy_checkpoints(c, [2, 4])
+  shutil.copytree(c / "2", c / "100")
+  with pytest.raises(CheckpointError) as caught:
+    _restore_toy(c)
+  assert str(caught.value) == (
+    f"checkpoint folder {c}/100 holds the state of step 2, not of step 100 (copied or "
+    f"renamed?); rename it back to {c}/2 or move it out of {c}, then run again"
+  )
+  assert _listing(c) == ["100", "2", "4"]
+  shutil.move(c / "100", tmp_path / "aside")  # the fix the message names
+  assert _restore_toy(c) == (4, 4.0, {"shards": 1, "next_example": {"0": 40}})
+
+
+def test_a_save_never_writes_over_a_step_folder_it_did_not_write(tmp_path):
+  """save() skipped any existing step folder quietly; it may skip only the
+  step it restored or saved itself (the same state), else it names the folder."""
+  c, config = tmp_path / "c", digits_config()
+  _toy_checkpoints(c, [1, 2])
+  abstract, shardings = _abstract_toy()
+  with TrainCheckpointer(c, keep=3, save_every=1) as ckpt:
+    step, state, _ = ckpt.restore_latest(abstract, shardings, config, data_state_of)
+    assert step == 2 and not ckpt.save(2, state, _DATA, config, force=True)  # its own
+    shutil.copytree(c / "1", c / "3")  # another step 3 appears while it runs
+    with pytest.raises(
+      CheckpointError,
+      match=rf"cannot save step 3: the folder {c}/3 already holds a checkpoint this run did "
+      rf"not write \(copied in while it ran\?\); move it out of {c} and resume",
+    ):
+      ckpt.save(3, _toy_state(3.0, 3), _DATA, config)
+  assert _listing(c) == ["1", "2", "3"]
+  assert _files(c / "3") == _files(c / "1")  # untouched
+
+
+_KILLED_SAVE = """
+import os, signal, sys
+import jax, jax.numpy as jnp
+from monoformer_jax.checkpoints import TrainCheckpointer
+from monoformer_jax.config import config_file
+config = config_file("digits:tiny")
+ckpt = TrainCheckpointer(sys.argv[1], keep=5, save_every=1)
+for step in (1, 2, 3):
+  w = jnp.full((512, 512), float(step))
+  ckpt.save(step, dict(step=jnp.array(step, jnp.int32), params={"w": w}),
+            {"shards": 1, "next_example": {"0": 10 * step}}, config)
+  if step == 2:
+    ckpt.wait()
+os.kill(os.getpid(), signal.SIGKILL)  # step 3 in flight
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_save_killed_in_flight_is_cleaned_and_the_run_resumes_from_the_last_commit(
+  tmp_path, absl_records
+):
+  """Issue 36 #9: what a kill during a save leaves (an uncommitted
+  `3.orbax-checkpoint-tmp`) never counts as a step; the next run names it,
+  removes it and resumes from step 2."""
+  c = tmp_path / "c"
+  killed = _python("-c", _KILLED_SAVE, str(c))
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert _listing(c) == ["1", "2", "3.orbax-checkpoint-tmp"]
+  assert _restore_toy(c, 512) == (2, 2.0, {"shards": 1, "next_example": {"0": 20}})
+  assert any(
+    r == f"removing {c}/3.orbax-checkpoint-tmp: a save that never committed (killed or failed)"
+    for r in absl_records
+  )
+  _toy_checkpoints(c, [3])  # the resumed run saves step 3 again
+  assert _listing(c) == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize(
+  "data, why",
+  [
+    ({"shards": 1}, r"the data state holds the keys \['shards'\], not 'shards' and 'next_example'"),
+    (
+      {"shards": 1, "next_example": {"0": 5}, "note": "x"},
+      r"holds the keys \['next_example', 'note', 'shards'\]",
+    ),
+    ({"shards": 2, "next_example": {"0": 5}}, r"not one position for each of its 2 shards"),
+    ({"shards": 1, "next_example": {"0": -3}}, r"the data state's shard 0 is -3, not an example"),
+    ({"shards": 1, "next_example": {"0": "7"}}, r"shard 0 is '7', not an example index"),
+    (
+      {"shards": True, "next_example": {"0": 1}},
+      r"the data state's shards is True, not an integer",
+    ),
+    ([3], r"the data state is list \[3\], not a dict"),
+    ({"process_1": {"next_example": 4}}, r"is not a position for processes 0..0"),
+  ],
+)
+def test_a_data_state_of_wrong_content_is_set_aside_like_a_broken_one(
+  tmp_path, absl_records, data, why
+):
+  """Valid JSON that is no data state ended in a KeyError or IndexError (or
+  read from a negative example), and the step was not set aside."""
+  c, config = tmp_path / "c", digits_config()
+  _toy_checkpoints(c, [1])
+  with TrainCheckpointer(c, keep=3, save_every=1) as ckpt:
+    ckpt.save(2, _toy_state(2.0, 2), data, config)
+  assert _restore_toy(c) == (1, 1.0, {"shards": 1, "next_example": {"0": 10}})
+  warned = [r for r in absl_records if "cannot be read" in r]
+  assert len(warned) == 1 and re.search(
+    rf"{re.escape(str(c))}/2 cannot be read: FileFormatError: .*{why}", warned[0]
+  )
+  assert _listing(c) == ["1"] and _listing(tmp_path / "c_unreadable") == ["2"]
+
+
+def test_every_data_state_form_a_version_wrote_still_resumes():
+  assert data_state_of({"next_example": 7}) == {"shards": 1, "next_example": {"0": 7}}
+  assert data_state_of({"process_1": {"next_example": 5}, "process_0": {"next_example": 4}}) == {
+    "shards": 2,
+    "next_example": {"0": 4, "1": 5},
+  }
+  state = {"shards": 2, "next_example": {"1": 3, "0": 2}}
+  assert data_state_of(state) == {"shards": 2, "next_example": {"0": 2, "1": 3}}
+
+
+def test_only_committed_step_folders_count_as_steps(tmp_path):
+  """A file named like a step, a zero-padded copy, an uncommitted save or a
+  note beside the steps: training ignored them, but sampling and evaluation
+  (`resolve`) took `7` or `0006` for the newest step and failed on it."""
+  c = tmp_path / "c"
+  _toy_checkpoints(c, [2, 4])
+  (c / "7").write_text("not a step")
+  shutil.copytree(c / "4", c / "0006")
+  shutil.copytree(c / "4", c / "6.orbax-checkpoint-tmp")
+  (c / "best").mkdir()
+  assert orbax_io.resolve(str(c)) == orbax_io.resolve(str(c / "4")) == (str(c), 4)
+  with pytest.raises(MissingPathError, match=r"no checkpoint in '.*0006'"):
+    orbax_io.resolve(str(c / "0006"))
+  assert _restore_toy(c)[0] == 4
+  assert _listing(c) == ["0006", "2", "4", "7", "best"]  # the uncommitted save removed
+
+
+def test_a_checkpoints_folder_that_cannot_take_a_step_is_refused_before_training(tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(
+    PathError,
+    match=r"cannot keep checkpoints in .*file \(a file is there, not a folder\); move what is "
+    r"there away or make it writable, or pass another --workdir",
+  ):
+    TrainCheckpointer(tmp_path / "file", keep=3, save_every=1)
+  # A broken step that cannot be moved aside (here a file has the name of the
+  # folder it would go to) stops the run naming both, the step left in place.
+  c = tmp_path / "c"
+  _toy_checkpoints(c, [1, 2])
+  (c / "2" / "data" / "metadata").write_text("{")
+  (tmp_path / "c_unreadable").write_text("x")
+  with pytest.raises(
+    CheckpointError,
+    match=rf"checkpoint {c}/2 cannot be read \(JSONDecodeError: .*\) and could not be moved "
+    rf"aside to {c}_unreadable/2 \(File exists\); move it out of {c} yourself and run again",
+  ):
+    _restore_toy(c)
+  assert _listing(c) == ["1", "2"]
+
+
+def test_a_step_that_retention_cannot_delete_does_not_fail_the_save(tmp_path, absl_records):
+  """Orbax refuses to delete a step folder that is a symbolic link (a step
+  kept on another disk); that came after the new step had committed, yet
+  stopped the run calling the committed step not saved."""
+  c, elsewhere = tmp_path / "c", tmp_path / "elsewhere"
+  _toy_checkpoints(c, [1, 2], keep=2)
+  shutil.move(c / "1", elsewhere)
+  (c / "1").symlink_to(elsewhere)
+  _toy_checkpoints(c, [3], keep=2)
+  assert any(r.startswith("checkpoint step 3 saved to ") for r in absl_records)
+  assert any(
+    r.startswith(
+      "checkpoint step 3 committed, but removing the steps past train.keep_checkpoints failed ("
+    )
+    for r in absl_records
+  )
+  assert _listing(c) == ["1", "2", "3"] and (elsewhere / "state").is_dir()
+  assert _restore_toy(c)[:2] == (3, 3.0)
 
 
 _RESTORE_SCRIPT = """
@@ -224,6 +611,7 @@ import jax
 from helpers import digits_config
 from monoformer_jax.checkpoints import TrainCheckpointer
 from monoformer_jax.cli import quiet_logs
+from monoformer_jax.data.sharded import data_state_of
 from monoformer_jax.parallel import sharding
 from monoformer_jax.train.state import make_optimizer, state_shardings
 quiet_logs()   # what every entry point logs with
@@ -232,7 +620,7 @@ mesh = sharding.make_mesh(config.mesh)
 with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
   _, abstract, shardings = state_shardings(config, mesh, make_optimizer(config.optim)[0])
   step, state, _ = TrainCheckpointer(sys.argv[1], keep=3, save_every=1).restore_latest(
-      abstract, shardings, config)
+      abstract, shardings, config, data_state_of)
 print("restored", step, int(state["step"]))
 """
 
@@ -258,7 +646,7 @@ def test_no_readable_checkpoint_names_every_step_and_the_fix(tmp_path):
   config = digits_config()
   ckpt = TrainCheckpointer(tmp_path / "c", keep=3, save_every=1)
   for step in (1, 2):
-    ckpt.save(step, _toy_state(float(step)), {}, config)
+    ckpt.save(step, _toy_state(float(step), step), _DATA, config)
   ckpt.wait()
   ckpt.close()
   for step in (1, 2):
@@ -270,7 +658,7 @@ def test_no_readable_checkpoint_names_every_step_and_the_fix(tmp_path):
     r"step 1 \(.*\)\. They were moved to .*c_unreadable/; start again",
   ):
     TrainCheckpointer(tmp_path / "c", keep=3, save_every=1).restore_latest(
-      abstract, shardings, config
+      abstract, shardings, config, data_state_of
     )
   assert sorted(os.listdir(tmp_path / "c_unreadable")) == ["1", "2"]
 

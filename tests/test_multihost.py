@@ -21,7 +21,7 @@ from helpers import TINY_CONFIG_FLAG, digits_config, tensorboard_scalars
 
 from monoformer_jax.checkpoints import load_params
 from monoformer_jax.data.sharded import merge_data_states
-from monoformer_jax.errors import TrainingDiverged
+from monoformer_jax.errors import FileFormatError, TrainingDiverged
 from monoformer_jax.train.loop import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,5 +160,6 @@ def test_data_states_of_several_processes_merge_into_one():
     ]
   )
   assert merged == {"shards": 4, "next_example": {"0": 10, "1": 12, "2": 9, "3": 11}}
-  # A position saved before data shards is shard 0 of 1.
-  assert merge_data_states([{"next_example": 7}]) == {"shards": 1, "next_example": {"0": 7}}
+  # A shard no process holds would be a state no run can resume from.
+  with pytest.raises(FileFormatError, match=r"not one position for each of its 4 shards"):
+    merge_data_states([{"shards": 4, "next_example": {"0": 10, "1": 12}}])

@@ -17,11 +17,14 @@ these paths names a checkpoint: a training workdir (its latest step), its
 `checkpoints/` folder, one step folder `.../checkpoints/800`, or a
 `save_model` folder.
 
-Nothing is lost quietly: a save is logged when Orbax has committed it, a
-save that cannot fit on the disk or fails stops the run naming the path and
-the bytes (earlier steps stay), a resumed run falls back from an unreadable
-step to the newest readable one (moving the broken one aside, not deleting
-it), and weights are loaded only into the model they were saved for, finite.
+Nothing is lost quietly: a step counts once Orbax has committed it (logged
+then; a save never committed, killed or failed, is removed and never named),
+a save that cannot fit on the disk or fails stops the run naming the path,
+the bytes and the committed steps (which stay whole), a resumed run falls
+back from an unreadable step (or one whose data state is not one) to the
+newest readable one (moving the broken one aside, not deleting it), a step
+folder holding another step's state is refused, and weights are loaded only
+into the model they were saved for, finite.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ import hashlib
 import json
 import logging as std_logging
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
 
 import jax
@@ -57,12 +62,16 @@ def _manager(
 ) -> ocp.CheckpointManager:
   """The one CheckpointManager set-up: every item a checkpoint may hold is
   named (so Orbax does not warn about the ones a reader skips); readers pass
-  create=False and never make folders."""
+  create=False and never make folders, writers remove what a save that never
+  committed left (before their first save)."""
   directory = os.fspath(directory)
   return ocp.CheckpointManager(
     directory if "://" in directory else os.path.abspath(directory),
     options=ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=create, enable_async_checkpointing=asynchronous
+      max_to_keep=keep,
+      create=create,
+      cleanup_tmp_directories=create,
+      enable_async_checkpointing=asynchronous,
     ),
     item_handlers=dict(
       state=ocp.PyTreeCheckpointHandler(),
@@ -126,11 +135,32 @@ def check_model_fields(saved, config, where: str, *, allowed: bool, override: st
   )
 
 
+def _check_recorded_step(directory: str, step: int, recorded):
+  """Refuses step folder `step` of `directory` whose state records another
+  step (`recorded`): a folder copied or renamed, e.g. a restored backup."""
+  recorded = int(jax.device_get(recorded))
+  if recorded != step:
+    raise CheckpointError(
+      f"checkpoint folder {directory}/{step} holds the state of step {recorded}, not of "
+      f"step {step} (copied or renamed?); rename it back to {directory}/{recorded} or move "
+      f"it out of {directory}, then run again"
+    )
+
+
 def _first_line(error: BaseException) -> str:
   """The gist of an error: its type and first line (TensorStore's spec dump cut off)."""
   lines = str(error).strip().splitlines()
   first = (lines[0] if lines else "").split(" See full TensorStore details")[0]
   return f"{type(error).__name__}: {first}"[:300]
+
+
+def _save_failure(error: BaseException) -> str:
+  """Why a save failed: the system's reason where TensorStore gives one (at
+  the end of a message that a first line would cut off), else the gist."""
+  code = re.search(r"os_error_code='?(\d+)", str(error))
+  if code is None:
+    return _first_line(error)
+  return f"{os.strerror(int(code.group(1)))} [errno {code.group(1)}] writing its files"
 
 
 # What a failed Orbax restore leaves behind: its TensorStore reads keep failing
@@ -169,8 +199,48 @@ def _free_bytes(directory: str) -> int | None:
 # ------------------------------------------------------------------ training
 
 
+def _uncommitted(directory: str) -> list[str]:
+  """The folders in `directory` of saves that never committed (Orbax writes a
+  step to `N.orbax-checkpoint-tmp` and renames it to `N` when it is whole);
+  on a local disk, where such a folder can be seen."""
+  if "://" in directory or not os.path.isdir(directory):
+    return []
+  return sorted(
+    os.path.join(directory, name)
+    for name in os.listdir(directory)
+    if ocp.path.step.TMP_DIR_SUFFIX in name
+  )
+
+
+def _writable(directory: str) -> str:
+  """`directory`, made if missing. A file there, or a folder that cannot be
+  written to, is refused now: the first save would fail after the training
+  up to it."""
+  if "://" in directory:
+    return directory
+  try:
+    if os.path.isfile(directory):
+      raise NotADirectoryError(20, "a file is there, not a folder")
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test_"):
+      pass
+  except OSError as e:
+    raise PathError(
+      f"cannot keep checkpoints in {directory} ({e.strerror or e}); move what is there "
+      "away or make it writable, or pass another --workdir"
+    ) from e
+  return directory
+
+
 class TrainCheckpointer:
-  """A training run's checkpoints: state, data position and config per step."""
+  """A training run's checkpoints: state, data position and config per step.
+
+  A step counts once Orbax has committed it (its folder renamed from
+  `N.orbax-checkpoint-tmp` to `N`): `steps()`, the logs and every message
+  name committed steps only. What a killed or failed save left is removed
+  when the checkpointer opens, naming it. A save waits for the one in
+  flight first, so its failure is known before another starts. `close()`
+  (or leaving a `with` block) waits for the last one."""
 
   def __init__(self, directory: str, *, keep: int, save_every: int):
     if keep < 1:
@@ -178,15 +248,26 @@ class TrainCheckpointer:
         f"keep={keep}: at least the newest checkpoint must be kept "
         "(--config.train.keep_checkpoints=1 or more)"
       )
-    self.directory = os.fspath(directory)
+    self.directory = _writable(os.fspath(directory))
     self.save_every = save_every
+    self._remove_uncommitted()
+    # (The manager removes those that cannot be seen here, before its first save.)
     self.manager = _manager(self.directory, create=True, keep=keep, asynchronous=True)
-    self._pending: list[tuple[int, float, int]] = []  # (step, start time, bytes)
+    self._pending: tuple[int, float, int] | None = None  # (step, start time, bytes)
+    self._failure: PathError | None = None  # a failed save not yet raised
+    self._ours: set[int] = set()  # steps this run restored or committed: same content
+    self._closed = False
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, traceback):
+    self.close(error)
 
   def steps(self) -> list[int]:
+    """The committed steps, after the save in flight has ended (a failure
+    found on the way is raised by the next save, poll, wait or close)."""
+    self._settle()
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, data_state: dict, config, *, force: bool = False) -> bool:
@@ -194,8 +275,16 @@ class TrainCheckpointer:
     whether it did. `poll()` and `wait()` log the step once it is committed."""
     if not force and step % self.save_every:
       return False
+    self._settle()
+    self._raise_failure()
     if step in self.manager.all_steps():
-      return False
+      if step in self._ours:
+        return False
+      raise CheckpointError(
+        f"cannot save step {step}: the folder {self.directory}/{step} already holds a "
+        "checkpoint this run did not write (copied in while it ran?); move it out of "
+        f"{self.directory} and resume"
+      )
     needed = _state_bytes(state)
     free = _free_bytes(self.directory)
     if free is not None and free < needed:
@@ -210,56 +299,131 @@ class TrainCheckpointer:
         ),
         force=True,
       )
-    except Exception as e:  # the previous async save's failure surfaces here too
-      raise self._failed(step, needed, _first_line(e)) from e
+    except Exception as e:
+      self._remove_uncommitted(step)
+      raise self._failed(step, needed, _save_failure(e)) from e
     if started:
-      self._pending.append((step, time.perf_counter(), needed))
+      self._pending = (step, time.perf_counter(), needed)
     return started
 
+  def _settle(self) -> list[int]:
+    """Waits for the save in flight; logs (and returns) its step once it is
+    committed, or keeps its failure for `_raise_failure`. Afterwards the
+    manager's steps are the committed ones on disk (also any copied in)."""
+    pending, self._pending = self._pending, None
+    error = None
+    if pending is not None:
+      try:
+        self.manager.wait_until_finished()
+        self.manager.check_for_errors()
+      except Exception as e:
+        error = e
+    # When a save began Orbax dropped the steps its retention would delete
+    # from its list; after a failure they are still on disk.
+    self.manager.reload()
+    if pending is None:
+      return []
+    step, start, needed = pending
+    committed = step in self.manager.all_steps()
+    if error is not None and committed:
+      # Only removing older steps comes after the commit (e.g. one that is
+      # a symbolic link, which Orbax refuses to delete): they stay on disk.
+      logging.warning(
+        "checkpoint step %d committed, but removing the steps past train.keep_checkpoints "
+        "failed (%s); they stay in %s",
+        step,
+        _first_line(error),
+        self.directory,
+      )
+      error = None
+    if error is None and not committed:
+      error = RuntimeError("Orbax reported no error, yet the step folder is not there")
+    if error is not None:
+      self._remove_uncommitted(step)
+      self._failure = self._failed(step, needed, _save_failure(error))
+      self._failure.__cause__ = error
+      return []
+    self._ours.add(step)
+    logging.info(
+      "checkpoint step %d saved to %s (%.1f MB, committed within %.1f s)",
+      step,
+      self.directory,
+      needed / 1e6,
+      time.perf_counter() - start,
+    )
+    return [step]
+
+  def _raise_failure(self):
+    if self._failure is not None:
+      failure, self._failure = self._failure, None
+      raise failure
+
+  def _remove_uncommitted(self, step: int | None = None):
+    """Removes what saves that never committed left (a killed run's, named),
+    or what the failed save of `step` wrote."""
+    if jax.process_index() != 0:
+      return
+    for path in _uncommitted(self.directory):
+      if step is None:
+        logging.warning("removing %s: a save that never committed (killed or failed)", path)
+      elif os.path.basename(path).split(".")[0] != str(step):
+        continue
+      shutil.rmtree(path, ignore_errors=True)
+
   def _failed(self, step: int, needed: int, why: str) -> PathError:
-    kept = [s for s in self.manager.all_steps() if s != step]
+    self.manager.reload()  # what is on disk, committed, whatever Orbax's list says
+    kept = sorted(self.manager.all_steps())
     return PathError(
       f"could not save step {step} to {self.directory}: {why}; a checkpoint needs about "
-      f"{needed:,} bytes. The steps already there {sorted(kept)} are intact. Free space "
-      "there (or lower train.keep_checkpoints), or resume with --workdir on a larger "
-      "disk after copying the checkpoints folder"
+      f"{needed:,} bytes. "
+      + (
+        f"The committed steps there, {kept}, are intact and resumable. "
+        if kept
+        else "No step is committed there yet. "
+      )
+      + "Free space there (or lower train.keep_checkpoints), or resume with --workdir on a "
+      "larger disk after copying the checkpoints folder"
     )
 
   def poll(self, *, wait: bool = False) -> list[int]:
-    """Logs (and returns) the steps whose save has been committed since the
+    """Logs (and returns) the step whose save has been committed since the
     last call; with `wait`, first waits for the save in flight. Raises the
-    failure of an asynchronous save."""
-    if not self._pending:
-      return []
-    try:
-      if wait:
-        self.manager.wait_until_finished()
-      elif self.manager.is_saving_in_progress():
-        return []
-      self.manager.check_for_errors()
-    except Exception as e:
-      step, _, needed = self._pending[-1]
-      raise self._failed(step, needed, _first_line(e)) from e
-    done, self._pending = self._pending, []
-    for step, start, needed in done:
-      logging.info(
-        "checkpoint step %d saved to %s (%.1f MB, committed within %.1f s)",
-        step,
-        self.directory,
-        needed / 1e6,
-        time.perf_counter() - start,
-      )
-    return [step for step, _, _ in done]
+    failure of a save."""
+    done = []
+    if self._pending is not None and (wait or not self.manager.is_saving_in_progress()):
+      done = self._settle()
+    self._raise_failure()
+    return done
 
   def wait(self):
     self.poll(wait=True)
 
-  def restore_latest(self, abstract_state, shardings, config):
+  def close(self, error: BaseException | None = None):
+    """Waits for the save in flight, logs it once committed and closes; safe
+    to call again. A failed save raises its PathError, unless `error` (what
+    the caller is already raising, e.g. from a `finally`) is given: then the
+    failure is logged and `error` goes on."""
+    if self._closed:
+      return
+    self._closed = True
+    self._settle()
+    try:
+      self.manager.close()
+    except Exception as e:  # a failure _settle has already kept
+      logging.debug("closing the checkpoint manager: %s", _first_line(e))
+    if self._failure is not None and error is not None:
+      logging.error("%s", self._failure)
+      self._failure = None
+    self._raise_failure()
+
+  def restore_latest(self, abstract_state, shardings, config, read_data):
     """(step, state in `shardings`, the data state of every process) of the newest
-    readable checkpoint, or None when there is none. An unreadable step is
-    reported, moved aside to `<directory>_unreadable/` (so a new save can take
-    its number) and the one before it tried; a checkpoint of another model is
-    an error, not a fallback."""
+    readable checkpoint, or None when there is none. `read_data` turns a saved
+    data item into a data state, raising on one that is not (the data pipeline
+    owns that format). An unreadable step is reported, moved aside to
+    `<directory>_unreadable/` (so a new save can take its number) and the one
+    before it tried; a checkpoint of another model, or a step folder holding
+    another step's state, is an error, not a fallback."""
     _silence_failed_restore_noise()
     problems = []
     for step in sorted(self.manager.all_steps(), reverse=True):
@@ -290,13 +454,19 @@ class TrainCheckpointer:
       )
       try:
         state, data = self._restore(step, abstract_state, shardings)
+        data = read_data(data)
       except CheckpointError:
         raise
       except Exception as e:
         problems.append(self._unreadable(step, e))
         continue
+      # Before anything is trained, written or deleted: a resumed run would
+      # retrain from the recorded step under a higher number, and retention
+      # would delete the real newer steps.
+      _check_recorded_step(self.directory, step, state["step"])
       if problems:
         logging.warning("resumed from step %d, the newest readable one (see above)", step)
+      self._ours.add(step)
       return step, state, data
     if problems:
       raise CheckpointError(
@@ -311,8 +481,15 @@ class TrainCheckpointer:
     why = f"step {step} ({_first_line(error)})"
     aside = new_folder_beside(os.path.join(f"{self.directory}_unreadable", str(step)))
     if jax.process_index() == 0 and "://" not in self.directory:
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
-      os.replace(os.path.join(self.directory, str(step)), aside)
+      try:
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        os.replace(os.path.join(self.directory, str(step)), aside)
+      except OSError as e:
+        raise CheckpointError(
+          f"checkpoint {self.directory}/{step} cannot be read ({_first_line(error)}) and "
+          f"could not be moved aside to {aside} ({e.strerror or e}); move it out of "
+          f"{self.directory} yourself and run again to resume from the step before it"
+        ) from error
       self.manager.reload()
     logging.warning(
       "checkpoint %s/%d cannot be read: %s; moved it to %s and trying the step before it",
@@ -332,17 +509,7 @@ class TrainCheckpointer:
         data=ocp.args.JsonRestore(),
       ),
     )
-    data = restored["data"]
-    legacy = sorted(k for k in data if k.startswith("process_"))
-    if legacy:  # saved before data shards: process p's position is shard p's of P
-      data = {
-        "shards": len(legacy),
-        "next_example": {k.removeprefix("process_"): int(data[k]["next_example"]) for k in legacy},
-      }
-    return restored["state"], data
-
-  def close(self):
-    self.manager.close()
+    return restored["state"], restored["data"]
 
 
 # -------------------------------------------------------------------- models
@@ -370,7 +537,8 @@ def resolve(path: str, step: int | None = None) -> tuple[str, int]:
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   name = os.path.basename(path)
-  if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+  steps_beside = [str(s) for s in resolve_steps(os.path.dirname(path))]
+  if name in steps_beside and os.path.isdir(os.path.join(path, "state")):
     if step is not None and step != int(name):
       raise CheckpointError(f"{path} is the folder of step {name}, not of step {step}")
     return os.path.dirname(path), int(name)
@@ -421,9 +589,12 @@ def beside(checkpoint: str, step: int, name: str, flag: str) -> str:
 
 
 def resolve_steps(directory: str) -> list[int]:
+  """The committed steps of a checkpoint folder as Orbax finds them: folders
+  named by a number without leading zeros, not a file, a `0006` or a save
+  that never committed (`6.orbax-checkpoint-tmp`)."""
   if "://" in directory or not os.path.isdir(directory):
     return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  return sorted(m.step for m in ocp.path.step.standard_name_format().find_all(directory))
 
 
 def load_config(path: str, step: int | None = None):
@@ -563,7 +734,11 @@ def _restore(path, weights, config, shardings, step, allow_model_changes=False):
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
-  target, restore_args = _target({key: abstract}, {key: shardings})
+  wanted, wanted_shardings = {key: abstract}, {key: shardings}
+  if "step" in stored:  # a training state records its step: read it along
+    wanted["step"] = jax.ShapeDtypeStruct((), stored["step"].dtype)
+    wanted_shardings["step"] = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target, restore_args = _target(wanted, wanted_shardings)
   try:
     restored = manager.restore(
       step,
@@ -573,6 +748,8 @@ def _restore(path, weights, config, shardings, step, allow_model_changes=False):
     )
   except Exception as e:
     raise _unreadable_error(directory, step, e) from e
+  if "step" in stored:
+    _check_recorded_step(directory, step, restored["state"]["step"])
   params = restored["state"][key]
   bad = nonfinite_params(params)
   if bad:

@@ -19,7 +19,7 @@ from absl import logging
 
 from monoformer_jax.data import pipeline
 from monoformer_jax.data.packing import PackedBatches
-from monoformer_jax.data.sharded import ShardedBatches, data_state_shards, host_stream
+from monoformer_jax.data.sharded import ShardedBatches, data_state_of, host_stream
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.layout import row_spec
 
@@ -106,7 +106,7 @@ def data_shards(config, process_count: int, state: dict | None = None) -> int:
   data.shards, or when it is 0 the resumed state's count (so a run resumes
   exactly on another number of processes), else one per process."""
   shards = config.data.shards
-  saved = data_state_shards(state)["shards"] if state is not None else None
+  saved = data_state_of(state)["shards"] if state is not None else None
   if shards == 0:
     shards = saved if saved and saved % process_count == 0 else process_count
   if saved and saved != shards:
@@ -160,7 +160,7 @@ def make_batches(
     )
   batches = ShardedBatches(parts, shards)
   if state is not None:
-    state = data_state_shards(state)
+    state = data_state_of(state)
     if state["shards"] == shards:
       batches.set_state(state)
   depth = config.data.prefetch

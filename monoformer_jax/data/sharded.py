@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from monoformer_jax.data.packing import PackedBatches
-from monoformer_jax.errors import ConfigError
+from monoformer_jax.errors import ConfigError, FileFormatError
 from monoformer_jax.layout import Example
 
 
@@ -67,31 +67,67 @@ class ShardedBatches(Iterator[dict]):
     }
 
   def set_state(self, state: dict):
-    state = data_state_shards(state)
+    state = data_state_of(state)
     if state["shards"] != self.shards:
       raise ConfigError(
         f"the data state was read in {state['shards']} shards, these "
         f"batches in {self.shards}; set data.shards={state['shards']}"
       )
-    missing = [s for s in self.parts if str(s) not in state["next_example"]]
-    if missing:
-      raise ConfigError(f"the data state has no position for shards {missing}")
     for s, part in self.parts.items():
       part.set_state({"next_example": state["next_example"][str(s)]})
 
 
-def data_state_shards(state: dict) -> dict:
-  """A data state in ShardedBatches's form; a state of one PackedBatches
-  (before data shards) is shard 0 of 1."""
-  if "shards" in state:
-    return state
-  return {"shards": 1, "next_example": {"0": int(state["next_example"])}}
+def data_state_of(saved) -> dict:
+  """The data state `saved` (a checkpoint's `data` item, in any form a version
+  of this project wrote) as {"shards": S, "next_example": {"0": i0, ...,
+  "S-1": i}}, checked: anything else raises FileFormatError naming what is
+  wrong, before a batch is read at a wrong or negative position. Older forms:
+  {"next_example": i} (one stream, before data shards) is shard 0 of 1;
+  {"process_p": {"next_example": i}, ...} (per process) is shard p of P."""
+
+  def index(value, what: str) -> int:
+    if type(value) is not int or value < 0:
+      raise FileFormatError(
+        f"the data state's {what} is {value!r}, not an example index (an integer >= 0)"
+      )
+    return value
+
+  if not isinstance(saved, dict):
+    raise FileFormatError(f"the data state is {type(saved).__name__} {saved!r:.80}, not a dict")
+  if "shards" not in saved and set(saved) == {"next_example"}:
+    return {"shards": 1, "next_example": {"0": index(saved["next_example"], "next_example")}}
+  if saved and "shards" not in saved and all(k.startswith("process_") for k in saved):
+    positions = {k.removeprefix("process_"): v for k, v in saved.items()}
+    if sorted(positions) != sorted(str(p) for p in range(len(positions))) or not all(
+      isinstance(v, dict) and "next_example" in v for v in positions.values()
+    ):
+      raise FileFormatError(
+        f"the data state {sorted(saved)} is not a position for processes 0..{len(saved) - 1}"
+      )
+    return {
+      "shards": len(positions),
+      "next_example": {p: index(v["next_example"], f"process_{p}") for p, v in positions.items()},
+    }
+  if sorted(saved) != ["next_example", "shards"]:
+    raise FileFormatError(
+      f"the data state holds the keys {sorted(saved)}, not 'shards' and 'next_example'"
+    )
+  shards, positions = saved["shards"], saved["next_example"]
+  if type(shards) is not int or shards < 1:
+    raise FileFormatError(f"the data state's shards is {shards!r}, not an integer >= 1")
+  wanted = [str(s) for s in range(shards)]
+  if not isinstance(positions, dict) or set(positions) != set(wanted):
+    raise FileFormatError(
+      f"the data state's next_example is {positions!r:.80}, not one position for each of "
+      f"its {shards} shards (keys {wanted[0]}..{wanted[-1]})"
+    )
+  return {"shards": shards, "next_example": {s: index(positions[s], f"shard {s}") for s in wanted}}
 
 
 def merge_data_states(states: Sequence[dict]) -> dict:
-  """One data state from every process's (each holds its own shards)."""
-  states = [data_state_shards(s) for s in states]
+  """One data state from every process's `get_state()` (each holds its own
+  shards), checked as a resumed run will read it."""
   merged = {}
   for s in states:
     merged.update(s["next_example"])
-  return {"shards": states[0]["shards"], "next_example": merged}
+  return data_state_of({"shards": states[0]["shards"], "next_example": merged})

@@ -42,7 +42,7 @@ from monoformer_jax import perf
 from monoformer_jax.checkpoints import TrainCheckpointer, load_params
 from monoformer_jax.checks import check_batch_layout, check_train_config
 from monoformer_jax.data.datasets import make_batches, source_of
-from monoformer_jax.data.sharded import merge_data_states
+from monoformer_jax.data.sharded import data_state_of, merge_data_states
 from monoformer_jax.diffusion.gaussian import from_config
 from monoformer_jax.errors import PathError, TrainingDiverged
 from monoformer_jax.eval import finite_json
@@ -279,7 +279,7 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     )
     cleanup.callback(ckpt.close)
     graphdef, abstract, shardings = state_shardings(config, mesh, tx)
-    resumed = ckpt.restore_latest(abstract, shardings, config)
+    resumed = ckpt.restore_latest(abstract, shardings, config, data_state_of)
     data_state = None
     if resumed is not None:
       latest, state, data_state = resumed
