@@ -272,12 +272,15 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     cleanup.enter_context(sharding.logical_rules(rules))
     # --------------------------------------------------------------- model
     tx, schedule = make_optimizer(config.optim, config.model)
-    ckpt = TrainCheckpointer(
-      os.path.join(workdir, "checkpoints"),
-      keep=config.train.keep_checkpoints,
-      save_every=config.train.checkpoint_every,
+    # Closed on every exit, waiting for the save in flight; a failed save is
+    # raised, or logged when another error is already on its way out.
+    ckpt = cleanup.enter_context(
+      TrainCheckpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.train.keep_checkpoints,
+        save_every=config.train.checkpoint_every,
+      )
     )
-    cleanup.callback(ckpt.close)
     graphdef, abstract, shardings = state_shardings(config, mesh, tx)
     resumed = ckpt.restore_latest(abstract, shardings, config, data_state_of)
     data_state = None
