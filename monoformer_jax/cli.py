@@ -130,15 +130,23 @@ def describe(error: BaseException) -> str:
   the lines before do not already say."""
   lines = [f"error: {error}"]
   seen = {id(error)}
-  cause = error.__cause__ or error.__context__
+  cause = _cause_of(error)
   while cause is not None and id(cause) not in seen:
     seen.add(id(cause))
     first = str(cause).strip().splitlines()
     first = first[0] if first else ""
     if not first or first not in "\n".join(lines):
       lines.append(f"  because: {type(cause).__name__}: {first}")
-    cause = cause.__cause__ or cause.__context__
+    cause = _cause_of(cause)
   return "\n".join(lines)
+
+
+def _cause_of(error: BaseException) -> BaseException | None:
+  """What Python's own traceback would show as `error`'s cause: none after
+  `raise ... from None`."""
+  if error.__cause__ is not None or error.__suppress_context__:
+    return error.__cause__
+  return error.__context__
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:

@@ -367,3 +367,25 @@ def test_an_entry_point_prints_one_line_and_exits_2_and_verbose_raises(capsys):
   for verbose in ("--verbose", "-verbose=true"):
     with pytest.raises(ConfigError, match="has no variant 'nope'"):
       cli._parse_flags_or_fail([*argv, verbose], _flags([*argv, verbose]))
+
+
+def test_describe_follows_the_chain_python_would_show():
+  """`from None` hides the context (as Python's traceback does); `from e` and
+  an error raised while handling another show theirs."""
+
+  def chained(how):
+    try:
+      try:
+        raise KeyError("inner")
+      except KeyError as e:
+        if how == "none":
+          raise ConfigError("outer") from None
+        if how == "cause":
+          raise ConfigError("outer") from e
+        raise ConfigError("outer")  # noqa: B904 (the implicit context is what is tested)
+    except ConfigError as e:
+      return cli.describe(e)
+
+  assert chained("none") == "error: outer"
+  assert chained("cause") == "error: outer\n  because: KeyError: 'inner'"
+  assert chained("context") == "error: outer\n  because: KeyError: 'inner'"
