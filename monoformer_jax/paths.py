@@ -4,6 +4,7 @@
     fresh_output_dir(path, outputs, flag, overwrite)
                                         a writable folder holding none of `outputs`
     new_folder_beside(base)             `base`, or the first of `base-2`, `base-3`, ... not there
+    free_bytes(path)                    the free space where `path` is (or would be) written
 
 Each failure is a `PathError` naming the flag, the path and the fix. Cloud
 paths (`gs://...`) are passed through to the libraries that write them.
@@ -12,6 +13,7 @@ paths (`gs://...`) are passed through to the libraries that write them.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 
@@ -58,3 +60,14 @@ def new_folder_beside(base: str) -> str:
     k += 1
     candidate = f"{base}-{k}"
   return candidate
+
+
+def free_bytes(path: str) -> int | None:
+  """Free bytes on the disk that holds `path`, or would hold it once made (its
+  nearest existing folder); None for a cloud path."""
+  path = os.path.abspath(os.fspath(path)) if "://" not in os.fspath(path) else None
+  if path is None:
+    return None
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return shutil.disk_usage(path).free

@@ -377,15 +377,13 @@ def test_python_api_refuses_nonsense_before_touching_the_model():
     match=r"prompts must be a list of strings, got the string "
     r"'two plus'; pass \['two plus'\]",
   ):
-    inference.complete_text(None, tok, "two plus")
+    inference.complete_text(None, tok, "two plus", config=config)
   with pytest.raises(ConfigError, match=r"num_steps=0: must be in \[1, 1000\]"):
-    inference.generate_images(None, tok, ["a seven"], diffusion=config.diffusion, num_steps=0)
+    inference.generate_images(None, tok, ["a seven"], config=config, num_steps=0)
   with pytest.raises(ConfigError, match=r"cfg_scale=nan: must be a finite number"):
-    inference.generate_images(
-      None, tok, ["a seven"], diffusion=config.diffusion, cfg_scale=math.nan
-    )
+    inference.generate_images(None, tok, ["a seven"], config=config, cfg_scale=math.nan)
   with pytest.raises(ConfigError, match=r"top_p=0.0: must be in \(0, 1\]"):
-    inference.complete_text(None, tok, ["two"], top_p=0.0)
+    inference.complete_text(None, tok, ["two"], config=config, top_p=0.0)
 
 
 def test_metrics_records_are_strict_json():

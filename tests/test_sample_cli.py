@@ -52,7 +52,7 @@ def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
   model, config = load_model(digits_checkpoint)
   tok = inference.tokenizer_of(config)
   x0 = inference.generate_images(
-    model, tok, prompts, diffusion=config.diffusion, num_steps=3, cfg_scale=2.0, seed=0
+    model, tok, prompts, config=config, num_steps=3, cfg_scale=2.0, seed=0
   )
   np.testing.assert_allclose(images, inference.to_pixels(x0, config), atol=1e-4)
   run = _cli(
@@ -64,7 +64,9 @@ def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
     f"--output_dir={out}",
   )  # beside images.*: no --overwrite
   assert run.returncode == 0, run.stderr[-3000:]
-  text = inference.complete_text(model, tok, ["two plus"], max_new_tokens=5, temperature=0)
+  text = inference.complete_text(
+    model, tok, ["two plus"], config=config, max_new_tokens=5, temperature=0
+  )
   assert f"'two plus' -> {text[0]!r}" in run.stdout
   assert (out / "text.txt").read_text().strip() == f"'two plus' -> {text[0]!r}"
 

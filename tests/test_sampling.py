@@ -112,7 +112,7 @@ def test_every_image_sampler_runs_the_configs_process(monkeypatch):
   monkeypatch.setattr(inference, "sample_images", sample_images)
   monkeypatch.setattr(inference, "interleave", interleave)
   model = types.SimpleNamespace(tokens_per_image=16, cond_token=False)  # never run
-  inference.generate_images(model, TOK, ["two"], diffusion=config.diffusion, num_steps=5)
+  inference.generate_images(model, TOK, ["two"], config=config, num_steps=5)
   inference.generate_interleaved(model, TOK, ["here is a"], config=config, num_steps=5)
   inference.edit_images(
     model, TOK, [np.zeros((8, 8))], "the next digit:", config=config, num_steps=5
@@ -132,7 +132,7 @@ def test_guidance_scale_one_is_the_conditional_model_and_seeds_reproduce(config,
       model,
       TOK,
       PROMPTS[:2],
-      diffusion=config.diffusion,
+      config=config,
       num_steps=5,
       cfg_scale=scale,
       seed=seed,
