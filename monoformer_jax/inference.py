@@ -40,7 +40,7 @@ from monoformer_jax.data.datasets import class_by_name, draws_pixels
 from monoformer_jax.diffusion.gaussian import SAMPLERS, from_config
 from monoformer_jax.diffusion.sample_images import sample_images
 from monoformer_jax.errors import ConfigError
-from monoformer_jax.layout import check_trained_length, prompt_lengths, row_spec
+from monoformer_jax.layout import Example, check_trained_length, prompt_lengths, row_spec
 from monoformer_jax.text.generate import generate
 from monoformer_jax.text.interleaved import TokenIds, interleaved_budget
 from monoformer_jax.text.interleaved import generate_interleaved as interleave
@@ -77,6 +77,7 @@ def check_budget(
   reads: Sequence[bool] | None = None,
   max_new_tokens: int | None = None,
   prefix: str = "",
+  label: str = "prompt {}",
 ) -> int | None:
   """Refuses, before anything is compiled, prompts whose rows would pass the
   positions the model was trained on (data.seq_len; layout.check_trained_length):
@@ -86,9 +87,11 @@ def check_budget(
   `prompts` are the questions), or an image and the batch's columns
   ("interleaved": `reads[i]` says whether prompt i reads an image first).
   Returns the text budget, `max_new_tokens` or for None as many tokens as the
-  rows hold (None for images). `prefix`: '--' names the CLI's flags."""
+  rows hold (None for images). `prefix`: '--' names the CLI's flags,
+  'sample.' config fields; `label` names prompt i in messages."""
   if sampler not in SAMPLERS_OF_ROWS:
     raise ValueError(f"sampler={sampler!r}: one of {SAMPLERS_OF_ROWS}")
+  prompts = check_prompts(prompts)
   spec = row_spec(config, tokenizer)
   seq_len, budget = spec.seq_len, f"{prefix}max_new_tokens"
   if prefix.endswith("."):  # a config field
@@ -108,20 +111,27 @@ def check_budget(
       prompt_format.read_prompt_example(p, image, t) if r else prompt_format.text_prompt_ids(p, t)
       for p, r in zip(prompts, reads)
     ]
+  if not spec.read_tokens and any(isinstance(p, Example) for p in ids):
+    raise ConfigError(
+      f"this model has no vision encoder (model.vision_encoder is {config.model.vision_encoder!r}),"
+      " so it cannot read an image; use a model trained with model.vision_encoder=vae or clip"
+    )
   lengths = prompt_lengths(ids, spec)
   if sampler in ("images", "edit"):
     image = spec.tokens_per_image + int(spec.cond_token)
-    check_trained_length(lengths, image, seq_len, new_what="its image takes")
+    check_trained_length(lengths, image, seq_len, new_what="its image takes", label=label)
     return None
   if sampler == "interleaved":
     need = int(spec.cond_token) + spec.tokens_per_image + 1
     return interleaved_budget(lengths, max_new_tokens, seq_len, need, budget)
   if max_new_tokens is None:
     room = seq_len - max(lengths)
-    check_trained_length(lengths, max(room, 1), seq_len, new_what="its answer needs at least")
+    check_trained_length(
+      lengths, max(room, 1), seq_len, new_what="its answer needs at least", label=label
+    )
     return room
   check_trained_length(
-    lengths, max_new_tokens, seq_len, new_what=f"{budget} asks for", budget=budget
+    lengths, max_new_tokens, seq_len, new_what=f"{budget} asks for", budget=budget, label=label
   )
   return max_new_tokens
 
@@ -219,7 +229,7 @@ def generate_images(
     sampler=sampler,
     guided_channels=guided_channels,
   )
-  seed = check_seed(seed)
+  seed, use_cache = check_seed(seed), boolean("use_cache", use_cache)
   check_budget(config, tokenizer, "images", prompts)
   batches = _batches(len(prompts), batch_size)
   cfg_scale = cfg_scale or None  # 0 is no guidance
@@ -243,7 +253,7 @@ def generate_images(
         guided_channels=guided_channels,
         sampler=sampler,
         eta=eta,
-        use_cache=boolean("use_cache", use_cache),
+        use_cache=use_cache,
         progress=progress,
       )
     )
@@ -273,7 +283,7 @@ def complete_text(
   check_text_sampling(
     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
   )
-  seed = check_seed(seed)
+  seed, use_cache = check_seed(seed), boolean("use_cache", use_cache)
   max_new_tokens = check_budget(config, tokenizer, "text", prompts, max_new_tokens=max_new_tokens)
   ids = generate(
     model,
@@ -285,15 +295,23 @@ def complete_text(
     temperature=temperature,
     top_k=top_k,
     top_p=top_p,
-    use_cache=boolean("use_cache", use_cache),
+    use_cache=use_cache,
   )
   return [tokenizer.decode(t) for t in ids]
 
 
 def _image_list(images):
-  """`images` as a non-empty list (never one path, whose letters would be taken)."""
-  if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or not len(images):
-    raise ConfigError("images must be a non-empty list (paths, PIL images or arrays)")
+  """`images` as a non-empty list: never one path (whose letters would be
+  taken) or one image (whose rows would), an array only as a batch [B, h, w, C]."""
+  one = isinstance(images, (str, os.PathLike, Image.Image))
+  one |= isinstance(images, np.ndarray) and images.ndim != 4
+  if one or not len(images):
+    raise ConfigError(
+      f"images must be a non-empty list (paths, PIL images or arrays) or a 4-D array "
+      f"[B, h, w, C], got {type(images).__name__}"
+      + (f" of shape {images.shape}" if isinstance(images, np.ndarray) else "")
+      + "; for one image pass [image]"
+    )
   return list(images)
 
 
@@ -317,7 +335,7 @@ def describe_images(
   *,
   config,
   vae=None,
-  max_new_tokens: int | None = 128,
+  max_new_tokens: int | None = None,
   temperature: float = 0.0,
   top_k: int = 0,
   top_p: float = 1.0,
@@ -334,7 +352,7 @@ def describe_images(
   check_text_sampling(
     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
   )
-  seed = check_seed(seed)
+  seed, use_cache = check_seed(seed), boolean("use_cache", use_cache)
   max_new_tokens = check_budget(config, tokenizer, "read", questions, max_new_tokens=max_new_tokens)
   inputs = _read_inputs(images, config, vae)
   spec = row_spec(config, tokenizer)
@@ -350,7 +368,7 @@ def describe_images(
     top_k=top_k,
     top_p=top_p,
     spec=spec,
-    use_cache=boolean("use_cache", use_cache),
+    use_cache=use_cache,
   )
   return [tokenizer.decode(t) for t in ids]
 

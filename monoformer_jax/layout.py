@@ -634,7 +634,13 @@ def prompt_lengths(prompts: Sequence[Sequence[int] | Example], spec: RowSpec | N
 
 
 def check_trained_length(
-  lengths: Sequence[int], new: int, seq_len: int, *, new_what: str, budget: str | None = None
+  lengths: Sequence[int],
+  new: int,
+  seq_len: int,
+  *,
+  new_what: str,
+  budget: str | None = None,
+  label: str = "prompt {}",
 ):
   """Refuses prompts whose rows would pass the positions the model was trained
   on, before anything is compiled: prompt i takes `lengths[i]` positions (its
@@ -643,7 +649,8 @@ def check_trained_length(
   RoPE has no position table (model/llama.py), so nothing else stops a longer
   row: past data.seq_len are positions the model never saw, and the answers
   there are noise. `budget` names the argument that sets `new` (e.g.
-  '--max_new_tokens'), for the fix; None when it is fixed (an image's tokens)."""
+  '--max_new_tokens'), for the fix; None when it is fixed (an image's tokens).
+  `label` names prompt i (formatted with i)."""
   i = max(range(len(lengths)), key=lambda k: lengths[k])
   n = int(lengths[i])
   if n + new <= seq_len:
@@ -654,8 +661,10 @@ def check_trained_length(
     fixes.append(f"shorten it by {cut:,} token{'s' if cut > 1 else ''}")
   if budget and n < seq_len:
     fixes.append(f"lower {budget} to {seq_len - n:,}")
+  if budget and not fixes:
+    fixes.append(f"shorten it and lower {budget}: the two may take {seq_len:,} together")
   raise ConfigError(
-    f"prompt {i} takes {n:,} positions and {new_what} {new:,}: {n + new:,} in all, past "
+    f"{label.format(i)} takes {n:,} positions and {new_what} {new:,}: {n + new:,} in all, past "
     f"the {seq_len:,} of the rows the model was trained on (data.seq_len); "
     + (" or ".join(fixes) or "use a model trained on longer rows")
   )

@@ -73,7 +73,7 @@ from jax.experimental import multihost_utils
 
 from monoformer_jax import cli, inference
 from monoformer_jax.checkpoints import beside, load_config, load_model
-from monoformer_jax.config.fields import check_image_sampling, check_text_sampling
+from monoformer_jax.config.fields import check_image_sampling, check_prompts, check_text_sampling
 from monoformer_jax.config.schema import CONDITIONING_TOKEN_MODE
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.layout import tokens_per_image
@@ -465,6 +465,9 @@ def _check_flags(command: str):
     raise ConfigError(
       f"interleaved with {images} --image and {questions} --text_prompt: give one image per prompt"
     )
+  for name in ("prompt", "class_name", "text_prompt"):
+    if name in takes and flags.FLAGS[name].value:
+      check_prompts(flags.FLAGS[name].value, f"--{name}")
   if "max_new_tokens" in takes:
     check_text_sampling(**_writing(), prefix="--")
 
@@ -590,14 +593,14 @@ def main(argv):
   tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
   for class_name in _CLASS_NAME.value:  # an unknown class fails here, before the model loads
     inference.class_name_prompt(class_name, config)
+  vae = inference.load_vae_of(config, _VAE.value, flag="--vae") if "vae" in command.flags else None
+  path = _output_path(_CHECKPOINT.value, step)
+  _check_room(name, config, vae, path)  # first: the rows below are listed per sample
   # Prompts drawn at a time: the rows of one training micro-batch, which this mesh fit.
   batch_size = max(1, config.data.batch_size // config.optim.grad_accum_steps)
   _check_rows(name, config, tokenizer, batch_size)
-  vae = inference.load_vae_of(config, _VAE.value, flag="--vae") if "vae" in command.flags else None
   # Every process of a multi-host run samples (sharded); process 0 writes.
   writer = jax.process_index() == 0
-  path = _output_path(_CHECKPOINT.value, step)
-  _check_room(name, config, vae, path)
   out_dir = _output_dir(path, command.outputs) if writer else None
 
   mesh = sharding.make_mesh(config.mesh)

@@ -130,27 +130,20 @@ def image_columns_needed(model) -> int:
 def interleaved_budget(
   lengths, max_new_tokens: int | None, max_positions: int | None, need: int, budget="max_new_tokens"
 ) -> int:
-  """The columns after the prompts: `max_new_tokens`, checked, or for None as
-  many as the rows can write. Prompt i takes `lengths[i]` positions and an
-  image `need` + 1 columns (`image_columns_needed` and its <|im_start|>). With
-  `max_positions` (the trained data.seq_len) each prompt must leave room for
-  one image (layout.check_trained_length), and since every column advances
-  some row's positions by one (a text token, or a drawing row's image), rows
-  that stop at max_positions write at most sum(max_positions - lengths)
-  columns: a larger budget would only make the rows longer. `budget` names
-  the argument in messages ('--max_new_tokens' for the CLI)."""
+  """The columns after the prompts: `max_new_tokens`, checked, and at most as
+  many as the rows can write (None: that many). Prompt i takes `lengths[i]`
+  positions and an image `need` + 1 columns (`image_columns_needed` and its
+  <|im_start|>). With `max_positions` (the trained data.seq_len) each prompt
+  must leave room for one image (layout.check_trained_length), and since
+  every column advances some row's positions by one (a text token, or a
+  drawing row's image), rows that stop at max_positions write at most
+  sum(max_positions - lengths) columns: a larger budget only makes the rows
+  longer, never an answer, so it is cut to that (the same answers, a shorter
+  cache). `budget` names the argument in messages ('--max_new_tokens' for the CLI)."""
   if max_positions:
     check_trained_length(lengths, need + 1, max_positions, new_what="an image takes")
     usable = sum(max_positions - n for n in lengths)
-    if max_new_tokens is None:
-      return usable
-    if max_new_tokens > usable:
-      raise ConfigError(
-        f"{budget}={max_new_tokens} is more columns than {len(lengths)} row(s) can write: "
-        f"each stops at the {max_positions:,} positions the model was trained on "
-        f"(data.seq_len), {usable:,} columns after their prompts in all; lower {budget} "
-        f"to {usable:,} or leave it out"
-      )
+    max_new_tokens = usable if max_new_tokens is None else min(max_new_tokens, usable)
   elif max_new_tokens is None:
     raise ConfigError(f"{budget}=None needs max_positions (data.seq_len) to count the columns")
   if max_new_tokens < need + 1:
@@ -186,7 +179,7 @@ def generate_interleaved(
   images, laid out by `spec`), in order; see the module docstring.
 
   `max_new_tokens`: columns after the prompt (text tokens and image columns;
-  None: as many as the rows can write, `interleaved_budget`); `diffusion`:
+  at most, and for None, as many as the rows can write: `interleaved_budget`); `diffusion`:
   the respaced GaussianDiffusion each image runs; `cfg_scale`: guidance
   against the null context (None: none); `max_positions`: the longest row the
   model was trained on (data.seq_len): each prompt must leave room for an

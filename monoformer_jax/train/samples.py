@@ -46,6 +46,7 @@ def check_samples(config, tokenizer):
       list(config.sample.text_prompts),
       max_new_tokens=config.sample.max_new_tokens,
       prefix="sample.",
+      label="sample.text_prompts[{}]",
     )
 
 
