@@ -429,6 +429,11 @@ def _check_flags(command: str):
       raise ConfigError(
         f"--{name} is not a flag of `{command}`: {takers} take{'s' if len(owners) == 1 else ''} it"
       )
+  if flags.FLAGS["output_dir"].present and not _OUTPUT_DIR.value:
+    raise ConfigError(
+      "--output_dir is empty; pass a folder for the outputs, or leave the flag out for a new "
+      "folder beside the checkpoint"
+    )
   if not _CHECKPOINT.value:
     raise ConfigError(
       f"`{command}` needs --checkpoint: a training workdir, one of its step "

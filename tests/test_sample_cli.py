@@ -225,6 +225,13 @@ def test_cli_refuses_what_a_command_does_not_take_before_loading():
       "--text_prompt=two",
       "--top_p=2",
     ): "ConfigError: --top_p=2.0: must be in (0, 1]; 1 keeps every token",
+    (  # was the default folder beside the checkpoint, silently
+      "text",
+      "--checkpoint=/nowhere",
+      "--text_prompt=two",
+      "--output_dir=",
+    ): "ConfigError: --output_dir is empty; pass a folder for the outputs, or leave the flag "
+    "out for a new folder beside the checkpoint",
     ("sideways", "--checkpoint=/nowhere"): "UsageError: usage: python -m monoformer_jax.sample "
     "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got ['sideways'])",
     (): "UsageError: usage: python -m monoformer_jax.sample "
