@@ -59,7 +59,9 @@ padded so every prompt ends at the same column, followed by the slots being
 generated (new text tokens, or the P tokens of one image). All rows then write
 and read the same columns at every step, which is what a KV cache with one
 offset per batch needs; positions still restart at 0 where each prompt starts.
-`PromptLayout` says which columns are which.
+`PromptLayout` says which columns are which. A prompt and what a sampler
+writes after it must fit the rows the model was trained on
+(`check_trained_length`, every sampler's one rule).
 
 Nothing is dropped, reordered or cut silently. An example with images that
 cannot fit one row (too long, too many images, an image of the wrong shape)
@@ -618,6 +620,54 @@ def prompt_rows(
     read_cond,
   )
   return PromptRows(row, layout, read_images if r_max else None)
+
+
+def prompt_lengths(prompts: Sequence[Sequence[int] | Example], spec: RowSpec | None = None):
+  """The positions each prompt of `prompt_rows` takes: its ids, each read
+  image expanded to its tokens (which needs `spec`)."""
+  return [
+    expanded_length(p, spec)
+    if isinstance(p, Example) and len(p.images)
+    else len(getattr(p, "ids", p))
+    for p in prompts
+  ]
+
+
+def check_trained_length(
+  lengths: Sequence[int],
+  new: int,
+  seq_len: int,
+  *,
+  new_what: str,
+  budget: str | None = None,
+  label: str = "prompt {}",
+):
+  """Refuses prompts whose rows would pass the positions the model was trained
+  on, before anything is compiled: prompt i takes `lengths[i]` positions (its
+  read images expanded) and the sampler writes `new` more after it (`new_what`
+  says what they are); all must fit `seq_len`, the config's data.seq_len.
+  RoPE has no position table (model/llama.py), so nothing else stops a longer
+  row: past data.seq_len are positions the model never saw, and the answers
+  there are noise. `budget` names the argument that sets `new` (e.g.
+  '--max_new_tokens'), for the fix; None when it is fixed (an image's tokens).
+  `label` names prompt i (formatted with i)."""
+  i = max(range(len(lengths)), key=lambda k: lengths[k])
+  n = int(lengths[i])
+  if n + new <= seq_len:
+    return
+  fixes = []
+  if new < seq_len:
+    cut = n + new - seq_len
+    fixes.append(f"shorten it by {cut:,} token{'s' if cut > 1 else ''}")
+  if budget and n < seq_len:
+    fixes.append(f"lower {budget} to {seq_len - n:,}")
+  if budget and not fixes:
+    fixes.append(f"shorten it and lower {budget}: the two may take {seq_len:,} together")
+  raise ConfigError(
+    f"{label.format(i)} takes {n:,} positions and {new_what} {new:,}: {n + new:,} in all, past "
+    f"the {seq_len:,} of the rows the model was trained on (data.seq_len); "
+    + (" or ".join(fixes) or "use a model trained on longer rows")
+  )
 
 
 def _prompt_columns(prompt, spec: RowSpec, index: int) -> Rows:

@@ -5,6 +5,7 @@
                                         a writable folder holding none of `outputs`
     new_folder_beside(base)             `base`, or the first of `base-2`, `base-3`, ... not there
     writable_file(path, what, flag)     a local file path whose folder is (or can be made) writable
+    free_bytes(path)                    the free space where `path` is (or would be) written
 
 Each failure is a `PathError` naming the flag, the path and the fix. Cloud
 paths (`gs://...`) are passed through to the libraries that write them.
@@ -13,6 +14,7 @@ paths (`gs://...`) are passed through to the libraries that write them.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 
@@ -79,3 +81,14 @@ def new_folder_beside(base: str) -> str:
     k += 1
     candidate = f"{base}-{k}"
   return candidate
+
+
+def free_bytes(path: str) -> int | None:
+  """Free bytes on the disk that holds `path`, or would hold it once made (its
+  nearest existing folder); None for a cloud path."""
+  path = os.path.abspath(os.fspath(path)) if "://" not in os.fspath(path) else None
+  if path is None:
+    return None
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return shutil.disk_usage(path).free

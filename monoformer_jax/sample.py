@@ -52,7 +52,11 @@ files go to `--output_dir`, or without it to a new folder beside the checkpoint
 (`WORKDIR/samples_step800`, or `MODEL_samples_step0` for a converted model;
 `-2`, `-3`, ... when it exists); an `--output_dir` that already holds the files
 the command writes needs `--overwrite`. Every flag is checked before the model
-is loaded. Latent models are decoded (and encode what they read) with the
+is loaded, and so is each prompt with what is written after it against the
+rows the model was trained on (config.data.seq_len: `--max_new_tokens`
+defaults to the rest of that row), and `--num_samples` against the free
+memory and disk its images take. Images are drawn a training micro-batch at a
+time. Latent models are decoded (and encode what they read) with the
 SD-VAE at `--vae` (or the config's `vae.path`); the digits model works in
 pixels.
 """
@@ -69,11 +73,13 @@ from jax.experimental import multihost_utils
 
 from monoformer_jax import cli, inference
 from monoformer_jax.checkpoints import beside, load_config, load_model
-from monoformer_jax.config.fields import check_image_sampling, check_text_sampling
+from monoformer_jax.config.fields import check_image_sampling, check_prompts, check_text_sampling
+from monoformer_jax.config.schema import CONDITIONING_TOKEN_MODE
 from monoformer_jax.errors import ConfigError
+from monoformer_jax.layout import tokens_per_image
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
-from monoformer_jax.paths import fresh_output_dir, new_folder_beside, writable_dir
+from monoformer_jax.paths import free_bytes, fresh_output_dir, new_folder_beside, writable_dir
 from monoformer_jax.vision.images import load_image
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -131,7 +137,12 @@ _CACHE = flags.DEFINE_bool(
   "cache", True, "Cache the prompt's keys/values (images) and the KV cache (text)."
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed, the same samples.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Longest text completion.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+  "max_new_tokens",
+  None,
+  "Longest text completion (interleaved: the columns, images included; default: as many as "
+  "the rows the model was trained on hold, config.data.seq_len).",
+)
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "Text temperature; 0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 50, "Sample among the k likeliest tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Sample within this probability mass (1: all).")
@@ -164,28 +175,36 @@ class Loaded(NamedTuple):
   sources: list  # the --image files, decoded
   num_steps: int | None  # a drawing command's: the flag, else config.sample's
   cfg_scale: float | None
+  batch_size: int  # prompts drawn at a time: the rows of one training micro-batch
   out_dir: str | None  # None on the processes of a multi-host run that do not write
+
+
+def _image_prompts(config) -> list[str]:
+  """--prompt, then the reference's prompt around each --class_name."""
+  return list(_PROMPT.value) + [inference.class_name_prompt(c, config) for c in _CLASS_NAME.value]
 
 
 def _images(run: Loaded):
   """`--num_samples` images of each --prompt, then each --class_name."""
-  prompts = list(_PROMPT.value) + [
-    inference.class_name_prompt(c, run.config) for c in _CLASS_NAME.value
-  ]
+  prompts = _image_prompts(run.config)
   per_sample = [p for p in prompts for _ in range(_NUM_SAMPLES.value)]
+  batches = -(-len(per_sample) // run.batch_size)
   logging.info(
-    "%d images: %s, %d steps, guidance %s, prompt cache %s",
+    "%d images in %d batch(es) of up to %d: %s, %d steps, guidance %s, prompt cache %s",
     len(per_sample),
+    batches,
+    run.batch_size,
     _SAMPLER.value,
     run.num_steps,
     run.cfg_scale or "off",
     "on" if _CACHE.value else "off",
   )
-  with tqdm.tqdm(total=run.num_steps, desc=f"{_SAMPLER.value} steps") as bar:
+  with tqdm.tqdm(total=run.num_steps * batches, desc=f"{_SAMPLER.value} steps") as bar:
     x0 = inference.generate_images(
       run.model,
       run.tokenizer,
       per_sample,
+      config=run.config,
       num_steps=run.num_steps,
       sampler=_SAMPLER.value,
       eta=_ETA.value,
@@ -193,7 +212,7 @@ def _images(run: Loaded):
       guided_channels=_guided_channels(),
       seed=_SEED.value,
       use_cache=_CACHE.value,
-      diffusion=run.config.diffusion,
+      batch_size=run.batch_size,
       progress=lambda _: bar.update(1),
     )
     x0 = (
@@ -206,10 +225,15 @@ def _images(run: Loaded):
   if run.out_dir is None:
     return
   np.savez(os.path.join(run.out_dir, "images.npz"), images=images, prompts=np.array(per_sample))
-  inference.image_grid(images, rows=len(prompts), scale=max(1, 64 // images.shape[1])).save(
+  inference.image_grid(images, rows=len(prompts), scale=_grid_scale(images.shape[1])).save(
     os.path.join(run.out_dir, "images.png")
   )
   logging.info("wrote %d images to %s (images.png, images.npz)", len(images), run.out_dir)
+
+
+def _grid_scale(size: int) -> int:
+  """How much images.png and edits.png enlarge each pixel: small images to ~64 px."""
+  return max(1, 64 // size)
 
 
 def _text(run: Loaded):
@@ -218,6 +242,7 @@ def _text(run: Loaded):
     run.model,
     run.tokenizer,
     _TEXT_PROMPT.value,
+    config=run.config,
     **_writing(),
     seed=_SEED.value,
     use_cache=_CACHE.value,
@@ -225,9 +250,14 @@ def _text(run: Loaded):
   _write_text([f"{p!r} -> {c!r}" for p, c in zip(_TEXT_PROMPT.value, completions)], run.out_dir)
 
 
+def _questions() -> list[str]:
+  """read: each --image's question (one for all, or one each)."""
+  return list(_TEXT_PROMPT.value) * (len(_IMAGE.value) // len(_TEXT_PROMPT.value))
+
+
 def _read(run: Loaded):
   """Each --image read and --text_prompt (its own, or the one for all) answered."""
-  questions = list(_TEXT_PROMPT.value) * (len(_IMAGE.value) // len(_TEXT_PROMPT.value))
+  questions = _questions()
   answers = inference.describe_images(
     run.model,
     run.tokenizer,
@@ -271,6 +301,7 @@ def _interleaved(run: Loaded):
     cfg_scale=run.cfg_scale or None,
     guided_channels=_guided_channels(),
     seed=_SEED.value,
+    batch_size=run.batch_size,
     progress=logging.info,
   )
   if run.out_dir is None:
@@ -286,15 +317,23 @@ def _interleaved(run: Loaded):
   )
 
 
+def _instructions() -> list[str]:
+  """edit: each --image's instruction (one for all, or one each)."""
+  return list(_PROMPT.value) * (len(_IMAGE.value) // len(_PROMPT.value))
+
+
 def _edit(run: Loaded):
   """`--num_samples` edits of each --image (edits.png: a row per image, the
   image first; edits.npz)."""
   n, sources = _NUM_SAMPLES.value, run.sources
-  instructions = list(_PROMPT.value) * (len(sources) // len(_PROMPT.value))
+  instructions = _instructions()
   guidance = _EDIT_GUIDANCE.value
   scale = (run.cfg_scale, _IMAGE_CFG_SCALE.value) if guidance == "two_scale" else run.cfg_scale
-  logging.info("%d edits: %s guidance %s", len(sources) * n, guidance, scale)
-  with tqdm.tqdm(total=run.num_steps, desc=f"{_SAMPLER.value} steps") as bar:
+  batches = -(-len(sources) * n // run.batch_size)
+  logging.info(
+    "%d edits in %d batch(es): %s guidance %s", len(sources) * n, batches, guidance, scale
+  )
+  with tqdm.tqdm(total=run.num_steps * batches, desc=f"{_SAMPLER.value} steps") as bar:
     x0 = inference.edit_images(
       run.model,
       run.tokenizer,
@@ -309,6 +348,7 @@ def _edit(run: Loaded):
       eta=_ETA.value,
       guided_channels=_guided_channels(),
       seed=_SEED.value,
+      batch_size=run.batch_size,
       progress=lambda _: bar.update(1),
     )
   edits = inference.to_pixels(jax.device_get(x0), run.config, run.vae)
@@ -325,7 +365,7 @@ def _edit(run: Loaded):
   grid = np.concatenate(
     [np.concatenate([shown[i][None], edits[i * n : (i + 1) * n]]) for i in range(len(sources))]
   )
-  inference.image_grid(grid, rows=len(sources), scale=max(1, 64 // size)).save(
+  inference.image_grid(grid, rows=len(sources), scale=_grid_scale(size)).save(
     os.path.join(run.out_dir, "edits.png")
   )
   np.savez(
@@ -389,6 +429,11 @@ def _check_flags(command: str):
       raise ConfigError(
         f"--{name} is not a flag of `{command}`: {takers} take{'s' if len(owners) == 1 else ''} it"
       )
+  if flags.FLAGS["output_dir"].present and not _OUTPUT_DIR.value:
+    raise ConfigError(
+      "--output_dir is empty; pass a folder for the outputs, or leave the flag out for a new "
+      "folder beside the checkpoint"
+    )
   if not _CHECKPOINT.value:
     raise ConfigError(
       f"`{command}` needs --checkpoint: a training workdir, one of its step "
@@ -425,18 +470,97 @@ def _check_flags(command: str):
     raise ConfigError(
       f"interleaved with {images} --image and {questions} --text_prompt: give one image per prompt"
     )
+  for name in ("prompt", "class_name", "text_prompt"):
+    if name in takes and flags.FLAGS[name].value:
+      check_prompts(flags.FLAGS[name].value, f"--{name}")
   if "max_new_tokens" in takes:
     check_text_sampling(**_writing(), prefix="--")
 
 
-def _output_dir(checkpoint: str, step: int, outputs: tuple[str, ...]) -> str:
-  """--output_dir, checked; else a new folder beside the checkpoint."""
-  if _OUTPUT_DIR.value:
-    return fresh_output_dir(_OUTPUT_DIR.value, outputs, "--output_dir", _OVERWRITE.value)
-  base = beside(checkpoint, step, "samples", "--output_dir")
-  return writable_dir(
-    new_folder_beside(base), "samples (or pass --output_dir)", "the default --output_dir"
+def _check_rows(command: str, config, tokenizer, batch_size: int):
+  """Each prompt and what the command writes after it against the rows the
+  model was trained on (inference.check_budget, as the sampler will check it)."""
+  budget = dict(max_new_tokens=_MAX_NEW_TOKENS.value, prefix="--")
+  if command == "images":
+    inference.check_budget(config, tokenizer, "images", _image_prompts(config), prefix="--")
+  elif command == "edit":
+    inference.check_budget(config, tokenizer, "edit", _instructions(), prefix="--")
+  elif command == "text":
+    inference.check_budget(config, tokenizer, "text", _TEXT_PROMPT.value, **budget)
+  elif command == "read":
+    inference.check_budget(config, tokenizer, "read", _questions(), **budget)
+  else:
+    n = _NUM_SAMPLES.value
+    inference.interleaved_budgets(
+      config,
+      tokenizer,
+      [p for p in _TEXT_PROMPT.value for _ in range(n)],
+      reads=[bool(_IMAGE.value)] * len(_TEXT_PROMPT.value) * n,
+      batch_size=batch_size,
+      **budget,
+    )
+
+
+def _free_memory() -> int | None:
+  """Bytes of memory this machine can give a process now (Linux's MemAvailable)."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def _check_room(command: str, config, vae, out_dir: str):
+  """Refuses, before anything is drawn, a --num_samples whose images would not
+  fit this machine's free memory (they are gathered to write images.npz and
+  the grid) or the free space where they are written, in one line with the
+  bytes. Interleaved answers count as many images as their rows can hold."""
+  if command not in ("images", "edit", "interleaved"):
+    return
+  m, n = config.model, _NUM_SAMPLES.value
+  if vae is None:
+    size, channels = m.image_size, m.in_channels
+  else:
+    size, channels = m.image_size * vae.config.downsample_factor, vae.config.out_channels
+  pixels = size * size * channels * 4  # float32, as images.npz holds them
+  latents = m.image_size**2 * m.in_channels * 4
+  shown = inference.grid_bytes(1, 1, size, channels, _grid_scale(size))  # in the PNG, uint8
+  if command == "images":
+    per_sample = len(_PROMPT.value) + len(_CLASS_NAME.value)
+  elif command == "edit":
+    per_sample = len(_IMAGE.value)
+  else:
+    per_image = tokens_per_image(m) + 2 + int(m.conditioning == CONDITIONING_TOKEN_MODE)
+    per_sample = len(_TEXT_PROMPT.value) * max(1, config.data.seq_len // per_image)
+  count = n * per_sample
+  wants = (
+    ("memory", count * (latents + 3 * pixels + shown), _free_memory()),
+    (f"disk space in {out_dir}", count * (pixels + shown), free_bytes(out_dir)),
   )
+  for where, need, free in wants:
+    if free is not None and need > free:
+      raise ConfigError(
+        f"--num_samples={n}: {count:,} images of {size}x{size}x{channels} need about "
+        f"{need:,} bytes of {where} (the float32 images and the PNGs), more than the "
+        f"{free:,} free; lower --num_samples to at most {free * n // need:,}"
+      )
+
+
+def _output_path(checkpoint: str, step: int) -> str:
+  """Where the files go: --output_dir, else a new folder beside the checkpoint."""
+  if _OUTPUT_DIR.value:
+    return _OUTPUT_DIR.value
+  return new_folder_beside(beside(checkpoint, step, "samples", "--output_dir"))
+
+
+def _output_dir(path: str, outputs: tuple[str, ...]) -> str:
+  """`path` made, checked writable and (--output_dir) free of `outputs`."""
+  if _OUTPUT_DIR.value:
+    return fresh_output_dir(path, outputs, "--output_dir", _OVERWRITE.value)
+  return writable_dir(path, "samples (or pass --output_dir)", "the default --output_dir")
 
 
 def main(argv):
@@ -464,17 +588,25 @@ def main(argv):
       num_steps=num_steps,
       cfg_scale=cfg_scale,
       eta=_ETA.value,
+      sampler=_SAMPLER.value,
       num_samples=_NUM_SAMPLES.value,
+      guided_channels=_guided_channels(),
+      channels=config.model.in_channels,
       num_timesteps=config.diffusion.num_timesteps,
       prefix="--",
     )
   tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)
   for class_name in _CLASS_NAME.value:  # an unknown class fails here, before the model loads
     inference.class_name_prompt(class_name, config)
-  vae = inference.load_vae_of(config, _VAE.value) if "vae" in command.flags else None
+  vae = inference.load_vae_of(config, _VAE.value, flag="--vae") if "vae" in command.flags else None
+  path = _output_path(_CHECKPOINT.value, step)
+  _check_room(name, config, vae, path)  # first: the rows below are listed per sample
+  # Prompts drawn at a time: the rows of one training micro-batch, which this mesh fit.
+  batch_size = max(1, config.data.batch_size // config.optim.grad_accum_steps)
+  _check_rows(name, config, tokenizer, batch_size)
   # Every process of a multi-host run samples (sharded); process 0 writes.
   writer = jax.process_index() == 0
-  out_dir = _output_dir(_CHECKPOINT.value, step, command.outputs) if writer else None
+  out_dir = _output_dir(path, command.outputs) if writer else None
 
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
@@ -493,7 +625,10 @@ def main(argv):
       dict(mesh.shape),
       out_dir,
     )
-    command.run(Loaded(model, tokenizer, config, vae, sources, num_steps, cfg_scale, out_dir))
+    loaded = Loaded(
+      model, tokenizer, config, vae, sources, num_steps, cfg_scale, batch_size, out_dir
+    )
+    command.run(loaded)
 
 
 if __name__ == "__main__":

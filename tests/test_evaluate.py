@@ -102,13 +102,7 @@ def test_killed_run_resumes_to_the_same_npz(model_and_config, digits_checkpoint,
   names = [f"Please generate an image of {digits_name(k)}." for k in labels[24:]]
   padding = ["Please generate an image of zero."] * 4
   x0 = inference.generate_images(
-    model,
-    tok,
-    names + padding,
-    diffusion=config.diffusion,
-    num_steps=3,
-    cfg_scale=2.0,
-    seed=chunk_seed(5, 3),
+    model, tok, names + padding, config=config, num_steps=3, cfg_scale=2.0, seed=chunk_seed(5, 3)
   )
   expected = quantize(inference.to_pixels(x0, config))[:4]
   assert (np.abs(images[24:].astype(int) - expected.astype(int)) <= 1).all()

@@ -263,7 +263,7 @@ def test_a_full_disk_stops_the_save_naming_bytes_and_keeps_earlier_steps(tmp_pat
   ckpt = TrainCheckpointer(c, keep=3, save_every=1)
   assert ckpt.save(1, _toy_state(1.0, 1), _DATA, config)
   assert ckpt.save(2, _toy_state(2.0, 2), _DATA, config)  # in flight
-  monkeypatch.setattr(orbax_io, "_free_bytes", lambda directory: 10)
+  monkeypatch.setattr(orbax_io, "free_bytes", lambda directory: 10)
   with pytest.raises(
     PathError,
     match=r"could not save step 3 to .*: 10 bytes are free there; a checkpoint needs about "
@@ -360,7 +360,7 @@ def full_tmpfs_scenario(mount: str):
   assert _listing(c) == ["1", "2", "3"]
   ckpt.close()
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(orbax_io, "_free_bytes", lambda directory: None)
+    patch.setattr(orbax_io, "free_bytes", lambda directory: None)
     ckpt = TrainCheckpointer(c, keep=5, save_every=1)
     assert ckpt.save(4, state(4), _DATA, config)
     with pytest.raises(
@@ -769,15 +769,13 @@ def test_python_api_refuses_nonsense_before_touching_the_model():
     match=r"prompts must be a list of strings, got the string "
     r"'two plus'; pass \['two plus'\]",
   ):
-    inference.complete_text(None, tok, "two plus")
+    inference.complete_text(None, tok, "two plus", config=config)
   with pytest.raises(ConfigError, match=r"num_steps=0: must be in \[1, 1000\]"):
-    inference.generate_images(None, tok, ["a seven"], diffusion=config.diffusion, num_steps=0)
+    inference.generate_images(None, tok, ["a seven"], config=config, num_steps=0)
   with pytest.raises(ConfigError, match=r"cfg_scale=nan: must be a finite number"):
-    inference.generate_images(
-      None, tok, ["a seven"], diffusion=config.diffusion, cfg_scale=math.nan
-    )
+    inference.generate_images(None, tok, ["a seven"], config=config, cfg_scale=math.nan)
   with pytest.raises(ConfigError, match=r"top_p=0.0: must be in \(0, 1\]"):
-    inference.complete_text(None, tok, ["two"], top_p=0.0)
+    inference.complete_text(None, tok, ["two"], config=config, top_p=0.0)
 
 
 def test_metrics_records_are_strict_json():

@@ -265,7 +265,10 @@ def test_interleaved_bad_inputs_name_the_fix():
   model = _random_model("add_before_image_tokens")
   with pytest.raises(ConfigError, match="at least 19"):  # <|im_start|> + 1 + 16 + 1
     generate_interleaved(model, PROMPTS, ids=IDS, max_new_tokens=10, diffusion=D5)
-  with pytest.raises(ConfigError, match="at most 109 tokens"):  # 128 - 19
+  # 110 positions + 19 for the image: 1 past the 128.
+  with pytest.raises(
+    ConfigError, match=r"takes 110 positions and an image takes 19: 129 .* by 1 token$"
+  ):
     generate_interleaved(
       model, [[TOK.bos_id] * 110], ids=IDS, max_new_tokens=40, diffusion=D5, max_positions=128
     )

@@ -2,7 +2,9 @@
 notebook executed headless, both on a random tiny checkpoint (conftest's
 digits_checkpoint)."""
 
+import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -52,7 +54,7 @@ def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
   model, config = load_model(digits_checkpoint)
   tok = inference.tokenizer_of(config)
   x0 = inference.generate_images(
-    model, tok, prompts, diffusion=config.diffusion, num_steps=3, cfg_scale=2.0, seed=0
+    model, tok, prompts, config=config, num_steps=3, cfg_scale=2.0, seed=0
   )
   np.testing.assert_allclose(images, inference.to_pixels(x0, config), atol=1e-4)
   run = _cli(
@@ -64,7 +66,9 @@ def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
     f"--output_dir={out}",
   )  # beside images.*: no --overwrite
   assert run.returncode == 0, run.stderr[-3000:]
-  text = inference.complete_text(model, tok, ["two plus"], max_new_tokens=5, temperature=0)
+  text = inference.complete_text(
+    model, tok, ["two plus"], config=config, max_new_tokens=5, temperature=0
+  )
   assert f"'two plus' -> {text[0]!r}" in run.stdout
   assert (out / "text.txt").read_text().strip() == f"'two plus' -> {text[0]!r}"
 
@@ -221,6 +225,13 @@ def test_cli_refuses_what_a_command_does_not_take_before_loading():
       "--text_prompt=two",
       "--top_p=2",
     ): "ConfigError: --top_p=2.0: must be in (0, 1]; 1 keeps every token",
+    (  # was the default folder beside the checkpoint, silently
+      "text",
+      "--checkpoint=/nowhere",
+      "--text_prompt=two",
+      "--output_dir=",
+    ): "ConfigError: --output_dir is empty; pass a folder for the outputs, or leave the flag "
+    "out for a new folder beside the checkpoint",
     ("sideways", "--checkpoint=/nowhere"): "UsageError: usage: python -m monoformer_jax.sample "
     "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got ['sideways'])",
     (): "UsageError: usage: python -m monoformer_jax.sample "
@@ -250,3 +261,113 @@ def test_cli_usage_lists_the_commands():
     ("edit", "redraw each --image as --prompt says"),
   ]:
     assert f"\n  {command}" in run.stderr and line in run.stderr
+
+
+# Runs `sample.main` on each command line (a JSON list of argv lists) in one
+# process with the model's loading replaced by a failure: a refusal must come
+# before it (so before any compile). Prints each line's error and seconds.
+_BEFORE_THE_MODEL = r"""
+import json, sys, time
+from absl import flags
+from monoformer_jax import sample
+
+def loaded(*_, **__):
+  raise AssertionError("loaded the model before refusing")
+
+sample.load_model = loaded
+for argv in json.loads(sys.argv[1]):
+  flags.FLAGS.unparse_flags()
+  start = time.perf_counter()
+  try:
+    sample.main(flags.FLAGS(["sample", *argv]))
+    error = "no error"
+  except sample.ConfigError as e:
+    error = str(e)
+  print(json.dumps([error, time.perf_counter() - start]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoint, tmp_path):
+  """The trained length (tiny digits: data.seq_len 64), --num_samples past
+  free memory, a VAE for a pixel model, DDIM's --eta with DDPM, more guided
+  channels than the model has, a prompt that is not UTF-8: each refused in
+  one line, before the model loads, with no output folder made (the default
+  one beside the checkpoint neither)."""
+  import json
+
+  long = "two " * 1400  # 5,601 tokens with bos
+  past = "of the rows the model was trained on (data.seq_len)"
+  ckpt = f"--checkpoint={digits_checkpoint}"
+  cases = [
+    (
+      ("text", "--text_prompt=" + long, "--max_new_tokens=4"),
+      f"prompt 0 takes 5,601 positions and --max_new_tokens asks for 4: 5,605 in all, past the "
+      f"64 {past}; shorten it by 5,541 tokens",
+    ),
+    (
+      ("text", "--text_prompt=two", "--max_new_tokens=100000"),
+      f"prompt 0 takes 4 positions and --max_new_tokens asks for 100,000: 100,004 in all, past "
+      f"the 64 {past}; lower --max_new_tokens to 60",
+    ),
+    (
+      ("images", "--prompt=" + long),
+      f"prompt 0 takes 5,602 positions and its image takes 16: 5,618 in all, past the 64 "
+      f"{past}; shorten it by 5,554 tokens",
+    ),
+    (
+      ("interleaved", "--text_prompt=" + long),
+      f"prompt 0 takes 5,601 positions and an image takes 18: 5,619 in all, past the 64 "
+      f"{past}; shorten it by 5,555 tokens",
+    ),
+    (
+      ("images", "--class_name=seven", f"--vae={REPO / 'tests' / 'fixtures' / 'tiny_vae'}"),
+      f"--vae='{REPO / 'tests' / 'fixtures' / 'tiny_vae'}' given, but this model works in "
+      "pixels (data.name='digits'): there are no latents for an SD-VAE to decode or encode; "
+      "leave --vae out",
+    ),
+    (
+      ("images", "--class_name=seven", "--eta=0.5"),
+      "--eta=0.5: is DDIM's noise, which the 'ddpm' sampler does not use; pass "
+      "--sampler=ddim or leave --eta out",
+    ),
+    (
+      ("images", "--class_name=seven", "--guide_eps_0_to_2"),
+      "--guide_eps_0_to_2=True: guides 3 epsilon channels, but the model has "
+      "model.in_channels=1; leave it out to guide every channel",
+    ),
+    (  # a byte of a command line that is not UTF-8 (Python keeps it as a surrogate)
+      ("text", "--text_prompt=two \udcff"),
+      "--text_prompt[0]='two \\udcff' is not UTF-8 text (character 4, '\\udcff', is a byte "
+      "that no UTF-8 decoding gave); save the prompt as UTF-8",
+    ),
+  ]
+  argvs = [
+    [*argv, ckpt, "--num_steps=2", f"--output_dir={tmp_path / str(i)}"]
+    if argv[0] != "text"
+    else [*argv, ckpt, f"--output_dir={tmp_path / str(i)}"]
+    for i, (argv, _) in enumerate(cases)
+  ]
+  # 10^9 images of 8x8x1 need ~5.4 TB of memory (256 B of latents, 3 x 256 B of
+  # float32 pixels and the 66 x 66 B cell of images.png each): past any machine.
+  argvs.append(["images", ckpt, "--class_name=seven", "--num_samples=1000000000"])
+  before = sorted(os.listdir(digits_checkpoint))
+  run = subprocess.run(
+    [sys.executable, "-c", _BEFORE_THE_MODEL, json.dumps(argvs)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=110,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  results = [json.loads(line) for line in run.stdout.splitlines()]
+  assert [e for e, _ in results[:-1]] == [message for _, message in cases]
+  memory, _ = results[-1]
+  assert re.fullmatch(
+    r"--num_samples=1000000000: 1,000,000,000 images of 8x8x1 need about 5,380,000,000,000 "
+    r"bytes of memory \(the float32 images and the PNGs\), more than the [\d,]+ free; lower "
+    r"--num_samples to at most [\d,]+",
+    memory,
+  ), memory
+  assert max(seconds for _, seconds in results) < 3.0, results  # no compile, no sampling
+  assert os.listdir(tmp_path) == [] and sorted(os.listdir(digits_checkpoint)) == before

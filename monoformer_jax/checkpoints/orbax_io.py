@@ -50,7 +50,7 @@ from flax import nnx
 from monoformer_jax.config import complete
 from monoformer_jax.errors import CheckpointError, MissingPathError, PathError, UserError
 from monoformer_jax.model.build import abstract_model
-from monoformer_jax.paths import new_folder_beside
+from monoformer_jax.paths import free_bytes, new_folder_beside
 
 WEIGHTS = ("ema", "raw")
 # Model fields that say how to compute, not what the weights are.
@@ -187,15 +187,6 @@ def _state_bytes(state) -> int:
   return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
 
 
-def _free_bytes(directory: str) -> int | None:
-  if "://" in directory:
-    return None
-  probe = directory
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe) or "."
-  return shutil.disk_usage(probe).free
-
-
 # ------------------------------------------------------------------ training
 
 
@@ -286,7 +277,7 @@ class TrainCheckpointer:
         f"{self.directory} and resume"
       )
     needed = _state_bytes(state)
-    free = _free_bytes(self.directory)
+    free = free_bytes(self.directory)
     if free is not None and free < needed:
       raise self._failed(step, needed, f"{free:,} bytes are free there")
     try:

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from monoformer_jax.errors import ConfigError
 from monoformer_jax.layout import Example, PromptRows, prompt_rows
 
 # The reference's ImageNet prompt templates, its "an photo" included.
@@ -45,6 +46,8 @@ TEMPLATES = ("Please generate an image of {}.", "{}", "an image of {}.", "an pho
 
 def class_prompt(name: str) -> str:
   """The first template, the one sampling uses: "Please generate an image of seven."."""
+  if not isinstance(name, str) or not name.strip():
+    raise ConfigError(f"class name {name!r}: give the class's name as text, e.g. 'seven'")
   return TEMPLATES[0].format(name)
 
 

@@ -105,8 +105,11 @@ class GaussianDiffusion:
     self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
     self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1)
     self.posterior_variance = var = betas * (1.0 - ac_prev) / (1.0 - ac)
-    # The posterior variance is 0 at t = 0: its log uses the t = 1 value there.
-    self.posterior_log_variance_clipped = np.log(np.append(var[1], var[1:]))
+    # The posterior variance is 0 at t = 0: its log uses the t = 1 value there
+    # (a one-step schedule has none: beta_0, the largest it could be; the
+    # step at t = 0 adds no noise, so only its finiteness matters).
+    first = var[1] if len(var) > 1 else betas[0]
+    self.posterior_log_variance_clipped = np.log(np.append(first, var[1:]))
     self.posterior_mean_coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
     self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
     self.log_betas = np.log(betas)

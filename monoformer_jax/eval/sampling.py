@@ -381,7 +381,7 @@ def sample_classes(
     sampler=sampler,
     cfg_scale=cfg_scale or None,
     seed=seed,
-    diffusion=config.diffusion,
+    config=config,
   )
   x0 = np.asarray(multihost_utils.process_allgather(x0, tiled=True))[:n]
   bad = ~np.isfinite(x0).reshape(n, -1).all(axis=1)

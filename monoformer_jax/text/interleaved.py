@@ -52,7 +52,15 @@ import numpy as np
 
 from monoformer_jax.diffusion.sample_images import SamplerSettings, guidance_scales, guided_step
 from monoformer_jax.errors import ConfigError
-from monoformer_jax.layout import Example, PromptLayout, Row, RowSpec, prompt_rows
+from monoformer_jax.layout import (
+  Example,
+  PromptLayout,
+  Row,
+  RowSpec,
+  check_trained_length,
+  prompt_lengths,
+  prompt_rows,
+)
 from monoformer_jax.model.build import compiled
 from monoformer_jax.model.llama import KVCache
 from monoformer_jax.text.generate import _check_sampling, sample_token
@@ -119,12 +127,40 @@ def image_columns_needed(model) -> int:
   return int(model.cond_token) + model.tokens_per_image + 1
 
 
+def interleaved_budget(
+  lengths, max_new_tokens: int | None, max_positions: int | None, need: int, budget="max_new_tokens"
+) -> int:
+  """The columns after the prompts: `max_new_tokens`, checked, and at most as
+  many as the rows can write (None: that many). Prompt i takes `lengths[i]`
+  positions and an image `need` + 1 columns (`image_columns_needed` and its
+  <|im_start|>). With `max_positions` (the trained data.seq_len) each prompt
+  must leave room for one image (layout.check_trained_length), and since
+  every column advances some row's positions by one (a text token, or a
+  drawing row's image), rows that stop at max_positions write at most
+  sum(max_positions - lengths) columns: a larger budget only makes the rows
+  longer, never an answer, so it is cut to that (the same answers, a shorter
+  cache). `budget` names the argument in messages ('--max_new_tokens' for the CLI)."""
+  if max_positions:
+    check_trained_length(lengths, need + 1, max_positions, new_what="an image takes")
+    usable = sum(max_positions - n for n in lengths)
+    max_new_tokens = usable if max_new_tokens is None else min(max_new_tokens, usable)
+  elif max_new_tokens is None:
+    raise ConfigError(f"{budget}=None needs max_positions (data.seq_len) to count the columns")
+  if max_new_tokens < need + 1:
+    raise ConfigError(
+      f"{budget}={max_new_tokens} leaves no room for one image: an image takes "
+      f"<|im_start|> and {need} columns (a timestep token where the model has one, "
+      f"its tokens, <|im_end|>); raise {budget} to at least {need + 1}"
+    )
+  return int(max_new_tokens)
+
+
 def generate_interleaved(
   model,
   prompts: Sequence[Sequence[int] | Example],
   *,
   ids: TokenIds,
-  max_new_tokens: int,
+  max_new_tokens: int | None,
   diffusion,
   key=None,
   temperature: float = 0.0,
@@ -142,11 +178,12 @@ def generate_interleaved(
   """Text and images for each prompt (token ids, or an `Example` that reads
   images, laid out by `spec`), in order; see the module docstring.
 
-  `max_new_tokens`: columns after the prompt (text tokens and image columns);
-  `diffusion`: the respaced GaussianDiffusion each image runs; `cfg_scale`:
-  guidance against the null context (None: none); `max_positions`: the
-  longest row the model was trained on (data.seq_len): a row stops
-  (`stop="budget"`) before its positions pass it. `max_wait`: the columns a
+  `max_new_tokens`: columns after the prompt (text tokens and image columns;
+  at most, and for None, as many as the rows can write: `interleaved_budget`); `diffusion`:
+  the respaced GaussianDiffusion each image runs; `cfg_scale`: guidance
+  against the null context (None: none); `max_positions`: the longest row the
+  model was trained on (data.seq_len): each prompt must leave room for an
+  image, and a row stops (`stop="budget"`) before its positions pass it. `max_wait`: the columns a
   row that asks for an image waits for others to ask too (None: the columns
   an image takes; 0: every row draws as soon as it asks). `progress(message)`
   is called when a pass of images starts and ends.
@@ -156,23 +193,10 @@ def generate_interleaved(
   max_wait = need if max_wait is None else int(max_wait)
   if max_wait < 0:
     raise ConfigError(f"max_wait={max_wait}: give the columns a row may wait (>= 0), or None")
-  if max_new_tokens < need + 1:
-    raise ConfigError(
-      f"max_new_tokens={max_new_tokens} leaves no room for one image: an "
-      f"image takes <|im_start|> and {need} columns (timestep token, "
-      f"{model.tokens_per_image} image tokens, <|im_end|>); raise "
-      f"max_new_tokens to at least {need + 1}"
-    )
+  lengths = prompt_lengths(prompts, spec)
+  max_new_tokens = interleaved_budget(lengths, max_new_tokens, max_positions, need)
   rows = prompt_rows(prompts, pad_id=ids.pad, new_tokens=max_new_tokens, spec=spec)
   layout = rows.layout
-  longest = int(np.asarray(rows.row.positions)[:, layout.prompt_len - 1].max()) + 1
-  if max_positions and longest + need + 1 > max_positions:
-    raise ConfigError(
-      f"a prompt of {longest} tokens leaves no room for an image ({need + 1} "
-      f"tokens) within the {max_positions} positions the model was trained "
-      f"on (data.seq_len); shorten the prompt to at most "
-      f"{max_positions - need - 1} tokens"
-    )
   scales = guidance_scales(cfg_scale)
   if len(scales) > 1:
     raise ConfigError(

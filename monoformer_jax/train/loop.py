@@ -52,7 +52,7 @@ from monoformer_jax.model.build import param_count, train_flops_per_row
 from monoformer_jax.parallel import distributed, sharding
 from monoformer_jax.paths import writable_dir
 from monoformer_jax.text.tokenizer import tokenizer_of
-from monoformer_jax.train.samples import write_samples
+from monoformer_jax.train.samples import check_samples, write_samples
 from monoformer_jax.train.state import (
   create_train_state,
   make_optimizer,
@@ -254,6 +254,8 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
   config = check_train_config(config)
   workdir = writable_dir(workdir, "checkpoints, metrics and samples", "--workdir")
   tokenizer = tokenizer_of(config)  # checks it fits model.vocab_size
+  if sample_at_end:
+    check_samples(config, tokenizer)  # the text they write fits the trained rows
   mesh = sharding.make_mesh(config.mesh)
   check_batch_layout(config, mesh, jax.process_count())
   rules = config.sharding_rules

@@ -34,6 +34,22 @@ from monoformer_jax.eval.sampling import quantize
 from monoformer_jax.eval.score import score_images, score_model
 
 
+def check_samples(config, tokenizer):
+  """What the end-of-run samples write after their prompts, checked when the
+  run starts rather than when it ends: each of `sample.text_prompts` and
+  `sample.max_new_tokens` tokens within the rows the model trains on."""
+  if config.sample.text_prompts:
+    inference.check_budget(
+      config,
+      tokenizer,
+      "text",
+      list(config.sample.text_prompts),
+      max_new_tokens=config.sample.max_new_tokens,
+      prefix="sample.",
+      label="sample.text_prompts[{}]",
+    )
+
+
 def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
   """Samples with `model` on every process; process 0 writes `outdir`.
   Returns (images, labels, the samples' scores, {name: metrics} of the model
@@ -68,7 +84,7 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
         num_steps=sc.num_steps,
         cfg_scale=sc.cfg_scale,
         seed=seed,
-        diffusion=config.diffusion,
+        config=config,
         progress=lambda _: bar.update(1),
       )
     x0 = multihost_utils.process_allgather(x0, tiled=True)
@@ -96,7 +112,13 @@ def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
   text_prompts = list(sc.text_prompts)
   completions = (
     inference.complete_text(
-      model, tokenizer, text_prompts, max_new_tokens=sc.max_new_tokens, temperature=0.0, seed=seed
+      model,
+      tokenizer,
+      text_prompts,
+      config=config,
+      max_new_tokens=sc.max_new_tokens,
+      temperature=0.0,
+      seed=seed,
     )
     if text_prompts
     else []
