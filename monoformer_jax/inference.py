@@ -673,8 +673,9 @@ def _needs_a_vae(config) -> ConfigError:
 
 def _check_vae(config, vae, name: str = "vae", path: str | None = None):
   """A VAE only for a latent model, and one whose latents are the model's
-  (`name`: the argument it came from, `path`: where it was read)."""
-  if vae is None:
+  (`name`: the argument it came from, `path`: where it was read). Without a
+  config (decoding latents alone) there is nothing to check it against."""
+  if vae is None or config is None:
     return
   given = name if path is None else f"{name}={path!r}"
   if draws_pixels(config):

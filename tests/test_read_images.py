@@ -6,6 +6,9 @@ bidirectional block (`model.read_bidirectional`), and in the
 add_before_image_tokens mode is preceded by a t = 0 timestep token.
 """
 
+import ast
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -363,11 +366,22 @@ def _pixel_model_reference(gray_u8, config):
   return (x / 255.0 * 2 - 1)[None, ..., None]
 
 
+def _imports_of(module_file: str) -> dict[str, str]:
+  """{name: module} of the `from module import name` lines of a package file."""
+  package = pathlib.Path(__file__).resolve().parents[1] / "monoformer_jax"
+  tree = ast.parse((package / module_file).read_text())
+  return {
+    alias.name: node.module
+    for node in ast.walk(tree)
+    if isinstance(node, ast.ImportFrom)
+    for alias in node.names
+  }
+
+
 def test_a_16_bit_png_reads_the_same_through_every_entry(tmp_path):
   """#6: sampling's --image clipped a 16-bit PNG (a full-range gradient came
   out 99.6% white) while data.prepare scaled it. Every entry now reads it
   through vision/images.py: the numpy reference x/257, within one level."""
-  from monoformer_jax import sample
   from monoformer_jax.data import encode
   from monoformer_jax.data.sources.llava import decode_image
   from monoformer_jax.vision.clip_pixels import preprocess
@@ -378,7 +392,11 @@ def test_a_16_bit_png_reads_the_same_through_every_entry(tmp_path):
   Image.fromarray(g16).save(tmp_path / "g16.png")
   path = str(tmp_path / "g16.png")
   assert Image.open(path).mode == "I;16"
-  assert sample.load_image is load_image and encode.load_image is load_image  # sample --image
+  # sample --image reads with it too (imported by name: importing the sample entry
+  # point here would define its flags beside another entry point's in this worker).
+  assert encode.load_image is load_image and _imports_of("sample.py")["load_image"] == (
+    "monoformer_jax.vision.images"
+  )
   for got in (
     load_image(path),  # sample.py's --image, describe_images, edit_images, interleaved
     load_image(path, orient=False),  # data.prepare (encode_items) and LLaVA's records
