@@ -43,6 +43,7 @@ from ml_collections import config_flags
 
 from monoformer_jax import cli, inference
 from monoformer_jax.checkpoints import beside, fingerprint, load_config, load_model
+from monoformer_jax.config import complete
 from monoformer_jax.config.fields import integer
 from monoformer_jax.data.datasets import class_names
 from monoformer_jax.errors import ConfigError, PathError
@@ -229,8 +230,8 @@ def main(argv):
     results.update(score_images(images, labels, evaluators, f"--samples={_SAMPLES.value}"))
   else:
     config, step = load_config(_CHECKPOINT.value, _STEP.value)
-    if _CONFIG.value is not None:
-      config = _CONFIG.value
+    if _CONFIG.value is not None:  # checked as training's are (sample's choices, bounds)
+      config = complete(_CONFIG.value, "--config")
     for name in metrics:
       problem = registry.evaluator_class(name).problem(name, config)
       if problem:

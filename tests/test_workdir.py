@@ -88,6 +88,23 @@ def test_a_run_refuses_a_workdir_that_a_live_run_holds_and_writes_nothing(tmp_pa
   assert os.listdir(tmp_path) == ["run.lock"] and path.read_bytes() == before
 
 
+def test_a_runs_checkpoints_folder_given_as_its_workdir_is_refused(tmp_path):
+  """--workdir=RUN/checkpoints trained afresh in RUN/checkpoints/checkpoints
+  instead of resuming; it is refused, naming the run's workdir."""
+  checkpoints = tmp_path / "checkpoints"
+  (checkpoints / "2").mkdir(parents=True)
+  (checkpoints / "4").mkdir()
+  before = sorted(os.listdir(checkpoints))
+  with pytest.raises(PathError) as caught:
+    train_and_evaluate(digits_config(num_steps=2), str(checkpoints))
+  assert str(caught.value) == (
+    f"--workdir={str(checkpoints)!r} holds checkpoint steps [2, 4] itself: it is a run's "
+    "checkpoints folder, and a run there would start afresh; pass the run's workdir "
+    f"(--workdir={tmp_path}) to resume it"
+  )
+  assert sorted(os.listdir(checkpoints)) == before  # no lock, no metrics, nothing
+
+
 @pytest.mark.parametrize("gone", ["exited", "pid reused"])
 def test_a_stale_lock_of_this_host_is_named_and_taken_over(tmp_path, caplog, gone):
   if gone == "exited":

@@ -14,6 +14,7 @@ from monoformer_jax.checkpoints.orbax_io import (
   model_differences,
   nonfinite_params,
   resolve,
+  resolve_steps,
   save_model,
   stored_weights,
 )
@@ -29,6 +30,7 @@ __all__ = [
   "model_differences",
   "nonfinite_params",
   "resolve",
+  "resolve_steps",
   "save_model",
   "stored_weights",
 ]

@@ -39,7 +39,7 @@ from absl import logging
 from flax import nnx
 
 from monoformer_jax import perf
-from monoformer_jax.checkpoints import TrainCheckpointer, load_params
+from monoformer_jax.checkpoints import TrainCheckpointer, load_params, resolve_steps
 from monoformer_jax.checks import check_batch_layout, check_train_config
 from monoformer_jax.data.datasets import make_batches, source_of
 from monoformer_jax.data.sharded import data_state_of, merge_data_states
@@ -247,15 +247,29 @@ def _workdir_held(workdir: str):
       lock.release()
 
 
+def _check_not_a_checkpoints_folder(workdir: str):
+  """Refuses a run's checkpoints/ folder given as its workdir: the run would
+  start afresh in checkpoints/checkpoints instead of resuming."""
+  steps = resolve_steps(workdir)
+  if steps and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    parent = os.path.dirname(os.path.abspath(workdir))
+    raise PathError(
+      f"--workdir={workdir!r} holds checkpoint steps {steps} itself: it is a run's "
+      f"checkpoints folder, and a run there would start afresh; pass the run's workdir "
+      f"(--workdir={parent}) to resume it"
+    )
+
+
 def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
   """Trains `config` in `workdir`; returns the final train state and last metrics."""
   # ---------------------------------------------------------------- set-up
   # Every field is checked before anything is compiled or written.
   config = check_train_config(config)
-  workdir = writable_dir(workdir, "checkpoints, metrics and samples", "--workdir")
   tokenizer = tokenizer_of(config)  # checks it fits model.vocab_size
   if sample_at_end:
     check_samples(config, tokenizer)  # the text they write fits the trained rows
+  workdir = writable_dir(workdir, "checkpoints, metrics and samples", "--workdir")
+  _check_not_a_checkpoints_folder(workdir)
   mesh = sharding.make_mesh(config.mesh)
   check_batch_layout(config, mesh, jax.process_count())
   rules = config.sharding_rules
