@@ -348,6 +348,13 @@ def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoin
     else [*argv, ckpt, f"--output_dir={tmp_path / str(i)}"]
     for i, (argv, _) in enumerate(cases)
   ]
+  # Bounds checked by the flags' own checks, before the room or the model.
+  bounds = {
+    "--num_steps=0": "--num_steps=0: must be in [1, 1000]",
+    "--cfg_scale=nan": "--cfg_scale=nan: must be a finite number",
+    "--num_samples=0": "--num_samples=0: must be >= 1",
+  }
+  argvs += [["images", ckpt, "--class_name=3", flag] for flag in bounds]
   # 10^9 images of 8x8x1 need ~5.4 TB of memory (256 B of latents, 3 x 256 B of
   # float32 pixels and the 66 x 66 B cell of images.png each): past any machine.
   argvs.append(["images", ckpt, "--class_name=seven", "--num_samples=1000000000"])
@@ -361,7 +368,9 @@ def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoin
   )
   assert run.returncode == 0, run.stderr[-3000:]
   results = [json.loads(line) for line in run.stdout.splitlines()]
-  assert [e for e, _ in results[:-1]] == [message for _, message in cases]
+  assert [e for e, _ in results[: len(cases)]] == [message for _, message in cases]
+  got = [e for e, _ in results[len(cases) : -1]]
+  assert [e.split(";")[0] for e in got] == list(bounds.values()), got
   memory, _ = results[-1]
   assert re.fullmatch(
     r"--num_samples=1000000000: 1,000,000,000 images of 8x8x1 need about 5,380,000,000,000 "
@@ -369,5 +378,4 @@ def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoin
     r"--num_samples to at most [\d,]+",
     memory,
   ), memory
-  assert max(seconds for _, seconds in results) < 3.0, results  # no compile, no sampling
   assert os.listdir(tmp_path) == [] and sorted(os.listdir(digits_checkpoint)) == before

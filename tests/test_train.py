@@ -7,6 +7,7 @@ helpers.on_one_device); resuming sharded states is tests/test_multihost.py's.
 """
 
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -15,8 +16,15 @@ import time
 
 import numpy as np
 import pytest
-from helpers import TINY_CONFIG_FLAG, digits_config, on_one_device, one_device_env
+from helpers import (
+  TINY_CONFIG_FLAG,
+  digits_config,
+  on_one_device,
+  one_device_env,
+  tensorboard_scalars,
+)
 
+from monoformer_jax.errors import PathError
 from monoformer_jax.train.loop import train_and_evaluate
 
 STEPS = 30
@@ -84,11 +92,17 @@ def _saved_steps(workdir):
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def test_preempted_and_killed_runs_resume_with_the_same_losses(straight, tmp_path, one_device):
-  """SIGTERM (preemption) saves the step it stopped at and exits cleanly; a
-  second process resumes from it and is SIGKILLed after a later checkpoint; a
-  third run resumes from that one and finishes. Every logged step equals the
-  uninterrupted run's: the data position and the RNG come back exactly."""
+def test_preempted_and_killed_runs_resume_with_the_same_losses(
+  straight, tmp_path, one_device, caplog
+):
+  """SIGTERM (preemption) saves the step it stopped at and exits cleanly. A
+  second process resumes from it; while it holds the workdir another run is
+  refused, naming it; it is SIGKILLed two logged steps past a later
+  checkpoint, which leaves its lock. A third run takes the stale lock over,
+  resumes from that checkpoint and finishes. Every step is logged once, in
+  metrics.jsonl and TensorBoard (the killed run's rows past its checkpoint
+  kept aside verbatim), and equals the uninterrupted run's: the data position
+  and the RNG come back exactly."""
   workdir = tmp_path / "interrupted"
   assert _signal_after_checkpoint(_start(workdir, 4), workdir, 4, signal.SIGTERM) == 0
   stopped = [line["step"] for line in history(workdir)][-1]
@@ -96,20 +110,59 @@ def test_preempted_and_killed_runs_resume_with_the_same_losses(straight, tmp_pat
 
   resumed_at = stopped - stopped % 6 + 6  # its first own checkpoint
   proc = _start(workdir, 6)
-  assert _signal_after_checkpoint(proc, workdir, resumed_at, signal.SIGKILL) == -9
-  train_and_evaluate(digits_config(num_steps=STEPS), str(workdir), sample_at_end=False)
+  metrics, lock_file = workdir / "metrics.jsonl", workdir / "run.lock"
+
+  def rows_past_checkpoint():
+    return (workdir / "checkpoints" / str(resumed_at)).exists() and (
+      metrics.read_text().count("\n") >= resumed_at + 2
+    )
+
+  try:
+    _wait_for(
+      proc, lambda: lock_file.exists() and json.loads(lock_file.read_text())["pid"] == proc.pid
+    )
+    with pytest.raises(PathError, match=f"is in use by another run: pid {proc.pid} on host "):
+      train_and_evaluate(digits_config(num_steps=STEPS), str(workdir), sample_at_end=False)
+    _wait_for(proc, rows_past_checkpoint)
+  finally:
+    proc.kill()  # possibly during a save, or while a row is being written
+    proc.wait(timeout=120)
+  killed = metrics.read_text().splitlines(keepends=True)
+  saved = _saved_steps(workdir)[-1]
+  assert saved >= resumed_at and lock_file.exists()  # a SIGKILL cannot release it
+
+  with caplog.at_level(logging.INFO, logger="absl"):
+    train_and_evaluate(digits_config(num_steps=STEPS), str(workdir), sample_at_end=False)
+  assert f"was left by a run that is gone (pid {proc.pid} on host " in caplog.text
+  assert f"resumed from {workdir}/checkpoints step {saved}" in caplog.text
+  assert not lock_file.exists()
 
   _, reference = straight
   lines = history(workdir)
-  steps = [line["step"] for line in lines]
   # Resumed, not restarted, and each step logged once: the rows the killed run
-  # logged past its checkpoint (if any) were replaced.
-  assert steps == list(range(1, STEPS + 1))
+  # logged past its checkpoint moved aside whole (a line cut by the kill too).
+  assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
+  assert [json.loads(line) for line in killed[:saved]] == lines[:saved]  # kept as they were
+  assert (workdir / "metrics_replaced.jsonl").read_text() == "".join(
+    line if line.endswith("\n") else line + "\n" for line in killed[saved:]
+  )
   for line in lines:
     for key in METRICS:
       np.testing.assert_allclose(
         line[key], reference[line["step"]][key], rtol=1e-6, err_msg=f"{key}@{line['step']}"
       )
+  board = tensorboard_scalars(workdir / "tensorboard")
+  for key in ("loss", "grad_norm"):
+    assert [step for step, _ in board[key]] == list(range(1, STEPS + 1)), key
+    np.testing.assert_allclose([v for _, v in board[key]], [r[key] for r in lines], rtol=1e-6)
+
+
+def _wait_for(proc, done, seconds: float = 240):
+  deadline = time.time() + seconds
+  while not done():
+    assert proc.poll() is None, "training exited before it was signalled"
+    assert time.time() < deadline, f"not done within {seconds} s"
+    time.sleep(0.02)
 
 
 def test_resuming_with_another_model_size_names_the_problem(straight, tmp_path, one_device):

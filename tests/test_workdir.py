@@ -16,12 +16,9 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 
-import numpy as np
 import pytest
-from helpers import TINY_CONFIG_FLAG, digits_config, one_device_env, tensorboard_scalars
+from helpers import digits_config
 
 from monoformer_jax import inference, lock
 from monoformer_jax.checkpoints import load_params
@@ -285,84 +282,3 @@ def test_sigterm_during_the_end_of_run_samples_stops_them_at_once(
   assert _committed(tmp_path) == [2] and _steps_logged(tmp_path) == [1, 2]
   assert signal.getsignal(signal.SIGTERM) is sigterm_handler
   assert not (tmp_path / "run.lock").exists()
-
-
-# ------------------------------------------- two runs, a kill, a resume
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_second_run_is_refused_and_a_killed_run_resumes_logging_each_step_once(
-  tmp_path, caplog, one_device
-):
-  workdir = tmp_path / "run"
-  with open(tmp_path / "first.log", "w") as log:
-    first = subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "monoformer_jax.train",
-        TINY_CONFIG_FLAG,
-        f"--workdir={workdir}",
-        "--config.train.num_steps=1000",
-        "--config.train.checkpoint_every=3",
-      ],
-      env=one_device_env(JAX_PLATFORMS="cpu"),
-      stdout=log,
-      stderr=subprocess.STDOUT,
-    )
-  deadline = time.time() + 240
-
-  def wait_for(what, done):
-    while not done():
-      assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-      assert time.time() < deadline, f"no {what} within 240 s"
-      time.sleep(0.02)
-
-  def two_rows_past_a_checkpoint():
-    saved = _committed(workdir)
-    metrics = workdir / "metrics.jsonl"
-    return saved and metrics.exists() and metrics.read_text().count("\n") >= saved[-1] + 2
-
-  try:
-    wait_for("lock", (workdir / "run.lock").exists)
-    # A second run while the first holds the workdir: refused, naming the first.
-    with pytest.raises(PathError) as caught:
-      train_and_evaluate(digits_config(num_steps=30), str(workdir), sample_at_end=False)
-    assert f"is in use by another run: pid {first.pid} on host {HOST} since " in str(caught.value)
-    wait_for("checkpoint and two logged steps after it", two_rows_past_a_checkpoint)
-  finally:
-    first.kill()
-    first.wait()
-  # SIGKILL (possibly during a save, or while a row was being written).
-  killed_lines = (workdir / "metrics.jsonl").read_text().splitlines(keepends=True)
-  whole = [json.loads(line) for line in killed_lines if line.endswith("\n")]
-  saved, last = _committed(workdir)[-1], whole[-1]["step"]
-  assert [r["step"] for r in whole] == list(range(1, last + 1)) and last >= saved + 2
-  assert (workdir / "run.lock").exists()  # a SIGKILL cannot release it
-
-  end = last + 2
-  with caplog.at_level(logging.INFO, logger="absl"):
-    train_and_evaluate(
-      digits_config(num_steps=end, checkpoint_every=3), str(workdir), sample_at_end=False
-    )
-  assert f"was left by a run that is gone (pid {first.pid} on host {HOST}" in caplog.text
-  assert f"resumed from {workdir}/checkpoints step {saved}" in caplog.text
-  # Each step once, in order; the killed run's rows up to its checkpoint kept
-  # as they were, those past it moved aside verbatim (a cut line too).
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == list(range(1, end + 1))
-  assert rows[:saved] == whole[:saved]
-  assert (workdir / "metrics_replaced.jsonl").read_text() == "".join(
-    line if line.endswith("\n") else line + "\n" for line in killed_lines[saved:]
-  )
-  # The resumed steps retrace the killed ones (same data, same RNG).
-  np.testing.assert_allclose(
-    [r["loss"] for r in rows[saved:last]], [r["loss"] for r in whole[saved:]], rtol=1e-6
-  )
-  # TensorBoard hides the killed run's events past the checkpoint.
-  board = tensorboard_scalars(workdir / "tensorboard")
-  for key in ("loss", "grad_norm"):
-    assert [s for s, _ in board[key]] == list(range(1, end + 1)), key
-    np.testing.assert_allclose([v for _, v in board[key]], [r[key] for r in rows], rtol=1e-6)
-  assert not (workdir / "run.lock").exists()
