@@ -34,6 +34,12 @@ setup(
     "sentencepiece>=0.2",  # Llama's tokenizer.model
     "tokenizers>=0.20",  # or an HF tokenizer.json
     "tensorboardX>=2.6",  # TensorBoard events without TensorFlow (clu's writers import it)
+    # gs:// paths: etils.epath (Orbax's, TFDS's and ours) reaches GCS through
+    # fsspec's gcsfs; google-cloud-storage writes TensorBoard events there and
+    # makes the workdir lock (an object created only if absent).
+    "etils[epath]>=1.7",
+    "gcsfs>=2024.2",
+    "google-cloud-storage>=2.14",
   ],
   extras_require={
     # The notebook's own needs (Colab has them) are in `test`, which runs it.
@@ -61,6 +67,8 @@ setup(
       # tests/test_inception.py writes .pth files and checks the resize with
       # it: the CPU wheel that lies on this machine's disk (a range pulls CUDA).
       "torch==2.13.0",
+      # A real GCS-protocol server on localhost for the gs:// tests (tests/conftest.py).
+      "gcp-storage-emulator>=2024.1",
     ],
     # TPU hosts, and `python -m monoformer_jax.compile` (plans for TPU slices from any host).
     "tpu": ["jax[tpu]>=0.10.2"],

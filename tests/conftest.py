@@ -71,3 +71,47 @@ def pytest_handlecrashitem(crashitem, report, sched):
   for work_unit in getattr(sched, "workqueue", {}).values():
     if crashitem in work_unit:
       work_unit[crashitem] = True
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+  """A GCS-protocol server on localhost (gcp-storage-emulator, in memory, with
+  the bucket `bucket`), reached through the standard variables every client
+  reads: STORAGE_EMULATOR_HOST (google-cloud-storage, gcsfs, etils.epath) and
+  TENSORSTORE_GCS_HTTP_URL (TensorStore: Orbax's arrays). Set in os.environ,
+  so the processes tests start reach it too. Yields its URL."""
+  import socket
+
+  from gcp_storage_emulator.server import create_server
+
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  server = create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
+  server.start()
+  url = f"http://127.0.0.1:{port}"
+  env = dict(
+    STORAGE_EMULATOR_HOST=url,
+    TENSORSTORE_GCS_HTTP_URL=url,
+    # gcsfs otherwise waits ~60 s on a gRPC bucket-type probe the server cannot answer.
+    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+  )
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    yield url
+  finally:
+    server.stop()
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+@pytest.fixture
+def gcs_path(gcs_server, request):
+  """A fresh gs:// folder for one test, in the server's bucket."""
+  import uuid
+
+  return f"gs://bucket/{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
