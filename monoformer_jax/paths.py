@@ -7,6 +7,13 @@
     writable_file(path, what, flag)     a local file path whose folder is (or can be made) writable
     free_bytes(path)                    the free space where `path` is (or would be) written
 
+Reading files that may be on a bucket (`gs://...`; any scheme epath knows):
+    is_local(path)                      True for a path on this machine (no scheme)
+    file_size(path)                     its size in bytes
+    read_range(path, start, size)       exactly bytes [start, start + size): one ranged GET
+                                        on a bucket, so a reader that wants one tensor of a
+                                        large file fetches that tensor, not the file
+
 Each failure is a `PathError` naming the flag, the path and the fix. Cloud
 paths (`gs://...`) are passed through to the libraries that write them.
 """
@@ -81,6 +88,38 @@ def new_folder_beside(base: str) -> str:
     k += 1
     candidate = f"{base}-{k}"
   return candidate
+
+
+def is_local(path) -> bool:
+  """True for a path on this machine's disks, where os, mmap and np.memmap work;
+  False for a URL (`gs://bucket/...`), read through epath."""
+  return "://" not in os.fspath(path)
+
+
+def file_size(path) -> int:
+  """Bytes in the file `path` (local or on a bucket)."""
+  if is_local(path):
+    return os.path.getsize(path)
+  from etils import epath
+
+  return epath.Path(path).stat().length
+
+
+def read_range(path, start: int, size: int) -> bytes:
+  """Bytes [start, start + size) of the file `path`, fewer only at its end.
+
+  On a bucket this is one ranged request for just those bytes (a buffered file
+  object would read ahead several MB more)."""
+  if size <= 0:
+    return b""
+  if is_local(path):
+    with open(path, "rb") as f:
+      f.seek(start)
+      return f.read(size)
+  import fsspec
+
+  fs, inner = fsspec.core.url_to_fs(os.fspath(path))
+  return fs.cat_file(inner, start=start, end=start + size)
 
 
 def free_bytes(path: str) -> int | None:

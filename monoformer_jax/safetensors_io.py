@@ -4,7 +4,9 @@ Reads a single `.safetensors` file or a Hugging Face folder (`model.safetensors`
 or the shards that `model.safetensors.index.json` lists) through one memory map
 per file, so reading a slice costs only the pages it touches, and any float
 dtype (float32, float16, bfloat16: TinyLlama ships bfloat16) comes out as
-float32. Writes the same layout shard by shard, header first, then each tensor
+float32. A file on a bucket (`gs://...`) is read through epath: its header in
+one ranged request, then each tensor in one ranged request when it is wanted,
+so reading a few tensors of a large file does not fetch the rest. Writes the same layout shard by shard, header first, then each tensor
 as it is produced, so a converted model never needs a second full copy in host
 memory.
 
@@ -26,8 +28,10 @@ from collections.abc import Callable, Sequence
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
+from monoformer_jax.paths import file_size, is_local, read_range
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -48,6 +52,9 @@ _DTYPES = {
 
 # safetensors' own limit on the JSON header; a larger "size" means another format.
 MAX_HEADER_BYTES = 100_000_000
+# Bytes read at once from the start of a file: the size and, for most models, the
+# whole header (TinyLlama's is ~20 KB), so a bucket sees one request, not three.
+_FIRST_READ = 1 << 16
 _CONVERT_FIX = (
   "convert it to safetensors (safetensors.numpy.save_file or "
   "safetensors.torch.save_file) or pass the real .safetensors file"
@@ -87,8 +94,7 @@ def read_json_object(path: str, what: str = "a JSON file") -> dict:
   """The JSON object in `path`; `FileFormatError` naming the file (and line/column) if
   it is not UTF-8, not JSON, or not an object. `what` says what the file should be."""
   path = os.fspath(path)
-  with open(path, "rb") as f:
-    blob = f.read()
+  blob = epath.Path(path).read_bytes()
   try:
     value = json.loads(blob.decode("utf-8"))
   except UnicodeDecodeError as e:
@@ -118,35 +124,36 @@ def read_header(path: str) -> tuple[dict, dict, int]:
   Every check runs before anything is mapped or reshaped, so a broken, truncated
   or mislabelled file gives one `FileFormatError` naming the file and the tensor.
   """
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise FileFormatError(
-        f"{path} is truncated: expected at least 8 bytes (the header size), found {size}; "
-        "re-download or re-copy it"
-      )
-    (n,) = struct.unpack("<Q", head)
-    peek = f.read(min(n, 16))
-    if n == 0:
-      raise FileFormatError(
-        f"{path}: its header size (first 8 bytes) is 0, so it is not a "
-        f"safetensors file (it looks like {_what_it_is(head)}); "
-        f"{_CONVERT_FIX}"
-      )
-    if n > MAX_HEADER_BYTES or (8 + n > size and peek and not peek.startswith(b"{")):
-      raise FileFormatError(
-        f"{path} is not a safetensors file: its first 8 bytes give a header size of {n} "
-        f"bytes (limit {MAX_HEADER_BYTES}, file {size} bytes); it looks like "
-        f"{_what_it_is(head)}; {_CONVERT_FIX}"
-      )
-    if 8 + n > size:
-      raise FileFormatError(
-        f"{path} is truncated inside its header: expected at least {8 + n} bytes "
-        f"(8 + a {n}-byte header), found {size}; re-download or re-copy it"
-      )
-    f.seek(8)
-    blob = f.read(n)
+  size = file_size(path)
+  first = read_range(path, 0, min(size, _FIRST_READ))
+  head = first[:8]
+  if len(head) < 8:
+    raise FileFormatError(
+      f"{path} is truncated: expected at least 8 bytes (the header size), found {size}; "
+      "re-download or re-copy it"
+    )
+  (n,) = struct.unpack("<Q", head)
+  peek = first[8 : 8 + min(n, 16)]
+  if n == 0:
+    raise FileFormatError(
+      f"{path}: its header size (first 8 bytes) is 0, so it is not a "
+      f"safetensors file (it looks like {_what_it_is(head)}); "
+      f"{_CONVERT_FIX}"
+    )
+  if n > MAX_HEADER_BYTES or (8 + n > size and peek and not peek.startswith(b"{")):
+    raise FileFormatError(
+      f"{path} is not a safetensors file: its first 8 bytes give a header size of {n} "
+      f"bytes (limit {MAX_HEADER_BYTES}, file {size} bytes); it looks like "
+      f"{_what_it_is(head)}; {_CONVERT_FIX}"
+    )
+  if 8 + n > size:
+    raise FileFormatError(
+      f"{path} is truncated inside its header: expected at least {8 + n} bytes "
+      f"(8 + a {n}-byte header), found {size}; re-download or re-copy it"
+    )
+  blob = first[8 : 8 + n]
+  if len(blob) < n:
+    blob += read_range(path, len(first), 8 + n - len(first))
   try:
     text = blob.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -249,34 +256,46 @@ def read_header(path: str) -> tuple[dict, dict, int]:
 
 class SafetensorsFile:
   """One `.safetensors` file: its header (checked, see `read_header`), and
-  lazy views of its tensors."""
+  lazy views of its tensors (local), or each tensor read when asked (a bucket)."""
 
   def __init__(self, path: str):
     self.path = os.fspath(path)
     self.entries, self.metadata, self._start = read_header(self.path)
-    size = os.path.getsize(self.path)
-    # One read-only map for the whole file; tensors are views into it.
-    self._map = (
-      np.memmap(self.path, dtype=np.uint8, mode="r")
-      if size > self._start
-      else np.zeros(size, np.uint8)
-    )
+    self._map = None
+    if is_local(self.path):
+      size = os.path.getsize(self.path)
+      # One read-only map for the whole file; tensors are views into it.
+      self._map = (
+        np.memmap(self.path, dtype=np.uint8, mode="r")
+        if size > self._start
+        else np.zeros(size, np.uint8)
+      )
 
   def keys(self) -> list[str]:
     return list(self.entries)
 
   def view(self, key: str) -> np.ndarray:
-    """The tensor `key` as a lazy view in its stored dtype."""
+    """The tensor `key` in its stored dtype, read-only: a lazy view of the map
+    (local), or its bytes fetched in one ranged read (a bucket)."""
     e = self.entries[key]
     begin, end = e["data_offsets"]
-    raw = self._map[self._start + begin : self._start + end]
+    if self._map is None:
+      raw = np.frombuffer(read_range(self.path, self._start + begin, end - begin), np.uint8)
+      if raw.size != end - begin:
+        raise FileFormatError(
+          f"{self.path}: tensor {key!r} came back with {raw.size} of {end - begin} bytes "
+          "(the file changed while read?); copy it again"
+        )
+    else:
+      raw = self._map[self._start + begin : self._start + end]
     return raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
 def find_files(path: str) -> list[str]:
   """The `.safetensors` files that `path` (a file or a folder) names."""
   path = os.fspath(path)
-  if os.path.isfile(path):
+  where = epath.Path(path)
+  if where.is_file():
     if path.endswith(".json"):
       return _files_of_index(path)
     if not path.endswith(".safetensors"):
@@ -285,13 +304,13 @@ def find_files(path: str) -> list[str]:
         f"a folder holding {SINGLE_NAME} or sharded weights with {INDEX_NAME}"
       )
     return [path]
-  if not os.path.isdir(path):
+  if not where.is_dir():
     raise MissingPathError(f"weights path {path!r} does not exist")
-  if os.path.exists(os.path.join(path, INDEX_NAME)):
+  if (where / INDEX_NAME).exists():
     return _files_of_index(os.path.join(path, INDEX_NAME))
-  if os.path.exists(os.path.join(path, SINGLE_NAME)):
+  if (where / SINGLE_NAME).exists():
     return [os.path.join(path, SINGLE_NAME)]
-  found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+  found = sorted(f.name for f in where.iterdir() if f.name.endswith(".safetensors"))
   if len(found) == 1:
     return [os.path.join(path, found[0])]
   raise MissingPathError(
@@ -302,8 +321,7 @@ def find_files(path: str) -> list[str]:
 
 def read_index(index_path: str) -> dict[str, str]:
   """The weight_map {tensor: shard file name} of a `model.safetensors.index.json`, checked."""
-  with open(index_path, "rb") as f:
-    blob = f.read()
+  blob = epath.Path(index_path).read_bytes()
   try:
     index = _json_loads_unique(blob.decode("utf-8"), index_path)
   except UnicodeDecodeError as e:
@@ -332,7 +350,7 @@ def _files_of_index(index_path: str) -> list[str]:
   weight_map = read_index(index_path)
   folder = os.path.dirname(index_path)
   files = [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
-  missing = [f for f in files if not os.path.exists(f)]
+  missing = [f for f in files if not epath.Path(f).exists()]
   if missing:
     raise MissingPathError(f"{index_path} lists shards that are not there: {missing}")
   return files
@@ -353,8 +371,8 @@ class SafetensorsSource:
             f"{f.path}; pass one set of shards"
           )
         self._where[key] = f
-    index = os.path.join(self.path, INDEX_NAME) if os.path.isdir(self.path) else None
-    if index and os.path.exists(index):
+    index = os.path.join(self.path, INDEX_NAME) if epath.Path(self.path).is_dir() else None
+    if index and epath.Path(index).exists():
       listed = set(read_index(index))
       if listed != set(self._where):
         raise FileFormatError(

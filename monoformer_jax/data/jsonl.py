@@ -9,12 +9,15 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from etils import epath
+
 from monoformer_jax.errors import FileFormatError
 
 
 def numbered_lines(path: str) -> Iterator[tuple[int, str]]:
-  """(line number from 1, text without its line end) of a UTF-8 file."""
-  with open(path, "rb") as f:
+  """(line number from 1, text without its line end) of a UTF-8 file, local or
+  on a bucket (`gs://...`)."""
+  with epath.Path(path).open("rb") as f:
     for number, raw in enumerate(f, 1):
       try:
         line = raw.decode("utf-8")

@@ -37,9 +37,11 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
+from etils import epath
 from scipy import linalg
 
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
+from monoformer_jax.paths import is_local
 
 METRICS = ("fid", "sfid", "is", "precision_recall")
 # The fewest images each metric is defined on: a covariance needs 2, the
@@ -348,17 +350,22 @@ def _mapped_member(path: str, zip_f: zipfile.ZipFile, name: str) -> np.ndarray |
 
 class NpzReader:
   """An npz opened for reading members one at a time (memory-mapped where the
-  file allows), with errors that name the file."""
+  file is local and allows it), with errors that name the file. On a bucket
+  (`gs://...`) it is read through epath: only the members asked for are fetched."""
 
   def __init__(self, path, what: str):
     self.path = os.fspath(path)
-    if not os.path.exists(self.path):
+    where = epath.Path(self.path)
+    if not where.exists():
       raise MissingPathError(f"{what} {self.path} is not there; give the path of an .npz file")
-    if os.path.isdir(self.path):
+    if where.is_dir():
       raise PathError(f"{what} {self.path} is a folder; give the path of an .npz file in it")
+    # zipfile opens a local path itself; a bucket's file is opened here and closed in close().
+    self._file = None if is_local(self.path) else where.open("rb")
     try:
-      self._zip = zipfile.ZipFile(self.path)
+      self._zip = zipfile.ZipFile(self.path if self._file is None else self._file)
     except (zipfile.BadZipFile, OSError) as e:
+      self.close()
       raise FileFormatError(
         f"{what} {self.path} is not an npz file ({type(e).__name__}: "
         f"{e}); give a file written by np.savez"
@@ -366,7 +373,10 @@ class NpzReader:
     self.files = [n[:-4] for n in self._zip.namelist() if n.endswith(".npy")]
 
   def close(self) -> None:
-    self._zip.close()  # a memory map made from the file stays valid
+    if getattr(self, "_zip", None) is not None:
+      self._zip.close()  # a memory map made from the file stays valid
+    if self._file is not None:
+      self._file.close()
 
   def __contains__(self, name: str) -> bool:
     return name in self.files
@@ -386,7 +396,7 @@ class NpzReader:
 
   def read(self, name: str, *, mmap: bool = False) -> np.ndarray:
     try:
-      if mmap:
+      if mmap and is_local(self.path):
         array = _mapped_member(self.path, self._zip, name)
         if array is not None:
           return array

@@ -31,14 +31,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import pathlib
 import pickle
 import struct
 import sys
 import zipfile
+from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from monoformer_jax.errors import FileFormatError, MissingPathError, PathError
 
@@ -235,8 +236,8 @@ def _tensor_array(t: _Tensor, source: str) -> np.ndarray:
   return array
 
 
-def _read_zip(path: pathlib.Path, source: str):
-  with zipfile.ZipFile(path) as archive:
+def _read_zip(file: BinaryIO, source: str):
+  with zipfile.ZipFile(file) as archive:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
@@ -280,7 +281,7 @@ def _read_zip(path: pathlib.Path, source: str):
   return obj
 
 
-def _read_legacy(path: pathlib.Path, source: str):
+def _read_legacy(f: BinaryIO, source: str):
   storages: dict[str, _Storage] = {}
   views: dict[str, _StorageView] = {}
 
@@ -301,52 +302,50 @@ def _read_legacy(path: pathlib.Path, source: str):
       views[view_key] = _StorageView(storage, int(offset), int(view_numel))
     return views[view_key]
 
-  with open(path, "rb") as f:
+  def load():
+    return _Unpickler(f, source).load()
 
-    def load():
-      return _Unpickler(f, source).load()
-
-    try:
-      magic = load()
-    except FileFormatError:
-      raise
-    except Exception as e:
+  try:
+    magic = load()
+  except FileFormatError:
+    raise
+  except Exception as e:
+    raise FileFormatError(
+      f"{source} is not a PyTorch .pth file (neither a zip archive "
+      f"nor a legacy torch.save pickle: {type(e).__name__}); pass "
+      "a file written by torch.save"
+    ) from e
+  if magic != MAGIC_NUMBER:
+    raise FileFormatError(
+      f"{source} is a pickle but not a torch.save file (no torch "
+      "magic number); pass a file written by torch.save"
+    )
+  version = load()
+  if version != PROTOCOL_VERSION:
+    raise FileFormatError(
+      f"{source}: torch.save protocol version {version!r}, only "
+      f"{PROTOCOL_VERSION} is read; re-save it with a recent torch"
+    )
+  load()  # sys info; torch writes these storages little-endian on any machine
+  obj = _Unpickler(f, source, storage_for).load()
+  keys = load()
+  for key in keys:
+    if key not in storages:
+      raise FileFormatError(f"{source}: storage {key!r} is listed but not used")
+    storage = storages[key]
+    head = f.read(8)
+    if len(head) != 8:
+      raise FileFormatError(f"{source} ends before storage {key!r}; the file is truncated")
+    (count,) = struct.unpack("<q", head)
+    nbytes = count * storage.dtype.itemsize
+    raw = f.read(nbytes)
+    if count < 0 or len(raw) != nbytes:
       raise FileFormatError(
-        f"{source} is not a PyTorch .pth file (neither a zip archive "
-        f"nor a legacy torch.save pickle: {type(e).__name__}); pass "
-        "a file written by torch.save"
-      ) from e
-    if magic != MAGIC_NUMBER:
-      raise FileFormatError(
-        f"{source} is a pickle but not a torch.save file (no torch "
-        "magic number); pass a file written by torch.save"
+        f"{source} ends inside storage {key!r} ({len(raw)} of "
+        f"{nbytes} bytes); the file is truncated"
       )
-    version = load()
-    if version != PROTOCOL_VERSION:
-      raise FileFormatError(
-        f"{source}: torch.save protocol version {version!r}, only "
-        f"{PROTOCOL_VERSION} is read; re-save it with a recent torch"
-      )
-    load()  # sys info; torch writes these storages little-endian on any machine
-    obj = _Unpickler(f, source, storage_for).load()
-    keys = load()
-    for key in keys:
-      if key not in storages:
-        raise FileFormatError(f"{source}: storage {key!r} is listed but not used")
-      storage = storages[key]
-      head = f.read(8)
-      if len(head) != 8:
-        raise FileFormatError(f"{source} ends before storage {key!r}; the file is truncated")
-      (count,) = struct.unpack("<q", head)
-      nbytes = count * storage.dtype.itemsize
-      raw = f.read(nbytes)
-      if count < 0 or len(raw) != nbytes:
-        raise FileFormatError(
-          f"{source} ends inside storage {key!r} ({len(raw)} of "
-          f"{nbytes} bytes); the file is truncated"
-        )
-      storage.array = _from_bytes(raw, storage.dtype, little_endian=True)
-      storage.numel = count
+    storage.array = _from_bytes(raw, storage.dtype, little_endian=True)
+    storage.numel = count
   return obj
 
 
@@ -359,14 +358,19 @@ def read_state_dict(path, *, hint: str = "") -> dict[str, np.ndarray]:
   Raises MissingPathError, PathError (a folder), FileFormatError (not a
   torch.save file, a damaged one, or one holding more than tensors).
   """
-  path = pathlib.Path(os.fspath(path))
+  path = epath.Path(os.fspath(path))
   source = f"PyTorch weights {path}"
   if not path.exists():
     raise MissingPathError(f"{source} do not exist" + (f"; {hint}" if hint else ""))
   if path.is_dir():
     raise PathError(f"{source} is a folder; pass the .pth file itself")
   try:
-    obj = _read_zip(path, source) if zipfile.is_zipfile(path) else _read_legacy(path, source)
+    with path.open("rb") as f:  # local, or a bucket's file (gs://...) read through epath
+      if zipfile.is_zipfile(f):
+        obj = _read_zip(f, source)
+      else:
+        f.seek(0)
+        obj = _read_legacy(f, source)
   except OSError:
     raise
   except FileFormatError as e:

@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import math
 import os
-import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from monoformer_jax.errors import CheckpointError, ConfigError, MissingPathError, PathError
@@ -465,10 +465,10 @@ def clip_params_from_tensors(
   return nnx.to_pure_dict(nnx.from_flat_state(leaves))
 
 
-def clip_folder(path, what: str) -> pathlib.Path:
+def clip_folder(path, what: str) -> epath.Path:
   """`path` as the folder of an HF CLIP model; raises, naming it and `what` it
   should hold, when it is missing or a file."""
-  folder = pathlib.Path(os.fspath(path))
+  folder = epath.Path(os.fspath(path))
   if not folder.exists():
     raise MissingPathError(
       f"CLIP folder {folder} does not exist; pass the folder of an HF "

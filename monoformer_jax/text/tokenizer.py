@@ -9,6 +9,7 @@ those token strings: the data code places special ids itself.
 
     load_tokenizer("bytes")                      # the embedded digits default
     load_tokenizer("/models/TinyLlama-1.1B")     # its tokenizer.model (or tokenizer.json)
+    load_tokenizer("gs://bucket/TinyLlama-1.1B") # the same, read from a bucket
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from etils import epath
+
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
+from monoformer_jax.paths import is_local
 
 SPECIAL_TOKENS = ("<PAD>", "<image>", "<|im_start|>", "<|im_end|>")
 
@@ -95,7 +99,10 @@ class SentencePieceTokenizer(Tokenizer):
     import sentencepiece as spm
 
     self.path = os.fspath(model_file)
-    self.sp = spm.SentencePieceProcessor(model_file=self.path)
+    if is_local(self.path):
+      self.sp = spm.SentencePieceProcessor(model_file=self.path)
+    else:  # SentencePiece opens only local files; it takes the model's bytes too
+      self.sp = spm.SentencePieceProcessor(model_proto=epath.Path(self.path).read_bytes())
     self.base_vocab = self.sp.get_piece_size()
     for name, want in (("unk", self.unk_id), ("bos", self.bos_id), ("eos", self.eos_id)):
       got = getattr(self.sp, f"{name}_id")()
@@ -123,7 +130,10 @@ class HFJsonTokenizer(Tokenizer):
     from tokenizers import Tokenizer as HFTokenizer
 
     self.path = os.fspath(json_file)
-    self.tok = HFTokenizer.from_file(self.path)
+    if is_local(self.path):
+      self.tok = HFTokenizer.from_file(self.path)
+    else:  # `tokenizers` opens only local files; it takes the JSON text too
+      self.tok = HFTokenizer.from_str(epath.Path(self.path).read_text())
     size = self.tok.get_vocab_size(with_added_tokens=True)
     present = [self.tok.token_to_id(t) for t in SPECIAL_TOKENS]
     if all(i is None for i in present):
@@ -156,12 +166,13 @@ def load_tokenizer(spec: str) -> Tokenizer:
   spec = os.fspath(spec)
   if spec == "bytes":
     return ByteTokenizer()
-  if os.path.isdir(spec):
+  where = epath.Path(spec)
+  if where.is_dir():
     for name in ("tokenizer.model", "tokenizer.json"):
-      if os.path.exists(os.path.join(spec, name)):
+      if (where / name).exists():
         return load_tokenizer(os.path.join(spec, name))
     raise MissingPathError(f"no tokenizer.model or tokenizer.json in {spec}")
-  if not os.path.exists(spec):
+  if not where.exists():
     raise MissingPathError(
       f"tokenizer {spec!r} does not exist; pass 'bytes', a "
       "tokenizer.model, a tokenizer.json or a folder holding one"

@@ -13,11 +13,11 @@ OIHW become HWIO, and the attention projections, Linear [out, in] or 1x1 conv
 from __future__ import annotations
 
 import os
-import pathlib
 import re
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from monoformer_jax.errors import CheckpointError, FileFormatError, MissingPathError
@@ -31,12 +31,13 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _MAX_LISTED = 8
 
 
-def resolve_vae_files(path, config=None) -> tuple[pathlib.Path, dict, str]:
+def resolve_vae_files(path, config=None) -> tuple[epath.Path, dict, str]:
   """(safetensors file, config dict, where the config came from) for `path`.
 
   `config` (a dict or a config.json path) overrides the one found beside the weights.
+  Paths may be local or on a bucket (`gs://...`).
   """
-  path = pathlib.Path(os.fspath(path))
+  path = epath.Path(os.fspath(path))
   if path.is_dir():
     folder = (
       path / "vae"
@@ -71,7 +72,7 @@ def resolve_vae_files(path, config=None) -> tuple[pathlib.Path, dict, str]:
 
   if isinstance(config, dict):
     return weights, config, "the config passed in"
-  config_path = pathlib.Path(config) if config is not None else folder / CONFIG_NAME
+  config_path = epath.Path(config) if config is not None else folder / CONFIG_NAME
   if not config_path.exists():
     raise MissingPathError(
       f"VAE config {config_path} not found for weights {weights}; "
@@ -85,8 +86,9 @@ def resolve_vae_files(path, config=None) -> tuple[pathlib.Path, dict, str]:
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
-  """Every tensor of a .safetensors file: read-only views of one memory map,
-  in their stored dtypes (bfloat16 via ml_dtypes)."""
+  """Every tensor of a .safetensors file: read-only views of one memory map
+  (local) or read-only arrays (a bucket), in their stored dtypes (bfloat16 via
+  ml_dtypes)."""
   file = SafetensorsFile(path)
   return {key: file.view(key) for key in file.keys()}
 

@@ -1,0 +1,210 @@
+"""The files the project reads, read from a bucket (conftest's `gcs_server`, a
+real GCS-protocol server on localhost): the tokenizer, the VAE, CLIP weights,
+safetensors (one tensor fetched without the rest), npz samples, PyTorch .pth
+weights and JSONL files each come back from gs:// equal to the local read, and a
+missing gs:// file is one error naming it."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from etils import epath
+from flax import nnx
+
+from monoformer_jax import paths, safetensors_io
+from monoformer_jax.config import CONFIGS_DIR
+from monoformer_jax.data.jsonl import json_objects
+from monoformer_jax.errors import MissingPathError
+from monoformer_jax.eval import fid, pth
+from monoformer_jax.model.clip import load_clip_params
+from monoformer_jax.text.tokenizer import load_tokenizer
+from monoformer_jax.vae.load import load_vae
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+TEXTS = ["the cat sat on a mat.", "Hello, World!\n", "caf\u00e9 \u20ac5 \u4e16\u754c", ""]
+
+
+def _upload(local: pathlib.Path, url: str, names=None) -> str:
+  """Copies the file `local`, or the files `names` of the folder `local`, to `url`."""
+  if local.is_file():
+    epath.Path(url).write_bytes(local.read_bytes())
+    return url
+  for name in names or sorted(p.name for p in local.iterdir() if p.is_file()):
+    epath.Path(url, name).write_bytes((local / name).read_bytes())
+  return url
+
+
+def _one_line(error) -> str:
+  text = str(error.value)
+  assert "\n" not in text
+  return text
+
+
+@pytest.mark.timeout(60)
+def test_tokenizers_from_a_bucket_give_the_local_ids(gcs_path):
+  folder = _upload(FIXTURES / "tiny_llama", gcs_path, ["tokenizer.model", "tokenizer.json"])
+  for local, remote in (
+    (FIXTURES / "tiny_llama", folder),  # a folder: its tokenizer.model
+    (FIXTURES / "tiny_llama" / "tokenizer.json", f"{folder}/tokenizer.json"),
+  ):
+    want, got = load_tokenizer(str(local)), load_tokenizer(remote)
+    assert type(got) is type(want) and got.vocab_size == want.vocab_size
+    for text in TEXTS:
+      ids = got.encode(text)
+      assert ids == want.encode(text) and got.decode(ids) == want.decode(ids)
+  assert type(load_tokenizer(folder)).__name__ == "SentencePieceTokenizer"
+  with pytest.raises(MissingPathError) as e:
+    load_tokenizer(f"{folder}/nope.model")
+  assert f"{folder}/nope.model" in _one_line(e)
+  with pytest.raises(MissingPathError) as e:
+    load_tokenizer(f"{gcs_path}/empty-folder-is-no-folder")
+  assert f"{gcs_path}/empty-folder-is-no-folder" in _one_line(e)
+
+
+@pytest.mark.timeout(60)
+def test_vae_and_clip_from_a_bucket_are_bit_exact(gcs_path):
+  vae_url = _upload(
+    FIXTURES / "tiny_vae", f"{gcs_path}/vae", ["config.json", "diffusion_pytorch_model.safetensors"]
+  )
+  want = nnx.to_flat_state(nnx.state(load_vae(FIXTURES / "tiny_vae")))
+  got = nnx.to_flat_state(nnx.state(load_vae(vae_url)))
+  assert [k for k, _ in got] == [k for k, _ in want] and len(want) > 10
+  for (key, a), (_, b) in zip(got, want):
+    assert a[...].dtype == b[...].dtype and np.array_equal(a[...], b[...]), key
+
+  clip_url = _upload(
+    FIXTURES / "tiny_clip", f"{gcs_path}/clip", ["config.json", "model.safetensors"]
+  )
+  (got_params, got_cfg), (want_params, want_cfg) = (
+    load_clip_params(clip_url),
+    load_clip_params(FIXTURES / "tiny_clip"),
+  )
+  assert got_cfg == want_cfg
+  flat_got, flat_want = (
+    nnx.traversals.flatten_mapping(got_params),
+    nnx.traversals.flatten_mapping(want_params),
+  )
+  assert flat_got.keys() == flat_want.keys() and len(flat_want) > 10
+  for key, value in flat_want.items():
+    assert np.array_equal(flat_got[key], value), key
+
+  with pytest.raises(MissingPathError) as e:
+    load_vae(f"{gcs_path}/no-vae")
+  assert f"{gcs_path}/no-vae" in _one_line(e)
+  with pytest.raises(MissingPathError) as e:
+    load_clip_params(f"{gcs_path}/no-clip")
+  assert f"{gcs_path}/no-clip" in _one_line(e)
+
+
+@pytest.mark.timeout(60)
+def test_one_tensor_of_a_bucket_safetensors_fetches_that_tensor_only(gcs_path, monkeypatch):
+  local = FIXTURES / "tiny_llama" / "model.safetensors"
+  url = _upload(local, f"{gcs_path}/model.safetensors")
+  fetched = []
+
+  def counted(path, start, size):
+    data = paths.read_range(path, start, size)
+    if path == url:
+      fetched.append(len(data))
+    return data
+
+  monkeypatch.setattr(safetensors_io, "read_range", counted)
+  with (
+    safetensors_io.SafetensorsSource(url) as remote,
+    safetensors_io.SafetensorsSource(str(local)) as mine,
+  ):
+    header_bytes = sum(fetched)
+    assert remote.keys() == mine.keys() and len(fetched) == 1  # the header: one request
+    key = max(mine.keys(), key=lambda k: np.prod(mine.shape(k)))
+    got = remote.read(key)
+    assert np.array_equal(got, mine.read(key)) and got.dtype == np.float32
+    tensor_bytes = fetched[-1]
+    entry = remote._where[key].entries[key]
+    assert tensor_bytes == entry["data_offsets"][1] - entry["data_offsets"][0]
+    size = local.stat().st_size
+    assert header_bytes + tensor_bytes < size
+    print(f"one tensor: {header_bytes} header + {tensor_bytes} tensor bytes of a {size}-byte file")
+    for key in mine.keys():
+      assert np.array_equal(remote.read(key), mine.read(key)), key
+  # The ranged read itself returns exactly the bytes asked for, at the end too.
+  blob = local.read_bytes()
+  assert paths.read_range(url, 3, 40) == blob[3:43]
+  assert paths.read_range(url, len(blob) - 5, 40) == blob[-5:]
+  assert paths.file_size(url) == len(blob)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_samples_from_a_bucket_equal_the_local_read(gcs_path, tmp_path, save):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, 5)
+  local = tmp_path / "samples.npz"
+  save(local, arr_0=images, arr_1=labels)
+  url = _upload(local, f"{gcs_path}/samples.npz")
+  got_images, got_labels = fid.load_samples_npz(url)
+  assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
+  assert np.array_equal(fid.load_images_npz(url, expect_resolution=8), images)
+  want_images, want_labels = fid.load_samples_npz(local)
+  assert np.array_equal(want_images, images) and np.array_equal(want_labels, labels)
+  with pytest.raises(MissingPathError) as e:
+    fid.load_images_npz(f"{gcs_path}/none.npz")
+  assert f"{gcs_path}/none.npz" in _one_line(e)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_pth_weights_from_a_bucket_equal_the_local_read(gcs_path, tmp_path, fmt):
+  torch = pytest.importorskip("torch")
+  tensors = {
+    "conv.weight": torch.randn(4, 3, 3, 3),
+    "bn.running_mean": torch.randn(4).half(),
+    "fc.bias": torch.arange(7, dtype=torch.float32)[2:],  # an offset view of a storage
+  }
+  local = tmp_path / "weights.pth"
+  torch.save(tensors, local, _use_new_zipfile_serialization=fmt == "zip")
+  got = pth.read_state_dict(_upload(local, f"{gcs_path}/weights.pth"))
+  assert list(got) == list(tensors)
+  for key, want in pth.read_state_dict(local).items():
+    assert got[key].dtype == want.dtype and np.array_equal(got[key], want), key
+    assert np.array_equal(got[key], tensors[key].numpy()), key
+  with pytest.raises(MissingPathError) as e:
+    pth.read_state_dict(f"{gcs_path}/none.pth")
+  assert f"{gcs_path}/none.pth" in _one_line(e)
+
+
+@pytest.mark.timeout(30)
+def test_jsonl_from_a_bucket(gcs_path, tmp_path):
+  local = tmp_path / "chat.jsonl"
+  records = [{"text": "a"}, {"text": "caf\u00e9", "n": 2}]
+  local.write_text("\n".join(json.dumps(r) for r in records[:1]) + "\n\n" + json.dumps(records[1]))
+  url = _upload(local, f"{gcs_path}/chat.jsonl")
+  assert (
+    list(json_objects(url)) == list(json_objects(str(local))) == [(1, records[0]), (3, records[1])]
+  )
+
+
+@pytest.mark.timeout(120)
+def test_compile_refuses_an_output_in_a_missing_bucket_before_compiling(gcs_server):
+  run = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "monoformer_jax.compile",
+      f"--config={CONFIGS_DIR / 'imagenet256.py'}:tiny",
+      "--topology=v5p-8",
+      "--output=gs://no-such-bucket/plans/tiny.json",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=110,
+  )
+  assert run.returncode == 2, run.stderr
+  assert [line for line in run.stderr.splitlines() if line.startswith("error:")] == [
+    "error: --output='gs://no-such-bucket/plans/tiny.json': the bucket 'gs://no-such-bucket' "
+    "does not exist (or these credentials cannot see it); create it or pass another --output"
+  ]
+  assert "compiling" not in run.stderr
