@@ -1,7 +1,7 @@
 """The files the project reads, read from a bucket (conftest's `gcs_server`, a
 real GCS-protocol server on localhost): the tokenizer, the VAE, CLIP weights,
 safetensors (one tensor fetched without the rest), npz samples, PyTorch .pth
-weights and JSONL files each come back from gs:// equal to the local read, and a
+weights and text inputs (JSONL, .txt, a folder of them) each come back from gs:// equal to the local read, and a
 missing gs:// file is one error naming it."""
 
 import json
@@ -16,6 +16,7 @@ from flax import nnx
 
 from monoformer_jax import paths, safetensors_io
 from monoformer_jax.config import CONFIGS_DIR
+from monoformer_jax.data import chat
 from monoformer_jax.data.jsonl import json_objects
 from monoformer_jax.errors import MissingPathError
 from monoformer_jax.eval import fid, pth
@@ -177,14 +178,29 @@ def test_pth_weights_from_a_bucket_equal_the_local_read(gcs_path, tmp_path, fmt)
 
 
 @pytest.mark.timeout(30)
-def test_jsonl_from_a_bucket(gcs_path, tmp_path):
-  local = tmp_path / "chat.jsonl"
+def test_text_inputs_from_a_bucket(gcs_path, tmp_path):
   records = [{"text": "a"}, {"text": "caf\u00e9", "n": 2}]
-  local.write_text("\n".join(json.dumps(r) for r in records[:1]) + "\n\n" + json.dumps(records[1]))
-  url = _upload(local, f"{gcs_path}/chat.jsonl")
+  (tmp_path / "b.jsonl").write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1]))
+  (tmp_path / "a.txt").write_text("one\nline\n\nand two\n")
+  (tmp_path / ".hidden.txt").write_text("not listed, as glob.glob lists none")
+  (tmp_path / "c.csv").write_text("not text input")
+  folder = _upload(tmp_path, f"{gcs_path}/texts")
+  assert chat.input_files(folder) == [f"{folder}/a.txt", f"{folder}/b.jsonl"]
+  assert chat.input_files(tmp_path) == [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
+  url = f"{folder}/b.jsonl"
   assert (
-    list(json_objects(url)) == list(json_objects(str(local))) == [(1, records[0]), (3, records[1])]
+    list(json_objects(url))
+    == list(json_objects(str(tmp_path / "b.jsonl")))
+    == [(1, records[0]), (3, records[1])]
   )
+  assert list(chat.read_texts(f"{folder}/a.txt")) == ["one\nline", "and two"]
+  assert list(chat.read_texts(url)) == ["a", "caf\u00e9"]
+  with pytest.raises(MissingPathError) as e:
+    chat.read_texts(f"{folder}/none.jsonl")
+  assert f"{folder}/none.jsonl" in _one_line(e)
+  with pytest.raises(MissingPathError) as e:
+    chat.input_files(f"{gcs_path}/none")
+  assert f"{gcs_path}/none" in _one_line(e)
 
 
 @pytest.mark.timeout(120)

@@ -55,10 +55,11 @@ training time from the stored turns.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+from etils import epath
 
 from monoformer_jax.data import prompts
 from monoformer_jax.data.jsonl import json_objects, numbered_lines
@@ -173,25 +174,29 @@ def text_example(text: str, tokenizer) -> Example:
 
 def _checked_file(path) -> str:
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise MissingPathError(f"{path} does not exist; give the path of a data file")
-  if os.path.isdir(path):
+  if epath.Path(path).is_dir():
     raise PathError(f"{path} is a folder; give the path of one data file in it")
   return path
 
 
 def input_files(path) -> list[str]:
   """The .jsonl and .txt files of the folder `path` (--input_dir), sorted, or
-  the one file it names."""
+  the one file it names; local or on a bucket (`gs://...`)."""
   path = os.fspath(path)
-  if os.path.isdir(path):
+  where = epath.Path(path)
+  if where.is_dir():
     found = sorted(
-      glob.glob(os.path.join(path, "*.jsonl")) + glob.glob(os.path.join(path, "*.txt"))
+      os.path.join(path, f.name)
+      for pattern in ("*.jsonl", "*.txt")
+      for f in where.glob(pattern)
+      if not f.name.startswith(".")  # as glob.glob: "*" matches no hidden name
     )
     if not found:
       raise MissingPathError(f"--input_dir={path!r} holds no .jsonl or .txt files")
     return found
-  if not os.path.exists(path):
+  if not where.exists():
     raise MissingPathError(f"--input_dir={path!r} does not exist")
   return [path]
 
