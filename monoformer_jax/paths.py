@@ -10,6 +10,7 @@
 Reading files that may be on a bucket (`gs://...`; any scheme epath knows):
     is_local(path)                      True for a path on this machine (no scheme)
     file_size(path)                     its size in bytes
+    folder_of(path)                     `path` if a folder, else the folder holding it
     read_range(path, start, size)       exactly bytes [start, start + size): one ranged GET
                                         on a bucket, so a reader that wants one tensor of a
                                         large file fetches that tensor, not the file
@@ -94,6 +95,16 @@ def is_local(path) -> bool:
   """True for a path on this machine's disks, where os, mmap and np.memmap work;
   False for a URL (`gs://bucket/...`), read through epath."""
   return "://" not in os.fspath(path)
+
+
+def folder_of(path) -> str:
+  """`path` if it is a folder, else the folder that holds it (absolute if local)."""
+  path = os.fspath(path)
+  if is_local(path):
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  from etils import epath
+
+  return path if epath.Path(path).is_dir() else os.path.dirname(path.rstrip("/"))
 
 
 def file_size(path) -> int:

@@ -224,3 +224,26 @@ def test_compile_refuses_an_output_in_a_missing_bucket_before_compiling(gcs_serv
     "does not exist (or these credentials cannot see it); create it or pass another --output"
   ]
   assert "compiling" not in run.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_llama_in_a_bucket_converts_as_the_local_one(gcs_path):
+  from flax import traverse_util
+
+  from monoformer_jax.convert import llama, verify
+
+  local = FIXTURES / "tiny_llama"
+  url = _upload(local, f"{gcs_path}/llama", ["config.json", "model.safetensors"])
+  base = verify.fixture_config()
+  (got, got_config), (want, want_config) = (
+    llama.load_llama(url, base, seed=0),
+    llama.load_llama(str(local), base, seed=0),
+  )
+  assert got_config.model == want_config.model
+  flat_got, flat_want = traverse_util.flatten_dict(got), traverse_util.flatten_dict(want)
+  assert flat_got.keys() == flat_want.keys() and len(flat_want) > 5
+  for key, value in flat_want.items():
+    assert np.array_equal(np.asarray(flat_got[key]), np.asarray(value)), key
+  with pytest.raises(MissingPathError) as e:
+    llama.load_llama(f"{gcs_path}/no-llama", base)  # its config is looked for beside it
+  assert _one_line(e).startswith(f"no config.json in {gcs_path}:")

@@ -39,6 +39,7 @@ import zlib
 
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import traverse_util
 
 from monoformer_jax.checkpoints import save_model
@@ -136,11 +137,8 @@ def load_llama(
       f"{where} is an official MonoFormer config (it has decoder_t_embed); "
       "convert it with `python -m monoformer_jax.convert official`"
     )
-  if (
-    os.path.isdir(path)
-    and not any(f.endswith(".safetensors") for f in os.listdir(path))
-    and any(f.endswith(".bin") for f in os.listdir(path))
-  ):
+  names = [f.name for f in epath.Path(path).iterdir()] if epath.Path(path).is_dir() else []
+  if not any(f.endswith(".safetensors") for f in names) and any(f.endswith(".bin") for f in names):
     raise FileFormatError(
       f"{path} holds PyTorch .bin weights only; save them as safetensors "
       "first (model.save_pretrained(dir, safe_serialization=True))"

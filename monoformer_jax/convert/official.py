@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
+from etils import epath
 from flax import nnx, traverse_util
 
 from monoformer_jax.checkpoints import load_config, load_params, save_model, stored_weights
@@ -49,6 +50,7 @@ from monoformer_jax.config.schema import CONDITIONING_MODES
 from monoformer_jax.errors import CheckpointError, ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.model.build import abstract_model, param_shardings
 from monoformer_jax.model.clip import clip_params_from_tensors, read_clip_config, vision_prefix
+from monoformer_jax.paths import folder_of
 from monoformer_jax.safetensors_io import (
   SafetensorsSource,
   find_files,
@@ -518,10 +520,11 @@ def default_config():
 
 
 def read_hf_config(path: str) -> dict:
-  """config.json of a weights folder, or of the folder holding a weights file."""
-  folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  """config.json of a weights folder, or of the folder holding a weights file
+  (local or on a bucket)."""
+  folder = folder_of(path)
   file = os.path.join(folder, "config.json")
-  if not os.path.exists(file):
+  if not epath.Path(file).exists():
     raise MissingPathError(
       f"no config.json in {folder}: the Hugging Face config.json "
       "of the weights is needed to know the model's sizes"
@@ -823,7 +826,7 @@ def load_official(
   `clip`: the HF CLIP folder whose config.json gives a CLIP model's tower sizes
   (else the base config's model.vision; the weights come from the checkpoint).
   """
-  folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  folder = folder_of(path)
   base = default_config() if base_config is None else base_config
   config = official_config(
     read_hf_config(path), base, where=os.path.join(folder, "config.json"), clip=clip
@@ -854,7 +857,7 @@ def load_official_model(path: str, base_config=None, *, clip: str | None = None)
 
 
 def has_ema(path: str) -> bool:
-  return os.path.isdir(path) and os.path.isdir(os.path.join(path, "ema"))
+  return epath.Path(path).is_dir() and epath.Path(path, "ema").is_dir()
 
 
 def convert_official(
