@@ -247,3 +247,32 @@ def test_a_llama_in_a_bucket_converts_as_the_local_one(gcs_path):
   with pytest.raises(MissingPathError) as e:
     llama.load_llama(f"{gcs_path}/no-llama", base)  # its config is looked for beside it
   assert _one_line(e).startswith(f"no config.json in {gcs_path}:")
+
+
+@pytest.mark.timeout(30)
+def test_evaluator_files_and_images_on_a_bucket(gcs_path, tmp_path):
+  from PIL import Image
+
+  from monoformer_jax.errors import PathError
+  from monoformer_jax.eval.image_metrics import InceptionMetrics
+  from monoformer_jax.vision.images import UnreadableImage, load_image
+
+  np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+  (tmp_path / "w.pth").write_bytes(b"checked for existence only here")
+  folder = _upload(tmp_path, f"{gcs_path}/eval")
+  settings = dict(inception=f"{folder}/w.pth", reference=f"{folder}/ref.npz")
+  InceptionMetrics.check(["fid"], settings, lambda name: f"--{name}")  # both there: no error
+  with pytest.raises(PathError) as e:
+    InceptionMetrics.check(
+      ["fid"], dict(settings, reference=f"{folder}/none.npz"), lambda name: f"--{name}"
+    )
+  assert f"--reference='{folder}/none.npz' is not a file" in _one_line(e)
+
+  pixels = np.random.default_rng(1).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(tmp_path / "a.png")
+  url = _upload(tmp_path / "a.png", f"{gcs_path}/a.png")
+  got, want = np.asarray(load_image(url)), np.asarray(load_image(tmp_path / "a.png"))
+  assert np.array_equal(got, pixels) and np.array_equal(want, pixels)
+  with pytest.raises(UnreadableImage) as e:
+    load_image(f"{gcs_path}/none.png")
+  assert f"{gcs_path}/none.png" in _one_line(e)

@@ -12,9 +12,10 @@ line below.
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from etils import epath
 
 from monoformer_jax.config.fields import fail, flag_of
 from monoformer_jax.errors import ConfigError, PathError
@@ -59,7 +60,7 @@ class Evaluator:
       path = settings.get(name) or ""
       if not path:
         raise ConfigError(f"{list(names)} need {flag(name)}, {what}")
-      if not os.path.isfile(path):
+      if not epath.Path(path).is_file():  # local or on a bucket (gs://...)
         raise PathError(f"{flag(name)}={path!r} is not a file: {list(names)} read {what} from it")
 
   @classmethod

@@ -46,9 +46,11 @@ import re
 import warnings
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps
 
 from monoformer_jax.errors import FileFormatError
+from monoformer_jax.paths import is_local
 
 # The reader refuses an image past Pillow's pixel limit itself, in one line naming
 # the file; Pillow's warning for such an image (raised on open, before the reader
@@ -81,6 +83,8 @@ def load_image(source, *, orient: bool = True) -> Image.Image:
     return _decoded(source, orient, None)
   if isinstance(source, (str, os.PathLike)):
     path = os.fspath(source)
+    if not is_local(path):
+      return _read_remote(path, orient)
     if os.path.isdir(path):
       raise UnreadableImage(path, "a folder, not a file", "pass an image file")
     if not os.path.exists(path):
@@ -109,6 +113,19 @@ def checked_resize(image: Image.Image, size_wh: tuple[int, int], resample) -> Im
       "crop it nearer to square first",
     )
   return image.resize(size_wh, resample)
+
+
+def _read_remote(path: str, orient: bool) -> Image.Image:
+  """An image file on a bucket (`gs://...`): checked and read as a local one is."""
+  where = epath.Path(path)
+  if where.is_dir():
+    raise UnreadableImage(path, "a folder, not a file", "pass an image file")
+  if not where.exists():
+    raise UnreadableImage(path, "no such file", "check the path")
+  data = where.read_bytes()
+  if not data:
+    raise UnreadableImage(path, "an empty file (0 bytes)", "pass the image file itself")
+  return _read(io.BytesIO(data), path, orient)
 
 
 def _read(file, path, orient: bool) -> Image.Image:
