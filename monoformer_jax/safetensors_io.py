@@ -6,9 +6,10 @@ per file, so reading a slice costs only the pages it touches, and any float
 dtype (float32, float16, bfloat16: TinyLlama ships bfloat16) comes out as
 float32. A file on a bucket (`gs://...`) is read through epath: its header in
 one ranged request, then each tensor in one ranged request when it is wanted,
-so reading a few tensors of a large file does not fetch the rest. Writes the same layout shard by shard, header first, then each tensor
-as it is produced, so a converted model never needs a second full copy in host
-memory.
+so reading a few tensors of a large file does not fetch the rest. Writes the
+same layout shard by shard, header first, then each tensor as it is produced,
+so a converted model never needs a second full copy in host memory (local or
+on a bucket).
 
 File format: 8-byte little-endian header size N, N bytes of JSON
 {key: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}},
@@ -448,9 +449,10 @@ def write_safetensors(
   (then `on_tensor(key)`, e.g. to advance a progress bar).
   One file `model.safetensors` if everything fits in `max_shard_bytes`, else
   `model-0000k-of-0000n.safetensors` shards and `model.safetensors.index.json`
-  (Hugging Face's names). Returns the file names written.
+  (Hugging Face's names). `folder` may be on a bucket (`gs://...`). Returns
+  the file names written.
   """
-  os.makedirs(folder, exist_ok=True)
+  epath.Path(folder).mkdir(parents=True, exist_ok=True)
   shards, size = [[]], 0
   for key, shape in shapes:
     nbytes = 4 * int(np.prod(shape, dtype=np.int64))
@@ -477,7 +479,9 @@ def write_safetensors(
     total += offset
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keeps the data 8-byte aligned, as the spec advises
-    with open(os.path.join(folder, name), "wb") as f:
+    # On a bucket each file is one object, there only once it is whole (no partial
+    # shard is ever seen), streamed up as it is written.
+    with epath.Path(folder, name).open("wb") as f:
       f.write(struct.pack("<Q", len(blob)))
       f.write(blob)
       for key, shape in shard:
@@ -488,6 +492,6 @@ def write_safetensors(
         on_tensor(key)
   if n > 1:
     weight_map = {key: name for name, shard in zip(names, shards) for key, _ in shard}
-    with open(os.path.join(folder, INDEX_NAME), "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    epath.Path(folder, INDEX_NAME).write_text(json.dumps(index, indent=2))
   return names

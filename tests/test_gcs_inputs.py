@@ -276,3 +276,25 @@ def test_evaluator_files_and_images_on_a_bucket(gcs_path, tmp_path):
   with pytest.raises(UnreadableImage) as e:
     load_image(f"{gcs_path}/none.png")
   assert f"{gcs_path}/none.png" in _one_line(e)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("max_shard_bytes", [1 << 20, 200])  # one file; three shards + index
+def test_safetensors_written_to_a_bucket_equal_the_local_files(gcs_path, tmp_path, max_shard_bytes):
+  rng = np.random.default_rng(2)
+  tensors = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(20), "c": np.ones((2, 2))}
+  shapes = [(key, value.shape) for key, value in tensors.items()]
+  local = tmp_path / "out"
+  names = safetensors_io.write_safetensors(
+    str(local), shapes, tensors.__getitem__, max_shard_bytes=max_shard_bytes
+  )
+  assert names == safetensors_io.write_safetensors(
+    f"{gcs_path}/out", shapes, tensors.__getitem__, max_shard_bytes=max_shard_bytes
+  )
+  written = sorted(p.name for p in epath.Path(gcs_path, "out").iterdir())
+  assert written == sorted(p.name for p in local.iterdir()) and len(written) in (1, 4)
+  for name in written:
+    assert epath.Path(gcs_path, "out", name).read_bytes() == (local / name).read_bytes(), name
+  with safetensors_io.SafetensorsSource(f"{gcs_path}/out") as source:
+    for key, value in tensors.items():
+      assert np.array_equal(source.read(key), value.astype(np.float32)), key

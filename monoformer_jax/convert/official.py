@@ -1018,8 +1018,9 @@ def write_official(
       names = write_safetensors(
         folder, shapes, produce, max_shard_bytes=max_shard_bytes, on_tensor=lambda key: bar.update()
       )
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(hf_config(config, vision_encoder_path=clip), f, indent=2)
+  epath.Path(folder, "config.json").write_text(
+    json.dumps(hf_config(config, vision_encoder_path=clip), indent=2)
+  )
   return names
 
 
