@@ -298,3 +298,37 @@ def test_safetensors_written_to_a_bucket_equal_the_local_files(gcs_path, tmp_pat
   with safetensors_io.SafetensorsSource(f"{gcs_path}/out") as source:
     for key, value in tensors.items():
       assert np.array_equal(source.read(key), value.astype(np.float32)), key
+
+
+@pytest.mark.timeout(30)
+def test_commonsense_tasks_from_a_bucket(gcs_path, tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  from monoformer_jax.eval import commonsense
+
+  local = FIXTURES / "commonsense"
+  for task in sorted(p.name for p in local.iterdir() if p.is_dir()):
+    _upload(local / task, f"{gcs_path}/tasks/{task}")
+  for name in commonsense.TASKS:
+    mine = commonsense.task_files(name, str(local))
+    got = commonsense.task_files(name, f"{gcs_path}/tasks")
+    assert got == [p.replace(str(local), f"{gcs_path}/tasks") for p in mine]
+    for (_, a), (_, b) in zip(
+      commonsense.read_examples(got[0]), commonsense.read_examples(mine[0]), strict=True
+    ):
+      assert a == b
+  # Parquet shards, found in order and read through epath.
+  rows = [{"goal": f"g{i}", "sol1": "a", "sol2": "b", "label": i % 2} for i in range(5)]
+  for k, part in enumerate((rows[:3], rows[3:])):
+    pq.write_table(pa.Table.from_pylist(part), tmp_path / f"validation-0000{k}-of-00002.parquet")
+  folder = _upload(tmp_path, f"{gcs_path}/shards/piqa")
+  found = commonsense.task_files("piqa", f"{gcs_path}/shards")
+  assert found == [
+    f"{folder}/validation-00000-of-00002.parquet",
+    f"{folder}/validation-00001-of-00002.parquet",
+  ]
+  assert [ex for f in found for _, ex in commonsense.read_examples(f)] == rows
+  with pytest.raises(MissingPathError) as e:
+    commonsense.task_files("piqa", f"{gcs_path}/none")
+  assert f"{gcs_path}/none" in _one_line(e)

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
+from etils import epath
 from jax.sharding import PartitionSpec as P
 
 from monoformer_jax.data.jsonl import json_objects
@@ -70,6 +71,7 @@ from monoformer_jax.eval.registry import Evaluator
 from monoformer_jax.layout import Example, Row, RowSpec
 from monoformer_jax.model.build import compiled
 from monoformer_jax.parallel import sharding
+from monoformer_jax.paths import is_local
 
 # TinyLlama's max_position_embeddings, what the reference trains from. Our
 # RoPE has no position table, so nothing stops at it: past it are positions
@@ -249,17 +251,19 @@ def get_task(name: str) -> Task:
 
 def task_files(name: str, tasks_dir: str) -> list[str]:
   """The file(s) task `name` is read from: TASKS_DIR/name/SPLIT.jsonl, else
-  SPLIT.parquet, else the shards SPLIT-*.parquet in order."""
+  SPLIT.parquet, else the shards SPLIT-*.parquet in order (local or on a bucket)."""
   task = get_task(name)
   tasks_dir = os.fspath(tasks_dir)
-  if not os.path.isdir(tasks_dir):
+  if not epath.Path(tasks_dir).is_dir():
     raise MissingPathError(
       f"tasks_dir {tasks_dir!r} is not a folder; it must hold one folder "
       f"per task: {layout(tasks_dir)} (or .parquet)"
     )
   stem = os.path.join(tasks_dir, task.name, task.split)
+  folder = epath.Path(tasks_dir, task.name)
   for suffix in (".jsonl", ".parquet", "-*.parquet"):
-    found = sorted(glob.glob(glob.escape(stem) + suffix))
+    pattern = glob.escape(task.split) + suffix
+    found = sorted(os.path.join(tasks_dir, task.name, f.name) for f in folder.glob(pattern))
     if found:
       return found
   raise MissingPathError(
@@ -283,7 +287,11 @@ def read_examples(path: str, limit: int | None = None) -> list[tuple[str, dict]]
         "or export the split as .jsonl"
       ) from e
     try:
-      rows = pq.read_table(path).to_pylist()
+      if is_local(path):
+        rows = pq.read_table(path).to_pylist()
+      else:  # read through epath, as every bucket file is (pyarrow's own GCS client is not)
+        with epath.Path(path).open("rb") as f:
+          rows = pq.read_table(f).to_pylist()
     except Exception as e:
       raise FileFormatError(f"{path} is not a readable parquet file ({e})") from e
     return [(f"{path}, row {i}", ex) for i, ex in enumerate(rows[:limit])]
@@ -709,7 +717,7 @@ class Commonsense(Evaluator):
         f"--metrics=commonsense needs {flag('tasks_dir')}, the folder of the "
         "task files (eval/commonsense.py gives the layout)"
       )
-    if not os.path.isdir(tasks_dir):
+    if not epath.Path(tasks_dir).is_dir():
       raise PathError(f"{flag('tasks_dir')}={tasks_dir!r} is not a folder")
     for name in settings.get("tasks") or TASKS:  # every task's name and file
       task_files(name, tasks_dir)
