@@ -11,6 +11,7 @@ Reading files that may be on a bucket (`gs://...`; any scheme epath knows):
     is_local(path)                      True for a path on this machine (no scheme)
     file_size(path)                     its size in bytes
     folder_of(path)                     `path` if a folder, else the folder holding it
+    open_binary(path)                   the file opened "rb", seekable, failing as a local one
     read_range(path, start, size)       exactly bytes [start, start + size): one ranged GET
                                         on a bucket, so a reader that wants one tensor of a
                                         large file fetches that tensor, not the file
@@ -21,6 +22,7 @@ paths (`gs://...`) are passed through to the libraries that write them.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -105,6 +107,41 @@ def folder_of(path) -> str:
   from etils import epath
 
   return path if epath.Path(path).is_dir() else os.path.dirname(path.rstrip("/"))
+
+
+class _SeekLikeLocal:
+  """A bucket's file object whose seek before the start raises OSError, as a
+  local file's does (gcsfs raises ValueError), so readers that probe a file
+  (zipfile's end-of-archive search on a file of a few bytes) treat both alike."""
+
+  def __init__(self, file):
+    self._file = file
+
+  def seek(self, offset: int, whence: int = 0) -> int:
+    try:
+      return self._file.seek(offset, whence)
+    except ValueError as e:
+      raise OSError(errno.EINVAL, f"{e}") from e
+
+  def __getattr__(self, name):
+    return getattr(self._file, name)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._file.close()
+
+
+def open_binary(path):
+  """The file `path` opened for reading bytes: local, or on a bucket through epath
+  (reads are buffered ranged requests, so a reader that seeks fetches only what
+  it reads)."""
+  if is_local(path):
+    return open(path, "rb")
+  from etils import epath
+
+  return _SeekLikeLocal(epath.Path(path).open("rb"))
 
 
 def file_size(path) -> int:

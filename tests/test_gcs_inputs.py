@@ -18,7 +18,7 @@ from monoformer_jax import paths, safetensors_io
 from monoformer_jax.config import CONFIGS_DIR
 from monoformer_jax.data import chat
 from monoformer_jax.data.jsonl import json_objects
-from monoformer_jax.errors import MissingPathError
+from monoformer_jax.errors import FileFormatError, MissingPathError
 from monoformer_jax.eval import fid, pth
 from monoformer_jax.model.clip import load_clip_params
 from monoformer_jax.text.tokenizer import load_tokenizer
@@ -57,6 +57,14 @@ def test_tokenizers_from_a_bucket_give_the_local_ids(gcs_path):
       ids = got.encode(text)
       assert ids == want.encode(text) and got.decode(ids) == want.decode(ids)
   assert type(load_tokenizer(folder)).__name__ == "SentencePieceTokenizer"
+  for name, blob, what in (
+    ("junk.model", b"\x00junk", "is not a SentencePiece model"),
+    ("junk.json", b'{"model": 1', "is not a Hugging Face tokenizer.json"),
+  ):
+    epath.Path(folder, name).write_bytes(blob)
+    with pytest.raises(FileFormatError) as e:
+      load_tokenizer(f"{folder}/{name}")
+    assert _one_line(e).startswith(f"{folder}/{name} {what} (")
   with pytest.raises(MissingPathError) as e:
     load_tokenizer(f"{folder}/nope.model")
   assert f"{folder}/nope.model" in _one_line(e)
@@ -154,6 +162,13 @@ def test_npz_samples_from_a_bucket_equal_the_local_read(gcs_path, tmp_path, save
   with pytest.raises(MissingPathError) as e:
     fid.load_images_npz(f"{gcs_path}/none.npz")
   assert f"{gcs_path}/none.npz" in _one_line(e)
+  epath.Path(gcs_path, "text.npz").write_text("not a zip")  # shorter than a zip's end record
+  with pytest.raises(FileFormatError) as e:
+    fid.load_images_npz(f"{gcs_path}/text.npz")
+  assert _one_line(e) == (
+    f"sample images {gcs_path}/text.npz is not an npz file (BadZipFile: File is not a zip "
+    "file); give a file written by np.savez"
+  )
 
 
 @pytest.mark.timeout(60)
@@ -175,6 +190,12 @@ def test_pth_weights_from_a_bucket_equal_the_local_read(gcs_path, tmp_path, fmt)
   with pytest.raises(MissingPathError) as e:
     pth.read_state_dict(f"{gcs_path}/none.pth")
   assert f"{gcs_path}/none.pth" in _one_line(e)
+  epath.Path(gcs_path, "text.pth").write_text("not torch")
+  with pytest.raises(FileFormatError) as e:
+    pth.read_state_dict(f"{gcs_path}/text.pth")
+  assert _one_line(e).startswith(
+    f"PyTorch weights {gcs_path}/text.pth is not a PyTorch .pth file (neither a zip archive"
+  )
 
 
 @pytest.mark.timeout(30)

@@ -41,7 +41,7 @@ from etils import epath
 from scipy import linalg
 
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
-from monoformer_jax.paths import is_local
+from monoformer_jax.paths import is_local, open_binary
 
 METRICS = ("fid", "sfid", "is", "precision_recall")
 # The fewest images each metric is defined on: a covariance needs 2, the
@@ -361,7 +361,7 @@ class NpzReader:
     if where.is_dir():
       raise PathError(f"{what} {self.path} is a folder; give the path of an .npz file in it")
     # zipfile opens a local path itself; a bucket's file is opened here and closed in close().
-    self._file = None if is_local(self.path) else where.open("rb")
+    self._file = None if is_local(self.path) else open_binary(self.path)
     try:
       self._zip = zipfile.ZipFile(self.path if self._file is None else self._file)
     except (zipfile.BadZipFile, OSError) as e:

@@ -42,6 +42,7 @@ import numpy as np
 from etils import epath
 
 from monoformer_jax.errors import FileFormatError, MissingPathError, PathError
+from monoformer_jax.paths import open_binary
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
@@ -365,7 +366,7 @@ def read_state_dict(path, *, hint: str = "") -> dict[str, np.ndarray]:
   if path.is_dir():
     raise PathError(f"{source} is a folder; pass the .pth file itself")
   try:
-    with path.open("rb") as f:  # local, or a bucket's file (gs://...) read through epath
+    with open_binary(os.fspath(path)) as f:  # local, or a bucket's file (gs://...)
       if zipfile.is_zipfile(f):
         obj = _read_zip(f, source)
       else:

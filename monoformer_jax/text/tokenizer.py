@@ -99,10 +99,16 @@ class SentencePieceTokenizer(Tokenizer):
     import sentencepiece as spm
 
     self.path = os.fspath(model_file)
-    if is_local(self.path):
-      self.sp = spm.SentencePieceProcessor(model_file=self.path)
-    else:  # SentencePiece opens only local files; it takes the model's bytes too
-      self.sp = spm.SentencePieceProcessor(model_proto=epath.Path(self.path).read_bytes())
+    try:
+      if is_local(self.path):
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+      else:  # SentencePiece opens only local files; it takes the model's bytes too
+        self.sp = spm.SentencePieceProcessor(model_proto=epath.Path(self.path).read_bytes())
+    except RuntimeError as e:  # what SentencePiece raises for a file it cannot parse
+      raise FileFormatError(
+        f"{self.path} is not a SentencePiece model ({str(e).strip()}); pass Llama's "
+        "tokenizer.model, a tokenizer.json, or 'bytes'"
+      ) from e
     self.base_vocab = self.sp.get_piece_size()
     for name, want in (("unk", self.unk_id), ("bos", self.bos_id), ("eos", self.eos_id)):
       got = getattr(self.sp, f"{name}_id")()
@@ -130,10 +136,14 @@ class HFJsonTokenizer(Tokenizer):
     from tokenizers import Tokenizer as HFTokenizer
 
     self.path = os.fspath(json_file)
-    if is_local(self.path):
-      self.tok = HFTokenizer.from_file(self.path)
-    else:  # `tokenizers` opens only local files; it takes the JSON text too
-      self.tok = HFTokenizer.from_str(epath.Path(self.path).read_text())
+    text = None if is_local(self.path) else epath.Path(self.path).read_text()
+    try:  # `tokenizers` opens only local files; it takes the JSON text too
+      self.tok = HFTokenizer.from_file(self.path) if text is None else HFTokenizer.from_str(text)
+    except Exception as e:  # `tokenizers` raises a bare Exception for a file it cannot parse
+      raise FileFormatError(
+        f"{self.path} is not a Hugging Face tokenizer.json ({e}); pass the model's "
+        "tokenizer.json, a tokenizer.model, or 'bytes'"
+      ) from e
     size = self.tok.get_vocab_size(with_added_tokens=True)
     present = [self.tok.token_to_id(t) for t in SPECIAL_TOKENS]
     if all(i is None for i in present):
