@@ -126,7 +126,7 @@ def read_header(path: str) -> tuple[dict, dict, int]:
   or mislabelled file gives one `FileFormatError` naming the file and the tensor.
   """
   size = file_size(path)
-  first = read_range(path, 0, min(size, _FIRST_READ))
+  first = read_range(path, 0, min(size, _FIRST_READ if not is_local(path) else 4096))
   head = first[:8]
   if len(head) < 8:
     raise FileFormatError(
