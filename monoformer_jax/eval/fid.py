@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
+from etils import epath
 from scipy import linalg
 
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
@@ -324,6 +325,8 @@ def _mapped_member(path: str, zip_f: zipfile.ZipFile, name: str) -> np.ndarray |
   info = zip_f.getinfo(f"{name}.npy")
   if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # deflated, encrypted
     return None
+  if "://" in path:  # on a bucket: read, not mapped
+    return None
   with open(path, "rb") as f:
     f.seek(info.header_offset)
     local = f.read(30)
@@ -352,12 +355,14 @@ class NpzReader:
 
   def __init__(self, path, what: str):
     self.path = os.fspath(path)
-    if not os.path.exists(self.path):
+    file = epath.Path(self.path)  # on this machine or a bucket (gs://...)
+    if not file.exists():
       raise MissingPathError(f"{what} {self.path} is not there; give the path of an .npz file")
-    if os.path.isdir(self.path):
+    if file.is_dir():
       raise PathError(f"{what} {self.path} is a folder; give the path of an .npz file in it")
     try:
-      self._zip = zipfile.ZipFile(self.path)
+      self._file = None if "://" not in self.path else file.open("rb")
+      self._zip = zipfile.ZipFile(self._file or self.path)
     except (zipfile.BadZipFile, OSError) as e:
       raise FileFormatError(
         f"{what} {self.path} is not an npz file ({type(e).__name__}: "
@@ -367,6 +372,8 @@ class NpzReader:
 
   def close(self) -> None:
     self._zip.close()  # a memory map made from the file stays valid
+    if self._file is not None:
+      self._file.close()
 
   def __contains__(self, name: str) -> bool:
     return name in self.files
