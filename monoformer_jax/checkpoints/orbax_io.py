@@ -628,10 +628,17 @@ def fingerprint(path: str, step: int | None = None) -> str:
   directory, step = resolve(path, step)
   folder = epath.Path(directory) / str(step)
   files = []
+
+  def add(here, relative):  # by iterdir: epath's walk names a bucket's folders without gs://
+    for entry in here.iterdir():
+      name = f"{relative}{entry.name}"
+      if entry.is_dir():
+        add(entry, f"{name}/")
+      else:
+        files.append((name, entry))
+
   try:
-    for root, _, names in folder.walk():
-      for name in names:
-        files.append((str((root / name).relative_to(folder)), root / name))
+    add(folder, "")
     digest = hashlib.sha256()
     for relative, file in sorted(files, key=lambda f: f[0]):
       size = file.stat().length
