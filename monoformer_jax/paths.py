@@ -30,7 +30,14 @@ def writable_dir(path: str, what: str, flag: str) -> str:
   path = os.fspath(path)
   if not path:
     raise PathError(f"{flag} is empty; pass a folder for the {what} (it is made if missing)")
-  if "://" in path:
+  if "://" in path:  # a bucket: writing is checked by writing; an object there is no folder
+    from etils import epath
+
+    if epath.Path(path).is_file():
+      raise PathError(
+        f"{flag}={path!r} is a file, not a folder; pass a folder for the {what} "
+        "(it is made if missing)"
+      )
     return path
   if os.path.exists(path) and not os.path.isdir(path):
     raise PathError(
