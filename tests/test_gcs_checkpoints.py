@@ -185,3 +185,28 @@ def test_evaluate_reads_and_writes_the_bucket(digits_checkpoint, gcs_path, tmp_p
     assert remote["arr_0"].shape == (16, 8, 8, 1) and remote["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(remote["arr_0"], there["arr_0"])
     np.testing.assert_array_equal(remote["arr_1"], there["arr_1"])
+
+
+@pytest.mark.timeout(60)
+def test_a_sample_folder_in_the_bucket_is_bound_and_its_broken_chunks_redone(gcs_path):
+  from monoformer_jax.errors import ConfigError
+  from monoformer_jax.eval import sampling
+
+  out = epath.Path(f"{gcs_path}/eval")
+  record = dict(path="gs://bucket/m", step=0, weights="ema", fingerprint="a" * 16)
+  settings = dict(checkpoint=record, num_samples=16, chunk_size=8)
+  sampling._bind(str(out), settings)  # an empty folder: taken, run.json written
+  assert json.loads((out / "run.json").read_text()) == settings
+  labels = np.arange(16) % 10
+  chunk = lambda i: out / "chunks" / f"chunk_{i:05d}.npz"
+  with whole_file(chunk(0)) as f:
+    np.savez(f, images=np.zeros((8, 8, 8, 1), np.uint8), labels=labels[:8])
+  chunk(1).write_bytes(b"PK\x03\x04 cut short")  # a chunk copied in half-written
+  assert sampling._done_chunks(str(out), labels, 8, (8, 8, 1)) == [0]
+  assert sorted(p.name for p in (out / "chunks").iterdir()) == [
+    "chunk_00000.npz",
+    "chunk_00001.npz.bad",  # set aside in the bucket, sampled again
+  ]
+  other = dict(settings, checkpoint=dict(record, fingerprint="b" * 16))
+  with pytest.raises(ConfigError, match="holds samples of gs://bucket/m step 0"):
+    sampling._bind(str(out), other)  # samples of another save are not mixed in

@@ -360,10 +360,13 @@ class NpzReader:
       raise MissingPathError(f"{what} {self.path} is not there; give the path of an .npz file")
     if file.is_dir():
       raise PathError(f"{what} {self.path} is a folder; give the path of an .npz file in it")
+    self._file = None if "://" not in self.path else file.open("rb")
     try:
-      self._file = None if "://" not in self.path else file.open("rb")
       self._zip = zipfile.ZipFile(self._file or self.path)
-    except (zipfile.BadZipFile, OSError) as e:
+    # (A file on a bucket shorter than a zip's end record: ValueError, a seek before its start.)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+      if self._file is not None:
+        self._file.close()
       raise FileFormatError(
         f"{what} {self.path} is not an npz file ({type(e).__name__}: "
         f"{e}); give a file written by np.savez"

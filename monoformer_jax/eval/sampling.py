@@ -316,11 +316,22 @@ def _done_chunks(out_dir: str, labels_N, chunk_size: int, shape: tuple[int, ...]
         continue
       problem = _chunk_problem(path, labels_N[i * chunk_size : (i + 1) * chunk_size], shape)
       if problem:
-        epath.Path(path).rename(path + ".bad")
+        _set_aside(path, path + ".bad")
         logging.warning("%s: %s; set aside as %s.bad and sampled again", path, problem, path)
       else:
         done.append(i)
   return distributed.all_gather_json(done)[0]
+
+
+def _set_aside(path: str, aside: str):
+  """Moves the file `path` to `aside`: a rename on this machine; on a bucket a
+  copy and a delete (what a rename there is), made explicit, as gcsfs first
+  tries a move request that not every GCS server answers."""
+  if "://" not in path:
+    os.replace(path, aside)
+    return
+  epath.Path(path).copy(aside, overwrite=True)
+  epath.Path(path).unlink()
 
 
 def _write_npz(path: str, arrays: dict[str, tuple[tuple, np.dtype, Iterable[np.ndarray]]]):
