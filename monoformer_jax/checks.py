@@ -15,7 +15,8 @@ the fix.
 from __future__ import annotations
 
 import math
-import os
+
+from etils import epath
 
 from monoformer_jax.config import complete
 from monoformer_jax.config.fields import check_image_sampling, fail
@@ -41,7 +42,7 @@ def check_train_config(config, *, reads_data: bool = True):
       "grad_accum_steps rows)",
     )
   init_from = config.train.init_from
-  if init_from and "://" not in init_from and not os.path.isdir(init_from):
+  if init_from and not epath.Path(init_from).is_dir():  # on this machine or a bucket
     fail(
       "train.init_from",
       init_from,

@@ -39,6 +39,7 @@ import os
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from monoformer_jax import cli, inference
@@ -59,7 +60,7 @@ from monoformer_jax.eval.sampling import (
 from monoformer_jax.eval.score import check_samples, score_images, score_model
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
-from monoformer_jax.paths import writable_dir, writable_file
+from monoformer_jax.paths import whole_file, writable_dir, writable_file
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config replacing the one saved with --checkpoint (optional).", lock_config=True
@@ -175,7 +176,7 @@ def _check_flags(metrics):
         "--checkpoint (--samples holds images only)"
       )
     cls.check(names, _settings(), lambda name: f"--{name}")
-  if _SAMPLES.value and not os.path.isfile(_SAMPLES.value):
+  if _SAMPLES.value and not epath.Path(_SAMPLES.value).is_file():
     raise PathError(f"--samples={_SAMPLES.value!r} is not a file")
   integer("--batch_size", _BATCH_SIZE.value, low=1)
   integer("--text_batch", _TEXT_BATCH.value, low=1)
@@ -188,22 +189,19 @@ def _check_flags(metrics):
 def _sample_dir(step: int) -> str:
   if _SAMPLE_DIR.value:
     return writable_dir(_SAMPLE_DIR.value, "samples", "--sample_dir")
-  base = beside(_CHECKPOINT.value, step, "eval", "--sample_dir")
+  base = beside(_CHECKPOINT.value, step, "eval")
   return writable_dir(base, "samples (or pass --sample_dir)", "the default --sample_dir")
 
 
 def _write_results(results: dict, output: str):
-  """Prints the results, then writes them to `output` whole (a temporary
-  file renamed): a write that fails anyway loses nothing printed."""
+  """Prints the results, then writes them to `output` (local or on a bucket)
+  whole: a write that fails anyway loses nothing printed."""
   text = finite_json(results, indent=1)
   print(text, flush=True)
   try:
-    with open(output + ".tmp", "w") as f:
-      f.write(text + "\n")
-    os.replace(output + ".tmp", output)
+    with whole_file(output) as f:
+      f.write((text + "\n").encode())
   except OSError as e:
-    if os.path.exists(output + ".tmp"):
-      os.remove(output + ".tmp")
     raise PathError(
       f"the results could not be written to {output!r} ({e.strerror or e}); they are printed above"
     ) from e

@@ -563,22 +563,28 @@ def write_interleaved_page(
 ) -> str:
   """out_dir/{name}.html (`interleaved_html`), its images as
   out_dir/{name}/{row}_{k}.png and out_dir/{name}.json (the pieces in order:
-  {"text": ...} or {"image": path}). Returns the page's path."""
+  {"text": ...} or {"image": path}). Returns the page's path. `out_dir` may
+  be on a bucket (`gs://...`); each file is written whole."""
   import json
 
-  os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+  from etils import epath
+
+  from monoformer_jax.paths import whole_file
+
+  (epath.Path(out_dir) / name).mkdir(parents=True, exist_ok=True)
 
   def save(r, k, picture):
     path = f"{name}/{r}_{k}.png"
-    picture.save(os.path.join(out_dir, path))
+    with whole_file(os.path.join(out_dir, path)) as f:
+      picture.save(f, format="PNG")
     return path
 
   page, rows = interleaved_html(answers, prompts, scale=scale, labels=labels, image_src=save)
   path = os.path.join(out_dir, f"{name}.html")
-  with open(path, "w") as f:
-    f.write(page)
-  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-    json.dump(rows, f, indent=1)
+  with whole_file(path) as f:
+    f.write(page.encode())
+  with whole_file(os.path.join(out_dir, f"{name}.json")) as f:
+    f.write(json.dumps(rows, indent=1).encode())
   return path
 
 

@@ -4,8 +4,10 @@
     fresh_output_dir(path, outputs, flag, overwrite)
                                         a writable folder holding none of `outputs`
     new_folder_beside(base)             `base`, or the first of `base-2`, `base-3`, ... not there
-    writable_file(path, what, flag)     a local file path whose folder is (or can be made) writable
+    writable_file(path, what, flag)     a file path whose folder is (or can be made) writable
     free_bytes(path)                    the free space where `path` is (or would be) written
+    whole_file(path)                    a binary file to write that appears at `path` (local
+                                        or `gs://...`) whole or not at all
 
 Reading files that may be on a bucket (`gs://...`; any scheme epath knows):
     is_local(path)                      True for a path on this machine (no scheme)
@@ -22,11 +24,13 @@ paths (`gs://...`) are passed through to the libraries that write them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 from monoformer_jax.errors import PathError
 
@@ -36,7 +40,14 @@ def writable_dir(path: str, what: str, flag: str) -> str:
   path = os.fspath(path)
   if not path:
     raise PathError(f"{flag} is empty; pass a folder for the {what} (it is made if missing)")
-  if "://" in path:
+  if "://" in path:  # a bucket: writing is checked by writing; an object there is no folder
+    from etils import epath
+
+    if epath.Path(path).is_file():
+      raise PathError(
+        f"{flag}={path!r} is a file, not a folder; pass a folder for the {what} "
+        "(it is made if missing)"
+      )
     return path
   if os.path.exists(path) and not os.path.isdir(path):
     raise PathError(
@@ -56,12 +67,20 @@ def writable_dir(path: str, what: str, flag: str) -> str:
 
 
 def writable_file(path: str, what: str, flag: str) -> str:
-  """`path` as a local file that can be written: not a folder, in a folder
-  that exists (made if need be) and is writable. Checked before the work
-  whose results it receives, so they are not lost to a bad path after it."""
+  """`path` as a file that can be written: not a folder, in a folder that
+  exists (made if need be) and is writable. Checked before the work whose
+  results it receives, so they are not lost to a bad path after it. On a
+  bucket (`gs://...`) only that it is no folder: writing is checked by writing."""
   path = os.fspath(path)
   if "://" in path:
-    raise PathError(f"{flag}={path!r}: the {what} are written to a local disk; pass a local path")
+    from etils import epath
+
+    if epath.Path(path).is_dir():
+      raise PathError(
+        f"{flag}={path!r} is a folder; pass the path of a file for the {what} "
+        "(one in that folder, say)"
+      )
+    return path
   if os.path.isdir(path):
     raise PathError(
       f"{flag}={path!r} is a folder; pass the path of a file for the {what} "
@@ -75,8 +94,10 @@ def writable_file(path: str, what: str, flag: str) -> str:
 
 def fresh_output_dir(path: str, outputs: Iterable[str], flag: str, overwrite: bool = False) -> str:
   """A writable `path` that holds none of `outputs` (unless `overwrite`)."""
+  from etils import epath
+
   path = writable_dir(path, "outputs", flag)
-  there = [name for name in outputs if os.path.exists(os.path.join(path, name))]
+  there = [name for name in outputs if (epath.Path(path) / name).exists()]
   if there and not overwrite:
     raise PathError(
       f"{flag}={path!r} already holds {there}; pass another {flag} or --overwrite to replace them"
@@ -85,9 +106,12 @@ def fresh_output_dir(path: str, outputs: Iterable[str], flag: str, overwrite: bo
 
 
 def new_folder_beside(base: str) -> str:
-  """`base`, or `base-2`, `base-3`, ... : the first that does not exist yet."""
+  """`base`, or `base-2`, `base-3`, ... : the first that does not exist yet
+  (on this machine or a bucket)."""
+  from etils import epath
+
   candidate, k = base, 1
-  while os.path.exists(candidate):
+  while epath.Path(candidate).exists():
     k += 1
     candidate = f"{base}-{k}"
   return candidate
@@ -179,3 +203,35 @@ def free_bytes(path: str) -> int | None:
   while not os.path.exists(path):
     path = os.path.dirname(path)
   return shutil.disk_usage(path).free
+
+
+@contextlib.contextmanager
+def whole_file(path) -> Iterator[BinaryIO]:
+  """A binary file to write `path` with, which appears there whole or not at
+  all, so a reader never takes a half-written file for a whole one: locally a
+  temporary file beside it renamed on success; on a bucket (`gs://...`, no
+  atomic rename there) one object, whose upload is published only when
+  closed, and left unfinished when the writing fails."""
+  path = os.fspath(path)
+  if "://" in path:
+    from etils import epath
+
+    f = epath.Path(path).open("wb")
+    try:
+      yield f
+    except BaseException:
+      # Left unfinished, an upload is never published (GCS drops it within a
+      # week); closing the file, or its finalizer, would publish the part.
+      f.closed = True
+      raise
+    f.close()
+    return
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, "wb") as f:
+      yield f
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise

@@ -79,7 +79,13 @@ from monoformer_jax.errors import ConfigError
 from monoformer_jax.layout import tokens_per_image
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.parallel import sharding
-from monoformer_jax.paths import free_bytes, fresh_output_dir, new_folder_beside, writable_dir
+from monoformer_jax.paths import (
+  free_bytes,
+  fresh_output_dir,
+  new_folder_beside,
+  whole_file,
+  writable_dir,
+)
 from monoformer_jax.vision.images import load_image
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -224,10 +230,11 @@ def _images(run: Loaded):
   images = inference.to_pixels(x0, run.config, run.vae)
   if run.out_dir is None:
     return
-  np.savez(os.path.join(run.out_dir, "images.npz"), images=images, prompts=np.array(per_sample))
-  inference.image_grid(images, rows=len(prompts), scale=_grid_scale(images.shape[1])).save(
-    os.path.join(run.out_dir, "images.png")
-  )
+  with whole_file(os.path.join(run.out_dir, "images.npz")) as f:
+    np.savez(f, images=images, prompts=np.array(per_sample))
+  grid = inference.image_grid(images, rows=len(prompts), scale=_grid_scale(images.shape[1]))
+  with whole_file(os.path.join(run.out_dir, "images.png")) as f:
+    grid.save(f, format="PNG")
   logging.info("wrote %d images to %s (images.png, images.npz)", len(images), run.out_dir)
 
 
@@ -277,8 +284,8 @@ def _read(run: Loaded):
 def _write_text(lines: list[str], out_dir: str | None):
   if out_dir is None:
     return
-  with open(os.path.join(out_dir, "text.txt"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  with whole_file(os.path.join(out_dir, "text.txt")) as f:
+    f.write(("\n".join(lines) + "\n").encode())
   print("\n".join(lines))
 
 
@@ -365,15 +372,15 @@ def _edit(run: Loaded):
   grid = np.concatenate(
     [np.concatenate([shown[i][None], edits[i * n : (i + 1) * n]]) for i in range(len(sources))]
   )
-  inference.image_grid(grid, rows=len(sources), scale=_grid_scale(size)).save(
-    os.path.join(run.out_dir, "edits.png")
-  )
-  np.savez(
-    os.path.join(run.out_dir, "edits.npz"),
-    images=edits,
-    instructions=np.array([i for i in instructions for _ in range(n)]),
-    sources=np.array([p for p in _IMAGE.value for _ in range(n)]),
-  )
+  with whole_file(os.path.join(run.out_dir, "edits.png")) as f:
+    inference.image_grid(grid, rows=len(sources), scale=_grid_scale(size)).save(f, format="PNG")
+  with whole_file(os.path.join(run.out_dir, "edits.npz")) as f:
+    np.savez(
+      f,
+      images=edits,
+      instructions=np.array([i for i in instructions for _ in range(n)]),
+      sources=np.array([p for p in _IMAGE.value for _ in range(n)]),
+    )
   logging.info("wrote %d edits to %s (edits.png, edits.npz)", len(edits), run.out_dir)
 
 
@@ -553,7 +560,7 @@ def _output_path(checkpoint: str, step: int) -> str:
   """Where the files go: --output_dir, else a new folder beside the checkpoint."""
   if _OUTPUT_DIR.value:
     return _OUTPUT_DIR.value
-  return new_folder_beside(beside(checkpoint, step, "samples", "--output_dir"))
+  return new_folder_beside(beside(checkpoint, step, "samples"))
 
 
 def _output_dir(path: str, outputs: tuple[str, ...]) -> str:

@@ -430,11 +430,6 @@ def test_cli_refuses_before_loading_or_scoring_and_loses_no_results(digits_check
       "ConfigError: --seed=-1: must be >= 0; pass e.g. --seed=0",
     ),
     (
-      [*sampling, "--sample_dir=gs://bucket/eval", "--num_samples=8"],
-      "PathError: --sample_dir='gs://bucket/eval': the chunks are written to a local disk; "
-      "pass a local folder (copy samples.npz to the bucket afterwards)",
-    ),
-    (
       [
         f"--samples={tmp_path / 'wrong.npz'}",
         "--metrics=digits",

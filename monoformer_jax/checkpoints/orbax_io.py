@@ -516,23 +516,31 @@ def model_differences(saved, config) -> list[str]:
   ]
 
 
+def _is_dir(path: str) -> bool:
+  """Whether `path` is a folder, on this machine or a bucket (`gs://...`: a
+  prefix that holds objects)."""
+  return bool(path) and epath.Path(path).is_dir()
+
+
 def resolve(path: str, step: int | None = None) -> tuple[str, int]:
-  """(checkpoint manager directory, step) that `path` names; latest by default."""
+  """(checkpoint manager directory, step) that `path` names; latest by default.
+  The same forms are taken on a local disk and on a bucket (`gs://...`)."""
   path = os.fspath(path).rstrip("/")
-  if not os.path.isdir(path) and "://" not in path:
+  if not _is_dir(path):
     raise MissingPathError(
       f"checkpoint path {path!r} does not exist; pass a training "
       "workdir, a step folder like workdir/checkpoints/800, or the "
       "output of `python -m monoformer_jax.convert`"
     )
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if _is_dir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   name = os.path.basename(path)
-  steps_beside = [str(s) for s in resolve_steps(os.path.dirname(path))]
-  if name in steps_beside and os.path.isdir(os.path.join(path, "state")):
-    if step is not None and step != int(name):
-      raise CheckpointError(f"{path} is the folder of step {name}, not of step {step}")
-    return os.path.dirname(path), int(name)
+  if name.isdigit():  # a step folder? (listing the folder above costs a bucket a request)
+    steps_beside = [str(s) for s in resolve_steps(os.path.dirname(path))]
+    if name in steps_beside and _is_dir(os.path.join(path, "state")):
+      if step is not None and step != int(name):
+        raise CheckpointError(f"{path} is the folder of step {name}, not of step {step}")
+      return os.path.dirname(path), int(name)
   steps = resolve_steps(path)
   if not steps:
     raise MissingPathError(
@@ -566,26 +574,26 @@ def _unreadable_error(directory: str, step: int, error: BaseException) -> Checkp
   )
 
 
-def beside(checkpoint: str, step: int, name: str, flag: str) -> str:
+def beside(checkpoint: str, step: int, name: str) -> str:
   """The path of output `name` of `checkpoint`'s step beside it: WORKDIR/{name}_step{N}
-  for a training workdir, MODEL_{name}_step{N} beside a converted model.
-  `flag` is the option that names another folder (a remote checkpoint needs it)."""
+  for a training workdir, MODEL_{name}_step{N} beside a converted model; in the
+  same bucket for a checkpoint on one."""
   directory, _ = resolve(checkpoint, step)
-  if "://" in directory:
-    raise PathError(f"--checkpoint={checkpoint!r} is not on a local disk: pass {flag}")
-  directory = os.path.abspath(directory)
+  if "://" not in directory:
+    directory = os.path.abspath(directory)
   if os.path.basename(directory) == "checkpoints":  # a training workdir's
     return os.path.join(os.path.dirname(directory), f"{name}_step{step}")
   return f"{directory}_{name}_step{step}"
 
 
 def resolve_steps(directory: str) -> list[int]:
-  """The committed steps of a checkpoint folder as Orbax finds them: folders
-  named by a number without leading zeros, not a file, a `0006` or a save
-  that never committed (`6.orbax-checkpoint-tmp`)."""
-  if "://" in directory or not os.path.isdir(directory):
+  """The committed steps of a checkpoint folder (local or on a bucket) as
+  Orbax finds them: folders named by a number without leading zeros, not a
+  file, a `0006` or a save that never committed (`6.orbax-checkpoint-tmp`)."""
+  if not _is_dir(directory):
     return []
-  return sorted(m.step for m in ocp.path.step.standard_name_format().find_all(directory))
+  found = ocp.path.step.standard_name_format().find_all(epath.Path(directory))
+  return sorted(m.step for m in found)
 
 
 def load_config(path: str, step: int | None = None):
@@ -620,10 +628,17 @@ def fingerprint(path: str, step: int | None = None) -> str:
   directory, step = resolve(path, step)
   folder = epath.Path(directory) / str(step)
   files = []
+
+  def add(here, relative):  # by iterdir: epath's walk names a bucket's folders without gs://
+    for entry in here.iterdir():
+      name = f"{relative}{entry.name}"
+      if entry.is_dir():
+        add(entry, f"{name}/")
+      else:
+        files.append((name, entry))
+
   try:
-    for root, _, names in folder.walk():
-      for name in names:
-        files.append((str((root / name).relative_to(folder)), root / name))
+    add(folder, "")
     digest = hashlib.sha256()
     for relative, file in sorted(files, key=lambda f: f[0]):
       size = file.stat().length

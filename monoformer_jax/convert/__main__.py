@@ -30,6 +30,7 @@ import os
 import sys
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from monoformer_jax import cli
@@ -77,11 +78,8 @@ def _paths():
   if "://" not in _INPUT.value and not os.path.exists(_INPUT.value):
     raise MissingPathError(f"--input={_INPUT.value!r} does not exist")
   output = _OUTPUT.value
-  if (
-    "://" not in output
-    and os.path.exists(output)
-    and (not os.path.isdir(output) or os.listdir(output))
-  ):
+  out = epath.Path(output)  # on this machine or a bucket (gs://...)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise PathError(
       f"--output={output!r} already exists and is not an empty folder; "
       "pass a new --output (conversions never overwrite)"

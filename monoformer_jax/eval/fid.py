@@ -326,6 +326,8 @@ def _mapped_member(path: str, zip_f: zipfile.ZipFile, name: str) -> np.ndarray |
   info = zip_f.getinfo(f"{name}.npy")
   if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # deflated, encrypted
     return None
+  if "://" in path:  # on a bucket: read, not mapped
+    return None
   with open(path, "rb") as f:
     f.seek(info.header_offset)
     local = f.read(30)

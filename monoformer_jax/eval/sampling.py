@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -50,9 +51,10 @@ from monoformer_jax.checkpoints import fingerprint, resolve
 from monoformer_jax.config.fields import check_image_sampling, integer
 from monoformer_jax.data import prompts as prompt_format
 from monoformer_jax.data.datasets import class_names
-from monoformer_jax.errors import ConfigError, FileFormatError, PathError, UserError
+from monoformer_jax.errors import ConfigError, FileFormatError, UserError
 from monoformer_jax.eval.fid import NpzReader
 from monoformer_jax.parallel import distributed
+from monoformer_jax.paths import whole_file
 
 SAMPLES_FILE = "samples.npz"
 CHUNKS_DIR = "chunks"
@@ -198,24 +200,18 @@ def _bind(out_dir: str, settings: dict):
   """Makes `out_dir` the folder of this run, or checks that it is: one that
   holds samples of another checkpoint, other weights or other settings is
   refused rather than mixed; one that holds nothing sampled yet is taken."""
-  if "://" in out_dir:
-    raise PathError(
-      f"--sample_dir={out_dir!r}: the chunks are written to a local disk; "
-      "pass a local folder (copy samples.npz to the bucket afterwards)"
-    )
   ours = settings["checkpoint"]
-  path = os.path.join(out_dir, RUN_FILE)
-  chunks = os.path.join(out_dir, CHUNKS_DIR)
-  sampled = os.path.exists(os.path.join(out_dir, SAMPLES_FILE)) or any(
-    name.startswith("chunk_") and name.endswith(".npz")
-    for name in (os.listdir(chunks) if os.path.isdir(chunks) else ())
+  path = epath.Path(out_dir) / RUN_FILE
+  chunks = epath.Path(out_dir) / CHUNKS_DIR
+  sampled = (epath.Path(out_dir) / SAMPLES_FILE).exists() or any(
+    p.name.startswith("chunk_") and p.name.endswith(".npz")
+    for p in (chunks.iterdir() if chunks.is_dir() else ())
   )
   if sampled:
     try:
       before = {}
-      if os.path.exists(path):
-        with open(path) as f:
-          before = json.load(f)
+      if path.exists():
+        before = json.loads(path.read_text())
       theirs = before.get("checkpoint") if isinstance(before, dict) else None
     except (OSError, ValueError) as e:
       raise FileFormatError(
@@ -258,10 +254,9 @@ def _bind(out_dir: str, settings: dict):
         "pass the same settings to resume it, or another --sample_dir"
       )
     return
-  os.makedirs(chunks, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(settings, f, indent=1)
-  os.replace(path + ".tmp", path)
+  chunks.mkdir(parents=True, exist_ok=True)
+  with whole_file(path) as f:
+    f.write(json.dumps(settings, indent=1).encode())
 
 
 def bind_folder(out_dir: str, settings: dict) -> None:
@@ -317,15 +312,26 @@ def _done_chunks(out_dir: str, labels_N, chunk_size: int, shape: tuple[int, ...]
   if jax.process_index() == 0:
     for i in range(-(-len(labels_N) // chunk_size)):
       path = _chunk_path(out_dir, i)
-      if not os.path.exists(path):
+      if not epath.Path(path).exists():
         continue
       problem = _chunk_problem(path, labels_N[i * chunk_size : (i + 1) * chunk_size], shape)
       if problem:
-        os.replace(path, path + ".bad")
+        _set_aside(path, path + ".bad")
         logging.warning("%s: %s; set aside as %s.bad and sampled again", path, problem, path)
       else:
         done.append(i)
   return distributed.all_gather_json(done)[0]
+
+
+def _set_aside(path: str, aside: str):
+  """Moves the file `path` to `aside`: a rename on this machine; on a bucket a
+  copy and a delete (what a rename there is), made explicit, as gcsfs first
+  tries a move request that not every GCS server answers."""
+  if "://" not in path:
+    os.replace(path, aside)
+    return
+  epath.Path(path).copy(aside, overwrite=True)
+  epath.Path(path).unlink()
 
 
 def _write_npz(path: str, arrays: dict[str, tuple[tuple, np.dtype, Iterable[np.ndarray]]]):
@@ -333,8 +339,10 @@ def _write_npz(path: str, arrays: dict[str, tuple[tuple, np.dtype, Iterable[np.n
   are produced, so that 50,000 images never sit in memory at once. `arrays`
   maps a name to (the whole array's shape, dtype, an iterable of the parts
   that concatenate to it along axis 0)."""
-  tmp = path + ".tmp"
-  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+  with (
+    whole_file(path) as out,
+    zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf,
+  ):
     for name, (shape, dtype, parts) in arrays.items():
       with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
         np.lib.format.write_array_header_2_0(
@@ -347,7 +355,6 @@ def _write_npz(path: str, arrays: dict[str, tuple[tuple, np.dtype, Iterable[np.n
         )
         for part in parts:
           f.write(np.ascontiguousarray(part, dtype).tobytes())
-  os.replace(tmp, path)
 
 
 def sample_classes(
@@ -489,9 +496,8 @@ def sample_run(
       )
       if writer:
         path = _chunk_path(out_dir, i)
-        with open(path + ".tmp", "wb") as f:
+        with whole_file(path) as f:  # one object on a bucket: whole or absent
           np.savez(f, images=images, labels=chunk_labels)
-        os.replace(path + ".tmp", path)
       new += 1
       bar.update(len(chunk_labels))
       rate = new * chunk_size / (time.perf_counter() - t_start)
@@ -504,7 +510,7 @@ def sample_run(
 
     def chunk_images():  # one chunk in memory at a time
       for i in range(count):
-        with np.load(_chunk_path(out_dir, i)) as chunk:
+        with epath.Path(_chunk_path(out_dir, i)).open("rb") as f, np.load(f) as chunk:
           yield chunk["images"]
 
     # The chunks hold these labels and images of `shape` (_done_chunks, or written above).
