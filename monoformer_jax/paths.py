@@ -92,3 +92,12 @@ def free_bytes(path: str) -> int | None:
   while not os.path.exists(path):
     path = os.path.dirname(path)
   return shutil.disk_usage(path).free
+
+
+# --- Cloud paths (issue 37, data) -------------------------------------------------------
+
+
+def is_remote(path) -> bool:
+  """Whether `path` names an object store (`gs://...`, any `scheme://`), which
+  readers of local files only (array_record, PIL's file names) cannot open."""
+  return "://" in os.fspath(path)
