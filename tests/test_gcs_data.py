@@ -12,11 +12,13 @@ from etils import epath
 from PIL import Image
 
 from monoformer_jax.config import config_file
-from monoformer_jax.data import builders
+from monoformer_jax.data import builders, encode
 from monoformer_jax.data.datasets import make_batches, source
 from monoformer_jax.data.sources import PrepareArgs
+from monoformer_jax.data.sources.imagenet import imagenet_items
 from monoformer_jax.errors import ConfigError, MissingPathError
 from monoformer_jax.text.tokenizer import tokenizer_of
+from monoformer_jax.vae import load_vae
 
 TINY_VAE = pathlib.Path(__file__).resolve().parent / "fixtures" / "tiny_vae"
 WNIDS = ("n01440764", "n01443537")
@@ -50,12 +52,12 @@ def local_and_bucket(tmp_path_factory, gcs_server):
       Image.fromarray(pixels).save(root / "train" / wnid / f"{wnid}_{k}.JPEG")
   local = _prepare(root, str(tmp_path_factory.mktemp("prepared")))
   out = f"gs://bucket/prepared-{rng.integers(1 << 30)}"
-  return local, _prepare(root, out), out
+  return local, _prepare(root, out), out, root
 
 
 @pytest.mark.timeout(120)
 def test_imagenet_prepared_into_a_bucket_equals_a_local_preparation(local_and_bucket):
-  local, remote, out = local_and_bucket
+  local, remote, out, root = local_and_bucket
   assert remote == f"{out}/monoformer_imagenet/1.0.0"
   names = sorted(p.name for p in epath.Path(remote).iterdir())
   assert names == sorted(p.name for p in epath.Path(local).iterdir())
@@ -73,6 +75,19 @@ def test_imagenet_prepared_into_a_bucket_equals_a_local_preparation(local_and_bu
     for name in ("mean", "std", "mean_flip", "std_flip", "label", "wnid"):
       np.testing.assert_array_equal(record[name], theirs[key][name], err_msg=f"{key} {name}")
   assert builders.dataset_info(remote)["splits"] == builders.dataset_info(local)["splits"]
+  # A chunk not there (a host still encoding, or killed before its one upload)
+  # is named, never read as fewer records, and a rerun encodes only it again.
+  first = (work / "chunk_000000.npz").read_bytes()
+  (work / "chunk_000001.npz").unlink()
+  with pytest.raises(MissingPathError, match="chunk 1 of 2 .* is not written"):
+    list(encode.read_chunks(str(work)))
+  items = imagenet_items(root, "train")
+  again = encode.encode_items(
+    items, load_vae(str(TINY_VAE)), str(work), image_size=16, flip=True, chunk_size=3
+  )
+  assert (again.chunks_reused, again.chunks_written, again.encoded) == (1, 1, 5)
+  assert (work / "chunk_000000.npz").read_bytes() == first  # kept, not redone
+  assert [e["key"] for e in encode.read_chunks(str(work))] == [item.key for item in items]
   # Preparing again into the bucket is refused before anything is read.
   with pytest.raises(Exception, match="already holds a prepared imagenet dataset"):
     builders.check_not_prepared(out, "imagenet")
@@ -80,7 +95,7 @@ def test_imagenet_prepared_into_a_bucket_equals_a_local_preparation(local_and_bu
 
 @pytest.mark.timeout(60)
 def test_a_half_written_dataset_in_the_bucket_is_refused_in_one_line(local_and_bucket, gcs_path):
-  local, _, _ = local_and_bucket
+  local, *_ = local_and_bucket
   half = epath.Path(gcs_path) / "monoformer_imagenet" / "1.0.0"
   half.mkdir(parents=True, exist_ok=True)
   for path in epath.Path(local).iterdir():  # every file but the marker written last
@@ -100,7 +115,7 @@ def test_a_half_written_dataset_in_the_bucket_is_refused_in_one_line(local_and_b
 def test_training_reads_its_first_batch_from_the_bucket_as_from_local_disk(
   local_and_bucket, tmp_path, monkeypatch, one_device
 ):
-  local, remote, _ = local_and_bucket
+  local, remote, *_ = local_and_bucket
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the local copy goes
   batches = []
   for folder in (local, remote):
