@@ -105,6 +105,8 @@ def test_a_half_written_dataset_in_the_bucket_is_refused_in_one_line(local_and_b
     builders.data_source(str(half), "train", kind="imagenet")
   message = str(error.value)
   assert "\n" not in message and "half-written dataset" in message and str(half) in message
+  with pytest.raises(MissingPathError, match=r"'gs://no-such-bucket/d' cannot be listed"):
+    builders.data_source("gs://no-such-bucket/d", "train", kind="imagenet")
   config = config_file("imagenet256:tiny")
   config.data.dir = str(half)
   with pytest.raises(ConfigError, match="half-written dataset: 1 shards but no dataset_info"):

@@ -77,7 +77,10 @@ def _builder(kind: str, output_dir: str, splits: Splits, features, description: 
 
 def prepared_dir(output_dir: str, name: str) -> str:
   """Where `write` puts the dataset `name` under `output_dir` (what data.dir names)."""
-  return f"{os.fspath(output_dir).rstrip('/')}/monoformer_{name}/{VERSION}"
+  output_dir = os.fspath(output_dir)
+  if is_remote(output_dir):
+    return f"{output_dir.rstrip('/')}/monoformer_{name}/{VERSION}"
+  return os.path.join(output_dir, f"monoformer_{name}", VERSION)
 
 
 def write(
@@ -258,7 +261,13 @@ def data_source(directory: str, split: str = "train", *, kind: str | None = None
 def _not_prepared(directory: str, hint: str) -> str:
   """Why `directory` (no dataset_info.json) is refused: never prepared, or half
   written (its shards there, the marker written last not yet)."""
-  shards = [p.name for p in epath.Path(directory).glob("*.array_record-*")]
+  try:
+    shards = [p.name for p in epath.Path(directory).glob("*.array_record-*")]
+  except OSError as e:  # gcsfs: a bucket that is not there
+    return (
+      f"data.dir={directory!r} cannot be listed ({type(e).__name__}: {_first_line(e)}); "
+      f"check the bucket's name and your access, or prepare it: {hint}"
+    )
   if shards:
     return (
       f"data.dir={directory!r} is a half-written dataset: {len(shards)} shards but no "
