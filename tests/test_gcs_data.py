@@ -134,3 +134,24 @@ def test_training_reads_its_first_batch_from_the_bucket_as_from_local_disk(
   assert sorted(p.name for p in copy.iterdir()) == sorted(
     p.name for p in pathlib.Path(local).iterdir()
   )
+
+
+@pytest.mark.timeout(60)
+def test_a_dataset_is_uploaded_with_its_completion_marker_last(gcs_path, monkeypatch):
+  import tensorflow_datasets as tfds
+
+  uploaded, copy = [], builders._copy
+  monkeypatch.setattr(
+    builders,
+    "_copy",
+    lambda source, target: (uploaded.append(epath.Path(target).name), copy(source, target)),
+  )
+  records = lambda: ({"key": str(i), "x": np.full((3,), i, np.int64)} for i in range(4))
+  f = tfds.features
+  folder = builders.write(
+    "t", gcs_path, {"train": records}, {"key": f.Text(), "x": f.Tensor(shape=(3,), dtype=np.int64)}
+  )
+  assert uploaded[-1] == "dataset_info.json" and len(uploaded) >= 3  # shards, features, marker
+  assert sorted(uploaded) == sorted(p.name for p in epath.Path(folder).iterdir())
+  got = {r["key"]: r["x"] for r in builders.data_source(folder, "train")}
+  assert {k.decode(): v.tolist() for k, v in got.items()} == {str(i): [i] * 3 for i in range(4)}
