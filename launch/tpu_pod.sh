@@ -6,6 +6,13 @@
 #       --config=configs/imagenet256.py --workdir=gs://bucket/runs/mf256 \
 #       --config.data.dir=/data/prepared/monoformer_imagenet/1.0.0
 #
+# Prepared data in a bucket: DATA_BUCKET=my-bucket mounts it with gcsfuse at
+# /data on every worker (read-only, as MaxText does), so that
+# --config.data.dir=/data/prepared/monoformer_imagenet/1.0.0 reads
+# gs://my-bucket/prepared/monoformer_imagenet/1.0.0 in place. Without a mount,
+# data.dir=gs://... also works: each host then copies the dataset to its local
+# disk once (array_record opens local files only; docs/data.md).
+#
 # What it does, printed before it does it:
 #   1. copies this checkout to every worker (git archive of HEAD, so what runs
 #      is a commit you can name; REPO_URL=... clones that instead),
@@ -64,6 +71,19 @@ fi
 for name in "${names[@]}"; do
   ssh_all "$name" "cd $REMOTE_DIR && $PYTHON -m pip install -q -e '.[tpu]'"
 done
+
+if [[ -n "${DATA_BUCKET:-}" ]]; then   # gcsfuse (from Google's apt repository) at $DATA_MOUNT
+  DATA_MOUNT=${DATA_MOUNT:-/data}
+  mount="command -v gcsfuse >/dev/null || { \
+export GCSFUSE_REPO=gcsfuse-\$(lsb_release -c -s) && \
+echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt \$GCSFUSE_REPO main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && \
+curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && \
+sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; } && \
+sudo mkdir -p $DATA_MOUNT && sudo chown \$USER $DATA_MOUNT && \
+{ mountpoint -q $DATA_MOUNT || gcsfuse -o ro --implicit-dirs \
+--file-cache-max-size-mb=-1 --cache-dir=/tmp/gcsfuse-cache $DATA_BUCKET $DATA_MOUNT; }"
+  for name in "${names[@]}"; do ssh_all "$name" "$mount"; done
+fi
 
 # Quote the training arguments once, for the remote shell.
 args=$(printf ' %q' "$@")

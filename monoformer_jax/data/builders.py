@@ -12,19 +12,34 @@ image sources encode first (data/encode.py, resumable chunks); the builder
 only copies finished records into array_record, so an interrupted preparation
 resumes where it stopped. The records are written in an order TFDS chooses
 (by a hash of each key); readers shuffle anyway.
+
+On an object store (`gs://...`) a dataset is built in a local staging folder
+and uploaded file by file, `dataset_info.json` last: that one object (a single
+upload is atomic) marks it complete, and a folder without it is refused by
+every reader. array_record opens local files only, so `data_source` of a
+`gs://` folder first copies the dataset to local disk (`local_copy`); on a pod
+the faster way is a gcsfuse mount with data.dir pointing into it
+(launch/tpu_pod.sh, docs/data.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
+from absl import logging
+from etils import epath
 
 from monoformer_jax.config import fields
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
+from monoformer_jax.paths import free_bytes, is_local
 
 VERSION = "1.0.0"
+INFO = "dataset_info.json"  # written last: its presence marks a dataset complete
 
 
 Splits = dict  # split name -> a function returning that split's records (dicts)
@@ -62,6 +77,9 @@ def _builder(kind: str, output_dir: str, splits: Splits, features, description: 
 
 def prepared_dir(output_dir: str, name: str) -> str:
   """Where `write` puts the dataset `name` under `output_dir` (what data.dir names)."""
+  output_dir = os.fspath(output_dir)
+  if not is_local(output_dir):
+    return f"{output_dir.rstrip('/')}/monoformer_{name}/{VERSION}"
   return os.path.join(output_dir, f"monoformer_{name}", VERSION)
 
 
@@ -82,21 +100,91 @@ def write(
   import tensorflow_datasets as tfds
 
   folder = check_not_prepared(output_dir, name)
-  _builder(
-    name, output_dir, splits, tfds.features.FeaturesDict(features), description or name
-  ).download_and_prepare()
-  if uncompressed:
-    for shard in sorted(os.listdir(folder)):
-      if ".array_record-" in shard:
-        _store_uncompressed(os.path.join(folder, shard))
+  staging = tempfile.mkdtemp(prefix="monoformer_prepare_") if not is_local(output_dir) else None
+  built = prepared_dir(staging or output_dir, name)
+  try:
+    _builder(
+      name, staging or output_dir, splits, tfds.features.FeaturesDict(features), description or name
+    ).download_and_prepare()
+    if uncompressed:
+      for shard in sorted(os.listdir(built)):
+        if ".array_record-" in shard:
+          _store_uncompressed(os.path.join(built, shard))
+    if staging:
+      _upload(built, folder)
+  finally:
+    if staging:
+      shutil.rmtree(staging, ignore_errors=True)
   return folder
+
+
+def _upload(local: str, remote: str) -> None:
+  """Copies the dataset folder `local` to `remote`, dataset_info.json last."""
+  names = sorted(os.listdir(local), key=lambda name: name == INFO)
+  target = epath.Path(remote)
+  target.mkdir(parents=True, exist_ok=True)
+  for name in names:
+    logging.info("uploading %s to %s", name, remote)
+    _copy(os.path.join(local, name), target / name)
+
+
+def _copy(source, target) -> None:
+  """One file copied, streamed (an object's upload is complete only when closed)."""
+  try:
+    with epath.Path(source).open("rb") as src, epath.Path(target).open("wb") as dst:
+      shutil.copyfileobj(src, dst, 16 << 20)
+  except OSError as e:
+    raise PathError(
+      f"cannot copy {source} to {target} ({type(e).__name__}: {_first_line(e)}); "
+      "check the path, its permissions and the free space"
+    ) from e
+
+
+def local_copy(directory: str) -> str:
+  """A local folder holding the complete dataset `directory` (a `gs://...`
+  one): copied on first use into the system's temporary folder (files first,
+  dataset_info.json last, so a copy cut short is copied again) and reused
+  while the bucket's dataset_info.json is unchanged. array_record reads local
+  files only; a gcsfuse mount (launch/tpu_pod.sh) avoids the copy."""
+  remote = epath.Path(directory)
+  info = (remote / INFO).read_bytes()
+  tag = hashlib.sha256(directory.encode() + b"\0" + info).hexdigest()[:16]
+  local = os.path.join(tempfile.gettempdir(), "monoformer_data", f"{remote.name}-{tag}")
+  if os.path.exists(os.path.join(local, INFO)):
+    return local
+  files = sorted((p for p in remote.iterdir() if p.name != INFO), key=lambda p: p.name)
+  need = sum(p.stat().length for p in files)
+  free = free_bytes(local)
+  if free is not None and need > free:
+    raise PathError(
+      f"data.dir={directory!r}: its {need / 2**30:.1f} GiB do not fit the "
+      f"{free / 2**30:.1f} GiB free in {local} (array_record reads local files); mount the "
+      "bucket with gcsfuse and point data.dir into the mount (launch/tpu_pod.sh)"
+    )
+  # Copied beside, then renamed into place: processes copying at once keep one copy.
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  partial = tempfile.mkdtemp(prefix=f".{os.path.basename(local)}-", dir=os.path.dirname(local))
+  try:
+    logging.info("copying %s (%d files, %d bytes) to %s", directory, len(files), need, local)
+    for path in files:
+      _copy(path, os.path.join(partial, path.name))
+    with open(os.path.join(partial, INFO), "wb") as f:
+      f.write(info)
+    shutil.rmtree(local, ignore_errors=True)  # a copy of an older run, cut short
+    os.rename(partial, local)
+  except OSError:
+    if not os.path.exists(os.path.join(local, INFO)):  # not another process's finished copy
+      raise
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)
+  return local
 
 
 def check_not_prepared(output_dir: str, name: str) -> str:
   """The folder `write` would write `name` into, refused when it holds a
   prepared dataset already (checked before the input is read, and again by `write`)."""
   folder = prepared_dir(output_dir, name)
-  if os.path.exists(os.path.join(folder, "dataset_info.json")):
+  if (epath.Path(folder) / INFO).exists():
     raise PathError(
       f"{folder} already holds a prepared {name} dataset; pass another "
       "--output_dir or remove it to prepare again"
@@ -134,21 +222,19 @@ def data_source(directory: str, split: str = "train", *, kind: str | None = None
   import tensorflow_datasets as tfds
 
   directory = os.fspath(directory)
-  info = os.path.join(directory, "dataset_info.json")
+  info = epath.Path(directory) / INFO
   hint = (
     f"python -m monoformer_jax.data.prepare {kind} --input_dir=... "
     f"--output_dir=DIR, then data.dir=DIR/monoformer_{kind}/{VERSION}"
     if kind
     else "python -m monoformer_jax.data.prepare"
   )
-  if not os.path.exists(info):
-    raise MissingPathError(
-      f"data.dir={directory!r} holds no prepared dataset (no "
-      f"dataset_info.json); prepare one first: {hint}"
-    )
+  if not info.exists():
+    raise MissingPathError(_not_prepared(directory, hint))
   again = f"prepare it again: {hint}"
+  location = local_copy(directory) if not is_local(directory) else directory
   try:
-    builder = tfds.builder_from_directory(directory)
+    builder = tfds.builder_from_directory(location)
   except Exception as e:  # TFDS raises ParseError, KeyError, OSError... for a damaged folder
     raise FileFormatError(
       f"data.dir={directory!r}: its dataset_info.json cannot be read "
@@ -172,6 +258,25 @@ def data_source(directory: str, split: str = "train", *, kind: str | None = None
   return Records(raw, builder.info.features)
 
 
+def _not_prepared(directory: str, hint: str) -> str:
+  """Why `directory` (no dataset_info.json) is refused: never prepared, or half
+  written (its shards there, the marker written last not yet)."""
+  try:
+    shards = [p.name for p in epath.Path(directory).glob("*.array_record-*")]
+  except OSError as e:  # gcsfs: a bucket that is not there
+    return (
+      f"data.dir={directory!r} cannot be listed ({type(e).__name__}: {_first_line(e)}); "
+      f"check the bucket's name and your access, or prepare it: {hint}"
+    )
+  if shards:
+    return (
+      f"data.dir={directory!r} is a half-written dataset: {len(shards)} shards but no "
+      f"{INFO}, which preparation writes last; wait for the preparation to finish, "
+      f"or prepare it again: {hint}"
+    )
+  return f"data.dir={directory!r} holds no prepared dataset (no {INFO}); prepare one first: {hint}"
+
+
 def _first_line(error: BaseException) -> str:
   lines = str(error).strip().splitlines()
   return lines[0] if lines else ""
@@ -186,14 +291,16 @@ def check_prepared(field: str, directory: str, name: str):
       f"{field} is empty: point it at the {name} dataset prepared by "
       f"`python -m monoformer_jax.data.prepare {name}`"
     )
-  if "://" in directory or os.path.exists(os.path.join(directory, "dataset_info.json")):
+  if (epath.Path(directory) / INFO).exists():
     return
   inside = prepared_dir(directory, name)
-  if os.path.exists(os.path.join(inside, "dataset_info.json")):
+  if (epath.Path(inside) / INFO).exists():
     raise ConfigError(
       f"{field}={directory!r} is the --output_dir the dataset was prepared into; "
       f"pass the dataset's own folder: {fields.flag_of(field)}={inside}"
     )
+  if not is_local(directory):  # shards without the marker: half written
+    raise ConfigError(_not_prepared(directory, f"python -m monoformer_jax.data.prepare {name}"))
   if os.path.isfile(directory):
     raise ConfigError(
       f"{field}={directory!r} is a file; pass the folder of the {name} dataset prepared by "
@@ -277,5 +384,4 @@ class Records:
 
 
 def dataset_info(directory: str) -> dict:
-  with open(os.path.join(directory, "dataset_info.json")) as f:
-    return json.load(f)
+  return json.loads((epath.Path(directory) / INFO).read_text())

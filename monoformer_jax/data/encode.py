@@ -15,7 +15,8 @@ the chunks that are not there yet. Each chunk holds the posterior of the
 latent is `mean + std * eps`. On several hosts each one calls `encode_items`
 with the same items and encodes the chunks k with k % process_count ==
 process_index; `read_chunks` and `chunk_report` then see every host's chunks
-(the folder must be shared).
+(the folder must be shared: a bucket, `gs://...`, will do: every file here is
+one object, written whole, so a chunk cut short is never there to be read).
 
 Images are read by the project's one reader (vision/images.py `load_image`, with
 `orient=False`: no EXIF orientation, as the reference reads them; alpha on
@@ -34,6 +35,7 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -45,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -59,6 +62,7 @@ from monoformer_jax.errors import (
   MissingPathError,
   PathError,
 )
+from monoformer_jax.paths import is_local
 from monoformer_jax.vision.images import UnreadableImage, checked_resize, load_image
 
 MANIFEST = "encode_manifest.json"
@@ -184,11 +188,10 @@ def write_skipped(output_dir, report: EncodeReport) -> None:
   """Writes every skipped image (path, tab, reason) and every missing one
   (path, tab, "not there") of `report` to output_dir/skipped.tsv, under a
   header line; removes an older list when nothing was skipped."""
-  path = os.path.join(os.fspath(output_dir), SKIPPED_LIST)
+  path = _join(output_dir, SKIPPED_LIST)
   rows = [(p, r) for p, r in report.skipped] + [(p, "not there") for p in report.missing]
   if not rows:
-    if os.path.exists(path):
-      os.remove(path)
+    epath.Path(path).unlink(missing_ok=True)
     return
   text = "".join(f"{p}\t{' '.join(str(r).split())}\n" for p, r in rows)
   _atomic_write(path, lambda file: file.write(("path\treason\n" + text).encode()))
@@ -205,12 +208,31 @@ def _names(names: Iterable[str]) -> str:
 # --- Chunk files ------------------------------------------------------------------------
 
 
+def _join(folder, name: str) -> str:
+  """folder/name, for a local folder or a `gs://...` one."""
+  folder = os.fspath(folder)
+  return f"{folder.rstrip('/')}/{name}" if not is_local(folder) else os.path.join(folder, name)
+
+
+def _exists(path: str) -> bool:
+  return epath.Path(path).exists()
+
+
 def chunk_path(output_dir, k: int) -> str:
-  return os.path.join(os.fspath(output_dir), f"chunk_{k:06d}.npz")
+  return _join(output_dir, f"chunk_{k:06d}.npz")
 
 
 def _atomic_write(path: str, write) -> None:
-  """write(file) to a temporary name in path's folder, then os.replace onto path."""
+  """write(file) to a temporary name in path's folder, then os.replace onto
+  path; on an object store, into memory and then one upload (atomic there)."""
+  if not is_local(path):
+    buffer = io.BytesIO()
+    write(buffer)
+    try:
+      epath.Path(path).write_bytes(buffer.getvalue())
+    except OSError as e:
+      raise PathError(f"cannot write {path}: {e}; check the bucket and its permissions") from e
+    return
   folder, name = os.path.split(path)
   tmp = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
   try:
@@ -227,12 +249,11 @@ def _atomic_write(path: str, write) -> None:
 
 
 def _read_manifest(output_dir: str) -> dict | None:
-  path = os.path.join(output_dir, MANIFEST)
-  if not os.path.exists(path):
+  path = _join(output_dir, MANIFEST)
+  if not _exists(path):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      manifest = json.load(f)
+    manifest = json.loads(epath.Path(path).read_text(encoding="utf-8"))
     [manifest[name] for name in RESUME_FIELDS]
   except (ValueError, KeyError, TypeError) as e:
     raise FileFormatError(
@@ -246,7 +267,7 @@ def _require_manifest(output_dir) -> dict:
   manifest = _read_manifest(output_dir)
   if manifest is None:
     raise MissingPathError(
-      f"{os.path.join(output_dir, MANIFEST)} is not there: "
+      f"{_join(output_dir, MANIFEST)} is not there: "
       f"{output_dir} is not an encode_items output folder (or encoding "
       "has not started); run encode_items into it first"
     )
@@ -260,7 +281,8 @@ def _num_chunks(manifest: dict) -> int:
 def _load_chunk(path: str, arrays: Sequence[str] | None = None) -> dict[str, np.ndarray]:
   """The chunk's arrays (all, or the named ones); FileFormatError if it is broken."""
   try:
-    with np.load(path, allow_pickle=False) as f:
+    source = io.BytesIO(epath.Path(path).read_bytes()) if not is_local(path) else path
+    with np.load(source, allow_pickle=False) as f:
       return {name: f[name] for name in (f.files if arrays is None else arrays)}
   except FileNotFoundError:
     raise
@@ -290,7 +312,7 @@ def read_chunks(output_dir) -> Iterator[dict[str, Any]]:
   n = _num_chunks(manifest)
   for k in range(n):
     path = chunk_path(output_dir, k)
-    if not os.path.exists(path):
+    if not _exists(path):
       hosts = manifest.get("process_count", 1)
       first = k * manifest["chunk_size"]
       last = min(first + manifest["chunk_size"], manifest["num_items"]) - 1
@@ -318,7 +340,7 @@ def chunk_report(output_dir) -> EncodeReport:
   report = EncodeReport()
   for k in range(_num_chunks(manifest)):
     path = chunk_path(output_dir, k)
-    if os.path.exists(path):
+    if _exists(path):
       _count_into(report, path)
       report.chunks_written += 1
     else:
@@ -465,9 +487,9 @@ def encode_items(
     )
   field_names = _check_items(items)
   output_dir = os.fspath(output_dir)
-  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+  if _exists(output_dir) and not epath.Path(output_dir).is_dir():
     raise PathError(f"encode_items output_dir {output_dir} is a file; give a folder")
-  os.makedirs(output_dir, exist_ok=True)
+  epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
 
   manifest = _manifest_for(items, field_names, vae, image_size, flip, chunk_size)
   found = _read_manifest(output_dir)
@@ -487,21 +509,20 @@ def encode_items(
       )
   if found is None or found.get("process_count") != manifest["process_count"]:
     _atomic_write(
-      os.path.join(output_dir, MANIFEST),
-      lambda file: file.write(json.dumps(manifest, indent=1).encode()),
+      _join(output_dir, MANIFEST), lambda file: file.write(json.dumps(manifest, indent=1).encode())
     )
 
   num_chunks = _num_chunks(manifest)
   index, count = jax.process_index(), jax.process_count()
   mine = [k for k in range(num_chunks) if k % count == index]
-  for k in mine:  # temporaries of this process's chunks left by a killed run
+  for k in mine if is_local(output_dir) else ():  # temporaries a killed run left
     for tmp in glob.glob(os.path.join(output_dir, f".chunk_{k:06d}.npz.*.tmp")):
       os.remove(tmp)
   report = EncodeReport()
   todo = []
   for k in mine:
     path = chunk_path(output_dir, k)
-    if os.path.exists(path) and not _readable_now(path):
+    if _exists(path) and not _readable_now(path):
       _count_into(report, path)
       report.chunks_reused += 1
     else:

@@ -25,6 +25,9 @@ summary and listed with their reasons in OUT/_encoded/NAME/SPLIT/skipped.tsv;
 only a split of which no file could be read (or an input that gives no
 record) stops the preparation, and nothing is written then. The result is OUT/monoformer_NAME/1.0.0, array_record read
 without TensorFlow; train with `--config.data.dir=OUT/monoformer_NAME/1.0.0`.
+OUT may be a bucket (`gs://...`): the chunks go there as whole objects and the
+dataset is uploaded with its dataset_info.json last, which marks it complete
+(docs/data.md, "In a bucket").
 """
 
 from __future__ import annotations

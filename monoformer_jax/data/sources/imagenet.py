@@ -26,6 +26,7 @@ from monoformer_jax.data.encode import ImageItem
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared, latents
 from monoformer_jax.errors import FileFormatError, MissingPathError, PathError
 from monoformer_jax.layout import Example
+from monoformer_jax.paths import is_local
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # matched case-insensitively
 CLASSES_FILE = os.path.join(
@@ -53,6 +54,12 @@ class ImageNet(DataSource):
     vae, _ = latents.load_encoder(self.name, args)
     source = args.input_dir
     if has_imagenet_archives(source):  # TFDS's imagenet2012 manual_dir
+      if not is_local(output_dir):  # the images are read back by file name: a local disk's
+        raise PathError(
+          f"--input_dir={source!r} holds the ILSVRC2012 tars, which are extracted under "
+          f"--output_dir, and {output_dir!r} is a bucket; prepare into a local --output_dir, "
+          "or extract the tars first and pass the extracted folder as --input_dir"
+        )
       source = extract_imagenet_archives(source, os.path.join(output_dir, "_extracted", "imagenet"))
     present = [s for s in args.splits if os.path.isdir(os.path.join(source, s))]
     if not present:

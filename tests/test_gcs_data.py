@@ -1,0 +1,157 @@
+"""Prepared data in a bucket (conftest's GCS-protocol server on localhost):
+ImageNet prepared from a local folder into gs:// equals a local preparation,
+a half-written dataset in the bucket is refused in one line, and training's
+first batch read from data.dir=gs://... equals the one read from local disk."""
+
+import pathlib
+import tempfile
+
+import numpy as np
+import pytest
+from etils import epath
+from PIL import Image
+
+from monoformer_jax.config import config_file
+from monoformer_jax.data import builders, encode
+from monoformer_jax.data.datasets import make_batches, source
+from monoformer_jax.data.sources import PrepareArgs
+from monoformer_jax.data.sources.imagenet import imagenet_items
+from monoformer_jax.errors import ConfigError, MissingPathError
+from monoformer_jax.text.tokenizer import tokenizer_of
+from monoformer_jax.vae import load_vae
+
+TINY_VAE = pathlib.Path(__file__).resolve().parent / "fixtures" / "tiny_vae"
+WNIDS = ("n01440764", "n01443537")
+
+
+def _prepare(input_dir, output_dir) -> str:
+  """What `python -m monoformer_jax.data.prepare imagenet` does, in-process."""
+  imagenet = source("imagenet")
+  args = PrepareArgs(
+    input_dir=str(input_dir), vae=str(TINY_VAE), image_size=16, flip=True, chunk_size=3
+  )
+  prepared = imagenet.prepare(args, output_dir)
+  return imagenet.write(output_dir, prepared.splits, latent_shape=prepared.latent_shape, flip=True)
+
+
+def _by_key(folder) -> dict:
+  records = builders.data_source(folder, "train", kind="imagenet")
+  return {r["key"]: r for r in records}
+
+
+@pytest.fixture(scope="module")
+def local_and_bucket(tmp_path_factory, gcs_server):
+  """(local dataset folder, gs:// dataset folder, the gs:// --output_dir),
+  prepared from the same 5 JPEGs."""
+  root = tmp_path_factory.mktemp("imagenet")
+  rng = np.random.default_rng(0)
+  for wnid, count in zip(WNIDS, (3, 2)):
+    (root / "train" / wnid).mkdir(parents=True)
+    for k in range(count):
+      pixels = rng.integers(0, 256, (20 + 4 * k, 24, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(root / "train" / wnid / f"{wnid}_{k}.JPEG")
+  local = _prepare(root, str(tmp_path_factory.mktemp("prepared")))
+  out = f"gs://bucket/prepared-{rng.integers(1 << 30)}"
+  return local, _prepare(root, out), out, root
+
+
+@pytest.mark.timeout(120)
+def test_imagenet_prepared_into_a_bucket_equals_a_local_preparation(local_and_bucket):
+  local, remote, out, root = local_and_bucket
+  assert remote == f"{out}/monoformer_imagenet/1.0.0"
+  names = sorted(p.name for p in epath.Path(remote).iterdir())
+  assert names == sorted(p.name for p in epath.Path(local).iterdir())
+  assert "dataset_info.json" in names and any(".array_record-" in n for n in names)
+  # The resumable chunks are in the bucket too: 5 images in chunks of 3.
+  work = epath.Path(out) / "_encoded" / "imagenet" / "train"
+  assert sorted(p.name for p in work.iterdir()) == [
+    "chunk_000000.npz",
+    "chunk_000001.npz",
+    "encode_manifest.json",
+  ]
+  ours, theirs = _by_key(local), _by_key(remote)
+  assert len(ours) == 5 and sorted(ours) == sorted(theirs)
+  for key, record in ours.items():
+    for name in ("mean", "std", "mean_flip", "std_flip", "label", "wnid"):
+      np.testing.assert_array_equal(record[name], theirs[key][name], err_msg=f"{key} {name}")
+  assert builders.dataset_info(remote)["splits"] == builders.dataset_info(local)["splits"]
+  # A chunk not there (a host still encoding, or killed before its one upload)
+  # is named, never read as fewer records, and a rerun encodes only it again.
+  first = (work / "chunk_000000.npz").read_bytes()
+  (work / "chunk_000001.npz").unlink()
+  with pytest.raises(MissingPathError, match="chunk 1 of 2 .* is not written"):
+    list(encode.read_chunks(str(work)))
+  items = imagenet_items(root, "train")
+  again = encode.encode_items(
+    items, load_vae(str(TINY_VAE)), str(work), image_size=16, flip=True, chunk_size=3
+  )
+  assert (again.chunks_reused, again.chunks_written, again.encoded) == (1, 1, 5)
+  assert (work / "chunk_000000.npz").read_bytes() == first  # kept, not redone
+  assert [e["key"] for e in encode.read_chunks(str(work))] == [item.key for item in items]
+  # Preparing again into the bucket is refused before anything is read.
+  with pytest.raises(Exception, match="already holds a prepared imagenet dataset"):
+    builders.check_not_prepared(out, "imagenet")
+
+
+@pytest.mark.timeout(60)
+def test_a_half_written_dataset_in_the_bucket_is_refused_in_one_line(local_and_bucket, gcs_path):
+  local, *_ = local_and_bucket
+  half = epath.Path(gcs_path) / "monoformer_imagenet" / "1.0.0"
+  half.mkdir(parents=True, exist_ok=True)
+  for path in epath.Path(local).iterdir():  # every file but the marker written last
+    if path.name != "dataset_info.json":
+      (half / path.name).write_bytes(path.read_bytes())
+  with pytest.raises(MissingPathError) as error:
+    builders.data_source(str(half), "train", kind="imagenet")
+  message = str(error.value)
+  assert "\n" not in message and "half-written dataset" in message and str(half) in message
+  with pytest.raises(MissingPathError, match=r"'gs://no-such-bucket/d' cannot be listed"):
+    builders.data_source("gs://no-such-bucket/d", "train", kind="imagenet")
+  config = config_file("imagenet256:tiny")
+  config.data.dir = str(half)
+  with pytest.raises(ConfigError, match="half-written dataset: 1 shards but no dataset_info"):
+    source("imagenet").check(config)
+
+
+@pytest.mark.timeout(120)
+def test_training_reads_its_first_batch_from_the_bucket_as_from_local_disk(
+  local_and_bucket, tmp_path, monkeypatch, one_device
+):
+  local, remote, *_ = local_and_bucket
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the local copy goes
+  batches = []
+  for folder in (local, remote):
+    config = config_file("imagenet256:tiny")
+    config.data.dir = folder
+    config.mesh.update(data=1, fsdp=-1)
+    batches.append(next(make_batches(config, tokenizer_of(config))))
+  ours, theirs = batches
+  assert ours["latents"].shape == (8, 1, 8, 8, 4) and ours["image_valid"].all()
+  assert sorted(ours) == sorted(theirs)
+  for name in ours:
+    np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+  [copy] = (tmp_path / "monoformer_data").iterdir()  # the bucket's dataset, copied whole
+  assert sorted(p.name for p in copy.iterdir()) == sorted(
+    p.name for p in pathlib.Path(local).iterdir()
+  )
+
+
+@pytest.mark.timeout(60)
+def test_a_dataset_is_uploaded_with_its_completion_marker_last(gcs_path, monkeypatch):
+  import tensorflow_datasets as tfds
+
+  uploaded, copy = [], builders._copy
+  monkeypatch.setattr(
+    builders,
+    "_copy",
+    lambda source, target: (uploaded.append(epath.Path(target).name), copy(source, target)),
+  )
+  records = lambda: ({"key": str(i), "x": np.full((3,), i, np.int64)} for i in range(4))
+  f = tfds.features
+  folder = builders.write(
+    "t", gcs_path, {"train": records}, {"key": f.Text(), "x": f.Tensor(shape=(3,), dtype=np.int64)}
+  )
+  assert uploaded[-1] == "dataset_info.json" and len(uploaded) >= 3  # shards, features, marker
+  assert sorted(uploaded) == sorted(p.name for p in epath.Path(folder).iterdir())
+  got = {r["key"]: r["x"] for r in builders.data_source(folder, "train")}
+  assert {k.decode(): v.tolist() for k, v in got.items()} == {str(i): [i] * 3 for i in range(4)}
