@@ -6,9 +6,12 @@
     new_folder_beside(base)             `base`, or the first of `base-2`, `base-3`, ... not there
     writable_file(path, what, flag)     a local file path whose folder is (or can be made) writable
     free_bytes(path)                    the free space where `path` is (or would be) written
+    is_cloud(path)                      whether `path` is a URL (gs://...), not a local path
 
-Each failure is a `PathError` naming the flag, the path and the fix. Cloud
-paths (`gs://...`) are passed through to the libraries that write them.
+Each failure is a `PathError` naming the flag, the path and the fix. A cloud
+folder (`gs://...`, through etils.epath) has nothing to make: `writable_dir`
+probes it by writing and deleting a small object, so a missing bucket or
+missing credentials stop the run before its work, naming the path.
 """
 
 from __future__ import annotations
@@ -16,9 +19,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable
 
 from monoformer_jax.errors import PathError
+
+
+def is_cloud(path) -> bool:
+  """Whether `path` names an object store (`gs://...`): no append, no atomic
+  rename, no free-space figure; local paths keep their file-system fast paths."""
+  return "://" in os.fspath(path)
 
 
 def writable_dir(path: str, what: str, flag: str) -> str:
@@ -27,6 +37,7 @@ def writable_dir(path: str, what: str, flag: str) -> str:
   if not path:
     raise PathError(f"{flag} is empty; pass a folder for the {what} (it is made if missing)")
   if "://" in path:
+    _probe_cloud_dir(path, what, flag)
     return path
   if os.path.exists(path) and not os.path.isdir(path):
     raise PathError(
@@ -43,6 +54,24 @@ def writable_dir(path: str, what: str, flag: str) -> str:
       "pass a folder you can write to"
     ) from e
   return path
+
+
+def _probe_cloud_dir(path: str, what: str, flag: str):
+  """Writes and deletes a small object in the cloud folder `path` (folders
+  are only name prefixes there: nothing to make)."""
+  from etils import epath
+
+  probe = epath.Path(path) / f".write_test_{uuid.uuid4().hex}"
+  try:
+    probe.write_text("")
+    probe.unlink()
+  except Exception as e:  # the storage client's own errors, not only OSError
+    why = " ".join(str(e).split())[:200] or type(e).__name__
+    raise PathError(
+      f"{flag}={path!r}: cannot write the {what} there ({type(e).__name__}: {why}); check "
+      "that the bucket exists and that this machine's credentials may write to it "
+      "(`gcloud auth application-default login`, or the VM's service account)"
+    ) from e
 
 
 def writable_file(path: str, what: str, flag: str) -> str:
