@@ -109,3 +109,27 @@ def test_a_missing_bucket_is_refused_before_the_run_in_one_line(gcs_server):
   message = str(refused.value)
   assert "\n" not in message and "gs://no-such-bucket/run" in message
   assert "bucket exists" in message
+
+
+@pytest.mark.timeout(60)
+def test_samples_for_a_bucket_are_written_locally_then_uploaded_whole(gcs_path):
+  from monoformer_jax.train.samples import _local_folder
+
+  outdir = f"{gcs_path}/samples"
+  with _local_folder(outdir) as local:
+    assert not local.startswith("gs:") and os.path.isdir(local)
+    os.makedirs(os.path.join(local, "interleaved"))
+    with open(os.path.join(local, "text.txt"), "w") as f:
+      f.write("a -> b\n")
+    with open(os.path.join(local, "interleaved", "0.png"), "wb") as f:
+      f.write(bytes(range(256)))
+  assert not os.path.exists(local)  # the staging folder is gone
+  bucket = epath.Path(outdir)
+  assert (bucket / "text.txt").read_text() == "a -> b\n"
+  assert (bucket / "interleaved" / "0.png").read_bytes() == bytes(range(256))
+  assert not os.path.exists("gs:")  # no local folder named after the scheme
+  # An error inside uploads nothing (the samples are redone by the next run).
+  with pytest.raises(RuntimeError), _local_folder(f"{gcs_path}/failed") as local:
+    open(os.path.join(local, "half.npz"), "w").close()
+    raise RuntimeError("killed")
+  assert not epath.Path(f"{gcs_path}/failed/half.npz").exists()
