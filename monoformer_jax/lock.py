@@ -1,6 +1,6 @@
 """One run per workdir: a lock file naming the run that holds it.
 
-    lock = workdir_lock(workdir)   # a FileLock for a local folder; None for a cloud path
+    lock = workdir_lock(workdir)   # a FileLock for a local folder, a CloudLock for gs://
     lock.acquire()                 # PathError naming the owner when another run holds it
     lock.release()                 # removes it if it is still this run's; safe to call twice
 
@@ -11,9 +11,15 @@ command line. A lock left by a run that died without releasing it (SIGKILL, a
 power cut) is stale when its host is this one and its process is gone: it is
 named in a warning and taken over. A lock from another host cannot be checked
 for liveness from here: it is refused, and the message says to delete the file
-if that run has ended. Cloud paths (`gs://...`) get no lock yet: another
-backend (an object created with a generation precondition) slots in beside
-FileLock with the same acquire/release.
+if that run has ended.
+
+In a bucket (`gs://...`) the same record is the object `WORKDIR/run.lock`,
+created only if absent (an upload with the precondition "generation 0",
+which GCS applies atomically); it is released by deleting it only if its
+generation is still the one this run wrote. Staleness is judged as above.
+(The local GCS emulator the tests use ignores preconditions: the lock is
+also looked for before the upload, which catches any run that is not
+starting in the same instant.)
 """
 
 from __future__ import annotations
@@ -34,17 +40,59 @@ from monoformer_jax.errors import PathError
 LOCK_NAME = "run.lock"
 
 
-def workdir_lock(workdir: str) -> FileLock | None:
-  """The lock of `workdir` for its backend; None (with a warning) where there is none yet."""
+def workdir_lock(workdir: str) -> FileLock | CloudLock | None:
+  """The lock of `workdir` for its backend (a gs:// bucket, a file system);
+  None (with a warning) for another scheme, which has none yet."""
   workdir = os.fspath(workdir)
+  if workdir.startswith("gs://"):
+    return CloudLock(workdir)
   if "://" in workdir:
     logging.warning(
-      "--workdir=%s is a cloud path: no lock is taken there yet, so nothing stops a second "
-      "run in it; start one run per workdir",
+      "--workdir=%s: runs are locked on a local disk or in gs:// only, so nothing stops a "
+      "second run in this one; start one run per workdir",
       workdir,
     )
     return None
   return FileLock(workdir)
+
+
+def _new_record() -> dict:
+  """What a lock says of the run that holds it; `token` tells its owner."""
+  return dict(
+    host=socket.gethostname(),
+    pid=os.getpid(),
+    process_start=_process_start(os.getpid()),
+    since=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    command=" ".join(getattr(sys, "orig_argv", sys.argv)),
+    token=uuid.uuid4().hex,
+  )
+
+
+def _is_record(owner) -> bool:
+  return (
+    isinstance(owner, dict)
+    and isinstance(owner.get("host"), str)
+    and type(owner.get("pid")) is int
+    and owner["pid"] > 0
+  )
+
+
+def _refuse_unless_stale(directory: str, path: str, owner: dict, record: dict):
+  """Raises for a lock another run holds (or may hold); returns when it is
+  stale (its run, on this host, is gone), after a warning."""
+  if owner["host"] != record["host"]:
+    raise PathError(
+      f"--workdir={directory!r} is locked by {_describe(owner)}: a run on another "
+      f"host, which this one cannot check. If that run has ended, delete {path} and "
+      "rerun; else pass another --workdir"
+    )
+  if _alive(owner):
+    same = " (this same process)" if owner["pid"] == record["pid"] else ""
+    raise PathError(
+      f"--workdir={directory!r} is in use by another run: {_describe(owner)}{same}. "
+      f"Wait for it to end (or stop it), or pass another --workdir; {path} names it"
+    )
+  logging.warning("%s was left by a run that is gone (%s): taking it over", path, _describe(owner))
 
 
 def _process_start(pid: int) -> str | None:
@@ -112,14 +160,7 @@ class FileLock:
     self.record: dict | None = None  # this run's, while it holds the lock
 
   def acquire(self):
-    record = dict(
-      host=socket.gethostname(),
-      pid=os.getpid(),
-      process_start=_process_start(os.getpid()),
-      since=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-      command=" ".join(getattr(sys, "orig_argv", sys.argv)),
-      token=uuid.uuid4().hex,
-    )
+    record = _new_record()
     with _one_taker_at_a_time(self.directory):
       for _ in range(3):  # another run may remove or create it between our calls
         try:
@@ -162,12 +203,7 @@ class FileLock:
         why = "not the JSON record of a run"
         try:
           owner = json.loads(text)
-          if (
-            isinstance(owner, dict)
-            and isinstance(owner.get("host"), str)
-            and type(owner.get("pid")) is int
-            and owner["pid"] > 0
-          ):
+          if _is_record(owner):
             return owner
         except ValueError:
           pass
@@ -181,21 +217,7 @@ class FileLock:
 
   def _refuse_or_clear(self, owner: dict, record: dict):
     """Raises for a lock another run holds (or may hold); removes a stale one."""
-    if owner["host"] != record["host"]:
-      raise PathError(
-        f"--workdir={self.directory!r} is locked by {_describe(owner)}: a run on another "
-        f"host, which this one cannot check. If that run has ended, delete {self.path} and "
-        "rerun; else pass another --workdir"
-      )
-    if _alive(owner):
-      same = " (this same process)" if owner["pid"] == record["pid"] else ""
-      raise PathError(
-        f"--workdir={self.directory!r} is in use by another run: {_describe(owner)}{same}. "
-        f"Wait for it to end (or stop it), or pass another --workdir; {self.path} names it"
-      )
-    logging.warning(
-      "%s was left by a run that is gone (%s): taking it over", self.path, _describe(owner)
-    )
+    _refuse_unless_stale(self.directory, self.path, owner, record)
     with contextlib.suppress(FileNotFoundError):
       os.remove(self.path)
 
@@ -218,3 +240,108 @@ class FileLock:
         "%s is no longer this run's lock (removed or replaced while it ran): left as it is",
         self.path,
       )
+
+
+class CloudLock:
+  """`gs://BUCKET/DIR/run.lock`, an object created only if absent."""
+
+  def __init__(self, directory: str):
+    self.directory = os.fspath(directory).rstrip("/")
+    self.path = f"{self.directory}/{LOCK_NAME}"
+    bucket, _, name = self.path.removeprefix("gs://").partition("/")
+    self._bucket, self._name = bucket, name
+    self.generation: int | None = None  # of the object this run wrote, while it holds it
+    self.token: str | None = None
+
+  def _blob(self):
+    from google.cloud import storage
+
+    return storage.Client().bucket(self._bucket).blob(self._name)
+
+  def _failed(self, doing: str, e: Exception) -> PathError:
+    return PathError(
+      f"--workdir={self.directory!r}: cannot {doing} the lock {self.path} "
+      f"({_first_words(e)}); check that the bucket exists and that this machine's "
+      "credentials may write to it"
+    )
+
+  def acquire(self):
+    from google.api_core import exceptions
+
+    record = _new_record()
+    for _ in range(3):  # another run may remove or create it between our calls
+      try:
+        owner = self._owner()
+        if owner is None:
+          blob = self._blob()
+          blob.upload_from_string(
+            json.dumps(record), content_type="application/json", if_generation_match=0
+          )
+          self.generation, self.token = blob.generation, record["token"]
+          return
+      except exceptions.PreconditionFailed:
+        continue  # created by another run since we looked: judged on the next pass
+      except PathError:
+        raise
+      except Exception as e:
+        raise self._failed("create", e) from e
+      _refuse_unless_stale(self.directory, self.path, owner, record)
+      with contextlib.suppress(Exception):  # only the stale generation we read
+        self._blob().delete(if_generation_match=owner["generation"])
+    raise PathError(
+      f"--workdir={self.directory!r}: another run keeps creating and removing {self.path}; "
+      "start one run per workdir"
+    )
+
+  def _owner(self) -> dict | None:
+    """The lock's record with its `generation`; None when there is no lock."""
+    from google.api_core import exceptions
+
+    blob = self._blob()
+    try:
+      text = blob.download_as_text()
+    except exceptions.NotFound:
+      return None
+    try:
+      owner = json.loads(text)
+    except ValueError:
+      owner = None
+    if not _is_record(owner):
+      raise PathError(
+        f"--workdir={self.directory!r} holds a lock {self.path} that cannot be read "
+        f"(not the JSON record of a run: {text[:80]!r}); if no run is using this workdir, "
+        "delete that object and rerun"
+      )
+    return dict(owner, generation=blob.generation)
+
+  def release(self):
+    """Deletes the lock if its generation is still this run's; a no-op when
+    not held. A failure (the bucket unreachable) is logged, not raised: the
+    run's own outcome is what its caller is waiting for."""
+    if self.generation is None:
+      return
+    generation, self.generation = self.generation, None
+    from google.api_core import exceptions
+
+    try:
+      # The token too: a server that ignores preconditions (the emulator) is
+      # kept from deleting another run's lock but for a write in between.
+      owner = json.loads(self._blob().download_as_text())
+      if not isinstance(owner, dict) or owner.get("token") != self.token:
+        raise exceptions.PreconditionFailed("another run's record")
+      self._blob().delete(if_generation_match=generation)
+    except (exceptions.NotFound, exceptions.PreconditionFailed, ValueError):
+      logging.warning(
+        "%s is no longer this run's lock (removed or replaced while it ran): left as it is",
+        self.path,
+      )
+    except Exception as e:
+      logging.error(
+        "could not remove the lock %s (%s): delete it before the next run in this workdir",
+        self.path,
+        _first_words(e),
+      )
+
+
+def _first_words(e: Exception) -> str:
+  return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"

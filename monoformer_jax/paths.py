@@ -18,8 +18,10 @@ Reading files that may be on a bucket (`gs://...`; any scheme epath knows):
                                         on a bucket, so a reader that wants one tensor of a
                                         large file fetches that tensor, not the file
 
-Each failure is a `PathError` naming the flag, the path and the fix. Cloud
-paths (`gs://...`) are passed through to the libraries that write them.
+Each failure is a `PathError` naming the flag, the path and the fix. A cloud
+folder (`gs://...`, through etils.epath) has nothing to make: `writable_dir`
+probes it by writing and deleting a small object, so a missing bucket or
+missing credentials stop the run before its work, naming the path.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import errno
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
@@ -48,6 +51,7 @@ def writable_dir(path: str, what: str, flag: str) -> str:
         f"{flag}={path!r} is a file, not a folder; pass a folder for the {what} "
         "(it is made if missing)"
       )
+    _probe_cloud_dir(path, what, flag)
     return path
   if os.path.exists(path) and not os.path.isdir(path):
     raise PathError(
@@ -64,6 +68,24 @@ def writable_dir(path: str, what: str, flag: str) -> str:
       "pass a folder you can write to"
     ) from e
   return path
+
+
+def _probe_cloud_dir(path: str, what: str, flag: str):
+  """Writes and deletes a small object in the cloud folder `path` (folders
+  are only name prefixes there: nothing to make)."""
+  from etils import epath
+
+  probe = epath.Path(path) / f".write_test_{uuid.uuid4().hex}"
+  try:
+    probe.write_text("")
+    probe.unlink()
+  except Exception as e:  # the storage client's own errors, not only OSError
+    why = " ".join(str(e).split())[:200] or type(e).__name__
+    raise PathError(
+      f"{flag}={path!r}: cannot write the {what} there ({type(e).__name__}: {why}); check "
+      "that the bucket exists and that this machine's credentials may write to it "
+      "(`gcloud auth application-default login`, or the VM's service account)"
+    ) from e
 
 
 def writable_file(path: str, what: str, flag: str) -> str:

@@ -73,6 +73,31 @@ def pytest_handlecrashitem(crashitem, report, sched):
       work_unit[crashitem] = True
 
 
+def _emulator_download_names_the_generation():
+  """GCS answers a download with the object's generation in `x-goog-generation`;
+  the emulator leaves it out, and TensorStore, reading back an OCDBT manifest
+  while Orbax saves, then fails with "Malformed StorageGeneration" (about every
+  other training run's save). Added to the emulator's handler before its routes
+  are built (server.py binds them when imported)."""
+  from gcp_storage_emulator.handlers import objects
+
+  if getattr(objects.download, "names_generation", False):
+    return
+  download = objects.download
+
+  def with_generation(request, response, storage, *args, **kwargs):
+    download(request, response, storage, *args, **kwargs)
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except Exception:  # no such object: the 404 is already set
+      return
+    response["x-goog-generation"] = str(obj["generation"])
+    response["x-goog-metageneration"] = str(obj["metageneration"])
+
+  with_generation.names_generation = True
+  objects.download = with_generation
+
+
 @pytest.fixture(scope="session")
 def gcs_server():
   """A GCS-protocol server on localhost (gcp-storage-emulator, in memory, with
@@ -82,6 +107,7 @@ def gcs_server():
   so the processes tests start reach it too. Yields its URL."""
   import socket
 
+  _emulator_download_names_the_generation()
   from gcp_storage_emulator.server import create_server
 
   with socket.socket() as probe:

@@ -124,18 +124,19 @@ def benchmark_module(name):
 
 
 def tensorboard_scalars(folder) -> dict:
-  """{tag: [(step, value), ...]} as TensorBoard shows the event files of `folder`:
+  """{tag: [(step, value), ...]} as TensorBoard shows the event files of `folder`
+  (a local folder or a gs:// one, read through etils.epath):
   read in name order (the names start with the second they were opened in),
   each record a u64 length, a u32 crc, the Event proto and a u32 crc. A
   SessionLog START at step s (tensorboardX's `purge_step`) hides the events
   read before it with a step >= s, as TensorBoard's EventAccumulator does."""
-  import pathlib
   import struct
 
+  from etils import epath
   from tensorboardX.proto.event_pb2 import Event, SessionLog
 
   scalars = {}
-  for path in sorted(pathlib.Path(folder).glob("events.out.tfevents.*")):
+  for path in sorted(epath.Path(folder).glob("events.out.tfevents.*"), key=lambda p: p.name):
     data, at = path.read_bytes(), 0
     while at + 12 <= len(data):
       (n,) = struct.unpack("<Q", data[at : at + 8])

@@ -25,6 +25,17 @@ save), in the loop after saving the step it reached, during the end-of-run
 samples at once (the checkpoint is saved). A run that starts at step S moves
 the metrics rows an earlier run logged past S to metrics_replaced.jsonl, so a
 killed and resumed run logs each step once.
+
+The workdir may be a bucket (`--workdir=gs://bucket/run`): checkpoints go
+through Orbax (TensorStore), the lock is an object created only if absent
+(lock.py), TensorBoard events are written locally and each event file uploaded whole
+at every log (what tensorboardX's own GCS writer does, minus its retries of
+two minutes per file when the process exits after the bucket is gone), the
+end-of-run samples are written to a local folder, then uploaded. An object
+cannot be appended to, so there `metrics.jsonl` is kept in memory for the run
+and the whole object rewritten at each log (one upload: a reader sees the
+rows before or after it, never part of one); on a local disk rows are
+appended as they come.
 """
 
 from __future__ import annotations
@@ -32,11 +43,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
+import tempfile
 import time
 
 import jax
 from absl import logging
+from etils import epath
 from flax import nnx
+from google.api_core.exceptions import GoogleAPIError
 
 from monoformer_jax import perf
 from monoformer_jax.checkpoints import TrainCheckpointer, load_params, resolve_steps
@@ -50,7 +65,7 @@ from monoformer_jax.eval.score import TrainingEvals, end_samples_score_evals, ev
 from monoformer_jax.lock import workdir_lock
 from monoformer_jax.model.build import param_count, train_flops_per_row
 from monoformer_jax.parallel import distributed, sharding
-from monoformer_jax.paths import writable_dir
+from monoformer_jax.paths import is_local, writable_dir
 from monoformer_jax.text.tokenizer import tokenizer_of
 from monoformer_jax.train.samples import check_samples, write_samples
 from monoformer_jax.train.state import (
@@ -70,54 +85,99 @@ class _Metrics:
   A run that starts at step S replaces what an earlier run logged past S (it
   went further than its last checkpoint, then was killed): those rows move to
   workdir/metrics_replaced.jsonl, and TensorBoard is told to hide the events
-  past S (a purge record at S+1), so each step is logged once."""
+  past S (a purge record at S+1), so each step is logged once. In a bucket
+  the rows are kept in `lines` and the object rewritten whole at each write."""
 
   def __init__(self, workdir: str, tensorboard: bool, first_step: int):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.lines: list[str] | None = None  # a cloud object's lines, rewritten whole
     self.writer = None
+    self.local_events: tempfile.TemporaryDirectory | None = None
     self.active = jax.process_index() == 0
     if not self.active:
       return
     try:  # before the compile, not at the first log
-      _set_aside_rows_after(self.path, first_step, os.path.join(workdir, REPLACED_METRICS))
-      open(self.path, "a").close()
+      _set_aside_rows_after(self.path, first_step, epath.Path(workdir) / REPLACED_METRICS)
+      if not is_local(workdir):
+        self.lines = self.path.read_text().splitlines(True) if self.path.exists() else []
+        self.path.write_text("".join(self.lines))
+      else:
+        open(self.path, "a").close()
       if tensorboard:
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=first_step + 1)
-    except OSError as e:
-      raise PathError(
-        f"cannot write the metrics to {e.filename or self.path} ({e.strerror or e}): "
-        "make its folder one you can write to (or move what is there away), or pass "
-        "another --workdir"
-      ) from e
+        self.events = epath.Path(workdir) / "tensorboard"
+        if not is_local(workdir):  # written here, uploaded whole at each flush
+          self.local_events = tempfile.TemporaryDirectory(prefix="tensorboard_")
+        logdir = self.local_events.name if self.local_events else os.fspath(self.events)
+        self.writer = SummaryWriter(logdir, purge_step=first_step + 1)
+    except _IO_ERRORS as e:
+      raise self._failed(e) from e
+
+  def _failed(self, e: BaseException) -> PathError:
+    where = getattr(e, "filename", None) or self.path
+    why = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
+    return PathError(
+      f"cannot write the metrics to {where} ({type(e).__name__}: {why}): "
+      "make its folder one you can write to (or move what is there away), or pass "
+      "another --workdir"
+    )
 
   def write(self, step: int, row: dict):
     if not self.active:
       return
-    with open(self.path, "a") as f:
-      f.write(finite_json(dict(step=step, **row)) + "\n")
-    if self.writer is not None:
-      for name, value in row.items():
-        self.writer.add_scalar(name, value, step)
-      self.writer.flush()
+    line = finite_json(dict(step=step, **row)) + "\n"
+    try:
+      if self.lines is None:
+        with open(self.path, "a") as f:
+          f.write(line)
+      else:
+        self.lines.append(line)
+        self.path.write_text("".join(self.lines))
+      if self.writer is not None:
+        for name, value in row.items():
+          self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+        self._upload_events()
+    except _IO_ERRORS as e:
+      raise self._failed(e) from e
+
+  def _upload_events(self):
+    """Copies this run's event file, whole, to the bucket (one upload each:
+    a reader sees the file of a flush before or after it)."""
+    if self.local_events is None:
+      return
+    for path in pathlib.Path(self.local_events.name).glob("events.out.tfevents.*"):
+      (self.events / path.name).write_bytes(path.read_bytes())
 
   def close(self):
     if self.writer is not None:
-      self.writer.close()
-      self.writer = None
+      writer, self.writer = self.writer, None
+      writer.close()
+    if self.local_events is not None:
+      try:
+        self._upload_events()
+      except _IO_ERRORS as e:  # the run's own outcome is on its way out
+        logging.error("could not upload the TensorBoard events to %s: %s", self.events, e)
+      finally:
+        self.local_events.cleanup()
+        self.local_events = None
 
 
 REPLACED_METRICS = "metrics_replaced.jsonl"
+# What writing to a folder or a bucket raises (gcsfs raises OSErrors; the
+# google-cloud-storage client, which tensorboardX uses, its own).
+_IO_ERRORS = (OSError, GoogleAPIError)
 
 
-def _set_aside_rows_after(path: str, step: int, aside_path: str):
+def _set_aside_rows_after(path, step: int, aside_path):
   """Moves the rows of `path` logged past `step`, and any line that is not a
   row (cut short by a kill mid-write), to the end of `aside_path`; `path` is
-  rewritten atomically, after the rows are safe aside."""
+  rewritten atomically (a renamed file, or one upload), after the rows are
+  safe aside."""
+  path, aside_path = epath.Path(path), epath.Path(aside_path)
   try:
-    with open(path) as f:
-      lines = f.read().splitlines()
+    lines = path.read_text().splitlines()
   except FileNotFoundError:
     return
   keep, aside = [], []
@@ -130,16 +190,21 @@ def _set_aside_rows_after(path: str, step: int, aside_path: str):
     (aside if past else keep).append(line + "\n")
   if not aside:
     return
-  with open(aside_path, "a") as f:
-    f.writelines(aside)
-    f.flush()
-    os.fsync(f.fileno())
-  partial = path + ".partial"
-  with open(partial, "w") as f:
-    f.writelines(keep)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(partial, path)
+  if not is_local(path):  # no append, and a single upload is atomic
+    before = aside_path.read_text() if aside_path.exists() else ""
+    aside_path.write_text(before + "".join(aside))
+    path.write_text("".join(keep))
+  else:
+    with open(aside_path, "a") as f:
+      f.writelines(aside)
+      f.flush()
+      os.fsync(f.fileno())
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+      f.writelines(keep)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(partial, path)
   logging.warning(
     "%s: moved %d rows past step %d, where this run starts (an earlier run logged them "
     "after its last checkpoint, or before its checkpoints were removed), to %s",
@@ -251,8 +316,12 @@ def _check_not_a_checkpoints_folder(workdir: str):
   """Refuses a run's checkpoints/ folder given as its workdir: the run would
   start afresh in checkpoints/checkpoints instead of resuming."""
   steps = resolve_steps(workdir)
-  if steps and not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    parent = os.path.dirname(os.path.abspath(workdir))
+  if steps and not (epath.Path(workdir) / "checkpoints").is_dir():
+    parent = (
+      workdir.rstrip("/").rpartition("/")[0]
+      if not is_local(workdir)
+      else os.path.dirname(os.path.abspath(workdir))
+    )
     raise PathError(
       f"--workdir={workdir!r} holds checkpoint steps {steps} itself: it is a run's "
       f"checkpoints folder, and a run there would start afresh; pass the run's workdir "
