@@ -257,3 +257,25 @@ def whole_file(path) -> Iterator[BinaryIO]:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+
+
+def move_folder(source: str, target: str):
+  """Moves the folder `source` to `target` (whose parent is made): a rename on
+  this machine; on a bucket, where folders are name prefixes and there is no
+  rename, each object is copied, then the source's are deleted."""
+  if is_local(source) and is_local(target):
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(source, target)
+    return
+  from etils import epath
+
+  def copy(folder, into):
+    for entry in folder.iterdir():  # epath refuses `**` on a bucket: one level at a time
+      if entry.is_dir():
+        copy(entry, into / entry.name)
+      else:
+        into.mkdir(parents=True, exist_ok=True)
+        (into / entry.name).write_bytes(entry.read_bytes())
+
+  copy(epath.Path(source), epath.Path(target))
+  epath.Path(source).rmtree()

@@ -133,3 +133,33 @@ def test_samples_for_a_bucket_are_written_locally_then_uploaded_whole(gcs_path):
     open(os.path.join(local, "half.npz"), "w").close()
     raise RuntimeError("killed")
   assert not epath.Path(f"{gcs_path}/failed/half.npz").exists()
+
+
+def test_an_unreadable_step_in_a_bucket_is_moved_aside_and_the_one_before_resumed(gcs_path):
+  """As on a local disk: the broken step goes to `<dir>_unreadable/` (copied
+  and deleted: a bucket has no rename), so a new save can take its number."""
+  from etils import epath
+  from test_failures import _restore_toy, _toy_checkpoints, _toy_state
+
+  from monoformer_jax.checkpoints import TrainCheckpointer
+
+  c = f"{gcs_path}/checkpoints"
+  _toy_checkpoints(c, [1])
+  with TrainCheckpointer(c, keep=3, save_every=1) as ckpt:  # valid JSON, no data state
+    ckpt.save(2, _toy_state(2.0, 2), {"shards": 1}, digits_config())
+  files = _names_under(epath.Path(c) / "2")
+  assert _restore_toy(c) == (1, 1.0, {"shards": 1, "next_example": {"0": 10}})
+  assert [p.name for p in epath.Path(c).iterdir() if p.is_dir()] == ["1"]
+  aside = epath.Path(f"{c}_unreadable") / "2"
+  assert _names_under(aside) == files
+  _toy_checkpoints(c, [2])  # the resumed run saves step 2 again
+  assert _restore_toy(c)[:2] == (2, 2.0)
+
+
+def _names_under(folder) -> list[str]:
+  """The relative names of every file under a bucket's `folder`."""
+  names = []
+  for entry in folder.iterdir():
+    sub = [f"{entry.name}/{n}" for n in _names_under(entry)] if entry.is_dir() else [entry.name]
+    names += sub
+  return sorted(names)

@@ -50,7 +50,7 @@ from flax import nnx
 from monoformer_jax.config import complete
 from monoformer_jax.errors import CheckpointError, MissingPathError, PathError, UserError
 from monoformer_jax.model.build import abstract_model
-from monoformer_jax.paths import free_bytes, new_folder_beside
+from monoformer_jax.paths import free_bytes, move_folder, new_folder_beside
 
 WEIGHTS = ("ema", "raw")
 # Model fields that say how to compute, not what the weights are.
@@ -471,10 +471,9 @@ class TrainCheckpointer:
   def _unreadable(self, step: int, error: BaseException) -> str:
     why = f"step {step} ({_first_line(error)})"
     aside = new_folder_beside(os.path.join(f"{self.directory}_unreadable", str(step)))
-    if jax.process_index() == 0 and "://" not in self.directory:
+    if jax.process_index() == 0:
       try:
-        os.makedirs(os.path.dirname(aside), exist_ok=True)
-        os.replace(os.path.join(self.directory, str(step)), aside)
+        move_folder(f"{self.directory}/{step}", aside)
       except OSError as e:
         raise CheckpointError(
           f"checkpoint {self.directory}/{step} cannot be read ({_first_line(error)}) and "
