@@ -248,10 +248,15 @@ def whole_file(path) -> Iterator[BinaryIO]:
       raise
     f.close()
     return
-  tmp = path + ".tmp"
+  # A name of this writer's own (two processes writing one file never share it),
+  # hidden beside the file; data.prepare removes those a killed run left.
+  folder, name = os.path.split(path)
+  tmp = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
   try:
     with open(tmp, "wb") as f:
       yield f
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):

@@ -39,7 +39,6 @@ import io
 import itertools
 import json
 import os
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -62,7 +61,7 @@ from monoformer_jax.errors import (
   MissingPathError,
   PathError,
 )
-from monoformer_jax.paths import is_local
+from monoformer_jax.paths import is_local, whole_file
 from monoformer_jax.vision.images import UnreadableImage, checked_resize, load_image
 
 MANIFEST = "encode_manifest.json"
@@ -223,29 +222,18 @@ def chunk_path(output_dir, k: int) -> str:
 
 
 def _atomic_write(path: str, write) -> None:
-  """write(file) to a temporary name in path's folder, then os.replace onto
-  path; on an object store, into memory and then one upload (atomic there)."""
-  if not is_local(path):
-    buffer = io.BytesIO()
-    write(buffer)
-    try:
-      epath.Path(path).write_bytes(buffer.getvalue())
-    except OSError as e:
-      raise PathError(f"cannot write {path}: {e}; check the bucket and its permissions") from e
-    return
-  folder, name = os.path.split(path)
-  tmp = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+  """write(file) into `path` whole or not at all (paths.whole_file: a renamed
+  temporary file here, one upload on an object store); a failure is a PathError."""
   try:
-    with open(tmp, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with whole_file(path) as file:
+      write(file)
   except OSError as e:
-    raise PathError(f"cannot write {path}: {e}; check the folder is writable and has space") from e
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    fix = (
+      "check the folder is writable and has space"
+      if is_local(path)
+      else ("check the bucket and its permissions")
+    )
+    raise PathError(f"cannot write {path}: {e}; {fix}") from e
 
 
 def _read_manifest(output_dir: str) -> dict | None:

@@ -65,7 +65,7 @@ from monoformer_jax.eval.score import TrainingEvals, end_samples_score_evals, ev
 from monoformer_jax.lock import workdir_lock
 from monoformer_jax.model.build import param_count, train_flops_per_row
 from monoformer_jax.parallel import distributed, sharding
-from monoformer_jax.paths import is_local, writable_dir
+from monoformer_jax.paths import is_local, whole_file, writable_dir
 from monoformer_jax.text.tokenizer import tokenizer_of
 from monoformer_jax.train.samples import check_samples, write_samples
 from monoformer_jax.train.state import (
@@ -193,18 +193,13 @@ def _set_aside_rows_after(path, step: int, aside_path):
   if not is_local(path):  # no append, and a single upload is atomic
     before = aside_path.read_text() if aside_path.exists() else ""
     aside_path.write_text(before + "".join(aside))
-    path.write_text("".join(keep))
   else:
     with open(aside_path, "a") as f:
       f.writelines(aside)
       f.flush()
       os.fsync(f.fileno())
-    partial = f"{path}.partial"
-    with open(partial, "w") as f:
-      f.writelines(keep)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(partial, path)
+  with whole_file(path) as f:
+    f.write("".join(keep).encode())
   logging.warning(
     "%s: moved %d rows past step %d, where this run starts (an earlier run logged them "
     "after its last checkpoint, or before its checkpoints were removed), to %s",
