@@ -17,6 +17,9 @@ Reading files that may be on a bucket (`gs://...`; any scheme epath knows):
     read_range(path, start, size)       exactly bytes [start, start + size): one ranged GET
                                         on a bucket, so a reader that wants one tensor of a
                                         large file fetches that tensor, not the file
+    files_under(folder)                 every file below a folder or a bucket's prefix
+    move_folder(source, target)         a rename here; a copy then a delete on a bucket
+    staged_folder(folder)               a local folder uploaded to a bucket's `folder` at the end
 
 Each failure is a `PathError` naming the flag, the path and the fix. A cloud
 folder (`gs://...`, through etils.epath) has nothing to make: `writable_dir`
@@ -264,6 +267,27 @@ def whole_file(path) -> Iterator[BinaryIO]:
     raise
 
 
+def files_under(folder) -> list[tuple[str, object]]:
+  """(relative name, epath.Path) of every file under `folder`, sorted by name,
+  for a local folder or a bucket's prefix alike (walked one level at a time:
+  epath refuses `**` on a bucket, and its walk names a bucket's folders
+  without their `gs://`)."""
+  from etils import epath
+
+  files = []
+
+  def add(here, relative):
+    for entry in here.iterdir():
+      name = f"{relative}{entry.name}"
+      if entry.is_dir():
+        add(entry, f"{name}/")
+      else:
+        files.append((name, entry))
+
+  add(epath.Path(folder), "")
+  return sorted(files, key=lambda f: f[0])
+
+
 def move_folder(source: str, target: str):
   """Moves the folder `source` to `target` (whose parent is made): a rename on
   this machine; on a bucket, where folders are name prefixes and there is no
@@ -274,13 +298,28 @@ def move_folder(source: str, target: str):
     return
   from etils import epath
 
-  def copy(folder, into):
-    for entry in folder.iterdir():  # epath refuses `**` on a bucket: one level at a time
-      if entry.is_dir():
-        copy(entry, into / entry.name)
-      else:
-        into.mkdir(parents=True, exist_ok=True)
-        (into / entry.name).write_bytes(entry.read_bytes())
-
-  copy(epath.Path(source), epath.Path(target))
+  for name, file in files_under(source):
+    (epath.Path(target) / name).parent.mkdir(parents=True, exist_ok=True)
+    (epath.Path(target) / name).write_bytes(file.read_bytes())
   epath.Path(source).rmtree()
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str) -> Iterator[str]:
+  """`folder` itself on this machine (made if missing). For a bucket, a local
+  temporary folder for writers that only know local files (image savers,
+  jax's profiler), whose files are uploaded to `folder`, one object each, when
+  the block ends without an error; after an error nothing is uploaded."""
+  folder = os.fspath(folder)
+  if is_local(folder):
+    os.makedirs(folder, exist_ok=True)
+    yield folder
+    return
+  from etils import epath
+
+  with tempfile.TemporaryDirectory(prefix="staged_") as local:
+    yield local
+    for name, file in files_under(local):
+      target = epath.Path(folder) / name
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(file.read_bytes())

@@ -13,7 +13,7 @@ from helpers import digits_config, on_one_device, tensorboard_scalars
 
 from monoformer_jax import lock
 from monoformer_jax.errors import PathError
-from monoformer_jax.paths import writable_dir
+from monoformer_jax.paths import files_under, staged_folder, writable_dir
 from monoformer_jax.train.loop import REPLACED_METRICS, train_and_evaluate
 
 
@@ -28,7 +28,9 @@ def _losses(rows) -> dict:
 @pytest.mark.timeout(240)
 def test_a_run_in_a_bucket_resumes_with_the_curve_of_an_uninterrupted_one(gcs_path, tmp_path):
   run = lambda workdir, steps: train_and_evaluate(
-    digits_config(num_steps=steps, log_every=1, checkpoint_every=2), workdir, sample_at_end=False
+    digits_config(num_steps=steps, log_every=1, checkpoint_every=2, profile_steps=1),
+    workdir,
+    sample_at_end=False,
   )
   with on_one_device():
     run(str(tmp_path), 6)  # the reference: uninterrupted, on a local disk
@@ -52,6 +54,8 @@ def test_a_run_in_a_bucket_resumes_with_the_curve_of_an_uninterrupted_one(gcs_pa
   np.testing.assert_allclose(
     [v for _, v in board["loss"]], [got[s] for s in range(1, 7)], rtol=1e-6
   )
+  # jax's profiler writes local files: the trace of step 3 was uploaded.
+  assert any(name.endswith(".xplane.pb") for name, _ in files_under(bucket / "profile"))
   # Step 4 saved again, by the resumed run.
   assert sorted(p.name for p in (bucket / "checkpoints").iterdir()) == ["2", "4", "6"]
 
@@ -113,10 +117,8 @@ def test_a_missing_bucket_is_refused_before_the_run_in_one_line(gcs_server):
 
 @pytest.mark.timeout(60)
 def test_samples_for_a_bucket_are_written_locally_then_uploaded_whole(gcs_path):
-  from monoformer_jax.train.samples import _local_folder
-
   outdir = f"{gcs_path}/samples"
-  with _local_folder(outdir) as local:
+  with staged_folder(outdir) as local:
     assert not local.startswith("gs:") and os.path.isdir(local)
     os.makedirs(os.path.join(local, "interleaved"))
     with open(os.path.join(local, "text.txt"), "w") as f:
@@ -129,7 +131,7 @@ def test_samples_for_a_bucket_are_written_locally_then_uploaded_whole(gcs_path):
   assert (bucket / "interleaved" / "0.png").read_bytes() == bytes(range(256))
   assert not os.path.exists("gs:")  # no local folder named after the scheme
   # An error inside uploads nothing (the samples are redone by the next run).
-  with pytest.raises(RuntimeError), _local_folder(f"{gcs_path}/failed") as local:
+  with pytest.raises(RuntimeError), staged_folder(f"{gcs_path}/failed") as local:
     open(os.path.join(local, "half.npz"), "w").close()
     raise RuntimeError("killed")
   assert not epath.Path(f"{gcs_path}/failed/half.npz").exists()
@@ -157,9 +159,4 @@ def test_an_unreadable_step_in_a_bucket_is_moved_aside_and_the_one_before_resume
 
 
 def _names_under(folder) -> list[str]:
-  """The relative names of every file under a bucket's `folder`."""
-  names = []
-  for entry in folder.iterdir():
-    sub = [f"{entry.name}/{n}" for n in _names_under(entry)] if entry.is_dir() else [entry.name]
-    names += sub
-  return sorted(names)
+  return [name for name, _ in files_under(folder)]

@@ -50,7 +50,7 @@ from flax import nnx
 from monoformer_jax.config import complete
 from monoformer_jax.errors import CheckpointError, MissingPathError, PathError, UserError
 from monoformer_jax.model.build import abstract_model
-from monoformer_jax.paths import free_bytes, move_folder, new_folder_beside
+from monoformer_jax.paths import files_under, free_bytes, move_folder, new_folder_beside
 
 WEIGHTS = ("ema", "raw")
 # Model fields that say how to compute, not what the weights are.
@@ -626,20 +626,10 @@ def fingerprint(path: str, step: int | None = None) -> str:
   again (a workdir deleted and trained anew) has another. Reads no weights."""
   directory, step = resolve(path, step)
   folder = epath.Path(directory) / str(step)
-  files = []
-
-  def add(here, relative):  # by iterdir: epath's walk names a bucket's folders without gs://
-    for entry in here.iterdir():
-      name = f"{relative}{entry.name}"
-      if entry.is_dir():
-        add(entry, f"{name}/")
-      else:
-        files.append((name, entry))
-
   try:
-    add(folder, "")
+    files = files_under(folder)
     digest = hashlib.sha256()
-    for relative, file in sorted(files, key=lambda f: f[0]):
+    for relative, file in files:
       size = file.stat().length
       digest.update(f"{relative}\0{size}\0".encode())
       if size <= _SMALL_FILE_BYTES:

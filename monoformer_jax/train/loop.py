@@ -65,7 +65,7 @@ from monoformer_jax.eval.score import TrainingEvals, end_samples_score_evals, ev
 from monoformer_jax.lock import workdir_lock
 from monoformer_jax.model.build import param_count, train_flops_per_row
 from monoformer_jax.parallel import distributed, sharding
-from monoformer_jax.paths import is_local, whole_file, writable_dir
+from monoformer_jax.paths import is_local, staged_folder, whole_file, writable_dir
 from monoformer_jax.text.tokenizer import tokenizer_of
 from monoformer_jax.train.samples import check_samples, write_samples
 from monoformer_jax.train.state import (
@@ -212,24 +212,27 @@ def _set_aside_rows_after(path, step: int, aside_path):
 
 class _Profile:
   """A jax.profiler trace of train.profile_steps steps into workdir/profile,
-  from the third step this run takes (after the compile and a warm step)."""
+  from the third step this run takes (after the compile and a warm step). The
+  profiler writes local files only: for a bucket the trace is written to a
+  local folder and uploaded when it stops."""
 
   def __init__(self, workdir: str, first_step: int, steps: int):
     self.dir = os.path.join(workdir, "profile")
     self.start, self.stop = first_step + 2, first_step + 2 + steps
-    self.on = False
+    self.staged: contextlib.ExitStack | None = None
     self.enabled = steps > 0
 
   def before(self, step: int):
     if self.enabled and step == self.start:
-      jax.profiler.start_trace(self.dir)
-      self.on = True
+      self.staged = contextlib.ExitStack()
+      jax.profiler.start_trace(self.staged.enter_context(staged_folder(self.dir)))
 
   def after(self, step: int, state):
-    if self.on and step >= self.stop:
+    if self.staged is not None and step >= self.stop:
       jax.block_until_ready(state)
       jax.profiler.stop_trace()
-      self.on = False
+      self.staged, staged = None, self.staged
+      staged.close()  # uploads a bucket's trace
       logging.info("profiled steps %d..%d into %s", self.start + 1, step, self.dir)
 
 

@@ -19,17 +19,13 @@ uploaded (through etils.epath) once all are written.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pathlib
-import tempfile
 import time
 
 import jax
 import numpy as np
 import tqdm
 from absl import logging
-from etils import epath
 from jax.experimental import multihost_utils
 
 from monoformer_jax import inference
@@ -38,7 +34,7 @@ from monoformer_jax.data.datasets import class_names
 from monoformer_jax.eval import finite_json, registry
 from monoformer_jax.eval.sampling import quantize
 from monoformer_jax.eval.score import score_images, score_model
-from monoformer_jax.paths import is_local
+from monoformer_jax.paths import is_local, staged_folder
 
 
 def check_samples(config, tokenizer):
@@ -57,34 +53,17 @@ def check_samples(config, tokenizer):
     )
 
 
-@contextlib.contextmanager
-def _local_folder(outdir: str):
-  """`outdir` itself on a local disk. For a bucket, a local temporary folder
-  whose files (the evaluators' pictures and pages too, however they write
-  them) are uploaded to `outdir` when the block ends without an error."""
-  if is_local(outdir):
-    os.makedirs(outdir, exist_ok=True)
-    yield outdir
-    return
-  with tempfile.TemporaryDirectory(prefix="samples_") as local:
-    yield local
-    for folder, _, names in os.walk(local):
-      for name in names:
-        source = os.path.join(folder, name)
-        target = epath.Path(outdir) / os.path.relpath(source, local)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(pathlib.Path(source).read_bytes())
-    logging.info("uploaded the samples to %s", outdir)
-
-
 def write_samples(model, config, tokenizer, outdir: str, seed: int = 0):
   """Samples with `model` on every process; process 0 writes `outdir`.
   Returns (images, labels, the samples' scores, {name: metrics} of the model
   metrics)."""
   if jax.process_index() != 0:
     return _write_samples(model, config, tokenizer, None, seed)
-  with _local_folder(outdir) as local:
-    return _write_samples(model, config, tokenizer, local, seed)
+  with staged_folder(outdir) as local:  # a bucket's files are uploaded at the end
+    result = _write_samples(model, config, tokenizer, local, seed)
+  if not is_local(outdir):
+    logging.info("uploaded the samples to %s", outdir)
+  return result
 
 
 def _write_samples(model, config, tokenizer, outdir: str | None, seed: int):
