@@ -17,6 +17,9 @@ Reading files that may be on a bucket (`gs://...`; any scheme epath knows):
     read_range(path, start, size)       exactly bytes [start, start + size): one ranged GET
                                         on a bucket, so a reader that wants one tensor of a
                                         large file fetches that tensor, not the file
+    join(folder, relative)              folder/relative, '/'-joined and normalized on a bucket
+    FileLookup()                        `path in lookup`: whether a file is there, a bucket's
+                                        folder listed once for all the paths asked in it
 
 Each failure is a `PathError` naming the flag, the path and the fix. A cloud
 folder (`gs://...`, through etils.epath) has nothing to make: `writable_dir`
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import posixpath
 import shutil
 import tempfile
 import uuid
@@ -284,3 +288,52 @@ def move_folder(source: str, target: str):
 
   copy(epath.Path(source), epath.Path(target))
   epath.Path(source).rmtree()
+
+
+# ----------------------------------------------------------- inputs named relative to a folder
+
+
+def join(folder, relative: str) -> str:
+  """`folder`/`relative`: os.path.join locally (as it always was); on a bucket
+  '/'-joined and normalized ("./a", "x/../a" -> "a"), since an object's name is
+  taken literally there ("root/./a" is no object "root/a")."""
+  folder = os.fspath(folder)
+  if is_local(folder):
+    return os.path.join(folder, relative)
+  scheme, rest = folder.split("://", 1)
+  bucket, _, inside = rest.partition("/")
+  inner = posixpath.normpath(posixpath.join("/", inside, relative)).lstrip("/")
+  return f"{scheme}://{bucket}/{inner}" if inner else f"{scheme}://{bucket}"
+
+
+class FileLookup:
+  """Whether files exist, asked of many paths (an annotation file's images):
+  `path in lookup`. Locally os.path.isfile, one cheap call each; on a bucket
+  each folder is listed once, when a path in it is first asked about (one
+  request per 1000 names), so a million images cost a thousand requests, not
+  a million."""
+
+  def __init__(self):
+    self._listed: dict[str, frozenset[str]] = {}
+
+  def __contains__(self, path) -> bool:
+    path = os.fspath(path)
+    if is_local(path):
+      return os.path.isfile(path)
+    folder = path.rsplit("/", 1)[0]
+    if folder not in self._listed:
+      self._listed[folder] = frozenset(_files_in(folder))
+    return path in self._listed[folder]
+
+
+def _files_in(folder: str) -> list[str]:
+  """The files (not subfolders) directly in the bucket folder `folder`, as URLs."""
+  import fsspec
+
+  fs, inner = fsspec.core.url_to_fs(folder)
+  scheme = folder.split("://", 1)[0]
+  try:
+    entries = fs.ls(inner, detail=True)
+  except FileNotFoundError:
+    return []
+  return [f"{scheme}://{e['name'].lstrip('/')}" for e in entries if e.get("type") == "file"]

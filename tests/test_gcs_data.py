@@ -3,6 +3,8 @@ ImageNet prepared from a local folder into gs:// equals a local preparation,
 a half-written dataset in the bucket is refused in one line, and training's
 first batch read from data.dir=gs://... equals the one read from local disk."""
 
+import json
+import os
 import pathlib
 import tempfile
 
@@ -155,3 +157,94 @@ def test_a_dataset_is_uploaded_with_its_completion_marker_last(gcs_path, monkeyp
   assert sorted(uploaded) == sorted(p.name for p in epath.Path(folder).iterdir())
   got = {r["key"]: r["x"] for r in builders.data_source(folder, "train")}
   assert {k.decode(): v.tolist() for k, v in got.items()} == {str(i): [i] * 3 for i in range(4)}
+
+
+# ------------------------------------------------------------- inputs read from a bucket
+
+
+def _upload_tree(local: pathlib.Path, url: str) -> str:
+  """Every file under `local` copied to the same relative name under `url`."""
+  for path in sorted(local.rglob("*")):
+    if path.is_file():
+      epath.Path(url, path.relative_to(local).as_posix()).write_bytes(path.read_bytes())
+  return url
+
+
+class _Requests:
+  """Counts the HTTP requests gcsfs makes (every epath / fsspec call to the bucket)."""
+
+  def __init__(self, monkeypatch):
+    import gcsfs
+
+    self.calls, call = [], gcsfs.GCSFileSystem._call
+
+    async def counted(fs, method, path, *args, **kwargs):
+      self.calls.append((method, path.format(*args) if "{}" in path else path))
+      return await call(fs, method, path, *args, **kwargs)
+
+    monkeypatch.setattr(gcsfs.GCSFileSystem, "_call", counted)
+
+
+def _records(folder, kind) -> dict:
+  records = builders.data_source(folder, "train", kind=kind)
+  return {bytes(r["key"]): r for r in map(records.__getitem__, range(len(records)))}
+
+
+@pytest.mark.timeout(120)
+def test_text_to_image_prepared_from_a_bucket_equals_the_local_preparation(
+  tmp_path, gcs_path, monkeypatch
+):
+  from monoformer_jax.data.sources.text_to_image import journeydb_items
+
+  local = tmp_path / "input"
+  rng = np.random.default_rng(3)
+  lines = []
+  for folder in ("000", "001"):
+    (local / "imgs" / folder).mkdir(parents=True)
+    for k in range(5):
+      pixels = rng.integers(0, 256, (18 + 2 * k, 20, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(local / "imgs" / folder / f"{k}.jpg")
+      lines.append({"img_path": f"./{folder}/{k}.jpg", "prompt": f"p{folder}{k}", "caption": "c"})
+  lines.insert(3, {"img_path": "000/../001/gone.jpg", "prompt": "not there"})
+  (local / "anno.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  remote = _upload_tree(local, f"{gcs_path}/input")
+
+  requests = _Requests(monkeypatch)
+  items, missing = journeydb_items(f"{remote}/anno.jsonl", f"{remote}/imgs")
+  # No request per image (10 of them): each image folder is listed once, beside
+  # a fixed few for the annotations file and the root (11 here, whatever the count).
+  assert not [path for _, path in requests.calls if ".jpg" in path], requests.calls
+  assert len(requests.calls) <= 12, requests.calls
+  assert missing == [f"{remote}/imgs/001/gone.jpg"]
+  assert [i.path for i in items][:2] == [f"{remote}/imgs/000/0.jpg", f"{remote}/imgs/000/1.jpg"]
+  want_items, want_missing = journeydb_items(local / "anno.jsonl", local / "imgs")
+  assert [i.key for i in items] == [i.key for i in want_items] and len(items) == 10
+  assert want_missing == [os.path.join(local / "imgs", "000/../001/gone.jpg")]
+
+  t2i = source("text_to_image")
+  folders = []
+  for where in (str(local), remote):
+    args = PrepareArgs(
+      input_dir=f"{where}/imgs",
+      annotations=f"{where}/anno.jsonl",
+      vae=str(TINY_VAE),
+      image_size=16,
+      chunk_size=4,
+    )
+    out = str(tmp_path / f"out{len(folders)}")
+    prepared = t2i.prepare(args, out)
+    folders.append(t2i.write(out, prepared.splits, latent_shape=prepared.latent_shape))
+    assert "; missing 1: " in " ".join(prepared.report()), prepared.report()
+  ours, theirs = (_records(folder, "text_to_image") for folder in folders)
+  assert sorted(ours) == sorted(theirs) == sorted(i.key.encode() for i in want_items)
+  for key, record in ours.items():
+    for name in ("prompt", "caption", "mean", "std"):
+      np.testing.assert_array_equal(record[name], theirs[key][name], err_msg=f"{key} {name}")
+  # A missing annotations file or image root on the bucket: one line naming it.
+  for annotations, root, named in (
+    (f"{remote}/none.jsonl", f"{remote}/imgs", f"{remote}/none.jsonl"),
+    (f"{remote}/anno.jsonl", f"{remote}/no-imgs", f"{remote}/no-imgs"),
+  ):
+    with pytest.raises(MissingPathError) as e:
+      journeydb_items(annotations, root)
+    assert named in str(e.value) and "\n" not in str(e.value)

@@ -27,15 +27,15 @@ record) stops the preparation, and nothing is written then. The result is OUT/mo
 without TensorFlow; train with `--config.data.dir=OUT/monoformer_NAME/1.0.0`.
 OUT may be a bucket (`gs://...`): the chunks go there as whole objects and the
 dataset is uploaded with its dataset_info.json last, which marks it complete
-(docs/data.md, "In a bucket").
+(docs/data.md, "In a bucket"); so may the inputs of text_to_image, llava, chat
+and text (--input_dir, --annotations).
 """
 
 from __future__ import annotations
 
-import os
-
 import jax
 from absl import app, flags, logging
+from etils import epath
 
 from monoformer_jax import cli
 from monoformer_jax.data import builders, datasets
@@ -82,7 +82,7 @@ def main(argv):
   if source.needs_input:
     if not _INPUT.value:
       raise app.UsageError(f"{source.name} needs --input_dir")
-    if not os.path.exists(_INPUT.value):
+    if not epath.Path(_INPUT.value).exists():  # a local path, or one on a bucket
       raise MissingPathError(f"--input_dir={_INPUT.value!r} does not exist")
   args = PrepareArgs(
     input_dir=_INPUT.value,
