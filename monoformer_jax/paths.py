@@ -18,6 +18,7 @@ Reading files that may be on a bucket (`gs://...`; any scheme epath knows):
                                         on a bucket, so a reader that wants one tensor of a
                                         large file fetches that tensor, not the file
     join(folder, relative)              folder/relative, '/'-joined and normalized on a bucket
+    read_all(path)                      the whole file's bytes: one request on a bucket
     FileLookup()                        `path in lookup`: whether a file is there, a bucket's
                                         folder listed once for all the paths asked in it
 
@@ -337,3 +338,17 @@ def _files_in(folder: str) -> list[str]:
   except FileNotFoundError:
     return []
   return [f"{scheme}://{e['name'].lstrip('/')}" for e in entries if e.get("type") == "file"]
+
+
+def read_all(path) -> bytes:
+  """The bytes of the file `path`: on a bucket one GET (epath's read_bytes asks
+  for the object's size first, and an existence check before it costs more:
+  eight requests an image where this is one). FileNotFoundError if it is not
+  there (a bucket's "folder" is no object: not there either)."""
+  if is_local(path):
+    with open(path, "rb") as f:
+      return f.read()
+  import fsspec
+
+  fs, inner = fsspec.core.url_to_fs(os.fspath(path))
+  return fs.cat_file(inner)

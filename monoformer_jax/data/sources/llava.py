@@ -84,7 +84,7 @@ from monoformer_jax.data.datasets import draws_pixels
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
 from monoformer_jax.layout import Example, read_image_spec, row_spec
-from monoformer_jax.paths import FileLookup, join, open_binary
+from monoformer_jax.paths import FileLookup, join, read_all
 from monoformer_jax.vision.images import UnreadableImage, load_image
 from monoformer_jax.vision.inputs import read_inputs
 
@@ -355,8 +355,7 @@ def prepared_records(annotations: LlavaAnnotations) -> Iterator[dict]:
     data = b""
     if record["image"] is not None:
       try:
-        with open_binary(record["image"]) as f:
-          data = f.read()
+        data = read_all(record["image"])  # one request on a bucket
       except OSError as e:
         annotations.report.kept -= 1
         annotations.report.skip(
