@@ -275,6 +275,9 @@ def test_llava_prepared_from_a_bucket_equals_the_local_preparation(tmp_path, gcs
         )
       )
   records.append(dict(id="gone", image="coco/gone.jpg", conversations=turns("<image>?", "No.")))
+  # An empty file is no image; stored, its b"" would read as a text-only record.
+  (local / "images" / "gqa" / "empty.jpg").write_bytes(b"")
+  records.append(dict(id="empty", image="gqa/empty.jpg", conversations=turns("<image>?", "?")))
   (local / "mix.json").write_text(json.dumps(records))
   (local / "mix.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   remote = _upload_tree(local, f"{gcs_path}/input")
@@ -284,7 +287,7 @@ def test_llava_prepared_from_a_bucket_equals_the_local_preparation(tmp_path, gcs
   assert not [path for _, path in requests.calls if ".jpg" in path], requests.calls
   assert [r["image"] for r in kept] == [None] + [
     f"{remote}/images/{folder}/{k}.jpg" for folder in ("coco", "gqa") for k in range(3)
-  ]
+  ] + [f"{remote}/images/gqa/empty.jpg"]  # there: dropped when its bytes are read
   monkeypatch.undo()
 
   llava_source, folders = source("llava"), []
@@ -295,9 +298,10 @@ def test_llava_prepared_from_a_bucket_equals_the_local_preparation(tmp_path, gcs
     folders.append(llava_source.write(out, prepared.splits))
     place = "record 7" if annotations == "mix.json" else "line 8"
     assert prepared.report() == [
-      "llava/train: 8 records: kept 7 (1 text-only), skipped 0 malformed and 1 whose image is "
+      "llava/train: 9 records: kept 7 (1 text-only), skipped 0 malformed and 2 whose image is "
       f"missing; e.g. {where}/{annotations} {place} (id 'gone'): image 'coco/gone.jpg' is not "
-      f"under {where}/images"
+      f"under {where}/images; record 000000008:empty: image "
+      f"'{where}/images/gqa/empty.jpg' is empty (0 bytes)"
     ]
   ours, *theirs = (_records(folder, "llava") for folder in folders)
   assert (

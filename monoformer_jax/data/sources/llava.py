@@ -349,17 +349,21 @@ def prepared_records(annotations: LlavaAnnotations) -> Iterator[dict]:
   copy is lossless (no second JPEG compression), several times smaller than a
   PNG of a photo, and as fast as the disk; PIL decodes whatever the format at
   training time, where an undecodable one is skipped and counted (the one
-  place images are checked). A file that cannot be read now is counted with
+  place images are checked). A file that cannot be read now, or holds no
+  bytes (which would be stored as a text-only record's b""), is counted with
   the missing images."""
   for record in annotations:
     data = b""
     if record["image"] is not None:
       try:
         data = read_all(record["image"])  # one request on a bucket
+        why = "" if data else "is empty (0 bytes)"
       except OSError as e:
+        why = f"cannot be read ({e})"
+      if why:
         annotations.report.kept -= 1
         annotations.report.skip(
-          "missing", f"record {record['key']}: image {record['image']!r} cannot be read ({e})"
+          "missing", f"record {record['key']}: image {record['image']!r} {why}"
         )
         continue
     yield {"key": record["key"], "conversation": json.dumps(record["turns"]), "image": data}
