@@ -19,6 +19,8 @@ Reading files that may be on a bucket (`gs://...`; any scheme epath knows):
                                         large file fetches that tensor, not the file
     join(folder, relative)              folder/relative, '/'-joined and normalized on a bucket
     read_all(path)                      the whole file's bytes: one request on a bucket
+    path_kind(path, what)               "file", "folder" or None (not there), local or bucket
+                                        (locally "other" too: a device, a pipe)
     FileLookup()                        `path in lookup`: whether a file is there, a bucket's
                                         folder listed once for all the paths asked in it
 
@@ -352,3 +354,26 @@ def read_all(path) -> bytes:
 
   fs, inner = fsspec.core.url_to_fs(os.fspath(path))
   return fs.cat_file(inner)
+
+
+def path_kind(path, what: str) -> str | None:
+  """The kind of the input `path`: "file", "folder", None (nothing there) or,
+  locally, "other" (a device, a pipe); `what` names it in errors. On a bucket a path the
+  storage client cannot ask about (no bucket name, no access) is a PathError
+  naming it, not the client's traceback."""
+  path = os.fspath(path)
+  if is_local(path):
+    if os.path.isfile(path) or os.path.isdir(path):
+      return "file" if os.path.isfile(path) else "folder"
+    return "other" if os.path.exists(path) else None
+  from etils import epath
+
+  where = epath.Path(path)
+  try:
+    return "file" if where.is_file() else "folder" if where.is_dir() else None
+  except Exception as e:  # the storage client's own errors, not only OSError
+    why = " ".join(str(e).split())[:200] or type(e).__name__
+    raise PathError(
+      f"{what}={path!r} cannot be looked up ({type(e).__name__}: {why}); check the bucket's "
+      "name and that this machine's credentials may read it"
+    ) from e

@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import jax
 from absl import app, flags, logging
-from etils import epath
 
 from monoformer_jax import cli
 from monoformer_jax.data import builders, datasets
 from monoformer_jax.data.sources import PrepareArgs
 from monoformer_jax.errors import MissingPathError
-from monoformer_jax.paths import writable_dir
+from monoformer_jax.paths import path_kind, writable_dir
 
 _INPUT = flags.DEFINE_string("input_dir", None, "What to prepare (see the module docstring).")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the prepared dataset goes.")
@@ -82,7 +81,7 @@ def main(argv):
   if source.needs_input:
     if not _INPUT.value:
       raise app.UsageError(f"{source.name} needs --input_dir")
-    if not epath.Path(_INPUT.value).exists():  # a local path, or one on a bucket
+    if path_kind(_INPUT.value, "--input_dir") is None:  # a local path, or one on a bucket
       raise MissingPathError(f"--input_dir={_INPUT.value!r} does not exist")
   args = PrepareArgs(
     input_dir=_INPUT.value,

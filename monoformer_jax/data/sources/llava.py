@@ -84,7 +84,7 @@ from monoformer_jax.data.datasets import draws_pixels
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
 from monoformer_jax.layout import Example, read_image_spec, row_spec
-from monoformer_jax.paths import FileLookup, join, read_all
+from monoformer_jax.paths import FileLookup, join, path_kind, read_all
 from monoformer_jax.vision.images import UnreadableImage, load_image
 from monoformer_jax.vision.inputs import read_inputs
 
@@ -325,14 +325,15 @@ def read_llava(path, image_root) -> LlavaAnnotations:
   or `image_root` raises now, a file that is not JSON when read. Either may be
   on a bucket (`gs://...`)."""
   path, image_root = os.fspath(path), os.fspath(image_root)
-  if not epath.Path(path).exists():
+  kind = path_kind(path, "--annotations")
+  if kind is None:
     raise MissingPathError(
       f"LLaVA annotations {path!r} do not exist; pass "
       "llava_v1_5_mix665k.json (a JSON list) or a JSONL of its records"
     )
-  if epath.Path(path).is_dir():
+  if kind == "folder":
     raise PathError(f"LLaVA annotations {path!r} is a folder; pass the annotation file")
-  if not epath.Path(image_root).is_dir():
+  if path_kind(image_root, "--input_dir") != "folder":
     raise MissingPathError(
       f"LLaVA image root {image_root!r} is not a folder; pass the folder "
       "the records' 'image' paths are relative to (the one holding "

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import os
 
-from etils import epath
-
 from monoformer_jax.data import pipeline, prompts
 from monoformer_jax.data.encode import ImageItem
 from monoformer_jax.data.jsonl import json_objects
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared, latents
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.layout import Example
-from monoformer_jax.paths import FileLookup, join
+from monoformer_jax.paths import FileLookup, join, path_kind
 
 
 class TextToImage(DataSource):
@@ -80,12 +78,12 @@ def journeydb_items(annotations_jsonl, image_root) -> tuple[list[ImageItem], lis
   (paths.FileLookup) rather than asked about image by image.
   """
   annotations_jsonl, image_root = os.fspath(annotations_jsonl), os.fspath(image_root)
-  if not epath.Path(annotations_jsonl).is_file():
+  if path_kind(annotations_jsonl, "--annotations") != "file":
     raise MissingPathError(
       f"annotations file {annotations_jsonl} is not there; give the "
       'JSONL with one {"img_path", "prompt"} object per line'
     )
-  if not epath.Path(image_root).is_dir():
+  if path_kind(image_root, "--input_dir") != "folder":
     raise MissingPathError(
       f"image root {image_root} is not a folder; give the folder the "
       f"img_path entries of {annotations_jsonl} are relative to"
