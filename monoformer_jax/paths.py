@@ -323,23 +323,29 @@ class FileLookup:
     path = os.fspath(path)
     if is_local(path):
       return os.path.isfile(path)
-    folder = path.rsplit("/", 1)[0]
+    folder, name = path.rsplit("/", 1)
     if folder not in self._listed:
       self._listed[folder] = frozenset(_files_in(folder))
-    return path in self._listed[folder]
+    return name in self._listed[folder]
 
 
 def _files_in(folder: str) -> list[str]:
-  """The files (not subfolders) directly in the bucket folder `folder`, as URLs."""
+  """The names of the files (not subfolders) directly in the bucket folder `folder`."""
   import fsspec
 
   fs, inner = fsspec.core.url_to_fs(folder)
-  scheme = folder.split("://", 1)[0]
   try:
     entries = fs.ls(inner, detail=True)
   except FileNotFoundError:
     return []
-  return [f"{scheme}://{e['name'].lstrip('/')}" for e in entries if e.get("type") == "file"]
+  finally:
+    fs.invalidate_cache(inner)  # gcsfs keeps every listing's details: GBs for millions
+  inside = inner.rstrip("/") + "/"
+  return [
+    e["name"][len(inside) :]
+    for e in entries
+    if e.get("type") == "file" and e["name"].startswith(inside)
+  ]
 
 
 def read_all(path) -> bytes:
