@@ -20,6 +20,12 @@ Reading files that may be on a bucket (`gs://...`; any scheme epath knows):
     files_under(folder)                 every file below a folder or a bucket's prefix
     move_folder(source, target)         a rename here; a copy then a delete on a bucket
     staged_folder(folder)               a local folder uploaded to a bucket's `folder` at the end
+    join(folder, relative)              folder/relative, '/'-joined and normalized on a bucket
+    read_all(path)                      the whole file's bytes: one request on a bucket
+    path_kind(path, what)               "file", "folder" or None (not there), local or bucket
+                                        (locally "other" too: a device, a pipe)
+    FileLookup()                        `path in lookup`: whether a file is there, a bucket's
+                                        folder listed once for all the paths asked in it
 
 Each failure is a `PathError` naming the flag, the path and the fix. A cloud
 folder (`gs://...`, through etils.epath) has nothing to make: `writable_dir`
@@ -32,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import posixpath
 import shutil
 import tempfile
 import uuid
@@ -323,3 +330,95 @@ def staged_folder(folder: str) -> Iterator[str]:
       target = epath.Path(folder) / name
       target.parent.mkdir(parents=True, exist_ok=True)
       target.write_bytes(file.read_bytes())
+
+
+# ----------------------------------------------------------- inputs named relative to a folder
+
+
+def join(folder, relative: str) -> str:
+  """`folder`/`relative`: os.path.join locally (as it always was); on a bucket
+  '/'-joined and normalized ("./a", "x/../a" -> "a"), since an object's name is
+  taken literally there ("root/./a" is no object "root/a")."""
+  folder = os.fspath(folder)
+  if is_local(folder):
+    return os.path.join(folder, relative)
+  scheme, rest = folder.split("://", 1)
+  bucket, _, inside = rest.partition("/")
+  inner = posixpath.normpath(posixpath.join("/", inside, relative)).lstrip("/")
+  return f"{scheme}://{bucket}/{inner}" if inner else f"{scheme}://{bucket}"
+
+
+class FileLookup:
+  """Whether files exist, asked of many paths (an annotation file's images):
+  `path in lookup`. Locally os.path.isfile, one cheap call each; on a bucket
+  each folder is listed once, when a path in it is first asked about (one
+  request per 1000 names), so a million images cost a thousand requests, not
+  a million."""
+
+  def __init__(self):
+    self._listed: dict[str, frozenset[str]] = {}
+
+  def __contains__(self, path) -> bool:
+    path = os.fspath(path)
+    if is_local(path):
+      return os.path.isfile(path)
+    folder, name = path.rsplit("/", 1)
+    if folder not in self._listed:
+      self._listed[folder] = frozenset(_files_in(folder))
+    return name in self._listed[folder]
+
+
+def _files_in(folder: str) -> list[str]:
+  """The names of the files (not subfolders) directly in the bucket folder `folder`."""
+  import fsspec
+
+  fs, inner = fsspec.core.url_to_fs(folder)
+  try:
+    entries = fs.ls(inner, detail=True)
+  except FileNotFoundError:
+    return []
+  finally:
+    fs.invalidate_cache(inner)  # gcsfs keeps every listing's details: GBs for millions
+  inside = inner.rstrip("/") + "/"
+  return [
+    e["name"][len(inside) :]
+    for e in entries
+    if e.get("type") == "file" and e["name"].startswith(inside)
+  ]
+
+
+def read_all(path) -> bytes:
+  """The bytes of the file `path`: on a bucket one GET (epath's read_bytes asks
+  for the object's size first, and an existence check before it costs more:
+  eight requests an image where this is one). FileNotFoundError if it is not
+  there (a bucket's "folder" is no object: not there either)."""
+  if is_local(path):
+    with open(path, "rb") as f:
+      return f.read()
+  import fsspec
+
+  fs, inner = fsspec.core.url_to_fs(os.fspath(path))
+  return fs.cat_file(inner)
+
+
+def path_kind(path, what: str) -> str | None:
+  """The kind of the input `path`: "file", "folder", None (nothing there) or,
+  locally, "other" (a device, a pipe); `what` names it in errors. On a bucket a path the
+  storage client cannot ask about (no bucket name, no access) is a PathError
+  naming it, not the client's traceback."""
+  path = os.fspath(path)
+  if is_local(path):
+    if os.path.isfile(path) or os.path.isdir(path):
+      return "file" if os.path.isfile(path) else "folder"
+    return "other" if os.path.exists(path) else None
+  from etils import epath
+
+  where = epath.Path(path)
+  try:
+    return "file" if where.is_file() else "folder" if where.is_dir() else None
+  except Exception as e:  # the storage client's own errors, not only OSError
+    why = " ".join(str(e).split())[:200] or type(e).__name__
+    raise PathError(
+      f"{what}={path!r} cannot be looked up ({type(e).__name__}: {why}); check the bucket's "
+      "name and that this machine's credentials may read it"
+    ) from e

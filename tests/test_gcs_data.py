@@ -3,7 +3,11 @@ ImageNet prepared from a local folder into gs:// equals a local preparation,
 a half-written dataset in the bucket is refused in one line, and training's
 first batch read from data.dir=gs://... equals the one read from local disk."""
 
+import json
+import os
 import pathlib
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -155,3 +159,234 @@ def test_a_dataset_is_uploaded_with_its_completion_marker_last(gcs_path, monkeyp
   assert sorted(uploaded) == sorted(p.name for p in epath.Path(folder).iterdir())
   got = {r["key"]: r["x"] for r in builders.data_source(folder, "train")}
   assert {k.decode(): v.tolist() for k, v in got.items()} == {str(i): [i] * 3 for i in range(4)}
+
+
+# ------------------------------------------------------------- inputs read from a bucket
+
+
+def _upload_tree(local: pathlib.Path, url: str) -> str:
+  """Every file under `local` copied to the same relative name under `url`."""
+  for path in sorted(local.rglob("*")):
+    if path.is_file():
+      epath.Path(url, path.relative_to(local).as_posix()).write_bytes(path.read_bytes())
+  return url
+
+
+class _Requests:
+  """Counts the HTTP requests gcsfs makes (every epath / fsspec call to the bucket)."""
+
+  def __init__(self, monkeypatch):
+    import gcsfs
+
+    self.calls, call = [], gcsfs.GCSFileSystem._call
+
+    async def counted(fs, method, path, *args, **kwargs):
+      self.calls.append((method, path.format(*args) if "{}" in path else path))
+      return await call(fs, method, path, *args, **kwargs)
+
+    monkeypatch.setattr(gcsfs.GCSFileSystem, "_call", counted)
+
+
+def _records(folder, kind) -> dict:
+  records = builders.data_source(folder, "train", kind=kind)
+  return {bytes(r["key"]): r for r in map(records.__getitem__, range(len(records)))}
+
+
+@pytest.mark.timeout(120)
+def test_text_to_image_prepared_from_a_bucket_equals_the_local_preparation(
+  tmp_path, gcs_path, monkeypatch
+):
+  from monoformer_jax.data.sources.text_to_image import journeydb_items
+
+  local = tmp_path / "input"
+  rng = np.random.default_rng(3)
+  lines = []
+  for folder in ("000", "001"):
+    (local / "imgs" / folder).mkdir(parents=True)
+    for k in range(5):
+      pixels = rng.integers(0, 256, (18 + 2 * k, 20, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(local / "imgs" / folder / f"{k}.jpg")
+      lines.append({"img_path": f"./{folder}/{k}.jpg", "prompt": f"p{folder}{k}", "caption": "c"})
+  lines.insert(3, {"img_path": "000/../001/gone.jpg", "prompt": "not there"})
+  (local / "anno.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  remote = _upload_tree(local, f"{gcs_path}/input")
+
+  requests = _Requests(monkeypatch)
+  items, missing = journeydb_items(f"{remote}/anno.jsonl", f"{remote}/imgs")
+  # No request per image (10 of them; epath.exists makes ~5 each): each image
+  # folder is listed once, beside a fixed few for the annotations file and root.
+  assert not [path for _, path in requests.calls if ".jpg" in path], requests.calls
+  assert len(requests.calls) < 20, requests.calls
+  assert missing == [f"{remote}/imgs/001/gone.jpg"]
+  assert [i.path for i in items][:2] == [f"{remote}/imgs/000/0.jpg", f"{remote}/imgs/000/1.jpg"]
+  want_items, want_missing = journeydb_items(local / "anno.jsonl", local / "imgs")
+  assert [i.key for i in items] == [i.key for i in want_items] and len(items) == 10
+  assert want_missing == [os.path.join(local / "imgs", "000/../001/gone.jpg")]
+
+  t2i = source("text_to_image")
+  folders, requests.calls[:] = [], []
+  for where in (str(local), remote):
+    args = PrepareArgs(
+      input_dir=f"{where}/imgs",
+      annotations=f"{where}/anno.jsonl",
+      vae=str(TINY_VAE),
+      image_size=16,
+      chunk_size=4,
+    )
+    out = str(tmp_path / f"out{len(folders)}")
+    prepared = t2i.prepare(args, out)
+    folders.append(t2i.write(out, prepared.splits, latent_shape=prepared.latent_shape))
+    assert "; missing 1: " in " ".join(prepared.report()), prepared.report()
+  # Each image is read from the bucket by one request, no checks around it.
+  assert len([path for _, path in requests.calls if ".jpg" in path]) == 10, requests.calls
+  ours, theirs = (_records(folder, "text_to_image") for folder in folders)
+  assert sorted(ours) == sorted(theirs) == sorted(i.key.encode() for i in want_items)
+  for key, record in ours.items():
+    for name in ("prompt", "caption", "mean", "std"):
+      np.testing.assert_array_equal(record[name], theirs[key][name], err_msg=f"{key} {name}")
+  # A missing annotations file or image root on the bucket: one line naming it.
+  for annotations, root, named in (
+    (f"{remote}/none.jsonl", f"{remote}/imgs", f"{remote}/none.jsonl"),
+    (f"{remote}/anno.jsonl", f"{remote}/no-imgs", f"{remote}/no-imgs"),
+  ):
+    with pytest.raises(MissingPathError) as e:
+      journeydb_items(annotations, root)
+    assert named in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.timeout(60)
+def test_llava_prepared_from_a_bucket_equals_the_local_preparation(tmp_path, gcs_path, monkeypatch):
+  from monoformer_jax.data.sources import llava
+
+  local = tmp_path / "input"
+  rng = np.random.default_rng(4)
+  turns = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+  records = [dict(id="text", conversations=turns("Name a prime?", "Seven."))]
+  for folder in ("coco", "gqa"):
+    (local / "images" / folder).mkdir(parents=True)
+    for k in range(3):
+      pixels = rng.integers(0, 256, (12, 10 + k, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(local / "images" / folder / f"{k}.jpg")
+      records.append(
+        dict(
+          id=f"{folder}{k}",
+          image=f"{folder}/{k}.jpg",
+          conversations=turns("<image>\nWhat is it?", f"Noise {folder} {k}."),
+        )
+      )
+  records.append(dict(id="gone", image="coco/gone.jpg", conversations=turns("<image>?", "No.")))
+  # An empty file is no image; stored, its b"" would read as a text-only record.
+  (local / "images" / "gqa" / "empty.jpg").write_bytes(b"")
+  records.append(dict(id="empty", image="gqa/empty.jpg", conversations=turns("<image>?", "?")))
+  (local / "mix.json").write_text(json.dumps(records))
+  (local / "mix.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  remote = _upload_tree(local, f"{gcs_path}/input")
+
+  requests = _Requests(monkeypatch)
+  kept = list(llava.read_llava(f"{remote}/mix.jsonl", f"{remote}/images"))
+  assert not [path for _, path in requests.calls if ".jpg" in path], requests.calls
+  assert [r["image"] for r in kept] == [None] + [
+    f"{remote}/images/{folder}/{k}.jpg" for folder in ("coco", "gqa") for k in range(3)
+  ] + [f"{remote}/images/gqa/empty.jpg"]  # there: dropped when its bytes are read
+  monkeypatch.undo()
+
+  llava_source, folders = source("llava"), []
+  for where, annotations in ((str(local), "mix.json"), (remote, "mix.json"), (remote, "mix.jsonl")):
+    args = PrepareArgs(input_dir=f"{where}/images", annotations=f"{where}/{annotations}")
+    prepared = llava_source.prepare(args, "unused")
+    out = str(tmp_path / f"out{len(folders)}")
+    folders.append(llava_source.write(out, prepared.splits))
+    place = "record 7" if annotations == "mix.json" else "line 8"
+    assert prepared.report() == [
+      "llava/train: 9 records: kept 7 (1 text-only), skipped 0 malformed and 2 whose image is "
+      f"missing; e.g. {where}/{annotations} {place} (id 'gone'): image 'coco/gone.jpg' is not "
+      f"under {where}/images; record 000000008:empty: image "
+      f"'{where}/images/gqa/empty.jpg' is empty (0 bytes)"
+    ]
+  ours, *theirs = (_records(folder, "llava") for folder in folders)
+  assert (
+    len(ours) == 7
+    and ours[b"000000001:coco0"]["image"] == (local / "images" / "coco" / "0.jpg").read_bytes()
+  )
+  for other in theirs:
+    assert sorted(other) == sorted(ours)
+    for key, record in ours.items():
+      for name in ("conversation", "image"):
+        assert bytes(record[name]) == bytes(other[key][name]), (key, name)
+  for annotations, root, named in (
+    (f"{remote}/none.json", f"{remote}/images", f"{remote}/none.json"),
+    (f"{remote}/mix.json", f"{remote}/no-images", f"{remote}/no-images"),
+  ):
+    with pytest.raises(MissingPathError) as e:
+      llava.read_llava(annotations, root)
+    assert named in str(e.value) and "\n" not in str(e.value)
+
+
+_PREPARE_TWICE = """
+import json, sys
+from absl import flags
+from monoformer_jax.data import prepare
+from monoformer_jax.errors import UserError
+for argv in json.loads(sys.argv[1]):
+  flags.FLAGS.unparse_flags()
+  try:
+    prepare.main(flags.FLAGS(["prepare", *argv]))
+    print("done")
+  except UserError as e:
+    print(f"error: {e}")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_prepare_takes_an_input_dir_in_a_bucket_and_names_a_missing_one(tmp_path, gcs_path):
+  texts = ["one document", "caf\u00e9 two", "three"]
+  (tmp_path / "texts").mkdir()
+  (tmp_path / "texts" / "a.jsonl").write_text(
+    "".join(json.dumps({"text": t}) + "\n" for t in texts)
+  )
+  remote = _upload_tree(tmp_path / "texts", f"{gcs_path}/texts")
+  out = tmp_path / "out"
+  runs = [
+    ["text", f"--input_dir={gcs_path}/none", f"--output_dir={out}"],
+    ["text", f"--input_dir={remote}", f"--output_dir={out}"],
+  ]
+  run = subprocess.run(
+    [sys.executable, "-c", _PREPARE_TWICE, json.dumps(runs)],
+    capture_output=True,
+    text=True,
+    timeout=55,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  said = [line for line in run.stdout.splitlines() if line in ("done",) or "error" in line]
+  assert said == [f"error: --input_dir='{gcs_path}/none' does not exist", "done"]
+  records = builders.data_source(builders.prepared_dir(str(out), "text"), "train", kind="text")
+  got = sorted(bytes(records[i]["text"]).decode() for i in range(len(records)))
+  assert got == sorted(texts)
+
+
+@pytest.mark.timeout(60)
+def test_the_digits_are_prepared_into_and_read_from_data_dir_in_a_bucket(
+  gcs_path, tmp_path, monkeypatch
+):
+  from monoformer_jax.digits import source as digits
+
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the local copy goes
+  monkeypatch.chdir(tmp_path)  # where a bucket path taken for a local one would make "gs:"
+  # Another host writes the copy while this one prepares it too (a bucket has
+  # no lock): this one's write is refused, and it reads the other's copy.
+  prepare = digits._prepare_digits
+  monkeypatch.setattr(digits, "_prepare_digits", lambda *a: (prepare(*a), prepare(*a)))
+  config = config_file("digits:tiny")
+  config.data.dir = gcs_path
+  assert digits.cache_dir(config) == gcs_path  # probed by writing: a bucket that takes objects
+  records = digits.digit_records(config)
+  folder = epath.Path(builders.prepared_dir(gcs_path, "digits"))
+  assert (folder / "dataset_info.json").exists() and not (tmp_path / "gs:").exists()
+  images, labels = digits.load_digit_images()
+  assert len(records) == len(labels) == 1797
+  got = sorted((int(r["label"]), np.asarray(r["image"]).tobytes()) for r in records)
+  assert got == sorted((int(y), x.tobytes()) for x, y in zip(images, labels))
+  stamp = (folder / "dataset_info.json").stat().mtime
+  assert len(digits.digit_records(config)) == 1797  # reused, not prepared again
+  assert (folder / "dataset_info.json").stat().mtime == stamp

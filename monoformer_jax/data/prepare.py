@@ -27,12 +27,11 @@ record) stops the preparation, and nothing is written then. The result is OUT/mo
 without TensorFlow; train with `--config.data.dir=OUT/monoformer_NAME/1.0.0`.
 OUT may be a bucket (`gs://...`): the chunks go there as whole objects and the
 dataset is uploaded with its dataset_info.json last, which marks it complete
-(docs/data.md, "In a bucket").
+(docs/data.md, "In a bucket"); so may the inputs of text_to_image, llava, chat
+and text (--input_dir, --annotations).
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 from absl import app, flags, logging
@@ -41,7 +40,7 @@ from monoformer_jax import cli
 from monoformer_jax.data import builders, datasets
 from monoformer_jax.data.sources import PrepareArgs
 from monoformer_jax.errors import MissingPathError
-from monoformer_jax.paths import writable_dir
+from monoformer_jax.paths import path_kind, writable_dir
 
 _INPUT = flags.DEFINE_string("input_dir", None, "What to prepare (see the module docstring).")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the prepared dataset goes.")
@@ -82,7 +81,7 @@ def main(argv):
   if source.needs_input:
     if not _INPUT.value:
       raise app.UsageError(f"{source.name} needs --input_dir")
-    if not os.path.exists(_INPUT.value):
+    if path_kind(_INPUT.value, "--input_dir") is None:  # a local path, or one on a bucket
       raise MissingPathError(f"--input_dir={_INPUT.value!r} does not exist")
   args = PrepareArgs(
     input_dir=_INPUT.value,

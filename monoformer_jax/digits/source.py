@@ -42,13 +42,14 @@ from collections.abc import Callable
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 from monoformer_jax.config.fields import real
 from monoformer_jax.data import builders, pipeline, prompts
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared
-from monoformer_jax.errors import ConfigError
+from monoformer_jax.errors import ConfigError, PathError
 from monoformer_jax.layout import Example
-from monoformer_jax.paths import writable_dir
+from monoformer_jax.paths import is_local, writable_dir
 from monoformer_jax.vision.pixels import from_unit_range
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -204,14 +205,29 @@ def digits_dir(cache_dir: str) -> str:
   copy; nothing is downloaded); later calls reuse it. Safe when several
   processes ask at once."""
   folder = builders.prepared_dir(cache_dir, "digits")
-  if os.path.exists(os.path.join(folder, "dataset_info.json")):
+  done = epath.Path(folder) / builders.INFO  # written last: the copy is whole
+  if done.exists():
+    return folder
+  if not is_local(cache_dir):
+    # A bucket has no lock: hosts that find no copy each write one, the same
+    # records, uploaded with the marker last; one that finds the marker
+    # written meanwhile (write refuses to overwrite it) reads that copy.
+    try:
+      _prepare_digits(cache_dir, folder)
+    except PathError:
+      if not done.exists():
+        raise
     return folder
   with _locked(os.path.join(cache_dir, ".digits.lock")):
-    if not os.path.exists(os.path.join(folder, "dataset_info.json")):
-      logging.info("preparing the digits into %s (once)", folder)
-      prepared = SOURCE.prepare(PrepareArgs(), cache_dir)
-      SOURCE.write(cache_dir, prepared.splits, description=prepared.description)
+    if not done.exists():
+      _prepare_digits(cache_dir, folder)
   return folder
+
+
+def _prepare_digits(cache_dir: str, folder: str):
+  logging.info("preparing the digits into %s (once)", folder)
+  prepared = SOURCE.prepare(PrepareArgs(), cache_dir)
+  SOURCE.write(cache_dir, prepared.splits, description=prepared.description)
 
 
 @contextlib.contextmanager
@@ -282,7 +298,7 @@ def cache_dir(config, directory: str | None = None) -> str:
     ((value, origin) for value, origin in given if value),
     (os.path.join(os.path.expanduser("~"), ".cache", "monoformer_jax"), "the data folder"),
   )
-  if os.path.exists(os.path.join(builders.prepared_dir(folder, "digits"), "dataset_info.json")):
+  if (epath.Path(builders.prepared_dir(folder, "digits")) / builders.INFO).exists():
     return folder
   return writable_dir(folder, "digits' prepared copy", origin)
 

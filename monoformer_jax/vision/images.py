@@ -50,7 +50,7 @@ from etils import epath
 from PIL import Image, ImageOps
 
 from monoformer_jax.errors import FileFormatError
-from monoformer_jax.paths import is_local
+from monoformer_jax.paths import is_local, read_all
 
 # The reader refuses an image past Pillow's pixel limit itself, in one line naming
 # the file; Pillow's warning for such an image (raised on open, before the reader
@@ -117,12 +117,12 @@ def checked_resize(image: Image.Image, size_wh: tuple[int, int], resample) -> Im
 
 def _read_remote(path: str, orient: bool) -> Image.Image:
   """An image file on a bucket (`gs://...`): checked and read as a local one is."""
-  where = epath.Path(path)
-  if where.is_dir():
-    raise UnreadableImage(path, "a folder, not a file", "pass an image file")
-  if not where.exists():
-    raise UnreadableImage(path, "no such file", "check the path")
-  data = where.read_bytes()
+  try:
+    data = read_all(path)  # one request; the checks below only for what is not there
+  except FileNotFoundError:
+    if epath.Path(path).is_dir():
+      raise UnreadableImage(path, "a folder, not a file", "pass an image file") from None
+    raise UnreadableImage(path, "no such file", "check the path") from None
   if not data:
     raise UnreadableImage(path, "an empty file (0 bytes)", "pass the image file itself")
   return _read(io.BytesIO(data), path, orient)

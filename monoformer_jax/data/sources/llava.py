@@ -77,12 +77,14 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 from monoformer_jax.data import chat, pipeline
 from monoformer_jax.data.datasets import draws_pixels
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
 from monoformer_jax.layout import Example, read_image_spec, row_spec
+from monoformer_jax.paths import FileLookup, join, path_kind, read_all
 from monoformer_jax.vision.images import UnreadableImage, load_image
 from monoformer_jax.vision.inputs import read_inputs
 
@@ -197,6 +199,7 @@ class LlavaAnnotations:
 
   def __iter__(self) -> Iterator[dict]:
     self.report = report = ReadReport()
+    there = FileLookup()  # a bucket's image folders listed once each, not asked per image
     for index, place, record in self._entries():
       report.records += 1
       where = place
@@ -208,8 +211,8 @@ class LlavaAnnotations:
         report.skip("malformed", f"{where}: {e}")
         continue
       if clean["image"] is not None:
-        path = os.path.join(self.image_root, clean["image"])
-        if not os.path.isfile(path):
+        path = join(self.image_root, clean["image"])
+        if path not in there:
           report.skip(
             "missing", f"{where}: image {clean['image']!r} is not under {self.image_root}"
           )
@@ -225,7 +228,7 @@ class LlavaAnnotations:
     """(index, where, parsed record or the ValueError of a line that is not one)."""
     if _is_json_list(self.path):
       try:
-        with open(self.path, "rb") as f:
+        with epath.Path(self.path).open("rb") as f:
           records = json.load(f)  # mix665k: 1 GB, read whole as the reference does
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FileFormatError(
@@ -241,7 +244,7 @@ class LlavaAnnotations:
       for index, record in enumerate(records):
         yield index, f"{self.path} record {index}", record
       return
-    with open(self.path, "rb") as f:
+    with epath.Path(self.path).open("rb") as f:
       index = 0
       for number, raw in enumerate(f, 1):
         if not raw.strip():
@@ -260,7 +263,7 @@ def _is_json_list(path: str) -> bool:
   suffix = os.path.splitext(path)[1].lower()
   if suffix in (".json", ".jsonl"):
     return suffix == ".json"
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for chunk in iter(lambda: f.read(4096), b""):
       stripped = chunk.lstrip()
       if stripped:
@@ -319,16 +322,18 @@ def read_llava(path, image_root) -> LlavaAnnotations:
   images under `image_root`, as `LlavaAnnotations` (iterate for the checked
   records; its `report` counts the rest). A malformed record or one whose
   image file is missing is skipped and counted, never fatal; a missing `path`
-  or `image_root` raises now, a file that is not JSON when read."""
+  or `image_root` raises now, a file that is not JSON when read. Either may be
+  on a bucket (`gs://...`)."""
   path, image_root = os.fspath(path), os.fspath(image_root)
-  if not os.path.exists(path):
+  kind = path_kind(path, "--annotations")
+  if kind is None:
     raise MissingPathError(
       f"LLaVA annotations {path!r} do not exist; pass "
       "llava_v1_5_mix665k.json (a JSON list) or a JSONL of its records"
     )
-  if os.path.isdir(path):
+  if kind == "folder":
     raise PathError(f"LLaVA annotations {path!r} is a folder; pass the annotation file")
-  if not os.path.isdir(image_root):
+  if path_kind(image_root, "--input_dir") != "folder":
     raise MissingPathError(
       f"LLaVA image root {image_root!r} is not a folder; pass the folder "
       "the records' 'image' paths are relative to (the one holding "
@@ -345,18 +350,21 @@ def prepared_records(annotations: LlavaAnnotations) -> Iterator[dict]:
   copy is lossless (no second JPEG compression), several times smaller than a
   PNG of a photo, and as fast as the disk; PIL decodes whatever the format at
   training time, where an undecodable one is skipped and counted (the one
-  place images are checked). A file that cannot be read now is counted with
+  place images are checked). A file that cannot be read now, or holds no
+  bytes (which would be stored as a text-only record's b""), is counted with
   the missing images."""
   for record in annotations:
     data = b""
     if record["image"] is not None:
       try:
-        with open(record["image"], "rb") as f:
-          data = f.read()
+        data = read_all(record["image"])  # one request on a bucket
+        why = "" if data else "is empty (0 bytes)"
       except OSError as e:
+        why = f"cannot be read ({e})"
+      if why:
         annotations.report.kept -= 1
         annotations.report.skip(
-          "missing", f"record {record['key']}: image {record['image']!r} cannot be read ({e})"
+          "missing", f"record {record['key']}: image {record['image']!r} {why}"
         )
         continue
     yield {"key": record["key"], "conversation": json.dumps(record["turns"]), "image": data}

@@ -20,6 +20,7 @@ from monoformer_jax.data.jsonl import json_objects
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared, latents
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.layout import Example
+from monoformer_jax.paths import FileLookup, join, path_kind
 
 
 class TextToImage(DataSource):
@@ -72,20 +73,22 @@ def journeydb_items(annotations_jsonl, image_root) -> tuple[list[ImageItem], lis
   Each line: `img_path` (relative to `image_root`), `prompt`, optional
   `caption` (else JourneyDB's `Task2.Caption`, else ""). Keys are the
   normalized img_path; fields `prompt` and `caption`. Lines whose image is not
-  there are left out and their paths returned for the caller to report.
+  there are left out and their paths returned for the caller to report. Both
+  may be on a bucket (`gs://...`), whose image folders are listed once each
+  (paths.FileLookup) rather than asked about image by image.
   """
   annotations_jsonl, image_root = os.fspath(annotations_jsonl), os.fspath(image_root)
-  if not os.path.isfile(annotations_jsonl):
+  if path_kind(annotations_jsonl, "--annotations") != "file":
     raise MissingPathError(
       f"annotations file {annotations_jsonl} is not there; give the "
       'JSONL with one {"img_path", "prompt"} object per line'
     )
-  if not os.path.isdir(image_root):
+  if path_kind(image_root, "--input_dir") != "folder":
     raise MissingPathError(
       f"image root {image_root} is not a folder; give the folder the "
       f"img_path entries of {annotations_jsonl} are relative to"
     )
-  items, missing, line_of = [], [], {}
+  items, missing, line_of, there = [], [], {}, FileLookup()
   for lineno, entry in json_objects(annotations_jsonl):
     where = f"{annotations_jsonl}, line {lineno}"
     for name in ("img_path", "prompt"):
@@ -104,8 +107,8 @@ def journeydb_items(annotations_jsonl, image_root) -> tuple[list[ImageItem], lis
         f"{line_of[key]}; keys must be unique, delete one of them"
       )
     line_of[key] = lineno
-    path = os.path.join(image_root, entry["img_path"])
-    if not os.path.isfile(path):
+    path = join(image_root, entry["img_path"])
+    if path not in there:
       missing.append(path)
       continue
     items.append(
