@@ -664,6 +664,44 @@ def test_two_hosts_read_only_their_chunks_byte_ranges_and_write_only_their_chunk
   assert chunk_report(tmp_path / "pod").skipped[0][0] == cut.source  # archive:member
 
 
+def test_two_hosts_share_the_reading_of_the_class_tars(manual, tar_items, tmp_path, monkeypatch):
+  """On a pod each host reads the headers of its share of the class tars
+  (i % 2 == h), writes what it found beside the chunks and reads the others'
+  after a barrier: both get the one-host items. The hosts run one after the
+  other: host 0's barrier runs host 1 whole."""
+  from jax.experimental import multihost_utils
+
+  train_tar = manual / imagenet_source.TRAIN_ARCHIVE
+  with tarfile.open(train_tar) as tar:
+    classes = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+  host, reads, results = [0], {0: set(), 1: set()}, {}
+  read_range = imagenet_source.read_range
+
+  def spy(path, start, size):  # the class tars each host reads (from their first byte)
+    reads[host[0]] |= {name for name, first, _ in classes if start == first}
+    return read_range(path, start, size)
+
+  def barrier(name):
+    assert name == f"imagenet tar index in {tmp_path / 'share'}"
+    if host[0] == 0:
+      host[0] = 1
+      results[1] = imagenet_source.imagenet_tar_items(manual, "train", str(tmp_path / "share"))
+      host[0] = 0
+
+  monkeypatch.setattr(imagenet_source, "read_range", spy)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: host[0])
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", barrier)
+  results[0] = imagenet_source.imagenet_tar_items(manual, "train", str(tmp_path / "share"))
+  assert results[0] == results[1] == tar_items
+  names = [name for name, _, _ in classes]
+  assert reads == {0: set(names[0::2]), 1: set(names[1::2])}
+  assert sorted(os.listdir(tmp_path / "share")) == [
+    "tar_index.00000-of-00002.json",
+    "tar_index.00001-of-00002.json",
+  ]
+
+
 @pytest.mark.timeout(120)
 def test_imagenet_prepared_from_tars_in_a_bucket_equals_the_local_tars(
   manual, tar_items, encoded, gcs_path, caplog
@@ -709,4 +747,7 @@ def test_imagenet_prepared_from_tars_in_a_bucket_equals_the_local_tars(
     f"{tar}:{BROKEN_CLASS}.tar",
     f"{tar}:{CUT_CLASS}.tar/{CUT_CLASS}_1.JPEG",
   ]
-  assert not list((epath.Path(gcs_path)).glob("*/_extracted"))
+  assert [p.name for p in epath.Path(out).iterdir()] == ["_encoded"]  # nothing extracted
+  assert sorted(
+    p.name for p in (epath.Path(out) / "_encoded" / "imagenet" / "train").iterdir()
+  ) == ["chunk_000000.npz", "encode_manifest.json", "skipped.tsv"]

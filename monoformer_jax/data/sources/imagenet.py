@@ -20,10 +20,12 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import io
+import json
 import os
 import tarfile
 from collections.abc import Sequence
 
+import jax
 from absl import logging
 from etils import epath
 
@@ -32,7 +34,7 @@ from monoformer_jax.data.encode import ImageItem
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared, latents
 from monoformer_jax.errors import FileFormatError, MissingPathError, PathError
 from monoformer_jax.layout import Example
-from monoformer_jax.paths import file_size, is_local, read_range
+from monoformer_jax.paths import file_size, is_local, read_range, whole_file
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # matched case-insensitively
 CLASSES_FILE = os.path.join(
@@ -83,7 +85,8 @@ class ImageNet(DataSource):
       return latents.encode_splits(self.name, items, vae, args, output_dir)
     items, broken = {}, {}
     for split in present:
-      items[split], broken[split] = imagenet_tar_items(source, split)
+      share = os.path.join(output_dir, "_encoded", self.name, split)  # beside its chunks
+      items[split], broken[split] = imagenet_tar_items(source, split, share)
       logging.info("imagenet/%s: %d images in %s", split, len(items[split]), source)
     return latents.encode_splits(self.name, items, vae, args, output_dir, unreadable=broken)
 
@@ -326,11 +329,12 @@ def _outer_members(tar_path: str, block: int) -> tuple[list[tarfile.TarInfo], li
   return members, [(name.replace(f"{tar_path}/", f"{tar_path}:"), why) for name, why in cut]
 
 
-def _train_members(tar_path: str) -> tuple[list[tuple[str, str, tarfile.TarInfo]], list]:
-  """([(wnid, name, member)] of the images in ILSVRC2012_img_train.tar's class
-  tars; [(name, reason)] of class tars, or their images, that cannot be read).
-  The class tars are read in parallel threads (on a bucket a header is a
-  ranged read, and the headers are spread through the whole file)."""
+def _train_members(tar_path: str, share_dir: str | None = None) -> tuple[list, list]:
+  """([(wnid, name, offset, size)] of the images in ILSVRC2012_img_train.tar's
+  class tars; [(name, reason)] of class tars, or their images, that cannot be
+  read). The class tars are read in parallel threads; on several hosts with a
+  `share_dir` they all can read and write (a bucket), host h reads the class
+  tars i % process_count == h and the hosts exchange what they found there."""
   members, broken = _outer_members(tar_path, _SMALL_BLOCK)
   block = _SMALL_BLOCK if is_local(tar_path) else _LARGE_BLOCK
   classes = [m for m in members if m.name.endswith(".tar")]
@@ -351,16 +355,41 @@ def _train_members(tar_path: str) -> tuple[list[tuple[str, str, tarfile.TarInfo]
     except tarfile.TarError as e:
       return [], [(where, f"not a tar file ({e}); none of its images are encoded")]
     cut = [(n, why) for n, why in cut if n == where or _is_image_name(os.path.basename(n))]
-    return [(wnid, f"{member.name}/{m.name}", m) for m in inner], cut
+    return [(wnid, f"{member.name}/{m.name}", m.offset_data, m.size) for m in inner], cut
 
+  count, index = jax.process_count(), jax.process_index()
+  shared = share_dir is not None and count > 1
   with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-    scanned = list(pool.map(scan, classes))
-  broken += [b for _, cut in scanned for b in cut]
-  return [f for found, _ in scanned for f in found], broken
+    scanned = list(pool.map(scan, classes[index::count] if shared else classes))
+  found = [f for part, _ in scanned for f in part]
+  cut = [b for _, part in scanned for b in part]
+  if shared:
+    found, cut = _exchange(share_dir, (found, cut), index, count)
+  return found, broken + sorted(cut)
 
 
-def _val_members(tar_path: str) -> tuple[list[tuple[str, str, tarfile.TarInfo]], list]:
-  """([(wnid, name, member)] of ILSVRC2012_img_val.tar: flat images, labelled in
+def _exchange(share_dir: str, mine: tuple[list, list], index: int, count: int):
+  """Every host's (found, cut) of the class tars, concatenated: each writes
+  its own as one object of `share_dir`, waits for the others, reads them all."""
+  from jax.experimental import multihost_utils
+
+  def name(h: int) -> str:
+    return f"{share_dir.rstrip('/')}/tar_index.{h:05d}-of-{count:05d}.json"
+
+  epath.Path(share_dir).mkdir(parents=True, exist_ok=True)
+  with whole_file(name(index)) as f:
+    f.write(json.dumps(dict(found=mine[0], cut=mine[1])).encode())
+  multihost_utils.sync_global_devices(f"imagenet tar index in {share_dir}")
+  found, cut = [], []
+  for h in range(count):
+    part = json.loads(epath.Path(name(h)).read_text())
+    found += [tuple(f) for f in part["found"]]
+    cut += [tuple(b) for b in part["cut"]]
+  return found, cut
+
+
+def _val_members(tar_path: str) -> tuple[list, list]:
+  """([(wnid, name, offset, size)] of ILSVRC2012_img_val.tar: flat images, labelled in
   sorted name order by the list TFDS ships; [(name, reason)] of what is cut short)."""
   labels = _validation_wnids()
   members, broken = _outer_members(tar_path, _SMALL_BLOCK if is_local(tar_path) else _LARGE_BLOCK)
@@ -370,26 +399,33 @@ def _val_members(tar_path: str) -> tuple[list[tuple[str, str, tarfile.TarInfo]],
       f"{tar_path} holds {len(members)} files but the validation labels list "
       f"{len(labels)}; is it ILSVRC2012_img_val.tar?"
     )
-  return [(wnid, m.name, m) for wnid, m in zip(labels, members)], broken
+  return [(wnid, m.name, m.offset_data, m.size) for wnid, m in zip(labels, members)], broken
 
 
-def imagenet_tar_items(input_dir, split: str) -> tuple[list[ImageItem], list[tuple[str, str]]]:
+def imagenet_tar_items(
+  input_dir, split: str, share_dir: str | None = None
+) -> tuple[list[ImageItem], list[tuple[str, str]]]:
   """(the images of the split's ILSVRC2012 tar in `input_dir` (local or
-  `gs://...`) as items read in place by byte range, [(name, reason)] of class
-  tars, or images, that cannot be read, as they give no item). The items equal `imagenet_items` of the extracted
-  layout: keys `<wnid>/<file name>`, the same fields, the same order."""
+  `gs://...`) as items read in place by byte range; [(name, reason)] of class
+  tars, or images, that cannot be read, so give no item). The items equal
+  `imagenet_items` of the extracted layout: keys `<wnid>/<file name>`, the
+  same fields, the same order. `share_dir`: a folder every host reads and
+  writes, through which a pod's hosts share the reading of the class tars."""
   tar_path = str(epath.Path(input_dir) / ARCHIVES[split])
-  found, broken = (_train_members if split == "train" else _val_members)(tar_path)
+  if split == "train":
+    found, broken = _train_members(tar_path, share_dir)
+  else:
+    found, broken = _val_members(tar_path)
   label_of = _label_of()
   items = [
     ImageItem(
-      key=f"{wnid}/{os.path.basename(m.name)}",
+      key=f"{wnid}/{os.path.basename(name)}",
       path=tar_path,
       fields={"label": label_of[wnid], "wnid": wnid},
       member=name,
-      span=(m.offset_data, m.size),
+      span=(offset, size),
     )
-    for wnid, name, m in found
-    if _is_image_name(os.path.basename(m.name))
+    for wnid, name, offset, size in found
+    if _is_image_name(os.path.basename(name))
   ]
   return sorted(items, key=lambda item: item.key), broken
