@@ -545,8 +545,9 @@ def jpeg(seed, size=(20, 30)):
   return buf.getvalue()
 
 
-# Two class tars that give no items: one is not a tar, one is cut inside its image.
-BROKEN_CLASS, CUT_CLASS = "n01443537", "n01484850"
+# Class tars that give no items: one is not a tar, one is cut inside its image,
+# one holds no image.
+BROKEN_CLASS, CUT_CLASS, EMPTY_CLASS = "n01443537", "n01484850", "n01491361"
 
 
 @pytest.fixture(scope="module")
@@ -563,6 +564,7 @@ def manual(imagenet, tmp_path_factory):
   classes[f"{BROKEN_CLASS}.tar"] = b"not a tar at all" * 64
   cut = tar_bytes({f"{CUT_CLASS}_1.JPEG": jpeg(7, (64, 64))})
   classes[f"{CUT_CLASS}.tar"] = cut[: 512 + 300]  # its header and 300 bytes of the image
+  classes[f"{EMPTY_CLASS}.tar"] = tar_bytes({"README.txt": b"no images here"})
   root = tmp_path_factory.mktemp("manual")
   (root / imagenet_source.TRAIN_ARCHIVE).write_bytes(tar_bytes(classes))
   (root / imagenet_source.VAL_ARCHIVE).write_bytes(
@@ -604,6 +606,7 @@ def test_imagenet_tars_read_in_place_give_the_items_of_the_folder_layout(
   assert [(name, reason.split(" (")[0]) for name, reason in broken] == [
     (f"{train_tar}:{BROKEN_CLASS}.tar", "not a tar file"),
     (f"{train_tar}:{CUT_CLASS}.tar/{CUT_CLASS}_1.JPEG", "the archive ends inside it"),
+    (f"{train_tar}:{EMPTY_CLASS}.tar", "holds no images"),
   ]
   assert sorted(os.listdir(manual)) == [imagenet_source.TRAIN_ARCHIVE, imagenet_source.VAL_ARCHIVE]
   val, none = imagenet_source.imagenet_tar_items(manual, "val")
@@ -733,7 +736,7 @@ def test_imagenet_prepared_from_tars_in_a_bucket_equals_the_local_tars(
   out = f"{gcs_path}/out"
   prepared = imagenet_source.SOURCE.prepare(args, out)
   [line] = prepared.report()
-  assert line.startswith("imagenet/train: encoded 11 images in 1 chunks (0 reused); skipped 3: ")
+  assert line.startswith("imagenet/train: encoded 11 images in 1 chunks (0 reused); skipped 4: ")
   records, folder = list(prepared.splits["train"]()), list(read_chunks(encoded[0]))
   assert [r["key"] for r in records] == [e["key"] for e in folder]
   for name in ("mean", "std", "mean_flip", "std_flip"):
@@ -746,6 +749,7 @@ def test_imagenet_prepared_from_tars_in_a_bucket_equals_the_local_tars(
     f"{tar}:n15075141.tar/n15075141_cut.JPEG",
     f"{tar}:{BROKEN_CLASS}.tar",
     f"{tar}:{CUT_CLASS}.tar/{CUT_CLASS}_1.JPEG",
+    f"{tar}:{EMPTY_CLASS}.tar",
   ]
   assert [p.name for p in epath.Path(out).iterdir()] == ["_encoded"]  # nothing extracted
   assert sorted(

@@ -355,6 +355,8 @@ def _train_members(tar_path: str, share_dir: str | None = None) -> tuple[list, l
     except tarfile.TarError as e:
       return [], [(where, f"not a tar file ({e}); none of its images are encoded")]
     cut = [(n, why) for n, why in cut if n == where or _is_image_name(os.path.basename(n))]
+    if not cut and not any(_is_image_name(os.path.basename(m.name)) for m in inner):
+      cut = [(where, f"holds no images ({'/'.join(IMAGE_EXTENSIONS)}, any case)")]
     return [(wnid, f"{member.name}/{m.name}", m.offset_data, m.size) for m in inner], cut
 
   count, index = jax.process_count(), jax.process_index()
