@@ -665,6 +665,10 @@ def test_two_hosts_read_only_their_chunks_byte_ranges_and_write_only_their_chunk
     )
   [cut] = [i for i in got if i.key.endswith("_cut.JPEG")]
   assert chunk_report(tmp_path / "pod").skipped[0][0] == cut.source  # archive:member
+  reads.clear()  # a rerun reads again only the skipped image's range, to see it is still cut
+  report = encode_items(got, vae, tmp_path / "one", **kwargs)
+  assert (report.chunks_reused, report.chunks_written) == (3, 0)
+  assert [r[1:] for r in reads] == [cut.span]
 
 
 def test_two_hosts_share_the_reading_of_the_class_tars(manual, tar_items, tmp_path, monkeypatch):
