@@ -246,8 +246,9 @@ def _validation_wnids() -> list[str]:
 # Bytes a header read fetches: where headers are dense (a class tar's, the
 # validation tar's: one per ~110 kB image) a bucket is read in large sequential
 # blocks, as a ranged request costs far more in latency than its bytes; the
-# training tar's 1000 headers lie ~140 MB apart, and a local disk seeks cheaply.
-_SMALL_BLOCK, _LARGE_BLOCK = 64 << 10, 16 << 20
+# training tar's 1000 headers lie ~140 MB apart, and a local disk seeks cheaply:
+# there a read takes the header alone.
+_SMALL_BLOCK, _LARGE_BLOCK = 4 << 10, 16 << 20  # 4 kB: a header and the byte before it
 
 
 class _Window(io.RawIOBase):
