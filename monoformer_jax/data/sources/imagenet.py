@@ -6,9 +6,10 @@
 --input_dir is the extracted layout, train/<wnid>/*.JPEG and val/<wnid>/...,
 or TFDS's imagenet2012 manual folder with ILSVRC2012_img_train.tar / _val.tar
 (local or `gs://...`), read in place: nothing is extracted. A pass over the
-tars' headers (the training tar's 1000 class tars, each read in place too)
-finds each image's byte range, and each host reads only the ranges of the
-images of its own chunks (data/encode.py). A record is a latent
+tars' headers (the training tar's 1000 class tars, each read in place too;
+on a pod each host reads its share of them and the hosts exchange what they
+found, beside the chunks) finds each image's byte range, and each host reads
+only the ranges of the images of its own chunks (data/encode.py). A record is a latent
 record (sources/latents.py) with `label` int64 (the wnid's index among the
 1000 sorted ILSVRC2012 wnids) and `wnid`; its examples prompt the reference's
 templates with the class name (data/prompts.py), dropped with probability
@@ -415,10 +416,13 @@ def imagenet_tar_items(
   same fields, the same order. `share_dir`: a folder every host reads and
   writes, through which a pod's hosts share the reading of the class tars."""
   tar_path = str(epath.Path(input_dir) / ARCHIVES[split])
-  if split == "train":
-    found, broken = _train_members(tar_path, share_dir)
-  else:
-    found, broken = _val_members(tar_path)
+  try:
+    if split == "train":
+      found, broken = _train_members(tar_path, share_dir)
+    else:
+      found, broken = _val_members(tar_path)
+  except OSError as e:  # gone, unreadable, or the bucket refused
+    raise PathError(f"cannot read {tar_path} ({e}); check that it is there and readable") from e
   label_of = _label_of()
   items = [
     ImageItem(
