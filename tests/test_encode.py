@@ -2,10 +2,12 @@
 item lists (the imagenet and text_to_image sources') and the resumable, sharded
 VAE encoding into chunk files."""
 
+import io
 import json
 import logging
 import os
 import pathlib
+import tarfile
 import threading
 
 import jax
@@ -523,67 +525,237 @@ def test_summary_names_at_most_twenty():
   assert "f19.JPEG (broken), and 5 more" in text and "f20.JPEG" not in text
 
 
-def test_tfds_manual_tars_are_extracted_into_the_folder_layout_and_resume(tmp_path):
-  """TFDS's imagenet2012 manual_dir: a training tar of per-class tars and a
-  flat validation tar, sorted into classes by the labels TFDS ships (the
-  first three validation images are n01751748, n09193705, n02105855)."""
-  import io
-  import tarfile
+# --- ImageNet's tars, read in place ----------------------------------------------------
 
-  def jpeg(seed):
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 30, 3), np.uint8)).save(
-      buf, format="JPEG"
+
+def tar_bytes(files: dict) -> bytes:
+  """A tar of {name: bytes}, in the dict's order."""
+  buf = io.BytesIO()
+  with tarfile.open(fileobj=buf, mode="w") as tar:
+    for name, data in files.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return buf.getvalue()
+
+
+def jpeg(seed, size=(20, 30)):
+  buf = io.BytesIO()
+  Image.fromarray(noise(*size, seed=seed)).save(buf, format="JPEG")
+  return buf.getvalue()
+
+
+# Class tars that give no items: one is not a tar, one is cut inside its image,
+# one holds no image.
+BROKEN_CLASS, CUT_CLASS, EMPTY_CLASS = "n01443537", "n01484850", "n01491361"
+
+
+@pytest.fixture(scope="module")
+def manual(imagenet, tmp_path_factory):
+  """TFDS's imagenet2012 manual_dir made of the `imagenet` folder layout: the
+  training tar of class tars (members in reverse name order) plus a class tar
+  that is no tar and one cut short inside its image; the flat validation tar."""
+  classes = {
+    f"{wnid}.tar": tar_bytes(
+      {p.name: p.read_bytes() for p in sorted((imagenet / "train" / wnid).iterdir())[::-1]}
     )
-    return buf.getvalue()
-
-  def tar_bytes(files):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-      for name, data in files.items():
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-  manual = tmp_path / "manual"
-  manual.mkdir()
-  (manual / imagenet_source.TRAIN_ARCHIVE).write_bytes(
-    tar_bytes(
-      {
-        "n01440764.tar": tar_bytes({"n01440764_1.JPEG": jpeg(1), "n01440764_2.JPEG": jpeg(2)}),
-        "n01443537.tar": tar_bytes({"n01443537_1.JPEG": jpeg(3)}),
-      }
-    )
-  )
-  (manual / imagenet_source.VAL_ARCHIVE).write_bytes(
+    for wnid in WNIDS
+  }
+  classes[f"{BROKEN_CLASS}.tar"] = b"not a tar at all" * 64
+  cut = tar_bytes({f"{CUT_CLASS}_1.JPEG": jpeg(7, (64, 64))})
+  classes[f"{CUT_CLASS}.tar"] = cut[: 512 + 300]  # its header and 300 bytes of the image
+  classes[f"{EMPTY_CLASS}.tar"] = tar_bytes({"README.txt": b"no images here"})
+  root = tmp_path_factory.mktemp("manual")
+  (root / imagenet_source.TRAIN_ARCHIVE).write_bytes(tar_bytes(classes))
+  (root / imagenet_source.VAL_ARCHIVE).write_bytes(
     tar_bytes({f"ILSVRC2012_val_0000000{i}.JPEG": jpeg(10 + i) for i in (3, 1, 2)})
   )
-  assert imagenet_source.has_imagenet_archives(manual)
-  out = imagenet_source.extract_imagenet_archives(manual, tmp_path / "layout")
-  train = imagenet_source.imagenet_items(out, "train")
-  assert [i.key for i in train] == [
-    "n01440764/n01440764_1.JPEG",
-    "n01440764/n01440764_2.JPEG",
-    "n01443537/n01443537_1.JPEG",
+  return root
+
+
+@pytest.fixture(scope="module")
+def tar_items(manual):
+  return imagenet_source.imagenet_tar_items(manual, "train")
+
+
+def test_imagenet_tars_read_in_place_give_the_items_of_the_folder_layout(
+  tar_items, items, manual, imagenet
+):
+  """Nothing is extracted: each image is a byte range of the training tar, and
+  the items (keys, fields, order, decoded pixels) equal those of the folder
+  layout; a class tar that is no tar, or that is cut inside an image, is named
+  with its reason. The validation tar's flat images take TFDS's labels (the
+  first three validation images are n01751748, n09193705, n02105855)."""
+  got, broken = tar_items
+  train_tar = str(manual / imagenet_source.TRAIN_ARCHIVE)
+  assert [(i.key, i.fields) for i in got] == [(i.key, i.fields) for i in items]
+  assert {i.path for i in got} == {train_tar} and all(i.span for i in got)
+  assert got[0].source == f"{train_tar}:n01440764.tar/n01440764_1.JPEG"
+  for tar_item, file_item in zip(got, items):
+    offset, size = tar_item.span
+    with open(train_tar, "rb") as f:
+      f.seek(offset)
+      assert f.read(size) == pathlib.Path(file_item.path).read_bytes()  # the file's own bytes
+    if file_item in truncated(items):
+      with pytest.raises(UnreadableImage, match="truncated"):
+        encode.read_item(tar_item)
+    else:
+      np.testing.assert_array_equal(
+        np.asarray(encode.read_item(tar_item)), np.asarray(load_image(file_item.path, orient=False))
+      )
+  assert [(name, reason.split(" (")[0]) for name, reason in broken] == [
+    (f"{train_tar}:{BROKEN_CLASS}.tar", "not a tar file"),
+    (f"{train_tar}:{CUT_CLASS}.tar/{CUT_CLASS}_1.JPEG", "the archive ends inside it"),
+    (f"{train_tar}:{EMPTY_CLASS}.tar", "holds no images"),
   ]
-  val = {i.key for i in imagenet_source.imagenet_items(out, "val")}
-  assert val == {
-    "n01751748/ILSVRC2012_val_00000001.JPEG",
-    "n09193705/ILSVRC2012_val_00000002.JPEG",
-    "n02105855/ILSVRC2012_val_00000003.JPEG",
-  }
-  assert np.array_equal(
-    np.asarray(load_image(train[0].path, orient=False)),
-    np.asarray(Image.open(io.BytesIO(jpeg(1))).convert("RGB")),
+  assert sorted(os.listdir(manual)) == [imagenet_source.TRAIN_ARCHIVE, imagenet_source.VAL_ARCHIVE]
+  val, none = imagenet_source.imagenet_tar_items(manual, "val")
+  assert none == [] and [(i.key, i.fields["label"]) for i in val] == [
+    ("n01751748/ILSVRC2012_val_00000001.JPEG", imagenet_source._label_of()["n01751748"]),
+    ("n02105855/ILSVRC2012_val_00000003.JPEG", imagenet_source._label_of()["n02105855"]),
+    ("n09193705/ILSVRC2012_val_00000002.JPEG", imagenet_source._label_of()["n09193705"]),
+  ]
+  np.testing.assert_array_equal(
+    np.asarray(encode.read_item(val[0])), np.asarray(Image.open(io.BytesIO(jpeg(11))))
   )
-  # A rerun finds every class marked done and rewrites nothing.
-  stamp = os.path.getmtime(train[0].path)
-  os.utime(train[0].path, (stamp - 100, stamp - 100))
-  imagenet_source.extract_imagenet_archives(manual, tmp_path / "layout")
-  assert os.path.getmtime(train[0].path) == stamp - 100  # not written again
-  # An interrupted class (no done mark) is extracted again.
-  os.remove(os.path.join(out, "train", "n01443537", ".extracted"))
-  os.remove(os.path.join(out, "train", "n01443537", "n01443537_1.JPEG"))
-  imagenet_source.extract_imagenet_archives(manual, tmp_path / "layout")
-  assert os.path.exists(os.path.join(out, "train", "n01443537", "n01443537_1.JPEG"))
+
+
+def test_two_hosts_read_only_their_chunks_byte_ranges_and_write_only_their_chunks(
+  tar_items, vae, encoded, tmp_path, monkeypatch
+):
+  """A pod's `prepare` from the tars: host h encodes the chunks k % 2 == h,
+  reading exactly their images' byte ranges; together the chunks equal a
+  one-host encoding of the same items, and of the folder layout."""
+  got, _ = tar_items
+  reads, read_range, host = [], encode.read_range, [0]
+
+  def spy(path, start, size):
+    reads.append((host[0], start, size))
+    return read_range(path, start, size)
+
+  monkeypatch.setattr(encode, "read_range", spy)
+  kwargs = dict(image_size=IMAGE_SIZE, flip=True, batch_size=8, chunk_size=4, progress=False)
+  chunks = [got[k * 4 : (k + 1) * 4] for k in range(3)]
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for h, mine in ((0, (0, 2)), (1, (1,))):
+    host[0] = h
+    monkeypatch.setattr(jax, "process_index", lambda h=h: h)
+    report = encode_items(got, vae, tmp_path / "pod", **kwargs)
+    assert report.chunks_written == len(mine)
+    assert set(os.listdir(tmp_path / "pod")) == {"encode_manifest.json"} | {
+      f"chunk_{k:06d}.npz" for k in (0, 2, 1)[: 2 + h]
+    }
+    assert sorted(r[1:] for r in reads if r[0] == h) == sorted(
+      item.span for k in mine for item in chunks[k]
+    )
+  monkeypatch.setattr(jax, "process_count", lambda: 1)
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  encode_items(got, vae, tmp_path / "one", **kwargs)
+  for k in range(3):
+    with np.load(tmp_path / "pod" / f"chunk_{k:06d}.npz") as pod:
+      with np.load(tmp_path / "one" / f"chunk_{k:06d}.npz") as one:
+        assert sorted(pod.files) == sorted(one.files)
+        for name in one.files:
+          np.testing.assert_array_equal(pod[name], one[name])
+  pod, folder = list(read_chunks(tmp_path / "pod")), list(read_chunks(encoded[0]))
+  assert [e["key"] for e in pod] == [e["key"] for e in folder]
+  for name in ("mean", "std", "mean_flip"):
+    np.testing.assert_allclose(
+      np.stack([e[name] for e in pod]), np.stack([e[name] for e in folder]), rtol=1e-5, atol=1e-6
+    )
+  [cut] = [i for i in got if i.key.endswith("_cut.JPEG")]
+  assert chunk_report(tmp_path / "pod").skipped[0][0] == cut.source  # archive:member
+  reads.clear()  # a rerun reads again only the skipped image's range, to see it is still cut
+  report = encode_items(got, vae, tmp_path / "one", **kwargs)
+  assert (report.chunks_reused, report.chunks_written) == (3, 0)
+  assert [r[1:] for r in reads] == [cut.span]
+
+
+def test_two_hosts_share_the_reading_of_the_class_tars(manual, tar_items, tmp_path, monkeypatch):
+  """On a pod each host reads the headers of its share of the class tars
+  (i % 2 == h), writes what it found beside the chunks and reads the others'
+  after a barrier: both get the one-host items. The hosts run one after the
+  other: host 0's barrier runs host 1 whole."""
+  from jax.experimental import multihost_utils
+
+  train_tar = manual / imagenet_source.TRAIN_ARCHIVE
+  with tarfile.open(train_tar) as tar:
+    classes = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+  host, reads, results = [0], {0: set(), 1: set()}, {}
+  read_range = imagenet_source.read_range
+
+  def spy(path, start, size):  # the class tars each host reads (from their first byte)
+    reads[host[0]] |= {name for name, first, _ in classes if start == first}
+    return read_range(path, start, size)
+
+  def barrier(name):
+    assert name == f"imagenet tar index in {tmp_path / 'share'}"
+    if host[0] == 0:
+      host[0] = 1
+      results[1] = imagenet_source.imagenet_tar_items(manual, "train", str(tmp_path / "share"))
+      host[0] = 0
+
+  monkeypatch.setattr(imagenet_source, "read_range", spy)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: host[0])
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", barrier)
+  results[0] = imagenet_source.imagenet_tar_items(manual, "train", str(tmp_path / "share"))
+  assert results[0] == results[1] == tar_items
+  names = [name for name, _, _ in classes]
+  assert reads == {0: set(names[0::2]), 1: set(names[1::2])}
+  assert sorted(os.listdir(tmp_path / "share")) == [
+    "tar_index.00000-of-00002.json",
+    "tar_index.00001-of-00002.json",
+  ]
+
+
+@pytest.mark.timeout(120)
+def test_imagenet_prepared_from_tars_in_a_bucket_equals_the_local_tars(
+  manual, tar_items, encoded, gcs_path, caplog
+):
+  """`prepare imagenet --input_dir=gs://...` (the tars in a bucket) into a
+  bucket: the same items, byte ranges and latents as the local tars; the
+  unreadable images and class tars listed in skipped.tsv."""
+  from etils import epath
+
+  for name in (imagenet_source.TRAIN_ARCHIVE, imagenet_source.VAL_ARCHIVE):
+    (epath.Path(gcs_path) / "in" / name).write_bytes((manual / name).read_bytes())
+  local, local_broken = tar_items
+  remote, remote_broken = imagenet_source.imagenet_tar_items(f"{gcs_path}/in", "train")
+  tar = f"{gcs_path}/in/{imagenet_source.TRAIN_ARCHIVE}"
+  assert [(i.key, i.fields, i.member, i.span) for i in remote] == [
+    (i.key, i.fields, i.member, i.span) for i in local
+  ]
+  assert {i.path for i in remote} == {tar}
+  assert [(n.replace(str(manual), f"{gcs_path}/in"), r) for n, r in local_broken] == remote_broken
+  args = imagenet_source.PrepareArgs(
+    input_dir=f"{gcs_path}/in",
+    vae=str(FIXTURE),
+    image_size=IMAGE_SIZE,
+    flip=True,
+    splits=("train",),
+    batch_size=8,
+    chunk_size=16,
+  )
+  out = f"{gcs_path}/out"
+  prepared = imagenet_source.SOURCE.prepare(args, out)
+  [line] = prepared.report()
+  assert line.startswith("imagenet/train: encoded 11 images in 1 chunks (0 reused); skipped 4: ")
+  records, folder = list(prepared.splits["train"]()), list(read_chunks(encoded[0]))
+  assert [r["key"] for r in records] == [e["key"] for e in folder]
+  for name in ("mean", "std", "mean_flip", "std_flip"):
+    np.testing.assert_array_equal(
+      np.stack([r[name] for r in records]), np.stack([e[name] for e in folder])
+    )
+  listed = (epath.Path(out) / "_encoded" / "imagenet" / "train" / "skipped.tsv").read_text()
+  assert [row.split("\t")[0] for row in listed.splitlines()] == [
+    "path",
+    f"{tar}:n15075141.tar/n15075141_cut.JPEG",
+    f"{tar}:{BROKEN_CLASS}.tar",
+    f"{tar}:{CUT_CLASS}.tar/{CUT_CLASS}_1.JPEG",
+    f"{tar}:{EMPTY_CLASS}.tar",
+  ]
+  assert [p.name for p in epath.Path(out).iterdir()] == ["_encoded"]  # nothing extracted
+  assert sorted(
+    p.name for p in (epath.Path(out) / "_encoded" / "imagenet" / "train").iterdir()
+  ) == ["chunk_000000.npz", "encode_manifest.json", "skipped.tsv"]

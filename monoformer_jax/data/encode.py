@@ -20,10 +20,11 @@ one object, written whole, so a chunk cut short is never there to be read).
 
 Images are read by the project's one reader (vision/images.py `load_image`, with
 `orient=False`: no EXIF orientation, as the reference reads them; alpha on
-white, 16-bit scaled; a file it cannot read is skipped and listed) and cropped
+white, 16-bit scaled; a file it cannot read is skipped and listed; an image
+inside an archive is read by its byte range, `ImageItem.span`) and cropped
 by `adm_center_crop`, the ADM/DiT rule the reference uses.
 Which images, with which fields, is the sources' business (ImageNet's folders
-and JourneyDB's annotations are read in data/sources/imagenet.py and
+or tars and JourneyDB's annotations are read in data/sources/imagenet.py and
 text_to_image.py).
 """
 
@@ -61,7 +62,7 @@ from monoformer_jax.errors import (
   MissingPathError,
   PathError,
 )
-from monoformer_jax.paths import is_local, whole_file
+from monoformer_jax.paths import is_local, read_range, whole_file
 from monoformer_jax.vision.images import UnreadableImage, checked_resize, load_image
 
 MANIFEST = "encode_manifest.json"
@@ -110,11 +111,44 @@ def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
 
 @dataclasses.dataclass(frozen=True)
 class ImageItem:
-  """One example to encode: its unique key, its image file and its other fields."""
+  """One example to encode: its unique key, its image file and its other fields.
+
+  An image inside an archive (ImageNet's tars) has `path` the archive, `member`
+  its name there and `span` = (offset, size) of its bytes in `path`: it is read
+  by that one byte range (paths.read_range; one ranged request on a bucket), so
+  nothing is extracted and each host reads only its own chunks' images."""
 
   key: str
   path: str
   fields: dict = dataclasses.field(default_factory=dict)  # e.g. {"label": 3, "wnid": ...}
+  member: str | None = None
+  span: tuple[int, int] | None = None
+
+  @property
+  def source(self) -> str:
+    """Where the image is, as the skipped lists name it: the file, or `archive:member`."""
+    return self.path if self.member is None else f"{self.path}:{self.member}"
+
+
+def read_item(item: ImageItem) -> Image.Image:
+  """The item's image as `load_image(..., orient=False)` reads it (as the reference
+  reads ImageNet); UnreadableImage when it cannot be read."""
+  if item.span is None:
+    return load_image(item.path, orient=False)
+  offset, size = item.span
+  try:
+    data = read_range(item.path, offset, size)
+  except OSError as e:
+    raise UnreadableImage(
+      item.source, f"its bytes cannot be read ({e})", "check the archive"
+    ) from e
+  if len(data) < size:
+    raise UnreadableImage(
+      item.source,
+      f"only {len(data)} of its {size} bytes are there (the archive is cut short)",
+      "download the archive again",
+    )
+  return load_image(data, orient=False)
 
 
 # --- Reports ----------------------------------------------------------------------------
@@ -449,7 +483,7 @@ def encode_items(
 ) -> EncodeReport:
   """Encode `items` into `output_dir/chunk_{k:06d}.npz`, skipping chunks already there.
 
-  Pixels are `adm_center_crop(load_image(path, orient=False), image_size)` as uint8 / 127.5 - 1;
+  Pixels are `adm_center_crop(read_item(item), image_size)` as uint8 / 127.5 - 1;
   each chunk stores `keys`, `mean` and `std` of the scaled latent (float32
   [n, h/f, w/f, C]), with `flip` also `mean_flip` and `std_flip` of the mirrored
   image, every field as an array, and `skipped` / `skip_reasons` for its
@@ -510,7 +544,7 @@ def encode_items(
   todo = []
   for k in mine:
     path = chunk_path(output_dir, k)
-    if _exists(path) and not _readable_now(path):
+    if _exists(path) and not _readable_now(path, items[k * chunk_size : (k + 1) * chunk_size]):
       _count_into(report, path)
       report.chunks_reused += 1
     else:
@@ -525,7 +559,7 @@ def encode_items(
 
   def load(item):
     try:
-      image = load_image(item.path, orient=False)  # as the reference reads ImageNet
+      image = read_item(item)
       return item, np.asarray(adm_center_crop(image, image_size)), None
     except UnreadableImage as e:
       return item, None, e.reason
@@ -545,7 +579,7 @@ def encode_items(
       size = len(items[k * chunk_size : (k + 1) * chunk_size])
       for item, pixels_HxWx3, reason in itertools.islice(loaded, size):
         if reason is not None:
-          skipped.append((item.path, reason))
+          skipped.append((item.source, reason))
           bar.update(1)
           continue
         good.append(item)
@@ -582,15 +616,16 @@ def encode_items(
   return report
 
 
-def _readable_now(path: str) -> list[str]:
-  """The images chunk `path` skipped that can be read now (fixed or replaced
-  since): such a chunk is encoded again, so a rerun after the files are
-  repaired never keeps them out."""
+def _readable_now(path: str, chunk_items: Sequence[ImageItem]) -> list[str]:
+  """The images chunk `path` (of `chunk_items`) skipped that can be read now
+  (fixed or replaced since): such a chunk is encoded again, so a rerun after
+  the files are repaired never keeps them out."""
   skipped = _load_chunk(path, ("skipped",))["skipped"].tolist()
+  by_source = {item.source: item for item in chunk_items}
   readable = []
   for image in skipped:
-    try:
-      load_image(image, orient=False)
+    try:  # a name no item has now (the input moved): read as a file name, as it was listed
+      read_item(by_source.get(image) or ImageItem(image, image))
     except UnreadableImage:
       continue
     readable.append(image)

@@ -1,8 +1,8 @@
 r"""Prepare a dataset for training: `python -m monoformer_jax.data.prepare NAME --flags`.
 
     imagenet       --input_dir=DIR (train/<wnid>/*.JPEG, val/<wnid>/..., or TFDS's
-                   imagenet2012 manual tars ILSVRC2012_img_train.tar / _val.tar, which
-                   are extracted first, resumably) --vae=SD_VAE [--image_size=256]
+                   imagenet2012 manual tars ILSVRC2012_img_train.tar / _val.tar, read
+                   in place, also from gs://) --vae=SD_VAE [--image_size=256]
                    [--flip] [--splits=train,val]
     text_to_image  --input_dir=IMAGE_ROOT --annotations=FILE.jsonl (img_path, prompt,
                    optional caption: JourneyDB's) --vae=SD_VAE [--image_size=256] [--flip]

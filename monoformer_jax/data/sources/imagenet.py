@@ -4,8 +4,12 @@
         --output_dir=OUT [--image_size=256] [--flip] [--splits=train,val]
 
 --input_dir is the extracted layout, train/<wnid>/*.JPEG and val/<wnid>/...,
-or TFDS's imagenet2012 manual folder with ILSVRC2012_img_train.tar / _val.tar,
-which are extracted into that layout first (resumably). A record is a latent
+or TFDS's imagenet2012 manual folder with ILSVRC2012_img_train.tar / _val.tar
+(local or `gs://...`), read in place: nothing is extracted. A pass over the
+tars' headers (the training tar's 1000 class tars, each read in place too;
+on a pod each host reads its share of them and the hosts exchange what they
+found, beside the chunks) finds each image's byte range, and each host reads
+only the ranges of the images of its own chunks (data/encode.py). A record is a latent
 record (sources/latents.py) with `label` int64 (the wnid's index among the
 1000 sorted ILSVRC2012 wnids) and `wnid`; its examples prompt the reference's
 templates with the class name (data/prompts.py), dropped with probability
@@ -14,19 +18,24 @@ data.cfg_drop_prob for guidance.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import io
+import json
 import os
+import tarfile
 from collections.abc import Sequence
 
+import jax
 from absl import logging
-from tqdm import tqdm
+from etils import epath
 
 from monoformer_jax.data import pipeline, prompts
 from monoformer_jax.data.encode import ImageItem
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared, latents
 from monoformer_jax.errors import FileFormatError, MissingPathError, PathError
 from monoformer_jax.layout import Example
-from monoformer_jax.paths import is_local
+from monoformer_jax.paths import file_size, is_local, read_range, whole_file
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # matched case-insensitively
 CLASSES_FILE = os.path.join(
@@ -53,15 +62,13 @@ class ImageNet(DataSource):
   def prepare(self, args: PrepareArgs, output_dir: str) -> Prepared:
     vae, _ = latents.load_encoder(self.name, args)
     source = args.input_dir
-    if has_imagenet_archives(source):  # TFDS's imagenet2012 manual_dir
-      if not is_local(output_dir):  # the images are read back by file name: a local disk's
-        raise PathError(
-          f"--input_dir={source!r} holds the ILSVRC2012 tars, which are extracted under "
-          f"--output_dir, and {output_dir!r} is a bucket; prepare into a local --output_dir, "
-          "or extract the tars first and pass the extracted folder as --input_dir"
-        )
-      source = extract_imagenet_archives(source, os.path.join(output_dir, "_extracted", "imagenet"))
-    present = [s for s in args.splits if os.path.isdir(os.path.join(source, s))]
+    tars = has_imagenet_archives(source)  # TFDS's imagenet2012 manual_dir: read in place
+    if tars:
+      present = [
+        s for s in args.splits if s in ARCHIVES and (epath.Path(source) / ARCHIVES[s]).is_file()
+      ]
+    else:
+      present = [s for s in args.splits if os.path.isdir(os.path.join(source, s))]
     if not present:
       raise MissingPathError(
         f"--input_dir={args.input_dir!r} has none of the split folders "
@@ -70,11 +77,19 @@ class ImageNet(DataSource):
       )
     absent = [s for s in args.splits if s not in present]
     if absent:  # a misspelt --splits would otherwise be dropped without a word
+      what = "tar" if tars else "split folder"
       logging.warning(
-        "imagenet: no split folder %s under %s; preparing %s only", absent, source, present
+        "imagenet: no %s %s under %s; preparing %s only", what, absent, source, present
       )
-    items = {s: imagenet_items(source, s) for s in present}
-    return latents.encode_splits(self.name, items, vae, args, output_dir)
+    if not tars:
+      items = {s: imagenet_items(source, s) for s in present}
+      return latents.encode_splits(self.name, items, vae, args, output_dir)
+    items, broken = {}, {}
+    for split in present:
+      share = os.path.join(output_dir, "_encoded", self.name, split)  # beside its chunks
+      items[split], broken[split] = imagenet_tar_items(source, split, share)
+      logging.info("imagenet/%s: %d images in %s", split, len(items[split]), source)
+    return latents.encode_splits(self.name, items, vae, args, output_dir, unreadable=broken)
 
   def examples(self, config, tokenizer, seed: int, directory: str | None = None):
     records = latents.checked_records(self, config, directory)
@@ -205,14 +220,13 @@ def imagenet_items(input_dir, split: str) -> list[ImageItem]:
 
 TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
 VAL_ARCHIVE = "ILSVRC2012_img_val.tar"
-_DONE = ".extracted"
+ARCHIVES = {"train": TRAIN_ARCHIVE, "val": VAL_ARCHIVE}
 
 
 def has_imagenet_archives(folder) -> bool:
-  """Whether `folder` holds the ILSVRC2012 tars (TFDS's imagenet2012 manual_dir)."""
-  return any(
-    os.path.isfile(os.path.join(os.fspath(folder), name)) for name in (TRAIN_ARCHIVE, VAL_ARCHIVE)
-  )
+  """Whether `folder` (local or `gs://...`) holds the ILSVRC2012 tars (TFDS's
+  imagenet2012 manual_dir)."""
+  return any((epath.Path(folder) / name).is_file() for name in ARCHIVES.values())
 
 
 def _validation_wnids() -> list[str]:
@@ -230,54 +244,195 @@ def _validation_wnids() -> list[str]:
     return f.read().strip().splitlines()
 
 
-def _extract_members(tar, members, folder: str):
-  """Writes the regular files `members` of the open `tar` into `folder`
-  (flat: base names only, so no member can write outside it)."""
-  os.makedirs(folder, exist_ok=True)
-  for member in members:
-    data = tar.extractfile(member)
-    if data is None:
-      continue
-    with open(os.path.join(folder, os.path.basename(member.name)), "wb") as out:
-      out.write(data.read())
+# Bytes a header read fetches: where headers are dense (a class tar's, the
+# validation tar's: one per ~110 kB image) a bucket is read in large sequential
+# blocks, as a ranged request costs far more in latency than its bytes; the
+# training tar's 1000 headers lie ~140 MB apart, and a local disk seeks cheaply:
+# there a read takes the header alone.
+_SMALL_BLOCK, _LARGE_BLOCK = 4 << 10, 16 << 20  # 4 kB: a header and the byte before it
 
 
-def extract_imagenet_archives(manual_dir, output_dir) -> str:
-  """The ILSVRC2012 tars of `manual_dir` unpacked into the folder layout that
-  `imagenet_items` reads (`output_dir/train/<wnid>/`, `output_dir/val/<wnid>/`);
-  returns `output_dir`. The training tar holds one tar per class; the
-  validation tar holds flat images, sorted into their classes by the labels
-  TFDS ships. Each class (and the validation set) is marked when complete,
-  so an interrupted extraction resumes with the next class."""
-  import tarfile
+class _Window(io.RawIOBase):
+  """Bytes [start, start + size) of the file `path` (local or on a bucket) as a
+  file of their own, read `block` bytes at a time by paths.read_range (the
+  last block kept): a tar, or a tar inside a tar, read in place."""
 
-  manual_dir, output_dir = os.fspath(manual_dir), os.fspath(output_dir)
-  train = os.path.join(manual_dir, TRAIN_ARCHIVE)
-  if os.path.isfile(train):
-    with tarfile.open(train, mode="r:") as outer:
-      members = [m for m in outer.getmembers() if m.isfile() and m.name.endswith(".tar")]
-      for member in tqdm(members, desc="extracting train classes", unit="class"):
-        wnid = os.path.basename(member.name)[: -len(".tar")]
-        folder = os.path.join(output_dir, "train", wnid)
-        if os.path.exists(os.path.join(folder, _DONE)):
-          continue
-        with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
-          _extract_members(inner, [m for m in inner.getmembers() if m.isfile()], folder)
-        open(os.path.join(folder, _DONE), "w").close()
-  val = os.path.join(manual_dir, VAL_ARCHIVE)
-  done = os.path.join(output_dir, "val", _DONE)
-  if os.path.isfile(val) and not os.path.exists(done):
-    labels = _validation_wnids()
-    with tarfile.open(val, mode="r:") as tar:
-      members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
-      if len(members) > len(labels):
-        raise FileFormatError(
-          f"{val} holds {len(members)} images but the validation "
-          f"labels list {len(labels)}; is it ILSVRC2012_img_val.tar?"
-        )
-      for member, wnid in tqdm(list(zip(members, labels)), desc="extracting val", unit="image"):
-        _extract_members(tar, [member], os.path.join(output_dir, "val", wnid))
-    open(done, "w").close()
-  if not (os.path.isfile(train) or os.path.isfile(val)):
-    raise MissingPathError(f"{manual_dir} holds neither {TRAIN_ARCHIVE} nor {VAL_ARCHIVE}")
-  return output_dir
+  def __init__(self, path: str, start: int, size: int, block: int):
+    self._path, self._start, self._size, self._block = path, start, size, block
+    self._pos, self._at, self._data = 0, 0, b""
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def tell(self) -> int:
+    return self._pos
+
+  def seek(self, pos: int, whence: int = 0) -> int:
+    self._pos = max(0, pos + (0, self._pos, self._size)[whence])
+    return self._pos
+
+  def readinto(self, buffer) -> int:
+    """Fills `buffer` (tarfile takes a short header read for a cut file),
+    short only where the window or the file ends."""
+    done = 0
+    while done < len(buffer) and self._pos < self._size:
+      if not self._at <= self._pos < self._at + len(self._data):
+        self._at = self._pos
+        want = min(max(self._block, len(buffer) - done), self._size - self._pos)
+        self._data = read_range(self._path, self._start + self._pos, want)
+        if not self._data:  # the file ends before the window does
+          break
+      piece = self._data[self._pos - self._at : self._pos - self._at + len(buffer) - done]
+      buffer[done : done + len(piece)] = piece
+      done += len(piece)
+      self._pos += len(piece)
+    return done
+
+
+def _members(
+  path: str, start: int, size: int, where: str, block: int
+) -> tuple[list[tarfile.TarInfo], list]:
+  """The regular files of the tar `where` that is bytes [start, start + size) of
+  the file `path` (its headers, `block` bytes a read: data is skipped), their
+  `offset_data` made absolute, as ([complete member], [(name, reason)] of what
+  is cut short: a tar cut short keeps the files before the cut, and lists the
+  file the cut falls in, or itself when cut between files). tarfile.ReadError
+  when not even its first header reads."""
+  end, members, error = start + size, [], None
+  with tarfile.open(fileobj=_Window(path, start, size, block), mode="r:") as tar:
+    try:
+      for m in tar:  # one header at a time: a cut keeps what came before it
+        if m.isfile():
+          members.append(m)
+    except tarfile.TarError as e:
+      error = e
+  for m in members:
+    m.offset_data += start
+  cut = [(f"{where}/{m.name}", _CUT) for m in members if m.offset_data + m.size > end]
+  if error and not cut:
+    cut = [(where, f"cut short after {len(members)} files ({error}); download it again")]
+  return [m for m in members if m.offset_data + m.size <= end], cut
+
+
+_CUT = "the archive ends inside it (cut short); download it again"
+
+
+def _outer_members(tar_path: str, block: int) -> tuple[list[tarfile.TarInfo], list]:
+  """The complete files of the tar `tar_path` and [(name, reason)] of what is cut short."""
+  try:
+    members, cut = _members(tar_path, 0, file_size(tar_path), tar_path, block)
+  except tarfile.TarError as e:
+    raise FileFormatError(
+      f"{tar_path} is not a tar file ({e}); download the ILSVRC2012 tar again"
+    ) from e
+  return members, [(name.replace(f"{tar_path}/", f"{tar_path}:"), why) for name, why in cut]
+
+
+def _train_members(tar_path: str, share_dir: str | None = None) -> tuple[list, list]:
+  """([(wnid, name, offset, size)] of the images in ILSVRC2012_img_train.tar's
+  class tars; [(name, reason)] of class tars, or their images, that cannot be
+  read). The class tars are read in parallel threads; on several hosts with a
+  `share_dir` they all can read and write (a bucket), host h reads the class
+  tars i % process_count == h and the hosts exchange what they found there."""
+  members, broken = _outer_members(tar_path, _SMALL_BLOCK)
+  block = _SMALL_BLOCK if is_local(tar_path) else _LARGE_BLOCK
+  classes = [m for m in members if m.name.endswith(".tar")]
+  label_of = _label_of()
+  for m in classes:
+    wnid = os.path.basename(m.name)[: -len(".tar")]
+    if wnid not in label_of:
+      raise PathError(
+        f"{tar_path} holds {m.name}, which is not an ILSVRC2012 class: {wnid!r} is not one "
+        f"of the {len(label_of)} known wnids ({CLASSES_FILE}); is it ILSVRC2012_img_train.tar?"
+      )
+
+  def scan(member):
+    """(the images of one class tar, [(name, reason)] of what cannot be read)."""
+    wnid, where = os.path.basename(member.name)[: -len(".tar")], f"{tar_path}:{member.name}"
+    try:
+      inner, cut = _members(tar_path, member.offset_data, member.size, where, block)
+    except tarfile.TarError as e:
+      return [], [(where, f"not a tar file ({e}); none of its images are encoded")]
+    cut = [(n, why) for n, why in cut if n == where or _is_image_name(os.path.basename(n))]
+    if not cut and not any(_is_image_name(os.path.basename(m.name)) for m in inner):
+      cut = [(where, f"holds no images ({'/'.join(IMAGE_EXTENSIONS)}, any case)")]
+    return [(wnid, f"{member.name}/{m.name}", m.offset_data, m.size) for m in inner], cut
+
+  count, index = jax.process_count(), jax.process_index()
+  shared = share_dir is not None and count > 1
+  with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+    scanned = list(pool.map(scan, classes[index::count] if shared else classes))
+  found = [f for part, _ in scanned for f in part]
+  cut = [b for _, part in scanned for b in part]
+  if shared:
+    found, cut = _exchange(share_dir, (found, cut), index, count)
+  return found, broken + sorted(cut)
+
+
+def _exchange(share_dir: str, mine: tuple[list, list], index: int, count: int):
+  """Every host's (found, cut) of the class tars, concatenated: each writes
+  its own as one object of `share_dir`, waits for the others, reads them all."""
+  from jax.experimental import multihost_utils
+
+  def name(h: int) -> str:
+    return f"{share_dir.rstrip('/')}/tar_index.{h:05d}-of-{count:05d}.json"
+
+  epath.Path(share_dir).mkdir(parents=True, exist_ok=True)
+  with whole_file(name(index)) as f:
+    f.write(json.dumps(dict(found=mine[0], cut=mine[1])).encode())
+  multihost_utils.sync_global_devices(f"imagenet tar index in {share_dir}")
+  found, cut = [], []
+  for h in range(count):
+    part = json.loads(epath.Path(name(h)).read_text())
+    found += [tuple(f) for f in part["found"]]
+    cut += [tuple(b) for b in part["cut"]]
+  return found, cut
+
+
+def _val_members(tar_path: str) -> tuple[list, list]:
+  """([(wnid, name, offset, size)] of ILSVRC2012_img_val.tar: flat images, labelled in
+  sorted name order by the list TFDS ships; [(name, reason)] of what is cut short)."""
+  labels = _validation_wnids()
+  members, broken = _outer_members(tar_path, _SMALL_BLOCK if is_local(tar_path) else _LARGE_BLOCK)
+  members = sorted(members, key=lambda m: m.name)
+  if len(members) > len(labels):
+    raise FileFormatError(
+      f"{tar_path} holds {len(members)} files but the validation labels list "
+      f"{len(labels)}; is it ILSVRC2012_img_val.tar?"
+    )
+  return [(wnid, m.name, m.offset_data, m.size) for wnid, m in zip(labels, members)], broken
+
+
+def imagenet_tar_items(
+  input_dir, split: str, share_dir: str | None = None
+) -> tuple[list[ImageItem], list[tuple[str, str]]]:
+  """(the images of the split's ILSVRC2012 tar in `input_dir` (local or
+  `gs://...`) as items read in place by byte range; [(name, reason)] of class
+  tars, or images, that cannot be read, so give no item). The items equal
+  `imagenet_items` of the extracted layout: keys `<wnid>/<file name>`, the
+  same fields, the same order. `share_dir`: a folder every host reads and
+  writes, through which a pod's hosts share the reading of the class tars."""
+  tar_path = str(epath.Path(input_dir) / ARCHIVES[split])
+  try:
+    if split == "train":
+      found, broken = _train_members(tar_path, share_dir)
+    else:
+      found, broken = _val_members(tar_path)
+  except OSError as e:  # gone, unreadable, or the bucket refused
+    raise PathError(f"cannot read {tar_path} ({e}); check that it is there and readable") from e
+  label_of = _label_of()
+  items = [
+    ImageItem(
+      key=f"{wnid}/{os.path.basename(name)}",
+      path=tar_path,
+      fields={"label": label_of[wnid], "wnid": wnid},
+      member=name,
+      span=(offset, size),
+    )
+    for wnid, name, offset, size in found
+    if _is_image_name(os.path.basename(name))
+  ]
+  return sorted(items, key=lambda item: item.key), broken

@@ -55,11 +55,19 @@ def load_encoder(name: str, args: PrepareArgs):
 
 
 def encode_splits(
-  name: str, items: dict, vae, args: PrepareArgs, output_dir: str, missing: dict | None = None
+  name: str,
+  items: dict,
+  vae,
+  args: PrepareArgs,
+  output_dir: str,
+  missing: dict | None = None,
+  unreadable: dict | None = None,
 ) -> Prepared:
   """Encodes the images of `items` ({split: [encode.ImageItem]}; each host its
   chunks, under output_dir/_encoded/NAME/SPLIT) and returns their records;
-  `missing` ({split: paths}) are annotated images that were not there."""
+  `missing` ({split: paths}) are annotated images that were not there,
+  `unreadable` ({split: [(name, reason)]}) inputs that gave no items (a broken
+  archive): both are counted and listed with the skipped images."""
   from monoformer_jax.data import encode
 
   size = args.image_size  # checked by load_encoder
@@ -87,6 +95,7 @@ def encode_splits(
       report.chunks_written - mine.chunks_reused,
     )
     report.missing = list((missing or {}).get(split, ()))  # annotated, not under --input_dir
+    report.skipped.extend((unreadable or {}).get(split, ()))
     listed = os.path.join(work, encode.SKIPPED_LIST)
     if jax.process_index() == 0:
       encode.write_skipped(work, report)
