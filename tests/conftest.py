@@ -98,6 +98,40 @@ def _emulator_download_names_the_generation():
   objects.download = with_generation
 
 
+def start_gcs_server(data_dir=None, port: int | None = None):
+  """(server, url): a GCS-protocol server on localhost with the bucket
+  `bucket`, in memory, or keeping its objects in `data_dir` (so it can be
+  stopped and started again on `port` with them)."""
+  import socket
+
+  _emulator_download_names_the_generation()
+  from gcp_storage_emulator.server import create_server
+
+  if port is None:
+    with socket.socket() as probe:
+      probe.bind(("127.0.0.1", 0))
+      port = probe.getsockname()[1]
+  server = create_server(
+    "127.0.0.1",
+    port,
+    in_memory=data_dir is None,
+    default_bucket="bucket",
+    data_dir=None if data_dir is None else os.fspath(data_dir),
+  )
+  server.start()
+  return server, f"http://127.0.0.1:{port}"
+
+
+def gcs_env(url: str) -> dict:
+  """The standard variables that send every client to the server at `url`."""
+  return dict(
+    STORAGE_EMULATOR_HOST=url,
+    TENSORSTORE_GCS_HTTP_URL=url,
+    # gcsfs otherwise waits ~60 s on a gRPC bucket-type probe the server cannot answer.
+    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+  )
+
+
 @pytest.fixture(scope="session")
 def gcs_server():
   """A GCS-protocol server on localhost (gcp-storage-emulator, in memory, with
@@ -105,23 +139,8 @@ def gcs_server():
   reads: STORAGE_EMULATOR_HOST (google-cloud-storage, gcsfs, etils.epath) and
   TENSORSTORE_GCS_HTTP_URL (TensorStore: Orbax's arrays). Set in os.environ,
   so the processes tests start reach it too. Yields its URL."""
-  import socket
-
-  _emulator_download_names_the_generation()
-  from gcp_storage_emulator.server import create_server
-
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-  server = create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
-  server.start()
-  url = f"http://127.0.0.1:{port}"
-  env = dict(
-    STORAGE_EMULATOR_HOST=url,
-    TENSORSTORE_GCS_HTTP_URL=url,
-    # gcsfs otherwise waits ~60 s on a gRPC bucket-type probe the server cannot answer.
-    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
-  )
+  server, url = start_gcs_server()
+  env = gcs_env(url)
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   try:

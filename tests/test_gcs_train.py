@@ -4,12 +4,23 @@ TensorBoard events and the workdir's lock all live in the bucket."""
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+from conftest import gcs_env, start_gcs_server
 from etils import epath
-from helpers import digits_config, on_one_device, tensorboard_scalars
+from helpers import (
+  TINY_CONFIG_FLAG,
+  digits_config,
+  on_one_device,
+  one_device_env,
+  tensorboard_scalars,
+)
 
 from monoformer_jax import lock
 from monoformer_jax.errors import PathError
@@ -23,41 +34,6 @@ def _rows(path) -> list[dict]:
 
 def _losses(rows) -> dict:
   return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-@pytest.mark.timeout(240)
-def test_a_run_in_a_bucket_resumes_with_the_curve_of_an_uninterrupted_one(gcs_path, tmp_path):
-  run = lambda workdir, steps: train_and_evaluate(
-    digits_config(num_steps=steps, log_every=1, checkpoint_every=2, profile_steps=1),
-    workdir,
-    sample_at_end=False,
-  )
-  with on_one_device():
-    run(str(tmp_path), 6)  # the reference: uninterrupted, on a local disk
-    run(gcs_path, 4)
-    bucket = epath.Path(gcs_path)
-    assert sorted(p.name for p in (bucket / "checkpoints").iterdir()) == ["2", "4"]
-    assert not (bucket / lock.LOCK_NAME).exists()  # released at the end
-    # As if the run had been killed after logging step 4 but before committing it.
-    (bucket / "checkpoints" / "4").rmtree()
-    run(gcs_path, 6)
-  expected = _losses(_rows(tmp_path / "metrics.jsonl"))
-  rows = _rows(bucket / "metrics.jsonl")
-  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # each step once
-  got = _losses(rows)
-  np.testing.assert_allclose([got[s] for s in expected], list(expected.values()), rtol=1e-6)
-  # The rows of steps 3 and 4 the first run logged past its last checkpoint, set aside.
-  assert [r["step"] for r in _rows(bucket / REPLACED_METRICS)] == [3, 4]
-  # TensorBoard shows what metrics.jsonl holds, read back from the bucket.
-  board = tensorboard_scalars(bucket / "tensorboard")
-  assert [s for s, _ in board["loss"]] == [1, 2, 3, 4, 5, 6]
-  np.testing.assert_allclose(
-    [v for _, v in board["loss"]], [got[s] for s in range(1, 7)], rtol=1e-6
-  )
-  # jax's profiler writes local files: the trace of step 3 was uploaded.
-  assert any(name.endswith(".xplane.pb") for name, _ in files_under(bucket / "profile"))
-  # Step 4 saved again, by the resumed run.
-  assert sorted(p.name for p in (bucket / "checkpoints").iterdir()) == ["2", "4", "6"]
 
 
 def _plant_lock(gcs_path, **record):
@@ -160,3 +136,133 @@ def test_an_unreadable_step_in_a_bucket_is_moved_aside_and_the_one_before_resume
 
 def _names_under(folder) -> list[str]:
   return [name for name, _ in files_under(folder)]
+
+
+STEPS = 12
+
+
+def _train_in_bucket(url: str, steps: int, log) -> subprocess.Popen:
+  """`python -m monoformer_jax.train` with its workdir in the server's bucket,
+  the storage clients' retries cut to about a second (tests/short_retries.py)."""
+  return subprocess.Popen(
+    [
+      sys.executable,
+      os.path.join(os.path.dirname(__file__), "short_retries.py"),
+      "monoformer_jax.train",
+      TINY_CONFIG_FLAG,
+      "--workdir=gs://bucket/run",
+      f"--config.train.num_steps={steps}",
+      "--config.train.checkpoint_every=4",
+      "--config.train.log_every=1",
+      "--config.train.profile_steps=1",
+    ],
+    env=one_device_env(JAX_PLATFORMS="cpu", **gcs_env(url)),
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
+
+
+def _stored_rows(path) -> list[dict]:
+  """The JSON rows of an object, read from the server's files (not through it)."""
+  try:
+    text = path.read_text()
+  except FileNotFoundError:
+    return []
+  return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+
+def _wait_for_step(proc, metrics, step: int, seconds: float = 120):
+  deadline = time.time() + seconds
+  while not any(r["step"] >= step for r in _stored_rows(metrics)):
+    assert proc.poll() is None, "training ended before the step"
+    assert time.time() < deadline, f"step {step} not logged within {seconds} s"
+    time.sleep(0.05)
+
+
+@pytest.mark.timeout(300)
+def test_a_bucket_run_preempted_killed_and_cut_off_keeps_its_committed_steps(tmp_path):
+  """A run in a bucket is preempted (SIGTERM: it saves the step it stopped at
+  and exits cleanly); the next is SIGKILLed mid-run; the next loses its
+  bucket mid-run (the server stopped) and ends with one line naming the
+  checkpoints, every committed step intact. With the server back, a fourth
+  run takes over the lock left behind, sets the uncommitted save aside and
+  finishes. Every step is logged once, and the rows the cut-off runs logged
+  past their last checkpoint (moved aside) equal the final run's: the same
+  curve."""
+  store = tmp_path / "store"  # the server's objects, on disk, readable while it is down
+  server, url = start_gcs_server(store)
+  run = store / ".cloudstorage" / "bucket" / "run"
+  metrics = run / "metrics.jsonl"
+  logs = [open(tmp_path / f"log_{i}", "w+") for i in range(4)]
+
+  def output(i):
+    logs[i].seek(0)
+    return logs[i].read()
+
+  def committed():
+    return sorted(int(p.parent.name) for p in (run / "checkpoints").glob("*/commit_success.txt"))
+
+  try:
+    preempted = _train_in_bucket(url, STEPS, logs[0])
+    _wait_for_step(preempted, metrics, 2)
+    preempted.send_signal(signal.SIGTERM)
+    assert preempted.wait(timeout=120) == 0, output(0)[-3000:]
+    stopped = _stored_rows(metrics)[-1]["step"]
+    assert committed()[-1] == stopped, (committed(), stopped)
+
+    killed = _train_in_bucket(url, STEPS, logs[1])
+    try:
+      _wait_for_step(killed, metrics, stopped + 3)
+    finally:
+      killed.kill()  # possibly during a save, or while metrics.jsonl is uploaded
+      killed.wait(timeout=60)
+
+    cut_off = _train_in_bucket(url, STEPS, logs[2])
+    try:
+      _wait_for_step(cut_off, metrics, STEPS - 2)
+    finally:
+      server.stop()
+      cut_off.wait(timeout=120)
+    # One line, ours (status 2: a UserError, not a crash); the storage clients and
+    # Orbax log their own retries and tracebacks above it.
+    assert cut_off.returncode == 2, output(2)[-3000:]
+    (error,) = [line for line in output(2).splitlines() if line.startswith("error: ")]
+    # Whichever write found the bucket gone first (a save, metrics.jsonl) is named.
+    assert "gs://bucket/run/" in error and "can be reached" in error, error
+    kept = committed()
+    assert kept[-1] >= 4 and ("committed steps" not in error or f"{kept}, are intact" in error)
+
+    server, url = start_gcs_server(store, port=int(url.rsplit(":", 1)[1]))
+    finished = _train_in_bucket(url, STEPS, logs[3])
+    assert finished.wait(timeout=180) == 0, output(3)[-3000:]
+    assert f"resumed from gs://bucket/run/checkpoints step {kept[-1]}" in output(3)
+    assert "left by a run that is gone" in output(3)  # the cut-off run's lock
+  finally:
+    server.stop()
+    for log in logs:
+      log.close()
+  rows = _stored_rows(metrics)
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  final = {r["step"]: r["loss"] for r in rows}
+  # The curve of an uninterrupted run on a local disk.
+  with on_one_device():
+    train_and_evaluate(
+      digits_config(num_steps=STEPS, checkpoint_every=4),
+      str(tmp_path / "local"),
+      sample_at_end=False,
+    )
+  expected = _losses(_rows(tmp_path / "local" / "metrics.jsonl"))
+  np.testing.assert_allclose(list(final.values()), list(expected.values()), rtol=1e-6)
+  aside = _stored_rows(run / REPLACED_METRICS)
+  assert aside, "the killed and cut-off runs logged nothing past their checkpoints"
+  for row in aside:
+    np.testing.assert_allclose(row["loss"], final[row["step"]], rtol=1e-6, err_msg=row)
+  # TensorBoard shows what metrics.jsonl holds.
+  board = tensorboard_scalars(run / "tensorboard")
+  assert [s for s, _ in board["loss"]] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([v for _, v in board["loss"]], list(final.values()), rtol=1e-6)
+  # jax's profiler writes local files: the traces were uploaded.
+  assert list((run / "profile").rglob("*.xplane.pb"))
+  # Every step left is a committed save (the server's store keeps empty folders).
+  steps = [p for p in (run / "checkpoints").iterdir() if any(f.is_file() for f in p.rglob("*"))]
+  assert steps and all((p / "commit_success.txt").exists() for p in steps), steps

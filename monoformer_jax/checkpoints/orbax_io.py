@@ -50,7 +50,7 @@ from flax import nnx
 from monoformer_jax.config import complete
 from monoformer_jax.errors import CheckpointError, MissingPathError, PathError, UserError
 from monoformer_jax.model.build import abstract_model
-from monoformer_jax.paths import files_under, free_bytes, move_folder, new_folder_beside
+from monoformer_jax.paths import files_under, free_bytes, is_local, move_folder, new_folder_beside
 
 WEIGHTS = ("ema", "raw")
 # Model fields that say how to compute, not what the weights are.
@@ -191,15 +191,26 @@ def _state_bytes(state) -> int:
 
 
 def _uncommitted(directory: str) -> list[str]:
-  """The folders in `directory` of saves that never committed (Orbax writes a
-  step to `N.orbax-checkpoint-tmp` and renames it to `N` when it is whole);
-  on a local disk, where such a folder can be seen."""
-  if "://" in directory or not os.path.isdir(directory):
+  """The folders in `directory` of saves that never committed. On a local disk
+  Orbax writes a step to `N.orbax-checkpoint-tmp...` and renames it `N` when it
+  is whole; on a bucket, which has no rename, it writes `N` and marks it whole
+  with a `commit_success.txt` last, so there a step folder without it."""
+  if is_local(directory):
+    if not os.path.isdir(directory):
+      return []
+    return sorted(
+      os.path.join(directory, name)
+      for name in os.listdir(directory)
+      if ocp.path.step.TMP_DIR_SUFFIX in name
+    )
+  root = epath.Path(directory)
+  if not root.is_dir():
     return []
   return sorted(
-    os.path.join(directory, name)
-    for name in os.listdir(directory)
-    if ocp.path.step.TMP_DIR_SUFFIX in name
+    os.fspath(p)
+    for p in root.iterdir()
+    if ocp.path.step.TMP_DIR_SUFFIX in p.name
+    or (p.name.isdigit() and p.is_dir() and ocp.path.step.is_tmp_checkpoint(p))
   )
 
 
@@ -247,6 +258,7 @@ class TrainCheckpointer:
     self._pending: tuple[int, float, int] | None = None  # (step, start time, bytes)
     self._failure: PathError | None = None  # a failed save not yet raised
     self._ours: set[int] = set()  # steps this run restored or committed: same content
+    self._known: list[int] = sorted(self.manager.all_steps())  # the committed steps last read
     self._closed = False
 
   def __enter__(self):
@@ -311,11 +323,21 @@ class TrainCheckpointer:
         error = e
     # When a save began Orbax dropped the steps its retention would delete
     # from its list; after a failure they are still on disk.
-    self.manager.reload()
+    unreadable = self._reload()
     if pending is None:
+      if unreadable is not None and self._failure is None:
+        self._failure = PathError(
+          f"cannot list the checkpoints in {self.directory} ({_first_line(unreadable)}); "
+          f"the steps committed there were {self._known}. Check that it can be reached "
+          "from this machine, then run again"
+        )
+        self._failure.__cause__ = unreadable
       return []
     step, start, needed = pending
-    committed = step in self.manager.all_steps()
+    # A save Orbax finished is committed, even if the list cannot be read back now.
+    committed = step in self._known if unreadable is None else error is None
+    if committed and step not in self._known:
+      self._known = sorted({*self._known, step})
     if error is not None and committed:
       # Only removing older steps comes after the commit (e.g. one that is
       # a symbolic link, which Orbax refuses to delete): they stay on disk.
@@ -351,19 +373,44 @@ class TrainCheckpointer:
 
   def _remove_uncommitted(self, step: int | None = None):
     """Removes what saves that never committed left (a killed run's, named),
-    or what the failed save of `step` wrote."""
+    or what the failed save of `step` wrote. What cannot be removed now (the
+    bucket unreachable) is left for the next run's start."""
     if jax.process_index() != 0:
       return
-    for path in _uncommitted(self.directory):
-      if step is None:
-        logging.warning("removing %s: a save that never committed (killed or failed)", path)
-      elif os.path.basename(path).split(".")[0] != str(step):
-        continue
-      shutil.rmtree(path, ignore_errors=True)
+    try:
+      for path in _uncommitted(self.directory):
+        if step is None:
+          logging.warning("removing %s: a save that never committed (killed or failed)", path)
+        elif os.path.basename(path).split(".")[0] != str(step):
+          continue
+        if is_local(path):
+          shutil.rmtree(path, ignore_errors=True)
+        else:
+          epath.Path(path).rmtree()
+    except Exception as e:  # the save's own failure is what gets reported
+      logging.warning("could not remove an uncommitted save in %s: %s", self.directory, e)
+
+  def _reload(self) -> Exception | None:
+    """Reads the committed steps from storage into the manager and `_known`;
+    returns what failed instead (e.g. a bucket that stopped answering), the
+    last list read then standing."""
+    try:
+      self.manager.reload()
+    except Exception as e:
+      return e
+    self._known = sorted(self.manager.all_steps())
+    return None
 
   def _failed(self, step: int, needed: int, why: str) -> PathError:
-    self.manager.reload()  # what is on disk, committed, whatever Orbax's list says
-    kept = sorted(self.manager.all_steps())
+    self._reload()  # what is on disk, committed, whatever Orbax's list says
+    kept = self._known
+    fix = (
+      "Free space there (or lower train.keep_checkpoints), or resume with --workdir on a "
+      "larger disk after copying the checkpoints folder"
+      if is_local(self.directory)
+      else "Check that the bucket can be reached and written from this machine (network, "
+      "credentials, quota), then run again: it resumes from the last committed step"
+    )
     return PathError(
       f"could not save step {step} to {self.directory}: {why}; a checkpoint needs about "
       f"{needed:,} bytes. "
@@ -372,8 +419,7 @@ class TrainCheckpointer:
         if kept
         else "No step is committed there yet. "
       )
-      + "Free space there (or lower train.keep_checkpoints), or resume with --workdir on a "
-      "larger disk after copying the checkpoints folder"
+      + fix
     )
 
   def poll(self, *, wait: bool = False) -> list[int]:

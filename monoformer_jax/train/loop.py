@@ -117,11 +117,14 @@ class _Metrics:
   def _failed(self, e: BaseException) -> PathError:
     where = getattr(e, "filename", None) or self.path
     why = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
-    return PathError(
-      f"cannot write the metrics to {where} ({type(e).__name__}: {why}): "
+    fix = (
       "make its folder one you can write to (or move what is there away), or pass "
       "another --workdir"
+      if is_local(self.path)
+      else "check that the bucket can be reached and written from this machine (network, "
+      "credentials, quota), then run again: it resumes from its last checkpoint"
     )
+    return PathError(f"cannot write the metrics to {where} ({type(e).__name__}: {why}): {fix}")
 
   def write(self, step: int, row: dict):
     if not self.active:
