@@ -43,7 +43,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from monoformer_jax import cli, inference
-from monoformer_jax.checkpoints import beside, fingerprint, load_config, load_model
+from monoformer_jax.checkpoints import beside, fingerprint, load_config, model_on_mesh
 from monoformer_jax.config import complete
 from monoformer_jax.config.fields import integer
 from monoformer_jax.data.datasets import class_names
@@ -58,8 +58,6 @@ from monoformer_jax.eval.sampling import (
   sample_shape,
 )
 from monoformer_jax.eval.score import check_samples, score_images, score_model
-from monoformer_jax.model.build import param_shardings
-from monoformer_jax.parallel import sharding
 from monoformer_jax.paths import whole_file, writable_dir, writable_file
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -278,22 +276,10 @@ def main(argv):
       bind_folder(sample_dir or "", settings)
     if writer:
       writable_file(output, "results", "--output" if _OUTPUT.value else "the default --output")
-    mesh = sharding.make_mesh(config.mesh)
-    with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
-      model, config = load_model(
-        _CHECKPOINT.value,
-        weights=_WEIGHTS.value,
-        config=config,
-        shardings=param_shardings(config, mesh),
-        step=step,
-      )
-      logging.info(
-        "%s weights of %s (step %d), mesh %s",
-        _WEIGHTS.value,
-        _CHECKPOINT.value,
-        step,
-        dict(mesh.shape),
-      )
+    with model_on_mesh(_CHECKPOINT.value, weights=_WEIGHTS.value, config=config, step=step) as (
+      model,
+      config,
+    ):
       if sample_metrics:
         path = sample_run(
           model,

@@ -72,13 +72,11 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
 from monoformer_jax import cli, inference
-from monoformer_jax.checkpoints import beside, load_config, load_model
+from monoformer_jax.checkpoints import beside, load_config, model_on_mesh
 from monoformer_jax.config.fields import check_image_sampling, check_prompts, check_text_sampling
 from monoformer_jax.config.schema import CONDITIONING_TOKEN_MODE
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.layout import tokens_per_image
-from monoformer_jax.model.build import param_shardings
-from monoformer_jax.parallel import sharding
 from monoformer_jax.paths import (
   free_bytes,
   fresh_output_dir,
@@ -615,23 +613,11 @@ def main(argv):
   writer = jax.process_index() == 0
   out_dir = _output_dir(path, command.outputs) if writer else None
 
-  mesh = sharding.make_mesh(config.mesh)
-  with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
-    model, config = load_model(
-      _CHECKPOINT.value,
-      weights=_WEIGHTS.value,
-      config=config,
-      shardings=param_shardings(config, mesh),
-      step=step,
-    )
-    logging.info(
-      "%s weights of %s (step %d), mesh %s; writing to %s",
-      _WEIGHTS.value,
-      _CHECKPOINT.value,
-      step,
-      dict(mesh.shape),
-      out_dir,
-    )
+  with model_on_mesh(_CHECKPOINT.value, weights=_WEIGHTS.value, config=config, step=step) as (
+    model,
+    config,
+  ):
+    logging.info("writing to %s", out_dir)
     loaded = Loaded(
       model, tokenizer, config, vae, sources, num_steps, cfg_scale, batch_size, out_dir
     )

@@ -3,6 +3,7 @@ localhost (conftest's `gcs_server`): checkpoints, resume, metrics.jsonl,
 TensorBoard events and the workdir's lock all live in the bucket."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -266,3 +267,20 @@ def test_a_bucket_run_preempted_killed_and_cut_off_keeps_its_committed_steps(tmp
   # Every step left is a committed save (the server's store keeps empty folders).
   steps = [p for p in (run / "checkpoints").iterdir() if any(f.is_file() for f in p.rglob("*"))]
   assert steps and all((p / "commit_success.txt").exists() for p in steps), steps
+
+
+def test_a_killed_save_in_a_bucket_is_removed_at_the_next_start(gcs_path, caplog):
+  """On a bucket Orbax writes step N in place and marks it whole with
+  `commit_success.txt`, written last; a step without it (the save was killed)
+  is never resumed from, and is removed, named, when the next run starts."""
+  from test_failures import _restore_toy, _toy_checkpoints
+
+  c = f"{gcs_path}/checkpoints"
+  _toy_checkpoints(c, [1, 2])
+  (epath.Path(c) / "2" / "commit_success.txt").unlink()  # as if killed before its commit
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    assert _restore_toy(c) == (1, 1.0, {"shards": 1, "next_example": {"0": 10}})
+  assert f"removing {c}/2: a save that never committed" in caplog.text
+  assert _names_under(epath.Path(c)) == [n for n in _names_under(epath.Path(c)) if n[0] == "1"]
+  _toy_checkpoints(c, [2])  # the resumed run saves step 2 again
+  assert _restore_toy(c)[:2] == (2, 2.0)

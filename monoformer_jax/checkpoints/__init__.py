@@ -1,5 +1,5 @@
 """The project's own checkpoints (Orbax), in orbax_io.py: training checkpoints
-(TrainCheckpointer) and model checkpoints (save_model, load_model, load_params,
+(TrainCheckpointer) and model checkpoints (save_model, load_model, model_on_mesh, load_params,
 load_config), and the fingerprint of a save. Other people's weights files are monoformer_jax/safetensors_io.py's.
 """
 
@@ -12,6 +12,7 @@ from monoformer_jax.checkpoints.orbax_io import (
   load_model,
   load_params,
   model_differences,
+  model_on_mesh,
   nonfinite_params,
   resolve,
   resolve_steps,
@@ -28,6 +29,7 @@ __all__ = [
   "load_model",
   "load_params",
   "model_differences",
+  "model_on_mesh",
   "nonfinite_params",
   "resolve",
   "resolve_steps",

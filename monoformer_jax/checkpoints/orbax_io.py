@@ -29,6 +29,7 @@ into the model they were saved for, finite.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging as std_logging
@@ -49,7 +50,8 @@ from flax import nnx
 
 from monoformer_jax.config import complete
 from monoformer_jax.errors import CheckpointError, MissingPathError, PathError, UserError
-from monoformer_jax.model.build import abstract_model
+from monoformer_jax.model.build import abstract_model, param_shardings
+from monoformer_jax.parallel import sharding
 from monoformer_jax.paths import files_under, free_bytes, is_local, move_folder, new_folder_beside
 
 WEIGHTS = ("ema", "raw")
@@ -722,6 +724,20 @@ def load_model(
     path, weights, config, shardings, step, allow_model_changes
   )
   return nnx.merge(graphdef, params), config
+
+
+@contextlib.contextmanager
+def model_on_mesh(path: str, *, weights: str, config, step: int):
+  """(model, config) of the checkpoint, its weights restored straight into the
+  shardings of config.mesh; the block runs on that mesh with the config's
+  sharding rules, as the sampling and evaluation entry points do."""
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
+    model, config = load_model(
+      path, weights=weights, config=config, shardings=param_shardings(config, mesh), step=step
+    )
+    logging.info("%s weights of %s (step %d), mesh %s", weights, path, step, dict(mesh.shape))
+    yield model, config
 
 
 def nonfinite_params(params) -> list[str]:

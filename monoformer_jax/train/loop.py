@@ -118,8 +118,7 @@ class _Metrics:
     where = getattr(e, "filename", None) or self.path
     why = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
     fix = (
-      "make its folder one you can write to (or move what is there away), or pass "
-      "another --workdir"
+      "make its folder one you can write to (or move what is there away), or pass another --workdir"
       if is_local(self.path)
       else "check that the bucket can be reached and written from this machine (network, "
       "credentials, quota), then run again: it resumes from its last checkpoint"
