@@ -234,30 +234,38 @@ def generate_images(
   batches = _batches(len(prompts), batch_size)
   cfg_scale = cfg_scale or None  # 0 is no guidance
   process = from_config(config.diffusion, respacing=str(num_steps))
-  x0 = []
-  for k, batch in enumerate(batches):
-    rows = prompt_format.image_rows(
-      prompts[batch],
-      tokenizer,
-      model.tokens_per_image,
-      guidance=cfg_scale is not None,
-      cond_token=model.cond_token,
-    )
-    x0.append(
-      sample_images(
-        model,
-        rows,
-        process,
-        _batch_key(seed, k),
-        cfg_scale=cfg_scale,
-        guided_channels=guided_channels,
-        sampler=sampler,
-        eta=eta,
-        use_cache=use_cache,
-        progress=progress,
-      )
-    )
-  return _joined(x0)
+  rows_of = lambda batch: prompt_format.image_rows(
+    prompts[batch],
+    tokenizer,
+    model.tokens_per_image,
+    guidance=cfg_scale is not None,
+    cond_token=model.cond_token,
+  )
+  return _draw(
+    model,
+    process,
+    batches,
+    rows_of,
+    seed,
+    cfg_scale=cfg_scale,
+    guided_channels=guided_channels,
+    sampler=sampler,
+    eta=eta,
+    use_cache=use_cache,
+    progress=progress,
+  )
+
+
+def _draw(model, process, batches: list[slice], rows_of, seed: int, **sampling) -> jax.Array:
+  """sample_images over `batches`, joined: `rows_of(batch)` builds a batch's
+  rows, and batch k draws from `_batch_key(seed, k)` (batch 0 from the seed's
+  own key, so one batch gives what an unbatched call gives)."""
+  return _joined(
+    [
+      sample_images(model, rows_of(batch), process, _batch_key(seed, k), **sampling)
+      for k, batch in enumerate(batches)
+    ]
+  )
 
 
 def complete_text(
@@ -641,25 +649,21 @@ def edit_images(
   spec = row_spec(config, tokenizer)
   sources = _read_inputs(images, config, vae)
   process = from_config(config.diffusion, respacing=str(num_steps))
-  x0 = []
-  for k, batch in enumerate(batches):
-    rows = prompt_format.edit_rows(
-      sources[batch], instructions[batch], tokenizer, spec, guidance=guidance
-    )
-    x0.append(
-      sample_images(
-        model,
-        rows,
-        process,
-        _batch_key(seed, k),
-        cfg_scale=cfg_scale,
-        guided_channels=guided_channels,
-        sampler=sampler,
-        eta=eta,
-        progress=progress,
-      )
-    )
-  return _joined(x0)
+  rows_of = lambda batch: prompt_format.edit_rows(
+    sources[batch], instructions[batch], tokenizer, spec, guidance=guidance
+  )
+  return _draw(
+    model,
+    process,
+    batches,
+    rows_of,
+    seed,
+    cfg_scale=cfg_scale,
+    guided_channels=guided_channels,
+    sampler=sampler,
+    eta=eta,
+    progress=progress,
+  )
 
 
 def _read_inputs(images, config, vae):
