@@ -8,8 +8,10 @@
 # Each process gets DEVICES/N CPU devices (DEVICES=8 by default) and the
 # coordinator's address in JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 # JAX_PROCESS_ID, which monoformer_jax/parallel/distributed.py passes to
-# jax.distributed.initialize(). Process i logs to $LOG_DIR/process_i.log
-# (LOG_DIR: ./launch_logs); process 0's log is also shown here. Ctrl-C (or a
+# jax.distributed.initialize(). Process i logs to $LOG_DIR/process_i.log,
+# appended to, each launch headed by its date; LOG_DIR is by default the
+# run's: WORKDIR/logs for a command with a local --workdir, else a new folder
+# under ${TMPDIR:-/tmp}/monoformer_logs. Process 0's log is also shown here. Ctrl-C (or a
 # SIGTERM to this script) is passed on to every process as SIGTERM: they agree
 # on a step, save it and exit, as a preempted pod does. The exit status is the
 # first non-zero status of a process, else 0.
@@ -21,7 +23,22 @@ N=$1; shift 2
 DEVICES=${DEVICES:-8}
 (( DEVICES % N == 0 )) || { echo "DEVICES=$DEVICES is not divisible by N=$N" >&2; exit 2; }
 PER=$(( DEVICES / N ))
-LOG_DIR=${LOG_DIR:-./launch_logs}
+default_log_dir() {
+  local arg workdir="" next=0
+  for arg in "$@"; do
+    if (( next )); then workdir=$arg; next=0; fi
+    case $arg in
+      --workdir=*) workdir=${arg#--workdir=} ;;
+      --workdir) next=1 ;;
+    esac
+  done
+  if [[ -n $workdir && $workdir != *://* ]]; then
+    echo "$workdir/logs"
+  else  # no workdir, or one in a bucket (logs are local files)
+    echo "${TMPDIR:-/tmp}/monoformer_logs/$(date +%Y%m%d-%H%M%S)-$$"
+  fi
+}
+LOG_DIR=${LOG_DIR:-$(default_log_dir "$@")}
 mkdir -p "$LOG_DIR"
 PORT=${PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
 # This script's device count replaces any in XLA_FLAGS (other flags are kept).
@@ -29,19 +46,21 @@ XLA_REST=$(echo "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_co
 
 echo "launching $N processes of $PER CPU devices, coordinator localhost:$PORT, logs in $LOG_DIR/"
 echo "command: $*"
+shown_from=$(( $(stat -c %s "$LOG_DIR/process_0.log" 2>/dev/null || echo 0) + 1 ))
 pids=()
 for (( i = 0; i < N; i++ )); do
+  echo "=== launched $(date -u +%Y-%m-%dT%H:%M:%SZ): $*" >> "$LOG_DIR/process_$i.log"
   JAX_PLATFORMS=cpu \
   XLA_FLAGS="$XLA_REST --xla_force_host_platform_device_count=$PER" \
   JAX_COORDINATOR_ADDRESS="localhost:$PORT" JAX_NUM_PROCESSES=$N JAX_PROCESS_ID=$i \
-    "$@" > "$LOG_DIR/process_$i.log" 2>&1 &
+    "$@" >> "$LOG_DIR/process_$i.log" 2>&1 &
   pids+=($!)
   echo "process $i: pid ${pids[$i]}, log $LOG_DIR/process_$i.log"
 done
 
 forward() { echo "passing SIGTERM to every process" >&2; kill -TERM "${pids[@]}" 2>/dev/null || true; }
 trap forward INT TERM
-tail -n +1 -f "$LOG_DIR/process_0.log" --pid="${pids[0]}" &
+tail -c "+$shown_from" -f "$LOG_DIR/process_0.log" --pid="${pids[0]}" &  # this launch's lines
 tailer=$!
 
 status=0
