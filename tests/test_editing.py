@@ -276,5 +276,4 @@ def test_sample_cli_edits_and_interleaves(tmp_path):
   rows = json.load(open(tmp_path / "i" / "interleaved.json"))
   assert [r["prompt"] for r in rows] == ["here is a"] * 2
   assert os.path.getsize(tmp_path / "i" / "interleaved.html") > 0
-  bad = run("interleaved", "--text_prompt=here is a", "--max_new_tokens=5")
-  assert bad.returncode != 0 and "at least 19" in bad.stderr
+  # Too few --max_new_tokens for an image: test_sample_cli.py's refusals (one process).

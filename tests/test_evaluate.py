@@ -345,9 +345,10 @@ def _cli(*flags):
 
 # Runs `evaluate.main` on each command line (a JSON list of argv lists) in one
 # process, with the model loader and the digits metric replaced by failures (a
-# refusal must come before them) and, for the last command line, the results
-# written into a folder that is replaced by a file once scored. Prints each
-# command line's error and what it printed.
+# refusal must come before them) and, with a second argument "lose_folder",
+# for the last command line, the results written into a folder that is
+# replaced by a file once scored. Prints each command line's error and what
+# it printed. (One process for many refusals: each process costs seconds.)
 _EVALUATE_CASES = r"""
 import contextlib, io, json, os, shutil, sys
 from absl import app, flags
@@ -367,7 +368,7 @@ def scored_then_folder_lost(*_, **__):
 
 cases = json.loads(sys.argv[1])
 for k, argv in enumerate(cases):
-  if k == len(cases) - 1:
+  if k == len(cases) - 1 and sys.argv[2:] == ["lose_folder"]:
     evaluate.score_images = scored_then_folder_lost
   flags.FLAGS.unparse_flags()
   out = io.StringIO()
@@ -379,6 +380,19 @@ for k, argv in enumerate(cases):
     error = f"{type(e).__name__}: {e}"
   print(json.dumps([error, out.getvalue()]))
 """
+
+
+def _evaluate_cases(argvs, *how) -> list[tuple[str, str]]:
+  """[error, printed] of each command line of `argvs`, run in one process (_EVALUATE_CASES)."""
+  run = subprocess.run(
+    [sys.executable, "-c", _EVALUATE_CASES, json.dumps(argvs), *how],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  return [json.loads(line) for line in run.stdout.splitlines()]
 
 
 @pytest.mark.slow
@@ -454,15 +468,7 @@ def test_cli_refuses_before_loading_or_scoring_and_loses_no_results(digits_check
       "(Not a directory); they are printed above",
     ),
   ]
-  run = subprocess.run(
-    [sys.executable, "-c", _EVALUATE_CASES, json.dumps([argv for argv, _ in cases])],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert run.returncode == 0, run.stderr[-3000:]
-  got = [json.loads(line) for line in run.stdout.splitlines()]
+  got = _evaluate_cases([argv for argv, _ in cases], "lose_folder")
   assert [error for error, _ in got] == [want for _, want in cases]
   assert json.loads(got[-1][1]) == {"digits": {"classifier_accuracy": 0.25}}  # printed
   # Nothing written by the refusals; the last one's folder is the file put in its place.
@@ -504,21 +510,31 @@ def test_cli_digits_on_a_checkpoint_then_on_its_samples(digits_checkpoint, tmp_p
 
 @pytest.mark.slow
 def test_cli_bad_flags_name_the_fix(digits_checkpoint, tmp_path):
+  """The entry point's exit status 2 and its error line, then the other
+  refusals' lines, all before anything is loaded (one process: _evaluate_cases)."""
   run = _cli(f"--checkpoint={digits_checkpoint}", "--metrics=fid,bleu")
-  assert run.returncode == 2 and "unknown metric(s) ['bleu']" in run.stderr
-  run = _cli(f"--checkpoint={digits_checkpoint}", "--metrics=fid")
-  assert run.returncode == 2 and "need --inception" in run.stderr
-  run = _cli(
-    f"--checkpoint={digits_checkpoint}",
-    "--metrics=fid",
-    f"--inception={tmp_path / 'no.pth'}",
-    f"--reference={tmp_path / 'ref.npz'}",
+  assert run.returncode == 2
+  assert run.stderr.startswith("error: --metrics names unknown metric(s) ['bleu']")
+  ck = f"--checkpoint={digits_checkpoint}"
+  got = _evaluate_cases(
+    [
+      [ck, "--metrics=fid"],
+      [
+        ck,
+        "--metrics=fid",
+        f"--inception={tmp_path / 'no.pth'}",
+        f"--reference={tmp_path / 'ref.npz'}",
+      ],
+      [ck, "--metrics=commonsense"],
+      ["--metrics=digits"],
+    ]
   )
-  assert run.returncode == 2 and "no.pth" in run.stderr and "is not a file" in run.stderr
-  run = _cli(f"--checkpoint={digits_checkpoint}", "--metrics=commonsense")
-  assert run.returncode == 2 and "needs --tasks_dir" in run.stderr
-  run = _cli("--metrics=digits")
-  assert run.returncode != 0 and "give --checkpoint" in run.stderr
+  need, missing, tasks, checkpoint = (error for error, _ in got)
+  assert need.startswith("ConfigError:") and "need --inception" in need
+  assert "no.pth" in missing and "is not a file" in missing
+  assert "needs --tasks_dir" in tasks
+  assert checkpoint.startswith("UsageError:") and "give --checkpoint" in checkpoint
+  assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
@@ -657,10 +673,11 @@ def test_cli_inception_metrics_of_a_sample_file(tmp_path):
   torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, tmp_path / "inc.pth")
   rng = np.random.default_rng(0)
   base = rng.integers(0, 256, (1, 1, 1, 3))  # images of their own colour and contrast
+  # One Inception batch each (--batch_size=8): a 299x299 Inception costs ~1 s per image here.
   samples = np.clip(
-    base + rng.normal(0, 60, (12, 32, 32, 3)) * rng.uniform(0.2, 1, (12, 1, 1, 1)), 0, 255
+    base + rng.normal(0, 60, (8, 32, 32, 3)) * rng.uniform(0.2, 1, (8, 1, 1, 1)), 0, 255
   ).astype(np.uint8)
-  reference = np.clip(base + rng.normal(0, 50, (14, 32, 32, 3)), 0, 255).astype(np.uint8)
+  reference = np.clip(base + rng.normal(0, 50, (7, 32, 32, 3)), 0, 255).astype(np.uint8)
   np.savez(tmp_path / "samples.npz", arr_0=samples)
   np.savez(tmp_path / "ref.npz", arr_0=reference)
   np.savez(tmp_path / "ref16.npz", arr_0=reference[:, :16, :16])
@@ -682,12 +699,22 @@ def test_cli_inception_metrics_of_a_sample_file(tmp_path):
   assert got["inception_score"] == pytest.approx(
     fid.inception_score(ours["logits"], split_size=5000), rel=1e-5
   )
-  run = _cli(*flags, f"--reference={tmp_path / 'ref16.npz'}")
-  assert run.returncode == 2 and "32x32 images but the reference batch is 16x16" in run.stderr
-  run = _cli(
-    *flags[:1],
-    f"--inception={tmp_path / 'ref.npz'}",
-    *flags[2:],
-    f"--reference={tmp_path / 'ref.npz'}",
+  # The refusals, in one process (_evaluate_cases).
+  resolution, not_inception = (
+    error
+    for error, _ in _evaluate_cases(
+      [
+        [*flags, f"--reference={tmp_path / 'ref16.npz'}"],
+        [
+          *flags[:1],
+          f"--inception={tmp_path / 'ref.npz'}",
+          *flags[2:],
+          f"--reference={tmp_path / 'ref.npz'}",
+        ],
+      ]
+    )
   )
-  assert run.returncode == 2 and "ref.npz" in run.stderr
+  assert "32x32 images but the reference batch is 16x16" in resolution
+  assert not_inception.startswith(("FileFormatError", "CheckpointError")) and "ref.npz" in (
+    not_inception
+  )

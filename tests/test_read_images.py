@@ -294,13 +294,13 @@ def test_a_row_with_two_read_and_one_generated_image_trains():
 @pytest.mark.slow
 def test_the_digits_reading_is_learned_well_above_chance(tmp_path, one_device):
   """A short run, mostly reading examples (the tiny model), then the held-out
-  digits read back: chance is 10%, and 400 steps reach about 50%. On one
-  device: no collective in its 400 steps (conftest's one_device)."""
+  digits read back: chance is 10%; 200 steps reach 29%, 300 steps 46% and 400
+  steps 56%. On one device: no collective in its steps (conftest's one_device)."""
   from monoformer_jax.checkpoints import load_model
   from monoformer_jax.digits.evaluators import reading_accuracy
   from monoformer_jax.train.loop import train_and_evaluate
 
-  config = digits_config(num_steps=400, log_every=400, checkpoint_every=400)
+  config = digits_config(num_steps=300, log_every=300, checkpoint_every=300)
   config.model.update(vision_encoder="vae")
   config.data.update(max_read_images_per_row=3, read_fraction=0.8, text_fraction=0.0)
   config.loss.w_lm = 1.0
@@ -669,7 +669,7 @@ def test_a_clip_model_reads_through_the_frozen_tower():
 
 
 @pytest.mark.slow
-def test_sample_cli_reads_an_image_and_refuses_what_it_cannot(tmp_path):
+def test_sample_cli_reads_an_image(tmp_path):
   import subprocess
   import sys
 
@@ -682,7 +682,6 @@ def test_sample_cli_reads_an_image_and_refuses_what_it_cannot(tmp_path):
   save_model(str(tmp_path / "ckpt"), config, jax.jit(lambda: init_params(config.model, 1))())
   digit = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
   Image.fromarray(digit).resize((32, 32)).save(tmp_path / "seven.png")
-  (tmp_path / "notes.png").write_text("not an image")
   run = lambda *args: subprocess.run(
     [sys.executable, "-m", "monoformer_jax.sample", f"--checkpoint={tmp_path / 'ckpt'}", *args],
     capture_output=True,
@@ -702,23 +701,5 @@ def test_sample_cli_reads_an_image_and_refuses_what_it_cannot(tmp_path):
   assert ok.returncode == 0, ok.stderr[-2000:]
   text = (tmp_path / "out" / "text.txt").read_text()
   assert "seven.png 'which digit is this?' -> " in text
-  bad = run("read", f"--image={tmp_path / 'notes.png'}", "--text_prompt=what?")
-  assert bad.returncode != 0 and "notes.png: not an image file" in bad.stderr
-  plain = tmp_path / "plain"
-  save_model(str(plain), digits_config(), jax.jit(lambda: init_params(digits_config().model, 1))())
-  refused = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "monoformer_jax.sample",
-      "read",
-      f"--checkpoint={plain}",
-      f"--image={tmp_path / 'seven.png'}",
-      "--text_prompt=what?",
-    ],
-    capture_output=True,
-    text=True,
-    cwd=REPO,
-    env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
-  )
-  assert refused.returncode != 0 and "without a vision encoder" in refused.stderr
+  # An --image that is not one, or a model without a vision encoder: test_sample_cli.py's
+  # refusals before the model loads (one process for them all).

@@ -270,6 +270,7 @@ _BEFORE_THE_MODEL = r"""
 import json, sys, time
 from absl import flags
 from monoformer_jax import sample
+from monoformer_jax.errors import UserError
 
 def loaded(*_, **__):
   raise AssertionError("loaded the model before refusing")
@@ -281,7 +282,7 @@ for argv in json.loads(sys.argv[1]):
   try:
     sample.main(flags.FLAGS(["sample", *argv]))
     error = "no error"
-  except sample.ConfigError as e:
+  except UserError as e:
     error = str(e)
   print(json.dumps([error, time.perf_counter() - start]))
 """
@@ -291,14 +292,25 @@ for argv in json.loads(sys.argv[1]):
 def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoint, tmp_path):
   """The trained length (tiny digits: data.seq_len 64), --num_samples past
   free memory, a VAE for a pixel model, DDIM's --eta with DDPM, more guided
-  channels than the model has, a prompt that is not UTF-8: each refused in
-  one line, before the model loads, with no output folder made (the default
-  one beside the checkpoint neither)."""
+  channels than the model has, a prompt that is not UTF-8, an interleaved
+  answer too short for an image, an --image that is not one or that a model
+  without a vision encoder cannot read, an --output_dir that holds outputs: each refused in one line, before the
+  model loads, with no output folder made (the default one beside the
+  checkpoint neither)."""
   import json
+
+  from PIL import Image
 
   long = "two " * 1400  # 5,601 tokens with bos
   past = "of the rows the model was trained on (data.seq_len)"
   ckpt = f"--checkpoint={digits_checkpoint}"
+  (tmp_path / "in").mkdir()  # the images --image reads
+  seven, notes = tmp_path / "in" / "seven.png", tmp_path / "in" / "notes.png"
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(seven)
+  notes.write_text("not an image")
+  held = tmp_path / "in" / "held"  # a folder of an earlier run's outputs
+  held.mkdir()
+  (held / "text.txt").write_text("an earlier answer")
   cases = [
     (
       ("text", "--text_prompt=" + long, "--max_new_tokens=4"),
@@ -341,13 +353,34 @@ def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoin
       "--text_prompt[0]='two \\udcff' is not UTF-8 text (character 4, '\\udcff', is a byte "
       "that no UTF-8 decoding gave); save the prompt as UTF-8",
     ),
+    (  # <|im_start|>, 16 image tokens, <|im_end|> (no timestep token in this model)
+      ("interleaved", "--text_prompt=here is a", "--max_new_tokens=5"),
+      "--max_new_tokens=5 leaves no room for one image: an image takes <|im_start|> and 17 "
+      "columns (a timestep token where the model has one, its tokens, <|im_end|>); raise "
+      "--max_new_tokens to at least 18",
+    ),
+    (
+      ("read", f"--image={notes}", "--text_prompt=what?"),
+      f"image {notes}: not an image file Pillow reads (UnidentifiedImageError); pass a PNG, "
+      "JPEG or another image file Pillow reads",
+    ),
+    (  # an --output_dir given that holds outputs is never written over
+      ("text", "--text_prompt=two", f"--output_dir={held}"),
+      f"--output_dir='{held}' already holds ['text.txt']; pass another --output_dir or "
+      "--overwrite to replace them",
+    ),
+    (
+      ("read", f"--image={seven}", "--text_prompt=what?"),
+      f"{digits_checkpoint} was trained without a vision encoder (model.vision_encoder is ''), "
+      "so it cannot read --image; use a model trained with model.vision_encoder=vae or clip "
+      "(the digits default reads digits)",
+    ),
   ]
-  argvs = [
-    [*argv, ckpt, "--num_steps=2", f"--output_dir={tmp_path / str(i)}"]
-    if argv[0] != "text"
-    else [*argv, ckpt, f"--output_dir={tmp_path / str(i)}"]
-    for i, (argv, _) in enumerate(cases)
-  ]
+  argvs = []
+  for i, (argv, _) in enumerate(cases):
+    steps = [] if argv[0] in ("text", "read") else ["--num_steps=2"]
+    given = any(a.startswith("--output_dir=") for a in argv)
+    argvs.append([*argv, ckpt, *steps, *([] if given else [f"--output_dir={tmp_path / str(i)}"])])
   # Bounds checked by the flags' own checks, before the room or the model.
   bounds = {
     "--num_steps=0": "--num_steps=0: must be in [1, 1000]",
@@ -378,4 +411,5 @@ def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoin
     r"--num_samples to at most [\d,]+",
     memory,
   ), memory
-  assert os.listdir(tmp_path) == [] and sorted(os.listdir(digits_checkpoint)) == before
+  assert os.listdir(tmp_path) == ["in"] and sorted(os.listdir(digits_checkpoint)) == before
+  assert os.listdir(held) == ["text.txt"] and (held / "text.txt").read_text() == "an earlier answer"
