@@ -276,6 +276,6 @@ def test_a_killed_save_in_a_bucket_is_removed_at_the_next_start(gcs_path, caplog
   with caplog.at_level(logging.WARNING, logger="absl"):
     assert _restore_toy(c) == (1, 1.0, {"shards": 1, "next_example": {"0": 10}})
   assert f"removing {c}/2: a save that never committed" in caplog.text
-  assert _names_under(epath.Path(c)) == [n for n in _names_under(epath.Path(c)) if n[0] == "1"]
+  assert not (epath.Path(c) / "2").exists() and (epath.Path(c) / "1").exists()
   _toy_checkpoints(c, [2])  # the resumed run saves step 2 again
   assert _restore_toy(c)[:2] == (2, 2.0)
