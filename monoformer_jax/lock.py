@@ -337,7 +337,8 @@ class CloudLock:
       )
     except Exception as e:
       logging.error(
-        "could not remove the lock %s (%s): delete it before the next run in this workdir",
+        "could not remove the lock %s (%s): the next run on this host takes it over; "
+        "from another host, delete it first",
         self.path,
         _first_words(e),
       )
