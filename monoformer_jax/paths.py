@@ -18,6 +18,8 @@ Reading files that may be on a bucket (`gs://...`; any scheme epath knows):
                                         on a bucket, so a reader that wants one tensor of a
                                         large file fetches that tensor, not the file
     files_under(folder)                 every file below a folder or a bucket's prefix
+    copy_file(source, target)           one file, streamed, appearing whole or not at all
+    copy_files(source, target)          every file below a folder copied below another
     move_folder(source, target)         a rename here; a copy then a delete on a bucket
     staged_folder(folder)               a local folder uploaded to a bucket's `folder` at the end
     join(folder, relative)              folder/relative, '/'-joined and normalized on a bucket
@@ -295,6 +297,32 @@ def files_under(folder) -> list[tuple[str, object]]:
   return sorted(files, key=lambda f: f[0])
 
 
+def copy_file(source, target):
+  """One file copied, streamed in 16 MiB pieces, local or on a bucket on either
+  side; the copy appears at `target` whole or not at all (`whole_file`)."""
+  from etils import epath
+
+  try:
+    with epath.Path(source).open("rb") as src, whole_file(target) as dst:
+      shutil.copyfileobj(src, dst, 16 << 20)
+  except OSError as e:
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise PathError(
+      f"cannot copy {source} to {target} ({type(e).__name__}: {first}); "
+      "check the path, its permissions and the free space"
+    ) from e
+
+
+def copy_files(source, target):
+  """Every file under the folder `source` copied to the same name under
+  `target` (folders made as needed), one `copy_file` each."""
+  from etils import epath
+
+  for name, file in files_under(source):
+    (epath.Path(target) / name).parent.mkdir(parents=True, exist_ok=True)
+    copy_file(file, epath.Path(target) / name)
+
+
 def move_folder(source: str, target: str):
   """Moves the folder `source` to `target` (whose parent is made): a rename on
   this machine; on a bucket, where folders are name prefixes and there is no
@@ -305,9 +333,7 @@ def move_folder(source: str, target: str):
     return
   from etils import epath
 
-  for name, file in files_under(source):
-    (epath.Path(target) / name).parent.mkdir(parents=True, exist_ok=True)
-    (epath.Path(target) / name).write_bytes(file.read_bytes())
+  copy_files(source, target)
   epath.Path(source).rmtree()
 
 
@@ -322,14 +348,9 @@ def staged_folder(folder: str) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     yield folder
     return
-  from etils import epath
-
   with tempfile.TemporaryDirectory(prefix="staged_") as local:
     yield local
-    for name, file in files_under(local):
-      target = epath.Path(folder) / name
-      target.parent.mkdir(parents=True, exist_ok=True)
-      target.write_bytes(file.read_bytes())
+    copy_files(local, folder)
 
 
 # ----------------------------------------------------------- inputs named relative to a folder

@@ -144,10 +144,10 @@ def test_training_reads_its_first_batch_from_the_bucket_as_from_local_disk(
 def test_a_dataset_is_uploaded_with_its_completion_marker_last(gcs_path, monkeypatch):
   import tensorflow_datasets as tfds
 
-  uploaded, copy = [], builders._copy
+  uploaded, copy = [], builders.copy_file
   monkeypatch.setattr(
     builders,
-    "_copy",
+    "copy_file",
     lambda source, target: (uploaded.append(epath.Path(target).name), copy(source, target)),
   )
   records = lambda: ({"key": str(i), "x": np.full((3,), i, np.int64)} for i in range(4))

@@ -36,7 +36,7 @@ from etils import epath
 
 from monoformer_jax.config import fields
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError, PathError
-from monoformer_jax.paths import free_bytes, is_local
+from monoformer_jax.paths import copy_file, free_bytes, is_local
 
 VERSION = "1.0.0"
 INFO = "dataset_info.json"  # written last: its presence marks a dataset complete
@@ -125,19 +125,7 @@ def _upload(local: str, remote: str) -> None:
   target.mkdir(parents=True, exist_ok=True)
   for name in names:
     logging.info("uploading %s to %s", name, remote)
-    _copy(os.path.join(local, name), target / name)
-
-
-def _copy(source, target) -> None:
-  """One file copied, streamed (an object's upload is complete only when closed)."""
-  try:
-    with epath.Path(source).open("rb") as src, epath.Path(target).open("wb") as dst:
-      shutil.copyfileobj(src, dst, 16 << 20)
-  except OSError as e:
-    raise PathError(
-      f"cannot copy {source} to {target} ({type(e).__name__}: {_first_line(e)}); "
-      "check the path, its permissions and the free space"
-    ) from e
+    copy_file(os.path.join(local, name), target / name)
 
 
 def local_copy(directory: str) -> str:
@@ -167,7 +155,7 @@ def local_copy(directory: str) -> str:
   try:
     logging.info("copying %s (%d files, %d bytes) to %s", directory, len(files), need, local)
     for path in files:
-      _copy(path, os.path.join(partial, path.name))
+      copy_file(path, os.path.join(partial, path.name))
     with open(os.path.join(partial, INFO), "wb") as f:
       f.write(info)
     shutil.rmtree(local, ignore_errors=True)  # a copy of an older run, cut short
