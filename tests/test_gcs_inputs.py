@@ -73,16 +73,20 @@ def test_tokenizers_from_a_bucket_give_the_local_ids(gcs_path):
   assert f"{gcs_path}/empty-folder-is-no-folder" in _one_line(e)
 
 
+def _assert_bit_exact(got: dict, want: dict):
+  """The same names in the same order, and each array the same dtype and bits."""
+  assert list(got) == list(want) and len(want) > 10
+  for key, value in want.items():
+    assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
+
+
 @pytest.mark.timeout(60)
 def test_vae_and_clip_from_a_bucket_are_bit_exact(gcs_path):
   vae_url = _upload(
     FIXTURES / "tiny_vae", f"{gcs_path}/vae", ["config.json", "diffusion_pytorch_model.safetensors"]
   )
-  want = nnx.to_flat_state(nnx.state(load_vae(FIXTURES / "tiny_vae")))
-  got = nnx.to_flat_state(nnx.state(load_vae(vae_url)))
-  assert [k for k, _ in got] == [k for k, _ in want] and len(want) > 10
-  for (key, a), (_, b) in zip(got, want):
-    assert a[...].dtype == b[...].dtype and np.array_equal(a[...], b[...]), key
+  vae_arrays = lambda path: {k: v[...] for k, v in nnx.to_flat_state(nnx.state(load_vae(path)))}
+  _assert_bit_exact(vae_arrays(vae_url), vae_arrays(FIXTURES / "tiny_vae"))
 
   clip_url = _upload(
     FIXTURES / "tiny_clip", f"{gcs_path}/clip", ["config.json", "model.safetensors"]
@@ -92,13 +96,9 @@ def test_vae_and_clip_from_a_bucket_are_bit_exact(gcs_path):
     load_clip_params(FIXTURES / "tiny_clip"),
   )
   assert got_cfg == want_cfg
-  flat_got, flat_want = (
-    nnx.traversals.flatten_mapping(got_params),
-    nnx.traversals.flatten_mapping(want_params),
+  _assert_bit_exact(
+    nnx.traversals.flatten_mapping(got_params), nnx.traversals.flatten_mapping(want_params)
   )
-  assert flat_got.keys() == flat_want.keys() and len(flat_want) > 10
-  for key, value in flat_want.items():
-    assert np.array_equal(flat_got[key], value), key
 
   with pytest.raises(MissingPathError) as e:
     load_vae(f"{gcs_path}/no-vae")
