@@ -33,6 +33,9 @@ setup(
     "ml-dtypes>=0.5",  # bfloat16 safetensors (TinyLlama ships them)
     "sentencepiece>=0.2",  # Llama's tokenizer.model
     "tokenizers>=0.20",  # or an HF tokenizer.json
+    # weights, VAE and tokenizer named by hub id (monoformer_jax/hub.py): its cache,
+    # HF_HOME, HF_HUB_OFFLINE and tokens for gated repos
+    "huggingface_hub>=0.25",
     "tensorboardX>=2.6",  # TensorBoard events without TensorFlow (clu's writers import it)
     # gs:// paths: etils.epath (Orbax's, TFDS's and ours) reaches GCS through
     # fsspec's gcsfs; google-cloud-storage writes TensorBoard events there and
@@ -47,6 +50,11 @@ setup(
     # writes the format itself (monoformer_jax/safetensors_io.py).
     # chex: the tests' tree and shape assertions. jax[tpu] (libtpu of the
     # installed jax, ~700 MB): tests/test_compile.py compiles for TPU slices.
+    # jax[cuda12-local]: JAX's CUDA plugin of the installed jax (~460 MB) and
+    # none of NVIDIA's CUDA libraries (the -local extras leave those to the
+    # host): tests/test_compile.py compiles the step for H100s with its Triton
+    # kernels; without CUDA the plugin only plans, and JAX_PLATFORMS=cpu
+    # (tests/conftest.py) keeps every test on the CPU.
     # pyarrow: tests/test_commonsense.py reads task files in parquet.
     # pytest-timeout: a hung test (an XLA collective that never completes) fails
     # alone instead of stalling CI (setup.cfg sets the limit and the method).
@@ -63,6 +71,7 @@ setup(
       "safetensors>=0.5",
       "chex>=0.1.92",
       "jax[tpu]>=0.10.2",
+      "jax[cuda12-local]>=0.10.2",
       "pyarrow>=15",
       # tests/test_inception.py writes .pth files and checks the resize with
       # it: the CPU wheel that lies on this machine's disk (a range pulls CUDA).
@@ -72,5 +81,9 @@ setup(
     ],
     # TPU hosts, and `python -m monoformer_jax.compile` (plans for TPU slices from any host).
     "tpu": ["jax[tpu]>=0.10.2"],
+    # NVIDIA GPU hosts (launch/gpu_slurm.sh): JAX's CUDA 12 plugin and the
+    # nvidia-* wheels it runs on (CUDA runtime, cuBLAS, cuDNN, NCCL, ptxas, ...);
+    # the host needs only NVIDIA's driver.
+    "cuda": ["jax[cuda12]>=0.10.2"],
   },
 )

@@ -43,7 +43,7 @@ from absl import flags
 from monoformer_jax import perf
 from monoformer_jax.config import config_file
 from monoformer_jax.data.packing import pack_examples
-from monoformer_jax.layout import Example, batch_shapes, row_spec
+from monoformer_jax.layout import HOST_KEYS, Example, batch_shapes, row_spec
 from monoformer_jax.model.build import train_flops_per_row
 from monoformer_jax.ops.attention import resolve_impl
 from monoformer_jax.parallel import sharding
@@ -135,7 +135,8 @@ def time_step(config, compiled, iters: int) -> float:
   with jax.set_mesh(mesh), sharding.logical_rules(config.sharding_rules):
     tx, _ = make_optimizer(config.optim, config.model)
     _, state, _ = create_train_state(config, mesh, tx)
-    batch = {k: jnp.asarray(v) for k, v in class_rows(config).items()}
+    rows = class_rows(config)
+    batch = {k: jnp.asarray(v) for k, v in rows.items() if k not in HOST_KEYS}  # the model's
     health = healthy()
     times = []
     for i in range(iters + 1):

@@ -5,13 +5,17 @@ r"""What the paper's model (and a 7B) needs on TPU slices, from ahead-of-time co
 Each setting is one `python -m monoformer_jax.compile` run (a fresh process
 each: the TPU compiler's memory is freed between them), compiling the real
 train step of configs/imagenet256.py (the 1.1B; `:7b` the Llama-2-7B shape)
-at its global batch of 256 rows x 512 tokens for a slice's compile-only
-devices. A setting that does not fit moves on to the next one in its list
+at its global batch of 256 rows x 288 columns for a slice's compile-only
+devices, the rows measured by the packer with a Llama-style tokenizer
+(tests/fixtures/llama_style_tokenizer) so that FLOPs and MFU count only the
+non-padding tokens. Beside each, the same setting's figures from the rows of
+512 columns the config had before (docs/scaling_512.json, written by this
+script on 2026-12-01). A setting that does not fit moves on to the next one in its list
 (FSDP over every chip, then gradient accumulation, then tensor parallelism),
 and the table shows every attempt with the compiler's out-of-memory message.
 `--only=v5e-16,7b@v5p-64` runs some settings; the document is rewritten from
 the runs of this invocation only. Each compile takes 1 to 3 minutes on an
-idle 2-core host (the table of docs/scaling.md: 18 minutes).
+idle 2-core host (the table of docs/scaling.md: about 20 minutes).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from absl import app, flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GIB = 2**30
+TOKENIZER = REPO / "tests" / "fixtures" / "llama_style_tokenizer" / "tokenizer.model"
+BEFORE = REPO / "docs" / "scaling_512.json"  # the 512-column rows, 2026-12-01
 
 _OUTPUT = flags.DEFINE_string("output", str(REPO / "docs" / "scaling.md"), "markdown file")
 _ONLY = flags.DEFINE_list("only", [], "run only these rows: TOPOLOGY (1.1B) or 7b@TOPOLOGY")
@@ -65,6 +71,7 @@ def compile_once(variant: str, topology: str, flags_: list[str]) -> dict:
       config,
       f"--topology={topology}",
       f"--output={out}",
+      f"--config.data.tokenizer={TOKENIZER}",
     ] + flags_
     print("$", " ".join(command[1:]), flush=True)
     t0 = time.perf_counter()
@@ -96,22 +103,51 @@ def _why(message: str) -> str:
   return said.split(" To fit it:", 1)[0].rstrip(".")
 
 
-def _row(model: str, topology: str, setting: str, result: dict) -> str:
+def _images_per_s_per_chip(result: dict) -> float:
+  """The step's images (one per row before the padding was measured) per second per chip."""
+  images = result.get("images_per_step") or result["batch_size"]
+  return images / result["step_seconds"] / result["devices"]
+
+
+def _before(result: dict, before: dict) -> str:
+  """The 512-column row's step time and images/s per chip, and the speed-up."""
+  old = before.get((result["model"], result["topology"], result["setting"]))
+  if not old or "error" in old:
+    return "did not fit" if old else ""
+  if old["estimate"] != "xla":
+    return f">= {old['step_seconds'] * 1e3:,.0f} ms (at peak)"
+  ratio = _images_per_s_per_chip(result) / _images_per_s_per_chip(old)
+  return (
+    f"{old['step_seconds'] * 1e3:,.0f} ms, {_images_per_s_per_chip(old):,.1f} images/s: "
+    f"now {ratio:.2f}x"
+  )
+
+
+def _row(model: str, topology: str, setting: str, result: dict, before: dict) -> str:
   if "error" in result:
-    return f"| {model} | {topology} | {setting} | | | does not fit: {_why(result['error'])} | | | |"
+    why = _why(result["error"])
+    return f"| {model} | {topology} | {setting} | | | does not fit: {why} | | | | | | {_before(result, before)} |"
   mesh = "x".join(str(result["mesh"][a]) for a in ("data", "fsdp", "tensor"))
   memory = (
     f"{result['total_bytes'] / GIB:.1f} of {result['hbm_bytes'] / GIB:g} GiB "
     f"(arguments {result['argument_bytes'] / GIB:.1f}, temporaries "
     f"{result['temp_bytes'] / GIB:.1f}): " + ("fits" if result["fits"] else "does NOT fit")
   )
+  images = _images_per_s_per_chip(result)
   if result["estimate"] == "xla":
     time_ms, mfu = f"{result['step_seconds'] * 1e3:,.0f}", f"{100 * result['mfu']:.0f}%"
+    speed = f"{images:,.1f}"
   else:  # no usable XLA estimate: the time at peak, a lower bound
     time_ms, mfu = f">= {result['step_seconds'] * 1e3:,.0f} (at peak)", "n/a"
+    speed = f"<= {images:,.1f}"
+  flops = (
+    f"{result['useful_flops'] / 1e15:.3f} ({result['model_flops'] / 1e15:.3f})"
+    f" | {result['useful_flops'] / result['images_per_step'] / 1e12:.2f}"
+  )
   return (
     f"| {model} | {topology} | {setting} | {mesh} | {result['remat']} | {memory} | "
-    f"{result['model_flops'] / 1e15:.3f} | {time_ms} | {mfu} |"
+    f"{100 * result['padding']:.1f}% | {flops} | {time_ms} | {mfu} | {speed} | "
+    f"{_before(result, before)} |"
   )
 
 
@@ -121,6 +157,7 @@ def main(argv):
   import libtpu
 
   lines, records = [], []
+  before = {(r["model"], r["topology"], r["setting"]): r for r in json.loads(BEFORE.read_text())}
   for variant, topology, settings in ROWS:
     key = f"7b@{topology}" if variant else topology
     if _ONLY.value and key not in _ONLY.value:
@@ -131,9 +168,8 @@ def main(argv):
       records.append(
         {**result, "model": model, "topology": topology, "setting": setting, "flags": flags_}
       )
-      lines.append(
-        _row(model, topology, setting + (f" `{' '.join(flags_)}`" if flags_ else ""), result)
-      )
+      shown = setting + (f" `{' '.join(flags_)}`" if flags_ else "")
+      lines.append(_row(model, topology, shown, records[-1], before))
       if result.get("fits"):
         break
   path = pathlib.Path(_OUTPUT.value)
@@ -163,13 +199,22 @@ def main(argv):
       "",
       "configs/imagenet256.py (1.1B: TinyLlama's decoder, 22 layers of 2048) and its "
       "`:7b` variant (Llama-2-7B's decoder, 32 layers of 4096), both at the config's "
-      "global batch of 256 rows x 512 tokens (one 256-token image per row), bf16 compute, "
-      "float32 master weights, AdamW and an EMA copy, rematerialised layers "
-      "(`model.remat=True`), Pallas (Mosaic) attention.",
+      "global batch of 256 rows x 288 columns (one 256-token image and its prompt per "
+      "row: 256 images per step), bf16 compute, float32 master weights, AdamW and an EMA "
+      "copy, rematerialised layers (`model.remat=True`), Pallas (Mosaic) attention. The "
+      "rows are measured by the packer on made ImageNet examples (the 1000 class names "
+      "under the reference's templates, 10% with the prompt dropped) tokenized with a "
+      "Llama-style 32,000-piece tokenizer (`--config.data.tokenizer=tests/fixtures/"
+      "llama_style_tokenizer/tokenizer.model`); the last column is the same setting "
+      "with the 512-column rows the config had until 2026-12-07 (47.7% padding; "
+      "docs/scaling_512.json). Why the images/s gain stays below the FLOPs': "
+      "[row_layout.md](row_layout.md).",
       "",
       "| model | slice | setting | mesh data x fsdp x tensor | remat | memory per chip "
-      "(of HBM) | model PFLOPs per step | est. step ms | est. MFU |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "(of HBM) | padding | model PFLOPs per step: non-padding (computed) | model TFLOPs "
+      "per image | est. step ms | est. MFU | est. images/s per chip | before, 512 "
+      "columns: step, images/s per chip |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
       *lines,
       "",
       "What fits, setting by setting:",
@@ -184,9 +229,12 @@ def main(argv):
       "refuses a step whose arguments and temporaries exceed what it can use (its message "
       "is quoted), but has accepted steps whose figures add up to more than the HBM; those "
       "are counted as not fitting too.",
-      "- model FLOPs: `perf.train_flops_per_row` x 256 rows (6 per weight per token plus "
-      "the attention over each whole row; rematerialisation not counted), the count MFU "
-      "uses.",
+      "- padding: the share of the step's columns that hold no example, as the packer "
+      "lays out the made examples (`data.datasets.class_prompt_rows`).",
+      "- model FLOPs: `model.build.train_flops_counter`: 6 per weight per token plus the "
+      "attention's 12 x layers x heads x head_dim per query-key pair; rematerialisation "
+      "not counted. Of the non-padding tokens and the pairs inside each example (what "
+      "MFU counts), and in brackets of the whole rows, which the chips compute.",
       "- est. step time: XLA's own estimate (`cost_analysis()['optimal_seconds']`) of the "
       "program it counts, which is one layer of one micro-batch (it counts each `scan` "
       "body once), scaled by the model FLOPs of the whole step over those of that one "
@@ -196,14 +244,17 @@ def main(argv):
       "  Where XLA gives no usable estimate (here on "
       f"{', '.join(no_estimate) or 'none'}: `optimal_seconds` comes out negative), the "
       "time at 100% of the chips' bf16 peak is shown instead: a lower bound of the time.",
-      "- est. MFU: model FLOPs / (est. step time x chips x bf16 peak).",
+      "- est. MFU: non-padding model FLOPs / (est. step time x chips x bf16 peak); "
+      "est. images/s per chip: images per step / est. step time / chips (an upper bound "
+      "where the time is the peak bound).",
       "",
       "Any single setting: `python -m monoformer_jax.compile --config=configs/imagenet256.py "
       "--topology=v5e-16 --config.mesh.data=-1 --config.mesh.fsdp=1` (add `--output=x.json` "
       "for the figures). GPUs: `--topology=h100-8` (8 per host) plans H100s the same way "
       "once JAX's CUDA plugin is installed (`pip install jax-cuda12-plugin==<jax "
       "version>`, no CUDA libraries needed), with memory per GPU but no cost estimate "
-      "from XLA's GPU compiler (`monoformer_jax/parallel/topology.py`).",
+      "from XLA's GPU compiler (`monoformer_jax/parallel/topology.py`): the 1.1B on "
+      "H100s is in [scaling_h100.md](scaling_h100.md).",
       "",
     ]
   )

@@ -47,7 +47,7 @@ from monoformer_jax import perf
 from monoformer_jax.config import config_file
 from monoformer_jax.data.packing import pack_examples
 from monoformer_jax.diffusion.gaussian import from_config
-from monoformer_jax.layout import Example, row_spec
+from monoformer_jax.layout import HOST_KEYS, Example, row_spec
 from monoformer_jax.model.build import abstract_model
 from monoformer_jax.parallel import sharding
 from monoformer_jax.text.tokenizer import ByteTokenizer
@@ -122,7 +122,7 @@ def shape_batch(config, name: str):
       rows=config.data.batch_size,
       spec=row_spec(config, tok),
     )
-    return {k: jnp.asarray(v) for k, v in next(batches).items()}
+    return {k: jnp.asarray(v) for k, v in next(batches).items() if k not in HOST_KEYS}
   spec = row_spec(config, tok)
   rng = np.random.default_rng(0)
   examples = []
@@ -139,7 +139,7 @@ def shape_batch(config, name: str):
     )
   batch = pack_examples(examples, spec, one_per_row=True)
   assert (batch["segment_ids"] > 0).all(), "rows must be exactly full"
-  return {k: jnp.asarray(v) for k, v in batch.items()}
+  return {k: jnp.asarray(v) for k, v in batch.items() if k not in HOST_KEYS}  # the model's
 
 
 def matmul_rate(m: int, k: int, n: int, iters: int) -> float:

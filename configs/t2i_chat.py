@@ -27,7 +27,7 @@ VARIANTS = ("",)  # none but the default (checked by the loader, config/files.py
 def get_config(variant=""):
   del variant  # "" only: ml_collections passes the "" of `--config=FILE:`
   c = base()  # the paper's model, recipe and mesh (configs/imagenet256.py); other data
-  c.data.name = "mix"
+  c.data.update(name="mix", seq_len=512)  # captions and chats: the reference's 512
   # The loss on the assistant's answers only, in the reference's template
   # (data.train_on_source=False, data.chat_template="human_assistant": the defaults).
   c.data.mix = dict(text_to_image=9.0, chat=1.0)

@@ -66,7 +66,8 @@ def get_config(variant=""):
     vision_encoder="clip",
     vision=clip_config_from_hf(CLIP_VIT_L14, "openai/clip-vit-large-patch14"),
   )
-  c.data.update(name="mix", max_read_images_per_row=1)  # one LLaVA image per record
+  # One LLaVA image per record; rows of the reference's 512 for captions and answers.
+  c.data.update(name="mix", seq_len=512, max_read_images_per_row=1)
   c.data.mix = dict(text_to_image=1.0, llava=1.0)
   c.data.dirs = dict(text_to_image="", llava="")
   c.sample.update(

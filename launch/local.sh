@@ -13,9 +13,10 @@
 # run's: WORKDIR/logs for a command with a local --workdir, else a new folder
 # under ${TMPDIR:-/tmp}/monoformer_logs. Process 0's log is also shown here. Ctrl-C (or a
 # SIGTERM to this script) is passed on to every process as SIGTERM: they agree
-# on a step, save it and exit, as a preempted pod does. The exit status is the
-# first non-zero status of a process, else 0.
+# on a step, save it and exit with status 75 (resumable), as a preempted pod
+# does. The exit status is the first non-zero status of a process, else 0.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() { echo "usage: $0 N -- COMMAND [ARGS...]" >&2; exit 2; }
 [[ $# -ge 3 && $1 =~ ^[1-9][0-9]*$ && $2 == "--" ]] || usage
@@ -23,22 +24,9 @@ N=$1; shift 2
 DEVICES=${DEVICES:-8}
 (( DEVICES % N == 0 )) || { echo "DEVICES=$DEVICES is not divisible by N=$N" >&2; exit 2; }
 PER=$(( DEVICES / N ))
-default_log_dir() {
-  local arg workdir="" next=0
-  for arg in "$@"; do
-    if (( next )); then workdir=$arg; next=0; fi
-    case $arg in
-      --workdir=*) workdir=${arg#--workdir=} ;;
-      --workdir) next=1 ;;
-    esac
-  done
-  if [[ -n $workdir && $workdir != *://* ]]; then
-    echo "$workdir/logs"
-  else  # no workdir, or one in a bucket (logs are local files)
-    echo "${TMPDIR:-/tmp}/monoformer_logs/$(date +%Y%m%d-%H%M%S)-$$"
-  fi
-}
-LOG_DIR=${LOG_DIR:-$(default_log_dir "$@")}
+workdir=$(local_workdir "$@")
+LOG_DIR=${LOG_DIR:-${workdir:+$workdir/logs}}
+LOG_DIR=${LOG_DIR:-${TMPDIR:-/tmp}/monoformer_logs/$(date +%Y%m%d-%H%M%S)-$$}
 mkdir -p "$LOG_DIR"
 PORT=${PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
 # This script's device count replaces any in XLA_FLAGS (other flags are kept).
@@ -65,11 +53,7 @@ tailer=$!
 
 status=0
 for (( i = 0; i < N; i++ )); do
-  # `wait` returns early when a trapped signal arrives: wait again until it exits.
-  while true; do
-    set +e; wait "${pids[$i]}"; code=$?; set -e
-    kill -0 "${pids[$i]}" 2>/dev/null || break
-  done
+  status_of "${pids[$i]}"
   echo "process $i exited with status $code"
   (( status == 0 && code != 0 )) && status=$code
 done

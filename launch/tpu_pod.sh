@@ -1,80 +1,103 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU VM pod slice (or several slices): the same command on
-# every worker, one JAX process per worker.
+# A Cloud TPU VM pod slice (or several) from your machine, through gcloud:
 #
-#   TPU=my-v5p-32 ZONE=us-east5-a launch/tpu_pod.sh \
-#       --config=configs/imagenet256.py --workdir=gs://bucket/runs/mf256 \
-#       --config.data.dir=/data/prepared/monoformer_imagenet/1.0.0
+#   TPU=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh setup
+#   TPU=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh run train \
+#       --config=configs/imagenet256.py --workdir=gs://my-bucket/runs/mf256 \
+#       --config.data.dir=gs://my-bucket/prepared/monoformer_imagenet/1.0.0
+#   TPU=... ZONE=... launch/tpu_pod.sh logs [WORKER] | status | stop
 #
-# Prepared data in a bucket: DATA_BUCKET=my-bucket mounts it with gcsfuse at
-# /data on every worker (read-only, as MaxText does), so that
-# --config.data.dir=/data/prepared/monoformer_imagenet/1.0.0 reads
-# gs://my-bucket/prepared/monoformer_imagenet/1.0.0 in place. Without a mount,
-# data.dir=gs://... also works: each host then copies the dataset to its local
-# disk once (array_record opens local files only; docs/data.md).
+#   setup        copies this checkout at COMMIT (default HEAD; a `git archive`, so
+#                what runs is a commit you can name) to ~/$REMOTE_DIR on every
+#                worker, leaving files you put there; makes a Python 3.11+
+#                environment there with uv (PyPI) and installs `.[tpu]` into
+#                it; prints the versions. Run it again after a new commit.
+#                DATA_BUCKET=b also mounts gs://b read-only at /data (gcsfuse).
+#   run MODULE ARGS...
+#                `python -m monoformer_jax.MODULE ARGS` on every worker at
+#                once, MODULE one of train, prepare, evaluate, sample, compile,
+#                convert. Detached: the run outlives this command and the SSH
+#                connection; a run still going from before is stopped first
+#                (SIGTERM by its pid). It is restarted after a preemption, up to
+#                MAX_RESTARTS (3) times, RESTART_DELAY (10) s later, and not
+#                after a config error or a divergence. Then follows worker 0's log (FOLLOW=0: don't);
+#                Ctrl-C leaves the run going.
+#   logs [W]     worker W's log (default 0; SLICE=s: of slice s), followed
+#                while the run goes.
+#   status       each worker's run: going (with its last line) or how it ended.
+#   stop         SIGTERM on every worker: they save the same step and stop
+#                (waits up to STOP_TIMEOUT, 900 s, for the save).
 #
-# What it does, printed before it does it:
-#   1. copies this checkout to every worker (git archive of HEAD, so what runs
-#      is a commit you can name; REPO_URL=... clones that instead),
-#   2. installs it there with pip (the `tpu` extra brings the libtpu that
-#      matches jax),
-#   3. runs `python -m monoformer_jax.train --jax_distributed ARGS` on all
-#      workers at once; JAX finds the other workers from the TPU VM's metadata.
-#      Each worker's log goes to ~/monoformer_jax/train.log on it and is
-#      streamed here prefixed with its worker number by gcloud.
+# Several slices (multi-slice over the data-center network): SLICES=N with
+# TPU=prefix names the slices prefix-0 .. prefix-(N-1) (what a queued resource
+# with --node-count=N creates); `run` gives each worker the MEGASCALE_*
+# variables that join them (slice 0's first worker coordinates) and you set
+# the mesh's DCN axis, e.g. --config.mesh.dcn_data=N.
 #
-# Multi-slice: create the slices as one queued resource (or one per slice
-# with SLICES=N, TPU=name-prefix: name-0, name-1, ...) and set the mesh's DCN
-# axis, e.g. --config.mesh.dcn_data=2: 'data' then spans the slices over DCN
-# and fsdp/tensor stay inside a slice (parallel/sharding.py builds it with
-# mesh_utils.create_hybrid_device_mesh).
-#
-# Preemption: a SIGTERM to any worker (a maintenance event, or `gcloud ...
-# ssh --command="pkill -TERM -f monoformer_jax.train"`) makes every worker
-# save the same step and exit; the same command resumes it.
+# Each gcloud command is printed before it runs. launch/pod_worker.sh is what
+# runs on the workers; launch/README.md has the whole journey.
 set -euo pipefail
 
+usage() {
+  echo "usage: TPU=name ZONE=zone $0 setup | run MODULE [ARGS...] | logs [WORKER] | status | stop" >&2
+  exit 2
+}
+[[ $# -ge 1 ]] || usage
 : "${TPU:?set TPU to the TPU VM name (or the name prefix with SLICES>1)}"
 : "${ZONE:?set ZONE, e.g. us-east5-a}"
-PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
 SLICES=${SLICES:-1}
-REMOTE_DIR=${REMOTE_DIR:-monoformer_jax}
-PYTHON=${PYTHON:-python3}
-[[ $# -ge 1 ]] || { echo "usage: TPU=... ZONE=... $0 TRAIN_ARGS..." >&2; exit 2; }
+REMOTE_DIR=${REMOTE_DIR:-monoformer_jax}    # under the home folder on each worker
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+source "$HERE/launch/common.sh"
+gcloud_flags=(--zone="$ZONE")
+[[ -z ${PROJECT:-} ]] || gcloud_flags+=(--project="$PROJECT")
+[[ $SLICES =~ ^[1-9][0-9]*$ ]] || { echo "error: SLICES=$SLICES must be a positive number" >&2; exit 2; }
+[[ ${MAX_RESTARTS:-3} =~ ^[0-9]+$ ]] || {
+  echo "error: MAX_RESTARTS=$MAX_RESTARTS must be a whole number (0: never restart)" >&2; exit 2; }
 
 names=()
 if (( SLICES == 1 )); then names=("$TPU"); else
   for (( s = 0; s < SLICES; s++ )); do names+=("$TPU-$s"); done
 fi
 
-ssh_all() {   # ssh_all NAME COMMAND: COMMAND on every worker of TPU VM NAME
-  echo "+ gcloud compute tpus tpu-vm ssh $1 --zone=$ZONE --worker=all --command=$2" >&2
-  gcloud compute tpus tpu-vm ssh "$1" --zone="$ZONE" $PROJECT_FLAG --worker=all --command="$2"
+tpu_vm() {  # tpu_vm ARGS...: one gcloud TPU VM command, printed first
+  echo "+ gcloud compute tpus tpu-vm $*" >&2
+  gcloud compute tpus tpu-vm "$@" "${gcloud_flags[@]}"
 }
+on_workers() {  # on_workers NAME WORKER COMMAND
+  tpu_vm ssh "$1" --worker="$2" --command="$3"
+}
+each_slice() {  # each_slice COMMAND: on every worker of every slice, slices in parallel
+  local pids=() status=0 name
+  for name in "${names[@]}"; do on_workers "$name" all "$1" & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+  return $status
+}
+# pod_worker.sh on the workers; on one without it (no `setup` yet), one line saying so.
+worker_script="bash $REMOTE_DIR/launch/pod_worker.sh"
+guard="test -f $REMOTE_DIR/launch/pod_worker.sh || { echo \"error: no ~/$REMOTE_DIR on \
+\$(hostname): run launch/tpu_pod.sh setup first\" >&2; exit 2; }; "
 
-if [[ -n "${REPO_URL:-}" ]]; then
-  fetch="rm -rf $REMOTE_DIR && git clone --depth 1 ${REPO_REF:+--branch $REPO_REF} $REPO_URL $REMOTE_DIR"
-  for name in "${names[@]}"; do ssh_all "$name" "$fetch"; done
-else
-  archive=$(mktemp --suffix=.tar.gz)
-  git -C "$(dirname "$0")/.." archive --format=tar.gz -o "$archive" HEAD
-  echo "copying $(git -C "$(dirname "$0")/.." rev-parse --short HEAD) to every worker"
-  for name in "${names[@]}"; do
-    echo "+ gcloud compute tpus tpu-vm scp $archive $name:code.tar.gz --worker=all" >&2
-    gcloud compute tpus tpu-vm scp "$archive" "$name:code.tar.gz" --zone="$ZONE" \
-        $PROJECT_FLAG --worker=all
-    ssh_all "$name" "rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar xzf code.tar.gz -C $REMOTE_DIR"
-  done
-  rm -f "$archive"
-fi
-
-for name in "${names[@]}"; do
-  ssh_all "$name" "cd $REMOTE_DIR && $PYTHON -m pip install -q -e '.[tpu]'"
-done
-
-if [[ -n "${DATA_BUCKET:-}" ]]; then   # gcsfuse (from Google's apt repository) at $DATA_MOUNT
-  DATA_MOUNT=${DATA_MOUNT:-/data}
-  mount="command -v gcsfuse >/dev/null || { \
+case $1 in
+  setup)
+    [[ $# -eq 1 ]] || usage
+    commit=$(git -C "$HERE" rev-parse --verify -q "${COMMIT:-HEAD}^{commit}") || {
+      echo "error: COMMIT=${COMMIT:-HEAD} is not a commit of $HERE (a hash, branch or tag)" >&2
+      exit 2; }
+    archive=$(mktemp --suffix=.tar.gz)
+    trap 'rm -f "$archive"' EXIT
+    git -C "$HERE" archive --format=tar.gz -o "$archive" "$commit"
+    echo "setting up commit ${commit:0:12} on ${names[*]}, in ~/$REMOTE_DIR"
+    git -C "$HERE" diff --quiet HEAD 2>/dev/null ||
+      echo "note: this checkout has uncommitted changes; they are not copied (commit them first)"
+    for name in "${names[@]}"; do tpu_vm scp "$archive" "$name:monoformer_jax_code.tar.gz" --worker=all; done
+    # pod_worker.sh comes out of the archive first: it does the rest.
+    each_slice "mkdir -p $REMOTE_DIR/.launch && tar xzf monoformer_jax_code.tar.gz -O \
+launch/pod_worker.sh > $REMOTE_DIR/.launch/pod_worker.sh && \
+EXTRA=${EXTRA:-tpu} bash $REMOTE_DIR/.launch/pod_worker.sh setup monoformer_jax_code.tar.gz $commit"
+    if [[ -n ${DATA_BUCKET:-} ]]; then   # gcsfuse (Google's apt repository) at $DATA_MOUNT
+      DATA_MOUNT=${DATA_MOUNT:-/data}
+      each_slice "command -v gcsfuse >/dev/null || { \
 export GCSFUSE_REPO=gcsfuse-\$(lsb_release -c -s) && \
 echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt \$GCSFUSE_REPO main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && \
 curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && \
@@ -82,17 +105,51 @@ sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; } && \
 sudo mkdir -p $DATA_MOUNT && sudo chown \$USER $DATA_MOUNT && \
 { mountpoint -q $DATA_MOUNT || gcsfuse -o ro --implicit-dirs \
 --file-cache-max-size-mb=-1 --cache-dir=/tmp/gcsfuse-cache $DATA_BUCKET $DATA_MOUNT; }"
-  for name in "${names[@]}"; do ssh_all "$name" "$mount"; done
-fi
-
-# Quote the training arguments once, for the remote shell.
-args=$(printf ' %q' "$@")
-run="cd $REMOTE_DIR && $PYTHON -m monoformer_jax.train --jax_distributed$args 2>&1 | tee train.log"
-pids=()
-for name in "${names[@]}"; do
-  ssh_all "$name" "$run" &
-  pids+=($!)
-done
-status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
-exit $status
+    fi
+    ;;
+  run)
+    [[ $# -ge 2 ]] || usage
+    shift
+    module_of "$1" > /dev/null ||
+      { echo "error: MODULE '$1' is not one of $MODULES (the ARGS follow it)" >&2; exit 2; }
+    args=$(printf ' %q' "$@")
+    settings="MAX_RESTARTS=${MAX_RESTARTS:-3} COORDINATOR_PORT=${COORDINATOR_PORT:-8482}"
+    settings+="${RESTART_DELAY:+ RESTART_DELAY=$RESTART_DELAY}${DRY_RUN:+ DRY_RUN=1}"
+    if (( SLICES > 1 )); then
+      # Slice 0's first worker coordinates the slices (JAX's choice too).
+      echo "+ gcloud compute tpus tpu-vm describe ${names[0]}" >&2
+      coordinator=$(gcloud compute tpus tpu-vm describe "${names[0]}" "${gcloud_flags[@]}" \
+        --format='value(networkEndpoints[0].ipAddress)')
+      [[ -n $coordinator ]] || { echo "error: no address for ${names[0]}'s worker 0" >&2; exit 1; }
+    fi
+    pids=() status=0
+    for (( s = 0; s < SLICES; s++ )); do
+      slice_settings=$settings
+      if (( SLICES > 1 )); then
+        port=${MEGASCALE_PORT:-8080}
+        slice_settings+=" MEGASCALE_COORDINATOR_ADDRESS=$coordinator:$port"
+        slice_settings+=" MEGASCALE_NUM_SLICES=$SLICES MEGASCALE_SLICE_ID=$s MEGASCALE_PORT=$port"
+      fi
+      on_workers "${names[$s]}" all "$guard$slice_settings $worker_script start$args" & pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+    (( status == 0 )) || exit $status
+    [[ -z ${DRY_RUN:-} && ${FOLLOW:-1} != 0 ]] || exit 0
+    echo "following worker 0's log (Ctrl-C leaves the run going; \`$0 logs\` comes back to it)"
+    on_workers "${names[0]}" 0 "$guard$worker_script logs"
+    ;;
+  logs)
+    [[ $# -le 2 ]] || usage
+    worker=${2:-0}
+    [[ $worker =~ ^[0-9]+$ ]] || { echo "error: WORKER '$worker' must be a number" >&2; exit 2; }
+    [[ ${SLICE:-0} =~ ^[0-9]+$ && ${SLICE:-0} -lt $SLICES ]] || {
+      echo "error: SLICE=$SLICE is not one of the $SLICES slice(s) 0..$(( SLICES - 1 ))" >&2; exit 2; }
+    # W numbers the workers of one slice; with SLICES>1, SLICE=s picks the slice (0).
+    on_workers "${names[${SLICE:-0}]}" "$worker" "${guard}TAIL_LINES=${TAIL_LINES:-100} $worker_script logs"
+    ;;
+  status | stop)
+    [[ $# -eq 1 ]] || usage
+    each_slice "$guard${STOP_TIMEOUT:+STOP_TIMEOUT=$STOP_TIMEOUT }$worker_script $1"
+    ;;
+  *) usage ;;
+esac

@@ -27,6 +27,12 @@ import os
 # training job on this VM is using): the CPU backend, unless told otherwise.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# The imports below come after it: jax reads JAX_PLATFORMS when it is imported.
+# ruff: noqa: E402
+import monoformer_jax
+
+monoformer_jax.import_jax_without_cuda_noise()  # the package did not: JAX_PLATFORMS was unset
+
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags

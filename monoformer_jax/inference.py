@@ -35,6 +35,7 @@ from monoformer_jax.config.fields import (
   flag_of,
   integer,
 )
+from monoformer_jax.config.schema import max_sampling_steps, sampler_for
 from monoformer_jax.data import prompts as prompt_format
 from monoformer_jax.data.datasets import class_by_name, draws_pixels
 from monoformer_jax.diffusion.gaussian import SAMPLERS, from_config
@@ -164,17 +165,18 @@ def interleaved_budgets(
 
 
 def _check_drawing(config, *, num_steps, cfg_scale, eta, sampler, guided_channels, prefix=""):
-  """The image sampling arguments against the model's config."""
-  if sampler not in SAMPLERS:
+  """The image sampling arguments against the model's config (`sampler` None:
+  the default of the model's diffusion.objective, as the samplers take it)."""
+  if sampler is not None and sampler not in SAMPLERS:
     raise ConfigError(f"{prefix}sampler={sampler!r}: choose one of {SAMPLERS}")
   check_image_sampling(
     num_steps=num_steps,
     cfg_scale=cfg_scale,
     eta=eta,
-    sampler=sampler,
+    sampler=sampler_for(config.diffusion.objective, sampler, f"{prefix}sampler"),
     guided_channels=guided_channels,
     channels=config.model.in_channels,
-    num_timesteps=config.diffusion.num_timesteps,
+    num_timesteps=max_sampling_steps(config.diffusion),
     prefix=prefix,
   )
 
@@ -205,7 +207,7 @@ def generate_images(
   *,
   config,
   num_steps: int = 20,
-  sampler: str = "ddpm",
+  sampler: str | None = None,
   eta: float = 0.0,
   cfg_scale: float | None = 1.5,
   guided_channels: int | None = None,
@@ -399,7 +401,7 @@ def generate_interleaved(
   vae=None,
   max_new_tokens: int | None = None,
   num_steps: int = 20,
-  sampler: str = "ddpm",
+  sampler: str | None = None,
   eta: float = 0.0,
   cfg_scale: float | None = 1.5,
   guided_channels: int | None = None,
@@ -607,7 +609,7 @@ def edit_images(
   guidance: str | None = "both",
   cfg_scale=1.5,
   num_steps: int = 20,
-  sampler: str = "ddpm",
+  sampler: str | None = None,
   eta: float = 0.0,
   guided_channels: int | None = None,
   seed: int = 0,

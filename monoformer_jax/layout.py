@@ -28,6 +28,8 @@ them. A batch of B rows is a dict of numpy arrays:
     text_weights  float32 [B, L]  1.0 where cross-entropy trains (see below)
     latents       float32 [B, M, h, w, C]  the k-th GENERATED image of a row in slot k - 1
     read_images   float32 [B, R, ...]      the r-th READ image (the vision encoder's input)
+    examples_cut  int32 [B]       the row's examples whose text was cut to fit
+                                  (`Example.cut`); host-side only (`HOST_KEYS`)
 
 Each image of an example is either GENERATED (noised, trained by the
 diffusion loss, bidirectional inside itself: `image_ids` k >= 1) or READ
@@ -39,7 +41,7 @@ conditioning (`RowSpec.cond_token`) every image, of either kind, is preceded
 by one timestep token, outside the image's block (`image_ids` 0), which the
 model fills with t_projector(t_embedder(t)) (t = 0 for a read image).
 
-All but the last four are what the model reads (`Row`); the model places
+All but the last five are what the model reads (`Row`); the model places
 image tokens at the columns named here and reads them back from there, and
 the loss counts the slots `image_valid` names, so no other module re-derives
 the layout.
@@ -65,7 +67,10 @@ writes after it must fit the rows the model was trained on
 
 Nothing is dropped, reordered or cut silently. An example with images that
 cannot fit one row (too long, too many images, an image of the wrong shape)
-raises (`pieces_of`). A text-only example longer than L is split into
+raises (`pieces_of`); one whose maker cut its text to fit (a long caption,
+data/prompts.py `image_example`) says how much in `Example.cut`, and the rows
+count such examples in `examples_cut`, which the training loop adds up and
+logs and never sends to the devices. A text-only example longer than L is split into
 consecutive pieces of at most L tokens, each laid out as its own example
 (positions restart in each piece, and no target crosses a cut); since it
 holds no image, no cut falls inside one; its `text_mask` is cut with it.
@@ -125,6 +130,8 @@ class Example:
   `interleaved`: its text trains cross-entropy although it generates images
   (text and images written together: the model learns where to draw),
   whatever `text_on_image_examples` says.
+  `cut`: how many ids its maker cut from its text so that it fits a row (0:
+  none); counted per row in the batch's `examples_cut`.
   """
 
   ids: Sequence[int]
@@ -133,6 +140,7 @@ class Example:
   text_mask: Sequence[bool] | None = None
   read: Sequence[bool] | None = None
   interleaved: bool = False
+  cut: int = 0
 
   def read_flags(self) -> list[bool]:
     return [False] * len(self.images) if self.read is None else [bool(r) for r in self.read]
@@ -190,6 +198,11 @@ def row_spec(config, tokenizer) -> RowSpec:
   )
 
 
+# Arrays of a packed batch that are for the host's log, not the model: the
+# training loop takes them out before the batch goes to the devices.
+HOST_KEYS = ("examples_cut",)
+
+
 def batch_shapes(config, rows: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """(shape, dtype) of each array of a batch of `rows` (default data.batch_size)
   packed rows of `config`, with no tokenizer and no data: what an ahead-of-time
@@ -198,7 +211,9 @@ def batch_shapes(config, rows: int | None = None) -> dict[str, tuple[tuple[int, 
   rows = config.data.batch_size if rows is None else rows
   ids = types.SimpleNamespace(image_id=0, pad_id=0)  # token ids change no shape
   empty = Rows(0, row_spec(config, ids)).batch()
-  return {name: ((rows,) + x.shape[1:], x.dtype) for name, x in empty.items()}
+  return {
+    name: ((rows,) + x.shape[1:], x.dtype) for name, x in empty.items() if name not in HOST_KEYS
+  }
 
 
 class Row(NamedTuple):
@@ -314,6 +329,7 @@ def pieces_of(example: Example, spec: RowSpec, index: int) -> list[Example]:
         (),
         example.train_text,
         None if mask is None else mask[i : i + spec.seq_len],
+        cut=example.cut if i == 0 else 0,  # counted once
       )
       for i in range(0, len(ids), spec.seq_len)
     ]
@@ -359,7 +375,7 @@ def pieces_of(example: Example, spec: RowSpec, index: int) -> list[Example]:
       + f") but data.seq_len is {spec.seq_len}; raise --config.data.seq_len to at "
       f"least {need}"
     )
-  return [Example(ids, images, example.train_text, mask, read, example.interleaved)]
+  return [Example(ids, images, example.train_text, mask, read, example.interleaved, example.cut)]
 
 
 def _checked_read(example: Example, index: int) -> list[bool]:
@@ -423,6 +439,7 @@ class Rows:
     self.n_examples = np.zeros(rows, np.int64)
     self.n_images = np.zeros(rows, np.int64)
     self.n_read = np.zeros(rows, np.int64)
+    self.examples_cut = np.zeros(rows, np.int32)
 
   def put(self, r: int, example: Example):
     """Appends a validated piece to row r (the caller checked that it fits)."""
@@ -481,6 +498,7 @@ class Rows:
         n_gen += 1
     self.used[r] = end
     self.n_examples[r] += 1
+    self.examples_cut[r] += example.cut > 0
     self.n_images[r] = first + n_gen
     self.n_read[r] = first_read
 
@@ -503,7 +521,22 @@ class Rows:
       text_weights=self.text_weights,
       latents=self.latents,
       read_images=self.read_images,
+      examples_cut=self.examples_cut,
     )
+
+
+def useful_work(segment_ids_BxL) -> tuple[int, int]:
+  """(tokens, attended) of packed rows: the columns that hold an example (not
+  padding) and the query-key pairs inside the examples, the sum over examples
+  of their length squared. With model.build.train_flops_counter, the model
+  FLOPs of the useful work, which MFU counts (a row's padding and the pairs
+  across examples are computed or skipped, but are not the model's work)."""
+  seg_BxL = np.asarray(segment_ids_BxL, np.int64)
+  b, s = seg_BxL.shape[0], int(seg_BxL.max(initial=0)) + 1
+  # One count per (row, segment id): a pass over the columns, whatever the segments.
+  counts_BxS = np.bincount((np.arange(b)[:, None] * s + seg_BxL).ravel(), minlength=b * s)
+  lengths = counts_BxS.reshape(b, s)[:, 1:]  # id 0 is padding
+  return int(lengths.sum()), int((lengths**2).sum())
 
 
 @dataclasses.dataclass(frozen=True)

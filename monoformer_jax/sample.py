@@ -74,7 +74,12 @@ from jax.experimental import multihost_utils
 from monoformer_jax import cli, inference
 from monoformer_jax.checkpoints import beside, load_config, model_on_mesh
 from monoformer_jax.config.fields import check_image_sampling, check_prompts, check_text_sampling
-from monoformer_jax.config.schema import CONDITIONING_TOKEN_MODE
+from monoformer_jax.config.schema import (
+  ALL_SAMPLERS,
+  CONDITIONING_TOKEN_MODE,
+  max_sampling_steps,
+  sampler_for,
+)
 from monoformer_jax.errors import ConfigError
 from monoformer_jax.layout import tokens_per_image
 from monoformer_jax.paths import (
@@ -123,7 +128,11 @@ _IMAGE_CFG_SCALE = flags.DEFINE_float(
   "image_cfg_scale", 1.5, "edit with --edit_guidance=two_scale: the image's guidance scale."
 )
 _SAMPLER = flags.DEFINE_enum(
-  "sampler", "ddpm", ["ddpm", "ddim"], "DDPM (learned variance, the reference) or DDIM."
+  "sampler",
+  None,
+  list(ALL_SAMPLERS),
+  "iddpm models: ddpm (learned variance, the reference) or ddim; flow models: euler or heun "
+  "(default: the checkpoint's diffusion.objective's first: ddpm, euler).",
 )
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM noise: 0 deterministic, 1 the posterior variance.")
 _NUM_STEPS = flags.DEFINE_integer(
@@ -183,6 +192,11 @@ class Loaded(NamedTuple):
   out_dir: str | None  # None on the processes of a multi-host run that do not write
 
 
+def _sampler(config) -> str:
+  """--sampler, or the default of the checkpoint's diffusion.objective."""
+  return sampler_for(config.diffusion.objective, _SAMPLER.value, "--sampler")
+
+
 def _image_prompts(config) -> list[str]:
   """--prompt, then the reference's prompt around each --class_name."""
   return list(_PROMPT.value) + [inference.class_name_prompt(c, config) for c in _CLASS_NAME.value]
@@ -198,19 +212,19 @@ def _images(run: Loaded):
     len(per_sample),
     batches,
     run.batch_size,
-    _SAMPLER.value,
+    _sampler(run.config),
     run.num_steps,
     run.cfg_scale or "off",
     "on" if _CACHE.value else "off",
   )
-  with tqdm.tqdm(total=run.num_steps * batches, desc=f"{_SAMPLER.value} steps") as bar:
+  with tqdm.tqdm(total=run.num_steps * batches, desc=f"{_sampler(run.config)} steps") as bar:
     x0 = inference.generate_images(
       run.model,
       run.tokenizer,
       per_sample,
       config=run.config,
       num_steps=run.num_steps,
-      sampler=_SAMPLER.value,
+      sampler=_sampler(run.config),
       eta=_ETA.value,
       cfg_scale=run.cfg_scale or None,
       guided_channels=_guided_channels(),
@@ -301,7 +315,7 @@ def _interleaved(run: Loaded):
     vae=run.vae,
     **_writing(),
     num_steps=run.num_steps,
-    sampler=_SAMPLER.value,
+    sampler=_sampler(run.config),
     eta=_ETA.value,
     cfg_scale=run.cfg_scale or None,
     guided_channels=_guided_channels(),
@@ -338,7 +352,7 @@ def _edit(run: Loaded):
   logging.info(
     "%d edits in %d batch(es): %s guidance %s", len(sources) * n, batches, guidance, scale
   )
-  with tqdm.tqdm(total=run.num_steps * batches, desc=f"{_SAMPLER.value} steps") as bar:
+  with tqdm.tqdm(total=run.num_steps * batches, desc=f"{_sampler(run.config)} steps") as bar:
     x0 = inference.edit_images(
       run.model,
       run.tokenizer,
@@ -349,7 +363,7 @@ def _edit(run: Loaded):
       guidance=guidance,
       cfg_scale=scale,
       num_steps=run.num_steps,
-      sampler=_SAMPLER.value,
+      sampler=_sampler(run.config),
       eta=_ETA.value,
       guided_channels=_guided_channels(),
       seed=_SEED.value,
@@ -593,11 +607,11 @@ def main(argv):
       num_steps=num_steps,
       cfg_scale=cfg_scale,
       eta=_ETA.value,
-      sampler=_SAMPLER.value,
+      sampler=_sampler(config),
       num_samples=_NUM_SAMPLES.value,
       guided_channels=_guided_channels(),
       channels=config.model.in_channels,
-      num_timesteps=config.diffusion.num_timesteps,
+      num_timesteps=max_sampling_steps(config.diffusion),
       prefix="--",
     )
   tokenizer = inference.tokenizer_of(config, _TOKENIZER.value)

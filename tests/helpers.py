@@ -1,5 +1,6 @@
 """What the tests share: the repository's config files and their test-size
-variant, runs on one device, random checkpoints and models."""
+variant, runs on one device, random checkpoints and models, a Hugging Face
+hub cache laid out by hand."""
 
 import contextlib
 import os
@@ -59,12 +60,16 @@ def random_digits_checkpoint(path):
   and EMA; the EMA weights give the zero-initialised heads small random values,
   so samples depend on the prompt (a shift of every weight instead made every
   sample NaN)."""
+  return random_checkpoint(path, digits_config())
+
+
+def random_checkpoint(path, config):
+  """A model of `config` saved at `path` as `random_digits_checkpoint` saves the digits'."""
   import jax
 
   from monoformer_jax.checkpoints import save_model
   from monoformer_jax.model.build import init_params
 
-  config = digits_config()
   params = jax.jit(lambda: init_params(config.model, seed=3))()
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
@@ -150,3 +155,21 @@ def tensorboard_scalars(folder) -> dict:
       for value in event.summary.value:
         scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
   return scalars
+
+
+def hub_repo(home, repo: str, files, under: str = ""):
+  """Lays out `repo` in the hub cache under `home` (a pathlib.Path, HF_HOME)
+  as a download leaves it: refs/main naming the snapshot `files` (paths) are
+  copied into (into its folder `under`)."""
+  import hashlib
+  import shutil
+
+  commit = hashlib.sha1(repo.encode()).hexdigest()
+  root = home / "hub" / f"models--{repo.replace('/', '--')}"
+  (root / "refs").mkdir(parents=True, exist_ok=True)
+  (root / "refs" / "main").write_text(commit)
+  snapshot = root / "snapshots" / commit
+  (snapshot / under).mkdir(parents=True, exist_ok=True)
+  for f in files:
+    shutil.copyfile(f, snapshot / under / f.name)
+  return snapshot

@@ -15,12 +15,14 @@ import pytest
 
 from monoformer_jax import perf
 from monoformer_jax.config import CONFIGS_DIR, config_file
+from monoformer_jax.data.datasets import class_prompt_rows
 from monoformer_jax.errors import ConfigError, DoesNotFitError, NotInstalledError
 from monoformer_jax.eval import finite_json
-from monoformer_jax.model.build import train_flops_per_row
+from monoformer_jax.model.build import train_flops_counter, train_flops_per_row
 from monoformer_jax.parallel import sharding
 from monoformer_jax.parallel.topology import devices_of, topology_of
-from monoformer_jax.train.aot import plan
+from monoformer_jax.text.tokenizer import tokenizer_of
+from monoformer_jax.train.aot import measured_rows, plan
 
 GIB = 2**30
 
@@ -95,13 +97,23 @@ def _has_cuda_plugin() -> bool:
     return False
 
 
-@pytest.mark.skipif(_has_cuda_plugin(), reason="JAX's CUDA plugin is installed")
-def test_gpu_plans_without_the_cuda_plugin_say_what_to_install():
+def test_gpu_plans_without_the_cuda_plugin_say_what_to_install(monkeypatch):
+  # .[test] installs the plugin: its absence is simulated where topology looks for it.
+  import importlib.util
+
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util,
+    "find_spec",
+    lambda name, *a: None if name.startswith("jax_plugins") else find_spec(name, *a),
+  )
   with pytest.raises(NotInstalledError, match=r"pip install jax-cuda12-plugin==.*GPU host"):
     devices_of(topology_of("h100-8"))
 
 
-@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs JAX's CUDA plugin (not in .[test])")
+@pytest.mark.skipif(
+  not _has_cuda_plugin(), reason="needs JAX's CUDA plugin (.[test] installs it: jax[cuda12-local])"
+)
 def test_the_real_step_compiles_for_h100s_with_the_triton_kernels():
   result, _text = plan(_tiny(), topology_of("h100-8"))
   assert result.devices == 8 and result.platform == "gpu" and result.kernel_calls >= 3
@@ -140,6 +152,7 @@ def _shard_bytes(abstract_tree) -> int:
 @pytest.fixture(scope="module")
 def tiny_plan():
   config = _tiny()
+  config.train.init_from = "/no/such/start"  # a plan reads no weights: not needed here
   return config, *plan(config, topology_of("v5p:2x2x1"))
 
 
@@ -173,6 +186,35 @@ def test_the_compiled_step_holds_the_sharded_state_and_donates_it(tiny_plan):
   record = json.loads(finite_json(result.as_json()))
   assert record["total_bytes"] == result.total_bytes and record["fits"] is True
   assert record["model_flops"] == train_flops_per_row(config.model, 96) * 8
+
+
+def test_the_plan_counts_the_non_padding_tokens_and_images(tiny_plan):
+  """The tiny ImageNet rows (bytes tokenizer, 8x8 latents: 96 columns, one image
+  of 16 tokens and its prompt per row) measured by the packer: FLOPs, MFU,
+  tokens and images per second count what the rows hold, not their padding."""
+  config, result, _ = tiny_plan
+  rows = class_prompt_rows(config, tokenizer_of(config))
+  assert result.padding == rows.padding and 0.3 < rows.padding < 0.7
+  per_step = config.data.batch_size / rows.rows
+  assert result.images_per_step == pytest.approx(8.0)  # one image per row
+  useful = train_flops_counter(config.model)(rows.tokens * per_step, rows.attended * per_step)
+  assert result.useful_flops == pytest.approx(useful) and useful < 0.8 * result.model_flops
+  assert result.mfu == pytest.approx(
+    useful / (result.step_seconds * 4 * perf.chip_named("v5p").bf16_tflops * 1e12)
+  )
+  assert result.images_per_s_per_chip == pytest.approx(8.0 / result.step_seconds / 4)
+  report = result.report()
+  assert f"rows: {rows.padding:.1%} padding in rows of 96 columns" in report
+  assert "of the non-padding tokens" in report and "images/s per chip" in report
+  # Without a tokenizer (or classes) nothing is measured, and the report says so.
+  for field, value, why in [
+    ("tokenizer", "", "data.tokenizer is empty"),
+    ("name", "chat", "data.name='chat' has no class prompts"),
+  ]:
+    unmeasured = _tiny()
+    unmeasured.data[field] = value
+    assert measured_rows(unmeasured)[0] is None
+    assert measured_rows(unmeasured)[1].startswith(f"padding not measured: {why}")
 
 
 def test_a_step_too_large_for_the_chip_names_the_settings_to_change():

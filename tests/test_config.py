@@ -19,6 +19,8 @@ CONFIG_FILES = (
   "imagenet256",
   "imagenet256:tiny",
   "imagenet256:7b",
+  "t2i",
+  "t2i:tiny",
   "t2i_chat",
   "t2i_llava",
 )

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import config_file
+from helpers import config_file, hub_repo
 from safetensors.numpy import load_file, save_file
 
 from monoformer_jax.checkpoints import load_params, save_model
@@ -166,6 +166,26 @@ def test_clip_model_round_trips_with_the_whole_hf_tower(clip_model, tmp_path):
   assert order.index(TOWER + "post_layernorm.bias") < order.index("im_embedder.0.weight")
 
   _cli("official", input=str(tmp_path / "off"), output=str(tmp_path / "back"), clip=str(TINY_CLIP))
+  back, back_config, _ = load_params(str(tmp_path / "back"), weights="raw")
+  assert back_config.model.vision.to_dict() == read_clip_config(TINY_CLIP).to_dict()
+  _assert_bit_exact(back, params)
+
+
+def test_clip_by_hub_id_is_named_by_it(clip_model, tmp_path, monkeypatch):
+  """--clip=ORG/NAME (the hub cache, offline: tests/conftest.py): the tower's
+  files come from its snapshot, and config.json names the hub id, which the
+  reference's from_pretrained loads anywhere, not the cache's path."""
+  from huggingface_hub import constants
+
+  hub_repo(tmp_path / "home", "ORG/CLIP", sorted(TINY_CLIP.glob("*.*")))
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "home" / "hub"))
+  config, params = clip_model
+  save_model(str(tmp_path / "ckpt"), config, params)
+  _cli("to-official", input=str(tmp_path / "ckpt"), output=str(tmp_path / "off"), clip="ORG/CLIP")
+  assert json.loads((tmp_path / "off" / "config.json").read_text())["vision_encoder_path"] == (
+    "ORG/CLIP"
+  )
+  _cli("official", input=str(tmp_path / "off"), output=str(tmp_path / "back"), clip="ORG/CLIP")
   back, back_config, _ = load_params(str(tmp_path / "back"), weights="raw")
   assert back_config.model.vision.to_dict() == read_clip_config(TINY_CLIP).to_dict()
   _assert_bit_exact(back, params)

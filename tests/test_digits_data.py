@@ -69,6 +69,7 @@ def test_batch_from_the_real_config():
     text_weights=(r, length),
     latents=(r, m, 8, 8, 1),
     read_images=(r, n_read, 8, 8, 1),
+    examples_cut=(r,),  # the host's count (layout.HOST_KEYS)
   )
   assert {k: v.shape for k, v in batch.items()} == shapes
   # The default reads digits too (data.read_fraction): real digits, causal tokens.
@@ -293,8 +294,8 @@ def test_the_digits_folder_is_checked_before_anything_is_read(tmp_path, monkeypa
   """MONOFORMER_DATA_DIR or data.dir naming a file or a place that cannot be
   written is one line naming where it came from (was an OSError from
   os.makedirs deep in the data pipeline); set but empty, the default folder."""
-  from monoformer_jax.checks import check_train_config
   from monoformer_jax.errors import PathError
+  from monoformer_jax.train.checks import check_train_config
 
   afile = tmp_path / "afile"
   afile.write_text("x")

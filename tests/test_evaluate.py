@@ -9,25 +9,35 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import digits_config, random_digits_checkpoint
+from helpers import digits_config, random_checkpoint, random_digits_checkpoint
 
 from monoformer_jax import inference
 from monoformer_jax.checkpoints import fingerprint, load_model, save_model
+from monoformer_jax.config import config_file
+from monoformer_jax.config.schema import Evals
 from monoformer_jax.digits import evaluators as digits
 from monoformer_jax.errors import ConfigError, FileFormatError
 from monoformer_jax.eval import fid
-from monoformer_jax.eval.registry import Evaluator, check_metrics, make
+from monoformer_jax.eval.image_metrics import InceptionMetrics
+from monoformer_jax.eval.registry import Evaluator, check_metrics, make, sampling_protocol
 from monoformer_jax.eval.sampling import (
   _write_npz,
   bind_folder,
+  check_chunk_size,
   chunk_seed,
   class_labels,
+  default_chunk_size,
   quantize,
   run_settings,
   sample_run,
   sample_shape,
 )
-from monoformer_jax.eval.score import check_samples, score_images
+from monoformer_jax.eval.score import (
+  check_samples,
+  end_samples_score_evals,
+  score_images,
+  training_protocol,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -85,6 +95,7 @@ def test_killed_run_resumes_to_the_same_npz(model_and_config, digits_checkpoint,
     chunk_size=8,
     num_steps=3,
     cfg_scale=2.0,
+    guided_channels=None,
     seed=5,
   )
   whole = sample_run(model, config, tok, str(tmp_path / "whole"), **kw)
@@ -132,7 +143,9 @@ def test_a_sample_folder_resumes_only_for_its_checkpoint(
   a = tmp_path / "a"
   shutil.copytree(digits_checkpoint, a)
   assert fingerprint(a) == fingerprint(digits_checkpoint)  # a copy is the same save
-  kw = dict(step=0, num_samples=8, chunk_size=8, num_steps=3, cfg_scale=2.0, seed=5)
+  kw = dict(
+    step=0, num_samples=8, chunk_size=8, num_steps=3, cfg_scale=2.0, guided_channels=None, seed=5
+  )
   out = tmp_path / "eval"
   npz = sample_run(model, config, tok, str(out), checkpoint=str(a), **kw)
   record = json.loads((out / "run.json").read_text())["checkpoint"]
@@ -177,6 +190,178 @@ def test_a_sample_folder_resumes_only_for_its_checkpoint(
   before = _tree(out)
   message = refused(f"{out} holds samples but no run.json saying which checkpoint", checkpoint=c)
   assert message.endswith("(a samples.npz in it can still be scored with --samples)")
+
+
+def test_the_fid_protocol_is_the_references_sample_ddp():
+  """The Inception metrics sample as the reference's sample_ddp.py at its
+  defaults (create_diffusion("20"), --cfg-scale 1.5, eps[:, :3] guided):
+  evaluate's defaults and config.evals' (the same numbers, so they cannot
+  drift); flags override; all channels when asked and on a 1-channel model."""
+  latent = config_file("imagenet256:tiny")  # 4 latent channels
+  fid_metrics = ("fid", "sfid", "is", "precision_recall")
+  assert sampling_protocol(fid_metrics, latent) == dict(
+    num_steps=20, cfg_scale=1.5, guided_channels=3
+  )
+  assert sampling_protocol(("fid",), latent, num_steps=7, cfg_scale=4.0) == dict(
+    num_steps=7, cfg_scale=4.0, guided_channels=3
+  )
+  assert sampling_protocol(("fid",), latent, guide_all_channels=True)["guided_channels"] is None
+  assert sampling_protocol(("fid",), latent, cfg_scale=0)["guided_channels"] is None  # unguided
+  assert sampling_protocol(("commonsense",), latent) == dict(
+    num_steps=latent.sample.num_steps, cfg_scale=latent.sample.cfg_scale, guided_channels=None
+  )
+  one_channel = digits_config()
+  assert sampling_protocol(("fid",), one_channel)["guided_channels"] is None
+  assert sampling_protocol(("digits",), one_channel) == dict(
+    num_steps=one_channel.sample.num_steps,
+    cfg_scale=one_channel.sample.cfg_scale,
+    guided_channels=None,
+  )
+  # config.evals: the same protocol by default, every channel on request.
+  evals = Evals()
+  assert (evals.num_steps, evals.cfg_scale, evals.guide_all_channels) == (
+    InceptionMetrics.num_steps,
+    InceptionMetrics.cfg_scale,
+    False,
+  )
+  latent.evals.update(metrics=("fid",), every=10)
+  assert training_protocol(latent) == dict(num_steps=20, cfg_scale=1.5, guided_channels=3)
+  # The end-of-run samples guide every channel: their scores are not the evaluator's.
+  latent.sample.update(num_classes=0, num_per_class=1, num_steps=20, cfg_scale=1.5)
+  latent.evals.num_samples = 1000
+  latent.sample.metrics = ("fid",)
+  assert not end_samples_score_evals(latent)
+  latent.evals.guide_all_channels = True
+  assert training_protocol(latent)["guided_channels"] is None
+  assert end_samples_score_evals(latent)
+
+
+def test_evals_inside_training_sample_with_the_metrics_protocol(monkeypatch):
+  """TrainingEvals hands sample_classes the eps channels its metrics' protocol
+  guides (a digits metric made to guide 3, on a 4-channel model), or every
+  channel with evals.guide_all_channels; the steps and scale are evals'."""
+  from monoformer_jax.eval import sampling
+  from monoformer_jax.eval.score import TrainingEvals
+
+  monkeypatch.setattr(digits.Classifier, "guided_channels", 3)
+  asked = []
+
+  def sample_classes(model, config, tokenizer, labels, **kw):
+    asked.append(kw)
+    raise StopIteration  # what was asked is all this test reads
+
+  monkeypatch.setattr(sampling, "sample_classes", sample_classes)
+  config = digits_config()
+  config.model.in_channels = 4
+  config.evals.update(every=5, metrics=("digits",), num_samples=10, num_steps=3, cfg_scale=2.5)
+  for guide_all in (False, True):
+    config.evals.guide_all_channels = guide_all
+    with pytest.raises(StopIteration):
+      TrainingEvals(config)(None, None)
+  assert [(k["num_steps"], k["cfg_scale"], k["guided_channels"]) for k in asked] == [
+    (3, 2.5, 3),
+    (3, 2.5, None),
+  ]
+
+
+def test_chunk_sizes_split_over_the_devices():
+  """The default chunk is the largest multiple of the device count <= 500 (at
+  least one image per device), or fewer samples rounded up to the devices;
+  any other size must be a multiple too, and no bigger than that."""
+  for devices, chunk in [(1, 500), (3, 498), (8, 496), (32, 480), (500, 500), (512, 512)]:
+    assert default_chunk_size(devices=devices) == chunk
+    assert chunk % devices == 0 and (chunk <= 500 < chunk + devices or chunk == devices)
+    assert default_chunk_size(50_000, devices) == chunk  # FID-50K
+  assert default_chunk_size(40, 32) == 64 and default_chunk_size(2, 1) == 2
+  assert default_chunk_size() == 496 and check_chunk_size(16) == 16  # 8 simulated devices
+  assert default_chunk_size(40) == 40 and default_chunk_size(41) == 48
+  assert check_chunk_size(48, 41) == 48
+  for bad, message in [
+    (
+      12,
+      "--chunk_size=12 does not split over the 8 devices: use a multiple of 8 (e.g. 8 or "
+      "16), or leave --chunk_size out for 496",
+    ),
+    (
+      3,
+      "--chunk_size=3 does not split over the 8 devices: use a multiple of 8 (e.g. 8), or "
+      "leave --chunk_size out for 496",
+    ),
+    (0, "--chunk_size=0: must be >= 1; pass e.g. --chunk_size=496"),
+  ]:
+    with pytest.raises(ConfigError) as e:
+      check_chunk_size(bad)
+    assert str(e.value) == message
+  with pytest.raises(ConfigError) as e:  # a chunk of padding
+    check_chunk_size(56, 41)
+  assert str(e.value) == (
+    "--chunk_size=56 is more than --num_samples=41 take: every chunk is padded to 56 "
+    "images, the padding drawn and dropped; pass at most 48 (the samples rounded up to the "
+    "8 devices), or leave --chunk_size out"
+  )
+
+
+@pytest.mark.timeout(240)
+def test_evaluate_samples_as_sample_guide_eps_0_to_2(tmp_path):
+  """On a model of 4 channels (the digits model drawing 4-channel pixels, so
+  that every channel reaches the uint8 images undecoded), the FID protocol's
+  sampling run (sample_run with the Inception metrics' protocol, as
+  evaluate calls it) draws the images that `sample images
+  --guide_eps_0_to_2` draws for the same class prompts and seed
+  (inference.generate_images with guided_channels=3, then to_pixels);
+  guiding every channel draws other images, run.json says which, and a
+  folder sampled one way is refused the other way."""
+  config = digits_config()
+  config.model.in_channels = 4
+  ck = str(random_checkpoint(tmp_path / "ck", config))
+  model, config = load_model(ck)
+  tok = inference.tokenizer_of(config)
+  # scripts/sample_dit.sh's scale 4: the fourth channel's guidance shows more than at 1.5
+  protocol = sampling_protocol(("fid",), config, num_steps=2, cfg_scale=4.0)
+  assert protocol == dict(num_steps=2, cfg_scale=4.0, guided_channels=3)
+  kw = dict(checkpoint=ck, step=0, num_samples=8, chunk_size=8, seed=3)
+  guided = tmp_path / "guided"
+  with np.load(sample_run(model, config, tok, str(guided), **kw, **protocol)) as z:
+    images, labels = z["arr_0"], z["arr_1"]
+  assert images.shape == (8, 8, 8, 4) and images.dtype == np.uint8
+  # What `sample images --class_name=... --guide_eps_0_to_2 --seed=S --num_steps=2` draws.
+  prompts = [inference.class_name_prompt(int(k), config) for k in labels]
+  draw = lambda guided_channels: quantize(
+    inference.to_pixels(
+      inference.generate_images(
+        model,
+        tok,
+        prompts,
+        config=config,
+        num_steps=2,
+        cfg_scale=4.0,
+        guided_channels=guided_channels,
+        seed=chunk_seed(3, 0),
+        batch_size=8,
+      ),
+      config,
+    )
+  ).astype(int)
+  expected = draw(3)
+  assert np.abs(images.astype(int) - expected).max() <= 1
+  all_channels = dict(protocol, guided_channels=None)
+  with np.load(sample_run(model, config, tok, str(tmp_path / "all"), **kw, **all_channels)) as z:
+    other = z["arr_0"].astype(int)
+  # Other images (the fourth channel's eps unguided or guided), beyond the tolerance above
+  # (29 values of these mostly saturated samples of a random model).
+  assert (np.abs(other - expected) > 1).sum() >= 8
+  runs = [json.loads((tmp_path / d / "run.json").read_text()) for d in ("guided", "all")]
+  assert [r.pop("guided_channels") for r in runs] == [3, None]
+  assert runs[0] == runs[1]  # nothing else differs
+  before = _tree(guided)
+  with pytest.raises(ConfigError) as e:
+    sample_run(model, config, tok, str(guided), **kw, **all_channels)
+  assert str(e.value) == (
+    f"{guided} holds samples of another run (settings then -> now: {{'guided_channels': "
+    "(3, None)}); pass the same settings (guided_channels None is evaluate's "
+    "--guide_all_channels) to resume it, or another --sample_dir"
+  )
+  assert _tree(guided) == before
 
 
 def digits_name(k):
@@ -359,7 +544,7 @@ from monoformer_jax.errors import UserError
 def loaded(*_, **__):
   raise AssertionError("loaded a model or scored before checking")
 
-evaluate.load_model = evaluators.Classifier.score_samples = loaded
+evaluate.model_on_mesh = evaluators.Classifier.score_samples = loaded
 def scored_then_folder_lost(*_, **__):
   folder = os.path.dirname(flags.FLAGS.output)
   shutil.rmtree(folder)
@@ -443,6 +628,17 @@ def test_cli_refuses_before_loading_or_scoring_and_loses_no_results(digits_check
       [*sampling, f"--sample_dir={tmp_path / 'x'}", "--num_samples=8", "--seed=-1"],
       "ConfigError: --seed=-1: must be >= 0; pass e.g. --seed=0",
     ),
+    (  # before the checkpoint is even read (there is none here)
+      [f"--checkpoint={tmp_path / 'none'}", "--metrics=digits", "--chunk_size=12"],
+      "ConfigError: --chunk_size=12 does not split over the 8 devices: use a multiple of 8 "
+      "(e.g. 8 or 16), or leave --chunk_size out for 496",
+    ),
+    (  # the default chunk size (496 on 8 devices) is the run's: not the bound folder's 8
+      [*sampling[:3], "--cfg_scale=2", f"--sample_dir={bound}", "--num_samples=1000"],
+      f"ConfigError: {bound} holds samples of another run (settings then -> now: "
+      "{'num_samples': (8, 1000), 'chunk_size': (8, 496)}); pass the same settings to resume "
+      "it, or another --sample_dir",
+    ),
     (
       [
         f"--samples={tmp_path / 'wrong.npz'}",
@@ -498,6 +694,9 @@ def test_cli_digits_on_a_checkpoint_then_on_its_samples(digits_checkpoint, tmp_p
   np.testing.assert_allclose(results["digits"].pop("per_digit"), expected.pop("per_digit"))
   assert results["digits"] == pytest.approx(expected, rel=1e-6)  # float32 pixels there
   assert results["samples"]["num_steps"] == 2 and results["checkpoint"]["step"] == 0
+  # the digits model (1 channel) guides every channel; the chunk size asked for
+  assert results["samples"]["guided_channels"] is None and results["samples"]["chunk_size"] == 16
+  assert json.loads((out / "run.json").read_text())["guided_channels"] is None
   # The same metric from the npz alone, no model.
   run = _cli(
     f"--samples={out / 'samples.npz'}", "--metrics=digits", f"--output={tmp_path / 'again.json'}"

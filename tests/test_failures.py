@@ -31,7 +31,6 @@ from monoformer_jax.checkpoints import (
   orbax_io,
   save_model,
 )
-from monoformer_jax.checks import check_train_config
 from monoformer_jax.data.sharded import data_state_of
 from monoformer_jax.errors import (
   CheckpointError,
@@ -42,6 +41,7 @@ from monoformer_jax.errors import (
 )
 from monoformer_jax.eval import finite_json
 from monoformer_jax.model.build import init_params
+from monoformer_jax.train.checks import check_train_config
 from monoformer_jax.train.loop import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_resume_falls_back_from_an_unreadable_latest_step(
   workdir = tmp_path / "copy"
   shutil.copytree(run, workdir)
   damage(workdir / "checkpoints" / "4")
-  state, _ = train_and_evaluate(
+  state, _, _ = train_and_evaluate(
     digits_config(num_steps=5, checkpoint_every=2, log_every=3), str(workdir), sample_at_end=False
   )
   assert int(state["step"]) == 5
@@ -607,6 +607,7 @@ def test_a_step_that_retention_cannot_delete_does_not_fail_the_save(tmp_path, ab
 _RESTORE_SCRIPT = """
 import sys
 sys.path.insert(0, sys.argv[2])
+import monoformer_jax  # before jax, as in the entry points: no CUDA plugin lines on stderr
 import jax
 from helpers import digits_config
 from monoformer_jax.checkpoints import TrainCheckpointer

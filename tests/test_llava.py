@@ -237,6 +237,15 @@ def test_prepare_writes_the_kept_records_and_reports_the_skipped(prepared, sourc
   to_example = llava.LlavaExamples(_config(folder), TOK)
   ex = to_example(by_id["long"])  # cut at the end to fit a row with its 16 + 1 image tokens
   assert len(ex.ids) == 128 - 17 + 1 and to_example.cut == 1 and ex.read == [True]
+  full = llava.llava_example(
+    json.loads(by_id["long"]["conversation"]),
+    ex.images[0],
+    TOK,
+    template=to_example.template,
+    train_on_source=to_example.train_on_source,
+  )
+  # The example says how much went (the training log counts it: Example.cut).
+  assert ex.cut == len(full.ids) - len(ex.ids) > 0 and list(ex.ids) == list(full.ids)[: len(ex.ids)]
   ex = to_example(by_id["no_marker"])
   assert ex.images[0].shape == (32, 32, 3) and ex.images[0].dtype == np.float32
   with pytest.raises(llava.SkippedRecord, match="broken.*not readable"):
@@ -308,8 +317,8 @@ def test_llava_mixes_with_text_to_image(prepared, tmp_path):
 
 
 def test_t2i_llava_config():
-  from monoformer_jax.checks import check_train_config
   from monoformer_jax.layout import read_image_spec
+  from monoformer_jax.train.checks import check_train_config
 
   c = config_file("t2i_llava")
   check_train_config(c, reads_data=False)

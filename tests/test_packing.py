@@ -389,3 +389,63 @@ def test_bad_text_mask_raises():
     pack_examples([Example([BOS, S, IMG, E], [img(1)], text_mask=[F, T, T, T])], spec(True))
   with pytest.raises(ValueError, match=r"example 0: text_mask must hold bools"):
     pack_examples([Example([BOS, EOS], text_mask=[0.5, 1.0])], spec())
+
+
+def test_shorter_rows_train_the_same_examples_to_the_same_loss_and_gradients():
+  """The same examples in rows cut to the longest of them (the paper's 288
+  columns in place of 512, here the tiny ImageNet model's 80 in place of 96): the
+  padding is masked out, so the step's loss and every gradient are unchanged."""
+  import jax
+
+  from monoformer_jax.config import config_file
+  from monoformer_jax.data import prompts
+  from monoformer_jax.diffusion.gaussian import from_config
+  from monoformer_jax.layout import HOST_KEYS, row_spec, useful_work
+  from monoformer_jax.model.build import abstract_model, init_params
+  from monoformer_jax.train.step import make_loss_fn
+
+  config = config_file("imagenet256:tiny")
+  config.loss.text_on_image_examples = True  # the prompts train text too: both terms count
+  rng = np.random.default_rng(0)
+  names = ["tench", "American Staffordshire terrier", "ox", "sulphur-crested cockatoo"]
+  examples = [
+    prompts.image_example(
+      prompts.training_prompt(names[i % 4], rng, 0.25),
+      rng.normal(size=(8, 8, 4)).astype(np.float32),
+      TOK,
+    )
+    for i in range(8)
+  ]
+  graphdef, _, _ = abstract_model(config.model)
+  params = init_params(config.model, 0)
+  grad_fn = jax.jit(
+    jax.value_and_grad(make_loss_fn(graphdef, from_config(config.diffusion), config), has_aux=True)
+  )
+  results, padding = [], []
+  for seq_len in (96, 80):
+    config.data.seq_len = seq_len
+    batch = pack_examples(examples, row_spec(config, TOK))  # one image per row: 8 rows
+    batch = {k: v for k, v in batch.items() if k not in HOST_KEYS}  # what the devices get
+    assert batch["tokens"].shape == (8, seq_len)
+    padding.append(1 - useful_work(batch["segment_ids"])[0] / batch["tokens"].size)
+    results.append(grad_fn(params, batch, jax.random.PRNGKey(1)))
+  (old_loss, old_metrics), old_grads = results[0]
+  (new_loss, new_metrics), new_grads = results[1]
+  assert padding[1] < padding[0] and float(old_metrics["text_tokens"]) > 0
+  np.testing.assert_allclose(new_loss, old_loss, rtol=1e-6)
+  for key in ("lm", "diff", "mse", "vb", "images", "text_tokens"):
+    np.testing.assert_allclose(new_metrics[key], old_metrics[key], rtol=1e-6, err_msg=key)
+  for path, new, old in zip(
+    jax.tree_util.tree_flatten_with_path(new_grads)[0],
+    jax.tree.leaves(new_grads),
+    jax.tree.leaves(old_grads),
+  ):
+    np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-7, err_msg=str(path[0]))
+
+
+def test_useful_work_counts_the_examples_columns_and_their_pairs():
+  from monoformer_jax.layout import useful_work
+
+  seg = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], np.int32)
+  assert useful_work(seg) == (3 + 2 + 6, 9 + 4 + 36)
+  assert useful_work(np.zeros((2, 4), np.int32)) == (0, 0)

@@ -3,6 +3,7 @@ between hosts, prefetched and resumed; ImageNet prepared from a folder and
 trained; chat and text prepared and packed with loss on the answers."""
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -19,7 +20,7 @@ from monoformer_jax.data import builders, pipeline
 from monoformer_jax.data.datasets import check_data, make_batches, source
 from monoformer_jax.data.sharded import host_stream
 from monoformer_jax.data.sources.imagenet import imagenet_classes
-from monoformer_jax.errors import ConfigError, FileFormatError
+from monoformer_jax.errors import ConfigError, FileFormatError, UserError
 from monoformer_jax.layout import Example
 from monoformer_jax.text.tokenizer import load_tokenizer, tokenizer_of
 from monoformer_jax.train.loop import train_and_evaluate
@@ -297,8 +298,27 @@ def test_imagenet_trains_from_the_prepared_records(prepared_imagenet, tmp_path, 
   # Each row: the reference's prompt with its class name, or the dropped (empty) prompt.
   assert all(any(n in t for n in names) or "of" not in t for t in texts), texts
   assert sum(any(n in t for n in names) for t in texts) >= 4, texts
-  state, metrics = train_and_evaluate(config, str(tmp_path), sample_at_end=False)
+  state, metrics, _ = train_and_evaluate(config, str(tmp_path), sample_at_end=False)
   assert int(state["step"]) == 4 and np.isfinite(metrics["loss"])
+
+
+def test_a_run_without_the_vae_its_samples_need_stops_before_its_first_step(
+  prepared_imagenet, tmp_path, caplog
+):
+  """The end-of-run samples of a latent model decode with vae.path: a run
+  without it (or with one that is not there) fails when it starts, not after
+  its last step."""
+  out, _, _ = prepared_imagenet
+  config = config_file("imagenet256:tiny")
+  config.data.dir = builders.prepared_dir(str(out), "imagenet")
+  assert config.sample.num_per_class > 0 and not config.vae.path
+  with pytest.raises(ConfigError, match=r"draws 4-channel latents; .* set config.vae.path"):
+    train_and_evaluate(config, str(tmp_path / "none"))
+  config.vae.path = str(tmp_path / "no_vae")
+  with caplog.at_level(logging.INFO, logger="absl"), pytest.raises(UserError, match="no_vae"):
+    train_and_evaluate(config, str(tmp_path / "missing"))
+  assert "compiling the train step" not in caplog.text
+  assert not (tmp_path / "missing" / "checkpoints").exists()
 
 
 @pytest.mark.slow

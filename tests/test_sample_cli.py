@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import digits_config
+from helpers import digits_config, random_checkpoint
 
 from monoformer_jax import inference
 from monoformer_jax.checkpoints import load_model, save_model
@@ -108,28 +108,89 @@ def test_cli_decodes_a_latent_model_with_the_vae(tmp_path):
   assert images.shape == (2, 16, 16, 3) and 0 <= images.min() <= images.max() <= 1
 
 
-def test_notebook_runs_headless(digits_checkpoint, monkeypatch):
+def test_notebook_runs_headless(tmp_path, monkeypatch):
+  """As Colab runs it: a copy in a folder of its own (not the clone's
+  notebooks/), REPO unset (the installed package is used), on a digits model
+  that reads images, so that every section draws or writes its output."""
+  import shutil
+
   import nbclient
   import nbformat
 
-  monkeypatch.setenv("MONOFORMER_CHECKPOINT", str(digits_checkpoint))
+  config = digits_config()
+  config.model.vision_encoder = "vae"  # the digits default reads; :tiny alone does not
+  checkpoint = random_checkpoint(tmp_path / "ckpt", config)
+  monkeypatch.delenv("MONOFORMER_JAX_REPO", raising=False)
+  monkeypatch.setenv("MONOFORMER_CHECKPOINT", str(checkpoint))
   monkeypatch.setenv("MONOFORMER_SAMPLE_STEPS", "3")
   monkeypatch.setenv("MONOFORMER_SAMPLES_PER_CLASS", "2")
-  nb = nbformat.read(REPO / "notebooks" / "sampling.ipynb", as_version=4)
+  elsewhere = tmp_path / "content"
+  elsewhere.mkdir()
+  shutil.copy(REPO / "notebooks" / "sampling.ipynb", elsewhere)
+  nb = nbformat.read(elsewhere / "sampling.ipynb", as_version=4)
   nbclient.NotebookClient(
-    nb,
-    timeout=300,
-    kernel_name="python3",
-    resources={"metadata": {"path": str(REPO / "notebooks")}},
+    nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(elsewhere)}}
   ).execute()
   outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
   figures = [o for o in outputs if "image/png" in o.get("data", {})]
   texts = "".join(o.get("text", "") for o in outputs)
-  assert len(figures) == 2  # the class grid and text-to-image
+  assert "runtime: cpu; monoformer_jax from" in texts  # detected; nothing installed
+  # the class grid, the free prompts, the digits read and the edits (read above, drawn below)
+  assert len(figures) == 4
   assert "'three plus four is' -> " in texts  # the completion
+  assert all(f"image {k}: " in texts for k in range(4))  # the four digits read
   pages = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
   assert len(pages) == 1 and pages[0].count("class=answer") == 4  # interleaved answers
-  assert "no editing" in texts  # the tiny model reads no images
+  assert not [o for o in outputs if o.get("output_type") == "error"]
+
+
+@pytest.mark.parametrize("jax_version, extra", [("0.10.2", ""), ("0.4.30", "[cuda]")])
+def test_notebook_install_cell_clones_and_keeps_a_new_enough_jax(
+  tmp_path, monkeypatch, jax_version, extra
+):
+  """The install cell where the package is missing, on a GPU runtime: REPO (a
+  git URL) cloned into ~/monoformer_jax and installed editable (pip is only
+  recorded here), with the [cuda] extra only when jax is older than the floor."""
+  import importlib.metadata
+  import importlib.util
+  import json
+  import shutil as shutil_module
+  import subprocess as subprocess_module
+
+  cell = "".join(
+    json.loads((REPO / "notebooks" / "sampling.ipynb").read_text())["cells"][2]["source"]
+  )
+  real_run, pips = subprocess_module.run, []
+
+  def run(argv, *args, **kwargs):
+    if argv[:3] == [sys.executable, "-m", "pip"]:
+      pips.append(argv[3:])
+      return subprocess_module.CompletedProcess(argv, 0)
+    if argv[0].endswith("nvidia-smi"):
+      return subprocess_module.CompletedProcess(argv, 0)  # a GPU runtime
+    return real_run(argv, *args, **kwargs)
+
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(subprocess_module, "run", run)
+  monkeypatch.setattr(shutil_module, "which", lambda name: "/usr/bin/" + name)
+  monkeypatch.setattr(importlib.metadata, "version", lambda name: jax_version)
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda n, *a: None if n == "monoformer_jax" else find_spec(n, *a)
+  )
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.setenv("MONOFORMER_JAX_REPO", f"file://{REPO}")
+  for name in ("COLAB_TPU_ADDR", "TPU_NAME"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  with pytest.raises(AttributeError):  # the last line's find_spec(...).origin: nothing installed
+    exec(cell, {})
+  clone = tmp_path / "monoformer_jax"
+  origin = subprocess_module.run(
+    ["git", "-C", str(clone), "remote", "get-url", "origin"], capture_output=True, text=True
+  )
+  assert origin.stdout.strip() == f"file://{REPO}" and (clone / "setup.py").exists()
+  assert pips == [["install", "-q", "-e", f"{clone}{extra}"]]
+  assert sys.path[0] == str(clone)
 
 
 # Runs `sample.main` on each command line (a JSON list of argv lists) in one

@@ -124,6 +124,49 @@ def test_mesh_errors_name_the_fix():
     sharding.make_mesh(dict(data=-1, fsdp=-1, tensor=1))
 
 
+class _Gpu:
+  """A GPU as JAX describes one of a multi-node run: JAX gives each host's
+  GPUs one slice_index (from the machine's boot id)."""
+
+  def __init__(self, index, host, process_index):
+    self.id, self.slice_index, self.process_index = index, host, process_index
+    self.platform, self.device_kind = "gpu", "NVIDIA H100 80GB HBM3"
+
+  def __repr__(self):
+    return f"gpu{self.id}@host{self.slice_index}"
+
+
+def test_a_gpu_cluster_mesh_keeps_fsdp_inside_each_node():
+  """launch/gpu_slurm.sh's default (--config.mesh.dcn_data=-1 over the config's
+  data=1, fsdp=-1): 3 nodes of 8 GPUs, one process per GPU, the device list
+  interleaved across hosts so that the device order cannot place the axes."""
+  gpus = [_Gpu(index=i, host=i % 3, process_index=i) for i in range(24)]
+  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1, dcn_data=-1), gpus)
+  assert dict(mesh.shape) == dict(data=3, fsdp=8, tensor=1)
+  host_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  # Each FSDP group (one data index) is one whole node: its all-gathers stay on NVLink.
+  assert [sorted(set(host_of[i].ravel())) for i in range(3)] == [[0], [1], [2]]
+  assert sorted(d.id for d in mesh.devices.ravel()) == list(range(24))
+  # A user's per-node split: 2-way tensor inside the node, FSDP over the other 4 GPUs.
+  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=2, dcn_data=-1), gpus)
+  assert dict(mesh.shape) == dict(data=3, fsdp=4, tensor=2)
+  assert all(len(set(host_of_row)) == 1 for host_of_row in _hosts(mesh))
+  # The schema default (dcn_data=1) on several hosts says what to set.
+  with pytest.raises(ValueError, match=r"dcn_data=1 but the 24 devices form 3 slice.*=3 \(or -1"):
+    sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1), gpus)
+  with pytest.raises(ValueError, match=r"mesh.dcn_data=0: must be >= 1, or -1"):
+    sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1, dcn_data=0), gpus)
+  # One host (the CPU devices here): -1 is one slice, the config's mesh as before.
+  assert dict(sharding.make_mesh(dict(data=2, fsdp=-1, tensor=1, dcn_data=-1)).shape) == dict(
+    data=2, fsdp=4, tensor=1
+  )
+
+
+def _hosts(mesh):
+  host_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  return [host_of[i].ravel() for i in range(mesh.shape["data"])]
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_averages_the_micro_batch_gradients(setup):
   config, grad_fn, params, batch, key, _ = setup

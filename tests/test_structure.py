@@ -18,7 +18,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "monoformer_jax"
 # From the ground up. A module's layer is the one that names it, else the first
 # whose pattern matches it.
 LAYERS = (
-  ("ground", ("errors", "config", "config.*", "paths", "lock", "perf", "layout")),
+  ("ground", ("errors", "config", "config.*", "paths", "hub", "lock", "perf", "layout")),
   ("runtime", ("cli", "parallel", "parallel.*", "safetensors_io", "ops", "ops.*")),
   ("model", ("model", "model.*")),
   (
@@ -39,7 +39,7 @@ LAYERS = (
   ("data", ("data", "data.*")),
   ("inference", ("inference",)),
   ("evaluation", ("eval", "eval.*", "digits", "digits.*")),
-  ("training", ("checks", "train", "train.*", "convert", "convert.*")),
+  ("training", ("train", "train.*", "convert", "convert.*")),
   (
     "entry points",
     ("", "train.__main__", "convert.__main__", "sample", "evaluate", "compile", "data.prepare"),

@@ -95,7 +95,8 @@ def _saved_steps(workdir):
 def test_preempted_and_killed_runs_resume_with_the_same_losses(
   straight, tmp_path, one_device, caplog
 ):
-  """SIGTERM (preemption) saves the step it stopped at and exits cleanly. A
+  """SIGTERM (preemption) saves the step it stopped at and exits with 75, the
+  status launchers restart on (distributed.RESUMABLE). A
   second process resumes from it; while it holds the workdir another run is
   refused, naming it; it is SIGKILLed two logged steps past a later
   checkpoint, which leaves its lock. A third run takes the stale lock over,
@@ -104,7 +105,7 @@ def test_preempted_and_killed_runs_resume_with_the_same_losses(
   kept aside verbatim), and equals the uninterrupted run's: the data position
   and the RNG come back exactly."""
   workdir = tmp_path / "interrupted"
-  assert _signal_after_checkpoint(_start(workdir, 4), workdir, 4, signal.SIGTERM) == 0
+  assert _signal_after_checkpoint(_start(workdir, 4), workdir, 4, signal.SIGTERM) == 75
   stopped = [line["step"] for line in history(workdir)][-1]
   assert _saved_steps(workdir)[-1] == stopped >= 4
 

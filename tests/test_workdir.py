@@ -221,8 +221,8 @@ def test_sigterm_during_the_set_up_stops_before_the_compile_with_nothing_saved(
 
   monkeypatch.setattr(loop, "make_batches", terminated)
   with caplog.at_level(logging.INFO, logger="absl"):
-    state, metrics = train_and_evaluate(digits_config(num_steps=2), str(tmp_path))
-  assert int(state["step"]) == 0 and metrics is None
+    state, metrics, preempted = train_and_evaluate(digits_config(num_steps=2), str(tmp_path))
+  assert int(state["step"]) == 0 and metrics is None and preempted
   assert "preempted (SIGTERM) before the first step: stopping with nothing new to save" in (
     caplog.text
   )
@@ -265,15 +265,21 @@ def test_sigterm_during_the_end_of_run_samples_stops_them_at_once(
   """The signal arrives inside the sampler (as it loads the VAE, before the
   first image): the run stops there and returns; step 2 is saved."""
   load_vae_of = inference.load_vae_of
+  calls = []
 
   def terminated(config):
-    os.kill(os.getpid(), signal.SIGTERM)
+    calls.append(config)
+    if len(calls) == 2:  # the first: the run's check at its start (train/samples.py)
+      os.kill(os.getpid(), signal.SIGTERM)
     return load_vae_of(config)
 
   monkeypatch.setattr(inference, "load_vae_of", terminated)
   with caplog.at_level(logging.INFO, logger="absl"):
-    state, _ = train_and_evaluate(digits_config(num_steps=2, checkpoint_every=2), str(tmp_path))
-  assert int(state["step"]) == 2
+    state, _, preempted = train_and_evaluate(
+      digits_config(num_steps=2, checkpoint_every=2), str(tmp_path)
+    )
+  assert int(state["step"]) == 2 and preempted  # the samples are still to write
+  assert len(calls) == 2
   assert "preempted (SIGTERM) during the end-of-run samples: stopped them; step 2 is saved" in (
     caplog.text
   )

@@ -124,7 +124,7 @@ def check_image_sampling(
   *,
   num_steps,
   cfg_scale,
-  num_timesteps: int,
+  num_timesteps: int | None,
   eta: float = 0.0,
   num_samples: int = 1,
   sampler: str | None = None,
@@ -132,7 +132,8 @@ def check_image_sampling(
   channels: int | None = None,
   prefix: str = "",
 ):
-  """Image sampling arguments. `eta` is DDIM's, so a non-zero one needs
+  """Image sampling arguments (`num_timesteps`: the most steps, None for any).
+  `eta` is DDIM's, so a non-zero one needs
   `sampler` 'ddim' (when the sampler is given); `guided_channels` (None: all)
   must be within the model's `channels` (when given)."""
   name, setter = _named(prefix)
@@ -141,7 +142,9 @@ def check_image_sampling(
     num_steps,
     low=1,
     high=num_timesteps,
-    fix=f"the schedule has diffusion.num_timesteps={num_timesteps} steps to respace",
+    fix=None
+    if num_timesteps is None
+    else f"the schedule has diffusion.num_timesteps={num_timesteps} steps to respace",
   )
   if cfg_scale is not None:
     real(name("cfg_scale"), cfg_scale, low=0, fix="0 (or None in Python) turns guidance off")
@@ -151,7 +154,9 @@ def check_image_sampling(
       name("eta"),
       eta,
       f"is DDIM's noise, which the {sampler!r} sampler does not use",
-      f"pass {setter('sampler', 'ddim')} or leave {name('eta')} out",
+      f"pass {setter('sampler', 'ddim')} or leave {name('eta')} out"
+      if sampler == "ddpm"  # an iddpm model's other sampler; flow's are deterministic
+      else f"leave {name('eta')} out",
     )
   integer(name("num_samples"), num_samples, low=1, fix=f"e.g. {setter('num_samples', 1)}")
   if guided_channels is None:

@@ -15,7 +15,7 @@ bounds and help are in `spec(...)`. The command line stays ml_collections':
                     that take only their section (e.g. the mesh's)
 
 Checks that span sections or read files (the batch against the mesh, metric
-names, prepared data) are the entry points', in `monoformer_jax/checks.py`.
+names, prepared data) are the entry points', in `monoformer_jax/train/checks.py`.
 Old checkpoints load through `complete` like any config.
 """
 
@@ -39,6 +39,14 @@ VisionEncoder = Literal["", "vae", "clip"]  # "": the model reads no image
 AttentionImpl = Literal["xla", "pallas", "auto"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 BetaSchedule = Literal["linear"]
+# iddpm: the paper's (epsilon and a learned variance on 1000 steps); flow: a
+# linear path from data (t = 0) to noise (t = 1), the model predicting the
+# velocity noise - data (diffusion/flow.py).
+Objective = Literal["iddpm", "flow"]
+FlowTimes = Literal["logit_normal", "uniform"]  # the training times of flow
+FlowWeighting = Literal["none", "cosmap"]  # flow's per-time weight of the velocity MSE
+LrSchedule = Literal["constant", "cosine", "wsd"]  # train/schedule.py
+DecayShape = Literal["linear", "cosine", "1-sqrt"]
 
 CONDITIONING_MODES = typing.get_args(Conditioning)
 CONDITIONING_TOKEN_MODE = "add_before_image_tokens"  # one timestep token per image
@@ -46,6 +54,36 @@ VISION_ENCODERS = typing.get_args(VisionEncoder)
 ATTENTION_IMPLS = typing.get_args(AttentionImpl)
 DTYPES = typing.get_args(Dtype)
 BETA_SCHEDULES = typing.get_args(BetaSchedule)
+OBJECTIVES = typing.get_args(Objective)
+# The image samplers of each objective, its default first (what every entry
+# point runs when no sampler is named, so a checkpoint samples as it was trained).
+SAMPLERS = dict(iddpm=("ddpm", "ddim"), flow=("euler", "heun"))
+ALL_SAMPLERS = tuple(name for names in SAMPLERS.values() for name in names)
+
+
+def sampler_for(objective: str, sampler: str | None, name: str = "sampler") -> str:
+  """The sampler to run for a model of `objective`: `sampler`, or the
+  objective's default when None; one of another objective is refused."""
+  if sampler is None:
+    return SAMPLERS[objective][0]
+  if sampler not in SAMPLERS[objective]:
+    fields.fail(
+      name,
+      sampler,
+      f"does not sample a diffusion.objective={objective!r} model; its samplers are "
+      f"{SAMPLERS[objective]}",
+      f"leave {name} out for {SAMPLERS[objective][0]!r}",
+    )
+  return sampler
+
+
+def max_sampling_steps(diffusion) -> int | None:
+  """The most sampling steps of a `diffusion` section: iddpm respaces its
+  num_timesteps; flow's ODE takes any count (None)."""
+  return None if diffusion.objective == "flow" else diffusion.num_timesteps
+
+
+LR_SCHEDULES = typing.get_args(LrSchedule)
 
 # Logical axis -> mesh axes (parallel/sharding.py): FSDP over ('data', 'fsdp') by
 # default; tensor parallelism over 'tensor'.
@@ -150,8 +188,48 @@ class Model:
 class Diffusion:
   """The noise process images are trained and sampled with (diffusion/)."""
 
+  # iddpm: the schedule's steps; flow: the scale of the time the network sees
+  # (t in [0, 1] enters its embedding as t * num_timesteps, the same range).
   num_timesteps: int = spec(1000, low=2)
   beta_schedule: BetaSchedule = "linear"
+  objective: Objective = "iddpm"
+  # flow only: its training times, logit-normal (SD3: mean 0, scale 1) or uniform
+  time_distribution: FlowTimes = "logit_normal"
+  logit_mean: float = 0.0
+  logit_scale: float = spec(1.0, low=0, low_open=True)
+  # flow only: the sampling times t -> shift t / (1 + (shift - 1) t), more
+  # steps at high noise for shift > 1 (SD3's resolution shift; 1: none)
+  shift: float = spec(1.0, low=0, low_open=True)
+  loss_weighting: FlowWeighting = "none"  # cosmap: SD3's 2 / (pi (1 - 2t + 2t^2))
+
+  # The fields each setting shapes: a field set away from its default where
+  # nothing reads it would be silently ignored, so it is refused.
+  FLOW_FIELDS = ("time_distribution", "logit_mean", "logit_scale", "shift", "loss_weighting")
+  LOGIT_FIELDS = ("logit_mean", "logit_scale")
+
+  def check(self):
+    default = Diffusion()
+    for name in self.FLOW_FIELDS:
+      value = getattr(self, name)
+      if value == getattr(default, name):
+        continue
+      if self.objective != "flow":
+        fields.fail(
+          f"diffusion.{name}",
+          value,
+          f"shapes only diffusion.objective='flow', not {self.objective!r}, which would ignore it",
+          f"set --config.diffusion.objective=flow, or leave diffusion.{name} at its "
+          f"default {getattr(default, name)!r}",
+        )
+      if name in self.LOGIT_FIELDS and self.time_distribution != "logit_normal":
+        fields.fail(
+          f"diffusion.{name}",
+          value,
+          "shapes only diffusion.time_distribution='logit_normal', not "
+          f"{self.time_distribution!r}, which would ignore it",
+          f"set --config.diffusion.time_distribution=logit_normal, or leave "
+          f"diffusion.{name} at its default {getattr(default, name)!r}",
+        )
 
 
 @dataclasses.dataclass
@@ -162,8 +240,12 @@ class Data:
   dir: str = ""  # its prepared folder (`python -m monoformer_jax.data.prepare`)
   split: str = "train"
   tokenizer: str = ""  # "bytes", a tokenizer.model or a tokenizer.json
-  seq_len: int = spec(512, low=2)  # the reference truncates rows to 512 tokens
-  batch_size: int = spec(256, low=1)  # global rows per step
+  # Columns per row. 288 holds the longest ImageNet class prompt with its 256
+  # image tokens (277 with a Llama tokenizer): 7% padding (configs/imagenet256.py).
+  seq_len: int = spec(288, low=2)
+  # Global ROWS per step, not examples: a row holds as many examples as fit its
+  # columns and max_images_per_row (one 256-token image per row at the default).
+  batch_size: int = spec(256, low=1)
   max_images_per_row: int = spec(1, low=1)
   max_read_images_per_row: int = spec(0, low=0)
   text_fraction: float = spec(0.0, low=0, high=1)  # share of examples that are text-only
@@ -205,10 +287,23 @@ class Loss:
 
 @dataclasses.dataclass
 class Optim:
-  """AdamW with a linear warmup to a constant rate, a gradient-norm clip, an EMA."""
+  """AdamW with a learning-rate schedule (train/schedule.py), a gradient-norm clip, an EMA."""
 
   lr: float = spec(1e-4, low=0, low_open=True, fix="the reference trains with 1e-4")
-  warmup_steps: int = spec(0, low=0)
+  # constant (the paper), cosine (the reference's use_lr_decay=True), wsd
+  schedule: LrSchedule = spec(
+    "constant",
+    fix="the reference's use_lr_decay=True is 'cosine' (docs/architecture.md, the config)",
+  )
+  warmup_steps: int = spec(0, low=0)  # linear from 0 to lr (the reference's warmup_iters)
+  # cosine: the update at which it reaches lr * min_lr_ratio, then kept (the
+  # reference's lr_decay_iters); 0: train.num_steps
+  decay_steps: int = spec(0, low=0)
+  # cosine, wsd: the last lr as a share of lr (the reference's lr_decay_rate)
+  min_lr_ratio: float = spec(0.1, low=0, high=1)
+  # wsd: the share of train.num_steps, at the end, in which the lr falls, and how
+  decay_fraction: float = spec(0.2, low=0, high=1, low_open=True)
+  decay_shape: DecayShape = "1-sqrt"
   weight_decay: float = spec(0.0, low=0)
   b1: float = spec(0.9, low=0, high=1, high_open=True)
   b2: float = spec(0.999, low=0, high=1, high_open=True)
@@ -216,6 +311,29 @@ class Optim:
   grad_clip: float = spec(2.0, low=0, low_open=True)
   ema_decay: float = spec(0.9999, low=0, high=1)
   grad_accum_steps: int = spec(1, low=1)
+
+  # The schedules each field shapes: a field set away from its default under
+  # another schedule would be silently ignored, so it is refused.
+  SCHEDULE_FIELDS = dict(
+    decay_steps=("cosine",),
+    min_lr_ratio=("cosine", "wsd"),
+    decay_fraction=("wsd",),
+    decay_shape=("wsd",),
+  )
+
+  def check(self):
+    default = Optim()
+    for name, schedules in self.SCHEDULE_FIELDS.items():
+      value = getattr(self, name)
+      if self.schedule not in schedules and value != getattr(default, name):
+        fields.fail(
+          f"optim.{name}",
+          value,
+          f"shapes only optim.schedule={' or '.join(map(repr, schedules))}, "
+          f"not optim.schedule={self.schedule!r}, which would ignore it",
+          f"set --config.optim.schedule={schedules[0]}, or leave optim.{name} at its "
+          f"default {getattr(default, name)!r}",
+        )
 
 
 @dataclasses.dataclass
@@ -225,9 +343,14 @@ class Mesh:
   data: int = spec(1, low=-1)
   fsdp: int = spec(-1, low=-1)
   tensor: int = spec(1, low=-1)
-  # TPU slices the data axis spans over DCN (multi-slice; the sizes split one slice).
+  # Slices the data axis spans over the data-centre network (the sizes split one
+  # slice): TPU slices of a multi-slice run; on GPUs JAX makes each host a slice.
+  # -1: as many as the devices form (launch/gpu_slurm.sh passes it).
   dcn_data: int = spec(
-    1, low=1, fix="the number of slices (TPU multi-slice) the data axis spans; 1 for one slice"
+    1,
+    low=-1,
+    fix="the number of slices (TPU slices, GPU hosts) the data axis spans, 1 for one "
+    "slice, or -1 for as many as the devices form",
   )
 
   def check(self):
@@ -237,6 +360,8 @@ class Mesh:
         fields.fail(f"mesh.{axis}", size, "must be >= 1, or -1 for the devices left over")
     if list(sizes.values()).count(-1) > 1:
       fields.fail("mesh", sizes, "may have at most one axis of -1")
+    if self.dcn_data == 0:
+      fields.fail("mesh.dcn_data", 0, "must be >= 1, or -1 for one per slice the devices form")
 
 
 @dataclasses.dataclass
@@ -262,23 +387,41 @@ class Sample:
 
   num_per_class: int = spec(4, low=0)
   num_classes: int = spec(16, low=0)  # the first classes at the end of a run (0: all)
-  num_steps: int = spec(20, low=1)  # respaced DDPM steps
+  num_steps: int = spec(20, low=1)  # sampling steps (iddpm: respaced; flow: ODE steps)
   cfg_scale: float = spec(1.5, low=0, fix="0 turns guidance off")
   text_prompts: tuple = ("The capital of France is", "A recipe for pancakes:")
+  # Image prompts of free text (text-to-image), one end-of-run image each; or ONE
+  # entry ending in .txt: a text file (local or gs://) of one prompt per line
+  # (data/prompts.py read_prompts; read and checked when a run starts).
+  prompts: tuple = ()
   max_new_tokens: int = spec(256, low=1)
   metrics: tuple = ()  # what the samples are scored with (eval/)
+
+  def check(self):
+    for i, prompt in enumerate(self.prompts):
+      if not prompt.strip():
+        fields.fail(
+          f"sample.prompts[{i}]",
+          prompt,
+          "is empty",
+          "give each image prompt some text, or a .txt file of them",
+        )
 
 
 @dataclasses.dataclass
 class Evals:
   """Evaluators inside training: every `every` steps, metrics of `num_samples`
-  class-balanced samples from the EMA weights, logged as eval/..."""
+  class-balanced samples from the EMA weights, logged as eval/... They sample
+  as the reference's sample_ddp.py (the Inception metrics' protocol,
+  eval/image_metrics.py): 20 DDPM steps, guidance 1.5, on eps channels 0-2
+  of a model of 3 or more channels unless `guide_all_channels`."""
 
   every: int = spec(10_000, low=0, fix="0 turns the evaluators off")
   metrics: tuple = ()
   num_samples: int = spec(1_000, low=2)  # FID-1K: biased upwards against FID-50K, for trends
   num_steps: int = spec(20, low=1)
   cfg_scale: float = spec(1.5, low=0, fix="0 turns guidance off")
+  guide_all_channels: bool = False  # True: guide every eps channel, not the metrics' 0-2
   inception: str = ""  # pytorch-fid's Inception weights (fid, is, ...)
   reference: str = ""  # and a reference batch npz
 
@@ -334,9 +477,24 @@ def complete(config, where: str = "the config") -> ml_collections.ConfigDict:
   out["sharding_rules"] = _rules(out["sharding_rules"])
   for name in SECTIONS:
     out[name] = _section_values(name, raw.get(name) or {}, where)
+  _check_across(out)
   c = ml_collections.ConfigDict(out)
   c.lock()
   return c
+
+
+def _check_across(values: dict):
+  """The rules between sections that every use of a config needs (the rest,
+  those of training or reading files, are monoformer_jax/train/checks.py's)."""
+  if values["diffusion"]["objective"] == "flow" and values["model"]["learn_sigma"]:
+    # The head's channels follow the objective: a flow model predicts the
+    # velocity alone, and channels nothing trains would be silently dead.
+    fields.fail(
+      "model.learn_sigma",
+      True,
+      "is IDDPM's learned variance; diffusion.objective='flow' predicts the velocity alone",
+      "set --config.model.learn_sigma=False with --config.diffusion.objective=flow",
+    )
 
 
 def section(name: str, values, where: str = "the config") -> ml_collections.ConfigDict:
@@ -399,7 +557,7 @@ def _checked(name: str, value, f: dataclasses.Field):
   """`value` checked against the field's type and bounds, as that type."""
   kind, bounds = f.type, dict(f.metadata)
   if typing.get_origin(kind) is Literal:
-    return fields.one_of(name, value, typing.get_args(kind))
+    return fields.one_of(name, value, typing.get_args(kind), fix=bounds.get("fix"))
   if kind is int:
     return fields.integer(
       name, value, low=bounds.get("low"), high=bounds.get("high"), fix=bounds.get("fix")

@@ -1,15 +1,25 @@
 r"""Weights in and out: `python -m monoformer_jax.convert COMMAND --flags`.
 
   official         official MonoFormer safetensors (+ ema/) -> a model checkpoint
-                   --input=DIR_OR_SAFETENSORS --output=CKPT_DIR [--config=...] [--mesh]
-                   [--clip=CLIP_DIR]
+                   --input=DIR_OR_SAFETENSORS_OR_HUB_ID --output=CKPT_DIR [--config=...]
+                   [--mesh] [--clip=CLIP] [--vae=VAE] [--tokenizer=TOKENIZER]
   to-official      a model checkpoint -> official safetensors + config.json (+ ema/)
-                   --input=CKPT_DIR --output=DIR [--max_shard_size=5GB] [--clip=CLIP_DIR]
+                   --input=CKPT_DIR --output=DIR [--max_shard_size=5GB] [--clip=CLIP]
   llama            an HF Llama (TinyLlama-1.1B) -> a fresh MonoFormer checkpoint
-                   --input=HF_DIR --output=CKPT_DIR [--config=...] [--seed=0] [--mesh]
-                   [--clip=CLIP_DIR]
+                   --input=HF_DIR_OR_HUB_ID --output=CKPT_DIR [--config=...] [--seed=0]
+                   [--mesh] [--clip=CLIP] [--vae=VAE] [--tokenizer=TOKENIZER]
   verify-official  a reference fixture through the converter: errors of every output
                    --fixture=DIR [--tolerance=1e-4]; exits 1 above the tolerance
+
+Weights may be named by their Hugging Face hub id (`ORG/NAME[@REVISION]`,
+monoformer_jax/hub.py): downloaded once into the hub cache (HF_HOME), read
+from it offline (HF_HUB_OFFLINE=1), gated ones with HF_TOKEN. `--vae` and
+`--tokenizer` are checked against the model and recorded in the converted
+config (vae.path, data.tokenizer), so `sample` and `evaluate` need neither:
+
+  python -m monoformer_jax.convert official --input=MonoFormer/MonoFormer_ImageNet_256 \
+      --output=/ckpt/mf256 --vae=stabilityai/sd-vae-ft-mse \
+      --tokenizer=TinyLlama/TinyLlama-1.1B-Chat-v1.0
 
 `--config` (default configs/imagenet256.py) is the base config; the model
 fields come from the weights' config.json. `--mesh` builds every parameter
@@ -33,7 +43,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from monoformer_jax import cli
+from monoformer_jax import cli, hub
 from monoformer_jax.config.fields import real
 from monoformer_jax.convert import official
 from monoformer_jax.convert.llama import convert_llama
@@ -62,6 +72,19 @@ _CLIP = flags.DEFINE_string(
   "HF CLIP folder of its tower (e.g. openai/clip-vit-large-patch14); to-official writes "
   "it into config.json as vision_encoder_path.",
 )
+_VAE = flags.DEFINE_string(
+  "vae",
+  None,
+  "official / llama: the SD-VAE the model samples with (a diffusers folder or a hub id, "
+  "e.g. stabilityai/sd-vae-ft-mse), checked and recorded as the converted config's vae.path.",
+)
+_TOKENIZER = flags.DEFINE_string(
+  "tokenizer",
+  None,
+  "official / llama: the model's tokenizer (tokenizer.model / tokenizer.json, a folder or "
+  "hub id holding one, or 'bytes'), checked and recorded as the converted config's "
+  "data.tokenizer; llama: default the --input's own when it holds one.",
+)
 _FIXTURE = flags.DEFINE_string("fixture", None, "verify-official: the fixture folder.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 1e-4, "verify-official: atol = rtol.")
 
@@ -72,11 +95,16 @@ def _require(*flag_holders):
     raise app.UsageError(f"{sys.argv[1] if len(sys.argv) > 1 else ''} needs {', '.join(missing)}")
 
 
-def _paths():
-  """--input (there) and --output (a new or empty folder), checked before any work."""
+def _paths(kind: str | None = None):
+  """--input (there; a hub id of `kind`, a key of hub.KINDS, downloaded) and
+  --output (a new or empty folder), checked before any work."""
   _require(_INPUT, _OUTPUT)
-  if "://" not in _INPUT.value and not os.path.exists(_INPUT.value):
-    raise MissingPathError(f"--input={_INPUT.value!r} does not exist")
+  source = hub.local_path(_INPUT.value, "--input", kind) if kind else _INPUT.value
+  if "://" not in source and not os.path.exists(source):
+    raise MissingPathError(
+      f"--input={source!r} does not exist"
+      + ("; pass a folder, or a hub id (ORG/NAME)" if kind else "")
+    )
   output = _OUTPUT.value
   out = epath.Path(output)  # on this machine or a bucket (gs://...)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -85,7 +113,11 @@ def _paths():
       "pass a new --output (conversions never overwrite)"
     )
   writable_dir(output, "converted weights", "--output")
-  return _INPUT.value, output
+  return source, output
+
+
+def _has_tokenizer(folder: str) -> bool:
+  return any(epath.Path(folder, name).exists() for name in ("tokenizer.model", "tokenizer.json"))
 
 
 def main(argv):
@@ -101,13 +133,25 @@ def main(argv):
       return None
     return make_mesh((base or official.default_config()).mesh)
 
+  clip = hub.local_path(_CLIP.value, "--clip", "clip") if _CLIP.value else None
+  if command not in ("official", "llama"):
+    given = [f"--{f.name}" for f in (_VAE, _TOKENIZER) if f.value]
+    if given:
+      raise app.UsageError(f"{command} takes no {', '.join(given)} (official and llama do)")
+  assets = dict(tokenizer=_TOKENIZER.value, vae=_VAE.value)
   if command == "official":
-    official.convert_official(*_paths(), base, mesh=mesh(), clip=_CLIP.value)
+    official.convert_official(*_paths("official"), base, mesh=mesh(), clip=clip, **assets)
   elif command == "to-official":
     max_shard_bytes = parse_size(_MAX_SHARD.value)
-    official.convert_to_official(*_paths(), max_shard_bytes=max_shard_bytes, clip=_CLIP.value)
+    clip_name = _CLIP.value if hub.is_hub_id(_CLIP.value) else None  # not the cache's path
+    official.convert_to_official(
+      *_paths(), max_shard_bytes=max_shard_bytes, clip=clip, clip_name=clip_name
+    )
   elif command == "llama":
-    convert_llama(*_paths(), base, seed=_SEED.value, mesh=mesh(), clip=_CLIP.value)
+    source, output = _paths("llama")
+    if not assets["tokenizer"] and not (base and base.data.tokenizer) and _has_tokenizer(source):
+      assets["tokenizer"] = _INPUT.value  # the Llama's own, recorded as --input names it
+    convert_llama(source, output, base, seed=_SEED.value, mesh=mesh(), clip=clip, **assets)
   else:
     _require(_FIXTURE)
     real("--tolerance", _TOLERANCE.value, low=0, low_open=True)

@@ -123,13 +123,9 @@ def _clip_tower(m, clip: str | None) -> dict:
   return traverse_util.flatten_dict(params)
 
 
-def load_llama(
-  path: str, base_config=None, *, seed: int = 0, shardings_fn=None, clip: str | None = None
-):
-  """(params, config) of a MonoFormer started from the HF Llama at `path`; a
-  base config with model.vision_encoder='clip' needs `clip`, the HF CLIP
-  folder of its tower."""
-  path = os.fspath(path)
+def llama_config(path: str, base_config=None):
+  """(the HF config.json's dict, our config) of a MonoFormer started from the
+  HF Llama at `path`: read from config.json alone, before any weight."""
   hf = official.read_hf_config(path)
   where = os.path.join(path, "config.json")
   if "decoder_t_embed" in hf:
@@ -144,10 +140,20 @@ def load_llama(
       "first (model.save_pretrained(dir, safe_serialization=True))"
     )
   fields = official.llama_fields(hf, where)
-  old_vocab = fields["vocab_size"]
-  fields["vocab_size"] = old_vocab + ADDED_TOKENS
+  fields["vocab_size"] += ADDED_TOKENS
   base = official.default_config() if base_config is None else base_config
-  config = official.with_model_fields(base, fields)
+  return hf, official.with_model_fields(base, fields)
+
+
+def load_llama(
+  path: str, base_config=None, *, seed: int = 0, shardings_fn=None, clip: str | None = None
+):
+  """(params, config) of a MonoFormer started from the HF Llama at `path`; a
+  base config with model.vision_encoder='clip' needs `clip`, the HF CLIP
+  folder of its tower."""
+  path = os.fspath(path)
+  hf, config = llama_config(path, base_config)
+  old_vocab = config.model.vocab_size - ADDED_TOKENS
   m = config.model
   tower = _clip_tower(m, clip)
   tied = bool(hf.get("tie_word_embeddings", False))
@@ -191,12 +197,23 @@ def load_llama(
 
 
 def convert_llama(
-  path: str, output: str, base_config=None, *, seed: int = 0, mesh=None, clip: str | None = None
+  path: str,
+  output: str,
+  base_config=None,
+  *,
+  seed: int = 0,
+  mesh=None,
+  clip: str | None = None,
+  tokenizer: str | None = None,
+  vae: str | None = None,
 ):
   """HF Llama at `path` -> a fresh MonoFormer model checkpoint (raw params
-  only); `clip` as in `load_llama`."""
+  only); `clip` as in `load_llama`; `tokenizer` and `vae` recorded in its
+  config (official.record_assets), checked before the weights are read."""
   shardings_fn = (lambda c: param_shardings(c, mesh)) if mesh is not None else None
-  params, config = load_llama(path, base_config, seed=seed, shardings_fn=shardings_fn, clip=clip)
+  _, base = llama_config(os.fspath(path), base_config)
+  base = official.record_assets(base, tokenizer=tokenizer, vae=vae)
+  params, config = load_llama(path, base, seed=seed, shardings_fn=shardings_fn, clip=clip)
   save_model(output, config, params)
   logging.info(
     "wrote %s: %d-layer MonoFormer, vocabulary %d (+%d added tokens)",

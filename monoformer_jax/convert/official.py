@@ -44,10 +44,12 @@ from absl import logging
 from etils import epath
 from flax import nnx, traverse_util
 
+from monoformer_jax import inference
 from monoformer_jax.checkpoints import load_config, load_params, save_model, stored_weights
 from monoformer_jax.config import config_file
 from monoformer_jax.config.schema import CONDITIONING_MODES
 from monoformer_jax.errors import CheckpointError, ConfigError, FileFormatError, MissingPathError
+from monoformer_jax.hub import recorded
 from monoformer_jax.model.build import abstract_model, param_shardings
 from monoformer_jax.model.clip import clip_params_from_tensors, read_clip_config, vision_prefix
 from monoformer_jax.paths import folder_of
@@ -57,6 +59,7 @@ from monoformer_jax.safetensors_io import (
   read_json_object,
   write_safetensors,
 )
+from monoformer_jax.text.tokenizer import tokenizer_of
 
 LAYER = "model.layers.{i}."
 
@@ -728,7 +731,17 @@ def official_config(hf: dict, base, where: str = "config.json", *, clip: str | N
     fields["vision"] = None  # only a CLIP model has tower sizes
   if not fields["vision_encoder"] and "vision_encoder" not in base.model:
     del fields["vision_encoder"]  # a base config from before models read images
-  return with_model_fields(base, fields)
+  config = with_model_fields(base, fields)
+  # The rows the model was trained on (what samplers may fill): the reference's
+  # text limit, kept so that an export writes it back unchanged.
+  limit = hf.get("tokenizer_max_length")
+  if limit is not None:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 2:
+      raise FileFormatError(
+        f"{where}: tokenizer_max_length={limit!r} must be a whole number of tokens (>= 2)"
+      )
+    config.data.seq_len = limit
+  return config
 
 
 def _vision_fields(config, vision_encoder_path: str | None) -> dict:
@@ -860,17 +873,50 @@ def has_ema(path: str) -> bool:
   return epath.Path(path).is_dir() and epath.Path(path, "ema").is_dir()
 
 
+def record_assets(config, *, tokenizer: str | None = None, vae: str | None = None):
+  """Records in `config` the tokenizer (data.tokenizer) and SD-VAE (vae.path)
+  its model samples with, so that sampling, evaluation and the notebook need
+  no flag for them: a hub id or bucket path as given, a local path made
+  absolute (hub.recorded). Each is checked against the model first (it loads,
+  the tokenizer's ids fit model.vocab_size, the VAE's latents are the model's);
+  None keeps the config's own."""
+  if tokenizer:
+    tokenizer_of(config, tokenizer)
+    config.data.tokenizer = recorded(tokenizer)
+  if vae:
+    inference.load_vae_of(config, vae, flag="--vae")
+    config.vae.path = recorded(vae)
+  return config
+
+
 def convert_official(
-  path: str, output: str, base_config=None, *, mesh=None, clip: str | None = None
+  path: str,
+  output: str,
+  base_config=None,
+  *,
+  mesh=None,
+  clip: str | None = None,
+  tokenizer: str | None = None,
+  vae: str | None = None,
 ):
   """Official weights (and `ema/` if present) -> a model checkpoint at `output`;
-  `clip` as in `load_official`."""
+  `clip` as in `load_official`; `tokenizer` and `vae` recorded in its config
+  (`record_assets`), checked before the weights are read."""
   shardings_fn = (lambda c: param_shardings(c, mesh)) if mesh is not None else None
   find_files(path)  # fail on a bad path before any work
-  params, config = load_official(path, base_config, shardings_fn=shardings_fn, clip=clip)
+  base = default_config() if base_config is None else base_config
+  where = os.path.join(folder_of(path), "config.json")
+  # the whole config from config.json alone, the assets recorded in it: the
+  # base config of the conversion itself
+  base = record_assets(
+    official_config(read_hf_config(path), base, where=where, clip=clip),
+    tokenizer=tokenizer,
+    vae=vae,
+  )
+  params, config = load_official(path, base, shardings_fn=shardings_fn, clip=clip)
   ema = None
   if has_ema(path):
-    ema, _ = load_official(path, base_config, shardings_fn=shardings_fn, ema=True, clip=clip)
+    ema, _ = load_official(path, base, shardings_fn=shardings_fn, ema=True, clip=clip)
   save_model(output, config, params, ema=ema)
   logging.info("wrote %s (%s)", output, "params and ema" if ema is not None else "params")
   return config
@@ -1001,6 +1047,18 @@ def official_tensors(params, m, clip_source=None):
   return [(k, shape(k)) for k in order], produce
 
 
+def check_exportable(config):
+  """The official format holds the paper's IDDPM models only: refuse a flow
+  model before anything is read or written."""
+  objective = config.diffusion.objective
+  if objective != "iddpm":
+    raise ConfigError(
+      f"diffusion.objective={objective!r}: the official MonoFormer format holds IDDPM "
+      "models only (epsilon and learned variance), so a flow model cannot be exported; "
+      "sample and evaluate it from its checkpoint here"
+    )
+
+
 def write_official(
   params,
   config,
@@ -1009,9 +1067,13 @@ def write_official(
   max_shard_bytes: int,
   desc: str = "ours -> official",
   clip: str | None = None,
+  clip_name: str | None = None,
 ):
   """Writes `params` as official safetensors + config.json into `folder`; a
-  CLIP model needs `clip`, the HF CLIP folder its tower came from."""
+  CLIP model needs `clip`, the HF CLIP folder its tower came from, which
+  config.json names as vision_encoder_path (or as `clip_name`: the hub id
+  the folder was downloaded by, which loads on any machine)."""
+  check_exportable(config)
   with clip_tensors(config.model, clip) as clip_source:
     shapes, produce = official_tensors(params, config.model, clip_source)
     with tqdm.tqdm(total=len(shapes), desc=desc, unit="tensor", leave=False) as bar:
@@ -1019,22 +1081,29 @@ def write_official(
         folder, shapes, produce, max_shard_bytes=max_shard_bytes, on_tensor=lambda key: bar.update()
       )
   epath.Path(folder, "config.json").write_text(
-    json.dumps(hf_config(config, vision_encoder_path=clip), indent=2)
+    json.dumps(hf_config(config, vision_encoder_path=clip_name or clip), indent=2)
   )
   return names
 
 
 def convert_to_official(
-  path: str, output: str, *, max_shard_bytes: int = 5 * 10**9, clip: str | None = None
+  path: str,
+  output: str,
+  *,
+  max_shard_bytes: int = 5 * 10**9,
+  clip: str | None = None,
+  clip_name: str | None = None,
 ):
   """A model checkpoint -> official layout at `output` (+ `output/ema/` if it has
-  EMA); a CLIP model needs `clip` (see `write_official`)."""
+  EMA); a CLIP model needs `clip` (and `clip_name`, see `write_official`)."""
   config, _ = load_config(path)
+  check_exportable(config)
   with clip_tensors(config.model, clip):
     pass  # a missing or mismatched CLIP folder fails before the model is read
   weights = stored_weights(path)
   params, config, _ = load_params(path, weights="raw")
-  write_official(params, config, output, max_shard_bytes=max_shard_bytes, clip=clip)
+  names = dict(clip=clip, clip_name=clip_name)
+  write_official(params, config, output, max_shard_bytes=max_shard_bytes, **names)
   del params
   if "ema" in weights:
     ema, _, _ = load_params(path, weights="ema", config=config)
@@ -1044,7 +1113,7 @@ def convert_to_official(
       os.path.join(output, "ema"),
       max_shard_bytes=max_shard_bytes,
       desc="ours ema -> official",
-      clip=clip,
+      **names,
     )
   logging.info("wrote %s (%s)", output, " and ".join(weights))
   return config

@@ -11,17 +11,20 @@ made as `SOURCE`) and its line below.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
 
+import numpy as np
 from absl import logging
 
 from monoformer_jax.data import pipeline
 from monoformer_jax.data.packing import PackedBatches
+from monoformer_jax.data.prompts import TEMPLATES, image_example, training_prompt
 from monoformer_jax.data.sharded import ShardedBatches, data_state_of, host_stream
 from monoformer_jax.errors import ConfigError
-from monoformer_jax.layout import row_spec
+from monoformer_jax.layout import expanded_length, row_spec, useful_work
 
 # name -> the module that makes its source as SOURCE
 SOURCES = {
@@ -85,6 +88,80 @@ def class_by_name(name: str, config) -> str:
       f"of {listed} or an index 0..{len(names) - 1}"
     )
   return name
+
+
+@dataclasses.dataclass(frozen=True)
+class RowUse:
+  """How rows of `seq_len` columns hold a dataset's class-prompted images, as
+  the packer lays them out (`class_prompt_rows`): totals over `rows` rows."""
+
+  seq_len: int
+  rows: int
+  examples: int
+  images: int
+  tokens: int  # columns holding an example
+  attended: int  # query-key pairs inside the examples (layout.useful_work)
+  longest: int  # columns of the longest class prompt's example
+  longest_prompt: str
+
+  @property
+  def padding(self) -> float:
+    """The share of the columns that hold no example."""
+    return 1.0 - self.tokens / (self.rows * self.seq_len)
+
+  def describe(self) -> str:
+    return (
+      f"{self.padding:.1%} padding in rows of {self.seq_len} columns "
+      f"({self.examples / self.rows:.2f} examples and {self.images / self.rows:.2f} images "
+      f"per row; the longest class prompt, {self.longest_prompt!r}, takes {self.longest})"
+    )
+
+
+def class_prompt_rows(config, tokenizer, *, examples: int = 512) -> RowUse | None:
+  """How the config's rows hold its dataset's class-prompted images: at least
+  `examples` of them (a random class under a random template, or the prompt
+  dropped at data.cfg_drop_prob, as training draws them; images of the model's
+  shape) packed as training packs them, `data.batch_size` rows at a time. None
+  for a dataset without classes. Raises, before any data is read, when the
+  longest class prompt under any template does not fit a row."""
+  names = class_names(config)
+  if not names:
+    return None
+  spec = row_spec(config, tokenizer)
+  zero = np.zeros(spec.image_shape, np.float32)
+  prompts = [t.format(name) for name in names for t in TEMPLATES]
+  lengths = [expanded_length(image_example(p, zero, tokenizer), spec) for p in prompts]
+  longest = int(np.argmax(lengths))
+  if lengths[longest] > spec.seq_len:
+    raise ConfigError(
+      f"data.seq_len={spec.seq_len}: the class prompt {prompts[longest]!r} and its image "
+      f"take {lengths[longest]} columns (its tokens with data.tokenizer="
+      f"{config.data.tokenizer!r}, the image's {spec.tokens_per_image} and the specials); "
+      f"raise data.seq_len to at least {lengths[longest]}"
+    )
+
+  def example_at(i: int):
+    rng = np.random.default_rng([config.seed, i])
+    name = names[int(rng.integers(len(names)))]
+    return image_example(training_prompt(name, rng, config.data.cfg_drop_prob), zero, tokenizer)
+
+  packed = PackedBatches(example_at, rows=config.data.batch_size, spec=spec)
+  rows = images = tokens = attended = 0
+  while packed.next_example < examples:
+    batch = next(packed)
+    used, pairs = useful_work(batch["segment_ids"])
+    rows, tokens, attended = rows + len(batch["segment_ids"]), tokens + used, attended + pairs
+    images += int(batch["image_valid"].sum())
+  return RowUse(
+    seq_len=spec.seq_len,
+    rows=rows,
+    examples=packed.next_example,
+    images=images,
+    tokens=tokens,
+    attended=attended,
+    longest=lengths[longest],
+    longest_prompt=prompts[longest],
+  )
 
 
 def host_example_stream(config_json: str, process_index: int, process_count: int):

@@ -25,7 +25,9 @@ result; for guidance the instruction, the source image or both are dropped
 image's P slots (a read image's Q slots). Reading follows the reference's
 infer_mllm.py: the image first, then the question, then the answer, with
 cross-entropy on the answer only. A class-conditional prompt is one of the reference's ImageNet
-templates filled with the class name; for classifier-free guidance the prompt
+templates filled with the class name; a user's own caption (text-to-image)
+is cut to fit as the reference cuts it (`image_example`'s `max_ids`). For
+classifier-free guidance the prompt
 is dropped (empty, `<s> <|im_start|> ...`) with probability `data.cfg_drop_prob`
 in training, and the empty prompt is the null prompt when sampling. A dataset
 supplies only its class names and its images or texts.
@@ -37,8 +39,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from monoformer_jax.errors import ConfigError
-from monoformer_jax.layout import Example, PromptRows, prompt_rows
+from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
+from monoformer_jax.layout import Example, PromptRows, RowSpec, prompt_rows
+from monoformer_jax.paths import path_kind, read_all
+
+# The reference's source_max_length: its train.py tokenizes the prompt side,
+# "<s>" + the prompt, with max_length=128 and truncation=True (the tokenizer's
+# default, from the right: the caption's end is lost), then adds the
+# `<|im_start|> <image> <|im_end|> \n </s>` side, which it never cuts.
+PROMPT_MAX_IDS = 128
 
 # The reference's ImageNet prompt templates, its "an photo" included.
 TEMPLATES = ("Please generate an image of {}.", "{}", "an image of {}.", "an photo of {}.")
@@ -59,6 +68,50 @@ def training_prompt(name: str, rng: np.random.Generator, drop_prob: float) -> st
   return TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(name)
 
 
+def is_prompts_file(value: Sequence[str]) -> bool:
+  """Whether a `sample.prompts` value names a file of prompts: ONE entry ending in .txt."""
+  return len(value) == 1 and value[0].strip().lower().endswith(".txt")
+
+
+def read_prompts(value: Sequence[str] | str, what: str = "sample.prompts") -> list[str]:
+  """The image prompts `value` holds: its entries, or when it is one path
+  ending in .txt (or a str: always a path) the lines of that text file, local
+  or on a bucket. Raises, naming `what` and the fix, for a file that is not
+  there or not UTF-8, one with no prompt, a blank line between prompts (a
+  prompt lost or split) or an empty entry; trailing blank lines end the file."""
+  if isinstance(value, str) or is_prompts_file(value):
+    path = value if isinstance(value, str) else value[0].strip()
+    kind = path_kind(path, what)
+    if kind != "file":
+      raise MissingPathError(
+        f"{what}: {path!r} is {'a folder' if kind == 'folder' else 'not there'}; give a "
+        "text file of image prompts, one per line"
+      )
+    try:
+      # utf-8-sig: a byte-order mark (Windows editors write one) is not prompt text.
+      lines = read_all(path).decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+      raise FileFormatError(
+        f"{what}: {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+      ) from None
+    while lines and not lines[-1].strip():
+      lines.pop()
+    for n, line in enumerate(lines, 1):
+      if not line.strip():
+        raise FileFormatError(
+          f"{what}: line {n} of {path} is blank between prompts; give one prompt per "
+          "line, with no blank line"
+        )
+    if not lines:
+      raise FileFormatError(f"{what}: {path} holds no prompt; write one prompt per line")
+    return lines
+  prompts = list(value)
+  for i, prompt in enumerate(prompts):
+    if not isinstance(prompt, str) or not prompt.strip():
+      raise ConfigError(f"{what}[{i}]={prompt!r} is not a prompt; give each image prompt some text")
+  return prompts
+
+
 def image_prefix_ids(prompt: str | None, tokenizer) -> list[int]:
   """<s> prompt <|im_start|>: what an image to generate sees; None/"": no prompt."""
   return [tokenizer.bos_id] + tokenizer.encode(prompt or "") + [tokenizer.im_start_id]
@@ -70,10 +123,37 @@ def image_example_ids(prompt: str | None, tokenizer) -> list[int]:
   return image_prefix_ids(prompt, t) + [t.image_id, t.im_end_id] + t.encode("\n") + [t.eos_id]
 
 
-def image_example(prompt: str | None, image: np.ndarray, tokenizer) -> Example:
+def image_example(
+  prompt: str | None, image: np.ndarray, tokenizer, *, max_ids: int | None = None
+) -> Example:
   """A training example: the image under its prompt. Its text may train CE;
-  whether image prompts do is the packer's switch (loss.text_on_image_examples)."""
-  return Example(image_example_ids(prompt, tokenizer), [image], train_text=True)
+  whether image prompts do is the packer's switch (loss.text_on_image_examples).
+
+  With `max_ids` (a caption's example: `caption_room`), the prompt's ids are
+  cut from the end, as the reference cuts them, so that `<s> prompt` is at
+  most PROMPT_MAX_IDS ids and the whole example at most `max_ids`;
+  `Example.cut` says how many went. When even the empty prompt leaves no
+  room, nothing is cut and packing refuses the example (layout.pieces_of)."""
+  t = tokenizer
+  ids = image_example_ids(prompt, t)
+  if max_ids is None:
+    return Example(ids, [image], train_text=True)
+  prompt_ids = t.encode(prompt or "")
+  n = len(prompt_ids)
+  fixed = len(ids) - n  # <s> and the image's side
+  keep = min(n, PROMPT_MAX_IDS - 1)
+  if fixed <= max_ids:  # else no cut makes it fit
+    keep = min(keep, max_ids - fixed)
+  if keep == n:
+    return Example(ids, [image], train_text=True)
+  return Example(ids[: 1 + keep] + ids[1 + n :], [image], train_text=True, cut=n - keep)
+
+
+def caption_room(spec: RowSpec) -> int:
+  """The most ids an example of ONE generated image may have in a row of
+  `spec`: the row's columns less those its image expands to beyond its
+  placeholder (its tokens, and its timestep token with `spec.cond_token`)."""
+  return spec.seq_len - spec.tokens_per_image - int(spec.cond_token) + 1
 
 
 def image_prompt_example(prompt: str | None, tokenizer, image_shape) -> Example:

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from monoformer_jax.config.schema import SAMPLERS as SAMPLERS_OF
+from monoformer_jax.diffusion.flow import FlowMatching
 from monoformer_jax.errors import ConfigError
 
 
@@ -86,6 +88,8 @@ def space_timesteps(
 
 class GaussianDiffusion:
   """Schedule tables (float64 numpy) and the math on them (jit-friendly jnp)."""
+
+  SAMPLERS = SAMPLERS_OF["iddpm"]
 
   def __init__(self, betas: np.ndarray, timestep_map: np.ndarray):
     self.betas = betas = np.asarray(betas, np.float64)
@@ -159,6 +163,16 @@ class GaussianDiffusion:
   def model_timesteps(self, t):
     """Original timesteps (what the network is conditioned on) of indices t."""
     return jnp.asarray(self.timestep_map.astype(np.int32))[t]
+
+  def draw_timesteps(self, key, shape):
+    """Training indices int32 `shape`, uniform over 0..T-1."""
+    return jax.random.randint(key, shape, 0, self.num_timesteps)
+
+  @staticmethod
+  def prediction_channels(total: int) -> int:
+    """Of a model output's `total` channels, those guidance combines: the
+    epsilon half (the other half is the learned variance)."""
+    return total // 2
 
   @staticmethod
   def _split(model_output, x_t):
@@ -261,15 +275,69 @@ class GaussianDiffusion:
     mse = ((noise - eps) ** 2).mean(axis=axes)
     return dict(mse=mse, vb=vb, loss=mse + vb)
 
+  # ------------------------------------------------------------- sampling
+  def sample_step(
+    self,
+    denoise_fn: Callable,
+    x_t,
+    i,
+    key,
+    *,
+    sampler: str | None = None,
+    eta: float = 0.0,
+    row_keys: bool = False,
+  ):
+    """Step i of a sampling loop (0 = the first, noisiest): x_{t-1} from x_t at
+    index t = T' - 1 - i of the (respaced) steps, with the noise of
+    fold_in(key, i) (with `row_keys`, `key` holds one key per row [B] and row
+    b's noise is fold_in(key[b], i)'s, whatever else shares the batch).
+    `denoise_fn(x_t, t_model) -> model_output [B, ..., 2C]` gets the ORIGINAL
+    timesteps (timestep_map of the index), int32 [B]; `i` may be traced.
+    `sampler` None: 'ddpm'."""
+    sampler = sampler or self.SAMPLERS[0]
+    if sampler not in self.SAMPLERS:
+      raise ValueError(f"sampler={sampler!r}: an IDDPM model samples with one of {self.SAMPLERS}")
+    t = jnp.full((x_t.shape[0],), self.num_timesteps - 1 - i, jnp.int32)
+    out = denoise_fn(x_t, self.model_timesteps(t))
+    if row_keys:
+      noise = jax.vmap(
+        lambda k: jax.random.normal(jax.random.fold_in(k, i), x_t.shape[1:], x_t.dtype)
+      )(key)
+    else:
+      noise = jax.random.normal(jax.random.fold_in(key, i), x_t.shape, x_t.dtype)
+    if sampler == "ddpm":
+      return self.p_sample(out, x_t, t, noise)["sample"]
+    return self.ddim_sample(out, x_t, t, noise, eta)["sample"]
+
 
 def from_config(
   diffusion_cfg, respacing: str | int | Sequence[int] | None = None
-) -> GaussianDiffusion:
-  """The diffusion process of a config's `diffusion` section (its
-  num_timesteps steps of its beta_schedule), respaced to `respacing` (e.g.
-  "20": the sampler's 20 steps; None: every step, what training draws t
-  from). Every model's process is built here, so training and every sampler
-  run the same schedule."""
+) -> GaussianDiffusion | FlowMatching:
+  """The diffusion process of a config's `diffusion` section, for sampling
+  with `respacing` steps (e.g. "20"; None: what training uses). Every model's
+  process is built here, so training and every sampler run the same one.
+
+  objective 'iddpm': the num_timesteps steps of its beta_schedule, respaced;
+  'flow': `FlowMatching` with its settings and `respacing` ODE steps (a
+  count; None: num_timesteps, which training does not use)."""
+  if diffusion_cfg.objective == "flow":
+    steps = diffusion_cfg.num_timesteps if respacing in (None, "") else respacing
+    if isinstance(steps, str) and steps.isdigit():
+      steps = int(steps)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+      raise ConfigError(
+        f"respacing={respacing!r}: a flow model samples with a count of steps >= 1 "
+        "(e.g. '20'), not sections or 'ddimN'"
+      )
+    return FlowMatching(
+      steps,
+      time_scale=diffusion_cfg.num_timesteps,
+      shift=diffusion_cfg.shift,
+      time_distribution=diffusion_cfg.time_distribution,
+      logit_mean=diffusion_cfg.logit_mean,
+      logit_scale=diffusion_cfg.logit_scale,
+      loss_weighting=diffusion_cfg.loss_weighting,
+    )
   return GaussianDiffusion.create(
     diffusion_cfg.num_timesteps, diffusion_cfg.beta_schedule, respacing=respacing
   )
@@ -302,7 +370,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
   )
 
 
-def apply_cfg(out_cond, out_uncond, scale, guided_channels: int | None = None):
+def apply_cfg(out_cond, out_uncond, scale, guided_channels: int | None = None, predicted=None):
   """Classifier-free guidance on model outputs [B, ..., 2C]; returns the guided
   output of the conditional half.
 
@@ -311,10 +379,10 @@ def apply_cfg(out_cond, out_uncond, scale, guided_channels: int | None = None):
   channels 0..2 (the reference, a DiT legacy) and leaves the rest of the
   conditional output raw.
   """
-  return apply_guidance([out_cond, out_uncond], [scale], guided_channels)
+  return apply_guidance([out_cond, out_uncond], [scale], guided_channels, predicted)
 
 
-def apply_guidance(outs, scales, guided_channels: int | None = None):
+def apply_guidance(outs, scales, guided_channels: int | None = None, predicted: int | None = None):
   """Guidance over a chain of conditions, each dropping more than the one before.
 
   `outs` [G] model outputs [B, ..., 2C]: outs[0] fully conditioned, outs[G-1]
@@ -324,6 +392,9 @@ def apply_guidance(outs, scales, guided_channels: int | None = None):
   the variance channels stay outs[0]'s. G = 2 is classifier-free guidance;
   G = 3 with (text scale, image scale) is InstructPix2Pix's two-scale
   guidance. All scales 1 give outs[0]. `guided_channels` as in `apply_cfg`.
+  `predicted`: how many leading channels are the prediction (the process's
+  `prediction_channels`; None: half, IDDPM's epsilon; a flow model's velocity
+  is all of them), the rest taken from outs[0].
   """
   if len(outs) < 2 or len(scales) != len(outs) - 1:
     raise ValueError(
@@ -331,14 +402,16 @@ def apply_guidance(outs, scales, guided_channels: int | None = None):
       f"outputs and {len(scales)} scales"
     )
   shape = outs[0].shape
-  if any(o.shape != shape for o in outs) or shape[-1] % 2:
+  if any(o.shape != shape for o in outs) or (predicted is None and shape[-1] % 2):
     raise ValueError(
       f"guided outputs {[o.shape for o in outs]} must be equal shapes [B, ..., 2C] (channels last)"
     )
-  c = shape[-1] // 2
+  c = shape[-1] // 2 if predicted is None else predicted
   g = c if guided_channels is None else guided_channels
   if not 0 <= g <= c:
-    raise ValueError(f"guided_channels={guided_channels} must be in 0..{c} (the eps channels)")
+    raise ValueError(
+      f"guided_channels={guided_channels} must be in 0..{c} (the predicted channels)"
+    )
   eps = [o[..., :g] for o in outs]
   guided = eps[-1]
   for k, scale in enumerate(scales):
@@ -346,7 +419,8 @@ def apply_guidance(outs, scales, guided_channels: int | None = None):
   return jnp.concatenate([guided, outs[0][..., g:]], axis=-1)
 
 
-SAMPLERS = ("ddpm", "ddim")
+# Every sampler of either objective (each process's own: its SAMPLERS).
+SAMPLERS = GaussianDiffusion.SAMPLERS + FlowMatching.SAMPLERS
 
 
 def sample_step(
@@ -354,52 +428,39 @@ def sample_step(
   x_t,
   i,
   key,
-  diffusion: GaussianDiffusion,
+  diffusion: GaussianDiffusion | FlowMatching,
   *,
-  sampler: str = "ddpm",
+  sampler: str | None = None,
   eta: float = 0.0,
   row_keys: bool = False,
 ):
-  """Step i of a sampling loop (0 = the first, noisiest): x_{t-1} from x_t at
-  index t = T' - 1 - i of `diffusion`'s (respaced) steps, with the noise of
-  fold_in(key, i) (with `row_keys`, `key` holds one key per row [B] and row b's
-  noise is fold_in(key[b], i)'s, whatever else shares the batch).
-  `denoise_fn(x_t, t_model) -> model_output [B, ..., 2C]` gets the ORIGINAL
-  timesteps (timestep_map of the index), int32 [B]; `i` may be traced."""
-  if sampler not in SAMPLERS:
-    raise ValueError(f"sampler={sampler!r}: choose one of {SAMPLERS}")
-  t = jnp.full((x_t.shape[0],), diffusion.num_timesteps - 1 - i, jnp.int32)
-  out = denoise_fn(x_t, diffusion.model_timesteps(t))
-  if row_keys:
-    noise = jax.vmap(
-      lambda k: jax.random.normal(jax.random.fold_in(k, i), x_t.shape[1:], x_t.dtype)
-    )(key)
-  else:
-    noise = jax.random.normal(jax.random.fold_in(key, i), x_t.shape, x_t.dtype)
-  if sampler == "ddpm":
-    return diffusion.p_sample(out, x_t, t, noise)["sample"]
-  return diffusion.ddim_sample(out, x_t, t, noise, eta)["sample"]
+  """Step i of a sampling loop of `diffusion` (0 = the first, noisiest): its
+  own `sample_step` (GaussianDiffusion's or FlowMatching's); `sampler` None is
+  the process's default (ddpm; euler)."""
+  return diffusion.sample_step(denoise_fn, x_t, i, key, sampler=sampler, eta=eta, row_keys=row_keys)
 
 
 def sample_loop(
   denoise_fn: Callable,
   x_T,
   key,
-  diffusion: GaussianDiffusion,
+  diffusion: GaussianDiffusion | FlowMatching,
   *,
-  sampler: str = "ddpm",
+  sampler: str | None = None,
   eta: float = 0.0,
   progress: Callable | None = None,
 ):
   """x_0 from x_T through all of `diffusion`'s (respaced) steps, in one program.
 
   `sampler`: 'ddpm' (ancestral, with the learned variance; the reference) or
-  'ddim' (with `eta`); `denoise_fn` as in `sample_step`. One compiled step,
+  'ddim' (with `eta`); 'euler' or 'heun' for a flow process; None: the
+  process's default. `denoise_fn` as in `sample_step`. One compiled step,
   scanned from the last index to 0. `progress`, if given, is called on the host
   with each finished step's loop index (0 = the first, noisiest step).
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f"sampler={sampler!r}: choose one of {SAMPLERS}")
+  sampler = sampler or diffusion.SAMPLERS[0]
+  if sampler not in diffusion.SAMPLERS:
+    raise ValueError(f"sampler={sampler!r}: this process samples with one of {diffusion.SAMPLERS}")
 
   def step(x_t, i):
     x_prev = sample_step(denoise_fn, x_t, i, key, diffusion, sampler=sampler, eta=eta)

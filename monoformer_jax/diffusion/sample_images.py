@@ -1,4 +1,5 @@
-"""Image generation with a MonoFormer: DDPM or DDIM over rows of prompts.
+"""Image generation with a MonoFormer: DDPM or DDIM (iddpm), Euler or Heun
+(flow) over rows of prompts.
 
 Rows hold one example each with one image slot to generate. With guidance
 (`cfg_scale` set) the batch is doubled as in the reference: rows [0, B) are the
@@ -66,15 +67,16 @@ def sample_images(
   *,
   cfg_scale=None,
   guided_channels=None,
-  sampler: str = "ddpm",
+  sampler: str | None = None,
   eta: float = 0.0,
   use_cache: bool = True,
   progress: Callable[[int], Any] | None = None,
 ):
   """x_0 [B, h, w, C] float32 for the rows' prompts (B = rows, or half with guidance).
 
-  `diffusion` is the (respaced) GaussianDiffusion whose steps are run;
-  `sampler` 'ddpm' (learned variance, the reference) or 'ddim' with `eta`;
+  `diffusion` is the process whose steps are run (`from_config`'s, respaced);
+  `sampler` one of its SAMPLERS (iddpm: 'ddpm', learned variance, the
+  reference, or 'ddim' with `eta`; flow: 'euler' or 'heun'), None its default;
   `cfg_scale` turns on guidance over the doubled batch, a tuple of G - 1
   scales over G groups of rows (see the module docstring); `guided_channels=3`
   guides only epsilon channels 0-2 as the reference does. The same `key` gives the same images; `progress(step)` is
@@ -83,6 +85,9 @@ def sample_images(
   """
   scales = guidance_scales(cfg_scale)
   groups = len(scales) + 1
+  sampler = sampler or diffusion.SAMPLERS[0]
+  if sampler not in diffusion.SAMPLERS:
+    raise ValueError(f"sampler={sampler!r}: this model samples with one of {diffusion.SAMPLERS}")
   if use_cache and not isinstance(rows, PromptRows):
     raise ValueError(
       "the prompt cache needs rows from layout.prompt_rows (prompts "
@@ -174,7 +179,12 @@ def guided_step(run, settings, x_t, i, key, scales, row_keys: bool = False):
     if groups == 1:
       return out
     outs = jnp.split(out, groups)
-    return apply_guidance(outs, [scales[g] for g in range(groups - 1)], settings.guided_channels)
+    return apply_guidance(
+      outs,
+      [scales[g] for g in range(groups - 1)],
+      settings.guided_channels,
+      settings.diffusion.prediction_channels(out.shape[-1]),
+    )
 
   return sample_step(
     denoise,

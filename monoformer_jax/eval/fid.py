@@ -11,6 +11,8 @@ computes (a dict of `pool` [N, 2048], `spatial` [N, 2023] and `logits`
     inception_score                exp E_x KL(p(y|x) || p(y)), mean over splits
     precision_recall               Kynkaanniemi et al. 2019, k = 3 neighbours
     ReferenceBatch                 an ADM reference npz (mu, sigma, mu_s, sigma_s, arr_0)
+    ReferenceFolder                a folder of reference images (COCO-style), ADM-cropped
+    reference_of                   the one of the two a --reference path names
     load_images_npz                a sample npz (ADM's arr_0 or this project's images)
     load_samples_npz               the same with its labels (arr_1 or labels)
     NpzReader                      an npz read member by member, errors naming the file
@@ -542,6 +544,81 @@ class ReferenceBatch:
       + (f", images {self._images_shape}" if self._images_shape else "")
       + ")"
     )
+
+
+# The files of a reference folder that are images (by their name's ending).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ReferenceFolder:
+  """A folder of reference images (e.g. COCO val2014 for text-to-image FID),
+  with the interface of `ReferenceBatch`: no stored statistics (`.fid` and
+  `.sfid` are None), so FID is computed from the Inception features of its
+  images, each made as ADM made its reference batches: ADM's centre crop to
+  the samples' size (data/encode.py adm_center_crop), RGB uint8 (`images_like`).
+  Its image files (IMAGE_SUFFIXES, sorted, in subfolders too) are listed when
+  it is made (a folder with none is refused then); the evaluator decodes them
+  when it checks the samples' shape, before any sampling."""
+
+  def __init__(self, path):
+    from monoformer_jax.paths import files_under, path_kind
+
+    self.path = os.fspath(path)
+    if path_kind(self.path, "reference folder") != "folder":
+      raise MissingPathError(f"reference folder {self.path} is not there")
+    self.files = [
+      str(entry)
+      for name, entry in files_under(self.path)
+      if name.lower().endswith(IMAGE_SUFFIXES) and not name.rsplit("/", 1)[-1].startswith(".")
+    ]
+    if not self.files:
+      raise FileFormatError(
+        f"reference folder {self.path} holds no image ({', '.join(IMAGE_SUFFIXES)}); give "
+        "the folder of the reference images"
+      )
+    self.fid = self.sfid = None
+    self.resolution = None  # any: each image is cropped to the samples' size
+
+  @property
+  def num_images(self) -> int:
+    return len(self.files)
+
+  def check(self, metrics: Iterable[str]) -> None:
+    """Whether it holds enough images for `metrics`, before any sample is scored."""
+    for metric in metrics:
+      if metric != "is" and self.num_images < MIN_IMAGES[metric]:
+        raise FileFormatError(
+          f"reference folder {self.path} holds {self.num_images} image(s), but {metric} "
+          f"needs at least {MIN_IMAGES[metric]}: give a folder of more reference images"
+        )
+
+  def images_like(self, shape, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """uint8 [n, H, W, 3]: images start..stop - 1 (default all), ADM-centre-
+    cropped to the H x H of the samples' `shape` [N, H, W, C] (square samples)."""
+    from monoformer_jax.data.encode import adm_center_crop
+    from monoformer_jax.vision.images import UnreadableImage, load_image
+
+    size = int(shape[1])
+    files = self.files[start:stop]
+    out = np.empty((len(files), size, size, 3), np.uint8)
+    for i, path in enumerate(files):
+      try:
+        out[i] = np.asarray(adm_center_crop(load_image(path), size))
+      except UnreadableImage as e:
+        raise FileFormatError(f"reference folder {self.path}: {e} (or remove it)") from None
+    return out
+
+  def __repr__(self) -> str:
+    return f"ReferenceFolder({self.path!r}, {self.num_images} images)"
+
+
+def reference_of(path) -> ReferenceBatch | ReferenceFolder:
+  """The reference `path` names: a folder of images, else an ADM npz."""
+  from monoformer_jax.paths import path_kind
+
+  if path_kind(os.fspath(path), "--reference") == "folder":
+    return ReferenceFolder(path)
+  return ReferenceBatch(path)
 
 
 def load_images_npz(

@@ -44,8 +44,14 @@ class Evaluator:
   # The files it reads, {name: what it is}: config.evals.<name> inside
   # training, --<name> for `python -m monoformer_jax.evaluate`.
   files: dict[str, str] = {}
+  folders: tuple[str, ...] = ()  # those of `files` that may be a folder instead
   num_samples = 1000  # evaluate's default sample count
-  num_steps: int | None = None  # evaluate's default DDPM steps (None: sample.num_steps)
+  # Its sampling protocol (`sampling_protocol`): evaluate's default DDPM steps
+  # and guidance scale (None: config.sample's), and the eps channels it guides,
+  # [0, guided_channels) of a model with at least that many (None: every one).
+  num_steps: int | None = None
+  cfg_scale: float | None = None
+  guided_channels: int | None = None
   # The class labels it reads lie in [0, num_classes); None: it reads none.
   num_classes: int | None = None
 
@@ -60,8 +66,10 @@ class Evaluator:
       path = settings.get(name) or ""
       if not path:
         raise ConfigError(f"{list(names)} need {flag(name)}, {what}")
-      if not epath.Path(path).is_file():  # local or on a bucket (gs://...)
-        raise PathError(f"{flag(name)}={path!r} is not a file: {list(names)} read {what} from it")
+      where = epath.Path(path)  # local or on a bucket (gs://...)
+      if not (where.is_file() or (name in cls.folders and where.is_dir())):
+        kind = "a file or a folder" if name in cls.folders else "a file"
+        raise PathError(f"{flag(name)}={path!r} is not {kind}: {list(names)} read {what} from it")
 
   @classmethod
   def problem(cls, name: str, config) -> str | None:
@@ -143,6 +151,39 @@ def make(names: Sequence[str], settings: Mapping[str, Any] | None = None) -> lis
 def sample_metrics(names: Sequence[str]) -> tuple[str, ...]:
   """Those of `names` that score samples (the rest score the model)."""
   return tuple(n for n in names if evaluator_class(n).scores == "samples")
+
+
+def sampling_protocol(
+  names: Sequence[str],
+  config,
+  *,
+  num_steps: int | None = None,
+  cfg_scale: float | None = None,
+  guide_all_channels: bool = False,
+) -> dict:
+  """How the metrics `names` sample a model of `config`: {num_steps,
+  cfg_scale, guided_channels}, their evaluators' protocol (`Evaluator.
+  num_steps`, ...; the most steps any asks for, config.sample's where none
+  says) unless `num_steps` or `cfg_scale` is given. The eps channels an
+  evaluator guides (the Inception metrics: 0-2, as the reference's
+  sample_ddp.py) are guided only on a model with that many;
+  `guide_all_channels` guides every channel (None, as without guidance)."""
+  classes = list(families(names))
+  if num_steps is None:
+    num_steps = (
+      max((cls.num_steps for cls in classes if cls.num_steps), default=None)
+      or config.sample.num_steps
+    )
+  if cfg_scale is None:
+    cfg_scale = next(
+      (cls.cfg_scale for cls in classes if cls.cfg_scale is not None), config.sample.cfg_scale
+    )
+  guided = None
+  if cfg_scale and not guide_all_channels:  # no guidance guides no channel
+    guided = min((cls.guided_channels for cls in classes if cls.guided_channels), default=None)
+    if guided is not None and guided > int(config.model.in_channels):
+      guided = None  # a model of fewer channels (the digits' 1) guides them all
+  return dict(num_steps=int(num_steps), cfg_scale=cfg_scale, guided_channels=guided)
 
 
 def training_settings(config, names: Sequence[str]) -> dict[str, str]:

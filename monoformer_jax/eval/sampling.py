@@ -2,13 +2,20 @@
 
 The reference's protocol (its sample_ddp.py, after DiT's): every image gets a
 class drawn uniformly at random, the prompt "Please generate an image of
-{name}.", guidance against the empty prompt, DDPM with the learned variance
-(250 steps there; any respacing here), EMA weights; the images end as ADM's
-sample npz (`arr_0` uint8 [N, H, W, C], `arr_1` the labels). `balanced=True`
+{name}.", guidance against the empty prompt (its default scale 1.5, on eps
+channels 0-2 only: `guided_channels=3`), DDPM with the learned variance
+(20 respaced steps there; any respacing here), EMA weights; the images end
+as ADM's sample npz (`arr_0` uint8 [N, H, W, C], `arr_1` the labels). Which
+steps, scale and channels a metric samples with is its evaluator's
+(registry.sampling_protocol). `balanced=True`
 gives every class the same count instead (N a multiple of the class count
 gets exactly N / classes each), shuffled, so a chunk is not one class.
+With `prompts` (free text, e.g. COCO captions from evaluate's --prompts
+file) sample i draws prompt i mod P instead, and its "label" in the npz is
+that prompt's index.
 
-The run is cut into chunks of `chunk_size` images. Chunk i's labels are the
+The run is cut into chunks of `chunk_size` images (a multiple of the device
+count: `default_chunk_size`, `check_chunk_size`). Chunk i's labels are the
 run's labels [i*c, (i+1)*c) (drawn once from `seed`) and its noise comes from
 a seed of its own, (seed, i), so a chunk's images do not depend on which
 chunks ran before it or in this process: a run killed at any point and run
@@ -49,6 +56,7 @@ from jax.experimental import multihost_utils
 from monoformer_jax import inference
 from monoformer_jax.checkpoints import fingerprint, resolve
 from monoformer_jax.config.fields import check_image_sampling, integer
+from monoformer_jax.config.schema import max_sampling_steps, sampler_for
 from monoformer_jax.data import prompts as prompt_format
 from monoformer_jax.data.datasets import class_names
 from monoformer_jax.errors import ConfigError, FileFormatError, UserError
@@ -59,6 +67,52 @@ from monoformer_jax.paths import whole_file
 SAMPLES_FILE = "samples.npz"
 CHUNKS_DIR = "chunks"
 RUN_FILE = "run.json"
+CHUNK_TARGET = 500  # images per chunk, about: minutes of work a restart may lose
+
+
+def _whole_batches(num_samples: int, devices: int) -> int:
+  """`num_samples` rounded up to a multiple of `devices`: the biggest chunk
+  that is not mostly padding."""
+  return -(-num_samples // devices) * devices
+
+
+def default_chunk_size(num_samples: int | None = None, devices: int | None = None) -> int:
+  """The largest multiple of the device count (`devices`, default
+  jax.device_count()) not above CHUNK_TARGET, the device count itself where
+  that is more (one image per device): 500 on 1, 4 or 5 devices, 496 on 8,
+  480 on 32, 512 on 512; but no more than `num_samples` take (rounded up
+  to the device count), as a chunk is padded to its size."""
+  devices = jax.device_count() if devices is None else devices
+  size = max(1, CHUNK_TARGET // devices) * devices
+  return size if num_samples is None else min(size, _whole_batches(num_samples, devices))
+
+
+def check_chunk_size(
+  chunk_size: int, num_samples: int | None = None, flag: str = "--chunk_size"
+) -> int:
+  """`chunk_size` checked: a positive multiple of the device count, so a
+  chunk's batch splits over every device (each draws the same share), and
+  (given `num_samples`) not more than they take: the last chunk is padded
+  to the chunk size, so a bigger one would draw padding (or never fit)."""
+  fix = f"pass e.g. {flag}={default_chunk_size(num_samples)}"
+  integer(flag, chunk_size, low=1, fix=fix)
+  devices = jax.device_count()
+  if chunk_size % devices:
+    below = chunk_size // devices * devices
+    near = [n for n in (below, below + devices) if n]
+    raise ConfigError(
+      f"{flag}={chunk_size} does not split over the {devices} devices: use a multiple of "
+      f"{devices} (e.g. {' or '.join(map(str, near))}), or leave {flag} out for "
+      f"{default_chunk_size(num_samples)}"
+    )
+  if num_samples is not None and chunk_size > _whole_batches(num_samples, devices):
+    most = _whole_batches(num_samples, devices)
+    raise ConfigError(
+      f"{flag}={chunk_size} is more than --num_samples={num_samples} take: every chunk is "
+      f"padded to {chunk_size} images, the padding drawn and dropped; pass at most {most} "
+      f"(the samples rounded up to the {devices} devices), or leave {flag} out"
+    )
+  return int(chunk_size)
 
 
 def class_labels(
@@ -71,6 +125,20 @@ def class_labels(
     labels = np.arange(num_samples) % num_classes
     return rng.permutation(labels).astype(np.int32)
   return rng.integers(0, num_classes, num_samples).astype(np.int32)
+
+
+def prompt_labels(num_samples: int, num_prompts: int) -> np.ndarray:
+  """int32 [N]: sample i draws prompt i mod P, the prompts in their order and
+  repeated when fewer than the samples (as the reference's sample_t2i.py)."""
+  return (np.arange(num_samples) % num_prompts).astype(np.int32)
+
+
+def prompts_digest(prompts) -> dict:
+  """What run.json records of a run's free prompts: their count and sha256."""
+  import hashlib
+
+  text = "\n".join(prompts).encode("utf-8")
+  return dict(count=len(prompts), sha256=hashlib.sha256(text).hexdigest())
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -139,32 +207,43 @@ def run_settings(
   chunk_size: int,
   num_steps: int,
   cfg_scale: float | None,
-  sampler: str,
+  sampler: str | None,
   seed: int,
   balanced: bool,
+  guided_channels: int | None = None,
+  prompts=None,
 ) -> dict:
   """The settings of a run of `checkpoint`'s `step` (its `weights`), checked
   before any model is loaded: what the folder's run.json records (the
-  checkpoint's fingerprint is added when the folder is bound, `bind_folder`)."""
-  if not class_names(config):
+  checkpoint's fingerprint is added when the folder is bound, `bind_folder`).
+  `prompts`: free-text prompts instead of the config's classes (their digest
+  is recorded, so a folder never resumes with other prompts)."""
+  if prompts is None and not class_names(config):
     raise ConfigError(
       f"data.name={config.data.name!r} has no class names to prompt with; "
       "class-conditional sampling needs a dataset with classes (e.g. "
       "imagenet)"
     )
   integer("--num_samples", num_samples, low=1)
-  integer("--chunk_size", chunk_size, low=1)
+  check_chunk_size(chunk_size, num_samples)
   integer("--seed", seed, low=0)
+  # None: the objective's own sampler, recorded by name (a folder of one
+  # sampler never resumes with another's images)
+  sampler = sampler_for(config.diffusion.objective, sampler, "--sampler")
   check_image_sampling(
     num_steps=num_steps,
     cfg_scale=cfg_scale,
-    num_timesteps=config.diffusion.num_timesteps,
+    num_timesteps=max_sampling_steps(config.diffusion),
     prefix="--",
   )
-  if chunk_size % jax.device_count():
-    raise ConfigError(
-      f"--chunk_size={chunk_size} does not split over the "
-      f"{jax.device_count()} devices: use a multiple of {jax.device_count()}"
+  if guided_channels is not None:
+    channels = int(config.model.in_channels)
+    integer(
+      "guided_channels",
+      guided_channels,
+      low=1,
+      high=channels,
+      fix=f"the model has model.in_channels={channels}; None guides every channel",
     )
   directory, step = resolve(checkpoint, step)
   settings = dict(
@@ -177,6 +256,8 @@ def run_settings(
     chunk_size=int(chunk_size),
     num_steps=int(num_steps),
     cfg_scale=float(cfg_scale or 0.0),
+    # eps channels 0..n-1 guided (None: all): other images, so never resumed the other way
+    guided_channels=None if guided_channels is None else int(guided_channels),
     sampler=sampler,
     seed=int(seed),
     balanced=bool(balanced),
@@ -186,6 +267,8 @@ def run_settings(
     diffusion=config.diffusion.to_dict(),
     dtype=config.model.dtype,
   )
+  if prompts is not None:  # only then: class runs' run.json stays as it was
+    settings["prompts"] = prompts_digest(prompts)
   return json.loads(json.dumps(settings))  # as run.json reads back (lists, not tuples)
 
 
@@ -249,9 +332,14 @@ def _bind(out_dir: str, settings: dict):
     rest = {k: v for k, v in settings.items() if k != "checkpoint"}
     changed = {k: (before.get(k), v) for k, v in rest.items() if before.get(k) != v}
     if changed:
+      flag = (
+        " (guided_channels None is evaluate's --guide_all_channels)"
+        if "guided_channels" in changed
+        else ""
+      )
       raise ConfigError(
         f"{out_dir} holds samples of another run (settings then -> now: {changed}); "
-        "pass the same settings to resume it, or another --sample_dir"
+        f"pass the same settings{flag} to resume it, or another --sample_dir"
       )
     return
   chunks.mkdir(parents=True, exist_ok=True)
@@ -366,27 +454,36 @@ def sample_classes(
   num_steps: int,
   cfg_scale: float | None,
   seed: int,
-  sampler: str = "ddpm",
+  sampler: str | None = None,
+  guided_channels: int | None = None,
   batch: int | None = None,
   vae=None,
   decode_batch: int = 64,
+  prompts=None,
 ) -> np.ndarray:
-  """uint8 [N, H, W, C] samples of the class prompts of `labels_N` (guided
-  against the empty prompt unless `cfg_scale` is 0 or None), on every
+  """uint8 [N, H, W, C] samples of the class prompts of `labels_N` (or, with
+  `prompts`, of prompts[label]) (guided
+  against the empty prompt unless `cfg_scale` is 0 or None, on eps channels
+  [0, guided_channels) or, None, on all), on every
   process, the batch padded to `batch` rows (so that calls share one
   program) and the padding dropped. A sample that is not finite (a diverged
   model) is replaced by a blank image and counted in a warning."""
-  classes = class_names(config)
   labels_N = np.asarray(labels_N)
   n = len(labels_N)
   padded = np.concatenate([labels_N, np.zeros((batch or n) - n, labels_N.dtype)])
+  if prompts is None:
+    classes = class_names(config)
+    text = [prompt_format.class_prompt(classes[k]) for k in padded]
+  else:
+    text = [prompts[k] for k in padded]
   x0 = inference.generate_images(
     model,
     tokenizer,
-    [prompt_format.class_prompt(classes[k]) for k in padded],
+    text,
     num_steps=num_steps,
     sampler=sampler,
     cfg_scale=cfg_scale or None,
+    guided_channels=guided_channels,
     seed=seed,
     config=config,
   )
@@ -410,26 +507,33 @@ def sample_run(
   *,
   checkpoint: str,
   step: int,
+  num_steps: int,
+  cfg_scale: float | None,
+  guided_channels: int | None,
   weights: str = "ema",
   num_samples: int = 50_000,
-  chunk_size: int = 500,
-  num_steps: int = 250,
-  cfg_scale: float | None = 1.5,
-  sampler: str = "ddpm",
+  chunk_size: int | None = None,
+  sampler: str | None = None,
   seed: int = 0,
   balanced: bool = False,
   vae=None,
   decode_batch: int = 64,
   stop_after: int | None = None,
+  prompts=None,
 ) -> str:
-  """Samples `num_samples` images of the config's classes into `out_dir`
+  """Samples `num_samples` images of the config's classes (or of `prompts`,
+  free text, sample i drawing prompt i mod P: `prompt_labels`) into `out_dir`
   (resuming what is there) and returns the path of its `samples.npz`.
+  `num_steps`, `cfg_scale` and `guided_channels` are the metrics' protocol
+  (registry.sampling_protocol); `chunk_size` None is `default_chunk_size`'s.
 
   `model` holds the `weights` of `checkpoint`'s `step`: the folder is bound
   to them (`bind_folder`), so it resumes only for the same save of that
   checkpoint. Every process calls it; process 0 writes. `stop_after` ends
   the call after that many new chunks (what a killed run leaves behind; for
   tests)."""
+  if chunk_size is None:
+    chunk_size = default_chunk_size(num_samples)
   settings = run_settings(
     config,
     checkpoint=checkpoint,
@@ -442,12 +546,19 @@ def sample_run(
     sampler=sampler,
     seed=seed,
     balanced=balanced,
+    guided_channels=guided_channels,
+    prompts=prompts,
   )
   bind_folder(out_dir, settings)
+  sampler = settings["sampler"]
   writer = jax.process_index() == 0
-  classes = class_names(config)
   shape = sample_shape(config, vae)
-  labels = class_labels(num_samples, len(classes), seed=seed, balanced=balanced)
+  if prompts is None:
+    classes = class_names(config)
+    labels = class_labels(num_samples, len(classes), seed=seed, balanced=balanced)
+  else:
+    classes = prompts
+    labels = prompt_labels(num_samples, len(prompts))
   count = -(-num_samples // chunk_size)
   done = set(_done_chunks(out_dir, labels, chunk_size, shape))
   todo = [i for i in range(count) if i not in done]
@@ -456,14 +567,16 @@ def sample_run(
       "%s: %d of %d chunks already sampled, %d to go", out_dir, len(done), count, len(todo)
     )
   logging.info(
-    "sampling %d images of %d classes in %d chunks of %d: %s, %d steps, guidance %s, %s weights",
+    "sampling %d images of %d %s in %d chunks of %d: %s, %d steps, guidance %s%s, %s weights",
     num_samples,
     len(classes),
+    "classes" if prompts is None else "prompts",
     count,
     chunk_size,
     sampler,
     num_steps,
     cfg_scale or "off",
+    f" on eps channels 0-{guided_channels - 1}" if cfg_scale and guided_channels else "",
     weights,
   )
   t_start = time.perf_counter()
@@ -490,9 +603,11 @@ def sample_run(
         cfg_scale=cfg_scale,
         seed=chunk_seed(seed, i),
         sampler=sampler,
+        guided_channels=guided_channels,
         batch=chunk_size,
         vae=vae,
         decode_batch=decode_batch,
+        prompts=prompts,
       )
       if writer:
         path = _chunk_path(out_dir, i)

@@ -130,8 +130,9 @@ class TrainingEvals:
   """The evaluators inside training (big_vision's habit): `config.evals`
   names metrics run every `evals.every` steps on the EMA weights (sample
   metrics on `evals.num_samples` class-balanced samples, `evals.num_steps`
-  DDPM steps, guidance `evals.cfg_scale`), logged with the training metrics
-  as `eval/<metric>`. The files that the metrics read (config.evals) and the
+  DDPM steps, guidance `evals.cfg_scale` on the eps channels the metrics'
+  protocol guides, every one with `evals.guide_all_channels`:
+  `protocol`), logged with the training metrics as `eval/<metric>`. The files that the metrics read (config.evals) and the
   VAE are read once, when training starts."""
 
   def __init__(self, config):
@@ -153,6 +154,7 @@ class TrainingEvals:
         ev.num_samples, len(class_names(config)), seed=config.seed, balanced=True
       )
     self.vae = inference.load_vae_of(config)
+    self.guided_channels = training_protocol(config)["guided_channels"]
 
   def due(self, step: int) -> bool:
     return bool(self.every) and step % self.every == 0
@@ -172,6 +174,7 @@ class TrainingEvals:
         self.labels,
         num_steps=ev.num_steps,
         cfg_scale=ev.cfg_scale,
+        guided_channels=self.guided_channels,
         seed=config.seed,
         vae=self.vae,
       )
@@ -192,6 +195,20 @@ class TrainingEvals:
     return flat
 
 
+def training_protocol(config) -> dict:
+  """How the evaluators inside training sample (registry.sampling_protocol):
+  config.evals' steps and scale, the eps channels its metrics guide unless
+  `evals.guide_all_channels`."""
+  ev = config.evals
+  return registry.sampling_protocol(
+    tuple(ev.metrics),
+    config,
+    num_steps=ev.num_steps,
+    cfg_scale=ev.cfg_scale,
+    guide_all_channels=ev.guide_all_channels,
+  )
+
+
 def eval_row(image_scores: dict, model_scores: dict) -> dict[str, float]:
   """The evaluators' eval/ numbers of `score_images`' results and of the
   model metrics' ({'reading': {'reading_accuracy': ...}}):
@@ -206,8 +223,8 @@ def eval_row(image_scores: dict, model_scores: dict) -> dict[str, float]:
 def end_samples_score_evals(config) -> bool:
   """Whether the end-of-run samples (train/samples.py) compute every metric of
   `config.evals` with the evaluator's settings: as many samples of every
-  class (the evaluator's are class-balanced), its DDPM steps and guidance,
-  the same sample metrics (so their scores are the evaluator's row) and its
+  class (the evaluator's are class-balanced), its DDPM steps and guidance
+  (on every channel, as the end-of-run samples guide), the same sample metrics (so their scores are the evaluator's row) and its
   model metrics among theirs. The evaluator at the last step would then
   repeat their work (14-28 s of the digits main job), so the training loop
   logs their numbers as that step's eval/ row instead (`eval_row_of_samples`).
@@ -224,6 +241,7 @@ def end_samples_score_evals(config) -> bool:
     or ev.num_samples != sc.num_per_class * classes
     or ev.num_steps != sc.num_steps
     or ev.cfg_scale != sc.cfg_scale
+    or training_protocol(config)["guided_channels"] is not None
   ):
     return False
   scored = registry.end_of_run_metrics(config)

@@ -94,15 +94,19 @@ PER_ROW = (
 )
 
 
-def train_flops_per_row(model_config, seq_len: int) -> float:
-  """Model FLOPs of one `seq_len`-token row through the train step (forward +
-  backward), counted as MFU usually is (PaLM's appendix B, MaxText): 6 FLOPs per
-  weight per token for the matmuls (forward 2, backward 4; the token embedding
-  is a lookup) plus 12 * layers * L^2 * heads * head_dim for the attention's
-  scores and values over the whole row (every row attends over its full
-  length, masked or not, as the kernels do). Only matrices applied to every
-  token count (norm scales and biases are elementwise; PER_ROW lists the
-  rest); rematerialisation is not counted: MFU measures the model's FLOPs.
+def train_flops_counter(model_config) -> Callable[[float, float], float]:
+  """`flops(tokens, attended)`: model FLOPs of the train step (forward +
+  backward) over `tokens` tokens whose examples hold `attended` query-key
+  pairs (the sum over examples of their length squared), counted as MFU usually
+  is (PaLM's appendix B, MaxText): 6 FLOPs per weight per token for the matmuls
+  (forward 2, backward 4; the token embedding is a lookup) plus 12 * layers *
+  heads * head_dim per pair for the attention's scores and values. Only
+  matrices applied to every token count (norm scales and biases are
+  elementwise; PER_ROW lists the rest); rematerialisation is not counted: MFU
+  measures the model's FLOPs. Counting only the non-padding tokens and the
+  pairs inside each example gives the useful work of a packed batch
+  (layout.useful_work); a whole row of L columns is L tokens and L^2 pairs
+  (`train_flops_per_row`).
 
   XLA's own count (`compiled.cost_analysis()["flops"]`) is no substitute: it
   counts a scan's body once, and the layers are scanned. For a model of one
@@ -113,5 +117,16 @@ def train_flops_per_row(model_config, seq_len: int) -> float:
     for path, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
     if x.ndim >= 2 and not any("/".join(str(k.key) for k in path).startswith(p) for p in PER_ROW)
   )
-  m = model_config
-  return float(6 * weights * seq_len + 12 * m.num_layers * seq_len**2 * m.num_heads * m.head_dim)
+  per_pair = 12 * model_config.num_layers * model_config.num_heads * model_config.head_dim
+
+  def flops(tokens: float, attended: float) -> float:
+    return float(6 * weights * tokens + per_pair * attended)
+
+  return flops
+
+
+def train_flops_per_row(model_config, seq_len: int) -> float:
+  """Model FLOPs of one whole `seq_len`-column row, padding included: every
+  column a token attending over the whole row, as the kernels compute it
+  (`train_flops_counter`)."""
+  return train_flops_counter(model_config)(seq_len, seq_len**2)

@@ -7,8 +7,9 @@ environment says the run has several processes, or when asked to:
     launch/local.sh      JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
     SLURM (sbatch/srun)  SLURM_NTASKS > 1 (JAX reads the rest from SLURM)
     Open MPI (mpirun)    OMPI_COMM_WORLD_SIZE > 1
-    a TPU pod slice      --jax_distributed (launch/tpu_pod.sh passes it; JAX
-                         finds the workers from the TPU VM's metadata)
+    a TPU pod slice      the same JAX_* variables, which launch/pod_worker.sh
+                         sets from the TPU VM's metadata (or GKE's TPU_WORKER_*);
+                         or --jax_distributed: JAX finds the workers itself
 
 Preemption: a SIGTERM reaches one host (or all, at different times). With
 several processes JAX's own notifier takes the signal and the coordination
@@ -31,6 +32,13 @@ import numpy as np
 from absl import logging
 
 from monoformer_jax.errors import ConfigError
+
+# The exit status of a run that a preemption stopped after saving: rerunning
+# the same command resumes it. EX_TEMPFAIL of sysexits.h ("try again later"):
+# launch/pod_worker.sh restarts on it, launch/gpu_slurm.sh requeues the job.
+# 0 is a finished run and 2 a config error or a divergence (cli.run), which a
+# restart would only repeat.
+RESUMABLE = 75
 
 
 def _int_env(name: str) -> int | None:

@@ -35,19 +35,22 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   """Mesh ('data', 'fsdp', 'tensor') from e.g. {data: -1, fsdp: 1, tensor: 1}.
 
   The sizes split one slice's devices (-1: the rest of them); with
-  `dcn_data: S` > 1 (default 1) the devices are S slices (TPU multi-slice) and
-  the data axis is S times `data` long: its outer factor spans the slices over
-  the data-centre network (DCN), the rest stays on each slice's ICI, as
-  MaxText's dcn_data_parallelism.
+  `dcn_data: S` > 1 (default 1) the devices are S slices and the data axis is
+  S times `data` long: its outer factor spans the slices over the data-centre
+  network (DCN), the rest stays on each slice's ICI (or NVLink), as MaxText's
+  dcn_data_parallelism. Slices are the devices' `slice_index`: TPU slices of a
+  multi-slice run, and GPU hosts (JAX gives the GPUs of one machine one
+  slice_index), so on a GPU cluster FSDP stays inside a node. `dcn_data: -1`
+  takes as many slices as the devices form.
   """
   devices = jax.devices() if devices is None else list(devices)
   mesh_config = schema.section("mesh", mesh_config)  # its sizes checked there
-  dcn = mesh_config.dcn_data
   slices = len({getattr(d, "slice_index", None) or 0 for d in devices})
+  dcn = slices if mesh_config.dcn_data == -1 else mesh_config.dcn_data
   if dcn != slices:
     raise ConfigError(
       f"config.mesh.dcn_data={dcn} but the {len(devices)} devices form {slices} "
-      f"slice(s): set --config.mesh.dcn_data={slices}"
+      f"slice(s): set --config.mesh.dcn_data={slices} (or -1: one per slice)"
     )
   per_slice = len(devices) // slices
   sizes = [mesh_config[a] for a in MESH_AXES]

@@ -168,7 +168,7 @@ def generate_interleaved(
   top_p: float = 1.0,
   cfg_scale: float | None = None,
   guided_channels: int | None = None,
-  sampler: str = "ddpm",
+  sampler: str | None = None,
   eta: float = 0.0,
   spec: RowSpec | None = None,
   max_positions: int | None = None,
@@ -180,7 +180,8 @@ def generate_interleaved(
 
   `max_new_tokens`: columns after the prompt (text tokens and image columns;
   at most, and for None, as many as the rows can write: `interleaved_budget`); `diffusion`:
-  the respaced GaussianDiffusion each image runs; `cfg_scale`: guidance
+  the process each image runs (`diffusion.from_config`'s, respaced; `sampler`
+  one of its SAMPLERS, None its default); `cfg_scale`: guidance
   against the null context (None: none); `max_positions`: the longest row the
   model was trained on (data.seq_len): each prompt must leave room for an
   image, and a row stops (`stop="budget"`) before its positions pass it. `max_wait`: the columns a
@@ -208,6 +209,9 @@ def generate_interleaved(
   row_keys = lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(b))
   text_keys, image_keys = row_keys(text_key), row_keys(image_key)
   text = _TextSettings(ids, float(temperature), int(top_k), float(top_p), int(max_positions or 0))
+  sampler = sampler or diffusion.SAMPLERS[0]
+  if sampler not in diffusion.SAMPLERS:
+    raise ConfigError(f"sampler={sampler!r}: this model samples with one of {diffusion.SAMPLERS}")
   image = SamplerSettings(diffusion, None, len(scales) + 1, guided_channels, sampler, float(eta))
   scale = jnp.asarray(scales, jnp.float32)
 

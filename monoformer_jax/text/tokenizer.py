@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 from etils import epath
 
+from monoformer_jax import hub
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.paths import is_local
 
@@ -171,17 +172,20 @@ class HFJsonTokenizer(Tokenizer):
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-  """'bytes', a `tokenizer.model` / `tokenizer.json`, or a folder holding one
-  (tokenizer.model preferred: it needs no extra package)."""
+  """'bytes', a `tokenizer.model` / `tokenizer.json`, a folder holding one
+  (tokenizer.model preferred: it needs no extra package), or a hub id
+  (`TinyLlama/TinyLlama-1.1B-Chat-v1.0`: its tokenizer files, see hub.py)."""
   spec = os.fspath(spec)
   if spec == "bytes":
     return ByteTokenizer()
+  given, spec = spec, hub.local_path(spec, "tokenizer", "tokenizer")  # a hub id: its snapshot
   where = epath.Path(spec)
   if where.is_dir():
     for name in ("tokenizer.model", "tokenizer.json"):
       if (where / name).exists():
         return load_tokenizer(os.path.join(spec, name))
-    raise MissingPathError(f"no tokenizer.model or tokenizer.json in {spec}")
+    named = spec if given == spec else f"the hub repo {given} ({spec})"
+    raise MissingPathError(f"no tokenizer.model or tokenizer.json in {named}")
   if not where.exists():
     raise MissingPathError(
       f"tokenizer {spec!r} does not exist; pass 'bytes', a "

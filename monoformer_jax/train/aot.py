@@ -15,16 +15,23 @@ and reads back what that compiler planned (MaxText's train_compile):
   so does a step that compiles but whose total exceeds the HBM (the TPU
   compiler has accepted such steps, e.g. the 1.1B with pure data
   parallelism on v4-8: 35 GiB).
-- FLOPs: the model's (model.build.train_flops_per_row; forward + backward, no
-  rematerialisation), and XLA's own count for reference, which sees the body
-  of every `scan` once: the layers and the micro-batches of gradient
-  accumulation.
+- rows: how the config's rows hold its dataset's examples, measured by the
+  packer on class prompts made with the config's tokenizer
+  (data.datasets.class_prompt_rows): the padding, the images per step. Not
+  measured (and said so) without a readable tokenizer or for a dataset
+  without classes.
+- FLOPs: the model's (model.build.train_flops_counter; forward + backward, no
+  rematerialisation) of the non-padding tokens, which MFU counts, and of the
+  whole rows, which the chips compute; XLA's own count for reference, which
+  sees the body of every `scan` once: the layers and the micro-batches of
+  gradient accumulation.
 - step time: XLA's `optimal_seconds` is an estimate of the program it
   counted, so it also sees one layer of one micro-batch; it is scaled by the
   model FLOPs of the whole step over those of that counted program (one
   layer, batch_size / grad_accum_steps rows). Without it (cost_analysis gives
   none), the step at 100% of the chips' peak: a lower bound of the time.
-  MFU is the model FLOPs over that time at the chips' peak.
+  MFU is the model FLOPs of the non-padding tokens over that time at the
+  chips' peak.
 
 GPU targets (`h100-N`, through JAX's CUDA plugin: parallel/topology.py) give
 the memory the same way (their compiler checks no memory limit) and no cost
@@ -41,13 +48,15 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from monoformer_jax.checks import check_batch_layout, check_train_config
+from monoformer_jax.data.datasets import RowUse, class_prompt_rows
 from monoformer_jax.diffusion.gaussian import from_config
-from monoformer_jax.errors import DoesNotFitError
+from monoformer_jax.errors import DoesNotFitError, UserError
 from monoformer_jax.layout import batch_shapes
-from monoformer_jax.model.build import train_flops_per_row
+from monoformer_jax.model.build import train_flops_counter, train_flops_per_row
 from monoformer_jax.parallel import sharding
 from monoformer_jax.parallel.topology import Topology, devices_of
+from monoformer_jax.text.tokenizer import tokenizer_of
+from monoformer_jax.train.checks import check_batch_layout, check_train_config
 from monoformer_jax.train.state import make_optimizer, state_shardings
 from monoformer_jax.train.step import healthy, make_train_step
 
@@ -75,7 +84,11 @@ class StepPlan:
   temp_bytes: int
   code_bytes: int
   hbm_bytes: int
-  model_flops: float  # the whole step, all devices
+  model_flops: float  # the whole step's rows, padding included, all devices
+  useful_flops: float  # of the non-padding tokens (= model_flops when not measured)
+  padding: float | None  # the share of columns holding no example; None: not measured
+  images_per_step: float | None
+  rows: str  # how the rows hold the examples, or why that is not measured
   xla_flops: float | None  # per device, each scan body counted once
   xla_seconds: float | None  # XLA's optimal_seconds of what it counted
   step_seconds: float  # the estimate (see `estimate`)
@@ -97,11 +110,22 @@ class StepPlan:
 
   @property
   def mfu(self) -> float:
-    return self.model_flops / (self.step_seconds * self.devices * self.peak_tflops * 1e12)
+    """Of the non-padding tokens' FLOPs (all of them when not measured)."""
+    return self.useful_flops / (self.step_seconds * self.devices * self.peak_tflops * 1e12)
+
+  @property
+  def images_per_s_per_chip(self) -> float | None:
+    if self.images_per_step is None:
+      return None
+    return self.images_per_step / self.step_seconds / self.devices
 
   def as_json(self) -> dict:
     return dict(
-      dataclasses.asdict(self), total_bytes=self.total_bytes, fits=self.fits, mfu=self.mfu
+      dataclasses.asdict(self),
+      total_bytes=self.total_bytes,
+      fits=self.fits,
+      mfu=self.mfu,
+      images_per_s_per_chip=self.images_per_s_per_chip,
     )
 
   def report(self) -> str:
@@ -119,6 +143,20 @@ class StepPlan:
       else "model FLOPs at 100% of the chips' bf16 peak: a lower bound of the time, an "
       "upper bound of the speed"
     )
+    measured = self.padding is not None
+    if measured:
+      flops = (
+        f"{self.useful_flops:.3e} of the non-padding tokens ({self.model_flops:.3e} with "
+        "the padding the chips compute)"
+      )
+      if self.images_per_step:
+        flops += f", {self.useful_flops / self.images_per_step:.3e} per image"
+    else:
+      flops = f"{self.model_flops:.3e}, every column counted (padding not measured)"
+    counted = "of the non-padding tokens" if measured else "of every column"
+    counted_tokens = "non-padding tokens/s" if measured else "tokens/s"
+    tokens = (1 - (self.padding or 0.0)) * self.batch_size * self.seq_len
+    tokens /= self.step_seconds * self.devices
     where = (
       f"{self.slices} slice{'s' if self.slices > 1 else ''}"
       if self.platform == "tpu"
@@ -135,15 +173,17 @@ class StepPlan:
         f"{gib(self.temp_bytes)}, code {gib(self.code_bytes)}",
         f"  total {gib(self.total_bytes)} of {gib(self.hbm_bytes)} HBM: "
         + ("fits" if self.fits else "does NOT fit"),
-        f"model FLOPs per step: {self.model_flops:.3e} "
-        f"({self.model_flops / self.devices:.3e} per device)",
+        f"rows: {self.rows}",
+        f"model FLOPs per step: {flops}",
         f"XLA's cost analysis: {xla}",
-        f"estimated step time: {self.step_seconds * 1e3:.4g} ms ({how}); "
-        f"MFU {100 * self.mfu:.1f}%"
+        f"estimated step time: {self.step_seconds * 1e3:.4g} ms ({how})",
+        f"  MFU {100 * self.mfu:.1f}% {counted}"
         + (" (by construction)" if self.estimate == "peak" else "")
-        + f" at {self.peak_tflops:g} TFLOP/s per chip, "
-        f"{self.batch_size * self.seq_len / self.step_seconds / self.devices:,.0f} "
-        "tokens/s per device",
+        + f" at {self.peak_tflops:g} TFLOP/s per chip; {tokens:,.0f} {counted_tokens} per "
+        "device"
+        + (
+          f"; {self.images_per_s_per_chip:,.1f} images/s per chip" if self.images_per_step else ""
+        ),
         f"Pallas ({KERNEL_CALLS[self.platform][0]}) kernel calls in the lowered step: "
         f"{self.kernel_calls}",
       ]
@@ -198,7 +238,7 @@ def lower_train_step(config, devices):
   # Outside the mesh context: the optimizer's placeholder state and the step's
   # base key are small arrays made eagerly, which must land on this host and
   # not on the target's devices (which hold no arrays).
-  tx, schedule = make_optimizer(config.optim, config.model)
+  tx, schedule = make_optimizer(config.optim, config.model, config.train.num_steps)
   graphdef, abstract, shardings = state_shardings(config, mesh, tx)
   diffusion = from_config(config.diffusion)
   step = make_train_step(
@@ -266,11 +306,36 @@ def counted_once_flops(config) -> float:
   return train_flops_per_row(one_layer, config.data.seq_len) * rows
 
 
+def measured_rows(config) -> tuple[RowUse | None, str]:
+  """(how the config's rows hold its class-prompted images, that said in
+  words), or (None, why it is not measured): a dataset without classes, or no
+  tokenizer readable here (a plan needs none, so that is no error)."""
+  unmeasured = "padding not measured: {}; FLOPs and MFU count every column"
+  if not config.data.tokenizer:
+    why = "data.tokenizer is empty (pass --config.data.tokenizer=... to measure it)"
+    return None, unmeasured.format(why)
+  try:
+    tokenizer = tokenizer_of(config)
+  except UserError as error:
+    return None, unmeasured.format(f"the tokenizer cannot be read here ({error})")
+  row_use = class_prompt_rows(config, tokenizer)
+  if row_use is None:
+    why = f"data.name={config.data.name!r} has no class prompts to lay out"
+    return None, unmeasured.format(why)
+  return row_use, (
+    f"{row_use.describe()}, measured by the packer on {row_use.examples} class prompts "
+    f"made with data.tokenizer={config.data.tokenizer!r}"
+  )
+
+
 def plan(config, topology: Topology) -> tuple[StepPlan, str]:
   """(StepPlan, lowered module text) of the train step of `config` compiled for
   `topology`'s compile-only devices. Raises DoesNotFitError with the
   compiler's message when the step cannot fit."""
+  config = config.copy_and_resolve_references()
+  config.train.init_from = ""  # no weights are read: plan a run whose start is elsewhere
   config = check_train_config(config, reads_data=False)
+  row_use, rows = measured_rows(config)
   devices = devices_of(topology)
   t0 = time.perf_counter()
   lowered, mesh = lower_train_step(config, devices)
@@ -302,7 +367,13 @@ def plan(config, topology: Topology) -> tuple[StepPlan, str]:
   seconds = time.perf_counter() - t0
   memory = memory_plan(compiled)
   cost = _cost(compiled)
-  model_flops = train_flops_per_row(config.model, config.data.seq_len) * config.data.batch_size
+  flops_of, length = train_flops_counter(config.model), config.data.seq_len
+  model_flops = flops_of(length, length**2) * config.data.batch_size  # whole rows, padding in
+  useful_flops, images = model_flops, None
+  if row_use is not None:  # the measured rows' averages, for the step's rows
+    per_step = config.data.batch_size / row_use.rows
+    useful_flops = flops_of(row_use.tokens * per_step, row_use.attended * per_step)
+    images = row_use.images * per_step
   xla_seconds = cost.get("optimal_seconds")
   if xla_seconds is not None and xla_seconds > 0:
     step_seconds, estimate = xla_seconds * model_flops / counted_once_flops(config), "xla"
@@ -325,6 +396,10 @@ def plan(config, topology: Topology) -> tuple[StepPlan, str]:
     code_bytes=memory["code"],
     hbm_bytes=int(chip.hbm_gib * GIB),
     model_flops=model_flops,
+    useful_flops=useful_flops,
+    padding=None if row_use is None else row_use.padding,
+    images_per_step=images,
+    rows=rows,
     xla_flops=cost.get("flops"),
     xla_seconds=xla_seconds,
     step_seconds=step_seconds,

@@ -46,6 +46,7 @@ import os
 import pathlib
 import tempfile
 import time
+from typing import Any, NamedTuple
 
 import jax
 from absl import logging
@@ -55,18 +56,19 @@ from google.api_core.exceptions import GoogleAPIError
 
 from monoformer_jax import perf
 from monoformer_jax.checkpoints import TrainCheckpointer, load_params, resolve_steps
-from monoformer_jax.checks import check_batch_layout, check_train_config
-from monoformer_jax.data.datasets import make_batches, source_of
+from monoformer_jax.data.datasets import class_prompt_rows, make_batches, source_of
 from monoformer_jax.data.sharded import data_state_of, merge_data_states
 from monoformer_jax.diffusion.gaussian import from_config
 from monoformer_jax.errors import PathError, TrainingDiverged
 from monoformer_jax.eval import finite_json
 from monoformer_jax.eval.score import TrainingEvals, end_samples_score_evals, eval_row_of_samples
+from monoformer_jax.layout import useful_work
 from monoformer_jax.lock import workdir_lock
-from monoformer_jax.model.build import param_count, train_flops_per_row
+from monoformer_jax.model.build import param_count, train_flops_counter
 from monoformer_jax.parallel import distributed, sharding
 from monoformer_jax.paths import is_local, staged_folder, whole_file, writable_dir
 from monoformer_jax.text.tokenizer import tokenizer_of
+from monoformer_jax.train.checks import check_batch_layout, check_train_config
 from monoformer_jax.train.samples import check_samples, write_samples
 from monoformer_jax.train.state import (
   create_train_state,
@@ -329,14 +331,29 @@ def _check_not_a_checkpoints_folder(workdir: str):
     )
 
 
-def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
-  """Trains `config` in `workdir`; returns the final train state and last metrics."""
+class Trained(NamedTuple):
+  """What a run ends with. `preempted`: it stopped early for a SIGTERM (its last
+  step saved, or the end-of-run samples cut short) and rerunning resumes it; the
+  entry point then exits with `distributed.RESUMABLE` so that a launcher's
+  supervisor (launch/) restarts it."""
+
+  state: Any
+  metrics: Any
+  preempted: bool
+
+
+def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True) -> Trained:
+  """Trains `config` in `workdir`; returns the final train state, the last
+  metrics and whether a preemption stopped it."""
   # ---------------------------------------------------------------- set-up
   # Every field is checked before anything is compiled or written.
   config = check_train_config(config)
   tokenizer = tokenizer_of(config)  # checks it fits model.vocab_size
+  row_use = class_prompt_rows(config, tokenizer)  # raises if a class prompt fits no row
+  if row_use is not None:
+    logging.info("class-prompted images: %s", row_use.describe())
   if sample_at_end:
-    check_samples(config, tokenizer)  # the text they write fits the trained rows
+    check_samples(config, tokenizer)  # their text fits the rows, their VAE loads
   workdir = writable_dir(workdir, "checkpoints, metrics and samples", "--workdir")
   _check_not_a_checkpoints_folder(workdir)
   mesh = sharding.make_mesh(config.mesh)
@@ -356,7 +373,7 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     cleanup.enter_context(jax.set_mesh(mesh))
     cleanup.enter_context(sharding.logical_rules(rules))
     # --------------------------------------------------------------- model
-    tx, schedule = make_optimizer(config.optim, config.model)
+    tx, schedule = make_optimizer(config.optim, config.model, config.train.num_steps)
     # Closed on every exit, waiting for the save in flight; a failed save is
     # raised, or logged when another error is already on its way out.
     ckpt = cleanup.enter_context(
@@ -395,14 +412,20 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
     # The data position after each step since the last check, so the last good
     # state of a run that diverges is saved with the batches it had read.
     data_after = {step: batches.get_state()}
-    real_tokens = 0  # non-padding tokens of this host's rows since the last log
+    # This host's rows since the last log: their columns, the columns holding an
+    # example, the query-key pairs inside examples (what the model FLOPs count)
+    # and the examples cut to fit a row.
+    useful = dict(columns=0, tokens=0, attended=0, cut=0)
     clock = dict(data=0.0, checkpoint=0.0)  # seconds since the last log
 
     def next_batch():
-      nonlocal real_tokens
       t0 = time.perf_counter()
       local = next(batches)
-      real_tokens += int((local["segment_ids"] > 0).sum())
+      tokens, attended = useful_work(local["segment_ids"])
+      useful["columns"] += local["segment_ids"].size
+      useful["tokens"] += tokens
+      useful["attended"] += attended
+      useful["cut"] += int(local.pop("examples_cut").sum())  # the log's, not the model's
       out = sharding.global_batch(local, mesh, rules)
       clock["data"] += time.perf_counter() - t0
       return out
@@ -413,6 +436,10 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       data = merge_data_states(distributed.all_gather_json(data_after[at]))
       ckpt.save(at, state, data, config, **kw)
       clock["checkpoint"] += time.perf_counter() - t0
+
+    # The evaluators' files and VAE are loaded before the compile: a bad one
+    # stops the run now, not at its first evaluation.
+    evals = TrainingEvals(config)
 
     # A SIGTERM during the set-up (restore, data, compile) stops the run at its
     # first step boundary, before the compile when it came before it.
@@ -438,14 +465,13 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       )
 
     # ---------------------------------------------------------------- loop
-    evals = TrainingEvals(config)
     # The evaluator's last run would repeat the end-of-run samples' work.
     evals_from_samples = sample_at_end and end_samples_score_evals(config)
     profile = _Profile(workdir, step, config.train.profile_steps)
-    rows, length = config.data.batch_size, config.data.seq_len
-    # Model FLOPs of a step (model/build.py: XLA's count sees a scanned layer once)
-    # and the chip's peak, for MFU; None on a CPU or an unlisted chip.
-    step_flops = train_flops_per_row(config.model, length) * rows
+    # Model FLOPs of the non-padding tokens (model/build.py: XLA's count sees a
+    # scanned layer once) and the chip's peak, for MFU; None on a CPU or an
+    # unlisted chip.
+    flops_of = train_flops_counter(config.model)
     chip = perf.chip_of(jax.devices()[0])
     metrics = None
     t_last, step_last = time.perf_counter(), step
@@ -481,12 +507,18 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
         step_time = (now - t_last) / (step - step_last)
-        tokens_per_device = real_tokens / (now - t_last) / jax.local_device_count()
-        achieved = step_flops / step_time / jax.device_count()  # FLOP/s per device
+        # This host's useful work over its devices' time: padding counts for nothing.
+        device_seconds = (now - t_last) * jax.local_device_count()
+        tokens_per_device = useful["tokens"] / device_seconds
+        achieved = flops_of(useful["tokens"], useful["attended"]) / device_seconds
         row = {k: float(v) for k, v in metrics.items()}
+        # Every host's (a collective: all log at the same steps).
+        cut = sum(distributed.all_gather_json(useful["cut"]))
         row.update(
+          examples_cut=cut,
           step_time_s=step_time,
           tokens_per_s_per_device=tokens_per_device,
+          padding=1.0 - useful["tokens"] / max(useful["columns"], 1),
           tflops_per_device=achieved / 1e12,
           data_wait_s=clock["data"],
           checkpoint_s=clock["checkpoint"],
@@ -496,7 +528,8 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
         metrics_out.write(step, row)
         logging.info(
           "step %d/%d  loss %.4f  diff %.4f (mse %.4f vb %.4f)  lm %.3f  |g| %.2f  "
-          "lr %.2e  %.3f s/step  %s tokens/s/device  %s  data %.2f s  ckpt %.2f s",
+          "lr %.2e  %.3f s/step  %s tokens/s/device  %s (non-padding tokens: %.1f%% "
+          "padding)  data %.2f s  ckpt %.2f s%s",
           step,
           num_steps,
           metrics["loss"],
@@ -509,10 +542,13 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
           step_time,
           f"{tokens_per_device:,.0f}",
           f"MFU {row['mfu']:.1%}" if chip else f"{achieved / 1e9:,.1f} GFLOP/s/device",
+          100 * row["padding"],
           clock["data"],
           clock["checkpoint"],
+          f"  {cut:,} examples cut to fit a row since the last line" if cut else "",
         )
-        t_last, step_last, real_tokens = now, step, 0
+        t_last, step_last = now, step
+        useful.update(columns=0, tokens=0, attended=0, cut=0)
         clock.update(data=0.0, checkpoint=0.0)
         ckpt.poll()
       if evaluating:
@@ -547,6 +583,7 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
             nnx.merge(graphdef, state["ema"]), config, tokenizer, os.path.join(workdir, "samples")
           )
       except distributed.Preempted:
+        stopped = True
         logging.warning(
           "preempted (SIGTERM) during the end-of-run samples: stopped them; step %d is "
           "saved, and rerunning the same command writes the samples",
@@ -571,4 +608,4 @@ def train_and_evaluate(config, workdir: str, *, sample_at_end: bool = True):
       trained_s / (step - step_first),
       f", samples {sample_s:.1f} s" if sample_s is not None else "",
     )
-  return state, metrics
+  return Trained(state, metrics, preempted=stopped)

@@ -1,6 +1,7 @@
 """MonoFormer's training loss on a packed batch.
 
-    loss = w_diff * mean over real images of (eps MSE + L_vb)
+    loss = w_diff * mean over real images of (eps MSE + L_vb)   (iddpm)
+                             or (weighted velocity MSE)   (flow)
          + w_lm   * sum(text_weights * CE) / sum(text_weights)
 
 Which tokens carry cross-entropy (`text_weights`) and which image slots are
@@ -91,7 +92,8 @@ def loss_terms(model, batch, t_BxM, noise_BxMxhxwxC, diffusion):
   flat = lambda x: x.reshape(b * m, *x.shape[2:])
   x_t = diffusion.q_sample(flat(latents), t_BxM.reshape(-1), flat(noise_BxMxhxwxC))
   x_t = x_t.reshape(latents.shape)
-  h_BxLxE, out_BxMxhxwx2C = model.hidden(Row.of(batch), x_t, t_BxM, batch.get("read_images"))
+  t_model_BxM = diffusion.model_timesteps(t_BxM)  # iddpm: the indices; flow: t * scale
+  h_BxLxE, out_BxMxhxwx2C = model.hidden(Row.of(batch), x_t, t_model_BxM, batch.get("read_images"))
   terms = diffusion.training_losses(
     flat(out_BxMxhxwx2C), flat(latents), flat(x_t), t_BxM.reshape(-1), flat(noise_BxMxhxwxC)
   )
@@ -106,10 +108,11 @@ def loss_terms(model, batch, t_BxM, noise_BxMxhxwxC, diffusion):
 
 
 def total_loss(model, batch, key, diffusion, loss_cfg):
-  """Scalar loss and metrics; timesteps uniform over 0..T-1, Gaussian noise."""
+  """Scalar loss and metrics; the process's training times (iddpm: uniform
+  over 0..T-1; flow: its time distribution), Gaussian noise."""
   latents = batch["latents"]
   key_t, key_n = jax.random.split(key)
-  t_BxM = jax.random.randint(key_t, latents.shape[:2], 0, diffusion.num_timesteps)
+  t_BxM = diffusion.draw_timesteps(key_t, latents.shape[:2])
   noise = jax.random.normal(key_n, latents.shape, jnp.float32)
   terms = loss_terms(model, batch, t_BxM, noise, diffusion)
   loss = loss_cfg.w_diff * terms["diff"] + loss_cfg.w_lm * terms["lm"]

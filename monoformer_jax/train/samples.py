@@ -2,6 +2,9 @@
 
     samples/{data.name}.png   a row per class, guided by its class prompt
     samples/{data.name}.npz   `images` float32 [B, h, w, C] in [0, 1], `labels` int [B]
+    samples/prompts.png       one image per prompt of `sample.prompts` (free text,
+                              or a .txt file of them), in rows of up to 8
+    samples/prompts.npz       `images` float32 [N, h, w, C] in [0, 1], `prompts` [N]
     samples/text.txt          greedy completions of `sample.text_prompts`
     samples/summary.json      what `sample.metrics` say of the images (as uint8
                               images like ADM's sample files), and the numbers of
@@ -12,7 +15,8 @@
                               digits default's interleaved.html and editing.png)
 
 The classes are the dataset's (`data.class_names`), `sample.num_per_class`
-images each; latent models are decoded with the SD-VAE at `vae.path`.
+images each; the free prompts are drawn with the same steps and guidance;
+latent models are decoded with the SD-VAE at `vae.path`.
 A folder in a bucket (`gs://...`) is written locally first, then each file
 uploaded (through etils.epath) once all are written.
 """
@@ -37,10 +41,31 @@ from monoformer_jax.eval.score import score_images, score_model
 from monoformer_jax.paths import is_local, staged_folder
 
 
+def _classes_drawn(config) -> tuple[str, ...]:
+  """The classes the end-of-run samples draw (none: they draw no image)."""
+  sc = config.sample
+  classes = class_names(config) if sc.num_per_class else ()
+  return tuple(classes[: sc.num_classes] if sc.num_classes else classes)
+
+
+# Images per row of samples/prompts.png.
+PROMPT_GRID_COLUMNS = 8
+
+
 def check_samples(config, tokenizer):
-  """What the end-of-run samples write after their prompts, checked when the
-  run starts rather than when it ends: each of `sample.text_prompts` and
-  `sample.max_new_tokens` tokens within the rows the model trains on."""
+  """What the end-of-run samples need, checked when the run starts rather
+  than when it ends (a long run must not fail at its end for a reason known at
+  its start): each of `sample.text_prompts` and `sample.max_new_tokens`
+  tokens within the rows the model trains on, `sample.prompts` (its file
+  there and holding prompts) each with its image within those rows, and the
+  SD-VAE that decodes a latent model's images (`vae.path`: there, readable, a
+  VAE of the model's latents), loaded now and let go. The evaluators' files
+  are checked with the config (registry.check_training_metrics)."""
+  image_prompts = prompts.read_prompts(config.sample.prompts) if config.sample.prompts else []
+  if image_prompts:
+    inference.check_budget(config, tokenizer, "images", image_prompts, label="sample.prompts[{}]")
+  if _classes_drawn(config) or image_prompts:
+    inference.load_vae_of(config)
   if config.sample.text_prompts:
     inference.check_budget(
       config,
@@ -71,12 +96,10 @@ def _write_samples(model, config, tokenizer, outdir: str | None, seed: int):
   sc = config.sample
   scored = registry.end_of_run_metrics(config)
   evaluators = registry.make(scored, registry.training_settings(config, scored))
-  classes = class_names(config)
-  if sc.num_classes:
-    classes = classes[: sc.num_classes]
+  classes = _classes_drawn(config)
   images = labels = None
   image_scores = {}
-  if classes and sc.num_per_class:
+  if classes:
     labels = np.repeat(np.arange(len(classes)), sc.num_per_class)
     vae = inference.load_vae_of(config)
     t0 = time.perf_counter()
@@ -104,10 +127,11 @@ def _write_samples(model, config, tokenizer, outdir: str | None, seed: int):
     image_scores = score_images(quantize(images), labels, evaluators)
     if image_scores:
       logging.info("sample metrics: %s", finite_json(image_scores))
-  elif classes:
+  elif not sc.num_per_class:
     logging.info("sample.num_per_class=0: no class-conditional samples")
   else:
     logging.info("data.name=%r has no class names: no class-conditional samples", config.data.name)
+  free = _prompt_images(model, config, tokenizer, seed)
   # The model metrics write what they show (e.g. pages of answers) from process 0.
   model_scores = score_model(
     evaluators,
@@ -143,6 +167,14 @@ def _write_samples(model, config, tokenizer, outdir: str | None, seed: int):
     inference.image_grid(images, rows=len(classes), scale=max(1, 32 // images.shape[1])).save(
       os.path.join(outdir, f"{name}.png")
     )
+  if free is not None:
+    free_prompts, free_images = free
+    np.savez(os.path.join(outdir, "prompts.npz"), images=free_images, prompts=free_prompts)
+    inference.image_grid(
+      free_images,
+      rows=-(-len(free_images) // PROMPT_GRID_COLUMNS),
+      scale=max(1, 32 // free_images.shape[1]),
+    ).save(os.path.join(outdir, "prompts.png"))
   with open(os.path.join(outdir, "text.txt"), "w") as f:
     f.write("\n".join(lines) + "\n")
   for line in lines:
@@ -156,6 +188,7 @@ def _write_samples(model, config, tokenizer, outdir: str | None, seed: int):
         dict(
           summary,
           num_samples=0 if labels is None else len(labels),
+          prompt_images=0 if free is None else len(free[0]),  # sample.prompts'
           steps=sc.num_steps,
           cfg_scale=sc.cfg_scale,
           text=lines,
@@ -164,3 +197,31 @@ def _write_samples(model, config, tokenizer, outdir: str | None, seed: int):
       )
     )
   return images, labels, image_scores, model_scores
+
+
+def _prompt_images(model, config, tokenizer, seed: int):
+  """(prompts [N] as a numpy array, images float32 [N, h, w, C] in [0, 1]): one
+  image per prompt of `sample.prompts`; None without them."""
+  sc = config.sample
+  if not sc.prompts:
+    return None
+  free = prompts.read_prompts(sc.prompts)
+  vae = inference.load_vae_of(config)
+  logging.info(
+    "sampling %d images of sample.prompts: %d DDPM steps, guidance %.1f",
+    len(free),
+    sc.num_steps,
+    sc.cfg_scale,
+  )
+  x0 = inference.generate_images(
+    model,
+    tokenizer,
+    free,
+    num_steps=sc.num_steps,
+    cfg_scale=sc.cfg_scale,
+    seed=seed,
+    config=config,
+    batch_size=max(1, config.data.batch_size // config.optim.grad_accum_steps),
+  )
+  x0 = multihost_utils.process_allgather(x0, tiled=True)
+  return np.array(free), inference.to_pixels(x0, config, vae)

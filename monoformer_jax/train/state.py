@@ -19,21 +19,23 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from monoformer_jax.model.build import abstract_model, init_params, shardings_of
+from monoformer_jax.train.schedule import lr_schedule
 
 # Top-level modules that are never trained: the frozen CLIP tower (the reference's).
 FROZEN = ("vision_tower",)
 
 
 def make_optimizer(
-  optim_cfg, model_cfg=None
+  optim_cfg, model_cfg=None, num_steps: int | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Grad-norm clipping then AdamW; constant lr after an optional linear warmup.
+  """Grad-norm clipping then AdamW at the rate of `optim.schedule`
+  (train/schedule.py) over a run of `num_steps` updates (train.num_steps; only
+  `constant` does without it).
   A model with a frozen module (FROZEN) gets no update there and keeps no
   AdamW moments for it."""
-  if optim_cfg.warmup_steps > 0:
-    schedule = optax.warmup_constant_schedule(0.0, optim_cfg.lr, optim_cfg.warmup_steps)
-  else:  # optax's warmup of 0 steps would stay at the initial value
-    schedule = optax.constant_schedule(optim_cfg.lr)
+  if num_steps is None and optim_cfg.schedule != "constant":
+    raise ValueError(f"optim.schedule={optim_cfg.schedule!r} depends on train.num_steps: pass it")
+  schedule = lr_schedule(optim_cfg, num_steps or 0)
   adamw = optax.adamw(
     schedule,
     b1=optim_cfg.b1,

@@ -12,7 +12,6 @@ OIHW become HWIO, and the attention projections, Linear [out, in] or 1x1 conv
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from monoformer_jax import hub
 from monoformer_jax.errors import CheckpointError, FileFormatError, MissingPathError
 from monoformer_jax.safetensors_io import SafetensorsFile, read_json_object
 from monoformer_jax.vae.autoencoder_kl import AutoencoderKL, VAEConfig
@@ -35,9 +35,10 @@ def resolve_vae_files(path, config=None) -> tuple[epath.Path, dict, str]:
   """(safetensors file, config dict, where the config came from) for `path`.
 
   `config` (a dict or a config.json path) overrides the one found beside the weights.
-  Paths may be local or on a bucket (`gs://...`).
+  Paths may be local, on a bucket (`gs://...`) or a hub id
+  (`stabilityai/sd-vae-ft-mse`, see hub.py).
   """
-  path = epath.Path(os.fspath(path))
+  path = epath.Path(hub.local_path(path, "VAE", "vae"))  # a hub id: its snapshot folder
   if path.is_dir():
     folder = (
       path / "vae"

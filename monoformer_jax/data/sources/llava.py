@@ -55,7 +55,7 @@ Ours, and why:
 - an example with an image is cut at the end, as the reference's row, so
   that it fits one row of `data.seq_len` with its image (a text-only one is
   split by packing instead); the per-turn cuts are not applied; cuts are
-  counted and logged, and a record whose image would fall past the cut is
+  counted and logged (on the training log's lines too: `Example.cut`), and a record whose image would fall past the cut is
   skipped;
 - records whose image file is missing are skipped at preparation (counted);
   an image that does not decode at training time skips to the next record
@@ -533,7 +533,10 @@ class LlavaExamples:
         self.cut,
       )
     return dataclasses.replace(
-      example, ids=example.ids[: self.max_ids], text_mask=example.text_mask[: self.max_ids]
+      example,
+      ids=example.ids[: self.max_ids],
+      text_mask=example.text_mask[: self.max_ids],
+      cut=len(example.ids) - self.max_ids,
     )
 
 

@@ -7,7 +7,10 @@ Each annotation line: `img_path` (relative to IMAGE_ROOT), `prompt`, optional
 `caption` (else JourneyDB's `Task2.Caption`). A record is a latent record
 (sources/latents.py) with `prompt` and `caption`; its examples are the image
 under its prompt, the prompt dropped with probability data.cfg_drop_prob for
-guidance.
+guidance. A prompt too long for a row of data.seq_len beside its image (or
+longer than the reference's 128 ids with <s>) is cut from its end as the
+reference cuts it (prompts.image_example) and counted: the training log says
+how many examples were cut since its last line.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from monoformer_jax.data.encode import ImageItem
 from monoformer_jax.data.jsonl import json_objects
 from monoformer_jax.data.sources import DataSource, PrepareArgs, Prepared, latents
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
-from monoformer_jax.layout import Example
+from monoformer_jax.layout import Example, row_spec
 from monoformer_jax.paths import FileLookup, join, path_kind
 
 
@@ -44,21 +47,24 @@ class TextToImage(DataSource):
 
   def examples(self, config, tokenizer, seed: int, directory: str | None = None):
     records = latents.checked_records(self, config, directory)
-    to_example = text_to_image_example(tokenizer, **latents.options(config))
+    room = prompts.caption_room(row_spec(config, tokenizer))
+    to_example = text_to_image_example(tokenizer, max_ids=room, **latents.options(config))
     return pipeline.record_stream(records, to_example, seed)
 
 
 SOURCE = TextToImage()
 
 
-def text_to_image_example(tokenizer, *, drop_prob: float, sample: bool, flip: bool):
-  """record -> Example: the image under its prompt (or the dropped, empty one)."""
+def text_to_image_example(
+  tokenizer, *, drop_prob: float, sample: bool, flip: bool, max_ids: int | None = None
+):
+  """record -> Example: the image under its prompt (or the dropped, empty one),
+  the prompt cut to `max_ids` ids in all (prompts.caption_room; None: uncut)."""
 
   def to_example(record, rng) -> Example:
     prompt = None if rng.random() < drop_prob else _text(record["prompt"])
-    return prompts.image_example(
-      prompt, latents.latent_of(record, rng, sample=sample, flip=flip), tokenizer
-    )
+    image = latents.latent_of(record, rng, sample=sample, flip=flip)
+    return prompts.image_example(prompt, image, tokenizer, max_ids=max_ids)
 
   return to_example
 

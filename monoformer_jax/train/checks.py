@@ -20,9 +20,11 @@ from etils import epath
 
 from monoformer_jax.config import complete
 from monoformer_jax.config.fields import check_image_sampling, fail
+from monoformer_jax.config.schema import max_sampling_steps
 from monoformer_jax.data.datasets import check_data, class_names
 from monoformer_jax.eval import registry
 from monoformer_jax.parallel import sharding
+from monoformer_jax.train.schedule import phases
 
 
 def check_train_config(config, *, reads_data: bool = True):
@@ -41,6 +43,7 @@ def check_train_config(config, *, reads_data: bool = True):
       f"optim.grad_accum_steps={accum} (each micro-batch is batch_size / "
       "grad_accum_steps rows)",
     )
+  phases(config.optim, config.train.num_steps)  # the lr schedule fits the run
   init_from = config.train.init_from
   if init_from and not epath.Path(init_from).is_dir():  # on this machine or a bucket
     fail(
@@ -53,7 +56,7 @@ def check_train_config(config, *, reads_data: bool = True):
   check_image_sampling(
     num_steps=config.sample.num_steps,
     cfg_scale=config.sample.cfg_scale,
-    num_timesteps=config.diffusion.num_timesteps,
+    num_timesteps=max_sampling_steps(config.diffusion),
     prefix="sample.",
   )
   # Known, allowed inside training, able to score this model, their files there.
@@ -79,7 +82,7 @@ def _check_evals(config):
   check_image_sampling(
     num_steps=ev.num_steps,
     cfg_scale=ev.cfg_scale,
-    num_timesteps=config.diffusion.num_timesteps,
+    num_timesteps=max_sampling_steps(config.diffusion),
     prefix="evals.",
   )
 
