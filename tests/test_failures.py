@@ -462,19 +462,25 @@ def test_a_save_never_writes_over_a_step_folder_it_did_not_write(tmp_path):
 
 
 _KILLED_SAVE = """
-import os, signal, sys
+import os, signal, sys, time
 import jax, jax.numpy as jnp
 from monoformer_jax.checkpoints import TrainCheckpointer
 from monoformer_jax.config import config_file
 config = config_file("digits:tiny")
 ckpt = TrainCheckpointer(sys.argv[1], keep=5, save_every=1)
 for step in (1, 2, 3):
-  w = jnp.full((512, 512), float(step))
+  # Step 3 is large (64 MB) so that its write lasts long after its folder appears.
+  w = jnp.full((4096, 4096) if step == 3 else (512, 512), float(step))
   ckpt.save(step, dict(step=jnp.array(step, jnp.int32), params={"w": w}),
             {"shards": 1, "next_example": {"0": 10 * step}}, config)
   if step == 2:
     ckpt.wait()
-os.kill(os.getpid(), signal.SIGKILL)  # step 3 in flight
+# Killed once step 3's save is under way (the async save makes its folder later).
+while not os.path.exists(os.path.join(sys.argv[1], "3.orbax-checkpoint-tmp")):
+  if os.path.exists(os.path.join(sys.argv[1], "3")):
+    sys.exit("step 3 was committed before it could be killed")
+  time.sleep(0.001)
+os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
