@@ -262,8 +262,11 @@ def test_a_pod_run_survives_a_dropped_ssh_restarts_after_preemption_and_stops(po
   train_and_evaluate(other_mesh, str(workdir), sample_at_end=False)
 
   # One curve, the reference's, across the drop, the restart, the stop and the new mesh.
+  # One process of the 8 devices, a shard per worker's, on that mesh (its step is
+  # the one just compiled).
   config = digits_config(num_steps=end, checkpoint_every=end)
-  config.data.shards = 2  # one process of the 8 devices, a shard per worker's
+  config.data.shards = 2
+  config.mesh.update(data=2, fsdp=4)
   train_and_evaluate(config, str(tmp_path / "one"), sample_at_end=False)
   reference, resumed = _history(tmp_path / "one"), _history(workdir)
   assert sorted(resumed) == list(range(1, end + 1))
