@@ -18,7 +18,11 @@ and reads `ORG/NAME[@REVISION]` (two names, no leading `.` or `/`). So
 only the cache; `HF_TOKEN` (or `hf auth login`) opens gated and private repos.
 A download is only of what the reader opens (`KINDS`): the SD-VAE's
 safetensors and not its PyTorch .bin, TinyLlama's tokenizer and not its
-weights. Every failure is one line (a `MissingPathError`, or a `PathError`
+weights. A repo whose snapshot holds no safetensors weights of that kind gets a
+second download of its PyTorch files instead (`TORCH_KINDS`: pytorch_model.bin,
+its shards and index, diffusion_pytorch_model.bin), read without torch
+(safetensors_io.open_weights); never both. Offline the same two looks go to the
+cache. Every failure is one line (a `MissingPathError`, or a `PathError`
 for a gated repo or a failed download) naming the flag, the repo and the fix.
 """
 
@@ -47,6 +51,25 @@ KINDS = {
   # an HF CLIP model: its config and weights (not its tokenizer, TF or Flax files)
   "clip": ("config.json", "model.safetensors"),
 }
+# The PyTorch files of each kind that reads weights, downloaded only when its
+# safetensors are not in the repo.
+TORCH_KINDS = {
+  "official": ("*.json", "*.bin", "*.pt", "*.pth"),
+  "llama": ("*.json", "*.bin", "tokenizer.model"),
+  "vae": (
+    "config.json",
+    "diffusion_pytorch_model.bin",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.bin",
+  ),
+  "clip": (
+    "config.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "pytorch_model-*.bin",
+  ),
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HUB_ID = re.compile(rf"^({_NAME}/{_NAME})(?:@([A-Za-z0-9._/-]+))?$")
@@ -90,10 +113,30 @@ def local_path(spec, flag: str, kind: str) -> str:
       "is not installed: `pip install huggingface_hub`, or pass a local folder"
     ) from e
   where = f"{flag}={spec!r} is no local path and, as a hub id,"
-  try:
-    folder = huggingface_hub.snapshot_download(
-      repo, revision=revision, allow_patterns=list(KINDS[kind])
+  folder = _download(huggingface_hub, errors, repo, revision, KINDS[kind], where)
+  if kind in TORCH_KINDS and not _holds(folder, (".safetensors",)):
+    folder = _download(huggingface_hub, errors, repo, revision, TORCH_KINDS[kind], where)
+  if not any(files for _, _, files in os.walk(folder)) or (
+    kind in TORCH_KINDS and not _holds(folder, WEIGHT_SUFFIXES)
+  ):
+    patterns = KINDS[kind] + TORCH_KINDS.get(kind, ())
+    raise MissingPathError(
+      f"{flag}={spec!r}: the hub repo {repo} holds none of the files read here "
+      f"({', '.join(dict.fromkeys(patterns))}); pass a repo or folder with safetensors "
+      "or PyTorch weights"
     )
+  return str(folder)
+
+
+def _holds(folder: str, suffixes: tuple[str, ...]) -> bool:
+  """Whether the snapshot `folder` holds a file ending in one of `suffixes`."""
+  return any(n.endswith(suffixes) for _, _, names in os.walk(folder) for n in names)
+
+
+def _download(huggingface_hub, errors, repo, revision, patterns, where) -> str:
+  """snapshot_download of `patterns`; each failure one line (`where` opens it)."""
+  try:
+    return huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=list(patterns))
   except errors.GatedRepoError as e:
     raise PathError(
       f"{where} is a gated repo: accept its terms on https://huggingface.co/{repo} and log "
@@ -121,13 +164,6 @@ def local_path(spec, flag: str, kind: str) -> str:
     raise PathError(
       f"{where} could not be downloaded ({type(e).__name__}: {why}); retry, or pass a local folder"
     ) from e
-  if not any(files for _, _, files in os.walk(folder)):
-    raise MissingPathError(
-      f"{flag}={spec!r}: the hub repo {repo} holds none of the files read here "
-      f"({', '.join(KINDS[kind])}); PyTorch .bin files are not read: pass a repo or "
-      "folder with safetensors"
-    )
-  return str(folder)
 
 
 def _cache() -> str:

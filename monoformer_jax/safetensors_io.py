@@ -1,4 +1,13 @@
-"""Safetensors in and out, one tensor (or one slice of one) at a time.
+"""Other people's weights in, safetensors in and out, one tensor (or one slice of one) at a time.
+
+    open_weights(path)   the weights a file, an index or a folder holds, as one
+                         source (keys, shape, dtype, read -> float32): safetensors
+                         when the folder has them, else PyTorch files (.bin, .pt,
+                         .pth, sharded by pytorch_model.bin.index.json) read
+                         without torch by torch_files.py
+    find_weights(path)   which files those are (the one home of the folder,
+                         index and shard rules, for both formats)
+    write_safetensors    a model written shard by shard
 
 Reads a single `.safetensors` file or a Hugging Face folder (`model.safetensors`,
 or the shards that `model.safetensors.index.json` lists) through one memory map
@@ -6,10 +15,11 @@ per file, so reading a slice costs only the pages it touches, and any float
 dtype (float32, float16, bfloat16: TinyLlama ships bfloat16) comes out as
 float32. A file on a bucket (`gs://...`) is read through epath: its header in
 one ranged request, then each tensor in one ranged request when it is wanted,
-so reading a few tensors of a large file does not fetch the rest. Writes the
-same layout shard by shard, header first, then each tensor as it is produced,
-so a converted model never needs a second full copy in host memory (local or
-on a bucket).
+so reading a few tensors of a large file does not fetch the rest. A PyTorch
+file's tensor is read whole when it is wanted (its zip record), never the whole
+file at once. Writes the same layout shard by shard, header first, then each
+tensor as it is produced, so a converted model never needs a second full copy
+in host memory (local or on a bucket).
 
 File format: 8-byte little-endian header size N, N bytes of JSON
 {key: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}},
@@ -21,6 +31,7 @@ corrupted or mislabelled file (an .npz renamed .safetensors) is one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +42,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from monoformer_jax import torch_files
 from monoformer_jax.errors import ConfigError, FileFormatError, MissingPathError
 from monoformer_jax.paths import file_size, is_local, read_range
 
@@ -275,6 +287,12 @@ class SafetensorsFile:
   def keys(self) -> list[str]:
     return list(self.entries)
 
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(self.entries[key]["shape"])
+
+  def numpy_dtype(self, key: str) -> np.dtype:
+    return _DTYPES[self.entries[key]["dtype"]]
+
   def view(self, key: str) -> np.ndarray:
     """The tensor `key` in its stored dtype, read-only: a lazy view of the map
     (local), or its bytes fetched in one ranged read (a bucket)."""
@@ -292,53 +310,127 @@ class SafetensorsFile:
     return raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
-def find_files(path: str) -> list[str]:
-  """The `.safetensors` files that `path` (a file or a folder) names."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a Hugging Face folder holds weights of one format: the index names
+  (shards), the single-file names, and the suffix of any one file."""
+
+  what: str
+  suffixes: tuple[str, ...]
+  indexes: tuple[str, ...]
+  singles: tuple[str, ...]
+
+
+SAFETENSORS = Layout(
+  "safetensors",
+  (".safetensors",),
+  (INDEX_NAME, "diffusion_pytorch_model.safetensors.index.json"),
+  (SINGLE_NAME, "diffusion_pytorch_model.safetensors"),
+)
+TORCH = Layout(
+  "PyTorch",
+  (".bin", ".pt", ".pth"),
+  ("pytorch_model.bin.index.json", "diffusion_pytorch_model.bin.index.json"),
+  ("pytorch_model.bin", "diffusion_pytorch_model.bin"),
+)
+LAYOUTS = (SAFETENSORS, TORCH)  # a folder holding both is read as the first
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+  """The weights a path names: their layout, files, and the index that listed them."""
+
+  layout: Layout
+  files: list[str]
+  index: str | None = None
+
+
+def _expected() -> str:
+  return (
+    f"expected {SINGLE_NAME}, a single .safetensors file or shards listed by {INDEX_NAME}; "
+    f"else PyTorch files: {TORCH.singles[0]}, a single .bin/.pt/.pth file or shards listed "
+    f"by {TORCH.indexes[0]}"
+  )
+
+
+def _in_folder(path: str, layout: Layout) -> Found | None:
+  """The weights of `layout` in folder `path`; None when it holds none of them."""
+  where = epath.Path(path)
+  for name in layout.indexes:
+    if (where / name).exists():
+      index = os.path.join(path, name)
+      return Found(layout, _files_of_index(index), index)
+  for name in layout.singles:
+    if (where / name).exists():
+      return Found(layout, [os.path.join(path, name)])
+  found = sorted(f.name for f in where.iterdir() if f.name.endswith(layout.suffixes))
+  if not found:
+    return None
+  if len(found) == 1:
+    return Found(layout, [os.path.join(path, found[0])])
+  raise MissingPathError(
+    f"{path} holds {len(found)} {layout.what} files {found[:5]} and no "
+    f"{' or '.join(layout.indexes)}: {_expected()}"
+  )
+
+
+def find_weights(path: str) -> Found:
+  """The weights files that `path` names: a file (a .safetensors, a PyTorch
+  .bin/.pt/.pth, or an index .json), or a folder holding safetensors (read
+  first) or else PyTorch files. One-line errors name the path and what was expected."""
   path = os.fspath(path)
   where = epath.Path(path)
   if where.is_file():
     if path.endswith(".json"):
-      return _files_of_index(path)
-    if not path.endswith(".safetensors"):
-      raise FileFormatError(
-        f"{path} is not a .safetensors file; pass a .safetensors file, or "
-        f"a folder holding {SINGLE_NAME} or sharded weights with {INDEX_NAME}"
-      )
-    return [path]
+      shards = _files_of_index(path)
+      layout = next((x for x in LAYOUTS if all(f.endswith(x.suffixes) for f in shards)), None)
+      if layout is None:
+        raise FileFormatError(
+          f"{path} lists shards {[os.path.basename(f) for f in shards][:5]} that are neither "
+          "all .safetensors nor all PyTorch .bin/.pt/.pth files; re-download it"
+        )
+      return Found(layout, shards, path)
+    for layout in LAYOUTS:
+      if path.endswith(layout.suffixes):
+        return Found(layout, [path])
+    raise FileFormatError(
+      f"{path} is not a weights file; pass a .safetensors file, a PyTorch .bin/.pt/.pth "
+      f"file, or a folder of weights ({_expected()})"
+    )
   if not where.is_dir():
     raise MissingPathError(f"weights path {path!r} does not exist")
-  if (where / INDEX_NAME).exists():
-    return _files_of_index(os.path.join(path, INDEX_NAME))
-  if (where / SINGLE_NAME).exists():
-    return [os.path.join(path, SINGLE_NAME)]
-  found = sorted(f.name for f in where.iterdir() if f.name.endswith(".safetensors"))
-  if len(found) == 1:
-    return [os.path.join(path, found[0])]
-  raise MissingPathError(
-    f"{path} holds {len(found)} .safetensors files {found[:5]} and no {INDEX_NAME}: "
-    f"expected {SINGLE_NAME}, a single .safetensors file, or shards listed by {INDEX_NAME}"
-  )
+  for layout in LAYOUTS:
+    found = _in_folder(path, layout)
+    if found is not None:
+      return found
+  raise MissingPathError(f"{path} holds no weights: {_expected()}")
+
+
+def find_files(path: str) -> list[str]:
+  """The weights files that `path` (a file or a folder) names; see `find_weights`."""
+  return find_weights(path).files
 
 
 def read_index(index_path: str) -> dict[str, str]:
-  """The weight_map {tensor: shard file name} of a `model.safetensors.index.json`, checked."""
+  """The weight_map {tensor: shard file name} of an index (`model.safetensors.index.json`,
+  `pytorch_model.bin.index.json`: one format), checked."""
   blob = epath.Path(index_path).read_bytes()
   try:
     index = _json_loads_unique(blob.decode("utf-8"), index_path)
   except UnicodeDecodeError as e:
     raise FileFormatError(
-      f"{index_path} is not a safetensors index: not UTF-8 text ({e.reason} "
-      f"at byte {e.start}); pass the folder or a .safetensors file"
+      f"{index_path} is not a weights index: not UTF-8 text ({e.reason} "
+      f"at byte {e.start}); pass the folder or a weights file"
     ) from None
   except json.JSONDecodeError as e:
     raise FileFormatError(
       f"{index_path} is not valid JSON ({e.msg} at line {e.lineno} column "
       f"{e.colno}); re-download it, or delete it if the folder holds a "
-      f"single {SINGLE_NAME}"
+      f"single weights file"
     ) from None
   weight_map = index.get("weight_map") if isinstance(index, dict) else None
   if not weight_map:
-    raise FileFormatError(f"{index_path} has no 'weight_map'; is it a safetensors index?")
+    raise FileFormatError(f"{index_path} has no 'weight_map'; is it a weights index?")
   if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
     raise FileFormatError(
       f"{index_path}: its 'weight_map' is not an object of tensor names to "
@@ -357,30 +449,45 @@ def _files_of_index(index_path: str) -> list[str]:
   return files
 
 
-class SafetensorsSource:
-  """Tensors by key over one file or a folder of shards; `read` gives float32."""
+# numpy dtype -> safetensors' name for it: what `dtype(key)` says for either format
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
-  def __init__(self, path: str):
+
+class WeightsSource:
+  """Tensors by key over one file or a set of shards; `read` gives float32.
+
+  `found`: the files (see `find_weights`); `open_file(path)` opens one of them
+  as an object with `path`, `keys()`, `shape(key)`, `numpy_dtype(key)`,
+  `view(key)` (the tensor in its stored dtype) and `close()`.
+  """
+
+  def __init__(self, path: str, found: Found, open_file):
     self.path = os.fspath(path)
-    self.files = [SafetensorsFile(p) for p in find_files(path)]
-    self._where: dict[str, SafetensorsFile] = {}
-    for f in self.files:
-      for key in f.keys():
-        if key in self._where:
+    self.layout = found.layout
+    self.files = []
+    self._where: dict = {}
+    try:
+      for p in found.files:
+        self.files.append(open_file(p))
+      for f in self.files:
+        for key in f.keys():
+          if key in self._where:
+            raise FileFormatError(
+              f"tensor {key!r} is in both {self._where[key].path} and "
+              f"{f.path}; pass one set of shards"
+            )
+          self._where[key] = f
+      if found.index:
+        listed = set(read_index(found.index))
+        if listed != set(self._where):
           raise FileFormatError(
-            f"tensor {key!r} is in both {self._where[key].path} and "
-            f"{f.path}; pass one set of shards"
+            f"{found.index} does not match its shards: listed but absent "
+            f"{sorted(listed - set(self._where))[:5]}, present but unlisted "
+            f"{sorted(set(self._where) - listed)[:5]}"
           )
-        self._where[key] = f
-    index = os.path.join(self.path, INDEX_NAME) if epath.Path(self.path).is_dir() else None
-    if index and epath.Path(index).exists():
-      listed = set(read_index(index))
-      if listed != set(self._where):
-        raise FileFormatError(
-          f"{index} does not match its shards: listed but absent "
-          f"{sorted(listed - set(self._where))[:5]}, present but unlisted "
-          f"{sorted(set(self._where) - listed)[:5]}"
-        )
+    except BaseException:
+      self.close()
+      raise
 
   def keys(self) -> list[str]:
     return list(self._where)
@@ -389,16 +496,27 @@ class SafetensorsSource:
     return key in self._where
 
   def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self._where[key].entries[key]["shape"])
+    return tuple(self._where[key].shape(key))
 
   def dtype(self, key: str) -> str:
-    return self._where[key].entries[key]["dtype"]
+    """The stored dtype as safetensors names it ('F32', 'BF16', 'F16', 'I64', ...),
+    for a PyTorch file too."""
+    dtype = np.dtype(self._where[key].numpy_dtype(key))
+    return _DTYPE_NAMES.get(dtype, dtype.name)
+
+  def view(self, key: str) -> np.ndarray:
+    """The whole tensor in its stored dtype: a read-only view of a safetensors
+    map, or a PyTorch file's tensor read out."""
+    return self._where[key].view(key)
 
   def read(self, key: str, index: tuple = ()) -> np.ndarray:
-    """float32 copy of `tensor[index]` (a tuple of slices); reads only that part."""
+    """float32 copy of `tensor[index]` (a tuple of slices); from safetensors,
+    reads only that part."""
     return np.array(self._where[key].view(key)[index], dtype=np.float32)
 
   def close(self):
+    for f in self.files:
+      getattr(f, "close", lambda: None)()
     self.files, self._where = [], {}
 
   def __enter__(self):
@@ -406,6 +524,30 @@ class SafetensorsSource:
 
   def __exit__(self, *exc):
     self.close()
+
+
+class SafetensorsSource(WeightsSource):
+  """The safetensors weights that `path` names (a file, an index, a folder)."""
+
+  def __init__(self, path: str):
+    found = find_weights(path)
+    if found.layout is not SAFETENSORS:
+      raise FileFormatError(
+        f"{path} holds PyTorch weights, not safetensors; open it with open_weights"
+      )
+    super().__init__(path, found, SafetensorsFile)
+
+
+def open_weights(path: str, *, hint: str = "") -> WeightsSource:
+  """The weights at `path` (a file, an index .json, or a folder), whatever
+  their format: safetensors when the folder holds them, else PyTorch files
+  (`pytorch_model.bin`, `diffusion_pytorch_model.bin`, shards listed by
+  `pytorch_model.bin.index.json`, a single .bin/.pt/.pth), read without
+  torch. `hint` ends a PyTorch file's errors (which flag to pass)."""
+  found = find_weights(path)
+  if found.layout is SAFETENSORS:
+    return WeightsSource(path, found, SafetensorsFile)
+  return WeightsSource(path, found, lambda p: torch_files.TorchFile(p, hint=hint))
 
 
 def parse_size(size: str | int) -> int:

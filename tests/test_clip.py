@@ -241,8 +241,10 @@ def test_missing_folder_and_files(tmp_path):
   with pytest.raises(MissingPathError, match=r"has no config\.json"):
     load_clip_params(tmp_path)
   shutil.copy(FIXTURE / "config.json", tmp_path)
-  (tmp_path / "pytorch_model.bin").write_bytes(b"\x80")
-  with pytest.raises(MissingPathError, match=r"no \.safetensors weights.*save_pretrained"):
+  with pytest.raises(MissingPathError, match=r"holds no weights: expected model\.safetensors"):
+    load_clip_params(tmp_path)
+  (tmp_path / "pytorch_model.bin").write_bytes(b"\x80")  # read without torch: a broken one
+  with pytest.raises(FileFormatError, match=r"pytorch_model\.bin is not a PyTorch weights file"):
     load_clip_params(tmp_path)
 
 

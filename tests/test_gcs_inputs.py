@@ -14,12 +14,12 @@ import pytest
 from etils import epath
 from flax import nnx
 
-from monoformer_jax import paths, safetensors_io
+from monoformer_jax import paths, safetensors_io, torch_files
 from monoformer_jax.config import CONFIGS_DIR
 from monoformer_jax.data import chat
 from monoformer_jax.data.jsonl import json_objects
 from monoformer_jax.errors import FileFormatError, MissingPathError
-from monoformer_jax.eval import fid, pth
+from monoformer_jax.eval import fid
 from monoformer_jax.model.clip import load_clip_params
 from monoformer_jax.text.tokenizer import load_tokenizer
 from monoformer_jax.vae.load import load_vae
@@ -182,19 +182,19 @@ def test_pth_weights_from_a_bucket_equal_the_local_read(gcs_path, tmp_path, fmt)
   }
   local = tmp_path / "weights.pth"
   torch.save(tensors, local, _use_new_zipfile_serialization=fmt == "zip")
-  got = pth.read_state_dict(_upload(local, f"{gcs_path}/weights.pth"))
+  got = torch_files.read_state_dict(_upload(local, f"{gcs_path}/weights.pth"))
   assert list(got) == list(tensors)
-  for key, want in pth.read_state_dict(local).items():
+  for key, want in torch_files.read_state_dict(local).items():
     assert got[key].dtype == want.dtype and np.array_equal(got[key], want), key
     assert np.array_equal(got[key], tensors[key].numpy()), key
   with pytest.raises(MissingPathError) as e:
-    pth.read_state_dict(f"{gcs_path}/none.pth")
+    torch_files.read_state_dict(f"{gcs_path}/none.pth")
   assert f"{gcs_path}/none.pth" in _one_line(e)
   epath.Path(gcs_path, "text.pth").write_text("not torch")
   with pytest.raises(FileFormatError) as e:
-    pth.read_state_dict(f"{gcs_path}/text.pth")
+    torch_files.read_state_dict(f"{gcs_path}/text.pth")
   assert _one_line(e).startswith(
-    f"PyTorch weights {gcs_path}/text.pth is not a PyTorch .pth file (neither a zip archive"
+    f"PyTorch weights {gcs_path}/text.pth is not a PyTorch weights file (neither a zip archive"
   )
 
 

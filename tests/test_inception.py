@@ -1,5 +1,5 @@
 """The FID Inception (monoformer_jax/eval/inception.py) against pytorch-fid, and
-the torch-free .pth reader (monoformer_jax/eval/pth.py) against torch.load.
+the torch-free .pth reader (monoformer_jax/torch_files.py) against torch.load.
 
 The fixture (tests/fixtures/make_inception_fixture.py) holds pytorch-fid's
 state-dict manifest and its features (float64, stored as float32) of six
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from inception_weights import fingerprint, random_state_dict
 
+from monoformer_jax import torch_files
 from monoformer_jax.errors import CheckpointError, FileFormatError, MissingPathError, PathError
 from monoformer_jax.eval import inception as inc
-from monoformer_jax.eval import pth
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "inception"
 
@@ -156,7 +156,7 @@ def test_pth_reader_equals_torch_load(tmp_path, fmt):
   torch.save(tensors, path, _use_new_zipfile_serialization=fmt == "zip")
   assert zipfile.is_zipfile(path) == (fmt == "zip")
   expected = torch.load(path, weights_only=True)
-  got = pth.read_state_dict(path)
+  got = torch_files.read_state_dict(path)
   assert list(got) == list(expected)
   for key, tensor in expected.items():
     t = tensor.detach()
@@ -170,7 +170,7 @@ def test_pth_reader_equals_torch_load(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
 def test_inception_file_reads_as_torch_does(inception_files, state, fmt):
   torch = pytest.importorskip("torch")
-  got = pth.read_state_dict(inception_files[fmt])
+  got = torch_files.read_state_dict(inception_files[fmt])
   expected = torch.load(inception_files[fmt], weights_only=True)
   assert list(got) == list(expected) == list(state)
   for key, t in expected.items():
@@ -219,23 +219,23 @@ def test_missing_weights_name_the_flag(tmp_path):
     inc.load_inception(path)
   assert str(path) in str(e.value) and inc.WEIGHTS_FILE in str(e.value)
   with pytest.raises(PathError, match="folder"):
-    pth.read_state_dict(tmp_path)
+    torch_files.read_state_dict(tmp_path)
 
 
 def test_files_that_are_not_state_dicts(tmp_path):
   text = tmp_path / "notes.pth"
   text.write_text("not weights\n")
-  with pytest.raises(FileFormatError, match="not a PyTorch .pth file"):
-    pth.read_state_dict(text)
+  with pytest.raises(FileFormatError, match="not a PyTorch weights file"):
+    torch_files.read_state_dict(text)
   plain = tmp_path / "plain.pth"
   plain.write_bytes(pickle.dumps({"a": 1}))
   with pytest.raises(FileFormatError, match="magic number"):
-    pth.read_state_dict(plain)
+    torch_files.read_state_dict(plain)
   archive = tmp_path / "archive.pth"
   with zipfile.ZipFile(archive, "w") as z:
     z.writestr("archive/readme.txt", "hello")
   with pytest.raises(FileFormatError, match="data.pkl"):
-    pth.read_state_dict(archive)
+    torch_files.read_state_dict(archive)
 
 
 class _Payload:
@@ -259,7 +259,7 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, fmt):
   else:
     path.write_bytes(payload)
   with pytest.raises(FileFormatError, match="makedirs.*could run code"):
-    pth.read_state_dict(path)
+    torch_files.read_state_dict(path)
   assert not target.exists()
 
 

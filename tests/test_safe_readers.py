@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from monoformer_jax.convert import official
 from monoformer_jax.errors import FileFormatError, MissingPathError
 from monoformer_jax.safetensors_io import SafetensorsFile, SafetensorsSource, find_files
-from monoformer_jax.vae.load import read_safetensors, resolve_vae_files
+from monoformer_jax.vae.load import read_tensors, resolve_vae_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def test_good_file_reads_back_exactly(tmp_path):
     got = f.view(key)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
-  vae = read_safetensors(path)
+  vae = read_tensors(path)
   np.testing.assert_array_equal(vae["c"], _tensors()["c"])
   with SafetensorsSource(path) as source:
     np.testing.assert_array_equal(source.read("c"), _tensors()["c"].astype(np.float32))

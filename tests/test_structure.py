@@ -19,7 +19,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "monoformer_jax"
 # whose pattern matches it.
 LAYERS = (
   ("ground", ("errors", "config", "config.*", "paths", "hub", "lock", "perf", "layout")),
-  ("runtime", ("cli", "parallel", "parallel.*", "safetensors_io", "ops", "ops.*")),
+  ("runtime", ("cli", "parallel", "parallel.*", "safetensors_io", "torch_files", "ops", "ops.*")),
   ("model", ("model", "model.*")),
   (
     "parts",

@@ -22,7 +22,7 @@ from monoformer_jax.vae import (
   load_vae,
   vae_from_tensors,
 )
-from monoformer_jax.vae.load import read_safetensors
+from monoformer_jax.vae.load import read_tensors
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "tiny_vae"
 WEIGHTS = FIXTURE / "diffusion_pytorch_model.safetensors"
@@ -124,7 +124,7 @@ def test_legacy_attention_names_as_1x1_convs_from_one_file(tmp_path, vae):
   from safetensors.numpy import save_file
 
   legacy = {}
-  for name, tensor in read_safetensors(WEIGHTS).items():
+  for name, tensor in read_tensors(WEIGHTS).items():
     key, value = name, tensor
     for new, old in (
       ("to_q", "query"),
@@ -148,14 +148,14 @@ def test_legacy_attention_names_as_1x1_convs_from_one_file(tmp_path, vae):
 
 
 def test_missing_key_is_named(config):
-  tensors = read_safetensors(WEIGHTS)
+  tensors = read_tensors(WEIGHTS)
   del tensors["decoder.mid_block.attentions.0.to_v.weight"]
   with pytest.raises(ValueError, match=r"missing.*decoder\.mid_block\.attentions\.0\.to_v\.weight"):
     vae_from_tensors(tensors, VAEConfig.from_diffusers(config))
 
 
 def test_wrong_shape_names_key_shapes_and_config_value(config):
-  tensors = read_safetensors(WEIGHTS)
+  tensors = read_tensors(WEIGHTS)
   tensors["encoder.conv_in.weight"] = np.zeros((16, 4, 3, 3), np.float16)
   with pytest.raises(ValueError) as error:
     vae_from_tensors(tensors, VAEConfig.from_diffusers(config))

@@ -1,6 +1,6 @@
 r"""Weights in and out: `python -m monoformer_jax.convert COMMAND --flags`.
 
-  official         official MonoFormer safetensors (+ ema/) -> a model checkpoint
+  official         official MonoFormer weights (+ ema/) -> a model checkpoint
                    --input=DIR_OR_SAFETENSORS_OR_HUB_ID --output=CKPT_DIR [--config=...]
                    [--mesh] [--clip=CLIP] [--vae=VAE] [--tokenizer=TOKENIZER]
   to-official      a model checkpoint -> official safetensors + config.json (+ ema/)
@@ -11,6 +11,8 @@ r"""Weights in and out: `python -m monoformer_jax.convert COMMAND --flags`.
   verify-official  a reference fixture through the converter: errors of every output
                    --fixture=DIR [--tolerance=1e-4]; exits 1 above the tolerance
 
+Weights are read as safetensors or, where a folder has none, as PyTorch
+.bin/.pt/.pth files (shards with pytorch_model.bin.index.json), without torch.
 Weights may be named by their Hugging Face hub id (`ORG/NAME[@REVISION]`,
 monoformer_jax/hub.py): downloaded once into the hub cache (HF_HOME), read
 from it offline (HF_HUB_OFFLINE=1), gated ones with HF_TOKEN. `--vae` and

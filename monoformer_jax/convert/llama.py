@@ -39,7 +39,6 @@ import zlib
 
 import numpy as np
 from absl import logging
-from etils import epath
 from flax import traverse_util
 
 from monoformer_jax.checkpoints import save_model
@@ -47,7 +46,7 @@ from monoformer_jax.convert import official
 from monoformer_jax.errors import ConfigError, FileFormatError
 from monoformer_jax.model.build import param_shardings
 from monoformer_jax.model.clip import load_clip_params
-from monoformer_jax.safetensors_io import SafetensorsSource
+from monoformer_jax.safetensors_io import open_weights
 
 ADDED_TOKENS = 4
 _INIT_STD = 0.02  # initialize_weights() hard-codes it, whatever initializer_range says
@@ -133,12 +132,6 @@ def llama_config(path: str, base_config=None):
       f"{where} is an official MonoFormer config (it has decoder_t_embed); "
       "convert it with `python -m monoformer_jax.convert official`"
     )
-  names = [f.name for f in epath.Path(path).iterdir()] if epath.Path(path).is_dir() else []
-  if not any(f.endswith(".safetensors") for f in names) and any(f.endswith(".bin") for f in names):
-    raise FileFormatError(
-      f"{path} holds PyTorch .bin weights only; save them as safetensors "
-      "first (model.save_pretrained(dir, safe_serialization=True))"
-    )
   fields = official.llama_fields(hf, where)
   fields["vocab_size"] += ADDED_TOKENS
   base = official.default_config() if base_config is None else base_config
@@ -170,7 +163,7 @@ def load_llama(
   def added_rows(p):
     return (std * _rng(seed, p).standard_normal((ADDED_TOKENS, m.hidden_size))).astype(np.float32)
 
-  with SafetensorsSource(path) as source:
+  with open_weights(path, hint="pass the Llama weights (--input)") as source:
     backbone = [e for e in official.BACKBONE if not (tied and e.key == "lm_head.weight")]
     official.check_source(source, m, path, entries=backbone, vocab_size=old_vocab)
 

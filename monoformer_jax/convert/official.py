@@ -54,8 +54,8 @@ from monoformer_jax.model.build import abstract_model, param_shardings
 from monoformer_jax.model.clip import clip_params_from_tensors, read_clip_config, vision_prefix
 from monoformer_jax.paths import folder_of
 from monoformer_jax.safetensors_io import (
-  SafetensorsSource,
-  find_files,
+  find_weights,
+  open_weights,
   read_json_object,
   write_safetensors,
 )
@@ -831,8 +831,8 @@ def hf_config(config, *, vision_encoder_path: str | None = None) -> dict:
 def load_official(
   path: str, base_config=None, *, shardings_fn=None, ema: bool = False, clip: str | None = None
 ):
-  """(params, config) from official weights at `path` (a folder or a .safetensors
-  with config.json beside it); with `ema`, the `ema/` subfolder's weights.
+  """(params, config) from official weights at `path` (a folder, or a .safetensors
+  or PyTorch .bin/.pt file with config.json beside it); with `ema`, the `ema/` subfolder's weights.
 
   `shardings_fn(config)`, if given, returns the params' shardings (e.g.
   `lambda c: param_shardings(c, mesh)`) and the arrays are built in them.
@@ -851,7 +851,7 @@ def load_official(
     if clip
     else "the base config's model.vision"
   )
-  with SafetensorsSource(weights) as source:
+  with open_weights(weights, hint="pass the official weights (--input)") as source:
     params = read_params(
       source,
       config.model,
@@ -903,7 +903,7 @@ def convert_official(
   `clip` as in `load_official`; `tokenizer` and `vae` recorded in its config
   (`record_assets`), checked before the weights are read."""
   shardings_fn = (lambda c: param_shardings(c, mesh)) if mesh is not None else None
-  find_files(path)  # fail on a bad path before any work
+  find_weights(path)  # fail on a bad path before any work
   base = default_config() if base_config is None else base_config
   where = os.path.join(folder_of(path), "config.json")
   # the whole config from config.json alone, the assets recorded in it: the
@@ -949,7 +949,7 @@ def clip_tensors(m, clip: str | None):
     f"--clip={clip} ({os.path.join(clip, 'config.json')})",
     fix="pass the CLIP folder the model's tower came from",
   )
-  with SafetensorsSource(clip) as source:
+  with open_weights(clip, hint="pass the CLIP folder (--clip)") as source:
     yield source
 
 

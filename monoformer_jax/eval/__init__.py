@@ -9,7 +9,6 @@ training (`config.evals`) and the end-of-run sample scores (`sample.metrics`).
     commonsense.py     zero-shot multiple choice by log-likelihood (HellaSwag, PIQA, ...)
     sampling.py        50,000 class-conditional samples in resumable chunks, ADM's npz
     inception.py       the FID Inception-v3 in Flax NNX, from pytorch-fid's weights file
-    pth.py             PyTorch state-dict files read without torch
     fid.py             FID, sFID, IS, precision/recall as ADM's evaluator; reference batches
 The embedded default's evaluators are its own (monoformer_jax/digits/evaluators.py).
 """

@@ -38,8 +38,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from monoformer_jax import torch_files
 from monoformer_jax.errors import CheckpointError, FileFormatError
-from monoformer_jax.eval import pth
 from monoformer_jax.model.layers import param
 
 INPUT_SIZE = 299  # the resolution the features are defined at
@@ -420,7 +420,7 @@ def inception_from_state_dict(tensors: dict, *, source: str = "Inception weights
 def load_inception(path) -> InceptionV3:
   """The FID Inception with the weights of pytorch-fid's `pt_inception-2015-12-05-
   6726825d.pth` at `path` (either torch.save format; read without torch)."""
-  tensors = pth.read_state_dict(path, hint=WEIGHTS_HINT)
+  tensors = torch_files.read_state_dict(path, hint=WEIGHTS_HINT)
   return inception_from_state_dict(tensors, source=f"Inception weights {os.fspath(path)}")
 
 

@@ -51,7 +51,7 @@ from flax import nnx
 
 from monoformer_jax.errors import CheckpointError, ConfigError, MissingPathError, PathError
 from monoformer_jax.model.layers import Dense, param
-from monoformer_jax.safetensors_io import SafetensorsSource, read_json_object
+from monoformer_jax.safetensors_io import open_weights, read_json_object
 
 CONFIG_NAME = "config.json"
 
@@ -497,7 +497,8 @@ def load_clip_params(path, vcfg=None) -> tuple[dict, ml_collections.ConfigDict]:
   """(params pure dict of host float32 arrays, config.model.vision) from an HF folder.
 
   `path`: a CLIPVisionModel or CLIPModel folder (config.json + model.safetensors,
-  or shards with model.safetensors.index.json); any float dtype is read as
+  or shards with model.safetensors.index.json; else PyTorch pytorch_model.bin,
+  read without torch: safetensors_io.open_weights); any float dtype is read as
   float32. `vcfg`, when given (the model config's vision field), must agree
   with the folder's config.json field by field. The params match
   `nnx.state(CLIPVisionTower(vcfg), nnx.Param)`: pass them to `tower_from_params`,
@@ -516,18 +517,7 @@ def load_clip_params(path, vcfg=None) -> tuple[dict, ml_collections.ConfigDict]:
           "(clip_config_from_hf of its config.json, or load_clip_params(path) without "
           "vcfg) or a folder of the model the config describes"
         )
-  if not any(p.suffix == ".safetensors" for p in folder.iterdir()):
-    torch_files = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-    hint = (
-      f" It holds {torch_files}: PyTorch pickles are not read; save the model with "
-      "save_pretrained(folder, safe_serialization=True) to convert them."
-      if torch_files
-      else ""
-    )
-    raise MissingPathError(
-      f"CLIP folder {folder} has no .safetensors weights (model.safetensors).{hint}"
-    )
-  with SafetensorsSource(folder) as source:
+  with open_weights(str(folder), hint="pass the CLIP folder") as source:
     params = clip_params_from_tensors(
       source, found, where=f"CLIP checkpoint {folder}", config_source=config_source
     )

@@ -1,9 +1,10 @@
-"""Loading diffusers AutoencoderKL checkpoints (safetensors) into our AutoencoderKL.
+"""Loading diffusers AutoencoderKL checkpoints into our AutoencoderKL.
 
 Accepted layouts: a diffusers folder (`config.json` +
-`diffusion_pytorch_model.safetensors`, e.g. stabilityai/sd-vae-ft-mse), a
-pipeline folder holding one as `vae/`, or a single `.safetensors` file with its
-config beside it or passed in. Checkpoint keys are our parameter paths (see
+`diffusion_pytorch_model.safetensors`, e.g. stabilityai/sd-vae-ft-mse, or
+only its PyTorch `diffusion_pytorch_model.bin`, read without torch), a
+pipeline folder holding one as `vae/`, or a single weights file (.safetensors,
+or a PyTorch .bin/.pt/.pth) with its config beside it or passed in. Checkpoint keys are our parameter paths (see
 autoencoder_kl.py) with `weight` for `kernel`/`scale`; PyTorch conv weights
 OIHW become HWIO, and the attention projections, Linear [out, in] or 1x1 conv
 [out, in, 1, 1] in older files, become [in, out]. Older files' attention names
@@ -21,18 +22,20 @@ from flax import nnx
 
 from monoformer_jax import hub
 from monoformer_jax.errors import CheckpointError, FileFormatError, MissingPathError
-from monoformer_jax.safetensors_io import SafetensorsFile, read_json_object
+from monoformer_jax.safetensors_io import open_weights, read_json_object
 from monoformer_jax.vae.autoencoder_kl import AutoencoderKL, VAEConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+TORCH_WEIGHTS_NAME = "diffusion_pytorch_model.bin"  # read when the folder has no safetensors
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _MAX_LISTED = 8
 
 
 def resolve_vae_files(path, config=None) -> tuple[epath.Path, dict, str]:
-  """(safetensors file, config dict, where the config came from) for `path`.
+  """(weights file, config dict, where the config came from) for `path`.
 
   `config` (a dict or a config.json path) overrides the one found beside the weights.
   Paths may be local, on a bucket (`gs://...`) or a hub id
@@ -40,35 +43,36 @@ def resolve_vae_files(path, config=None) -> tuple[epath.Path, dict, str]:
   """
   path = epath.Path(hub.local_path(path, "VAE", "vae"))  # a hub id: its snapshot folder
   if path.is_dir():
+
+    def weights_in(folder):  # safetensors first: SD-VAE's repo holds both
+      return next(
+        (folder / n for n in (WEIGHTS_NAME, TORCH_WEIGHTS_NAME) if (folder / n).exists()), None
+      )
+
     folder = (
       path / "vae"
-      if (not (path / CONFIG_NAME).exists() and (path / "vae" / WEIGHTS_NAME).exists())
+      if (not (path / CONFIG_NAME).exists() and weights_in(path / "vae") is not None)
       else path
     )
-    weights = folder / WEIGHTS_NAME
-    if not weights.exists():
+    weights = weights_in(folder)
+    if weights is None:
       found = sorted(p.name for p in folder.iterdir())
-      hint = (
-        " PyTorch .bin files are not read: convert them to safetensors."
-        if any(n.endswith(".bin") for n in found)
-        else ""
-      )
       raise MissingPathError(
-        f"VAE folder {folder} has no {WEIGHTS_NAME} (found "
-        f"{found[:_MAX_LISTED]}); pass the .safetensors file itself "
-        f"with config=... to load another name.{hint}"
+        f"VAE folder {folder} has no {WEIGHTS_NAME} or {TORCH_WEIGHTS_NAME} (found "
+        f"{found[:_MAX_LISTED]}); pass the weights file itself with config=... to load "
+        "another name"
       )
   elif path.is_file():
-    if path.suffix != ".safetensors":
+    if path.suffix not in WEIGHTS_SUFFIXES:
       raise FileFormatError(
-        f"VAE weights {path} are not a .safetensors file; convert them "
-        "(PyTorch: safetensors.torch.save_file(model.state_dict(), ...))"
+        f"VAE weights {path} are not a weights file: expected "
+        f"{' or '.join(WEIGHTS_SUFFIXES)} (safetensors, or a PyTorch state dict)"
       )
     weights, folder = path, path.parent
   else:
     raise MissingPathError(
       f"VAE path {path} does not exist; expected a diffusers folder "
-      f"({CONFIG_NAME} + {WEIGHTS_NAME}) or a .safetensors file"
+      f"({CONFIG_NAME} + {WEIGHTS_NAME} or {TORCH_WEIGHTS_NAME}) or a weights file"
     )
 
   if isinstance(config, dict):
@@ -86,12 +90,12 @@ def resolve_vae_files(path, config=None) -> tuple[epath.Path, dict, str]:
   )
 
 
-def read_safetensors(path) -> dict[str, np.ndarray]:
-  """Every tensor of a .safetensors file: read-only views of one memory map
-  (local) or read-only arrays (a bucket), in their stored dtypes (bfloat16 via
-  ml_dtypes)."""
-  file = SafetensorsFile(path)
-  return {key: file.view(key) for key in file.keys()}
+def read_tensors(path) -> dict[str, np.ndarray]:
+  """Every tensor of a weights file in its stored dtype (bfloat16 via ml_dtypes):
+  read-only views of one memory map (local safetensors), read-only arrays (a
+  bucket's), or arrays read out of a PyTorch file."""
+  with open_weights(str(path), hint="pass the VAE's weights") as source:
+    return {key: source.view(key) for key in source.keys()}
 
 
 def rename_legacy_keys(tensors: dict) -> dict:
@@ -256,7 +260,7 @@ def load_vae(path, *, config=None, dtype=jnp.float32) -> AutoencoderKL:
   weights, config_dict, config_source = resolve_vae_files(path, config)
   cfg = VAEConfig.from_diffusers(config_dict)
   return vae_from_tensors(
-    read_safetensors(weights),
+    read_tensors(weights),
     cfg,
     dtype=dtype,
     source=f"VAE checkpoint {weights}",

@@ -1,5 +1,13 @@
-"""Reading PyTorch state-dict files (`.pth`, `.pt`) without torch, and without
-running anything the file says.
+"""Reading PyTorch state-dict files (`.pth`, `.pt`, `.bin`) without torch, and
+without running anything the file says.
+
+    TorchFile(path)        one file: its keys, shapes and dtypes from the pickle,
+                           each tensor's bytes read when it is asked for (zip
+                           format; a legacy file is read whole)
+    read_state_dict(path)  every tensor of one file, key -> numpy array
+
+Folders and shards (`pytorch_model.bin.index.json`) are safetensors_io's
+`open_weights`, which serves these files and safetensors alike.
 
 `torch.save` writes one of two formats, both read here:
 
@@ -29,6 +37,7 @@ stops the read with a FileFormatError, so an untrusted file cannot run code.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -237,52 +246,45 @@ def _tensor_array(t: _Tensor, source: str) -> np.ndarray:
   return array
 
 
-def _read_zip(file: BinaryIO, source: str):
-  with zipfile.ZipFile(file) as archive:
-    names = archive.namelist()
-    pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(pickles) != 1:
-      raise FileFormatError(
-        f"{source} is a zip archive without one <name>/data.pkl "
-        f"(found {names[:5]}); it is not a torch.save file"
-      )
-    prefix = pickles[0][: -len("data.pkl")]
-    little_endian = True  # files from before the byteorder record were little-endian
-    if prefix + "byteorder" in names:
-      value = archive.read(prefix + "byteorder").decode("ascii", "replace").strip()
-      if value not in ("little", "big"):
-        raise FileFormatError(f"{source}: byteorder {value!r} is neither little nor big")
-      little_endian = value == "little"
-    storages: dict[str, _Storage] = {}
+def _zip_layout(archive: zipfile.ZipFile, source: str) -> tuple[str, bool]:
+  """(record prefix `<name>/`, little-endian?) of a torch.save zip archive."""
+  names = archive.namelist()
+  pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+  if len(pickles) != 1:
+    raise FileFormatError(
+      f"{source} is a zip archive without one <name>/data.pkl "
+      f"(found {names[:5]}); it is not a torch.save file"
+    )
+  prefix = pickles[0][: -len("data.pkl")]
+  little_endian = True  # files from before the byteorder record were little-endian
+  if prefix + "byteorder" in names:
+    value = archive.read(prefix + "byteorder").decode("ascii", "replace").strip()
+    if value not in ("little", "big"):
+      raise FileFormatError(f"{source}: byteorder {value!r} is neither little nor big")
+    little_endian = value == "little"
+  return prefix, little_endian
 
-    def storage_for(data):
-      if len(data) != 4:
-        raise FileFormatError(f"{source}: storage id {data!r} is not (type, key, location, numel)")
-      kind, key, _, numel = data
-      dtype = _storage_class(kind, source).dtype
-      if key not in storages:
-        storages[key] = _Storage(str(key), dtype, int(numel))
-      storage = storages[key]
-      return _StorageView(storage, 0, storage.numel)
 
-    with archive.open(pickles[0]) as f:
-      obj = _Unpickler(f, source, storage_for).load()
-    for key, storage in storages.items():
-      record = f"{prefix}data/{key}"
-      if record not in names:
-        raise FileFormatError(f"{source}: storage {record} is missing from the archive")
-      raw = archive.read(record)
-      if len(raw) % storage.dtype.itemsize:
-        raise FileFormatError(
-          f"{source}: storage {record} has {len(raw)} bytes, not a "
-          f"multiple of {storage.dtype.itemsize}"
-        )
-      storage.array = _from_bytes(raw, storage.dtype, little_endian)
-      storage.numel = storage.array.size
-  return obj
+def _read_zip_pickle(archive: zipfile.ZipFile, prefix: str, source: str):
+  """The unpickled object of a zip file; its storages' bytes are not read yet."""
+  storages: dict[str, _Storage] = {}
+
+  def storage_for(data):
+    if len(data) != 4:
+      raise FileFormatError(f"{source}: storage id {data!r} is not (type, key, location, numel)")
+    kind, key, _, numel = data
+    dtype = _storage_class(kind, source).dtype
+    if key not in storages:
+      storages[key] = _Storage(str(key), dtype, int(numel))
+    storage = storages[key]
+    return _StorageView(storage, 0, storage.numel)
+
+  with archive.open(prefix + "data.pkl") as f:
+    return _Unpickler(f, source, storage_for).load()
 
 
 def _read_legacy(f: BinaryIO, source: str):
+  """The unpickled object of a legacy file, every storage read."""
   storages: dict[str, _Storage] = {}
   views: dict[str, _StorageView] = {}
 
@@ -312,9 +314,8 @@ def _read_legacy(f: BinaryIO, source: str):
     raise
   except Exception as e:
     raise FileFormatError(
-      f"{source} is not a PyTorch .pth file (neither a zip archive "
-      f"nor a legacy torch.save pickle: {type(e).__name__}); pass "
-      "a file written by torch.save"
+      f"{source} is not a PyTorch weights file (neither a zip archive nor a legacy "
+      f"torch.save pickle: {type(e).__name__}); pass a file written by torch.save"
     ) from e
   if magic != MAGIC_NUMBER:
     raise FileFormatError(
@@ -350,28 +351,11 @@ def _read_legacy(f: BinaryIO, source: str):
   return obj
 
 
-def read_state_dict(path, *, hint: str = "") -> dict[str, np.ndarray]:
-  """Every tensor of the state dict `torch.save` wrote at `path`: key -> a numpy
-  array (owned, native byte order; bfloat16 via ml_dtypes), in file order.
-
-  `hint` ends the message of a missing or unreadable file's error (which flag
-  or file to pass).
-  Raises MissingPathError, PathError (a folder), FileFormatError (not a
-  torch.save file, a damaged one, or one holding more than tensors).
-  """
-  path = epath.Path(os.fspath(path))
-  source = f"PyTorch weights {path}"
-  if not path.exists():
-    raise MissingPathError(f"{source} do not exist" + (f"; {hint}" if hint else ""))
-  if path.is_dir():
-    raise PathError(f"{source} is a folder; pass the .pth file itself")
+@contextlib.contextmanager
+def _one_line(source: str, hint: str):
+  """Any failure to read the file as one FileFormatError naming it (and `hint`)."""
   try:
-    with open_binary(os.fspath(path)) as f:  # local, or a bucket's file (gs://...)
-      if zipfile.is_zipfile(f):
-        obj = _read_zip(f, source)
-      else:
-        f.seek(0)
-        obj = _read_legacy(f, source)
+    yield
   except OSError:
     raise
   except FileFormatError as e:
@@ -380,22 +364,128 @@ def read_state_dict(path, *, hint: str = "") -> dict[str, np.ndarray]:
     raise FileFormatError(f"{e}; {hint}") from e
   except Exception as e:
     raise FileFormatError(
-      f"{source} cannot be read as a torch.save file "
-      f"({type(e).__name__}: {e}); the file is damaged or not a "
-      "state dict" + (f"; {hint}" if hint else "")
+      f"{source} cannot be read as a torch.save file ({type(e).__name__}: {e}); the file "
+      "is damaged or not a state dict" + (f"; {hint}" if hint else "")
     ) from e
-  if not isinstance(obj, dict):
-    raise FileFormatError(
-      f"{source} holds a {type(obj).__name__}, not a state dict "
-      "(key -> tensor); save model.state_dict()"
-    )
-  out = {}
-  for key, value in obj.items():
-    if not isinstance(value, _Tensor):
+
+
+class TorchFile:
+  """One file `torch.save(state_dict)` wrote (local or `gs://...`): its keys,
+  shapes and dtypes from the pickle, a tensor's bytes read when `view` asks.
+
+  `hint` ends the message of a missing or unreadable file's error (which flag
+  or file to pass). Raises MissingPathError, PathError (a folder),
+  FileFormatError (not a torch.save file, a damaged one, or one holding more
+  than tensors: any global a state dict does not need is refused unrun).
+  """
+
+  def __init__(self, path, *, hint: str = ""):
+    self.path = os.fspath(path)
+    self.source, self.hint = f"PyTorch weights {self.path}", hint
+    where = epath.Path(self.path)
+    if not where.exists():
+      raise MissingPathError(f"{self.source} do not exist" + (f"; {hint}" if hint else ""))
+    if where.is_dir():
+      raise PathError(f"{self.source} is a folder; pass the .pth/.pt/.bin file itself")
+    self._file = open_binary(self.path)  # local, or a bucket's file (gs://...)
+    self._archive = None
+    self._last: tuple = (None, None)
+    try:
+      with _one_line(self.source, hint):
+        if zipfile.is_zipfile(self._file):
+          self._archive = zipfile.ZipFile(self._file)
+          self._prefix, self._little = _zip_layout(self._archive, self.source)
+          obj = _read_zip_pickle(self._archive, self._prefix, self.source)
+        else:
+          self._file.seek(0)
+          obj = _read_legacy(self._file, self.source)
+      self.tensors = self._checked(obj)
+    except BaseException:
+      self.close()
+      raise
+    if self._archive is None:
+      self.close()  # a legacy file is read whole: nothing more to fetch
+
+  def _checked(self, obj) -> dict[str, _Tensor]:
+    if not isinstance(obj, dict):
       raise FileFormatError(
-        f"{source}: entry {key!r} is a {type(value).__name__}, not a "
-        "tensor; a state dict holds only tensors (nested "
-        "checkpoints: save checkpoint['state_dict'] alone)"
+        f"{self.source} holds a {type(obj).__name__}, not a state dict "
+        "(key -> tensor); save model.state_dict()"
       )
-    out[str(key)] = _tensor_array(value, source)
-  return out
+    for key, value in obj.items():
+      if not isinstance(value, _Tensor):
+        raise FileFormatError(
+          f"{self.source}: entry {key!r} is a {type(value).__name__}, not a tensor; a state "
+          "dict holds only tensors (nested checkpoints: save checkpoint['state_dict'] alone)"
+        )
+    return {str(key): value for key, value in obj.items()}
+
+  def keys(self) -> list[str]:
+    return list(self.tensors)
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in self.tensors[key].size)
+
+  def numpy_dtype(self, key: str) -> np.dtype:
+    return self.tensors[key].view.storage.dtype
+
+  def view(self, key: str) -> np.ndarray:
+    """The tensor `key` in its stored dtype (read-only, C-contiguous, native byte
+    order; bfloat16 via ml_dtypes). A zip file's storage is read for it and not
+    kept, so a model is never whole in memory; the last tensor is, so that
+    reading it slice by slice (one per device shard) reads the file once."""
+    if self._last[0] == key:
+      return self._last[1]
+    array = self._read(key)
+    array.flags.writeable = False  # handed out again: nobody may change it
+    self._last = (key, array)
+    return array
+
+  def _read(self, key: str) -> np.ndarray:
+    tensor = self.tensors[key]
+    storage = tensor.view.storage
+    if storage.array is not None:  # a legacy file's, read at open
+      return _tensor_array(tensor, self.source)
+    if self._archive is None:
+      raise ValueError(f"{self.source} is closed")
+    record = f"{self._prefix}data/{storage.key}"
+    with _one_line(self.source, self.hint):
+      try:
+        raw = self._archive.read(record)
+      except KeyError:
+        raise FileFormatError(
+          f"{self.source}: storage {record} is missing from the archive"
+        ) from None
+      if len(raw) % storage.dtype.itemsize:
+        raise FileFormatError(
+          f"{self.source}: storage {record} has {len(raw)} bytes, not a "
+          f"multiple of {storage.dtype.itemsize}"
+        )
+      storage.array = _from_bytes(raw, storage.dtype, self._little)
+      try:
+        return _tensor_array(tensor, self.source)
+      finally:
+        storage.array = None
+
+  def close(self):
+    self._last = (None, None)
+    if self._archive is not None:
+      self._archive.close()
+      self._archive = None
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def read_state_dict(path, *, hint: str = "") -> dict[str, np.ndarray]:
+  """Every tensor of the state dict `torch.save` wrote at `path`: key -> a numpy
+  array (owned, native byte order; bfloat16 via ml_dtypes), in file order.
+  `hint` and the errors as `TorchFile`'s."""
+  with TorchFile(path, hint=hint) as file:
+    return {key: file._read(key) for key in file.keys()}
