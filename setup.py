@@ -73,8 +73,8 @@ setup(
       "jax[tpu]>=0.10.2",
       "jax[cuda12-local]>=0.10.2",
       "pyarrow>=15",
-      # tests/test_inception.py writes .pth files and checks the resize with
-      # it: the CPU wheel that lies on this machine's disk (a range pulls CUDA).
+      # tests/test_inception.py and test_pytorch_weights.py write .pth/.bin files with
+      # it, test_inception.py checks the resize against it: the CPU wheel that lies on this machine's disk (a range pulls CUDA).
       "torch==2.13.0",
       # A real GCS-protocol server on localhost for the gs:// tests (tests/conftest.py).
       "gcp-storage-emulator>=2024.1",
