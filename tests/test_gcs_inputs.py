@@ -1,7 +1,7 @@
 """The files the project reads, read from a bucket (conftest's `gcs_server`, a
 real GCS-protocol server on localhost): the tokenizer, the VAE, CLIP weights,
 safetensors (one tensor fetched without the rest), npz samples, PyTorch .pth
-weights and text inputs (JSONL, .txt, a folder of them) each come back from gs:// equal to the local read, and a
+weights (a file, and a folder of pytorch_model.bin) and text inputs (JSONL, .txt, a folder of them) each come back from gs:// equal to the local read, and a
 missing gs:// file is one error naming it."""
 
 import json
@@ -187,6 +187,11 @@ def test_pth_weights_from_a_bucket_equal_the_local_read(gcs_path, tmp_path, fmt)
   for key, want in torch_files.read_state_dict(local).items():
     assert got[key].dtype == want.dtype and np.array_equal(got[key], want), key
     assert np.array_equal(got[key], tensors[key].numpy()), key
+  # a bucket folder of PyTorch files only, through the one weights source
+  _upload(local, f"{gcs_path}/folder/pytorch_model.bin")
+  with safetensors_io.open_weights(f"{gcs_path}/folder") as source:
+    assert source.keys() == list(tensors) and source.dtype("bn.running_mean") == "F16"
+    assert np.array_equal(source.read("fc.bias", (slice(1, 3),)), [3, 4])
   with pytest.raises(MissingPathError) as e:
     torch_files.read_state_dict(f"{gcs_path}/none.pth")
   assert f"{gcs_path}/none.pth" in _one_line(e)
