@@ -832,7 +832,8 @@ def load_official(
   path: str, base_config=None, *, shardings_fn=None, ema: bool = False, clip: str | None = None
 ):
   """(params, config) from official weights at `path` (a folder, or a .safetensors
-  or PyTorch .bin/.pt file with config.json beside it); with `ema`, the `ema/` subfolder's weights.
+  or PyTorch .bin/.pt file with config.json beside it); with `ema`, the `ema/`
+  subfolder's weights.
 
   `shardings_fn(config)`, if given, returns the params' shardings (e.g.
   `lambda c: param_shardings(c, mesh)`) and the arrays are built in them.

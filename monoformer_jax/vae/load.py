@@ -4,10 +4,11 @@ Accepted layouts: a diffusers folder (`config.json` +
 `diffusion_pytorch_model.safetensors`, e.g. stabilityai/sd-vae-ft-mse, or
 only its PyTorch `diffusion_pytorch_model.bin`, read without torch), a
 pipeline folder holding one as `vae/`, or a single weights file (.safetensors,
-or a PyTorch .bin/.pt/.pth) with its config beside it or passed in. Checkpoint keys are our parameter paths (see
-autoencoder_kl.py) with `weight` for `kernel`/`scale`; PyTorch conv weights
-OIHW become HWIO, and the attention projections, Linear [out, in] or 1x1 conv
-[out, in, 1, 1] in older files, become [in, out]. Older files' attention names
+or a PyTorch .bin/.pt/.pth) with its config beside it or passed in.
+Checkpoint keys are our parameter paths (see autoencoder_kl.py) with `weight`
+for `kernel`/`scale`; PyTorch conv weights OIHW become HWIO, and the attention
+projections, Linear [out, in] or 1x1 conv [out, in, 1, 1] in older files,
+become [in, out]. Older files' attention names
 (query/key/value/proj_attn) are renamed to to_q/to_k/to_v/to_out.0.
 """
 
