@@ -141,7 +141,7 @@ def _names_under(folder) -> list[str]:
 STEPS = 10
 
 
-def _train_in_bucket(url: str, steps: int, log) -> subprocess.Popen:
+def _train_in_bucket(url: str, steps: int, log, *flags) -> subprocess.Popen:
   """`python -m monoformer_jax.train` with its workdir in the server's bucket,
   the storage clients' retries cut to about a second (tests/short_retries.py)."""
   return subprocess.Popen(
@@ -154,7 +154,7 @@ def _train_in_bucket(url: str, steps: int, log) -> subprocess.Popen:
       f"--config.train.num_steps={steps}",
       "--config.train.checkpoint_every=4",
       "--config.train.log_every=1",
-      "--config.train.profile_steps=1",
+      *flags,
     ],
     env=one_device_env(JAX_PLATFORMS="cpu", **gcs_env(url)),
     stdout=log,
@@ -205,7 +205,7 @@ def test_a_bucket_run_killed_then_cut_off_keeps_its_committed_steps_and_resumes(
     return logs[i].read()
 
   try:
-    killed = _train_in_bucket(url, STEPS, logs[0])
+    killed = _train_in_bucket(url, STEPS, logs[0], "--config.train.profile_steps=1")
     try:
       _wait_for_step(killed, metrics, 6, committed=4)
     finally:
@@ -257,7 +257,7 @@ def test_a_bucket_run_killed_then_cut_off_keeps_its_committed_steps_and_resumes(
   board = tensorboard_scalars(run / "tensorboard")
   assert [s for s, _ in board["loss"]] == list(range(1, STEPS + 1))
   np.testing.assert_allclose([v for _, v in board["loss"]], list(final.values()), rtol=1e-6)
-  # jax's profiler writes local files: the traces were uploaded.
+  # jax's profiler writes local files: the first run's trace (step 3) was uploaded.
   assert list((run / "profile").rglob("*.xplane.pb"))
   # Every step left is a committed save (the server's store keeps empty folders).
   steps = [p for p in (run / "checkpoints").iterdir() if any(f.is_file() for f in p.rglob("*"))]

@@ -59,6 +59,9 @@ def _cloud(root, tpus: dict, uv_cache, **env) -> dict:
   vm_env = dict(
     JAX_PLATFORMS="cpu",
     XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    # The suite's compiler setting (conftest.py), so the workers compile as fast as
+    # the tests' own processes and their programs as the reference run's.
+    JAX_DISABLE_MOST_OPTIMIZATIONS=os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"],
     UV_CACHE_DIR=str(uv_cache),  # one download for every worker of the session
     RESTART_DELAY="0",
     # One compilation cache for the pod, as a bucket would be (JAX writes it from
