@@ -44,6 +44,7 @@ import contextlib
 import json
 import os
 import pathlib
+import sys
 import tempfile
 import time
 from typing import Any, NamedTuple
@@ -79,6 +80,23 @@ from monoformer_jax.train.state import (
 from monoformer_jax.train.step import WATCHED, healthy, make_train_step
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports
+  torch, when it is installed, only to accept torch tensors (about 2 s on
+  Colab, where it is; the run logs floats). `torch` is held off for that one
+  import and a later `import torch` works as ever."""
+  if "torch" in sys.modules:  # already imported (or already held off)
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class _Metrics:
   """Logged steps as JSON lines in workdir/metrics.jsonl and, with
   train.tensorboard, as TensorBoard scalars in workdir/tensorboard (tensorboardX:
@@ -106,8 +124,7 @@ class _Metrics:
       else:
         open(self.path, "a").close()
       if tensorboard:
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer()
         self.events = epath.Path(workdir) / "tensorboard"
         if not is_local(workdir):  # written here, uploaded whole at each flush
           self.local_events = tempfile.TemporaryDirectory(prefix="tensorboard_")
