@@ -73,17 +73,6 @@ def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
   assert (out / "text.txt").read_text().strip() == f"'two plus' -> {text[0]!r}"
 
 
-def test_cli_errors_name_the_fix(digits_checkpoint, tmp_path):
-  run = _cli("images", f"--checkpoint={digits_checkpoint}", f"--output_dir={tmp_path}")
-  assert run.returncode != 0 and "give --prompt or --class_name" in run.stderr
-  run = _cli(
-    "images", f"--checkpoint={digits_checkpoint}", "--class_name=eleven", f"--output_dir={tmp_path}"
-  )
-  assert run.returncode != 0 and "'eleven' is not a digit" in run.stderr
-  run = _cli("images", f"--checkpoint={tmp_path / 'nowhere'}", "--class_name=1")
-  assert run.returncode != 0 and "does not exist" in run.stderr
-
-
 def test_cli_decodes_a_latent_model_with_the_vae(tmp_path):
   """A 4-channel latent model: the tiny SD-VAE fixture (2x downsampling) turns
   its 8x8x4 samples into 16x16 RGB; without a VAE the CLI says what to pass."""
@@ -355,9 +344,12 @@ def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoin
   free memory, a VAE for a pixel model, DDIM's --eta with DDPM, more guided
   channels than the model has, a prompt that is not UTF-8, an interleaved
   answer too short for an image, an --image that is not one or that a model
-  without a vision encoder cannot read, an --output_dir that holds outputs: each refused in one line, before the
-  model loads, with no output folder made (the default one beside the
-  checkpoint neither)."""
+  without a vision encoder cannot read, an --output_dir that holds outputs:
+  each refused in one line, before the model loads, with no output folder made (the default one beside the
+  checkpoint neither). So are the commonest mistakes, named by the fix: no
+  prompt, a class that is not a digit, a checkpoint that is not there (once
+  three CLI processes of their own; the CLI's exit status on a refusal is
+  test_cli_usage_lists_the_commands' and the latent VAE test's)."""
   import json
 
   from PIL import Image
@@ -449,6 +441,13 @@ def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoin
     "--num_samples=0": "--num_samples=0: must be >= 1",
   }
   argvs += [["images", ckpt, "--class_name=3", flag] for flag in bounds]
+  # The commonest mistakes, each named with its fix (a part of the line).
+  fixes = {
+    ("images", ckpt): "give --prompt or --class_name",
+    ("images", ckpt, "--class_name=eleven"): "'eleven' is not a digit",
+    ("images", f"--checkpoint={tmp_path / 'nowhere'}", "--class_name=1"): "does not exist",
+  }
+  argvs += [[*argv, f"--output_dir={tmp_path / 'fix'}"] for argv in fixes]
   # 10^9 images of 8x8x1 need ~5.4 TB of memory (256 B of latents, 3 x 256 B of
   # float32 pixels and the 66 x 66 B cell of images.png each): past any machine.
   argvs.append(["images", ckpt, "--class_name=seven", "--num_samples=1000000000"])
@@ -463,8 +462,10 @@ def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoin
   assert run.returncode == 0, run.stderr[-3000:]
   results = [json.loads(line) for line in run.stdout.splitlines()]
   assert [e for e, _ in results[: len(cases)]] == [message for _, message in cases]
-  got = [e for e, _ in results[len(cases) : -1]]
+  got = [e for e, _ in results[len(cases) : len(cases) + len(bounds)]]
   assert [e.split(";")[0] for e in got] == list(bounds.values()), got
+  got = [e for e, _ in results[len(cases) + len(bounds) : -1]]
+  assert len(got) == len(fixes) and all(part in e for e, part in zip(got, fixes.values())), got
   memory, _ = results[-1]
   assert re.fullmatch(
     r"--num_samples=1000000000: 1,000,000,000 images of 8x8x1 need about 5,380,000,000,000 "
