@@ -182,122 +182,87 @@ def test_notebook_install_cell_clones_and_keeps_a_new_enough_jax(
   assert sys.path[0] == str(clone)
 
 
-# Runs `sample.main` on each command line (a JSON list of argv lists) in one
-# process, with everything that reads a file or a model replaced by a failure:
-# a refusal must come before any of them. Prints the module's flags that no
-# command declares, then each command line's error.
-_CHECK_ONLY = r"""
-import json, sys
-from absl import app, flags
-from monoformer_jax import sample
-
-def loaded(*_, **__):
-  raise AssertionError("read a file or loaded a model before checking the flags")
-
-sample.load_config = sample.load_image = sample.load_model = sample.load_vae = loaded
-defined = {f.name for f in flags.FLAGS.get_flags_for_module(sample.__name__)}
-print(json.dumps(sorted(defined.symmetric_difference(sample.ALL_FLAGS))))
-for argv in json.loads(sys.argv[1]):
-  flags.FLAGS.unparse_flags()
-  try:
-    sample.main(flags.FLAGS(["sample", *argv]))
-    print(json.dumps("no error"))
-  except (app.UsageError, sample.ConfigError) as e:
-    print(json.dumps(f"{type(e).__name__}: {e}"))
-"""
-
-
-def test_cli_refuses_what_a_command_does_not_take_before_loading():
-  import json
-
-  cases = {
-    (
-      "text",
-      "--checkpoint=/nowhere",
-      "--text_prompt=two",
-      "--num_samples=2",
-    ): "ConfigError: --num_samples is not a flag of `text`: `images`, `interleaved` and "
-    "`edit` take it",
-    (
-      "--checkpoint=/nowhere",
-      "--nocache",
-      "edit",
-      "--image=seven.png",
-      "--prompt=p",
-    ): "ConfigError: --cache is not a flag of `edit`: `images`, `text` and `read` take it",
-    (
-      "edit",
-      "--checkpoint=/nowhere",
-      "--image=seven.png",
-      "--prompt=p",
-      "--class_name=3",
-    ): "ConfigError: --class_name is not a flag of `edit`: `images` takes it",
-    (
-      "read",
-      "--checkpoint=/nowhere",
-      "--text_prompt=what?",
-    ): "ConfigError: `read` needs --image: a PNG or JPEG file (repeatable)",
-    (
-      "images",
-      "--class_name=seven",
-    ): "ConfigError: `images` needs --checkpoint: a training workdir, one of its step "
-    "folders, or a converted model",
-    (
-      "images",
-      "--checkpoint=/nowhere",
-    ): "ConfigError: nothing to draw: give --prompt or --class_name (repeatable)",
-    (
-      "interleaved",
-      "--checkpoint=/nowhere",
-      "--image=seven.png",
-    ): "ConfigError: `interleaved` continues --text_prompt: give at least one",
-    (
-      "edit",
-      "--checkpoint=/nowhere",
-      "--image=a.png",
-      "--image=b.png",
-      "--prompt=p",
-      "--prompt=q",
-      "--prompt=r",
-    ): "ConfigError: 2 --image but 3 --prompt: give one instruction for all the images, or "
-    "one each",
-    (
-      "edit",
-      "--checkpoint=/nowhere",
-      "--image=a.png",
-      "--prompt=p",
-      "--image_cfg_scale=2",
-    ): "ConfigError: --image_cfg_scale is the image's scale of --edit_guidance=two_scale, "
-    "not of 'both': pass --edit_guidance=two_scale or leave it out",
-    (
-      "text",
-      "--checkpoint=/nowhere",
-      "--text_prompt=two",
-      "--top_p=2",
-    ): "ConfigError: --top_p=2.0: must be in (0, 1]; 1 keeps every token",
-    (  # was the default folder beside the checkpoint, silently
-      "text",
-      "--checkpoint=/nowhere",
-      "--text_prompt=two",
-      "--output_dir=",
-    ): "ConfigError: --output_dir is empty; pass a folder for the outputs, or leave the flag "
-    "out for a new folder beside the checkpoint",
-    ("sideways", "--checkpoint=/nowhere"): "UsageError: usage: python -m monoformer_jax.sample "
-    "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got ['sideways'])",
-    (): "UsageError: usage: python -m monoformer_jax.sample "
-    "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got [])",
-  }
-  run = subprocess.run(
-    [sys.executable, "-c", _CHECK_ONLY, json.dumps(list(cases))],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert run.returncode == 0, run.stderr[-3000:]
-  undeclared, *errors = map(json.loads, run.stdout.splitlines())
-  assert undeclared == []  # every flag belongs to SHARED or a command
-  assert dict(zip(cases, errors)) == cases
+# What each command refuses before reading a file: a flag that is not its
+# own, a missing input, a bad value, an unknown command; checked in
+# test_cli_refuses_what_the_model_cannot_do_before_loading_it's process, with
+# everything that reads a file or a model replaced by a failure (a process
+# costs seconds).
+COMMAND_REFUSALS = {
+  (
+    "text",
+    "--checkpoint=/nowhere",
+    "--text_prompt=two",
+    "--num_samples=2",
+  ): "ConfigError: --num_samples is not a flag of `text`: `images`, `interleaved` and "
+  "`edit` take it",
+  (
+    "--checkpoint=/nowhere",
+    "--nocache",
+    "edit",
+    "--image=seven.png",
+    "--prompt=p",
+  ): "ConfigError: --cache is not a flag of `edit`: `images`, `text` and `read` take it",
+  (
+    "edit",
+    "--checkpoint=/nowhere",
+    "--image=seven.png",
+    "--prompt=p",
+    "--class_name=3",
+  ): "ConfigError: --class_name is not a flag of `edit`: `images` takes it",
+  (
+    "read",
+    "--checkpoint=/nowhere",
+    "--text_prompt=what?",
+  ): "ConfigError: `read` needs --image: a PNG or JPEG file (repeatable)",
+  (
+    "images",
+    "--class_name=seven",
+  ): "ConfigError: `images` needs --checkpoint: a training workdir, one of its step "
+  "folders, or a converted model",
+  (
+    "images",
+    "--checkpoint=/nowhere",
+  ): "ConfigError: nothing to draw: give --prompt or --class_name (repeatable)",
+  (
+    "interleaved",
+    "--checkpoint=/nowhere",
+    "--image=seven.png",
+  ): "ConfigError: `interleaved` continues --text_prompt: give at least one",
+  (
+    "edit",
+    "--checkpoint=/nowhere",
+    "--image=a.png",
+    "--image=b.png",
+    "--prompt=p",
+    "--prompt=q",
+    "--prompt=r",
+  ): "ConfigError: 2 --image but 3 --prompt: give one instruction for all the images, or one each",
+  (
+    "edit",
+    "--checkpoint=/nowhere",
+    "--image=a.png",
+    "--prompt=p",
+    "--image_cfg_scale=2",
+  ): "ConfigError: --image_cfg_scale is the image's scale of --edit_guidance=two_scale, "
+  "not of 'both': pass --edit_guidance=two_scale or leave it out",
+  (
+    "text",
+    "--checkpoint=/nowhere",
+    "--text_prompt=two",
+    "--top_p=2",
+  ): "ConfigError: --top_p=2.0: must be in (0, 1]; 1 keeps every token",
+  (  # was the default folder beside the checkpoint, silently
+    "text",
+    "--checkpoint=/nowhere",
+    "--text_prompt=two",
+    "--output_dir=",
+  ): "ConfigError: --output_dir is empty; pass a folder for the outputs, or leave the flag "
+  "out for a new folder beside the checkpoint",
+  ("sideways", "--checkpoint=/nowhere"): "UsageError: usage: python -m monoformer_jax.sample "
+  "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got ['sideways'])",
+  (): "UsageError: usage: python -m monoformer_jax.sample "
+  "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got [])",
+}
 
 
 def test_cli_usage_lists_the_commands():
@@ -313,28 +278,37 @@ def test_cli_usage_lists_the_commands():
     assert f"\n  {command}" in run.stderr and line in run.stderr
 
 
-# Runs `sample.main` on each command line (a JSON list of argv lists) in one
-# process with the model's loading replaced by a failure: a refusal must come
-# before it (so before any compile). Prints each line's error and seconds.
+# Runs `sample.main` on each [check_only, argv] of a JSON list in one process
+# with the model's loading replaced by a failure: a refusal must come before
+# it (so before any compile); with check_only, reading the config or an image
+# fails too (and so everything after them: the tokenizer, the VAE). Prints the module's flags that no
+# command declares, then each line's [error type, error].
 _BEFORE_THE_MODEL = r"""
-import json, sys, time
-from absl import flags
+import json, sys
+from absl import app, flags
 from monoformer_jax import sample
 from monoformer_jax.errors import UserError
 
 def loaded(*_, **__):
   raise AssertionError("loaded the model before refusing")
 
+def read(*_, **__):
+  raise AssertionError("read a file or loaded a model before checking the flags")
+
+readers = {name: getattr(sample, name) for name in ("load_config", "load_image")}
 sample.load_model = loaded
-for argv in json.loads(sys.argv[1]):
+defined = {f.name for f in flags.FLAGS.get_flags_for_module(sample.__name__)}
+print(json.dumps(sorted(defined.symmetric_difference(sample.ALL_FLAGS))))
+for check_only, argv in json.loads(sys.argv[1]):
+  for name, reader in readers.items():
+    setattr(sample, name, read if check_only else reader)
   flags.FLAGS.unparse_flags()
-  start = time.perf_counter()
   try:
     sample.main(flags.FLAGS(["sample", *argv]))
-    error = "no error"
-  except UserError as e:
-    error = str(e)
-  print(json.dumps([error, time.perf_counter() - start]))
+    error = ["", "no error"]
+  except (app.UsageError, UserError) as e:
+    error = [type(e).__name__, str(e)]
+  print(json.dumps(error))
 """
 
 
@@ -349,7 +323,10 @@ def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoin
   checkpoint neither). So are the commonest mistakes, named by the fix: no
   prompt, a class that is not a digit, a checkpoint that is not there (once
   three CLI processes of their own; the CLI's exit status on a refusal is
-  test_cli_usage_lists_the_commands' and the latent VAE test's)."""
+  test_cli_usage_lists_the_commands' and the latent VAE test's). The same
+  process checks COMMAND_REFUSALS first, reading no file (once a process of
+  its own): every flag belongs to SHARED or a command, and each command
+  refuses what it does not take before anything is read."""
   import json
 
   from PIL import Image
@@ -452,21 +429,26 @@ def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoin
   # float32 pixels and the 66 x 66 B cell of images.png each): past any machine.
   argvs.append(["images", ckpt, "--class_name=seven", "--num_samples=1000000000"])
   before = sorted(os.listdir(digits_checkpoint))
+  checks = [[True, list(argv)] for argv in COMMAND_REFUSALS] + [[False, a] for a in argvs]
   run = subprocess.run(
-    [sys.executable, "-c", _BEFORE_THE_MODEL, json.dumps(argvs)],
+    [sys.executable, "-c", _BEFORE_THE_MODEL, json.dumps(checks)],
     cwd=REPO,
     capture_output=True,
     text=True,
     timeout=110,
   )
   assert run.returncode == 0, run.stderr[-3000:]
-  results = [json.loads(line) for line in run.stdout.splitlines()]
-  assert [e for e, _ in results[: len(cases)]] == [message for _, message in cases]
-  got = [e for e, _ in results[len(cases) : len(cases) + len(bounds)]]
+  undeclared, *results = map(json.loads, run.stdout.splitlines())
+  assert undeclared == []  # every flag belongs to SHARED or a command
+  refused = [f"{kind}: {e}" for kind, e in results[: len(COMMAND_REFUSALS)]]
+  assert dict(zip(COMMAND_REFUSALS, refused)) == COMMAND_REFUSALS
+  results = [e for _, e in results[len(COMMAND_REFUSALS) :]]
+  assert results[: len(cases)] == [message for _, message in cases]
+  got = results[len(cases) : len(cases) + len(bounds)]
   assert [e.split(";")[0] for e in got] == list(bounds.values()), got
-  got = [e for e, _ in results[len(cases) + len(bounds) : -1]]
+  got = results[len(cases) + len(bounds) : -1]
   assert len(got) == len(fixes) and all(part in e for e, part in zip(got, fixes.values())), got
-  memory, _ = results[-1]
+  memory = results[-1]
   assert re.fullmatch(
     r"--num_samples=1000000000: 1,000,000,000 images of 8x8x1 need about 5,380,000,000,000 "
     r"bytes of memory \(the float32 images and the PNGs\), more than the [\d,]+ free; lower "
