@@ -2,6 +2,7 @@
 notebook executed headless, both on a random tiny checkpoint (conftest's
 digits_checkpoint)."""
 
+import json
 import os
 import pathlib
 import re
@@ -31,9 +32,30 @@ def _cli(*flags, cwd=REPO):
   )
 
 
+# Runs `sample.main` on each command line of a JSON list of argv lists, in one
+# process (a process costs seconds), its programs in the suite's compilation
+# cache as the CLI's are. The entry point around it (`python -m
+# monoformer_jax.sample`) runs here in test_cli_usage_lists_the_commands and
+# the latent model's test, and samples in tests/test_read_images.py's and
+# tests/test_hub.py's CLI tests.
+_SAMPLE_COMMANDS = r"""
+import json, sys
+from absl import flags
+from monoformer_jax import cli, sample
+
+cli.use_compilation_cache()
+for argv in json.loads(sys.argv[1]):
+  flags.FLAGS.unparse_flags()
+  sample.main(flags.FLAGS(["sample", *argv]))
+"""
+
+
 def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
+  """`images`, then `text` into the same folder (beside images.*: no
+  --overwrite), one after the other in one process (_SAMPLE_COMMANDS): what
+  the library samples and completes."""
   out = tmp_path / "out"
-  run = _cli(
+  images_argv = [
     "images",
     f"--checkpoint={digits_checkpoint}",
     "--class_name=seven",
@@ -42,6 +64,21 @@ def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
     "--num_steps=3",
     "--cfg_scale=2",
     f"--output_dir={out}",
+  ]
+  text_argv = [
+    "text",
+    f"--checkpoint={digits_checkpoint}",
+    "--text_prompt=two plus",
+    "--max_new_tokens=5",
+    "--temperature=0",
+    f"--output_dir={out}",
+  ]
+  run = subprocess.run(
+    [sys.executable, "-c", _SAMPLE_COMMANDS, json.dumps([images_argv, text_argv])],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert run.returncode == 0, run.stderr[-3000:]
   saved = np.load(out / "images.npz")
@@ -57,15 +94,6 @@ def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
     model, tok, prompts, config=config, num_steps=3, cfg_scale=2.0, seed=0
   )
   np.testing.assert_allclose(images, inference.to_pixels(x0, config), atol=1e-4)
-  run = _cli(
-    "text",
-    f"--checkpoint={digits_checkpoint}",
-    "--text_prompt=two plus",
-    "--max_new_tokens=5",
-    "--temperature=0",
-    f"--output_dir={out}",
-  )  # beside images.*: no --overwrite
-  assert run.returncode == 0, run.stderr[-3000:]
   text = inference.complete_text(
     model, tok, ["two plus"], config=config, max_new_tokens=5, temperature=0
   )
