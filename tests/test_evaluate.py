@@ -530,7 +530,8 @@ def _cli(*flags):
 
 # Runs `evaluate.main` on each command line (a JSON list of argv lists) in one
 # process, with the model loader and the digits metric replaced by failures (a
-# refusal must come before them) and, with a second argument "lose_folder",
+# refusal must come before them; not with an argument "scoring") and, with an
+# argument "lose_folder",
 # for the last command line, the results written into a folder that is
 # replaced by a file once scored. Prints each command line's error and what
 # it printed. (One process for many refusals: each process costs seconds.) A
@@ -546,7 +547,8 @@ from monoformer_jax.errors import UserError
 def loaded(*_, **__):
   raise AssertionError("loaded a model or scored before checking")
 
-evaluate.model_on_mesh = evaluators.Classifier.score_samples = loaded
+if "scoring" not in sys.argv[2:]:
+  evaluate.model_on_mesh = evaluators.Classifier.score_samples = loaded
 def scored_then_folder_lost(*_, **__):
   folder = os.path.dirname(flags.FLAGS.output)
   shutil.rmtree(folder)
@@ -556,7 +558,7 @@ def scored_then_folder_lost(*_, **__):
 cli.use_compilation_cache()
 cases = json.loads(sys.argv[1])
 for k, argv in enumerate(cases):
-  if k == len(cases) - 1 and sys.argv[2:] == ["lose_folder"]:
+  if k == len(cases) - 1 and "lose_folder" in sys.argv[2:]:
     evaluate.score_images = scored_then_folder_lost
   flags.FLAGS.unparse_flags()
   out = io.StringIO()
@@ -570,8 +572,9 @@ for k, argv in enumerate(cases):
 """
 
 
-def _evaluate_cases(argvs, *how) -> list[tuple[str, str]]:
-  """[error, printed] of each command line of `argvs`, run in one process (_EVALUATE_CASES)."""
+def _evaluate_cases(argvs, *how, stderr=None) -> list[tuple[str, str]]:
+  """[error, printed] of each command line of `argvs`, run in one process
+  (_EVALUATE_CASES); what it wrote to stderr appended to the list `stderr`."""
   run = subprocess.run(
     [sys.executable, "-c", _EVALUATE_CASES, json.dumps(argvs), *how],
     cwd=REPO,
@@ -580,6 +583,8 @@ def _evaluate_cases(argvs, *how) -> list[tuple[str, str]]:
     timeout=120,
   )
   assert run.returncode == 0, run.stderr[-3000:]
+  if stderr is not None:
+    stderr.append(run.stderr)
   return [json.loads(line) for line in run.stdout.splitlines()]
 
 
@@ -709,18 +714,33 @@ def test_cli_refuses_before_loading_or_scoring_and_loses_no_results(digits_check
 
 @pytest.mark.slow
 def test_cli_digits_on_a_checkpoint_then_on_its_samples(digits_checkpoint, tmp_path):
+  """The digits metric of a checkpoint's samples, then of its samples.npz
+  alone: one process runs both (_evaluate_cases, scoring; a process costs
+  seconds). The entry point around them is the other CLI tests'."""
   out = tmp_path / "eval"
-  run = _cli(
-    f"--checkpoint={digits_checkpoint}",
-    "--metrics=digits",
-    "--num_samples=40",
-    "--chunk_size=16",
-    "--num_steps=2",
-    f"--sample_dir={out}",
+  stderr = []
+  outcomes = _evaluate_cases(
+    [
+      [
+        f"--checkpoint={digits_checkpoint}",
+        "--metrics=digits",
+        "--num_samples=40",
+        "--chunk_size=16",
+        "--num_steps=2",
+        f"--sample_dir={out}",
+      ],
+      [
+        f"--samples={out / 'samples.npz'}",
+        "--metrics=digits",
+        f"--output={tmp_path / 'again.json'}",
+      ],
+    ],
+    "scoring",
+    stderr=stderr,
   )
-  assert run.returncode == 0, run.stderr[-3000:]
+  assert [error for error, _ in outcomes] == ["no error", "no error"]
   results = json.loads((out / "results.json").read_text())
-  assert "sampling: 100%" in run.stderr and "img/s" in run.stderr  # the progress bar
+  assert "sampling: 100%" in stderr[0] and "img/s" in stderr[0]  # the progress bar
   with np.load(out / "samples.npz") as z:
     images, labels = z["arr_0"], z["arr_1"]
   assert images.shape == (40, 8, 8, 1)
@@ -732,10 +752,6 @@ def test_cli_digits_on_a_checkpoint_then_on_its_samples(digits_checkpoint, tmp_p
   assert results["samples"]["guided_channels"] is None and results["samples"]["chunk_size"] == 16
   assert json.loads((out / "run.json").read_text())["guided_channels"] is None
   # The same metric from the npz alone, no model.
-  run = _cli(
-    f"--samples={out / 'samples.npz'}", "--metrics=digits", f"--output={tmp_path / 'again.json'}"
-  )
-  assert run.returncode == 0, run.stderr[-3000:]
   again = json.loads((tmp_path / "again.json").read_text())["digits"]
   again.pop("per_digit")
   assert again == results["digits"]
