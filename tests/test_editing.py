@@ -226,8 +226,26 @@ def test_the_interleaved_page_lists_the_pieces_in_order(tmp_path):
   assert [k for k, _ in pieces] == ["text", "image", "text"] and pieces[2][1] == "."
 
 
+# Runs `sample.main` on each command line of a JSON list of argv lists, in one
+# process (a process costs seconds), its programs in the suite's compilation
+# cache as the CLI's are; the entry point's own handling is
+# tests/test_sample_cli.py's.
+_SAMPLE_COMMANDS = r"""
+import json, sys
+from absl import flags
+from monoformer_jax import cli, sample
+
+cli.use_compilation_cache()
+for argv in json.loads(sys.argv[1]):
+  flags.FLAGS.unparse_flags()
+  sample.main(flags.FLAGS(["sample", *argv]))
+"""
+
+
 @pytest.mark.slow
 def test_sample_cli_edits_and_interleaves(tmp_path):
+  """`edit` and `interleaved` of the sampling CLI, one after the other in one
+  process, write their outputs."""
   from PIL import Image
 
   from monoformer_jax.checkpoints import save_model
@@ -237,22 +255,9 @@ def test_sample_cli_edits_and_interleaves(tmp_path):
   config.data.seq_len = 128
   save_model(str(tmp_path / "ckpt"), config, jax.jit(lambda: init_params(config.model, 1))())
   Image.fromarray((np.arange(64).reshape(8, 8) * 4).astype(np.uint8)).save(tmp_path / "3.png")
-  run = lambda *args: subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "monoformer_jax.sample",
-      f"--checkpoint={tmp_path / 'ckpt'}",
-      "--weights=raw",
-      "--num_steps=2",
-      *args,
-    ],
-    capture_output=True,
-    text=True,
-    cwd=REPO,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
-  edit = run(
+  shared = [f"--checkpoint={tmp_path / 'ckpt'}", "--weights=raw", "--num_steps=2"]
+  edit = [
+    *shared,
     "edit",
     f"--image={tmp_path / '3.png'}",
     "--prompt=the next digit:",
@@ -260,19 +265,27 @@ def test_sample_cli_edits_and_interleaves(tmp_path):
     "--edit_guidance=two_scale",
     "--cfg_scale=2",
     f"--output_dir={tmp_path / 'e'}",
-  )
-  assert edit.returncode == 0, edit.stderr[-2000:]
-  saved = np.load(tmp_path / "e" / "edits.npz")
-  assert saved["images"].shape == (3, 8, 8, 1)
-  assert os.path.getsize(tmp_path / "e" / "edits.png") > 0
-  inter = run(
+  ]
+  inter = [
+    *shared,
     "interleaved",
     "--text_prompt=here is a",
     "--num_samples=2",
     "--max_new_tokens=40",
     f"--output_dir={tmp_path / 'i'}",
+  ]
+  run = subprocess.run(
+    [sys.executable, "-c", _SAMPLE_COMMANDS, json.dumps([edit, inter])],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    timeout=300,
   )
-  assert inter.returncode == 0, inter.stderr[-2000:]
+  assert run.returncode == 0, run.stderr[-2000:]
+  saved = np.load(tmp_path / "e" / "edits.npz")
+  assert saved["images"].shape == (3, 8, 8, 1)
+  assert os.path.getsize(tmp_path / "e" / "edits.png") > 0
   rows = json.load(open(tmp_path / "i" / "interleaved.json"))
   assert [r["prompt"] for r in rows] == ["here is a"] * 2
   assert os.path.getsize(tmp_path / "i" / "interleaved.html") > 0

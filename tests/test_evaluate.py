@@ -530,30 +530,35 @@ def _cli(*flags):
 
 # Runs `evaluate.main` on each command line (a JSON list of argv lists) in one
 # process, with the model loader and the digits metric replaced by failures (a
-# refusal must come before them) and, with a second argument "lose_folder",
+# refusal must come before them; not with an argument "scoring") and, with an
+# argument "lose_folder",
 # for the last command line, the results written into a folder that is
 # replaced by a file once scored. Prints each command line's error and what
-# it printed. (One process for many refusals: each process costs seconds.)
+# it printed. (One process for many refusals: each process costs seconds.) A
+# command line that scores with neither (Inception's metrics of a sample file)
+# runs as the CLI runs it, its programs in the suite's compilation cache.
 _EVALUATE_CASES = r"""
 import contextlib, io, json, os, shutil, sys
 from absl import app, flags
-from monoformer_jax import evaluate
+from monoformer_jax import cli, evaluate
 from monoformer_jax.digits import evaluators
 from monoformer_jax.errors import UserError
 
 def loaded(*_, **__):
   raise AssertionError("loaded a model or scored before checking")
 
-evaluate.model_on_mesh = evaluators.Classifier.score_samples = loaded
+if "scoring" not in sys.argv[2:]:
+  evaluate.model_on_mesh = evaluators.Classifier.score_samples = loaded
 def scored_then_folder_lost(*_, **__):
   folder = os.path.dirname(flags.FLAGS.output)
   shutil.rmtree(folder)
   open(folder, "w").close()
   return {"digits": {"classifier_accuracy": 0.25}}
 
+cli.use_compilation_cache()
 cases = json.loads(sys.argv[1])
 for k, argv in enumerate(cases):
-  if k == len(cases) - 1 and sys.argv[2:] == ["lose_folder"]:
+  if k == len(cases) - 1 and "lose_folder" in sys.argv[2:]:
     evaluate.score_images = scored_then_folder_lost
   flags.FLAGS.unparse_flags()
   out = io.StringIO()
@@ -567,8 +572,9 @@ for k, argv in enumerate(cases):
 """
 
 
-def _evaluate_cases(argvs, *how) -> list[tuple[str, str]]:
-  """[error, printed] of each command line of `argvs`, run in one process (_EVALUATE_CASES)."""
+def _evaluate_cases(argvs, *how, stderr=None) -> list[tuple[str, str]]:
+  """[error, printed] of each command line of `argvs`, run in one process
+  (_EVALUATE_CASES); what it wrote to stderr appended to the list `stderr`."""
   run = subprocess.run(
     [sys.executable, "-c", _EVALUATE_CASES, json.dumps(argvs), *how],
     cwd=REPO,
@@ -577,6 +583,8 @@ def _evaluate_cases(argvs, *how) -> list[tuple[str, str]]:
     timeout=120,
   )
   assert run.returncode == 0, run.stderr[-3000:]
+  if stderr is not None:
+    stderr.append(run.stderr)
   return [json.loads(line) for line in run.stdout.splitlines()]
 
 
@@ -587,7 +595,12 @@ def test_cli_refuses_before_loading_or_scoring_and_loses_no_results(digits_check
   scored, and leave the disk as it was: a sample folder bound to other
   weights, too few samples, a bad seed, a bucket for the chunks, labels
   outside the digits, an --output that is a folder (it used to fail after
-  scoring, the results lost). A write that fails anyway prints the results."""
+  scoring, the results lost). A write that fails anyway prints the results.
+  In the same process (one process for all: each costs seconds), the flags
+  that name the fix: Inception's metrics without --inception or with one that
+  is not there, commonsense without --tasks_dir or with a task it does not
+  know, and no --checkpoint (test_cli_bad_flags_name_the_fix's exit status 2
+  is the entry point's, for all of them)."""
   ck = str(digits_checkpoint)
   bound = tmp_path / "bound"
   settings = run_settings(
@@ -664,7 +677,33 @@ def test_cli_refuses_before_loading_or_scoring_and_loses_no_results(digits_check
       "(Not a directory); they are printed above",
     ),
   ]
-  got = _evaluate_cases([argv for argv, _ in cases], "lose_folder")
+  ck_flag = f"--checkpoint={ck}"
+  tasks_dir = REPO / "tests" / "fixtures" / "commonsense"
+  named = [
+    ([ck_flag, "--metrics=fid"], ("ConfigError:", "need --inception")),
+    (
+      [
+        ck_flag,
+        "--metrics=fid",
+        f"--inception={tmp_path / 'no.pth'}",
+        f"--reference={tmp_path / 'ref.npz'}",
+      ],
+      ("no.pth", "is not a file"),
+    ),
+    ([ck_flag, "--metrics=commonsense"], ("needs --tasks_dir",)),
+    (
+      [ck_flag, "--metrics=commonsense", f"--tasks_dir={tasks_dir}", "--tasks=piqa,mmlu"],
+      ("ConfigError:", "unknown commonsense task 'mmlu'"),
+    ),
+    (["--metrics=digits"], ("UsageError:", "give --checkpoint")),
+  ]
+  got = _evaluate_cases([argv for argv, _ in named + cases], "lose_folder")
+  named_errors = [error for error, _ in got[: len(named)]]
+  assert all(
+    all(part in error for part in parts) for error, (_, parts) in zip(named_errors, named)
+  ), named_errors
+  assert named_errors[0].startswith("ConfigError:") and named_errors[-1].startswith("UsageError:")
+  got = got[len(named) :]
   assert [error for error, _ in got] == [want for _, want in cases]
   assert json.loads(got[-1][1]) == {"digits": {"classifier_accuracy": 0.25}}  # printed
   # Nothing written by the refusals; the last one's folder is the file put in its place.
@@ -675,18 +714,33 @@ def test_cli_refuses_before_loading_or_scoring_and_loses_no_results(digits_check
 
 @pytest.mark.slow
 def test_cli_digits_on_a_checkpoint_then_on_its_samples(digits_checkpoint, tmp_path):
+  """The digits metric of a checkpoint's samples, then of its samples.npz
+  alone: one process runs both (_evaluate_cases, scoring; a process costs
+  seconds). The entry point around them is the other CLI tests'."""
   out = tmp_path / "eval"
-  run = _cli(
-    f"--checkpoint={digits_checkpoint}",
-    "--metrics=digits",
-    "--num_samples=40",
-    "--chunk_size=16",
-    "--num_steps=2",
-    f"--sample_dir={out}",
+  stderr = []
+  outcomes = _evaluate_cases(
+    [
+      [
+        f"--checkpoint={digits_checkpoint}",
+        "--metrics=digits",
+        "--num_samples=40",
+        "--chunk_size=16",
+        "--num_steps=2",
+        f"--sample_dir={out}",
+      ],
+      [
+        f"--samples={out / 'samples.npz'}",
+        "--metrics=digits",
+        f"--output={tmp_path / 'again.json'}",
+      ],
+    ],
+    "scoring",
+    stderr=stderr,
   )
-  assert run.returncode == 0, run.stderr[-3000:]
+  assert [error for error, _ in outcomes] == ["no error", "no error"]
   results = json.loads((out / "results.json").read_text())
-  assert "sampling: 100%" in run.stderr and "img/s" in run.stderr  # the progress bar
+  assert "sampling: 100%" in stderr[0] and "img/s" in stderr[0]  # the progress bar
   with np.load(out / "samples.npz") as z:
     images, labels = z["arr_0"], z["arr_1"]
   assert images.shape == (40, 8, 8, 1)
@@ -698,10 +752,6 @@ def test_cli_digits_on_a_checkpoint_then_on_its_samples(digits_checkpoint, tmp_p
   assert results["samples"]["guided_channels"] is None and results["samples"]["chunk_size"] == 16
   assert json.loads((out / "run.json").read_text())["guided_channels"] is None
   # The same metric from the npz alone, no model.
-  run = _cli(
-    f"--samples={out / 'samples.npz'}", "--metrics=digits", f"--output={tmp_path / 'again.json'}"
-  )
-  assert run.returncode == 0, run.stderr[-3000:]
   again = json.loads((tmp_path / "again.json").read_text())["digits"]
   again.pop("per_digit")
   assert again == results["digits"]
@@ -709,30 +759,12 @@ def test_cli_digits_on_a_checkpoint_then_on_its_samples(digits_checkpoint, tmp_p
 
 @pytest.mark.slow
 def test_cli_bad_flags_name_the_fix(digits_checkpoint, tmp_path):
-  """The entry point's exit status 2 and its error line, then the other
-  refusals' lines, all before anything is loaded (one process: _evaluate_cases)."""
+  """The entry point's exit status 2 and its error line. The other flags
+  that name a fix are refused in test_cli_refuses_before_loading_or_scoring_and_loses_no_results'
+  process (_evaluate_cases: one process for all)."""
   run = _cli(f"--checkpoint={digits_checkpoint}", "--metrics=fid,bleu")
   assert run.returncode == 2
   assert run.stderr.startswith("error: --metrics names unknown metric(s) ['bleu']")
-  ck = f"--checkpoint={digits_checkpoint}"
-  got = _evaluate_cases(
-    [
-      [ck, "--metrics=fid"],
-      [
-        ck,
-        "--metrics=fid",
-        f"--inception={tmp_path / 'no.pth'}",
-        f"--reference={tmp_path / 'ref.npz'}",
-      ],
-      [ck, "--metrics=commonsense"],
-      ["--metrics=digits"],
-    ]
-  )
-  need, missing, tasks, checkpoint = (error for error, _ in got)
-  assert need.startswith("ConfigError:") and "need --inception" in need
-  assert "no.pth" in missing and "is not a file" in missing
-  assert "needs --tasks_dir" in tasks
-  assert checkpoint.startswith("UsageError:") and "give --checkpoint" in checkpoint
   assert not list(tmp_path.iterdir())
 
 
@@ -829,13 +861,7 @@ def test_cli_commonsense_equals_the_library(tmp_path):
   assert set(got) == {"piqa", "winogrande"}
   for task in got:
     assert got[task] == pytest.approx(want[task])
-  run = _cli(
-    f"--checkpoint={tmp_path / 'llama'}",
-    "--metrics=commonsense",
-    f"--tasks_dir={tasks_dir}",
-    "--tasks=piqa,mmlu",
-  )
-  assert run.returncode == 2 and "mmlu" in run.stderr
+  # A task it does not know: test_cli_refuses_before_loading_or_scoring_and_loses_no_results.
 
 
 def test_vae_decoding_split_over_the_devices_equals_one_call():
@@ -862,7 +888,9 @@ def test_cli_inception_metrics_of_a_sample_file(tmp_path):
   library's on the same features; a reference of another resolution and an
   Inception file that is not one are refused, naming the fix. (FID and sFID
   take a 2048x2048 matrix root, ~30 s on this machine: the library tests
-  check them, on smaller features.)"""
+  check them, on smaller features.) The scoring and the refusals run in one
+  process (_evaluate_cases: a process costs seconds); the entry point's own
+  handling is the other CLI tests'."""
   torch = pytest.importorskip("torch")
   from inception_weights import random_state_dict
 
@@ -886,23 +914,11 @@ def test_cli_inception_metrics_of_a_sample_file(tmp_path):
     "--metrics=is,precision_recall",
     "--batch_size=8",
   )
-  run = _cli(*flags, f"--reference={tmp_path / 'ref.npz'}", f"--output={tmp_path / 'r.json'}")
-  assert run.returncode == 0, run.stderr[-3000:]
-  got = json.loads((tmp_path / "r.json").read_text())
-  model = inception.inception_from_state_dict(weights)
-  ours, theirs = (
-    inception.inception_features(model, x, batch_size=8) for x in (samples, reference)
-  )
-  precision, recall = fid.precision_recall(theirs["pool"], ours["pool"], k=3)
-  assert got["precision"] == pytest.approx(precision) and got["recall"] == pytest.approx(recall)
-  assert got["inception_score"] == pytest.approx(
-    fid.inception_score(ours["logits"], split_size=5000), rel=1e-5
-  )
-  # The refusals, in one process (_evaluate_cases).
-  resolution, not_inception = (
+  scored, resolution, not_inception = (
     error
     for error, _ in _evaluate_cases(
       [
+        [*flags, f"--reference={tmp_path / 'ref.npz'}", f"--output={tmp_path / 'r.json'}"],
         [*flags, f"--reference={tmp_path / 'ref16.npz'}"],
         [
           *flags[:1],
@@ -912,6 +928,17 @@ def test_cli_inception_metrics_of_a_sample_file(tmp_path):
         ],
       ]
     )
+  )
+  assert scored == "no error"
+  got = json.loads((tmp_path / "r.json").read_text())
+  model = inception.inception_from_state_dict(weights)
+  ours, theirs = (
+    inception.inception_features(model, x, batch_size=8) for x in (samples, reference)
+  )
+  precision, recall = fid.precision_recall(theirs["pool"], ours["pool"], k=3)
+  assert got["precision"] == pytest.approx(precision) and got["recall"] == pytest.approx(recall)
+  assert got["inception_score"] == pytest.approx(
+    fid.inception_score(ours["logits"], split_size=5000), rel=1e-5
   )
   assert "32x32 images but the reference batch is 16x16" in resolution
   assert not_inception.startswith(("FileFormatError", "CheckpointError")) and "ref.npz" in (

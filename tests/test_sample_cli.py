@@ -2,6 +2,7 @@
 notebook executed headless, both on a random tiny checkpoint (conftest's
 digits_checkpoint)."""
 
+import json
 import os
 import pathlib
 import re
@@ -31,9 +32,30 @@ def _cli(*flags, cwd=REPO):
   )
 
 
+# Runs `sample.main` on each command line of a JSON list of argv lists, in one
+# process (a process costs seconds), its programs in the suite's compilation
+# cache as the CLI's are. The entry point around it (`python -m
+# monoformer_jax.sample`) runs here in test_cli_usage_lists_the_commands and
+# the latent model's test, and samples in tests/test_read_images.py's and
+# tests/test_hub.py's CLI tests.
+_SAMPLE_COMMANDS = r"""
+import json, sys
+from absl import flags
+from monoformer_jax import cli, sample
+
+cli.use_compilation_cache()
+for argv in json.loads(sys.argv[1]):
+  flags.FLAGS.unparse_flags()
+  sample.main(flags.FLAGS(["sample", *argv]))
+"""
+
+
 def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
+  """`images`, then `text` into the same folder (beside images.*: no
+  --overwrite), one after the other in one process (_SAMPLE_COMMANDS): what
+  the library samples and completes."""
   out = tmp_path / "out"
-  run = _cli(
+  images_argv = [
     "images",
     f"--checkpoint={digits_checkpoint}",
     "--class_name=seven",
@@ -42,6 +64,21 @@ def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
     "--num_steps=3",
     "--cfg_scale=2",
     f"--output_dir={out}",
+  ]
+  text_argv = [
+    "text",
+    f"--checkpoint={digits_checkpoint}",
+    "--text_prompt=two plus",
+    "--max_new_tokens=5",
+    "--temperature=0",
+    f"--output_dir={out}",
+  ]
+  run = subprocess.run(
+    [sys.executable, "-c", _SAMPLE_COMMANDS, json.dumps([images_argv, text_argv])],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert run.returncode == 0, run.stderr[-3000:]
   saved = np.load(out / "images.npz")
@@ -57,31 +94,11 @@ def test_cli_writes_what_the_library_samples(digits_checkpoint, tmp_path):
     model, tok, prompts, config=config, num_steps=3, cfg_scale=2.0, seed=0
   )
   np.testing.assert_allclose(images, inference.to_pixels(x0, config), atol=1e-4)
-  run = _cli(
-    "text",
-    f"--checkpoint={digits_checkpoint}",
-    "--text_prompt=two plus",
-    "--max_new_tokens=5",
-    "--temperature=0",
-    f"--output_dir={out}",
-  )  # beside images.*: no --overwrite
-  assert run.returncode == 0, run.stderr[-3000:]
   text = inference.complete_text(
     model, tok, ["two plus"], config=config, max_new_tokens=5, temperature=0
   )
   assert f"'two plus' -> {text[0]!r}" in run.stdout
   assert (out / "text.txt").read_text().strip() == f"'two plus' -> {text[0]!r}"
-
-
-def test_cli_errors_name_the_fix(digits_checkpoint, tmp_path):
-  run = _cli("images", f"--checkpoint={digits_checkpoint}", f"--output_dir={tmp_path}")
-  assert run.returncode != 0 and "give --prompt or --class_name" in run.stderr
-  run = _cli(
-    "images", f"--checkpoint={digits_checkpoint}", "--class_name=eleven", f"--output_dir={tmp_path}"
-  )
-  assert run.returncode != 0 and "'eleven' is not a digit" in run.stderr
-  run = _cli("images", f"--checkpoint={tmp_path / 'nowhere'}", "--class_name=1")
-  assert run.returncode != 0 and "does not exist" in run.stderr
 
 
 def test_cli_decodes_a_latent_model_with_the_vae(tmp_path):
@@ -193,122 +210,87 @@ def test_notebook_install_cell_clones_and_keeps_a_new_enough_jax(
   assert sys.path[0] == str(clone)
 
 
-# Runs `sample.main` on each command line (a JSON list of argv lists) in one
-# process, with everything that reads a file or a model replaced by a failure:
-# a refusal must come before any of them. Prints the module's flags that no
-# command declares, then each command line's error.
-_CHECK_ONLY = r"""
-import json, sys
-from absl import app, flags
-from monoformer_jax import sample
-
-def loaded(*_, **__):
-  raise AssertionError("read a file or loaded a model before checking the flags")
-
-sample.load_config = sample.load_image = sample.load_model = sample.load_vae = loaded
-defined = {f.name for f in flags.FLAGS.get_flags_for_module(sample.__name__)}
-print(json.dumps(sorted(defined.symmetric_difference(sample.ALL_FLAGS))))
-for argv in json.loads(sys.argv[1]):
-  flags.FLAGS.unparse_flags()
-  try:
-    sample.main(flags.FLAGS(["sample", *argv]))
-    print(json.dumps("no error"))
-  except (app.UsageError, sample.ConfigError) as e:
-    print(json.dumps(f"{type(e).__name__}: {e}"))
-"""
-
-
-def test_cli_refuses_what_a_command_does_not_take_before_loading():
-  import json
-
-  cases = {
-    (
-      "text",
-      "--checkpoint=/nowhere",
-      "--text_prompt=two",
-      "--num_samples=2",
-    ): "ConfigError: --num_samples is not a flag of `text`: `images`, `interleaved` and "
-    "`edit` take it",
-    (
-      "--checkpoint=/nowhere",
-      "--nocache",
-      "edit",
-      "--image=seven.png",
-      "--prompt=p",
-    ): "ConfigError: --cache is not a flag of `edit`: `images`, `text` and `read` take it",
-    (
-      "edit",
-      "--checkpoint=/nowhere",
-      "--image=seven.png",
-      "--prompt=p",
-      "--class_name=3",
-    ): "ConfigError: --class_name is not a flag of `edit`: `images` takes it",
-    (
-      "read",
-      "--checkpoint=/nowhere",
-      "--text_prompt=what?",
-    ): "ConfigError: `read` needs --image: a PNG or JPEG file (repeatable)",
-    (
-      "images",
-      "--class_name=seven",
-    ): "ConfigError: `images` needs --checkpoint: a training workdir, one of its step "
-    "folders, or a converted model",
-    (
-      "images",
-      "--checkpoint=/nowhere",
-    ): "ConfigError: nothing to draw: give --prompt or --class_name (repeatable)",
-    (
-      "interleaved",
-      "--checkpoint=/nowhere",
-      "--image=seven.png",
-    ): "ConfigError: `interleaved` continues --text_prompt: give at least one",
-    (
-      "edit",
-      "--checkpoint=/nowhere",
-      "--image=a.png",
-      "--image=b.png",
-      "--prompt=p",
-      "--prompt=q",
-      "--prompt=r",
-    ): "ConfigError: 2 --image but 3 --prompt: give one instruction for all the images, or "
-    "one each",
-    (
-      "edit",
-      "--checkpoint=/nowhere",
-      "--image=a.png",
-      "--prompt=p",
-      "--image_cfg_scale=2",
-    ): "ConfigError: --image_cfg_scale is the image's scale of --edit_guidance=two_scale, "
-    "not of 'both': pass --edit_guidance=two_scale or leave it out",
-    (
-      "text",
-      "--checkpoint=/nowhere",
-      "--text_prompt=two",
-      "--top_p=2",
-    ): "ConfigError: --top_p=2.0: must be in (0, 1]; 1 keeps every token",
-    (  # was the default folder beside the checkpoint, silently
-      "text",
-      "--checkpoint=/nowhere",
-      "--text_prompt=two",
-      "--output_dir=",
-    ): "ConfigError: --output_dir is empty; pass a folder for the outputs, or leave the flag "
-    "out for a new folder beside the checkpoint",
-    ("sideways", "--checkpoint=/nowhere"): "UsageError: usage: python -m monoformer_jax.sample "
-    "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got ['sideways'])",
-    (): "UsageError: usage: python -m monoformer_jax.sample "
-    "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got [])",
-  }
-  run = subprocess.run(
-    [sys.executable, "-c", _CHECK_ONLY, json.dumps(list(cases))],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert run.returncode == 0, run.stderr[-3000:]
-  undeclared, *errors = map(json.loads, run.stdout.splitlines())
-  assert undeclared == []  # every flag belongs to SHARED or a command
-  assert dict(zip(cases, errors)) == cases
+# What each command refuses before reading a file: a flag that is not its
+# own, a missing input, a bad value, an unknown command; checked in
+# test_cli_refuses_what_the_model_cannot_do_before_loading_it's process, with
+# everything that reads a file or a model replaced by a failure (a process
+# costs seconds).
+COMMAND_REFUSALS = {
+  (
+    "text",
+    "--checkpoint=/nowhere",
+    "--text_prompt=two",
+    "--num_samples=2",
+  ): "ConfigError: --num_samples is not a flag of `text`: `images`, `interleaved` and "
+  "`edit` take it",
+  (
+    "--checkpoint=/nowhere",
+    "--nocache",
+    "edit",
+    "--image=seven.png",
+    "--prompt=p",
+  ): "ConfigError: --cache is not a flag of `edit`: `images`, `text` and `read` take it",
+  (
+    "edit",
+    "--checkpoint=/nowhere",
+    "--image=seven.png",
+    "--prompt=p",
+    "--class_name=3",
+  ): "ConfigError: --class_name is not a flag of `edit`: `images` takes it",
+  (
+    "read",
+    "--checkpoint=/nowhere",
+    "--text_prompt=what?",
+  ): "ConfigError: `read` needs --image: a PNG or JPEG file (repeatable)",
+  (
+    "images",
+    "--class_name=seven",
+  ): "ConfigError: `images` needs --checkpoint: a training workdir, one of its step "
+  "folders, or a converted model",
+  (
+    "images",
+    "--checkpoint=/nowhere",
+  ): "ConfigError: nothing to draw: give --prompt or --class_name (repeatable)",
+  (
+    "interleaved",
+    "--checkpoint=/nowhere",
+    "--image=seven.png",
+  ): "ConfigError: `interleaved` continues --text_prompt: give at least one",
+  (
+    "edit",
+    "--checkpoint=/nowhere",
+    "--image=a.png",
+    "--image=b.png",
+    "--prompt=p",
+    "--prompt=q",
+    "--prompt=r",
+  ): "ConfigError: 2 --image but 3 --prompt: give one instruction for all the images, or one each",
+  (
+    "edit",
+    "--checkpoint=/nowhere",
+    "--image=a.png",
+    "--prompt=p",
+    "--image_cfg_scale=2",
+  ): "ConfigError: --image_cfg_scale is the image's scale of --edit_guidance=two_scale, "
+  "not of 'both': pass --edit_guidance=two_scale or leave it out",
+  (
+    "text",
+    "--checkpoint=/nowhere",
+    "--text_prompt=two",
+    "--top_p=2",
+  ): "ConfigError: --top_p=2.0: must be in (0, 1]; 1 keeps every token",
+  (  # was the default folder beside the checkpoint, silently
+    "text",
+    "--checkpoint=/nowhere",
+    "--text_prompt=two",
+    "--output_dir=",
+  ): "ConfigError: --output_dir is empty; pass a folder for the outputs, or leave the flag "
+  "out for a new folder beside the checkpoint",
+  ("sideways", "--checkpoint=/nowhere"): "UsageError: usage: python -m monoformer_jax.sample "
+  "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got ['sideways'])",
+  (): "UsageError: usage: python -m monoformer_jax.sample "
+  "{images|text|read|interleaved|edit} --checkpoint=CKPT --flags (got [])",
+}
 
 
 def test_cli_usage_lists_the_commands():
@@ -324,28 +306,37 @@ def test_cli_usage_lists_the_commands():
     assert f"\n  {command}" in run.stderr and line in run.stderr
 
 
-# Runs `sample.main` on each command line (a JSON list of argv lists) in one
-# process with the model's loading replaced by a failure: a refusal must come
-# before it (so before any compile). Prints each line's error and seconds.
+# Runs `sample.main` on each [check_only, argv] of a JSON list in one process
+# with the model's loading replaced by a failure: a refusal must come before
+# it (so before any compile); with check_only, reading the config or an image
+# fails too (and so everything after them: the tokenizer, the VAE). Prints the module's flags that no
+# command declares, then each line's [error type, error].
 _BEFORE_THE_MODEL = r"""
-import json, sys, time
-from absl import flags
+import json, sys
+from absl import app, flags
 from monoformer_jax import sample
 from monoformer_jax.errors import UserError
 
 def loaded(*_, **__):
   raise AssertionError("loaded the model before refusing")
 
+def read(*_, **__):
+  raise AssertionError("read a file or loaded a model before checking the flags")
+
+readers = {name: getattr(sample, name) for name in ("load_config", "load_image")}
 sample.load_model = loaded
-for argv in json.loads(sys.argv[1]):
+defined = {f.name for f in flags.FLAGS.get_flags_for_module(sample.__name__)}
+print(json.dumps(sorted(defined.symmetric_difference(sample.ALL_FLAGS))))
+for check_only, argv in json.loads(sys.argv[1]):
+  for name, reader in readers.items():
+    setattr(sample, name, read if check_only else reader)
   flags.FLAGS.unparse_flags()
-  start = time.perf_counter()
   try:
     sample.main(flags.FLAGS(["sample", *argv]))
-    error = "no error"
-  except UserError as e:
-    error = str(e)
-  print(json.dumps([error, time.perf_counter() - start]))
+    error = ["", "no error"]
+  except (app.UsageError, UserError) as e:
+    error = [type(e).__name__, str(e)]
+  print(json.dumps(error))
 """
 
 
@@ -355,9 +346,15 @@ def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoin
   free memory, a VAE for a pixel model, DDIM's --eta with DDPM, more guided
   channels than the model has, a prompt that is not UTF-8, an interleaved
   answer too short for an image, an --image that is not one or that a model
-  without a vision encoder cannot read, an --output_dir that holds outputs: each refused in one line, before the
-  model loads, with no output folder made (the default one beside the
-  checkpoint neither)."""
+  without a vision encoder cannot read, an --output_dir that holds outputs:
+  each refused in one line, before the model loads, with no output folder made (the default one beside the
+  checkpoint neither). So are the commonest mistakes, named by the fix: no
+  prompt, a class that is not a digit, a checkpoint that is not there (once
+  three CLI processes of their own; the CLI's exit status on a refusal is
+  test_cli_usage_lists_the_commands' and the latent VAE test's). The same
+  process checks COMMAND_REFUSALS first, reading no file (once a process of
+  its own): every flag belongs to SHARED or a command, and each command
+  refuses what it does not take before anything is read."""
   import json
 
   from PIL import Image
@@ -449,23 +446,37 @@ def test_cli_refuses_what_the_model_cannot_do_before_loading_it(digits_checkpoin
     "--num_samples=0": "--num_samples=0: must be >= 1",
   }
   argvs += [["images", ckpt, "--class_name=3", flag] for flag in bounds]
+  # The commonest mistakes, each named with its fix (a part of the line).
+  fixes = {
+    ("images", ckpt): "give --prompt or --class_name",
+    ("images", ckpt, "--class_name=eleven"): "'eleven' is not a digit",
+    ("images", f"--checkpoint={tmp_path / 'nowhere'}", "--class_name=1"): "does not exist",
+  }
+  argvs += [[*argv, f"--output_dir={tmp_path / 'fix'}"] for argv in fixes]
   # 10^9 images of 8x8x1 need ~5.4 TB of memory (256 B of latents, 3 x 256 B of
   # float32 pixels and the 66 x 66 B cell of images.png each): past any machine.
   argvs.append(["images", ckpt, "--class_name=seven", "--num_samples=1000000000"])
   before = sorted(os.listdir(digits_checkpoint))
+  checks = [[True, list(argv)] for argv in COMMAND_REFUSALS] + [[False, a] for a in argvs]
   run = subprocess.run(
-    [sys.executable, "-c", _BEFORE_THE_MODEL, json.dumps(argvs)],
+    [sys.executable, "-c", _BEFORE_THE_MODEL, json.dumps(checks)],
     cwd=REPO,
     capture_output=True,
     text=True,
     timeout=110,
   )
   assert run.returncode == 0, run.stderr[-3000:]
-  results = [json.loads(line) for line in run.stdout.splitlines()]
-  assert [e for e, _ in results[: len(cases)]] == [message for _, message in cases]
-  got = [e for e, _ in results[len(cases) : -1]]
+  undeclared, *results = map(json.loads, run.stdout.splitlines())
+  assert undeclared == []  # every flag belongs to SHARED or a command
+  refused = [f"{kind}: {e}" for kind, e in results[: len(COMMAND_REFUSALS)]]
+  assert dict(zip(COMMAND_REFUSALS, refused)) == COMMAND_REFUSALS
+  results = [e for _, e in results[len(COMMAND_REFUSALS) :]]
+  assert results[: len(cases)] == [message for _, message in cases]
+  got = results[len(cases) : len(cases) + len(bounds)]
   assert [e.split(";")[0] for e in got] == list(bounds.values()), got
-  memory, _ = results[-1]
+  got = results[len(cases) + len(bounds) : -1]
+  assert len(got) == len(fixes) and all(part in e for e, part in zip(got, fixes.values())), got
+  memory = results[-1]
   assert re.fullmatch(
     r"--num_samples=1000000000: 1,000,000,000 images of 8x8x1 need about 5,380,000,000,000 "
     r"bytes of memory \(the float32 images and the PNGs\), more than the [\d,]+ free; lower "
