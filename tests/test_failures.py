@@ -879,14 +879,35 @@ def model_checkpoint(tmp_path_factory):
   return path
 
 
+# `python -m monoformer_jax.sample ARGS` (cli.run), then sample.main again on the
+# same command line in the same process (its flags parsed afresh); between them
+# it prints what the folder SHOWN holds. The second run finds the model compiled
+# instead of paying a process's start, load and compilation again.
+_SAMPLE_TWICE = """
+import os, sys
+from absl import flags
+from monoformer_jax import cli, sample
+def twice(argv):
+  sample.main(argv)
+  print("after the first:", sorted(os.listdir(os.environ["SHOWN"])), flush=True)
+  flags.FLAGS.unparse_flags()
+  sample.main(flags.FLAGS(["sample", *sys.argv[1:]]))
+cli.run(twice)
+"""
+
+
 @pytest.mark.slow
-def test_sample_cli_writes_beside_the_checkpoint_and_never_overwrites(model_checkpoint):
+def test_sample_cli_writes_beside_the_checkpoint_and_never_overwrites(
+  model_checkpoint, monkeypatch
+):
   flags = ("text", f"--checkpoint={model_checkpoint}", "--text_prompt=two", "--max_new_tokens=2")
-  first = _python("-m", "monoformer_jax.sample", *flags)
-  assert first.returncode == 0, first.stderr[-2000:]
-  out = model_checkpoint.parent / "digits_samples_step0"
-  assert (out / "text.txt").exists()
-  second = _python("-m", "monoformer_jax.sample", *flags)
-  assert second.returncode == 0, second.stderr[-2000:]
+  monkeypatch.setenv("SHOWN", str(model_checkpoint.parent))
+  both = _python("-c", _SAMPLE_TWICE, *flags)
+  assert both.returncode == 0, both.stderr[-2000:]
+  # The first run wrote digits_samples_step0 beside the checkpoint.
+  (shown,) = re.findall(r"^after the first: (.*)$", both.stdout, re.M)
+  assert "'digits_samples_step0'" in shown and "step0-2" not in shown, shown
+  assert (model_checkpoint.parent / "digits_samples_step0" / "text.txt").exists()
+  # The second, on the same command line, writes a new folder beside it.
   assert (model_checkpoint.parent / "digits_samples_step0-2" / "text.txt").exists()
   # An --output_dir given that holds outputs is refused: test_sample_cli.py's refusals.

@@ -154,6 +154,10 @@ def _train_in_bucket(url: str, steps: int, log, *flags) -> subprocess.Popen:
       f"--config.train.num_steps={steps}",
       "--config.train.checkpoint_every=4",
       "--config.train.log_every=1",
+      # No end-of-run samples: only the finished run gets there, and its samples
+      # are not what is tested here.
+      "--config.sample.num_per_class=0",
+      "--config.sample.text_prompts=()",
       *flags,
     ],
     env=one_device_env(JAX_PLATFORMS="cpu", **gcs_env(url)),

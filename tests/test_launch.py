@@ -280,48 +280,96 @@ def test_a_pod_run_survives_a_dropped_ssh_restarts_after_preemption_and_stops(po
       )
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
+# A stand-in for `python -m monoformer_jax.train` in the environment VENV names:
+# it reports its arguments and environment, then either runs until SIGTERM and
+# exits 75 as a preempted run does (saved, resumable), or, given a learning rate
+# of 1e30, exits 2 as a diverged run does (train's divergence -> status 2 is
+# test_failures.py's; training through the launchers is the pod test's above).
+_TRAIN = """
+import json, os, signal, sys, time
+keys = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+print("stand-in", json.dumps([sys.argv[1:], {k: os.environ.get(k) for k in keys}]), flush=True)
+if "--config.optim.lr=1e30" in sys.argv:
+  print("step 3 is not finite (loss); the state stopped at step 2", file=sys.stderr)
+  sys.exit(2)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+print("going", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(120)
 def test_a_diverged_run_is_not_restarted(tmp_path):
   """launch/pod_worker.sh alone, as a GKE pod runs it (TPU_WORKER_ID and
-  TPU_WORKER_HOSTNAMES in the environment, no metadata server), one worker of
-  one device, in this environment (VENV): the run diverges at step 3 and
-  exits 2, which the supervisor does not retry."""
+  TPU_WORKER_HOSTNAMES in the environment, no metadata server), one worker,
+  in the environment VENV names (a stand-in train, _TRAIN): a run still going
+  is stopped by its pids when another is started, and the new run, which
+  diverges and exits 2, is not retried by the supervisor."""
   project = tmp_path / "project"
   _worker_scripts(project / "launch")
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  (tmp_path / "train.py").write_text(_TRAIN)
+  python = venv / "bin" / "python"
+  python.write_text(f'#!/bin/bash\nexec {sys.executable} {tmp_path / "train.py"} "$@"\n')
+  python.chmod(0o755)
+  port = str(_free_port())
   env = dict(
     os.environ,
-    VENV=sys.prefix,
+    VENV=str(venv),
     TPU_WORKER_ID="0",
     TPU_WORKER_HOSTNAMES="localhost",
-    COORDINATOR_PORT=str(_free_port()),
-    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    COORDINATOR_PORT=port,
     RESTART_DELAY="0",
   )
   start = ["bash", str(project / "launch" / "pod_worker.sh"), "start", "train", TINY_CONFIG_FLAG]
-  # A run that goes on (far more steps than the test lasts), then one that diverges.
-  going = [f"--workdir={tmp_path / 'going'}", *TRAIN_ARGS[1:], "--config.train.num_steps=100000"]
+  # A run that goes on until it is stopped, then one that diverges.
+  going = [f"--workdir={tmp_path / 'going'}", *TRAIN_ARGS[1:]]
   first = subprocess.run(start + going, env=env, capture_output=True, text=True, timeout=60)
   assert first.returncode == 0, first.stderr
   stale = int((project / ".launch" / "supervisor.pid").read_text())
-  # Started again at once: the run still going is stopped first, by its pids.
+  # Its python is up, its SIGTERM handler set: what a stop then finds is a run going.
+  child_pid = project / ".launch" / "child.pid"
+  child = int(
+    _until(
+      lambda: "going" in _log(project, 0) and child_pid.exists() and child_pid.read_text().strip(),
+      "the first run going",
+      60,
+    )
+  )
+  # Started again: the run still going is stopped first, by its pids.
   args = [f"--workdir={tmp_path / 'run'}", *TRAIN_ARGS[1:]]
   args += ["--config.optim.lr=1e30", "--config.optim.warmup_steps=5"]
-  started = subprocess.run(start + args, env=env, capture_output=True, text=True, timeout=120)
+  started = subprocess.run(start + args, env=env, capture_output=True, text=True, timeout=60)
   assert started.returncode == 0, started.stderr
   assert "process 0 of 1: stopped the run that was still going" in started.stdout
   assert "process 0 of 1: started python -m monoformer_jax.train" in started.stdout
-  with pytest.raises(ProcessLookupError):
-    os.kill(stale, 0)
+  for pid in (stale, child):
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
   first_log = (project / "logs" / "worker_0.log").read_text().split("=== launched ")[1]
-  assert "stopped on request, not restarted" in first_log, first_log[-2000:]
-  _until((project / ".launch" / "exit").exists, "the end", 240)
+  assert "preempted after saving (exit 75): stopped on request, not restarted" in first_log, (
+    first_log[-2000:]
+  )
+  _until((project / ".launch" / "exit").exists, "the end", 60)
   log = _log(project, 0)
+  # The module and its arguments reach the environment's python, with the
+  # single process's coordinates.
+  (reported,) = re.findall(r"^stand-in (.*)$", log, re.M)
+  assert json.loads(reported) == [
+    ["-m", "monoformer_jax.train", TINY_CONFIG_FLAG, *args],
+    {
+      "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+      "JAX_NUM_PROCESSES": "1",
+      "JAX_PROCESS_ID": "0",
+    },
+  ]
   assert "step 3 is not finite" in log
   assert log.rstrip().endswith(
     "a config error or a diverged run (exit 2): not restarted (a rerun would repeat it)"
   ), log[-2000:]
   assert log.count("running monoformer_jax.train") == 1
+  assert (project / ".launch" / "exit").read_text().startswith("2 ")
 
 
 def test_two_slices_get_the_multislice_environment(tmp_path):
