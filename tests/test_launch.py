@@ -298,6 +298,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_diverged_run_is_not_restarted(tmp_path):
   """launch/pod_worker.sh alone, as a GKE pod runs it (TPU_WORKER_ID and
